@@ -1,0 +1,15 @@
+"""User-facing errors: the CLI prints these as one line and exits non-zero, without a traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input (file, flag, value); its message is the whole story."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read, is unsafe, or is not a supported Stable Diffusion model."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """A recognised model family that this version does not run yet (SD 2.x, SDXL, inpainting)."""
