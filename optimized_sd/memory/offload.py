@@ -1,0 +1,241 @@
+"""Offload engine: groups of modules whose weights are brought to the compute device by hooks just
+before they run and sent back when the plan says, with the next group prefetched on a side CUDA stream.
+
+Knows `nn.Module` and tensor sources, nothing of Stable Diffusion: which modules form a group, when a
+group is released and which group follows which all come from the caller's `GroupSpec`s."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Release = Literal["never", "after_forward", "stage_end"]
+HostStorage = Literal["pinned", "cpu", "source"]
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Modules (dotted paths under the root) that move together. `release`: `never` (resident for
+    the whole run), `after_forward` (streamed: dropped once its last module has run) or `stage_end`
+    (kept until the current stage ends)."""
+
+    name: str
+    modules: tuple[str, ...]
+    release: Release = "stage_end"
+    prefetch_next: str | None = None
+
+
+@dataclass
+class TensorSlot:
+    """Where one parameter or buffer lives: its owner module and name, and its host copy."""
+
+    key: str
+    owner: nn.Module
+    leaf: str
+    is_parameter: bool
+    shape: torch.Size
+    floating: bool
+    host: Tensor | None = None
+
+
+class Group:
+    """Runtime state of one group: resident or not, and the event that says its copy finished."""
+
+    def __init__(self, spec: GroupSpec, slots: list[TensorSlot]) -> None:
+        self.spec = spec
+        self.slots = slots
+        self.resident = False
+        self.ready: torch.cuda.Event | None = None
+        self.bytes = sum(slot.shape.numel() for slot in slots)  # elements; scaled by dtype size later
+
+
+class OffloadEngine:
+    """Places the weights of `root` as `specs` say, from `source` (a name -> tensor lookup).
+
+    host storage: `pinned` keeps a page-locked CPU copy in the compute dtype (CUDA, allows async
+    prefetch), `cpu` a plain CPU copy, `source` re-reads the (memory-mapped) file each time the group
+    is needed and keeps nothing, the RAM-lean path for machines without a GPU."""
+
+    def __init__(
+        self,
+        root: nn.Module,
+        source,  # optimized_sd.weights.sources.TensorSource
+        specs: Sequence[GroupSpec],
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        host: HostStorage,
+        prefetch: bool = False,
+    ) -> None:
+        self.root = root
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        self.host = host
+        self.prefetch_enabled = prefetch and device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.prefetch_enabled else None
+        self.events: list[tuple[str, str, tuple[str, ...]]] = []  # (action, group, resident after)
+        self.groups: dict[str, Group] = {}
+        self._stage_loaded: list[Group] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        available = set(source.keys())
+        for spec in specs:
+            slots = [
+                self._slot(path, local, tensor)
+                for path in spec.modules
+                for local, tensor in root.get_submodule(path).state_dict(keep_vars=True).items()
+                if f"{path}.{local}" in available
+            ]
+            self.groups[spec.name] = Group(spec, slots)
+        for group in self.groups.values():
+            self._prepare_host(group)
+            self._install_hooks(group)
+        for group in self.groups.values():
+            if group.spec.release == "never":
+                self.load(group.spec.name)
+
+    # -- construction -------------------------------------------------------------------------
+    def _slot(self, path: str, local: str, tensor: Tensor) -> TensorSlot:
+        *owner_path, leaf = f"{path}.{local}".split(".")
+        owner = self.root.get_submodule(".".join(owner_path))
+        return TensorSlot(
+            key=f"{path}.{local}",
+            owner=owner,
+            leaf=leaf,
+            is_parameter=leaf in owner._parameters,
+            shape=tensor.shape,
+            floating=tensor.is_floating_point(),
+        )
+
+    def _target_dtype(self, slot: TensorSlot, value: Tensor) -> torch.dtype:
+        return self.dtype if value.is_floating_point() else value.dtype
+
+    def _prepare_host(self, group: Group) -> None:
+        """Make the host copies (not for `never` groups, which go straight to the device, nor for the
+        `source` strategy), and leave every slot holding a placeholder that costs no memory."""
+        keep_copy = self.host in ("pinned", "cpu") and group.spec.release != "never"
+        for slot in group.slots:
+            value = self.source.get(slot.key)
+            if keep_copy:
+                host = value.reshape(slot.shape).to(dtype=self._target_dtype(slot, value), copy=True)
+                slot.host = host.pin_memory() if self.host == "pinned" and self.device.type == "cuda" else host
+                self._set(slot, slot.host)
+            else:
+                self._set(slot, torch.empty(slot.shape, dtype=self._target_dtype(slot, value), device="meta"))
+        if keep_copy:
+            self.source.release(slot.key for slot in group.slots)
+
+    def _install_hooks(self, group: Group) -> None:
+        first = self.root.get_submodule(group.spec.modules[0])
+        last = self.root.get_submodule(group.spec.modules[-1])
+        name = group.spec.name
+        self._hooks.append(first.register_forward_pre_hook(lambda module, args: self._before(name)))
+        self._hooks.append(last.register_forward_hook(lambda module, args, output: self._after(name)))
+
+    # -- movement -----------------------------------------------------------------------------
+    def _set(self, slot: TensorSlot, value: Tensor) -> None:
+        if slot.is_parameter:
+            slot.owner._parameters[slot.leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            slot.owner._buffers[slot.leaf] = value
+
+    def _copy_in(self, group: Group) -> None:
+        """Device copies of the group's tensors, from the host copy or the file."""
+        non_blocking = self.host == "pinned"
+        for slot in group.slots:
+            value = slot.host if slot.host is not None else self.source.get(slot.key)
+            value = value.reshape(slot.shape).to(
+                device=self.device, dtype=self._target_dtype(slot, value), non_blocking=non_blocking, copy=True
+            )
+            self._set(slot, value)
+        if self.host == "source":  # the file pages just read are handed back at once
+            self.source.release(slot.key for slot in group.slots)
+
+    def load(self, name: str, *, asynchronous: bool = False) -> None:
+        """Make a group resident; with `asynchronous`, on the copy stream (waited for before use)."""
+        group = self.groups[name]
+        if group.resident:
+            return
+        if asynchronous and self.copy_stream is not None:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                self._copy_in(group)
+                group.ready = torch.cuda.Event()
+                group.ready.record(self.copy_stream)
+            action = "prefetch"
+        else:
+            self._copy_in(group)
+            action = "load"
+        group.resident = True
+        if group.spec.release == "stage_end":
+            self._stage_loaded.append(group)
+        self.events.append((action, name, self.resident_names()))
+
+    def release(self, name: str) -> None:
+        """Drop a group's device copies; the host copy (or the file) remains the home."""
+        group = self.groups[name]
+        if not group.resident or group.spec.release == "never":
+            return
+        for slot in group.slots:
+            if slot.host is not None:
+                self._set(slot, slot.host)
+            else:
+                dtype = self.dtype if slot.floating else self.source.dtype(slot.key)
+                self._set(slot, torch.empty(slot.shape, dtype=dtype, device="meta"))
+        group.resident = False
+        group.ready = None
+        self.events.append(("release", name, self.resident_names()))
+
+    def _before(self, name: str) -> None:
+        group = self.groups[name]
+        if not group.resident:
+            self.load(name)
+        if group.ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(group.ready)
+            for slot in group.slots:  # memory made on the copy stream is now also used here
+                tensor = slot.owner._parameters.get(slot.leaf) if slot.is_parameter else slot.owner._buffers[slot.leaf]
+                tensor.record_stream(current)
+            group.ready = None
+        self.events.append(("run", name, self.resident_names()))
+        following = group.spec.prefetch_next
+        if following is not None and self.prefetch_enabled:
+            self.load(following, asynchronous=True)
+
+    def _after(self, name: str) -> None:
+        if self.groups[name].spec.release == "after_forward":
+            self.release(name)
+
+    @contextlib.contextmanager
+    def stage(self) -> Iterator[None]:
+        """Groups loaded with release `stage_end` during the block are released when it ends."""
+        self._stage_loaded = []
+        try:
+            yield
+        finally:
+            for group in self._stage_loaded:
+                self.release(group.spec.name)
+            self._stage_loaded = []
+            # A streamed group prefetched for a call that will not come is dropped too.
+            for group in self.groups.values():
+                if group.spec.release == "after_forward" and group.resident:
+                    self.release(group.spec.name)
+
+    def resident_names(self) -> tuple[str, ...]:
+        return tuple(name for name, group in self.groups.items() if group.resident)
+
+    def resident_bytes(self) -> int:
+        """Bytes of weights currently on the device (floating tensors at the compute dtype)."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return sum(group.bytes * size for group in self.groups.values() if group.resident)
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+

@@ -1,0 +1,169 @@
+"""The memory planner: a pure function from model sizes, a device budget and a request to a plan.
+
+Every estimate is explicit arithmetic over constants documented here, so the planner is testable
+without a GPU (fake budgets) and each constant can be re-measured with `benchmarks/calibrate.py`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from optimized_sd.errors import UserError
+
+MODES = ("full", "turbo", "split", "stream")
+"""Fastest first. full: everything resident. turbo: the UNet resident while sampling, text encoder and
+VAE brought in for their stage. split: stages swapped, the UNet in two halves per call (optimizedSD's
+default). stream: UNet blocks streamed one at a time with the next one prefetched."""
+
+# Activation bytes per element of work, as multiples of the compute dtype's size. Calibrated on an
+# H100 with SD 1.5 at 512x512 fp16 and SDPA attention (benchmarks/results/, `calibrate.py`); they
+# are upper bounds rounded up, so a plan errs towards fitting.
+UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 18_000  # per image in the UNet micro-batch
+UNET_ACTIVATION_CHUNKED_FF = 0.6  # share left when the feed-forward runs in token chunks (stream)
+VAE_DECODE_ELEMENTS_PER_PIXEL = 1_400  # one image at a time
+VAE_ENCODE_ELEMENTS_PER_PIXEL = 1_100
+VAE_TILE = 512  # pixels; tiled decode works on 64x64-latent tiles with 64-pixel overlap
+VAE_TILE_OVERLAP = 64
+FIXED_OVERHEAD = 64 * 2**20  # cuBLAS workspace, small buffers, allocator rounding
+SAFETY_MARGIN = 0.9  # use at most 90% of the free memory in auto mode
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """Weight bytes at the compute dtype of each movable part."""
+
+    text_encoder: int
+    unet: int
+    unet_halves: tuple[int, int]
+    unet_blocks: tuple[int, ...]  # in execution order
+    vae_encoder: int
+    vae_decoder: int
+
+    @property
+    def total(self) -> int:
+        return self.text_encoder + self.unet + self.vae_encoder + self.vae_decoder
+
+    @property
+    def largest_block_pair(self) -> int:
+        """Two consecutive streamed blocks: the one running and the one being prefetched."""
+        blocks = self.unet_blocks
+        return max((a + b for a, b in zip(blocks, blocks[1:] + blocks[:1])), default=0)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one sampling call asks for."""
+
+    height: int
+    width: int
+    batch: int = 1  # images per call
+    guidance: bool = True  # classifier-free guidance doubles the UNet batch
+    unet_batch: int | None = None  # micro-batch through the UNet (None: the whole batch)
+    dtype_bytes: int = 2
+    encodes_image: bool = False  # img2img and inpainting run the VAE encoder
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen mode and options, with the estimated peak of every mode for the report."""
+
+    mode: str
+    vae_tiling: bool
+    chunk_feed_forward: bool
+    estimates: dict[str, int] = field(default_factory=dict)
+    budget: int | None = None
+    reason: str = ""
+
+
+def unet_activation_bytes(request: Request, chunked: bool) -> int:
+    latent_pixels = (request.height // 8) * (request.width // 8)
+    cfg_batch = request.batch * (2 if request.guidance else 1)
+    micro = min(request.unet_batch or cfg_batch, cfg_batch)
+    share = UNET_ACTIVATION_CHUNKED_FF if chunked else 1.0
+    return int(UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * latent_pixels * micro * request.dtype_bytes * share)
+
+
+def vae_activation_bytes(request: Request, per_pixel: int, tiled: bool) -> int:
+    height, width = (min(request.height, VAE_TILE), min(request.width, VAE_TILE)) if tiled else (request.height, request.width)
+    return per_pixel * height * width * request.dtype_bytes
+
+
+def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling: bool) -> int:
+    """Peak allocated bytes of one run in `mode`: the largest of its stages' resident weights plus
+    that stage's activations."""
+    chunked = mode == "stream"
+    unet_act = unet_activation_bytes(request, chunked)
+    decode_act = vae_activation_bytes(request, VAE_DECODE_ELEMENTS_PER_PIXEL, vae_tiling)
+    encode_act = vae_activation_bytes(request, VAE_ENCODE_ELEMENTS_PER_PIXEL, vae_tiling) if request.encodes_image else 0
+    if mode == "full":
+        stages = [model.total + max(unet_act, decode_act, encode_act)]
+    else:
+        unet_weights = {"turbo": model.unet, "split": max(model.unet_halves), "stream": model.largest_block_pair}[mode]
+        stages = [
+            model.text_encoder,
+            unet_weights + unet_act,
+            model.vae_decoder + decode_act,
+            model.vae_encoder + encode_act,
+        ]
+    return max(stages) + FIXED_OVERHEAD
+
+
+def plan_memory(
+    model: ModelFootprint,
+    request: Request,
+    *,
+    budget: int | None,
+    mode: str = "auto",
+    vae_tiling: str = "auto",
+) -> Plan:
+    """Pick the fastest mode whose estimate fits `budget` (None: no limit, i.e. `full`). A forced mode
+    is kept; VAE tiling `auto` turns on only when the untiled decode would not fit."""
+    if mode != "auto" and mode not in MODES:
+        raise UserError(f"unknown memory mode {mode!r}; choose one of auto, {', '.join(MODES)}")
+    if vae_tiling not in ("auto", "on", "off"):
+        raise UserError(f"--vae-tiling must be auto, on or off, not {vae_tiling!r}")
+
+    def tiled_for(candidate: str) -> bool:
+        if vae_tiling != "auto":
+            return vae_tiling == "on"
+        if budget is None:
+            return False
+        return estimate_peak(candidate, model, request, False) > budget >= estimate_peak(candidate, model, request, True)
+
+    estimates = {m: estimate_peak(m, model, request, tiled_for(m)) for m in MODES}
+    if mode != "auto":
+        return Plan(mode, tiled_for(mode), mode == "stream", estimates, budget, "forced")
+    if budget is None:
+        return Plan("full", tiled_for("full"), False, estimates, budget, "no memory limit")
+    for candidate in MODES:
+        if estimates[candidate] <= budget:
+            return Plan(candidate, tiled_for(candidate), candidate == "stream", estimates, budget, "fastest that fits")
+    raise UserError(
+        f"a VRAM budget of {format_bytes(budget)} is below the smallest plan: "
+        f"stream needs about {format_bytes(estimates['stream'])} at {request.width}x{request.height}"
+    )
+
+
+def lower_mode(mode: str) -> str | None:
+    """The next leaner mode, for the out-of-memory fallback."""
+    index = MODES.index(mode)
+    return MODES[index + 1] if index + 1 < len(MODES) else None
+
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'1.5GB', '800MB', '2G', '1073741824' -> bytes (binary units, as nvidia-smi and torch report)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in SIZE_UNITS:
+        raise UserError(f"cannot read the memory size {text!r}; write it like 1.5GB or 800MB")
+    value = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if value <= 0:
+        raise UserError(f"the memory size {text!r} must be above zero")
+    return value
+
+
+def format_bytes(value: int) -> str:
+    return f"{value / 2**30:.2f} GB" if value >= 2**30 else f"{value / 2**20:.0f} MB"

@@ -1,0 +1,117 @@
+"""Per-stage measurement: seconds, peak allocated/reserved VRAM (torch.cuda) and peak process RSS."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+MIB = 2**20
+
+
+@dataclass
+class StageRecord:
+    """One stage run. `steps` counts UNet calls in the sampling stage (0 elsewhere)."""
+
+    stage: str
+    seconds: float
+    peak_allocated_mib: float
+    peak_reserved_mib: float
+    peak_rss_mib: float
+    steps: int = 0
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return self.seconds / self.steps if self.steps else None
+
+
+class RssSampler:
+    """Polls the process' resident set every `interval` seconds on a thread; psutil has no peak
+    counter that can be reset per stage, and ru_maxrss only covers the whole process."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "RssSampler":
+        self.peak = self._process.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+class MemoryMeter:
+    """Collects a `StageRecord` per stage; cheap enough to stay on for every run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.records: list[StageRecord] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[StageRecord]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        record = StageRecord(name, 0.0, 0.0, 0.0, 0.0)
+        start = time.perf_counter()
+        with RssSampler() as rss:
+            yield record
+            if cuda:
+                torch.cuda.synchronize(self.device)
+        record.seconds = time.perf_counter() - start
+        record.peak_rss_mib = rss.peak / MIB
+        if cuda:
+            record.peak_allocated_mib = torch.cuda.max_memory_allocated(self.device) / MIB
+            record.peak_reserved_mib = torch.cuda.max_memory_reserved(self.device) / MIB
+        self.records.append(record)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per stage name: total seconds and steps, and the highest peaks over its runs."""
+        table: dict[str, dict[str, float]] = {}
+        for record in self.records:
+            row = table.setdefault(
+                record.stage,
+                {"seconds": 0.0, "steps": 0, "peak_allocated_mib": 0.0, "peak_reserved_mib": 0.0, "peak_rss_mib": 0.0},
+            )
+            row["seconds"] += record.seconds
+            row["steps"] += record.steps
+            for key in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib"):
+                row[key] = max(row[key], getattr(record, key))
+        return table
+
+    def format_table(self) -> str:
+        lines = [f"{'stage':<12} {'seconds':>8} {'s/step':>7} {'alloc MiB':>10} {'reserved MiB':>12} {'RSS MiB':>8}"]
+        for stage, row in self.summary().items():
+            per_step = f"{row['seconds'] / row['steps']:.3f}" if row["steps"] else "-"
+            lines.append(
+                f"{stage:<12} {row['seconds']:>8.2f} {per_step:>7} {row['peak_allocated_mib']:>10.0f} "
+                f"{row['peak_reserved_mib']:>12.0f} {row['peak_rss_mib']:>8.0f}"
+            )
+        return "\n".join(lines)
+
+    def write_json(self, path: Path, extra: dict | None = None) -> None:
+        payload = {"device": str(self.device), "stages": self.summary(), "runs": [asdict(r) for r in self.records]}
+        payload.update(extra or {})
+        Path(path).write_text(json.dumps(payload, indent=2))

@@ -1,0 +1,141 @@
+"""Building blocks shared by the UNet and the VAE, named as in the LDM code so checkpoint keys match."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from optimized_sd.attention import attention
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the weights' dtype: fp16 statistics overflow (LDM does the same)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(
+            x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps
+        ).to(x.dtype)
+
+
+def group_norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
+    """SD uses 32 groups everywhere; the UNet uses eps 1e-5, transformers and the VAE 1e-6."""
+    return GroupNorm32(32, channels, eps=eps)
+
+
+def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, as LDM (Vaswani et al. 2017)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention; self-attention when no context is given."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        batch = x.shape[0]
+
+        def split_heads(t: Tensor) -> Tensor:
+            return t.view(batch, t.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, tokens, dim)
+
+        q, k, v = split_heads(self.to_q(x)), split_heads(self.to_k(context)), split_heads(self.to_v(context))
+        out = attention(q, k, v)  # (B, heads, tokens, dim)
+        out = out.transpose(1, 2).reshape(batch, x.shape[1], -1)  # (B, tokens, heads*dim)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection (Shazeer 2020), the first half of the transformer feed-forward."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP. `chunk_tokens`, set by the memory engine, runs it over slices of the token axis
+    so its 8x-wide hidden activation is never the peak (the output is identical)."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim))
+        self.chunk_tokens: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.chunk_tokens or x.shape[1] <= self.chunk_tokens:
+            return self.net(x)
+        return torch.cat([self.net(part) for part in x.split(self.chunk_tokens, dim=1)], dim=1)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention on the text, feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """SD 1.x transformer over the pixels of a feature map, with 1x1-conv projections in and out."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int) -> None:
+        super().__init__()
+        dim_head = channels // heads
+        self.norm = group_norm(channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, heads * dim_head, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(heads * dim_head, heads, dim_head, context_dim) for _ in range(depth)
+        )
+        self.proj_out = nn.Conv2d(heads * dim_head, channels, 1)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        batch, _, height, width = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = h.transpose(1, 2).reshape(batch, -1, height, width)  # (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -1,0 +1,45 @@
+"""The whole latent diffusion model as one module tree whose parameter names are the LDM checkpoint keys."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from optimized_sd.config import ModelConfig
+from optimized_sd.models.text_encoder import FrozenCLIPEmbedder
+from optimized_sd.models.unet import UNetModel
+from optimized_sd.models.vae import AutoencoderKL
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+
+
+class DiffusionWrapper(nn.Module):
+    """LDM's `model` attribute, which holds the UNet as `diffusion_model`."""
+
+    def __init__(self, unet: UNetModel) -> None:
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class LatentDiffusion(nn.Module):
+    """`model.diffusion_model` (UNet), `first_stage_model` (VAE), `cond_stage_model` (CLIP text)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DiffusionWrapper(UNetModel(config.unet))
+        self.first_stage_model = AutoencoderKL(config.vae)
+        self.cond_stage_model = FrozenCLIPEmbedder(config.text)
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.model.diffusion_model
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.first_stage_model
+
+    @property
+    def text_encoder(self) -> FrozenCLIPEmbedder:
+        return self.cond_stage_model

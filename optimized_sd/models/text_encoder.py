@@ -1,0 +1,122 @@
+"""The CLIP ViT-L/14 text encoder (through transformers) and its tokenizer, as SD 1.x uses them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from optimized_sd.config import TextEncoderConfig
+from optimized_sd.errors import UserError
+
+MAX_TOKENS = 77
+HUB_TOKENIZER = "openai/clip-vit-large-patch14"
+
+
+def clip_config(config: TextEncoderConfig):  # -> transformers.CLIPTextConfig
+    """transformers' config for our dataclass; the special-token ids sit at the top of the vocabulary
+    as in the real CLIP vocabulary (49406 start, 49407 end)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        hidden_act=config.hidden_act,
+        bos_token_id=config.vocab_size - 2,
+        eos_token_id=config.vocab_size - 1,
+        pad_token_id=config.vocab_size - 1,
+    )
+
+
+class FrozenCLIPEmbedder(nn.Module):
+    """`cond_stage_model`: holds the CLIP text model as `transformer`, like LDM, so keys match."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        from transformers import CLIPTextModel
+
+        self.transformer = CLIPTextModel(clip_config(config))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """(B, 77) token ids -> (B, 77, hidden) last hidden state after the final layer norm."""
+        # Positions are passed explicitly: the module's own position_ids buffer is not part of
+        # checkpoints and stays unmaterialised when the model is built on the meta device.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return self.transformer(input_ids=input_ids, position_ids=positions).last_hidden_state
+
+
+class PromptTokenizer:
+    """Pads or truncates prompts to 77 tokens, and says what a long prompt lost."""
+
+    def __init__(self, tokenizer) -> None:  # a transformers CLIPTokenizer
+        self.tokenizer = tokenizer
+
+    def __call__(self, prompts: list[str]) -> Tensor:
+        batch = self.tokenizer(
+            prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        )
+        return batch.input_ids
+
+    def truncated_text(self, prompt: str) -> str:
+        """The words cut off by the 77-token limit ('' when the prompt fits)."""
+        ids = self.tokenizer(prompt, truncation=False).input_ids
+        if len(ids) <= MAX_TOKENS:
+            return ""
+        return self.tokenizer.decode(ids[MAX_TOKENS - 1 : -1]).strip()
+
+
+def load_tokenizer(folder: Path | None) -> PromptTokenizer:
+    """From `folder` (a diffusers `tokenizer/` or any CLIP tokenizer folder), else the HF cache or hub."""
+    from transformers import CLIPTokenizer
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if folder is not None:
+        folder = Path(folder)
+        if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
+            raise UserError(f"tokenizer folder {folder} must hold vocab.json and merges.txt")
+        return PromptTokenizer(CLIPTokenizer.from_pretrained(str(folder)))
+    try:
+        return PromptTokenizer(CLIPTokenizer.from_pretrained(HUB_TOKENIZER))
+    except OSError:
+        raise UserError(
+            f"no CLIP tokenizer: the hub ({HUB_TOKENIZER}) cannot be reached and none is cached; "
+            "pass --tokenizer DIR (a folder with vocab.json and merges.txt, e.g. a diffusers model's tokenizer/)"
+        ) from None
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map of bytes to printable characters (Radford et al. 2019)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def write_byte_tokenizer(folder: Path, vocab_size: int) -> Path:
+    """Write a CLIP-format tokenizer whose vocabulary is the 256 byte symbols (alone and word-final)
+    plus start/end tokens at the top ids. It stands in for CLIP's real 49408-token BPE where none can
+    be had: for random-weight demos, benchmarks and tests, never for real images."""
+    symbols = sorted(byte_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": i + len(symbols) for i, s in enumerate(symbols)})
+    if vocab_size < len(vocab) + 2:
+        raise ValueError(f"vocab_size {vocab_size} is below the {len(vocab) + 2} byte tokens")
+    vocab["<|startoftext|>"] = vocab_size - 2
+    vocab["<|endoftext|>"] = vocab_size - 1
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder
+

@@ -1,0 +1,131 @@
+"""The SD 1.x denoising UNet (LDM `openaimodel.UNetModel`), with the original module names so that
+`model.diffusion_model.*` checkpoint keys load with no per-layer code."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from optimized_sd.config import UNetConfig
+from optimized_sd.models.layers import SpatialTransformer, Upsample, group_norm, timestep_embedding
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the time embedding (Ho et al. 2020 / LDM naming)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
+        self.skip_connection: nn.Module = (
+            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv; the weight is called `op` in LDM."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given what it needs: the time embedding, the text context, or neither.
+
+    `micro_batch` (set by the pipeline for `--unet_bs`) runs the batch through the block in slices, so
+    a streamed block is loaded once per call however the batch is cut (optimizedSD cuts the whole UNet)."""
+
+    micro_batch: int | None = None
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+        size = self.micro_batch
+        if size and x.shape[0] > size:
+            return torch.cat(
+                [self.run_layers(*parts) for parts in zip(x.split(size), emb.split(size), context.split(size))]
+            )
+        return self.run_layers(x, emb, context)
+
+    def run_layers(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """eps-prediction UNet. Every top-level child (time_embed, each input block, middle_block, each
+    output block, out) is a separate module call, so the memory engine can stream them one by one."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        mc = config.model_channels
+        emb_dim = mc * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def transformer(channels: int) -> SpatialTransformer:
+            return SpatialTransformer(channels, config.num_heads, config.transformer_depth, config.context_dim)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]
+        channels, downscale = mc, 1
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(channels, emb_dim, mult * mc)]
+                channels = mult * mc
+                if downscale in config.attention_resolutions:
+                    layers.append(transformer(channels))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(channels)
+            if level != len(config.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(channels)))
+                skip_channels.append(channels)
+                downscale *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(channels, emb_dim, channels), transformer(channels), ResBlock(channels, emb_dim, channels)
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.channel_mult))):
+            for index in range(config.num_res_blocks + 1):
+                layers = [ResBlock(channels + skip_channels.pop(), emb_dim, mc * mult)]
+                channels = mc * mult
+                if downscale in config.attention_resolutions:
+                    layers.append(transformer(channels))
+                if level and index == config.num_res_blocks:
+                    layers.append(Upsample(channels))
+                    downscale //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+        """x: (B, 4, h, w) latents, timesteps: (B,) float, context: (B, 77, context_dim) -> eps (B, 4, h, w)."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # skip on the channel axis
+        return self.out(h)
+

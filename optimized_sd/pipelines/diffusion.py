@@ -1,0 +1,397 @@
+"""txt2img and img2img: one pipeline, one generation path. The only module that puts the parts
+(weights, models, memory engine, samplers) together."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from optimized_sd.attention import check_backend, use_attention
+from optimized_sd.config import ModelConfig
+from optimized_sd.errors import UserError
+from optimized_sd.memory.device import compute_dtype, device_memory, resolve_device
+from optimized_sd.memory.offload import OffloadEngine
+from optimized_sd.memory.planner import (
+    SAFETY_MARGIN,
+    VAE_TILE,
+    VAE_TILE_OVERLAP,
+    Plan,
+    Request,
+    lower_mode,
+    parse_bytes,
+    plan_memory,
+)
+from optimized_sd.memory.report import MemoryMeter
+from optimized_sd.memory.tiling import tiled_apply
+from optimized_sd.models.layers import FeedForward
+from optimized_sd.models.text_encoder import MAX_TOKENS, PromptTokenizer, load_tokenizer
+from optimized_sd.models.unet import TimestepEmbedSequential
+from optimized_sd.models.vae import AutoencoderKL
+from optimized_sd.pipelines.output import ImageParameters
+from optimized_sd.pipelines.placement import footprint, group_specs
+from optimized_sd.pipelines.prompts import split_weighted_subprompts
+from optimized_sd.sampling import make_plan, sample, sampler_display_name, scaled_linear_schedule, start_latents
+from optimized_sd.weights.loading import LoadedModel, materialize, prepare_model
+
+log = logging.getLogger("optimized_sd")
+
+FEED_FORWARD_CHUNK_TOKENS = 1024
+HOST_FOR_DEVICE = {"cuda": "pinned", "cpu": "source", "mps": "cpu"}
+
+
+@dataclass
+class GenerationRequest:
+    """Everything one call needs; txt2img is the case without `init_image`."""
+
+    prompts: list[str]
+    negative_prompt: str = ""
+    steps: int = 50
+    scale: float = 7.5
+    eta: float = 0.0
+    sampler: str = "plms"
+    karras: bool = False
+    seed: int | None = None
+    height: int = 512
+    width: int = 512
+    latent_channels: int = 4
+    downscale: int = 8
+    unet_batch: int | None = None
+    init_image: Image.Image | None = None
+    strength: float = 0.75
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    parameters: list[ImageParameters] = field(default_factory=list)
+
+
+def check_size(height: int, width: int, multiple: int = 8) -> None:
+    """H and W must be multiples of 8 (the VAE's downscale); say the nearest valid size."""
+    for name, value in (("height", height), ("width", width)):
+        if value < multiple or value % multiple:
+            nearest = max(multiple, int(round(value / multiple)) * multiple)
+            raise UserError(f"{name} {value} is not a multiple of {multiple}; the nearest valid size is {nearest}")
+
+
+def load_init_image(path: Path | str, height: int | None, width: int | None) -> Image.Image:
+    """Open any image PIL reads as RGB, at (W, H) when given, else its own size floored to 64."""
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"init image not found: {path}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"init image {path} is not a readable image: {error}") from None
+    target_w = width if width is not None else image.width - image.width % 64
+    target_h = height if height is not None else image.height - image.height % 64
+    if target_w < 64 or target_h < 64:
+        raise UserError(f"init image {path} is {image.width}x{image.height}; it must be at least 64x64")
+    check_size(target_h, target_w)
+    return image if image.size == (target_w, target_h) else image.resize((target_w, target_h), Image.LANCZOS)
+
+
+def image_to_tensor(image: Image.Image) -> Tensor:
+    """PIL RGB -> (1, 3, H, W) float in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def tensor_to_image(pixels: Tensor) -> Image.Image:
+    """(1, 3, H, W) in about [-1, 1] -> PIL RGB."""
+    array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+class StableDiffusion:
+    """A loaded model: call `txt2img` / `img2img` as often as needed; the weights stay where the
+    memory plan put them between calls."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        device: str | None = None,
+        precision: str = "autocast",
+        memory: str = "auto",
+        vram_budget: str | int | None = None,
+        attention: str = "sdpa",
+        vae_tiling: str = "auto",
+        tokenizer: str | Path | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config: ModelConfig = loaded.config
+        self.device = resolve_device(device)
+        self.dtype = compute_dtype(self.device, precision)
+        check_backend(attention, self.device)
+        self.attention = attention
+        self.memory = memory
+        self.budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
+        self.vae_tiling = vae_tiling
+        plan_memory(self.footprint(), Request(64, 64), budget=None, mode=memory, vae_tiling=vae_tiling)  # validates names
+        tokenizer_dir = Path(tokenizer) if tokenizer else loaded.checkpoint.tokenizer_dir
+        self.tokenizer: PromptTokenizer = load_tokenizer(tokenizer_dir)
+        self.schedule = scaled_linear_schedule(self.config.linear_start, self.config.linear_end, self.config.timesteps)
+        self.meter = MemoryMeter(self.device)
+        self.engine: OffloadEngine | None = None
+        self.mode: str | None = None
+        self.plan: Plan | None = None
+        self._model_hash: str | None = None
+
+    # -- memory --------------------------------------------------------------------------------
+    def footprint(self):
+        return footprint(self.model, torch.empty((), dtype=self.dtype).element_size())
+
+    def plan_for(self, request: GenerationRequest) -> Plan:
+        budget = self.budget
+        if budget is None and self.memory == "auto" and self.device.type in ("cuda", "cpu"):
+            # Weights this pipeline already holds count as available: they would be moved, not added.
+            budget = int(device_memory(self.device).free * SAFETY_MARGIN) + self.engine_resident_bytes()
+        sizes = Request(
+            request.height,
+            request.width,
+            batch=len(request.prompts),
+            guidance=request.scale != 1.0,
+            unet_batch=request.unet_batch,
+            dtype_bytes=torch.empty((), dtype=self.dtype).element_size(),
+            encodes_image=request.init_image is not None,
+        )
+        return plan_memory(self.footprint(), sizes, budget=budget, mode=self.memory, vae_tiling=self.vae_tiling)
+
+    def engine_resident_bytes(self) -> int:
+        return self.engine.resident_bytes() if self.engine is not None else 0
+
+    def use_mode(self, mode: str) -> None:
+        """(Re)place the weights for `mode`; a no-op when already there."""
+        if self.engine is not None and self.mode == mode:
+            return
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        host = HOST_FOR_DEVICE[self.device.type]
+        if mode == "full" and self.device.type == "cpu":
+            host = "cpu"
+        self.engine = OffloadEngine(
+            self.model,
+            self.loaded.source,
+            group_specs(mode, self.model),
+            self.device,
+            self.dtype,
+            host=host,
+            prefetch=mode == "stream",
+        )
+        self.mode = mode
+
+    def configure_blocks(self, plan: Plan, unet_batch: int | None) -> None:
+        for module in self.model.modules():
+            if isinstance(module, FeedForward):
+                module.chunk_tokens = FEED_FORWARD_CHUNK_TOKENS if plan.chunk_feed_forward else None
+            elif isinstance(module, TimestepEmbedSequential):
+                module.micro_batch = unet_batch
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator:
+        assert self.engine is not None
+        with use_attention(self.attention), torch.inference_mode(), self.meter.stage(name) as record:
+            with self.engine.stage():
+                yield record
+
+    def run_stage(self, name: str, work: Callable[[object], Tensor]) -> Tensor:
+        """Run a stage; on CUDA out-of-memory drop to the next leaner mode and retry it once."""
+        try:
+            with self.stage(name) as record:
+                return work(record)
+        except torch.OutOfMemoryError:
+            lower = lower_mode(self.mode or "stream")
+            if lower is None:
+                raise UserError(f"out of memory during {name} even in stream mode; lower --H/--W or --n_samples") from None
+            log.warning("out of memory during %s in %s mode; retrying the stage in %s mode", name, self.mode, lower)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.use_mode(lower)
+            with self.stage(name) as record:
+                return work(record)
+
+    # -- stages --------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> Tensor:
+        """(1, 77, C) conditioning; weighted subprompts are mixed as optimizedSD (weights normalised)."""
+        cut = self.tokenizer.truncated_text(prompt)
+        if cut:
+            log.warning("prompt longer than %d tokens; this part was cut: %s", MAX_TOKENS, cut)
+        parts, weights = split_weighted_subprompts(prompt)
+        if len(parts) <= 1:
+            parts, weights = [prompt], [1.0]
+        total = sum(weights)
+        embeddings = self.model.cond_stage_model(self.tokenizer(parts).to(self.device)).float()
+        weight = torch.tensor(weights, device=self.device, dtype=torch.float32)[:, None, None] / total
+        return (embeddings * weight).sum(0, keepdim=True).to(self.dtype)
+
+    def vae_decode(self, latent: Tensor, tiled: bool) -> Tensor:
+        """Scaled latent (1, 4, h, w) -> pixels; a non-finite fp16 result is decoded again in fp32."""
+        vae = self.model.first_stage_model
+        z = (latent / self.config.scale_factor).to(self.dtype)
+        pixels = self.apply_vae(vae.decode, z, tiled, scale=self.config.vae.downscale)
+        if not torch.isfinite(pixels).all() and self.dtype != torch.float32:
+            log.warning("the VAE gave NaN/inf in %s; decoding this image again in fp32", str(self.dtype).split(".")[-1])
+            pixels = self.apply_vae(self.fp32_decoder().decode, z.float(), tiled, scale=self.config.vae.downscale)
+        return pixels
+
+    def fp32_decoder(self) -> AutoencoderKL:
+        """A float32 copy of the VAE decoder, built only when fp16 decoding overflowed."""
+        with torch.device("meta"):
+            vae = AutoencoderKL(self.config.vae)
+        for name in ("post_quant_conv", "decoder"):
+            materialize(vae.get_submodule(name), f"first_stage_model.{name}.", self.loaded.source, self.device, torch.float32)
+        return vae
+
+    @staticmethod
+    def apply_vae(fn: Callable[[Tensor], Tensor], x: Tensor, tiled: bool, scale: float) -> Tensor:
+        if not tiled:
+            return fn(x)
+        tile = VAE_TILE if scale < 1 else VAE_TILE // 8
+        overlap = VAE_TILE_OVERLAP if scale < 1 else VAE_TILE_OVERLAP // 8
+        return tiled_apply(fn, x, tile=tile, overlap=overlap, scale=scale)
+
+    def eps_model(self, cond: Tensor, uncond: Tensor | None, scale: float, record) -> Callable[[Tensor, Tensor], Tensor]:
+        """Classifier-free guidance (Ho & Salimans 2022) over the UNet: eps_u + scale * (eps_c - eps_u)."""
+        unet = self.model.model.diffusion_model
+
+        def eps(x: Tensor, t: Tensor) -> Tensor:
+            record.steps += 1
+            x_in, t_in = x.to(self.dtype), t.to(self.device, torch.float32)
+            if uncond is None:
+                return unet(x_in, t_in, cond).float()
+            both = unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), torch.cat([uncond, cond]))
+            eps_uncond, eps_cond = both.float().chunk(2)
+            return eps_uncond + scale * (eps_cond - eps_uncond)
+
+        return eps
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, request: GenerationRequest, progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+        """One batch: text -> (image encode) -> sampling -> decode, each stage under the memory plan."""
+        if not request.prompts:
+            raise UserError("no prompt given")
+        if request.init_image is not None:
+            request = replace(request, width=request.init_image.width, height=request.init_image.height)
+        check_size(request.height, request.width, request.downscale)
+        if request.latent_channels != self.config.unet.in_channels:
+            raise UserError(f"--C {request.latent_channels}: this model's latents have {self.config.unet.in_channels} channels")
+        if request.downscale != self.config.vae.downscale:
+            raise UserError(f"--f {request.downscale}: this model's VAE downscales by {self.config.vae.downscale}")
+        if request.unet_batch is not None and request.unet_batch < 1:
+            raise UserError("--unet_bs must be at least 1")
+        strength = request.strength if request.init_image is not None else 1.0
+        plan = make_plan(
+            request.sampler, request.steps, strength=strength, eta=request.eta, karras=request.karras, schedule=self.schedule
+        )
+        seed = request.seed if request.seed is not None else random.randint(0, 2**32 - 1)
+        seeds = [seed + i for i in range(len(request.prompts))]
+        self.plan = self.plan_for(request)
+        self.use_mode(self.plan.mode)
+        self.configure_blocks(self.plan, request.unet_batch)
+        tiled = self.plan.vae_tiling
+
+        def encode_text(record) -> tuple[Tensor, Tensor | None]:
+            cond = torch.cat([self.encode_prompt(p) for p in request.prompts])
+            uncond = None
+            if request.scale != 1.0:
+                uncond = self.encode_prompt(request.negative_prompt).expand(len(request.prompts), -1, -1)
+            return cond, uncond
+
+        cond, uncond = self.run_stage("text", encode_text)
+        init_latents = None
+        if request.init_image is not None:
+            pixels = image_to_tensor(request.init_image).to(self.device, self.dtype)
+
+            def encode_image(record) -> Tensor:
+                vae = self.model.first_stage_model
+                return self.apply_vae(vae.encode, pixels, tiled, scale=1 / self.config.vae.downscale).float()
+
+            init_latents = self.run_stage("vae_encode", encode_image) * self.config.scale_factor
+            init_latents = init_latents.expand(len(seeds), -1, -1, -1)
+
+        shape = (1, request.latent_channels, request.height // request.downscale, request.width // request.downscale)
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+        x = start_latents(plan, noise.to(self.device), init_latents)
+
+        def denoise(record) -> Tensor:
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            return sample(plan, self.eps_model(cond, uncond, request.scale, record), x, generators, progress)
+
+        latents = self.run_stage("unet", denoise) if plan.num_steps else x
+
+        def decode(record) -> list[Image.Image]:
+            return [tensor_to_image(self.vae_decode(latents[i : i + 1], tiled)) for i in range(len(seeds))]
+
+        images = self.run_stage("vae_decode", decode)
+        display = sampler_display_name(request.sampler, request.karras)
+        parameters = [
+            ImageParameters(
+                prompt=prompt,
+                negative_prompt=request.negative_prompt,
+                steps=request.steps,
+                sampler=display,
+                cfg_scale=request.scale,
+                seed=s,
+                width=request.width,
+                height=request.height,
+                model_hash=self.model_hash(),
+                model_name=self.loaded.checkpoint.name,
+                strength=strength if request.init_image is not None else None,
+            )
+            for prompt, s in zip(request.prompts, seeds)
+        ]
+        return GenerationResult(images, seeds, parameters)
+
+    def model_hash(self) -> str:
+        """AUTOMATIC1111's short hash of the file (of the UNet weights for a diffusers folder)."""
+        if self._model_hash is None:
+            from optimized_sd.weights.hashing import sha256_short
+            from optimized_sd.weights.loading import find_weight_file
+
+            path = self.loaded.checkpoint.path
+            self._model_hash = sha256_short(find_weight_file(path / "unet") if path.is_dir() else path)
+        return self._model_hash
+
+    def txt2img(self, prompt: str, *, n_samples: int = 1, **options) -> list[Image.Image]:
+        """Generate `n_samples` images for a prompt; options are `GenerationRequest` fields."""
+        if n_samples < 1:
+            raise UserError("n_samples must be at least 1")
+        return self.generate(GenerationRequest(prompts=[prompt] * n_samples, **options)).images
+
+    def img2img(self, prompt: str, init_image: Image.Image | str | Path, *, n_samples: int = 1, **options) -> list[Image.Image]:
+        """Edit an image (a PIL image or a path); `strength` in [0, 1] says how much may change."""
+        if n_samples < 1:
+            raise UserError("n_samples must be at least 1")
+        if not isinstance(init_image, Image.Image):
+            init_image = load_init_image(init_image, options.pop("height", None), options.pop("width", None))
+        request = GenerationRequest(prompts=[prompt] * n_samples, init_image=init_image, **options)
+        return self.generate(request).images
+
+
+def load(
+    checkpoint: str | Path,
+    *,
+    config: str | Path | ModelConfig | None = None,
+    ema: bool = False,
+    **options,
+) -> StableDiffusion:
+    """Open a checkpoint (CompVis .ckpt, single-file .safetensors or diffusers folder) for generation.
+    Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer."""
+    if config is not None and not isinstance(config, ModelConfig):
+        config = ModelConfig.from_file(Path(config))
+    return StableDiffusion(prepare_model(checkpoint, config=config, ema=ema), **options)

@@ -1,0 +1,71 @@
+"""How an SD model splits into offload groups for each memory mode, and what each group weighs.
+The only place that knows both the memory engine's vocabulary and the model's module names."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from optimized_sd.memory.offload import GroupSpec
+from optimized_sd.memory.planner import ModelFootprint
+
+UNET = "model.diffusion_model"
+TEXT_GROUP = GroupSpec("text_encoder", ("cond_stage_model",))
+VAE_ENCODER = ("first_stage_model.encoder", "first_stage_model.quant_conv")
+VAE_DECODER = ("first_stage_model.post_quant_conv", "first_stage_model.decoder")
+
+
+def unet_blocks(model: nn.Module) -> list[str]:
+    """The UNet's top-level modules in the order a forward pass runs them."""
+    unet = model.get_submodule(UNET)
+    return (
+        [f"{UNET}.time_embed"]
+        + [f"{UNET}.input_blocks.{i}" for i in range(len(unet.input_blocks))]
+        + [f"{UNET}.middle_block"]
+        + [f"{UNET}.output_blocks.{i}" for i in range(len(unet.output_blocks))]
+        + [f"{UNET}.out"]
+    )
+
+
+def unet_halves(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """optimizedSD's split: time embedding, input blocks and middle block; then output blocks and out."""
+    blocks = unet_blocks(model)
+    cut = blocks.index(f"{UNET}.middle_block") + 1
+    return tuple(blocks[:cut]), tuple(blocks[cut:])
+
+
+def group_specs(mode: str, model: nn.Module) -> list[GroupSpec]:
+    """Offload groups for a memory mode (see `memory.planner.MODES`)."""
+    if mode == "full":
+        return [GroupSpec("all", ("model", "first_stage_model", "cond_stage_model"), "never")]
+    stage_groups = [TEXT_GROUP, GroupSpec("vae_encoder", VAE_ENCODER), GroupSpec("vae_decoder", VAE_DECODER)]
+    if mode == "turbo":
+        return stage_groups + [GroupSpec("unet", (UNET,))]
+    if mode == "split":
+        first, second = unet_halves(model)
+        return stage_groups + [
+            GroupSpec("unet_half_1", first, "after_forward"),
+            GroupSpec("unet_half_2", second, "after_forward"),
+        ]
+    blocks = unet_blocks(model)
+    names = [path.rsplit(UNET + ".", 1)[1] for path in blocks]
+    return stage_groups + [
+        GroupSpec(f"unet.{name}", (path,), "after_forward", prefetch_next=f"unet.{names[(i + 1) % len(names)]}")
+        for i, (name, path) in enumerate(zip(names, blocks))
+    ]
+
+
+def parameter_bytes(model: nn.Module, paths: tuple[str, ...] | list[str], dtype_bytes: int) -> int:
+    return sum(p.numel() for path in paths for p in model.get_submodule(path).parameters()) * dtype_bytes
+
+
+def footprint(model: nn.Module, dtype_bytes: int) -> ModelFootprint:
+    """Weight bytes of each group at the compute dtype (works on a model built on the meta device)."""
+    first, second = unet_halves(model)
+    return ModelFootprint(
+        text_encoder=parameter_bytes(model, TEXT_GROUP.modules, dtype_bytes),
+        unet=parameter_bytes(model, [UNET], dtype_bytes),
+        unet_halves=(parameter_bytes(model, first, dtype_bytes), parameter_bytes(model, second, dtype_bytes)),
+        unet_blocks=tuple(parameter_bytes(model, [block], dtype_bytes) for block in unet_blocks(model)),
+        vae_encoder=parameter_bytes(model, VAE_ENCODER, dtype_bytes),
+        vae_decoder=parameter_bytes(model, VAE_DECODER, dtype_bytes),
+    )

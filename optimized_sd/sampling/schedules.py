@@ -1,0 +1,104 @@
+"""Noise schedules: the discrete DDPM schedule of SD 1.x and the step grids the samplers walk.
+
+All grids are computed in float64 on the CPU and returned as plain Python floats/ints, so the
+samplers never synchronise with the GPU to read a sigma and the numbers are identical on every
+device. "sigma" is the variance-exploding noise level of Karras et al. (2022):
+x_ve = x0 + sigma * eps, sigma = sqrt((1 - abar) / abar), x_vp = x_ve / sqrt(sigma^2 + 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class DiscreteSchedule:
+    """A trained DDPM schedule: abar_t for t = 0..N-1 (Ho et al. 2020), float64."""
+
+    alphas_cumprod: np.ndarray = field(repr=False)
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @cached_property
+    def sigmas(self) -> np.ndarray:
+        """sigma_t = sqrt((1 - abar_t) / abar_t), increasing with t."""
+        ac = self.alphas_cumprod
+        return np.sqrt((1.0 - ac) / ac)
+
+    @cached_property
+    def log_sigmas(self) -> np.ndarray:
+        return np.log(self.sigmas)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: float) -> float:
+        """Fractional timestep of a sigma by linear interpolation in log sigma (k-diffusion, diffusers)."""
+        ls = self.log_sigmas
+        log_sigma = math.log(max(sigma, 1e-10))
+        low = int(np.searchsorted(ls, log_sigma, side="right")) - 1
+        low = min(max(low, 0), ls.shape[0] - 2)
+        w = (ls[low] - log_sigma) / (ls[low] - ls[low + 1])
+        return low + min(max(float(w), 0.0), 1.0)
+
+    def t_to_sigma(self, t: np.ndarray) -> np.ndarray:
+        """Sigma at (fractional) timesteps by linear interpolation in sigma (diffusers' `np.interp`)."""
+        return np.interp(t, np.arange(self.num_timesteps), self.sigmas)
+
+
+def scaled_linear_schedule(
+    beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000
+) -> DiscreteSchedule:
+    """The "scaled linear" betas of latent diffusion: linear in sqrt(beta) (Rombach et al. 2022)."""
+    betas = np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), steps, dtype=np.float64) ** 2
+    return DiscreteSchedule(alphas_cumprod=np.cumprod(1.0 - betas))
+
+
+def _with_zero(sigmas: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(s) for s in sigmas) + (0.0,)
+
+
+def linspace_sigmas(schedule: DiscreteSchedule, steps: int) -> tuple[float, ...]:
+    """diffusers' "linspace" spacing (the default of its Euler/Heun/KDPM2/LMS/DPMSolverSDE schedulers).
+
+    t = linspace(0, N-1, steps) from high to low, sigma linearly interpolated in sigma, then a final
+    0. For steps == 1 that grid is t = 0 (almost no noise), so we use t = N-1 instead.
+    """
+    n = schedule.num_timesteps
+    t = np.linspace(0, n - 1, steps)[::-1] if steps > 1 else np.array([n - 1.0])
+    return _with_zero(schedule.t_to_sigma(t))
+
+
+def dpm_solver_sigmas(schedule: DiscreteSchedule, steps: int) -> tuple[float, ...]:
+    """DPMSolverMultistepScheduler's "linspace" spacing: round(linspace(0, N-1, steps+1)), highest
+    `steps` of them, so every sigma is a trained timestep's sigma; then a final 0."""
+    n = schedule.num_timesteps
+    t = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    return _with_zero(schedule.sigmas[t])
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> tuple[float, ...]:
+    """Karras et al. (2022) eq. 5: equal steps in sigma^(1/rho) from sigma_max to sigma_min; then 0."""
+    ramp = np.linspace(0.0, 1.0, steps)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return _with_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def ddim_timesteps(steps: int, num_timesteps: int = 1000) -> np.ndarray:
+    """CompVis' "uniform" DDIM grid: range(0, N, N // steps) + 1, ascending.
+
+    Kept exactly, quirks included: when N // steps does not divide N the grid has more than
+    `steps` entries (steps=30 gives 31 timesteps 1, 34, ..., 991).
+    """
+    return np.asarray(range(0, num_timesteps, num_timesteps // steps), dtype=np.int64) + 1

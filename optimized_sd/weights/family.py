@@ -1,0 +1,288 @@
+"""Tell a model family from a state dict's keys and shapes (a pure function; nothing is loaded).
+
+SD 1.x is recognised by structure, not by widths, so tiny test models pass too: LDM UNet keys with a
+4-channel `input_blocks.0.0` conv, cross-attention with a conv (4-D) `proj_in`, and a CLIP text
+encoder under `cond_stage_model.transformer.` whose width matches the UNet's context dim. Other
+Stable Diffusion families raise `UnsupportedModelError` naming the family; files that are not a
+whole SD checkpoint (a VAE, a LoRA, a diffusers component...) raise `CheckpointError` saying what
+they look like.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from optimized_sd.errors import CheckpointError, UnsupportedModelError
+
+__all__ = [
+    "SD1",
+    "PARTS",
+    "SCHEDULE_BUFFERS",
+    "detect_family",
+    "known_extra_key",
+    "part_of_key",
+]
+
+SD1 = "sd1"
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+
+# Display name -> key prefix of each part of an LDM checkpoint.
+PARTS: dict[str, str] = {
+    "UNet": UNET_PREFIX,
+    "VAE": VAE_PREFIX,
+    "text encoder": "cond_stage_model.",
+}
+
+# DDPM schedule buffers CompVis's LatentDiffusion registers (recomputed from the config at load).
+SCHEDULE_BUFFERS = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+    }
+)
+
+# Top-level entries of a Lightning checkpoint (seen in state dicts flattened by hand).
+_LIGHTNING_KEYS = frozenset(
+    {
+        "epoch",
+        "global_step",
+        "pytorch-lightning_version",
+        "callbacks",
+        "optimizer_states",
+        "lr_schedulers",
+        "hparams_name",
+        "hyper_parameters",
+        "loops",
+        "native_amp_scaling_state",
+    }
+)
+
+_POSITION_IDS = frozenset(
+    {
+        CLIP_PREFIX + "text_model.embeddings.position_ids",
+        CLIP_PREFIX + "embeddings.position_ids",
+    }
+)
+
+
+def known_extra_key(key: str) -> str | None:
+    """Why `key` is a known non-weight entry of an SD 1.x checkpoint, or None if it is not one.
+
+    Returns one of:
+      "schedule buffer"  DDPM buffers (`betas`, `alphas_cumprod`, ..., `logvar`), rebuilt from the config;
+      "EMA"              `model_ema.*`: the decay/num_updates counters and, in non-pruned files, the
+                         EMA copy of the UNet under dot-less names;
+      "position_ids"     the CLIP text model's int64 `embeddings.position_ids` buffer (either key form);
+      "training loss"    `first_stage_model.loss.*` (the VAE's discriminator/LPIPS, unused at inference);
+      "lightning"        Lightning's top-level entries (`epoch`, `global_step`, ...).
+    The strict loader treats these as expected leftovers; any other unexpected key is reported.
+    """
+    if key in SCHEDULE_BUFFERS:
+        return "schedule buffer"
+    if key.startswith("model_ema."):
+        return "EMA"
+    if key in _POSITION_IDS:
+        return "position_ids"
+    if key.startswith(VAE_PREFIX + "loss."):
+        return "training loss"
+    if key in _LIGHTNING_KEYS:
+        return "lightning"
+    return None
+
+
+def part_of_key(key: str) -> str | None:
+    """The part ("UNet", "VAE", "text encoder") a weight key belongs to; None for extras and strays."""
+    if known_extra_key(key) is not None:
+        return None
+    for part, prefix in PARTS.items():
+        if key.startswith(prefix):
+            return part
+    return None
+
+
+def _any_prefix(keys: Iterable[str], *prefixes: str) -> bool:
+    return any(k.startswith(prefixes) for k in keys)
+
+
+def _any_contains(keys: Iterable[str], *parts: str) -> bool:
+    return any(p in k for k in keys for p in parts)
+
+
+def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The model family of a state dict given as key -> shape: "sd1", or an error saying what it is.
+
+    Raises UnsupportedModelError for SD 2.x, SDXL, inpainting and other SD variants, and
+    CheckpointError for things that are not a whole SD checkpoint.
+    """
+    keys = list(shapes)
+    if not keys:
+        raise CheckpointError("the state dict is empty: no tensors to identify")
+
+    if _any_prefix(keys, "conditioner.embedders."):
+        clip_l = _any_prefix(keys, "conditioner.embedders.0.transformer.")
+        kind = "SDXL base" if clip_l else "SDXL refiner"
+        raise UnsupportedModelError(
+            f"this is an {kind} model (conditioner.embedders.* keys); optimized-sd runs SD 1.x only"
+        )
+    if _any_prefix(keys, "control_model."):
+        raise CheckpointError(
+            "this looks like a ControlNet (control_model.* keys), not a Stable Diffusion checkpoint"
+        )
+
+    unet_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if unet_in is None:
+        raise CheckpointError(_describe_non_sd(keys))
+    return _classify_ldm(shapes, keys, tuple(unet_in))
+
+
+def _classify_ldm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_in: tuple[int, ...]) -> str:
+    """Classify a state dict that has an LDM UNet (`model.diffusion_model.*`)."""
+    if len(unet_in) != 4:
+        raise CheckpointError(
+            f"{UNET_PREFIX}input_blocks.0.0.weight has shape {unet_in}; expected a 4-D conv weight"
+        )
+    in_channels = unet_in[1]
+    has_clip = _any_prefix(keys, CLIP_PREFIX)
+    has_openclip = _any_prefix(keys, OPENCLIP_PREFIX)
+    proj_in_dims = {
+        len(shapes[k]) for k in keys if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight")
+    }
+    context_dims = [
+        shapes[k][1]
+        for k in keys
+        if k.startswith(UNET_PREFIX) and k.endswith(".attn2.to_k.weight") and len(shapes[k]) == 2
+    ]
+    context = context_dims[0] if context_dims else None
+
+    is_v2 = has_openclip or 2 in proj_in_dims or (context == 1024 and not has_clip)
+    family = "SD 2.x" if is_v2 else "SD 1.x"
+    why = []
+    if has_openclip:
+        why.append("OpenCLIP text encoder cond_stage_model.model.*")
+    if 2 in proj_in_dims:
+        why.append("linear proj_in")
+    if context is not None and is_v2:
+        why.append(f"context dim {context}")
+    because = f" ({', '.join(why)})" if why else ""
+
+    if _any_prefix(keys, UNET_PREFIX + "label_emb."):
+        if _any_prefix(keys, "embedder.", "noise_augmentor."):
+            raise UnsupportedModelError(
+                "this is an SD 2.x unCLIP model (label_emb, image embedder keys); "
+                "optimized-sd runs SD 1.x only"
+            )
+        raise UnsupportedModelError(
+            "this UNet has a class/label embedding (model.diffusion_model.label_emb, as in SDXL); "
+            "optimized-sd runs SD 1.x only"
+        )
+    if in_channels != 4:
+        if in_channels == 9:
+            kind = f"{family} inpainting"
+        elif in_channels == 5 and _any_prefix(keys, "depth_model."):
+            kind = "SD 2.x depth-to-image"
+        elif in_channels == 7 and _any_prefix(keys, "low_scale_model."):
+            kind = "SD 2.x x4 upscaler"
+        elif in_channels == 8:
+            kind = f"InstructPix2Pix ({family})"
+        else:
+            kind = f"{family}-style model with a {in_channels}-channel UNet input"
+        raise UnsupportedModelError(
+            f"this is an {kind} model (UNet input_blocks.0.0 takes {in_channels} channels, "
+            "not 4); optimized-sd runs SD 1.x text-to-image models only"
+        )
+    if is_v2:
+        raise UnsupportedModelError(
+            f"this is an SD 2.x model{because}; optimized-sd runs SD 1.x only"
+        )
+    if not has_clip:
+        raise CheckpointError(
+            "this has an LDM UNet but no CLIP text encoder (no cond_stage_model.transformer.* keys); "
+            "a UNet-only file is not a whole SD 1.x checkpoint"
+        )
+    if not proj_in_dims:
+        raise CheckpointError(
+            "this LDM UNet has no cross-attention (no *.proj_in.weight keys); not a Stable Diffusion UNet"
+        )
+    width = _clip_width(shapes)
+    if context is not None and width is not None and context != width:
+        raise CheckpointError(
+            f"the UNet's cross-attention context dim is {context} but the CLIP text encoder is "
+            f"{width} wide; the parts do not belong together"
+        )
+    return SD1
+
+
+def _clip_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """Hidden width of the LDM CLIP text encoder, from its final layer norm (either key form)."""
+    for inner in ("text_model.", ""):
+        shape = shapes.get(f"{CLIP_PREFIX}{inner}final_layer_norm.weight")
+        if shape:
+            return shape[0]
+    return None
+
+
+def _describe_non_sd(keys: list[str]) -> str:
+    """A one-line description of a state dict with no LDM UNet."""
+    n = len(keys)
+    if _any_prefix(keys, "lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"):
+        return "this is a LoRA (lora_unet_/lora_te_ keys), not a Stable Diffusion checkpoint"
+    if _any_contains(keys, ".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", "_lora.down.", ".lora.down."):
+        return "this is a LoRA (lora_down/lora_up or lora_A/lora_B keys), not a Stable Diffusion checkpoint"
+    if _any_prefix(keys, "emb_params", "string_to_param", "clip_l", "clip_g") and n <= 4:
+        return "this is a textual-inversion embedding, not a Stable Diffusion checkpoint"
+    if _any_prefix(keys, "input_blocks.0.0.weight", "middle_block.", "output_blocks."):
+        return (
+            "this is a UNet alone with LDM keys lacking the model.diffusion_model. prefix, "
+            "not a whole Stable Diffusion checkpoint"
+        )
+    if _any_prefix(keys, UNET_PREFIX):
+        return (
+            "this has model.diffusion_model.* keys but no input_blocks.0.0.weight; "
+            "not an LDM UNet this version knows"
+        )
+    diffusers = _diffusers_component(keys)
+    if diffusers:
+        return (
+            f"this is a diffusers {diffusers} file, not a single-file checkpoint; "
+            "pass the diffusers folder (the one holding model_index.json) instead"
+        )
+    has_vae = _any_prefix(keys, VAE_PREFIX) or _any_prefix(
+        keys, "encoder.down.", "decoder.up.", "encoder.conv_in.", "decoder.conv_out.", "quant_conv."
+    )
+    has_te = _any_prefix(keys, CLIP_PREFIX, OPENCLIP_PREFIX)
+    if has_vae and not has_te:
+        return "this is a VAE alone, not a whole Stable Diffusion checkpoint"
+    if has_te and not has_vae:
+        return "this is a text encoder alone, not a whole Stable Diffusion checkpoint"
+    if has_te and has_vae:
+        return "this has a VAE and a text encoder but no UNet (model.diffusion_model.*)"
+    first = ", ".join(keys[:3])
+    return f"no Stable Diffusion keys: first keys are {first} ({n} tensors)"
+
+
+def _diffusers_component(keys: list[str]) -> str | None:
+    """Which diffusers/transformers component a key set looks like, if any."""
+    if _any_prefix(keys, "encoder.down_blocks.", "decoder.up_blocks."):
+        return "VAE (AutoencoderKL)"
+    if _any_prefix(keys, "controlnet_cond_embedding."):
+        return "ControlNet"
+    if _any_prefix(keys, "down_blocks.", "up_blocks.", "mid_block.", "time_embedding."):
+        return "UNet (UNet2DConditionModel)"
+    if _any_prefix(keys, "text_model.", "text_projection."):
+        return "text encoder (CLIPTextModel)"
+    return None

@@ -1,0 +1,102 @@
+"""AUTOMATIC1111's model hashes, so our "Model hash:" matches what the webui and model sites show.
+
+- `sha256_short`: the first 10 hex digits of the SHA-256 of the whole file (the webui's "shorthash",
+  written as `Model hash:` in the parameters text since late 2022).
+- `legacy_model_hash`: the webui's old 8-digit hash: SHA-256 of the 0x10000 bytes at offset
+  0x100000 (fewer, or none, when the file is shorter).
+
+Full-file hashing of a 4 GB checkpoint takes seconds, so `sha256_file` can keep results in a small
+JSON cache keyed by resolved path and checked against (size, mtime_ns).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from optimized_sd.errors import CheckpointError
+
+__all__ = ["legacy_model_hash", "sha256_file", "sha256_short"]
+
+_CHUNK = 1 << 20
+_LEGACY_OFFSET = 0x100000
+_LEGACY_LENGTH = 0x10000
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; model hashes are defined for single files")
+    return st
+
+
+def sha256_file(path: Path, *, cache_path: Path | None = None) -> str:
+    """Hex SHA-256 of the whole file, read in 1 MiB chunks; reused from `cache_path` when size and mtime match."""
+    path = Path(path)
+    st = _stat(path)
+    key = str(path.resolve())
+    stamp = [st.st_size, st.st_mtime_ns]
+    cache = _read_cache(cache_path) if cache_path is not None else {}
+    entry = cache.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    value = digest.hexdigest()
+
+    if cache_path is not None:
+        cache[key] = {"stamp": stamp, "sha256": value}
+        _write_cache(cache_path, cache)
+    return value
+
+
+def sha256_short(path: Path, *, cache_path: Path | None = None) -> str:
+    """A1111's shorthash: the first 10 hex digits of the file's SHA-256."""
+    return sha256_file(path, cache_path=cache_path)[:10]
+
+
+def legacy_model_hash(path: Path) -> str:
+    """A1111's old model hash: first 8 hex digits of SHA-256 over 64 KiB read at offset 1 MiB."""
+    path = Path(path)
+    _stat(path)
+    try:
+        with path.open("rb") as f:
+            f.seek(_LEGACY_OFFSET)
+            block = f.read(_LEGACY_LENGTH)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    return hashlib.sha256(block).hexdigest()[:8]
+
+
+def _read_cache(cache_path: Path) -> dict:
+    """The cache's entries; a missing or damaged cache reads as empty (it is only a cache)."""
+    try:
+        data = json.loads(Path(cache_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(cache_path: Path, cache: dict) -> None:
+    """Write atomically (temp file + rename); failure to write is ignored, as for any cache."""
+    cache_path = Path(cache_path)
+    tmp = cache_path.with_name(cache_path.name + f".{os.getpid()}.tmp")
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, cache_path)
+    except OSError:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,428 @@
+"""Describe a checkpoint without building a model: layout, family, dtypes, part sizes, extras, hashes.
+
+Reads only what it needs: `.ckpt` files are unpickled through the restricted loader with tensors
+memory-mapped (never copied), `.safetensors` headers through `safe_open` (no tensor is loaded),
+diffusers folders through their JSON configs and weight-file headers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optimized_sd.errors import CheckpointError
+from optimized_sd.weights.ckpt import InertLightningObject, load_ckpt, state_dict_from_ckpt
+from optimized_sd.weights.family import (
+    PARTS,
+    SD1,
+    detect_family,
+    known_extra_key,
+    part_of_key,
+)
+from optimized_sd.weights.hashing import legacy_model_hash, sha256_short
+
+__all__ = ["CheckpointInfo", "PartStats", "describe_checkpoint", "format_info"]
+
+LAYOUT_LIGHTNING = "CompVis Lightning .ckpt"
+LAYOUT_WRAPPED = "state_dict-wrapped .ckpt"
+LAYOUT_BARE = "bare state dict .ckpt"
+LAYOUT_SAFETENSORS = "single-file .safetensors"
+LAYOUT_DIFFUSERS = "diffusers folder"
+
+FAMILY_NAMES = {SD1: "Stable Diffusion 1.x"}
+
+# safetensors dtype codes -> torch dtype names
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+_EMA_COUNTERS = frozenset({"model_ema.decay", "model_ema.num_updates"})
+
+# diffusers component folder -> part name
+_DIFFUSERS_PARTS = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
+
+
+@dataclass(frozen=True)
+class PartStats:
+    """Tensors, parameters (elements) and storage dtypes of one part (UNet, VAE, text encoder)."""
+
+    tensors: int
+    params: int
+    dtypes: tuple[str, ...]
+
+
+@dataclass
+class CheckpointInfo:
+    """What `describe_checkpoint` found; `format_info` renders it for the CLI."""
+
+    path: Path
+    layout: str
+    file_size: int
+    family: str | None = None  # "sd1" when runnable
+    family_error: str | None = None  # the refusal message otherwise
+    dtypes: dict[str, int] = field(default_factory=dict)  # dtype name -> tensor count
+    parts: dict[str, PartStats] = field(default_factory=dict)
+    extras: dict[str, int] = field(default_factory=dict)  # known_extra_key category -> keys
+    ema_weights: int = 0  # model_ema.* tensors besides decay/num_updates
+    other_keys: tuple[str, ...] = ()  # neither a part's weight nor a known extra
+    metadata: dict[str, str] | None = None  # safetensors __metadata__
+    lightning: dict[str, str] = field(default_factory=dict)  # version, epoch, global_step, callbacks
+    sha256_short: str | None = None
+    legacy_hash: str | None = None
+
+    @property
+    def ema_present(self) -> bool:
+        """True when the file carries an EMA copy of the UNet (non-pruned CompVis files)."""
+        return self.ema_weights > 0
+
+    @property
+    def tensors(self) -> int:
+        return sum(self.dtypes.values())
+
+
+def describe_checkpoint(
+    path: Path, *, hashes: bool = True, hash_cache: Path | None = None
+) -> CheckpointInfo:
+    """Inspect a `.ckpt`, `.safetensors` or diffusers folder; family problems are recorded, not raised.
+
+    `hashes=False` skips reading the whole file for the A1111 hashes; `hash_cache` is a JSON file
+    where full-file SHA-256s are kept (see `hashing.sha256_file`). Raises CheckpointError only when
+    the file itself cannot be read safely.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _describe_diffusers(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+
+    if _is_safetensors(path):
+        shapes, dtypes, metadata = _safetensors_header(path)
+        info = CheckpointInfo(path=path, layout=LAYOUT_SAFETENSORS, file_size=path.stat().st_size)
+        info.metadata = metadata
+    else:
+        obj = load_ckpt(path)
+        tensors = state_dict_from_ckpt(obj)
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+        info = CheckpointInfo(path=path, layout=_ckpt_layout(obj), file_size=path.stat().st_size)
+        info.lightning = _lightning_facts(obj)
+        del tensors, obj  # drop the memory map
+
+    _fill_tensor_stats(info, shapes, dtypes)
+    try:
+        info.family = detect_family(shapes)
+    except CheckpointError as exc:
+        info.family_error = str(exc)
+    if hashes:
+        info.sha256_short = sha256_short(path, cache_path=hash_cache)
+        info.legacy_hash = legacy_model_hash(path)
+    return info
+
+
+def _is_safetensors(path: Path) -> bool:
+    """True when the file starts with a safetensors header (8-byte length, then JSON)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def _safetensors_header(
+    path: Path,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, str]]:
+    """Shapes, dtypes and `__metadata__` from a safetensors header, lazily (no tensor data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shapes[key] = tuple(sl.get_shape())
+                code = sl.get_dtype()
+                dtypes[key] = _ST_DTYPES.get(code, code.lower())
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable .safetensors file ({first})") from None
+    return shapes, dtypes, metadata
+
+
+def _ckpt_layout(obj: dict[str, Any]) -> str:
+    if isinstance(obj.get("state_dict"), dict):
+        lightning = {"epoch", "global_step", "pytorch-lightning_version", "callbacks"}
+        return LAYOUT_LIGHTNING if lightning & obj.keys() else LAYOUT_WRAPPED
+    return LAYOUT_BARE
+
+
+def _scalar_text(value: Any) -> str:
+    """An int/float/numpy scalar/0-d tensor as plain text."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            value = item()
+        except (ValueError, RuntimeError, TypeError):
+            pass
+    return str(value)
+
+
+def _callback_name(key: Any) -> str:
+    if isinstance(key, type) and issubclass(key, InertLightningObject):
+        return key.__name__
+    if isinstance(key, InertLightningObject):
+        return type(key).__name__
+    text = str(key)
+    return text.split("{", 1)[0]  # newer Lightning keys read "ModelCheckpoint{'monitor': ...}"
+
+
+def _lightning_facts(obj: dict[str, Any]) -> dict[str, str]:
+    """Lightning's version, epoch, global_step and callback names from the top level, as text."""
+    facts: dict[str, str] = {}
+    if "pytorch-lightning_version" in obj:
+        facts["pytorch-lightning"] = str(obj["pytorch-lightning_version"])
+    for key in ("epoch", "global_step"):
+        if key in obj:
+            facts[key] = _scalar_text(obj[key])
+    callbacks = obj.get("callbacks")
+    if isinstance(callbacks, dict) and callbacks:
+        facts["callbacks"] = ", ".join(sorted({_callback_name(k) for k in callbacks}))
+    elif isinstance(callbacks, (list, tuple)) and callbacks:
+        facts["callbacks"] = ", ".join(sorted({_callback_name(type(c)) for c in callbacks}))
+    return facts
+
+
+def _fill_tensor_stats(
+    info: CheckpointInfo, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]
+) -> None:
+    """Count tensors per dtype, per part, per known extra; list the keys that are neither."""
+    info.dtypes = dict(sorted(Counter(dtypes.values()).items()))
+    per_part: dict[str, list[str]] = {name: [] for name in PARTS}
+    extras: Counter[str] = Counter()
+    others: list[str] = []
+    for key in shapes:
+        reason = known_extra_key(key)
+        if reason is not None:
+            extras[reason] += 1
+            if reason == "EMA" and key not in _EMA_COUNTERS:
+                info.ema_weights += 1
+            continue
+        part = part_of_key(key)
+        if part is None:
+            others.append(key)
+        else:
+            per_part[part].append(key)
+    info.parts = {
+        name: PartStats(
+            tensors=len(keys),
+            params=sum(math.prod(shapes[k]) for k in keys),
+            dtypes=tuple(sorted({dtypes[k] for k in keys})),
+        )
+        for name, keys in per_part.items()
+        if keys
+    }
+    info.extras = dict(sorted(extras.items()))
+    info.other_keys = tuple(others)
+
+
+# --- diffusers folders ---------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _component_weight_files(folder: Path) -> list[Path]:
+    """A component's weight files: safetensors preferred, the plain (non-fp16-variant) ones first."""
+    for pattern in ("*.safetensors", "*.bin"):
+        files = sorted(folder.glob(pattern))
+        plain = [f for f in files if ".fp16." not in f.name]
+        if plain or files:
+            return plain or files
+    return []
+
+
+def _describe_diffusers(folder: Path) -> CheckpointInfo:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(
+            f"{folder}: is a folder without model_index.json; pass a checkpoint file or a diffusers folder"
+        )
+    index = _read_json(index_path)
+    class_name = str(index.get("_class_name", "unknown pipeline"))
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    info = CheckpointInfo(path=folder, layout=f"{LAYOUT_DIFFUSERS} ({class_name})", file_size=size)
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    parts: dict[str, PartStats] = {}
+    for sub, part in _DIFFUSERS_PARTS.items():
+        files = _component_weight_files(folder / sub)
+        part_shapes: dict[str, tuple[int, ...]] = {}
+        part_dtypes: dict[str, str] = {}
+        for weight_file in files:
+            if weight_file.suffix == ".safetensors":
+                s, d, _ = _safetensors_header(weight_file)
+            else:
+                tensors = state_dict_from_ckpt(load_ckpt(weight_file))
+                s = {k: tuple(v.shape) for k, v in tensors.items()}
+                d = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+            part_shapes.update(s)
+            part_dtypes.update(d)
+        if part_shapes:
+            parts[part] = PartStats(
+                tensors=len(part_shapes),
+                params=sum(math.prod(s) for s in part_shapes.values()),
+                dtypes=tuple(sorted(set(part_dtypes.values()))),
+            )
+            shapes.update({f"{sub}/{k}": v for k, v in part_shapes.items()})
+            dtypes.update({f"{sub}/{k}": v for k, v in part_dtypes.items()})
+    info.parts = parts
+    info.dtypes = dict(sorted(Counter(dtypes.values()).items()))
+    try:
+        info.family = _diffusers_family(folder, class_name)
+    except CheckpointError as exc:
+        info.family_error = str(exc)
+    return info
+
+
+def _diffusers_family(folder: Path, class_name: str) -> str:
+    """Family of a diffusers folder from its pipeline class and the UNet/text-encoder configs."""
+    from optimized_sd.errors import UnsupportedModelError
+
+    if "XL" in class_name:
+        raise UnsupportedModelError(
+            f"this is an SDXL diffusers folder ({class_name}); optimized-sd runs SD 1.x only"
+        )
+    unet_cfg_path = folder / "unet" / "config.json"
+    if not unet_cfg_path.is_file():
+        raise CheckpointError(f"{folder}: diffusers folder without unet/config.json")
+    unet = _read_json(unet_cfg_path)
+    te_path = folder / "text_encoder" / "config.json"
+    text = _read_json(te_path) if te_path.is_file() else {}
+    context = unet.get("cross_attention_dim")
+    is_v2 = bool(unet.get("use_linear_projection")) or context == 1024 or text.get("hidden_size") == 1024
+    family = "SD 2.x" if is_v2 else "SD 1.x"
+    in_channels = unet.get("in_channels", 4)
+    if in_channels == 9 or "Inpaint" in class_name:
+        raise UnsupportedModelError(
+            f"this is an {family} inpainting diffusers folder; optimized-sd runs SD 1.x text-to-image only"
+        )
+    if in_channels != 4:
+        raise UnsupportedModelError(
+            f"this diffusers UNet takes {in_channels} input channels, not 4; "
+            "optimized-sd runs SD 1.x text-to-image only"
+        )
+    if is_v2:
+        raise UnsupportedModelError(
+            f"this is an SD 2.x diffusers folder (cross-attention dim {context}); optimized-sd runs SD 1.x only"
+        )
+    width = text.get("hidden_size")
+    if width is not None and context is not None and width != context:
+        raise CheckpointError(
+            f"{folder}: UNet cross_attention_dim {context} does not match text encoder hidden_size {width}"
+        )
+    return SD1
+
+
+# --- text for the CLI ----------------------------------------------------------------------------
+
+
+def _human_size(n: int) -> str:
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} bytes" if unit == "bytes" else f"{value:.2f} {unit}, {n:,} bytes"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _short(value: str, limit: int = 60) -> str:
+    value = value.replace("\n", " ")
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def format_info(info: CheckpointInfo) -> str:
+    """Several `label  value` lines describing the checkpoint, for `optimized-sd inspect`."""
+    lines: list[tuple[str, str]] = [("file", f"{info.path}  ({_human_size(info.file_size)})")]
+
+    layout = info.layout
+    if info.lightning:
+        layout += " (" + ", ".join(f"{k} {v}" for k, v in info.lightning.items() if k != "callbacks")
+        if "callbacks" in info.lightning:
+            layout += ("; " if len(info.lightning) > 1 else "") + f"callbacks: {info.lightning['callbacks']}"
+        layout += ")"
+    lines.append(("layout", layout))
+
+    if info.family is not None:
+        lines.append(("family", f"{info.family} ({FAMILY_NAMES.get(info.family, info.family)})"))
+    else:
+        lines.append(("family", f"refused: {info.family_error}"))
+
+    storage = ", ".join(f"{dtype} ({_count(count, 'tensor')})" for dtype, count in info.dtypes.items())
+    lines.append(("storage", storage or "no tensors"))
+
+    for name, stats in info.parts.items():
+        lines.append(
+            (name, f"{stats.params:,} params in {_count(stats.tensors, 'tensor')}, {'/'.join(stats.dtypes)}")
+        )
+    missing = [name for name in PARTS if name not in info.parts]
+    if missing:
+        lines.append(("missing", ", ".join(missing)))
+
+    if info.extras:
+        lines.append(("extras", ", ".join(f"{k} {n}" for k, n in info.extras.items())))
+    if not info.layout.startswith(LAYOUT_DIFFUSERS):
+        if info.ema_present:
+            ema = f"yes: EMA copy of the UNet ({_count(info.ema_weights, 'tensor')})"
+        elif info.extras.get("EMA"):
+            ema = "no (only model_ema.decay/num_updates; pruned)"
+        else:
+            ema = "no"
+        lines.append(("EMA", ema))
+    if info.other_keys:
+        shown = ", ".join(info.other_keys[:5]) + (", ..." if len(info.other_keys) > 5 else "")
+        lines.append(("other", f"{_count(len(info.other_keys), 'unrecognised key')}: {shown}"))
+
+    if info.metadata is not None:
+        if info.metadata:
+            meta = ", ".join(f"{k}={_short(v, 40)}" for k, v in sorted(info.metadata.items()))
+        else:
+            meta = "(empty)"
+        lines.append(("metadata", _short(meta, 400)))
+
+    if info.sha256_short is not None:
+        lines.append(
+            ("hashes", f"sha256 {info.sha256_short} (A1111 'Model hash'), legacy {info.legacy_hash}")
+        )
+    width = max(len(label) for label, _ in lines)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in lines)

@@ -1,0 +1,1 @@
+"""Test stand-in for `pytorch_lightning.callbacks` (see the package docstring)."""

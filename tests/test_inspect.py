@@ -1,0 +1,353 @@
+"""`describe_checkpoint` / `format_info` for each layout, and A1111's model hashes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from optimized_sd.errors import CheckpointError
+from optimized_sd.weights.hashing import legacy_model_hash, sha256_file, sha256_short
+from optimized_sd.weights.inspect import (
+    LAYOUT_BARE,
+    LAYOUT_LIGHTNING,
+    LAYOUT_SAFETENSORS,
+    LAYOUT_WRAPPED,
+    describe_checkpoint,
+    format_info,
+)
+
+STANDIN = Path(__file__).parent / "lightning_standin"
+U = "model.diffusion_model."
+TE = "cond_stage_model.transformer.text_model."
+
+
+def tiny_sd1(ema_copy: bool = True) -> dict[str, torch.Tensor]:
+    """Small tensors under real SD 1.x key names: 5 UNet, 2 VAE, 2 text-encoder weights plus extras."""
+    g = torch.Generator().manual_seed(1)
+    sd = {
+        U + "input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),  # 288
+        U + "input_blocks.0.0.bias": torch.randn(8, generator=g),  # 8
+        U + "input_blocks.1.1.proj_in.weight": torch.randn(8, 8, 1, 1, generator=g),  # 64
+        U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.randn(8, 16, generator=g),  # 128
+        U + "out.2.weight": torch.randn(4, 8, 3, 3, generator=g),  # 288
+        "first_stage_model.encoder.conv_in.weight": torch.randn(8, 3, 3, 3, generator=g),  # 216
+        "first_stage_model.decoder.conv_out.weight": torch.randn(3, 8, 3, 3, generator=g),  # 216
+        TE + "embeddings.token_embedding.weight": torch.randn(10, 16, generator=g),  # 160
+        TE + "final_layer_norm.weight": torch.randn(16, generator=g),  # 16
+        TE + "embeddings.position_ids": torch.arange(7).unsqueeze(0),
+        "betas": torch.linspace(1e-4, 2e-2, 10),
+        "alphas_cumprod": torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 10), 0),
+        "posterior_variance": torch.zeros(10),
+        "model_ema.decay": torch.tensor(0.9999),
+        "model_ema.num_updates": torch.tensor(470000, dtype=torch.int32),
+    }
+    if ema_copy:
+        sd["model_ema.diffusion_modelinput_blocks00weight"] = sd[U + "input_blocks.0.0.weight"].clone()
+        sd["model_ema.diffusion_modelout2weight"] = sd[U + "out.2.weight"].clone()
+    return sd
+
+
+UNET_PARAMS = 288 + 8 + 64 + 128 + 288
+VAE_PARAMS = 216 + 216
+TE_PARAMS = 160 + 16
+
+
+@contextlib.contextmanager
+def lightning_standin() -> Iterator[type]:
+    sys.path.insert(0, str(STANDIN))
+    importlib.invalidate_caches()
+    try:
+        yield importlib.import_module("pytorch_lightning.callbacks.model_checkpoint").ModelCheckpoint
+    finally:
+        sys.path.remove(str(STANDIN))
+        for name in [m for m in sys.modules if m == "pytorch_lightning" or m.startswith("pytorch_lightning.")]:
+            del sys.modules[name]
+
+
+def write_lightning(path: Path, sd: dict[str, torch.Tensor]) -> Path:
+    with lightning_standin() as ModelCheckpoint:
+        torch.save(
+            {
+                "epoch": 6,
+                "global_step": np.int64(470000),
+                "pytorch-lightning_version": "1.4.2",
+                "state_dict": sd,
+                "callbacks": {ModelCheckpoint: {"current_score": np.float64(0.1), "dirpath": "/logs"}},
+            },
+            path,
+        )
+    return path
+
+
+def hashes_of(path: Path) -> tuple[str, str]:
+    data = path.read_bytes()
+    return hashlib.sha256(data).hexdigest()[:10], hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def field(text: str, label: str) -> str:
+    """The value on the `label  value` line of format_info's output."""
+    for line in text.splitlines():
+        if line.startswith(label + " "):
+            return line[len(label):].strip()
+    raise AssertionError(f"no {label!r} line in:\n{text}")
+
+
+# --- hashes -------------------------------------------------------------------------------------
+
+
+def test_hashes_match_hashlib_on_a_file_past_the_legacy_window(tmp_path: Path) -> None:
+    path = tmp_path / "big.bin"
+    data = np.random.default_rng(0).integers(0, 256, size=0x100000 + 0x10000 + 12345, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert sha256_short(path) == hashlib.sha256(data).hexdigest()[:10]
+    assert len(sha256_short(path)) == 10
+    assert legacy_model_hash(path) == hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+
+
+def test_legacy_hash_of_short_files(tmp_path: Path) -> None:
+    """Under 1 MiB there is nothing at the offset: A1111 hashes the empty read."""
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * 1000)
+    assert legacy_model_hash(small) == hashlib.sha256(b"").hexdigest()[:8]
+    partial = tmp_path / "partial.bin"
+    partial.write_bytes(bytes(0x100000) + b"tail")
+    assert legacy_model_hash(partial) == hashlib.sha256(b"tail").hexdigest()[:8]
+
+
+def test_hash_cache_reuses_and_invalidates(tmp_path: Path) -> None:
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"first contents")
+    cache = tmp_path / "cache" / "hashes.json"
+    first = sha256_file(path, cache_path=cache)
+    assert first == hashlib.sha256(b"first contents").hexdigest()
+    entries = json.loads(cache.read_text())
+    assert entries[str(path.resolve())]["sha256"] == first
+
+    # a hit is served from the cache: plant a marker value with the right stamp
+    entries[str(path.resolve())]["sha256"] = "f" * 64
+    cache.write_text(json.dumps(entries))
+    assert sha256_file(path, cache_path=cache) == "f" * 64
+    assert sha256_short(path, cache_path=cache) == "f" * 10
+
+    # a changed file (size and mtime) is hashed again
+    path.write_bytes(b"second, longer contents")
+    os.utime(path, ns=(1, 1))
+    assert sha256_file(path, cache_path=cache) == hashlib.sha256(b"second, longer contents").hexdigest()
+
+    # a damaged cache is ignored and rewritten
+    cache.write_text("{not json")
+    assert sha256_file(path, cache_path=cache) == hashlib.sha256(b"second, longer contents").hexdigest()
+    assert json.loads(cache.read_text())
+
+
+def test_hash_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such file"):
+        sha256_short(tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        legacy_model_hash(tmp_path)
+
+
+# --- describe_checkpoint / format_info ----------------------------------------------------------
+
+
+def test_lightning_ckpt(tmp_path: Path) -> None:
+    path = write_lightning(tmp_path / "sd-v1-4.ckpt", tiny_sd1())
+    info = describe_checkpoint(path)
+
+    assert info.layout == LAYOUT_LIGHTNING
+    assert info.family == "sd1" and info.family_error is None
+    assert info.file_size == path.stat().st_size
+    assert info.parts["UNet"].params == UNET_PARAMS and info.parts["UNet"].tensors == 5
+    assert info.parts["VAE"].params == VAE_PARAMS
+    assert info.parts["text encoder"].params == TE_PARAMS
+    assert info.parts["UNet"].dtypes == ("float32",)
+    assert info.extras == {"EMA": 4, "position_ids": 1, "schedule buffer": 3}
+    assert info.ema_weights == 2 and info.ema_present
+    assert info.other_keys == ()
+    assert info.dtypes == {"float32": 15, "int32": 1, "int64": 1}
+    assert info.lightning == {
+        "pytorch-lightning": "1.4.2", "epoch": "6", "global_step": "470000", "callbacks": "ModelCheckpoint",
+    }
+    assert (info.sha256_short, info.legacy_hash) == hashes_of(path)
+    assert "pytorch_lightning" not in sys.modules
+    cached = describe_checkpoint(path, hash_cache=tmp_path / "hashes.json")
+    assert cached.sha256_short == info.sha256_short and (tmp_path / "hashes.json").is_file()
+
+    text = format_info(info)
+    short, legacy = hashes_of(path)
+    for needle in [
+        str(path),
+        "CompVis Lightning .ckpt (pytorch-lightning 1.4.2, epoch 6, global_step 470000; callbacks: ModelCheckpoint)",
+        "sd1 (Stable Diffusion 1.x)",
+        "float32 (15 tensors), int32 (1 tensor), int64 (1 tensor)",
+        f"{UNET_PARAMS:,} params in 5 tensors, float32",
+        f"{VAE_PARAMS:,} params in 2 tensors",
+        "EMA 4, position_ids 1, schedule buffer 3",
+        "yes: EMA copy of the UNet (2 tensors)",
+        f"sha256 {short}",
+        f"legacy {legacy}",
+    ]:
+        assert needle in text, (needle, text)
+    assert "refused" not in text and "metadata" not in text and "missing" not in text
+
+
+def test_bare_fp16_pruned_ckpt(tmp_path: Path) -> None:
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in tiny_sd1(ema_copy=False).items()}
+    path = tmp_path / "v1-5-pruned-emaonly-fp16.ckpt"
+    torch.save(sd, path)
+    info = describe_checkpoint(path)
+    assert info.layout == LAYOUT_BARE
+    assert info.family == "sd1"
+    assert info.parts["UNet"].dtypes == ("float16",)
+    assert info.parts["UNet"].params == UNET_PARAMS
+    assert not info.ema_present and info.extras["EMA"] == 2
+    assert info.lightning == {}
+    text = format_info(info)
+    assert "bare state dict .ckpt" in text
+    assert "float16 (13 tensors)" in text
+    assert "no (only model_ema.decay/num_updates; pruned)" in text
+
+
+def test_wrapped_ckpt_with_unknown_keys(tmp_path: Path) -> None:
+    sd = tiny_sd1(ema_copy=False)
+    del sd["model_ema.decay"], sd["model_ema.num_updates"]
+    sd["lora_leftover.weight"] = torch.ones(2)
+    path = tmp_path / "wrapped.ckpt"
+    torch.save({"state_dict": sd}, path)
+    info = describe_checkpoint(path, hashes=False)
+    assert info.layout == LAYOUT_WRAPPED
+    assert info.other_keys == ("lora_leftover.weight",)
+    assert info.sha256_short is None and info.legacy_hash is None
+    text = format_info(info)
+    assert "1 unrecognised key: lora_leftover.weight" in text
+    assert "EMA" in text and "hashes" not in text
+
+
+def test_safetensors_with_metadata(tmp_path: Path) -> None:
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in tiny_sd1(ema_copy=False).items()}
+    path = tmp_path / "model.safetensors"
+    save_file(sd, path, metadata={"format": "pt", "modelspec.title": "tiny sd1", "ss_note": "x" * 300})
+    info = describe_checkpoint(path)
+    assert info.layout == LAYOUT_SAFETENSORS
+    assert info.family == "sd1"
+    assert info.metadata == {"format": "pt", "modelspec.title": "tiny sd1", "ss_note": "x" * 300}
+    assert info.parts["text encoder"].dtypes == ("float16",)
+    assert info.parts["VAE"].params == VAE_PARAMS
+    assert info.dtypes == {"float16": 13, "int32": 1, "int64": 1}
+    assert (info.sha256_short, info.legacy_hash) == hashes_of(path)
+    text = format_info(info)
+    assert "single-file .safetensors" in text
+    assert "format=pt" in text and "modelspec.title=tiny sd1" in text
+    assert "x" * 100 not in text  # long metadata values are shortened
+    assert all(len(line) < 500 for line in text.splitlines())
+
+
+def test_unsupported_family_is_described_not_raised(tmp_path: Path) -> None:
+    sd = tiny_sd1(ema_copy=False)
+    sd[U + "input_blocks.0.0.weight"] = torch.zeros(8, 9, 3, 3)
+    path = tmp_path / "inpainting.safetensors"
+    save_file(sd, path)
+    info = describe_checkpoint(path, hashes=False)
+    assert info.family is None
+    assert "SD 1.x inpainting" in info.family_error
+    text = format_info(info)
+    assert field(text, "family").startswith("refused: this is an SD 1.x inpainting model")
+    assert field(text, "metadata") == "(empty)"
+
+
+def test_vae_only_file_is_described(tmp_path: Path) -> None:
+    path = tmp_path / "vae-ft-mse.ckpt"
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.ones(8, 3, 3, 3),
+                               "decoder.conv_out.weight": torch.ones(3, 8, 3, 3)}}, path)
+    info = describe_checkpoint(path, hashes=False)
+    assert info.family is None and "VAE alone" in info.family_error
+    text = format_info(info)
+    assert "missing" in text and "UNet, VAE, text encoder" in text
+    assert "2 unrecognised keys" in text
+
+
+def test_unsafe_or_broken_files_raise(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such file"):
+        describe_checkpoint(tmp_path / "missing.ckpt")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((16).to_bytes(8, "little") + b'{"a": 1}' + b" " * 20)
+    with pytest.raises(CheckpointError, match="unreadable .safetensors"):
+        describe_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="without model_index.json"):
+        describe_checkpoint(tmp_path)
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.ones(64)}, good)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="unreadable .safetensors"):
+        describe_checkpoint(cut)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"x": _Exec()}, evil)
+    with pytest.raises(CheckpointError, match="nothing in the file was run"):
+        describe_checkpoint(evil)
+
+
+class _Exec:
+    def __reduce__(self) -> tuple:
+        return (exec, ("raise SystemExit('ran')",))
+
+
+def _write_diffusers(folder: Path, *, cross_attention_dim: int = 16, class_name: str = "StableDiffusionPipeline",
+                     in_channels: int = 4) -> None:
+    (folder / "unet").mkdir(parents=True)
+    (folder / "vae").mkdir()
+    (folder / "text_encoder").mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name, "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (folder / "unet" / "config.json").write_text(
+        json.dumps({"in_channels": in_channels, "cross_attention_dim": cross_attention_dim}))
+    (folder / "text_encoder" / "config.json").write_text(json.dumps({"hidden_size": cross_attention_dim}))
+    save_file({"conv_in.weight": torch.zeros(8, in_channels, 3, 3), "down_blocks.0.resnets.0.conv1.weight": torch.zeros(8, 8, 3, 3)},
+              folder / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file({"conv_in.weight": torch.zeros(8, in_channels, 3, 3, dtype=torch.float16)},
+              folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3)}, folder / "vae" / "diffusion_pytorch_model.safetensors")
+    torch.save({"text_model.final_layer_norm.weight": torch.zeros(cross_attention_dim)},
+               folder / "text_encoder" / "pytorch_model.bin")
+
+
+def test_diffusers_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "sd15-diffusers"
+    _write_diffusers(folder)
+    info = describe_checkpoint(folder)
+    assert info.layout == "diffusers folder (StableDiffusionPipeline)"
+    assert info.family == "sd1"
+    assert info.parts["UNet"].params == 8 * 4 * 9 + 8 * 8 * 9  # the fp32 files, not the fp16 variant
+    assert info.parts["UNet"].dtypes == ("float32",)
+    assert info.parts["VAE"].params == 8 * 3 * 9
+    assert info.parts["text encoder"].params == 16
+    assert info.sha256_short is None
+    text = format_info(info)
+    assert "diffusers folder (StableDiffusionPipeline)" in text
+    assert "EMA" not in text and "hashes" not in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"cross_attention_dim": 1024}, "SD 2.x"),
+        ({"class_name": "StableDiffusionXLPipeline"}, "SDXL"),
+        ({"in_channels": 9, "class_name": "StableDiffusionInpaintPipeline"}, "SD 1.x inpainting"),
+    ],
+)
+def test_diffusers_folder_other_families(tmp_path: Path, kwargs: dict, needle: str) -> None:
+    folder = tmp_path / "model"
+    _write_diffusers(folder, **kwargs)
+    info = describe_checkpoint(folder)
+    assert info.family is None and needle in info.family_error
