@@ -370,3 +370,18 @@ def test_top_level_not_a_dict(tmp_path: Path) -> None:
     torch.save([torch.ones(1)], path)
     with pytest.raises(CheckpointError, match="not a dict of tensors"):
         load_ckpt(path)
+
+
+def test_allowed_torch_objects_round_trip(tmp_path: Path) -> None:
+    """bf16 tensors, Parameters, dtype and Size objects, OrderedDict and set are all allowed globals."""
+    from collections import OrderedDict
+
+    sd = OrderedDict(w=torch.randn(2, 3).bfloat16(), p=torch.nn.Parameter(torch.ones(2)))
+    path = tmp_path / "misc.ckpt"
+    torch.save({"state_dict": sd, "dtype": torch.float16, "size": torch.Size([2, 3]), "tags": {"a"}}, path)
+    obj = load_ckpt(path)
+    assert obj["dtype"] is torch.float16 and obj["size"] == torch.Size([2, 3]) and obj["tags"] == {"a"}
+    assert isinstance(obj["state_dict"], OrderedDict)
+    got = state_dict_from_ckpt(obj)
+    assert got["w"].dtype == torch.bfloat16 and torch.equal(got["w"], sd["w"])
+    assert torch.equal(got["p"], torch.ones(2)) and not got["p"].requires_grad

@@ -119,7 +119,8 @@ def karras_grid(sched) -> None:
     against diffusers' through the other schedulers) and their timesteps by diffusers' own lookup."""
     sigmas = make_plan("euler", sched.num_inference_steps, karras=True).sigmas
     sched.sigmas = torch.tensor(sigmas, dtype=torch.float32)
-    t = [float(sched._sigma_to_t(np.array(s), _log_sigmas(sched))) for s in sigmas[:-1]]
+    lookup = diffusers.EulerDiscreteScheduler(**SD)  # the class with diffusers' sigma -> t lookup
+    t = [float(lookup._sigma_to_t(np.array(s), _log_sigmas(sched))) for s in sigmas[:-1]]
     sched.timesteps = torch.tensor(t, dtype=torch.float32)
 
 
@@ -409,6 +410,8 @@ def test_gaussian_data_gets_its_variance(name):
         (dict(sampler="plms", steps=10, eta=0.5), "plms supports eta 0 only"),
         (dict(sampler="euler", steps=0), "steps must be a whole number from 1 to 1000, got 0"),
         (dict(sampler="ddim", steps=-3), "steps must be"),
+        (dict(sampler="euler", steps=1001), "steps must be a whole number from 1 to 1000"),
+        (dict(sampler="ddim", steps=501), "ddim supports at most 500 steps"),
         (dict(sampler="euler", steps=10, strength=1.5), "strength must be between 0 and 1, got 1.5"),
         (dict(sampler="euler", steps=10, strength=-0.1), "strength must be between 0 and 1"),
         (dict(sampler="euler", steps=10, strength=float("nan")), "strength must be between 0 and 1"),

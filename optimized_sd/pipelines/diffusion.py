@@ -74,6 +74,7 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
     parameters: list[ImageParameters] = field(default_factory=list)
+    latents: Tensor | None = None  # the sampler's output, before VAE decoding (for parity checks)
 
 
 def check_size(height: int, width: int, multiple: int = 8) -> None:
@@ -355,7 +356,7 @@ class StableDiffusion:
             )
             for prompt, s in zip(request.prompts, seeds)
         ]
-        return GenerationResult(images, seeds, parameters)
+        return GenerationResult(images, seeds, parameters, latents)
 
     def model_hash(self) -> str:
         """AUTOMATIC1111's short hash of the file (of the UNet weights for a diffusers folder)."""

@@ -80,6 +80,8 @@ def _check(sampler: str, steps: int, strength: float, eta: float, karras: bool, 
         raise UserError(f"steps must be a whole number from 1 to {num_timesteps}, got {steps!r}")
     if not 0.0 <= strength <= 1.0:  # also rejects NaN
         raise UserError(f"strength must be between 0 and 1, got {strength}")
+    if sampler in _COMPVIS and num_timesteps // steps < 2:
+        raise UserError(f"{sampler} supports at most {num_timesteps // 2} steps (CompVis' grid), got {steps}")
     if karras and sampler in _COMPVIS:
         raise UserError(f"karras sigmas do not apply to {sampler}, which uses CompVis' fixed timestep grid")
     if sampler == "plms" and eta != 0:
@@ -99,7 +101,11 @@ def make_plan(
     karras: bool = False,
     schedule: DiscreteSchedule | None = None,
 ) -> SamplingPlan:
-    """Validate a request (UserError on bad input) and fix the steps that `sample` will run."""
+    """Validate a request (UserError on bad input) and fix the steps that `sample` will run.
+
+    DDIM/PLMS keep CompVis' grid, so some step counts run one step more (30 -> 31, see
+    `schedules.ddim_timesteps`); `plan.num_steps` is the count that runs.
+    """
     schedule = schedule if schedule is not None else scaled_linear_schedule()
     _check(sampler, steps, strength, eta, karras, schedule.num_timesteps)
     t_enc = int(strength * steps)

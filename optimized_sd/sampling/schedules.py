@@ -21,6 +21,9 @@ class DiscreteSchedule:
 
     alphas_cumprod: np.ndarray = field(repr=False)
 
+    def __post_init__(self) -> None:  # accept a checkpoint's float32 tensor too
+        object.__setattr__(self, "alphas_cumprod", np.asarray(self.alphas_cumprod, dtype=np.float64))
+
     @property
     def num_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])

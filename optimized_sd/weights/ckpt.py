@@ -28,26 +28,7 @@ __all__ = [
     "InertLightningObject",
     "load_ckpt",
     "state_dict_from_ckpt",
-    "LIGHTNING_TOP_LEVEL_KEYS",
 ]
-
-# Top-level keys a Lightning checkpoint carries next to `state_dict`.
-LIGHTNING_TOP_LEVEL_KEYS = frozenset(
-    {
-        "epoch",
-        "global_step",
-        "pytorch-lightning_version",
-        "callbacks",
-        "optimizer_states",
-        "lr_schedulers",
-        "hparams_name",
-        "hyper_parameters",
-        "hparams_type",
-        "loops",
-        "native_amp_scaling_state",
-        "state_dict",
-    }
-)
 
 # Module prefixes whose classes become inert placeholders (never imported).
 _LIGHTNING_MODULE_PREFIXES = (
@@ -135,7 +116,8 @@ def _allowed_global(module: str, name: str) -> Any | None:
     if module == "torch._tensor" and name == "_rebuild_from_type_v2":
         return torch._tensor._rebuild_from_type_v2
     if module == "torch":
-        obj = getattr(torch, name, None)
+        # Look in the namespace only: getattr(torch, ...) could trigger torch's lazy submodule imports.
+        obj = vars(torch).get(name)
         if isinstance(obj, torch.dtype):
             return obj
         if name in ("Size", "Tensor", "UntypedStorage", "device"):

@@ -1,0 +1,1 @@
+"""Benchmark harness: scenarios, one process each, side by side with diffusers."""
