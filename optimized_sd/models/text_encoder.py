@@ -118,5 +118,8 @@ def write_byte_tokenizer(folder: Path, vocab_size: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_TOKENS, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 

@@ -1,0 +1,106 @@
+"""Shared fixtures: one tiny random SD 1.x model written in every real layout.
+
+The model is built with diffusers' own classes (a test dependency), so the diffusers folder is the
+ground truth; the LDM single-file layouts are derived from it through our key-mapping tables, which
+the parity tests then prove right."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimized_sd.config import TINY
+from optimized_sd.models.text_encoder import clip_config, write_byte_tokenizer
+
+
+@dataclass
+class TinyModel:
+    folder: Path  # diffusers folder
+    safetensors: Path  # LDM single file, fp32
+    ckpt: Path  # CompVis-style {"state_dict": ...}
+    tokenizer: Path
+    unet: torch.nn.Module  # diffusers modules, for parity
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+
+
+def build_diffusers_parts(seed: int = 0):
+    """diffusers UNet/VAE and transformers CLIP text model with TINY's shapes and seeded weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet_cfg = TINY.unet
+    widths = tuple(unet_cfg.model_channels * m for m in unet_cfg.channel_mult)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=unet_cfg.in_channels,
+        out_channels=unet_cfg.out_channels,
+        block_out_channels=widths,
+        layers_per_block=unet_cfg.num_res_blocks,
+        down_block_types=("CrossAttnDownBlock2D",) * len(widths),
+        up_block_types=("CrossAttnUpBlock2D",) * len(widths),
+        cross_attention_dim=unet_cfg.context_dim,
+        attention_head_dim=unet_cfg.num_heads,  # diffusers' SD 1.x configs store the head count here
+        norm_num_groups=32,
+    )
+    vae_cfg = TINY.vae
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(vae_cfg.ch * m for m in vae_cfg.ch_mult),
+        down_block_types=("DownEncoderBlock2D",) * len(vae_cfg.ch_mult),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_cfg.ch_mult),
+        layers_per_block=vae_cfg.num_res_blocks,
+        latent_channels=vae_cfg.z_channels,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    text = CLIPTextModel(clip_config(TINY.text))
+    for module in (unet, vae, text):
+        with torch.no_grad():
+            for parameter in module.parameters():  # no zero-initialised layer may hide a mapping error
+                parameter.add_(torch.randn_like(parameter) * 0.02)
+        module.eval()
+    return unet, vae, text
+
+
+def write_ldm_files(folder: Path, safetensors_path: Path, ckpt_path: Path) -> None:
+    """LDM single-file layouts of a diffusers folder, through our own diffusers -> LDM tables."""
+    from safetensors.torch import save_file
+
+    from optimized_sd.models.sd import LatentDiffusion
+    from optimized_sd.weights.loading import open_diffusers_folder
+
+    source = open_diffusers_folder(folder).source
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LatentDiffusion(TINY).state_dict().items()}
+    tensors = {}
+    for key in source.keys():
+        value = source.get(key)
+        if key in shapes:  # the VAE attention projections are 1x1 convs in LDM files
+            value = value.reshape(shapes[key])
+        tensors[key] = value.clone().contiguous()
+    save_file(tensors, str(safetensors_path))
+    torch.save({"state_dict": tensors, "global_step": 1}, ckpt_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    root = tmp_path_factory.mktemp("tiny-sd")
+    unet, vae, text = build_diffusers_parts()
+    folder = root / "diffusers"
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text.save_pretrained(folder / "text_encoder")
+    tokenizer = write_byte_tokenizer(folder / "tokenizer", TINY.text.vocab_size)
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
+    )
+    safetensors_path, ckpt_path = root / "tiny.safetensors", root / "tiny.ckpt"
+    write_ldm_files(folder, safetensors_path, ckpt_path)
+    return TinyModel(folder, safetensors_path, ckpt_path, tokenizer, unet, vae, text)
