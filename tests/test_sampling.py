@@ -457,3 +457,13 @@ def test_cuda_matches_cpu_for_the_same_seed(name, dtype):
     tol = 1e-3 if dtype == torch.float32 else 2e-2
     assert max_diff(out.cpu(), ref) < tol * float(ref.abs().max())
 
+
+
+@pytest.mark.parametrize("steps", [3, 9, 333])
+def test_ddim_grid_never_reaches_timestep_1000(steps: int) -> None:
+    """CompVis' grid hits t=1000 for these step counts and crashes; ours drops that entry."""
+    from optimized_sd.sampling.schedules import ddim_timesteps
+
+    grid = ddim_timesteps(steps)
+    assert grid.max() < 1000 and len(grid) == steps
+    assert make_plan("ddim", steps).num_steps == steps

@@ -102,6 +102,9 @@ def ddim_timesteps(steps: int, num_timesteps: int = 1000) -> np.ndarray:
     """CompVis' "uniform" DDIM grid: range(0, N, N // steps) + 1, ascending.
 
     Kept exactly, quirks included: when N // steps does not divide N the grid has more than
-    `steps` entries (steps=30 gives 31 timesteps 1, 34, ..., 991).
+    `steps` entries (steps=30 gives 31 timesteps 1, 34, ..., 991). One quirk is mended: where the
+    grid would reach timestep N itself (steps=3 gives 1, 334, 667, 1000), CompVis indexes past the
+    schedule and crashes; that last entry is dropped.
     """
-    return np.asarray(range(0, num_timesteps, num_timesteps // steps), dtype=np.int64) + 1
+    grid = np.asarray(range(0, num_timesteps, num_timesteps // steps), dtype=np.int64) + 1
+    return grid[grid < num_timesteps]
