@@ -131,13 +131,19 @@ def plan_memory(
         return estimate_peak(candidate, model, request, False) > budget >= estimate_peak(candidate, model, request, True)
 
     estimates = {m: estimate_peak(m, model, request, tiled_for(m)) for m in MODES}
-    if mode != "auto":
-        return Plan(mode, tiled_for(mode), mode == "stream", estimates, budget, "forced")
+    if mode != "auto" and (budget is None or estimates[mode] <= budget):
+        return Plan(mode, tiled_for(mode), mode == "stream", estimates, budget, "as asked")
     if budget is None:
         return Plan("full", tiled_for("full"), False, estimates, budget, "no memory limit")
     for candidate in MODES:
         if estimates[candidate] <= budget:
-            return Plan(candidate, tiled_for(candidate), candidate == "stream", estimates, budget, "fastest that fits")
+            reason = "fastest that fits"
+            if mode != "auto":
+                reason = (
+                    f"{mode} needs about {format_bytes(estimates[mode])} but the budget is "
+                    f"{format_bytes(budget)}; {candidate} was chosen instead"
+                )
+            return Plan(candidate, tiled_for(candidate), candidate == "stream", estimates, budget, reason)
     raise UserError(
         f"a VRAM budget of {format_bytes(budget)} is below the smallest plan: "
         f"stream needs about {format_bytes(estimates['stream'])} at {request.width}x{request.height}"

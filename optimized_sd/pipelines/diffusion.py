@@ -140,6 +140,7 @@ class StableDiffusion:
         self.memory = memory
         self.budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
         self.vae_tiling = vae_tiling
+        self.vae_tile = VAE_TILE
         plan_memory(self.footprint(), Request(64, 64), budget=None, mode=memory, vae_tiling=vae_tiling)  # validates names
         tokenizer_dir = Path(tokenizer) if tokenizer else loaded.checkpoint.tokenizer_dir
         self.tokenizer: PromptTokenizer = load_tokenizer(tokenizer_dir)
@@ -149,6 +150,7 @@ class StableDiffusion:
         self.mode: str | None = None
         self.plan: Plan | None = None
         self._model_hash: str | None = None
+        self.last_reason = ""
 
     # -- memory --------------------------------------------------------------------------------
     def footprint(self):
@@ -156,7 +158,8 @@ class StableDiffusion:
 
     def plan_for(self, request: GenerationRequest) -> Plan:
         budget = self.budget
-        if budget is None and self.memory == "auto" and self.device.type in ("cuda", "cpu"):
+        measurable = self.device.type == "cuda" or (self.device.type == "cpu" and self.memory == "auto")
+        if budget is None and measurable:
             # Weights this pipeline already holds count as available: they would be moved, not added.
             budget = int(device_memory(self.device).free * SAFETY_MARGIN) + self.engine_resident_bytes()
         sizes = Request(
@@ -168,7 +171,11 @@ class StableDiffusion:
             dtype_bytes=torch.empty((), dtype=self.dtype).element_size(),
             encodes_image=request.init_image is not None,
         )
-        return plan_memory(self.footprint(), sizes, budget=budget, mode=self.memory, vae_tiling=self.vae_tiling)
+        plan = plan_memory(self.footprint(), sizes, budget=budget, mode=self.memory, vae_tiling=self.vae_tiling)
+        if plan.mode != self.memory and self.memory != "auto" and plan.reason != self.last_reason:
+            log.warning("%s", plan.reason)
+        self.last_reason = plan.reason
+        return plan
 
     def engine_resident_bytes(self) -> int:
         return self.engine.resident_bytes() if self.engine is not None else 0
@@ -258,12 +265,13 @@ class StableDiffusion:
             materialize(vae.get_submodule(name), f"first_stage_model.{name}.", self.loaded.source, self.device, torch.float32)
         return vae
 
-    @staticmethod
-    def apply_vae(fn: Callable[[Tensor], Tensor], x: Tensor, tiled: bool, scale: float) -> Tensor:
+    def apply_vae(self, fn: Callable[[Tensor], Tensor], x: Tensor, tiled: bool, scale: float) -> Tensor:
+        """Run a VAE half whole, or in overlapping tiles of `vae_tile` pixels blended together."""
         if not tiled:
             return fn(x)
-        tile = VAE_TILE if scale < 1 else VAE_TILE // 8
-        overlap = VAE_TILE_OVERLAP if scale < 1 else VAE_TILE_OVERLAP // 8
+        downscale = self.config.vae.downscale
+        tile = self.vae_tile if scale < 1 else self.vae_tile // downscale
+        overlap = VAE_TILE_OVERLAP if scale < 1 else VAE_TILE_OVERLAP // downscale
         return tiled_apply(fn, x, tile=tile, overlap=overlap, scale=scale)
 
     def eps_model(self, cond: Tensor, uncond: Tensor | None, scale: float, record) -> Callable[[Tensor, Tensor], Tensor]:

@@ -1,0 +1,231 @@
+"""Memory engine on the tiny model: every mode gives the `full` output, the hooks keep the residency
+the plan promises, the planner picks modes from fake budgets, out-of-memory falls back."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+import optimized_sd
+from optimized_sd.errors import UserError
+from optimized_sd.memory.planner import (
+    MODES,
+    ModelFootprint,
+    Request,
+    estimate_peak,
+    lower_mode,
+    parse_bytes,
+    plan_memory,
+)
+from optimized_sd.pipelines.diffusion import GenerationRequest
+from optimized_sd.pipelines.placement import UNET, unet_blocks
+
+TOLERANCE = 1e-5
+MIB = 2**20
+
+
+def make_pipe(tiny_model, **options):
+    options.setdefault("device", "cpu")
+    return optimized_sd.load(tiny_model.safetensors, tokenizer=tiny_model.tokenizer, **options)
+
+
+def request(**fields) -> GenerationRequest:
+    values = dict(prompts=["a red cube", "a blue ball"], steps=3, sampler="euler", seed=7, height=64, width=64)
+    values.update(fields)
+    return GenerationRequest(**values)
+
+
+@pytest.fixture(scope="module")
+def full_result(tiny_model):
+    return make_pipe(tiny_model, memory="full").generate(request())
+
+
+@pytest.mark.parametrize("mode", ["turbo", "split", "stream"])
+def test_every_mode_gives_the_full_output(tiny_model, full_result, mode):
+    pipe = make_pipe(tiny_model, memory=mode)
+    result = pipe.generate(request())
+    assert pipe.mode == mode
+    assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE
+    assert [img.tobytes() for img in result.images] == [img.tobytes() for img in full_result.images]
+
+
+@pytest.mark.parametrize("mode", ["full", "turbo", "split", "stream"])
+def test_img2img_same_in_every_mode(tiny_model, mode):
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (200, 40, 90))
+    reference = make_pipe(tiny_model, memory="full").generate(request(init_image=image, strength=0.6))
+    result = make_pipe(tiny_model, memory=mode).generate(request(init_image=image, strength=0.6))
+    assert (result.latents - reference.latents).abs().max().item() <= TOLERANCE
+
+
+def unet_groups(names) -> list[str]:
+    return [n for n in names if n.startswith("unet")]
+
+
+def test_stream_keeps_at_most_current_and_next_block(tiny_model):
+    pipe = make_pipe(tiny_model, memory="stream")
+    pipe.generate(request())
+    runs = [(group, resident) for action, group, resident in pipe.engine.events if action == "run" and group.startswith("unet")]
+    assert len(runs) == 3 * len(unet_blocks(pipe.model))  # euler: one UNet call per step
+    for group, resident in runs:
+        assert group in resident
+        assert len(unet_groups(resident)) <= 2
+    # after the run nothing of the UNet stays, and its parameters are placeholders again
+    assert unet_groups(pipe.engine.resident_names()) == []
+    assert all(p.is_meta for p in pipe.model.get_submodule(UNET).parameters())
+
+
+def test_split_runs_one_half_at_a_time_and_turbo_keeps_the_unet(tiny_model):
+    split = make_pipe(tiny_model, memory="split")
+    split.generate(request())
+    for action, group, resident in split.engine.events:
+        assert len(unet_groups(resident)) <= 1
+        if action == "run" and group == "text_encoder":
+            assert unet_groups(resident) == []
+    turbo = make_pipe(tiny_model, memory="turbo")
+    turbo.generate(request())
+    loads = [g for action, g, _ in turbo.engine.events if action == "load" and g == "unet"]
+    assert loads == ["unet"]  # loaded once for the whole sampling run, not per step
+    text_runs = [res for action, g, res in turbo.engine.events if action == "run" and g == "text_encoder"]
+    assert all("unet" not in res for res in text_runs)
+
+
+def test_unet_micro_batches_give_the_same_output(tiny_model, full_result):
+    """Smaller batches pick other CPU kernels, so equality is to float32 rounding relative to the
+    latents' scale (about 25 after 3 Euler steps on random weights), not bit-exact."""
+    result = make_pipe(tiny_model, memory="stream").generate(request(unet_batch=1))
+    scale = full_result.latents.abs().max().item()
+    assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE * scale
+
+
+def test_out_of_memory_falls_back_to_a_leaner_mode(tiny_model, full_result, monkeypatch, caplog):
+    pipe = make_pipe(tiny_model, memory="turbo")
+    unet = pipe.model.get_submodule(UNET)
+    original = type(unet).forward
+    failures = []
+
+    def flaky_forward(self, *args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise torch.OutOfMemoryError("injected")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(unet), "forward", flaky_forward)
+    with caplog.at_level(logging.WARNING, logger="optimized_sd"):
+        result = pipe.generate(request())
+    assert pipe.mode == "split"
+    assert "out of memory during unet in turbo mode; retrying the stage in split mode" in caplog.text
+    assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE
+
+
+def test_bf16_vae_overflow_is_decoded_again_in_fp32(tiny_model, monkeypatch, caplog):
+    pipe = make_pipe(tiny_model, memory="turbo", precision="bf16")
+    vae = pipe.model.first_stage_model
+    monkeypatch.setattr(vae, "decode", lambda z: torch.full((1, 3, 64, 64), float("nan"), dtype=z.dtype))
+    with caplog.at_level(logging.WARNING, logger="optimized_sd"):
+        result = pipe.generate(request(prompts=["x"]))
+    assert "decoding this image again in fp32" in caplog.text
+    assert len(set(result.images[0].getdata())) > 1  # a real image, not a NaN-filled one
+
+
+def test_tiled_vae_is_close_to_untiled_at_512(tiny_model):
+    """Decoding a 512x512 image in 256-pixel tiles (64-pixel overlap) against one pass. The VAE's
+    middle attention sees the whole latent, so tiles cannot be exact; on this random-weight model
+    the mean pixel difference is about 0.024 (1.2% of the [-1, 1] range)."""
+    pipe = make_pipe(tiny_model, memory="full")
+    pipe.use_mode("full")
+    pipe.vae_tile = 256
+    latent = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = pipe.vae_decode(latent, tiled=False)
+        tiled = pipe.vae_decode(latent, tiled=True)
+    assert tiled.shape == whole.shape == (1, 3, 512, 512)
+    assert (tiled - whole).abs().mean().item() < 0.03
+    assert (tiled - whole).abs().max().item() < 0.5
+
+
+def test_report_json_has_every_stage(tiny_model, tmp_path):
+    pipe = make_pipe(tiny_model, memory="stream")
+    pipe.generate(request())
+    pipe.meter.write_json(tmp_path / "report.json")
+    stages = json.loads((tmp_path / "report.json").read_text())["stages"]
+    assert set(stages) == {"text", "unet", "vae_decode"}
+    assert stages["unet"]["steps"] == 3
+    assert stages["unet"]["peak_rss_mib"] > 0
+
+
+# -- planner, with fake budgets -------------------------------------------------------------------
+SD15_FP16 = ModelFootprint(
+    text_encoder=235 * MIB,
+    unet=1640 * MIB,
+    unet_halves=(665 * MIB, 974 * MIB),
+    unet_blocks=(4, 0, 9, 9, 2, 30, 33, 7, 113, 126, 28, 59, 59, 185, 94, 94, 122, 160, 160, 173, 50, 42, 45, 13, 11, 11, 0),
+    vae_encoder=65 * MIB,
+    vae_decoder=94 * MIB,
+)
+SD15_FP16 = ModelFootprint(**{**SD15_FP16.__dict__, "unet_blocks": tuple(b * MIB for b in SD15_FP16.unet_blocks)})
+R512 = Request(512, 512)
+
+
+def test_estimates_are_ordered_fastest_mode_heaviest():
+    peaks = [estimate_peak(mode, SD15_FP16, R512, False) for mode in MODES]
+    assert peaks == sorted(peaks, reverse=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_auto_picks_the_fastest_mode_that_fits(mode):
+    budget = estimate_peak(mode, SD15_FP16, R512, False)
+    assert plan_memory(SD15_FP16, R512, budget=budget).mode == mode
+    faster = MODES[: MODES.index(mode)]
+    assert all(estimate_peak(m, SD15_FP16, R512, False) > budget for m in faster)
+
+
+def test_no_budget_means_full_and_a_tiny_budget_is_refused():
+    assert plan_memory(SD15_FP16, R512, budget=None).mode == "full"
+    with pytest.raises(UserError, match=r"below the smallest plan: stream needs about"):
+        plan_memory(SD15_FP16, R512, budget=100 * MIB)
+
+
+def test_forced_mode_that_does_not_fit_says_what_was_chosen():
+    budget = estimate_peak("split", SD15_FP16, R512, False)
+    plan = plan_memory(SD15_FP16, R512, budget=budget, mode="full")
+    assert plan.mode == "split"
+    assert "full needs about" in plan.reason and "split was chosen instead" in plan.reason
+
+
+def test_vae_tiling_turns_on_only_when_the_untiled_decode_does_not_fit():
+    big = Request(2048, 2048)
+    untiled, tiled = (estimate_peak("stream", SD15_FP16, big, t) for t in (False, True))
+    assert tiled < untiled
+    assert plan_memory(SD15_FP16, big, budget=untiled, mode="stream").vae_tiling is False
+    assert plan_memory(SD15_FP16, big, budget=(tiled + untiled) // 2, mode="stream").vae_tiling is True
+    assert plan_memory(SD15_FP16, big, budget=None, vae_tiling="on").vae_tiling is True
+
+
+def test_bad_mode_and_tiling_names():
+    with pytest.raises(UserError, match="unknown memory mode 'fast'"):
+        plan_memory(SD15_FP16, R512, budget=None, mode="fast")
+    with pytest.raises(UserError, match="--vae-tiling must be auto, on or off"):
+        plan_memory(SD15_FP16, R512, budget=None, vae_tiling="maybe")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("1.5GB", int(1.5 * 2**30)), ("800MB", 800 * MIB), ("2g", 2 * 2**30), ("1024", 1024), ("512 MiB", 512 * MIB)],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "1.5XB", "-1GB", "0GB"])
+def test_parse_bytes_refuses(text):
+    with pytest.raises(UserError):
+        parse_bytes(text)
+
+
+def test_lower_mode_chain():
+    assert [lower_mode(m) for m in MODES] == ["turbo", "split", "stream", None]
