@@ -92,14 +92,19 @@ def run_generation(flags: dict[str, Any], init_img: Path | None, strength: float
                 init_image=init_image,
                 strength=strength if strength is not None else 0.75,
             )
-            with tqdm(total=None, desc=f"sampling ({request.sampler})", unit="step", leave=False) as bar:
+            bars: list[tqdm] = []  # made at the first step, so an early error prints alone
 
-                def progress(done: int, total: int) -> None:
-                    bar.total = total
-                    bar.n = done
-                    bar.refresh()
+            def progress(done: int, total: int) -> None:
+                if not bars:
+                    bars.append(tqdm(total=total, desc=f"sampling ({request.sampler})", unit="step", leave=False))
+                bars[0].n = done
+                bars[0].refresh()
 
+            try:
                 result = pipe.generate(request, progress)
+            finally:
+                for bar in bars:
+                    bar.close()
             for image, used_seed, parameters, prompt in zip(result.images, result.seeds, result.parameters, prompts):
                 if not flags["skip_save"]:
                     folder = prompt_folder(flags["outdir"], prompt)
