@@ -1,0 +1,493 @@
+"""One benchmark task in a process of its own, so that its peaks (VRAM, RSS) are its own:
+`python -m optimized_sd.benchmark.worker '<json>'` prints one line `BENCH-RESULT {json}`.
+
+Tasks: `probe` (machine and software, host-to-device bandwidth on CUDA), `build` (the cached model),
+`scenario` (load a model, run it `warmup` times, then once measured, in our engine or diffusers')."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+import traceback
+from dataclasses import replace
+from importlib import metadata
+
+from optimized_sd.errors import UserError
+
+RESULT_PREFIX = "BENCH-RESULT "
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+SEED = 42
+SCALE = 7.5
+STRENGTH = 0.75
+MIB = 2**20
+
+
+# --------------------------------------------------------------------------- small helpers
+def version_of(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def max_rss_mib() -> float:
+    """Peak resident set of this whole process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / MIB
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class RssPeaks:
+    """Polls the resident set on a thread; `mark()` returns the peak since the previous mark (MiB)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.peak = self.process.memory_info().rss
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def mark(self) -> float:
+        current = self.process.memory_info().rss
+        peak = max(self.peak, current)
+        self.peak = current
+        return peak / MIB
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def synthetic_image(height: int, width: int):
+    """A fixed init image for img2img: smooth colour gradients plus seeded noise."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rng = np.random.default_rng(SEED)
+    rgb = np.stack([x / width, y / height, 0.5 + 0.5 * np.sin((x + y) / 37.0)], axis=-1) * 200
+    rgb += rng.normal(0, 20, size=rgb.shape)
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- probe
+def bandwidth_gbps(device, size_bytes: int = 2**30, repeats: int = 5) -> dict:
+    """Host-to-device copy speed from pinned memory (best and median of `repeats`, GB/s = 1e9 B/s)."""
+    import torch
+
+    host = torch.empty(size_bytes, dtype=torch.uint8).pin_memory()
+    target = torch.empty(size_bytes, dtype=torch.uint8, device=device)
+    target.copy_(host, non_blocking=True)  # warm-up
+    torch.cuda.synchronize(device)
+    rates = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        rates.append(size_bytes / (start.elapsed_time(end) / 1000) / 1e9)
+    rates.sort()
+    del host, target
+    torch.cuda.empty_cache()
+    return {"bytes": size_bytes, "best_gbps": rates[-1], "median_gbps": rates[len(rates) // 2]}
+
+
+def probe(payload: dict) -> dict:
+    import psutil
+    import torch
+
+    from optimized_sd.memory.device import resolve_device
+
+    device = resolve_device(payload.get("device"))
+    info = {
+        "device": str(device),
+        "device_type": device.type,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gib": psutil.virtual_memory().total / 2**30,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": version_of("transformers"),
+        "diffusers": version_of("diffusers"),
+        "accelerate": version_of("accelerate"),
+        "optimized_sd": version_of("optimized-sd"),
+        "gpu": None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["vram_gib"] = props.total_memory / 2**30
+        info["cuda"] = torch.version.cuda
+        if payload.get("bandwidth"):
+            info["bandwidth"] = bandwidth_gbps(device)
+    return info
+
+
+# --------------------------------------------------------------------------- build
+def build(payload: dict) -> dict:
+    from optimized_sd.benchmark.model_cache import activation_ranges, ensure_model, model_config
+
+    cached = ensure_model(payload.get("cache_dir"), payload.get("model", "sd15"), payload.get("seed", 0))
+    result = {
+        "checkpoint": str(cached.checkpoint),
+        "tokenizer": str(cached.tokenizer),
+        "diffusers_config": str(cached.diffusers_config),
+        "built": cached.built,
+        "seconds": cached.seconds,
+        "file_bytes": cached.checkpoint.stat().st_size,
+        "peak_rss_mib": max_rss_mib(),
+    }
+    if cached.built and payload.get("check_ranges", True):
+        result["activation_max_abs_fp32"] = activation_ranges(model_config(payload.get("model", "sd15")))
+    return result
+
+
+# --------------------------------------------------------------------------- scenarios
+class Clock:
+    """Stage boundaries on CUDA or CPU: each `mark` synchronises, then records the seconds, peak
+    allocated/reserved VRAM and peak RSS since the previous mark, and resets the peaks."""
+
+    def __init__(self, device, rss: RssPeaks) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.rss = rss
+        self.cuda = device.type == "cuda"
+        self.stages: dict[str, dict] = {}
+        self.last = 0.0
+
+    def start(self) -> None:
+        self.sync()
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss.mark()
+        self.last = time.perf_counter()
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def mark(self, stage: str, steps: int = 0) -> None:
+        self.sync()
+        now = time.perf_counter()
+        row = self.stages.setdefault(
+            stage, {"seconds": 0.0, "steps": 0, "peak_allocated_mib": 0.0, "peak_reserved_mib": 0.0, "peak_rss_mib": 0.0}
+        )
+        row["seconds"] += now - self.last
+        row["steps"] += steps
+        row["peak_rss_mib"] = max(row["peak_rss_mib"], self.rss.mark())
+        if self.cuda:
+            row["peak_allocated_mib"] = max(row["peak_allocated_mib"], self.torch.cuda.max_memory_allocated(self.device) / MIB)
+            row["peak_reserved_mib"] = max(row["peak_reserved_mib"], self.torch.cuda.max_memory_reserved(self.device) / MIB)
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        self.last = time.perf_counter()
+
+
+def compute_dtype_name(device_type: str, precision: str) -> str:
+    if precision == "autocast":
+        return "float32" if device_type == "cpu" else "float16"
+    return {"full": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
+
+
+def run_ours(payload: dict, scenario, device) -> dict:
+    import torch
+
+    import optimized_sd
+    from optimized_sd.pipelines.diffusion import GenerationRequest
+
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(record.getMessage())
+
+    logging.getLogger("optimized_sd").addHandler(Collect(level=logging.WARNING))
+    init = synthetic_image(scenario.height, scenario.width) if scenario.kind == "img2img" else None
+    request = GenerationRequest(
+        prompts=[PROMPT] * scenario.batch,
+        steps=scenario.steps,
+        scale=SCALE,
+        sampler="ddim",
+        seed=SEED,
+        height=scenario.height,
+        width=scenario.width,
+        init_image=init,
+        strength=STRENGTH,
+    )
+    cuda = device.type == "cuda"
+    start = time.perf_counter()
+    pipe = optimized_sd.load(
+        payload["checkpoint"],
+        device=str(device),
+        precision=payload.get("precision", "autocast"),
+        memory=scenario.mode,
+        vram_budget=scenario.budget,
+        attention=payload.get("attention", "sdpa"),
+        tokenizer=payload["tokenizer"],
+    )
+    plan = pipe.plan_for(request)  # place the weights now, so that loading is timed here
+    pipe.use_mode(plan.mode)
+    if cuda:
+        torch.cuda.synchronize(device)
+    load_seconds = time.perf_counter() - start
+    rss_after_load = current_rss_mib()
+    for _ in range(payload.get("warmup", 0)):
+        pipe.generate(replace(request, steps=min(scenario.steps, 2)))
+    pipe.meter.records.clear()
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = pipe.generate(request)
+    if cuda:
+        torch.cuda.synchronize(device)
+    total = time.perf_counter() - start
+    fp = pipe.footprint()
+    return {
+        "mode_used": pipe.mode,
+        "load_seconds": load_seconds,
+        "total_seconds": total,
+        "stages": pipe.meter.summary(),
+        "rss_after_load_mib": rss_after_load,
+        "finite": bool(torch.isfinite(result.latents).all()),
+        "warnings": warnings,
+        "plan": {
+            "mode": pipe.plan.mode,
+            "reason": pipe.plan.reason,
+            "vae_tiling": pipe.plan.vae_tiling,
+            "budget_mib": pipe.plan.budget / MIB if pipe.plan.budget else None,
+            "estimates_mib": {mode: value / MIB for mode, value in pipe.plan.estimates.items()},
+        },
+        "footprint": {
+            "dtype_bytes": torch.empty((), dtype=pipe.dtype).element_size(),
+            "text_encoder": fp.text_encoder,
+            "unet": fp.unet,
+            "unet_halves": list(fp.unet_halves),
+            "largest_block_pair": fp.largest_block_pair,
+            "vae_encoder": fp.vae_encoder,
+            "vae_decoder": fp.vae_decoder,
+            "total": fp.total,
+        },
+    }
+
+
+def place_peer(pipe, peer: str, device) -> None:
+    """Put a diffusers pipeline on the device the way the peer's name says."""
+    import torch
+
+    if peer in ("diffusers", "diffusers-attention-slicing"):
+        pipe.to(device)
+        if peer == "diffusers-attention-slicing":
+            pipe.enable_attention_slicing()
+    elif peer == "diffusers-model-offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif peer == "diffusers-sequential-offload":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif peer == "diffusers-group-offload":
+        options = dict(
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+        )
+        if hasattr(pipe, "enable_group_offload"):
+            pipe.enable_group_offload(**options)
+        else:  # older diffusers: per model
+            from diffusers.hooks import apply_group_offloading
+
+            for component in (pipe.unet, pipe.vae, pipe.text_encoder):
+                apply_group_offloading(component, **options)
+    else:
+        raise UserError(f"unknown peer {peer!r}")
+
+
+def run_diffusers(payload: dict, scenario, device, rss: RssPeaks) -> dict:
+    import torch
+
+    try:
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+    except ImportError as error:
+        raise UserError(f"diffusers is not importable: {error}") from None
+    diffusers_logging.set_verbosity_error()
+    dtype = getattr(torch, compute_dtype_name(device.type, payload.get("precision", "autocast")))
+    img2img = scenario.kind == "img2img"
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    cuda = device.type == "cuda"
+    start = time.perf_counter()
+    pipe = cls.from_single_file(
+        payload["checkpoint"], config=payload["diffusers_config"], local_files_only=True, torch_dtype=dtype
+    )
+    place_peer(pipe, scenario.mode, device)
+    pipe.set_progress_bar_config(disable=True)
+    if cuda:
+        torch.cuda.synchronize(device)
+    load_seconds = time.perf_counter() - start
+    rss_after_load = current_rss_mib()
+    init = synthetic_image(scenario.height, scenario.width) if img2img else None
+    clock = Clock(device, rss)
+    state = {"unet_calls": 0, "in_unet": False}
+
+    def before_encoder(module, args):
+        clock.mark("text")
+
+    def after_encoder(module, args, output):
+        clock.mark("vae_encode")
+
+    def before_unet(module, args):
+        if not state["in_unet"]:
+            clock.mark("vae_encode" if img2img else "text")
+            state["in_unet"] = True
+        state["unet_calls"] += 1
+
+    hooks = [pipe.unet.register_forward_pre_hook(before_unet)]
+    if img2img:
+        hooks.append(pipe.vae.encoder.register_forward_pre_hook(before_encoder))
+        hooks.append(pipe.vae.quant_conv.register_forward_hook(after_encoder))
+
+    def generate(steps: int):
+        generators = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(scenario.batch)]
+        options = dict(
+            prompt=[PROMPT] * scenario.batch,
+            num_inference_steps=steps,
+            guidance_scale=SCALE,
+            generator=generators,
+            output_type="latent",
+        )
+        if img2img:
+            options.update(image=init, strength=STRENGTH)
+        else:
+            options.update(height=scenario.height, width=scenario.width)
+        clock.stages.clear()
+        state.update(unet_calls=0, in_unet=False)
+        clock.start()
+        latents = pipe(**options).images
+        clock.mark("unet", steps=state["unet_calls"])
+        with torch.inference_mode():
+            images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            pipe.image_processor.postprocess(images, output_type="pil")
+        clock.mark("vae_decode")
+        return latents
+
+    for _ in range(payload.get("warmup", 0)):
+        generate(min(scenario.steps, 2))
+    start = time.perf_counter()
+    latents = generate(scenario.steps)
+    total = time.perf_counter() - start
+    for hook in hooks:
+        hook.remove()
+    return {
+        "mode_used": scenario.mode,
+        "load_seconds": load_seconds,
+        "total_seconds": total,
+        "stages": clock.stages,
+        "rss_after_load_mib": rss_after_load,
+        "finite": bool(torch.isfinite(latents).all()),
+        "warnings": [],
+    }
+
+
+def run_scenario(payload: dict) -> dict:
+    import torch
+
+    from optimized_sd.benchmark.scenarios import Scenario
+    from optimized_sd.memory.device import resolve_device
+
+    scenario = Scenario.from_dict(payload["scenario"])
+    device = resolve_device(payload.get("device"))
+    rss = RssPeaks()
+    try:
+        if scenario.engine == "ours":
+            out = run_ours(payload, scenario, device)
+        else:
+            out = run_diffusers(payload, scenario, device, rss)
+    except torch.OutOfMemoryError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
+        return {"ok": False, "error": f"out of memory: {first_line[:200]}", "peak_rss_mib": max_rss_mib()}
+    finally:
+        rss.close()
+    stages = out["stages"]
+    unet = stages.get("unet", {})
+    decode = stages.get("vae_decode", {}).get("seconds", 0.0)
+    encode = stages.get("vae_encode", {}).get("seconds", 0.0)
+    out.update(
+        ok=True,
+        device=str(device),
+        dtype=compute_dtype_name(device.type, payload.get("precision", "autocast")),
+        unet_steps=unet.get("steps", 0),
+        seconds_per_step=unet["seconds"] / unet["steps"] if unet.get("steps") else None,
+        text_seconds=stages.get("text", {}).get("seconds", 0.0),
+        vae_decode_seconds=decode,
+        vae_encode_seconds=encode,
+        vae_seconds=decode + encode,
+        seconds_per_image=out["total_seconds"] / scenario.batch,
+        peak_allocated_mib=max((s["peak_allocated_mib"] for s in stages.values()), default=0.0),
+        peak_reserved_mib=max((s["peak_reserved_mib"] for s in stages.values()), default=0.0),
+        peak_stage_rss_mib=max((s["peak_rss_mib"] for s in stages.values()), default=0.0),
+        peak_rss_mib=max_rss_mib(),
+    )
+    return out
+
+
+TASKS = {"probe": probe, "build": build, "scenario": run_scenario}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        payload = json.loads(argv[0])
+        task = TASKS[payload["task"]]
+    except (IndexError, ValueError, KeyError):
+        print("usage: python -m optimized_sd.benchmark.worker '{\"task\": \"probe|build|scenario\", ...}'", file=sys.stderr)
+        return 2
+    try:
+        result = task(payload)
+        result.setdefault("ok", True)
+    except UserError as error:
+        result = {"ok": False, "user_error": str(error)}
+    except Exception as error:  # reported as a failed row, with the traceback's tail for the log
+        result = {
+            "ok": False,
+            "error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}",
+            "traceback": traceback.format_exc()[-3000:],
+            "peak_rss_mib": max_rss_mib(),
+        }
+    print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+    return 0 if result.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
