@@ -129,7 +129,7 @@ def test_bf16_vae_overflow_is_decoded_again_in_fp32(tiny_model, monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="optimized_sd"):
         result = pipe.generate(request(prompts=["x"]))
     assert "decoding this image again in fp32" in caplog.text
-    assert len(set(result.images[0].getdata())) > 1  # a real image, not a NaN-filled one
+    assert any(low < high for low, high in result.images[0].getextrema())  # a real image, not a NaN-filled one
 
 
 def test_tiled_vae_is_close_to_untiled_at_512(tiny_model):

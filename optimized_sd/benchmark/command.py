@@ -1,9 +1,56 @@
-"""Placeholder until the harness lands; replaced by the benchmark work."""
+"""`optimized-sd bench`: parse flags and hand them to the runner. Imports nothing heavy."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
 
 import click
 
+from optimized_sd.benchmark.scenarios import KINDS, OUR_MODES, PEERS
+
+
+def command_text() -> str:
+    """The command as typed, from `bench` on, for the results header."""
+    argv = sys.argv
+    rest = argv[argv.index("bench") + 1 :] if "bench" in argv else []
+    return " ".join(["optimized-sd", "bench"] + [shlex.quote(a) for a in rest])
+
 
 @click.command()
-def bench() -> None:
-    """Measure memory and speed of every mode (not built yet)."""
-    raise click.ClickException("bench is not built yet")
+@click.option("--quick", is_flag=True, help="256x256, 2 steps, txt2img: modes full and stream against diffusers (minutes on a CPU).")
+@click.option("--sizes", help="Square sizes (or WxH), comma-separated.  [default: 512]")
+@click.option("--batch", "batches", help="Images per call, comma-separated, e.g. 1,4.  [default: 1]")
+@click.option("--kinds", help=f"{' and/or '.join(KINDS)}, comma-separated.  [default: txt2img,img2img]")
+@click.option("--modes", help=f"Our memory modes: {', '.join(OUR_MODES)}, auto; 'all' or 'none'.  [default: all four]")
+@click.option("--peers", help=f"diffusers configurations: {', '.join(PEERS)}; 'all' or 'none'.  [default: all the device can run]")
+@click.option("--steps", type=int, help="DDIM steps.  [default: 10 on CUDA, 2 on the CPU]")
+@click.option("--device", help="cuda, cuda:N or cpu.  [default: the best available]")
+@click.option("--budget", help="Also run `--memory auto` with this VRAM budget (e.g. 2GB): which mode the planner picks at each size, and its measured peak.")
+@click.option("--only", help="Run only the scenarios whose names match these globs (comma-separated), e.g. 'txt2img-512-*'.")
+@click.option("--list", "list_only", is_flag=True, help="Print the scenario names the flags give, and stop.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True, help="Folder that receives <device>-<date>-<label>/.")
+@click.option("--label", help="Last part of the results folder's name.  [default: quick, or the sizes]")
+@click.option("--cache-dir", "cache_dir", type=click.Path(path_type=Path), help="Where the ~2 GB benchmark model lives.  [default: $OPTIMIZED_SD_CACHE or ~/.cache/optimized-sd/bench]")
+@click.option("--model", default="sd15", show_default=True, help="sd15 (full size) or tiny (checks the harness in seconds).")
+@click.option("--precision", default="autocast", show_default=True, help="autocast (fp16 on CUDA, fp32 on the CPU), full, fp16 or bf16; both engines.")
+@click.option("--attention", default="sdpa", show_default=True, help="Our attention backend.")
+@click.option("--warmup", type=int, help="Unmeasured runs before the measured one.  [default: 1 on CUDA, 0 on the CPU]")
+@click.option("--timeout", type=float, default=1800.0, show_default=True, help="Seconds before a scenario's process is killed.")
+@click.option("--render", "render_dir", type=click.Path(path_type=Path), help="Only rebuild results.md and chart.png from DIR/results.json.")
+def bench(list_only: bool, render_dir: Path | None, **flags) -> None:
+    """Measure memory and speed of every mode, side by side with diffusers, on the full-size SD 1.5
+    architecture (random weights, built once into the cache). Each scenario runs in its own process."""
+    from optimized_sd.benchmark.runner import BenchOptions, guess_device_type, render, run_bench, scenario_names
+
+    if render_dir is not None:
+        for path in render(render_dir):
+            click.echo(f"wrote {path}")
+        return
+    options = BenchOptions(**flags, command=command_text())
+    if list_only:
+        for scenario in scenario_names(options, guess_device_type(options.device)):
+            click.echo(scenario.name)
+        return
+    run_bench(options, click.echo)
