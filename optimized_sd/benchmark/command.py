@@ -37,6 +37,7 @@ def command_text() -> str:
 @click.option("--precision", default="autocast", show_default=True, help="autocast (fp16 on CUDA, fp32 on the CPU), full, fp16 or bf16; both engines.")
 @click.option("--attention", default="sdpa", show_default=True, help="Our attention backend.")
 @click.option("--warmup", type=int, help="Unmeasured runs before the measured one.  [default: 1 on CUDA, 0 on the CPU]")
+@click.option("--repeat", type=int, default=1, show_default=True, help="Measured runs per scenario (same process): the fastest run's times, the highest peaks.")
 @click.option("--timeout", type=float, default=1800.0, show_default=True, help="Seconds before a scenario's process is killed.")
 @click.option("--render", "render_dir", type=click.Path(path_type=Path), help="Only rebuild results.md and chart.png from DIR/results.json.")
 def bench(list_only: bool, render_dir: Path | None, **flags) -> None:

@@ -65,3 +65,23 @@ def device_memory(device: torch.device) -> DeviceMemory:
         return DeviceMemory(free, total)
     memory = psutil.virtual_memory()
     return DeviceMemory(memory.available, memory.total)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter numbers (malloc.h)
+LEAN_MMAP_THRESHOLD = 128 * 1024
+
+
+def return_freed_memory_promptly() -> bool:
+    """Make glibc serve every allocation over 128 KiB with its own mmap, so a freed tensor goes back
+    to the OS at once. By default glibc raises that threshold to the largest block freed so far (up
+    to 32 MiB), after which freed tensors stay in the heap and the resident set only grows: a streamed
+    model on the CPU then holds every block's memory it ever touched. Process-wide and one-way; a
+    no-op (False) off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from optimized_sd.attention import attention
 from optimized_sd.config import VAEConfig
-from optimized_sd.models.layers import Upsample, group_norm
+from optimized_sd.models.layers import group_norm
+from optimized_sd.models.slabs import norm_silu_conv, upsample_conv
 
 
 class ResnetBlock(nn.Module):
@@ -26,9 +27,9 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        h = norm_silu_conv(x, self.norm1, self.conv1)
+        h = norm_silu_conv(h, self.norm2, self.conv2)  # dropout is 0 at inference
+        return h.add_(self.nin_shortcut(x))  # h is this block's own tensor: no third full-size copy
 
 
 class AttnBlock(nn.Module):
@@ -63,6 +64,17 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then a 3x3 conv, in bands of rows (`models.slabs`): the upsampled tensor is never whole."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return upsample_conv(x, self.conv)
 
 
 class MidBlock(nn.Module):
@@ -120,7 +132,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return norm_silu_conv(self.mid(h), self.norm_out, self.conv_out)
 
 
 class Decoder(nn.Module):
@@ -147,7 +159,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return norm_silu_conv(h, self.norm_out, self.conv_out)
 
 
 class AutoencoderKL(nn.Module):

@@ -18,7 +18,7 @@ from torch import Tensor
 from optimized_sd.attention import check_backend, use_attention
 from optimized_sd.config import ModelConfig
 from optimized_sd.errors import UserError
-from optimized_sd.memory.device import compute_dtype, device_memory, resolve_device
+from optimized_sd.memory.device import compute_dtype, device_memory, resolve_device, return_freed_memory_promptly
 from optimized_sd.memory.offload import OffloadEngine
 from optimized_sd.memory.planner import (
     SAFETY_MARGIN,
@@ -192,6 +192,8 @@ class StableDiffusion:
         host = HOST_FOR_DEVICE[self.device.type]
         if mode == "full" and self.device.type == "cpu":
             host = "cpu"
+        if mode == "stream" and self.device.type == "cpu":
+            return_freed_memory_promptly()  # the RAM-lean path: freed blocks must leave the RSS
         self.engine = OffloadEngine(
             self.model,
             self.loaded.source,

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Issue 3's CPU figure: peak RSS and seconds per step of our `--memory stream` against diffusers'
+`from_single_file` + pipeline run, on the full-size SD 1.5 architecture (random weights, fp16 single
+file), 512x512 txt2img, 2 DDIM steps, fp32 compute. Each run is a process of its own; with
+`--repeat N` the two alternate N times and the fastest of each counts (other work on the machine
+slows whichever runs beside it), the peaks are the highest seen.
+
+Targets: RSS ours / theirs <= 0.25, s/step ours / theirs <= 1.1.
+
+    .venv/bin/python benchmarks/cpu_rss.py [--repeat 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from optimized_sd.benchmark.runner import run_worker  # noqa: E402
+from optimized_sd.benchmark.scenarios import Scenario  # noqa: E402
+
+RSS_TARGET = 0.25
+STEP_TARGET = 1.1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-dir", help="benchmark model cache (default: $OPTIMIZED_SD_CACHE or ~/.cache/optimized-sd/bench)")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="alternating pairs of runs; the fastest of each counts")
+    parser.add_argument("--model", default="sd15", help="sd15, or tiny to check this script quickly")
+    parser.add_argument("--with-full", action="store_true", help="also run our `full` mode, for reference")
+    parser.add_argument("--json", type=Path, help="write every run's figures here")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args()
+
+    model = run_worker({"task": "build", "cache_dir": args.cache_dir, "model": args.model}, timeout=3600)
+    if not model.get("ok"):
+        print(f"error: {model.get('user_error') or model.get('error')}", file=sys.stderr)
+        return 1
+    base = {
+        "task": "scenario",
+        "device": "cpu",
+        "checkpoint": model["checkpoint"],
+        "tokenizer": model["tokenizer"],
+        "diffusers_config": model["diffusers_config"],
+        "precision": "full",
+        "attention": "sdpa",
+        "warmup": 0,
+        "repeat": 1,
+    }
+    modes = ["stream", "diffusers"] + (["full"] if args.with_full else [])
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    print(f"model {model['checkpoint']} ({'built' if model['built'] else 'cached'}); {args.size}x{args.size}, {args.steps} DDIM steps, fp32, CPU")
+    for round_ in range(args.repeat):
+        for mode in modes:
+            scenario = Scenario("txt2img", args.size, args.size, 1, args.steps, mode)
+            started = time.time()
+            result = run_worker({**base, "scenario": scenario.to_dict()}, timeout=3600)
+            if not result.get("ok"):
+                print(f"error: {mode}: {result.get('user_error') or result.get('error')}", file=sys.stderr)
+                if result.get("traceback"):
+                    print(result["traceback"], file=sys.stderr)
+                return 1
+            result["scenario"] = scenario.to_dict()
+            runs[mode].append(result)
+            print(
+                f"  round {round_ + 1} {mode:<10} peak RSS {result['peak_rss_mib']:8,.0f} MiB  "
+                f"{result['seconds_per_step']:7.2f} s/step  load {result['load_seconds']:5.1f} s  "
+                f"VAE {result['vae_seconds']:5.1f} s  host load {max(result['host_load']):.1f}  ({time.time() - started:.0f} s)"
+            )
+
+    def best(mode: str) -> tuple[float, float]:
+        return max(r["peak_rss_mib"] for r in runs[mode]), min(r["seconds_per_step"] for r in runs[mode])
+
+    print("\nper stage (fastest run of each): seconds, s/step, peak RSS MiB")
+    for mode in modes:
+        fastest = min(runs[mode], key=lambda r: r["seconds_per_step"])
+        print(f"  {mode}: load {fastest['load_seconds']:.1f} s, RSS after load {fastest['rss_after_load_mib']:,.0f} MiB")
+        for stage, figures in fastest["stages"].items():
+            per_step = f"{figures['seconds'] / figures['steps']:.2f}" if figures["steps"] else "-"
+            print(f"    {stage:<11} {figures['seconds']:7.2f} s  {per_step:>6} s/step  {figures['peak_rss_mib']:8,.0f} MiB")
+
+    ours_rss, ours_step = best("stream")
+    their_rss, their_step = best("diffusers")
+    rss_ratio, step_ratio = ours_rss / their_rss, ours_step / their_step
+    rss_ok, step_ok = rss_ratio <= RSS_TARGET, step_ratio <= STEP_TARGET
+    print(
+        f"\npeak RSS: stream {ours_rss:,.0f} MiB / diffusers {their_rss:,.0f} MiB = {rss_ratio:.3f} "
+        f"(target <= {RSS_TARGET}: {'met' if rss_ok else 'MISSED'})"
+    )
+    print(
+        f"s/step:   stream {ours_step:.2f} / diffusers {their_step:.2f} = {step_ratio:.3f} "
+        f"(target <= {STEP_TARGET}: {'met' if step_ok else 'MISSED'})"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "size": args.size,
+                    "steps": args.steps,
+                    "rss_ratio": rss_ratio,
+                    "step_ratio": step_ratio,
+                    "targets": {"rss": RSS_TARGET, "step": STEP_TARGET},
+                    "runs": runs,
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 1 if args.strict and not (rss_ok and step_ok) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Run a benchmark: probe the machine, build or reuse the model, run each scenario in a fresh process
+(so its peaks are its own), print a line per scenario, and write the results folder.
+
+This process imports no torch: every measurement happens in `optimized_sd.benchmark.worker`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from optimized_sd.benchmark import report
+from optimized_sd.benchmark.scenarios import DEFAULT_STEPS, QUICK, Scenario, Selection, select_scenarios
+from optimized_sd.benchmark.worker import PROMPT, RESULT_PREFIX, SCALE, SEED, STRENGTH  # stdlib-only module
+from optimized_sd.errors import UserError
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+MODEL_DESCRIPTIONS = {
+    "sd15": "full-size SD 1.5 architecture (1.07 B parameters) with seeded random weights, fp16 single-file "
+    "safetensors in the LDM layout, stand-in byte tokenizer",
+    "tiny": "tiny test model (config.TINY) with seeded random weights: for checking the harness, not for timing",
+}
+
+
+@dataclass
+class BenchOptions:
+    """Everything `optimized-sd bench` was asked for (None: the device-dependent default)."""
+
+    quick: bool = False
+    sizes: str | None = None
+    batches: str | None = None
+    kinds: str | None = None
+    modes: str | None = None
+    peers: str | None = None
+    steps: int | None = None
+    device: str | None = None
+    budget: str | None = None
+    only: str | None = None
+    out: Path = Path("benchmarks/results")
+    cache_dir: Path | None = None
+    model: str = "sd15"
+    precision: str = "autocast"
+    attention: str = "sdpa"
+    warmup: int | None = None
+    repeat: int = 1
+    timeout: float = 1800.0
+    label: str | None = None
+    command: str = "optimized-sd bench"
+    extra_notes: list[str] = field(default_factory=list)
+
+    def resolved(self) -> dict:
+        """Flag values with the quick preset and defaults filled in (steps/warmup need the device)."""
+        preset = QUICK if self.quick else {}
+        return {
+            "sizes": self.sizes or preset.get("sizes", "512"),
+            "batches": self.batches or preset.get("batches", "1"),
+            "kinds": self.kinds or preset.get("kinds", "txt2img,img2img"),
+            "modes": self.modes if self.modes is not None else preset.get("modes", "full,turbo,split,stream"),
+            "peers": self.peers if self.peers is not None else preset.get("peers", "all"),
+            "steps": self.steps or preset.get("steps"),
+        }
+
+
+def guess_device_type(device: str | None) -> str:
+    """cpu or cuda without importing torch: what --device says, else whether an NVIDIA device node exists."""
+    if device:
+        return "cpu" if device.startswith("cpu") else "cuda"
+    return "cuda" if Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists() else "cpu"
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def worker_env() -> dict[str, str]:
+    """The worker finds this package even when it is not installed, and never reaches for the hub."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def run_worker(payload: dict, timeout: float | None) -> dict:
+    """Run one worker task in a fresh interpreter and return its JSON result (a failure is a result too)."""
+    command = [sys.executable, "-m", "optimized_sd.benchmark.worker", json.dumps(payload)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=worker_env(), cwd=os.getcwd())
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s (killed)"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
+    if done.returncode in (-9, 137):
+        reason = "killed (SIGKILL: out of host memory?)"
+    else:
+        reason = f"worker exited with status {done.returncode}"
+    return {"ok": False, "error": f"{reason}: {tail[0][:300]}", "stderr_tail": done.stderr[-3000:]}
+
+
+def progress_line(result: dict, cuda: bool) -> str:
+    if not result.get("ok"):
+        return "failed: " + (result.get("user_error") or result.get("error") or "unknown error")
+    memory = f"peak VRAM {result['peak_allocated_mib']:,.0f} MiB, " if cuda else ""
+    per_step = result.get("seconds_per_step")
+    mode = f" [{result['mode_used']}]" if result.get("mode_used") and result.get("mode_used") != result["scenario"]["mode"] else ""
+    return (
+        f"{per_step:.3f} s/step, {result['seconds_per_image']:.2f} s/image, {memory}"
+        f"peak RSS {result['peak_rss_mib']:,.0f} MiB (load {result['load_seconds']:.1f} s){mode}"
+        if per_step is not None
+        else f"{result['seconds_per_image']:.2f} s/image{mode}"
+    )
+
+
+def select(options: BenchOptions, device_type: str) -> Selection:
+    flags = options.resolved()
+    return select_scenarios(
+        kinds=flags["kinds"],
+        sizes=flags["sizes"],
+        batches=flags["batches"],
+        steps=flags["steps"] or DEFAULT_STEPS.get(device_type, 2),
+        modes=flags["modes"],
+        peers=flags["peers"],
+        device_type=device_type,
+        budget=options.budget,
+        only=options.only,
+        diffusers_available=installed("diffusers"),
+        accelerate_available=installed("accelerate"),
+    )
+
+
+def check_flags(options: BenchOptions) -> None:
+    """Everything that can be refused before any process starts."""
+    from optimized_sd.benchmark.model_cache import MODELS
+
+    if options.model not in MODELS:
+        raise UserError(f"unknown --model {options.model!r}; choose {' or '.join(MODELS)}")
+    if options.precision not in ("autocast", "full", "fp16", "bf16"):
+        raise UserError(f"unknown --precision {options.precision!r}; use autocast, full, fp16 or bf16")
+    if options.warmup is not None and options.warmup < 0:
+        raise UserError("--warmup must be 0 or more")
+    if options.repeat < 1:
+        raise UserError("--repeat must be at least 1")
+    if options.timeout <= 0:
+        raise UserError("--timeout must be above zero")
+    select(options, guess_device_type(options.device))  # names, sizes, numbers: fails fast with a one-line error
+
+
+def results_folder(options: BenchOptions, machine: dict, date: str) -> Path:
+    label = options.label or ("quick" if options.quick else "-".join(s.replace("x", "by") for s in options.resolved()["sizes"].split(",")))
+    if options.model != "sd15":
+        label += f"-{options.model}"
+    return Path(options.out) / f"{report.device_label(machine)}-{date}-{label}"
+
+
+def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> Path:
+    """The whole benchmark; returns the results folder."""
+    check_flags(options)
+    started = time.time()
+    date = time.strftime("%Y-%m-%d", time.localtime(started))
+    machine = run_worker({"task": "probe", "device": options.device, "bandwidth": True}, timeout=300)
+    if not machine.get("ok"):
+        raise UserError(machine.get("user_error") or f"cannot probe the device: {machine.get('error')}")
+    device_type = machine["device_type"]
+    selection = select(options, device_type)
+    steps = selection.scenarios[0].steps
+    warmup = options.warmup if options.warmup is not None else (1 if device_type == "cuda" else 0)
+    where = machine.get("gpu") or f"CPU {machine.get('cpu')}"
+    echo(f"device: {machine['device']} ({where}); torch {machine['torch']}; diffusers {machine.get('diffusers') or 'not installed'}")
+    if machine.get("bandwidth"):
+        echo(f"host-to-device bandwidth: {machine['bandwidth']['best_gbps']:.1f} GB/s (pinned, best of 5)")
+    for note in selection.notes:
+        echo(f"note: {note}")
+
+    echo(f"model: preparing the {options.model} benchmark model in the cache ...")
+    model = run_worker({"task": "build", "cache_dir": str(options.cache_dir) if options.cache_dir else None, "model": options.model}, timeout=3600)
+    if not model.get("ok"):
+        raise UserError(model.get("user_error") or f"cannot build the benchmark model: {model.get('error')}")
+    model["description"] = MODEL_DESCRIPTIONS[options.model]
+    echo(f"model: {'built' if model['built'] else 'reused'} {model['checkpoint']} ({model['file_bytes'] / 2**30:.2f} GiB, {model['seconds']:.0f} s)")
+
+    base = {
+        "task": "scenario",
+        "device": machine["device"],
+        "checkpoint": model["checkpoint"],
+        "tokenizer": model["tokenizer"],
+        "diffusers_config": model["diffusers_config"],
+        "precision": options.precision,
+        "attention": options.attention,
+        "warmup": warmup,
+        "repeat": options.repeat,
+    }
+    dtype = {"autocast": "fp32 (CPU)" if device_type == "cpu" else "fp16"}.get(options.precision, options.precision)
+    record = {
+        "tool": "optimized-sd bench",
+        "command": options.command,
+        "date": date,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "wall_seconds": time.time() - started,
+        "machine": machine,
+        "model": model,
+        "settings": {
+            "prompt": PROMPT,
+            "seed": SEED,
+            "scale": SCALE,
+            "strength": STRENGTH,
+            "sampler": "ddim",
+            "steps": steps,
+            "precision": options.precision,
+            "dtype": dtype,
+            "attention": options.attention,
+            "warmup": warmup,
+            "repeat": options.repeat,
+            "timeout_s": options.timeout,
+        },
+        "budget": options.budget,
+        "notes": selection.notes + options.extra_notes,
+        "results": [],
+    }
+    folder = results_folder(options, machine, date)
+    results = []
+    total = len(selection.scenarios)
+    for index, scenario in enumerate(selection.scenarios, 1):
+        echo(f"[{index}/{total}] {scenario.name} ...", nl=False)
+        result = run_worker({**base, "scenario": scenario.to_dict()}, timeout=options.timeout)
+        result["scenario"] = scenario.to_dict()
+        results.append(result)
+        echo(" " + progress_line(result, device_type == "cuda"))
+        record["results"] = results
+        record["wall_seconds"] = time.time() - started
+        report.write_partial(record, folder)  # what a killed run leaves behind
+    record["results"] = results
+    record["wall_seconds"] = time.time() - started
+    written = report.write_outputs(record, folder)
+    if record.get("chart_note"):
+        echo(f"note: {record['chart_note']}")
+    echo(f"wrote {', '.join(str(p) for p in written)} ({record['wall_seconds']:.0f} s in all)")
+    return folder
+
+
+def render(folder: Path) -> list[Path]:
+    """Rebuild results.md and chart.png from a saved results.json."""
+    path = Path(folder) / "results.json"
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--render: no results.json in {folder}") from None
+    except ValueError as error:
+        raise UserError(f"--render: {path} is not readable JSON: {error}") from None
+    return report.write_outputs(record, Path(folder))
+
+
+def scenario_names(options: BenchOptions, device_type: str) -> list[Scenario]:
+    check_flags(options)
+    return select(options, device_type).scenarios

@@ -1,0 +1,295 @@
+"""The benchmark harness: scenario selection, one-line errors, the cached random model, the report,
+and one end-to-end run of ours and diffusers on the tiny model (for keeping it working, not timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optimized_sd.benchmark import model_cache, report
+from optimized_sd.benchmark.runner import BenchOptions, run_bench, select
+from optimized_sd.benchmark.scenarios import PEERS, Scenario, select_scenarios
+from optimized_sd.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def names(selection) -> list[str]:
+    return [s.name for s in selection.scenarios]
+
+
+def selection(**overrides):
+    flags = dict(kinds="txt2img", sizes="512", batches="1", steps=2, modes="full,stream", peers="all", device_type="cuda")
+    flags.update(overrides)
+    return select_scenarios(**flags)
+
+
+# --------------------------------------------------------------------------- scenario selection
+def test_quick_preset_is_full_stream_and_diffusers_at_256() -> None:
+    chosen = select(BenchOptions(quick=True), "cpu")
+    assert names(chosen) == ["txt2img-256-b1-full", "txt2img-256-b1-stream", "txt2img-256-b1-diffusers"]
+    assert {s.steps for s in chosen.scenarios} == {2}
+
+
+def test_cross_product_of_kinds_sizes_batches_modes_and_peers() -> None:
+    chosen = selection(kinds="txt2img,img2img", sizes="512,768", batches="1,4", peers="diffusers")
+    assert len(chosen.scenarios) == 2 * 2 * 2 * 3
+    assert "img2img-768-b4-stream" in names(chosen)
+    assert all(s.engine == ("diffusers" if s.mode == "diffusers" else "ours") for s in chosen.scenarios)
+
+
+def test_cuda_only_peers_are_skipped_on_cpu_with_a_note() -> None:
+    on_gpu = selection(modes="none")
+    assert {s.mode for s in on_gpu.scenarios} == set(PEERS)
+    on_cpu = selection(modes="none", device_type="cpu")
+    assert {s.mode for s in on_cpu.scenarios} == {"diffusers", "diffusers-attention-slicing"}
+    assert len(on_cpu.notes) == 3 and all("needs a CUDA device" in note for note in on_cpu.notes)
+
+
+def test_without_diffusers_ours_run_alone_and_it_is_said() -> None:
+    chosen = selection(diffusers_available=False)
+    assert names(chosen) == ["txt2img-512-b1-full", "txt2img-512-b1-stream"]
+    assert any("diffusers is not installed: ran ours alone" in note for note in chosen.notes)
+
+
+def test_accelerate_missing_skips_the_offload_peers() -> None:
+    chosen = selection(modes="none", accelerate_available=False)
+    assert "diffusers-model-offload" not in {s.mode for s in chosen.scenarios}
+    assert "diffusers-group-offload" in {s.mode for s in chosen.scenarios}
+
+
+def test_budget_adds_an_auto_run_per_work_item_and_only_filters_by_glob() -> None:
+    chosen = selection(sizes="512,768", peers="none", budget="2GB")
+    assert "txt2img-768-b1-auto-budget2GB" in names(chosen)
+    filtered = selection(sizes="512,768", peers="diffusers", only="*-768-*,txt2img-512-b1-diffusers")
+    assert names(filtered) == ["txt2img-512-b1-diffusers", "txt2img-768-b1-full", "txt2img-768-b1-stream", "txt2img-768-b1-diffusers"]
+
+
+def test_scenario_round_trips_through_its_dict() -> None:
+    scenario = Scenario("img2img", 768, 512, 4, 10, "auto", "1.5GB")
+    assert Scenario.from_dict(json.loads(json.dumps(scenario.to_dict()))) == scenario
+    assert scenario.name == "img2img-512x768-b4-auto-budget1.5GB"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"modes": "full,fast"}, "unknown memory mode 'fast'"),
+        ({"peers": "comfyui"}, "unknown peer 'comfyui'"),
+        ({"kinds": "inpaint"}, "unknown kind 'inpaint'"),
+        ({"sizes": "500"}, "multiple of 8"),
+        ({"sizes": "big"}, "cannot read the size"),
+        ({"batches": "0"}, "must be at least 1"),
+        ({"steps": 0}, "--steps must be at least 1"),
+        ({"only": "nothing-*"}, "no scenario named 'nothing-*'"),
+        ({"budget": "lots"}, "cannot read the memory size"),
+        ({"modes": "none", "peers": "none"}, "no scenario to run"),
+    ],
+)
+def test_bad_inputs_are_one_line_user_errors(overrides, message) -> None:
+    with pytest.raises(UserError) as caught:
+        selection(**overrides)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_cli_prints_bad_names_as_one_line_and_exits_1(capsys) -> None:
+    from optimized_sd.cli import main
+
+    for argv in (["bench", "--modes", "fast"], ["bench", "--peers", "nope"], ["bench", "--only", "zzz"], ["bench", "--model", "sdxl"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+
+
+def test_cli_list_prints_scenario_names(capsys) -> None:
+    from optimized_sd.cli import main
+
+    main(["bench", "--quick", "--device", "cpu", "--list"])
+    assert capsys.readouterr().out.split() == ["txt2img-256-b1-full", "txt2img-256-b1-stream", "txt2img-256-b1-diffusers"]
+
+
+def test_bench_command_module_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, optimized_sd.cli, optimized_sd.benchmark.command, optimized_sd.benchmark.runner; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'matplotlib')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- the cached model
+def test_tiny_model_is_built_once_valid_and_loads_strictly(tmp_path: Path) -> None:
+    import torch
+    from safetensors import safe_open
+
+    from optimized_sd.weights.loading import prepare_model
+
+    first = model_cache.ensure_model(tmp_path, "tiny")
+    assert first.built and first.checkpoint.is_file()
+    assert (first.tokenizer / "vocab.json").is_file() and (first.diffusers_config / "unet" / "config.json").is_file()
+    assert not model_cache.ensure_model(tmp_path, "tiny").built  # reused
+    loaded = prepare_model(first.checkpoint)  # the engine's strict loader accepts every key
+    assert loaded.report.ok
+    with safe_open(str(first.checkpoint), "pt") as handle:
+        keys = list(handle.keys())
+        assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)  # the real LDM layout
+        stored = handle.get_tensor("model.diffusion_model.out.2.weight")
+    unet = model_cache.build_part("unet", model_cache.model_config("tiny"), 0)
+    assert stored.dtype == torch.float16
+    assert torch.equal(stored, unet.out[2].weight.detach().half())  # the seeded weights, cast to fp16
+    with open(first.checkpoint, "r+b") as handle:  # a truncated file is rebuilt
+        handle.truncate(first.checkpoint.stat().st_size - 10)
+    assert model_cache.ensure_model(tmp_path, "tiny").built
+
+
+def test_no_room_in_the_cache_folder_is_one_line_with_size_and_place(tmp_path: Path, monkeypatch) -> None:
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(model_cache.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(UserError) as caught:
+        model_cache.ensure_model(tmp_path / "cache", "tiny")
+    message = str(caught.value)
+    assert "needs" in message and str(tmp_path / "cache") in message and "GB free" in message and "\n" not in message
+
+
+def test_sd15_file_would_hold_the_full_architecture() -> None:
+    entries = model_cache.planned_tensors(model_cache.model_config("sd15"))
+    header, data = model_cache.header_for(entries, 0)
+    assert 1_066_000_000 * 2 < data < 1_067_000_000 * 2  # 1.07 B parameters in fp16
+    assert len(header) % 8 == 0
+
+
+# --------------------------------------------------------------------------- report
+def fake_result(mode: str, alloc: float, per_step: float, **extra) -> dict:
+    scenario = Scenario("txt2img", 512, 512, 1, 10, mode)
+    stages = {
+        "text": {"seconds": 0.1, "steps": 0, "peak_allocated_mib": 300.0, "peak_reserved_mib": 320.0, "peak_rss_mib": 900.0},
+        "unet": {"seconds": per_step * 10, "steps": 10, "peak_allocated_mib": alloc, "peak_reserved_mib": alloc + 50, "peak_rss_mib": 900.0},
+        "vae_decode": {"seconds": 0.2, "steps": 0, "peak_allocated_mib": 400.0, "peak_reserved_mib": 500.0, "peak_rss_mib": 900.0},
+    }
+    result = {
+        "ok": True,
+        "scenario": scenario.to_dict(),
+        "mode_used": mode,
+        "load_seconds": 2.0,
+        "total_seconds": per_step * 10 + 0.3,
+        "seconds_per_step": per_step,
+        "seconds_per_image": per_step * 10 + 0.3,
+        "vae_seconds": 0.2,
+        "peak_allocated_mib": alloc,
+        "peak_reserved_mib": alloc + 50,
+        "peak_rss_mib": 3000.0,
+        "stages": stages,
+        "finite": True,
+        "host_load": [0.5, 0.7],
+    }
+    if scenario.engine == "ours":
+        gib = 2**30
+        result["footprint"] = {
+            "dtype_bytes": 2,
+            "text_encoder": int(0.23 * gib),
+            "unet": int(1.6 * gib),
+            "unet_halves": [int(0.8 * gib), int(0.8 * gib)],
+            "largest_block_pair": int(0.1 * gib),
+            "vae_encoder": int(0.06 * gib),
+            "vae_decoder": int(0.09 * gib),
+            "total": int(1.98 * gib),
+        }
+    result.update(extra)
+    return result
+
+
+def cuda_record() -> dict:
+    return {
+        "command": "optimized-sd bench",
+        "date": "2026-01-01",
+        "machine": {"device_type": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "cpu": "x", "bandwidth": {"bytes": 2**30, "best_gbps": 50.0, "median_gbps": 49.0}},
+        "model": {"built": False, "seconds": 0.1, "file_bytes": 2 * 2**30, "description": "m"},
+        "settings": {"steps": 10},
+        "notes": ["a note"],
+        "results": [
+            fake_result("full", 2600.0, 0.030),
+            fake_result("turbo", 2000.0, 0.031),
+            fake_result("stream", 700.0, 0.045),
+            fake_result("diffusers", 3000.0, 0.030),
+            fake_result("diffusers-group-offload", 900.0, 0.090),
+            {"ok": False, "error": "timed out after 100 s (killed)", "scenario": Scenario("txt2img", 512, 512, 1, 10, "diffusers-sequential-offload").to_dict()},
+        ],
+    }
+
+
+def test_report_compares_each_mode_with_the_baseline_and_its_closest_peer() -> None:
+    record = cuda_record()
+    rows = {(r["ours"], r["peer"]): r for r in report.comparison_rows(record)}
+    assert set(rows) == {("full", "diffusers"), ("turbo", "diffusers"), ("stream", "diffusers"), ("stream", "diffusers-group-offload")}
+    assert rows[("stream", "diffusers-group-offload")]["memory"] == (700.0, 900.0)
+    text = report.render_markdown(record)
+    assert "| txt2img-512-b1 | stream | diffusers-group-offload | 700 | 900 | 0.78x |" in text
+    assert "failed: timed out after 100 s" in text
+    assert "## Issue 3 targets" in text and "## Streaming against its bound" in text
+    # 1.6 GiB moved per step at 50 GB/s takes 0.0344 s, more than the 0.030 s of compute: that is the bound
+    assert "| txt2img-512-b1 | stream | 0.0450 | 0.0300 | 1.60 | 0.0344 | 0.0344 | 1.31x | **missed** |" in text
+
+
+def test_calibration_subtracts_resident_weights_per_mode() -> None:
+    rows = {(r["mode"], r["stage"]): r for r in report.calibration_rows(cuda_record())}
+    turbo = rows[("turbo", "unet")]
+    assert turbo["resident_weights_mib"] == pytest.approx(1.6 * 1024, rel=1e-6)
+    expected = (2000.0 * 2**20 - int(1.6 * 2**30)) / 2 / (64 * 64 * 2)  # fp16, 64x64 latents, CFG batch 2
+    assert turbo["elements_per_pixel"] == pytest.approx(expected)
+
+
+def test_outputs_and_chart_note_without_matplotlib(tmp_path: Path, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    written = report.write_outputs(cuda_record(), tmp_path)
+    assert [p.name for p in written] == ["results.md", "results.json"]
+    assert "matplotlib is not installed" in (tmp_path / "results.md").read_text()
+
+
+def test_device_labels_make_folder_names() -> None:
+    assert report.device_label({"gpu": "NVIDIA H100 80GB HBM3"}) == "nvidia-h100-80gb-hbm3"
+    assert report.device_label({"cpu": "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"}) == "cpu-intel-xeon-platinum-8375c"
+
+
+def test_worker_rejects_a_bad_payload() -> None:
+    done = subprocess.run([sys.executable, "-m", "optimized_sd.benchmark.worker", "not json"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "usage" in done.stderr
+
+
+# --------------------------------------------------------------------------- end to end
+def test_harness_runs_ours_and_diffusers_on_the_tiny_model(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    options = BenchOptions(
+        model="tiny", sizes="64", steps=1, kinds="txt2img", modes="stream", peers="diffusers", device="cpu",
+        cache_dir=tmp_path / "cache", out=tmp_path / "results", label="test",
+    )
+    lines: list[str] = []
+    folder = run_bench(options, lambda text="", nl=True: lines.append(text))
+    record = json.loads((folder / "results.json").read_text())
+    by_mode = {r["scenario"]["mode"]: r for r in record["results"]}
+    assert set(by_mode) == {"stream", "diffusers"}
+    for result in by_mode.values():
+        assert result["ok"], result
+        assert result["unet_steps"] == 1 and result["peak_rss_mib"] > 0 and result["finite"]
+        assert set(result["stages"]) >= {"text", "unet", "vae_decode"}
+    assert by_mode["stream"]["mode_used"] == "stream"
+    markdown = (folder / "results.md").read_text()
+    assert "| txt2img-64-b1 | stream | diffusers |" in markdown
+    assert sum(line.startswith("[") for line in lines) == 2  # a progress line per scenario

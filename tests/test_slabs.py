@@ -1,0 +1,51 @@
+"""Row-band evaluation of the VAE layers equals the plain layers, with many bands forced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from optimized_sd.models import slabs
+from optimized_sd.models.layers import group_norm
+
+
+@pytest.fixture
+def tiny_bands(monkeypatch):
+    """A byte budget so small that every call runs several bands (8 rows, the minimum)."""
+    monkeypatch.setattr(slabs, "SLAB_BYTES", 1)
+
+
+@pytest.mark.parametrize("height, width", [(37, 20), (64, 48), (9, 9), (8, 16)])
+@pytest.mark.parametrize("channels_in, channels_out", [(64, 32), (32, 32)])
+def test_norm_silu_conv_matches(tiny_bands, height, width, channels_in, channels_out):
+    torch.manual_seed(0)
+    norm, conv = group_norm(channels_in, eps=1e-6), nn.Conv2d(channels_in, channels_out, 3, padding=1)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, channels_in, height, width) * 3 + 1
+    with torch.no_grad():
+        expected = conv(F.silu(norm(x)))
+        got = slabs.norm_silu_conv(x, norm, conv)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("height, width", [(19, 12), (32, 32), (4, 7)])
+def test_upsample_conv_matches(tiny_bands, height, width):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(1, 32, height, width)
+    with torch.no_grad():
+        expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        got = slabs.upsample_conv(x, conv)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_bands_really_split(monkeypatch):
+    monkeypatch.setattr(slabs, "SLAB_BYTES", 1)
+    x = torch.randn(1, 32, 40, 8)
+    assert slabs.slab_rows(x, 32) == 8  # 5 bands over 40 rows
