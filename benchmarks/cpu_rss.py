@@ -14,17 +14,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optimized_sd.benchmark.runner import run_worker  # noqa: E402
+from optimized_sd.benchmark.runner import run_worker, worker_env  # noqa: E402
 from optimized_sd.benchmark.scenarios import Scenario  # noqa: E402
 
 RSS_TARGET = 0.25
 STEP_TARGET = 1.1
+
+
+def ab_child(payload: dict) -> int:
+    """Both UNets in this one process, our stream mode and diffusers' fp32 UNet, called in turn with
+    the same CFG batch (2, 4, size/8, size/8): whatever else runs on the machine slows both alike."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    import optimized_sd
+    from optimized_sd.pipelines.diffusion import GenerationRequest
+
+    model, size = payload["model"], payload["size"]
+    pipe = optimized_sd.load(model["checkpoint"], device="cpu", memory="stream", precision="full", tokenizer=model["tokenizer"])
+    request = GenerationRequest(prompts=["a"], steps=2, sampler="ddim", seed=0, height=size, width=size)
+    plan = pipe.plan_for(request)
+    pipe.use_mode(plan.mode)
+    pipe.configure_blocks(plan, None)
+    ours = pipe.model.model.diffusion_model
+    theirs = UNet2DConditionModel.from_single_file(
+        model["checkpoint"], config=model["diffusers_config"], subfolder="unet", local_files_only=True, torch_dtype=torch.float32
+    )
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, size // 8, size // 8, generator=generator)
+    t = torch.tensor([500.0, 500.0])
+    context = torch.randn(2, 77, pipe.config.unet.context_dim, generator=generator)
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for _ in range(payload["rounds"]):
+        start = time.perf_counter()
+        with pipe.stage("unet"):
+            ours(x, t, context)
+        times["ours"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            theirs(x, t, encoder_hidden_states=context)
+        times["theirs"].append(time.perf_counter() - start)
+    times["ratio"] = min(times["ours"]) / min(times["theirs"])
+    print("AB " + json.dumps(times), flush=True)
+    return 0
 
 
 def main() -> int:
@@ -37,7 +76,17 @@ def main() -> int:
     parser.add_argument("--with-full", action="store_true", help="also run our `full` mode, for reference")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--ab",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="also time UNet steps of both engines interleaved in one process (a ratio that other load on the machine skews less)",
+    )
+    parser.add_argument("--ab-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ab_child:
+        return ab_child(json.loads(args.ab_child))
 
     model = run_worker({"task": "build", "cache_dir": args.cache_dir, "model": args.model}, timeout=3600)
     if not model.get("ok"):
@@ -98,6 +147,20 @@ def main() -> int:
         f"s/step:   stream {ours_step:.2f} / diffusers {their_step:.2f} = {step_ratio:.3f} "
         f"(target <= {STEP_TARGET}: {'met' if step_ok else 'MISSED'})"
     )
+    ab = None
+    if args.ab:
+        payload = {"model": model, "size": args.size, "rounds": args.ab}
+        done = subprocess.run(
+            [sys.executable, __file__, "--ab-child", json.dumps(payload)], capture_output=True, text=True, env=worker_env()
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("AB ")]
+        if done.returncode or not lines:
+            print(f"error: interleaved run failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+            return 1
+        ab = json.loads(lines[-1][3:])
+        for ours, theirs in zip(ab["ours"], ab["theirs"]):
+            print(f"  interleaved UNet step: stream {ours:.2f} s, diffusers {theirs:.2f} s")
+        print(f"s/step interleaved in one process (fastest of {args.ab}): {min(ab['ours']):.2f} / {min(ab['theirs']):.2f} = {ab['ratio']:.3f}")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -108,6 +171,7 @@ def main() -> int:
                     "step_ratio": step_ratio,
                     "targets": {"rss": RSS_TARGET, "step": STEP_TARGET},
                     "runs": runs,
+                    "interleaved": ab,
                     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 },
                 indent=2,

@@ -353,7 +353,7 @@ def place_peer(pipe, peer: str, device) -> None:
         raise UserError(f"unknown peer {peer!r}")
 
 
-def run_diffusers(payload: dict, scenario, device, rss: RssPeaks) -> dict:
+def run_diffusers(payload: dict, scenario, device) -> dict:
     import torch
 
     try:
@@ -377,6 +377,7 @@ def run_diffusers(payload: dict, scenario, device, rss: RssPeaks) -> dict:
     load_seconds = time.perf_counter() - start
     rss_after_load = current_rss_mib()
     init = synthetic_image(scenario.height, scenario.width) if img2img else None
+    rss = RssPeaks()  # our engine's meter has its own sampler; this one stands in for it here
     clock = Clock(device, rss)
     state = {"unet_calls": 0, "in_unet": False}
 
@@ -431,6 +432,7 @@ def run_diffusers(payload: dict, scenario, device, rss: RssPeaks) -> dict:
     total, stages, latents = best_of(measured, payload.get("repeat", 1))
     for hook in hooks:
         hook.remove()
+    rss.close()
     return {
         "mode_used": scenario.mode,
         "load_seconds": load_seconds,
@@ -451,17 +453,14 @@ def run_scenario(payload: dict) -> dict:
     scenario = Scenario.from_dict(payload["scenario"])
     device = resolve_device(payload.get("device"))
     load_before = os.getloadavg()[0]
-    rss = RssPeaks()
     try:
         if scenario.engine == "ours":
             out = run_ours(payload, scenario, device)
         else:
-            out = run_diffusers(payload, scenario, device, rss)
+            out = run_diffusers(payload, scenario, device)
     except torch.OutOfMemoryError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
         return {"ok": False, "error": f"out of memory: {first_line[:200]}", "peak_rss_mib": max_rss_mib()}
-    finally:
-        rss.close()
     stages = out["stages"]
     unet = stages.get("unet", {})
     decode = stages.get("vae_decode", {}).get("seconds", 0.0)
