@@ -293,3 +293,17 @@ def test_harness_runs_ours_and_diffusers_on_the_tiny_model(tmp_path: Path) -> No
     markdown = (folder / "results.md").read_text()
     assert "| txt2img-64-b1 | stream | diffusers |" in markdown
     assert sum(line.startswith("[") for line in lines) == 2  # a progress line per scenario
+
+
+def test_update_replaces_rerun_rows_in_place_and_says_so() -> None:
+    from optimized_sd.benchmark.runner import merged
+
+    earlier = cuda_record() | {"command": "optimized-sd bench", "started": "then", "wall_seconds": 10.0}
+    again = fake_result("stream", 650.0, 0.040)
+    record = {**earlier, "command": "optimized-sd bench --only '*stream' --update", "started": "now", "wall_seconds": 5.0, "notes": [], "results": [again]}
+    out = merged(record, earlier, ["txt2img-512-b1-stream"])
+    modes = [r["scenario"]["mode"] for r in out["results"]]
+    assert modes == [r["scenario"]["mode"] for r in earlier["results"]]  # same rows, same order
+    assert out["results"][modes.index("stream")]["peak_allocated_mib"] == 650.0
+    assert "a note" in out["notes"] and any("re-measured on now" in n and "txt2img-512-b1-stream" in n for n in out["notes"])
+    assert out["wall_seconds"] == 15.0 and out["command"] == "optimized-sd bench" and out["started"] == "then"

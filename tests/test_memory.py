@@ -102,11 +102,14 @@ def test_split_runs_one_half_at_a_time_and_turbo_keeps_the_unet(tiny_model):
 
 
 def test_unet_micro_batches_give_the_same_output(tiny_model, full_result):
-    """Smaller batches pick other CPU kernels, so equality is to float32 rounding relative to the
-    latents' scale (about 25 after 3 Euler steps on random weights), not bit-exact."""
+    """Smaller batches pick other kernels, so equality is to rounding relative to the latents' scale
+    (about 25 after 3 Euler steps on random weights), not bit-exact: float32 on the CPU; on CUDA,
+    PyTorch's default TF32 convolutions (10-bit mantissa) make that about 1e-3 (measured 3e-3 max
+    on an H100)."""
     result = make_pipe(tiny_model, memory="stream").generate(request(unet_batch=1))
     scale = full_result.latents.abs().max().item()
-    assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE * scale
+    relative = TOLERANCE if DEVICE == "cpu" else 1e-2
+    assert (result.latents - full_result.latents).abs().max().item() <= relative * scale
 
 
 def test_out_of_memory_falls_back_to_a_leaner_mode(tiny_model, full_result, monkeypatch, caplog):

@@ -39,6 +39,7 @@ def command_text() -> str:
 @click.option("--warmup", type=int, help="Unmeasured runs before the measured one.  [default: 1 on CUDA, 0 on the CPU]")
 @click.option("--repeat", type=int, default=1, show_default=True, help="Measured runs per scenario (same process): the fastest run's times, the highest peaks.")
 @click.option("--timeout", type=float, default=1800.0, show_default=True, help="Seconds before a scenario's process is killed.")
+@click.option("--update", is_flag=True, help="Merge into the results folder's earlier run: rows measured again replace theirs (e.g. with --only after a disturbed run).")
 @click.option("--render", "render_dir", type=click.Path(path_type=Path), help="Only rebuild results.md and chart.png from DIR/results.json.")
 def bench(list_only: bool, render_dir: Path | None, **flags) -> None:
     """Measure memory and speed of every mode, side by side with diffusers, on the full-size SD 1.5

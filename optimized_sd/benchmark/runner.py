@@ -51,6 +51,7 @@ class BenchOptions:
     attention: str = "sdpa"
     warmup: int | None = None
     repeat: int = 1
+    update: bool = False  # merge into the results folder's earlier results.json (re-measured rows replace theirs)
     timeout: float = 1800.0
     label: str | None = None
     command: str = "optimized-sd bench"
@@ -229,6 +230,7 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
         "results": [],
     }
     folder = results_folder(options, machine, date)
+    earlier = load_earlier(folder) if options.update else None
     results = []
     total = len(selection.scenarios)
     for index, scenario in enumerate(selection.scenarios, 1):
@@ -239,14 +241,49 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
         echo(" " + progress_line(result, device_type == "cuda"))
         record["results"] = results
         record["wall_seconds"] = time.time() - started
-        report.write_partial(record, folder)  # what a killed run leaves behind
+        report.write_partial(merged(record, earlier, []) if options.update else record, folder)  # what a killed run leaves
     record["results"] = results
     record["wall_seconds"] = time.time() - started
+    if options.update:
+        record = merged(record, earlier, [s.name for s in selection.scenarios])
     written = report.write_outputs(record, folder)
     if record.get("chart_note"):
         echo(f"note: {record['chart_note']}")
     echo(f"wrote {', '.join(str(p) for p in written)} ({record['wall_seconds']:.0f} s in all)")
     return folder
+
+
+def load_earlier(folder: Path) -> dict | None:
+    path = folder / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise UserError(f"--update: {path} is not readable JSON: {error}") from None
+
+
+def merged(record: dict, earlier: dict | None, rerun: list[str]) -> dict:
+    """The earlier run's rows, with the ones measured again replaced in place and new ones appended;
+    the header keeps the earlier command and start, and a note says which rows are newer and how."""
+    if not earlier:
+        return record
+    fresh = {r["scenario"]["name"]: r for r in record["results"]}
+    rows = [fresh.pop(r["scenario"]["name"], r) for r in earlier.get("results", [])] + list(fresh.values())
+    notes = [n for n in earlier.get("notes", []) if n not in record["notes"]] + record["notes"]
+    if rerun:
+        notes.append(
+            f"re-measured on {record['started']} with `{record['command']}`: {', '.join(rerun)}; "
+            f"the other rows come from `{earlier.get('command')}` on {earlier.get('started')}"
+        )
+    return {
+        **record,
+        "command": earlier.get("command", record["command"]),
+        "started": earlier.get("started", record["started"]),
+        "results": rows,
+        "notes": notes,
+        "wall_seconds": record["wall_seconds"] + earlier.get("wall_seconds", 0.0),
+    }
 
 
 def render(folder: Path) -> list[Path]:
