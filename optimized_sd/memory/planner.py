@@ -15,13 +15,16 @@ MODES = ("full", "turbo", "split", "stream")
 VAE brought in for their stage. split: stages swapped, the UNet in two halves per call (optimizedSD's
 default). stream: UNet blocks streamed one at a time with the next one prefetched."""
 
-# Activation bytes per element of work, as multiples of the compute dtype's size. Calibrated on an
-# H100 with SD 1.5 at 512x512 fp16 and SDPA attention (benchmarks/results/, `calibrate.py`); they
-# are upper bounds rounded up, so a plan errs towards fitting.
-UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 18_000  # per image in the UNet micro-batch
-UNET_ACTIVATION_CHUNKED_FF = 0.6  # share left when the feed-forward runs in token chunks (stream)
-VAE_DECODE_ELEMENTS_PER_PIXEL = 1_400  # one image at a time
-VAE_ENCODE_ELEMENTS_PER_PIXEL = 1_100
+# Activation elements per unit of work (times the compute dtype's size gives bytes). Calibrated on
+# an H100 with SD 1.5 at 512x512 fp16 and SDPA attention (benchmarks/results/h100-2026-11-27-gpu,
+# section "Planner calibration": peak allocated minus resident weights): UNet 11,350-13,030 per
+# latent pixel per image, 8,055 with the chunked feed-forward; VAE decode 871-939 per pixel. The
+# constants are those figures rounded up, so a plan errs towards fitting. The VAE encoder was not
+# measured there; its constant is the decoder's scaled by their activation widths.
+UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 14_000  # per image in the UNet micro-batch
+UNET_ACTIVATION_CHUNKED_FF = 0.65  # share left when the feed-forward runs in token chunks (stream)
+VAE_DECODE_ELEMENTS_PER_PIXEL = 1_000  # one image at a time
+VAE_ENCODE_ELEMENTS_PER_PIXEL = 800
 VAE_TILE = 512  # pixels; tiled decode works on 64x64-latent tiles with 64-pixel overlap
 VAE_TILE_OVERLAP = 64
 FIXED_OVERHEAD = 64 * 2**20  # cuBLAS workspace, small buffers, allocator rounding
