@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import builtins
-import contextlib
-import importlib
 import os
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.ckpt import InertLightningObject, load_ckpt, state_dict_from_ckpt
 
-STANDIN = Path(__file__).parent / "lightning_standin"
+from lightning_checkpoints import lightning_standin, write_lightning_ckpt
+
 MODEL_CHECKPOINT = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
 
 
@@ -51,43 +50,6 @@ def tiny_sd1_state_dict() -> dict[str, torch.Tensor]:
         "model_ema.num_updates": torch.tensor(470000, dtype=torch.int32),
         "model_ema.diffusion_modelinput_blocks00weight": r(8, 4, 3, 3),
     }
-
-
-@contextlib.contextmanager
-def lightning_standin() -> Iterator[type]:
-    """Make `pytorch_lightning.callbacks.model_checkpoint` importable (a stand-in) only inside the block."""
-    sys.path.insert(0, str(STANDIN))
-    importlib.invalidate_caches()
-    try:
-        module = importlib.import_module("pytorch_lightning.callbacks.model_checkpoint")
-        yield module.ModelCheckpoint
-    finally:
-        sys.path.remove(str(STANDIN))
-        for name in [m for m in sys.modules if m == "pytorch_lightning" or m.startswith("pytorch_lightning.")]:
-            del sys.modules[name]
-
-
-def write_lightning_ckpt(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
-    """A CompVis-style Lightning checkpoint: callbacks keyed by the ModelCheckpoint class, numpy scalars."""
-    with lightning_standin() as ModelCheckpoint:
-        obj = {
-            "epoch": 6,
-            "global_step": np.int64(470000),
-            "pytorch-lightning_version": "1.4.2",
-            "state_dict": state_dict,
-            "callbacks": {
-                ModelCheckpoint: {
-                    "monitor": None,
-                    "best_model_score": None,
-                    "best_model_path": "/logs/last.ckpt",
-                    "current_score": np.float64(0.125),
-                    "dirpath": "/logs/checkpoints",
-                }
-            },
-            "callback_objects": [ModelCheckpoint(dirpath="/logs", monitor="val/loss", top_k=np.int32(3))],
-        }
-        torch.save(obj, path)
-    assert "pytorch_lightning" not in sys.modules
 
 
 def rewrite_zip(src: Path, dst: Path, patch: dict[str, Callable[[bytes], bytes]]) -> None:

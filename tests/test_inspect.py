@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from lightning_checkpoints import write_lightning_ckpt
 
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.hashing import legacy_model_hash, sha256_file, sha256_short
@@ -27,7 +26,6 @@ from optimized_sd.weights.inspect import (
     format_info,
 )
 
-STANDIN = Path(__file__).parent / "lightning_standin"
 U = "model.diffusion_model."
 TE = "cond_stage_model.transformer.text_model."
 
@@ -61,33 +59,6 @@ def tiny_sd1(ema_copy: bool = True) -> dict[str, torch.Tensor]:
 UNET_PARAMS = 288 + 8 + 64 + 128 + 288
 VAE_PARAMS = 216 + 216
 TE_PARAMS = 160 + 16
-
-
-@contextlib.contextmanager
-def lightning_standin() -> Iterator[type]:
-    sys.path.insert(0, str(STANDIN))
-    importlib.invalidate_caches()
-    try:
-        yield importlib.import_module("pytorch_lightning.callbacks.model_checkpoint").ModelCheckpoint
-    finally:
-        sys.path.remove(str(STANDIN))
-        for name in [m for m in sys.modules if m == "pytorch_lightning" or m.startswith("pytorch_lightning.")]:
-            del sys.modules[name]
-
-
-def write_lightning(path: Path, sd: dict[str, torch.Tensor]) -> Path:
-    with lightning_standin() as ModelCheckpoint:
-        torch.save(
-            {
-                "epoch": 6,
-                "global_step": np.int64(470000),
-                "pytorch-lightning_version": "1.4.2",
-                "state_dict": sd,
-                "callbacks": {ModelCheckpoint: {"current_score": np.float64(0.1), "dirpath": "/logs"}},
-            },
-            path,
-        )
-    return path
 
 
 def hashes_of(path: Path) -> tuple[str, str]:
@@ -163,7 +134,8 @@ def test_hash_errors(tmp_path: Path) -> None:
 
 
 def test_lightning_ckpt(tmp_path: Path) -> None:
-    path = write_lightning(tmp_path / "sd-v1-4.ckpt", tiny_sd1())
+    path = tmp_path / "sd-v1-4.ckpt"
+    write_lightning_ckpt(path, tiny_sd1())
     info = describe_checkpoint(path)
 
     assert info.layout == LAYOUT_LIGHTNING

@@ -420,18 +420,16 @@ def render_markdown(record: dict) -> str:
     if comparison:
         lines += ["## optimized-sd against diffusers", "", "Ratios are ours / theirs: below 1 is better for us.", ""]
         lines += comparison
-    budget = budget_table(record)
-    if budget:
-        lines += ["## Which mode fits the budget", ""] + budget
-    targets = targets_table(record)
-    if targets:
-        lines += ["## Issue 3 targets", ""] + targets
-    transfer = transfer_table(record)
-    if transfer:
-        lines += ["## Streaming against its bound", ""] + transfer
-    calibration = calibration_table(record)
-    if calibration:
-        lines += ["## Planner calibration (memory/planner.py constants)", ""] + calibration
+    optional_sections = (
+        ("Which mode fits the budget", budget_table),
+        ("Issue 3 targets", targets_table),
+        ("Streaming against its bound", transfer_table),
+        ("Planner calibration (memory/planner.py constants)", calibration_table),
+    )
+    for title, table in optional_sections:
+        rows = table(record)
+        if rows:
+            lines += [f"## {title}", ""] + rows
     lines += ["## Per stage", ""] + stages_table(record)
     if record.get("chart"):
         lines += ["## Chart", "", f"![peak memory against seconds per image]({record['chart']})", ""]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from optimized_sd.config import ModelConfig
 from optimized_sd.errors import CheckpointError
-from optimized_sd.weights.infer import infer_config, infer_unet, infer_vae, indices
+from optimized_sd.weights.infer import infer_config, indices
 from optimized_sd.weights.keymap import rename, unet_prefixes, vae_prefixes
 from optimized_sd.weights.sources import ChainSource, DictSource, RenamedSource, SafetensorsSource, TensorSource
 
