@@ -181,7 +181,7 @@ class OffloadEngine:
         if group.packed_host is not None:
             group.packed_device = group.packed_host.to(self.device, non_blocking=non_blocking, copy=True)
         elif self._uses_arena(group):
-            group.packed_device = self._arena_for(group)
+            group.packed_device = self._shared_arena()
         for slot in group.slots:
             if slot.key in group.offsets and group.packed_device is not None:
                 start = group.offsets[slot.key]
@@ -204,7 +204,8 @@ class OffloadEngine:
         which on a CPU was a third of the step time."""
         return self.host == "source" and group.spec.release == "after_forward" and not self.prefetch_enabled
 
-    def _arena_for(self, group: Group) -> Tensor:
+    def _shared_arena(self) -> Tensor:
+        """The buffer streamed groups share on the CPU lean path, made at first use, dropped at stage end."""
         if self._arena is None:
             self._arena = torch.empty(self._arena_length, dtype=self.dtype, device=self.device)
         return self._arena
