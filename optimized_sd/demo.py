@@ -14,13 +14,35 @@ HUB_FILE = "v1-5-pruned-emaonly.safetensors"
 PROMPT = "a lighthouse at dusk, oil painting"
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 5.0) -> bool:
+    """One quick connection attempt, so an offline machine is told at once rather than after the
+    hub client's retries."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def fetch_public_checkpoint() -> Path | None:
-    """The public SD 1.5 file through huggingface_hub (its usual cache); None when unreachable."""
+    """The public SD 1.5 file through huggingface_hub (its usual cache); None when it cannot be had."""
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry chatter is not for users
     try:
         from huggingface_hub import hf_hub_download
 
+        try:
+            return Path(hf_hub_download(HUB_REPO, HUB_FILE, local_files_only=True))
+        except Exception:  # not cached yet
+            pass
+        if not hub_reachable():
+            click.echo(f"demo: the Hugging Face hub cannot be reached, so {HUB_REPO}/{HUB_FILE} cannot be fetched")
+            return None
         return Path(hf_hub_download(HUB_REPO, HUB_FILE))
-    except Exception as error:  # no hub package, no network, gated repo: all mean "use the fallback"
+    except Exception as error:  # no hub package, gated repo, network failure: all mean "use the fallback"
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         click.echo(f"demo: cannot fetch {HUB_REPO}/{HUB_FILE} from the Hugging Face hub ({reason[:120]})")
         return None
