@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from optimized_sd.errors import UserError
 from optimized_sd.pipelines.diffusion import GenerationRequest, check_size, load, load_init_image
-from optimized_sd.pipelines.output import ensure_writable, make_grid, prompt_folder, save_image, write_new
+from optimized_sd.pipelines.output import encode, ensure_writable, make_grid, prompt_folder, save_image, write_new
 from optimized_sd.pipelines.prompts import read_prompt_file
 from optimized_sd.sampling import make_plan
 
@@ -115,8 +115,6 @@ def run_generation(flags: dict[str, Any], init_img: Path | None, strength: float
                 seed += len(prompts)
     if not flags["skip_grid"] and len(images) > 1:
         grid = make_grid(images, flags["n_rows"] or flags["n_samples"])
-        from optimized_sd.pipelines.output import encode
-
         data = encode(grid, flags["fmt"], result.parameters[0].text())
         written.append(write_new(Path(flags["outdir"]), "grid", flags["fmt"], data, 0))
     click.echo(f"mode {pipe.mode} on {pipe.device}; {len(images)} image(s)" + (f", wrote {len(written)} file(s):" if written else ""))
