@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optimized_sd.errors import UserError
+from optimized_sd.weights.family import CLIP_PREFIX as TEXT_PREFIX
+from optimized_sd.weights.family import UNET_PREFIX, VAE_PREFIX
 
 FORMAT_TAG = "optimized-sd random benchmark model"
 FORMAT_VERSION = "1"
-TEXT_PREFIX = "cond_stage_model.transformer."
-PART_PREFIXES = (("unet", "model.diffusion_model."), ("vae", "first_stage_model."), ("text", "cond_stage_model."))
+PART_PREFIXES = (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text", "cond_stage_model."))
 DISK_MARGIN = 64 * 2**20
 DEFAULT_CACHE = Path("~/.cache/optimized-sd/bench")
 MODELS = ("sd15", "tiny")

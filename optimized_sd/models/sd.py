@@ -9,10 +9,6 @@ from optimized_sd.models.text_encoder import FrozenCLIPEmbedder
 from optimized_sd.models.unet import UNetModel
 from optimized_sd.models.vae import AutoencoderKL
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
-
 
 class DiffusionWrapper(nn.Module):
     """LDM's `model` attribute, which holds the UNet as `diffusion_model`."""

@@ -1,7 +1,7 @@
 """Describe a checkpoint without building a model: layout, family, dtypes, part sizes, extras, hashes.
 
 Reads only what it needs: `.ckpt` files are unpickled through the restricted loader with tensors
-memory-mapped (never copied), `.safetensors` headers through `safe_open` (no tensor is loaded),
+memory-mapped (never copied), `.safetensors` headers through the loader's own memory-mapped source (no tensor is read),
 diffusers folders through their JSON configs and weight-file headers.
 """
 
@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from optimized_sd.errors import CheckpointError
-from optimized_sd.weights.ckpt import InertLightningObject, load_ckpt, state_dict_from_ckpt
+from optimized_sd.weights.ckpt import (
+    InertLightningObject,
+    load_ckpt,
+    state_dict_from_ckpt,
+)
 from optimized_sd.weights.family import (
     PARTS,
     SD1,
@@ -24,6 +28,8 @@ from optimized_sd.weights.family import (
     part_of_key,
 )
 from optimized_sd.weights.hashing import legacy_model_hash, sha256_short
+from optimized_sd.weights.loading import open_weight_file
+from optimized_sd.weights.sources import DictSource, SafetensorsSource, TensorSource
 
 __all__ = ["CheckpointInfo", "PartStats", "describe_checkpoint", "format_info"]
 
@@ -36,21 +42,6 @@ LAYOUT_DIFFUSERS = "diffusers folder"
 FAMILY_NAMES = {SD1: "Stable Diffusion 1.x"}
 
 # safetensors dtype codes -> torch dtype names
-_ST_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
-
 _EMA_COUNTERS = frozenset({"model_ema.decay", "model_ema.num_updates"})
 
 # diffusers component folder -> part name
@@ -117,8 +108,7 @@ def describe_checkpoint(
     else:
         obj = load_ckpt(path)
         tensors = state_dict_from_ckpt(obj)
-        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+        shapes, dtypes = _tensor_table(DictSource(tensors))
         info = CheckpointInfo(path=path, layout=_ckpt_layout(obj), file_size=path.stat().st_size)
         info.lightning = _lightning_facts(obj)
         del tensors, obj  # drop the memory map
@@ -146,25 +136,24 @@ def _is_safetensors(path: Path) -> bool:
     return int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
+def _tensor_table(source: TensorSource) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shapes and dtype names of a source's tensors (headers only for safetensors)."""
+    shapes = source.shapes()
+    dtypes = {key: str(source.dtype(key)).removeprefix("torch.") for key in shapes}
+    return shapes, dtypes
+
+
 def _safetensors_header(
     path: Path,
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, str]]:
-    """Shapes, dtypes and `__metadata__` from a safetensors header, lazily (no tensor data read)."""
-    from safetensors import SafetensorError, safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, str] = {}
+    """Shapes, dtypes and `__metadata__` from a safetensors header, through the loader's reader."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            for key in f.keys():
-                sl = f.get_slice(key)
-                shapes[key] = tuple(sl.get_shape())
-                code = sl.get_dtype()
-                dtypes[key] = _ST_DTYPES.get(code, code.lower())
-    except (SafetensorError, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: unreadable .safetensors file ({first})") from None
+        source = SafetensorsSource(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: unreadable .safetensors file ({exc})") from None
+    shapes, dtypes = _tensor_table(source)
+    metadata = dict(source.metadata)
+    source.close()
     return shapes, dtypes, metadata
 
 
@@ -289,9 +278,7 @@ def _describe_diffusers(folder: Path) -> CheckpointInfo:
             if weight_file.suffix == ".safetensors":
                 s, d, _ = _safetensors_header(weight_file)
             else:
-                tensors = state_dict_from_ckpt(load_ckpt(weight_file))
-                s = {k: tuple(v.shape) for k, v in tensors.items()}
-                d = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+                s, d = _tensor_table(open_weight_file(weight_file))
             part_shapes.update(s)
             part_dtypes.update(d)
         if part_shapes:

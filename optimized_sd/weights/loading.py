@@ -11,13 +11,17 @@ from torch import Tensor, nn
 
 from optimized_sd.config import ModelConfig
 from optimized_sd.errors import CheckpointError
-from optimized_sd.weights.infer import infer_config, indices
+from optimized_sd.weights.family import CLIP_PREFIX as TEXT_PREFIX
+from optimized_sd.weights.family import UNET_PREFIX, VAE_PREFIX
+from optimized_sd.weights.infer import indices, infer_config
 from optimized_sd.weights.keymap import rename, unet_prefixes, vae_prefixes
-from optimized_sd.weights.sources import ChainSource, DictSource, RenamedSource, SafetensorsSource, TensorSource
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
+from optimized_sd.weights.sources import (
+    ChainSource,
+    DictSource,
+    RenamedSource,
+    SafetensorsSource,
+    TensorSource,
+)
 
 DIFFUSERS_WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
