@@ -141,7 +141,9 @@ class StableDiffusion:
         self.budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
         self.vae_tiling = vae_tiling
         self.vae_tile = VAE_TILE
-        plan_memory(self.footprint(), Request(64, 64), budget=None, mode=memory, vae_tiling=vae_tiling)  # validates names
+        self.dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+        self.sizes = footprint(self.model, self.dtype_bytes)  # weight bytes per group: fixed for this pipeline
+        plan_memory(self.sizes, Request(64, 64), budget=None, mode=memory, vae_tiling=vae_tiling)  # validates names
         tokenizer_dir = Path(tokenizer) if tokenizer else loaded.checkpoint.tokenizer_dir
         self.tokenizer: PromptTokenizer = load_tokenizer(tokenizer_dir)
         self.schedule = scaled_linear_schedule(self.config.linear_start, self.config.linear_end, self.config.timesteps)
@@ -153,9 +155,6 @@ class StableDiffusion:
         self.last_reason = ""
 
     # -- memory --------------------------------------------------------------------------------
-    def footprint(self):
-        return footprint(self.model, torch.empty((), dtype=self.dtype).element_size())
-
     def plan_for(self, request: GenerationRequest) -> Plan:
         budget = self.budget
         measurable = self.device.type == "cuda" or (self.device.type == "cpu" and self.memory == "auto")
@@ -168,10 +167,10 @@ class StableDiffusion:
             batch=len(request.prompts),
             guidance=request.scale != 1.0,
             unet_batch=request.unet_batch,
-            dtype_bytes=torch.empty((), dtype=self.dtype).element_size(),
+            dtype_bytes=self.dtype_bytes,
             encodes_image=request.init_image is not None,
         )
-        plan = plan_memory(self.footprint(), sizes, budget=budget, mode=self.memory, vae_tiling=self.vae_tiling)
+        plan = plan_memory(self.sizes, sizes, budget=budget, mode=self.memory, vae_tiling=self.vae_tiling)
         if plan.mode != self.memory and self.memory != "auto" and plan.reason != self.last_reason:
             log.warning("%s", plan.reason)
         self.last_reason = plan.reason
@@ -380,18 +379,21 @@ class StableDiffusion:
 
     def txt2img(self, prompt: str, *, n_samples: int = 1, **options) -> list[Image.Image]:
         """Generate `n_samples` images for a prompt; options are `GenerationRequest` fields."""
-        if n_samples < 1:
-            raise UserError("n_samples must be at least 1")
-        return self.generate(GenerationRequest(prompts=[prompt] * n_samples, **options)).images
+        return self.generate(GenerationRequest(prompts=repeat_prompt(prompt, n_samples), **options)).images
 
     def img2img(self, prompt: str, init_image: Image.Image | str | Path, *, n_samples: int = 1, **options) -> list[Image.Image]:
         """Edit an image (a PIL image or a path); `strength` in [0, 1] says how much may change."""
-        if n_samples < 1:
-            raise UserError("n_samples must be at least 1")
+        prompts = repeat_prompt(prompt, n_samples)
         if not isinstance(init_image, Image.Image):
             init_image = load_init_image(init_image, options.pop("height", None), options.pop("width", None))
-        request = GenerationRequest(prompts=[prompt] * n_samples, init_image=init_image, **options)
-        return self.generate(request).images
+        return self.generate(GenerationRequest(prompts=prompts, init_image=init_image, **options)).images
+
+
+def repeat_prompt(prompt: str, n_samples: int) -> list[str]:
+    """The batch of one prompt, for the Python API's `n_samples`."""
+    if n_samples < 1:
+        raise UserError("n_samples must be at least 1")
+    return [prompt] * n_samples
 
 
 def load(
