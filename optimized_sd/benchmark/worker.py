@@ -13,7 +13,6 @@ import os
 import platform
 import resource
 import sys
-import threading
 import time
 import traceback
 from dataclasses import replace
@@ -58,34 +57,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-class RssPeaks:
-    """Polls the resident set on a thread; `mark()` returns the peak since the previous mark (MiB)."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        import psutil
-
-        self.process = psutil.Process()
-        self.interval = interval
-        self.peak = self.process.memory_info().rss
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self) -> None:
-        while not self.stop.wait(self.interval):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def mark(self) -> float:
-        current = self.process.memory_info().rss
-        peak = max(self.peak, current)
-        self.peak = current
-        return peak / MIB
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 def synthetic_image(height: int, width: int):
@@ -180,7 +151,7 @@ class Clock:
     """Stage boundaries on CUDA or CPU: each `mark` synchronises, then records the seconds, peak
     allocated/reserved VRAM and peak RSS since the previous mark, and resets the peaks."""
 
-    def __init__(self, device, rss: RssPeaks) -> None:
+    def __init__(self, device, rss) -> None:  # rss: a started optimized_sd.memory.report.RssSampler
         import torch
 
         self.torch = torch
@@ -194,7 +165,7 @@ class Clock:
         self.sync()
         if self.cuda:
             self.torch.cuda.reset_peak_memory_stats(self.device)
-        self.rss.mark()
+        self.rss.take_peak()
         self.last = time.perf_counter()
 
     def sync(self) -> None:
@@ -209,7 +180,7 @@ class Clock:
         )
         row["seconds"] += now - self.last
         row["steps"] += steps
-        row["peak_rss_mib"] = max(row["peak_rss_mib"], self.rss.mark())
+        row["peak_rss_mib"] = max(row["peak_rss_mib"], self.rss.take_peak() / MIB)
         if self.cuda:
             row["peak_allocated_mib"] = max(row["peak_allocated_mib"], self.torch.cuda.max_memory_allocated(self.device) / MIB)
             row["peak_reserved_mib"] = max(row["peak_reserved_mib"], self.torch.cuda.max_memory_reserved(self.device) / MIB)
@@ -377,7 +348,9 @@ def run_diffusers(payload: dict, scenario, device) -> dict:
     load_seconds = time.perf_counter() - start
     rss_after_load = current_rss_mib()
     init = synthetic_image(scenario.height, scenario.width) if img2img else None
-    rss = RssPeaks()  # our engine's meter has its own sampler; this one stands in for it here
+    from optimized_sd.memory.report import RssSampler
+
+    rss = RssSampler().start()  # diffusers has no stages of its own: hooks mark them on this sampler
     clock = Clock(device, rss)
     state = {"unet_calls": 0, "in_unet": False}
 
@@ -432,7 +405,7 @@ def run_diffusers(payload: dict, scenario, device) -> dict:
     total, stages, latents = best_of(measured, payload.get("repeat", 1))
     for hook in hooks:
         hook.remove()
-    rss.close()
+    rss.stop()
     return {
         "mode_used": scenario.mode,
         "load_seconds": load_seconds,

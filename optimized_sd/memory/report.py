@@ -43,7 +43,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "RssSampler":
+    def start(self) -> "RssSampler":
         self.peak = self._process.memory_info().rss
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -54,11 +54,24 @@ class RssSampler:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, self._process.memory_info().rss)
 
-    def __exit__(self, *exc: object) -> None:
+    def take_peak(self) -> int:
+        """The peak in bytes since `start` or the previous call, which it resets (stage by stage
+        measurement where the stages are marked by hooks rather than `with` blocks)."""
+        current = self._process.memory_info().rss
+        peak, self.peak = max(self.peak, current), current
+        return peak
+
+    def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> "RssSampler":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class MemoryMeter:
