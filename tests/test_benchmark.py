@@ -307,3 +307,15 @@ def test_update_replaces_rerun_rows_in_place_and_says_so() -> None:
     assert out["results"][modes.index("stream")]["peak_allocated_mib"] == 650.0
     assert "a note" in out["notes"] and any("re-measured on now" in n and "txt2img-512-b1-stream" in n for n in out["notes"])
     assert out["wall_seconds"] == 15.0 and out["command"] == "optimized-sd bench" and out["started"] == "then"
+
+
+def test_stream_floor_is_the_sum_of_each_blocks_slower_half():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import stream_floor
+    finally:
+        sys.path.pop(0)
+    # Block i+1's copy overlaps block i's compute; the first block's copy overlaps the last block.
+    assert stream_floor.one_block_lookahead_seconds([4.0, 1.0, 1.0], [1.0, 3.0, 1.0]) == 4.0 + 1.0 + 1.0
+    assert stream_floor.one_block_lookahead_seconds([1.0, 1.0], [5.0, 0.5]) == 1.0 + 5.0
+    assert len(stream_floor.block_bytes()) == 27

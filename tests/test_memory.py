@@ -12,6 +12,7 @@ import torch
 
 import optimized_sd
 from optimized_sd.errors import UserError
+from optimized_sd.memory.device import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, RETURN_FREED, REUSE_FREED, LeanHeap
 from optimized_sd.memory.planner import (
     MODES,
     ModelFootprint,
@@ -166,6 +167,53 @@ def test_report_json_has_every_stage(tiny_model, tmp_path):
     assert set(stages) == {"text", "unet", "vae_decode"}
     assert stages["unet"]["steps"] == 3
     assert stages["unet"]["peak_rss_mib"] > 0
+
+
+class FakeLibc:
+    """Records the glibc calls LeanHeap makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.calls.append(("mallopt", parameter, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("trim",))
+        return 1
+
+
+def test_lean_heap_reuses_in_the_sampling_loop_and_returns_elsewhere():
+    heap = LeanHeap()
+    heap.libc = FakeLibc()
+    with heap.phase(repeated=True):
+        assert heap.libc.calls == [("mallopt", M_MMAP_THRESHOLD, REUSE_FREED.mmap_threshold), ("mallopt", M_TRIM_THRESHOLD, REUSE_FREED.trim_threshold)]
+    assert heap.libc.calls[-1] == ("trim",)
+    heap.libc.calls.clear()
+    with pytest.raises(RuntimeError), heap.phase(repeated=False):
+        raise RuntimeError("a failing stage still hands its memory back")
+    assert heap.libc.calls == [("mallopt", M_MMAP_THRESHOLD, RETURN_FREED.mmap_threshold), ("mallopt", M_TRIM_THRESHOLD, RETURN_FREED.trim_threshold), ("trim",)]
+    heap.libc = None  # not glibc: nothing to tune, stages still run
+    with heap.phase(repeated=True):
+        pass
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the RAM-lean heap is the CPU stream path's")
+def test_cpu_stream_tunes_the_heap_per_stage(tiny_model, monkeypatch):
+    phases: list[bool] = []
+    original = LeanHeap.phase
+
+    def spy(self, *, repeated):
+        phases.append(repeated)
+        return original(self, repeated=repeated)
+
+    monkeypatch.setattr(LeanHeap, "phase", spy)
+    make_pipe(tiny_model, memory="stream").generate(request())
+    assert phases == [False, True, False]  # text, unet, vae_decode
+    phases.clear()
+    make_pipe(tiny_model, memory="full").generate(request())
+    assert phases == []
 
 
 # -- planner, with fake budgets -------------------------------------------------------------------

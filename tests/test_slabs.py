@@ -33,6 +33,35 @@ def test_norm_silu_conv_matches(tiny_bands, height, width, channels_in, channels
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("height", [37, 64, 9, 8, 17])
+def test_in_place_norm_silu_conv_matches_and_reuses_its_input(tiny_bands, height):
+    """Each band's upper halo row was overwritten by the band before; the kept copy must be used."""
+    torch.manual_seed(2)
+    norm, conv = group_norm(32, eps=1e-6), nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(1, 32, height, 11) * 2 - 1
+    with torch.no_grad():
+        expected = conv(F.silu(norm(x)))
+        got = slabs.norm_silu_conv(x, norm, conv, in_place=True)
+    assert got.data_ptr() == x.data_ptr()
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_in_place_needs_equal_channels():
+    with pytest.raises(ValueError):
+        slabs.norm_silu_conv(torch.randn(1, 64, 8, 8), group_norm(64, eps=1e-6), nn.Conv2d(64, 32, 3, padding=1), in_place=True)
+
+
+@pytest.mark.parametrize("projection", [nn.Identity(), nn.Conv2d(64, 32, 1)], ids=["identity", "conv1x1"])
+def test_add_rows_matches(tiny_bands, projection):
+    torch.manual_seed(3)
+    channels_in = 32 if isinstance(projection, nn.Identity) else 64
+    x, out = torch.randn(2, channels_in, 29, 6), torch.randn(2, 32, 29, 6)
+    with torch.no_grad():
+        expected = out + projection(x)
+        got = slabs.add_rows(out.clone(), x, projection)
+    assert (got - expected).abs().max().item() <= 1e-6
+
+
 @pytest.mark.parametrize("height, width", [(19, 12), (32, 32), (4, 7)])
 def test_upsample_conv_matches(tiny_bands, height, width):
     torch.manual_seed(1)

@@ -41,17 +41,37 @@ def group_affine(x: Tensor, norm: nn.GroupNorm) -> tuple[Tensor, Tensor]:
     return scale[:, :, None, None], shift[:, :, None, None]
 
 
-def norm_silu_conv(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d) -> Tensor:
-    """conv(silu(norm(x))) for a 3x3, stride-1, padding-1 conv, computed in bands of rows."""
+def norm_silu_conv(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, *, in_place: bool = False) -> Tensor:
+    """conv(silu(norm(x))) for a 3x3, stride-1, padding-1 conv, computed in bands of rows.
+
+    `in_place` writes the result over `x` (same channel count), so no second full-size tensor exists:
+    bands run top to bottom, and the one input row a band needs that the previous band has already
+    overwritten (its upper halo) is kept aside before the overwrite."""
     scale, shift = group_affine(x, norm)
     height = x.shape[2]
-    out = x.new_empty((x.shape[0], conv.out_channels, height, x.shape[3]))
+    if in_place and conv.in_channels != conv.out_channels:
+        raise ValueError("an in-place conv keeps the channel count")
+    out = x if in_place else x.new_empty((x.shape[0], conv.out_channels, height, x.shape[3]))
     rows = slab_rows(x, max(conv.in_channels, conv.out_channels))
+    overwritten_row: Tensor | None = None  # in place: the input row just above the current band
     for top in range(0, height, rows):
         bottom = min(height, top + rows)
         lo, hi = max(0, top - 1), min(height, bottom + 1)  # one-row halo
-        band = F.silu(torch.addcmul(shift, x[:, :, lo:hi].float(), scale), inplace=True).to(x.dtype)
-        out[:, :, top:bottom] = conv_rows(band, conv, top - lo, bottom - top)
+        rows_in = x[:, :, lo:hi] if overwritten_row is None else torch.cat([overwritten_row, x[:, :, top:hi]], dim=2)
+        band = F.silu(torch.addcmul(shift, rows_in.float(), scale), inplace=True).to(x.dtype)
+        result = conv_rows(band, conv, top - lo, bottom - top)
+        if in_place:
+            overwritten_row = x[:, :, bottom - 1 : bottom].clone()
+        out[:, :, top:bottom] = result
+    return out
+
+
+def add_rows(out: Tensor, x: Tensor, projection: nn.Module) -> Tensor:
+    """out += projection(x) for a per-pixel projection (identity or 1x1 conv), a band of rows at a
+    time, so the projected tensor never exists whole."""
+    rows = slab_rows(x, max(x.shape[1], out.shape[1]))
+    for top in range(0, x.shape[2], rows):
+        out[:, :, top : top + rows] += projection(x[:, :, top : top + rows])
     return out
 
 

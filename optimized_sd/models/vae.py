@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from optimized_sd.attention import attention
 from optimized_sd.config import VAEConfig
 from optimized_sd.models.layers import group_norm
-from optimized_sd.models.slabs import norm_silu_conv, upsample_conv
+from optimized_sd.models.slabs import add_rows, norm_silu_conv, upsample_conv
 
 
 class ResnetBlock(nn.Module):
@@ -27,9 +27,11 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        # x and one tensor of the output's size are all that exist whole: the second conv overwrites
+        # its input and the shortcut is added band by band (dropout is 0 at inference).
         h = norm_silu_conv(x, self.norm1, self.conv1)
-        h = norm_silu_conv(h, self.norm2, self.conv2)  # dropout is 0 at inference
-        return h.add_(self.nin_shortcut(x))  # h is this block's own tensor: no third full-size copy
+        h = norm_silu_conv(h, self.norm2, self.conv2, in_place=True)
+        return add_rows(h, x, self.nin_shortcut)
 
 
 class AttnBlock(nn.Module):

@@ -18,7 +18,7 @@ from torch import Tensor
 from optimized_sd.attention import check_backend, use_attention
 from optimized_sd.config import ModelConfig
 from optimized_sd.errors import UserError
-from optimized_sd.memory.device import compute_dtype, device_memory, resolve_device, return_freed_memory_promptly
+from optimized_sd.memory.device import LeanHeap, compute_dtype, device_memory, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
 from optimized_sd.memory.planner import (
     SAFETY_MARGIN,
@@ -149,6 +149,7 @@ class StableDiffusion:
         self.schedule = scaled_linear_schedule(self.config.linear_start, self.config.linear_end, self.config.timesteps)
         self.meter = MemoryMeter(self.device)
         self.engine: OffloadEngine | None = None
+        self.heap: LeanHeap | None = None
         self.mode: str | None = None
         self.plan: Plan | None = None
         self._model_hash: str | None = None
@@ -191,8 +192,8 @@ class StableDiffusion:
         host = HOST_FOR_DEVICE[self.device.type]
         if mode == "full" and self.device.type == "cpu":
             host = "cpu"
-        if mode == "stream" and self.device.type == "cpu":
-            return_freed_memory_promptly()  # the RAM-lean path: freed blocks must leave the RSS
+        # The RAM-lean path: freed tensors must leave the resident set between stages.
+        self.heap = LeanHeap() if mode == "stream" and self.device.type == "cpu" else None
         self.engine = OffloadEngine(
             self.model,
             self.loaded.source,
@@ -214,8 +215,9 @@ class StableDiffusion:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator:
         assert self.engine is not None
+        heap = self.heap.phase(repeated=name == "unet") if self.heap is not None else contextlib.nullcontext()
         with use_attention(self.attention), torch.inference_mode(), self.meter.stage(name) as record:
-            with self.engine.stage():
+            with heap, self.engine.stage():
                 yield record
 
     def run_stage(self, name: str, work: Callable[[object], Tensor]) -> Tensor:
