@@ -95,8 +95,8 @@ class LeanHeap:
     every block's memory it ever touched. Giving every tensor its own mapping fixes that but costs a
     page fault per 4 KiB at each allocation: on SD 1.5 at 512x512, 2-3 s of a 10 s UNet step, whose
     allocations are the same every step. So the sampling stage reuses freed blocks, the one-shot
-    stages return them, and every stage ends with the free memory handed back (malloc_trim).
-    Process-wide; inert off glibc."""
+    stages return them, and every stage ends with the free memory handed back (malloc_trim) and the
+    heap left as glibc itself would have it. Process-wide; inert off glibc."""
 
     def __init__(self) -> None:
         import ctypes
@@ -126,3 +126,4 @@ class LeanHeap:
         finally:
             if self.libc is not None:
                 self.libc.malloc_trim(0)
+            self.apply(REUSE_FREED)  # between stages and after the run: as glibc would have it
