@@ -309,13 +309,20 @@ def test_update_replaces_rerun_rows_in_place_and_says_so() -> None:
     assert out["wall_seconds"] == 15.0 and out["command"] == "optimized-sd bench" and out["started"] == "then"
 
 
-def test_stream_floor_is_the_sum_of_each_blocks_slower_half():
+def test_stream_floor_and_its_schedule_simulation():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import stream_floor
     finally:
         sys.path.pop(0)
     # Block i+1's copy overlaps block i's compute; the first block's copy overlaps the last block.
-    assert stream_floor.one_block_lookahead_seconds([4.0, 1.0, 1.0], [1.0, 3.0, 1.0]) == 4.0 + 1.0 + 1.0
-    assert stream_floor.one_block_lookahead_seconds([1.0, 1.0], [5.0, 0.5]) == 1.0 + 5.0
+    cases = [([4.0, 1.0, 1.0], [1.0, 3.0, 1.0], 6.0), ([1.0, 1.0], [5.0, 0.5], 6.0), ([0.5, 2.0, 0.1, 1.0], [0.2, 0.3, 2.5, 0.4], 0.5 + 2.5 + 0.4 + 1.0)]
+    for compute, copy, floor in cases:
+        assert stream_floor.one_block_lookahead_seconds(compute, copy) == floor
+        sizes = [1] * len(compute)
+        # No room beyond the next block: the simulated schedule is that floor.
+        assert stream_floor.simulated_step_seconds(compute, copy, sizes, 0) == pytest.approx(floor)
+        # Room for everything: copies and compute overlap fully, max(compute, copy) per step.
+        unlimited = stream_floor.simulated_step_seconds(compute, copy, sizes, float("inf"), steps=8)
+        assert unlimited == pytest.approx(max(sum(compute), sum(copy)))
     assert len(stream_floor.block_bytes()) == 27
