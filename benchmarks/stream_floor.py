@@ -35,13 +35,7 @@ H100_BANDWIDTH_GBS = 54.9  # same run, pinned 1 GiB copy, best of 5
 
 def top_level_blocks(unet: UNetModel) -> list[tuple[str, nn.Module]]:
     """The modules `stream` moves one by one, in the order a forward pass runs them."""
-    return (
-        [("time_embed", unet.time_embed)]
-        + [(f"input_blocks.{i}", block) for i, block in enumerate(unet.input_blocks)]
-        + [("middle_block", unet.middle_block)]
-        + [(f"output_blocks.{i}", block) for i, block in enumerate(unet.output_blocks)]
-        + [("out", unet.out)]
-    )
+    return [(name, unet.get_submodule(name)) for name in unet.block_names()]
 
 
 def unet_inputs(size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

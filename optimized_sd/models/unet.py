@@ -116,6 +116,16 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
 
+    def block_names(self) -> list[str]:
+        """The top-level children in the order `forward` runs them (the units the memory engine streams)."""
+        return (
+            ["time_embed"]
+            + [f"input_blocks.{i}" for i in range(len(self.input_blocks))]
+            + ["middle_block"]
+            + [f"output_blocks.{i}" for i in range(len(self.output_blocks))]
+            + ["out"]
+        )
+
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
         """x: (B, 4, h, w) latents, timesteps: (B,) float, context: (B, 77, context_dim) -> eps (B, 4, h, w)."""
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))

@@ -16,14 +16,7 @@ VAE_DECODER = ("first_stage_model.post_quant_conv", "first_stage_model.decoder")
 
 def unet_blocks(model: nn.Module) -> list[str]:
     """The UNet's top-level modules in the order a forward pass runs them."""
-    unet = model.get_submodule(UNET)
-    return (
-        [f"{UNET}.time_embed"]
-        + [f"{UNET}.input_blocks.{i}" for i in range(len(unet.input_blocks))]
-        + [f"{UNET}.middle_block"]
-        + [f"{UNET}.output_blocks.{i}" for i in range(len(unet.output_blocks))]
-        + [f"{UNET}.out"]
-    )
+    return [f"{UNET}.{name}" for name in model.get_submodule(UNET).block_names()]
 
 
 def unet_halves(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -46,11 +39,10 @@ def group_specs(mode: str, model: nn.Module) -> list[GroupSpec]:
             GroupSpec("unet_half_1", first, "after_forward"),
             GroupSpec("unet_half_2", second, "after_forward"),
         ]
-    blocks = unet_blocks(model)
-    names = [path.rsplit(UNET + ".", 1)[1] for path in blocks]
+    names = model.get_submodule(UNET).block_names()
     return stage_groups + [
-        GroupSpec(f"unet.{name}", (path,), "after_forward", prefetch_next=f"unet.{names[(i + 1) % len(names)]}")
-        for i, (name, path) in enumerate(zip(names, blocks))
+        GroupSpec(f"unet.{name}", (f"{UNET}.{name}",), "after_forward", prefetch_next=f"unet.{names[(i + 1) % len(names)]}")
+        for i, name in enumerate(names)
     ]
 
 
