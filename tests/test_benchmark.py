@@ -65,6 +65,8 @@ def test_accelerate_missing_skips_the_offload_peers() -> None:
 def test_budget_adds_an_auto_run_per_work_item_and_only_filters_by_glob() -> None:
     chosen = selection(sizes="512,768", peers="none", budget="2GB")
     assert "txt2img-768-b1-auto-budget2GB" in names(chosen)
+    both = names(selection(sizes="512", peers="none", budget="1GB,2GB"))
+    assert "txt2img-512-b1-auto-budget1GB" in both and "txt2img-512-b1-auto-budget2GB" in both
     filtered = selection(sizes="512,768", peers="diffusers", only="*-768-*,txt2img-512-b1-diffusers")
     assert names(filtered) == ["txt2img-512-b1-diffusers", "txt2img-768-b1-full", "txt2img-768-b1-stream", "txt2img-768-b1-diffusers"]
 
@@ -87,6 +89,8 @@ def test_scenario_round_trips_through_its_dict() -> None:
         ({"steps": 0}, "--steps must be at least 1"),
         ({"only": "nothing-*"}, "no scenario named 'nothing-*'"),
         ({"budget": "lots"}, "cannot read the memory size"),
+        ({"budget": "1GB,lots"}, "cannot read the memory size"),
+        ({"budget": ","}, "--budget is empty"),
         ({"modes": "none", "peers": "none"}, "no scenario to run"),
     ],
 )

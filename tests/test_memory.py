@@ -3,6 +3,7 @@ the plan promises, the planner picks modes from fake budgets, out-of-memory fall
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import optimized_sd
 from optimized_sd.errors import UserError
 from optimized_sd.memory.device import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, RETURN_FREED, REUSE_FREED, LeanHeap
 from optimized_sd.memory.planner import (
+    FIXED_OVERHEAD,
     MODES,
     ModelFootprint,
     Request,
@@ -21,6 +23,8 @@ from optimized_sd.memory.planner import (
     lower_mode,
     parse_bytes,
     plan_memory,
+    stream_lookahead,
+    unet_activation_bytes,
 )
 from optimized_sd.pipelines.diffusion import GenerationRequest
 from optimized_sd.pipelines.placement import UNET, unet_blocks
@@ -87,6 +91,34 @@ def test_stream_keeps_at_most_current_and_next_block(tiny_model):
     assert DEVICE != "cpu" or all(p.is_meta for p in parameters)  # the CPU path keeps nothing: the file is the home
 
 
+@pytest.mark.parametrize("lookahead_blocks", [0, 3])
+def test_stream_copies_ahead_only_within_its_window(tiny_model, full_result, monkeypatch, lookahead_blocks):
+    """The copy-ahead schedule, run synchronously where there is no copy stream (the CPU)."""
+    pipe = make_pipe(tiny_model, memory="stream")
+    pipe.use_mode("stream")
+    engine = pipe.engine
+    engine.prefetch_enabled = True  # on CUDA it is; on the CPU the same schedule runs without a side stream
+    size = torch.empty((), dtype=pipe.dtype).element_size()
+    weights = {name: group.bytes * size for name, group in engine.groups.items()}
+    blocks = [name for name in engine.groups if name.startswith("unet.")]
+    window = sum(sorted(weights[name] for name in blocks)[-lookahead_blocks:]) if lookahead_blocks else 0
+    planned = pipe.plan_for
+    monkeypatch.setattr(pipe, "plan_for", lambda request: dataclasses.replace(planned(request), lookahead=window))
+    result = pipe.generate(request())
+    assert engine.lookahead_bytes == window
+    assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE
+    most, running = 0, None
+    for action, group, resident in engine.events:  # residency after each load, prefetch, run and release
+        running = group if action == "run" and group in blocks else running
+        if running is None:
+            continue
+        streamed = unet_groups(resident)
+        following = engine.groups[running].spec.prefetch_next
+        assert sum(weights[name] for name in streamed) <= max(window, weights[running] + weights[following])
+        most = max(most, len(streamed))
+    assert most == 2 if lookahead_blocks == 0 else most >= 3  # the running block and the next, or more ahead
+
+
 def test_split_runs_one_half_at_a_time_and_turbo_keeps_the_unet(tiny_model):
     split = make_pipe(tiny_model, memory="split")
     split.generate(request())
@@ -113,8 +145,8 @@ def test_unet_micro_batches_give_the_same_output(tiny_model, full_result):
     assert (result.latents - full_result.latents).abs().max().item() <= relative * scale
 
 
-def test_out_of_memory_falls_back_to_a_leaner_mode(tiny_model, full_result, monkeypatch, caplog):
-    pipe = make_pipe(tiny_model, memory="turbo")
+def fail_first_unet_call(pipe, monkeypatch) -> None:
+    """The UNet's first forward raises CUDA's out-of-memory error; later ones run."""
     unet = pipe.model.get_submodule(UNET)
     original = type(unet).forward
     failures = []
@@ -126,10 +158,27 @@ def test_out_of_memory_falls_back_to_a_leaner_mode(tiny_model, full_result, monk
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(unet), "forward", flaky_forward)
+
+
+def test_out_of_memory_falls_back_to_a_leaner_mode(tiny_model, full_result, monkeypatch, caplog):
+    pipe = make_pipe(tiny_model, memory="turbo")
+    fail_first_unet_call(pipe, monkeypatch)
     with caplog.at_level(logging.WARNING, logger="optimized_sd"):
         result = pipe.generate(request())
     assert pipe.mode == "split"
     assert "out of memory during unet in turbo mode; retrying the stage in split mode" in caplog.text
+    assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE
+
+
+def test_out_of_memory_copying_ahead_retries_one_block_ahead(tiny_model, full_result, monkeypatch, caplog):
+    pipe = make_pipe(tiny_model, memory="stream")
+    planned = pipe.plan_for
+    monkeypatch.setattr(pipe, "plan_for", lambda request: dataclasses.replace(planned(request), lookahead=10 * MIB))
+    fail_first_unet_call(pipe, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="optimized_sd"):
+        result = pipe.generate(request())
+    assert pipe.mode == "stream" and pipe.engine.lookahead_bytes == 0
+    assert "out of memory during unet copying blocks ahead; retrying the stage one block ahead" in caplog.text
     assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE
 
 
@@ -248,6 +297,24 @@ def test_no_budget_means_full_and_a_tiny_budget_is_refused():
     assert plan_memory(SD15_FP16, R512, budget=None).mode == "full"
     with pytest.raises(UserError, match=r"below the smallest plan: stream needs about"):
         plan_memory(SD15_FP16, R512, budget=100 * MIB)
+
+
+def test_stream_picked_by_auto_copies_ahead_within_the_budget():
+    stream, split = estimate_peak("stream", SD15_FP16, R512, False), estimate_peak("split", SD15_FP16, R512, False)
+    budget = split - 1
+    plan = plan_memory(SD15_FP16, R512, budget=budget)
+    assert plan.mode == "stream"
+    activations = unet_activation_bytes(R512, chunked=True)
+    assert plan.lookahead == budget - activations - FIXED_OVERHEAD > SD15_FP16.largest_block_pair
+    # At 512 the VAE decode sets stream's peak, so even the smallest budget leaves the UNet stage room.
+    assert plan_memory(SD15_FP16, R512, budget=stream).lookahead > SD15_FP16.largest_block_pair
+    # No room beyond the running block and the next: one block ahead.
+    assert stream_lookahead(SD15_FP16, R512, SD15_FP16.largest_block_pair + activations + FIXED_OVERHEAD) == 0
+    # Asked for by name, stream is the lowest-memory mode whatever the budget.
+    assert plan_memory(SD15_FP16, R512, budget=split - 1, mode="stream").lookahead == 0
+    assert plan_memory(SD15_FP16, R512, budget=None, mode="stream").lookahead == 0
+    # Never more than the whole UNet.
+    assert stream_lookahead(SD15_FP16, R512, 100 * 2**30) == SD15_FP16.unet
 
 
 def test_forced_mode_that_does_not_fit_says_what_was_chosen():

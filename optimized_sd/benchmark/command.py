@@ -27,7 +27,7 @@ def command_text() -> str:
 @click.option("--peers", help=f"diffusers configurations: {', '.join(PEERS)}; 'all' or 'none'.  [default: all the device can run]")
 @click.option("--steps", type=int, help="DDIM steps.  [default: 10 on CUDA, 2 on the CPU]")
 @click.option("--device", help="cuda, cuda:N or cpu.  [default: the best available]")
-@click.option("--budget", help="Also run `--memory auto` with this VRAM budget (e.g. 2GB): which mode the planner picks at each size, and its measured peak.")
+@click.option("--budget", help="Also run `--memory auto` with these VRAM budgets (e.g. 2GB or 1GB,2GB): which mode the planner picks at each size, and its measured peak.")
 @click.option("--only", help="Run only the scenarios whose names match these globs (comma-separated), e.g. 'txt2img-512-*'.")
 @click.option("--list", "list_only", is_flag=True, help="Print the scenario names the flags give, and stop.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True, help="Folder that receives <device>-<date>-<label>/.")

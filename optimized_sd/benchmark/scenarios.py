@@ -175,10 +175,14 @@ def select_scenarios(
         raise UserError("--steps must be at least 1")
     mode_list = parse_names(modes, OUR_MODES + (AUTO,), "memory mode", "--modes")
     peer_list = parse_names(peers, tuple(PEERS), "peer", "--peers")
+    budget_list = split_list(budget) if budget is not None else []
     if budget is not None:
         from optimized_sd.memory.planner import parse_bytes  # pure, no torch
 
-        parse_bytes(budget)
+        if not budget_list:
+            raise UserError("--budget is empty; give sizes like 2GB or 1GB,2GB")
+        for each in budget_list:
+            parse_bytes(each)
     notes: list[str] = []
     if peer_list and not diffusers_available:
         notes.append("diffusers is not installed: ran ours alone (pip install diffusers accelerate to compare)")
@@ -198,8 +202,8 @@ def select_scenarios(
             for batch in batch_list:
                 for mode in mode_list:
                     scenarios.append(Scenario(kind, height, width, batch, steps, mode))
-                if budget is not None:
-                    scenarios.append(Scenario(kind, height, width, batch, steps, AUTO, budget))
+                for each in budget_list:
+                    scenarios.append(Scenario(kind, height, width, batch, steps, AUTO, each))
                 for name in runnable_peers:
                     scenarios.append(Scenario(kind, height, width, batch, steps, name))
     scenarios = list(dict.fromkeys(scenarios))

@@ -98,6 +98,9 @@ class OffloadEngine:
         self.dtype = dtype
         self.host = host
         self.prefetch_enabled = prefetch and device.type == "cuda"
+        # Weight bytes of streamed groups that may be on the device at once when copying ahead; the
+        # group after the running one is always fetched, further ones only within this.
+        self.lookahead_bytes = 0
         self.copy_stream = torch.cuda.Stream(device) if self.prefetch_enabled else None
         self.events: list[tuple[str, str, tuple[str, ...]]] = []  # (action, group, resident after)
         self.groups: dict[str, Group] = {}
@@ -262,9 +265,23 @@ class OffloadEngine:
                 group.packed_device.record_stream(current)
             group.ready = None
         self.events.append(("run", name, self.resident_names()))
-        following = group.spec.prefetch_next
-        if following is not None and self.prefetch_enabled:
-            self.load(following, asynchronous=True)
+        if self.prefetch_enabled:
+            self._prefetch_after(name)
+
+    def _prefetch_after(self, name: str) -> None:
+        """Start the copies of the groups that follow `name`: the next one always, further ones while
+        the streamed groups on the device, these included, stay within `lookahead_bytes`."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        held = sum(g.bytes for g in self.groups.values() if g.resident and g.spec.release == "after_forward") * size
+        following, ahead = self.groups[name].spec.prefetch_next, 0
+        while following is not None and following != name:
+            group = self.groups[following]
+            if not group.resident:
+                if ahead and held + group.bytes * size > self.lookahead_bytes:
+                    return
+                self.load(following, asynchronous=True)
+                held += group.bytes * size
+            following, ahead = group.spec.prefetch_next, ahead + 1
 
     def _after(self, name: str) -> None:
         if self.groups[name].spec.release == "after_forward":

@@ -76,6 +76,7 @@ class Plan:
     estimates: dict[str, int] = field(default_factory=dict)
     budget: int | None = None
     reason: str = ""
+    lookahead: int = 0  # stream: weight bytes it may hold copying blocks ahead (0: current and next)
 
 
 def unet_activation_bytes(request: Request, chunked: bool) -> int:
@@ -111,6 +112,16 @@ def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling
     return max(stages) + FIXED_OVERHEAD
 
 
+def stream_lookahead(model: ModelFootprint, request: Request, budget: int) -> int:
+    """Weight bytes `stream` may keep on the device while copying UNet blocks ahead: what the budget
+    leaves beside the sampling stage's activations, or 0 when that is no more than the running block
+    and the next. Copying further ahead hides the copies of the wide low-resolution blocks (most of
+    the bytes, little compute) behind the compute of the high-resolution ones (see
+    benchmarks/stream_floor.py)."""
+    room = min(budget - unet_activation_bytes(request, chunked=True) - FIXED_OVERHEAD, model.unet)
+    return room if room > model.largest_block_pair else 0
+
+
 def plan_memory(
     model: ModelFootprint,
     request: Request,
@@ -120,7 +131,9 @@ def plan_memory(
     vae_tiling: str = "auto",
 ) -> Plan:
     """Pick the fastest mode whose estimate fits `budget` (None: no limit, i.e. `full`). A forced mode
-    is kept; VAE tiling `auto` turns on only when the untiled decode would not fit."""
+    is kept, and a forced `stream` keeps to one block ahead (the lowest memory, what it is asked
+    for); `stream` picked by `auto` copies further ahead within what the budget leaves. VAE tiling
+    `auto` turns on only when the untiled decode would not fit."""
     if mode != "auto" and mode not in MODES:
         raise UserError(f"unknown memory mode {mode!r}; choose one of auto, {', '.join(MODES)}")
     if vae_tiling not in ("auto", "on", "off"):
@@ -146,7 +159,8 @@ def plan_memory(
                     f"{mode} needs about {format_bytes(estimates[mode])} but the budget is "
                     f"{format_bytes(budget)}; {candidate} was chosen instead"
                 )
-            return Plan(candidate, tiled_for(candidate), candidate == "stream", estimates, budget, reason)
+            lookahead = stream_lookahead(model, request, budget) if candidate == "stream" and mode == "auto" else 0
+            return Plan(candidate, tiled_for(candidate), candidate == "stream", estimates, budget, reason, lookahead)
     raise UserError(
         f"a VRAM budget of {format_bytes(budget)} is below the smallest plan: "
         f"stream needs about {format_bytes(estimates['stream'])} at {request.width}x{request.height}"

@@ -206,6 +206,9 @@ class StableDiffusion:
         self.mode = mode
 
     def configure_blocks(self, plan: Plan, unet_batch: int | None) -> None:
+        """Apply the plan's per-call options: feed-forward chunks, UNet micro-batches, copy-ahead."""
+        if self.engine is not None:
+            self.engine.lookahead_bytes = plan.lookahead
         for module in self.model.modules():
             if isinstance(module, FeedForward):
                 module.chunk_tokens = FEED_FORWARD_CHUNK_TOKENS if plan.chunk_feed_forward else None
@@ -221,18 +224,23 @@ class StableDiffusion:
                 yield record
 
     def run_stage(self, name: str, work: Callable[[object], Tensor]) -> Tensor:
-        """Run a stage; on CUDA out-of-memory drop to the next leaner mode and retry it once."""
+        """Run a stage; on CUDA out-of-memory drop to the next leaner mode (or, in `stream` copying
+        ahead, to one block ahead) and retry it once."""
         try:
             with self.stage(name) as record:
                 return work(record)
         except torch.OutOfMemoryError:
-            lower = lower_mode(self.mode or "stream")
-            if lower is None:
-                raise UserError(f"out of memory during {name} even in stream mode; lower --H/--W or --n_samples") from None
-            log.warning("out of memory during %s in %s mode; retrying the stage in %s mode", name, self.mode, lower)
+            if self.engine is not None and self.engine.lookahead_bytes:
+                log.warning("out of memory during %s copying blocks ahead; retrying the stage one block ahead", name)
+                self.engine.lookahead_bytes = 0
+            else:
+                lower = lower_mode(self.mode or "stream")
+                if lower is None:
+                    raise UserError(f"out of memory during {name} even in stream mode; lower --H/--W or --n_samples") from None
+                log.warning("out of memory during %s in %s mode; retrying the stage in %s mode", name, self.mode, lower)
+                self.use_mode(lower)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.use_mode(lower)
             with self.stage(name) as record:
                 return work(record)
 

@@ -11,6 +11,7 @@ import click
 from tqdm import tqdm
 
 from optimized_sd.errors import UserError
+from optimized_sd.memory.planner import format_bytes
 from optimized_sd.pipelines.diffusion import GenerationRequest, check_size, load, load_init_image
 from optimized_sd.pipelines.output import encode, ensure_writable, make_grid, prompt_folder, save_image, write_new
 from optimized_sd.pipelines.prompts import read_prompt_file
@@ -117,7 +118,9 @@ def run_generation(flags: dict[str, Any], init_img: Path | None, strength: float
         grid = make_grid(images, flags["n_rows"] or flags["n_samples"])
         data = encode(grid, flags["fmt"], result.parameters[0].text())
         written.append(write_new(Path(flags["outdir"]), "grid", flags["fmt"], data, 0))
-    click.echo(f"mode {pipe.mode} on {pipe.device}; {len(images)} image(s)" + (f", wrote {len(written)} file(s):" if written else ""))
+    ahead = pipe.engine.lookahead_bytes if pipe.engine is not None and pipe.engine.prefetch_enabled else 0
+    mode = f"{pipe.mode} (copying up to {format_bytes(ahead)} of blocks ahead)" if ahead else pipe.mode
+    click.echo(f"mode {mode} on {pipe.device}; {len(images)} image(s)" + (f", wrote {len(written)} file(s):" if written else ""))
     for path in written:
         click.echo(f"  {path}")
     if flags["report"]:
