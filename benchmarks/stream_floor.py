@@ -7,6 +7,8 @@ starts max(c_i, copy_{i+1}) after block i: a step takes sum_i max(c_i, copy_{i+1
 next step's first block follows the last). The bound assumes copies and compute overlap perfectly,
 which needs the heavy-copy blocks (1280 channels at 8-16 px: most of the bytes, little compute) to be
 fetched during the heavy-compute ones (320 channels at 64 px: few bytes), i.e. several blocks ahead.
+The script also simulates that: copies in order within a window of weight bytes, which is what the
+engine does when `--memory auto` picks `stream` under a budget (`memory.planner.stream_lookahead`).
 
 On CUDA each top-level UNet block is timed with CUDA events (fp16, weights resident) and the
 pinned host-to-device bandwidth is measured; elsewhere compute is split by FLOPs over a total given
@@ -158,17 +160,17 @@ def main() -> int:
         compute = [share * args.compute_ms / 1000 for share in flop_shares(args.size)]
         gbs = args.bandwidth_gbs
         source = f"no CUDA: {args.compute_ms:g} ms split by FLOPs, {gbs:g} GB/s given"
-    copy = [size / (gbs * 1e9) for size in block_bytes()]
+    sizes = block_bytes()
+    copy = [size / (gbs * 1e9) for size in sizes]
     print(f"SD 1.5 UNet, {args.size}x{args.size}, CFG batch 2, fp16 weights; {source}")
     print(f"{'block':<17}{'MiB':>8}{'compute ms':>12}{'copy ms':>9}")
-    for name, size, c, k in zip(names, block_bytes(), compute, copy):
+    for name, size, c, k in zip(names, sizes, compute, copy):
         print(f"{name:<17}{size / 2**20:8.1f}{c * 1e3:12.2f}{k * 1e3:9.2f}")
     bound = max(sum(compute), sum(copy))
     floor = one_block_lookahead_seconds(compute, copy)
     print(f"compute {sum(compute) * 1e3:.1f} ms, copies {sum(copy) * 1e3:.1f} ms at {gbs:.1f} GB/s")
     print(f"issue 3 bound max(compute, copy):             {bound * 1e3:6.1f} ms (target 1.2x: {1.2 * bound * 1e3:.1f} ms)")
     print(f"one-block lookahead floor sum max(c_i, k_i+1): {floor * 1e3:6.1f} ms = {floor / bound:.2f}x the bound")
-    sizes = block_bytes()
     print("copying further ahead, within a window of weight bytes on the device (activations come on top):")
     for window_mib in (384, 512, 640, 768, 1024, 1280):
         step = simulated_step_seconds(compute, copy, sizes, window_mib * 2**20)

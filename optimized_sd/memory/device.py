@@ -108,10 +108,6 @@ class LeanHeap:
         except (OSError, AttributeError):
             self.libc = None
 
-    @property
-    def active(self) -> bool:
-        return self.libc is not None
-
     def apply(self, settings: HeapSettings) -> None:
         if self.libc is not None:
             self.libc.mallopt(M_MMAP_THRESHOLD, settings.mmap_threshold)
