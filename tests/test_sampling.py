@@ -430,7 +430,7 @@ def test_progress_counts_steps():
         seen: list[tuple[int, int]] = []
         plan = make_plan(name, steps)
         sample(plan, ToyEps(), start_latents(plan, noise()), gens(1, 2), progress=lambda i, n: seen.append((i, n)))
-        assert seen == [(i, plan.num_steps) for i in range(1, plan.num_steps + 1)]
+        assert seen == [(i, plan.num_steps) for i in range(0, plan.num_steps + 1)]
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m", "dpmpp_sde"])

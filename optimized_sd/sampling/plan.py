@@ -180,6 +180,8 @@ def sample(
 
     noise = _per_image_noise(generators, x)
     callback = (lambda i: progress(i, total)) if progress is not None else None
+    if callback is not None:
+        callback(0)  # the clock starts before the first step, so a progress bar times that step too
     state = x.float()
     if plan.sampler in _COMPVIS:
         out = _COMPVIS[plan.sampler](eps, state, plan.ddim_steps, noise, callback)
