@@ -96,6 +96,7 @@ class OffloadEngine:
         self.source = source
         self.device = device
         self.dtype = dtype
+        self.dtype_bytes = dtype.itemsize
         self.host = host
         self.prefetch_enabled = prefetch and device.type == "cuda"
         # Weight bytes of streamed groups that may be on the device at once when copying ahead; the
@@ -271,7 +272,7 @@ class OffloadEngine:
     def _prefetch_after(self, name: str) -> None:
         """Start the copies of the groups that follow `name`: the next one always, further ones while
         the streamed groups on the device, these included, stay within `lookahead_bytes`."""
-        size = torch.empty((), dtype=self.dtype).element_size()
+        size = self.dtype_bytes
         held = sum(g.bytes for g in self.groups.values() if g.resident and g.spec.release == "after_forward") * size
         following, ahead = self.groups[name].spec.prefetch_next, 0
         while following is not None and following != name:
@@ -308,8 +309,7 @@ class OffloadEngine:
 
     def resident_bytes(self) -> int:
         """Bytes of weights currently on the device (floating tensors at the compute dtype)."""
-        size = torch.empty((), dtype=self.dtype).element_size()
-        return sum(group.bytes * size for group in self.groups.values() if group.resident)
+        return sum(group.bytes * self.dtype_bytes for group in self.groups.values() if group.resident)
 
     def close(self) -> None:
         for handle in self._hooks:
