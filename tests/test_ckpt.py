@@ -18,38 +18,9 @@ from safetensors.torch import load_file, save_file
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.ckpt import InertLightningObject, load_ckpt, state_dict_from_ckpt
 
-from lightning_checkpoints import lightning_standin, write_lightning_ckpt
+from lightning_checkpoints import lightning_standin, tiny_sd1, write_lightning_ckpt
 
 MODEL_CHECKPOINT = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
-
-
-def tiny_sd1_state_dict() -> dict[str, torch.Tensor]:
-    """A handful of small tensors under real SD 1.x LDM key names, with EMA and schedule extras."""
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g)
-
-    unet = "model.diffusion_model."
-    te = "cond_stage_model.transformer.text_model."
-    return {
-        unet + "input_blocks.0.0.weight": r(8, 4, 3, 3),
-        unet + "input_blocks.0.0.bias": r(8),
-        unet + "input_blocks.1.1.proj_in.weight": r(8, 8, 1, 1),
-        unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": r(8, 16),
-        unet + "out.2.weight": r(4, 8, 3, 3),
-        "first_stage_model.encoder.conv_in.weight": r(8, 3, 3, 3),
-        "first_stage_model.decoder.conv_out.weight": r(3, 8, 3, 3),
-        te + "embeddings.token_embedding.weight": r(10, 16),
-        te + "final_layer_norm.weight": r(16),
-        te + "embeddings.position_ids": torch.arange(7).unsqueeze(0),
-        "betas": torch.linspace(1e-4, 2e-2, 10),
-        "alphas_cumprod": torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 10), 0),
-        "logvar": torch.zeros(10),
-        "model_ema.decay": torch.tensor(0.9999),
-        "model_ema.num_updates": torch.tensor(470000, dtype=torch.int32),
-        "model_ema.diffusion_modelinput_blocks00weight": r(8, 4, 3, 3),
-    }
 
 
 def rewrite_zip(src: Path, dst: Path, patch: dict[str, Callable[[bytes], bytes]]) -> None:
@@ -80,7 +51,7 @@ def assert_one_line(exc: pytest.ExceptionInfo) -> str:
 
 
 def test_lightning_ckpt_loads_without_importing_pytorch_lightning(tmp_path: Path) -> None:
-    sd = tiny_sd1_state_dict()
+    sd = tiny_sd1()
     path = tmp_path / "sd-v1-4-tiny.ckpt"
     write_lightning_ckpt(path, sd)
     with zipfile.ZipFile(path) as zf:
@@ -108,7 +79,7 @@ def test_zip_checkpoint_tensors_are_memory_mapped(tmp_path: Path) -> None:
     maps = Path("/proc/self/maps")
     if not maps.exists():
         pytest.skip("needs /proc/self/maps")
-    sd = tiny_sd1_state_dict()
+    sd = tiny_sd1()
     path = tmp_path / "mapped.ckpt"
     write_lightning_ckpt(path, sd)
     tensor = state_dict_from_ckpt(load_ckpt(path))["model.diffusion_model.out.2.weight"]
@@ -123,7 +94,7 @@ def test_zip_checkpoint_tensors_are_memory_mapped(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("layout", ["lightning", "bare", "wrapped", "fp16", "legacy", "safetensors"])
 def test_every_layout_loads_the_same_tensors(tmp_path: Path, layout: str) -> None:
-    sd = tiny_sd1_state_dict()
+    sd = tiny_sd1()
     want = sd
     path = tmp_path / f"{layout}.ckpt"
     if layout == "lightning":
@@ -228,7 +199,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path: Path, payload: s
     evil, global_name = _payloads(marker)[payload]
     path = tmp_path / "evil.ckpt"
     # hidden next to real weights, inside Lightning-style nesting
-    obj = {"state_dict": tiny_sd1_state_dict(), "callbacks": {"x": {"state": [evil]}}}
+    obj = {"state_dict": tiny_sd1(), "callbacks": {"x": {"state": [evil]}}}
     torch.save(obj, path, _use_new_zipfile_serialization=(fmt == "zip"))
     assert not marker.exists()
 
@@ -275,7 +246,7 @@ def test_torchscript_archive_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fraction", [0.3, 0.9])
 def test_truncated_file_is_refused(tmp_path: Path, fmt: str, fraction: float) -> None:
     full = tmp_path / "full.ckpt"
-    torch.save({"state_dict": tiny_sd1_state_dict()}, full, _use_new_zipfile_serialization=(fmt == "zip"))
+    torch.save({"state_dict": tiny_sd1()}, full, _use_new_zipfile_serialization=(fmt == "zip"))
     data = full.read_bytes()
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(data[: int(len(data) * fraction)])

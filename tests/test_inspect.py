@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightning_checkpoints import write_lightning_ckpt
+from lightning_checkpoints import UNET, tiny_sd1, write_lightning_ckpt
 
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.hashing import legacy_model_hash, sha256_file, sha256_short
@@ -26,36 +26,7 @@ from optimized_sd.weights.inspect import (
     format_info,
 )
 
-U = "model.diffusion_model."
-TE = "cond_stage_model.transformer.text_model."
-
-
-def tiny_sd1(ema_copy: bool = True) -> dict[str, torch.Tensor]:
-    """Small tensors under real SD 1.x key names: 5 UNet, 2 VAE, 2 text-encoder weights plus extras."""
-    g = torch.Generator().manual_seed(1)
-    sd = {
-        U + "input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),  # 288
-        U + "input_blocks.0.0.bias": torch.randn(8, generator=g),  # 8
-        U + "input_blocks.1.1.proj_in.weight": torch.randn(8, 8, 1, 1, generator=g),  # 64
-        U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.randn(8, 16, generator=g),  # 128
-        U + "out.2.weight": torch.randn(4, 8, 3, 3, generator=g),  # 288
-        "first_stage_model.encoder.conv_in.weight": torch.randn(8, 3, 3, 3, generator=g),  # 216
-        "first_stage_model.decoder.conv_out.weight": torch.randn(3, 8, 3, 3, generator=g),  # 216
-        TE + "embeddings.token_embedding.weight": torch.randn(10, 16, generator=g),  # 160
-        TE + "final_layer_norm.weight": torch.randn(16, generator=g),  # 16
-        TE + "embeddings.position_ids": torch.arange(7).unsqueeze(0),
-        "betas": torch.linspace(1e-4, 2e-2, 10),
-        "alphas_cumprod": torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 10), 0),
-        "posterior_variance": torch.zeros(10),
-        "model_ema.decay": torch.tensor(0.9999),
-        "model_ema.num_updates": torch.tensor(470000, dtype=torch.int32),
-    }
-    if ema_copy:
-        sd["model_ema.diffusion_modelinput_blocks00weight"] = sd[U + "input_blocks.0.0.weight"].clone()
-        sd["model_ema.diffusion_modelout2weight"] = sd[U + "out.2.weight"].clone()
-    return sd
-
-
+# Parameter counts of lightning_checkpoints.tiny_sd1 (its comments give each tensor's).
 UNET_PARAMS = 288 + 8 + 64 + 128 + 288
 VAE_PARAMS = 216 + 216
 TE_PARAMS = 160 + 16
@@ -228,7 +199,7 @@ def test_safetensors_with_metadata(tmp_path: Path) -> None:
 
 def test_unsupported_family_is_described_not_raised(tmp_path: Path) -> None:
     sd = tiny_sd1(ema_copy=False)
-    sd[U + "input_blocks.0.0.weight"] = torch.zeros(8, 9, 3, 3)
+    sd[UNET + "input_blocks.0.0.weight"] = torch.zeros(8, 9, 3, 3)
     path = tmp_path / "inpainting.safetensors"
     save_file(sd, path)
     info = describe_checkpoint(path, hashes=False)
