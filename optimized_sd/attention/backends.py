@@ -123,8 +123,7 @@ def score_bytes_per_row(n_keys: int, dtype: torch.dtype) -> int:
     For float32 there is no copy (`.float()` is a no-op and the softmax runs in place); the
     second 4 bytes are kept as headroom for matmul workspace rather than tuned away.
     """
-    elem = torch.empty((), dtype=dtype).element_size()
-    return n_keys * (elem + 4)
+    return n_keys * (dtype.itemsize + 4)
 
 
 def slice_budget_bytes(device: torch.device) -> int:

@@ -281,7 +281,7 @@ def run_ours(payload: dict, scenario, device) -> dict:
             "estimates_mib": {mode: value / MIB for mode, value in pipe.plan.estimates.items()},
         },
         "footprint": {
-            "dtype_bytes": torch.empty((), dtype=pipe.dtype).element_size(),
+            "dtype_bytes": pipe.dtype_bytes,
             "text_encoder": fp.text_encoder,
             "unet": fp.unet,
             "unet_halves": list(fp.unet_halves),

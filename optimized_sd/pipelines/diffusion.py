@@ -141,7 +141,7 @@ class StableDiffusion:
         self.budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
         self.vae_tiling = vae_tiling
         self.vae_tile = VAE_TILE
-        self.dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+        self.dtype_bytes = self.dtype.itemsize
         self.sizes = footprint(self.model, self.dtype_bytes)  # weight bytes per group: fixed for this pipeline
         plan_memory(self.sizes, Request(64, 64), budget=None, mode=memory, vae_tiling=vae_tiling)  # validates names
         tokenizer_dir = Path(tokenizer) if tokenizer else loaded.checkpoint.tokenizer_dir

@@ -132,10 +132,9 @@ class SafetensorsSource(TensorSource):
         dtype, shape, offset, length = self._entries[key]
         if length == 0 or self._mapping is None:
             return torch.empty(shape, dtype=dtype)
-        itemsize = torch.empty((), dtype=dtype).element_size()
         with warnings.catch_warnings():  # the mapping is read-only; callers copy before writing
             warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(self._mapping, dtype=dtype, count=length // itemsize, offset=offset)
+            flat = torch.frombuffer(self._mapping, dtype=dtype, count=length // dtype.itemsize, offset=offset)
         return flat.view(shape)
 
     def release(self, keys: Iterable[str]) -> None:
