@@ -89,6 +89,10 @@ def test_stream_keeps_at_most_current_and_next_block(tiny_model):
     parameters = list(pipe.model.get_submodule(UNET).parameters())
     assert not any(p.device.type == "cuda" for p in parameters)
     assert DEVICE != "cpu" or all(p.is_meta for p in parameters)  # the CPU path keeps nothing: the file is the home
+    # The log covers the last call only: a long-lived pipeline does not accumulate one.
+    logged = len(pipe.engine.events)
+    pipe.generate(request())
+    assert len(pipe.engine.events) == logged
 
 
 @pytest.mark.parametrize("lookahead_blocks", [0, 3])

@@ -323,6 +323,7 @@ class StableDiffusion:
         self.plan = self.plan_for(request)
         self.use_mode(self.plan.mode)
         self.configure_blocks(self.plan, request.unet_batch)
+        self.engine.events.clear()  # the residency log of this call only: a long-lived pipeline keeps no history
         tiled = self.plan.vae_tiling
 
         def encode_text(record) -> tuple[Tensor, Tensor | None]:
