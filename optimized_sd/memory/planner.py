@@ -146,11 +146,12 @@ def plan_memory(
             return False
         return estimate_peak(candidate, model, request, False) > budget >= estimate_peak(candidate, model, request, True)
 
-    estimates = {m: estimate_peak(m, model, request, tiled_for(m)) for m in MODES}
+    tiled = {m: tiled_for(m) for m in MODES}
+    estimates = {m: estimate_peak(m, model, request, tiled[m]) for m in MODES}
     if mode != "auto" and (budget is None or estimates[mode] <= budget):
-        return Plan(mode, tiled_for(mode), mode == "stream", estimates, budget, "as asked")
+        return Plan(mode, tiled[mode], mode == "stream", estimates, budget, "as asked")
     if budget is None:
-        return Plan("full", tiled_for("full"), False, estimates, budget, "no memory limit")
+        return Plan("full", tiled["full"], False, estimates, budget, "no memory limit")
     for candidate in MODES:
         if estimates[candidate] <= budget:
             reason = "fastest that fits"
@@ -160,7 +161,7 @@ def plan_memory(
                     f"{format_bytes(budget)}; {candidate} was chosen instead"
                 )
             lookahead = stream_lookahead(model, request, budget) if candidate == "stream" and mode == "auto" else 0
-            return Plan(candidate, tiled_for(candidate), candidate == "stream", estimates, budget, reason, lookahead)
+            return Plan(candidate, tiled[candidate], candidate == "stream", estimates, budget, reason, lookahead)
     raise UserError(
         f"a VRAM budget of {format_bytes(budget)} is below the smallest plan: "
         f"stream needs about {format_bytes(estimates['stream'])} at {request.width}x{request.height}"
