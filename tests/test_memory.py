@@ -26,7 +26,8 @@ from optimized_sd.memory.planner import (
     stream_lookahead,
     unet_activation_bytes,
 )
-from optimized_sd.pipelines.diffusion import GenerationRequest
+from optimized_sd.models.layers import FeedForward
+from optimized_sd.pipelines.diffusion import FEED_FORWARD_CHUNK_TOKENS, GenerationRequest
 from optimized_sd.pipelines.placement import UNET, unet_blocks
 
 TOLERANCE = 1e-5
@@ -171,6 +172,16 @@ def test_out_of_memory_falls_back_to_a_leaner_mode(tiny_model, full_result, monk
         result = pipe.generate(request())
     assert pipe.mode == "split"
     assert "out of memory during unet in turbo mode; retrying the stage in split mode" in caplog.text
+    assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE
+
+
+def test_out_of_memory_fallback_into_stream_chunks_the_feed_forward(tiny_model, full_result, monkeypatch):
+    pipe = make_pipe(tiny_model, memory="split")
+    fail_first_unet_call(pipe, monkeypatch)
+    result = pipe.generate(request())
+    assert pipe.mode == "stream"
+    chunks = {m.chunk_tokens for m in pipe.model.modules() if isinstance(m, FeedForward)}
+    assert chunks == {FEED_FORWARD_CHUNK_TOKENS}
     assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE
 
 

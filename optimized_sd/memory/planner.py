@@ -72,11 +72,14 @@ class Plan:
 
     mode: str
     vae_tiling: bool
-    chunk_feed_forward: bool
     estimates: dict[str, int] = field(default_factory=dict)
     budget: int | None = None
     reason: str = ""
     lookahead: int = 0  # stream: weight bytes it may hold copying blocks ahead (0: current and next)
+
+def chunks_feed_forward(mode: str) -> bool:
+    """`stream` runs the UNet feed-forward in token chunks so it is never the peak (the estimates assume it)."""
+    return mode == "stream"
 
 
 def unet_activation_bytes(request: Request, chunked: bool) -> int:
@@ -95,7 +98,7 @@ def vae_activation_bytes(request: Request, per_pixel: int, tiled: bool) -> int:
 def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling: bool) -> int:
     """Peak allocated bytes of one run in `mode`: the largest of its stages' resident weights plus
     that stage's activations."""
-    chunked = mode == "stream"
+    chunked = chunks_feed_forward(mode)
     unet_act = unet_activation_bytes(request, chunked)
     decode_act = vae_activation_bytes(request, VAE_DECODE_ELEMENTS_PER_PIXEL, vae_tiling)
     encode_act = vae_activation_bytes(request, VAE_ENCODE_ELEMENTS_PER_PIXEL, vae_tiling) if request.encodes_image else 0
@@ -149,9 +152,9 @@ def plan_memory(
     tiled = {m: tiled_for(m) for m in MODES}
     estimates = {m: estimate_peak(m, model, request, tiled[m]) for m in MODES}
     if mode != "auto" and (budget is None or estimates[mode] <= budget):
-        return Plan(mode, tiled[mode], mode == "stream", estimates, budget, "as asked")
+        return Plan(mode, tiled[mode], estimates, budget, "as asked")
     if budget is None:
-        return Plan("full", tiled["full"], False, estimates, budget, "no memory limit")
+        return Plan("full", tiled["full"], estimates, budget, "no memory limit")
     for candidate in MODES:
         if estimates[candidate] <= budget:
             reason = "fastest that fits"
@@ -161,7 +164,7 @@ def plan_memory(
                     f"{format_bytes(budget)}; {candidate} was chosen instead"
                 )
             lookahead = stream_lookahead(model, request, budget) if candidate == "stream" and mode == "auto" else 0
-            return Plan(candidate, tiled[candidate], candidate == "stream", estimates, budget, reason, lookahead)
+            return Plan(candidate, tiled[candidate], estimates, budget, reason, lookahead)
     raise UserError(
         f"a VRAM budget of {format_bytes(budget)} is below the smallest plan: "
         f"stream needs about {format_bytes(estimates['stream'])} at {request.width}x{request.height}"

@@ -26,6 +26,7 @@ from optimized_sd.memory.planner import (
     VAE_TILE_OVERLAP,
     Plan,
     Request,
+    chunks_feed_forward,
     lower_mode,
     parse_bytes,
     plan_memory,
@@ -204,15 +205,18 @@ class StableDiffusion:
             prefetch=mode == "stream",
         )
         self.mode = mode
+        # With the mode, not the plan: an out-of-memory fallback into stream chunks as well.
+        chunk_tokens = FEED_FORWARD_CHUNK_TOKENS if chunks_feed_forward(mode) else None
+        for module in self.model.modules():
+            if isinstance(module, FeedForward):
+                module.chunk_tokens = chunk_tokens
 
     def configure_blocks(self, plan: Plan, unet_batch: int | None) -> None:
-        """Apply the plan's per-call options: feed-forward chunks, UNet micro-batches, copy-ahead."""
+        """Apply the plan's per-call options: UNet micro-batches, copy-ahead."""
         if self.engine is not None:
             self.engine.lookahead_bytes = plan.lookahead
         for module in self.model.modules():
-            if isinstance(module, FeedForward):
-                module.chunk_tokens = FEED_FORWARD_CHUNK_TOKENS if plan.chunk_feed_forward else None
-            elif isinstance(module, TimestepEmbedSequential):
+            if isinstance(module, TimestepEmbedSequential):
                 module.micro_batch = unet_batch
 
     @contextlib.contextmanager
