@@ -139,8 +139,14 @@ class OffloadEngine:
             floating=tensor.is_floating_point(),
         )
 
-    def _target_dtype(self, slot: TensorSlot, value: Tensor) -> torch.dtype:
-        return self.dtype if value.is_floating_point() else value.dtype
+    def _target_dtype(self, slot: TensorSlot) -> torch.dtype:
+        """The compute dtype for floating tensors; the file's own for the rest (e.g. position ids)."""
+        stored = self.source.dtype(slot.key)
+        return self.dtype if stored.is_floating_point else stored
+
+    def _placeholder(self, slot: TensorSlot) -> Tensor:
+        """What a slot holds while its group is away: shape and dtype, no memory."""
+        return torch.empty(slot.shape, dtype=self._target_dtype(slot), device="meta")
 
     def _prepare_host(self, group: Group) -> None:
         """Make the host copies (not for `never` groups, which go straight to the device, nor for the
@@ -150,18 +156,18 @@ class OffloadEngine:
         if keep_copy:
             group.packed_host = torch.empty(group.pack_layout(), dtype=self.dtype, pin_memory=pin)
         for slot in group.slots:
-            value = self.source.get(slot.key)
-            if keep_copy and slot.key in group.offsets:
+            if not keep_copy:
+                self._set(slot, self._placeholder(slot))
+                continue
+            value = self.source.get(slot.key).reshape(slot.shape)
+            if slot.key in group.offsets:
                 start = group.offsets[slot.key]
                 slot.host = group.packed_host[start : start + slot.shape.numel()].view(slot.shape)
-                slot.host.copy_(value.reshape(slot.shape))
-                self._set(slot, slot.host)
-            elif keep_copy:  # integer tensors, rare: kept on their own
-                host = value.reshape(slot.shape).clone()
+                slot.host.copy_(value)
+            else:  # integer tensors, rare: kept on their own
+                host = value.clone()
                 slot.host = host.pin_memory() if pin else host
-                self._set(slot, slot.host)
-            else:
-                self._set(slot, torch.empty(slot.shape, dtype=self._target_dtype(slot, value), device="meta"))
+            self._set(slot, slot.host)
         if keep_copy:
             self.source.release(slot.key for slot in group.slots)
 
@@ -196,7 +202,7 @@ class OffloadEngine:
                 continue
             value = slot.host if slot.host is not None else self.source.get(slot.key)
             value = value.reshape(slot.shape).to(
-                device=self.device, dtype=self._target_dtype(slot, value), non_blocking=non_blocking, copy=True
+                device=self.device, dtype=self._target_dtype(slot), non_blocking=non_blocking, copy=True
             )
             self._set(slot, value)
         # Every tensor above is a copy, so the file pages just read can be handed back at once.
@@ -241,11 +247,7 @@ class OffloadEngine:
         if not group.resident or group.spec.release == "never":
             return
         for slot in group.slots:
-            if slot.host is not None:
-                self._set(slot, slot.host)
-            else:
-                dtype = self.dtype if slot.floating else self.source.dtype(slot.key)
-                self._set(slot, torch.empty(slot.shape, dtype=dtype, device="meta"))
+            self._set(slot, slot.host if slot.host is not None else self._placeholder(slot))
         group.resident = False
         group.ready = None
         group.packed_device = None
