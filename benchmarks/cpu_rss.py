@@ -40,9 +40,7 @@ def ab_child(payload: dict) -> int:
     model, size = payload["model"], payload["size"]
     pipe = optimized_sd.load(model["checkpoint"], device="cpu", memory="stream", precision="full", tokenizer=model["tokenizer"])
     request = GenerationRequest(prompts=["a"], steps=2, sampler="ddim", seed=0, height=size, width=size)
-    plan = pipe.plan_for(request)
-    pipe.use_mode(plan.mode)
-    pipe.configure_blocks(plan, None)
+    pipe.prepare(request)
     ours = pipe.model.model.diffusion_model
     theirs = UNet2DConditionModel.from_single_file(
         model["checkpoint"], config=model["diffusers_config"], subfolder="unet", local_files_only=True, torch_dtype=torch.float32

@@ -211,6 +211,16 @@ class StableDiffusion:
             if isinstance(module, FeedForward):
                 module.chunk_tokens = chunk_tokens
 
+    def prepare(self, request: GenerationRequest) -> Plan:
+        """Plan the call and place the weights for it (what `generate` does first; a benchmark calls
+        it alone to time loading apart from generating)."""
+        self.plan = self.plan_for(request)
+        self.use_mode(self.plan.mode)
+        self.configure_blocks(self.plan, request.unet_batch)
+        assert self.engine is not None
+        self.engine.events.clear()  # the residency log of this call only: a long-lived pipeline keeps no history
+        return self.plan
+
     def configure_blocks(self, plan: Plan, unet_batch: int | None) -> None:
         """Apply the plan's per-call options: UNet micro-batches, copy-ahead."""
         if self.engine is not None:
@@ -324,11 +334,7 @@ class StableDiffusion:
         )
         seed = request.seed if request.seed is not None else random.randint(0, 2**32 - 1)
         seeds = [seed + i for i in range(len(request.prompts))]
-        self.plan = self.plan_for(request)
-        self.use_mode(self.plan.mode)
-        self.configure_blocks(self.plan, request.unet_batch)
-        self.engine.events.clear()  # the residency log of this call only: a long-lived pipeline keeps no history
-        tiled = self.plan.vae_tiling
+        tiled = self.prepare(request).vae_tiling
 
         def encode_text(record) -> tuple[Tensor, Tensor | None]:
             cond = torch.cat([self.encode_prompt(p) for p in request.prompts])
