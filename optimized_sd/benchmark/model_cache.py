@@ -330,12 +330,6 @@ def ensure_model(cache_dir: Path | str | None = None, name: str = "sd15", seed: 
     )
 
 
-def ensure_random_sd15(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
-    """The full-size SD 1.5 benchmark file (built once, ~2.1 GB); its folder also holds `tokenizer`
-    (via diffusers-config/tokenizer) and `diffusers-config/`."""
-    return ensure_model(cache_dir, "sd15", seed).checkpoint
-
-
 def activation_ranges(config, size: int = 64, seed: int = 0) -> dict[str, float]:
     """Largest |value| out of each network in an fp32 forward pass at `size` pixels, for the fp16
     range check (65504 is fp16's largest finite value)."""

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -55,7 +55,6 @@ class BenchOptions:
     timeout: float = 1800.0
     label: str | None = None
     command: str = "optimized-sd bench"
-    extra_notes: list[str] = field(default_factory=list)
 
     def resolved(self) -> dict:
         """Flag values with the quick preset and defaults filled in (steps/warmup need the device)."""
@@ -226,7 +225,7 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
             "timeout_s": options.timeout,
         },
         "budget": options.budget,
-        "notes": selection.notes + options.extra_notes,
+        "notes": selection.notes,
         "results": [],
     }
     folder = results_folder(options, machine, date)

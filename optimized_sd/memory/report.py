@@ -27,10 +27,6 @@ class StageRecord:
     peak_rss_mib: float
     steps: int = 0
 
-    @property
-    def seconds_per_step(self) -> float | None:
-        return self.seconds / self.steps if self.steps else None
-
 
 class RssSampler:
     """Polls the process' resident set every `interval` seconds on a thread; psutil has no peak

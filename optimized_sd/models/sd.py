@@ -27,15 +27,3 @@ class LatentDiffusion(nn.Module):
         self.model = DiffusionWrapper(UNetModel(config.unet))
         self.first_stage_model = AutoencoderKL(config.vae)
         self.cond_stage_model = FrozenCLIPEmbedder(config.text)
-
-    @property
-    def unet(self) -> UNetModel:
-        return self.model.diffusion_model
-
-    @property
-    def vae(self) -> AutoencoderKL:
-        return self.first_stage_model
-
-    @property
-    def text_encoder(self) -> FrozenCLIPEmbedder:
-        return self.cond_stage_model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -175,14 +174,11 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 
-    def encode_moments(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior mean and standard deviation of the latent (Kingma & Welling 2014)."""
-        mean, logvar = self.quant_conv(self.encoder(image)).chunk(2, dim=1)
-        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-
     def encode(self, image: Tensor) -> Tensor:
-        """Unscaled latent: the posterior mean, so encoding is deterministic and device-independent."""
-        return self.encode_moments(image)[0]
+        """Unscaled latent: the posterior mean (the first half of the moments; the log-variance is not
+        needed), so encoding is deterministic and device-independent."""
+        mean, _logvar = self.quant_conv(self.encoder(image)).chunk(2, dim=1)
+        return mean
 
     def decode(self, latent: Tensor) -> Tensor:
         """Unscaled latent -> image in about [-1, 1]."""
