@@ -39,9 +39,7 @@ class Checkpoint:
 
     source: TensorSource
     path: Path
-    layout: str
     tokenizer_dir: Path | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -95,7 +93,7 @@ def open_diffusers_folder(folder: Path) -> Checkpoint:
         [RenamedSource(unet, unet_names), RenamedSource(vae, vae_names), RenamedSource(text, text_names)]
     )
     tokenizer = folder / "tokenizer"
-    return Checkpoint(source, folder, "diffusers folder", tokenizer if tokenizer.is_dir() else None)
+    return Checkpoint(source, folder, tokenizer if tokenizer.is_dir() else None)
 
 
 def open_checkpoint(path: Path | str) -> Checkpoint:
@@ -107,10 +105,7 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint is not a file: {path}")
-    source = open_weight_file(path)
-    if isinstance(source, SafetensorsSource):
-        return Checkpoint(source, path, "single-file safetensors", metadata=source.metadata)
-    return Checkpoint(source, path, "pickle checkpoint (.ckpt)")
+    return Checkpoint(open_weight_file(path), path)
 
 
 def ema_source(source: TensorSource) -> TensorSource:
