@@ -29,14 +29,11 @@ from .compvis import DDIMStep, ddim_grid, sample_ddim, sample_plms
 from .denoisers import eps_denoiser
 from .schedules import DiscreteSchedule, dpm_solver_sigmas, karras_sigmas, linspace_sigmas, scaled_linear_schedule
 
-SAMPLERS: tuple[str, ...] = (
-    "ddim", "plms", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde",
-)  # fmt: skip
-
-_DISPLAY_NAMES = {
+_DISPLAY_NAMES = {  # our name -> AUTOMATIC1111's (written into image metadata)
     "ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpm2": "DPM2",
     "dpm2_a": "DPM2 a", "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE",
 }  # fmt: skip
+SAMPLERS: tuple[str, ...] = tuple(_DISPLAY_NAMES)
 
 _K_SAMPLERS = {
     "euler": k.sample_euler,
@@ -73,9 +70,13 @@ class SamplingPlan:
         return len(self.ddim_steps) if self.sampler in _COMPVIS else max(len(self.sigmas) - 1, 0)
 
 
-def _check(sampler: str, steps: int, strength: float, eta: float, karras: bool, num_timesteps: int) -> None:
+def check_sampler(sampler: str) -> None:
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+
+
+def _check(sampler: str, steps: int, strength: float, eta: float, karras: bool, num_timesteps: int) -> None:
+    check_sampler(sampler)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise UserError(f"steps must be a whole number from 1 to {num_timesteps}, got {steps!r}")
     if not 0.0 <= strength <= 1.0:  # also rejects NaN
@@ -192,6 +193,5 @@ def sample(
 
 def sampler_display_name(sampler: str, karras: bool) -> str:
     """AUTOMATIC1111's name for the sampler (written into image metadata)."""
-    if sampler not in _DISPLAY_NAMES:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    check_sampler(sampler)
     return _DISPLAY_NAMES[sampler] + (" Karras" if karras else "")
