@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 from optimized_sd.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from optimized_sd.errors import CheckpointError
+from optimized_sd.weights.family import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -19,7 +20,7 @@ def indices(shapes: Shapes, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for key in shapes if (m := regex.match(key))})
 
 
-def infer_unet(shapes: Shapes, prefix: str = "model.diffusion_model.") -> UNetConfig:
+def infer_unet(shapes: Shapes, prefix: str = UNET_PREFIX) -> UNetConfig:
     """UNet hyper-parameters from `input_blocks`/`output_blocks` structure and widths."""
     first = shapes[prefix + "input_blocks.0.0.weight"]
     model_channels, in_channels = first[0], first[1]
@@ -49,7 +50,7 @@ def infer_unet(shapes: Shapes, prefix: str = "model.diffusion_model.") -> UNetCo
     )
 
 
-def infer_vae(shapes: Shapes, prefix: str = "first_stage_model.") -> VAEConfig:
+def infer_vae(shapes: Shapes, prefix: str = VAE_PREFIX) -> VAEConfig:
     """VAE widths from the encoder's levels; latent widths from the (post-)quant convs."""
     ch = shapes[prefix + "encoder.conv_in.weight"][0]
     levels = indices(shapes, re.escape(prefix) + r"encoder\.down\.(\d+)\.")
@@ -66,7 +67,7 @@ def infer_vae(shapes: Shapes, prefix: str = "first_stage_model.") -> VAEConfig:
     )
 
 
-def infer_text(shapes: Shapes, prefix: str = "cond_stage_model.transformer.") -> TextEncoderConfig:
+def infer_text(shapes: Shapes, prefix: str = CLIP_PREFIX) -> TextEncoderConfig:
     """CLIP text widths; heads are hidden/64 as in every CLIP text tower SD uses."""
     inner = prefix if any(k.startswith(prefix + "embeddings.") for k in shapes) else prefix + "text_model."
     vocab, hidden = shapes[inner + "embeddings.token_embedding.weight"]
