@@ -223,7 +223,9 @@ def _read_head(path: Path) -> bytes:
         raise CheckpointError(f"{path}: cannot read the file ({_one_line(exc)})") from None
 
 
-def _looks_like_safetensors(head: bytes, size: int) -> bool:
+def looks_like_safetensors(head: bytes, size: int) -> bool:
+    """True when a file of `size` bytes starts (`head`, 9 bytes or more) with a safetensors header:
+    an 8-byte little-endian length that fits the file, then JSON."""
     if len(head) < 9:
         return False
     header_len = int.from_bytes(head[:8], "little")
@@ -289,7 +291,7 @@ def load_ckpt(path: Path) -> dict[str, Any]:
                     f"{path}: truncated checkpoint: tensor record data/{key} needs {nbytes} bytes, "
                     f"the file holds {have}"
                 )
-    elif _looks_like_safetensors(head, size):
+    elif looks_like_safetensors(head, size):
         raise CheckpointError(
             f"{path}: is a .safetensors file, not a pickled checkpoint; read it with safetensors"
         )

@@ -18,6 +18,7 @@ from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.ckpt import (
     InertLightningObject,
     load_ckpt,
+    looks_like_safetensors,
     state_dict_from_ckpt,
 )
 from optimized_sd.weights.family import (
@@ -131,9 +132,7 @@ def _is_safetensors(path: Path) -> bool:
             head = f.read(9)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    return looks_like_safetensors(head, path.stat().st_size)
 
 
 def _tensor_table(source: TensorSource) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
