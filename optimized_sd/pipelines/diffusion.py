@@ -302,13 +302,14 @@ class StableDiffusion:
     def eps_model(self, cond: Tensor, uncond: Tensor | None, scale: float, record) -> Callable[[Tensor, Tensor], Tensor]:
         """Classifier-free guidance (Ho & Salimans 2022) over the UNet: eps_u + scale * (eps_c - eps_u)."""
         unet = self.model.model.diffusion_model
+        context = cond if uncond is None else torch.cat([uncond, cond])  # the same at every step
 
         def eps(x: Tensor, t: Tensor) -> Tensor:
             record.steps += 1
             x_in, t_in = x.to(self.dtype), t.to(self.device, torch.float32)
             if uncond is None:
-                return unet(x_in, t_in, cond).float()
-            both = unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), torch.cat([uncond, cond]))
+                return unet(x_in, t_in, context).float()
+            both = unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), context)
             eps_uncond, eps_cond = both.float().chunk(2)
             return eps_uncond + scale * (eps_cond - eps_uncond)
 
