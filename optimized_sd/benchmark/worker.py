@@ -148,20 +148,25 @@ def build(payload: dict) -> dict:
 
 # --------------------------------------------------------------------------- scenarios
 class Clock:
-    """Stage boundaries on CUDA or CPU: each `mark` synchronises, then records the seconds, peak
-    allocated/reserved VRAM and peak RSS since the previous mark, and resets the peaks."""
+    """Stage boundaries marked from outside a pipeline (diffusers has no stages of its own): each
+    `mark` synchronises, then adds a stage record (seconds, peak allocated/reserved VRAM and peak RSS
+    since the previous mark) to a `MemoryMeter`, which sums them as it does for our pipeline."""
 
     def __init__(self, device, rss) -> None:  # rss: a started optimized_sd.memory.report.RssSampler
         import torch
+
+        from optimized_sd.memory.report import MemoryMeter
 
         self.torch = torch
         self.device = device
         self.rss = rss
         self.cuda = device.type == "cuda"
-        self.stages: dict[str, dict] = {}
+        self.meter = MemoryMeter(device)
         self.last = 0.0
 
     def start(self) -> None:
+        """Forget earlier marks and start timing."""
+        self.meter.records.clear()
         self.sync()
         if self.cuda:
             self.torch.cuda.reset_peak_memory_stats(self.device)
@@ -173,19 +178,20 @@ class Clock:
             self.torch.cuda.synchronize(self.device)
 
     def mark(self, stage: str, steps: int = 0) -> None:
+        from optimized_sd.memory.report import StageRecord
+
         self.sync()
-        now = time.perf_counter()
-        row = self.stages.setdefault(
-            stage, {"seconds": 0.0, "steps": 0, "peak_allocated_mib": 0.0, "peak_reserved_mib": 0.0, "peak_rss_mib": 0.0}
-        )
-        row["seconds"] += now - self.last
-        row["steps"] += steps
-        row["peak_rss_mib"] = max(row["peak_rss_mib"], self.rss.take_peak() / MIB)
+        record = StageRecord(stage, time.perf_counter() - self.last, 0.0, 0.0, self.rss.take_peak() / MIB, steps)
         if self.cuda:
-            row["peak_allocated_mib"] = max(row["peak_allocated_mib"], self.torch.cuda.max_memory_allocated(self.device) / MIB)
-            row["peak_reserved_mib"] = max(row["peak_reserved_mib"], self.torch.cuda.max_memory_reserved(self.device) / MIB)
+            record.peak_allocated_mib = self.torch.cuda.max_memory_allocated(self.device) / MIB
+            record.peak_reserved_mib = self.torch.cuda.max_memory_reserved(self.device) / MIB
             self.torch.cuda.reset_peak_memory_stats(self.device)
+        self.meter.records.append(record)
         self.last = time.perf_counter()
+
+    @property
+    def stages(self) -> dict[str, dict[str, float]]:
+        return self.meter.summary()
 
 
 def best_of(measure, repeat: int):
@@ -383,7 +389,6 @@ def run_diffusers(payload: dict, scenario, device) -> dict:
             options.update(image=init, strength=STRENGTH)
         else:
             options.update(height=scenario.height, width=scenario.width)
-        clock.stages.clear()
         state.update(unet_calls=0, in_unet=False)
         clock.start()
         latents = pipe(**options).images
@@ -399,7 +404,7 @@ def run_diffusers(payload: dict, scenario, device) -> dict:
     def measured():
         start = time.perf_counter()
         latents = generate(scenario.steps)
-        return time.perf_counter() - start, {k: dict(v) for k, v in clock.stages.items()}, latents
+        return time.perf_counter() - start, clock.stages, latents
 
     total, stages, latents = best_of(measured, payload.get("repeat", 1))
     for hook in hooks:
