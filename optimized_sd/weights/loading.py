@@ -244,12 +244,10 @@ def materialize(
     source: TensorSource,
     device: torch.device,
     dtype: torch.dtype,
-    *,
-    pin: bool = False,
 ) -> int:
     """Replace `module`'s tensors by copies of the source's (LDM key = prefix + local name), on
     `device`, floating tensors cast to `dtype`. Returns the bytes placed. Integer buffers keep their
-    dtype. `pin` page-locks CPU copies so later host-to-device copies can be asynchronous."""
+    dtype."""
     placed = 0
     available = set(source.keys())
     for name, current in tensors_of(module).items():
@@ -259,8 +257,6 @@ def materialize(
         value = source.get(key)
         target_dtype = dtype if value.is_floating_point() else value.dtype
         value = value.reshape(current.shape).to(device=device, dtype=target_dtype, copy=True)
-        if pin and device.type == "cpu":
-            value = value.pin_memory()
         set_tensor(module, name, value)
         placed += value.numel() * value.element_size()
     return placed
