@@ -21,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optimized_sd.benchmark.runner import run_worker, worker_env  # noqa: E402
+from optimized_sd.benchmark.runner import build_model, run_scenario, scenario_task, worker_env  # noqa: E402
 from optimized_sd.benchmark.scenarios import Scenario  # noqa: E402
+from optimized_sd.errors import UserError  # noqa: E402
 
 RSS_TARGET = 0.25
 STEP_TARGET = 1.1
@@ -86,21 +87,12 @@ def main() -> int:
     if args.ab_child:
         return ab_child(json.loads(args.ab_child))
 
-    model = run_worker({"task": "build", "cache_dir": args.cache_dir, "model": args.model}, timeout=3600)
-    if not model.get("ok"):
-        print(f"error: {model.get('user_error') or model.get('error')}", file=sys.stderr)
+    try:
+        model = build_model(args.cache_dir, args.model)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
-    base = {
-        "task": "scenario",
-        "device": "cpu",
-        "checkpoint": model["checkpoint"],
-        "tokenizer": model["tokenizer"],
-        "diffusers_config": model["diffusers_config"],
-        "precision": "full",
-        "attention": "sdpa",
-        "warmup": 0,
-        "repeat": 1,
-    }
+    task = scenario_task(model, "cpu", precision="full", attention="sdpa", warmup=0, repeat=1)
     modes = ["stream", "diffusers"] + (["full"] if args.with_full else [])
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     print(f"model {model['checkpoint']} ({'built' if model['built'] else 'cached'}); {args.size}x{args.size}, {args.steps} DDIM steps, fp32, CPU")
@@ -108,13 +100,12 @@ def main() -> int:
         for mode in modes:
             scenario = Scenario("txt2img", args.size, args.size, 1, args.steps, mode)
             started = time.time()
-            result = run_worker({**base, "scenario": scenario.to_dict()}, timeout=3600)
+            result = run_scenario(task, scenario, timeout=3600)
             if not result.get("ok"):
                 print(f"error: {mode}: {result.get('user_error') or result.get('error')}", file=sys.stderr)
                 if result.get("traceback"):
                     print(result["traceback"], file=sys.stderr)
                 return 1
-            result["scenario"] = scenario.to_dict()
             runs[mode].append(result)
             print(
                 f"  round {round_ + 1} {mode:<10} peak RSS {result['peak_rss_mib']:8,.0f} MiB  "

@@ -109,6 +109,36 @@ def run_worker(payload: dict, timeout: float | None) -> dict:
     return {"ok": False, "error": f"{reason}: {tail[0][:300]}", "stderr_tail": done.stderr[-3000:]}
 
 
+def build_model(cache_dir: Path | str | None, model: str) -> dict:
+    """Build (or reuse) the benchmark model in a worker process: its paths and facts."""
+    built = run_worker({"task": "build", "cache_dir": str(cache_dir) if cache_dir else None, "model": model}, timeout=3600)
+    if not built.get("ok"):
+        raise UserError(built.get("user_error") or f"cannot build the benchmark model: {built.get('error')}")
+    return built
+
+
+def scenario_task(model: dict, device: str, *, precision: str, attention: str, warmup: int, repeat: int) -> dict:
+    """What every scenario worker is sent besides its scenario."""
+    return {
+        "task": "scenario",
+        "device": device,
+        "checkpoint": model["checkpoint"],
+        "tokenizer": model["tokenizer"],
+        "diffusers_config": model["diffusers_config"],
+        "precision": precision,
+        "attention": attention,
+        "warmup": warmup,
+        "repeat": repeat,
+    }
+
+
+def run_scenario(task: dict, scenario: Scenario, timeout: float | None) -> dict:
+    """One scenario in its own worker process; the result names its scenario."""
+    result = run_worker({**task, "scenario": scenario.to_dict()}, timeout=timeout)
+    result["scenario"] = scenario.to_dict()
+    return result
+
+
 def progress_line(result: dict, cuda: bool) -> str:
     if not result.get("ok"):
         return "failed: " + (result.get("user_error") or result.get("error") or "unknown error")
@@ -184,23 +214,13 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
         echo(f"note: {note}")
 
     echo(f"model: preparing the {options.model} benchmark model in the cache ...")
-    model = run_worker({"task": "build", "cache_dir": str(options.cache_dir) if options.cache_dir else None, "model": options.model}, timeout=3600)
-    if not model.get("ok"):
-        raise UserError(model.get("user_error") or f"cannot build the benchmark model: {model.get('error')}")
+    model = build_model(options.cache_dir, options.model)
     model["description"] = MODEL_DESCRIPTIONS[options.model]
     echo(f"model: {'built' if model['built'] else 'reused'} {model['checkpoint']} ({model['file_bytes'] / 2**30:.2f} GiB, {model['seconds']:.0f} s)")
 
-    base = {
-        "task": "scenario",
-        "device": machine["device"],
-        "checkpoint": model["checkpoint"],
-        "tokenizer": model["tokenizer"],
-        "diffusers_config": model["diffusers_config"],
-        "precision": options.precision,
-        "attention": options.attention,
-        "warmup": warmup,
-        "repeat": options.repeat,
-    }
+    task = scenario_task(
+        model, machine["device"], precision=options.precision, attention=options.attention, warmup=warmup, repeat=options.repeat
+    )
     dtype = {"autocast": "fp32 (CPU)" if device_type == "cpu" else "fp16"}.get(options.precision, options.precision)
     record = {
         "tool": "optimized-sd bench",
@@ -234,8 +254,7 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
     total = len(selection.scenarios)
     for index, scenario in enumerate(selection.scenarios, 1):
         echo(f"[{index}/{total}] {scenario.name} ...", nl=False)
-        result = run_worker({**base, "scenario": scenario.to_dict()}, timeout=options.timeout)
-        result["scenario"] = scenario.to_dict()
+        result = run_scenario(task, scenario, options.timeout)
         results.append(result)
         echo(" " + progress_line(result, device_type == "cuda"))
         record["results"] = results
