@@ -111,16 +111,15 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
 def ema_source(source: TensorSource) -> TensorSource:
     """The UNet taken from the EMA copy: `model_ema.diffusion_modelinput_blocks00weight` stands for
     `model.diffusion_model.input_blocks.0.0.weight` (LDM's LitEma drops the dots)."""
-    names = {key: key for key in source.keys() if not key.startswith(UNET_PREFIX)}
     present = set(source.keys())
-    missing = 0
+    names = {}
     for key in source.keys():
-        if key.startswith(UNET_PREFIX):
-            ema_key = "model_ema.diffusion_model" + key[len(UNET_PREFIX) :].replace(".", "")
-            names[key] = ema_key if ema_key in present else key
-            missing += ema_key not in present
-    if missing:
-        raise CheckpointError("--ema: this checkpoint has no EMA weights (no model_ema.* keys for the UNet)")
+        if not key.startswith(UNET_PREFIX):
+            names[key] = key
+            continue
+        names[key] = "model_ema.diffusion_model" + key[len(UNET_PREFIX) :].replace(".", "")
+        if names[key] not in present:
+            raise CheckpointError("--ema: this checkpoint has no EMA weights (no model_ema.* keys for the UNet)")
     return RenamedSource(source, names)
 
 
