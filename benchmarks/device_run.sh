@@ -13,11 +13,7 @@ case "$PART" in checks|bench|all) ;; *) echo "usage: bash benchmarks/device_run.
 OUT=${OUT:-/tmp/device-run-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || echo "warning: wheel install failed"
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+source benchmarks/carried_wheels.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ "$PART" != bench ]; then
   echo "== CUDA tests (memory engine with prefetch and copy-ahead, every sampler in every mode, fp16)"

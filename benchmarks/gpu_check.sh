@@ -24,13 +24,7 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 started=$(date +%s)
 echo "== gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') in $PWD (tiny=$TINY)"
 
-if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:${PYTHONPATH:-}; fi
-if compgen -G ".whl/*.whl" >/dev/null && ! $PY -c "import diffusers" >/dev/null 2>&1; then
-  echo "== installing $(ls .whl/*.whl | wc -l) carried wheel(s) into /tmp/site"
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || echo "warning: wheel install failed"
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+source benchmarks/carried_wheels.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 echo "== preflight"
