@@ -91,6 +91,28 @@ def img2img(init_img: Path, strength: float, **flags) -> None:
 
 
 @cli.command()
+@click.option("--ckpt", type=click.Path(path_type=Path), help=f"Checkpoint to load (default without --models-dir: {DEFAULT_CKPT}).")
+@click.option("--models-dir", "models_dir", type=click.Path(path_type=Path), help="Folder of models the UI and API may switch between (by name only).")
+@click.option("--host", help="Address to bind (default 127.0.0.1; 0.0.0.0 with --listen).")
+@click.option("--port", type=int, default=7860, show_default=True, help="Port to bind (0: any free port).")
+@click.option("--listen", is_flag=True, help="Accept connections from the network, not only from this machine.")
+@click.option("--auth", help="USER:PASS required by the UI (login page) and the API (HTTP basic).")
+@click.option("--device", help="cuda, cuda:N, cpu or mps (default: the best available).")
+@click.option("--memory", default="auto", show_default=True, help="Default memory mode: auto, full, turbo, split or stream.")
+@click.option("--vram-budget", "vram_budget", help="Default device-memory budget, e.g. 1.5GB.")
+@click.option("--precision", default="autocast", show_default=True, help="autocast, full, fp16 or bf16.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json, merges.txt).")
+@click.option("--attention", default="sdpa", show_default=True, help="sdpa, xformers, sliced or naive.")
+def serve(**flags) -> None:
+    """Web UI and AUTOMATIC1111-compatible HTTP API, one model loaded once (needs the [ui] extra)."""
+    from optimized_sd.server.app import ServeOptions, serve as run_server
+
+    if flags["ckpt"] is None and flags["models_dir"] is None:
+        flags["ckpt"] = Path(DEFAULT_CKPT)
+    run_server(ServeOptions(**flags))
+
+
+@cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 def inspect(checkpoint: Path) -> None:
     """Say what a checkpoint file is, without building a model."""

@@ -13,3 +13,7 @@ class CheckpointError(UserError):
 
 class UnsupportedModelError(CheckpointError):
     """A recognised model family that this version does not run yet (SD 2.x, SDXL, inpainting)."""
+
+
+class Interrupted(Exception):
+    """Raised by a progress callback to stop a generation at the next step (a cancel button, an API interrupt)."""

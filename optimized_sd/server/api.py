@@ -1,0 +1,394 @@
+"""AUTOMATIC1111's HTTP API (`/sdapi/v1/...`) over the job queue, with its field names and response
+shapes (modules/api/models.py and api.py of stable-diffusion-webui), so its clients work unchanged.
+
+Status codes: a malformed body, an unknown sampler or any other bad field -> 422 naming the field;
+a body or image over the limits -> 413; a model name not in /sdapi/v1/sd-models -> 404; a job that
+fails -> 500 with the error's message (the server keeps serving)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import secrets
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+
+import optimized_sd
+from optimized_sd.errors import UserError
+from optimized_sd.sampling import SAMPLERS, sampler_display_name
+from optimized_sd.server.backend import FieldError, Generated, GenerationSpec, resolve_sampler, sampler_aliases
+from optimized_sd.server.catalog import ModelEntry
+from optimized_sd.server.jobs import JobCancelled
+from optimized_sd.server.preview import latent_preview
+from optimized_sd.server.service import Service
+
+log = logging.getLogger("optimized_sd")
+
+PREFIX = "/sdapi/v1"
+
+
+class TooLarge(Exception):
+    """A body or an image over the server's limits (413)."""
+
+
+class Txt2ImgRequest(BaseModel):
+    """AUTOMATIC1111's StableDiffusionProcessingTxt2Img fields that this server reads; the others
+    that clients send with their defaults are accepted and ignored (see `UNSUPPORTED`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str | None = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int | None = -1
+    subseed_strength: float | None = 0.0
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    eta: float | None = None
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    enable_hr: bool | None = False
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool | None = True
+    script_name: str | None = None
+    script_args: list | None = None
+    alwayson_scripts: dict[str, Any] | None = None
+    send_images: bool = True
+    save_images: bool = False
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] | None = None
+    denoising_strength: float | None = 0.75
+    resize_mode: int | None = 0
+    mask: str | None = None
+    mask_blur: int | None = 4
+    inpainting_fill: int | None = 0
+    inpaint_full_res: bool | None = True
+    inpaint_full_res_padding: int | None = 0
+    inpainting_mask_invert: int | None = 0
+    include_init_images: bool | None = False
+
+
+# Features of the webui this server does not have: a request may send them only at their "off" value.
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "enable_hr": bool,
+    "restore_faces": bool,
+    "tiling": bool,
+    "subseed_strength": lambda v: bool(v),
+    "script_name": bool,
+    "alwayson_scripts": bool,
+    "styles": bool,
+    "resize_mode": lambda v: v not in (None, 0),
+}
+
+
+def field_error_response(field_name: str, message: str) -> JSONResponse:
+    """422 in FastAPI's validation shape, so a client reads every field error the same way."""
+    return JSONResponse(status_code=422, content={"detail": [{"loc": ["body", field_name], "msg": message, "type": "value_error"}]})
+
+
+def error_response(status: int, error: BaseException | str, detail: str) -> JSONResponse:
+    """AUTOMATIC1111's error body: {"error", "detail", "body", "errors"}."""
+    name = error if isinstance(error, str) else type(error).__name__
+    return JSONResponse(status_code=status, content={"error": name, "detail": detail, "body": "", "errors": detail})
+
+
+def decode_image(data: str, field_name: str, service: Service) -> Image.Image:
+    """A base64 image (optionally a data: URL) -> PIL; URLs are never fetched."""
+    if not isinstance(data, str) or not data:
+        raise FieldError(field_name, f"{field_name} must be a base64-encoded image")
+    if data.startswith(("http://", "https://")):
+        raise FieldError(field_name, f"{field_name}: image URLs are not fetched by this server; send the image as base64")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data)
+    except (binascii.Error, ValueError):
+        raise FieldError(field_name, f"{field_name} is not valid base64") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            if image.width * image.height > service.limits.max_image_pixels:
+                raise TooLarge(f"{field_name}: {image.width}x{image.height} is over this server's limit of {service.limits.max_image_pixels} pixels")
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise TooLarge(f"{field_name}: the image is over the decompression limit") from None
+    except (OSError, ValueError, SyntaxError):
+        raise FieldError(field_name, f"{field_name} is not an image this server can read (PNG, JPEG, WebP, ...)") from None
+    return image
+
+
+def png_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def image_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return png_base64(buffer.getvalue())
+
+
+def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> GenerationSpec:
+    """Map AUTOMATIC1111's fields onto a GenerationSpec (FieldError naming any bad one)."""
+    for name, is_on in UNSUPPORTED.items():
+        value = getattr(request, name, None)
+        if value is not None and is_on(value):
+            raise FieldError(name, f"{name} is not supported by this server; leave it at its default")
+    sampler, karras = resolve_sampler(request.sampler_name or request.sampler_index or "Euler", request.scheduler)
+    # `eta` is DDIM's eta here; AUTOMATIC1111 also reads it as the ancestral noise factor, which is 1 in our samplers.
+    eta = request.eta if sampler == "ddim" and request.eta is not None else 0.0
+    options: dict[str, Any] = dict(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or "",
+        sampler=sampler,
+        karras=karras,
+        steps=request.steps,
+        cfg_scale=request.cfg_scale,
+        seed=request.seed,
+        width=request.width,
+        height=request.height,
+        batch_size=request.batch_size,
+        n_iter=request.n_iter,
+        eta=eta,
+    )
+    if img2img:
+        assert isinstance(request, Img2ImgRequest)
+        if not request.init_images:
+            raise FieldError("init_images", "img2img needs one image in init_images")
+        options["init_image"] = decode_image(request.init_images[0], "init_images", service)
+        options["strength"] = request.denoising_strength if request.denoising_strength is not None else 0.75
+        if request.mask:
+            options.update(
+                mask=decode_image(request.mask, "mask", service),
+                mask_blur=request.mask_blur or 0,
+                inpainting_fill=request.inpainting_fill or 0,
+                inpaint_full_res=bool(request.inpaint_full_res),
+                inpaint_full_res_padding=request.inpaint_full_res_padding or 0,
+                invert_mask=bool(request.inpainting_mask_invert),
+            )
+    return GenerationSpec(**options)
+
+
+def info_json(spec: GenerationSpec, made: Generated) -> str:
+    """AUTOMATIC1111's `info`: the JSON of its `Processed.js()` (the keys we can fill)."""
+    infotexts = [p.text() for p in made.parameters]
+    all_seeds = made.seeds or [made.seed]
+    info = {
+        "prompt": spec.prompt,
+        "all_prompts": [spec.prompt] * len(made.images),
+        "negative_prompt": spec.negative_prompt,
+        "all_negative_prompts": [spec.negative_prompt] * len(made.images),
+        "seed": made.seed,
+        "all_seeds": all_seeds,
+        "subseed": made.seed,
+        "all_subseeds": all_seeds,
+        "subseed_strength": 0,
+        "width": spec.width,
+        "height": spec.height,
+        "sampler_name": sampler_display_name(spec.sampler, False),
+        "scheduler": "Karras" if spec.karras else "Automatic",
+        "cfg_scale": spec.cfg_scale,
+        "steps": spec.steps,
+        "batch_size": spec.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": made.model_name,
+        "sd_model_hash": made.model_hash,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": spec.strength if spec.init_image is not None else None,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+        "version": f"optimized-sd {optimized_sd.__version__}",
+        "interrupted": made.interrupted,
+        "memory": {"mode": made.mode, "stages": made.memory_stages},
+    }
+    return json.dumps(info)
+
+
+def sd_model_item(entry: ModelEntry, service: Service) -> dict[str, Any]:
+    short = service.backend.known_hash(entry)
+    return {"title": entry.title, "model_name": entry.model_name, "hash": short, "sha256": None, "filename": str(entry.path), "config": None}
+
+
+def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None = None) -> None:
+    """The /sdapi/v1 routes on `app` (the application gradio is mounted on)."""
+    dependencies = [Depends(basic_auth(auth))] if auth else []
+
+    def route(path: str, methods: list[str]) -> Callable:
+        def register(fn: Callable) -> Callable:
+            app.add_api_route(PREFIX + path, fn, methods=methods, dependencies=dependencies)
+            return fn
+
+        return register
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        """413 before reading a body that announces itself over the limit."""
+        if request.url.path.startswith(PREFIX):
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > service.limits.max_request_bytes:
+                return error_response(413, "TooLarge", f"request body of {length} bytes is over this server's limit of {service.limits.max_request_bytes}")
+        return await call_next(request)
+
+    def run(request: Txt2ImgRequest, img2img: bool) -> JSONResponse | dict[str, Any]:
+        try:
+            spec = spec_from(request, service, img2img)
+            model = None
+            override = (request.override_settings or {}).get("sd_model_checkpoint")
+            if override:
+                model = service.backend.catalog.find(str(override))
+                if model is None:
+                    return error_response(404, "HTTPException", f"model {override!r} not found; see {PREFIX}/sd-models")
+            job = service.submit_generation(spec, model, restore=request.override_settings_restore_afterwards is not False)
+            made: Generated = job.wait()
+        except FieldError as error:
+            return field_error_response(error.field, str(error))
+        except TooLarge as error:
+            return error_response(413, error, str(error))
+        except UserError as error:
+            return error_response(422, error, str(error))
+        except JobCancelled as error:
+            return error_response(409, error, str(error))
+        except Exception as error:  # a failed job: report it, keep serving
+            log.exception("generation failed")
+            return error_response(500, error, f"generation failed: {type(error).__name__}: {error}")
+        parameters = request.model_dump(exclude={"init_images", "mask"} if not getattr(request, "include_init_images", False) else set())
+        images = [png_base64(data) for data in made.pngs] if request.send_images else []
+        return {"images": images, "parameters": parameters, "info": info_json(spec, made)}
+
+    @route("/txt2img", ["POST"])
+    def txt2img(request: Txt2ImgRequest):
+        return run(request, img2img=False)
+
+    @route("/img2img", ["POST"])
+    def img2img(request: Img2ImgRequest):
+        return run(request, img2img=True)
+
+    @route("/samplers", ["GET"])
+    def samplers() -> list[dict[str, Any]]:
+        return [{"name": sampler_display_name(s, False), "aliases": sampler_aliases(s), "options": {}} for s in SAMPLERS]
+
+    @route("/schedulers", ["GET"])
+    def schedulers() -> list[dict[str, Any]]:
+        return [
+            {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": None, "need_inner_model": None},
+            {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": None},
+        ]
+
+    @route("/sd-models", ["GET"])
+    def sd_models() -> list[dict[str, Any]]:
+        return [sd_model_item(entry, service) for entry in service.backend.catalog.entries()]
+
+    @route("/refresh-checkpoints", ["POST"])
+    def refresh_checkpoints() -> None:
+        return None  # the listing is read afresh on every call
+
+    @route("/options", ["GET"])
+    def get_options() -> dict[str, Any]:
+        current = service.backend.current
+        return {
+            "sd_model_checkpoint": current.title if current else None,
+            "sd_checkpoint_hash": None,
+            "samples_format": "png",
+        }
+
+    @route("/options", ["POST"])
+    def set_options(options: dict[str, Any]):
+        name = options.get("sd_model_checkpoint")
+        if name is None:
+            return None  # other webui options have no meaning here
+        entry = service.backend.catalog.find(str(name))
+        if entry is None:
+            return error_response(404, "HTTPException", f"model {name!r} not found; see {PREFIX}/sd-models")
+        try:
+            service.switch_model(entry).wait()
+        except UserError as error:
+            return error_response(422, error, str(error))
+        except Exception as error:
+            log.exception("model switch failed")
+            return error_response(500, error, f"loading {entry.title} failed: {type(error).__name__}: {error}")
+        return None
+
+    @route("/progress", ["GET"])
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        job = service.queue.running
+        waiting = service.queue.waiting_count()
+        if job is None:
+            state = progress_state(None, waiting)
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+        snap = job.snapshot()
+        fraction = snap.fraction
+        elapsed = time.time() - (job.started or time.time())
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        current = None
+        if snap.latents is not None and not skip_current_image:
+            current = image_base64(latent_preview(snap.latents))
+        return {"progress": fraction, "eta_relative": eta, "state": progress_state(job, waiting), "current_image": current, "textinfo": None}
+
+    @route("/interrupt", ["POST"])
+    def interrupt() -> dict[str, Any]:
+        service.queue.interrupt()
+        return {}
+
+
+def progress_state(job, waiting: int) -> dict[str, Any]:
+    """AUTOMATIC1111's `shared.state.dict()`; `queue_size` (jobs waiting) is ours."""
+    if job is None:
+        return {
+            "skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+            "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0, "queue_size": waiting,
+        }  # fmt: skip
+    snap = job.snapshot()
+    return {
+        "skipped": False,
+        "interrupted": job.cancel_requested.is_set(),
+        "stopping_generation": False,
+        "job": f"{job.kind} {job.id}",
+        "job_count": snap.batches,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
+        "job_no": snap.batch,
+        "sampling_step": snap.step,
+        "sampling_steps": snap.total,
+        "queue_size": waiting,
+    }
+
+
+def basic_auth(auth: tuple[str, str]) -> Callable:
+    """HTTP basic auth for the API (the UI has gradio's login page), compared in constant time."""
+    security = HTTPBasic()
+    user, password = auth
+
+    def check(credentials: HTTPBasicCredentials = Depends(security)) -> None:
+        good_user = secrets.compare_digest(credentials.username.encode(), user.encode())
+        good_password = secrets.compare_digest(credentials.password.encode(), password.encode())
+        if not (good_user and good_password):
+            raise HTTPException(status_code=401, detail="incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+    return check

@@ -1,0 +1,280 @@
+"""The server's one adapter to the pipeline: what a UI form or an API call asks for (`GenerationSpec`)
+becomes pipeline requests, the pipeline's progress becomes `Job.report` calls, and its results
+become PNGs carrying AUTOMATIC1111's `parameters` text. No other server module calls the pipeline."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from optimized_sd.errors import Interrupted, UserError
+from optimized_sd.memory.planner import MODES, parse_bytes
+from optimized_sd.pipelines.diffusion import GenerationRequest, StableDiffusion, check_size, load
+from optimized_sd.pipelines.output import ImageParameters, encode
+from optimized_sd.sampling import SAMPLERS, make_plan, sampler_display_name
+from optimized_sd.server.catalog import ModelCatalog, ModelEntry
+from optimized_sd.server.jobs import Job
+
+log = logging.getLogger("optimized_sd")
+
+MEMORY_CHOICES = ("auto", *MODES)
+MAX_BATCH = 16
+MAX_SIDE = 4096
+SEED_LIMIT = 2**32  # seeds are drawn below this, as the CLI does
+
+
+class FieldError(UserError):
+    """A user mistake tied to one request field, so the API can name it (422) and the UI show it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """One generation as the front ends ask for it: txt2img without `init_image`, img2img with it,
+    inpainting with a `mask` too. `sampler` is our name (see `resolve_sampler` for AUTOMATIC1111's)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    sampler: str = "euler_a"
+    karras: bool = False
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = -1  # -1: random
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    n_iter: int = 1
+    eta: float = 0.0  # DDIM only
+    init_image: Image.Image | None = None
+    strength: float = 0.75
+    mask: Image.Image | None = None
+    mask_blur: int = 4
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    invert_mask: bool = False
+    memory: str | None = None  # None: the server's --memory
+    vram_budget: str | None = None  # None: the server's --vram-budget
+
+    @property
+    def task(self) -> str:
+        return "inpaint" if self.mask is not None else "img2img" if self.init_image is not None else "txt2img"
+
+
+@dataclass
+class Generated:
+    """What a job made: images with their seeds, parameters and PNG bytes (metadata included)."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    parameters: list[ImageParameters] = field(default_factory=list)
+    pngs: list[bytes] = field(default_factory=list)
+    seed: int = 0
+    interrupted: bool = False
+    steps_done: int = 0
+    mode: str | None = None
+    memory_report: str = ""
+    memory_stages: dict = field(default_factory=dict)
+    model_name: str = ""
+    model_hash: str = ""
+
+
+def sampler_aliases(ours: str) -> list[str]:
+    """Other names a client may use for a sampler: ours and k-diffusion's `k_` form (k-samplers only)."""
+    return [ours] if ours in ("ddim", "plms") else [ours, f"k_{ours}"]
+
+
+def resolve_sampler(name: str, scheduler: str | None = None) -> tuple[str, bool]:
+    """AUTOMATIC1111's sampler name (or an alias: ours, `k_euler_a`, "DPM++ 2M Karras") and
+    scheduler -> (our sampler, karras). FieldError naming the field otherwise."""
+    wanted = name.strip()
+    karras = False
+    if wanted.lower().endswith(" karras"):
+        wanted, karras = wanted[: -len(" karras")], True
+    key = wanted.lower()
+    for ours in SAMPLERS:
+        if key == sampler_display_name(ours, False).lower() or key in sampler_aliases(ours):
+            break
+    else:
+        shown = ", ".join(sampler_display_name(s, False) for s in SAMPLERS)
+        raise FieldError("sampler_name", f"unknown sampler {name!r}; choose one of: {shown}")
+    schedule = (scheduler or "automatic").strip().lower()
+    if schedule == "karras":
+        karras = True
+    elif schedule not in ("automatic", "uniform", ""):
+        raise FieldError("scheduler", f"unknown scheduler {scheduler!r}; this server offers Automatic and Karras")
+    return ours, karras
+
+
+def check_spec(spec: GenerationSpec) -> None:
+    """Everything that can be checked before queueing, so a mistake comes back at once."""
+    if not isinstance(spec.prompt, str):
+        raise FieldError("prompt", "prompt must be text")
+    for name in ("width", "height"):
+        value = getattr(spec, name)
+        if not 8 <= value <= MAX_SIDE:
+            raise FieldError(name, f"{name} must be from 8 to {MAX_SIDE} pixels, got {value}")
+        try:
+            check_size(value, value)
+        except UserError as error:
+            raise FieldError(name, str(error)) from None
+    for name, limit in (("batch_size", MAX_BATCH), ("n_iter", 100)):
+        value = getattr(spec, name)
+        if not 1 <= value <= limit:
+            raise FieldError(name, f"{name} must be from 1 to {limit}, got {value}")
+    if not -1 <= spec.seed < SEED_LIMIT:
+        raise FieldError("seed", f"seed must be -1 (random) or from 0 to {SEED_LIMIT - 1}, got {spec.seed}")
+    if spec.memory is not None and spec.memory not in MEMORY_CHOICES:
+        raise FieldError("memory", f"unknown memory mode {spec.memory!r}; choose one of {', '.join(MEMORY_CHOICES)}")
+    if spec.vram_budget:
+        try:
+            parse_bytes(spec.vram_budget)
+        except UserError as error:
+            raise FieldError("vram_budget", str(error)) from None
+    if spec.sampler not in SAMPLERS:
+        raise FieldError("sampler_name", f"unknown sampler {spec.sampler!r}")
+    try:
+        make_plan(spec.sampler, spec.steps, strength=spec.strength if spec.init_image is not None else 1.0, eta=spec.eta, karras=spec.karras)
+    except UserError as error:
+        raise FieldError(plan_field(str(error)), str(error)) from None
+    if spec.mask is not None:
+        raise FieldError("mask", "inpainting is not available yet in this version; send no mask (img2img) for now")
+
+
+def plan_field(message: str) -> str:
+    """The request field a sampling-plan error is about (the API names it in its 422)."""
+    for word, name in (("karras", "scheduler"), ("eta", "eta"), ("strength", "denoising_strength")):
+        if word in message:
+            return name
+    return "steps"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The `serve` flags that say how a model is loaded (the same for every model switched to)."""
+
+    device: str | None = None
+    precision: str = "autocast"
+    memory: str = "auto"
+    vram_budget: str | None = None
+    tokenizer: Path | None = None
+    attention: str = "sdpa"
+
+
+class Backend:
+    """The loaded model and the calls made on it. Used from the job worker thread only (one job at
+    a time), except for the read-only properties."""
+
+    def __init__(self, catalog: ModelCatalog, options: LoadOptions) -> None:
+        self.catalog = catalog
+        self.options = options
+        self.pipe: StableDiffusion | None = None
+        self.current: ModelEntry | None = None
+        self.last: Generated | None = None
+        self.hashes: dict[Path, str] = {}
+        self._lock = threading.Lock()  # guards pipe swaps against readers of `current`
+
+    def load(self, entry: ModelEntry) -> None:
+        """Open `entry` (a catalog entry: never a path from a request), releasing the old model."""
+        if self.current == entry and self.pipe is not None:
+            return
+        opts = self.options
+        pipe = load(
+            entry.path,
+            device=opts.device,
+            precision=opts.precision,
+            memory=opts.memory,
+            vram_budget=opts.vram_budget,
+            attention=opts.attention,
+            tokenizer=opts.tokenizer,
+        )
+        with self._lock:
+            old, self.pipe, self.current = self.pipe, pipe, entry
+        if old is not None:
+            old.close()
+        log.info("model %s loaded", entry.title)
+
+    def close(self) -> None:
+        with self._lock:
+            pipe, self.pipe = self.pipe, None
+        if pipe is not None:
+            pipe.close()
+
+    def known_hash(self, entry: ModelEntry) -> str | None:
+        """AUTOMATIC1111's short hash of a model, once a generation with it has computed it."""
+        return self.hashes.get(entry.path)
+
+    def apply_memory(self, spec: GenerationSpec) -> None:
+        """The call's memory mode and budget (the server's flags unless the request names its own)."""
+        assert self.pipe is not None
+        session = self.pipe.memory
+        session.requested = spec.memory or self.options.memory
+        budget = spec.vram_budget or self.options.vram_budget
+        session.budget = parse_bytes(budget) if budget else None
+
+    def prepare_init_image(self, spec: GenerationSpec) -> Image.Image | None:
+        """The init image as RGB at the requested size (AUTOMATIC1111's resize mode 0, "just resize")."""
+        if spec.init_image is None:
+            return None
+        image = spec.init_image.convert("RGB")
+        size = (spec.width, spec.height)
+        return image if image.size == size else image.resize(size, Image.LANCZOS)
+
+    def generate(self, spec: GenerationSpec, job: Job) -> Generated:
+        """Run `spec` as `n_iter` batches of `batch_size`; a cancel stops at the next step and
+        returns the batches already finished (AUTOMATIC1111's interrupt keeps them too)."""
+        check_spec(spec)
+        pipe = self.pipe
+        assert pipe is not None, "no model loaded"
+        self.apply_memory(spec)
+        pipe.meter.records.clear()  # the report covers this job only; nothing grows per call
+        seed = spec.seed if spec.seed >= 0 else random.randrange(SEED_LIMIT)
+        init_image = self.prepare_init_image(spec)
+        out = Generated(seed=seed, model_name=self.current.model_name if self.current else "")
+
+        def progress(step: int, total: int) -> None:
+            job.report(step, total)
+
+        for batch in range(spec.n_iter):
+            job.begin_batch(batch, spec.n_iter)
+            request = GenerationRequest(
+                prompts=[spec.prompt] * spec.batch_size,
+                negative_prompt=spec.negative_prompt,
+                steps=spec.steps,
+                scale=spec.cfg_scale,
+                eta=spec.eta,
+                sampler=spec.sampler,
+                karras=spec.karras,
+                seed=seed + batch * spec.batch_size,
+                height=spec.height,
+                width=spec.width,
+                init_image=init_image,
+                strength=spec.strength,
+            )
+            try:
+                result = pipe.generate(request, progress)
+            except Interrupted:
+                out.interrupted = True
+                break
+            for image, used_seed, parameters in zip(result.images, result.seeds, result.parameters):
+                out.images.append(image)
+                out.seeds.append(used_seed)
+                out.parameters.append(parameters)
+                out.pngs.append(encode(image, "png", parameters.text()))
+        out.steps_done = job.snapshot().step
+        out.mode = pipe.mode
+        out.memory_report = pipe.meter.format_table()
+        out.memory_stages = pipe.meter.summary()
+        out.model_hash = pipe.model_hash()
+        if self.current is not None:
+            self.hashes[self.current.path] = out.model_hash
+        self.last = out
+        return out
