@@ -1,0 +1,61 @@
+"""One in-process server for the server tests: the tiny model behind the UI and the API on
+127.0.0.1 at a free port, with small limits so the 413 paths are cheap to reach."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from optimized_sd.server.service import Limits
+
+LIMITS = Limits(max_request_bytes=2 * 2**20, max_image_pixels=256 * 256)
+
+
+@dataclass
+class ServerUnderTest:
+    url: str
+    host: str
+    port: int
+    service: object  # optimized_sd.server.service.Service
+    models_dir: Path
+    tokenizer: Path
+
+
+@pytest.fixture(scope="session")
+def models_dir(tiny_model, tmp_path_factory) -> Path:
+    """Two names for the tiny model: the listing the API may switch between."""
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copy(tiny_model.safetensors, folder / "tiny.safetensors")
+    (folder / "zoo").mkdir()
+    shutil.copy(tiny_model.ckpt, folder / "zoo" / "tiny-copy.ckpt")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, models_dir) -> ServerUnderTest:
+    from optimized_sd.server.app import RunningServer, create_app
+    from optimized_sd.server.backend import Backend, LoadOptions
+    from optimized_sd.server.catalog import ModelCatalog
+    from optimized_sd.server.service import Service
+
+    catalog = ModelCatalog(models_dir)
+    backend = Backend(catalog, LoadOptions(device="cpu", tokenizer=tiny_model.tokenizer))
+    backend.load(catalog.default())
+    service = Service(backend, limits=LIMITS)
+    running = RunningServer(create_app(service), "127.0.0.1", 0).start()
+    yield ServerUnderTest(running.url, running.host, running.port, service, models_dir, tiny_model.tokenizer)
+    running.stop()
+    service.close()
+
+
+@pytest.fixture(scope="session")
+def reference_pipe(tiny_model):
+    """The same model through the Python API, for pixel-equality checks."""
+    import optimized_sd
+
+    pipe = optimized_sd.load(tiny_model.safetensors, device="cpu", tokenizer=tiny_model.tokenizer)
+    yield pipe
+    pipe.close()

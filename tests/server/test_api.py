@@ -1,0 +1,208 @@
+"""The AUTOMATIC1111-compatible API through a real client library (webuiapi, from PyPI) and raw
+requests for the error statuses; images compared pixel for pixel with the Python API and the CLI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from optimized_sd.pipelines.diffusion import GenerationRequest
+from optimized_sd.pipelines.output import read_parameters
+
+webuiapi = pytest.importorskip("webuiapi", reason="webuiapi is in the [test] extra")
+
+SIZE = 64
+TIMEOUT = 300  # seconds for one request on a loaded CI machine; every loop below is bounded too
+
+
+def client(server) -> "webuiapi.WebUIApi":
+    return webuiapi.WebUIApi(host=server.host, port=server.port, sampler="Euler", steps=3)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def post(server, path: str, **kwargs) -> requests.Response:
+    return requests.post(f"{server.url}/sdapi/v1/{path}", timeout=TIMEOUT, **kwargs)
+
+
+def b64_png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_txt2img_through_webuiapi_equals_the_python_api(server, reference_pipe):
+    result = client(server).txt2img(prompt="a red cube", negative_prompt="blurry", seed=7, width=SIZE, height=SIZE, cfg_scale=7, batch_size=2)
+    assert [image.size for image in result.images] == [(SIZE, SIZE)] * 2
+    assert result.info["all_seeds"] == [7, 8]
+    assert result.info["sampler_name"] == "Euler"
+    assert result.info["infotexts"][1].startswith("a red cube\nNegative prompt: blurry\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 8, Size: 64x64")
+    assert result.images[0].info["parameters"] == result.info["infotexts"][0]  # the PNG carries A1111's parameters text
+    expected = reference_pipe.generate(
+        GenerationRequest(prompts=["a red cube"] * 2, negative_prompt="blurry", steps=3, scale=7.0, sampler="euler", seed=7, height=SIZE, width=SIZE)
+    )
+    for got, want in zip(result.images, expected.images):
+        assert np.array_equal(pixels(got), pixels(want))
+
+
+def test_the_cli_makes_the_same_image_as_the_api(server, tiny_model, tmp_path):
+    from optimized_sd.cli import main
+
+    response = post(server, "txt2img", json={"prompt": "a blue sphere", "seed": 11, "steps": 3, "width": SIZE, "height": SIZE, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 5})
+    assert response.status_code == 200, response.text
+    api_image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+    argv = ["txt2img", "--ckpt", tiny_model.safetensors, "--tokenizer", tiny_model.tokenizer, "--outdir", tmp_path, "--device", "cpu"]
+    argv += ["--prompt", "a blue sphere", "--seed", "11", "--steps", "3", "--H", "64", "--W", "64", "--sampler", "dpmpp_2m", "--karras"]
+    argv += ["--scale", "5", "--n_samples", "1", "--skip_grid"]
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as done:  # main exits only on an error
+        pytest.fail(f"the CLI exited with {done.code}")
+    [written] = sorted(tmp_path.rglob("*.png"))
+    assert np.array_equal(pixels(Image.open(written)), pixels(api_image))
+    assert read_parameters(written) == api_image.info["parameters"]
+
+
+def test_img2img_through_webuiapi_equals_the_python_api(server, reference_pipe):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    result = client(server).img2img(images=[init], prompt="a cat", seed=3, width=SIZE, height=SIZE, denoising_strength=0.5, cfg_scale=7)
+    assert len(result.images) == 1 and result.info["denoising_strength"] == 0.5
+    assert "Denoising strength: 0.5" in result.info["infotexts"][0]
+    expected = reference_pipe.generate(
+        GenerationRequest(prompts=["a cat"], steps=3, scale=7.0, sampler="euler", seed=3, height=SIZE, width=SIZE, init_image=init, strength=0.5)
+    )
+    assert np.array_equal(pixels(result.images[0]), pixels(expected.images[0]))
+
+
+def test_samplers_models_and_a_model_switch_by_name(server):
+    api = client(server)
+    names = api.util_get_sampler_names()
+    assert {"Euler a", "DDIM", "PLMS", "DPM++ 2M", "DPM++ SDE"} <= set(names)
+    assert api.util_get_model_names() == ["tiny.safetensors", "zoo/tiny-copy.ckpt"]
+    assert api.util_get_current_model() == "tiny.safetensors"
+    try:
+        api.util_set_model("zoo/tiny-copy.ckpt", find_closest=False)
+        assert api.util_get_current_model() == "zoo/tiny-copy.ckpt"
+        assert server.service.backend.current.path.name == "tiny-copy.ckpt"
+        result = api.txt2img(prompt="after a switch", seed=1, width=SIZE, height=SIZE)
+        assert len(result.images) == 1
+    finally:
+        api.util_set_model("tiny.safetensors", find_closest=False)
+    assert api.util_get_current_model() == "tiny.safetensors"
+
+
+def detail_fields(response: requests.Response) -> list[str]:
+    return [entry["loc"][-1] for entry in response.json()["detail"]]
+
+
+def test_bad_requests_get_the_right_status_and_name_the_field(server):
+    good = {"prompt": "x", "steps": 2, "width": SIZE, "height": SIZE}
+    malformed = post(server, "txt2img", data=b'{"prompt": "x", "steps": ', headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 422 and malformed.json()["detail"][0]["type"] == "json_invalid"
+    unknown = post(server, "txt2img", json={**good, "sampler_name": "Euler z"})
+    assert unknown.status_code == 422 and detail_fields(unknown) == ["sampler_name"] and "Euler a" in unknown.text
+    for field, value in (("steps", "many"), ("width", 65), ("seed", -5), ("batch_size", 0), ("enable_hr", True), ("scheduler", "Exponential")):
+        response = post(server, "txt2img", json={**good, field: value})
+        assert response.status_code == 422 and detail_fields(response) == [field], (field, response.text)
+    for payload in ({"init_images": []}, {"init_images": ["not base64!"]}, {"init_images": ["https://example.invalid/a.png"]}):
+        response = post(server, "img2img", json={**good, **payload})
+        assert response.status_code == 422 and detail_fields(response) == ["init_images"], response.text
+    big = Image.new("RGB", (300, 300))  # over the test server's 256x256 pixel limit
+    assert post(server, "img2img", json={**good, "init_images": [b64_png(big)]}).status_code == 413
+    assert post(server, "txt2img", data=b" " * (3 * 2**20), headers={"Content-Type": "application/json"}).status_code == 413
+    assert post(server, "options", json={"sd_model_checkpoint": "../../etc/passwd"}).status_code == 404
+    assert post(server, "options", json={"sd_model_checkpoint": str(server.models_dir / "tiny.safetensors")}).status_code == 404
+    override = post(server, "txt2img", json={**good, "override_settings": {"sd_model_checkpoint": "nope.safetensors"}})
+    assert override.status_code == 404
+    assert post(server, "txt2img", json=good).status_code == 200  # and the server still serves
+
+
+def test_a_mask_gets_a_clear_answer(server):
+    image = b64_png(Image.new("RGB", (SIZE, SIZE), "white"))
+    response = post(server, "img2img", json={"prompt": "x", "steps": 2, "width": SIZE, "height": SIZE, "init_images": [image], "mask": image})
+    assert response.status_code == 422 and detail_fields(response) == ["mask"]
+    assert "inpainting is not available" in response.text
+
+
+def test_a_failed_job_is_reported_and_the_server_keeps_serving(server, monkeypatch):
+    backend = server.service.backend
+    real_generate = backend.generate
+    calls = []
+
+    def fail_once(spec, job):
+        calls.append(spec.prompt)
+        if len(calls) == 1:
+            raise RuntimeError("the device fell over")
+        return real_generate(spec, job)
+
+    monkeypatch.setattr(backend, "generate", fail_once)
+    failed = post(server, "txt2img", json={"prompt": "first", "steps": 2, "width": SIZE, "height": SIZE})
+    assert failed.status_code == 500 and "the device fell over" in failed.json()["detail"]
+    assert "Traceback" not in failed.text
+    assert post(server, "txt2img", json={"prompt": "second", "steps": 2, "width": SIZE, "height": SIZE}).status_code == 200
+
+
+def test_concurrent_requests_queue_and_all_complete(server):
+    seeds = [21, 22, 23, 24]
+    responses: dict[int, requests.Response] = {}
+
+    def call(seed: int) -> None:
+        responses[seed] = post(server, "txt2img", json={"prompt": "queue", "seed": seed, "steps": 2, "width": SIZE, "height": SIZE})
+
+    threads = [threading.Thread(target=call, args=(seed,)) for seed in seeds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert sorted(responses) == seeds
+    for seed, response in responses.items():
+        assert response.status_code == 200, response.text
+        assert json.loads(response.json()["info"])["all_seeds"] == [seed]
+    assert requests.get(f"{server.url}/sdapi/v1/progress", timeout=30).json()["state"]["job_count"] == 0
+
+
+def test_interrupt_stops_the_running_job_early_and_the_next_one_succeeds(server):
+    steps = 200
+    box: dict[str, requests.Response] = {}
+    worker = threading.Thread(target=lambda: box.setdefault("r", post(server, "txt2img", json={"prompt": "long", "steps": steps, "width": SIZE, "height": SIZE, "sampler_name": "Euler a"})))
+    worker.start()
+    seen = None
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:  # until the job has run a step
+        state = requests.get(f"{server.url}/sdapi/v1/progress", timeout=30).json()
+        if state["state"]["sampling_step"] >= 2:
+            seen = state
+            break
+        time.sleep(0.05)
+    assert seen is not None and 0 < seen["progress"] < 1 and seen["state"]["sampling_steps"] == steps
+    assert post(server, "interrupt").json() == {}
+    worker.join(TIMEOUT)
+    response = box["r"]
+    assert response.status_code == 200
+    info = json.loads(response.json()["info"])
+    assert info["interrupted"] is True and response.json()["images"] == []
+    follow_up = post(server, "txt2img", json={"prompt": "after", "steps": 2, "width": SIZE, "height": SIZE})
+    assert follow_up.status_code == 200 and len(follow_up.json()["images"]) == 1
+
+
+def test_api_auth(server):
+    from optimized_sd.server.app import RunningServer, create_app
+
+    guarded = RunningServer(create_app(server.service, auth=("ada", "secret"), ui=False), "127.0.0.1", 0).start()
+    try:
+        assert requests.get(f"{guarded.url}/sdapi/v1/samplers", timeout=30).status_code == 401
+        assert requests.get(f"{guarded.url}/sdapi/v1/samplers", auth=("ada", "wrong"), timeout=30).status_code == 401
+        api = webuiapi.WebUIApi(host=guarded.host, port=guarded.port, username="ada", password="secret")
+        assert "Euler" in api.util_get_sampler_names()
+    finally:
+        guarded.stop()
