@@ -140,8 +140,8 @@ class WebUI:
                     cfg_scale = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale", elem_id=f"{task}-cfg")
                 with gr.Row(equal_height=True):
                     seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{task}-seed", scale=3)
-                    random_seed = gr.Button("🎲 random", elem_id=f"{task}-seed-random", scale=1, min_width=80)
-                    reuse_seed = gr.Button("♻ reuse last", elem_id=f"{task}-seed-reuse", scale=1, min_width=80)
+                    random_seed = gr.Button("random", elem_id=f"{task}-seed-random", scale=1, min_width=80)
+                    reuse_seed = gr.Button("reuse last", elem_id=f"{task}-seed-reuse", scale=1, min_width=80)
                 with gr.Row():
                     width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id=f"{task}-width")
                     height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id=f"{task}-height")
@@ -172,7 +172,7 @@ class WebUI:
         outputs = [status, error, preview, gallery, parameters, report, last_seed, infotexts]
         img2img_flag = gr.State(img2img)
 
-        def run(is_img2img: bool, *values: Any, request: gr.Request) -> Iterator[dict]:
+        def run(request: gr.Request, is_img2img: bool, *values: Any) -> Iterator[dict]:  # gradio fills `request`
             yield from self.generate(is_img2img, values, request, outputs)
 
         generate.click(run, inputs=[img2img_flag, *form.inputs()], outputs=outputs, concurrency_limit=None)  # our queue serialises

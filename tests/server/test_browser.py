@@ -1,0 +1,177 @@
+"""The web UI as a person uses it: headless Chromium (Debian's `chromium` and `chromium-driver`)
+driven by Selenium against the in-process server. Skipped, with the reason, only where chromium
+is not installed (`make test` installs it)."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from optimized_sd.pipelines.diffusion import GenerationRequest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+TIMEOUT = 300  # seconds for one generation on a loaded CI machine; every wait is bounded
+
+pytestmark = [
+    pytest.mark.skipif(
+        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+        reason="headless browser tests need Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; `make test` does it)",
+    ),
+    pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*"),  # gradio's queue on pandas 3
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the [test] extra")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1200", "--no-proxy-server"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
+
+
+def css(driver, selector: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, selector)
+
+
+def wait_for(condition, what: str, timeout: float = TIMEOUT, interval: float = 0.05):
+    """Poll `condition` until it returns something truthy; fail naming `what` after `timeout`."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except (NoSuchElementException, StaleElementReferenceException):
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def type_into(driver, selector: str, text: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    field = css(driver, selector)
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(Keys.BACKSPACE)
+    field.send_keys(text)
+    field.send_keys(Keys.TAB)  # gradio commits number fields on blur
+
+
+def open_ui(driver, server) -> None:
+    driver.get(server.url + "/")
+    wait_for(lambda: css(driver, "#txt2img-generate").is_displayed(), "the page to load")
+
+
+def fill_form(driver, tab: str, prompt: str, seed: int, steps: int, size: int = 64) -> None:
+    type_into(driver, f"#{tab}-prompt textarea", prompt)
+    type_into(driver, f"#{tab}-steps input[type=number]", str(steps))
+    type_into(driver, f"#{tab}-width input[type=number]", str(size))
+    type_into(driver, f"#{tab}-height input[type=number]", str(size))
+    type_into(driver, f"#{tab}-seed input[type=number]", str(seed))
+
+
+def progress_state(driver, tab: str) -> tuple[str, int]:
+    bar = css(driver, f"#{tab}-progress .osd-progress")
+    return bar.get_attribute("data-state"), int(bar.get_attribute("data-percent"))
+
+
+def generate_and_watch(driver, tab: str) -> set[int]:
+    """Press Generate and record the progress bar's percentages until the job is done."""
+    css(driver, f"#{tab}-generate").click()
+    seen: set[int] = set()
+
+    def finished() -> bool:
+        state, percent = progress_state(driver, tab)
+        seen.add(percent)
+        return state in ("done", "error", "interrupted", "cancelled")
+
+    wait_for(finished, f"the {tab} job to finish")
+    return seen
+
+
+def gallery_image(driver, tab: str) -> Image.Image:
+    source = wait_for(lambda: css(driver, f"#{tab}-gallery img").get_attribute("src"), "a gallery image")
+    return Image.open(io.BytesIO(requests.get(source, timeout=30).content))
+
+
+def test_txt2img_in_the_browser(browser, server, reference_pipe):
+    open_ui(browser, server)
+    fill_form(browser, "txt2img", "a lighthouse at dusk", seed=1234, steps=40)
+    seen = generate_and_watch(browser, "txt2img")
+    assert progress_state(browser, "txt2img") == ("done", 100)
+    assert any(0 < p < 100 for p in seen), f"the progress bar never showed a step in between: {sorted(seen)}"
+    assert "seed 1234" in css(browser, "#txt2img-gallery").text
+    parameters = css(browser, "#txt2img-parameters textarea").get_attribute("value")
+    assert parameters.startswith("a lighthouse at dusk\nSteps: 40, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 64x64")
+    assert "unet" in css(browser, "#txt2img-memory textarea").get_attribute("value")
+    shown = gallery_image(browser, "txt2img")
+    assert shown.info.get("parameters") == parameters  # the served PNG (the download) carries the metadata
+    expected = reference_pipe.generate(
+        GenerationRequest(prompts=["a lighthouse at dusk"], steps=40, scale=7.0, sampler="euler_a", seed=1234, height=64, width=64)
+    )
+    assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(expected.images[0]))
+    if os.environ.get("OSD_UI_SCREENSHOT"):  # docs/ui.png is made this way
+        browser.save_screenshot(os.environ["OSD_UI_SCREENSHOT"])
+    css(browser, "#txt2img-seed-random").click()
+    wait_for(lambda: css(browser, "#txt2img-seed input[type=number]").get_attribute("value") == "-1", "the seed to become random")
+    css(browser, "#txt2img-seed-reuse").click()
+    wait_for(lambda: css(browser, "#txt2img-seed input[type=number]").get_attribute("value") == "1234", "the last seed to come back")
+
+
+def test_img2img_upload_in_the_browser(browser, server, tmp_path):
+    open_ui(browser, server)
+    click_tab(browser, "img2img")
+    wait_for(lambda: css(browser, "#img2img-generate").is_displayed(), "the img2img tab")
+    css(browser, "#img2img-generate").click()  # no image yet: a message, not a stack trace
+    error = wait_for(lambda: css(browser, "#img2img-error").text, "the missing-image message")
+    assert "needs an init image" in error and "Traceback" not in error
+    picture = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(picture)
+    css(browser, "#img2img-init input[type=file]").send_keys(str(picture))
+    wait_for(lambda: css(browser, "#img2img-init img").get_attribute("src"), "the uploaded image to show")
+    fill_form(browser, "img2img", "an oil painting", seed=99, steps=6)
+    generate_and_watch(browser, "img2img")
+    assert progress_state(browser, "img2img")[0] == "done", css(browser, "#img2img-error").text
+    assert "seed 99" in css(browser, "#img2img-gallery").text
+    assert "Denoising strength: 0.75" in css(browser, "#img2img-parameters textarea").get_attribute("value")
+
+
+def click_tab(driver, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    for button in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]"):
+        if button.text.strip() == name:
+            button.click()
+            return
+    pytest.fail(f"no {name} tab")
+
+
+def test_cancel_stops_the_job_in_the_browser(browser, server):
+    open_ui(browser, server)
+    fill_form(browser, "txt2img", "never finished", seed=5, steps=150)
+    css(browser, "#txt2img-generate").click()
+    wait_for(lambda: progress_state(browser, "txt2img")[1] > 0, "the first steps")
+    css(browser, "#txt2img-cancel").click()
+    wait_for(lambda: progress_state(browser, "txt2img")[0] == "interrupted", "the job to stop")
+    state, percent = progress_state(browser, "txt2img")
+    assert percent < 100
+    assert "interrupted after step" in css(browser, "#txt2img-progress").text
