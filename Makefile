@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-slow bench bench-quick clean
+.PHONY: demo test test-slow bench bench-quick clean browser-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +16,20 @@ $(PY):
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,bench,hub]'
+	$(PY) -m pip install -q -e '.[test,bench,hub,ui]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m optimized_sd.demo $(if $(CKPT),--ckpt "$(CKPT)")
 
-test: $(STAMP)
+# Headless Chromium for the web UI's browser tests, from Debian's packages (no browser download).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+		else echo "browser tests will be skipped: run 'sudo apt-get install chromium chromium-driver'"; fi; \
+	fi
+
+test: $(STAMP) browser-deps
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

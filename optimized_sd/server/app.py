@@ -52,6 +52,7 @@ class RunningServer:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.socket.bind((host, port))
+            self.socket.listen(128)  # connections wait in the backlog until uvicorn accepts them
         except OSError as error:
             self.socket.close()
             raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
@@ -125,12 +126,6 @@ def bind_host(host: str | None, listen: bool) -> str:
 
 def serve(options: ServeOptions) -> None:
     """Load the model once, then serve the UI and the API until interrupted."""
-    try:
-        import fastapi  # noqa: F401
-        import gradio  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as missing:
-        raise UserError(f"the web UI needs the [ui] extra ({missing.name} is missing): pip install 'optimized-sd[ui]'") from None
     from optimized_sd.server.backend import Backend, LoadOptions
     from optimized_sd.server.catalog import ModelCatalog
     from optimized_sd.server.service import Service
@@ -140,17 +135,24 @@ def serve(options: ServeOptions) -> None:
     if not 0 <= options.port <= 65535:
         raise UserError(f"--port {options.port} is not a port number")
     catalog = ModelCatalog(options.models_dir, options.ckpt)
+    first = catalog.default()
+    try:
+        import fastapi  # noqa: F401
+        import gradio  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as missing:
+        raise UserError(f"the web UI needs the [ui] extra ({missing.name} is missing): pip install 'optimized-sd[ui]'") from None
     backend = Backend(
         catalog,
         LoadOptions(options.device, options.precision, options.memory, options.vram_budget, options.tokenizer, options.attention),
     )
-    backend.load(catalog.default())
+    backend.load(first)
     service = Service(backend)
     server = RunningServer(create_app(service, auth), host, options.port)
-    print(f"optimized-sd: model {backend.current.title if backend.current else '?'} on {backend.pipe.device if backend.pipe else '?'}")
-    print(f"optimized-sd: UI at {server.url}/  ·  API at {server.url}/sdapi/v1/  ·  API docs at {server.url}/docs")
+    print(f"optimized-sd: model {first.title} loaded on {backend.pipe.device}", flush=True)
+    print(f"optimized-sd: UI at {server.url}/  ·  API at {server.url}/sdapi/v1/  ·  API docs at {server.url}/docs", flush=True)
     if host not in (LOOPBACK, "localhost", "::1"):
-        print(f"optimized-sd: --listen: the UI and the API are reachable from the network on port {server.port}" + ("" if auth else " (no --auth)"))
+        print(f"optimized-sd: --listen: the UI and the API are reachable from the network on port {server.port}" + ("" if auth else " (no --auth)"), flush=True)
     try:
         server.run_forever()
     finally:
