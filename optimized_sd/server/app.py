@@ -16,6 +16,7 @@ from optimized_sd.errors import UserError
 log = logging.getLogger("optimized_sd")
 
 LOOPBACK = "127.0.0.1"
+UI_CSS = "[id$='-memory'] textarea, [id$='-parameters'] textarea { font-family: ui-monospace, monospace; font-size: 12px; }"
 
 
 def create_app(service, auth: tuple[str, str] | None = None, ui: bool = True):
@@ -31,7 +32,7 @@ def create_app(service, auth: tuple[str, str] | None = None, ui: bool = True):
 
         from optimized_sd.server.ui import build_ui
 
-        app = gr.mount_gradio_app(app, build_ui(service), path="/", auth=auth, footer_links=["api"])
+        app = gr.mount_gradio_app(app, build_ui(service), path="/", auth=auth, footer_links=["api"], css=UI_CSS)
     return app
 
 

@@ -175,3 +175,26 @@ def test_cancel_stops_the_job_in_the_browser(browser, server):
     state, percent = progress_state(browser, "txt2img")
     assert percent < 100
     assert "interrupted after step" in css(browser, "#txt2img-progress").text
+
+
+def test_a_waiting_job_shows_its_place_in_the_queue(browser, server):
+    import threading
+
+    box: dict = {}
+    long_job = {"prompt": "hogging the device", "steps": 400, "width": 64, "height": 64}
+    api_call = threading.Thread(target=lambda: box.setdefault("r", requests.post(f"{server.url}/sdapi/v1/txt2img", json=long_job, timeout=TIMEOUT)))
+    api_call.start()
+    try:
+        progress = f"{server.url}/sdapi/v1/progress"
+        wait_for(lambda: requests.get(progress, timeout=30).json()["state"]["sampling_step"] > 0, "the API job to run")
+        open_ui(browser, server)
+        fill_form(browser, "txt2img", "waiting my turn", seed=8, steps=3)
+        css(browser, "#txt2img-generate").click()
+        wait_for(lambda: "1st in the queue" in css(browser, "#txt2img-progress").text, "the queue position")
+        assert progress_state(browser, "txt2img") == ("waiting", 0)
+    finally:
+        requests.post(f"{server.url}/sdapi/v1/interrupt", timeout=30)
+        api_call.join(TIMEOUT)
+    assert box["r"].status_code == 200
+    wait_for(lambda: progress_state(browser, "txt2img")[0] == "done", "the waiting job to run after the interrupt")
+    assert "seed 8" in css(browser, "#txt2img-gallery").text
