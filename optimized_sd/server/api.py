@@ -130,7 +130,9 @@ def decode_image(data: str, field_name: str, service: Service) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw))
             if image.width * image.height > service.limits.max_image_pixels:
-                raise TooLarge(f"{field_name}: {image.width}x{image.height} is over this server's limit of {service.limits.max_image_pixels} pixels")
+                raise TooLarge(
+                    f"{field_name}: {image.width}x{image.height} is over this server's limit of {service.limits.max_image_pixels} pixels"
+                )
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooLarge(f"{field_name}: the image is over the decompression limit") from None
@@ -234,7 +236,14 @@ def info_json(spec: GenerationSpec, made: Generated) -> str:
 
 def sd_model_item(entry: ModelEntry, service: Service) -> dict[str, Any]:
     short = service.backend.known_hash(entry)
-    return {"title": entry.title, "model_name": entry.model_name, "hash": short, "sha256": None, "filename": str(entry.path), "config": None}
+    return {
+        "title": entry.title,
+        "model_name": entry.model_name,
+        "hash": short,
+        "sha256": None,
+        "filename": str(entry.path),
+        "config": None,
+    }
 
 
 def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None = None) -> None:
@@ -254,7 +263,9 @@ def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None 
         if request.url.path.startswith(PREFIX):
             length = request.headers.get("content-length")
             if length and length.isdigit() and int(length) > service.limits.max_request_bytes:
-                return error_response(413, "TooLarge", f"request body of {length} bytes is over this server's limit of {service.limits.max_request_bytes}")
+                return error_response(
+                    413, "TooLarge", f"request body of {length} bytes is over this server's limit of {service.limits.max_request_bytes}"
+                )
         return await call_next(request)
 
     def run(request: Txt2ImgRequest, img2img: bool) -> JSONResponse | dict[str, Any]:
@@ -350,7 +361,13 @@ def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None 
         current = None
         if snap.latents is not None and not skip_current_image:
             current = image_base64(latent_preview(snap.latents))
-        return {"progress": fraction, "eta_relative": eta, "state": progress_state(job, waiting), "current_image": current, "textinfo": None}
+        return {
+            "progress": fraction,
+            "eta_relative": eta,
+            "state": progress_state(job, waiting),
+            "current_image": current,
+            "textinfo": None,
+        }
 
     @route("/interrupt", ["POST"])
     def interrupt() -> dict[str, Any]:
@@ -385,7 +402,7 @@ def basic_auth(auth: tuple[str, str]) -> Callable:
     security = HTTPBasic()
     user, password = auth
 
-    def check(credentials: HTTPBasicCredentials = Depends(security)) -> None:
+    def check(credentials: HTTPBasicCredentials = Depends(security)) -> None:  # noqa: B008 (FastAPI dependency)
         good_user = secrets.compare_digest(credentials.username.encode(), user.encode())
         good_password = secrets.compare_digest(credentials.password.encode(), password.encode())
         if not (good_user and good_password):

@@ -66,7 +66,7 @@ class RunningServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "RunningServer":
+    def start(self, timeout: float = 60.0) -> RunningServer:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, name="optimized-sd-http", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -153,9 +153,12 @@ def serve(options: ServeOptions) -> None:
     print(f"optimized-sd: model {first.title} loaded on {backend.pipe.device}", flush=True)
     print(f"optimized-sd: UI at {server.url}/  ·  API at {server.url}/sdapi/v1/  ·  API docs at {server.url}/docs", flush=True)
     if host not in (LOOPBACK, "localhost", "::1"):
-        print(f"optimized-sd: --listen: the UI and the API are reachable from the network on port {server.port}" + ("" if auth else " (no --auth)"), flush=True)
+        print(
+            f"optimized-sd: --listen: the UI and the API are reachable from the network on port {server.port}"
+            + ("" if auth else " (no --auth)"),
+            flush=True,
+        )
     try:
         server.run_forever()
     finally:
         service.close()
-

@@ -142,7 +142,9 @@ def check_spec(spec: GenerationSpec) -> None:
     if spec.sampler not in SAMPLERS:
         raise FieldError("sampler_name", f"unknown sampler {spec.sampler!r}")
     try:
-        make_plan(spec.sampler, spec.steps, strength=spec.strength if spec.init_image is not None else 1.0, eta=spec.eta, karras=spec.karras)
+        make_plan(
+            spec.sampler, spec.steps, strength=spec.strength if spec.init_image is not None else 1.0, eta=spec.eta, karras=spec.karras
+        )
     except UserError as error:
         raise FieldError(plan_field(str(error)), str(error)) from None
     if spec.mask is not None:
@@ -264,7 +266,7 @@ class Backend:
             except Interrupted:
                 out.interrupted = True
                 break
-            for image, used_seed, parameters in zip(result.images, result.seeds, result.parameters):
+            for image, used_seed, parameters in zip(result.images, result.seeds, result.parameters, strict=True):
                 out.images.append(image)
                 out.seeds.append(used_seed)
                 out.parameters.append(parameters)

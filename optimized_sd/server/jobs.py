@@ -50,7 +50,7 @@ class StepProgress:
 class Job:
     """A unit of work for the device and its live state, shared by the worker and the front ends."""
 
-    def __init__(self, job_id: int, kind: str, work: Callable[["Job"], Any], preview_every: int) -> None:
+    def __init__(self, job_id: int, kind: str, work: Callable[[Job], Any], preview_every: int) -> None:
         self.id = job_id
         self.kind = kind
         self.work = work

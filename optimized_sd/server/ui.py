@@ -53,13 +53,15 @@ def ordinal(n: int) -> str:
 
 def wait_text(position: int) -> str:
     ahead = position - 1
-    return f"waiting: {ordinal(position)} in the queue" + (f" ({ahead} job{'s' if ahead != 1 else ''} ahead)" if ahead else " (the device is busy)")
+    return f"waiting: {ordinal(position)} in the queue" + (
+        f" ({ahead} job{'s' if ahead != 1 else ''} ahead)" if ahead else " (the device is busy)"
+    )
 
 
 def gallery_images(made: Generated) -> list[tuple[Image.Image, str]]:
     """The PNGs as PIL images that keep their `parameters` text (gradio writes it back into the PNG
     it serves, so the gallery's download carries the metadata), captioned with their seed."""
-    return [(Image.open(io.BytesIO(data)), f"seed {seed}") for data, seed in zip(made.pngs, made.seeds)]
+    return [(Image.open(io.BytesIO(data)), f"seed {seed}") for data, seed in zip(made.pngs, made.seeds, strict=True)]
 
 
 @dataclass
@@ -128,11 +130,16 @@ class WebUI:
                 negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{task}-negative")
                 init_image = strength = None
                 if img2img:
-                    init_image = gr.Image(label="Init image", type="pil", sources=["upload", "clipboard"], elem_id=f"{task}-init", height=256)
+                    init_image = gr.Image(
+                        label="Init image", type="pil", sources=["upload", "clipboard"], elem_id=f"{task}-init", height=256
+                    )
                     strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{task}-strength")
                 with gr.Row():
                     sampler = gr.Dropdown(
-                        choices=[(sampler_display_name(s, False), s) for s in SAMPLERS], value="euler_a", label="Sampler", elem_id=f"{task}-sampler"
+                        choices=[(sampler_display_name(s, False), s) for s in SAMPLERS],
+                        value="euler_a",
+                        label="Sampler",
+                        elem_id=f"{task}-sampler",
                     )
                     karras = gr.Checkbox(label="Karras sigmas", value=False, elem_id=f"{task}-karras")
                 with gr.Row():
@@ -149,7 +156,9 @@ class WebUI:
                     batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size", elem_id=f"{task}-batch-size")
                     n_iter = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id=f"{task}-batch-count")
                 with gr.Row():
-                    memory = gr.Dropdown(choices=[SERVER_DEFAULT, *MEMORY_CHOICES], value=SERVER_DEFAULT, label="Memory mode", elem_id=f"{task}-memory-mode")
+                    memory = gr.Dropdown(
+                        choices=[SERVER_DEFAULT, *MEMORY_CHOICES], value=SERVER_DEFAULT, label="Memory mode", elem_id=f"{task}-memory-mode"
+                    )
                     vram_budget = gr.Textbox(label="VRAM budget (e.g. 2GB; empty: the server's)", elem_id=f"{task}-vram-budget")
             with gr.Column(scale=4):
                 with gr.Row():
@@ -160,14 +169,34 @@ class WebUI:
                 with gr.Row():
                     preview = gr.Image(label="Preview", interactive=False, type="pil", format="png", elem_id=f"{task}-preview", height=192)
                     gallery = gr.Gallery(
-                        label="Images", columns=4, height=320, format="png", buttons=["download", "fullscreen"], elem_id=f"{task}-gallery", scale=2
+                        label="Images",
+                        columns=4,
+                        height=320,
+                        format="png",
+                        buttons=["download", "fullscreen"],
+                        elem_id=f"{task}-gallery",
+                        scale=2,
                     )
                 parameters = gr.Textbox(label="Parameters of the selected image", lines=4, interactive=False, elem_id=f"{task}-parameters")
                 report = gr.Textbox(label="Memory report of the last run", lines=6, interactive=False, elem_id=f"{task}-memory")
         last_seed = gr.State(-1)
         infotexts = gr.State([])
         form = TaskForm(
-            prompt, negative, init_image, strength, sampler, karras, steps, cfg_scale, seed, width, height, batch_size, n_iter, memory, vram_budget
+            prompt,
+            negative,
+            init_image,
+            strength,
+            sampler,
+            karras,
+            steps,
+            cfg_scale,
+            seed,
+            width,
+            height,
+            batch_size,
+            n_iter,
+            memory,
+            vram_budget,
         )
         outputs = [status, error, preview, gallery, parameters, report, last_seed, infotexts]
         img2img_flag = gr.State(img2img)
@@ -245,13 +274,22 @@ class WebUI:
                 return
             except Exception as failure:  # the message, not the stack trace (that goes to the server log)
                 log.exception("generation failed")
-                yield {status: progress_html(0.0, "failed", "error"), error: error_html(f"generation failed: {type(failure).__name__}: {failure}")}
+                yield {
+                    status: progress_html(0.0, "failed", "error"),
+                    error: error_html(f"generation failed: {type(failure).__name__}: {failure}"),
+                }
                 return
             texts = [p.text() for p in made.parameters]
             seconds = (job.finished or time.time()) - (job.started or job.created)
-            done = f"interrupted after step {made.steps_done}; {len(made.images)} image(s) kept" if made.interrupted else f"done: {len(made.images)} image(s) in {seconds:.1f} s"
+            done = (
+                f"interrupted after step {made.steps_done}; {len(made.images)} image(s) kept"
+                if made.interrupted
+                else f"done: {len(made.images)} image(s) in {seconds:.1f} s"
+            )
             yield {
-                status: progress_html(1.0 if not made.interrupted else job.snapshot().fraction, done, "interrupted" if made.interrupted else "done"),
+                status: progress_html(
+                    1.0 if not made.interrupted else job.snapshot().fraction, done, "interrupted" if made.interrupted else "done"
+                ),
                 gallery: gallery_images(made),
                 parameters: texts[0] if texts else "",
                 report: f"mode {made.mode}\n{made.memory_report}",

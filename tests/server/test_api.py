@@ -23,7 +23,7 @@ SIZE = 64
 TIMEOUT = 300  # seconds for one request on a loaded CI machine; every loop below is bounded too
 
 
-def client(server) -> "webuiapi.WebUIApi":
+def client(server) -> webuiapi.WebUIApi:
     return webuiapi.WebUIApi(host=server.host, port=server.port, sampler="Euler", steps=3)
 
 
@@ -42,23 +42,42 @@ def b64_png(image: Image.Image) -> str:
 
 
 def test_txt2img_through_webuiapi_equals_the_python_api(server, reference_pipe):
-    result = client(server).txt2img(prompt="a red cube", negative_prompt="blurry", seed=7, width=SIZE, height=SIZE, cfg_scale=7, batch_size=2)
+    result = client(server).txt2img(
+        prompt="a red cube", negative_prompt="blurry", seed=7, width=SIZE, height=SIZE, cfg_scale=7, batch_size=2
+    )
     assert [image.size for image in result.images] == [(SIZE, SIZE)] * 2
     assert result.info["all_seeds"] == [7, 8]
     assert result.info["sampler_name"] == "Euler"
-    assert result.info["infotexts"][1].startswith("a red cube\nNegative prompt: blurry\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 8, Size: 64x64")
+    assert result.info["infotexts"][1].startswith(
+        "a red cube\nNegative prompt: blurry\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 8, Size: 64x64"
+    )
     assert result.images[0].info["parameters"] == result.info["infotexts"][0]  # the PNG carries A1111's parameters text
     expected = reference_pipe.generate(
-        GenerationRequest(prompts=["a red cube"] * 2, negative_prompt="blurry", steps=3, scale=7.0, sampler="euler", seed=7, height=SIZE, width=SIZE)
+        GenerationRequest(
+            prompts=["a red cube"] * 2, negative_prompt="blurry", steps=3, scale=7.0, sampler="euler", seed=7, height=SIZE, width=SIZE
+        )
     )
-    for got, want in zip(result.images, expected.images):
+    for got, want in zip(result.images, expected.images, strict=True):
         assert np.array_equal(pixels(got), pixels(want))
 
 
 def test_the_cli_makes_the_same_image_as_the_api(server, tiny_model, tmp_path):
     from optimized_sd.cli import main
 
-    response = post(server, "txt2img", json={"prompt": "a blue sphere", "seed": 11, "steps": 3, "width": SIZE, "height": SIZE, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 5})
+    response = post(
+        server,
+        "txt2img",
+        json={
+            "prompt": "a blue sphere",
+            "seed": 11,
+            "steps": 3,
+            "width": SIZE,
+            "height": SIZE,
+            "sampler_name": "DPM++ 2M",
+            "scheduler": "Karras",
+            "cfg_scale": 5,
+        },
+    )
     assert response.status_code == 200, response.text
     api_image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
     argv = ["txt2img", "--ckpt", tiny_model.safetensors, "--tokenizer", tiny_model.tokenizer, "--outdir", tmp_path, "--device", "cpu"]
@@ -79,7 +98,9 @@ def test_img2img_through_webuiapi_equals_the_python_api(server, reference_pipe):
     assert len(result.images) == 1 and result.info["denoising_strength"] == 0.5
     assert "Denoising strength: 0.5" in result.info["infotexts"][0]
     expected = reference_pipe.generate(
-        GenerationRequest(prompts=["a cat"], steps=3, scale=7.0, sampler="euler", seed=3, height=SIZE, width=SIZE, init_image=init, strength=0.5)
+        GenerationRequest(
+            prompts=["a cat"], steps=3, scale=7.0, sampler="euler", seed=3, height=SIZE, width=SIZE, init_image=init, strength=0.5
+        )
     )
     assert np.array_equal(pixels(result.images[0]), pixels(expected.images[0]))
 
@@ -111,7 +132,14 @@ def test_bad_requests_get_the_right_status_and_name_the_field(server):
     assert malformed.status_code == 422 and malformed.json()["detail"][0]["type"] == "json_invalid"
     unknown = post(server, "txt2img", json={**good, "sampler_name": "Euler z"})
     assert unknown.status_code == 422 and detail_fields(unknown) == ["sampler_name"] and "Euler a" in unknown.text
-    for field, value in (("steps", "many"), ("width", 65), ("seed", -5), ("batch_size", 0), ("enable_hr", True), ("scheduler", "Exponential")):
+    for field, value in (
+        ("steps", "many"),
+        ("width", 65),
+        ("seed", -5),
+        ("batch_size", 0),
+        ("enable_hr", True),
+        ("scheduler", "Exponential"),
+    ):
         response = post(server, "txt2img", json={**good, field: value})
         assert response.status_code == 422 and detail_fields(response) == [field], (field, response.text)
     for payload in ({"init_images": []}, {"init_images": ["not base64!"]}, {"init_images": ["https://example.invalid/a.png"]}):
@@ -129,7 +157,9 @@ def test_bad_requests_get_the_right_status_and_name_the_field(server):
 
 def test_a_mask_gets_a_clear_answer(server):
     image = b64_png(Image.new("RGB", (SIZE, SIZE), "white"))
-    response = post(server, "img2img", json={"prompt": "x", "steps": 2, "width": SIZE, "height": SIZE, "init_images": [image], "mask": image})
+    response = post(
+        server, "img2img", json={"prompt": "x", "steps": 2, "width": SIZE, "height": SIZE, "init_images": [image], "mask": image}
+    )
     assert response.status_code == 422 and detail_fields(response) == ["mask"]
     assert "inpainting is not available" in response.text
 
@@ -174,7 +204,11 @@ def test_concurrent_requests_queue_and_all_complete(server):
 def test_interrupt_stops_the_running_job_early_and_the_next_one_succeeds(server):
     steps = 200
     box: dict[str, requests.Response] = {}
-    worker = threading.Thread(target=lambda: box.setdefault("r", post(server, "txt2img", json={"prompt": "long", "steps": steps, "width": SIZE, "height": SIZE, "sampler_name": "Euler a"})))
+    worker = threading.Thread(
+        target=lambda: box.setdefault(
+            "r", post(server, "txt2img", json={"prompt": "long", "steps": steps, "width": SIZE, "height": SIZE, "sampler_name": "Euler a"})
+        )
+    )
     worker.start()
     seen = None
     deadline = time.monotonic() + TIMEOUT

@@ -23,7 +23,7 @@ TIMEOUT = 300  # seconds for one generation on a loaded CI machine; every wait i
 pytestmark = [
     pytest.mark.skipif(
         not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-        reason="headless browser tests need Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; `make test` does it)",
+        reason="the browser tests need Debian's chromium and chromium-driver (`make test` installs them)",
     ),
     pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*"),  # gradio's queue on pandas 3
 ]
@@ -37,7 +37,14 @@ def browser():
 
     options = Options()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1200", "--no-proxy-server"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1200",
+        "--no-proxy-server",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     yield driver
@@ -182,7 +189,9 @@ def test_a_waiting_job_shows_its_place_in_the_queue(browser, server):
 
     box: dict = {}
     long_job = {"prompt": "hogging the device", "steps": 400, "width": 64, "height": 64}
-    api_call = threading.Thread(target=lambda: box.setdefault("r", requests.post(f"{server.url}/sdapi/v1/txt2img", json=long_job, timeout=TIMEOUT)))
+    api_call = threading.Thread(
+        target=lambda: box.setdefault("r", requests.post(f"{server.url}/sdapi/v1/txt2img", json=long_job, timeout=TIMEOUT))
+    )
     api_call.start()
     try:
         progress = f"{server.url}/sdapi/v1/progress"

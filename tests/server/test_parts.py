@@ -173,7 +173,16 @@ def test_serve_command_starts_and_answers(tiny_model, tmp_path):
 
     import requests
 
-    command = [sys.executable, "-m", "optimized_sd.cli", "serve", "--ckpt", str(tiny_model.safetensors), "--tokenizer", str(tiny_model.tokenizer)]
+    command = [
+        sys.executable,
+        "-m",
+        "optimized_sd.cli",
+        "serve",
+        "--ckpt",
+        str(tiny_model.safetensors),
+        "--tokenizer",
+        str(tiny_model.tokenizer),
+    ]
     command += ["--device", "cpu", "--port", "0", "--auth", "ada:secret"]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
