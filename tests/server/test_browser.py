@@ -149,7 +149,7 @@ def test_img2img_upload_in_the_browser(browser, server, tmp_path):
     click_tab(browser, "img2img")
     wait_for(lambda: css(browser, "#img2img-generate").is_displayed(), "the img2img tab")
     css(browser, "#img2img-generate").click()  # no image yet: a message, not a stack trace
-    error = wait_for(lambda: css(browser, "#img2img-error").text, "the missing-image message")
+    error = wait_for(lambda: css(browser, "#img2img-error .osd-error").text, "the missing-image message")
     assert "needs an init image" in error and "Traceback" not in error
     picture = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(picture)
