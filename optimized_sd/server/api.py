@@ -217,6 +217,8 @@ def info_json(spec: GenerationSpec, made: Generated) -> str:
         "face_restoration_model": None,
         "sd_model_name": made.model_name,
         "sd_model_hash": made.model_hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": spec.strength if spec.init_image is not None else None,
