@@ -151,7 +151,8 @@ def main() -> int:
         ab = json.loads(lines[-1][3:])
         for ours, theirs in zip(ab["ours"], ab["theirs"]):
             print(f"  interleaved UNet step: stream {ours:.2f} s, diffusers {theirs:.2f} s")
-        print(f"s/step interleaved in one process (fastest of {args.ab}): {min(ab['ours']):.2f} / {min(ab['theirs']):.2f} = {ab['ratio']:.3f}")
+        fastest = f"{min(ab['ours']):.2f} / {min(ab['theirs']):.2f} = {ab['ratio']:.3f}"
+        print(f"s/step interleaved in one process (fastest of {args.ab}): {fastest}")
     if args.json:
         args.json.write_text(
             json.dumps(

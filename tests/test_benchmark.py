@@ -401,7 +401,11 @@ def test_stream_floor_and_its_schedule_simulation():
     finally:
         sys.path.pop(0)
     # Block i+1's copy overlaps block i's compute; the first block's copy overlaps the last block.
-    cases = [([4.0, 1.0, 1.0], [1.0, 3.0, 1.0], 6.0), ([1.0, 1.0], [5.0, 0.5], 6.0), ([0.5, 2.0, 0.1, 1.0], [0.2, 0.3, 2.5, 0.4], 0.5 + 2.5 + 0.4 + 1.0)]
+    cases = [
+        ([4.0, 1.0, 1.0], [1.0, 3.0, 1.0], 6.0),
+        ([1.0, 1.0], [5.0, 0.5], 6.0),
+        ([0.5, 2.0, 0.1, 1.0], [0.2, 0.3, 2.5, 0.4], 0.5 + 2.5 + 0.4 + 1.0),
+    ]
     for compute, copy, floor in cases:
         assert stream_floor.one_block_lookahead_seconds(compute, copy) == floor
         sizes = [1] * len(compute)

@@ -13,8 +13,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightning_checkpoints import UNET, tiny_sd1, write_lightning_ckpt
-
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.hashing import legacy_model_hash, sha256_file, sha256_short
 from optimized_sd.weights.inspect import (
@@ -25,6 +23,8 @@ from optimized_sd.weights.inspect import (
     describe_checkpoint,
     format_info,
 )
+
+from lightning_checkpoints import UNET, tiny_sd1, write_lightning_ckpt
 
 # Parameter counts of lightning_checkpoints.tiny_sd1 (its comments give each tensor's).
 UNET_PARAMS = 288 + 8 + 64 + 128 + 288

@@ -89,7 +89,8 @@ def runs_table(record: BenchRecord) -> list[str]:
     for result in record.results:
         scenario = result.scenario
         if not result.ok:
-            rows.append([scenario.name, scenario.engine, mode_label(result), f"failed: {result.error or result.user_error or 'failed'}"] + [""] * 8)
+            reason = result.error or result.user_error or "failed"
+            rows.append([scenario.name, scenario.engine, mode_label(result), f"failed: {reason}"] + [""] * 8)
             continue
         rows.append(
             [

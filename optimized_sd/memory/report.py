@@ -39,7 +39,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "RssSampler":
+    def start(self) -> RssSampler:
         self.peak = self._process.memory_info().rss
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -63,7 +63,7 @@ class RssSampler:
             self._thread.join()
         self.peak = max(self.peak, self._process.memory_info().rss)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
