@@ -98,6 +98,25 @@ class BenchModel:
 
 
 @dataclass
+class ScenarioTask:
+    """How every scenario of a run is measured: the runner sends it, with the scenario, to each
+    scenario's worker process."""
+
+    device: str
+    checkpoint: str
+    tokenizer: str
+    diffusers_config: str
+    precision: str = "autocast"
+    attention: str = "sdpa"
+    warmup: int = 0
+    repeat: int = 1
+
+    def payload(self, scenario: Scenario) -> dict:
+        """The worker's JSON payload for one scenario."""
+        return {"task": "scenario", **asdict(self), "scenario": scenario.to_dict()}
+
+
+@dataclass
 class Settings:
     """What every scenario of a run shares."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from optimized_sd.benchmark import report
-from optimized_sd.benchmark.results import BenchModel, BenchRecord, Machine, ScenarioResult, Settings, from_json
+from optimized_sd.benchmark.results import BenchModel, BenchRecord, Machine, ScenarioResult, ScenarioTask, Settings, from_json
 from optimized_sd.benchmark.scenarios import DEFAULT_STEPS, QUICK, Scenario, Selection, select_scenarios
 from optimized_sd.benchmark.worker import PROMPT, RESULT_PREFIX, SCALE, SEED, STRENGTH  # stdlib-only module
 from optimized_sd.errors import UserError
@@ -127,24 +127,23 @@ def probe_machine(device: str | None) -> Machine:
     return from_json(Machine, probed)
 
 
-def scenario_task(model: BenchModel, device: str, *, precision: str, attention: str, warmup: int, repeat: int) -> dict:
+def scenario_task(model: BenchModel, device: str, *, precision: str, attention: str, warmup: int, repeat: int) -> ScenarioTask:
     """What every scenario worker is sent besides its scenario."""
-    return {
-        "task": "scenario",
-        "device": device,
-        "checkpoint": model.checkpoint,
-        "tokenizer": model.tokenizer,
-        "diffusers_config": model.diffusers_config,
-        "precision": precision,
-        "attention": attention,
-        "warmup": warmup,
-        "repeat": repeat,
-    }
+    return ScenarioTask(
+        device=device,
+        checkpoint=model.checkpoint,
+        tokenizer=model.tokenizer,
+        diffusers_config=model.diffusers_config,
+        precision=precision,
+        attention=attention,
+        warmup=warmup,
+        repeat=repeat,
+    )
 
 
-def run_scenario(task: dict, scenario: Scenario, timeout: float | None) -> ScenarioResult:
+def run_scenario(task: ScenarioTask, scenario: Scenario, timeout: float | None) -> ScenarioResult:
     """One scenario in its own worker process; a failure is a row too."""
-    raw = run_worker({**task, "scenario": scenario.to_dict()}, timeout=timeout)
+    raw = run_worker(task.payload(scenario), timeout=timeout)
     return ScenarioResult.from_json({**raw, "scenario": scenario.to_dict()})
 
 

@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from importlib import metadata
+from typing import TypeVar
 
 from optimized_sd.benchmark.results import (
     Bandwidth,
@@ -26,7 +27,9 @@ from optimized_sd.benchmark.results import (
     Machine,
     PlanFacts,
     ScenarioResult,
+    ScenarioTask,
     StageFigures,
+    from_json,
 )
 from optimized_sd.benchmark.scenarios import Scenario
 from optimized_sd.errors import UserError
@@ -37,6 +40,7 @@ SEED = 42
 SCALE = 7.5
 STRENGTH = 0.75
 MIB = 2**20
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -164,6 +168,22 @@ def stage_figures(meter) -> dict[str, StageFigures]:
     return {stage: StageFigures(**row) for stage, row in meter.summary().items()}
 
 
+def timed(device, work: Callable[[], T]) -> tuple[float, T]:
+    """Seconds `work` takes, the device work it queues included (whole runs and loading; the stages
+    within a run are measured by a `MemoryMeter`)."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    start = time.perf_counter()
+    value = work()
+    sync()
+    return time.perf_counter() - start, value
+
+
 def best_of(measure: Callable[[], Measured], repeat: int) -> Measured:
     """Run `measure` `repeat` times: the fastest run's times, and for each stage the highest peaks
     seen over all runs (timings vary with other load; peaks should not)."""
@@ -180,7 +200,7 @@ def compute_dtype_name(device_type: str, precision: str) -> str:
     return {"full": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
 
 
-def run_ours(payload: dict, scenario: Scenario, device) -> ScenarioResult:
+def run_ours(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
     import torch
 
     import optimized_sd
@@ -205,38 +225,32 @@ def run_ours(payload: dict, scenario: Scenario, device) -> ScenarioResult:
         init_image=init,
         strength=STRENGTH,
     )
-    cuda = device.type == "cuda"
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401  imported before the clock, as diffusers is
 
-    start = time.perf_counter()
-    pipe = optimized_sd.load(
-        payload["checkpoint"],
-        device=str(device),
-        precision=payload.get("precision", "autocast"),
-        memory=scenario.mode,
-        vram_budget=scenario.budget,
-        attention=payload.get("attention", "sdpa"),
-        tokenizer=payload["tokenizer"],
-    )
-    pipe.prepare(request)  # place the weights now, so that loading is timed here
-    if cuda:
-        torch.cuda.synchronize(device)
-    load_seconds = time.perf_counter() - start
+    def load():
+        pipe = optimized_sd.load(
+            task.checkpoint,
+            device=str(device),
+            precision=task.precision,
+            memory=scenario.mode,
+            vram_budget=scenario.budget,
+            attention=task.attention,
+            tokenizer=task.tokenizer,
+        )
+        pipe.prepare(request)  # place the weights now, so that loading is timed here
+        return pipe
+
+    load_seconds, pipe = timed(device, load)
     rss_after_load = current_rss_mib()
-    for _ in range(payload.get("warmup", 0)):
+    for _ in range(task.warmup):
         pipe.generate(replace(request, steps=min(scenario.steps, 2)))
 
-    def measured():
+    def measured() -> Measured:
         pipe.meter.records.clear()
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = pipe.generate(request)
-        if cuda:
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start, stage_figures(pipe.meter), result.latents
+        seconds, result = timed(device, lambda: pipe.generate(request))
+        return seconds, stage_figures(pipe.meter), result.latents
 
-    total, stages, latents = best_of(measured, payload.get("repeat", 1))
+    total, stages, latents = best_of(measured, task.repeat)
     fp = pipe.sizes
     return ScenarioResult(
         scenario=scenario,
@@ -299,7 +313,7 @@ def place_peer(pipe, peer: str, device) -> None:
         raise UserError(f"unknown peer {peer!r}")
 
 
-def run_diffusers(payload: dict, scenario: Scenario, device) -> ScenarioResult:
+def run_diffusers(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
     import torch
 
     try:
@@ -308,19 +322,17 @@ def run_diffusers(payload: dict, scenario: Scenario, device) -> ScenarioResult:
     except ImportError as error:
         raise UserError(f"diffusers is not importable: {error}") from None
     diffusers_logging.set_verbosity_error()
-    dtype = getattr(torch, compute_dtype_name(device.type, payload.get("precision", "autocast")))
+    dtype = getattr(torch, compute_dtype_name(device.type, task.precision))
     img2img = scenario.kind == "img2img"
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-    cuda = device.type == "cuda"
-    start = time.perf_counter()
-    pipe = cls.from_single_file(
-        payload["checkpoint"], config=payload["diffusers_config"], local_files_only=True, torch_dtype=dtype
-    )
-    place_peer(pipe, scenario.mode, device)
-    pipe.set_progress_bar_config(disable=True)
-    if cuda:
-        torch.cuda.synchronize(device)
-    load_seconds = time.perf_counter() - start
+
+    def load():
+        pipe = cls.from_single_file(task.checkpoint, config=task.diffusers_config, local_files_only=True, torch_dtype=dtype)
+        place_peer(pipe, scenario.mode, device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    load_seconds, pipe = timed(device, load)
     rss_after_load = current_rss_mib()
     init = synthetic_image(scenario.height, scenario.width) if img2img else None
     from optimized_sd.memory.report import MemoryMeter
@@ -369,15 +381,14 @@ def run_diffusers(payload: dict, scenario: Scenario, device) -> ScenarioResult:
             meter.mark("vae_decode")
         return latents
 
-    for _ in range(payload.get("warmup", 0)):
+    for _ in range(task.warmup):
         generate(min(scenario.steps, 2))
 
     def measured() -> Measured:
-        start = time.perf_counter()
-        latents = generate(scenario.steps)
-        return time.perf_counter() - start, stage_figures(meter), latents
+        seconds, latents = timed(device, lambda: generate(scenario.steps))
+        return seconds, stage_figures(meter), latents
 
-    total, stages, latents = best_of(measured, payload.get("repeat", 1))
+    total, stages, latents = best_of(measured, task.repeat)
     for hook in hooks:
         hook.remove()
     return ScenarioResult(
@@ -397,21 +408,22 @@ def run_scenario(payload: dict) -> ScenarioResult:
 
     from optimized_sd.memory.device import resolve_device
 
+    task = from_json(ScenarioTask, payload)
     scenario = Scenario.from_dict(payload["scenario"])
-    device = resolve_device(payload.get("device"))
+    device = resolve_device(task.device)
     load_before = os.getloadavg()[0]
     try:
         if scenario.engine == "ours":
-            result = run_ours(payload, scenario, device)
+            result = run_ours(task, scenario, device)
         else:
-            result = run_diffusers(payload, scenario, device)
+            result = run_diffusers(task, scenario, device)
     except torch.OutOfMemoryError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
         return ScenarioResult(scenario, ok=False, error=f"out of memory: {first_line[:200]}", peak_rss_mib=max_rss_mib())
     return replace(
         result.with_stage_totals(),
         device=str(device),
-        dtype=compute_dtype_name(device.type, payload.get("precision", "autocast")),
+        dtype=compute_dtype_name(device.type, task.precision),
         peak_rss_mib=max_rss_mib(),
         host_load=[load_before, os.getloadavg()[0]],  # other work on the machine skews timings
     )
