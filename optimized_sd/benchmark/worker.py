@@ -251,7 +251,7 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
         return seconds, stage_figures(pipe.meter), result.latents
 
     total, stages, latents = best_of(measured, task.repeat)
-    fp = pipe.sizes
+    fp = pipe.memory.sizes
     return ScenarioResult(
         scenario=scenario,
         ok=True,
