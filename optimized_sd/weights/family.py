@@ -18,6 +18,7 @@ __all__ = [
     "SD1",
     "PARTS",
     "SCHEDULE_BUFFERS",
+    "canonical_key",
     "detect_family",
     "known_extra_key",
     "part_of_key",
@@ -28,6 +29,8 @@ SD1 = "sd1"
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+# The one form CLIP text keys take once a checkpoint is opened (see `canonical_key`).
+CLIP_TEXT_PREFIX = CLIP_PREFIX + "text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 
 # Display name -> key prefix of each part of an LDM checkpoint.
@@ -72,12 +75,23 @@ _LIGHTNING_KEYS = frozenset(
     }
 )
 
-_POSITION_IDS = frozenset(
-    {
-        CLIP_PREFIX + "text_model.embeddings.position_ids",
-        CLIP_PREFIX + "embeddings.position_ids",
-    }
-)
+_POSITION_IDS = CLIP_TEXT_PREFIX + "embeddings.position_ids"
+
+# Prefixes under which a transformers CLIP text model sits (the SD 1.x one; SDXL adds its embedders).
+_CLIP_MODEL_PREFIXES: tuple[str, ...] = (CLIP_PREFIX,)
+
+
+def canonical_key(key: str) -> str:
+    """`key` with a CLIP text model's weights under `text_model.` (the form real SD 1.x files use).
+
+    transformers versions disagree on that level (newer ones build CLIPTextModel without it), so
+    files come both ways; `loading.open_checkpoint` applies this to every key once, and everything
+    downstream (family detection, shape inference, inspect, the strict loader) sees this one form.
+    """
+    for prefix in _CLIP_MODEL_PREFIXES:
+        if key.startswith(prefix) and not key.startswith(prefix + "text_model."):
+            return prefix + "text_model." + key[len(prefix) :]
+    return key
 
 
 def known_extra_key(key: str) -> str | None:
@@ -87,7 +101,7 @@ def known_extra_key(key: str) -> str | None:
       "schedule buffer"  DDPM buffers (`betas`, `alphas_cumprod`, ..., `logvar`), rebuilt from the config;
       "EMA"              `model_ema.*`: the decay/num_updates counters and, in non-pruned files, the
                          EMA copy of the UNet under dot-less names;
-      "position_ids"     the CLIP text model's int64 `embeddings.position_ids` buffer (either key form);
+      "position_ids"     the CLIP text model's int64 `embeddings.position_ids` buffer;
       "training loss"    `first_stage_model.loss.*` (the VAE's discriminator/LPIPS, unused at inference);
       "lightning"        Lightning's top-level entries (`epoch`, `global_step`, ...).
     The strict loader treats these as expected leftovers; any other unexpected key is reported.
@@ -96,7 +110,7 @@ def known_extra_key(key: str) -> str | None:
         return "schedule buffer"
     if key.startswith("model_ema."):
         return "EMA"
-    if key in _POSITION_IDS:
+    if canonical_key(key) == _POSITION_IDS:
         return "position_ids"
     if key.startswith(VAE_PREFIX + "loss."):
         return "training loss"
@@ -228,12 +242,9 @@ def _classify_ldm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_i
 
 
 def _clip_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
-    """Hidden width of the LDM CLIP text encoder, from its final layer norm (either key form)."""
-    for inner in ("text_model.", ""):
-        shape = shapes.get(f"{CLIP_PREFIX}{inner}final_layer_norm.weight")
-        if shape:
-            return shape[0]
-    return None
+    """Hidden width of the LDM CLIP text encoder, from its final layer norm."""
+    shape = shapes.get(CLIP_TEXT_PREFIX + "final_layer_norm.weight")
+    return shape[0] if shape else None
 
 
 def _describe_non_sd(keys: list[str]) -> str:
