@@ -247,22 +247,15 @@ class _Exec:
         return (exec, ("raise SystemExit('ran')",))
 
 
-def _diffusers_variant(tiny_model, folder: Path, class_name: str = "StableDiffusionPipeline", **unet_changes) -> Path:
-    """A copy of the tiny diffusers folder, its UNet rebuilt with `unet_changes` (another family's traits)."""
-    import shutil
-
+def _unet_like(tiny_model, **changes):
+    """The tiny diffusers UNet's config with another family's traits."""
     from diffusers import UNet2DConditionModel
 
-    shutil.copytree(tiny_model.folder, folder)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name, "unet": ["diffusers", "UNet2DConditionModel"]}))
-    if unet_changes:
-        shutil.rmtree(folder / "unet")
-        UNet2DConditionModel(**{**tiny_model.unet.config, **unet_changes}).save_pretrained(folder / "unet")
-    return folder
+    return UNet2DConditionModel(**{**tiny_model.unet.config, **changes})
 
 
-def test_diffusers_folder(tiny_model, tmp_path: Path) -> None:
-    folder = _diffusers_variant(tiny_model, tmp_path / "sd15-diffusers")
+def test_diffusers_folder(tiny_model, diffusers_variant) -> None:
+    folder = diffusers_variant("sd15-diffusers")
     half = {k: v.half() for k, v in tiny_model.unet.state_dict().items()}
     save_file(half, folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")  # the loader reads the fp32 file
     info = describe_checkpoint(folder)
@@ -279,8 +272,8 @@ def test_diffusers_folder(tiny_model, tmp_path: Path) -> None:
     assert "EMA" not in text and "hashes" not in text
 
 
-def test_diffusers_folder_config_the_loader_refuses(tiny_model, tmp_path: Path) -> None:
-    folder = _diffusers_variant(tiny_model, tmp_path / "model")
+def test_diffusers_folder_config_the_loader_refuses(diffusers_variant) -> None:
+    folder = diffusers_variant("model")
     config = json.loads((folder / "unet" / "config.json").read_text())
     (folder / "unet" / "config.json").write_text(json.dumps({**config, "act_fn": "gelu"}))
     info = describe_checkpoint(folder)
@@ -288,18 +281,18 @@ def test_diffusers_folder_config_the_loader_refuses(tiny_model, tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "needle"),
+    ("class_name", "unet_changes", "needle"),
     [
-        ({"use_linear_projection": True}, "SD 2.x"),
+        ("StableDiffusionPipeline", {"use_linear_projection": True}, "SD 2.x"),
         (
-            {"class_name": "StableDiffusionXLPipeline", "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-             "projection_class_embeddings_input_dim": 112},
+            "StableDiffusionXLPipeline",
+            {"addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 112},
             "SDXL",
         ),
-        ({"in_channels": 9, "class_name": "StableDiffusionInpaintPipeline"}, "SD 1.x inpainting"),
+        ("StableDiffusionInpaintPipeline", {"in_channels": 9}, "SD 1.x inpainting"),
     ],
 )
-def test_diffusers_folder_other_families(tiny_model, tmp_path: Path, kwargs: dict, needle: str) -> None:
-    folder = _diffusers_variant(tiny_model, tmp_path / "model", **kwargs)
+def test_diffusers_folder_other_families(tiny_model, diffusers_variant, class_name: str, unet_changes: dict, needle: str) -> None:
+    folder = diffusers_variant("model", class_name=class_name, unet=_unet_like(tiny_model, **unet_changes))
     info = describe_checkpoint(folder)
     assert info.family is None and needle in info.family_error

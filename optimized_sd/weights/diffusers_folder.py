@@ -61,7 +61,6 @@ class DiffusersFolder:
 
     path: Path
     pipeline_class: str
-    components: tuple[str, ...]  # every component model_index.json names (safety_checker, text_encoder_2, ...)
     parts: dict[str, DiffusersPart]  # the parts this version loads, by folder name
     scheduler: Config | None
     tokenizer: Path | None
@@ -331,7 +330,6 @@ def read_diffusers_folder(folder: Path) -> DiffusersFolder:
     return DiffusersFolder(
         path=folder,
         pipeline_class=str(index.get("_class_name", "unknown pipeline")),
-        components=tuple(k for k in index if not k.startswith("_")),
         parts=parts,
         scheduler=read_json(scheduler_path) if scheduler_path.exists() else None,
         tokenizer=tokenizer if tokenizer.is_dir() else None,

@@ -20,24 +20,30 @@ __all__ = [
     "SCHEDULE_BUFFERS",
     "canonical_key",
     "detect_family",
+    "ema_key",
     "known_extra_key",
     "part_of_key",
 ]
 
 SD1 = "sd1"
 
+# Key prefixes of an LDM checkpoint's parts, defined here once.
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
+TEXT_ENCODER_PREFIX = "cond_stage_model."
+CLIP_PREFIX = TEXT_ENCODER_PREFIX + "transformer."
 # The one form CLIP text keys take once a checkpoint is opened (see `canonical_key`).
 CLIP_TEXT_PREFIX = CLIP_PREFIX + "text_model."
-OPENCLIP_PREFIX = "cond_stage_model.model."
+OPENCLIP_PREFIX = TEXT_ENCODER_PREFIX + "model."
+# LDM's LitEma keeps the EMA copy of the UNet under dot-less names, beside two counters.
+EMA_PREFIX = "model_ema."
+EMA_COUNTERS = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
 
 # Display name -> key prefix of each part of an LDM checkpoint.
 PARTS: dict[str, str] = {
     "UNet": UNET_PREFIX,
     "VAE": VAE_PREFIX,
-    "text encoder": "cond_stage_model.",
+    "text encoder": TEXT_ENCODER_PREFIX,
 }
 
 # DDPM schedule buffers CompVis's LatentDiffusion registers (recomputed from the config at load).
@@ -108,7 +114,7 @@ def known_extra_key(key: str) -> str | None:
     """
     if key in SCHEDULE_BUFFERS:
         return "schedule buffer"
-    if key.startswith("model_ema."):
+    if key.startswith(EMA_PREFIX):
         return "EMA"
     if canonical_key(key) == _POSITION_IDS:
         return "position_ids"
@@ -117,6 +123,12 @@ def known_extra_key(key: str) -> str | None:
     if key in _LIGHTNING_KEYS:
         return "lightning"
     return None
+
+
+def ema_key(key: str) -> str:
+    """The EMA copy's name for a UNet key: `model.diffusion_model.input_blocks.0.0.weight` ->
+    `model_ema.diffusion_modelinput_blocks00weight` (LitEma drops the dots)."""
+    return EMA_PREFIX + "diffusion_model" + key[len(UNET_PREFIX) :].replace(".", "")
 
 
 def part_of_key(key: str) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.ckpt import InertLightningObject, load_ckpt, state_dict_from_ckpt
 from optimized_sd.weights.family import (
+    EMA_COUNTERS,
     PARTS,
     SD1,
     detect_family,
@@ -37,9 +38,6 @@ LAYOUT_SAFETENSORS = "single-file .safetensors"
 LAYOUT_DIFFUSERS = "diffusers folder"
 
 FAMILY_NAMES = {SD1: "Stable Diffusion 1.x"}
-
-# safetensors dtype codes -> torch dtype names
-_EMA_COUNTERS = frozenset({"model_ema.decay", "model_ema.num_updates"})
 
 
 @dataclass(frozen=True)
@@ -194,7 +192,7 @@ def _fill_tensor_stats(
         reason = known_extra_key(key)
         if reason is not None:
             extras[reason] += 1
-            if reason == "EMA" and key not in _EMA_COUNTERS:
+            if reason == "EMA" and key not in EMA_COUNTERS:
                 info.ema_weights += 1
             continue
         part = part_of_key(key)

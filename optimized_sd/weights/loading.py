@@ -19,7 +19,7 @@ from optimized_sd.weights.diffusers_folder import (
     ldm_names,
     read_diffusers_folder,
 )
-from optimized_sd.weights.family import UNET_PREFIX, canonical_key, detect_family, known_extra_key
+from optimized_sd.weights.family import UNET_PREFIX, canonical_key, detect_family, ema_key, known_extra_key
 from optimized_sd.weights.infer import infer_config
 from optimized_sd.weights.sources import (
     ChainSource,
@@ -114,7 +114,7 @@ def ema_source(source: TensorSource) -> TensorSource:
         if not key.startswith(UNET_PREFIX):
             names[key] = key
             continue
-        names[key] = "model_ema.diffusion_model" + key[len(UNET_PREFIX) :].replace(".", "")
+        names[key] = ema_key(key)
         if names[key] not in present:
             raise CheckpointError("--ema: this checkpoint has no EMA weights (no model_ema.* keys for the UNet)")
     return RenamedSource(source, names)
