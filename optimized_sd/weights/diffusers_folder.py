@@ -97,9 +97,8 @@ def _value(config: Config, path: Path, name: str, kind: type | tuple[type, ...],
         if default is ...:
             raise CheckpointError(f"{path}: {name} is missing")
         return default
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise CheckpointError(f"{path}: {name} is {value!r}, expected a number")
-    if not isinstance(value, kind):
+    wrong_bool = isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    if wrong_bool or not isinstance(value, kind):
         raise CheckpointError(f"{path}: {name} is {value!r}, of the wrong type")
     return value
 
@@ -178,6 +177,16 @@ def _attention_levels(config: Config, path: Path, levels: int) -> tuple[int, ...
     return tuple(level for level, kind in enumerate(types) if str(kind).startswith("CrossAttn"))
 
 
+def _check_up_blocks(config: Config, path: Path, attention: tuple[int, ...], levels: int) -> None:
+    """The LDM UNet mirrors its down path: up level i attends exactly when down level levels-1-i does."""
+    types = config.get("up_block_types")
+    if types is None:
+        return
+    mirrored = tuple(levels - 1 - level for level, kind in enumerate(types) if str(kind).startswith("CrossAttn"))
+    if len(types) != levels or sorted(mirrored) != sorted(attention):
+        raise CheckpointError(f"{path}: up_block_types {types!r} do not mirror down_block_types, as the SD 1.x UNet needs")
+
+
 def _unet_key_layout(part: DiffusersPart) -> UNetConfig:
     """Just what names UNet keys: levels, blocks per level, which levels attend. Read leniently so a
     folder of another family still renames to LDM keys and `detect_family` can say what it is."""
@@ -196,6 +205,7 @@ def unet_config(part: DiffusersPart) -> UNetConfig:
     base, mult = _widths(config, path)
     levels = len(mult)
     attention = _attention_levels(config, path, levels)
+    _check_up_blocks(config, path, attention, levels)
     # SD 1.x configs store the head COUNT as attention_head_dim (a diffusers naming slip it keeps for
     # compatibility); num_attention_heads, when set, is the count and wins, as in diffusers itself.
     heads = config.get("num_attention_heads")
