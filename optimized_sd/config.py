@@ -68,6 +68,8 @@ class ModelConfig:
     linear_end: float = 0.012
     timesteps: int = 1000
     family: str = "sd1"
+    # What the UNet predicts ("epsilon", "v_prediction"); diffusers folders state it in scheduler_config.json.
+    prediction_type: str = "epsilon"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
