@@ -81,7 +81,11 @@ def test_a_folder_without_a_scheduler_keeps_the_sd1_schedule(tiny_model):
         ("unet/config.json", "{not json", r"unet/config\.json: unreadable JSON"),
         ("vae/config.json", "[1, 2]", r"vae/config\.json: expected a JSON object"),
         ("unet/config.json", {"block_out_channels": "wide"}, r"unet/config\.json: block_out_channels is 'wide'"),
-        ("unet/config.json", {"transformer_layers_per_block": [1, 2]}, r"unet/config\.json: transformer_layers_per_block \[1, 2\] differs per level"),
+        (
+            "unet/config.json",
+            {"transformer_layers_per_block": [1, 2]},
+            r"unet/config\.json: transformer_layers_per_block \[1, 2\] differs per level",
+        ),
         ("unet/config.json", {"up_block_types": ["UpBlock2D", "UpBlock2D"]}, r"unet/config\.json: up_block_types .* do not mirror"),
         ("vae/config.json", {"latent_channels": True}, r"vae/config\.json: latent_channels is True"),
         ("text_encoder/config.json", {"layer_norm_eps": 1e-6}, r"text_encoder/config\.json: layer_norm_eps is 1e-06"),
