@@ -105,11 +105,11 @@ def img2img(init_img: Path, strength: float, **flags) -> None:
 @click.option("--attention", default="sdpa", show_default=True, help="sdpa, xformers, sliced or naive.")
 def serve(**flags) -> None:
     """Web UI and AUTOMATIC1111-compatible HTTP API, one model loaded once (needs the [ui] extra)."""
-    from optimized_sd.server.app import ServeOptions, serve as run_server
+    from optimized_sd.server import app
 
     if flags["ckpt"] is None and flags["models_dir"] is None:
         flags["ckpt"] = Path(DEFAULT_CKPT)
-    run_server(ServeOptions(**flags))
+    app.serve(app.ServeOptions(**flags))
 
 
 @cli.command()
