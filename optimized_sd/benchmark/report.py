@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from optimized_sd.benchmark.scenarios import BASELINE_PEER, CLOSEST_PEERS, OUR_MODES, PEERS, Scenario
+from optimized_sd.memory.modes import MODE_ROWS, denoiser_stage_weights
 
 MIB = 2**20
 
@@ -197,9 +198,11 @@ def budget_table(record: dict) -> list[str]:
 
 
 def streamed_bytes_per_step(result: dict) -> int:
-    """Weight bytes copied to the device per UNet call: every block once in split and stream."""
+    """Weight bytes copied to the device per UNet call: every block once in a mode that streams the
+    denoiser (`MemoryMode.streams_denoiser`)."""
     footprint = result.get("footprint") or {}
-    return footprint.get("unet", 0) if result.get("mode_used") in ("split", "stream") else 0
+    mode = result.get("mode_used")
+    return footprint.get("unet", 0) if mode in MODE_ROWS and MODE_ROWS[mode].streams_denoiser else 0
 
 
 STREAM_BOUND_FACTOR = 1.2  # issue 3: stream step time <= 1.2 x max(compute, streamed bytes / bandwidth)
@@ -299,17 +302,20 @@ def calibration_rows(record: dict) -> list[dict]:
         dtype_bytes = fp["dtype_bytes"]
         cfg_batch = scenario.batch * 2
         latent_pixels = (scenario.height // 8) * (scenario.width // 8)
-        weights = {
-            "unet": {"full": fp["total"], "turbo": fp["unet"], "split": max(fp["unet_halves"]), "stream": fp["largest_block_pair"]},
-            "vae_decode": {"full": fp["total"]},
-            "vae_encode": {"full": fp["total"]},
-        }
+        # Weights on the device during each stage, as the mode table says (mode_used None: the stage's own part).
+        resident_weights = {"unet": fp["unet"], "vae_decode": fp["vae_decoder"], "vae_encode": fp["vae_encoder"]}
+        row = MODE_ROWS.get(mode)
+        if row is not None:
+            resident_weights["unet"] = denoiser_stage_weights(
+                row, total=fp["total"], whole=fp["unet"], largest_half=max(fp["unet_halves"]), largest_block_pair=fp["largest_block_pair"]
+            )
+            if row.resident == "everything":
+                resident_weights.update(vae_decode=fp["total"], vae_encode=fp["total"])
         for stage, divisor in (("unet", latent_pixels * cfg_batch), ("vae_decode", scenario.height * scenario.width), ("vae_encode", scenario.height * scenario.width)):
             figures = result["stages"].get(stage)
             if not figures:
                 continue
-            default = {"unet": fp["unet"], "vae_decode": fp["vae_decoder"], "vae_encode": fp["vae_encoder"]}[stage]
-            resident = weights[stage].get(mode, default)
+            resident = resident_weights[stage]
             activation = figures["peak_allocated_mib"] * MIB - resident
             rows.append(
                 {

@@ -19,6 +19,7 @@ from dataclasses import replace
 from importlib import metadata
 
 from optimized_sd.errors import UserError
+from optimized_sd.memory.precision import compute_dtype_name
 
 RESULT_PREFIX = "BENCH-RESULT "
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
@@ -204,12 +205,6 @@ def best_of(measure, repeat: int):
             for key in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib"):
                 stages[stage][key] = max(stages[stage][key], figures[key])
     return total, stages, latents
-
-
-def compute_dtype_name(device_type: str, precision: str) -> str:
-    if precision == "autocast":
-        return "float32" if device_type == "cpu" else "float16"
-    return {"full": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
 
 
 def run_ours(payload: dict, scenario, device) -> dict:
