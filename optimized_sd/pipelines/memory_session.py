@@ -17,7 +17,6 @@ from torch import nn
 from optimized_sd.attention import use_attention
 from optimized_sd.errors import UserError
 from optimized_sd.memory.device import LeanHeap, device_memory
-from optimized_sd.memory.modes import MODES
 from optimized_sd.memory.offload import OffloadEngine, TensorHook
 from optimized_sd.memory.planner import SAFETY_MARGIN, Plan, Request, fallback, plan_memory
 from optimized_sd.memory.report import MemoryMeter, StageRecord
@@ -112,8 +111,6 @@ class MemorySession:
     def use_mode(self, mode: str, request: Request | None = None) -> Plan:
         """Place the weights for `mode` as if it were asked for with no budget (tests and tools that
         want a placement without a call)."""
-        if mode not in MODES:
-            raise UserError(f"unknown memory mode {mode!r}; choose one of {', '.join(MODES)}")
         plan = plan_memory(
             self.sizes, request or Request(64, 64), budget=None, mode=mode, vae_tiling=self.vae_tiling, device_type=self.device.type
         )
