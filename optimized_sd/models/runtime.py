@@ -21,16 +21,18 @@ class RunOptions:
     unet_micro_batch: int | None = None
 
 
-_current: ContextVar[RunOptions] = ContextVar("optimized_sd_run_options", default=RunOptions())
+DEFAULTS = RunOptions()
+_current: ContextVar[RunOptions | None] = ContextVar("optimized_sd_run_options", default=None)
 
 
 def run_options() -> RunOptions:
     """The options in force for the current call (the defaults outside any `use_run_options`)."""
-    return _current.get()
+    return _current.get() or DEFAULTS
 
 
 @contextlib.contextmanager
 def use_run_options(options: RunOptions) -> Iterator[RunOptions]:
+    """Make `options` the current call's within the block (nested blocks replace, then restore)."""
     token = _current.set(options)
     try:
         yield options
