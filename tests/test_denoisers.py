@@ -41,7 +41,8 @@ NO_COND = Conditioning(torch.zeros(2, 3, 5))
 @pytest.mark.parametrize("steps", [10, 25])
 def test_v_adapter_matches_diffusers_ddim(steps):
     plan = make_plan("ddim", steps)
-    scheduler = diffusers.DDIMScheduler(**SD, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="v_prediction", clip_sample=False)
+    compvis = dict(set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", clip_sample=False)
+    scheduler = diffusers.DDIMScheduler(**SD, **compvis, prediction_type="v_prediction")
     scheduler.set_timesteps(steps)
     assert [step.t for step in plan.ddim_steps] == scheduler.timesteps.tolist()
     for index, step in enumerate(plan.ddim_steps):
@@ -61,7 +62,7 @@ def test_v_adapter_matches_diffusers_euler(steps):
         sigma, sigma_next = plan.sigmas[index], plan.sigmas[index + 1]
         x, v = randn(index) * sigma, randn(100 + index)
         model = prediction_adapter(constant(v), "v_prediction", plan.schedule)
-        eps = lambda x_in, t: model(x_in, torch.full((2,), float(t)), NO_COND)  # noqa: E731
+        eps = lambda x_in, t, model=model: model(x_in, torch.full((2,), float(t)), NO_COND)  # noqa: E731
         ours = sample_euler(eps_denoiser(eps, plan.schedule), x, [sigma, sigma_next], noise=None)
         theirs = scheduler.step(v, scheduler.timesteps[index], x).prev_sample
         assert (ours - theirs).abs().max().item() < 1e-4 * max(1.0, sigma)

@@ -21,7 +21,9 @@ import sys
 import optimized_sd.pipelines.job, optimized_sd.pipelines.diffusion
 assert "click" not in sys.modules, "click imported"
 ours = [m for name, m in list(sys.modules.items()) if name.startswith("optimized_sd")]
-uses = sorted(f"{m.__name__}.{k}" for m in ours for k, v in vars(m).items() if (getattr(v, "__module__", None) or getattr(v, "__name__", "")).split(".")[0] in ("click", "tqdm"))
+def origin(value):
+    return (getattr(value, "__module__", None) or getattr(value, "__name__", "") or "").split(".")[0]
+uses = sorted(f"{m.__name__}.{k}" for m in ours for k, v in vars(m).items() if origin(v) in ("click", "tqdm"))
 assert not uses, uses
 """
 
