@@ -3,6 +3,7 @@ must not have done to it (log levels, process-wide warning caches)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -74,14 +75,7 @@ def test_v_prediction_config_runs_the_v_adapter(tiny_model, monkeypatch):
     """A config with prediction_type = v_prediction gives different latents from eps (the adapter runs)."""
     pipe = make_pipe(tiny_model, memory="full")
     eps_latents = pipe.generate(request(sampler="ddim")).latents
-    monkeypatch.setattr(pipe, "config", _with_prediction(pipe.config, "v_prediction"))
+    monkeypatch.setattr(pipe, "config", dataclasses.replace(pipe.config, prediction_type="v_prediction"))
     v_latents = pipe.generate(request(sampler="ddim")).latents
     assert torch.isfinite(v_latents).all() and (v_latents - eps_latents).abs().max().item() > 1e-3
 
-
-def _with_prediction(config, prediction_type: str):
-    class WithPrediction:
-        def __getattr__(self, name):
-            return prediction_type if name == "prediction_type" else getattr(config, name)
-
-    return WithPrediction()

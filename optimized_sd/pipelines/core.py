@@ -173,7 +173,7 @@ def denoise(
     if not plan.num_steps:
         return x
     cond, uncond = conditioning
-    prediction_type = getattr(pipe.config, "prediction_type", "epsilon")
+    prediction_type = pipe.config.prediction_type
 
     def work(record: StageRecord) -> Tensor:
         model = prediction_adapter(task.wrap_model(unet_model(pipe, record)), prediction_type, pipe.schedule)
