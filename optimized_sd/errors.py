@@ -16,4 +16,5 @@ class UnsupportedModelError(CheckpointError):
 
 
 class Interrupted(Exception):
-    """Raised by a progress callback to stop a generation at the next step (a cancel button, an API interrupt)."""
+    """Raised by a progress callback to stop a generation at the next step (a web request cancelled,
+    Ctrl-C in a progress bar). Not a user mistake: the pipeline releases the stage and re-raises it."""
