@@ -161,10 +161,11 @@ class MemoryMeter:
         """The current call's stages: total seconds and steps, and the highest peaks over its runs."""
         return summarise(self.records)
 
-    def format_table(self) -> str:
-        """Every call since the meter was made, one row per stage."""
+    def format_table(self, table: dict[str, dict[str, float]] | None = None) -> str:
+        """One row per stage of `table`: by default every call since the meter was made (`totals`);
+        `summary()` gives the last call's."""
         lines = [f"{'stage':<12} {'seconds':>8} {'s/step':>7} {'alloc MiB':>10} {'reserved MiB':>12} {'RSS MiB':>8}"]
-        for stage, row in self.totals.items():
+        for stage, row in (self.totals if table is None else table).items():
             per_step = f"{row['seconds'] / row['steps']:.3f}" if row["steps"] else "-"
             lines.append(
                 f"{stage:<12} {row['seconds']:>8.2f} {per_step:>7} {row['peak_allocated_mib']:>10.0f} "

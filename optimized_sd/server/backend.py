@@ -14,8 +14,11 @@ from PIL import Image
 
 from optimized_sd.errors import Interrupted, UserError
 from optimized_sd.memory.planner import MODES, parse_bytes
-from optimized_sd.pipelines.diffusion import GenerationRequest, StableDiffusion, check_size, load
+from optimized_sd.pipelines.diffusion import StableDiffusion, load
+from optimized_sd.pipelines.job import Job as PipelineJob
+from optimized_sd.pipelines.job import JobStep, OutputPolicy, run_job
 from optimized_sd.pipelines.output import ImageParameters, encode
+from optimized_sd.pipelines.request import check_size
 from optimized_sd.sampling import SAMPLERS, make_plan, sampler_display_name
 from optimized_sd.server.catalog import ModelCatalog, ModelEntry
 from optimized_sd.server.jobs import Job
@@ -231,50 +234,47 @@ class Backend:
         return image if image.size == size else image.resize(size, Image.LANCZOS)
 
     def generate(self, spec: GenerationSpec, job: Job) -> Generated:
-        """Run `spec` as `n_iter` batches of `batch_size`; a cancel stops at the next step and
-        returns the batches already finished (AUTOMATIC1111's interrupt keeps them too)."""
+        """Run `spec` as a pipeline `Job` of `n_iter` batches of `batch_size`, writing no files; the
+        pipeline's progress feeds `job` (which raises `Interrupted` once a cancel is asked for)."""
         check_spec(spec)
         pipe = self.pipe
         assert pipe is not None, "no model loaded"
         self.apply_memory(spec)
-        pipe.meter.records.clear()  # the report covers this job only; nothing grows per call
-        seed = spec.seed if spec.seed >= 0 else random.randrange(SEED_LIMIT)
-        init_image = self.prepare_init_image(spec)
-        out = Generated(seed=seed, model_name=self.current.model_name if self.current else "")
+        pipeline_job = PipelineJob(
+            prompts=(spec.prompt,),
+            negative_prompt=spec.negative_prompt,
+            seed=spec.seed if spec.seed >= 0 else random.randrange(SEED_LIMIT),
+            n_samples=spec.batch_size,
+            n_iter=spec.n_iter,
+            steps=spec.steps,
+            scale=spec.cfg_scale,
+            eta=spec.eta,
+            sampler=spec.sampler,
+            karras=spec.karras,
+            height=spec.height,
+            width=spec.width,
+            init_image=self.prepare_init_image(spec),
+            strength=spec.strength,
+            output=OutputPolicy(Path("."), skip_save=True, skip_grid=True),  # the front ends send the PNGs
+        )
 
-        def progress(step: int, total: int) -> None:
-            job.report(step, total)
+        def progress(step: JobStep) -> None:
+            if step.info.step == 0:
+                job.begin_batch(step.batch, step.batches)
+            job.report(step.info.step, step.info.total, step.info.denoised)  # previews show the x0 estimate
 
-        for batch in range(spec.n_iter):
-            job.begin_batch(batch, spec.n_iter)
-            request = GenerationRequest(
-                prompts=[spec.prompt] * spec.batch_size,
-                negative_prompt=spec.negative_prompt,
-                steps=spec.steps,
-                scale=spec.cfg_scale,
-                eta=spec.eta,
-                sampler=spec.sampler,
-                karras=spec.karras,
-                seed=seed + batch * spec.batch_size,
-                height=spec.height,
-                width=spec.width,
-                init_image=init_image,
-                strength=spec.strength,
-            )
-            try:
-                result = pipe.generate(request, progress)
-            except Interrupted:
-                out.interrupted = True
-                break
-            for image, used_seed, parameters in zip(result.images, result.seeds, result.parameters, strict=True):
-                out.images.append(image)
-                out.seeds.append(used_seed)
-                out.parameters.append(parameters)
-                out.pngs.append(encode(image, "png", parameters.text()))
+        out = Generated(seed=pipeline_job.seed, model_name=self.current.model_name if self.current else "")
+        try:
+            result = run_job(pipe, pipeline_job, progress)
+        except Interrupted:
+            out.interrupted = True  # AUTOMATIC1111 keeps finished batches; a pipeline job returns all or nothing
+        else:
+            out.images, out.seeds, out.parameters = result.images, result.seeds, result.parameters
+            out.pngs = [encode(image, "png", p.text()) for image, p in zip(result.images, result.parameters, strict=True)]
         out.steps_done = job.snapshot().step
         out.mode = pipe.mode
-        out.memory_report = pipe.meter.format_table()
         out.memory_stages = pipe.meter.summary()
+        out.memory_report = pipe.meter.format_table(out.memory_stages)  # the last pipeline call (the last batch)
         out.model_hash = pipe.model_hash()
         if self.current is not None:
             self.hashes[self.current.path] = out.model_hash

@@ -214,11 +214,13 @@ def test_interrupt_stops_the_running_job_early_and_the_next_one_succeeds(server)
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:  # until the job has run a step
         state = requests.get(f"{server.url}/sdapi/v1/progress", timeout=30).json()
-        if state["state"]["sampling_step"] >= 2:
+        if state["state"]["sampling_step"] >= 2 and state["current_image"]:  # a live preview every 2nd step
             seen = state
             break
         time.sleep(0.05)
     assert seen is not None and 0 < seen["progress"] < 1 and seen["state"]["sampling_steps"] == steps
+    preview = Image.open(io.BytesIO(base64.b64decode(seen["current_image"])))
+    assert preview.size == (SIZE, SIZE) and preview.mode == "RGB"
     assert post(server, "interrupt").json() == {}
     worker.join(TIMEOUT)
     response = box["r"]

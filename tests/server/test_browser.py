@@ -130,6 +130,7 @@ def test_txt2img_in_the_browser(browser, server, reference_pipe):
     parameters = css(browser, "#txt2img-parameters textarea").get_attribute("value")
     assert parameters.startswith("a lighthouse at dusk\nSteps: 40, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 64x64")
     assert "unet" in css(browser, "#txt2img-memory textarea").get_attribute("value")
+    assert css(browser, "#txt2img-preview img").get_attribute("src")  # the live latent preview stays after the run
     shown = gallery_image(browser, "txt2img")
     assert shown.info.get("parameters") == parameters  # the served PNG (the download) carries the metadata
     expected = reference_pipe.generate(
