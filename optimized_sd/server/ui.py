@@ -29,11 +29,13 @@ SERVER_DEFAULT = "server default"
 TASKS = ("txt2img", "img2img")
 
 
-def progress_html(fraction: float, text: str, state: str) -> str:
-    """A progress bar the browser tests can read: `data-state` and `data-percent` on the outer div."""
+def progress_html(fraction: float, text: str, state: str, job: Job | None = None) -> str:
+    """A progress bar the browser tests can read: `data-state`, `data-percent` and `data-job` (the
+    job it follows) on the outer div."""
     percent = max(0, min(100, round(fraction * 100)))
+    job_id = job.id if job is not None else ""
     return (
-        f'<div class="osd-progress" data-state="{state}" data-percent="{percent}" '
+        f'<div class="osd-progress" data-state="{state}" data-percent="{percent}" data-job="{job_id}" '
         'style="position:relative;height:24px;border:1px solid #9ca3af;border-radius:4px;overflow:hidden">'
         f'<div class="osd-bar" style="height:100%;width:{percent}%;background:#f97316"></div>'
         f'<span class="osd-text" style="position:absolute;left:8px;top:2px;font-size:13px">{html.escape(text)}</span></div>'
@@ -250,16 +252,16 @@ class WebUI:
             self.session_jobs[session] = job
         try:
             shown_step = -1
-            yield {error: "", preview: None, status: progress_html(0.0, "queued", "waiting")}
+            yield {error: "", preview: None, status: progress_html(0.0, "queued", "waiting", job)}
             while not job.done.wait(POLL_SECONDS):
                 position = self.service.queue.position(job)
                 snap = job.snapshot()
                 update: dict = {}
                 if position > 0:
-                    update[status] = progress_html(0.0, wait_text(position), "waiting")
+                    update[status] = progress_html(0.0, wait_text(position), "waiting", job)
                 else:
                     batch = f" · batch {snap.batch + 1}/{snap.batches}" if snap.batches > 1 else ""
-                    update[status] = progress_html(snap.fraction, f"step {snap.step}/{snap.total}{batch}", "running")
+                    update[status] = progress_html(snap.fraction, f"step {snap.step}/{snap.total}{batch}", "running", job)
                     if snap.latents is not None and snap.latents_step != shown_step:
                         shown_step = snap.latents_step
                         update[preview] = latent_preview(snap.latents)
@@ -267,15 +269,15 @@ class WebUI:
             try:
                 made: Generated = job.wait()
             except JobCancelled:
-                yield {status: progress_html(0.0, "cancelled before it started", "cancelled")}
+                yield {status: progress_html(0.0, "cancelled before it started", "cancelled", job)}
                 return
             except UserError as mistake:
-                yield {status: progress_html(0.0, "failed", "error"), error: error_html(str(mistake))}
+                yield {status: progress_html(0.0, "failed", "error", job), error: error_html(str(mistake))}
                 return
             except Exception as failure:  # the message, not the stack trace (that goes to the server log)
                 log.exception("generation failed")
                 yield {
-                    status: progress_html(0.0, "failed", "error"),
+                    status: progress_html(0.0, "failed", "error", job),
                     error: error_html(f"generation failed: {type(failure).__name__}: {failure}"),
                 }
                 return
@@ -288,7 +290,7 @@ class WebUI:
             )
             yield {
                 status: progress_html(
-                    1.0 if not made.interrupted else job.snapshot().fraction, done, "interrupted" if made.interrupted else "done"
+                    1.0 if not made.interrupted else job.snapshot().fraction, done, "interrupted" if made.interrupted else "done", job
                 ),
                 gallery: gallery_images(made),
                 parameters: texts[0] if texts else "",

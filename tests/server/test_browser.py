@@ -101,15 +101,20 @@ def progress_state(driver, tab: str) -> tuple[str, int]:
     return bar.get_attribute("data-state"), int(bar.get_attribute("data-percent"))
 
 
+def progress_job(driver, tab: str) -> str:
+    return css(driver, f"#{tab}-progress .osd-progress").get_attribute("data-job")
+
+
 def generate_and_watch(driver, tab: str) -> set[int]:
-    """Press Generate and record the progress bar's percentages until the job is done."""
+    """Press Generate and record the progress bar's percentages until the new job is done."""
+    before = progress_job(driver, tab)
     css(driver, f"#{tab}-generate").click()
     seen: set[int] = set()
 
     def finished() -> bool:
         state, percent = progress_state(driver, tab)
         seen.add(percent)
-        return state in ("done", "error", "interrupted", "cancelled")
+        return progress_job(driver, tab) != before and state in ("done", "error", "interrupted", "cancelled")
 
     wait_for(finished, f"the {tab} job to finish")
     return seen
