@@ -127,19 +127,19 @@ def gallery_image(driver, tab: str) -> Image.Image:
 
 def test_txt2img_in_the_browser(browser, server, reference_pipe):
     open_ui(browser, server)
-    fill_form(browser, "txt2img", "a lighthouse at dusk", seed=1234, steps=40)
+    fill_form(browser, "txt2img", "a lighthouse at dusk", seed=1234, steps=20)
     seen = generate_and_watch(browser, "txt2img")
     assert progress_state(browser, "txt2img") == ("done", 100)
     assert any(0 < p < 100 for p in seen), f"the progress bar never showed a step in between: {sorted(seen)}"
     assert "seed 1234" in css(browser, "#txt2img-gallery").text
     parameters = css(browser, "#txt2img-parameters textarea").get_attribute("value")
-    assert parameters.startswith("a lighthouse at dusk\nSteps: 40, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 64x64")
+    assert parameters.startswith("a lighthouse at dusk\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 64x64")
     assert "unet" in css(browser, "#txt2img-memory textarea").get_attribute("value")
     assert css(browser, "#txt2img-preview img").get_attribute("src")  # the live latent preview stays after the run
     shown = gallery_image(browser, "txt2img")
     assert shown.info.get("parameters") == parameters  # the served PNG (the download) carries the metadata
     expected = reference_pipe.generate(
-        GenerationRequest(prompts=["a lighthouse at dusk"], steps=40, scale=7.0, sampler="euler_a", seed=1234, height=64, width=64)
+        GenerationRequest(prompts=["a lighthouse at dusk"], steps=20, scale=7.0, sampler="euler_a", seed=1234, height=64, width=64)
     )
     assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(expected.images[0]))
     if os.environ.get("OSD_UI_SCREENSHOT"):  # docs/ui.png is made this way
