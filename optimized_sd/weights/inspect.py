@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from optimized_sd.weights.family import (
 )
 from optimized_sd.weights.hashing import legacy_model_hash, sha256_short
 from optimized_sd.weights.loading import open_weight_file
-from optimized_sd.weights.sources import DictSource, SafetensorsSource, TensorSource
+from optimized_sd.weights.sources import DictSource, SafetensorsSource, TensorSource, open_regular_file
 
 __all__ = ["CheckpointInfo", "PartStats", "describe_checkpoint", "format_info"]
 
@@ -127,12 +128,13 @@ def describe_checkpoint(
 
 def _is_safetensors(path: Path) -> bool:
     """True when the file starts with a safetensors header (8-byte length, then JSON)."""
-    try:
-        with path.open("rb") as f:
+    with open_regular_file(path) as f:  # a FIFO or device is refused, never opened for reading
+        try:
             head = f.read(9)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
-    return looks_like_safetensors(head, path.stat().st_size)
+            size = os.fstat(f.fileno()).st_size
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    return looks_like_safetensors(head, size)
 
 
 def _tensor_table(source: TensorSource) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
