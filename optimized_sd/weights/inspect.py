@@ -127,14 +127,14 @@ def describe_checkpoint(
 
 
 def _is_safetensors(path: Path) -> bool:
-    """True when the file starts with a safetensors header (8-byte length, then JSON)."""
+    """True when the file is named .safetensors or starts with a safetensors header (8-byte length, then JSON)."""
     with open_regular_file(path) as f:  # a FIFO or device is refused, never opened for reading
         try:
             head = f.read(9)
             size = os.fstat(f.fileno()).st_size
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
-    return looks_like_safetensors(head, size)
+    return path.suffix == ".safetensors" or looks_like_safetensors(head, size)  # as the loader decides, by name first
 
 
 def _tensor_table(source: TensorSource) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
