@@ -181,7 +181,7 @@ def _tensor_view(storage: Any, dtype: torch.dtype, offset: Any, size: Any, strid
     if math.prod(size) == 0:
         last = offset - 1  # an empty tensor touches nothing; its offset may sit at the end
     else:
-        last = offset + sum((s - 1) * st for s, st in zip(size, stride))
+        last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
     if last >= numel:
         raise _Refused(
             f"rebuilds a tensor of size {tuple(size)} reaching element {last} of storage {storage.key}, which holds {numel}"
