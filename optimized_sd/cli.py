@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
@@ -167,10 +168,12 @@ NOT_FOR_BATCH = {"from_file": "--from-file", "skip_save": "--skip_save", "n_rows
 @click.option("--workers", type=int, help="Ray workers (default: one per GPU share of the cluster, else 1).")
 @click.option("--gpus-per-worker", "gpus_per_worker", type=float,
               help="GPUs per Ray worker, fractional to share a card (default: 1 with GPUs, else 0: CPU workers).")
+@click.option("--cpu-threads", "cpu_threads", type=int,
+              help="torch CPU threads per worker (default: torch's own in this process, 1 per Ray CPU worker); equal counts give equal bytes.")
 @click.option("--init-img", "init_img", type=click.Path(path_type=Path), help="Default init image (img2img) for jobs that give none.")
 @click.option("--strength", type=float, default=0.75, show_default=True, help="Default img2img strength.")
 @generation_options("outputs/batch-samples", None)
-def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_per_worker: float | None,
+def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_per_worker: float | None, cpu_threads: int | None,
           init_img: Path | None, strength: float, **flags) -> None:
     """Run a job file: JSON Lines (one generation per line; omitted fields take these flags' values) or
     one prompt per line. Re-running with the same --outdir completes only what batch.jsonl lacks."""
@@ -187,15 +190,17 @@ def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_pe
         raise UserError("--workers and --gpus-per-worker need --ray")
     jobs = read_jobs(jobs_file, job_from_flags(flags, init_img, strength))
     spec = LoadSpec(flags["ckpt"], {"memory": memory_mode(flags["memory"], flags["turbo"]), **{name: flags[name] for name in LOAD_OPTIONS}},
-                    gpu_share=gpus_per_worker or 1.0)
+                    gpu_share=gpus_per_worker or 1.0, cpu_threads=cpu_threads)
+    if cpu_threads is not None and cpu_threads < 1:
+        raise UserError("--cpu-threads must be at least 1")
     if ray_address is None:
         pool: WorkerPool = LocalPool(spec)
     else:
         from optimized_sd.batch.ray_pool import RayPool, connect, default_workers
 
-        ray = connect(None if ray_address == "local" else ray_address, num_cpus=workers or 1)
+        ray = connect(None if ray_address == "local" else ray_address, num_cpus=(workers or 1) * (cpu_threads or 1))
         share = gpus_per_worker if gpus_per_worker is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
-        spec = LoadSpec(spec.checkpoint, spec.options, gpu_share=share or 1.0)
+        spec = dataclasses.replace(spec, gpu_share=share or 1.0)
         pool = RayPool(ray, spec, workers or default_workers(ray, share), share)
     bars: list[tqdm] = []  # made at the first image, so loading messages and early errors print alone
 

@@ -3,6 +3,7 @@ CPU actors when there is no GPU). Ray is an optional extra, imported only here."
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -75,8 +76,9 @@ class RayPool:
         if gpus_per_worker < 0:
             raise UserError("--gpus-per-worker must be 0 (CPU workers) or more")
         self.ray = ray
-        self.spec = spec
-        self.actor_class = ray.remote(num_cpus=0 if gpus_per_worker else 1, num_gpus=gpus_per_worker)(BatchWorker)
+        cpus = 0 if gpus_per_worker else (spec.cpu_threads or 1)  # a CPU worker computes on as many threads as it reserves cores
+        self.spec = spec if gpus_per_worker or spec.cpu_threads else dataclasses.replace(spec, cpu_threads=cpus)
+        self.actor_class = ray.remote(num_cpus=cpus, num_gpus=gpus_per_worker)(BatchWorker)
         self.replacements_left = workers if replacements is None else replacements
         self.actors: dict[int, Any] = {}
         self.load: dict[int, int] = {}

@@ -18,11 +18,14 @@ from optimized_sd.pipelines.job import Job
 @dataclass(frozen=True)
 class LoadSpec:
     """How a worker opens the model: `load(checkpoint, **options)`. `gpu_share` < 1 (several workers
-    on one GPU) plans for that share of the card unless options give a `vram_budget`."""
+    on one GPU) plans for that share of the card unless options give a `vram_budget`. `cpu_threads` sets
+    torch's CPU thread count: CPU kernels split their sums by thread, so two runs give the same bytes only
+    with the same count (a different one moves a few pixels by 1)."""
 
     checkpoint: Path
     options: dict[str, Any] = field(default_factory=dict)
     gpu_share: float = 1.0
+    cpu_threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class BatchWorker:
             from optimized_sd.pipelines.diffusion import load
 
             options = dict(self.spec.options)
+            if self.spec.cpu_threads is not None:
+                import torch
+
+                torch.set_num_threads(self.spec.cpu_threads)
             if self.spec.gpu_share < 1 and options.get("vram_budget") is None:
                 import torch
 
