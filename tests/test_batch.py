@@ -37,7 +37,9 @@ def pixels(path: Path) -> bytes:
 
 
 def test_fields_take_the_command_lines_values_when_omitted(tmp_path):
-    jobs = read_jobs(write_lines(tmp_path / "j.jsonl", {"prompt": "a cat", "n_samples": 3, "size": "128x64"}, "", {"seed": 1, "scale": 2}), DEFAULTS)
+    jobs = read_jobs(
+        write_lines(tmp_path / "j.jsonl", {"prompt": "a cat", "n_samples": 3, "size": "128x64"}, "", {"seed": 1, "scale": 2}), DEFAULTS
+    )
     assert [job.line for job in jobs] == [1, 3]
     first, second = (job.job for job in jobs)
     assert first.prompts == ("a cat",) and first.n_samples == 3 and (first.width, first.height) == (128, 64) and first.seed == 5
@@ -83,14 +85,16 @@ def worker(spec) -> Iterator[BatchWorker]:
 
 
 def cli_flags(tiny_model, outdir: Path) -> list[str]:
-    return ["--ckpt", str(tiny_model.safetensors), "--tokenizer", str(tiny_model.tokenizer), "--outdir", str(outdir), "--H", "64", "--W", "64",
-            "--steps", "2", "--sampler", "euler", "--device", "cpu", "--seed", "5"]  # fmt: skip
+    model = ["--ckpt", str(tiny_model.safetensors), "--tokenizer", str(tiny_model.tokenizer), "--device", "cpu"]
+    return [*model, "--outdir", str(outdir), "--H", "64", "--W", "64", "--steps", "2", "--sampler", "euler", "--seed", "5"]
 
 
 def test_each_image_equals_a_txt2img_run_of_its_seed(tiny_model, spec, worker, tmp_path):
     """Image i of a job is rendered alone with seed + i: the pixels and parameters of `txt2img --seed
     seed+i`, under the usual folder and file names, and the manifest says who made it."""
-    jobs = read_jobs(write_lines(tmp_path / "jobs.jsonl", {"prompt": "a red cube", "n_samples": 2, "seed": 40}, {"prompt": "a blue ball"}), DEFAULTS)
+    jobs = read_jobs(
+        write_lines(tmp_path / "jobs.jsonl", {"prompt": "a red cube", "n_samples": 2, "seed": 40}, {"prompt": "a blue ball"}), DEFAULTS
+    )
     report = run_batch(jobs, tmp_path / "batch", LocalPool(spec, worker))
     assert [(r.line, r.index, r.seed, r.file) for r in report.written] == [
         (1, 0, 40, "a_red_cube/seed_40_00000.png"), (1, 1, 41, "a_red_cube/seed_41_00001.png"), (2, 0, 5, "a_blue_ball/seed_5_00000.png"),
@@ -105,7 +109,9 @@ def test_each_image_equals_a_txt2img_run_of_its_seed(tiny_model, spec, worker, t
 
 
 def test_an_interrupted_batch_resumes_with_only_the_missing_images(tiny_model, spec, worker, tmp_path):
-    jobs = read_jobs(write_lines(tmp_path / "jobs.jsonl", {"prompt": "a", "n_samples": 3}, {"prompt": "b", "n_samples": 2, "seed": None}), DEFAULTS)
+    jobs = read_jobs(
+        write_lines(tmp_path / "jobs.jsonl", {"prompt": "a", "n_samples": 3}, {"prompt": "b", "n_samples": 2, "seed": None}), DEFAULTS
+    )
     settled = []
 
     def stop_after_two(step) -> None:
@@ -134,8 +140,12 @@ def test_a_missing_init_image_fails_alone_and_nothing_is_overwritten(tiny_model,
     occupied = tmp_path / "out" / "c" / "seed_5_00000.png"
     occupied.parent.mkdir(parents=True)
     occupied.write_bytes(b"mine")
-    jobs = read_jobs(write_lines(tmp_path / "jobs.jsonl", {"prompt": "a", "init_image": str(tmp_path / "gone.png")},
-                                 {"prompt": "b", "init_image": str(tmp_path / "red.png"), "strength": 0.5}, {"prompt": "c"}), DEFAULTS)  # fmt: skip
+    lines = [
+        {"prompt": "a", "init_image": str(tmp_path / "gone.png")},
+        {"prompt": "b", "init_image": str(tmp_path / "red.png"), "strength": 0.5},
+        {"prompt": "c"},
+    ]
+    jobs = read_jobs(write_lines(tmp_path / "jobs.jsonl", *lines), DEFAULTS)
     report = run_batch(jobs, tmp_path / "out", LocalPool(spec, worker))
     assert report.failures == [(1, None, f"init image not found: {tmp_path / 'gone.png'}")]
     assert [r.file for r in report.written] == ["b/seed_5_00000.png", "c/seed_5_00001.png"] and occupied.read_bytes() == b"mine"

@@ -37,7 +37,11 @@ def spec(tiny_model) -> LoadSpec:
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory) -> list[BatchJob]:
     path = tmp_path_factory.mktemp("jobs") / "jobs.jsonl"
-    lines = [{"prompt": "a red cube", "n_samples": 3, "seed": 11}, {"prompt": "a blue ball", "n_samples": 2}, {"prompt": "a red cube", "seed": 12}]
+    lines = [
+        {"prompt": "a red cube", "n_samples": 3, "seed": 11},
+        {"prompt": "a blue ball", "n_samples": 2},
+        {"prompt": "a red cube", "seed": 12},
+    ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return read_jobs(path, DEFAULTS)
 

@@ -206,4 +206,3 @@ def run_batch(
     finally:
         pool.close()
     return report
-

@@ -94,13 +94,12 @@ class BatchWorker:
             self.load()
             assert self.pipe is not None
             started = time.perf_counter()
-            first_record = len(self.pipe.meter.records)
             request = job.request([job.prompts[0]], seed, self.init_image(job))
             result = self.pipe.generate(request)
             data = encode(result.images[0], job.output.fmt, result.parameters[0].text())
         except UserError as error:
             return RenderFailure(str(error))
-        records = self.pipe.meter.records[first_record:]
+        records = self.pipe.meter.records  # this call's stages
         return RenderedImage(
             data=data,
             parameters=result.parameters[0].text(),
