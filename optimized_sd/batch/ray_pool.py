@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from optimized_sd.batch.driver import Outcome, WorkerLost, WorkItem
-from optimized_sd.batch.worker import BatchWorker, LoadSpec
+from optimized_sd.batch.worker import BatchWorker, LoadSpec, RenderFailure
 from optimized_sd.errors import UserError
 
 ITEMS_PER_WORKER = 2  # one rendering, one queued behind it, so a worker never waits for the driver
@@ -142,6 +142,9 @@ class RayPool:
             except self.ray.exceptions.RayActorError as error:
                 self._lose(number)
                 finished.append((item, WorkerLost(str(error).splitlines()[0])))
+            except self.ray.exceptions.RayTaskError as error:  # a bug or a resource error inside the worker: this item fails alone
+                cause = getattr(error, "cause", None) or error
+                finished.append((item, RenderFailure(f"worker error: {type(cause).__name__}: {str(cause).splitlines()[0]}")))
         return finished
 
     def close(self) -> None:
