@@ -96,8 +96,10 @@ def write_new(folder: Path, stem: str, fmt: str, data: bytes, start: int) -> Pat
     """Write `data` as `<stem>_<count:05>.<fmt>` at the first free count from `start`. The bytes go to a
     hidden temporary file first, which is then hard-linked under the final name (the link fails if the
     name exists, so nothing is replaced): a crash leaves no half-written image under an image's name."""
-    temporary = folder / f".{stem}.{os.getpid()}.partial"
-    temporary.write_bytes(data)
+    temporary = folder / f".{stem}.{os.getpid()}-{os.urandom(6).hex()}.partial"  # a fresh name, created exclusively, never a link
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
     try:
         count = start
         while True:
