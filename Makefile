@@ -16,7 +16,7 @@ $(PY):
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,bench,hub,ui]'
+	$(PY) -m pip install -q -e '.[test,bench,hub,ui,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
@@ -70,15 +71,14 @@ def cli() -> None:
     """Low-VRAM Stable Diffusion 1.x: txt2img and img2img on small GPUs or the CPU."""
 
 
-def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75) -> None:
-    """Flags -> a Job and a loader; run it with a progress bar; print what was written."""
-    from tqdm import tqdm
+LOAD_OPTIONS = ("config", "ema", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer")
 
-    from optimized_sd.pipelines.diffusion import load
-    from optimized_sd.pipelines.job import Job, JobStep, OutputPolicy, describe_memory, memory_mode, run_job
 
-    memory = memory_mode(flags["memory"], flags["turbo"])
-    job = Job(
+def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75):
+    """The generation flags as a Job (txt2img, img2img and batch's defaults)."""
+    from optimized_sd.pipelines.job import Job, OutputPolicy
+
+    return Job(
         prompts=(flags["prompt"],) if flags["from_file"] is None else (),
         prompt_file=flags["from_file"],
         negative_prompt=flags["negative_prompt"],
@@ -107,7 +107,17 @@ def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
             report_json=flags["report_json"],
         ),
     )
-    options = ("config", "ema", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer")
+
+
+def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75) -> None:
+    """Flags -> a Job and a loader; run it with a progress bar; print what was written."""
+    from tqdm import tqdm
+
+    from optimized_sd.pipelines.diffusion import load
+    from optimized_sd.pipelines.job import JobStep, describe_memory, memory_mode, run_job
+
+    memory = memory_mode(flags["memory"], flags["turbo"])
+    job = job_from_flags(flags, init_img, strength)
     bars: list[tqdm] = []  # one per batch, made at its first step, so an early error prints alone
 
     def progress(step: JobStep) -> None:
@@ -119,7 +129,7 @@ def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
         bars[0].refresh()
 
     try:
-        result = run_job(lambda: load(flags["ckpt"], memory=memory, **{name: flags[name] for name in options}), job, progress)
+        result = run_job(lambda: load(flags["ckpt"], memory=memory, **{name: flags[name] for name in LOAD_OPTIONS}), job, progress)
     finally:
         for bar in bars:
             bar.close()
@@ -146,6 +156,74 @@ def txt2img(**flags) -> None:
 def img2img(init_img: Path, strength: float, **flags) -> None:
     """Edit an image guided by a prompt."""
     run_from_flags(flags, init_img=init_img, strength=strength)
+
+
+NOT_FOR_BATCH = {"from_file": "--from-file", "skip_save": "--skip_save", "n_rows": "--n_rows", "report_json": "--report-json"}
+
+
+@cli.command()
+@click.argument("jobs_file", metavar="JOBS", type=click.Path(path_type=Path))
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Fan out over Ray: alone, a local runtime; with HOST:PORT or 'auto', join that cluster.")
+@click.option("--workers", type=int, help="Ray workers (default: one per GPU share of the cluster, else 1).")
+@click.option("--gpus-per-worker", "gpus_per_worker", type=float,
+              help="GPUs per Ray worker, fractional to share a card (default: 1 with GPUs, else 0: CPU workers).")
+@click.option("--cpu-threads", "cpu_threads", type=int,
+              help="torch CPU threads per worker (default: torch's own in this process, 1 per Ray CPU worker); equal counts give equal bytes.")
+@click.option("--init-img", "init_img", type=click.Path(path_type=Path), help="Default init image (img2img) for jobs that give none.")
+@click.option("--strength", type=float, default=0.75, show_default=True, help="Default img2img strength.")
+@generation_options("outputs/batch-samples", None)
+def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_per_worker: float | None, cpu_threads: int | None,
+          init_img: Path | None, strength: float, **flags) -> None:
+    """Run a job file: JSON Lines (one generation per line; omitted fields take these flags' values) or
+    one prompt per line. Re-running with the same --outdir completes only what batch.jsonl lacks."""
+    from tqdm import tqdm
+
+    from optimized_sd.batch import BatchProgress, LoadSpec, LocalPool, read_jobs, run_batch
+    from optimized_sd.batch.driver import WorkerPool
+    from optimized_sd.pipelines.job import memory_mode
+
+    for name, flag in NOT_FOR_BATCH.items():
+        if flags[name]:
+            raise UserError(f"{flag} does not apply to batch (prompts and options come from JOBS)")
+    if ray_address is None and (workers is not None or gpus_per_worker is not None):
+        raise UserError("--workers and --gpus-per-worker need --ray")
+    jobs = read_jobs(jobs_file, job_from_flags(flags, init_img, strength))
+    spec = LoadSpec(flags["ckpt"], {"memory": memory_mode(flags["memory"], flags["turbo"]), **{name: flags[name] for name in LOAD_OPTIONS}},
+                    gpu_share=gpus_per_worker or 1.0, cpu_threads=cpu_threads)
+    if cpu_threads is not None and cpu_threads < 1:
+        raise UserError("--cpu-threads must be at least 1")
+    if ray_address is None:
+        pool: WorkerPool = LocalPool(spec)
+    else:
+        from optimized_sd.batch.ray_pool import RayPool, connect, default_workers
+
+        ray = connect(None if ray_address == "local" else ray_address, num_cpus=(workers or 1) * (cpu_threads or 1))
+        share = gpus_per_worker if gpus_per_worker is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+        spec = dataclasses.replace(spec, gpu_share=share or 1.0)
+        pool = RayPool(ray, spec, workers or default_workers(ray, share), share)
+    bars: list[tqdm] = []  # made at the first image, so loading messages and early errors print alone
+
+    def progress(step: BatchProgress) -> None:
+        if not bars:
+            bars.append(tqdm(total=step.total, desc="batch", unit="image"))
+        bars[0].update(1)
+
+    try:
+        report = run_batch(jobs, flags["outdir"], pool, progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    click.echo(f"wrote {len(report.written)} image(s); {report.skipped} already in {flags['outdir'] / 'batch.jsonl'}")
+    if flags["report"] and report.written:
+        for worker in sorted({r.worker for r in report.written}):
+            mine = [r for r in report.written if r.worker == worker]
+            click.echo(f"  {worker} ({mine[0].device}): {len(mine)} image(s), {sum(r.seconds for r in mine) / len(mine):.2f} s each, "
+                       f"peak {max(r.peak_vram_mib for r in mine):.0f} MiB VRAM / {max(r.peak_rss_mib for r in mine):.0f} MiB RSS")
+    if report.failures:
+        for line, index, reason in report.failures:
+            click.echo(f"failed: line {line}" + ("" if index is None else f" image {index}") + f": {reason}", err=True)
+        sys.exit(1)
 
 
 @cli.command()

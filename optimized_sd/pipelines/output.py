@@ -93,25 +93,50 @@ def encode(image: Image.Image, fmt: str, parameters: str) -> bytes:
 
 
 def write_new(folder: Path, stem: str, fmt: str, data: bytes, start: int) -> Path:
-    """Write `data` as `<stem>_<count:05>.<fmt>` at the first free count from `start`; an existing
-    file is never opened for writing (O_EXCL)."""
-    count = start
-    while True:
-        path = folder / f"{stem}_{count:05}.{fmt}"
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            count += 1
-            continue
+    """Write `data` as `<stem>_<count:05>.<fmt>` at the first free count from `start`. The bytes go to a
+    hidden temporary file first, which is then hard-linked under the final name (the link fails if the
+    name exists, so nothing is replaced): a crash leaves no half-written image under an image's name."""
+    temporary = folder / f".{stem}.{os.getpid()}-{os.urandom(6).hex()}.partial"  # a fresh name, created exclusively, never a link
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+    try:
+        count = start
+        while True:
+            path = folder / f"{stem}_{count:05}.{fmt}"
+            try:
+                place_new(temporary, path, data)
+            except FileExistsError:
+                count += 1
+                continue
+            return path
+    finally:
+        temporary.unlink()
+
+
+def place_new(temporary: Path, path: Path, data: bytes) -> None:
+    """Give `path` the finished `temporary` file's bytes, or raise FileExistsError. A file system
+    without hard links (FAT, some network shares) gets an exclusive create and a direct write instead."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
-        return path
+
+
+def save_encoded(data: bytes, folder: Path, seed: int, fmt: str) -> Path:
+    """`seed_<seed>_<count>.<fmt>`, count = images already in the folder (optimizedSD's rule; hidden
+    files such as a crashed write's leftovers do not count)."""
+    start = sum(1 for entry in folder.iterdir() if not entry.name.startswith("."))
+    return write_new(folder, f"seed_{seed}", fmt, data, start)
 
 
 def save_image(image: Image.Image, folder: Path, seed: int, fmt: str, parameters: ImageParameters) -> Path:
-    """`seed_<seed>_<count>.<fmt>`, count = files already in the folder, as optimizedSD."""
-    start = sum(1 for _ in folder.iterdir())
-    return write_new(folder, f"seed_{seed}", fmt, encode(image, fmt, parameters.text()), start)
+    """Encode with the parameters text and write under the next free `seed_<seed>_<count>` name."""
+    return save_encoded(encode(image, fmt, parameters.text()), folder, seed, fmt)
 
 
 def make_grid(images: list[Image.Image], columns: int) -> Image.Image:

@@ -1,0 +1,208 @@
+"""The batch driver: plans one work item per image (seed fixed by the job, whoever renders it), hands
+them to a worker pool, retries items whose worker died, and writes results in plan order, so the files
+and their names equal a serial run's, then records each in the manifest."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from optimized_sd.batch.jobs import BatchJob
+from optimized_sd.batch.manifest import Manifest, ManifestRecord, interrupts_deferred
+from optimized_sd.batch.worker import BatchWorker, LoadSpec, RenderedImage, RenderFailure
+from optimized_sd.pipelines.output import ensure_writable, prompt_folder, save_encoded
+
+MAX_ATTEMPTS = 3  # a first try and two retries on other workers
+
+
+@dataclass
+class WorkItem:
+    position: int  # order of writing
+    job: BatchJob
+    index: int
+    seed: int
+    base_seed: int
+    attempts: int = 0
+
+
+class WorkerLost(Exception):
+    """The worker running an item died (process killed, node lost); the item may run elsewhere."""
+
+
+Outcome = RenderedImage | RenderFailure | WorkerLost
+
+
+class WorkerPool(Protocol):
+    def start(self) -> object:
+        """Load the model in every worker (called only when there is work)."""
+
+    def free_slots(self) -> int:
+        """How many more items may be submitted now."""
+
+    def in_flight(self) -> int: ...
+
+    def submit(self, item: WorkItem) -> None: ...
+
+    def wait(self) -> list[tuple[WorkItem, Outcome]]:
+        """Block until at least one submitted item finishes."""
+
+    def close(self) -> None: ...
+
+
+class LocalPool:
+    """One worker in this process: items run one after another, in order. A caller that keeps a loaded
+    `worker` across batches passes it in; the pool then leaves it open."""
+
+    def __init__(self, spec: LoadSpec, worker: BatchWorker | None = None) -> None:
+        self.worker = worker if worker is not None else BatchWorker(spec)
+        self.owns_worker = worker is None
+        self.queued: deque[WorkItem] = deque()
+
+    def start(self) -> None:
+        self.worker.load()
+
+    def free_slots(self) -> int:
+        return 0 if self.queued else 1
+
+    def in_flight(self) -> int:
+        return len(self.queued)
+
+    def submit(self, item: WorkItem) -> None:
+        self.queued.append(item)
+
+    def wait(self) -> list[tuple[WorkItem, Outcome]]:
+        item = self.queued.popleft()
+        return [(item, self.worker.render(item.job.job, item.seed))]
+
+    def close(self) -> None:
+        if self.owns_worker:
+            self.worker.close()
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """Told to the progress callback after each image is settled (written or failed)."""
+
+    settled: int
+    total: int
+    record: ManifestRecord | None  # None for a failure
+
+
+@dataclass
+class BatchReport:
+    written: list[ManifestRecord] = field(default_factory=list)
+    skipped: int = 0  # already in the manifest
+    failures: list[tuple[int, int | None, str]] = field(default_factory=list)  # (line, image index or None: whole job, reason)
+
+
+def missing_init_image(job: BatchJob) -> str | None:
+    path = job.job.init_image
+    if isinstance(path, Path) and not path.is_file():
+        return f"init image not found: {path}"
+    return None
+
+
+def plan(jobs: list[BatchJob], manifest: Manifest, report: BatchReport) -> list[WorkItem]:
+    """Items for the images the manifest does not hold yet; jobs that cannot run go to the report."""
+    done = manifest.done()
+    items: list[WorkItem] = []
+    for job in jobs:
+        reason = missing_init_image(job)
+        if reason is not None:
+            report.failures.append((job.line, None, reason))
+            continue
+        base_seed = job.job.seed
+        if base_seed is None:  # random, but the same on resume: taken from the manifest when it has this job
+            earlier = next((r for (key, _), r in done.items() if key == job.key), None)
+            base_seed = earlier.base_seed if earlier is not None else random.randint(0, 2**32 - 1)
+        for index in range(job.images):
+            if (job.key, index) in done:
+                report.skipped += 1
+                continue
+            items.append(WorkItem(len(items), job, index, job.seed_of(base_seed, index), base_seed))
+    return items
+
+
+def write_image(outdir: Path, item: WorkItem, image: RenderedImage, manifest: Manifest) -> ManifestRecord:
+    """The file under its usual name (never replacing one), then its manifest line, Ctrl-C held between."""
+    folder = prompt_folder(outdir, item.job.prompt)
+    folder.mkdir(parents=True, exist_ok=True)
+    with interrupts_deferred():
+        path = save_encoded(image.data, folder, item.seed, item.job.job.output.fmt)
+        record = ManifestRecord(
+            line=item.job.line,
+            job=item.job.key,
+            index=item.index,
+            seed=item.seed,
+            base_seed=item.base_seed,
+            prompt=item.job.prompt,
+            file=path.relative_to(outdir).as_posix(),
+            worker=image.worker,
+            device=image.device,
+            seconds=round(image.seconds, 4),
+            peak_vram_mib=round(image.peak_vram_mib, 1),
+            peak_rss_mib=round(image.peak_rss_mib, 1),
+        )
+        manifest.append(record)
+    return record
+
+
+def run_batch(
+    jobs: list[BatchJob],
+    outdir: Path,
+    pool: WorkerPool,
+    progress: Callable[[BatchProgress], None] | None = None,
+    max_attempts: int = MAX_ATTEMPTS,
+) -> BatchReport:
+    """Render every image the manifest in `outdir` lacks and write it; the pool starts (loads the model)
+    only when there is work, and is closed at the end. An exception from `progress` (e.g. `errors.Interrupted`) stops the batch:
+    what was written stays, with its manifest lines, and a re-run completes the rest."""
+    ensure_writable(outdir)
+    manifest = Manifest(outdir)
+    report = BatchReport()
+    items = plan(jobs, manifest, report)
+    if not items:
+        pool.close()
+        return report
+    queue = deque(items)
+    settled: dict[int, RenderedImage | None] = {}  # finished, waiting for the items before them to be written
+    next_position = 0
+    try:
+        pool.start()
+        while next_position < len(items):
+            while queue and pool.free_slots() > 0:
+                pool.submit(queue.popleft())
+            if pool.in_flight() == 0:  # nothing runs and nothing could be submitted: no worker is left
+                for item in queue:
+                    report.failures.append((item.job.line, item.index, "no worker left to run it"))
+                    settled[item.position] = None
+                queue.clear()
+            else:
+                for item, outcome in pool.wait():
+                    item.attempts += 1
+                    if isinstance(outcome, WorkerLost):
+                        if item.attempts < max_attempts:
+                            queue.appendleft(item)
+                            continue
+                        report.failures.append((item.job.line, item.index, f"its worker died {item.attempts} times; last: {outcome}"))
+                        settled[item.position] = None
+                    elif isinstance(outcome, RenderFailure):
+                        report.failures.append((item.job.line, item.index, outcome.reason))
+                        settled[item.position] = None
+                    else:
+                        settled[item.position] = outcome
+            while next_position in settled:
+                image = settled.pop(next_position)
+                record = write_image(outdir, items[next_position], image, manifest) if image is not None else None
+                if record is not None:
+                    report.written.append(record)
+                next_position += 1
+                if progress is not None:
+                    progress(BatchProgress(next_position, len(items), record))
+    finally:
+        pool.close()
+    return report

@@ -1,0 +1,174 @@
+"""The job file: JSON Lines (one generation per line, omitted fields take the command line's values)
+or plain text (one prompt per line). Every line is parsed and checked before any model loads, and a
+mistake names its line."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimized_sd.errors import UserError
+from optimized_sd.pipelines.job import Job
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One line of the job file as a complete single-prompt `Job`: its images are n_samples * n_iter,
+    image i seeded seed + i (seed + i mod n_samples with fixed_code), exactly as a serial run seeds them."""
+
+    line: int  # 1-based line number in the job file
+    job: Job
+
+    @property
+    def prompt(self) -> str:
+        return self.job.prompts[0]
+
+    @property
+    def images(self) -> int:
+        return self.job.n_samples * self.job.n_iter
+
+    def seed_of(self, base_seed: int, index: int) -> int:
+        return base_seed + (index % self.job.n_samples if self.job.fixed_code else index)
+
+    @property
+    def key(self) -> str:
+        """What makes this line's images, seed and output policy aside: a manifest record is reused
+        on resume only when the line at that number still asks for the same thing."""
+        text = repr(dataclasses.replace(self.job, seed=None, output=None))
+        return hashlib.sha1(f"{self.line}:{text}".encode()).hexdigest()[:16]
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("an integer")
+    return value
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("a number")
+    return float(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("a string")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("true or false")
+    return value
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else _int(value)
+
+
+def _size(value: Any) -> dict[str, int]:
+    """`"WxH"` or `[W, H]` -> width and height."""
+    if isinstance(value, str) and value.lower().count("x") == 1:
+        parts: list[Any] = value.lower().split("x")
+        if all(part.strip().isdigit() for part in parts):
+            return {"width": int(parts[0]), "height": int(parts[1])}
+    if isinstance(value, list) and len(value) == 2:
+        return {"width": _int(value[0]), "height": _int(value[1])}
+    raise TypeError('"WIDTHxHEIGHT" or [width, height]')
+
+
+def _prompt(value: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError("a non-empty string")
+    return {"prompts": (value,)}
+
+
+def _path(value: Any) -> Path:
+    return Path(_str(value))
+
+
+# field -> converter to Job keyword values (a dict when the field sets several Job fields or another name)
+FIELDS: dict[str, Callable[[Any], Any]] = {
+    "prompt": _prompt,
+    "negative_prompt": _str,
+    "seed": _optional_int,
+    "n_samples": _int,
+    "n_iter": _int,
+    "fixed_code": _bool,
+    "steps": _int,
+    "sampler": _str,
+    "karras": _bool,
+    "eta": _float,
+    "scale": _float,
+    "width": _int,
+    "height": _int,
+    "size": _size,
+    "strength": _float,
+    "init_image": _path,
+}
+# request fields other tasks add; named here so their absence is a clear error, not "unknown field"
+NOT_AVAILABLE = {"mask": "inpainting", "loras": "LoRA loading"}
+
+
+def job_from_record(record: dict[str, Any], defaults: Job) -> Job:
+    """`defaults` with the record's fields applied (UserError naming a bad or unknown field)."""
+    changes: dict[str, Any] = {}
+    for name, value in record.items():
+        if name in NOT_AVAILABLE:
+            raise UserError(f"field {name!r}: {NOT_AVAILABLE[name]} is not available in this version")
+        convert = FIELDS.get(name)
+        if convert is None:
+            raise UserError(f"unknown field {name!r} (known: {', '.join(FIELDS)})")
+        try:
+            converted = convert(value)
+        except TypeError as expected:
+            raise UserError(f"field {name!r} must be {expected}, not {json.dumps(value)}") from None
+        changes.update(converted if isinstance(converted, dict) else {name: converted})
+    return dataclasses.replace(defaults, prompt_file=None, **changes)
+
+
+def is_json_lines(path: Path, lines: list[str]) -> bool:
+    """`.jsonl` files, or any file whose first non-blank line is a JSON object; else a prompts file."""
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return True
+    first = next((line for line in lines if line.strip()), "")
+    return first.lstrip().startswith("{")
+
+
+def read_jobs(path: Path, defaults: Job) -> list[BatchJob]:
+    """Every generation of the job file, checked (`Job.validate`) before anything runs. `defaults`
+    holds the command line's values, its prompt included; blank lines are skipped but still counted."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"job file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read job file {path}: {error}") from None
+    json_lines = is_json_lines(Path(path), lines)
+    jobs: list[BatchJob] = []
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            if json_lines:
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise UserError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+                if not isinstance(record, dict):
+                    raise UserError("a line must be a JSON object")
+                job = job_from_record(record, defaults)
+            else:
+                job = dataclasses.replace(defaults, prompts=(text.strip(),), prompt_file=None)
+            job.validate()
+        except UserError as error:
+            raise UserError(f"{path} line {number}: {error}") from None
+        jobs.append(BatchJob(number, job))
+    if not jobs:
+        raise UserError(f"job file {path} holds no job")
+    return jobs
