@@ -216,7 +216,8 @@ def _classify_ldm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_i
             "this UNet has a class/label embedding (model.diffusion_model.label_emb, as in SDXL); "
             "optimized-sd runs SD 1.x only"
         )
-    if in_channels != 4:
+    # SD 1.x inpainting UNets (sd-v1-5-inpainting) take 9 channels: latents + mask + masked-image latents.
+    if in_channels not in (4, 9) or (in_channels == 9 and is_v2):
         if in_channels == 9:
             kind = f"{family} inpainting"
         elif in_channels == 5 and _any_prefix(keys, "depth_model."):
