@@ -12,7 +12,7 @@ from optimized_sd.errors import UserError
 from optimized_sd.pipelines.masks import (
     Canvas,
     crop_box,
-    generation_size,
+    InpaintOptions,
     load_mask,
     mask_luminance,
     outpaint_canvas,
@@ -67,29 +67,29 @@ def test_load_mask_errors(tmp_path):
 
 def test_all_black_mask_is_an_error():
     with pytest.raises(UserError, match="all black"):
-        prepare_region(gradient(), Image.new("L", (96, 64), 0), (96, 64))
+        prepare_region(gradient(), (96, 64), InpaintOptions(mask=Image.new("L", (96, 64), 0)))
     with pytest.raises(UserError, match="all black"):  # all white, inverted
-        prepare_region(gradient(), Image.new("L", (96, 64), 255), (96, 64), invert=True)
+        prepare_region(gradient(), (96, 64), InpaintOptions(mask=Image.new("L", (96, 64), 255), invert_mask=True))
 
 
 def test_mask_of_another_size_is_resized_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="optimized_sd"):
-        region = prepare_region(gradient(), square_mask((48, 32), (20, 10, 28, 18)), (96, 64), blur=0)
+        region = prepare_region(gradient(), (96, 64), InpaintOptions(mask=square_mask((48, 32), (20, 10, 28, 18)), mask_blur=0))
     assert "resized" in caplog.text
     assert region.mask.size == (96, 64)
     assert as_array(region.mask)[28, 48] == 255 and as_array(region.mask)[2, 2] == 0
 
 
 def test_invert_and_blur():
-    region = prepare_region(gradient(), square_mask(), (96, 64), invert=True, blur=0)
+    region = prepare_region(gradient(), (96, 64), InpaintOptions(mask=square_mask(), invert_mask=True, mask_blur=0))
     assert as_array(region.mask)[28, 48] == 0 and as_array(region.mask)[0, 0] == 255
-    sharp = as_array(prepare_region(gradient(), square_mask(), (96, 64), blur=0).mask)
-    soft = as_array(prepare_region(gradient(), square_mask(), (96, 64), blur=4).mask)
+    sharp = as_array(prepare_region(gradient(), (96, 64), InpaintOptions(mask=square_mask(), mask_blur=0)).mask)
+    soft = as_array(prepare_region(gradient(), (96, 64), InpaintOptions(mask=square_mask(), mask_blur=4)).mask)
     assert set(np.unique(sharp).tolist()) == {0, 255}
     assert 0 < soft[28, 38] < 255  # the edge is soft
     assert soft[28, 48] > 200 and soft[0, 0] == 0
     with pytest.raises(UserError, match="mask-blur"):
-        prepare_region(gradient(), square_mask(), (96, 64), blur=-1)
+        prepare_region(gradient(), (96, 64), InpaintOptions(mask=square_mask(), mask_blur=-1))
 
 
 def test_crop_box_pads_and_matches_the_aspect_ratio():
@@ -108,7 +108,7 @@ def test_crop_box_pads_and_matches_the_aspect_ratio():
 
 def test_only_masked_generates_the_box_and_pastes_it_back():
     image = gradient()
-    region = prepare_region(image, square_mask(), (64, 64), area="masked", padding=8, blur=0)
+    region = prepare_region(image, (64, 64), InpaintOptions(mask=square_mask(), area="masked", padding=8, mask_blur=0))
     assert region.canvas.box == (32, 12, 64, 44)
     assert region.image.size == (64, 64) and region.mask.size == (64, 64)
     red = Image.new("RGB", (64, 64), (255, 0, 0))
@@ -144,13 +144,14 @@ def test_outpaint_canvas_and_mask():
 
 def test_outpaint_region_and_sizes():
     image = gradient(64, 64)
-    region = prepare_region(image, None, generation_size(image.size, "whole", (0, 12, 0, 0)), outpaint=(0, 12, 0, 0), blur=0)
+    options = InpaintOptions(outpaint=(0, 12, 0, 0), mask_blur=0)
+    region = prepare_region(image, options.generation_size(image.size), options)
     assert region.canvas.image.size == (76, 64) and region.image.size == (72, 64)
     assert as_array(region.canvas.mask)[:, 64:].min() == 255 and as_array(region.canvas.mask)[:, :64].max() == 0
-    assert generation_size((100, 70), "whole", None) == (96, 64)
-    assert generation_size((100, 70), "masked", None) == (512, 512)
+    assert InpaintOptions(mask="m.png").generation_size((100, 70)) == (96, 64)
+    assert InpaintOptions(mask="m.png", area="masked").generation_size((100, 70)) == (512, 512)
     with pytest.raises(UserError, match="64x64"):
-        generation_size((40, 40), "whole", None)
+        InpaintOptions(mask="m.png").generation_size((40, 40))
 
 
 @pytest.mark.parametrize("text", ["1,2,3", "a,b,c,d", "1,2,3,-4", "0,0,0,0"])
@@ -161,3 +162,24 @@ def test_parse_outpaint_rejects(text):
 
 def test_parse_outpaint():
     assert parse_outpaint("64, 0,32,0") == (64, 0, 32, 0)
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (InpaintOptions(), "needs a mask"),
+        (InpaintOptions(mask="m.png", area="middle"), "inpaint-area"),
+        (InpaintOptions(mask="m.png", padding=-2), "padding"),
+        (InpaintOptions(outpaint=(0, 0, 0, 0)), "outpaint"),
+    ],
+)
+def test_options_check(options, needle):
+    with pytest.raises(UserError, match=needle):
+        options.check()
+
+
+def test_outpaint_keeps_the_users_mask():
+    image = gradient(64, 64)
+    options = InpaintOptions(mask=square_mask((64, 64), (10, 10, 20, 20)), outpaint=(8, 0, 0, 0), mask_blur=0)
+    mask = as_array(prepare_region(image, (72, 64), options).canvas.mask)
+    assert mask[:, :8].min() == 255 and mask[15, 23] == 255 and mask[40, 40] == 0

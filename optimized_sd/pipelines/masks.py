@@ -187,58 +187,71 @@ class Region:
     canvas: Canvas
 
 
-def generation_size(image_size: tuple[int, int], area: str, outpaint: tuple[int, int, int, int] | None) -> tuple[int, int]:
-    """(W, H) to generate at when none is given: "whole": the (outpainted) canvas floored to a
-    multiple of 8; "masked": 512 x 512, AUTOMATIC1111's default, since the region is scaled up anyway."""
-    if area == "masked":
-        return 512, 512
-    left, right, top, bottom = outpaint or (0, 0, 0, 0)
-    width, height = image_size[0] + left + right, image_size[1] + top + bottom
-    if width < 64 or height < 64:
-        raise UserError(f"the image is {width}x{height}; inpainting needs at least 64x64")
-    return width - width % 8, height - height % 8
+@dataclass(frozen=True)
+class InpaintOptions:
+    """What turns an image-to-image request into inpainting (or outpainting). `mask`: a path or a
+    PIL image in any mode (read by `load_mask`); `area`: "whole" generates the whole (outpainted)
+    image, "masked" only the mask's bounding box plus `padding` pixels, at the generation size
+    (AUTOMATIC1111's "inpaint only masked"); `outpaint`: (left, right, top, bottom) pixels to grow
+    the canvas by, the new border being repainted (a mask is then optional)."""
+
+    mask: Image.Image | Path | str | None = None
+    invert_mask: bool = False
+    mask_blur: float = 4.0
+    area: str = "whole"
+    padding: int = 32
+    outpaint: tuple[int, int, int, int] | None = None
+
+    def check(self) -> None:
+        """What can be checked without the images."""
+        if self.area not in INPAINT_AREAS:
+            raise UserError(f"unknown --inpaint-area {self.area!r}; use whole or masked")
+        if self.mask is None and self.outpaint is None:
+            raise UserError("inpainting needs a mask (--mask) or a border to paint (--outpaint)")
+        if self.mask_blur < 0:
+            raise UserError(f"--mask-blur must be 0 or more, got {self.mask_blur}")
+        if self.padding < 0:
+            raise UserError(f"--padding must be 0 or more, got {self.padding}")
+        if self.outpaint is not None and (len(self.outpaint) != 4 or min(self.outpaint) < 0 or max(self.outpaint) == 0):
+            raise UserError(f"outpaint takes (left, right, top, bottom) pixels >= 0, one of them > 0; got {self.outpaint}")
+
+    def generation_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(W, H) to generate at when none is given: "whole": the (outpainted) canvas floored to a
+        multiple of 8; "masked": 512 x 512, AUTOMATIC1111's default, the region being scaled to it."""
+        if self.area == "masked":
+            return 512, 512
+        left, right, top, bottom = self.outpaint or (0, 0, 0, 0)
+        width, height = image_size[0] + left + right, image_size[1] + top + bottom
+        if width < 64 or height < 64:
+            raise UserError(f"the image is {width}x{height}; inpainting needs at least 64x64")
+        return width - width % 8, height - height % 8
 
 
-def prepare_region(
-    image: Image.Image,
-    mask: Image.Image | Path | str | None,
-    size: tuple[int, int],
-    *,
-    invert: bool = False,
-    blur: float = 4.0,
-    area: str = "whole",
-    padding: int = 32,
-    outpaint: tuple[int, int, int, int] | None = None,
-) -> Region:
-    """Image + mask -> the region to generate at `size` (W, H) and where it goes back.
+def prepare_region(image: Image.Image, size: tuple[int, int], options: InpaintOptions) -> Region:
+    """Image + options -> the region to generate at `size` (W, H) and where it goes back.
 
-    The mask (read by `load_mask`, fitted to the image, inverted on request) is blurred by `blur`
-    pixels; outpainting grows the canvas and adds the new border to the mask (the user's mask, if
-    any, still applies to the old image). "whole" generates the whole canvas resized to `size`;
-    "masked" generates the mask's padded bounding box resized to `size`."""
-    if area not in INPAINT_AREAS:
-        raise UserError(f"unknown --inpaint-area {area!r}; use whole or masked")
+    The mask (read by `load_mask`, fitted to the image, inverted on request) is blurred by
+    `mask_blur` pixels; outpainting grows the canvas and adds the new border to the mask (the
+    user's mask, if any, still applies to the old image). "whole" generates the whole canvas resized
+    to `size`; "masked" the mask's padded bounding box resized to `size`."""
+    options.check()
     image = image.convert("RGB")
-    if mask is None and outpaint is None:
-        raise UserError("inpainting needs a mask (or --outpaint)")
     user_mask = None
-    if mask is not None:
-        user_mask = fit_mask(load_mask(mask), image.size, invert)
-        if outpaint is None:
+    if options.mask is not None:
+        user_mask = fit_mask(load_mask(options.mask), image.size, options.invert_mask)
+        if options.outpaint is None:
             check_mask(user_mask)
-        user_mask = blur_mask(user_mask, blur)
-    elif blur < 0:
-        raise UserError(f"--mask-blur must be 0 or more, got {blur}")
-    if outpaint is not None:
-        canvas_image, soft = outpaint_canvas(image, outpaint, blur)
+        user_mask = blur_mask(user_mask, options.mask_blur)
+    if options.outpaint is not None:
+        canvas_image, soft = outpaint_canvas(image, options.outpaint, options.mask_blur)
         if user_mask is not None:
             placed = Image.new("L", canvas_image.size, 0)
-            placed.paste(user_mask, (outpaint[0], outpaint[2]))
+            placed.paste(user_mask, (options.outpaint[0], options.outpaint[2]))
             soft = Image.fromarray(np.maximum(np.asarray(soft), np.asarray(placed)))
     else:
         assert user_mask is not None
         canvas_image, soft = image, user_mask
-    box = crop_box(soft, padding, size) if area == "masked" else (0, 0, *canvas_image.size)
+    box = crop_box(soft, options.padding, size) if options.area == "masked" else (0, 0, *canvas_image.size)
     canvas = Canvas(canvas_image, soft, box)
     region_image, region_mask = canvas_image.crop(box), soft.crop(box)
     if region_image.size != size:
