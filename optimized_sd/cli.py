@@ -70,7 +70,7 @@ def cli() -> None:
     """Low-VRAM Stable Diffusion 1.x: txt2img and img2img on small GPUs or the CPU."""
 
 
-def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75) -> None:
+def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None) -> None:
     """Flags -> a Job and a loader; run it with a progress bar; print what was written."""
     from tqdm import tqdm
 
@@ -98,6 +98,7 @@ def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
         unet_batch=flags["unet_bs"],
         init_image=init_img,
         strength=strength,
+        inpaint=inpaint,
         output=OutputPolicy(
             outdir=flags["outdir"],
             fmt=flags["fmt"],
@@ -146,6 +147,24 @@ def txt2img(**flags) -> None:
 def img2img(init_img: Path, strength: float, **flags) -> None:
     """Edit an image guided by a prompt."""
     run_from_flags(flags, init_img=init_img, strength=strength)
+
+
+@cli.command()
+@click.option("--init-img", "init_img", type=click.Path(path_type=Path), required=True, help="Image to repaint (any format PIL reads).")
+@click.option("--mask", type=click.Path(path_type=Path), help="White is repainted, black kept; L/RGB: luminance, RGBA/LA: alpha unless all opaque.")
+@click.option("--invert-mask", "invert_mask", is_flag=True, help="Repaint the black part of the mask instead.")
+@click.option("--mask-blur", "mask_blur", type=float, default=4.0, show_default=True, help="Blur of the mask's edge in pixels.")
+@click.option("--strength", type=float, default=1.0, show_default=True, help="How much the masked part may change (1: from pure noise).")
+@click.option("--inpaint-area", "inpaint_area", default="whole", show_default=True, help="whole, or masked: only the mask's box plus --padding, at --H/--W.")
+@click.option("--padding", type=int, default=32, show_default=True, help="Pixels around the mask's box for --inpaint-area masked.")
+@click.option("--outpaint", help="LEFT,RIGHT,TOP,BOTTOM: grow the canvas by these pixels and paint the new border.")
+@generation_options("outputs/inpaint-samples", None)
+def inpaint(init_img: Path, mask: Path | None, invert_mask: bool, mask_blur: float, strength: float, inpaint_area: str, padding: int, outpaint: str | None, **flags) -> None:
+    """Repaint the masked part of an image, or paint a grown border (outpainting)."""
+    from optimized_sd.pipelines.masks import InpaintOptions, parse_outpaint
+
+    border = parse_outpaint(outpaint) if outpaint is not None else None
+    run_from_flags(flags, init_img=init_img, strength=strength, inpaint=InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, border))
 
 
 @cli.command()

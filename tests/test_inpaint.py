@@ -23,6 +23,12 @@ from tests.test_cli import files, run
 TOLERANCE = 1e-4
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max |difference| over the latents' scale: Euler on random tiny weights with CFG 7.5 ends
+    with |latents| ~ 30, where float32 rounding alone is ~1e-5 relative."""
+    return (got - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+
+
 @pytest.fixture(scope="module")
 def tiny_inpainting(tiny_model, tmp_path_factory):
     """The tiny model with a 9-channel UNet (latents + mask + masked-image latents), as a diffusers
@@ -115,7 +121,9 @@ def load(path, tokenizer, **options):
     return optimized_sd.load(path, tokenizer=tokenizer, device="cpu", precision="full", **{"memory": "full", **options})
 
 
-CASES = [("ddim", 1.0), ("euler", 1.0), ("ddim", 0.75), ("euler", 0.5)]
+SLOW = pytest.mark.slow
+CASES = [("ddim", 1.0), pytest.param("euler", 1.0, marks=SLOW), pytest.param("ddim", 0.75, marks=SLOW), ("euler", 0.5)]
+CASES_4 = [pytest.param("ddim", 1.0, marks=SLOW), ("euler", 1.0), ("ddim", 0.75), pytest.param("euler", 0.5, marks=SLOW)]
 
 
 @pytest.mark.parametrize(("sampler", "strength"), CASES)
@@ -124,15 +132,15 @@ def test_9_channel_matches_diffusers(tiny_model, tiny_inpainting, sampler, stren
     expected = diffusers_latents(tiny_model, unet, sampler, strength, monkeypatch)
     for path in (single, folder):
         got = load(path, tiny_model.tokenizer).generate(inpaint_request(sampler, strength)).latents
-        assert (got - expected).abs().max().item() <= TOLERANCE, path
+        assert relative_error(got, expected) <= TOLERANCE, path
 
 
-@pytest.mark.parametrize(("sampler", "strength"), CASES)
+@pytest.mark.parametrize(("sampler", "strength"), CASES_4)
 def test_4_channel_matches_diffusers(tiny_model, sampler, strength, monkeypatch):
     expected = diffusers_latents(tiny_model, tiny_model.unet, sampler, strength, monkeypatch)
     got = load(tiny_model.safetensors, tiny_model.tokenizer).generate(inpaint_request(sampler, strength)).latents
     assert expected.abs().max() > 0.1
-    assert (got - expected).abs().max().item() <= TOLERANCE
+    assert relative_error(got, expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize("mode", ["turbo", "split", "stream"])

@@ -30,15 +30,12 @@ from optimized_sd.memory.report import StageRecord
 from optimized_sd.pipelines.core import Task, encode_pixels
 from optimized_sd.pipelines.images import image_to_tensor
 from optimized_sd.pipelines.masks import InpaintOptions, Region, prepare_region
-from optimized_sd.pipelines.request import GenerationRequest
+from optimized_sd.pipelines.request import INPAINTING_UNET_CHANNELS, GenerationRequest
 from optimized_sd.sampling import Model, ProgressCallback, SamplingPlan, start_latents
 from optimized_sd.sampling.inpainting import inpainting_concat, masked_blend, noised_to
 
 if TYPE_CHECKING:
     from optimized_sd.pipelines.diffusion import StableDiffusion
-
-INPAINTING_UNET_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
-
 
 def mask_tensor(mask: Image.Image) -> Tensor:
     """L mask -> (1, 1, H, W) float {0, 1}: binarised at 0.5 (diffusers' mask processor)."""

@@ -217,14 +217,14 @@ class InpaintOptions:
 
     def generation_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(W, H) to generate at when none is given: "whole": the (outpainted) canvas floored to a
-        multiple of 8; "masked": 512 x 512, AUTOMATIC1111's default, the region being scaled to it."""
+        multiple of 64, as img2img's init image (the LDM UNet halves the latents three times); "masked": 512 x 512, AUTOMATIC1111's default, the region being scaled to it."""
         if self.area == "masked":
             return 512, 512
         left, right, top, bottom = self.outpaint or (0, 0, 0, 0)
         width, height = image_size[0] + left + right, image_size[1] + top + bottom
         if width < 64 or height < 64:
             raise UserError(f"the image is {width}x{height}; inpainting needs at least 64x64")
-        return width - width % 8, height - height % 8
+        return width - width % 64, height - height % 64
 
 
 def prepare_region(image: Image.Image, size: tuple[int, int], options: InpaintOptions) -> Region:
