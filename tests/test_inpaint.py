@@ -84,7 +84,8 @@ def diffusers_latents(tiny_model, unet, sampler: str, strength: float, monkeypat
     from transformers import CLIPTokenizer
 
     original = module.retrieve_latents
-    monkeypatch.setattr(module, "retrieve_latents", lambda output, generator=None, sample_mode="sample": original(output, generator, "argmax"))
+    mean = lambda output, generator=None, sample_mode="sample": original(output, generator, "argmax")  # noqa: E731
+    monkeypatch.setattr(module, "retrieve_latents", mean)
     pipe = StableDiffusionInpaintPipeline(
         vae=tiny_model.vae,
         text_encoder=tiny_model.text_encoder,

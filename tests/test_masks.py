@@ -11,8 +11,8 @@ from PIL import Image
 from optimized_sd.errors import UserError
 from optimized_sd.pipelines.masks import (
     Canvas,
-    crop_box,
     InpaintOptions,
+    crop_box,
     load_mask,
     mask_luminance,
     outpaint_canvas,

@@ -170,7 +170,8 @@ class StableDiffusion:
         inpaint.check()
         width, height = inpaint.generation_size(image.size)
         options = {"strength": 1.0, "width": width, "height": height, **{k: v for k, v in options.items() if v is not None}}
-        return self.generate(GenerationRequest(prompts=repeat_prompt(prompt, n_samples), init_image=image, inpaint=inpaint, **options)).images
+        request = GenerationRequest(prompts=repeat_prompt(prompt, n_samples), init_image=image, inpaint=inpaint, **options)
+        return self.generate(request).images
 
 
 def repeat_prompt(prompt: str, n_samples: int) -> list[str]:

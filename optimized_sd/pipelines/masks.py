@@ -217,7 +217,8 @@ class InpaintOptions:
 
     def generation_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(W, H) to generate at when none is given: "whole": the (outpainted) canvas floored to a
-        multiple of 64, as img2img's init image (the LDM UNet halves the latents three times); "masked": 512 x 512, AUTOMATIC1111's default, the region being scaled to it."""
+        multiple of 64, as img2img's init image (the LDM UNet halves the latents three times);
+        "masked": 512 x 512, AUTOMATIC1111's default, the region being scaled to it."""
         if self.area == "masked":
             return 512, 512
         left, right, top, bottom = self.outpaint or (0, 0, 0, 0)

@@ -46,7 +46,9 @@ def noised_to(plan: SamplingPlan, index: int, x0: Tensor, noise: Tensor) -> Tens
     return x0 + plan.sigmas[index] * noise
 
 
-def masked_blend(plan: SamplingPlan, init_latents: Tensor, noise: Tensor, mask: Tensor, progress: ProgressCallback | None) -> ProgressCallback:
+def masked_blend(
+    plan: SamplingPlan, init_latents: Tensor, noise: Tensor, mask: Tensor, progress: ProgressCallback | None
+) -> ProgressCallback:
     """A progress callback that, after each step, sets x = mask * x + (1 - mask) * init latents at
     the next step's level, in place (the sampler continues from the same tensor), then calls `progress`."""
     init_latents, noise = init_latents.float(), noise.float()
