@@ -1,7 +1,7 @@
 """Tell a model family from a state dict's keys and shapes (a pure function; nothing is loaded).
 
 SD 1.x is recognised by structure, not by widths, so tiny test models pass too: LDM UNet keys with a
-4-channel `input_blocks.0.0` conv, cross-attention with a conv (4-D) `proj_in`, and a CLIP text
+4-channel `input_blocks.0.0` conv (9 channels: an SD 1.x inpainting model), cross-attention with a conv (4-D) `proj_in`, and a CLIP text
 encoder under `cond_stage_model.transformer.` whose width matches the UNet's context dim. Other
 Stable Diffusion families raise `UnsupportedModelError` naming the family; files that are not a
 whole SD checkpoint (a VAE, a LoRA, a diffusers component...) raise `CheckpointError` saying what
@@ -152,7 +152,7 @@ def _any_contains(keys: Iterable[str], *parts: str) -> bool:
 def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
     """The model family of a state dict given as key -> shape: "sd1", or an error saying what it is.
 
-    Raises UnsupportedModelError for SD 2.x, SDXL, inpainting and other SD variants, and
+    Raises UnsupportedModelError for SD 2.x (inpainting included), SDXL and other SD variants, and
     CheckpointError for things that are not a whole SD checkpoint.
     """
     keys = list(shapes)
