@@ -74,7 +74,7 @@ def cli() -> None:
 LOAD_OPTIONS = ("config", "ema", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer")
 
 
-def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75):
+def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None):
     """The generation flags as a Job (txt2img, img2img and batch's defaults)."""
     from optimized_sd.pipelines.job import Job, OutputPolicy
 
@@ -98,6 +98,7 @@ def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
         unet_batch=flags["unet_bs"],
         init_image=init_img,
         strength=strength,
+        inpaint=inpaint,
         output=OutputPolicy(
             outdir=flags["outdir"],
             fmt=flags["fmt"],
@@ -109,7 +110,7 @@ def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
     )
 
 
-def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75) -> None:
+def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None) -> None:
     """Flags -> a Job and a loader; run it with a progress bar; print what was written."""
     from tqdm import tqdm
 
@@ -117,7 +118,7 @@ def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
     from optimized_sd.pipelines.job import JobStep, describe_memory, memory_mode, run_job
 
     memory = memory_mode(flags["memory"], flags["turbo"])
-    job = job_from_flags(flags, init_img, strength)
+    job = job_from_flags(flags, init_img, strength, inpaint)
     bars: list[tqdm] = []  # one per batch, made at its first step, so an early error prints alone
 
     def progress(step: JobStep) -> None:
@@ -246,6 +247,24 @@ def serve(**flags) -> None:
     if flags["ckpt"] is None and flags["models_dir"] is None:
         flags["ckpt"] = Path(DEFAULT_CKPT)
     app.serve(app.ServeOptions(**flags))
+
+
+@cli.command()
+@click.option("--init-img", "init_img", type=click.Path(path_type=Path), required=True, help="Image to repaint (any format PIL reads).")
+@click.option("--mask", type=click.Path(path_type=Path), help="White is repainted, black kept; L/RGB: luminance, RGBA/LA: alpha unless all opaque.")
+@click.option("--invert-mask", "invert_mask", is_flag=True, help="Repaint the black part of the mask instead.")
+@click.option("--mask-blur", "mask_blur", type=float, default=4.0, show_default=True, help="Blur of the mask's edge in pixels.")
+@click.option("--strength", type=float, default=1.0, show_default=True, help="How much the masked part may change (1: from pure noise).")
+@click.option("--inpaint-area", "inpaint_area", default="whole", show_default=True, help="whole, or masked: only the mask's box plus --padding, at --H/--W.")
+@click.option("--padding", type=int, default=32, show_default=True, help="Pixels around the mask's box for --inpaint-area masked.")
+@click.option("--outpaint", help="LEFT,RIGHT,TOP,BOTTOM: grow the canvas by these pixels and paint the new border.")
+@generation_options("outputs/inpaint-samples", None)
+def inpaint(init_img: Path, mask: Path | None, invert_mask: bool, mask_blur: float, strength: float, inpaint_area: str, padding: int, outpaint: str | None, **flags) -> None:
+    """Repaint the masked part of an image, or paint a grown border (outpainting)."""
+    from optimized_sd.pipelines.masks import InpaintOptions, parse_outpaint
+
+    border = parse_outpaint(outpaint) if outpaint is not None else None
+    run_from_flags(flags, init_img=init_img, strength=strength, inpaint=InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, border))
 
 
 @cli.command()

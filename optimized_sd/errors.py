@@ -12,7 +12,7 @@ class CheckpointError(UserError):
 
 
 class UnsupportedModelError(CheckpointError):
-    """A recognised model family that this version does not run yet (SD 2.x, SDXL, inpainting)."""
+    """A recognised model family that this version does not run yet (SD 2.x, SDXL, depth, upscalers)."""
 
 
 class Interrupted(Exception):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimized_sd.config import TINY
+from optimized_sd.config import TINY, ModelConfig
 from optimized_sd.models.text_encoder import clip_config, write_byte_tokenizer
 
 
@@ -80,7 +80,7 @@ def write_model_index(folder: Path, class_name: str = "StableDiffusionPipeline")
     )
 
 
-def write_ldm_files(folder: Path, safetensors_path: Path, ckpt_path: Path) -> None:
+def write_ldm_files(folder: Path, safetensors_path: Path, ckpt_path: Path, config: ModelConfig = TINY) -> None:
     """LDM single-file layouts of a diffusers folder, through our own diffusers -> LDM tables."""
     from safetensors.torch import save_file
 
@@ -89,7 +89,7 @@ def write_ldm_files(folder: Path, safetensors_path: Path, ckpt_path: Path) -> No
 
     source = open_diffusers_folder(folder).source
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in LatentDiffusion(TINY).state_dict().items()}
+        shapes = {k: v.shape for k, v in LatentDiffusion(config).state_dict().items()}
     tensors = {}
     for key in source.keys():
         value = source.get(key)

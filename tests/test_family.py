@@ -83,6 +83,11 @@ def test_old_text_encoder_keys_take_the_one_canonical_form() -> None:
         detect_family(mismatched)
 
 
+def test_sd1_inpainting_is_sd1() -> None:
+    """sd-v1-5-inpainting: a 9-channel UNet input (latents + mask + masked-image latents) is still SD 1.x."""
+    assert detect_family(sd1_shapes(in_channels=9)) == "sd1"
+
+
 def test_detect_family_is_pure() -> None:
     shapes = sd1_shapes()
     frozen = MappingProxyType(dict(shapes))
@@ -95,7 +100,6 @@ def test_detect_family_is_pure() -> None:
     [
         (sd2_shapes(), "SD 2.x model"),
         (sd2_shapes(in_channels=9), "SD 2.x inpainting"),
-        (sd1_shapes(in_channels=9), "SD 1.x inpainting"),
         ({**sd2_shapes(in_channels=5), "depth_model.model.pretrained.x": (1,)}, "SD 2.x depth"),
         (sd1_shapes(in_channels=8), "InstructPix2Pix (SD 1.x)"),
         (

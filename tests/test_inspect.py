@@ -199,14 +199,14 @@ def test_safetensors_with_metadata(tmp_path: Path) -> None:
 
 def test_unsupported_family_is_described_not_raised(tmp_path: Path) -> None:
     sd = tiny_sd1(ema_copy=False)
-    sd[UNET + "input_blocks.0.0.weight"] = torch.zeros(8, 9, 3, 3)
-    path = tmp_path / "inpainting.safetensors"
+    sd[UNET + "input_blocks.0.0.weight"] = torch.zeros(8, 8, 3, 3)  # InstructPix2Pix (9 channels: inpainting, supported)
+    path = tmp_path / "ip2p.safetensors"
     save_file(sd, path)
     info = describe_checkpoint(path, hashes=False)
     assert info.family is None
-    assert "SD 1.x inpainting" in info.family_error
+    assert "InstructPix2Pix (SD 1.x)" in info.family_error
     text = format_info(info)
-    assert field(text, "family").startswith("refused: this is an SD 1.x inpainting model")
+    assert field(text, "family").startswith("refused: this is an InstructPix2Pix (SD 1.x) model")
     assert field(text, "metadata") == "(empty)"
 
 
@@ -289,7 +289,7 @@ def test_diffusers_folder_config_the_loader_refuses(diffusers_variant) -> None:
             {"addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 112},
             "SDXL",
         ),
-        ("StableDiffusionInpaintPipeline", {"in_channels": 9}, "SD 1.x inpainting"),
+        ("StableDiffusionInstructPix2PixPipeline", {"in_channels": 8}, "InstructPix2Pix (SD 1.x)"),  # 9 (inpainting) is supported
     ],
 )
 def test_diffusers_folder_other_families(tiny_model, diffusers_variant, class_name: str, unet_changes: dict, needle: str) -> None:

@@ -70,6 +70,15 @@ class Task:
         """A wrapper around the UNet call, inside guidance (inpainting concatenates mask and image latents)."""
         return model
 
+    def step_callback(self, progress: ProgressCallback | None) -> ProgressCallback | None:
+        """The sampler's per-step callback: the caller's `progress`, or a wrapper that also edits the
+        state between steps (inpainting with a 4-channel UNet puts the unmasked latents back)."""
+        return progress
+
+    def finish(self, images: list[Image.Image]) -> list[Image.Image]:
+        """The decoded images as the caller gets them (inpainting pastes them back into the canvas)."""
+        return images
+
     def metadata_strength(self, request: GenerationRequest) -> float | None:
         """The `Denoising strength` written into the images' metadata, when the task has one."""
         return None
@@ -131,7 +140,13 @@ def apply_vae(pipe: StableDiffusion, fn: Callable[[Tensor], Tensor], x: Tensor, 
 
 def encode_image(pipe: StableDiffusion, image: Image.Image, batch: int, tiled: bool) -> Tensor:
     """Init image -> scaled latents (batch, C, h, w), float32, one VAE encode shared by the batch."""
-    pixels = image_to_tensor(image).to(pipe.device, pipe.dtype)
+    return encode_pixels(pipe, image_to_tensor(image), batch, tiled)
+
+
+def encode_pixels(pipe: StableDiffusion, pixels: Tensor, batch: int, tiled: bool) -> Tensor:
+    """(1, 3, H, W) pixels in [-1, 1] -> scaled latents (batch, C, h, w), float32, as the `vae_encode`
+    stage; the latents are the mean of the VAE's latent distribution (no sampling: deterministic)."""
+    pixels = pixels.to(pipe.device, pipe.dtype)
 
     def work(record: StageRecord) -> Tensor:
         vae = pipe.model.first_stage_model
@@ -179,7 +194,7 @@ def denoise(
         model = prediction_adapter(task.wrap_model(unet_model(pipe, record)), prediction_type, pipe.schedule)
         eps = classifier_free_guidance(model, cond, uncond, request.scale)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        return sample(plan, eps, x, generators, progress)
+        return sample(plan, eps, x, generators, task.step_callback(progress))
 
     return pipe.memory.run_stage("unet", work)
 
@@ -282,5 +297,5 @@ def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, prog
         noise = seeded_noise(seeds, latent_shape, pipe.device)
         x = task.start_latents(pipe, request, plan, noise, tiled)
         latents = denoise(pipe, task, request, plan, x, conditioning, seeds, progress)
-        images = decode_images(pipe, latents, tiled)
+        images = task.finish(decode_images(pipe, latents, tiled))
     return GenerationResult(images, seeds, image_parameters(pipe, task, request, seeds), latents)

@@ -19,8 +19,10 @@ from optimized_sd.memory.report import MemoryMeter
 from optimized_sd.models.text_encoder import PromptTokenizer, load_tokenizer
 from optimized_sd.pipelines import core
 from optimized_sd.pipelines.core import Task
-from optimized_sd.pipelines.images import image_to_tensor, load_init_image, tensor_to_image
+from optimized_sd.pipelines.images import image_to_tensor, load_init_image, open_image, tensor_to_image
 from optimized_sd.pipelines.img2img import IMG2IMG
+from optimized_sd.pipelines.inpaint import Inpaint
+from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.memory_session import MemorySession
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_size
 from optimized_sd.pipelines.txt2img import TXT2IMG
@@ -30,6 +32,7 @@ from optimized_sd.weights.loading import LoadedModel, prepare_model
 __all__ = [  # the names callers have imported from here
     "GenerationRequest",
     "GenerationResult",
+    "InpaintOptions",
     "StableDiffusion",
     "check_size",
     "image_to_tensor",
@@ -40,7 +43,9 @@ __all__ = [  # the names callers have imported from here
 
 
 def task_for(request: GenerationRequest) -> Task:
-    """The one place a request picks its task."""
+    """The one place a request picks its task (inpainting: a fresh object per call, holding what the call prepared)."""
+    if request.inpaint is not None:
+        return Inpaint()
     return IMG2IMG if request.init_image is not None else TXT2IMG
 
 
@@ -139,6 +144,34 @@ class StableDiffusion:
         if not isinstance(init_image, Image.Image):
             init_image = load_init_image(init_image, options.pop("height", None), options.pop("width", None))
         return self.generate(GenerationRequest(prompts=prompts, init_image=init_image, **options)).images
+
+    def inpaint(
+        self,
+        prompt: str,
+        image: Image.Image | str | Path,
+        mask: Image.Image | str | Path | None,
+        *,
+        n_samples: int = 1,
+        invert_mask: bool = False,
+        mask_blur: float = 4.0,
+        inpaint_area: str = "whole",
+        padding: int = 32,
+        outpaint: tuple[int, int, int, int] | None = None,
+        **options,
+    ) -> list[Image.Image]:
+        """Repaint where `mask` is white (any mode PIL reads; see `pipelines.masks`), or grow the
+        canvas by `outpaint` = (left, right, top, bottom) pixels and paint the border. The images
+        have the input's size (outpainting: the grown canvas); `height`/`width` set the generation
+        size (default: the image's floored to 64; 512 for inpaint_area="masked"). Options are
+        `GenerationRequest` fields; `strength` defaults to 1 (diffusers' default for inpainting)."""
+        if not isinstance(image, Image.Image):
+            image = open_image(image)
+        inpaint = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, tuple(outpaint) if outpaint else None)
+        inpaint.check()
+        width, height = inpaint.generation_size(image.size)
+        options = {"strength": 1.0, "width": width, "height": height, **{k: v for k, v in options.items() if v is not None}}
+        request = GenerationRequest(prompts=repeat_prompt(prompt, n_samples), init_image=image, inpaint=inpaint, **options)
+        return self.generate(request).images
 
 
 def repeat_prompt(prompt: str, n_samples: int) -> list[str]:

@@ -13,15 +13,20 @@ from optimized_sd.errors import UserError
 from optimized_sd.pipelines.request import check_size
 
 
-def load_init_image(path: Path | str, height: int | None, width: int | None) -> Image.Image:
-    """Open any image PIL reads as RGB, at (W, H) when given, else its own size floored to 64."""
+def open_image(path: Path | str) -> Image.Image:
+    """Open any image PIL reads as RGB, at its own size (UserError when missing or unreadable)."""
     try:
         with Image.open(path) as opened:
-            image = opened.convert("RGB")
+            return opened.convert("RGB")
     except FileNotFoundError:
         raise UserError(f"init image not found: {path}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise UserError(f"init image {path} is not a readable image: {error}") from None
+
+
+def load_init_image(path: Path | str, height: int | None, width: int | None) -> Image.Image:
+    """Open any image PIL reads as RGB, at (W, H) when given, else its own size floored to 64."""
+    image = open_image(path)
     target_w = width if width is not None else image.width - image.width % 64
     target_h = height if height is not None else image.height - image.height % 64
     if target_w < 64 or target_h < 64:

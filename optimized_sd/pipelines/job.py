@@ -15,7 +15,8 @@ from PIL import Image
 from optimized_sd.errors import UserError
 from optimized_sd.memory.planner import format_bytes
 from optimized_sd.pipelines.diffusion import GenerationRequest, StableDiffusion
-from optimized_sd.pipelines.images import load_init_image
+from optimized_sd.pipelines.images import load_init_image, open_image
+from optimized_sd.pipelines.masks import InpaintOptions, prepare_region
 from optimized_sd.pipelines.output import ImageParameters, encode, ensure_writable, make_grid, prompt_folder, save_image, write_new
 from optimized_sd.pipelines.prompts import read_prompt_file
 from optimized_sd.pipelines.request import check_size
@@ -46,8 +47,9 @@ class Job:
     """One user request: `prompts` (each repeated `n_samples` times and cut into batches of
     `n_samples`), or the prompts of `prompt_file` (one per line) instead; `n_iter` passes over them.
     Image i of a batch uses seed + i and the seed moves on by the batch size unless `fixed_code`.
-    `init_image` (a path or a PIL image) makes it img2img; height/width None: 512 for txt2img,
-    the init image's size floored to 64 for img2img."""
+    `init_image` (a path or a PIL image) makes it img2img, and with `inpaint` inpainting; height/width
+    None: 512 for txt2img, the init image's size floored to 64 for img2img, `inpaint.generation_size`
+    for inpainting (whose init image is never resized: the result has its size)."""
 
     prompts: tuple[str, ...] = ()
     prompt_file: Path | None = None
@@ -68,6 +70,7 @@ class Job:
     unet_batch: int | None = None
     init_image: Path | Image.Image | None = None
     strength: float = 0.75
+    inpaint: InpaintOptions | None = None
     output: OutputPolicy = field(default_factory=lambda: OutputPolicy(Path("outputs")))
 
     def validate(self) -> None:
@@ -90,6 +93,10 @@ class Job:
         elif self.height is not None or self.width is not None:
             given = self.height if self.height is not None else self.width
             check_size(given, given)
+        if self.inpaint is not None:
+            if self.init_image is None:
+                raise UserError("inpainting needs an init image (--init-img)")
+            self.inpaint.check()
         strength = self.strength if self.init_image is not None else 1.0
         make_plan(self.sampler, self.steps, strength=strength, eta=self.eta, karras=self.karras)
 
@@ -102,6 +109,9 @@ class Job:
 
     def request(self, prompts: list[str], seed: int, init_image: Image.Image | None) -> GenerationRequest:
         """The pipeline call for one batch."""
+        default_width, default_height = (512, 512)
+        if self.inpaint is not None and init_image is not None:
+            default_width, default_height = self.inpaint.generation_size(init_image.size)
         return GenerationRequest(
             prompts=prompts,
             negative_prompt=self.negative_prompt,
@@ -111,13 +121,14 @@ class Job:
             sampler=self.sampler,
             karras=self.karras,
             seed=seed,
-            height=self.height or 512,
-            width=self.width or 512,
+            height=self.height or default_height,
+            width=self.width or default_width,
             latent_channels=self.latent_channels,
             downscale=self.downscale,
             unet_batch=self.unet_batch,
             init_image=init_image,
             strength=self.strength,
+            inpaint=self.inpaint,
         )
 
 
@@ -162,7 +173,10 @@ def run_job(
     prompt_batches = job.batches()
     init_image = job.init_image
     if init_image is not None and not isinstance(init_image, Image.Image):
-        init_image = load_init_image(init_image, job.height, job.width)
+        init_image = open_image(init_image) if job.inpaint is not None else load_init_image(init_image, job.height, job.width)
+    if job.inpaint is not None and init_image is not None:
+        first = job.request(prompt_batches[0], 0, init_image)
+        prepare_region(init_image, (first.width, first.height), job.inpaint)  # a bad mask costs no loading time
     policy = job.output
     if policy.writes_images:
         ensure_writable(policy.outdir)

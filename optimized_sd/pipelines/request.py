@@ -9,12 +9,14 @@ from torch import Tensor
 
 from optimized_sd.config import ModelConfig
 from optimized_sd.errors import UserError
+from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import ImageParameters
 
 
 @dataclass
 class GenerationRequest:
-    """Everything one call needs; txt2img is the case without `init_image`."""
+    """Everything one call needs; txt2img is the case without `init_image`, inpainting the case
+    with `init_image` and `inpaint` (whose generation size is height x width)."""
 
     prompts: list[str]
     negative_prompt: str = ""
@@ -31,6 +33,7 @@ class GenerationRequest:
     unet_batch: int | None = None
     init_image: Image.Image | None = None
     strength: float = 0.75
+    inpaint: InpaintOptions | None = None
 
     @property
     def guided(self) -> bool:
@@ -46,6 +49,9 @@ class GenerationResult:
     latents: Tensor | None = None  # the sampler's output, before VAE decoding (for parity checks)
 
 
+INPAINTING_UNET_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
+
+
 def check_size(height: int, width: int, multiple: int = 8) -> None:
     """H and W must be multiples of 8 (the VAE's downscale); say the nearest valid size."""
     for name, value in (("height", height), ("width", width)):
@@ -59,8 +65,14 @@ def check_request(request: GenerationRequest, config: ModelConfig) -> None:
     if not request.prompts:
         raise UserError("no prompt given")
     check_size(request.height, request.width, request.downscale)
-    if request.latent_channels != config.unet.in_channels:
-        raise UserError(f"--C {request.latent_channels}: this model's latents have {config.unet.in_channels} channels")
+    if request.latent_channels != config.vae.embed_dim:
+        raise UserError(f"--C {request.latent_channels}: this model's latents have {config.vae.embed_dim} channels")
+    if request.inpaint is not None:
+        if request.init_image is None:
+            raise UserError("inpainting needs an init image")
+        request.inpaint.check()
+    elif config.unet.in_channels == INPAINTING_UNET_CHANNELS:
+        raise UserError("this is an inpainting model (9-channel UNet): use inpaint with a mask (or --outpaint)")
     if request.downscale != config.vae.downscale:
         raise UserError(f"--f {request.downscale}: this model's VAE downscales by {config.vae.downscale}")
     if request.unet_batch is not None and request.unet_batch < 1:

@@ -1,7 +1,7 @@
 """Tell a model family from a state dict's keys and shapes (a pure function; nothing is loaded).
 
 SD 1.x is recognised by structure, not by widths, so tiny test models pass too: LDM UNet keys with a
-4-channel `input_blocks.0.0` conv, cross-attention with a conv (4-D) `proj_in`, and a CLIP text
+4-channel `input_blocks.0.0` conv (9 channels: an SD 1.x inpainting model), cross-attention with a conv (4-D) `proj_in`, and a CLIP text
 encoder under `cond_stage_model.transformer.` whose width matches the UNet's context dim. Other
 Stable Diffusion families raise `UnsupportedModelError` naming the family; files that are not a
 whole SD checkpoint (a VAE, a LoRA, a diffusers component...) raise `CheckpointError` saying what
@@ -152,7 +152,7 @@ def _any_contains(keys: Iterable[str], *parts: str) -> bool:
 def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
     """The model family of a state dict given as key -> shape: "sd1", or an error saying what it is.
 
-    Raises UnsupportedModelError for SD 2.x, SDXL, inpainting and other SD variants, and
+    Raises UnsupportedModelError for SD 2.x (inpainting included), SDXL and other SD variants, and
     CheckpointError for things that are not a whole SD checkpoint.
     """
     keys = list(shapes)
@@ -216,7 +216,8 @@ def _classify_ldm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_i
             "this UNet has a class/label embedding (model.diffusion_model.label_emb, as in SDXL); "
             "optimized-sd runs SD 1.x only"
         )
-    if in_channels != 4:
+    # SD 1.x inpainting UNets (sd-v1-5-inpainting) take 9 channels: latents + mask + masked-image latents.
+    if in_channels not in (4, 9) or (in_channels == 9 and is_v2):
         if in_channels == 9:
             kind = f"{family} inpainting"
         elif in_channels == 5 and _any_prefix(keys, "depth_model."):

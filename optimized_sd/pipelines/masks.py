@@ -1,0 +1,260 @@
+"""Inpainting masks and canvases as PIL images: reading a mask, blurring it, the "only masked" crop,
+the outpainting canvas, and pasting a generated region back. Pure functions: no model, no torch.
+
+Conventions (AUTOMATIC1111's and diffusers'): white (255) is repainted, black (0) is kept.
+A mask is read as
+  * L, 1, I, F, RGB, CMYK, ...: luminance (PIL's `convert("L")`);
+  * RGBA, LA, PA, or P with a transparent colour: its alpha when the alpha is not all opaque (opaque =
+    repainted, transparent = kept: a brush drawn on a transparent layer, as AUTOMATIC1111 reads
+    uploaded masks), else luminance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from optimized_sd.errors import UserError
+
+log = logging.getLogger("optimized_sd")
+
+INPAINT_AREAS = ("whole", "masked")
+OUTPAINT_NOISE = 24.0  # std (0-255 levels) of the noise added to the edge colours filling an outpainted border
+OUTPAINT_NOISE_SEED = 0  # fixed: the same image and flags give the same canvas
+
+
+def mask_luminance(image: Image.Image) -> Image.Image:
+    """Any PIL image -> an L mask by the rules of the module docstring."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = image.getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return alpha
+    return image.convert("L")
+
+
+def load_mask(mask: Image.Image | Path | str) -> Image.Image:
+    """Open a mask (a path or a PIL image) as an L image; UserError when it is not a readable image."""
+    if isinstance(mask, Image.Image):
+        return mask_luminance(mask)
+    try:
+        with Image.open(mask) as opened:
+            opened.load()
+            return mask_luminance(opened)
+    except FileNotFoundError:
+        raise UserError(f"mask not found: {mask}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"mask {mask} is not a readable image: {error}") from None
+
+
+def fit_mask(mask: Image.Image, size: tuple[int, int], invert: bool = False) -> Image.Image:
+    """The L mask at `size` (W, H), resized with a warning when it differs, inverted on request."""
+    if mask.size != size:
+        log.warning("the mask is %dx%d, the image %dx%d; the mask was resized to the image", *mask.size, *size)
+        mask = mask.resize(size, Image.LANCZOS)
+    return Image.eval(mask, lambda v: 255 - v) if invert else mask
+
+
+def check_mask(mask: Image.Image) -> None:
+    """A mask with no white pixel repaints nothing: say so rather than return the image unchanged."""
+    if mask.getextrema()[1] == 0:
+        raise UserError("the mask is all black: nothing to repaint (white marks what is repainted; --invert-mask swaps them)")
+
+
+def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
+    """Gaussian blur of std `radius` pixels (AUTOMATIC1111's --mask-blur): soft edges for the paste-back."""
+    if radius < 0:
+        raise UserError(f"--mask-blur must be 0 or more, got {radius}")
+    return mask.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else mask
+
+
+# -- outpainting --------------------------------------------------------------------------------
+
+
+def parse_outpaint(text: str) -> tuple[int, int, int, int]:
+    """'LEFT,RIGHT,TOP,BOTTOM' pixels -> a tuple; UserError unless four whole numbers >= 0, one > 0."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4 or min(values) < 0:
+        raise UserError(f"--outpaint takes LEFT,RIGHT,TOP,BOTTOM pixels (four whole numbers >= 0), got {text!r}")
+    if max(values) == 0:
+        raise UserError("--outpaint 0,0,0,0 adds no border: nothing to paint")
+    return values  # type: ignore[return-value]
+
+
+def outpaint_canvas(image: Image.Image, border: tuple[int, int, int, int], blur: float) -> tuple[Image.Image, Image.Image]:
+    """The image on a canvas grown by (left, right, top, bottom) pixels, and the mask to repaint.
+
+    The new border is filled with the colour of the nearest edge pixel of the image (edge replication)
+    plus Gaussian noise of std OUTPAINT_NOISE levels drawn with a fixed seed: the model then sees
+    the scene's colours to continue, with texture to work on. The mask is white over the new border
+    and, with `blur` > 0, ramps linearly from white to black over `blur` pixels inward from each
+    grown edge, so the seam falls inside the old image and is blended there (not over the new area)."""
+    left, right, top, bottom = border
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    filled = np.pad(pixels, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    new_area = np.ones(filled.shape[:2], dtype=bool)
+    height, width = pixels.shape[:2]
+    new_area[top : top + height, left : left + width] = False
+    noise = np.random.default_rng(OUTPAINT_NOISE_SEED).normal(0.0, OUTPAINT_NOISE, filled.shape).astype(np.float32)
+    filled = np.where(new_area[..., None], np.clip(filled + noise, 0, 255), filled)
+    canvas = Image.fromarray(filled.round().astype(np.uint8))
+    mask = new_area.astype(np.float32)
+    if blur > 0:
+        # Distance (in pixels, from 1 at the grown edge) into the old image from each side that grew.
+        ys, xs = np.arange(height)[:, None], np.arange(width)[None, :]
+        distances = [d for d, grown in ((xs + 1, left), (width - xs, right), (ys + 1, top), (height - ys, bottom)) if grown]
+        ramp = np.zeros((height, width), dtype=np.float32)
+        for distance in distances:
+            ramp = np.maximum(ramp, np.clip(1.0 - (distance - 1) / blur, 0.0, 1.0))
+        mask[top : top + height, left : left + width] = ramp
+    return canvas, Image.fromarray((mask * 255).round().astype(np.uint8))
+
+
+# -- "inpaint only masked" -----------------------------------------------------------------------
+
+
+Box = tuple[int, int, int, int]  # (left, top, right, bottom), PIL's crop box
+
+
+def crop_box(mask: Image.Image, padding: int, target: tuple[int, int]) -> Box:
+    """AUTOMATIC1111's "only masked" region: the bounding box of the mask's non-black pixels plus
+    `padding` pixels on each side, grown (centred, then shifted to stay inside the image) to the
+    aspect ratio of `target` (W, H), so resizing it to the generation size does not stretch it.
+    Where the image is too small for that ratio the box is the image's whole extent on that axis."""
+    if padding < 0:
+        raise UserError(f"--padding must be 0 or more, got {padding}")
+    bbox = mask.getbbox()
+    if bbox is None:
+        raise UserError("the mask is all black: nothing to repaint")
+    image_w, image_h = mask.size
+    left, top, right, bottom = bbox
+    left, top = max(left - padding, 0), max(top - padding, 0)
+    right, bottom = min(right + padding, image_w), min(bottom + padding, image_h)
+    ratio = target[0] / target[1]
+    width, height = right - left, bottom - top
+    if width / height < ratio:
+        left, right = _grow(left, right, round(height * ratio), image_w)
+    else:
+        top, bottom = _grow(top, bottom, round(width / ratio), image_h)
+    return left, top, right, bottom
+
+
+def _grow(start: int, end: int, size: int, limit: int) -> tuple[int, int]:
+    """[start, end) grown to `size` about its centre, shifted back inside [0, limit), capped at `limit`."""
+    size = min(size, limit)
+    start = max(0, min(start - (size - (end - start)) // 2, limit - size))
+    return start, start + size
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """Where a generated image goes back: the full-size image the user sees (`image`, outpainting's
+    grown canvas included), the blurred mask at that size, and the box that was generated."""
+
+    image: Image.Image
+    mask: Image.Image
+    box: Box
+
+    def paste(self, generated: Image.Image) -> Image.Image:
+        """The generated (W, H) image resized to the box and blended into the canvas by the blurred
+        mask: pixels the mask leaves black are the canvas's own, exactly."""
+        left, top, right, bottom = self.box
+        region = generated.convert("RGB")
+        if region.size != (right - left, bottom - top):
+            region = region.resize((right - left, bottom - top), Image.LANCZOS)
+        original = self.image.crop(self.box)
+        out = self.image.copy()
+        out.paste(Image.composite(region, original, self.mask.crop(self.box)), (left, top))
+        return out
+
+
+@dataclass(frozen=True)
+class Region:
+    """What one inpainting call generates: `image` and its blurred `mask` at the generation size,
+    and the `canvas` the result is pasted back into."""
+
+    image: Image.Image
+    mask: Image.Image
+    canvas: Canvas
+
+
+@dataclass(frozen=True)
+class InpaintOptions:
+    """What turns an image-to-image request into inpainting (or outpainting). `mask`: a path or a
+    PIL image in any mode (read by `load_mask`); `area`: "whole" generates the whole (outpainted)
+    image, "masked" only the mask's bounding box plus `padding` pixels, at the generation size
+    (AUTOMATIC1111's "inpaint only masked"); `outpaint`: (left, right, top, bottom) pixels to grow
+    the canvas by, the new border being repainted (a mask is then optional)."""
+
+    mask: Image.Image | Path | str | None = None
+    invert_mask: bool = False
+    mask_blur: float = 4.0
+    area: str = "whole"
+    padding: int = 32
+    outpaint: tuple[int, int, int, int] | None = None
+
+    def check(self) -> None:
+        """What can be checked without the images."""
+        if self.area not in INPAINT_AREAS:
+            raise UserError(f"unknown --inpaint-area {self.area!r}; use whole or masked")
+        if self.mask is None and self.outpaint is None:
+            raise UserError("inpainting needs a mask (--mask) or a border to paint (--outpaint)")
+        if self.mask_blur < 0:
+            raise UserError(f"--mask-blur must be 0 or more, got {self.mask_blur}")
+        if self.padding < 0:
+            raise UserError(f"--padding must be 0 or more, got {self.padding}")
+        if self.outpaint is not None and (len(self.outpaint) != 4 or min(self.outpaint) < 0 or max(self.outpaint) == 0):
+            raise UserError(f"outpaint takes (left, right, top, bottom) pixels >= 0, one of them > 0; got {self.outpaint}")
+
+    def generation_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(W, H) to generate at when none is given: "whole": the (outpainted) canvas floored to a
+        multiple of 64, as img2img's init image (the LDM UNet halves the latents three times);
+        "masked": 512 x 512, AUTOMATIC1111's default, the region being scaled to it."""
+        if self.area == "masked":
+            return 512, 512
+        left, right, top, bottom = self.outpaint or (0, 0, 0, 0)
+        width, height = image_size[0] + left + right, image_size[1] + top + bottom
+        if width < 64 or height < 64:
+            raise UserError(f"the image is {width}x{height}; inpainting needs at least 64x64")
+        return width - width % 64, height - height % 64
+
+
+def prepare_region(image: Image.Image, size: tuple[int, int], options: InpaintOptions) -> Region:
+    """Image + options -> the region to generate at `size` (W, H) and where it goes back.
+
+    The mask (read by `load_mask`, fitted to the image, inverted on request) is blurred by
+    `mask_blur` pixels; outpainting grows the canvas and adds the new border to the mask (the
+    user's mask, if any, still applies to the old image). "whole" generates the whole canvas resized
+    to `size`; "masked" the mask's padded bounding box resized to `size`."""
+    options.check()
+    image = image.convert("RGB")
+    user_mask = None
+    if options.mask is not None:
+        user_mask = fit_mask(load_mask(options.mask), image.size, options.invert_mask)
+        if options.outpaint is None:
+            check_mask(user_mask)
+        user_mask = blur_mask(user_mask, options.mask_blur)
+    if options.outpaint is not None:
+        canvas_image, soft = outpaint_canvas(image, options.outpaint, options.mask_blur)
+        if user_mask is not None:
+            placed = Image.new("L", canvas_image.size, 0)
+            placed.paste(user_mask, (options.outpaint[0], options.outpaint[2]))
+            soft = Image.fromarray(np.maximum(np.asarray(soft), np.asarray(placed)))
+    else:
+        assert user_mask is not None
+        canvas_image, soft = image, user_mask
+    box = crop_box(soft, options.padding, size) if options.area == "masked" else (0, 0, *canvas_image.size)
+    canvas = Canvas(canvas_image, soft, box)
+    region_image, region_mask = canvas_image.crop(box), soft.crop(box)
+    if region_image.size != size:
+        region_image, region_mask = region_image.resize(size, Image.LANCZOS), region_mask.resize(size, Image.LANCZOS)
+    return Region(region_image, region_mask, canvas)
