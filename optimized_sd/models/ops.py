@@ -14,7 +14,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
-class Linear(nn.Linear):
+class WeightOp:
+    """What both op modules share: no init, and the one place a weight becomes the tensor that computes.
+    Listed first among the bases so `nn.Linear`/`nn.Conv2d`'s constructors call this `reset_parameters`."""
+
+    weight: Tensor
+    bias: Tensor | None
+
     def reset_parameters(self) -> None:
         """Left uninitialised: checkpoint weights replace them."""
 
@@ -24,20 +30,13 @@ class Linear(nn.Linear):
     def compute_bias(self) -> Tensor | None:
         return self.bias
 
+
+class Linear(WeightOp, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(x, self.compute_weight(), self.compute_bias())
 
 
-class Conv2d(nn.Conv2d):
-    def reset_parameters(self) -> None:
-        """Left uninitialised: checkpoint weights replace them."""
-
-    def compute_weight(self) -> Tensor:
-        return self.weight
-
-    def compute_bias(self) -> Tensor | None:
-        return self.bias
-
+class Conv2d(WeightOp, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.compute_weight(), self.compute_bias())
 
