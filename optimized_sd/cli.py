@@ -70,7 +70,7 @@ def cli() -> None:
     """Low-VRAM Stable Diffusion 1.x: txt2img and img2img on small GPUs or the CPU."""
 
 
-def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75) -> None:
+def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, max_image_pixels: int | None = None) -> None:
     """Flags -> a Job and a loader; run it with a progress bar; print what was written."""
     from tqdm import tqdm
 
@@ -98,6 +98,7 @@ def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
         unet_batch=flags["unet_bs"],
         init_image=init_img,
         strength=strength,
+        max_image_pixels=max_image_pixels,
         output=OutputPolicy(
             outdir=flags["outdir"],
             fmt=flags["fmt"],
@@ -142,10 +143,16 @@ def txt2img(**flags) -> None:
 @cli.command()
 @click.option("--init-img", "init_img", type=click.Path(path_type=Path), required=True, help="Image to edit (any format PIL reads).")
 @click.option("--strength", type=float, default=0.75, show_default=True, help="How much may change: 0 keeps the image, 1 ignores it.")
+@click.option(
+    "--max-image-pixels",
+    "max_image_pixels",
+    type=int,
+    help="Refuse init images with more pixels (default: $OPTIMIZED_SD_MAX_IMAGE_PIXELS, else 89478485, PIL's limit).",
+)
 @generation_options("outputs/img2img-samples", None)
-def img2img(init_img: Path, strength: float, **flags) -> None:
+def img2img(init_img: Path, strength: float, max_image_pixels: int | None, **flags) -> None:
     """Edit an image guided by a prompt."""
-    run_from_flags(flags, init_img=init_img, strength=strength)
+    run_from_flags(flags, init_img=init_img, strength=strength, max_image_pixels=max_image_pixels)
 
 
 @cli.command()
