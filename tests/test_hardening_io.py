@@ -105,6 +105,9 @@ def init_image_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
     small = tmp_path / "small.png"
     Image.new("RGB", (64, 64)).save(small)
     cases["pixel limit flag"] = (small, ["--max-image-pixels", "1000"], "over the limit of 1,000")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    cases["FIFO"] = (fifo, [], "is not a regular file")  # opening it to read would block forever
     return cases
 
 
@@ -112,7 +115,7 @@ def init_image_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
     "case",
     [
         "broken PNG chunk", "unknown DDS pixel format", "truncated PNG", "decompression bomb",
-        "decompression bomb past PIL's hard limit", "pixel limit flag",
+        "decompression bomb past PIL's hard limit", "pixel limit flag", "FIFO",
     ],)
 def test_bad_init_image_is_one_line(capsys, base, tmp_path, case):
     path, extra, message = init_image_cases(tmp_path)[case]
@@ -356,7 +359,7 @@ def test_without_hard_links_the_name_is_still_never_replaced(tmp_path, monkeypat
 # -- memory: the CPU allocator's failure is an out-of-memory like CUDA's ---------------------------
 
 
-CPU_ALLOCATOR_ERROR = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes."
+CPU_ALLOCATOR_ERROR = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes"
 
 
 def test_cpu_allocation_failure_takes_the_fallback_ladder(tiny_model):

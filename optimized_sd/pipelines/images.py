@@ -14,7 +14,6 @@ from torch import Tensor
 from optimized_sd.errors import UserError
 from optimized_sd.pipelines.request import check_size
 
-
 MAX_IMAGE_PIXELS_ENV = "OPTIMIZED_SD_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default (about a 9459x9459 image: 256 MiB of RGBA)
 
@@ -44,6 +43,8 @@ def load_init_image(path: Path | str, height: int | None, width: int | None, max
     header, before it is decoded: PIL's DecompressionBombWarning is replaced by this check (same
     default limit, configurable), and PIL's own hard limit (twice its default) stays an error."""
     limit = max_image_pixels(max_pixels)
+    if Path(path).exists() and not Path(path).is_file():
+        raise UserError(f"init image {path} is not a regular file")  # a FIFO or a device would block the read
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below refuses it, with our limit

@@ -222,7 +222,13 @@ def save_encoded(image: Image.Image, folder: Path, stem: str, fmt: str, text: st
             write_exclusive(side, text.encode("utf-8"))
         except OSError as error:
             raise UserError(f"cannot write {side}: {error.strerror or error}") from None
-        log.warning("the parameters of %s need %d bytes of EXIF (a JPEG holds %d); they are in %s", path, too_long.args[0], JPEG_EXIF_LIMIT, side.name)
+        log.warning(
+            "the parameters of %s need %d bytes of EXIF (a JPEG holds %d); they are in %s",
+            path,
+            too_long.args[0],
+            JPEG_EXIF_LIMIT,
+            side.name,
+        )
         return [path, side]
 
 

@@ -67,7 +67,8 @@ def check_seeds(seed: int | None, count: int) -> None:
     if seed < 0 or seed > MAX_SEED:
         raise UserError(f"--seed {seed} must be between 0 and 2^64-1 ({MAX_SEED})")
     if seed + count - 1 > MAX_SEED:
-        raise UserError(f"--seed {seed}: its {count} images would use seeds past 2^64-1; the largest first seed for them is {MAX_SEED - count + 1}")
+        largest = MAX_SEED - count + 1
+        raise UserError(f"--seed {seed}: its {count} images would use seeds past 2^64-1; the largest first seed for them is {largest}")
 
 
 def check_numbers(**values: float) -> None:
