@@ -74,7 +74,7 @@ def cli() -> None:
 LOAD_OPTIONS = ("config", "ema", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer")
 
 
-def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None):
+def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None, max_image_pixels: int | None = None):
     """The generation flags as a Job (txt2img, img2img and batch's defaults)."""
     from optimized_sd.pipelines.job import Job, OutputPolicy
 
@@ -99,6 +99,7 @@ def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
         init_image=init_img,
         strength=strength,
         inpaint=inpaint,
+        max_image_pixels=max_image_pixels,
         output=OutputPolicy(
             outdir=flags["outdir"],
             fmt=flags["fmt"],
@@ -110,7 +111,9 @@ def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
     )
 
 
-def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None) -> None:
+def run_from_flags(
+    flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None, max_image_pixels: int | None = None
+) -> None:
     """Flags -> a Job and a loader; run it with a progress bar; print what was written."""
     from tqdm import tqdm
 
@@ -118,7 +121,7 @@ def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
     from optimized_sd.pipelines.job import JobStep, describe_memory, memory_mode, run_job
 
     memory = memory_mode(flags["memory"], flags["turbo"])
-    job = job_from_flags(flags, init_img, strength, inpaint)
+    job = job_from_flags(flags, init_img, strength, inpaint, max_image_pixels)
     bars: list[tqdm] = []  # one per batch, made at its first step, so an early error prints alone
 
     def progress(step: JobStep) -> None:
@@ -150,13 +153,22 @@ def txt2img(**flags) -> None:
     run_from_flags(flags)
 
 
+max_image_pixels_option = click.option(
+    "--max-image-pixels",
+    "max_image_pixels",
+    type=int,
+    help="Refuse init images with more pixels (default: $OPTIMIZED_SD_MAX_IMAGE_PIXELS, else 89478485, PIL's limit).",
+)
+
+
 @cli.command()
 @click.option("--init-img", "init_img", type=click.Path(path_type=Path), required=True, help="Image to edit (any format PIL reads).")
 @click.option("--strength", type=float, default=0.75, show_default=True, help="How much may change: 0 keeps the image, 1 ignores it.")
+@max_image_pixels_option
 @generation_options("outputs/img2img-samples", None)
-def img2img(init_img: Path, strength: float, **flags) -> None:
+def img2img(init_img: Path, strength: float, max_image_pixels: int | None, **flags) -> None:
     """Edit an image guided by a prompt."""
-    run_from_flags(flags, init_img=init_img, strength=strength)
+    run_from_flags(flags, init_img=init_img, strength=strength, max_image_pixels=max_image_pixels)
 
 
 NOT_FOR_BATCH = {"from_file": "--from-file", "skip_save": "--skip_save", "n_rows": "--n_rows", "report_json": "--report-json"}
@@ -258,13 +270,18 @@ def serve(**flags) -> None:
 @click.option("--inpaint-area", "inpaint_area", default="whole", show_default=True, help="whole, or masked: only the mask's box plus --padding, at --H/--W.")
 @click.option("--padding", type=int, default=32, show_default=True, help="Pixels around the mask's box for --inpaint-area masked.")
 @click.option("--outpaint", help="LEFT,RIGHT,TOP,BOTTOM: grow the canvas by these pixels and paint the new border.")
+@max_image_pixels_option
 @generation_options("outputs/inpaint-samples", None)
-def inpaint(init_img: Path, mask: Path | None, invert_mask: bool, mask_blur: float, strength: float, inpaint_area: str, padding: int, outpaint: str | None, **flags) -> None:
+def inpaint(
+    init_img: Path, mask: Path | None, invert_mask: bool, mask_blur: float, strength: float, inpaint_area: str, padding: int,
+    outpaint: str | None, max_image_pixels: int | None, **flags
+) -> None:
     """Repaint the masked part of an image, or paint a grown border (outpainting)."""
     from optimized_sd.pipelines.masks import InpaintOptions, parse_outpaint
 
     border = parse_outpaint(outpaint) if outpaint is not None else None
-    run_from_flags(flags, init_img=init_img, strength=strength, inpaint=InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, border))
+    options = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, border)
+    run_from_flags(flags, init_img=init_img, strength=strength, inpaint=options, max_image_pixels=max_image_pixels)
 
 
 @cli.command()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,32 +77,70 @@ class ModelConfig:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a plain dict (as written by `to_json`); lists become tuples."""
-
-        def build(kind: type, values: dict[str, Any]) -> Any:
-            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-        try:
-            top = {k: v for k, v in data.items() if k not in ("unet", "vae", "text")}
-            return cls(
-                unet=build(UNetConfig, data.get("unet", {})),
-                vae=build(VAEConfig, data.get("vae", {})),
-                text=build(TextEncoderConfig, data.get("text", {})),
-                **top,
-            )
-        except TypeError as error:
-            raise UserError(f"bad model config: {error}") from None
+    def from_dict(cls, data: Any) -> ModelConfig:
+        """Build from a plain dict (as written by `to_json`; missing fields keep their defaults), every
+        value checked against its field's type and range, so a bad file is one clear error, not a
+        failure deep inside model building."""
+        sections = {"unet": UNetConfig, "vae": VAEConfig, "text": TextEncoderConfig}
+        top = checked_fields(cls, data, "", skip=set(sections))
+        for name, kind in sections.items():
+            top[name] = kind(**checked_fields(kind, data.get(name, {}), f"{name}."))
+        return cls(**top)
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
         """Read a JSON config written by `to_json` (the `--config` override)."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            text = Path(path).read_bytes()[:MAX_CONFIG_BYTES + 1]
+            if len(text) > MAX_CONFIG_BYTES:
+                raise UserError(f"config {path} is over {MAX_CONFIG_BYTES // 1024} KB; a model config is a few hundred bytes")
+            return cls.from_dict(json.loads(text))
         except FileNotFoundError:
             raise UserError(f"config file not found: {path}") from None
-        except (OSError, ValueError) as error:
-            raise UserError(f"cannot read config {path}: {error}") from None
+        except (OSError, ValueError, RecursionError) as error:
+            raise UserError(f"cannot read config {path}: {str(error) or type(error).__name__}") from None
+
+
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_CONFIG_INT = 2**20  # no SD size or count comes near it; bigger ones would only allocate without end
+
+
+def checked_fields(kind: type, data: Any, prefix: str, skip: set[str] = frozenset()) -> dict[str, Any]:
+    """`data`'s entries for the dataclass `kind`, each of its field's type: ints (not bools) from 1 to
+    MAX_CONFIG_INT, finite positive floats, strings, non-empty lists of such ints (as tuples)."""
+    if not isinstance(data, dict):
+        raise UserError(f"bad model config: {prefix.rstrip('.') or 'the top level'} must be a JSON object")
+    hints = typing.get_type_hints(kind)
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in skip:
+            continue
+        if name not in hints:
+            raise UserError(f"bad model config: unknown field {prefix}{name}")
+        values[name] = checked_value(hints[name], value, f"{prefix}{name}")
+    return values
+
+
+def checked_value(hint: Any, value: Any, name: str) -> Any:
+    def whole(item: Any) -> int:
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= MAX_CONFIG_INT:
+            raise UserError(f"bad model config: {name} must be a whole number from 1 to {MAX_CONFIG_INT}, not {item!r}")
+        return item
+
+    if hint is int:
+        return whole(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise UserError(f"bad model config: {name} must be a positive number, not {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"bad model config: {name} must be a string, not {value!r}")
+        return value
+    # tuple[int, ...]
+    if not isinstance(value, list) or not value:
+        raise UserError(f"bad model config: {name} must be a non-empty list of whole numbers, not {value!r}")
+    return tuple(whole(item) for item in value)
 
 
 SD15 = ModelConfig()

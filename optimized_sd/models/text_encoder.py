@@ -80,7 +80,11 @@ def load_tokenizer(folder: Path | None) -> PromptTokenizer:
         folder = Path(folder)
         if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
             raise UserError(f"tokenizer folder {folder} must hold vocab.json and merges.txt")
-        return PromptTokenizer(CLIPTokenizer.from_pretrained(str(folder)))
+        try:
+            return PromptTokenizer(CLIPTokenizer.from_pretrained(str(folder)))
+        except Exception as error:  # noqa: BLE001 - the transformers boundary: any failure reading these files is a bad folder
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(f"cannot read the tokenizer in {folder} (vocab.json, merges.txt): {detail}") from None
     try:
         return PromptTokenizer(CLIPTokenizer.from_pretrained(HUB_TOKENIZER))
     except OSError:

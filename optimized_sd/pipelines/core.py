@@ -27,7 +27,7 @@ from optimized_sd.models.text_encoder import MAX_TOKENS
 from optimized_sd.models.vae import AutoencoderKL
 from optimized_sd.pipelines.images import image_to_tensor, tensor_to_image
 from optimized_sd.pipelines.output import ImageParameters
-from optimized_sd.pipelines.prompts import split_weighted_subprompts
+from optimized_sd.pipelines.prompts import prompt_mix
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_request
 from optimized_sd.sampling import (
     Conditioning,
@@ -92,12 +92,9 @@ def encode_prompt(pipe: StableDiffusion, prompt: str) -> Tensor:
     cut = pipe.tokenizer.truncated_text(prompt)
     if cut:
         log.warning("prompt longer than %d tokens; this part was cut: %s", MAX_TOKENS, cut)
-    parts, weights = split_weighted_subprompts(prompt)
-    if len(parts) <= 1:
-        parts, weights = [prompt], [1.0]
-    total = sum(weights)
+    parts, weights = prompt_mix(prompt)
     embeddings = pipe.model.cond_stage_model(pipe.tokenizer(parts).to(pipe.device)).float()
-    weight = torch.tensor(weights, device=pipe.device, dtype=torch.float32)[:, None, None] / total
+    weight = torch.tensor(weights, device=pipe.device, dtype=torch.float32)[:, None, None]
     return (embeddings * weight).sum(0, keepdim=True).to(pipe.dtype)
 
 
