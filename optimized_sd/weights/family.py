@@ -1,10 +1,14 @@
 """Tell a model family from a state dict's keys and shapes (a pure function; nothing is loaded).
 
-SD 1.x is recognised by structure, not by widths, so tiny test models pass too: LDM UNet keys with a
-4-channel `input_blocks.0.0` conv, cross-attention with a conv (4-D) `proj_in`, and a CLIP text
-encoder under `cond_stage_model.transformer.` whose width matches the UNet's context dim. Other
-Stable Diffusion families raise `UnsupportedModelError` naming the family; files that are not a
-whole SD checkpoint (a VAE, a LoRA, a diffusers component...) raise `CheckpointError` saying what
+Families are recognised by structure, not by widths, so tiny test models pass too:
+  SD 1.x        LDM UNet with a conv (4-D) `proj_in` and a CLIP text encoder `cond_stage_model.transformer.`;
+  SD 2.x        LDM UNet with a linear `proj_in` and an OpenCLIP text encoder `cond_stage_model.model.`;
+  SDXL          SGM layout: UNet with `label_emb`, `conditioner.embedders.0.transformer.` (CLIP ViT-L) and
+                `conditioner.embedders.1.model.` (OpenCLIP bigG);
+  SDXL refiner  SGM layout with `conditioner.embedders.0.model.` (bigG) alone.
+Each has a 4-channel `input_blocks.0.0` conv and a text width equal to the UNet's context dim. Other
+models raise `UnsupportedModelError` naming what they are (SD3, Flux, inpainting...); files that are
+not a whole checkpoint (a VAE, a LoRA, a diffusers component...) raise `CheckpointError` saying what
 they look like.
 """
 
@@ -16,6 +20,9 @@ from optimized_sd.errors import CheckpointError, UnsupportedModelError
 
 __all__ = [
     "SD1",
+    "SD2",
+    "SDXL",
+    "SDXL_REFINER",
     "PARTS",
     "SCHEDULE_BUFFERS",
     "detect_family",
@@ -24,17 +31,22 @@ __all__ = [
 ]
 
 SD1 = "sd1"
+SD2 = "sd2"
+SDXL = "sdxl"
+SDXL_REFINER = "sdxl_refiner"
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+EMBEDDERS_PREFIX = "conditioner.embedders."
 
 # Display name -> key prefix of each part of an LDM checkpoint.
 PARTS: dict[str, str] = {
     "UNet": UNET_PREFIX,
     "VAE": VAE_PREFIX,
     "text encoder": "cond_stage_model.",
+    "text encoders": "conditioner.",
 }
 
 # DDPM schedule buffers CompVis's LatentDiffusion registers (recomputed from the config at load).
@@ -72,11 +84,17 @@ _LIGHTNING_KEYS = frozenset(
     }
 )
 
-_POSITION_IDS = frozenset(
-    {
-        CLIP_PREFIX + "text_model.embeddings.position_ids",
-        CLIP_PREFIX + "embeddings.position_ids",
-    }
+_TEXT_PREFIXES = ("cond_stage_model.", "conditioner.")
+
+# Other diffusion architectures, by a key only they have (the telltales diffusers' single-file loader uses).
+_OTHER_ARCHITECTURES = (
+    ("joint_blocks.0.context_block.", "a Stable Diffusion 3 (MMDiT) model"),
+    ("double_blocks.0.img_attn.", "a Flux model"),
+    ("clip_txt_mapper.", "a Stable Cascade stage C model"),
+    ("down_blocks.1.0.channelwise.", "a Stable Cascade stage B model"),
+    ("t_block.", "a PixArt (DiT) model"),
+    ("add_embedding.image_norm.", "a Kandinsky 2.x UNet"),
+    ("encoder_hid_proj.image_embeds.", "a Kandinsky 2.x UNet"),
 )
 
 
@@ -87,7 +105,9 @@ def known_extra_key(key: str) -> str | None:
       "schedule buffer"  DDPM buffers (`betas`, `alphas_cumprod`, ..., `logvar`), rebuilt from the config;
       "EMA"              `model_ema.*`: the decay/num_updates counters and, in non-pruned files, the
                          EMA copy of the UNet under dot-less names;
-      "position_ids"     the CLIP text model's int64 `embeddings.position_ids` buffer (either key form);
+      "position_ids"     a CLIP text model's int64 `embeddings.position_ids` buffer (any tower, any key form);
+      "logit_scale"      OpenCLIP's contrastive-loss temperature, unused for text conditioning;
+      "v_pred marker"    the empty `v_pred` key some SD 2.x v files carry to say their prediction type;
       "training loss"    `first_stage_model.loss.*` (the VAE's discriminator/LPIPS, unused at inference);
       "lightning"        Lightning's top-level entries (`epoch`, `global_step`, ...).
     The strict loader treats these as expected leftovers; any other unexpected key is reported.
@@ -96,8 +116,12 @@ def known_extra_key(key: str) -> str | None:
         return "schedule buffer"
     if key.startswith("model_ema."):
         return "EMA"
-    if key in _POSITION_IDS:
+    if key.startswith(_TEXT_PREFIXES) and key.endswith("embeddings.position_ids"):
         return "position_ids"
+    if key.startswith(_TEXT_PREFIXES) and key.endswith(".logit_scale"):
+        return "logit_scale"
+    if key == "v_pred":
+        return "v_pred marker"
     if key.startswith(VAE_PREFIX + "loss."):
         return "training loss"
     if key in _LIGHTNING_KEYS:
@@ -124,21 +148,18 @@ def _any_contains(keys: Iterable[str], *parts: str) -> bool:
 
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """The model family of a state dict given as key -> shape: "sd1", or an error saying what it is.
+    """The model family of a state dict given as key -> shape: "sd1", "sd2", "sdxl" or "sdxl_refiner",
+    or an error saying what it is.
 
-    Raises UnsupportedModelError for SD 2.x, SDXL, inpainting and other SD variants, and
+    Raises UnsupportedModelError for other diffusion models (SD3, Flux, inpainting, unCLIP...), and
     CheckpointError for things that are not a whole SD checkpoint.
     """
     keys = list(shapes)
     if not keys:
         raise CheckpointError("the state dict is empty: no tensors to identify")
-
-    if _any_prefix(keys, "conditioner.embedders."):
-        clip_l = _any_prefix(keys, "conditioner.embedders.0.transformer.")
-        kind = "SDXL base" if clip_l else "SDXL refiner"
-        raise UnsupportedModelError(
-            f"this is an {kind} model (conditioner.embedders.* keys); optimized-sd runs SD 1.x only"
-        )
+    for telltale, what in _OTHER_ARCHITECTURES:
+        if any(k.startswith(telltale) or "." + telltale in k for k in keys):
+            raise UnsupportedModelError(f"this is {what} ({telltale}* keys); {RUNS}")
     if _any_prefix(keys, "control_model."):
         raise CheckpointError(
             "this looks like a ControlNet (control_model.* keys), not a Stable Diffusion checkpoint"
@@ -147,11 +168,75 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
     unet_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if unet_in is None:
         raise CheckpointError(_describe_non_sd(keys))
+    if _any_prefix(keys, EMBEDDERS_PREFIX):
+        return _classify_sgm(shapes, keys, tuple(unet_in))
     return _classify_ldm(shapes, keys, tuple(unet_in))
 
 
+RUNS = "optimized-sd runs SD 1.x, SD 2.x and SDXL text-to-image models"
+
+
+def _context_dim(shapes: Mapping[str, tuple[int, ...]], keys: list[str]) -> int | None:
+    """The UNet's cross-attention context width, from any `attn2.to_k` weight."""
+    for key in keys:
+        if key.startswith(UNET_PREFIX) and key.endswith(".attn2.to_k.weight") and len(shapes[key]) == 2:
+            return shapes[key][1]
+    return None
+
+
+def _refuse_other_inputs(family: str, in_channels: int, keys: list[str]) -> None:
+    """A UNet taking other than 4 latent channels is an inpainting/depth/upscaler/pix2pix variant."""
+    if in_channels == 4:
+        return
+    if in_channels == 9:
+        kind = f"{family} inpainting"
+    elif in_channels == 5 and _any_prefix(keys, "depth_model."):
+        kind = "SD 2.x depth-to-image"
+    elif in_channels == 7 and _any_prefix(keys, "low_scale_model."):
+        kind = "SD 2.x x4 upscaler"
+    elif in_channels == 8:
+        kind = f"InstructPix2Pix ({family})"
+    else:
+        kind = f"{family}-style model with a {in_channels}-channel UNet input"
+    raise UnsupportedModelError(
+        f"this is an {kind} model (UNet input_blocks.0.0 takes {in_channels} channels, not 4); {RUNS}"
+    )
+
+
+def _check_context(context: int | None, width: int | None, towers: str) -> None:
+    if context is not None and width is not None and context != width:
+        raise CheckpointError(
+            f"the UNet's cross-attention context dim is {context} but the {towers} {width} wide; "
+            "the parts do not belong together"
+        )
+
+
+def _openclip_width(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int | None:
+    shape = shapes.get(prefix + "ln_final.weight")
+    return shape[0] if shape else None
+
+
+def _classify_sgm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_in: tuple[int, ...]) -> str:
+    """Classify an SGM-layout state dict (`conditioner.embedders.*`): SDXL base or refiner."""
+    clip_l = _any_prefix(keys, EMBEDDERS_PREFIX + "0.transformer.")
+    big_g = EMBEDDERS_PREFIX + ("1.model." if clip_l else "0.model.")
+    family, kind = (SDXL, "SDXL") if clip_l else (SDXL_REFINER, "SDXL refiner")
+    if len(unet_in) != 4:
+        raise CheckpointError(f"{UNET_PREFIX}input_blocks.0.0.weight has shape {unet_in}; expected a 4-D conv weight")
+    _refuse_other_inputs(kind, unet_in[1], keys)
+    if not _any_prefix(keys, big_g):
+        raise CheckpointError(f"this {kind} checkpoint has no OpenCLIP bigG text encoder ({big_g}* keys)")
+    if not _any_prefix(keys, UNET_PREFIX + "label_emb."):
+        raise CheckpointError(f"this {kind} checkpoint's UNet has no label_emb (the pooled-text and size conditioning)")
+    width = _openclip_width(shapes, big_g) or 0
+    if clip_l:
+        width += _clip_width(shapes, EMBEDDERS_PREFIX + "0.transformer.") or 0
+    _check_context(_context_dim(shapes, keys), width or None, "text encoders together are")
+    return family
+
+
 def _classify_ldm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_in: tuple[int, ...]) -> str:
-    """Classify a state dict that has an LDM UNet (`model.diffusion_model.*`)."""
+    """Classify a state dict that has an LDM UNet (`model.diffusion_model.*`): SD 1.x or SD 2.x."""
     if len(unet_in) != 4:
         raise CheckpointError(
             f"{UNET_PREFIX}input_blocks.0.0.weight has shape {unet_in}; expected a 4-D conv weight"
@@ -162,75 +247,44 @@ def _classify_ldm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_i
     proj_in_dims = {
         len(shapes[k]) for k in keys if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight")
     }
-    context_dims = [
-        shapes[k][1]
-        for k in keys
-        if k.startswith(UNET_PREFIX) and k.endswith(".attn2.to_k.weight") and len(shapes[k]) == 2
-    ]
-    context = context_dims[0] if context_dims else None
+    context = _context_dim(shapes, keys)
 
     is_v2 = has_openclip or 2 in proj_in_dims or (context == 1024 and not has_clip)
     family = "SD 2.x" if is_v2 else "SD 1.x"
-    why = []
-    if has_openclip:
-        why.append("OpenCLIP text encoder cond_stage_model.model.*")
-    if 2 in proj_in_dims:
-        why.append("linear proj_in")
-    if context is not None and is_v2:
-        why.append(f"context dim {context}")
-    because = f" ({', '.join(why)})" if why else ""
 
     if _any_prefix(keys, UNET_PREFIX + "label_emb."):
         if _any_prefix(keys, "embedder.", "noise_augmentor."):
-            raise UnsupportedModelError(
-                "this is an SD 2.x unCLIP model (label_emb, image embedder keys); "
-                "optimized-sd runs SD 1.x only"
-            )
+            raise UnsupportedModelError(f"this is an SD 2.x unCLIP model (label_emb, image embedder keys); {RUNS}")
         raise UnsupportedModelError(
-            "this UNet has a class/label embedding (model.diffusion_model.label_emb, as in SDXL); "
-            "optimized-sd runs SD 1.x only"
+            "this UNet has a class/label embedding (model.diffusion_model.label_emb) but no SDXL "
+            f"conditioner.embedders.* text encoders; {RUNS}"
         )
-    if in_channels != 4:
-        if in_channels == 9:
-            kind = f"{family} inpainting"
-        elif in_channels == 5 and _any_prefix(keys, "depth_model."):
-            kind = "SD 2.x depth-to-image"
-        elif in_channels == 7 and _any_prefix(keys, "low_scale_model."):
-            kind = "SD 2.x x4 upscaler"
-        elif in_channels == 8:
-            kind = f"InstructPix2Pix ({family})"
-        else:
-            kind = f"{family}-style model with a {in_channels}-channel UNet input"
-        raise UnsupportedModelError(
-            f"this is an {kind} model (UNet input_blocks.0.0 takes {in_channels} channels, "
-            "not 4); optimized-sd runs SD 1.x text-to-image models only"
+    _refuse_other_inputs(family, in_channels, keys)
+    if not proj_in_dims:
+        raise CheckpointError(
+            "this LDM UNet has no cross-attention (no *.proj_in.weight keys); not a Stable Diffusion UNet"
         )
     if is_v2:
-        raise UnsupportedModelError(
-            f"this is an SD 2.x model{because}; optimized-sd runs SD 1.x only"
-        )
+        if not has_openclip:
+            raise CheckpointError(
+                "this has an SD 2.x UNet but no OpenCLIP text encoder (no cond_stage_model.model.* keys); "
+                "a UNet-only file is not a whole SD 2.x checkpoint"
+            )
+        _check_context(context, _openclip_width(shapes, OPENCLIP_PREFIX), "OpenCLIP text encoder is")
+        return SD2
     if not has_clip:
         raise CheckpointError(
             "this has an LDM UNet but no CLIP text encoder (no cond_stage_model.transformer.* keys); "
             "a UNet-only file is not a whole SD 1.x checkpoint"
         )
-    if not proj_in_dims:
-        raise CheckpointError(
-            "this LDM UNet has no cross-attention (no *.proj_in.weight keys); not a Stable Diffusion UNet"
-        )
-    width = _clip_width(shapes)
-    if context is not None and width is not None and context != width:
-        raise CheckpointError(
-            f"the UNet's cross-attention context dim is {context} but the CLIP text encoder is "
-            f"{width} wide; the parts do not belong together"
-        )
+    _check_context(context, _clip_width(shapes), "CLIP text encoder is")
     return SD1
 
 
-def _clip_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
-    """Hidden width of the LDM CLIP text encoder, from its final layer norm (either key form)."""
+def _clip_width(shapes: Mapping[str, tuple[int, ...]], prefix: str = CLIP_PREFIX) -> int | None:
+    """Hidden width of a CLIP text encoder under `prefix`, from its final layer norm (either key form)."""
     for inner in ("text_model.", ""):
-        shape = shapes.get(f"{CLIP_PREFIX}{inner}final_layer_norm.weight")
+        shape = shapes.get(f"{prefix}{inner}final_layer_norm.weight")
         if shape:
             return shape[0]
     return None
@@ -264,7 +318,7 @@ def _describe_non_sd(keys: list[str]) -> str:
     has_vae = _any_prefix(keys, VAE_PREFIX) or _any_prefix(
         keys, "encoder.down.", "decoder.up.", "encoder.conv_in.", "decoder.conv_out.", "quant_conv."
     )
-    has_te = _any_prefix(keys, CLIP_PREFIX, OPENCLIP_PREFIX)
+    has_te = _any_prefix(keys, CLIP_PREFIX, OPENCLIP_PREFIX, EMBEDDERS_PREFIX)
     if has_vae and not has_te:
         return "this is a VAE alone, not a whole Stable Diffusion checkpoint"
     if has_te and not has_vae:

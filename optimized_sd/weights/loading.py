@@ -9,19 +9,22 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from optimized_sd.config import ModelConfig
+from optimized_sd.config import FAMILY_NAMES, ModelConfig
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.family import CLIP_PREFIX as TEXT_PREFIX
-from optimized_sd.weights.family import UNET_PREFIX, VAE_PREFIX
-from optimized_sd.weights.infer import indices, infer_config
-from optimized_sd.weights.keymap import rename, unet_prefixes, vae_prefixes
+from optimized_sd.weights.family import EMBEDDERS_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from optimized_sd.weights.infer import indices, infer_config, unused_keys
+from optimized_sd.weights.keymap import openclip_recipes, rename, unet_prefixes, vae_prefixes
 from optimized_sd.weights.sources import (
     ChainSource,
+    ComputedSource,
     DictSource,
     RenamedSource,
     SafetensorsSource,
     TensorSource,
 )
+
+CLIP_TOWER_PREFIXES = (TEXT_PREFIX, EMBEDDERS_PREFIX + "0.transformer.")  # SD 1.x's and SDXL's CLIP ViT-L
 
 DIFFUSERS_WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
@@ -73,25 +76,56 @@ def unet_config_from_diffusers(source: TensorSource):
     return UNetConfig(num_res_blocks=len(res), channel_mult=tuple(1 for _ in levels), attention_resolutions=attention)
 
 
+def read_json(path: Path) -> dict:
+    """A diffusers config file as a dict ({} when absent or unreadable: shapes then decide)."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def diffusers_text_sources(folder: Path) -> list[TensorSource]:
+    """A diffusers folder's text encoder(s) under their LDM/SGM names, by family:
+    SD 1.x `text_encoder` (CLIP, quick GELU) -> `cond_stage_model.transformer.`;
+    SD 2.x `text_encoder` (OpenCLIP ViT-H saved as CLIP, exact GELU) -> `cond_stage_model.model.`;
+    SDXL `text_encoder` + `text_encoder_2` -> `conditioner.embedders.0.transformer.` + `.1.model.`;
+    SDXL refiner `text_encoder_2` alone -> `conditioner.embedders.0.model.`."""
+    first, second = folder / "text_encoder", folder / "text_encoder_2"
+    if second.is_dir():
+        big_g = open_weight_file(find_weight_file(second))
+        if not first.is_dir():
+            return [ComputedSource(big_g, openclip_recipes(big_g.keys(), EMBEDDERS_PREFIX + "0.model."))]
+        clip_l = open_weight_file(find_weight_file(first))
+        return [
+            RenamedSource(clip_l, {EMBEDDERS_PREFIX + "0.transformer." + key: key for key in clip_l.keys()}),
+            ComputedSource(big_g, openclip_recipes(big_g.keys(), EMBEDDERS_PREFIX + "1.model.")),
+        ]
+    if not first.is_dir():
+        raise CheckpointError(f"{folder} is not a diffusers model folder: it has no text_encoder/ subfolder")
+    text = open_weight_file(find_weight_file(first))
+    if read_json(first / "config.json").get("hidden_act") == "gelu":  # OpenCLIP's exact GELU: SD 2.x
+        return [ComputedSource(text, openclip_recipes(text.keys(), OPENCLIP_PREFIX))]
+    return [RenamedSource(text, {TEXT_PREFIX + key: key for key in text.keys()})]
+
+
 def open_diffusers_folder(folder: Path) -> Checkpoint:
-    """`unet/`, `vae/`, `text_encoder/` (and `tokenizer/`) of a diffusers model, renamed to LDM keys."""
+    """`unet/`, `vae/`, `text_encoder/` (and `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`) of a
+    diffusers model, renamed to LDM/SGM keys."""
     from optimized_sd.config import VAEConfig
 
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae"):
         if not (folder / part).is_dir():
             raise CheckpointError(f"{folder} is not a diffusers model folder: it has no {part}/ subfolder")
     unet = open_weight_file(find_weight_file(folder / "unet"))
     vae = open_weight_file(find_weight_file(folder / "vae"))
-    text = open_weight_file(find_weight_file(folder / "text_encoder"))
     unet_names = rename(unet.keys(), unet_prefixes(unet_config_from_diffusers(unet)), UNET_PREFIX)
     vae_levels = indices(vae.shapes(), r"encoder\.down_blocks\.(\d+)\.")
     vae_res = indices(vae.shapes(), r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
     vae_table = vae_prefixes(VAEConfig(ch_mult=tuple(1 for _ in vae_levels), num_res_blocks=len(vae_res)))
     vae_names = rename(vae.keys(), vae_table, VAE_PREFIX)
-    text_names = {TEXT_PREFIX + key: key for key in text.keys()}
-    source = ChainSource(
-        [RenamedSource(unet, unet_names), RenamedSource(vae, vae_names), RenamedSource(text, text_names)]
-    )
+    source = ChainSource([RenamedSource(unet, unet_names), RenamedSource(vae, vae_names), *diffusers_text_sources(folder)])
     tokenizer = folder / "tokenizer"
     return Checkpoint(source, folder, tokenizer if tokenizer.is_dir() else None)
 
@@ -124,18 +158,22 @@ def ema_source(source: TensorSource) -> TensorSource:
 
 
 def align_text_keys(source: TensorSource, model_keys: set[str]) -> TensorSource:
-    """CLIP keys come with or without `text_model.` depending on the transformers version that saved
-    them; map each to whichever form this transformers' module uses."""
-    names: dict[str, str] = {}
+    """Text-tower keys in the form this model's modules use: CLIP keys come with or without `text_model.`
+    depending on the transformers version that saved them; OpenCLIP's projection comes as open_clip's
+    `text_projection` or as the Linear `text_projection.weight` (transposed) diffusers' script writes."""
+    recipes: dict[str, tuple[str, tuple[str, ...]]] = {}
     for key in source.keys():
-        target = key
-        if key.startswith(TEXT_PREFIX) and key not in model_keys:
-            rest = key[len(TEXT_PREFIX) :]
+        target, op = key, "same"
+        prefix = next((p for p in CLIP_TOWER_PREFIXES if key.startswith(p)), None)
+        if prefix is not None and key not in model_keys:
+            rest = key[len(prefix) :]
             flipped = rest[len("text_model.") :] if rest.startswith("text_model.") else "text_model." + rest
-            if TEXT_PREFIX + flipped in model_keys:
-                target = TEXT_PREFIX + flipped
-        names[target] = key
-    return RenamedSource(source, names)
+            if prefix + flipped in model_keys:
+                target = prefix + flipped
+        elif key.endswith(".model.text_projection.weight") and key[: -len(".weight")] in model_keys:
+            target, op = key[: -len(".weight")], "transpose"
+        recipes[target] = (op, (key,))
+    return ComputedSource(source, recipes)
 
 
 @dataclass
@@ -175,8 +213,11 @@ def fits(file_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> bool:
     )
 
 
-def check_keys(source: TensorSource, expected: dict[str, tuple[int, ...]]) -> LoadReport:
-    """Compare a source with the model's parameter shapes, LDM names on both sides."""
+def check_keys(
+    source: TensorSource, expected: dict[str, tuple[int, ...]], unused: dict[str, str] | None = None
+) -> LoadReport:
+    """Compare a source with the model's parameter shapes, LDM names on both sides. `unused` maps key
+    prefixes the family carries but never runs to a reason (counted as known extras)."""
     from optimized_sd.weights.family import known_extra_key
 
     report = LoadReport()
@@ -189,7 +230,7 @@ def check_keys(source: TensorSource, expected: dict[str, tuple[int, ...]]) -> Lo
     for key in source.keys():
         if key in expected:
             continue
-        reason = known_extra_key(key)
+        reason = known_extra_key(key) or next((why for prefix, why in (unused or {}).items() if key.startswith(prefix)), None)
         if reason:
             report.known_extras[reason] = report.known_extras.get(reason, 0) + 1
         else:
@@ -217,18 +258,19 @@ def prepare_model(path: Path | str, *, config: ModelConfig | None = None, ema: b
     checkpoint = open_checkpoint(path)
     source = checkpoint.source
     shapes = source.shapes()
-    detect_family(shapes)
+    family = detect_family(shapes)
     if ema:
         source = ema_source(source)
         shapes = source.shapes()
-    config = config or infer_config(shapes)
+    config = config or infer_config(shapes, family)
     with torch.device("meta"):
         model = LatentDiffusion(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     source = align_text_keys(source, set(expected))
-    report = check_keys(source, expected)
+    report = check_keys(source, expected, unused_keys(shapes, config))
     if not report.ok:
-        raise CheckpointError(f"{checkpoint.path} does not match an SD 1.x model: {report.summary()}")
+        name = FAMILY_NAMES.get(config.family, config.family)
+        raise CheckpointError(f"{checkpoint.path} does not match an {name} model: {report.summary()}")
     return LoadedModel(model, config, checkpoint, source, report)
 
 
