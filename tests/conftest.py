@@ -104,3 +104,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     safetensors_path, ckpt_path = root / "tiny.safetensors", root / "tiny.ckpt"
     write_ldm_files(folder, safetensors_path, ckpt_path)
     return TinyModel(folder, safetensors_path, ckpt_path, tokenizer, unet, vae, text)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny SD 2.x v-prediction model: diffusers folder plus "converted" and "real" single files."""
+    from family_models import build_sd2
+
+    return build_sd2(tmp_path_factory.mktemp("tiny-sd2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny SDXL base model: diffusers folder plus "converted" and "real" single files."""
+    from family_models import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))

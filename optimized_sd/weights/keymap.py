@@ -28,6 +28,8 @@ def unet_prefixes(config: UNetConfig) -> dict[str, tuple[str, dict[str, str]]]:
     table: dict[str, tuple[str, dict[str, str]]] = {
         "time_embedding.linear_1.": ("time_embed.0.", {}),
         "time_embedding.linear_2.": ("time_embed.2.", {}),
+        "add_embedding.linear_1.": ("label_emb.0.0.", {}),  # SDXL's pooled-text and size conditioning
+        "add_embedding.linear_2.": ("label_emb.0.2.", {}),
         "conv_in.": ("input_blocks.0.0.", {}),
         "conv_norm_out.": ("out.0.", {}),
         "conv_out.": ("out.2.", {}),
@@ -111,23 +113,25 @@ def rename(keys: Iterable[str], prefixes: dict[str, tuple[str, dict[str, str]]],
 
 
 CLIP_TO_OPENCLIP = (
-    ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
-    ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
-    ("text_model.final_layer_norm.", "ln_final."),
-    ("text_model.encoder.layers.", "transformer.resblocks."),
+    ("embeddings.token_embedding.weight", "token_embedding.weight"),
+    ("embeddings.position_embedding.weight", "positional_embedding"),
+    ("final_layer_norm.", "ln_final."),
+    ("encoder.layers.", "transformer.resblocks."),
     (".self_attn.out_proj.", ".attn.out_proj."),
     (".layer_norm1.", ".ln_1."),
     (".layer_norm2.", ".ln_2."),
     (".mlp.fc1.", ".mlp.c_fc."),
     (".mlp.fc2.", ".mlp.c_proj."),
 )
-"""transformers CLIP text model names -> open_clip names, applied in order (as diffusers' conversion scripts)."""
+"""transformers CLIP text model names (less `text_model.`) -> open_clip names, applied in order, as diffusers'
+conversion scripts do."""
 
 
 def openclip_recipes(keys: Iterable[str], prefix: str) -> dict[str, tuple[str, tuple[str, ...]]]:
     """OpenCLIP name (under `prefix`) -> recipe over a diffusers `CLIPTextModel(WithProjection)`'s keys:
     q/k/v projections fused into `attn.in_proj_*` (q, k, v order, as `nn.MultiheadAttention`), the Linear
-    `text_projection.weight` transposed into open_clip's `text_projection` (x @ P). position_ids is dropped."""
+    `text_projection.weight` transposed into open_clip's `text_projection` (x @ P). position_ids is dropped.
+    Keys may carry `text_model.` or not (transformers versions differ)."""
     recipes: dict[str, tuple[str, tuple[str, ...]]] = {}
     present = set(keys)
     for key in present:
@@ -148,6 +152,7 @@ def openclip_recipes(keys: Iterable[str], prefix: str) -> dict[str, tuple[str, t
 
 
 def _openclip_name(name: str) -> str:
+    name = name.removeprefix("text_model.")
     for old, new in CLIP_TO_OPENCLIP:
         name = name.replace(old, new)
     return name
