@@ -115,7 +115,8 @@ class ModelConfig:
     timesteps: int = 1000
     family: str = "sd1"
     open_clip: OpenCLIPConfig | None = None
-    prediction: str = "eps"  # "eps" or "v" (SD 2.x 768-v)
+    # What the UNet predicts ("epsilon", "v_prediction": diffusers' names); SD 2.x 768-v predicts v.
+    prediction_type: str = "epsilon"
 
     @property
     def family_name(self) -> str:
@@ -163,7 +164,7 @@ SD2_UNET = UNetConfig(num_head_channels=64, use_linear_in_transformer=True, cont
 SD21_BASE = ModelConfig(unet=SD2_UNET, text=None, open_clip=OpenCLIPConfig(), family="sd2")
 """SD 2.x 512 base (eps): OpenCLIP ViT-H run to its 23rd of 24 layers, then the final norm."""
 
-SD21_V = replace(SD21_BASE, prediction="v")
+SD21_V = replace(SD21_BASE, prediction_type="v_prediction")
 """SD 2.x 768-v: the same networks, trained to predict v."""
 
 SDXL_BASE = ModelConfig(

@@ -112,3 +112,66 @@ def test_unet_refuses_missing_or_unexpected_y(tiny_sdxl, tiny_sd2):
     sdxl = loaded_model(tiny_sdxl, "real").model.model.diffusion_model
     with pytest.raises(ValueError, match="label_emb"):
         sdxl(torch.randn(1, 4, 8, 8), torch.tensor([1.0]), torch.randn(1, 77, 96))
+
+
+def diffusers_sdxl(model, scheduler=None):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    return StableDiffusionXLPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoders[0],
+        text_encoder_2=model.text_encoders[1],
+        tokenizer=CLIPTokenizer.from_pretrained(str(model.folder / "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(model.folder / "tokenizer_2")),
+        unet=model.unet,
+        scheduler=scheduler or EulerDiscreteScheduler.from_pretrained(str(model.folder / "scheduler")),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def prompt_encoder(model, layout: str):
+    from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
+
+    loaded = loaded_model(model, layout)
+    folder = model.folder if layout == "folder" else None
+    override = None if layout == "folder" else model.tokenizer  # a single file takes --tokenizer for every tower
+    tokenizers = load_tower_tokenizers(loaded.config, folder, override)
+    return PromptEncoder(loaded.model, tokenizers, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["folder", "real"])
+@torch.inference_mode()
+def test_sdxl_prompt_conditioning_matches_diffusers(tiny_sdxl, layout):
+    """Context, pooled vector and `y` for a prompt, and zeros for an empty negative prompt (SDXL base)."""
+    encoder = prompt_encoder(tiny_sdxl, layout)
+    pipe = diffusers_sdxl(tiny_sdxl)
+    # diffusers zeroes the negative side when no negative prompt is given (None); ours when it is empty
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a red cube", device="cpu", negative_prompt=None)
+    context, y = encoder.conditioning("a red cube", 64, 96)
+    assert max_diff(context, embeds) <= TOLERANCE
+    assert max_diff(y, size_conditioning(pooled, (64, 96, 0, 0, 64, 96))) <= TOLERANCE
+    assert y.shape == (1, 64 + 6 * 256)
+    uncond_context, uncond_y = encoder.conditioning("", 64, 96, negative=True)
+    assert torch.count_nonzero(negative) == 0 and torch.count_nonzero(negative_pooled) == 0
+    assert torch.count_nonzero(uncond_context) == 0 and torch.count_nonzero(uncond_y[:, :64]) == 0
+    _, negative, _, negative_pooled = pipe.encode_prompt("a", device="cpu", negative_prompt="blurry")
+    uncond_context, uncond_y = encoder.conditioning("blurry", 64, 96, negative=True)
+    assert max_diff(uncond_context, negative) <= TOLERANCE and max_diff(uncond_y[:, :64], negative_pooled) <= TOLERANCE
+
+
+@pytest.mark.parametrize("layout", ["folder", "converted"])
+@torch.inference_mode()
+def test_sd2_prompt_conditioning_matches_diffusers(tiny_sd2, layout):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    encoder = prompt_encoder(tiny_sd2, layout)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_sd2.vae, text_encoder=tiny_sd2.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(str(tiny_sd2.tokenizer)),
+        unet=tiny_sd2.unet, scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    embeds, negative = pipe.encode_prompt("a red cube", "cpu", 1, True, negative_prompt="")
+    context, y = encoder.conditioning("a red cube", 64, 64)
+    assert y is None and max_diff(context, embeds) <= TOLERANCE
+    assert max_diff(encoder.conditioning("", 64, 64, negative=True)[0], negative) <= TOLERANCE  # SD 2.x encodes ""
