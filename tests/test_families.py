@@ -175,3 +175,59 @@ def test_sd2_prompt_conditioning_matches_diffusers(tiny_sd2, layout):
     context, y = encoder.conditioning("a red cube", 64, 64)
     assert y is None and max_diff(context, embeds) <= TOLERANCE
     assert max_diff(encoder.conditioning("", 64, 64, negative=True)[0], negative) <= TOLERANCE  # SD 2.x encodes ""
+
+
+# -- prediction type ------------------------------------------------------------------------------
+def test_prediction_auto_reads_what_the_file_states(tiny_sd2, tmp_path):
+    from optimized_sd.weights.prediction import resolve_prediction
+
+    assert resolve_prediction("auto", "sd2", tiny_sd2.folder, set(), None) == ("v_prediction", "scheduler_config.json")
+    file = tiny_sd2.files["real"]
+    assert resolve_prediction("auto", "sd2", file, {"v_pred"}, None) == ("v_prediction", "v_pred key")
+    assert resolve_prediction("auto", "sd2", file, set(), {"modelspec.prediction_type": "v"})[0] == "v_prediction"
+    assert resolve_prediction("auto", "sd2", file, set(), None) == ("epsilon", "family default")
+    assert resolve_prediction("auto", "sd2", tmp_path / "v2-1_768-ema-pruned.safetensors", set(), None)[0] == "v_prediction"
+    assert resolve_prediction("auto", "sdxl", tmp_path / "sdxl_768.safetensors", set(), None) == ("epsilon", "family default")
+    assert resolve_prediction("eps", "sd2", tiny_sd2.folder, set(), None) == ("epsilon", "--prediction")
+
+
+def test_prediction_v_on_an_eps_family_warns(caplog):
+    from pathlib import Path
+
+    from optimized_sd.errors import UserError
+    from optimized_sd.weights.prediction import resolve_prediction
+
+    assert resolve_prediction("v", "sd1", Path("x.ckpt"), set(), None)[0] == "v_prediction"
+    assert "predict eps" in caplog.text
+    with pytest.raises(UserError, match="choose one of auto, eps, v"):
+        resolve_prediction("x", "sd1", Path("x.ckpt"), set(), None)
+
+
+# -- --vae FILE -----------------------------------------------------------------------------------
+def test_vae_file_replaces_the_checkpoints(tiny_sdxl, tiny_model, tmp_path):
+    """An SD 1.x VAE on SDXL (same shapes: allowed), in LDM keys without prefix and as diffusers keys."""
+    from safetensors.torch import save_file
+
+    sd1 = prepare_model(tiny_model.safetensors).source
+    ldm = {k[len("first_stage_model."):]: sd1.get(k).clone() for k in sd1.keys() if k.startswith("first_stage_model.")}
+    save_file(ldm, str(tmp_path / "vae-ldm.safetensors"))
+    save_file({k: v.contiguous() for k, v in tiny_model.vae.state_dict().items()}, str(tmp_path / "vae-diffusers.safetensors"))
+    for name in ("vae-ldm.safetensors", "vae-diffusers.safetensors"):
+        loaded = prepare_model(tiny_sdxl.files["real"], vae=tmp_path / name)
+        key = "first_stage_model.decoder.conv_out.weight"
+        assert torch.equal(loaded.source.get(key), sd1.get(key))
+        unet_key = "model.diffusion_model.out.2.weight"
+        assert torch.equal(loaded.source.get(unet_key), prepare_model(tiny_sdxl.files["real"]).source.get(unet_key))
+
+
+def test_mis_shaped_vae_file_is_refused(tiny_sdxl, tmp_path):
+    from safetensors.torch import save_file
+
+    from optimized_sd.errors import CheckpointError
+
+    source = prepare_model(tiny_sdxl.files["real"]).source
+    vae = {k: source.get(k).clone() for k in source.keys() if k.startswith("first_stage_model.")}
+    vae["first_stage_model.decoder.conv_out.weight"] = torch.zeros(3, 16, 3, 3)
+    save_file(vae, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match=r"does not fit this model's VAE: 1 mis-shaped: first_stage_model.decoder.conv_out.weight"):
+        prepare_model(tiny_sdxl.files["real"], vae=tmp_path / "bad.safetensors")

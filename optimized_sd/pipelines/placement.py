@@ -9,9 +9,17 @@ from optimized_sd.memory.offload import GroupSpec
 from optimized_sd.memory.planner import ModelFootprint
 
 UNET = "model.diffusion_model"
-TEXT_GROUP = GroupSpec("text_encoder", ("cond_stage_model",))
 VAE_ENCODER = ("first_stage_model.encoder", "first_stage_model.quant_conv")
 VAE_DECODER = ("first_stage_model.post_quant_conv", "first_stage_model.decoder")
+
+
+def text_root(model: nn.Module) -> str:
+    """The text conditioning's module path: `cond_stage_model` (SD 1.x/2.x) or `conditioner` (SDXL)."""
+    return getattr(model, "text_root", "cond_stage_model")
+
+
+def text_group(model: nn.Module) -> GroupSpec:
+    return GroupSpec("text_encoder", (text_root(model),))
 
 
 def unet_blocks(model: nn.Module) -> list[str]:
@@ -29,8 +37,8 @@ def unet_halves(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def group_specs(mode: str, model: nn.Module) -> list[GroupSpec]:
     """Offload groups for a memory mode (see `memory.planner.MODES`)."""
     if mode == "full":
-        return [GroupSpec("all", ("model", "first_stage_model", "cond_stage_model"), "never")]
-    stage_groups = [TEXT_GROUP, GroupSpec("vae_encoder", VAE_ENCODER), GroupSpec("vae_decoder", VAE_DECODER)]
+        return [GroupSpec("all", ("model", "first_stage_model", text_root(model)), "never")]
+    stage_groups = [text_group(model), GroupSpec("vae_encoder", VAE_ENCODER), GroupSpec("vae_decoder", VAE_DECODER)]
     if mode == "turbo":
         return stage_groups + [GroupSpec("unet", (UNET,))]
     if mode == "split":
@@ -54,7 +62,7 @@ def footprint(model: nn.Module, dtype_bytes: int) -> ModelFootprint:
     """Weight bytes of each group at the compute dtype (works on a model built on the meta device)."""
     first, second = unet_halves(model)
     return ModelFootprint(
-        text_encoder=parameter_bytes(model, TEXT_GROUP.modules, dtype_bytes),
+        text_encoder=parameter_bytes(model, text_group(model).modules, dtype_bytes),
         unet=parameter_bytes(model, [UNET], dtype_bytes),
         unet_halves=(parameter_bytes(model, first, dtype_bytes), parameter_bytes(model, second, dtype_bytes)),
         unet_blocks=tuple(parameter_bytes(model, [block], dtype_bytes) for block in unet_blocks(model)),

@@ -249,9 +249,12 @@ class LoadedModel:
     report: LoadReport
 
 
-def prepare_model(path: Path | str, *, config: ModelConfig | None = None, ema: bool = False) -> LoadedModel:
-    """Open, detect the family, build the module tree on `meta`, and check every key strictly.
-    Weights are copied in later by `materialize`, by whoever decides where they live."""
+def prepare_model(
+    path: Path | str, *, config: ModelConfig | None = None, ema: bool = False, vae: Path | str | None = None
+) -> LoadedModel:
+    """Open, detect the family, build the module tree on `meta`, and check every key strictly; `vae`
+    (`--vae FILE`) replaces the checkpoint's VAE. Weights are copied in later by `materialize`, by
+    whoever decides where they live."""
     from optimized_sd.models.sd import LatentDiffusion
     from optimized_sd.weights.family import detect_family
 
@@ -271,6 +274,10 @@ def prepare_model(path: Path | str, *, config: ModelConfig | None = None, ema: b
     if not report.ok:
         name = FAMILY_NAMES.get(config.family, config.family)
         raise CheckpointError(f"{checkpoint.path} does not match an {name} model: {report.summary()}")
+    if vae is not None:
+        from optimized_sd.weights.vae_file import with_vae_file
+
+        source = with_vae_file(source, vae, expected)
     return LoadedModel(model, config, checkpoint, source, report)
 
 
