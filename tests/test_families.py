@@ -231,3 +231,41 @@ def test_mis_shaped_vae_file_is_refused(tiny_sdxl, tmp_path):
     save_file(vae, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointError, match=r"does not fit this model's VAE: 1 mis-shaped: first_stage_model.decoder.conv_out.weight"):
         prepare_model(tiny_sdxl.files["real"], vae=tmp_path / "bad.safetensors")
+
+
+# -- streaming by parts ---------------------------------------------------------------------------
+def test_full_size_stream_units_stay_under_100_mb():
+    """On the meta device (no weights): SDXL's 10-layer blocks stream layer by layer, so no UNet unit of
+    SD 1.x, SD 2.x or SDXL passes 100 MB in fp16, and each text tower streams by layer."""
+    from optimized_sd.config import SD15, SD21_V, SDXL_BASE
+    from optimized_sd.models.sd import LatentDiffusion
+    from optimized_sd.pipelines.placement import group_specs, parameter_bytes, stream_units
+
+    for config in (SD15, SD21_V, SDXL_BASE):
+        with torch.device("meta"):
+            model = LatentDiffusion(config)
+        assert max(parameter_bytes(model, unit, 2) for unit in stream_units(model)) <= 100e6
+        text = [spec for spec in group_specs("stream", model) if spec.name.startswith("text.")]
+        layers = [spec for spec in text if ".layers." in spec.name or ".resblocks." in spec.name]
+        assert len(layers) == (config.text.num_hidden_layers if config.text else 0) + (config.open_clip.layers if config.open_clip else 0)
+        assert max(parameter_bytes(model, spec.modules, 2) for spec in layers) <= 100e6
+    units = stream_units(model)
+    assert ("model.diffusion_model.input_blocks.7.1.transformer_blocks.9",) in units  # SDXL
+    assert ("model.diffusion_model.input_blocks.7.1.norm", "model.diffusion_model.input_blocks.7.1.proj_in") in units
+
+
+def test_stream_by_parts_gives_the_full_image(tiny_model, monkeypatch):
+    """Every UNet block split to its parts and the text tower streamed by layer: the same latents as `full`."""
+    import optimized_sd
+    from optimized_sd.pipelines import placement
+    from optimized_sd.pipelines.diffusion import GenerationRequest
+
+    request = GenerationRequest(prompts=["a red cube"], steps=2, sampler="euler", seed=7, height=64, width=64)
+    options = dict(tokenizer=tiny_model.tokenizer, device="cpu", precision="full")
+    full = optimized_sd.load(tiny_model.safetensors, memory="full", **options).generate(request)
+    monkeypatch.setattr(placement, "STREAM_UNIT_PARAMS", 1000)
+    pipe = optimized_sd.load(tiny_model.safetensors, memory="stream", **options)
+    streamed = pipe.generate(request)
+    groups = pipe.engine.groups
+    assert any(".transformer_blocks.0" in name for name in groups) and any(".encoder.layers.1" in name for name in groups)
+    assert max_diff(streamed.latents, full.latents) <= 1e-5

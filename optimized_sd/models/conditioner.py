@@ -26,6 +26,10 @@ class GeneralConditioner(nn.Module):
         super().__init__()
         self.embedders = nn.ModuleList(towers)
 
+    def towers(self) -> list[str]:
+        """The towers' paths under this module, in run order."""
+        return [f"embedders.{i}" for i in range(len(self.embedders))]
+
     def forward(self, ids: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
         contexts, pooled = [], None
         for embedder, tokens in zip(self.embedders, ids, strict=True):

@@ -123,6 +123,11 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out: nn.Module = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
 
+    def stream_parts(self) -> list[tuple[str, ...]]:
+        """Children in the order `forward` calls them, grouped into the parts a streamer may load one
+        at a time (the norm and input projection together; each transformer layer; the output projection)."""
+        return [("norm", "proj_in")] + [(f"transformer_blocks.{i}",) for i in range(len(self.transformer_blocks))] + [("proj_out",)]
+
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         batch, _, height, width = x.shape
         h = self.norm(x)

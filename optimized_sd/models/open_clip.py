@@ -101,5 +101,10 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         super().__init__()
         self.model = OpenCLIPTextModel(config)
 
+    def stream_parts(self) -> list[str]:
+        """Children in call order (the tower's own position embedding and projection are not among them)."""
+        layers = len(self.model.transformer.resblocks)
+        return ["model.token_embedding", *(f"model.transformer.resblocks.{i}" for i in range(layers)), "model.ln_final"]
+
     def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor | None]:
         return self.model(input_ids)

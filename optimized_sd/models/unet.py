@@ -59,6 +59,10 @@ class TimestepEmbedSequential(nn.Sequential):
             )
         return self.run_layers(x, emb, context)
 
+    def stream_parts(self) -> list[tuple[str, ...]]:
+        """Layers in call order, one part each (see `SpatialTransformer.stream_parts`)."""
+        return [(str(i),) for i in range(len(self))]
+
     def run_layers(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
