@@ -122,6 +122,14 @@ class ModelConfig:
     def family_name(self) -> str:
         return FAMILY_NAMES.get(self.family, self.family)
 
+    @property
+    def default_size(self) -> int:
+        """Image side the family was trained at, the --H/--W default: 512 (SD 1.x, SD 2.x base), 768 (SD 2.x v),
+        1024 (SDXL)."""
+        if self.family in ("sdxl", "sdxl_refiner"):
+            return 1024
+        return 768 if self.family == "sd2" and self.prediction_type == "v_prediction" else 512
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 

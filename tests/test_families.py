@@ -239,7 +239,11 @@ def test_full_size_stream_units_stay_under_100_mb():
     SD 1.x, SD 2.x or SDXL passes 100 MB in fp16, and each text tower streams by layer."""
     from optimized_sd.config import SD15, SD21_V, SDXL_BASE
     from optimized_sd.models.sd import LatentDiffusion
-    from optimized_sd.pipelines.placement import group_specs, parameter_bytes, stream_units
+    from optimized_sd.pipelines.placement import (
+        group_specs,
+        parameter_bytes,
+        stream_units,
+    )
 
     for config in (SD15, SD21_V, SDXL_BASE):
         with torch.device("meta"):
@@ -261,7 +265,7 @@ def test_stream_by_parts_gives_the_full_image(tiny_model, monkeypatch):
     from optimized_sd.pipelines.diffusion import GenerationRequest
 
     request = GenerationRequest(prompts=["a red cube"], steps=2, sampler="euler", seed=7, height=64, width=64)
-    options = dict(tokenizer=tiny_model.tokenizer, device="cpu", precision="full")
+    options = {"tokenizer": tiny_model.tokenizer, "device": "cpu", "precision": "full"}
     full = optimized_sd.load(tiny_model.safetensors, memory="full", **options).generate(request)
     monkeypatch.setattr(placement, "STREAM_UNIT_PARAMS", 1000)
     pipe = optimized_sd.load(tiny_model.safetensors, memory="stream", **options)

@@ -74,7 +74,7 @@ class PromptTokenizer:
         self.tokenizer = tokenizer
         self.pad_id = pad_id
 
-    def with_padding(self, pad_id: int | None) -> "PromptTokenizer":
+    def with_padding(self, pad_id: int | None) -> PromptTokenizer:
         """The same vocabulary padding with `pad_id` (None: the tokenizer's own pad token)."""
         return PromptTokenizer(self.tokenizer, pad_id)
 

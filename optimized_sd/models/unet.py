@@ -9,7 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from optimized_sd.config import UNetConfig
-from optimized_sd.models.layers import SpatialTransformer, Upsample, group_norm, timestep_embedding
+from optimized_sd.models.layers import (
+    SpatialTransformer,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+)
 
 
 class ResBlock(nn.Module):

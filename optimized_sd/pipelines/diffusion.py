@@ -19,18 +19,33 @@ from optimized_sd.config import ModelConfig
 from optimized_sd.errors import UserError
 from optimized_sd.memory.device import compute_dtype, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
-from optimized_sd.memory.planner import VAE_TILE, VAE_TILE_OVERLAP, Plan, Request, parse_bytes
+from optimized_sd.memory.planner import (
+    VAE_TILE,
+    VAE_TILE_OVERLAP,
+    Plan,
+    Request,
+    parse_bytes,
+)
 from optimized_sd.memory.report import MemoryMeter
 from optimized_sd.memory.tiling import tiled_apply
-from optimized_sd.models.text_encoder import MAX_TOKENS, PromptTokenizer, load_tokenizer
+from optimized_sd.models.text_encoder import PromptTokenizer
 from optimized_sd.models.vae import AutoencoderKL
 from optimized_sd.pipelines.memory_session import MemorySession
 from optimized_sd.pipelines.output import ImageParameters
-from optimized_sd.pipelines.prompts import split_weighted_subprompts
-from optimized_sd.sampling import make_plan, sample, sampler_display_name, scaled_linear_schedule, start_latents
-from optimized_sd.weights.loading import LoadedModel, materialize, prepare_model
+from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
+from optimized_sd.sampling import (
+    make_plan,
+    sample,
+    sampler_display_name,
+    scaled_linear_schedule,
+    start_latents,
+)
+from optimized_sd.weights.loading import LoadedModel, materialize, prepare_model, source_metadata
+from optimized_sd.weights.prediction import resolve_prediction
 
 log = logging.getLogger("optimized_sd")
+
+Conditioning = tuple[Tensor, Tensor | None]  # (context, y): replaced by sampling.Conditioning when core-pipeline lands
 
 
 @dataclass
@@ -127,10 +142,13 @@ class StableDiffusion:
         self.memory = MemorySession(
             self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention
         )
-        tokenizer_dir = Path(tokenizer) if tokenizer else loaded.checkpoint.tokenizer_dir
-        self.tokenizer: PromptTokenizer = load_tokenizer(tokenizer_dir)
+        folder = loaded.checkpoint.path if loaded.checkpoint.path.is_dir() else None
+        tokenizers = load_tower_tokenizers(self.config, folder, Path(tokenizer) if tokenizer else None)
+        self.tokenizer: PromptTokenizer = tokenizers[0]
+        self.text = PromptEncoder(self.model, tokenizers, self.device, self.dtype)
         self.schedule = scaled_linear_schedule(self.config.linear_start, self.config.linear_end, self.config.timesteps)
         self._model_hash: str | None = None
+        self.prediction_reason = "family default"  # where the prediction type came from (set by `load`)
 
     # -- memory (delegated: MemorySession owns every placement decision) ----------------------
     @property
@@ -171,19 +189,6 @@ class StableDiffusion:
         self.loaded.source.close()
 
     # -- stages --------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str) -> Tensor:
-        """(1, 77, C) conditioning; weighted subprompts are mixed as optimizedSD (weights normalised)."""
-        cut = self.tokenizer.truncated_text(prompt)
-        if cut:
-            log.warning("prompt longer than %d tokens; this part was cut: %s", MAX_TOKENS, cut)
-        parts, weights = split_weighted_subprompts(prompt)
-        if len(parts) <= 1:
-            parts, weights = [prompt], [1.0]
-        total = sum(weights)
-        embeddings = self.model.cond_stage_model(self.tokenizer(parts).to(self.device)).float()
-        weight = torch.tensor(weights, device=self.device, dtype=torch.float32)[:, None, None] / total
-        return (embeddings * weight).sum(0, keepdim=True).to(self.dtype)
-
     def vae_decode(self, latent: Tensor, tiled: bool) -> Tensor:
         """Scaled latent (1, 4, h, w) -> pixels; a non-finite fp16 result is decoded again in fp32."""
         vae = self.model.first_stage_model
@@ -211,18 +216,28 @@ class StableDiffusion:
         overlap = VAE_TILE_OVERLAP if scale < 1 else VAE_TILE_OVERLAP // downscale
         return tiled_apply(fn, x, tile=tile, overlap=overlap, scale=scale)
 
-    def eps_model(self, cond: Tensor, uncond: Tensor | None, scale: float, record) -> Callable[[Tensor, Tensor], Tensor]:
-        """Classifier-free guidance (Ho & Salimans 2022) over the UNet: eps_u + scale * (eps_c - eps_u)."""
+    def eps_model(self, cond: Conditioning, uncond: Conditioning | None, scale: float, record) -> Callable[[Tensor, Tensor], Tensor]:
+        """Classifier-free guidance (Ho & Salimans 2022) over the UNet: eps_u + scale * (eps_c - eps_u).
+        A v-predicting UNet's output is turned into eps first: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
         unet = self.model.model.diffusion_model
-        context = cond if uncond is None else torch.cat([uncond, cond])  # the same at every step
+        context = cond[0] if uncond is None else torch.cat([uncond[0], cond[0]])  # the same at every step
+        y = cond[1] if uncond is None or cond[1] is None else torch.cat([uncond[1], cond[1]])
+        v_prediction = self.config.prediction_type == "v_prediction"
+
+        def run(x_in: Tensor, t_in: Tensor) -> Tensor:
+            out = unet(x_in, t_in, context, y=y).float()
+            if not v_prediction:
+                return out
+            sigma = torch.as_tensor(self.schedule.t_to_sigma(t_in.cpu().numpy()), dtype=torch.float32, device=out.device)
+            alpha_bar = (1.0 / (1.0 + sigma**2)).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+            return alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x_in.float()
 
         def eps(x: Tensor, t: Tensor) -> Tensor:
             record.steps += 1
             x_in, t_in = x.to(self.dtype), t.to(self.device, torch.float32)
             if uncond is None:
-                return unet(x_in, t_in, context).float()
-            both = unet(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), context)
-            eps_uncond, eps_cond = both.float().chunk(2)
+                return run(x_in, t_in)
+            eps_uncond, eps_cond = run(torch.cat([x_in, x_in]), torch.cat([t_in, t_in])).chunk(2)
             return eps_uncond + scale * (eps_cond - eps_uncond)
 
         return eps
@@ -249,11 +264,15 @@ class StableDiffusion:
         seeds = [seed + i for i in range(len(request.prompts))]
         tiled = self.prepare(request).vae_tiling
 
-        def encode_text(record) -> tuple[Tensor, Tensor | None]:
-            cond = torch.cat([self.encode_prompt(p) for p in request.prompts])
+        def encode_text(record) -> tuple[Conditioning, Conditioning | None]:
+            size = (request.height, request.width)
+            each = [self.text.conditioning(p, *size) for p in request.prompts]
+            cond = (torch.cat([c for c, _ in each]), None if each[0][1] is None else torch.cat([y for _, y in each]))
             uncond = None
             if request.scale != 1.0:
-                uncond = self.encode_prompt(request.negative_prompt).expand(len(request.prompts), -1, -1)
+                context, y = self.text.conditioning(request.negative_prompt, *size, negative=True)
+                n = len(request.prompts)
+                uncond = (context.expand(n, -1, -1), None if y is None else y.expand(n, -1))
             return cond, uncond
 
         cond, uncond = self.memory.run_stage("text", encode_text)
@@ -335,10 +354,22 @@ def load(
     *,
     config: str | Path | ModelConfig | None = None,
     ema: bool = False,
+    vae: str | Path | None = None,
+    prediction: str = "auto",
     **options,
 ) -> StableDiffusion:
     """Open a checkpoint (CompVis .ckpt, single-file .safetensors or diffusers folder) for generation.
-    Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer."""
+    `vae`: a separate VAE file replacing the checkpoint's; `prediction`: auto|eps|v (see
+    `weights.prediction`). Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer."""
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
-    return StableDiffusion(prepare_model(checkpoint, config=config, ema=ema), **options)
+    loaded = prepare_model(checkpoint, config=config, ema=ema, vae=vae)
+    prediction_type, why = resolve_prediction(
+        prediction, loaded.config.family, loaded.checkpoint.path, set(loaded.checkpoint.source.keys()), source_metadata(loaded.checkpoint.source)
+    )
+    loaded.config = replace(loaded.config, prediction_type=prediction_type)
+    loaded.model.config = loaded.config
+    log.info("%s, %s prediction (%s)", loaded.config.family_name, "v" if prediction_type == "v_prediction" else "eps", why)
+    pipe = StableDiffusion(loaded, **options)
+    pipe.prediction_reason = why
+    return pipe

@@ -8,7 +8,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from optimized_sd.config import ModelConfig, OpenCLIPConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from optimized_sd.config import (
+    ModelConfig,
+    OpenCLIPConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+)
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.family import (
     CLIP_PREFIX,

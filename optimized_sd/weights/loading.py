@@ -130,6 +130,13 @@ def open_diffusers_folder(folder: Path) -> Checkpoint:
     return Checkpoint(source, folder, tokenizer if tokenizer.is_dir() else None)
 
 
+def source_metadata(source: TensorSource) -> dict[str, str]:
+    """A safetensors file's `__metadata__` through any renaming views ({} for other sources)."""
+    while not hasattr(source, "metadata") and hasattr(source, "inner"):
+        source = source.inner
+    return dict(getattr(source, "metadata", None) or {})
+
+
 def open_checkpoint(path: Path | str) -> Checkpoint:
     """Open a CompVis `.ckpt`, a single-file `.safetensors` or a diffusers folder."""
     path = Path(path)

@@ -237,8 +237,8 @@ class ComputedSource(TensorSource):
         op, names = self.recipes[key]
         if op == "cat":
             return torch.cat([self.inner.get(name) for name in names])
-        if op == "transpose":
-            return self.inner.get(names[0]).t()
+        if op == "transpose":  # contiguous, so the matmuls round as they do on a file stored transposed
+            return self.inner.get(names[0]).t().contiguous()
         return self.inner.get(names[0])
 
     def release(self, keys: Iterable[str]) -> None:
