@@ -134,7 +134,7 @@ class ModelConfig:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a plain dict (as written by `to_json`); lists become tuples."""
 
         def build(kind: type, values: dict[str, Any] | None) -> Any:
@@ -155,7 +155,7 @@ class ModelConfig:
             raise UserError(f"bad model config: {error}") from None
 
     @classmethod
-    def from_file(cls, path: Path) -> "ModelConfig":
+    def from_file(cls, path: Path) -> ModelConfig:
         """Read a JSON config written by `to_json` (the `--config` override)."""
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))

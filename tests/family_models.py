@@ -46,10 +46,11 @@ def randomise(*modules: nn.Module) -> None:
         module.eval()
 
 
-def tiny_vae():
+def tiny_vae(scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
+        scaling_factor=scaling_factor,
         in_channels=3,
         out_channels=3,
         block_out_channels=(32, 32, 64, 64),
@@ -258,7 +259,7 @@ def build_sdxl(root: Path, seed: int = 0) -> FamilyModel:
         projection_class_embeddings_input_dim=64 + 6 * SIZE_EMBEDDING,
         norm_num_groups=32,
     )
-    vae = tiny_vae()
+    vae = tiny_vae(scaling_factor=0.13025)  # SDXL's VAE config states its latent scale
     randomise(unet, vae, clip_l, big_g)
 
     folder = root / "sdxl"

@@ -25,7 +25,9 @@ __all__ = [
     "SDXL_REFINER",
     "PARTS",
     "SCHEDULE_BUFFERS",
+    "canonical_key",
     "detect_family",
+    "ema_key",
     "known_extra_key",
     "part_of_key",
 ]
@@ -35,18 +37,25 @@ SD2 = "sd2"
 SDXL = "sdxl"
 SDXL_REFINER = "sdxl_refiner"
 
+# Key prefixes of an LDM checkpoint's parts, defined here once.
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
-OPENCLIP_PREFIX = "cond_stage_model.model."
-EMBEDDERS_PREFIX = "conditioner.embedders."
+TEXT_ENCODER_PREFIX = "cond_stage_model."
+CLIP_PREFIX = TEXT_ENCODER_PREFIX + "transformer."
+# The one form CLIP text keys take once a checkpoint is opened (see `canonical_key`).
+CLIP_TEXT_PREFIX = CLIP_PREFIX + "text_model."
+OPENCLIP_PREFIX = TEXT_ENCODER_PREFIX + "model."
+# LDM's LitEma keeps the EMA copy of the UNet under dot-less names, beside two counters.
+EMA_PREFIX = "model_ema."
+EMA_COUNTERS = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
+EMBEDDERS_PREFIX = "conditioner.embedders."  # SDXL's text towers (SGM layout)
+SDXL_CLIP_PREFIX = EMBEDDERS_PREFIX + "0.transformer."
 
 # Display name -> key prefix of each part of an LDM checkpoint.
 PARTS: dict[str, str] = {
     "UNet": UNET_PREFIX,
     "VAE": VAE_PREFIX,
-    "text encoder": "cond_stage_model.",
-    "text encoders": "conditioner.",
+    "text encoder": TEXT_ENCODER_PREFIX,
 }
 
 # DDPM schedule buffers CompVis's LatentDiffusion registers (recomputed from the config at load).
@@ -97,6 +106,22 @@ _OTHER_ARCHITECTURES = (
     ("encoder_hid_proj.image_embeds.", "a Kandinsky 2.x UNet"),
 )
 
+# Prefixes under which a transformers CLIP text model sits (SD 1.x's, and SDXL's first tower).
+_CLIP_MODEL_PREFIXES: tuple[str, ...] = (CLIP_PREFIX, SDXL_CLIP_PREFIX)
+
+
+def canonical_key(key: str) -> str:
+    """`key` with a CLIP text model's weights under `text_model.` (the form real SD 1.x files use).
+
+    transformers versions disagree on that level (newer ones build CLIPTextModel without it), so
+    files come both ways; `loading.open_checkpoint` applies this to every key once, and everything
+    downstream (family detection, shape inference, inspect, the strict loader) sees this one form.
+    """
+    for prefix in _CLIP_MODEL_PREFIXES:
+        if key.startswith(prefix) and not key.startswith(prefix + "text_model."):
+            return prefix + "text_model." + key[len(prefix) :]
+    return key
+
 
 def known_extra_key(key: str) -> str | None:
     """Why `key` is a known non-weight entry of an SD 1.x checkpoint, or None if it is not one.
@@ -114,7 +139,7 @@ def known_extra_key(key: str) -> str | None:
     """
     if key in SCHEDULE_BUFFERS:
         return "schedule buffer"
-    if key.startswith("model_ema."):
+    if key.startswith(EMA_PREFIX):
         return "EMA"
     if key.startswith(_TEXT_PREFIXES) and key.endswith("embeddings.position_ids"):
         return "position_ids"
@@ -129,10 +154,18 @@ def known_extra_key(key: str) -> str | None:
     return None
 
 
+def ema_key(key: str) -> str:
+    """The EMA copy's name for a UNet key: `model.diffusion_model.input_blocks.0.0.weight` ->
+    `model_ema.diffusion_modelinput_blocks00weight` (LitEma drops the dots)."""
+    return EMA_PREFIX + "diffusion_model" + key[len(UNET_PREFIX) :].replace(".", "")
+
+
 def part_of_key(key: str) -> str | None:
     """The part ("UNet", "VAE", "text encoder") a weight key belongs to; None for extras and strays."""
     if known_extra_key(key) is not None:
         return None
+    if key.startswith("conditioner."):  # SDXL's towers (SGM layout)
+        return "text encoder"
     for part, prefix in PARTS.items():
         if key.startswith(prefix):
             return part
@@ -282,12 +315,9 @@ def _classify_ldm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_i
 
 
 def _clip_width(shapes: Mapping[str, tuple[int, ...]], prefix: str = CLIP_PREFIX) -> int | None:
-    """Hidden width of a CLIP text encoder under `prefix`, from its final layer norm (either key form)."""
-    for inner in ("text_model.", ""):
-        shape = shapes.get(f"{prefix}{inner}final_layer_norm.weight")
-        if shape:
-            return shape[0]
-    return None
+    """Hidden width of a CLIP text encoder under `prefix` (keys in `canonical_key` form), from its final layer norm."""
+    shape = shapes.get(prefix + "text_model.final_layer_norm.weight")
+    return shape[0] if shape else None
 
 
 def _describe_non_sd(keys: list[str]) -> str:

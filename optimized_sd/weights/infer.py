@@ -1,7 +1,8 @@
-"""Model configuration read off tensor shapes, so any SD 1.x, SD 2.x or SDXL file (full size or tiny)
-builds the right modules without a YAML file. Head counts are not visible in shapes; each family's rule
-gives them (SD 1.x: 8 UNet heads; SD 2.x and SDXL: 64-wide UNet heads; every CLIP/OpenCLIP text tower:
-64-wide heads), and `--config` overrides them."""
+"""Model configuration read off a single file's tensor shapes, so any SD 1.x, SD 2.x or SDXL file (full size
+or tiny) builds the right modules without a YAML file. Head counts are not visible in shapes; each family's
+rule gives them (SD 1.x: 8 UNet heads; SD 2.x and SDXL: 64-wide UNet heads; every CLIP/OpenCLIP text tower:
+64-wide heads), and `--config` overrides them. (Diffusers folders state theirs in config.json: see
+`diffusers_folder.folder_model_config`.)"""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from optimized_sd.config import (
 )
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.family import (
-    CLIP_PREFIX,
+    CLIP_TEXT_PREFIX,
     EMBEDDERS_PREFIX,
     OPENCLIP_PREFIX,
     SD1,
@@ -96,9 +97,9 @@ def infer_vae(shapes: Shapes, prefix: str = VAE_PREFIX) -> VAEConfig:
     )
 
 
-def infer_text(shapes: Shapes, prefix: str = CLIP_PREFIX, penultimate: bool = False) -> TextEncoderConfig:
-    """CLIP text widths; heads are hidden/64 as in every CLIP text tower SD uses."""
-    inner = prefix if any(k.startswith(prefix + "embeddings.") for k in shapes) else prefix + "text_model."
+def infer_text(shapes: Shapes, inner: str = CLIP_TEXT_PREFIX, penultimate: bool = False) -> TextEncoderConfig:
+    """CLIP text widths (keys in `family.canonical_key` form); heads are hidden/64 as in every CLIP
+    text tower SD uses."""
     vocab, hidden = shapes[inner + "embeddings.token_embedding.weight"]
     layers = indices(shapes, re.escape(inner) + r"encoder\.layers\.(\d+)\.")
     return TextEncoderConfig(
@@ -165,7 +166,7 @@ def infer_config(shapes: Shapes, family: str | None = None) -> ModelConfig:
         if family == SD2:
             return ModelConfig(unet=unet, vae=vae, text=None, open_clip=infer_open_clip(shapes, OPENCLIP_PREFIX, SD2), family=SD2)
         if family == SDXL:
-            clip_l = infer_text(shapes, EMBEDDERS_PREFIX + "0.transformer.", penultimate=True)
+            clip_l = infer_text(shapes, EMBEDDERS_PREFIX + "0.transformer.text_model.", penultimate=True)
             big_g = infer_open_clip(shapes, EMBEDDERS_PREFIX + "1.model.", family)
             return ModelConfig(unet=unet, vae=vae, text=clip_l, open_clip=big_g, scale_factor=SDXL_SCALE_FACTOR, family=family)
         big_g = infer_open_clip(shapes, EMBEDDERS_PREFIX + "0.model.", family)

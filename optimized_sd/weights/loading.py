@@ -11,10 +11,16 @@ from torch import Tensor, nn
 
 from optimized_sd.config import FAMILY_NAMES, ModelConfig
 from optimized_sd.errors import CheckpointError
-from optimized_sd.weights.family import CLIP_PREFIX as TEXT_PREFIX
-from optimized_sd.weights.family import EMBEDDERS_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
-from optimized_sd.weights.infer import indices, infer_config, unused_keys
-from optimized_sd.weights.keymap import openclip_recipes, rename, unet_prefixes, vae_prefixes
+from optimized_sd.weights.ckpt import load_ckpt, looks_like_safetensors, state_dict_from_ckpt
+from optimized_sd.weights.diffusers_folder import (
+    DiffusersFolder,
+    find_weight_file,  # noqa: F401  (the folder's weight-file rule, for callers that know only the loader)
+    folder_model_config,
+    part_source,
+    read_diffusers_folder,
+)
+from optimized_sd.weights.family import UNET_PREFIX, canonical_key, detect_family, ema_key, known_extra_key
+from optimized_sd.weights.infer import infer_config, unused_keys
 from optimized_sd.weights.sources import (
     ChainSource,
     ComputedSource,
@@ -24,110 +30,62 @@ from optimized_sd.weights.sources import (
     TensorSource,
 )
 
-CLIP_TOWER_PREFIXES = (TEXT_PREFIX, EMBEDDERS_PREFIX + "0.transformer.")  # SD 1.x's and SDXL's CLIP ViT-L
-
-DIFFUSERS_WEIGHT_FILES = (
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "model.safetensors",
-    "model.fp16.safetensors",
-    "diffusion_pytorch_model.bin",
-    "pytorch_model.bin",
-)
-
 
 @dataclass
 class Checkpoint:
-    """An opened checkpoint: LDM-named tensors plus what is known about the file."""
+    """An opened checkpoint: LDM-named tensors (CLIP keys in `family.canonical_key` form) plus what
+    is known about the file; `folder` is set for diffusers folders (their configs are the truth)."""
 
     source: TensorSource
     path: Path
     tokenizer_dir: Path | None = None
+    folder: DiffusersFolder | None = None
 
     @property
     def name(self) -> str:
         return self.path.stem if self.path.is_file() else self.path.name
 
 
-def open_weight_file(path: Path) -> TensorSource:
-    """A `.safetensors` file memory-mapped, anything else through the restricted `.ckpt` unpickler."""
-    if path.suffix == ".safetensors":
-        return SafetensorsSource(path)
-    from optimized_sd.weights.ckpt import load_ckpt, state_dict_from_ckpt
+def is_safetensors_file(path: Path) -> bool:
+    """True when the file's first bytes are a safetensors header, whatever its name says."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(9)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    return looks_like_safetensors(head, path.stat().st_size)
 
+
+def open_weight_file(path: Path) -> TensorSource:
+    """A safetensors file memory-mapped, anything else through the restricted `.ckpt` unpickler."""
+    if is_safetensors_file(path):
+        return SafetensorsSource(path)
     return DictSource(state_dict_from_ckpt(load_ckpt(path)))
 
 
-def find_weight_file(folder: Path) -> Path:
-    for name in DIFFUSERS_WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise CheckpointError(f"diffusers folder part {folder} holds no weight file ({', '.join(DIFFUSERS_WEIGHT_FILES)})")
-
-
-def unet_config_from_diffusers(source: TensorSource):
-    """Block counts read off diffusers names, so the mapping table has the right indices."""
-    shapes = source.shapes()
-    levels = indices(shapes, r"down_blocks\.(\d+)\.")
-    res = indices(shapes, r"down_blocks\.0\.resnets\.(\d+)\.")
-    attention = tuple(2**level for level in levels if f"down_blocks.{level}.attentions.0.proj_in.weight" in shapes)
-    from optimized_sd.config import UNetConfig
-
-    return UNetConfig(num_res_blocks=len(res), channel_mult=tuple(1 for _ in levels), attention_resolutions=attention)
-
-
-def read_json(path: Path) -> dict:
-    """A diffusers config file as a dict ({} when absent or unreadable: shapes then decide)."""
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def diffusers_text_sources(folder: Path) -> list[TensorSource]:
-    """A diffusers folder's text encoder(s) under their LDM/SGM names, by family:
-    SD 1.x `text_encoder` (CLIP, quick GELU) -> `cond_stage_model.transformer.`;
-    SD 2.x `text_encoder` (OpenCLIP ViT-H saved as CLIP, exact GELU) -> `cond_stage_model.model.`;
-    SDXL `text_encoder` + `text_encoder_2` -> `conditioner.embedders.0.transformer.` + `.1.model.`;
-    SDXL refiner `text_encoder_2` alone -> `conditioner.embedders.0.model.`."""
-    first, second = folder / "text_encoder", folder / "text_encoder_2"
-    if second.is_dir():
-        big_g = open_weight_file(find_weight_file(second))
-        if not first.is_dir():
-            return [ComputedSource(big_g, openclip_recipes(big_g.keys(), EMBEDDERS_PREFIX + "0.model."))]
-        clip_l = open_weight_file(find_weight_file(first))
-        return [
-            RenamedSource(clip_l, {EMBEDDERS_PREFIX + "0.transformer." + key: key for key in clip_l.keys()}),
-            ComputedSource(big_g, openclip_recipes(big_g.keys(), EMBEDDERS_PREFIX + "1.model.")),
-        ]
-    if not first.is_dir():
-        raise CheckpointError(f"{folder} is not a diffusers model folder: it has no text_encoder/ subfolder")
-    text = open_weight_file(find_weight_file(first))
-    if read_json(first / "config.json").get("hidden_act") == "gelu":  # OpenCLIP's exact GELU: SD 2.x
-        return [ComputedSource(text, openclip_recipes(text.keys(), OPENCLIP_PREFIX))]
-    return [RenamedSource(text, {TEXT_PREFIX + key: key for key in text.keys()})]
+def normalize_keys(source: TensorSource, path: Path) -> TensorSource:
+    """The source with every key in `canonical_key` form: the one place key spellings are unified. An
+    OpenCLIP projection written as a Linear weight (`text_projection.weight`, as diffusers' SDXL conversion
+    script does) becomes open_clip's `text_projection`, transposed."""
+    recipes: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for key in source.keys():
+        name, op = canonical_key(key), "same"
+        if key.endswith(".model.text_projection.weight"):
+            name, op = key[: -len(".weight")], "transpose"
+        if name in recipes:
+            raise CheckpointError(f"{path} holds {recipes[name][1][0]!r} and {key!r}, two spellings of one tensor")
+        recipes[name] = (op, (key,))
+    if all(op == "same" and name == keys[0] for name, (op, keys) in recipes.items()):
+        return source
+    return ComputedSource(source, recipes)
 
 
 def open_diffusers_folder(folder: Path) -> Checkpoint:
-    """`unet/`, `vae/`, `text_encoder/` (and `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`) of a
-    diffusers model, renamed to LDM/SGM keys."""
-    from optimized_sd.config import VAEConfig
-
-    for part in ("unet", "vae"):
-        if not (folder / part).is_dir():
-            raise CheckpointError(f"{folder} is not a diffusers model folder: it has no {part}/ subfolder")
-    unet = open_weight_file(find_weight_file(folder / "unet"))
-    vae = open_weight_file(find_weight_file(folder / "vae"))
-    unet_names = rename(unet.keys(), unet_prefixes(unet_config_from_diffusers(unet)), UNET_PREFIX)
-    vae_levels = indices(vae.shapes(), r"encoder\.down_blocks\.(\d+)\.")
-    vae_res = indices(vae.shapes(), r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
-    vae_table = vae_prefixes(VAEConfig(ch_mult=tuple(1 for _ in vae_levels), num_res_blocks=len(vae_res)))
-    vae_names = rename(vae.keys(), vae_table, VAE_PREFIX)
-    source = ChainSource([RenamedSource(unet, unet_names), RenamedSource(vae, vae_names), *diffusers_text_sources(folder)])
-    tokenizer = folder / "tokenizer"
-    return Checkpoint(source, folder, tokenizer if tokenizer.is_dir() else None)
+    """The loaded parts of a diffusers model (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`), renamed
+    to LDM/SGM keys, with the folder's configs kept for `model_config`."""
+    info = read_diffusers_folder(folder)
+    parts = [part_source(info, part, open_weight_file(part.weight_file)) for part in info.parts.values()]
+    return Checkpoint(ChainSource(parts), info.path, info.tokenizer, info)
 
 
 def source_metadata(source: TensorSource) -> dict[str, str]:
@@ -146,7 +104,14 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint is not a file: {path}")
-    return Checkpoint(open_weight_file(path), path)
+    return Checkpoint(normalize_keys(open_weight_file(path), path), path)
+
+
+def model_config(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], family: str | None = None) -> ModelConfig:
+    """The model a checkpoint states: a diffusers folder's config files, else read off a single file's shapes."""
+    if checkpoint.folder is not None:
+        return folder_model_config(checkpoint.folder)
+    return infer_config(shapes, family)
 
 
 def ema_source(source: TensorSource) -> TensorSource:
@@ -158,29 +123,22 @@ def ema_source(source: TensorSource) -> TensorSource:
         if not key.startswith(UNET_PREFIX):
             names[key] = key
             continue
-        names[key] = "model_ema.diffusion_model" + key[len(UNET_PREFIX) :].replace(".", "")
+        names[key] = ema_key(key)
         if names[key] not in present:
             raise CheckpointError("--ema: this checkpoint has no EMA weights (no model_ema.* keys for the UNet)")
     return RenamedSource(source, names)
 
 
-def align_text_keys(source: TensorSource, model_keys: set[str]) -> TensorSource:
-    """Text-tower keys in the form this model's modules use: CLIP keys come with or without `text_model.`
-    depending on the transformers version that saved them; OpenCLIP's projection comes as open_clip's
-    `text_projection` or as the Linear `text_projection.weight` (transposed) diffusers' script writes."""
-    recipes: dict[str, tuple[str, tuple[str, ...]]] = {}
-    for key in source.keys():
-        target, op = key, "same"
-        prefix = next((p for p in CLIP_TOWER_PREFIXES if key.startswith(p)), None)
-        if prefix is not None and key not in model_keys:
-            rest = key[len(prefix) :]
-            flipped = rest[len("text_model.") :] if rest.startswith("text_model.") else "text_model." + rest
-            if prefix + flipped in model_keys:
-                target = prefix + flipped
-        elif key.endswith(".model.text_projection.weight") and key[: -len(".weight")] in model_keys:
-            target, op = key[: -len(".weight")], "transpose"
-        recipes[target] = (op, (key,))
-    return ComputedSource(source, recipes)
+def model_view(source: TensorSource, model_keys: set[str]) -> TensorSource:
+    """The source under the model's own key names. The model's CLIP keys follow the installed
+    transformers (with or without `text_model.`); the source's are canonical, so each model key is
+    matched through the same `canonical_key`. Keys the model lacks keep their names for the report."""
+    names = {key: key for key in source.keys()}
+    for key in model_keys:
+        canonical = canonical_key(key)
+        if canonical != key and canonical in names:
+            names[key] = names.pop(canonical)
+    return RenamedSource(source, names)
 
 
 @dataclass
@@ -225,8 +183,6 @@ def check_keys(
 ) -> LoadReport:
     """Compare a source with the model's parameter shapes, LDM names on both sides. `unused` maps key
     prefixes the family carries but never runs to a reason (counted as known extras)."""
-    from optimized_sd.weights.family import known_extra_key
-
     report = LoadReport()
     present = set(source.keys())
     for key, shape in expected.items():
@@ -263,7 +219,6 @@ def prepare_model(
     (`--vae FILE`) replaces the checkpoint's VAE. Weights are copied in later by `materialize`, by
     whoever decides where they live."""
     from optimized_sd.models.sd import LatentDiffusion
-    from optimized_sd.weights.family import detect_family
 
     checkpoint = open_checkpoint(path)
     source = checkpoint.source
@@ -272,11 +227,11 @@ def prepare_model(
     if ema:
         source = ema_source(source)
         shapes = source.shapes()
-    config = config or infer_config(shapes, family)
+    config = config or model_config(checkpoint, shapes, family)
     with torch.device("meta"):
         model = LatentDiffusion(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    source = align_text_keys(source, set(expected))
+    source = model_view(source, set(expected))
     report = check_keys(source, expected, unused_keys(shapes, config))
     if not report.ok:
         name = FAMILY_NAMES.get(config.family, config.family)
