@@ -266,7 +266,8 @@ def unet_config(part: DiffusersPart, family: str = SD1) -> UNetConfig:
         )
     _heads_rule(config, path, heads_name, [base * m for m in mult], attention)
     depth = _value(config, path, "transformer_layers_per_block", (int, list), 1)
-    depth = tuple(depth) if isinstance(depth, list) else depth
+    if isinstance(depth, list):  # levels without attention hold no layers (as a single file reads)
+        depth = tuple(d if level in attention else 0 for level, d in enumerate(depth))
     adm = None
     if addition is not None:
         _require(config, path, {"addition_time_embed_dim": SIZE_EMBEDDING_DIM})
