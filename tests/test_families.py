@@ -273,3 +273,15 @@ def test_stream_by_parts_gives_the_full_image(tiny_model, monkeypatch):
     groups = pipe.engine.groups
     assert any(".transformer_blocks.0" in name for name in groups) and any(".encoder.layers.1" in name for name in groups)
     assert max_diff(streamed.latents, full.latents) <= 1e-5
+
+
+def test_inspect_names_family_prediction_towers_and_size(tiny_sd2, tiny_sdxl):
+    from optimized_sd.weights.inspect import describe_checkpoint, format_info
+
+    folder = format_info(describe_checkpoint(tiny_sd2.folder))
+    assert "sd2 (SD 2.x)" in folder and "v (scheduler_config.json)" in folder and "768x768 by default" in folder
+    real = format_info(describe_checkpoint(tiny_sd2.files["real"], hashes=False))
+    assert "SD 2.x" in real and "eps (family default)" in real and "OpenCLIP 2 layers run x 64" in real
+    sdxl = format_info(describe_checkpoint(tiny_sdxl.files["converted"], hashes=False))
+    assert "sdxl (SDXL)" in sdxl and "1024x1024 by default" in sdxl
+    assert "CLIP ViT-L-style 2 layers x 32; OpenCLIP 3 layers run x 64, pooled 64" in sdxl
