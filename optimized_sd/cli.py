@@ -17,7 +17,10 @@ DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 
 def generation_options(default_outdir: str, default_size: int | None) -> Callable:
     """The flags txt2img and img2img share (optimizedSD's names), applied as one decorator."""
-    size_help = "pixels (multiple of 8)" + ("" if default_size else "; default: the init image's size floored to 64")
+    size_help = "pixels (multiple of 8); default: " + (
+        "the family's (512 SD 1.x and SD 2.x base, 768 SD 2.x v, 1024 SDXL)" if default_size is None and "txt2img" in default_outdir
+        else "the init image's size floored to 64"
+    )
     options = [
         click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt; 'a:0.25 b:0.75' mixes weighted subprompts."),
         click.option("--from-file", "from_file", type=click.Path(path_type=Path), help="Read prompts from a file, one per line."),
@@ -27,6 +30,8 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--config", type=click.Path(path_type=Path), help="JSON model config overriding the one read off the weights."),
         click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json, merges.txt)."),
         click.option("--ema", is_flag=True, help="Use the checkpoint's EMA UNet weights."),
+        click.option("--vae", type=click.Path(path_type=Path), help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's."),
+        click.option("--prediction", default="auto", show_default=True, help="auto, eps or v: what the UNet predicts (auto: what the file says, else the family's default)."),
         click.option("--H", "height", type=int, default=default_size, help=f"Image height in {size_help}."),
         click.option("--W", "width", type=int, default=default_size, help=f"Image width in {size_help}."),
         click.option("--C", "channels", type=int, default=4, show_default=True, help="Latent channels."),
@@ -71,7 +76,7 @@ def cli() -> None:
 
 
 @cli.command()
-@generation_options("outputs/txt2img-samples", 512)
+@generation_options("outputs/txt2img-samples", None)
 def txt2img(**flags) -> None:
     """Generate images from a prompt."""
     from optimized_sd.pipelines.run import run_generation

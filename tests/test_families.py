@@ -285,3 +285,39 @@ def test_inspect_names_family_prediction_towers_and_size(tiny_sd2, tiny_sdxl):
     sdxl = format_info(describe_checkpoint(tiny_sdxl.files["converted"], hashes=False))
     assert "sdxl (SDXL)" in sdxl and "1024x1024 by default" in sdxl
     assert "CLIP ViT-L-style 2 layers x 32; OpenCLIP 3 layers run x 64, pooled 64" in sdxl
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def test_cli_runs_sdxl_with_a_separate_vae_and_says_what_it_ran(capsys, tiny_sdxl, tmp_path):
+    from safetensors.torch import save_file
+
+    from optimized_sd.cli import main
+    from optimized_sd.pipelines.output import read_parameters
+
+    save_file({k: v.contiguous() for k, v in tiny_sdxl.vae.state_dict().items()}, str(tmp_path / "fix-vae.safetensors"))
+    args = [
+        "txt2img", "--ckpt", tiny_sdxl.files["real"], "--tokenizer", tiny_sdxl.tokenizer, "--outdir", tmp_path / "out",
+        "--H", "64", "--W", "64", "--steps", "1", "--n_samples", "1", "--device", "cpu", "--seed", "5", "--sampler", "euler",
+        "--vae", tmp_path / "fix-vae.safetensors", "--skip_grid",
+    ]
+    try:
+        main([str(a) for a in args])
+    except SystemExit as done:
+        assert not done.code
+    out = capsys.readouterr().out
+    assert "SDXL, eps prediction (family default)" in out
+    (image,) = sorted((tmp_path / "out").rglob("*.png"))
+    assert "VAE hash: " in read_parameters(image) and "VAE: fix-vae.safetensors" in read_parameters(image)
+
+
+def test_cli_refuses_a_mis_shaped_vae_in_one_line(capsys, tiny_sd2, tiny_model, tmp_path):
+    from optimized_sd.cli import main
+
+    args = ["txt2img", "--ckpt", tiny_sd2.files["real"], "--tokenizer", tiny_sd2.tokenizer, "--vae", tiny_model.safetensors,
+            "--outdir", tmp_path / "out", "--device", "cpu"]
+    with pytest.raises(SystemExit) as done:
+        main([str(a) for a in args])
+    assert done.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --vae ") and "does not fit this model's VAE" in err and err.count("\n") == 1
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing written

@@ -60,8 +60,8 @@ class GenerationRequest:
     sampler: str = "plms"
     karras: bool = False
     seed: int | None = None
-    height: int = 512
-    width: int = 512
+    height: int | None = None  # None: the family's size (512 SD 1.x / SD 2.x base, 768 SD 2.x v, 1024 SDXL)
+    width: int | None = None
     latent_channels: int = 4
     downscale: int = 8
     unet_batch: int | None = None
@@ -149,6 +149,8 @@ class StableDiffusion:
         self.schedule = scaled_linear_schedule(self.config.linear_start, self.config.linear_end, self.config.timesteps)
         self._model_hash: str | None = None
         self.prediction_reason = "family default"  # where the prediction type came from (set by `load`)
+        self.vae_file: Path | None = None  # `--vae FILE` (set by `load`)
+        self._vae_hash: str | None = None
 
     # -- memory (delegated: MemorySession owns every placement decision) ----------------------
     @property
@@ -249,6 +251,8 @@ class StableDiffusion:
             raise UserError("no prompt given")
         if request.init_image is not None:
             request = replace(request, width=request.init_image.width, height=request.init_image.height)
+        size = self.config.default_size
+        request = replace(request, height=request.height or size, width=request.width or size)
         check_size(request.height, request.width, request.downscale)
         if request.latent_channels != self.config.unet.in_channels:
             raise UserError(f"--C {request.latent_channels}: this model's latents have {self.config.unet.in_channels} channels")
@@ -315,10 +319,22 @@ class StableDiffusion:
                 model_hash=self.model_hash(),
                 model_name=self.loaded.checkpoint.name,
                 strength=strength if request.init_image is not None else None,
+                vae_hash=self.vae_hash(),
+                vae_name=self.vae_file.name if self.vae_file is not None else None,
             )
             for prompt, s in zip(request.prompts, seeds)
         ]
         return GenerationResult(images, seeds, parameters, latents)
+
+    def vae_hash(self) -> str | None:
+        """AUTOMATIC1111's short hash of the `--vae` file, when one replaced the checkpoint's VAE."""
+        if self.vae_file is None:
+            return None
+        if self._vae_hash is None:
+            from optimized_sd.weights.hashing import sha256_short
+
+            self._vae_hash = sha256_short(self.vae_file)
+        return self._vae_hash
 
     def model_hash(self) -> str:
         """AUTOMATIC1111's short hash of the file (of the UNet weights for a diffusers folder)."""
@@ -364,12 +380,14 @@ def load(
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
     loaded = prepare_model(checkpoint, config=config, ema=ema, vae=vae)
+    checkpoint_source = loaded.checkpoint.source
     prediction_type, why = resolve_prediction(
-        prediction, loaded.config.family, loaded.checkpoint.path, set(loaded.checkpoint.source.keys()), source_metadata(loaded.checkpoint.source)
+        prediction, loaded.config.family, loaded.checkpoint.path, set(checkpoint_source.keys()), source_metadata(checkpoint_source)
     )
     loaded.config = replace(loaded.config, prediction_type=prediction_type)
     loaded.model.config = loaded.config
     log.info("%s, %s prediction (%s)", loaded.config.family_name, "v" if prediction_type == "v_prediction" else "eps", why)
     pipe = StableDiffusion(loaded, **options)
     pipe.prediction_reason = why
+    pipe.vae_file = Path(vae) if vae is not None else None
     return pipe

@@ -33,6 +33,8 @@ class ImageParameters:
     model_hash: str
     model_name: str
     strength: float | None = None
+    vae_hash: str | None = None  # `--vae FILE`'s short hash (AUTOMATIC1111's "VAE hash")
+    vae_name: str | None = None
 
     def text(self) -> str:
         fields = [
@@ -46,6 +48,8 @@ class ImageParameters:
         ]
         if self.strength is not None:
             fields.append(f"Denoising strength: {self.strength:g}")
+        if self.vae_hash is not None:
+            fields += [f"VAE hash: {self.vae_hash}", f"VAE: {self.vae_name}"]
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")

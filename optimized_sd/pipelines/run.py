@@ -63,6 +63,8 @@ def run_generation(flags: dict[str, Any], init_img: Path | None, strength: float
         flags["ckpt"],
         config=flags["config"],
         ema=flags["ema"],
+        vae=flags["vae"],
+        prediction=flags["prediction"],
         device=flags["device"],
         precision=flags["precision"],
         memory="turbo" if flags["turbo"] else flags["memory"],
@@ -72,6 +74,8 @@ def run_generation(flags: dict[str, Any], init_img: Path | None, strength: float
         tokenizer=flags["tokenizer"],
     )
     seed = flags["seed"] if flags["seed"] is not None else random.randint(0, 2**32 - 1)
+    prediction = "v" if pipe.config.prediction_type == "v_prediction" else "eps"
+    click.echo(f"{pipe.config.family_name}, {prediction} prediction ({pipe.prediction_reason})")
     click.echo(f"seed {seed}" + (" (random)" if flags["seed"] is None else ""))
     images, written = [], []
     for _ in range(flags["n_iter"]):
@@ -85,8 +89,8 @@ def run_generation(flags: dict[str, Any], init_img: Path | None, strength: float
                 sampler=flags["sampler"],
                 karras=flags["karras"],
                 seed=seed,
-                height=flags["height"] or 512,
-                width=flags["width"] or 512,
+                height=flags["height"] or pipe.config.default_size,
+                width=flags["width"] or pipe.config.default_size,
                 latent_channels=flags["channels"],
                 downscale=flags["downscale"],
                 unet_batch=flags["unet_bs"],
