@@ -7,15 +7,16 @@ group is released and which group follows which all come from the caller's `Grou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-Release = Literal["never", "after_forward", "stage_end"]
-HostStorage = Literal["pinned", "cpu", "source"]
+from optimized_sd.memory.modes import HostStorage, Release
+from optimized_sd.tensor_swap import swap_tensor
+
+TensorHook = Callable[[str, Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,13 @@ class OffloadEngine:
 
     host storage: `pinned` keeps a page-locked CPU copy in the compute dtype (CUDA, allows async
     prefetch), `cpu` a plain CPU copy, `source` re-reads the (memory-mapped) file each time the group
-    is needed and keeps nothing, the RAM-lean path for machines without a GPU."""
+    is needed and keeps nothing, the RAM-lean path for machines without a GPU.
+
+    `tensor_hook(key, tensor)` is called with each floating tensor's checkpoint key and its device
+    copy, in the compute dtype, right after the copy is placed (every load of every group, resident
+    groups included), so a patch (a LoRA merged in place) changes exactly the copy that computes and
+    never the host copy or the file. `reload()` places the resident groups again, so a changed hook
+    takes effect at once (removing it restores the original values)."""
 
     def __init__(
         self,
@@ -91,8 +98,10 @@ class OffloadEngine:
         *,
         host: HostStorage,
         prefetch: bool = False,
+        tensor_hook: TensorHook | None = None,
     ) -> None:
         self.root = root
+        self.tensor_hook = tensor_hook
         self.source = source
         self.device = device
         self.dtype = dtype
@@ -190,10 +199,13 @@ class OffloadEngine:
 
     # -- movement -----------------------------------------------------------------------------
     def _set(self, slot: TensorSlot, value: Tensor) -> None:
-        if slot.is_parameter:
-            slot.owner._parameters[slot.leaf] = nn.Parameter(value, requires_grad=False)
-        else:
-            slot.owner._buffers[slot.leaf] = value
+        swap_tensor(slot.owner, slot.leaf, value)
+
+    def _placed(self, slot: TensorSlot, value: Tensor) -> None:
+        """Swap in a device copy just made, and let the hook patch it (floating tensors only)."""
+        self._set(slot, value)
+        if self.tensor_hook is not None and slot.floating:
+            self.tensor_hook(slot.key, value)
 
     def _copy_in(self, group: Group) -> None:
         """Device copies of the group's tensors, from the host copy or the file."""
@@ -208,13 +220,13 @@ class OffloadEngine:
                 view = group.packed_device[start : start + slot.shape.numel()].view(slot.shape)
                 if group.packed_host is None:  # arena: cast straight from the file into place
                     view.copy_(self.source.get(slot.key).reshape(slot.shape))
-                self._set(slot, view)
+                self._placed(slot, view)
                 continue
             value = slot.host if slot.host is not None else self.source.get(slot.key)
             value = value.reshape(slot.shape).to(
                 device=self.device, dtype=self._target_dtype(slot), non_blocking=non_blocking, copy=True
             )
-            self._set(slot, value)
+            self._placed(slot, value)
         # Every tensor above is a copy, so the file pages just read can be handed back at once.
         self.source.release(slot.key for slot in group.slots)
 
@@ -256,11 +268,7 @@ class OffloadEngine:
         group = self.groups[name]
         if not group.resident or group.spec.release == "never":
             return
-        for slot in group.slots:
-            self._set(slot, slot.host if slot.host is not None else self._placeholder(slot))
-        group.resident = False
-        group.ready = None
-        group.packed_device = None
+        self._drop(group)
         self.events.append(("release", name, self.resident_names()))
 
     def _before(self, name: str) -> None:
@@ -323,8 +331,46 @@ class OffloadEngine:
         """Bytes of weights currently on the device (floating tensors at the compute dtype)."""
         return sum(group.bytes * self.dtype_bytes for group in self.groups.values() if group.resident)
 
+    def reload(self) -> None:
+        """Place every resident group again from its home (host copy or file), through the current
+        `tensor_hook`: how a changed hook reaches groups that are not loaded again by themselves."""
+        for group in self.groups.values():
+            if group.resident:
+                self._drop(group)
+                self.load(group.spec.name)
+
+    def _drop(self, group: Group) -> None:
+        """Forget a group's device copies, whatever its release rule (slots back to host copies or placeholders)."""
+        for slot in group.slots:
+            self._set(slot, slot.host if slot.host is not None else self._placeholder(slot))
+        group.resident = False
+        group.ready = None
+        group.packed_device = None
+
     def close(self) -> None:
+        """Let go of everything: hooks, device copies (the model is left holding placeholders), the
+        pinned packed buffers and host copies, the shared arena and the copy stream. A long-lived
+        process calls it (through `StableDiffusion.close`) to hand pinned memory and file pages back."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # no copy may still write into a buffer dropped below
+        for group in self.groups.values():
+            for slot in group.slots:
+                slot.host = None
+            self._drop(group)
+            group.packed_host = None
+        self._stage_loaded = []
+        self._arena = None
+        self.copy_stream = None
+        self.events.clear()
+
+    def held_tensors(self) -> list[Tensor]:
+        """Every tensor the engine itself keeps alive (host copies, packed buffers, device copies, arena)."""
+        held = [self._arena] if self._arena is not None else []
+        for group in self.groups.values():
+            held += [t for t in (group.packed_host, group.packed_device) if t is not None]
+            held += [slot.host for slot in group.slots if slot.host is not None]
+        return held
 

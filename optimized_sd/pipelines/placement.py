@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from optimized_sd.memory.modes import MemoryMode
 from optimized_sd.memory.offload import GroupSpec
 from optimized_sd.memory.planner import ModelFootprint
 
@@ -81,23 +82,24 @@ def unet_halves(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(blocks[:cut]), tuple(blocks[cut:])
 
 
-def group_specs(mode: str, model: nn.Module, unit_params: int | None = None) -> list[GroupSpec]:
-    """Offload groups for a memory mode (see `memory.planner.MODES`); `unit_params` bounds a streamed unit."""
-    if mode == "full":
+def group_specs(row: MemoryMode, model: nn.Module, unit_params: int | None = None) -> list[GroupSpec]:
+    """Offload groups for a mode's row (`memory.modes.MODE_TABLE`): its resident rule and denoiser
+    grouping mapped to this model's module paths. A denoiser streamed in blocks streams the text towers
+    by layer too, and splits blocks above `unit_params` parameters into their parts (`stream_units`)."""
+    if row.resident == "everything":
         return [GroupSpec("all", ("model", "first_stage_model", text_root(model)), "never")]
-    stage_groups = [*text_groups(model, mode == "stream"), GroupSpec("vae_encoder", VAE_ENCODER), GroupSpec("vae_decoder", VAE_DECODER)]
-    if mode == "turbo":
-        return stage_groups + [GroupSpec("unet", (UNET,))]
-    if mode == "split":
+    streamed = row.denoiser == "blocks"
+    stage_groups = [*text_groups(model, streamed), GroupSpec("vae_encoder", VAE_ENCODER), GroupSpec("vae_decoder", VAE_DECODER)]
+    release = row.denoiser_release
+    if row.denoiser == "whole":
+        return stage_groups + [GroupSpec("unet", (UNET,), release)]
+    if row.denoiser == "halves":
         first, second = unet_halves(model)
-        return stage_groups + [
-            GroupSpec("unet_half_1", first, "after_forward"),
-            GroupSpec("unet_half_2", second, "after_forward"),
-        ]
+        return stage_groups + [GroupSpec("unet_half_1", first, release), GroupSpec("unet_half_2", second, release)]
     units = stream_units(model, unit_params)
     names = [f"unet.{unit[0][len(UNET) + 1 :]}" for unit in units]
     return stage_groups + [
-        GroupSpec(name, unit, "after_forward", prefetch_next=names[(i + 1) % len(names)])
+        GroupSpec(name, unit, release, prefetch_next=names[(i + 1) % len(names)])
         for i, (name, unit) in enumerate(zip(names, units))
     ]
 
