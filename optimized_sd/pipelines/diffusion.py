@@ -4,7 +4,6 @@ where it computes is `memory_session`'s business."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from optimized_sd.sampling import ProgressCallback, scaled_linear_schedule
 from optimized_sd.weights.loading import LoadedModel, prepare_model, source_metadata
 from optimized_sd.weights.prediction import resolve_prediction
 
-log = logging.getLogger("optimized_sd")
 
 __all__ = [  # the names callers have imported from here
     "GenerationRequest",
@@ -189,7 +187,6 @@ def load(
     )
     loaded.config = replace(loaded.config, prediction_type=prediction_type)
     loaded.model.config = loaded.config
-    log.info("%s, %s prediction (%s)", loaded.config.family_name, "v" if prediction_type == "v_prediction" else "eps", why)
     pipe = StableDiffusion(loaded, **options)
     pipe.prediction_reason = why
     pipe.vae_file = Path(vae) if vae is not None else None
