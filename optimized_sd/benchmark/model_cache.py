@@ -89,33 +89,27 @@ def header_for(entries: list[tuple[str, str, tuple[int, ...]]], seed: int) -> tu
     return struct.pack("<Q", len(text)) + text, offset
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """The parsed header and where the data starts; raises ValueError on anything unreadable."""
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise ValueError("too short")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100_000_000:
-            raise ValueError("bad header length")
-        return json.loads(handle.read(length)), 8 + length
-
-
 def is_valid(path: Path, entries: list[tuple[str, str, tuple[int, ...]]], seed: int) -> bool:
-    """A quick check of a cached file: our tag and seed, every expected key and shape, full length."""
+    """A quick check of a cached file (its header validated by the loader's own reader): our tag and seed,
+    every expected key and shape, full length."""
+    import torch
+
+    from optimized_sd.errors import CheckpointError
+    from optimized_sd.weights.sources import SafetensorsSource
+
     try:
-        header, data_start = read_header(path)
-    except (OSError, ValueError):
+        source = SafetensorsSource(path)
+    except CheckpointError:
         return False
-    meta = header.pop("__metadata__", {}) or {}
+    meta = source.metadata
+    source.close()
     if meta.get("format") != FORMAT_TAG or meta.get("version") != FORMAT_VERSION or meta.get("seed") != str(seed):
         return False
-    if set(header) != {key for _, key, _ in entries}:
+    if set(source.keys()) != {key for _, key, _ in entries}:
         return False
-    if any(tuple(header[key]["shape"]) != shape or header[key]["dtype"] != "F16" for _, key, shape in entries):
+    if any(source.shape(key) != shape or source.dtype(key) != torch.float16 for _, key, shape in entries):
         return False
-    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    return path.stat().st_size == data_start + end
+    return path.stat().st_size == source.data_end
 
 
 def check_disk_space(folder: Path, needed: int) -> None:

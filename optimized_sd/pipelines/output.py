@@ -70,8 +70,11 @@ def ensure_writable(folder: Path) -> None:
     """Fail before any work if the folder cannot be made or written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
+        # A fresh name, created exclusively and never through a link: whatever already sits in the folder
+        # (a file, or a symlink planted to point elsewhere) is never opened, truncated or followed.
+        probe = folder / f".write-test-{os.getpid()}-{os.urandom(6).hex()}"
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        os.close(fd)
         probe.unlink()
     except OSError as error:
         raise UserError(f"cannot write to output folder {folder}: {error.strerror or error}") from None

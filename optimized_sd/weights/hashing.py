@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from optimized_sd.errors import CheckpointError
+from optimized_sd.weights.sources import open_regular_file
 
 __all__ = ["legacy_model_hash", "sha256_file", "sha256_short"]
 
@@ -50,7 +51,7 @@ def sha256_file(path: Path, *, cache_path: Path | None = None) -> str:
 
     digest = hashlib.sha256()
     try:
-        with path.open("rb") as f:
+        with open_regular_file(path) as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
     except OSError as exc:
@@ -73,7 +74,7 @@ def legacy_model_hash(path: Path) -> str:
     path = Path(path)
     _stat(path)
     try:
-        with path.open("rb") as f:
+        with open_regular_file(path) as f:
             f.seek(_LEGACY_OFFSET)
             block = f.read(_LEGACY_LENGTH)
     except OSError as exc:

@@ -3,6 +3,7 @@ model, and copy its tensors into modules (all at once, or group by group for the
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from optimized_sd.weights.sources import (
     RenamedSource,
     SafetensorsSource,
     TensorSource,
+    open_regular_file,
 )
 
 
@@ -48,13 +50,16 @@ class Checkpoint:
 
 
 def is_safetensors_file(path: Path) -> bool:
-    """True when the file's first bytes are a safetensors header, whatever its name says."""
-    try:
-        with path.open("rb") as handle:
+    """True when the file is named `.safetensors` (so a broken header gets the safetensors reader's
+    message) or its first bytes are a safetensors header whatever its name says. Only regular files
+    are opened: a FIFO or device is refused before any read could block."""
+    with open_regular_file(path) as handle:
+        try:
             head = handle.read(9)
-    except OSError as error:
-        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
-    return looks_like_safetensors(head, path.stat().st_size)
+            size = os.fstat(handle.fileno()).st_size
+        except OSError as error:
+            raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    return path.suffix == ".safetensors" or looks_like_safetensors(head, size)
 
 
 def open_weight_file(path: Path) -> TensorSource:

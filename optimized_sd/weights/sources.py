@@ -2,17 +2,26 @@
 
 A safetensors file is memory-mapped and each tensor is a zero-copy view into the mapping, so loading
 never holds a second full copy in RAM; `release` hands a tensor's pages back to the kernel so a
-streamed model's resident set stays at the size of what is in use."""
+streamed model's resident set stays at the size of what is in use.
+
+The safetensors header is untrusted input: `parse_safetensors_header` is the one validator (the loader,
+`inspect` and the benchmark's model cache all go through `SafetensorsSource`), and every problem is a
+one-line CheckpointError naming the tensor. Files are opened only once they are known to be regular
+files (`open_regular_file`), so a FIFO or a device given as a checkpoint is refused instead of blocking.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
-import struct
+import stat
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -33,6 +42,144 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+# A safetensors header is JSON that Python turns into objects ~10x its size; SD-sized models need well under 1 MiB.
+SAFETENSORS_HEADER_LIMIT = 16 * 2**20
+# More dimensions than any weight has; bounds the work a crafted shape can ask for.
+MAX_TENSOR_DIMS = 32
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def open_regular_file(path: Path) -> BinaryIO:
+    """Open `path` for reading only if it is a regular file (a symlink to one is fine).
+
+    The type is checked with stat before opening (opening a FIFO blocks until a writer comes) and again on the
+    open descriptor, which is opened non-blocking, so nothing swapped in between can hang the process."""
+    try:
+        before = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(before.st_mode):
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (a diffusers folder needs the diffusers reader)")
+    if not stat.S_ISREG(before.st_mode):
+        raise CheckpointError(f"{path}: is a {_file_kind(before.st_mode)}, not a regular file; refused without reading it")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: is a {_file_kind(mode)}, not a regular file; refused without reading it")
+    return os.fdopen(fd, "rb")
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """One validated tensor record: where its bytes lie relative to the start of the data section."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _refuse(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: malformed safetensors header: {problem}")
+
+
+def _header_json(path: Path, raw: bytes) -> dict[str, Any]:
+    """Parse the header text: a JSON object, no duplicate keys, no NaN/Infinity, integers of at most 20 digits."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+            raise _refuse(path, f"key {duplicate!r} appears twice")
+        return out
+
+    def bounded_int(text: str) -> int:
+        if len(text.lstrip("-")) > 20:
+            raise _refuse(path, f"integer {text[:24]}... is too large")
+        return int(text)
+
+    def no_constant(text: str) -> Any:
+        raise _refuse(path, f"{text} is not allowed")
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_int=bounded_int,
+                            parse_constant=no_constant)
+    except UnicodeDecodeError:
+        raise _refuse(path, "it is not UTF-8 text") from None
+    except RecursionError:
+        raise _refuse(path, "it nests too deeply") from None
+    except ValueError as exc:  # JSONDecodeError
+        raise _refuse(path, f"not JSON ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(header, dict):
+        raise _refuse(path, f"it is a JSON {type(header).__name__}, not an object")
+    return header
+
+
+def _plain_int(value: Any) -> bool:
+    return type(value) is int  # bool is an int subclass; true/false are not sizes
+
+
+def _entry(path: Path, key: str, entry: Any, data_size: int) -> SafetensorsEntry:
+    """Check one tensor record against the spec and against the data section's size."""
+    if not isinstance(entry, dict):
+        raise _refuse(path, f"tensor {key!r} is a JSON {type(entry).__name__}, not an object")
+    dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+        raise _refuse(path, f"tensor {key!r} has unknown dtype {str(dtype_name)[:20]!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    if not isinstance(shape, list) or not all(_plain_int(d) and d >= 0 for d in shape):
+        raise _refuse(path, f"tensor {key!r} has shape {str(shape)[:60]}, not a list of sizes >= 0")
+    if len(shape) > MAX_TENSOR_DIMS:
+        raise _refuse(path, f"tensor {key!r} has {len(shape)} dimensions (at most {MAX_TENSOR_DIMS})")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_plain_int(o) for o in offsets)):
+        raise _refuse(path, f"tensor {key!r} has data_offsets {str(offsets)[:60]}, not two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise _refuse(path, f"tensor {key!r} has data_offsets [{begin}, {end}]: begin must be >= 0 and <= end")
+    needed = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    if end - begin != needed:
+        raise _refuse(path, f"tensor {key!r} holds {end - begin} bytes, but shape {tuple(shape)} of {dtype_name} needs {needed}")
+    if end > data_size:
+        raise CheckpointError(
+            f"{path} is truncated: tensor {key!r} ends at byte {end} of the data, the file holds {data_size} data bytes"
+        )
+    return SafetensorsEntry(dtype, tuple(shape), begin, end)
+
+
+def parse_safetensors_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, SafetensorsEntry], dict[str, str]]:
+    """Validate a safetensors header (`raw`, the JSON bytes) for a data section of `data_size` bytes.
+
+    Returns the tensor records by name and the `__metadata__` (str -> str). Gaps between tensors are allowed,
+    overlaps are not (two names for the same bytes would let one write show up in another tensor)."""
+    header = _header_json(path, raw)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _refuse(path, "__metadata__ must map strings to strings")
+    entries = {key: _entry(path, key, value, data_size) for key, value in header.items()}
+    previous: tuple[str, int] | None = None
+    for key, item in sorted(((k, e) for k, e in entries.items() if e.end > e.begin), key=lambda ke: ke[1].begin):
+        if previous is not None and item.begin < previous[1]:
+            raise _refuse(path, f"tensor {key!r} overlaps tensor {previous[0]!r} (bytes from {item.begin} to {previous[1]})")
+        if previous is None or item.end > previous[1]:
+            previous = (key, item.end)
+    return entries, metadata
 
 
 class TensorSource:
@@ -84,65 +231,68 @@ class DictSource(TensorSource):
 
 
 class SafetensorsSource(TensorSource):
-    """A memory-mapped `.safetensors` file: the header is parsed here (8-byte length, JSON), the data is
-    reached through one read-only mapping."""
+    """A memory-mapped `.safetensors` file: the header is validated here (`parse_safetensors_header`), the data
+    is reached through one read-only mapping."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as handle:
+        with open_regular_file(self.path) as handle:
+            try:
                 size = os.fstat(handle.fileno()).st_size
                 if size < 8:
                     raise CheckpointError(f"{self.path} is not a safetensors file (only {size} bytes)")
-                (header_len,) = struct.unpack("<Q", handle.read(8))
-                if header_len > size - 8 or header_len > 100_000_000:
-                    raise CheckpointError(f"{self.path} is not a safetensors file (bad header length)")
-                header = json.loads(handle.read(header_len))
-                self._mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{self.path} is not a safetensors file (unreadable header)") from None
-        except OSError as error:
-            raise CheckpointError(f"cannot read {self.path}: {error.strerror or error}") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        data_start = 8 + header_len
-        for key, entry in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-                begin, end = entry["data_offsets"]
-                shape = tuple(entry["shape"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: unsupported or malformed tensor entry {key!r}") from None
-            if data_start + end > size:
-                raise CheckpointError(
-                    f"{self.path} is truncated: tensor {key!r} ends at byte {data_start + end}, the file has {size}"
-                )
-            self._entries[key] = (dtype, shape, data_start + begin, end - begin)
+                header_len = int.from_bytes(handle.read(8), "little")
+                if header_len < 2 or header_len > size - 8:
+                    raise CheckpointError(
+                        f"{self.path} is not a safetensors file (header length {header_len} does not fit a {size}-byte file)"
+                    )
+                if header_len > SAFETENSORS_HEADER_LIMIT:
+                    raise CheckpointError(
+                        f"{self.path}: safetensors header of {header_len} bytes is past the "
+                        f"{SAFETENSORS_HEADER_LIMIT // 2**20} MiB limit; refused before reading it"
+                    )
+                raw = handle.read(header_len)
+                self.data_start = 8 + header_len
+                self._entries, self.metadata = parse_safetensors_header(self.path, raw, size - self.data_start)
+                self._mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size > self.data_start else None
+            except OSError as error:
+                raise CheckpointError(f"cannot read {self.path}: {error.strerror or error}") from None
+
+    @property
+    def data_end(self) -> int:
+        """The file offset just past the last tensor's bytes (the file may hold padding after it)."""
+        return self.data_start + max((entry.end for entry in self._entries.values()), default=0)
 
     def keys(self) -> list[str]:
         return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
+        return self._entries[key].shape
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._entries[key][0]
+        return self._entries[key].dtype
 
     def get(self, key: str) -> Tensor:
-        dtype, shape, offset, length = self._entries[key]
-        if length == 0 or self._mapping is None:
-            return torch.empty(shape, dtype=dtype)
+        entry = self._entries[key]
+        if entry.end == entry.begin or self._mapping is None:
+            return torch.empty(entry.shape, dtype=entry.dtype)  # validated: only shapes with a zero size get here
         with warnings.catch_warnings():  # the mapping is read-only; callers copy before writing
             warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(self._mapping, dtype=dtype, count=length // dtype.itemsize, offset=offset)
-        return flat.view(shape)
+            flat = torch.frombuffer(
+                self._mapping,
+                dtype=entry.dtype,
+                count=(entry.end - entry.begin) // entry.dtype.itemsize,
+                offset=self.data_start + entry.begin,
+            )
+        return flat.view(entry.shape)
 
     def release(self, keys: Iterable[str]) -> None:
         if self._mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         page = mmap.PAGESIZE
         for key in keys:
-            _, _, offset, length = self._entries[key]
+            entry = self._entries[key]
+            offset, length = self.data_start + entry.begin, entry.end - entry.begin
             start = offset - offset % page
             if length:
                 self._mapping.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
