@@ -30,7 +30,6 @@ from optimized_sd.sampling import ProgressCallback, scaled_linear_schedule
 from optimized_sd.weights.loading import LoadedModel, prepare_model, source_metadata
 from optimized_sd.weights.prediction import resolve_prediction
 
-
 __all__ = [  # the names callers have imported from here
     "GenerationRequest",
     "GenerationResult",
