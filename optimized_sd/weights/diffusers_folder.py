@@ -94,9 +94,11 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def find_weight_file(folder: Path) -> Path:
-    """The one weight file the loader reads for a component folder (first of DIFFUSERS_WEIGHT_FILES)."""
+    """The one weight file the loader reads for a component folder (first of DIFFUSERS_WEIGHT_FILES
+    present). Whatever is there is chosen, not only regular files: the reader then refuses a FIFO or
+    device by name instead of the folder looking empty."""
     for name in DIFFUSERS_WEIGHT_FILES:
-        if (folder / name).is_file():
+        if (folder / name).exists():
             return folder / name
     raise CheckpointError(f"diffusers folder part {folder} holds no weight file ({', '.join(DIFFUSERS_WEIGHT_FILES)})")
 
