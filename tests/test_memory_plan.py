@@ -57,7 +57,10 @@ def test_the_mode_table_drives_placement(tiny_model, row):
         assert set(engine.resident_names()) == {"all"}
         return
     unet_specs = [s for s in specs if any(m.startswith(UNET) for m in s.modules)]
-    assert {s.release for s in specs if s not in unet_specs} == {"stage_end"}  # text encoder and VAE: their stage only
+    others = [s for s in specs if s not in unet_specs]
+    streamed_text = [s for s in others if s.release == "after_forward"]  # `blocks` streams the text towers by layer too
+    assert all(s.name.startswith("text.") for s in streamed_text) and bool(streamed_text) == (row.denoiser == "blocks")
+    assert {s.release for s in others if s not in streamed_text} == {"stage_end"}  # text encoder and VAE: their stage only
     assert {s.release for s in unet_specs} == {row.denoiser_release}
     expected = {
         "whole": [(UNET,)],
