@@ -18,7 +18,10 @@ DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 
 def generation_options(default_outdir: str, default_size: int | None) -> Callable:
     """The flags txt2img and img2img share (optimizedSD's names), applied as one decorator."""
-    size_help = "pixels (multiple of 8)" + ("" if default_size else "; default: the init image's size floored to 64")
+    size_help = "pixels (multiple of 8); default: " + (
+        "the family's (512 SD 1.x and SD 2.x base, 768 SD 2.x v, 1024 SDXL)" if default_size is None and "txt2img" in default_outdir
+        else "the init image's size floored to 64"
+    )
     options = [
         click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt; 'a:0.25 b:0.75' mixes weighted subprompts."),
         click.option("--from-file", "from_file", type=click.Path(path_type=Path), help="Read prompts from a file, one per line."),
@@ -28,6 +31,8 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--config", type=click.Path(path_type=Path), help="JSON model config overriding the one read off the weights."),
         click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json, merges.txt)."),
         click.option("--ema", is_flag=True, help="Use the checkpoint's EMA UNet weights."),
+        click.option("--vae", type=click.Path(path_type=Path), help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's."),
+        click.option("--prediction", default="auto", show_default=True, help="auto, eps or v: what the UNet predicts (auto: what the file says, else the family's default)."),
         click.option("--H", "height", type=int, default=default_size, help=f"Image height in {size_help}."),
         click.option("--W", "width", type=int, default=default_size, help=f"Image width in {size_help}."),
         click.option("--C", "channels", type=int, default=4, show_default=True, help="Latent channels."),
@@ -68,10 +73,10 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
 @click.group()
 @click.version_option(package_name="optimized-sd")
 def cli() -> None:
-    """Low-VRAM Stable Diffusion 1.x: txt2img and img2img on small GPUs or the CPU."""
+    """Low-VRAM Stable Diffusion (SD 1.x, SD 2.x, SDXL): txt2img and img2img on small GPUs or the CPU."""
 
 
-LOAD_OPTIONS = ("config", "ema", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer")
+LOAD_OPTIONS = ("config", "ema", "vae", "prediction", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer")
 
 
 def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None, max_image_pixels: int | None = None):
@@ -137,6 +142,9 @@ def run_from_flags(
     finally:
         for bar in bars:
             bar.close()
+    config = result.pipeline.config
+    prediction = "v" if config.prediction_type == "v_prediction" else "eps"
+    click.echo(f"{config.family_name}, {prediction} prediction ({result.pipeline.prediction_reason})")
     click.echo(f"seed {result.first_seed}" + (" (random)" if flags["seed"] is None else ""))
     written = result.written
     click.echo(f"mode {describe_memory(result.pipeline)}; {len(result.images)} image(s)" + (f", wrote {len(written)} file(s):" if written else ""))
@@ -147,7 +155,7 @@ def run_from_flags(
 
 
 @cli.command()
-@generation_options("outputs/txt2img-samples", 512)
+@generation_options("outputs/txt2img-samples", None)
 def txt2img(**flags) -> None:
     """Generate images from a prompt."""
     run_from_flags(flags)

@@ -58,8 +58,8 @@ class Job:
     `n_samples`), or the prompts of `prompt_file` (one per line) instead; `n_iter` passes over them.
     Image i of a batch uses seed + i and the seed moves on by the batch size unless `fixed_code`.
     `init_image` (a path or a PIL image) makes it img2img, and with `inpaint` inpainting; height/width
-    None: 512 for txt2img, the init image's size floored to 64 for img2img, `inpaint.generation_size`
-    for inpainting (whose init image is never resized: the result has its size)."""
+    None: the model family's size for txt2img, the init image's size floored to 64 for img2img,
+    `inpaint.generation_size` for inpainting (whose init image is never resized: the result has its size)."""
 
     prompts: tuple[str, ...] = ()
     prompt_file: Path | None = None
@@ -142,7 +142,7 @@ class Job:
 
     def request(self, prompts: list[str], seed: int, init_image: Image.Image | None) -> GenerationRequest:
         """The pipeline call for one batch."""
-        default_width, default_height = (512, 512)
+        default_width = default_height = None
         if self.inpaint is not None and init_image is not None:
             default_width, default_height = self.inpaint.generation_size(init_image.size)
         return GenerationRequest(
@@ -154,7 +154,7 @@ class Job:
             sampler=self.sampler,
             karras=self.karras,
             seed=seed,
-            height=self.height or default_height,
+            height=self.height or default_height,  # None: the model family's size (the pipeline decides)
             width=self.width or default_width,
             latent_channels=self.latent_channels,
             downscale=self.downscale,

@@ -41,6 +41,8 @@ class ImageParameters:
     model_hash: str
     model_name: str
     strength: float | None = None
+    vae_hash: str | None = None  # `--vae FILE`'s short hash (AUTOMATIC1111's "VAE hash")
+    vae_name: str | None = None
 
     def text(self) -> str:
         """Prompt line, `Negative prompt:` line, then the `Key: value, ...` line. Newlines in the prompts
@@ -57,6 +59,9 @@ class ImageParameters:
         }
         if self.strength is not None:
             fields["Denoising strength"] = f"{self.strength:g}"
+        if self.vae_hash is not None:
+            fields["VAE hash"] = self.vae_hash
+            fields["VAE"] = self.vae_name
         lines = [one_line(self.prompt)]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {one_line(self.negative_prompt)}")

@@ -27,8 +27,8 @@ class GenerationRequest:
     sampler: str = "plms"
     karras: bool = False
     seed: int | None = None
-    height: int = 512
-    width: int = 512
+    height: int | None = None  # None: the family's size (512 SD 1.x / SD 2.x base, 768 SD 2.x v, 1024 SDXL)
+    width: int | None = None
     latent_channels: int = 4
     downscale: int = 8
     unet_batch: int | None = None
