@@ -123,3 +123,42 @@ def test_bad_lora_files(tmp_path: Path, tiny_model, model_shapes) -> None:
         read_lora(save({"lora_unet_x.hada_w1_a": torch.randn(2)}, tmp_path / "loha.safetensors"), TINY, model_shapes)
     with pytest.raises(UserError, match="no such file"):
         read_lora(tmp_path / "missing.safetensors", TINY, model_shapes)
+
+
+def diffusers_fused(tiny_model, path: Path, scale: float):
+    """diffusers' own reading of the file: load_lora_weights + fuse_lora(lora_scale), on copies."""
+    import copy
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    pipe = StableDiffusionPipeline(
+        unet=copy.deepcopy(tiny_model.unet), vae=tiny_model.vae, text_encoder=copy.deepcopy(tiny_model.text_encoder),
+        tokenizer=CLIPTokenizer.from_pretrained(str(tiny_model.tokenizer)), scheduler=EulerDiscreteScheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=scale)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["kohya", "peft"])
+def test_merged_weights_equal_diffusers_fuse_lora(tmp_path: Path, tiny_model, model_shapes, ldm_weights, kind: str) -> None:
+    from optimized_sd.weights.keymap import rename, unet_prefixes
+
+    make = kohya_lora if kind == "kohya" else peft_lora
+    path = save(make(tiny_model.unet, tiny_model.text_encoder), tmp_path / f"{kind}.safetensors")
+    pipe = diffusers_fused(tiny_model, path, 0.7)
+    fused = {"model.diffusion_model.": pipe.unet.state_dict(), "cond_stage_model.transformer.": pipe.text_encoder.state_dict()}
+    fused = {prefix: {name.replace(".base_layer", ""): value for name, value in sd.items()} for prefix, sd in fused.items()}
+    ldm_to_diffusers = rename(fused["model.diffusion_model."], unet_prefixes(TINY.unet), "model.diffusion_model.")
+    lora = read_lora(path, TINY, model_shapes)
+    assert len(lora.patches) == len(lora_modules(tiny_model.unet, tiny_model.text_encoder))
+    for key in lora.patches:
+        merged = ldm_weights[key].clone()
+        merge_into(key, merged, [(lora, 0.7)])
+        if key.startswith("model.diffusion_model."):
+            want = fused["model.diffusion_model."][ldm_to_diffusers[key]]
+        else:
+            want = fused["cond_stage_model.transformer."][key[len("cond_stage_model.transformer.") :]]
+        torch.testing.assert_close(merged, want.reshape(merged.shape), atol=1e-6, rtol=1e-5)
