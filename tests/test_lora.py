@@ -162,3 +162,31 @@ def test_merged_weights_equal_diffusers_fuse_lora(tmp_path: Path, tiny_model, mo
         else:
             want = fused["cond_stage_model.transformer."][key[len("cond_stage_model.transformer.") :]]
         torch.testing.assert_close(merged, want.reshape(merged.shape), atol=1e-6, rtol=1e-5)
+
+
+def test_lora_names_options_and_hashes(tmp_path: Path) -> None:
+    from optimized_sd.weights.hashing import extra_network_hash, sha256_file
+    from optimized_sd.weights.lora import find_lora, parse_lora_option
+
+    folder = tmp_path / "Lora"
+    (folder / "styles").mkdir(parents=True)
+    save({"a.lora_down.weight": torch.randn(2, 3)}, folder / "styles" / "WaterColor.safetensors")
+    save({"a.lora_down.weight": torch.randn(2, 3)}, folder / "ink.pt")
+    assert find_lora("WaterColor", folder).name == "WaterColor.safetensors"
+    assert find_lora("watercolor", folder).name == "WaterColor.safetensors"
+    with pytest.raises(UserError, match=r"<lora:watercolour>: no watercolour.safetensors/.pt/.ckpt in .*; nearest: WaterColor"):
+        find_lora("watercolour", folder)
+    with pytest.raises(UserError, match="no LoRA files"):
+        find_lora("x", tmp_path / "empty")
+    assert parse_lora_option("a/b.safetensors:0.6") == (Path("a/b.safetensors"), 0.6)
+    assert parse_lora_option("b.safetensors") == (Path("b.safetensors"), 1.0)
+    assert parse_lora_option("C:/x/b.pt") == (Path("C:/x/b.pt"), 1.0)
+    with pytest.raises(UserError, match="not a number"):
+        parse_lora_option("b.safetensors:strong")
+    # A1111's hashes: addnet (data after the header) for safetensors LoRAs, plain sha256 otherwise
+    import hashlib
+
+    raw = (folder / "styles" / "WaterColor.safetensors").read_bytes()
+    data = raw[8 + int.from_bytes(raw[:8], "little") :]
+    assert extra_network_hash(folder / "styles" / "WaterColor.safetensors", lora=True) == hashlib.sha256(data).hexdigest()[:12]
+    assert extra_network_hash(folder / "ink.pt", lora=True) == sha256_file(folder / "ink.pt")[:12]

@@ -289,3 +289,34 @@ def merge_into(key: str, weight: Tensor, loras: Sequence[tuple[Lora, float]]) ->
         return False
     weight.copy_((weight.float() + total).to(weight.dtype))
     return True
+
+
+def find_lora(name: str, folder: Path) -> Path:
+    """`<lora:NAME>`: NAME.safetensors (or .pt, .ckpt) anywhere under `folder`, as AUTOMATIC1111 finds
+    it by file stem; a UserError lists the nearest names when there is none."""
+    import difflib
+
+    folder = Path(folder)
+    found = {path.stem: path for path in sorted(folder.rglob("*")) if path.suffix in LORA_SUFFIXES and path.is_file()} if folder.is_dir() else {}
+    if name in found:
+        return found[name]
+    lowered = {stem.lower(): stem for stem in found}
+    if name.lower() in lowered:
+        return found[lowered[name.lower()]]
+    if not found:
+        raise UserError(f"<lora:{name}>: no LoRA files in {folder} (set --lora-dir)")
+    nearest = difflib.get_close_matches(name, list(found), n=3, cutoff=0.0)
+    raise UserError(f"<lora:{name}>: no {name}.safetensors/.pt/.ckpt in {folder}; nearest: {', '.join(nearest)}")
+
+
+def parse_lora_option(text: str) -> tuple[Path, float]:
+    """`--lora FILE[:WEIGHT]` -> (path, weight); the weight defaults to 1."""
+    path, weight = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not tail.startswith(("/", "\\")):
+        try:
+            weight = float(tail)
+            path = head
+        except ValueError:
+            raise UserError(f"--lora {text}: the weight {tail!r} is not a number (write FILE or FILE:WEIGHT)") from None
+    return Path(path), weight
