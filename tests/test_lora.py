@@ -190,3 +190,24 @@ def test_lora_names_options_and_hashes(tmp_path: Path) -> None:
     data = raw[8 + int.from_bytes(raw[:8], "little") :]
     assert extra_network_hash(folder / "styles" / "WaterColor.safetensors", lora=True) == hashlib.sha256(data).hexdigest()[:12]
     assert extra_network_hash(folder / "ink.pt", lora=True) == sha256_file(folder / "ink.pt")[:12]
+
+
+def test_lora_set_reads_each_file_once_and_says_when_the_set_changed(tmp_path: Path, tiny_model, model_shapes, ldm_weights) -> None:
+    from optimized_sd.weights.lora import LoraSet
+
+    path = save(kohya_lora(tiny_model.unet, tiny_model.text_encoder), tmp_path / "a.safetensors")
+    loras = LoraSet(TINY, model_shapes)
+    assert loras.activate({path: 0.5})
+    first = loras.active[0][0]
+    assert not loras.activate({path: 0.5})
+    assert loras.activate({path: 0.8}) and loras.active[0][0] is first  # a new weight does not re-read the file
+    key = next(iter(first.patches))
+    weight = ldm_weights[key].clone()
+    loras(key, weight)
+    torch.testing.assert_close(weight, ldm_weights[key] + 0.8 * first.patches[key].delta(weight.shape, torch.device("cpu")))
+    assert loras.activate({}) and loras.active == ()
+    untouched = ldm_weights[key].clone()
+    loras(key, untouched)
+    assert torch.equal(untouched, ldm_weights[key])
+    with pytest.raises(UserError, match="no such file"):
+        loras.activate({tmp_path / "missing.safetensors": 1.0})

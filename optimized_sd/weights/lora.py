@@ -320,3 +320,41 @@ def parse_lora_option(text: str) -> tuple[Path, float]:
         except ValueError:
             raise UserError(f"--lora {text}: the weight {tail!r} is not a number (write FILE or FILE:WEIGHT)") from None
     return Path(path), weight
+
+
+class LoraSet:
+    """The LoRAs of a model, read once per file and kept while in use, and the memory engine's
+    `tensor_hook` that merges the active ones into each weight as it is placed.
+
+    `activate` answers whether the active set changed, i.e. whether resident weights must be placed
+    again (the engine's `reload`) for the new set to take effect."""
+
+    def __init__(self, config: ModelConfig, model_shapes: Mapping[str, Sequence[int]]) -> None:
+        self.config = config
+        self.model_shapes = dict(model_shapes)
+        self.active: tuple[tuple[Lora, float], ...] = ()
+        self._read: dict[tuple[Path, int, int], Lora] = {}
+
+    def lora(self, path: Path) -> Lora:
+        """The file's patches, read once per (path, size, mtime)."""
+        resolved = Path(path).resolve()
+        try:
+            stat = resolved.stat()
+        except OSError:
+            raise UserError(f"--lora: {path}: no such file") from None
+        key = (resolved, stat.st_size, stat.st_mtime_ns)
+        if key not in self._read:
+            self._read[key] = read_lora(Path(path), self.config, self.model_shapes)
+        return self._read[key]
+
+    def activate(self, weights: Mapping[Path, float]) -> bool:
+        """Make `weights` (file -> weight) the active set; files no longer used are forgotten."""
+        active = tuple((self.lora(path), float(weight)) for path, weight in weights.items() if weight != 0)
+        self._read = {key: lora for key, lora in self._read.items() if any(lora is a for a, _ in active)}
+        changed = [(id(a), w) for a, w in active] != [(id(a), w) for a, w in self.active]
+        self.active = active
+        return changed
+
+    def __call__(self, key: str, tensor: Tensor) -> None:
+        if self.active:
+            merge_into(key, tensor, self.active)
