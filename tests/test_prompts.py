@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from optimized_sd.config import TINY
 from optimized_sd.errors import UserError
 from optimized_sd.models.text_encoder import clip_config, write_byte_tokenizer
-from optimized_sd.prompts.encoding import PromptEncoder, PromptTokens, SpecialTokens, build_chunks, pad_to_chunks
+from optimized_sd.prompts.encoding import PromptEncoder, PromptTokens, SpecialTokens, build_chunks, pad_to_chunks, spliced
 from optimized_sd.prompts.syntax import BREAK, LoraTag, Segment, extract_loras, parse_attention, split_subprompts
 
 
@@ -93,22 +95,12 @@ def token_embedding(model) -> torch.nn.Embedding:
 
 
 def encoder_of(model):
-    """encode(ids, fixes): embedding rows replaced at the fixes by a hook, as a text tower does it."""
+    """encode(ids, fixes): the tower with the fixes spliced into its token embeddings."""
 
     @torch.no_grad()
     def encode(ids: torch.Tensor, fixes) -> torch.Tensor:
-        def splice(module, inputs, embeds: torch.Tensor) -> torch.Tensor:
-            embeds = embeds.clone()
-            for row, row_fixes in enumerate(fixes):
-                for offset, vectors in row_fixes:
-                    embeds[row, offset : offset + vectors.shape[0]] = vectors
-            return embeds
-
-        hook = token_embedding(model).register_forward_hook(splice)
-        try:
+        with spliced(token_embedding(model), fixes):
             return model(input_ids=ids).last_hidden_state
-        finally:
-            hook.remove()
 
     return encode
 
@@ -216,3 +208,40 @@ def test_subprompts_mix_after_padding_with_the_empty_prompt(tower) -> None:
     assert pad_to_chunks(b, 3, empty).shape[1] == 231
     with pytest.raises(UserError, match="sum to 0"):
         encoder("a:1 b:-1")
+
+
+def test_embedding_equals_diffusers_load_textual_inversion(tmp_path, tiny_model) -> None:
+    """A1111 .pt file: our splice of its vectors gives diffusers' encode_prompt after load_textual_inversion."""
+    import copy
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from optimized_sd.weights.embeddings import EmbeddingLibrary, TowerEmbeddings
+
+    import json
+    import shutil
+
+    vectors = torch.randn(3, TINY.text.hidden_size) * 0.5
+    (tmp_path / "embeddings").mkdir()
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "sty"}, tmp_path / "embeddings" / "sty.pt")
+    # diffusers appends the new tokens at len(tokenizer): fill the byte vocabulary up to the model's size first
+    folder = Path(shutil.copytree(tiny_model.tokenizer, tmp_path / "tokenizer"))
+    vocab = json.loads((folder / "vocab.json").read_text())
+    vocab.update({f"<unused{i}>": i for i in range(TINY.text.vocab_size - 2) if i not in vocab.values()})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    pipe = StableDiffusionPipeline(
+        unet=tiny_model.unet, vae=tiny_model.vae, text_encoder=copy.deepcopy(tiny_model.text_encoder),
+        tokenizer=CLIPTokenizer.from_pretrained(str(folder)), scheduler=EulerDiscreteScheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.load_textual_inversion(str(tmp_path / "embeddings" / "sty.pt"), token="sty")
+    with torch.no_grad():
+        want, _ = pipe.encode_prompt("a sty b", "cpu", 1, False)
+    library = TowerEmbeddings(EmbeddingLibrary(tmp_path / "embeddings"), (TINY.text.hidden_size,))
+    encoder = PromptEncoder(tokens_of(tokenizer), encoder_of(tiny_model.text_encoder), library)
+    used: list[str] = []
+    got = encoder("a sty b", used)
+    assert used == ["sty"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

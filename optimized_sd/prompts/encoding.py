@@ -14,11 +14,12 @@ towers share this code: `tokenize(text) -> ids` without special tokens, and
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from optimized_sd.errors import UserError
 
@@ -144,6 +145,27 @@ def encode_chunks(chunks: Sequence[Chunk], encode: ChunkEncoder) -> Tensor:
     z = z * weights
     z = z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
     return z.reshape(1, -1, z.shape[-1])
+
+
+@contextmanager
+def spliced(token_embedding: nn.Module, fixes: Sequence[Sequence[Fix]]) -> Iterator[None]:
+    """Within the block, the token embedding's output (n, 77, C) has each fix's vectors in place of
+    the placeholder ids (how a tower takes textual-inversion vectors without a new token)."""
+
+    def replace(module: nn.Module, inputs: tuple, embeds: Tensor) -> Tensor:
+        if not any(fixes):
+            return embeds
+        embeds = embeds.clone()
+        for row, row_fixes in enumerate(fixes):
+            for offset, vectors in row_fixes:
+                embeds[row, offset : offset + vectors.shape[0]] = vectors.to(embeds)
+        return embeds
+
+    handle = token_embedding.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def pad_to_chunks(z: Tensor, chunks: int, empty: Tensor) -> Tensor:
