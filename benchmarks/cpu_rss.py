@@ -53,7 +53,7 @@ def ab_child(payload: dict) -> int:
     times: dict[str, list[float]] = {"ours": [], "theirs": []}
     for _ in range(payload["rounds"]):
         start = time.perf_counter()
-        with pipe.stage("unet"):
+        with pipe.memory.stage("unet"):
             ours(x, t, context)
         times["ours"].append(time.perf_counter() - start)
         start = time.perf_counter()

@@ -27,7 +27,8 @@ from optimized_sd.memory.planner import (
     unet_activation_bytes,
 )
 from optimized_sd.models.layers import FeedForward
-from optimized_sd.pipelines.diffusion import FEED_FORWARD_CHUNK_TOKENS, GenerationRequest
+from optimized_sd.pipelines.diffusion import GenerationRequest
+from optimized_sd.pipelines.memory_session import FEED_FORWARD_CHUNK_TOKENS
 from optimized_sd.pipelines.placement import UNET, unet_blocks
 
 TOLERANCE = 1e-5
@@ -100,15 +101,15 @@ def test_stream_keeps_at_most_current_and_next_block(tiny_model):
 def test_stream_copies_ahead_only_within_its_window(tiny_model, full_result, monkeypatch, lookahead_blocks):
     """The copy-ahead schedule, run synchronously where there is no copy stream (the CPU)."""
     pipe = make_pipe(tiny_model, memory="stream")
-    pipe.use_mode("stream")
+    pipe.memory.use_mode("stream")
     engine = pipe.engine
     engine.prefetch_enabled = True  # on CUDA it is; on the CPU the same schedule runs without a side stream
     size = torch.empty((), dtype=pipe.dtype).element_size()
     weights = {name: group.bytes * size for name, group in engine.groups.items()}
     blocks = [name for name in engine.groups if name.startswith("unet.")]
     window = sum(sorted(weights[name] for name in blocks)[-lookahead_blocks:]) if lookahead_blocks else 0
-    planned = pipe.plan_for
-    monkeypatch.setattr(pipe, "plan_for", lambda request: dataclasses.replace(planned(request), lookahead=window))
+    planned = pipe.memory.plan_for
+    monkeypatch.setattr(pipe.memory, "plan_for", lambda request: dataclasses.replace(planned(request), lookahead=window))
     result = pipe.generate(request())
     assert engine.lookahead_bytes == window
     assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE
@@ -187,8 +188,8 @@ def test_out_of_memory_fallback_into_stream_chunks_the_feed_forward(tiny_model, 
 
 def test_out_of_memory_copying_ahead_retries_one_block_ahead(tiny_model, full_result, monkeypatch, caplog):
     pipe = make_pipe(tiny_model, memory="stream")
-    planned = pipe.plan_for
-    monkeypatch.setattr(pipe, "plan_for", lambda request: dataclasses.replace(planned(request), lookahead=10 * MIB))
+    planned = pipe.memory.plan_for
+    monkeypatch.setattr(pipe.memory, "plan_for", lambda request: dataclasses.replace(planned(request), lookahead=10 * MIB))
     fail_first_unet_call(pipe, monkeypatch)
     with caplog.at_level(logging.WARNING, logger="optimized_sd"):
         result = pipe.generate(request())
@@ -212,7 +213,7 @@ def test_tiled_vae_is_close_to_untiled_at_512(tiny_model):
     middle attention sees the whole latent, so tiles cannot be exact; on this random-weight model
     the mean pixel difference is about 0.024 (1.2% of the [-1, 1] range)."""
     pipe = make_pipe(tiny_model, memory="full")
-    pipe.use_mode("full")
+    pipe.memory.use_mode("full")
     pipe.vae_tile = 256
     latent = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(pipe.device)
     with torch.inference_mode():

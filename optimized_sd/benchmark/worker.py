@@ -269,7 +269,7 @@ def run_ours(payload: dict, scenario, device) -> dict:
         return time.perf_counter() - start, pipe.meter.summary(), result.latents
 
     total, stages, latents = best_of(measured, payload.get("repeat", 1))
-    fp = pipe.sizes
+    fp = pipe.memory.sizes
     return {
         "mode_used": pipe.mode,
         "load_seconds": load_seconds,

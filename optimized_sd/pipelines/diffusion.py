@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,38 +14,23 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from optimized_sd.attention import check_backend, use_attention
+from optimized_sd.attention import check_backend
 from optimized_sd.config import ModelConfig
 from optimized_sd.errors import UserError
-from optimized_sd.memory.device import LeanHeap, compute_dtype, device_memory, resolve_device
+from optimized_sd.memory.device import compute_dtype, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
-from optimized_sd.memory.planner import (
-    SAFETY_MARGIN,
-    VAE_TILE,
-    VAE_TILE_OVERLAP,
-    Plan,
-    Request,
-    chunks_feed_forward,
-    lower_mode,
-    parse_bytes,
-    plan_memory,
-)
+from optimized_sd.memory.planner import VAE_TILE, VAE_TILE_OVERLAP, Plan, Request, parse_bytes
 from optimized_sd.memory.report import MemoryMeter
 from optimized_sd.memory.tiling import tiled_apply
-from optimized_sd.models.layers import FeedForward
 from optimized_sd.models.text_encoder import MAX_TOKENS, PromptTokenizer, load_tokenizer
-from optimized_sd.models.unet import TimestepEmbedSequential
 from optimized_sd.models.vae import AutoencoderKL
+from optimized_sd.pipelines.memory_session import MemorySession
 from optimized_sd.pipelines.output import ImageParameters
-from optimized_sd.pipelines.placement import footprint, group_specs
 from optimized_sd.pipelines.prompts import split_weighted_subprompts
 from optimized_sd.sampling import make_plan, sample, sampler_display_name, scaled_linear_schedule, start_latents
 from optimized_sd.weights.loading import LoadedModel, materialize, prepare_model
 
 log = logging.getLogger("optimized_sd")
-
-FEED_FORWARD_CHUNK_TOKENS = 1024
-HOST_FOR_DEVICE = {"cuda": "pinned", "cpu": "source", "mps": "cpu"}
 
 
 @dataclass
@@ -137,33 +121,37 @@ class StableDiffusion:
         self.device = resolve_device(device)
         self.dtype = compute_dtype(self.device, precision)
         check_backend(attention, self.device)
-        self.attention = attention
-        self.memory = memory
-        self.budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
-        self.vae_tiling = vae_tiling
         self.vae_tile = VAE_TILE
         self.dtype_bytes = self.dtype.itemsize
-        self.sizes = footprint(self.model, self.dtype_bytes)  # weight bytes per group: fixed for this pipeline
-        plan_memory(self.sizes, Request(64, 64), budget=None, mode=memory, vae_tiling=vae_tiling)  # validates names
+        budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
+        self.memory = MemorySession(
+            self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention
+        )
         tokenizer_dir = Path(tokenizer) if tokenizer else loaded.checkpoint.tokenizer_dir
         self.tokenizer: PromptTokenizer = load_tokenizer(tokenizer_dir)
         self.schedule = scaled_linear_schedule(self.config.linear_start, self.config.linear_end, self.config.timesteps)
-        self.meter = MemoryMeter(self.device)
-        self.engine: OffloadEngine | None = None
-        self.heap: LeanHeap | None = None
-        self.mode: str | None = None
-        self.plan: Plan | None = None
         self._model_hash: str | None = None
-        self.last_reason = ""
 
-    # -- memory --------------------------------------------------------------------------------
-    def plan_for(self, request: GenerationRequest) -> Plan:
-        budget = self.budget
-        measurable = self.device.type == "cuda" or (self.device.type == "cpu" and self.memory == "auto")
-        if budget is None and measurable:
-            # Weights this pipeline already holds count as available: they would be moved, not added.
-            budget = int(device_memory(self.device).free * SAFETY_MARGIN) + self.engine_resident_bytes()
-        sizes = Request(
+    # -- memory (delegated: MemorySession owns every placement decision) ----------------------
+    @property
+    def engine(self) -> OffloadEngine | None:
+        return self.memory.engine
+
+    @property
+    def mode(self) -> str | None:
+        return self.memory.mode
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.memory.plan
+
+    @property
+    def meter(self) -> MemoryMeter:
+        return self.memory.meter
+
+    def planner_request(self, request: GenerationRequest) -> Request:
+        """What the planner needs to know of a call."""
+        return Request(
             request.height,
             request.width,
             batch=len(request.prompts),
@@ -172,91 +160,15 @@ class StableDiffusion:
             dtype_bytes=self.dtype_bytes,
             encodes_image=request.init_image is not None,
         )
-        plan = plan_memory(self.sizes, sizes, budget=budget, mode=self.memory, vae_tiling=self.vae_tiling)
-        if plan.mode != self.memory and self.memory != "auto" and plan.reason != self.last_reason:
-            log.warning("%s", plan.reason)
-        self.last_reason = plan.reason
-        return plan
-
-    def engine_resident_bytes(self) -> int:
-        return self.engine.resident_bytes() if self.engine is not None else 0
-
-    def use_mode(self, mode: str) -> None:
-        """(Re)place the weights for `mode`; a no-op when already there."""
-        if self.engine is not None and self.mode == mode:
-            return
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        host = HOST_FOR_DEVICE[self.device.type]
-        if mode == "full" and self.device.type == "cpu":
-            host = "cpu"
-        # The RAM-lean path: freed tensors must leave the resident set between stages.
-        self.heap = LeanHeap() if mode == "stream" and self.device.type == "cpu" else None
-        self.engine = OffloadEngine(
-            self.model,
-            self.loaded.source,
-            group_specs(mode, self.model),
-            self.device,
-            self.dtype,
-            host=host,
-            prefetch=mode == "stream",
-        )
-        self.mode = mode
-        # With the mode, not the plan: an out-of-memory fallback into stream chunks as well.
-        chunk_tokens = FEED_FORWARD_CHUNK_TOKENS if chunks_feed_forward(mode) else None
-        for module in self.model.modules():
-            if isinstance(module, FeedForward):
-                module.chunk_tokens = chunk_tokens
 
     def prepare(self, request: GenerationRequest) -> Plan:
-        """Plan the call and place the weights for it (what `generate` does first; a benchmark calls
-        it alone to time loading apart from generating)."""
-        self.plan = self.plan_for(request)
-        self.use_mode(self.plan.mode)
-        self.configure_blocks(self.plan, request.unet_batch)
-        assert self.engine is not None
-        self.engine.events.clear()  # the residency log of this call only: a long-lived pipeline keeps no history
-        return self.plan
+        """Plan the call and place the weights for it (what `generate` does first)."""
+        return self.memory.prepare(self.planner_request(request))
 
-    def configure_blocks(self, plan: Plan, unet_batch: int | None) -> None:
-        """Apply the plan's per-call options: UNet micro-batches, copy-ahead."""
-        if self.engine is not None:
-            self.engine.lookahead_bytes = plan.lookahead
-        for module in self.model.modules():
-            if isinstance(module, TimestepEmbedSequential):
-                module.micro_batch = unet_batch
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator:
-        assert self.engine is not None
-        heap = self.heap.phase(repeated=name == "unet") if self.heap is not None else contextlib.nullcontext()
-        with use_attention(self.attention), torch.inference_mode(), self.meter.stage(name) as record:
-            with heap, self.engine.stage():
-                yield record
-
-    def run_stage(self, name: str, work: Callable[[object], Tensor]) -> Tensor:
-        """Run a stage; on CUDA out-of-memory drop to the next leaner mode (or, in `stream` copying
-        ahead, to one block ahead) and retry it once."""
-        try:
-            with self.stage(name) as record:
-                return work(record)
-        except torch.OutOfMemoryError:
-            if self.engine is not None and self.engine.lookahead_bytes:
-                log.warning("out of memory during %s copying blocks ahead; retrying the stage one block ahead", name)
-                self.engine.lookahead_bytes = 0
-            else:
-                lower = lower_mode(self.mode or "stream")
-                if lower is None:
-                    raise UserError(f"out of memory during {name} even in stream mode; lower --H/--W or --n_samples") from None
-                log.warning("out of memory during %s in %s mode; retrying the stage in %s mode", name, self.mode, lower)
-                self.use_mode(lower)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            with self.stage(name) as record:
-                return work(record)
+    def close(self) -> None:
+        """Release the weights' placement and the checkpoint's file maps (a long-lived server calls this)."""
+        self.memory.release_engine()
+        self.loaded.source.close()
 
     # -- stages --------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> Tensor:
@@ -344,7 +256,7 @@ class StableDiffusion:
                 uncond = self.encode_prompt(request.negative_prompt).expand(len(request.prompts), -1, -1)
             return cond, uncond
 
-        cond, uncond = self.run_stage("text", encode_text)
+        cond, uncond = self.memory.run_stage("text", encode_text)
         init_latents = None
         if request.init_image is not None:
             pixels = image_to_tensor(request.init_image).to(self.device, self.dtype)
@@ -353,7 +265,7 @@ class StableDiffusion:
                 vae = self.model.first_stage_model
                 return self.apply_vae(vae.encode, pixels, tiled, scale=1 / self.config.vae.downscale).float()
 
-            init_latents = self.run_stage("vae_encode", encode_image) * self.config.scale_factor
+            init_latents = self.memory.run_stage("vae_encode", encode_image) * self.config.scale_factor
             init_latents = init_latents.expand(len(seeds), -1, -1, -1)
 
         shape = (1, request.latent_channels, request.height // request.downscale, request.width // request.downscale)
@@ -364,12 +276,12 @@ class StableDiffusion:
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             return sample(plan, self.eps_model(cond, uncond, request.scale, record), x, generators, progress)
 
-        latents = self.run_stage("unet", denoise) if plan.num_steps else x
+        latents = self.memory.run_stage("unet", denoise) if plan.num_steps else x
 
         def decode(record) -> list[Image.Image]:
             return [tensor_to_image(self.vae_decode(latents[i : i + 1], tiled)) for i in range(len(seeds))]
 
-        images = self.run_stage("vae_decode", decode)
+        images = self.memory.run_stage("vae_decode", decode)
         display = sampler_display_name(request.sampler, request.karras)
         parameters = [
             ImageParameters(
