@@ -7,7 +7,7 @@ group is released and which group follows which all come from the caller's `Grou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,8 +91,12 @@ class OffloadEngine:
         *,
         host: HostStorage,
         prefetch: bool = False,
+        tensor_hook: Callable[[str, Tensor], None] | None = None,
     ) -> None:
         self.root = root
+        # Called with (checkpoint key, device copy in the compute dtype) right after each floating
+        # tensor is placed, so a patch (a LoRA merged in place) changes exactly the copy that computes.
+        self.tensor_hook = tensor_hook
         self.source = source
         self.device = device
         self.dtype = dtype
@@ -185,6 +189,12 @@ class OffloadEngine:
         else:
             slot.owner._buffers[slot.leaf] = value
 
+    def _placed(self, slot: TensorSlot, value: Tensor) -> None:
+        """Swap in a device copy just made, and let the hook patch it (floating tensors only)."""
+        self._set(slot, value)
+        if self.tensor_hook is not None and value.is_floating_point():
+            self.tensor_hook(slot.key, value)
+
     def _copy_in(self, group: Group) -> None:
         """Device copies of the group's tensors, from the host copy or the file."""
         non_blocking = self.host == "pinned"
@@ -198,13 +208,13 @@ class OffloadEngine:
                 view = group.packed_device[start : start + slot.shape.numel()].view(slot.shape)
                 if group.packed_host is None:  # arena: cast straight from the file into place
                     view.copy_(self.source.get(slot.key).reshape(slot.shape))
-                self._set(slot, view)
+                self._placed(slot, view)
                 continue
             value = slot.host if slot.host is not None else self.source.get(slot.key)
             value = value.reshape(slot.shape).to(
                 device=self.device, dtype=self._target_dtype(slot), non_blocking=non_blocking, copy=True
             )
-            self._set(slot, value)
+            self._placed(slot, value)
         # Every tensor above is a copy, so the file pages just read can be handed back at once.
         self.source.release(slot.key for slot in group.slots)
 
@@ -240,6 +250,18 @@ class OffloadEngine:
         if group.spec.release == "stage_end":
             self._stage_loaded.append(group)
         self.events.append((action, name, self.resident_names()))
+
+    def reload(self) -> None:
+        """Place every resident group again from its home (host copy or file) through the current
+        `tensor_hook`, so a changed hook takes effect (and removing it restores the original values)."""
+        for group in self.groups.values():
+            if group.resident:
+                for slot in group.slots:
+                    self._set(slot, slot.host if slot.host is not None else self._placeholder(slot))
+                group.resident = False
+                group.ready = None
+                group.packed_device = None
+                self.load(group.spec.name)
 
     def release(self, name: str) -> None:
         """Drop a group's device copies; the host copy (or the file) remains the home."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,12 +22,24 @@ from optimized_sd.memory.offload import OffloadEngine
 from optimized_sd.memory.planner import VAE_TILE, VAE_TILE_OVERLAP, Plan, Request, parse_bytes
 from optimized_sd.memory.report import MemoryMeter
 from optimized_sd.memory.tiling import tiled_apply
-from optimized_sd.models.text_encoder import MAX_TOKENS, PromptTokenizer, load_tokenizer
+from optimized_sd.models.text_encoder import PromptTokenizer, load_tokenizer
 from optimized_sd.models.vae import AutoencoderKL
 from optimized_sd.pipelines.memory_session import MemorySession
 from optimized_sd.pipelines.output import ImageParameters
-from optimized_sd.pipelines.prompts import split_weighted_subprompts
+from optimized_sd.pipelines.networks import (
+    DEFAULT_EMBEDDINGS_DIR,
+    DEFAULT_LORA_DIR,
+    TextConditioning,
+    clip_prompt_tokens,
+    encode_prompts,
+    lora_weights,
+    quoted_hashes,
+    resolve_networks,
+)
 from optimized_sd.sampling import make_plan, sample, sampler_display_name, scaled_linear_schedule, start_latents
+from optimized_sd.sampling.plan import schedule_display_name
+from optimized_sd.weights.embeddings import EmbeddingLibrary
+from optimized_sd.weights.lora import LoraSet
 from optimized_sd.weights.loading import LoadedModel, materialize, prepare_model
 
 log = logging.getLogger("optimized_sd")
@@ -52,6 +64,8 @@ class GenerationRequest:
     unet_batch: int | None = None
     init_image: Image.Image | None = None
     strength: float = 0.75
+    loras: Mapping[str | Path, float] | Sequence[str] | None = None  # {file: weight} or ['FILE[:WEIGHT]']
+    schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
 
 
 @dataclass
@@ -114,6 +128,8 @@ class StableDiffusion:
         attention: str = "sdpa",
         vae_tiling: str = "auto",
         tokenizer: str | Path | None = None,
+        lora_dir: str | Path = DEFAULT_LORA_DIR,
+        embeddings_dir: str | Path = DEFAULT_EMBEDDINGS_DIR,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -131,6 +147,9 @@ class StableDiffusion:
         self.tokenizer: PromptTokenizer = load_tokenizer(tokenizer_dir)
         self.schedule = scaled_linear_schedule(self.config.linear_start, self.config.linear_end, self.config.timesteps)
         self._model_hash: str | None = None
+        self.lora_dir = Path(lora_dir)
+        self.embeddings = EmbeddingLibrary(Path(embeddings_dir))
+        self.loras = LoraSet(self.config, {key: tuple(value.shape) for key, value in self.model.state_dict().items()})
 
     # -- memory (delegated: MemorySession owns every placement decision) ----------------------
     @property
@@ -171,18 +190,11 @@ class StableDiffusion:
         self.loaded.source.close()
 
     # -- stages --------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str) -> Tensor:
-        """(1, 77, C) conditioning; weighted subprompts are mixed as optimizedSD (weights normalised)."""
-        cut = self.tokenizer.truncated_text(prompt)
-        if cut:
-            log.warning("prompt longer than %d tokens; this part was cut: %s", MAX_TOKENS, cut)
-        parts, weights = split_weighted_subprompts(prompt)
-        if len(parts) <= 1:
-            parts, weights = [prompt], [1.0]
-        total = sum(weights)
-        embeddings = self.model.cond_stage_model(self.tokenizer(parts).to(self.device)).float()
-        weight = torch.tensor(weights, device=self.device, dtype=torch.float32)[:, None, None] / total
-        return (embeddings * weight).sum(0, keepdim=True).to(self.dtype)
+    def use_loras(self, weights: Mapping[Path, float]) -> None:
+        """Make `weights` (file -> weight) the LoRAs merged into the weights as the memory engine places
+        them; resident weights are placed again only when the set or a weight changed."""
+        if self.loras.activate(weights):
+            self.memory.set_tensor_hook(self.loras if self.loras.active else None)
 
     def vae_decode(self, latent: Tensor, tiled: bool) -> Tensor:
         """Scaled latent (1, 4, h, w) -> pixels; a non-finite fp16 result is decoded again in fp32."""
@@ -243,20 +255,28 @@ class StableDiffusion:
             raise UserError("--unet_bs must be at least 1")
         strength = request.strength if request.init_image is not None else 1.0
         plan = make_plan(
-            request.sampler, request.steps, strength=strength, eta=request.eta, karras=request.karras, schedule=self.schedule
+            request.sampler,
+            request.steps,
+            strength=strength,
+            eta=request.eta,
+            karras=request.karras,
+            schedule=self.schedule,
+            schedule_type=request.schedule,
         )
+        networks = resolve_networks(request.prompts, request.negative_prompt, lora_weights(request.loras), self.lora_dir)
+        self.use_loras(networks.loras)
         seed = request.seed if request.seed is not None else random.randint(0, 2**32 - 1)
         seeds = [seed + i for i in range(len(request.prompts))]
         tiled = self.prepare(request).vae_tiling
 
-        def encode_text(record) -> tuple[Tensor, Tensor | None]:
-            cond = torch.cat([self.encode_prompt(p) for p in request.prompts])
-            uncond = None
-            if request.scale != 1.0:
-                uncond = self.encode_prompt(request.negative_prompt).expand(len(request.prompts), -1, -1)
-            return cond, uncond
+        def encode_text(record) -> TextConditioning:
+            negative = networks.negative_prompt if request.scale != 1.0 else None
+            tokens = clip_prompt_tokens(self.tokenizer.tokenizer)
+            return encode_prompts(self.model.cond_stage_model, tokens, self.embeddings, networks.prompts, negative, self.device)
 
-        cond, uncond = self.memory.run_stage("text", encode_text)
+        text = self.memory.run_stage("text", encode_text)
+        cond = text.cond.to(self.dtype)
+        uncond = None if text.uncond is None else text.uncond.to(self.dtype).expand(len(request.prompts), -1, -1)
         init_latents = None
         if request.init_image is not None:
             pixels = image_to_tensor(request.init_image).to(self.device, self.dtype)
@@ -282,7 +302,13 @@ class StableDiffusion:
             return [tensor_to_image(self.vae_decode(latents[i : i + 1], tiled)) for i in range(len(seeds))]
 
         images = self.memory.run_stage("vae_decode", decode)
-        display = sampler_display_name(request.sampler, request.karras)
+        display = sampler_display_name(request.sampler, plan.karras)
+        extra = []
+        if plan.schedule_type not in ("", "linspace"):
+            extra.append(("Schedule type", schedule_display_name(plan.schedule_type)))
+        lora_hashes = quoted_hashes({path.stem: path for path in networks.loras}, lora=True)
+        ti_hashes = quoted_hashes(text.embeddings, lora=False)
+        extra += [(name, value) for name, value in (("Lora hashes", lora_hashes), ("TI hashes", ti_hashes)) if value]
         parameters = [
             ImageParameters(
                 prompt=prompt,
@@ -296,6 +322,7 @@ class StableDiffusion:
                 model_hash=self.model_hash(),
                 model_name=self.loaded.checkpoint.name,
                 strength=strength if request.init_image is not None else None,
+                extra=tuple(extra),
             )
             for prompt, s in zip(request.prompts, seeds)
         ]
@@ -338,7 +365,7 @@ def load(
     **options,
 ) -> StableDiffusion:
     """Open a checkpoint (CompVis .ckpt, single-file .safetensors or diffusers folder) for generation.
-    Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer."""
+    Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer, lora_dir, embeddings_dir."""
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
     return StableDiffusion(prepare_model(checkpoint, config=config, ema=ema), **options)

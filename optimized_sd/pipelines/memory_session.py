@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from optimized_sd.attention import use_attention
 from optimized_sd.errors import UserError
@@ -63,6 +63,7 @@ class MemorySession:
         self.mode: str | None = None
         self.plan: Plan | None = None
         self.last_reason = ""
+        self.tensor_hook: Callable[[str, Tensor], None] | None = None  # weight patches (LoRA), in every engine
 
     def plan_for(self, request: Request) -> Plan:
         budget = self.budget
@@ -97,6 +98,7 @@ class MemorySession:
             self.dtype,
             host=host,
             prefetch=mode == "stream",
+            tensor_hook=self.tensor_hook,
         )
         self.mode = mode
         # With the mode, not the plan: an out-of-memory fallback into stream chunks as well.
@@ -104,6 +106,14 @@ class MemorySession:
         for module in self.model.modules():
             if isinstance(module, FeedForward):
                 module.chunk_tokens = chunk_tokens
+
+    def set_tensor_hook(self, hook: Callable[[str, Tensor], None] | None) -> None:
+        """Patch weights from now on with `hook`; resident weights are placed again through it at once
+        (from their host copy or the file, so the previous patch leaves no trace)."""
+        self.tensor_hook = hook
+        if self.engine is not None:
+            self.engine.tensor_hook = hook
+            self.engine.reload()
 
     def prepare(self, request: Request) -> Plan:
         """Plan the call and place the weights for it (a benchmark calls it alone to time loading

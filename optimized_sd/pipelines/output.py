@@ -33,6 +33,7 @@ class ImageParameters:
     model_hash: str
     model_name: str
     strength: float | None = None
+    extra: tuple[tuple[str, str], ...] = ()  # further `Name: value` fields (Schedule type, Lora hashes, TI hashes)
 
     def text(self) -> str:
         fields = [
@@ -46,6 +47,7 @@ class ImageParameters:
         ]
         if self.strength is not None:
             fields.append(f"Denoising strength: {self.strength:g}")
+        fields += [f"{name}: {value}" for name, value in self.extra]
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from optimized_sd.errors import UserError
 from optimized_sd.memory.planner import format_bytes
 from optimized_sd.pipelines.diffusion import GenerationRequest, check_size, load, load_init_image
+from optimized_sd.pipelines.networks import lora_weights
 from optimized_sd.pipelines.output import encode, ensure_writable, make_grid, prompt_folder, save_image, write_new
 from optimized_sd.pipelines.prompts import read_prompt_file
 from optimized_sd.sampling import make_plan
@@ -46,7 +47,17 @@ def validate(flags: dict[str, Any], strength: float | None) -> None:
     elif flags["height"] is not None or flags["width"] is not None:
         given = flags["height"] if flags["height"] is not None else flags["width"]
         check_size(given, given)
-    make_plan(flags["sampler"], flags["steps"], strength=1.0 if strength is None else strength, eta=flags["eta"], karras=flags["karras"])
+    make_plan(
+        flags["sampler"],
+        flags["steps"],
+        strength=1.0 if strength is None else strength,
+        eta=flags["eta"],
+        karras=flags["karras"],
+        schedule_type=flags["schedule"],
+    )
+    for path in lora_weights(flags["lora"]):
+        if not path.is_file():
+            raise UserError(f"--lora {path}: no such file")
     if flags["turbo"] and flags["memory"] not in ("auto", "turbo"):
         raise UserError(f"--turbo and --memory {flags['memory']} disagree; give one of them")
 
@@ -70,6 +81,8 @@ def run_generation(flags: dict[str, Any], init_img: Path | None, strength: float
         attention=flags["attention"],
         vae_tiling=flags["vae_tiling"],
         tokenizer=flags["tokenizer"],
+        lora_dir=flags["lora_dir"],
+        embeddings_dir=flags["embeddings_dir"],
     )
     seed = flags["seed"] if flags["seed"] is not None else random.randint(0, 2**32 - 1)
     click.echo(f"seed {seed}" + (" (random)" if flags["seed"] is None else ""))
@@ -92,6 +105,8 @@ def run_generation(flags: dict[str, Any], init_img: Path | None, strength: float
                 unet_batch=flags["unet_bs"],
                 init_image=init_image,
                 strength=strength if strength is not None else 0.75,
+                loras=flags["lora"],
+                schedule=flags["schedule"],
             )
             bars: list[tqdm] = []  # made at the first step, so an early error prints alone
 

@@ -155,6 +155,8 @@ def make_plan(
     the k-samplers' sigma grid (SCHEDULE_TYPES; DDIM/PLMS accept only the default).
     """
     schedule = schedule if schedule is not None else scaled_linear_schedule()
+    if schedule_type is not None and schedule_type not in SCHEDULE_TYPES:
+        raise UserError(f"unknown schedule type {schedule_type!r}; choose one of: {', '.join(SCHEDULE_TYPES)}")
     _check(sampler, steps, strength, eta, karras, schedule.num_timesteps)
     t_enc = int(strength * steps)
     if sampler in _COMPVIS:
