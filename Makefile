@@ -1,4 +1,4 @@
-# Two commands matter: `make demo` (generate an image) and `make test` (the test suite).
+# Two commands matter: `make demo` (generate an image) and `make test` (lint, then the test suite).
 # Each builds .venv on first use: torch 2.13.0 is installed first, on its own, so that nothing
 # afterwards can pull a CUDA build of torch (several GB) to satisfy a looser requirement.
 
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-slow bench bench-quick clean
+.PHONY: demo lint test test-slow bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) -m optimized_sd.demo $(if $(CKPT),--ckpt "$(CKPT)")
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check optimized_sd tests benchmarks
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from optimized_sd.benchmark.report import calibration_rows  # noqa: E402
+from optimized_sd.benchmark.results import BenchRecord  # noqa: E402
 from optimized_sd.memory import planner  # noqa: E402
 
 MARGIN = 1.1
@@ -35,19 +36,19 @@ def main(paths: list[str]) -> int:
         return 2
     rows = []
     for path in paths:
-        rows += calibration_rows(json.loads(Path(path).read_text()))
+        rows += calibration_rows(BenchRecord.from_json(json.loads(Path(path).read_text())))
     if not rows:
         print("no CUDA runs of ours with per-stage figures in these files", file=sys.stderr)
         return 1
     for row in rows:
         print(
-            f"{row['scenario']:<32} {row['mode'] or '-':<7} {row['stage']:<11} peak {row['peak_allocated_mib']:8,.0f} MiB  "
-            f"weights {row['resident_weights_mib']:8,.0f} MiB  activations {row['activation_mib']:8,.0f} MiB  "
-            f"{row['elements_per_pixel']:10,.0f} elements/pixel"
+            f"{row.scenario:<32} {row.mode or '-':<7} {row.stage:<11} peak {row.peak_allocated_mib:8,.0f} MiB  "
+            f"weights {row.resident_weights_mib:8,.0f} MiB  activations {row.activation_mib:8,.0f} MiB  "
+            f"{row.elements_per_pixel:10,.0f} elements/pixel"
         )
 
     def largest(stage: str, modes: tuple[str, ...] | None = None) -> float | None:
-        values = [r["elements_per_pixel"] for r in rows if r["stage"] == stage and (modes is None or r["mode"] in modes)]
+        values = [r.elements_per_pixel for r in rows if r.stage == stage and (modes is None or r.mode in modes)]
         return max(values) if values else None
 
     print()

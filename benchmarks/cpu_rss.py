@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Issue 3's CPU figure: peak RSS and seconds per step of our `--memory stream` against diffusers'
+"""The CPU memory figure: peak RSS and seconds per step of our `--memory stream` against diffusers'
 `from_single_file` + pipeline run, on the full-size SD 1.5 architecture (random weights, fp16 single
 file), 512x512 txt2img, 2 DDIM steps, fp32 compute. Each run is a process of its own; with
 `--repeat N` the two alternate N times and the fastest of each counts (other work on the machine
@@ -17,10 +17,12 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from optimized_sd.benchmark.results import ScenarioResult  # noqa: E402
 from optimized_sd.benchmark.runner import build_model, run_scenario, scenario_task, worker_env  # noqa: E402
 from optimized_sd.benchmark.scenarios import Scenario  # noqa: E402
 from optimized_sd.errors import UserError  # noqa: E402
@@ -94,35 +96,35 @@ def main() -> int:
         return 1
     task = scenario_task(model, "cpu", precision="full", attention="sdpa", warmup=0, repeat=1)
     modes = ["stream", "diffusers"] + (["full"] if args.with_full else [])
-    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-    print(f"model {model['checkpoint']} ({'built' if model['built'] else 'cached'}); {args.size}x{args.size}, {args.steps} DDIM steps, fp32, CPU")
+    runs: dict[str, list[ScenarioResult]] = {mode: [] for mode in modes}
+    print(f"model {model.checkpoint} ({'built' if model.built else 'cached'}); {args.size}x{args.size}, {args.steps} DDIM steps, fp32, CPU")
     for round_ in range(args.repeat):
         for mode in modes:
             scenario = Scenario("txt2img", args.size, args.size, 1, args.steps, mode)
             started = time.time()
             result = run_scenario(task, scenario, timeout=3600)
-            if not result.get("ok"):
-                print(f"error: {mode}: {result.get('user_error') or result.get('error')}", file=sys.stderr)
-                if result.get("traceback"):
-                    print(result["traceback"], file=sys.stderr)
+            if not result.ok:
+                print(f"error: {mode}: {result.failure}", file=sys.stderr)
+                if result.traceback:
+                    print(result.traceback, file=sys.stderr)
                 return 1
             runs[mode].append(result)
             print(
-                f"  round {round_ + 1} {mode:<10} peak RSS {result['peak_rss_mib']:8,.0f} MiB  "
-                f"{result['seconds_per_step']:7.2f} s/step  load {result['load_seconds']:5.1f} s  "
-                f"VAE {result['vae_seconds']:5.1f} s  host load {max(result['host_load']):.1f}  ({time.time() - started:.0f} s)"
+                f"  round {round_ + 1} {mode:<10} peak RSS {result.peak_rss_mib:8,.0f} MiB  "
+                f"{result.seconds_per_step:7.2f} s/step  load {result.load_seconds:5.1f} s  "
+                f"VAE {result.vae_seconds:5.1f} s  host load {max(result.host_load or [0.0]):.1f}  ({time.time() - started:.0f} s)"
             )
 
     def best(mode: str) -> tuple[float, float]:
-        return max(r["peak_rss_mib"] for r in runs[mode]), min(r["seconds_per_step"] for r in runs[mode])
+        return max(r.peak_rss_mib for r in runs[mode]), min(r.seconds_per_step for r in runs[mode])
 
     print("\nper stage (fastest run of each): seconds, s/step, peak RSS MiB")
     for mode in modes:
-        fastest = min(runs[mode], key=lambda r: r["seconds_per_step"])
-        print(f"  {mode}: load {fastest['load_seconds']:.1f} s, RSS after load {fastest['rss_after_load_mib']:,.0f} MiB")
-        for stage, figures in fastest["stages"].items():
-            per_step = f"{figures['seconds'] / figures['steps']:.2f}" if figures["steps"] else "-"
-            print(f"    {stage:<11} {figures['seconds']:7.2f} s  {per_step:>6} s/step  {figures['peak_rss_mib']:8,.0f} MiB")
+        fastest = min(runs[mode], key=lambda r: r.seconds_per_step)
+        print(f"  {mode}: load {fastest.load_seconds:.1f} s, RSS after load {fastest.rss_after_load_mib:,.0f} MiB")
+        for stage, figures in fastest.stages.items():
+            per_step = f"{figures.seconds_per_step:.2f}" if figures.steps else "-"
+            print(f"    {stage:<11} {figures.seconds:7.2f} s  {per_step:>6} s/step  {figures.peak_rss_mib:8,.0f} MiB")
 
     ours_rss, ours_step = best("stream")
     their_rss, their_step = best("diffusers")
@@ -138,7 +140,7 @@ def main() -> int:
     )
     ab = None
     if args.ab:
-        payload = {"model": model, "size": args.size, "rounds": args.ab}
+        payload = {"model": asdict(model), "size": args.size, "rounds": args.ab}
         done = subprocess.run(
             [sys.executable, __file__, "--ab-child", json.dumps(payload)], capture_output=True, text=True, env=worker_env()
         )
@@ -149,7 +151,8 @@ def main() -> int:
         ab = json.loads(lines[-1][3:])
         for ours, theirs in zip(ab["ours"], ab["theirs"]):
             print(f"  interleaved UNet step: stream {ours:.2f} s, diffusers {theirs:.2f} s")
-        print(f"s/step interleaved in one process (fastest of {args.ab}): {min(ab['ours']):.2f} / {min(ab['theirs']):.2f} = {ab['ratio']:.3f}")
+        fastest = f"{min(ab['ours']):.2f} / {min(ab['theirs']):.2f} = {ab['ratio']:.3f}"
+        print(f"s/step interleaved in one process (fastest of {args.ab}): {fastest}")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -159,7 +162,7 @@ def main() -> int:
                     "rss_ratio": rss_ratio,
                     "step_ratio": step_ratio,
                     "targets": {"rss": RSS_TARGET, "step": STEP_TARGET},
-                    "runs": runs,
+                    "runs": {mode: [r.to_json() for r in results] for mode, results in runs.items()},
                     "interleaved": ab,
                     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 },

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU run for issues 3 and 4, meant for one H100 call of under 6 minutes:
+# One prepared GPU run of the memory modes' targets and the planner calibration, meant for one H100 call of under 6 minutes:
 #   - installs the wheels carried in .whl/ (diffusers, accelerate, anything else missing) into /tmp/site;
 #   - builds the full-size SD 1.5 benchmark model (random weights, fp16 single file) in /tmp;
 #   - measures host-to-device bandwidth (pinned, 1 GiB), then at 512x512 fp16, 10 DDIM steps:
@@ -7,7 +7,7 @@
 #     ours img2img in stream;
 #     the diffusers peers (no offload, model offload, sequential offload, attention slicing, group
 #     offload with streams) on txt2img, and diffusers img2img without offload;
-#   - writes results.md (tables, issue 3 targets, streaming bound, planner calibration) and
+#   - writes results.md (tables, GPU memory and speed targets, streaming bound, planner calibration) and
 #     results.json under $OUT/<device>-<date>-gpu/, and the log as $OUT/gpu_check.log.
 # Each scenario is its own process with a time limit; a stopped run keeps the scenarios it finished.
 #

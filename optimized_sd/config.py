@@ -68,12 +68,14 @@ class ModelConfig:
     linear_end: float = 0.012
     timesteps: int = 1000
     family: str = "sd1"
+    # What the UNet predicts ("epsilon", "v_prediction"); diffusers folders state it in scheduler_config.json.
+    prediction_type: str = "epsilon"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a plain dict (as written by `to_json`); lists become tuples."""
 
         def build(kind: type, values: dict[str, Any]) -> Any:
@@ -91,7 +93,7 @@ class ModelConfig:
             raise UserError(f"bad model config: {error}") from None
 
     @classmethod
-    def from_file(cls, path: Path) -> "ModelConfig":
+    def from_file(cls, path: Path) -> ModelConfig:
         """Read a JSON config written by `to_json` (the `--config` override)."""
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))

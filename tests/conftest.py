@@ -7,6 +7,8 @@ the parity tests then prove right."""
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,12 +63,21 @@ def build_diffusers_parts(seed: int = 0):
         sample_size=64,
     )
     text = CLIPTextModel(clip_config(TINY.text))
-    for module in (unet, vae, text):
-        with torch.no_grad():
-            for parameter in module.parameters():  # no zero-initialised layer may hide a mapping error
-                parameter.add_(torch.randn_like(parameter) * 0.02)
-        module.eval()
-    return unet, vae, text
+    return perturbed(unet), perturbed(vae), perturbed(text)
+
+
+def perturbed(module: torch.nn.Module) -> torch.nn.Module:
+    """The module with noise on every parameter (no zero-initialised layer may hide a mapping error), in eval mode."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    return module.eval()
+
+
+def write_model_index(folder: Path, class_name: str = "StableDiffusionPipeline") -> None:
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": class_name, "unet": ["diffusers", "UNet2DConditionModel"]})
+    )
 
 
 def write_ldm_files(folder: Path, safetensors_path: Path, ckpt_path: Path) -> None:
@@ -98,9 +109,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     vae.save_pretrained(folder / "vae")
     text.save_pretrained(folder / "text_encoder")
     tokenizer = write_byte_tokenizer(folder / "tokenizer", TINY.text.vocab_size)
-    (folder / "model_index.json").write_text(
-        json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
-    )
+    write_model_index(folder)
     safetensors_path, ckpt_path = root / "tiny.safetensors", root / "tiny.ckpt"
     write_ldm_files(folder, safetensors_path, ckpt_path)
     return TinyModel(folder, safetensors_path, ckpt_path, tokenizer, unet, vae, text)
+
+
+@pytest.fixture
+def diffusers_variant(tiny_model: TinyModel, tmp_path: Path) -> Callable[..., Path]:
+    """A factory: `make(name, class_name=..., unet=module, ...)` copies the tiny diffusers folder and
+    replaces the named parts by the given diffusers/transformers modules (perturbed in place, then saved)."""
+
+    def make(name: str, *, class_name: str = "StableDiffusionPipeline", **parts: torch.nn.Module) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tiny_model.folder, folder)
+        write_model_index(folder, class_name)
+        for part, module in parts.items():
+            shutil.rmtree(folder / part)
+            perturbed(module).save_pretrained(folder / part)
+        return folder
+
+    return make

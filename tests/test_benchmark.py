@@ -6,13 +6,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from optimized_sd.benchmark import model_cache, report
+from optimized_sd.benchmark.results import (
+    Bandwidth,
+    BenchModel,
+    BenchRecord,
+    Footprint,
+    Machine,
+    ScenarioResult,
+    Settings,
+    StageFigures,
+)
 from optimized_sd.benchmark.runner import BenchOptions, run_bench, select
 from optimized_sd.benchmark.scenarios import PEERS, Scenario, select_scenarios
+from optimized_sd.benchmark.worker import PROMPT
 from optimized_sd.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,83 +184,83 @@ def test_sd15_file_would_hold_the_full_architecture() -> None:
 
 
 # --------------------------------------------------------------------------- report
-def fake_result(mode: str, alloc: float, per_step: float, **extra) -> dict:
+def fake_result(mode: str, alloc: float, per_step: float) -> ScenarioResult:
     scenario = Scenario("txt2img", 512, 512, 1, 10, mode)
     stages = {
-        "text": {"seconds": 0.1, "steps": 0, "peak_allocated_mib": 300.0, "peak_reserved_mib": 320.0, "peak_rss_mib": 900.0},
-        "unet": {"seconds": per_step * 10, "steps": 10, "peak_allocated_mib": alloc, "peak_reserved_mib": alloc + 50, "peak_rss_mib": 900.0},
-        "vae_decode": {"seconds": 0.2, "steps": 0, "peak_allocated_mib": 400.0, "peak_reserved_mib": 500.0, "peak_rss_mib": 900.0},
+        "text": StageFigures(0.1, 0, 300.0, 320.0, 900.0),
+        "unet": StageFigures(per_step * 10, 10, alloc, alloc + 50, 900.0),
+        "vae_decode": StageFigures(0.2, 0, 400.0, 500.0, 900.0),
     }
-    result = {
-        "ok": True,
-        "scenario": scenario.to_dict(),
-        "mode_used": mode,
-        "load_seconds": 2.0,
-        "total_seconds": per_step * 10 + 0.3,
-        "seconds_per_step": per_step,
-        "seconds_per_image": per_step * 10 + 0.3,
-        "vae_seconds": 0.2,
-        "peak_allocated_mib": alloc,
-        "peak_reserved_mib": alloc + 50,
-        "peak_rss_mib": 3000.0,
-        "stages": stages,
-        "finite": True,
-        "host_load": [0.5, 0.7],
-    }
+    result = ScenarioResult(
+        scenario,
+        ok=True,
+        mode_used=mode,
+        load_seconds=2.0,
+        total_seconds=per_step * 10 + 0.3,
+        stages=stages,
+        peak_rss_mib=3000.0,
+        host_load=[0.5, 0.7],
+    ).with_stage_totals()
     if scenario.engine == "ours":
         gib = 2**30
-        result["footprint"] = {
-            "dtype_bytes": 2,
-            "text_encoder": int(0.23 * gib),
-            "unet": int(1.6 * gib),
-            "unet_halves": [int(0.8 * gib), int(0.8 * gib)],
-            "largest_block_pair": int(0.1 * gib),
-            "vae_encoder": int(0.06 * gib),
-            "vae_decoder": int(0.09 * gib),
-            "total": int(1.98 * gib),
-        }
-    result.update(extra)
+        result.footprint = Footprint(
+            dtype_bytes=2,
+            text_encoder=int(0.23 * gib),
+            unet=int(1.6 * gib),
+            unet_halves=[int(0.8 * gib), int(0.8 * gib)],
+            largest_block_pair=int(0.1 * gib),
+            vae_encoder=int(0.06 * gib),
+            vae_decoder=int(0.09 * gib),
+            total=int(1.98 * gib),
+        )
     return result
 
 
-def cuda_record() -> dict:
-    return {
-        "command": "optimized-sd bench",
-        "date": "2026-01-01",
-        "machine": {"device_type": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "cpu": "x", "bandwidth": {"bytes": 2**30, "best_gbps": 50.0, "median_gbps": 49.0}},
-        "model": {"built": False, "seconds": 0.1, "file_bytes": 2 * 2**30, "description": "m"},
-        "settings": {"steps": 10},
-        "notes": ["a note"],
-        "results": [
+def cuda_record() -> BenchRecord:
+    timed_out = Scenario("txt2img", 512, 512, 1, 10, "diffusers-sequential-offload")
+    return BenchRecord(
+        command="optimized-sd bench",
+        date="2026-01-01",
+        started="2026-01-01 10:00:00 UTC",
+        wall_seconds=60.0,
+        machine=Machine("cuda", "cuda", gpu="NVIDIA H100 80GB HBM3", cpu="x", bandwidth=Bandwidth(2**30, 50.0, 49.0)),
+        model=BenchModel("m.safetensors", "tok", "cfg", built=False, seconds=0.1, file_bytes=2 * 2**30, description="m"),
+        settings=Settings(PROMPT, 42, 7.5, 0.75, "ddim", 10, "autocast", "fp16", "sdpa", 1, 1, 100.0),
+        notes=["a note"],
+        results=[
             fake_result("full", 2600.0, 0.030),
             fake_result("turbo", 2000.0, 0.031),
             fake_result("stream", 700.0, 0.045),
             fake_result("diffusers", 3000.0, 0.030),
             fake_result("diffusers-group-offload", 900.0, 0.090),
-            {"ok": False, "error": "timed out after 100 s (killed)", "scenario": Scenario("txt2img", 512, 512, 1, 10, "diffusers-sequential-offload").to_dict()},
+            ScenarioResult(timed_out, ok=False, error="timed out after 100 s (killed)"),
         ],
-    }
+    )
 
 
 def test_report_compares_each_mode_with_the_baseline_and_its_closest_peer() -> None:
     record = cuda_record()
-    rows = {(r["ours"], r["peer"]): r for r in report.comparison_rows(record)}
+    rows = {(r.ours, r.peer): r for r in report.comparison_rows(record)}
     assert set(rows) == {("full", "diffusers"), ("turbo", "diffusers"), ("stream", "diffusers"), ("stream", "diffusers-group-offload")}
-    assert rows[("stream", "diffusers-group-offload")]["memory"] == (700.0, 900.0)
+    assert rows[("stream", "diffusers-group-offload")].memory_mib == (700.0, 900.0)
     text = report.render_markdown(record)
     assert "| txt2img-512-b1 | stream | diffusers-group-offload | 700 | 900 | 0.78x |" in text
     assert "failed: timed out after 100 s" in text
-    assert "## Issue 3 targets" in text and "## Streaming against its bound" in text
+    assert "## GPU memory and speed targets" in text and "## Streaming against its bound" in text
+    assert "| txt2img-512-b1 | stream | peak allocated <= 0.8 GB | 0.68 GB | met |" in text
+    assert "| txt2img-512-b1 | turbo | s/step <= 1.05x full | 1.03x | met |" in text
     # 1.6 GiB moved per step at 50 GB/s takes 0.0344 s, more than the 0.030 s of compute: that is the bound
     assert "| txt2img-512-b1 | stream | 0.0450 | 0.0300 | 1.60 | 0.0344 | 0.0344 | 1.31x | **missed** |" in text
 
 
 def test_calibration_subtracts_resident_weights_per_mode() -> None:
-    rows = {(r["mode"], r["stage"]): r for r in report.calibration_rows(cuda_record())}
+    rows = {(r.mode, r.stage): r for r in report.calibration_rows(cuda_record())}
     turbo = rows[("turbo", "unet")]
-    assert turbo["resident_weights_mib"] == pytest.approx(1.6 * 1024, rel=1e-6)
+    assert turbo.resident_weights_mib == pytest.approx(1.6 * 1024, rel=1e-6)
     expected = (2000.0 * 2**20 - int(1.6 * 2**30)) / 2 / (64 * 64 * 2)  # fp16, 64x64 latents, CFG batch 2
-    assert turbo["elements_per_pixel"] == pytest.approx(expected)
+    assert turbo.elements_per_pixel == pytest.approx(expected)
+    assert rows[("full", "vae_decode")].resident_weights_mib == pytest.approx(1.98 * 1024, rel=1e-6)  # everything resident
+    assert rows[("stream", "unet")].resident_weights_mib == pytest.approx(0.1 * 1024, rel=1e-6)
 
 
 def test_outputs_and_chart_note_without_matplotlib(tmp_path: Path, monkeypatch) -> None:
@@ -267,9 +279,73 @@ def test_outputs_and_chart_note_without_matplotlib(tmp_path: Path, monkeypatch) 
     assert "matplotlib is not installed" in (tmp_path / "results.md").read_text()
 
 
+COMMITTED_RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*/results.json"))
+
+
+def section(markdown: str, title: str) -> str:
+    return markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize("path", COMMITTED_RESULTS, ids=lambda p: p.parent.name)
+def test_committed_results_load_round_trip_and_render_as_committed(path: Path) -> None:
+    record = BenchRecord.from_json(json.loads(path.read_text()))
+    assert record.results and all(isinstance(r, ScenarioResult) and isinstance(r.scenario, Scenario) for r in record.results)
+    assert BenchRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    markdown = report.render_markdown(record)
+    committed = (path.parent / "results.md").read_text()
+    for title in ("Runs", "Per stage"):  # the same tables as when the run was written
+        assert section(markdown, title) == section(committed, title)
+    assert "issue" not in markdown.lower()
+
+
+def test_render_rebuilds_a_folder_and_refuses_a_foreign_json(tmp_path: Path) -> None:
+    from optimized_sd.benchmark.runner import render
+
+    source = next(p for p in COMMITTED_RESULTS if "quick" in p.parent.name)
+    (tmp_path / "results.json").write_text(source.read_text())
+    written = render(tmp_path)
+    assert {p.name for p in written} >= {"results.md", "results.json"}
+    assert BenchRecord.from_json(json.loads((tmp_path / "results.json").read_text())).results
+    (tmp_path / "results.json").write_text('{"results": []}')
+    with pytest.raises(UserError, match="not an optimized-sd bench results.json"):
+        render(tmp_path)
+
+
+def test_a_failed_row_keeps_its_reason_through_the_file() -> None:
+    failed = ScenarioResult(Scenario("img2img", 64, 64, 1, 1, "stream"), ok=False, user_error="no room", peak_rss_mib=12.0)
+    again = ScenarioResult.from_json(json.loads(json.dumps(failed.to_json())))
+    assert again == failed and again.failure == "no room"
+
+
+def test_marked_stages_are_measured_like_with_stages() -> None:
+    """The bench worker marks diffusers' stage boundaries with hooks; the meter measures them as it measures ours."""
+    import time
+
+    import torch
+
+    from optimized_sd.benchmark.worker import stage_figures
+    from optimized_sd.memory.report import MemoryMeter
+
+    meter = MemoryMeter(torch.device("cpu"))
+    with pytest.raises(RuntimeError):
+        meter.mark("text")
+    with meter.stage("text"):
+        time.sleep(0.01)
+    with meter.marked():
+        time.sleep(0.01)
+        meter.mark("unet", steps=3)
+        time.sleep(0.01)
+        meter.mark("unet", steps=2)
+    figures = stage_figures(meter)
+    assert [r.stage for r in meter.records] == ["text", "unet", "unet"]
+    assert figures["unet"].steps == 5 and figures["unet"].seconds >= 0.02 and figures["text"].seconds >= 0.01
+    assert all(r.peak_rss_mib > 0 and r.peak_allocated_mib == 0.0 for r in meter.records)
+
+
 def test_device_labels_make_folder_names() -> None:
-    assert report.device_label({"gpu": "NVIDIA H100 80GB HBM3"}) == "nvidia-h100-80gb-hbm3"
-    assert report.device_label({"cpu": "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"}) == "cpu-intel-xeon-platinum-8375c"
+    assert report.device_label(Machine("cuda", "cuda", gpu="NVIDIA H100 80GB HBM3")) == "nvidia-h100-80gb-hbm3"
+    intel = Machine("cpu", "cpu", cpu="Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz")
+    assert report.device_label(intel) == "cpu-intel-xeon-platinum-8375c"
 
 
 def test_worker_rejects_a_bad_payload() -> None:
@@ -286,14 +362,18 @@ def test_harness_runs_ours_and_diffusers_on_the_tiny_model(tmp_path: Path) -> No
     )
     lines: list[str] = []
     folder = run_bench(options, lambda text="", nl=True: lines.append(text))
-    record = json.loads((folder / "results.json").read_text())
-    by_mode = {r["scenario"]["mode"]: r for r in record["results"]}
+    saved = json.loads((folder / "results.json").read_text())
+    assert saved["results"][0]["scenario"]["name"] == "txt2img-64-b1-stream"  # the file reads on its own
+    record = BenchRecord.from_json(saved)
+    by_mode = {r.scenario.mode: r for r in record.results}
     assert set(by_mode) == {"stream", "diffusers"}
     for result in by_mode.values():
-        assert result["ok"], result
-        assert result["unet_steps"] == 1 and result["peak_rss_mib"] > 0 and result["finite"]
-        assert set(result["stages"]) >= {"text", "unet", "vae_decode"}
-    assert by_mode["stream"]["mode_used"] == "stream"
+        assert result.ok, result
+        assert result.unet_steps == 1 and result.peak_rss_mib > 0 and result.finite
+        assert set(result.stages) >= {"text", "unet", "vae_decode"}
+        assert all(figures.seconds > 0 and figures.peak_rss_mib > 0 for figures in result.stages.values())
+        assert result.stages["unet"].steps == 1  # the diffusers hooks count UNet calls too
+    assert by_mode["stream"].mode_used == "stream" and by_mode["stream"].footprint is not None
     markdown = (folder / "results.md").read_text()
     assert "| txt2img-64-b1 | stream | diffusers |" in markdown
     assert sum(line.startswith("[") for line in lines) == 2  # a progress line per scenario
@@ -302,15 +382,16 @@ def test_harness_runs_ours_and_diffusers_on_the_tiny_model(tmp_path: Path) -> No
 def test_update_replaces_rerun_rows_in_place_and_says_so() -> None:
     from optimized_sd.benchmark.runner import merged
 
-    earlier = cuda_record() | {"command": "optimized-sd bench", "started": "then", "wall_seconds": 10.0}
+    earlier = replace(cuda_record(), started="then", wall_seconds=10.0)
     again = fake_result("stream", 650.0, 0.040)
-    record = {**earlier, "command": "optimized-sd bench --only '*stream' --update", "started": "now", "wall_seconds": 5.0, "notes": [], "results": [again]}
+    command = "optimized-sd bench --only '*stream' --update"
+    record = replace(earlier, command=command, started="now", wall_seconds=5.0, notes=[], results=[again])
     out = merged(record, earlier, ["txt2img-512-b1-stream"])
-    modes = [r["scenario"]["mode"] for r in out["results"]]
-    assert modes == [r["scenario"]["mode"] for r in earlier["results"]]  # same rows, same order
-    assert out["results"][modes.index("stream")]["peak_allocated_mib"] == 650.0
-    assert "a note" in out["notes"] and any("re-measured on now" in n and "txt2img-512-b1-stream" in n for n in out["notes"])
-    assert out["wall_seconds"] == 15.0 and out["command"] == "optimized-sd bench" and out["started"] == "then"
+    modes = [r.scenario.mode for r in out.results]
+    assert modes == [r.scenario.mode for r in earlier.results]  # same rows, same order
+    assert out.results[modes.index("stream")].peak_allocated_mib == 650.0
+    assert "a note" in out.notes and any("re-measured on now" in n and "txt2img-512-b1-stream" in n for n in out.notes)
+    assert out.wall_seconds == 15.0 and out.command == "optimized-sd bench" and out.started == "then"
 
 
 def test_stream_floor_and_its_schedule_simulation():
@@ -320,7 +401,11 @@ def test_stream_floor_and_its_schedule_simulation():
     finally:
         sys.path.pop(0)
     # Block i+1's copy overlaps block i's compute; the first block's copy overlaps the last block.
-    cases = [([4.0, 1.0, 1.0], [1.0, 3.0, 1.0], 6.0), ([1.0, 1.0], [5.0, 0.5], 6.0), ([0.5, 2.0, 0.1, 1.0], [0.2, 0.3, 2.5, 0.4], 0.5 + 2.5 + 0.4 + 1.0)]
+    cases = [
+        ([4.0, 1.0, 1.0], [1.0, 3.0, 1.0], 6.0),
+        ([1.0, 1.0], [5.0, 0.5], 6.0),
+        ([0.5, 2.0, 0.1, 1.0], [0.2, 0.3, 2.5, 0.4], 0.5 + 2.5 + 0.4 + 1.0),
+    ]
     for compute, copy, floor in cases:
         assert stream_floor.one_block_lookahead_seconds(compute, copy) == floor
         sizes = [1] * len(compute)

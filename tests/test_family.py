@@ -9,6 +9,7 @@ import pytest
 from optimized_sd.errors import CheckpointError, UnsupportedModelError
 from optimized_sd.weights.family import (
     SCHEDULE_BUFFERS,
+    canonical_key,
     detect_family,
     known_extra_key,
     part_of_key,
@@ -71,12 +72,15 @@ def test_tiny_and_real_sd1_are_sd1() -> None:
     assert detect_family(real_sd1_shapes()) == "sd1"
 
 
-def test_sd1_with_old_text_encoder_keys() -> None:
-    """Older files name the CLIP keys without `text_model.`."""
-    shapes = {
-        (k.replace("text_model.", "") if k.startswith(TE) else k): v for k, v in sd1_shapes().items()
-    }
-    assert detect_family(shapes) == "sd1"
+def test_old_text_encoder_keys_take_the_one_canonical_form() -> None:
+    """Files name the CLIP keys with or without `text_model.`; opening a checkpoint puts them all in one form."""
+    old = {(k.replace("text_model.", "") if k.startswith(TE) else k): v for k, v in sd1_shapes().items()}
+    assert old != sd1_shapes()
+    assert {canonical_key(k): v for k, v in old.items()} == sd1_shapes()
+    assert {canonical_key(k): v for k, v in sd1_shapes().items()} == sd1_shapes()
+    mismatched = {canonical_key(k): v for k, v in old.items()} | {TE + "final_layer_norm.weight": (32,)}
+    with pytest.raises(CheckpointError, match="do not belong together"):  # the width check sees the old form too
+        detect_family(mismatched)
 
 
 def test_detect_family_is_pure() -> None:

@@ -13,8 +13,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightning_checkpoints import UNET, tiny_sd1, write_lightning_ckpt
-
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.hashing import legacy_model_hash, sha256_file, sha256_short
 from optimized_sd.weights.inspect import (
@@ -25,6 +23,8 @@ from optimized_sd.weights.inspect import (
     describe_checkpoint,
     format_info,
 )
+
+from lightning_checkpoints import UNET, tiny_sd1, write_lightning_ckpt
 
 # Parameter counts of lightning_checkpoints.tiny_sd1 (its comments give each tensor's).
 UNET_PARAMS = 288 + 8 + 64 + 128 + 288
@@ -247,50 +247,52 @@ class _Exec:
         return (exec, ("raise SystemExit('ran')",))
 
 
-def _write_diffusers(folder: Path, *, cross_attention_dim: int = 16, class_name: str = "StableDiffusionPipeline",
-                     in_channels: int = 4) -> None:
-    (folder / "unet").mkdir(parents=True)
-    (folder / "vae").mkdir()
-    (folder / "text_encoder").mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name, "unet": ["diffusers", "UNet2DConditionModel"]}))
-    (folder / "unet" / "config.json").write_text(
-        json.dumps({"in_channels": in_channels, "cross_attention_dim": cross_attention_dim}))
-    (folder / "text_encoder" / "config.json").write_text(json.dumps({"hidden_size": cross_attention_dim}))
-    save_file({"conv_in.weight": torch.zeros(8, in_channels, 3, 3), "down_blocks.0.resnets.0.conv1.weight": torch.zeros(8, 8, 3, 3)},
-              folder / "unet" / "diffusion_pytorch_model.safetensors")
-    save_file({"conv_in.weight": torch.zeros(8, in_channels, 3, 3, dtype=torch.float16)},
-              folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
-    save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3)}, folder / "vae" / "diffusion_pytorch_model.safetensors")
-    torch.save({"text_model.final_layer_norm.weight": torch.zeros(cross_attention_dim)},
-               folder / "text_encoder" / "pytorch_model.bin")
+def _unet_like(tiny_model, **changes):
+    """The tiny diffusers UNet's config with another family's traits."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**{**tiny_model.unet.config, **changes})
 
 
-def test_diffusers_folder(tmp_path: Path) -> None:
-    folder = tmp_path / "sd15-diffusers"
-    _write_diffusers(folder)
+def test_diffusers_folder(tiny_model, diffusers_variant) -> None:
+    folder = diffusers_variant("sd15-diffusers")
+    half = {k: v.half() for k, v in tiny_model.unet.state_dict().items()}
+    save_file(half, folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")  # the loader reads the fp32 file
     info = describe_checkpoint(folder)
     assert info.layout == "diffusers folder (StableDiffusionPipeline)"
-    assert info.family == "sd1"
-    assert info.parts["UNet"].params == 8 * 4 * 9 + 8 * 8 * 9  # the fp32 files, not the fp16 variant
+    assert info.family == "sd1", info.family_error
+    assert info.parts["UNet"].params == sum(p.numel() for p in tiny_model.unet.parameters())
     assert info.parts["UNet"].dtypes == ("float32",)
-    assert info.parts["VAE"].params == 8 * 3 * 9
-    assert info.parts["text encoder"].params == 16
+    assert info.parts["VAE"].params == sum(p.numel() for p in tiny_model.vae.parameters())
+    assert info.parts["text encoder"].params == sum(p.numel() for p in tiny_model.text_encoder.parameters())
+    assert info.other_keys == ()  # every key of every part has an LDM name
     assert info.sha256_short is None
     text = format_info(info)
     assert "diffusers folder (StableDiffusionPipeline)" in text
     assert "EMA" not in text and "hashes" not in text
 
 
+def test_diffusers_folder_config_the_loader_refuses(diffusers_variant) -> None:
+    folder = diffusers_variant("model")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "act_fn": "gelu"}))
+    info = describe_checkpoint(folder)
+    assert info.family is None and "act_fn is 'gelu'" in info.family_error
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "needle"),
+    ("class_name", "unet_changes", "needle"),
     [
-        ({"cross_attention_dim": 1024}, "SD 2.x"),
-        ({"class_name": "StableDiffusionXLPipeline"}, "SDXL"),
-        ({"in_channels": 9, "class_name": "StableDiffusionInpaintPipeline"}, "SD 1.x inpainting"),
+        ("StableDiffusionPipeline", {"use_linear_projection": True}, "SD 2.x"),
+        (
+            "StableDiffusionXLPipeline",
+            {"addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 112},
+            "SDXL",
+        ),
+        ("StableDiffusionInpaintPipeline", {"in_channels": 9}, "SD 1.x inpainting"),
     ],
 )
-def test_diffusers_folder_other_families(tmp_path: Path, kwargs: dict, needle: str) -> None:
-    folder = tmp_path / "model"
-    _write_diffusers(folder, **kwargs)
+def test_diffusers_folder_other_families(tiny_model, diffusers_variant, class_name: str, unet_changes: dict, needle: str) -> None:
+    folder = diffusers_variant("model", class_name=class_name, unet=_unet_like(tiny_model, **unet_changes))
     info = describe_checkpoint(folder)
     assert info.family is None and needle in info.family_error

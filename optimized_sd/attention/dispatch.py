@@ -61,7 +61,7 @@ def current_attention() -> str:
     return _selected.get()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_fallback(name: str, reason: str, fallback: str) -> None:
     """Say once per (backend, reason) that a call fell back, rather than once per layer."""
     log.warning("attention backend %r cannot run here (%s); using %r", name, reason, fallback)

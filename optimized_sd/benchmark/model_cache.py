@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optimized_sd.errors import UserError
-from optimized_sd.weights.family import CLIP_PREFIX as TEXT_PREFIX
-from optimized_sd.weights.family import UNET_PREFIX, VAE_PREFIX
+from optimized_sd.weights.family import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, canonical_key
 
 FORMAT_TAG = "optimized-sd random benchmark model"
 FORMAT_VERSION = "1"
-PART_PREFIXES = (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text", "cond_stage_model."))
+PART_PREFIXES = (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text", TEXT_ENCODER_PREFIX))
 DISK_MARGIN = 64 * 2**20
 DEFAULT_CACHE = Path("~/.cache/optimized-sd/bench")
 MODELS = ("sd15", "tiny")
@@ -55,14 +54,6 @@ def model_config(name: str):  # -> optimized_sd.config.ModelConfig
     return SD15 if name == "sd15" else TINY
 
 
-def ldm_key(key: str) -> str:
-    """Our module's key -> the key real SD 1.x files use (CLIP under `transformer.text_model.`; newer
-    transformers builds `CLIPTextModel` without the `text_model` level)."""
-    if key.startswith(TEXT_PREFIX) and not key.startswith(TEXT_PREFIX + "text_model."):
-        return TEXT_PREFIX + "text_model." + key[len(TEXT_PREFIX) :]
-    return key
-
-
 def planned_tensors(config) -> list[tuple[str, str, tuple[int, ...]]]:
     """(part, LDM key, shape) of every tensor, in file order, from a model built on the meta device."""
     import torch
@@ -77,7 +68,7 @@ def planned_tensors(config) -> list[tuple[str, str, tuple[int, ...]]]:
             if key.startswith(prefix):
                 if not value.is_floating_point():
                     raise AssertionError(f"unexpected non-float tensor {key}")
-                entries.append((part, ldm_key(key), tuple(value.shape)))
+                entries.append((part, canonical_key(key), tuple(value.shape)))
     return entries
 
 
@@ -171,7 +162,7 @@ def write_checkpoint(path: Path, config, seed: int, entries) -> None:
             with torch.no_grad():
                 state = module.state_dict()
                 keys = [key for owner, key, _shape in entries if owner == part]  # file order of this part
-                by_ldm = {ldm_key(prefix + name): tensor for name, tensor in state.items() if tensor.is_floating_point()}
+                by_ldm = {canonical_key(prefix + name): tensor for name, tensor in state.items() if tensor.is_floating_point()}
                 for key in keys:
                     tensor = by_ldm[key]
                     if tuple(tensor.shape) != expected[key]:

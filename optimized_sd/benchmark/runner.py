@@ -12,12 +12,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
 from optimized_sd.benchmark import report
+from optimized_sd.benchmark.results import BenchModel, BenchRecord, Machine, ScenarioResult, ScenarioTask, Settings, from_json
 from optimized_sd.benchmark.scenarios import DEFAULT_STEPS, QUICK, Scenario, Selection, select_scenarios
 from optimized_sd.benchmark.worker import PROMPT, RESULT_PREFIX, SCALE, SEED, STRENGTH  # stdlib-only module
 from optimized_sd.errors import UserError
@@ -92,7 +93,8 @@ def worker_env() -> dict[str, str]:
 
 
 def run_worker(payload: dict, timeout: float | None) -> dict:
-    """Run one worker task in a fresh interpreter and return its JSON result (a failure is a result too)."""
+    """Run one worker task in a fresh interpreter and return its JSON result (a failure is a result too:
+    `ok` false, with `user_error` or `error`)."""
     command = [sys.executable, "-m", "optimized_sd.benchmark.worker", json.dumps(payload)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=worker_env(), cwd=os.getcwd())
@@ -109,47 +111,52 @@ def run_worker(payload: dict, timeout: float | None) -> dict:
     return {"ok": False, "error": f"{reason}: {tail[0][:300]}", "stderr_tail": done.stderr[-3000:]}
 
 
-def build_model(cache_dir: Path | str | None, model: str) -> dict:
+def build_model(cache_dir: Path | str | None, model: str) -> BenchModel:
     """Build (or reuse) the benchmark model in a worker process: its paths and facts."""
     built = run_worker({"task": "build", "cache_dir": str(cache_dir) if cache_dir else None, "model": model}, timeout=3600)
     if not built.get("ok"):
         raise UserError(built.get("user_error") or f"cannot build the benchmark model: {built.get('error')}")
-    return built
+    return from_json(BenchModel, built)
 
 
-def scenario_task(model: dict, device: str, *, precision: str, attention: str, warmup: int, repeat: int) -> dict:
+def probe_machine(device: str | None) -> Machine:
+    """The machine and software, and the host-to-device bandwidth on CUDA, from a worker process."""
+    probed = run_worker({"task": "probe", "device": device, "bandwidth": True}, timeout=300)
+    if not probed.get("ok"):
+        raise UserError(probed.get("user_error") or f"cannot probe the device: {probed.get('error')}")
+    return from_json(Machine, probed)
+
+
+def scenario_task(model: BenchModel, device: str, *, precision: str, attention: str, warmup: int, repeat: int) -> ScenarioTask:
     """What every scenario worker is sent besides its scenario."""
-    return {
-        "task": "scenario",
-        "device": device,
-        "checkpoint": model["checkpoint"],
-        "tokenizer": model["tokenizer"],
-        "diffusers_config": model["diffusers_config"],
-        "precision": precision,
-        "attention": attention,
-        "warmup": warmup,
-        "repeat": repeat,
-    }
+    return ScenarioTask(
+        device=device,
+        checkpoint=model.checkpoint,
+        tokenizer=model.tokenizer,
+        diffusers_config=model.diffusers_config,
+        precision=precision,
+        attention=attention,
+        warmup=warmup,
+        repeat=repeat,
+    )
 
 
-def run_scenario(task: dict, scenario: Scenario, timeout: float | None) -> dict:
-    """One scenario in its own worker process; the result names its scenario."""
-    result = run_worker({**task, "scenario": scenario.to_dict()}, timeout=timeout)
-    result["scenario"] = scenario.to_dict()
-    return result
+def run_scenario(task: ScenarioTask, scenario: Scenario, timeout: float | None) -> ScenarioResult:
+    """One scenario in its own worker process; a failure is a row too."""
+    raw = run_worker(task.payload(scenario), timeout=timeout)
+    return ScenarioResult.from_json({**raw, "scenario": scenario.to_dict()})
 
 
-def progress_line(result: dict, cuda: bool) -> str:
-    if not result.get("ok"):
-        return "failed: " + (result.get("user_error") or result.get("error") or "unknown error")
-    memory = f"peak VRAM {result['peak_allocated_mib']:,.0f} MiB, " if cuda else ""
-    per_step = result.get("seconds_per_step")
-    mode = f" [{result['mode_used']}]" if result.get("mode_used") and result.get("mode_used") != result["scenario"]["mode"] else ""
+def progress_line(result: ScenarioResult, cuda: bool) -> str:
+    if not result.ok:
+        return "failed: " + result.failure
+    memory = f"peak VRAM {result.peak_allocated_mib:,.0f} MiB, " if cuda else ""
+    mode = f" [{result.mode_used}]" if result.mode_used and result.mode_used != result.scenario.mode else ""
+    if result.seconds_per_step is None:
+        return f"{result.seconds_per_image:.2f} s/image{mode}"
     return (
-        f"{per_step:.3f} s/step, {result['seconds_per_image']:.2f} s/image, {memory}"
-        f"peak RSS {result['peak_rss_mib']:,.0f} MiB (load {result['load_seconds']:.1f} s){mode}"
-        if per_step is not None
-        else f"{result['seconds_per_image']:.2f} s/image{mode}"
+        f"{result.seconds_per_step:.3f} s/step, {result.seconds_per_image:.2f} s/image, {memory}"
+        f"peak RSS {result.peak_rss_mib:,.0f} MiB (load {result.load_seconds:.1f} s){mode}"
     )
 
 
@@ -187,8 +194,9 @@ def check_flags(options: BenchOptions) -> None:
     select(options, guess_device_type(options.device))  # names, sizes, numbers: fails fast with a one-line error
 
 
-def results_folder(options: BenchOptions, machine: dict, date: str) -> Path:
-    label = options.label or ("quick" if options.quick else "-".join(s.replace("x", "by") for s in options.resolved()["sizes"].split(",")))
+def results_folder(options: BenchOptions, machine: Machine, date: str) -> Path:
+    sizes = options.resolved()["sizes"].split(",")
+    label = options.label or ("quick" if options.quick else "-".join(size.replace("x", "by") for size in sizes))
     if options.model != "sd15":
         label += f"-{options.model}"
     return Path(options.out) / f"{report.device_label(machine)}-{date}-{label}"
@@ -199,121 +207,114 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
     check_flags(options)
     started = time.time()
     date = time.strftime("%Y-%m-%d", time.localtime(started))
-    machine = run_worker({"task": "probe", "device": options.device, "bandwidth": True}, timeout=300)
-    if not machine.get("ok"):
-        raise UserError(machine.get("user_error") or f"cannot probe the device: {machine.get('error')}")
-    device_type = machine["device_type"]
+    machine = probe_machine(options.device)
+    device_type = machine.device_type
     selection = select(options, device_type)
     steps = selection.scenarios[0].steps
     warmup = options.warmup if options.warmup is not None else (1 if device_type == "cuda" else 0)
-    where = machine.get("gpu") or f"CPU {machine.get('cpu')}"
-    echo(f"device: {machine['device']} ({where}); torch {machine['torch']}; diffusers {machine.get('diffusers') or 'not installed'}")
-    if machine.get("bandwidth"):
-        echo(f"host-to-device bandwidth: {machine['bandwidth']['best_gbps']:.1f} GB/s (pinned, best of 5)")
+    where = machine.gpu or f"CPU {machine.cpu}"
+    echo(f"device: {machine.device} ({where}); torch {machine.torch}; diffusers {machine.diffusers or 'not installed'}")
+    if machine.bandwidth:
+        echo(f"host-to-device bandwidth: {machine.bandwidth.best_gbps:.1f} GB/s (pinned, best of 5)")
     for note in selection.notes:
         echo(f"note: {note}")
 
     echo(f"model: preparing the {options.model} benchmark model in the cache ...")
-    model = build_model(options.cache_dir, options.model)
-    model["description"] = MODEL_DESCRIPTIONS[options.model]
-    echo(f"model: {'built' if model['built'] else 'reused'} {model['checkpoint']} ({model['file_bytes'] / 2**30:.2f} GiB, {model['seconds']:.0f} s)")
+    model = replace(build_model(options.cache_dir, options.model), description=MODEL_DESCRIPTIONS[options.model])
+    echo(f"model: {'built' if model.built else 'reused'} {model.checkpoint} ({model.file_bytes / 2**30:.2f} GiB, {model.seconds:.0f} s)")
 
     task = scenario_task(
-        model, machine["device"], precision=options.precision, attention=options.attention, warmup=warmup, repeat=options.repeat
+        model, machine.device, precision=options.precision, attention=options.attention, warmup=warmup, repeat=options.repeat
     )
     dtype = {"autocast": "fp32 (CPU)" if device_type == "cpu" else "fp16"}.get(options.precision, options.precision)
-    record = {
-        "tool": "optimized-sd bench",
-        "command": options.command,
-        "date": date,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
-        "wall_seconds": time.time() - started,
-        "machine": machine,
-        "model": model,
-        "settings": {
-            "prompt": PROMPT,
-            "seed": SEED,
-            "scale": SCALE,
-            "strength": STRENGTH,
-            "sampler": "ddim",
-            "steps": steps,
-            "precision": options.precision,
-            "dtype": dtype,
-            "attention": options.attention,
-            "warmup": warmup,
-            "repeat": options.repeat,
-            "timeout_s": options.timeout,
-        },
-        "budget": options.budget,
-        "notes": selection.notes,
-        "results": [],
-    }
+    record = BenchRecord(
+        command=options.command,
+        date=date,
+        started=time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        wall_seconds=0.0,
+        machine=machine,
+        model=model,
+        settings=Settings(
+            prompt=PROMPT,
+            seed=SEED,
+            scale=SCALE,
+            strength=STRENGTH,
+            sampler="ddim",
+            steps=steps,
+            precision=options.precision,
+            dtype=dtype,
+            attention=options.attention,
+            warmup=warmup,
+            repeat=options.repeat,
+            timeout_s=options.timeout,
+        ),
+        budget=options.budget,
+        notes=selection.notes,
+    )
     folder = results_folder(options, machine, date)
     earlier = load_earlier(folder) if options.update else None
-    results = []
     total = len(selection.scenarios)
     for index, scenario in enumerate(selection.scenarios, 1):
         echo(f"[{index}/{total}] {scenario.name} ...", nl=False)
         result = run_scenario(task, scenario, options.timeout)
-        results.append(result)
+        record.results.append(result)
+        record.wall_seconds = time.time() - started
         echo(" " + progress_line(result, device_type == "cuda"))
-        record["results"] = results
-        record["wall_seconds"] = time.time() - started
-        report.write_partial(merged(record, earlier, []) if options.update else record, folder)  # what a killed run leaves
-    record["results"] = results
-    record["wall_seconds"] = time.time() - started
+        report.write_partial(merged(record, earlier, []), folder)  # what a killed run leaves
+    record.wall_seconds = time.time() - started
     if options.update:
         record = merged(record, earlier, [s.name for s in selection.scenarios])
     written = report.write_outputs(record, folder)
-    if record.get("chart_note"):
-        echo(f"note: {record['chart_note']}")
-    echo(f"wrote {', '.join(str(p) for p in written)} ({record['wall_seconds']:.0f} s in all)")
+    if record.chart_note:
+        echo(f"note: {record.chart_note}")
+    echo(f"wrote {', '.join(str(p) for p in written)} ({record.wall_seconds:.0f} s in all)")
     return folder
 
 
-def load_earlier(folder: Path) -> dict | None:
-    path = folder / "results.json"
-    if not path.is_file():
-        return None
+def read_record(path: Path, flag: str) -> BenchRecord:
+    """A saved results.json; a file that cannot be read is the user's one-line error."""
     try:
-        return json.loads(path.read_text())
+        return BenchRecord.from_json(json.loads(path.read_text()))
     except ValueError as error:
-        raise UserError(f"--update: {path} is not readable JSON: {error}") from None
+        raise UserError(f"{flag}: {path} is not readable JSON: {error}") from None
+    except (TypeError, KeyError, AttributeError) as error:
+        raise UserError(f"{flag}: {path} is not an optimized-sd bench results.json ({type(error).__name__}: {error})") from None
 
 
-def merged(record: dict, earlier: dict | None, rerun: list[str]) -> dict:
+def load_earlier(folder: Path) -> BenchRecord | None:
+    path = folder / "results.json"
+    return read_record(path, "--update") if path.is_file() else None
+
+
+def merged(record: BenchRecord, earlier: BenchRecord | None, rerun: list[str]) -> BenchRecord:
     """The earlier run's rows, with the ones measured again replaced in place and new ones appended;
     the header keeps the earlier command and start, and a note says which rows are newer and how."""
     if not earlier:
         return record
-    fresh = {r["scenario"]["name"]: r for r in record["results"]}
-    rows = [fresh.pop(r["scenario"]["name"], r) for r in earlier.get("results", [])] + list(fresh.values())
-    notes = [n for n in earlier.get("notes", []) if n not in record["notes"]] + record["notes"]
+    fresh = {r.scenario.name: r for r in record.results}
+    rows = [fresh.pop(r.scenario.name, r) for r in earlier.results] + list(fresh.values())
+    notes = [n for n in earlier.notes if n not in record.notes] + record.notes
     if rerun:
         notes.append(
-            f"re-measured on {record['started']} with `{record['command']}`: {', '.join(rerun)}; "
-            f"the other rows come from `{earlier.get('command')}` on {earlier.get('started')}"
+            f"re-measured on {record.started} with `{record.command}`: {', '.join(rerun)}; "
+            f"the other rows come from `{earlier.command}` on {earlier.started}"
         )
-    return {
-        **record,
-        "command": earlier.get("command", record["command"]),
-        "started": earlier.get("started", record["started"]),
-        "results": rows,
-        "notes": notes,
-        "wall_seconds": record["wall_seconds"] + earlier.get("wall_seconds", 0.0),
-    }
+    return replace(
+        record,
+        command=earlier.command,
+        started=earlier.started,
+        results=rows,
+        notes=notes,
+        wall_seconds=record.wall_seconds + earlier.wall_seconds,
+    )
 
 
 def render(folder: Path) -> list[Path]:
     """Rebuild results.md and chart.png from a saved results.json."""
     path = Path(folder) / "results.json"
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"--render: no results.json in {folder}") from None
-    except ValueError as error:
-        raise UserError(f"--render: {path} is not readable JSON: {error}") from None
-    return report.write_outputs(record, Path(folder))
+    if not path.is_file():
+        raise UserError(f"--render: no results.json in {folder}")
+    return report.write_outputs(read_record(path, "--render"), Path(folder))
 
 
 def scenario_names(options: BenchOptions, device_type: str) -> list[Scenario]:

@@ -89,7 +89,7 @@ class Scenario:
         return {**asdict(self), "name": self.name, "engine": self.engine, "group": self.group}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Scenario":
+    def from_dict(cls, data: dict) -> Scenario:
         return cls(**{k: data[k] for k in ("kind", "height", "width", "batch", "steps", "mode", "budget")})
 
 

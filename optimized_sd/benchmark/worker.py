@@ -15,9 +15,23 @@ import resource
 import sys
 import time
 import traceback
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from importlib import metadata
+from typing import TypeVar
 
+from optimized_sd.benchmark.results import (
+    Bandwidth,
+    BenchModel,
+    Footprint,
+    Machine,
+    PlanFacts,
+    ScenarioResult,
+    ScenarioTask,
+    StageFigures,
+    from_json,
+)
+from optimized_sd.benchmark.scenarios import Scenario
 from optimized_sd.errors import UserError
 
 RESULT_PREFIX = "BENCH-RESULT "
@@ -26,6 +40,7 @@ SEED = 42
 SCALE = 7.5
 STRENGTH = 0.75
 MIB = 2**20
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -72,7 +87,7 @@ def synthetic_image(height: int, width: int):
 
 
 # --------------------------------------------------------------------------- probe
-def bandwidth_gbps(device, size_bytes: int = 2**30, repeats: int = 5) -> dict:
+def bandwidth_gbps(device, size_bytes: int = 2**30, repeats: int = 5) -> Bandwidth:
     """Host-to-device copy speed from pinned memory (best and median of `repeats`, GB/s = 1e9 B/s)."""
     import torch
 
@@ -91,118 +106,91 @@ def bandwidth_gbps(device, size_bytes: int = 2**30, repeats: int = 5) -> dict:
     rates.sort()
     del host, target
     torch.cuda.empty_cache()
-    return {"bytes": size_bytes, "best_gbps": rates[-1], "median_gbps": rates[len(rates) // 2]}
+    return Bandwidth(bytes=size_bytes, best_gbps=rates[-1], median_gbps=rates[len(rates) // 2])
 
 
-def probe(payload: dict) -> dict:
+def probe(payload: dict) -> Machine:
     import psutil
     import torch
 
     from optimized_sd.memory.device import resolve_device
 
     device = resolve_device(payload.get("device"))
-    info = {
-        "device": str(device),
-        "device_type": device.type,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "ram_gib": psutil.virtual_memory().total / 2**30,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": version_of("transformers"),
-        "diffusers": version_of("diffusers"),
-        "accelerate": version_of("accelerate"),
-        "optimized_sd": version_of("optimized-sd"),
-        "gpu": None,
-    }
+    machine = Machine(
+        device=str(device),
+        device_type=device.type,
+        cpu=cpu_model(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        ram_gib=psutil.virtual_memory().total / 2**30,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        torch=torch.__version__,
+        transformers=version_of("transformers"),
+        diffusers=version_of("diffusers"),
+        accelerate=version_of("accelerate"),
+        optimized_sd=version_of("optimized-sd"),
+    )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info["gpu"] = props.name
-        info["vram_gib"] = props.total_memory / 2**30
-        info["cuda"] = torch.version.cuda
+        machine = replace(machine, gpu=props.name, vram_gib=props.total_memory / 2**30, cuda=torch.version.cuda)
         if payload.get("bandwidth"):
-            info["bandwidth"] = bandwidth_gbps(device)
-    return info
+            machine.bandwidth = bandwidth_gbps(device)
+    return machine
 
 
 # --------------------------------------------------------------------------- build
-def build(payload: dict) -> dict:
+def build(payload: dict) -> BenchModel:
     from optimized_sd.benchmark.model_cache import activation_ranges, ensure_model, model_config
 
     cached = ensure_model(payload.get("cache_dir"), payload.get("model", "sd15"), payload.get("seed", 0))
-    result = {
-        "checkpoint": str(cached.checkpoint),
-        "tokenizer": str(cached.tokenizer),
-        "diffusers_config": str(cached.diffusers_config),
-        "built": cached.built,
-        "seconds": cached.seconds,
-        "file_bytes": cached.checkpoint.stat().st_size,
-        "peak_rss_mib": max_rss_mib(),
-    }
+    ranges = None
     if cached.built and payload.get("check_ranges", True):
-        result["activation_max_abs_fp32"] = activation_ranges(model_config(payload.get("model", "sd15")))
-    return result
+        ranges = activation_ranges(model_config(payload.get("model", "sd15")))
+    return BenchModel(
+        checkpoint=str(cached.checkpoint),
+        tokenizer=str(cached.tokenizer),
+        diffusers_config=str(cached.diffusers_config),
+        built=cached.built,
+        seconds=cached.seconds,
+        file_bytes=cached.checkpoint.stat().st_size,
+        peak_rss_mib=max_rss_mib(),
+        activation_max_abs_fp32=ranges,
+    )
 
 
 # --------------------------------------------------------------------------- scenarios
-class Clock:
-    """Stage boundaries marked from outside a pipeline (diffusers has no stages of its own): each
-    `mark` synchronises, then adds a stage record (seconds, peak allocated/reserved VRAM and peak RSS
-    since the previous mark) to a `MemoryMeter`, which sums them as it does for our pipeline."""
-
-    def __init__(self, device, rss) -> None:  # rss: a started optimized_sd.memory.report.RssSampler
-        import torch
-
-        from optimized_sd.memory.report import MemoryMeter
-
-        self.torch = torch
-        self.device = device
-        self.rss = rss
-        self.cuda = device.type == "cuda"
-        self.meter = MemoryMeter(device)
-        self.last = 0.0
-
-    def start(self) -> None:
-        """Forget earlier marks and start timing."""
-        self.meter.records.clear()
-        self.sync()
-        if self.cuda:
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-        self.rss.take_peak()
-        self.last = time.perf_counter()
-
-    def sync(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize(self.device)
-
-    def mark(self, stage: str, steps: int = 0) -> None:
-        from optimized_sd.memory.report import StageRecord
-
-        self.sync()
-        record = StageRecord(stage, time.perf_counter() - self.last, 0.0, 0.0, self.rss.take_peak() / MIB, steps)
-        if self.cuda:
-            record.peak_allocated_mib = self.torch.cuda.max_memory_allocated(self.device) / MIB
-            record.peak_reserved_mib = self.torch.cuda.max_memory_reserved(self.device) / MIB
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-        self.meter.records.append(record)
-        self.last = time.perf_counter()
-
-    @property
-    def stages(self) -> dict[str, dict[str, float]]:
-        return self.meter.summary()
+Measured = tuple[float, dict[str, StageFigures], object]  # (seconds of the run, its stages, its latents)
 
 
-def best_of(measure, repeat: int):
-    """Run `measure` (-> seconds, stages, latents) `repeat` times: the fastest run's times, and for
-    each stage the highest peaks seen over all runs (timings vary with other load; peaks should not)."""
+def stage_figures(meter) -> dict[str, StageFigures]:
+    """A `MemoryMeter`'s summary of its records, typed."""
+    return {stage: StageFigures(**row) for stage, row in meter.summary().items()}
+
+
+def timed(device, work: Callable[[], T]) -> tuple[float, T]:
+    """Seconds `work` takes, the device work it queues included (whole runs and loading; the stages
+    within a run are measured by a `MemoryMeter`)."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    start = time.perf_counter()
+    value = work()
+    sync()
+    return time.perf_counter() - start, value
+
+
+def best_of(measure: Callable[[], Measured], repeat: int) -> Measured:
+    """Run `measure` `repeat` times: the fastest run's times, and for each stage the highest peaks
+    seen over all runs (timings vary with other load; peaks should not)."""
     runs = [measure() for _ in range(max(1, repeat))]
     total, stages, latents = min(runs, key=lambda run: run[0])
     for _, other, _ in runs:
-        for stage, figures in other.items():
-            for key in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib"):
-                stages[stage][key] = max(stages[stage][key], figures[key])
+        stages = {name: figures.with_highest_peaks(other.get(name, figures)) for name, figures in stages.items()}
     return total, stages, latents
 
 
@@ -212,7 +200,7 @@ def compute_dtype_name(device_type: str, precision: str) -> str:
     return {"full": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
 
 
-def run_ours(payload: dict, scenario, device) -> dict:
+def run_ours(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
     import torch
 
     import optimized_sd
@@ -237,65 +225,61 @@ def run_ours(payload: dict, scenario, device) -> dict:
         init_image=init,
         strength=STRENGTH,
     )
-    cuda = device.type == "cuda"
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401  imported before the clock, as diffusers is
 
-    start = time.perf_counter()
-    pipe = optimized_sd.load(
-        payload["checkpoint"],
-        device=str(device),
-        precision=payload.get("precision", "autocast"),
-        memory=scenario.mode,
-        vram_budget=scenario.budget,
-        attention=payload.get("attention", "sdpa"),
-        tokenizer=payload["tokenizer"],
-    )
-    pipe.prepare(request)  # place the weights now, so that loading is timed here
-    if cuda:
-        torch.cuda.synchronize(device)
-    load_seconds = time.perf_counter() - start
+    def load():
+        pipe = optimized_sd.load(
+            task.checkpoint,
+            device=str(device),
+            precision=task.precision,
+            memory=scenario.mode,
+            vram_budget=scenario.budget,
+            attention=task.attention,
+            tokenizer=task.tokenizer,
+        )
+        pipe.prepare(request)  # place the weights now, so that loading is timed here
+        return pipe
+
+    load_seconds, pipe = timed(device, load)
     rss_after_load = current_rss_mib()
-    for _ in range(payload.get("warmup", 0)):
+    for _ in range(task.warmup):
         pipe.generate(replace(request, steps=min(scenario.steps, 2)))
 
-    def measured():
+    def measured() -> Measured:
         pipe.meter.records.clear()
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = pipe.generate(request)
-        if cuda:
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start, pipe.meter.summary(), result.latents
+        seconds, result = timed(device, lambda: pipe.generate(request))
+        return seconds, stage_figures(pipe.meter), result.latents
 
-    total, stages, latents = best_of(measured, payload.get("repeat", 1))
+    total, stages, latents = best_of(measured, task.repeat)
     fp = pipe.memory.sizes
-    return {
-        "mode_used": pipe.mode,
-        "load_seconds": load_seconds,
-        "total_seconds": total,
-        "stages": stages,
-        "rss_after_load_mib": rss_after_load,
-        "finite": bool(torch.isfinite(latents).all()),
-        "warnings": warnings,
-        "plan": {
-            "mode": pipe.plan.mode,
-            "reason": pipe.plan.reason,
-            "vae_tiling": pipe.plan.vae_tiling,
-            "budget_mib": pipe.plan.budget / MIB if pipe.plan.budget else None,
-            "estimates_mib": {mode: value / MIB for mode, value in pipe.plan.estimates.items()},
-        },
-        "footprint": {
-            "dtype_bytes": pipe.dtype_bytes,
-            "text_encoder": fp.text_encoder,
-            "unet": fp.unet,
-            "unet_halves": list(fp.unet_halves),
-            "largest_block_pair": fp.largest_block_pair,
-            "vae_encoder": fp.vae_encoder,
-            "vae_decoder": fp.vae_decoder,
-            "total": fp.total,
-        },
-    }
+    return ScenarioResult(
+        scenario=scenario,
+        ok=True,
+        mode_used=pipe.mode,
+        load_seconds=load_seconds,
+        total_seconds=total,
+        stages=stages,
+        rss_after_load_mib=rss_after_load,
+        finite=bool(torch.isfinite(latents).all()),
+        warnings=warnings,
+        plan=PlanFacts(
+            mode=pipe.plan.mode,
+            reason=pipe.plan.reason,
+            vae_tiling=pipe.plan.vae_tiling,
+            budget_mib=pipe.plan.budget / MIB if pipe.plan.budget else None,
+            estimates_mib={mode: value / MIB for mode, value in pipe.plan.estimates.items()},
+        ),
+        footprint=Footprint(
+            dtype_bytes=pipe.dtype_bytes,
+            text_encoder=fp.text_encoder,
+            unet=fp.unet,
+            unet_halves=list(fp.unet_halves),
+            largest_block_pair=fp.largest_block_pair,
+            vae_encoder=fp.vae_encoder,
+            vae_decoder=fp.vae_decoder,
+            total=fp.total,
+        ),
+    )
 
 
 def place_peer(pipe, peer: str, device) -> None:
@@ -329,7 +313,7 @@ def place_peer(pipe, peer: str, device) -> None:
         raise UserError(f"unknown peer {peer!r}")
 
 
-def run_diffusers(payload: dict, scenario, device) -> dict:
+def run_diffusers(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
     import torch
 
     try:
@@ -338,36 +322,33 @@ def run_diffusers(payload: dict, scenario, device) -> dict:
     except ImportError as error:
         raise UserError(f"diffusers is not importable: {error}") from None
     diffusers_logging.set_verbosity_error()
-    dtype = getattr(torch, compute_dtype_name(device.type, payload.get("precision", "autocast")))
+    dtype = getattr(torch, compute_dtype_name(device.type, task.precision))
     img2img = scenario.kind == "img2img"
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-    cuda = device.type == "cuda"
-    start = time.perf_counter()
-    pipe = cls.from_single_file(
-        payload["checkpoint"], config=payload["diffusers_config"], local_files_only=True, torch_dtype=dtype
-    )
-    place_peer(pipe, scenario.mode, device)
-    pipe.set_progress_bar_config(disable=True)
-    if cuda:
-        torch.cuda.synchronize(device)
-    load_seconds = time.perf_counter() - start
+
+    def load():
+        pipe = cls.from_single_file(task.checkpoint, config=task.diffusers_config, local_files_only=True, torch_dtype=dtype)
+        place_peer(pipe, scenario.mode, device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    load_seconds, pipe = timed(device, load)
     rss_after_load = current_rss_mib()
     init = synthetic_image(scenario.height, scenario.width) if img2img else None
-    from optimized_sd.memory.report import RssSampler
+    from optimized_sd.memory.report import MemoryMeter
 
-    rss = RssSampler().start()  # diffusers has no stages of its own: hooks mark them on this sampler
-    clock = Clock(device, rss)
+    meter = MemoryMeter(device)  # diffusers has no stages of its own: hooks mark their boundaries
     state = {"unet_calls": 0, "in_unet": False}
 
     def before_encoder(module, args):
-        clock.mark("text")
+        meter.mark("text")
 
     def after_encoder(module, args, output):
-        clock.mark("vae_encode")
+        meter.mark("vae_encode")
 
     def before_unet(module, args):
         if not state["in_unet"]:
-            clock.mark("vae_encode" if img2img else "text")
+            meter.mark("vae_encode" if img2img else "text")
             state["in_unet"] = True
         state["unet_calls"] += 1
 
@@ -390,76 +371,62 @@ def run_diffusers(payload: dict, scenario, device) -> dict:
         else:
             options.update(height=scenario.height, width=scenario.width)
         state.update(unet_calls=0, in_unet=False)
-        clock.start()
-        latents = pipe(**options).images
-        clock.mark("unet", steps=state["unet_calls"])
-        with torch.inference_mode():
-            images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-            pipe.image_processor.postprocess(images, output_type="pil")
-        clock.mark("vae_decode")
+        meter.records.clear()
+        with meter.marked():
+            latents = pipe(**options).images
+            meter.mark("unet", steps=state["unet_calls"])
+            with torch.inference_mode():
+                images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+                pipe.image_processor.postprocess(images, output_type="pil")
+            meter.mark("vae_decode")
         return latents
 
-    for _ in range(payload.get("warmup", 0)):
+    for _ in range(task.warmup):
         generate(min(scenario.steps, 2))
-    def measured():
-        start = time.perf_counter()
-        latents = generate(scenario.steps)
-        return time.perf_counter() - start, clock.stages, latents
 
-    total, stages, latents = best_of(measured, payload.get("repeat", 1))
+    def measured() -> Measured:
+        seconds, latents = timed(device, lambda: generate(scenario.steps))
+        return seconds, stage_figures(meter), latents
+
+    total, stages, latents = best_of(measured, task.repeat)
     for hook in hooks:
         hook.remove()
-    rss.stop()
-    return {
-        "mode_used": scenario.mode,
-        "load_seconds": load_seconds,
-        "total_seconds": total,
-        "stages": stages,
-        "rss_after_load_mib": rss_after_load,
-        "finite": bool(torch.isfinite(latents).all()),
-        "warnings": [],
-    }
+    return ScenarioResult(
+        scenario=scenario,
+        ok=True,
+        mode_used=scenario.mode,
+        load_seconds=load_seconds,
+        total_seconds=total,
+        stages=stages,
+        rss_after_load_mib=rss_after_load,
+        finite=bool(torch.isfinite(latents).all()),
+    )
 
 
-def run_scenario(payload: dict) -> dict:
+def run_scenario(payload: dict) -> ScenarioResult:
     import torch
 
-    from optimized_sd.benchmark.scenarios import Scenario
     from optimized_sd.memory.device import resolve_device
 
+    task = from_json(ScenarioTask, payload)
     scenario = Scenario.from_dict(payload["scenario"])
-    device = resolve_device(payload.get("device"))
+    device = resolve_device(task.device)
     load_before = os.getloadavg()[0]
     try:
         if scenario.engine == "ours":
-            out = run_ours(payload, scenario, device)
+            result = run_ours(task, scenario, device)
         else:
-            out = run_diffusers(payload, scenario, device)
+            result = run_diffusers(task, scenario, device)
     except torch.OutOfMemoryError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
-        return {"ok": False, "error": f"out of memory: {first_line[:200]}", "peak_rss_mib": max_rss_mib()}
-    stages = out["stages"]
-    unet = stages.get("unet", {})
-    decode = stages.get("vae_decode", {}).get("seconds", 0.0)
-    encode = stages.get("vae_encode", {}).get("seconds", 0.0)
-    out.update(
-        ok=True,
+        return ScenarioResult(scenario, ok=False, error=f"out of memory: {first_line[:200]}", peak_rss_mib=max_rss_mib())
+    return replace(
+        result.with_stage_totals(),
         device=str(device),
-        dtype=compute_dtype_name(device.type, payload.get("precision", "autocast")),
-        unet_steps=unet.get("steps", 0),
-        seconds_per_step=unet["seconds"] / unet["steps"] if unet.get("steps") else None,
-        text_seconds=stages.get("text", {}).get("seconds", 0.0),
-        vae_decode_seconds=decode,
-        vae_encode_seconds=encode,
-        vae_seconds=decode + encode,
-        seconds_per_image=out["total_seconds"] / scenario.batch,
-        peak_allocated_mib=max((s["peak_allocated_mib"] for s in stages.values()), default=0.0),
-        peak_reserved_mib=max((s["peak_reserved_mib"] for s in stages.values()), default=0.0),
-        peak_stage_rss_mib=max((s["peak_rss_mib"] for s in stages.values()), default=0.0),
+        dtype=compute_dtype_name(device.type, task.precision),
         peak_rss_mib=max_rss_mib(),
-        host_load=[load_before, os.getloadavg()[0]],  # 1-minute load average before and after: other work on the machine skews timings
+        host_load=[load_before, os.getloadavg()[0]],  # other work on the machine skews timings
     )
-    return out
 
 
 TASKS = {"probe": probe, "build": build, "scenario": run_scenario}
@@ -474,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m optimized_sd.benchmark.worker '{\"task\": \"probe|build|scenario\", ...}'", file=sys.stderr)
         return 2
     try:
-        result = task(payload)
-        result.setdefault("ok", True)
+        result = {"ok": True, **asdict(task(payload))}
     except UserError as error:
         result = {"ok": False, "user_error": str(error)}
     except Exception as error:  # reported as a failed row, with the traceback's tail for the log

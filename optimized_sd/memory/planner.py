@@ -177,7 +177,12 @@ def lower_mode(mode: str) -> str | None:
     return MODES[index + 1] if index + 1 < len(MODES) else None
 
 
-SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30}
+SIZE_UNITS = {
+    "": 1, "B": 1,
+    "K": 2**10, "KB": 2**10, "KIB": 2**10,
+    "M": 2**20, "MB": 2**20, "MIB": 2**20,
+    "G": 2**30, "GB": 2**30, "GIB": 2**30,
+}
 
 
 def parse_bytes(text: str) -> int:

@@ -39,7 +39,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "RssSampler":
+    def start(self) -> RssSampler:
         self.peak = self._process.memory_info().rss
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -63,7 +63,7 @@ class RssSampler:
             self._thread.join()
         self.peak = max(self.peak, self._process.memory_info().rss)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -71,30 +71,64 @@ class RssSampler:
 
 
 class MemoryMeter:
-    """Collects a `StageRecord` per stage; cheap enough to stay on for every run."""
+    """Collects a `StageRecord` per stage; cheap enough to stay on for every run. Stages are either
+    `with meter.stage(name)` blocks, or boundaries marked from outside with `mark` inside `marked()`
+    (hooks on code that has no stages of its own, such as a diffusers pipeline): both measure alike."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.records: list[StageRecord] = []
+        self._open_mark: tuple[RssSampler, float] | None = None  # inside `marked`: its sampler, the stage's start
 
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[StageRecord]:
-        cuda = self.device.type == "cuda"
-        if cuda:
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _begin(self) -> float:
+        """A stage starts now: finish queued device work and reset the device's peak counters."""
+        self._sync()
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        record = StageRecord(name, 0.0, 0.0, 0.0, 0.0)
-        start = time.perf_counter()
-        with RssSampler() as rss:
-            yield record
-            if cuda:
-                torch.cuda.synchronize(self.device)
-        record.seconds = time.perf_counter() - start
-        record.peak_rss_mib = rss.peak / MIB
-        if cuda:
+        return time.perf_counter()
+
+    def _end(self, record: StageRecord, started: float, rss_peak: int) -> None:
+        """Fill in the stage's seconds and peaks (the device work already finished) and keep it."""
+        record.seconds = time.perf_counter() - started
+        record.peak_rss_mib = rss_peak / MIB
+        if self.device.type == "cuda":
             record.peak_allocated_mib = torch.cuda.max_memory_allocated(self.device) / MIB
             record.peak_reserved_mib = torch.cuda.max_memory_reserved(self.device) / MIB
         self.records.append(record)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[StageRecord]:
+        record = StageRecord(name, 0.0, 0.0, 0.0, 0.0)
+        started = self._begin()
+        with RssSampler() as rss:
+            yield record
+            self._sync()
+        self._end(record, started, rss.peak)
+
+    @contextlib.contextmanager
+    def marked(self) -> Iterator[None]:
+        """A run whose stage boundaries are marked with `mark`; the first stage starts here."""
+        with RssSampler() as rss:
+            self._open_mark = (rss, self._begin())
+            try:
+                yield
+            finally:
+                self._open_mark = None
+
+    def mark(self, name: str, steps: int = 0) -> StageRecord:
+        """End the stage begun at the previous mark (or at `marked`) as `name`, and begin the next."""
+        if self._open_mark is None:
+            raise RuntimeError("MemoryMeter.mark is called inside `with meter.marked():`")
+        rss, started = self._open_mark
+        self._sync()
+        record = StageRecord(name, 0.0, 0.0, 0.0, 0.0, steps)
+        self._end(record, started, rss.take_peak())
+        self._open_mark = (rss, self._begin())
+        return record
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per stage name: total seconds and steps, and the highest peaks over its runs."""

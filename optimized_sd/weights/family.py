@@ -18,23 +18,32 @@ __all__ = [
     "SD1",
     "PARTS",
     "SCHEDULE_BUFFERS",
+    "canonical_key",
     "detect_family",
+    "ema_key",
     "known_extra_key",
     "part_of_key",
 ]
 
 SD1 = "sd1"
 
+# Key prefixes of an LDM checkpoint's parts, defined here once.
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
-OPENCLIP_PREFIX = "cond_stage_model.model."
+TEXT_ENCODER_PREFIX = "cond_stage_model."
+CLIP_PREFIX = TEXT_ENCODER_PREFIX + "transformer."
+# The one form CLIP text keys take once a checkpoint is opened (see `canonical_key`).
+CLIP_TEXT_PREFIX = CLIP_PREFIX + "text_model."
+OPENCLIP_PREFIX = TEXT_ENCODER_PREFIX + "model."
+# LDM's LitEma keeps the EMA copy of the UNet under dot-less names, beside two counters.
+EMA_PREFIX = "model_ema."
+EMA_COUNTERS = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
 
 # Display name -> key prefix of each part of an LDM checkpoint.
 PARTS: dict[str, str] = {
     "UNet": UNET_PREFIX,
     "VAE": VAE_PREFIX,
-    "text encoder": "cond_stage_model.",
+    "text encoder": TEXT_ENCODER_PREFIX,
 }
 
 # DDPM schedule buffers CompVis's LatentDiffusion registers (recomputed from the config at load).
@@ -72,12 +81,23 @@ _LIGHTNING_KEYS = frozenset(
     }
 )
 
-_POSITION_IDS = frozenset(
-    {
-        CLIP_PREFIX + "text_model.embeddings.position_ids",
-        CLIP_PREFIX + "embeddings.position_ids",
-    }
-)
+_POSITION_IDS = CLIP_TEXT_PREFIX + "embeddings.position_ids"
+
+# Prefixes under which a transformers CLIP text model sits (the SD 1.x one; SDXL adds its embedders).
+_CLIP_MODEL_PREFIXES: tuple[str, ...] = (CLIP_PREFIX,)
+
+
+def canonical_key(key: str) -> str:
+    """`key` with a CLIP text model's weights under `text_model.` (the form real SD 1.x files use).
+
+    transformers versions disagree on that level (newer ones build CLIPTextModel without it), so
+    files come both ways; `loading.open_checkpoint` applies this to every key once, and everything
+    downstream (family detection, shape inference, inspect, the strict loader) sees this one form.
+    """
+    for prefix in _CLIP_MODEL_PREFIXES:
+        if key.startswith(prefix) and not key.startswith(prefix + "text_model."):
+            return prefix + "text_model." + key[len(prefix) :]
+    return key
 
 
 def known_extra_key(key: str) -> str | None:
@@ -87,22 +107,28 @@ def known_extra_key(key: str) -> str | None:
       "schedule buffer"  DDPM buffers (`betas`, `alphas_cumprod`, ..., `logvar`), rebuilt from the config;
       "EMA"              `model_ema.*`: the decay/num_updates counters and, in non-pruned files, the
                          EMA copy of the UNet under dot-less names;
-      "position_ids"     the CLIP text model's int64 `embeddings.position_ids` buffer (either key form);
+      "position_ids"     the CLIP text model's int64 `embeddings.position_ids` buffer;
       "training loss"    `first_stage_model.loss.*` (the VAE's discriminator/LPIPS, unused at inference);
       "lightning"        Lightning's top-level entries (`epoch`, `global_step`, ...).
     The strict loader treats these as expected leftovers; any other unexpected key is reported.
     """
     if key in SCHEDULE_BUFFERS:
         return "schedule buffer"
-    if key.startswith("model_ema."):
+    if key.startswith(EMA_PREFIX):
         return "EMA"
-    if key in _POSITION_IDS:
+    if canonical_key(key) == _POSITION_IDS:
         return "position_ids"
     if key.startswith(VAE_PREFIX + "loss."):
         return "training loss"
     if key in _LIGHTNING_KEYS:
         return "lightning"
     return None
+
+
+def ema_key(key: str) -> str:
+    """The EMA copy's name for a UNet key: `model.diffusion_model.input_blocks.0.0.weight` ->
+    `model_ema.diffusion_modelinput_blocks00weight` (LitEma drops the dots)."""
+    return EMA_PREFIX + "diffusion_model" + key[len(UNET_PREFIX) :].replace(".", "")
 
 
 def part_of_key(key: str) -> str | None:
@@ -228,12 +254,9 @@ def _classify_ldm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_i
 
 
 def _clip_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
-    """Hidden width of the LDM CLIP text encoder, from its final layer norm (either key form)."""
-    for inner in ("text_model.", ""):
-        shape = shapes.get(f"{CLIP_PREFIX}{inner}final_layer_norm.weight")
-        if shape:
-            return shape[0]
-    return None
+    """Hidden width of the LDM CLIP text encoder, from its final layer norm."""
+    shape = shapes.get(CLIP_TEXT_PREFIX + "final_layer_norm.weight")
+    return shape[0] if shape else None
 
 
 def _describe_non_sd(keys: list[str]) -> str:

@@ -1,6 +1,7 @@
-"""Model configuration read off tensor shapes, so any SD 1.x-shaped file (full size or tiny) builds
-the right modules without a YAML file. Head counts are not visible in shapes: SD 1.x fixes 8 UNet
-heads and 64-wide CLIP heads, and `--config` overrides both."""
+"""Model configuration read off a single file's tensor shapes, so any SD 1.x-shaped file (full size or
+tiny) builds the right modules without a YAML file. Head counts are not visible in shapes: SD 1.x fixes
+8 UNet heads and 64-wide CLIP heads, and `--config` overrides both. (Diffusers folders state theirs in
+config.json: see `diffusers_folder.folder_model_config`.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Mapping
 
 from optimized_sd.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from optimized_sd.errors import CheckpointError
-from optimized_sd.weights.family import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from optimized_sd.weights.family import CLIP_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -67,9 +68,9 @@ def infer_vae(shapes: Shapes, prefix: str = VAE_PREFIX) -> VAEConfig:
     )
 
 
-def infer_text(shapes: Shapes, prefix: str = CLIP_PREFIX) -> TextEncoderConfig:
-    """CLIP text widths; heads are hidden/64 as in every CLIP text tower SD uses."""
-    inner = prefix if any(k.startswith(prefix + "embeddings.") for k in shapes) else prefix + "text_model."
+def infer_text(shapes: Shapes, inner: str = CLIP_TEXT_PREFIX) -> TextEncoderConfig:
+    """CLIP text widths (keys in `family.canonical_key` form); heads are hidden/64 as in every CLIP
+    text tower SD uses."""
     vocab, hidden = shapes[inner + "embeddings.token_embedding.weight"]
     layers = indices(shapes, re.escape(inner) + r"encoder\.layers\.(\d+)\.")
     return TextEncoderConfig(

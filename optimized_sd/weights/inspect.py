@@ -1,13 +1,14 @@
 """Describe a checkpoint without building a model: layout, family, dtypes, part sizes, extras, hashes.
 
-Reads only what it needs: `.ckpt` files are unpickled through the restricted loader with tensors
-memory-mapped (never copied), `.safetensors` headers through the loader's own memory-mapped source (no tensor is read),
-diffusers folders through their JSON configs and weight-file headers.
+It formats what the loader finds rather than deciding anything itself: files are told apart and
+opened by `loading` (`.ckpt` through the restricted unpickler, tensors memory-mapped; `.safetensors`
+headers only), keys take `family.canonical_key` form, and a diffusers folder is opened by
+`loading.open_diffusers_folder`, so the weight file read for each part, the LDM names and the config
+checks are the loader's own.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,13 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from optimized_sd.errors import CheckpointError
-from optimized_sd.weights.ckpt import (
-    InertLightningObject,
-    load_ckpt,
-    looks_like_safetensors,
-    state_dict_from_ckpt,
-)
+from optimized_sd.weights.ckpt import InertLightningObject, load_ckpt, state_dict_from_ckpt
 from optimized_sd.weights.family import (
+    EMA_COUNTERS,
     PARTS,
     SD1,
     detect_family,
@@ -29,7 +26,7 @@ from optimized_sd.weights.family import (
     part_of_key,
 )
 from optimized_sd.weights.hashing import legacy_model_hash, sha256_short
-from optimized_sd.weights.loading import open_weight_file
+from optimized_sd.weights.loading import is_safetensors_file, model_config, normalize_keys, open_diffusers_folder
 from optimized_sd.weights.sources import DictSource, SafetensorsSource, TensorSource
 
 __all__ = ["CheckpointInfo", "PartStats", "describe_checkpoint", "format_info"]
@@ -41,12 +38,6 @@ LAYOUT_SAFETENSORS = "single-file .safetensors"
 LAYOUT_DIFFUSERS = "diffusers folder"
 
 FAMILY_NAMES = {SD1: "Stable Diffusion 1.x"}
-
-# safetensors dtype codes -> torch dtype names
-_EMA_COUNTERS = frozenset({"model_ema.decay", "model_ema.num_updates"})
-
-# diffusers component folder -> part name
-_DIFFUSERS_PARTS = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
 
 
 @dataclass(frozen=True)
@@ -102,14 +93,14 @@ def describe_checkpoint(
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
 
-    if _is_safetensors(path):
+    if is_safetensors_file(path):
         shapes, dtypes, metadata = _safetensors_header(path)
         info = CheckpointInfo(path=path, layout=LAYOUT_SAFETENSORS, file_size=path.stat().st_size)
         info.metadata = metadata
     else:
         obj = load_ckpt(path)
         tensors = state_dict_from_ckpt(obj)
-        shapes, dtypes = _tensor_table(DictSource(tensors))
+        shapes, dtypes = _tensor_table(normalize_keys(DictSource(tensors), path))
         info = CheckpointInfo(path=path, layout=_ckpt_layout(obj), file_size=path.stat().st_size)
         info.lightning = _lightning_facts(obj)
         del tensors, obj  # drop the memory map
@@ -123,16 +114,6 @@ def describe_checkpoint(
         info.sha256_short = sha256_short(path, cache_path=hash_cache)
         info.legacy_hash = legacy_model_hash(path)
     return info
-
-
-def _is_safetensors(path: Path) -> bool:
-    """True when the file starts with a safetensors header (8-byte length, then JSON)."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(9)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
-    return looks_like_safetensors(head, path.stat().st_size)
 
 
 def _tensor_table(source: TensorSource) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -150,7 +131,7 @@ def _safetensors_header(
         source = SafetensorsSource(path)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: unreadable .safetensors file ({exc})") from None
-    shapes, dtypes = _tensor_table(source)
+    shapes, dtypes = _tensor_table(normalize_keys(source, path))
     metadata = dict(source.metadata)
     source.close()
     return shapes, dtypes, metadata
@@ -211,7 +192,7 @@ def _fill_tensor_stats(
         reason = known_extra_key(key)
         if reason is not None:
             extras[reason] += 1
-            if reason == "EMA" and key not in _EMA_COUNTERS:
+            if reason == "EMA" and key not in EMA_COUNTERS:
                 info.ema_weights += 1
             continue
         part = part_of_key(key)
@@ -235,105 +216,24 @@ def _fill_tensor_stats(
 # --- diffusers folders ---------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
-def _component_weight_files(folder: Path) -> list[Path]:
-    """A component's weight files: safetensors preferred, the plain (non-fp16-variant) ones first."""
-    for pattern in ("*.safetensors", "*.bin"):
-        files = sorted(folder.glob(pattern))
-        plain = [f for f in files if ".fp16." not in f.name]
-        if plain or files:
-            return plain or files
-    return []
-
-
 def _describe_diffusers(folder: Path) -> CheckpointInfo:
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
-        raise CheckpointError(
-            f"{folder}: is a folder without model_index.json; pass a checkpoint file or a diffusers folder"
-        )
-    index = _read_json(index_path)
-    class_name = str(index.get("_class_name", "unknown pipeline"))
+    """A diffusers folder as the loader opens it: its parts' chosen weight files under LDM names;
+    a family refusal, or a config.json the loader would refuse, is recorded as the family error."""
+    checkpoint = open_diffusers_folder(folder)
+    assert checkpoint.folder is not None
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    info = CheckpointInfo(path=folder, layout=f"{LAYOUT_DIFFUSERS} ({class_name})", file_size=size)
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, str] = {}
-    parts: dict[str, PartStats] = {}
-    for sub, part in _DIFFUSERS_PARTS.items():
-        files = _component_weight_files(folder / sub)
-        part_shapes: dict[str, tuple[int, ...]] = {}
-        part_dtypes: dict[str, str] = {}
-        for weight_file in files:
-            if weight_file.suffix == ".safetensors":
-                s, d, _ = _safetensors_header(weight_file)
-            else:
-                s, d = _tensor_table(open_weight_file(weight_file))
-            part_shapes.update(s)
-            part_dtypes.update(d)
-        if part_shapes:
-            parts[part] = PartStats(
-                tensors=len(part_shapes),
-                params=sum(math.prod(s) for s in part_shapes.values()),
-                dtypes=tuple(sorted(set(part_dtypes.values()))),
-            )
-            shapes.update({f"{sub}/{k}": v for k, v in part_shapes.items()})
-            dtypes.update({f"{sub}/{k}": v for k, v in part_dtypes.items()})
-    info.parts = parts
-    info.dtypes = dict(sorted(Counter(dtypes.values()).items()))
+    layout = f"{LAYOUT_DIFFUSERS} ({checkpoint.folder.pipeline_class})"
+    info = CheckpointInfo(path=folder, layout=layout, file_size=size)
+    shapes, dtypes = _tensor_table(checkpoint.source)
+    _fill_tensor_stats(info, shapes, dtypes)
     try:
-        info.family = _diffusers_family(folder, class_name)
+        info.family = detect_family(shapes)
+        model_config(checkpoint, shapes)
     except CheckpointError as exc:
-        info.family_error = str(exc)
+        info.family, info.family_error = None, str(exc)
+    finally:
+        checkpoint.source.close()
     return info
-
-
-def _diffusers_family(folder: Path, class_name: str) -> str:
-    """Family of a diffusers folder from its pipeline class and the UNet/text-encoder configs."""
-    from optimized_sd.errors import UnsupportedModelError
-
-    if "XL" in class_name:
-        raise UnsupportedModelError(
-            f"this is an SDXL diffusers folder ({class_name}); optimized-sd runs SD 1.x only"
-        )
-    unet_cfg_path = folder / "unet" / "config.json"
-    if not unet_cfg_path.is_file():
-        raise CheckpointError(f"{folder}: diffusers folder without unet/config.json")
-    unet = _read_json(unet_cfg_path)
-    te_path = folder / "text_encoder" / "config.json"
-    text = _read_json(te_path) if te_path.is_file() else {}
-    context = unet.get("cross_attention_dim")
-    is_v2 = bool(unet.get("use_linear_projection")) or context == 1024 or text.get("hidden_size") == 1024
-    family = "SD 2.x" if is_v2 else "SD 1.x"
-    in_channels = unet.get("in_channels", 4)
-    if in_channels == 9 or "Inpaint" in class_name:
-        raise UnsupportedModelError(
-            f"this is an {family} inpainting diffusers folder; optimized-sd runs SD 1.x text-to-image only"
-        )
-    if in_channels != 4:
-        raise UnsupportedModelError(
-            f"this diffusers UNet takes {in_channels} input channels, not 4; "
-            "optimized-sd runs SD 1.x text-to-image only"
-        )
-    if is_v2:
-        raise UnsupportedModelError(
-            f"this is an SD 2.x diffusers folder (cross-attention dim {context}); optimized-sd runs SD 1.x only"
-        )
-    width = text.get("hidden_size")
-    if width is not None and context is not None and width != context:
-        raise CheckpointError(
-            f"{folder}: UNet cross_attention_dim {context} does not match text encoder hidden_size {width}"
-        )
-    return SD1
 
 
 # --- text for the CLI ----------------------------------------------------------------------------

@@ -28,6 +28,9 @@ def unet_prefixes(config: UNetConfig) -> dict[str, tuple[str, dict[str, str]]]:
     table: dict[str, tuple[str, dict[str, str]]] = {
         "time_embedding.linear_1.": ("time_embed.0.", {}),
         "time_embedding.linear_2.": ("time_embed.2.", {}),
+        # SDXL's added (size/crop) embedding is LDM's label_emb: mapped so `detect_family` names the family.
+        "add_embedding.linear_1.": ("label_emb.0.0.", {}),
+        "add_embedding.linear_2.": ("label_emb.0.2.", {}),
         "conv_in.": ("input_blocks.0.0.", {}),
         "conv_norm_out.": ("out.0.", {}),
         "conv_out.": ("out.2.", {}),

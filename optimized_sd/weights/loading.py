@@ -11,10 +11,16 @@ from torch import Tensor, nn
 
 from optimized_sd.config import ModelConfig
 from optimized_sd.errors import CheckpointError
-from optimized_sd.weights.family import CLIP_PREFIX as TEXT_PREFIX
-from optimized_sd.weights.family import UNET_PREFIX, VAE_PREFIX
-from optimized_sd.weights.infer import indices, infer_config
-from optimized_sd.weights.keymap import rename, unet_prefixes, vae_prefixes
+from optimized_sd.weights.ckpt import load_ckpt, looks_like_safetensors, state_dict_from_ckpt
+from optimized_sd.weights.diffusers_folder import (
+    DiffusersFolder,
+    find_weight_file,  # noqa: F401  (the folder's weight-file rule, for callers that know only the loader)
+    folder_model_config,
+    ldm_names,
+    read_diffusers_folder,
+)
+from optimized_sd.weights.family import UNET_PREFIX, canonical_key, detect_family, ema_key, known_extra_key
+from optimized_sd.weights.infer import infer_config
 from optimized_sd.weights.sources import (
     ChainSource,
     DictSource,
@@ -23,77 +29,61 @@ from optimized_sd.weights.sources import (
     TensorSource,
 )
 
-DIFFUSERS_WEIGHT_FILES = (
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "model.safetensors",
-    "model.fp16.safetensors",
-    "diffusion_pytorch_model.bin",
-    "pytorch_model.bin",
-)
-
 
 @dataclass
 class Checkpoint:
-    """An opened checkpoint: LDM-named tensors plus what is known about the file."""
+    """An opened checkpoint: LDM-named tensors (CLIP keys in `family.canonical_key` form) plus what
+    is known about the file; `folder` is set for diffusers folders (their configs are the truth)."""
 
     source: TensorSource
     path: Path
     tokenizer_dir: Path | None = None
+    folder: DiffusersFolder | None = None
 
     @property
     def name(self) -> str:
         return self.path.stem if self.path.is_file() else self.path.name
 
 
-def open_weight_file(path: Path) -> TensorSource:
-    """A `.safetensors` file memory-mapped, anything else through the restricted `.ckpt` unpickler."""
-    if path.suffix == ".safetensors":
-        return SafetensorsSource(path)
-    from optimized_sd.weights.ckpt import load_ckpt, state_dict_from_ckpt
+def is_safetensors_file(path: Path) -> bool:
+    """True when the file's first bytes are a safetensors header, whatever its name says."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(9)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    return looks_like_safetensors(head, path.stat().st_size)
 
+
+def open_weight_file(path: Path) -> TensorSource:
+    """A safetensors file memory-mapped, anything else through the restricted `.ckpt` unpickler."""
+    if is_safetensors_file(path):
+        return SafetensorsSource(path)
     return DictSource(state_dict_from_ckpt(load_ckpt(path)))
 
 
-def find_weight_file(folder: Path) -> Path:
-    for name in DIFFUSERS_WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise CheckpointError(f"diffusers folder part {folder} holds no weight file ({', '.join(DIFFUSERS_WEIGHT_FILES)})")
-
-
-def unet_config_from_diffusers(source: TensorSource):
-    """Block counts read off diffusers names, so the mapping table has the right indices."""
-    shapes = source.shapes()
-    levels = indices(shapes, r"down_blocks\.(\d+)\.")
-    res = indices(shapes, r"down_blocks\.0\.resnets\.(\d+)\.")
-    attention = tuple(2**level for level in levels if f"down_blocks.{level}.attentions.0.proj_in.weight" in shapes)
-    from optimized_sd.config import UNetConfig
-
-    return UNetConfig(num_res_blocks=len(res), channel_mult=tuple(1 for _ in levels), attention_resolutions=attention)
+def normalize_keys(source: TensorSource, path: Path) -> TensorSource:
+    """The source with every key in `canonical_key` form: the one place key spellings are unified."""
+    names: dict[str, str] = {}
+    for key in source.keys():
+        name = canonical_key(key)
+        if name in names:
+            raise CheckpointError(f"{path} holds {names[name]!r} and {key!r}, two spellings of one tensor")
+        names[name] = key
+    if all(name == key for name, key in names.items()):
+        return source
+    return RenamedSource(source, names)
 
 
 def open_diffusers_folder(folder: Path) -> Checkpoint:
-    """`unet/`, `vae/`, `text_encoder/` (and `tokenizer/`) of a diffusers model, renamed to LDM keys."""
-    from optimized_sd.config import VAEConfig
-
-    for part in ("unet", "vae", "text_encoder"):
-        if not (folder / part).is_dir():
-            raise CheckpointError(f"{folder} is not a diffusers model folder: it has no {part}/ subfolder")
-    unet = open_weight_file(find_weight_file(folder / "unet"))
-    vae = open_weight_file(find_weight_file(folder / "vae"))
-    text = open_weight_file(find_weight_file(folder / "text_encoder"))
-    unet_names = rename(unet.keys(), unet_prefixes(unet_config_from_diffusers(unet)), UNET_PREFIX)
-    vae_levels = indices(vae.shapes(), r"encoder\.down_blocks\.(\d+)\.")
-    vae_res = indices(vae.shapes(), r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
-    vae_table = vae_prefixes(VAEConfig(ch_mult=tuple(1 for _ in vae_levels), num_res_blocks=len(vae_res)))
-    vae_names = rename(vae.keys(), vae_table, VAE_PREFIX)
-    text_names = {TEXT_PREFIX + key: key for key in text.keys()}
-    source = ChainSource(
-        [RenamedSource(unet, unet_names), RenamedSource(vae, vae_names), RenamedSource(text, text_names)]
-    )
-    tokenizer = folder / "tokenizer"
-    return Checkpoint(source, folder, tokenizer if tokenizer.is_dir() else None)
+    """The loaded parts of a diffusers model (`unet/`, `vae/`, `text_encoder/`), renamed to LDM keys,
+    with the folder's configs kept for `model_config`."""
+    info = read_diffusers_folder(folder)
+    parts = []
+    for part in info.parts.values():
+        source = open_weight_file(part.weight_file)
+        parts.append(RenamedSource(source, ldm_names(part, source.keys())))
+    return Checkpoint(ChainSource(parts), info.path, info.tokenizer, info)
 
 
 def open_checkpoint(path: Path | str) -> Checkpoint:
@@ -105,7 +95,14 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint is not a file: {path}")
-    return Checkpoint(open_weight_file(path), path)
+    return Checkpoint(normalize_keys(open_weight_file(path), path), path)
+
+
+def model_config(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """The model a checkpoint states: a diffusers folder's config files, else read off a single file's shapes."""
+    if checkpoint.folder is not None:
+        return folder_model_config(checkpoint.folder)
+    return infer_config(shapes)
 
 
 def ema_source(source: TensorSource) -> TensorSource:
@@ -117,24 +114,21 @@ def ema_source(source: TensorSource) -> TensorSource:
         if not key.startswith(UNET_PREFIX):
             names[key] = key
             continue
-        names[key] = "model_ema.diffusion_model" + key[len(UNET_PREFIX) :].replace(".", "")
+        names[key] = ema_key(key)
         if names[key] not in present:
             raise CheckpointError("--ema: this checkpoint has no EMA weights (no model_ema.* keys for the UNet)")
     return RenamedSource(source, names)
 
 
-def align_text_keys(source: TensorSource, model_keys: set[str]) -> TensorSource:
-    """CLIP keys come with or without `text_model.` depending on the transformers version that saved
-    them; map each to whichever form this transformers' module uses."""
-    names: dict[str, str] = {}
-    for key in source.keys():
-        target = key
-        if key.startswith(TEXT_PREFIX) and key not in model_keys:
-            rest = key[len(TEXT_PREFIX) :]
-            flipped = rest[len("text_model.") :] if rest.startswith("text_model.") else "text_model." + rest
-            if TEXT_PREFIX + flipped in model_keys:
-                target = TEXT_PREFIX + flipped
-        names[target] = key
+def model_view(source: TensorSource, model_keys: set[str]) -> TensorSource:
+    """The source under the model's own key names. The model's CLIP keys follow the installed
+    transformers (with or without `text_model.`); the source's are canonical, so each model key is
+    matched through the same `canonical_key`. Keys the model lacks keep their names for the report."""
+    names = {key: key for key in source.keys()}
+    for key in model_keys:
+        canonical = canonical_key(key)
+        if canonical != key and canonical in names:
+            names[key] = names.pop(canonical)
     return RenamedSource(source, names)
 
 
@@ -177,8 +171,6 @@ def fits(file_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> bool:
 
 def check_keys(source: TensorSource, expected: dict[str, tuple[int, ...]]) -> LoadReport:
     """Compare a source with the model's parameter shapes, LDM names on both sides."""
-    from optimized_sd.weights.family import known_extra_key
-
     report = LoadReport()
     present = set(source.keys())
     for key, shape in expected.items():
@@ -212,7 +204,6 @@ def prepare_model(path: Path | str, *, config: ModelConfig | None = None, ema: b
     """Open, detect the family, build the module tree on `meta`, and check every key strictly.
     Weights are copied in later by `materialize`, by whoever decides where they live."""
     from optimized_sd.models.sd import LatentDiffusion
-    from optimized_sd.weights.family import detect_family
 
     checkpoint = open_checkpoint(path)
     source = checkpoint.source
@@ -221,11 +212,11 @@ def prepare_model(path: Path | str, *, config: ModelConfig | None = None, ema: b
     if ema:
         source = ema_source(source)
         shapes = source.shapes()
-    config = config or infer_config(shapes)
+    config = config or model_config(checkpoint, shapes)
     with torch.device("meta"):
         model = LatentDiffusion(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    source = align_text_keys(source, set(expected))
+    source = model_view(source, set(expected))
     report = check_keys(source, expected)
     if not report.ok:
         raise CheckpointError(f"{checkpoint.path} does not match an SD 1.x model: {report.summary()}")

@@ -1,0 +1,346 @@
+"""A diffusers model folder: which file holds each part's weights, how its keys map to LDM names, and
+the model configuration its `config.json` files state.
+
+The folder's JSON configs are the truth for that folder (head counts, for one, are not visible in
+tensor shapes); the strict loader then checks every tensor's shape against the model built from them.
+Single files have no such configs and are read by `infer.infer_config` instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimized_sd.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from optimized_sd.errors import CheckpointError
+from optimized_sd.weights.family import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, canonical_key
+from optimized_sd.weights.keymap import rename, unet_prefixes, vae_prefixes
+
+__all__ = [
+    "DIFFUSERS_WEIGHT_FILES",
+    "DiffusersFolder",
+    "DiffusersPart",
+    "find_weight_file",
+    "folder_model_config",
+    "ldm_names",
+    "read_diffusers_folder",
+]
+
+MODEL_INDEX = "model_index.json"
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+# Weight file names in the order they are preferred: safetensors first, full precision before fp16 variants.
+DIFFUSERS_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.safetensors",
+    "model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
+
+Config = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class DiffusersPart:
+    """One weight-bearing component folder (`unet/`, `vae/`, `text_encoder/`...)."""
+
+    name: str
+    weight_file: Path
+    config: Config
+    config_path: Path
+
+
+@dataclass(frozen=True)
+class DiffusersFolder:
+    """What a diffusers folder holds, read from its JSON files; no tensor is read here."""
+
+    path: Path
+    pipeline_class: str
+    parts: dict[str, DiffusersPart]  # the parts this version loads, by folder name
+    scheduler: Config | None
+    tokenizer: Path | None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or a one-line CheckpointError naming the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def find_weight_file(folder: Path) -> Path:
+    """The one weight file the loader reads for a component folder (first of DIFFUSERS_WEIGHT_FILES)."""
+    for name in DIFFUSERS_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"diffusers folder part {folder} holds no weight file ({', '.join(DIFFUSERS_WEIGHT_FILES)})")
+
+
+# --- reading a folder's configs --------------------------------------------------------------------
+
+
+def _value(config: Config, path: Path, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """`config[name]` checked to be of `kind` (bools are not ints here); `default` when absent or null."""
+    value = config.get(name)
+    if value is None:
+        if default is ...:
+            raise CheckpointError(f"{path}: {name} is missing")
+        return default
+    wrong_bool = isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    if wrong_bool or not isinstance(value, kind):
+        raise CheckpointError(f"{path}: {name} is {value!r}, of the wrong type")
+    return value
+
+
+def _one_per_level(config: Config, path: Path, name: str, levels: int, default: int | None = None) -> int:
+    """An int, or a per-level list of equal ints (newer diffusers writes lists); the SD 1.x modules take one value."""
+    value = _value(config, path, name, (int, list), default)
+    if isinstance(value, int):
+        return value
+    if len(value) != levels or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise CheckpointError(f"{path}: {name} {value!r} is not one whole number per level ({levels} levels)")
+    if len(set(value)) != 1:
+        raise CheckpointError(f"{path}: {name} {value!r} differs per level, which the SD 1.x modules cannot build")
+    return value[0]
+
+
+def _widths(config: Config, path: Path) -> tuple[int, tuple[int, ...]]:
+    """(base width, multipliers) from `block_out_channels`."""
+    widths = _value(config, path, "block_out_channels", list)
+    if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+        raise CheckpointError(f"{path}: block_out_channels {widths!r} is not a list of positive whole numbers")
+    if any(w % widths[0] for w in widths):
+        raise CheckpointError(f"{path}: block_out_channels {widths!r} are not multiples of the first width")
+    return widths[0], tuple(w // widths[0] for w in widths)
+
+
+def _require(config: Config, path: Path, built_with: Mapping[str, Any]) -> None:
+    """Refuse settings our modules hard-code differently, rather than compute something else in silence."""
+    for name, expected in built_with.items():
+        if name in config and config[name] != expected:
+            raise CheckpointError(f"{path}: {name} is {config[name]!r}; this version builds the model with {expected!r}")
+
+
+# What the SD 1.x UNet, VAE and CLIP text modules compute; a folder stating otherwise is refused.
+_UNET_BUILT_WITH = {
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "use_linear_projection": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "num_class_embeds": None,
+    "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default",
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "encoder_hid_dim": None,
+    "time_cond_proj_dim": None,
+    "cross_attention_norm": None,
+}
+_VAE_BUILT_WITH = {
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+    "shift_factor": None,
+}
+_TEXT_BUILT_WITH = {"layer_norm_eps": 1e-5}
+# DDPM beta schedules our samplers build (LDM's "linear" in sqrt space is diffusers' "scaled_linear").
+_BETA_SCHEDULES = ("scaled_linear",)
+
+
+def _attention_levels(config: Config, path: Path, levels: int) -> tuple[int, ...]:
+    """Indices of the down levels whose block type has cross-attention (`CrossAttnDownBlock2D`)."""
+    types = _value(config, path, "down_block_types", list)
+    if len(types) != levels:
+        raise CheckpointError(f"{path}: {len(types)} down_block_types for {levels} block_out_channels")
+    return tuple(level for level, kind in enumerate(types) if str(kind).startswith("CrossAttn"))
+
+
+def _check_up_blocks(config: Config, path: Path, attention: tuple[int, ...], levels: int) -> None:
+    """The LDM UNet mirrors its down path: up level i attends exactly when down level levels-1-i does."""
+    types = config.get("up_block_types")
+    if types is None:
+        return
+    mirrored = tuple(levels - 1 - level for level, kind in enumerate(types) if str(kind).startswith("CrossAttn"))
+    if len(types) != levels or sorted(mirrored) != sorted(attention):
+        raise CheckpointError(f"{path}: up_block_types {types!r} do not mirror down_block_types, as the SD 1.x UNet needs")
+
+
+def _unet_key_layout(part: DiffusersPart) -> UNetConfig:
+    """Just what names UNet keys: levels, blocks per level, which levels attend. Read leniently so a
+    folder of another family still renames to LDM keys and `detect_family` can say what it is."""
+    config, path = part.config, part.config_path
+    _, mult = _widths(config, path)
+    res = _value(config, path, "layers_per_block", (int, list), 2)
+    res = max(res) if isinstance(res, list) else res
+    attention = _attention_levels(config, path, len(mult))
+    return UNetConfig(num_res_blocks=res, channel_mult=mult, attention_resolutions=tuple(2**level for level in attention))
+
+
+def unet_config(part: DiffusersPart) -> UNetConfig:
+    """UNetConfig from `unet/config.json` (diffusers UNet2DConditionModel)."""
+    config, path = part.config, part.config_path
+    _require(config, path, _UNET_BUILT_WITH)
+    base, mult = _widths(config, path)
+    levels = len(mult)
+    attention = _attention_levels(config, path, levels)
+    _check_up_blocks(config, path, attention, levels)
+    # SD 1.x configs store the head COUNT as attention_head_dim (a diffusers naming slip it keeps for
+    # compatibility); num_attention_heads, when set, is the count and wins, as in diffusers itself.
+    heads = config.get("num_attention_heads")
+    heads_name = "num_attention_heads" if heads is not None else "attention_head_dim"
+    return UNetConfig(
+        in_channels=_value(config, path, "in_channels", int, 4),
+        out_channels=_value(config, path, "out_channels", int, 4),
+        model_channels=base,
+        attention_resolutions=tuple(sorted((2**level for level in attention), reverse=True)),
+        num_res_blocks=_one_per_level(config, path, "layers_per_block", levels, 2),
+        channel_mult=mult,
+        num_heads=_one_per_level(config, path, heads_name, levels, 8),
+        transformer_depth=_one_per_level(config, path, "transformer_layers_per_block", levels, 1),
+        context_dim=_value(config, path, "cross_attention_dim", int),
+    )
+
+
+def vae_config(part: DiffusersPart) -> VAEConfig:
+    """VAEConfig from `vae/config.json` (diffusers AutoencoderKL); latent_channels is both LDM's
+    z_channels and embed_dim (diffusers' quant convs keep the width)."""
+    config, path = part.config, part.config_path
+    _require(config, path, _VAE_BUILT_WITH)
+    base, mult = _widths(config, path)
+    latent = _value(config, path, "latent_channels", int, 4)
+    return VAEConfig(
+        in_channels=_value(config, path, "in_channels", int, 3),
+        out_channels=_value(config, path, "out_channels", int, 3),
+        ch=base,
+        ch_mult=mult,
+        num_res_blocks=_one_per_level(config, path, "layers_per_block", len(mult), 1),
+        z_channels=latent,
+        embed_dim=latent,
+    )
+
+
+def text_config(part: DiffusersPart) -> TextEncoderConfig:
+    """TextEncoderConfig from `text_encoder/config.json` (transformers CLIPTextConfig); defaults are CLIPTextConfig's."""
+    config, path = part.config, part.config_path
+    _require(config, path, _TEXT_BUILT_WITH)
+    return TextEncoderConfig(
+        vocab_size=_value(config, path, "vocab_size", int, 49408),
+        hidden_size=_value(config, path, "hidden_size", int, 512),
+        intermediate_size=_value(config, path, "intermediate_size", int, 2048),
+        num_hidden_layers=_value(config, path, "num_hidden_layers", int, 12),
+        num_attention_heads=_value(config, path, "num_attention_heads", int, 8),
+        max_position_embeddings=_value(config, path, "max_position_embeddings", int, 77),
+        hidden_act=_value(config, path, "hidden_act", str, "quick_gelu"),
+    )
+
+
+def schedule_fields(folder: DiffusersFolder) -> dict[str, Any]:
+    """ModelConfig's schedule fields from `scheduler/scheduler_config.json`; none when the file is absent."""
+    if folder.scheduler is None:
+        return {}
+    config, path = folder.scheduler, folder.path / SCHEDULER_CONFIG
+    schedule = _value(config, path, "beta_schedule", str, "scaled_linear")
+    if schedule not in _BETA_SCHEDULES or config.get("trained_betas") is not None:
+        raise CheckpointError(f"{path}: beta_schedule {schedule!r} (or trained_betas) is not supported; expected scaled_linear")
+    defaults = ModelConfig()
+    return {
+        "linear_start": float(_value(config, path, "beta_start", (int, float), defaults.linear_start)),
+        "linear_end": float(_value(config, path, "beta_end", (int, float), defaults.linear_end)),
+        "timesteps": _value(config, path, "num_train_timesteps", int, defaults.timesteps),
+        "prediction_type": _value(config, path, "prediction_type", str, defaults.prediction_type),
+    }
+
+
+def folder_model_config(folder: DiffusersFolder) -> ModelConfig:
+    """The whole ModelConfig a diffusers folder states (UNet, VAE, text encoder, scale factor, schedule)."""
+    vae = folder.parts["vae"]
+    scale = _value(vae.config, vae.config_path, "scaling_factor", (int, float), ModelConfig().scale_factor)
+    return ModelConfig(
+        unet=unet_config(folder.parts["unet"]),
+        vae=vae_config(vae),
+        text=text_config(folder.parts["text_encoder"]),
+        scale_factor=float(scale),
+        **schedule_fields(folder),
+    )
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+
+def _unet_names(part: DiffusersPart, keys: list[str]) -> dict[str, str]:
+    return rename(keys, unet_prefixes(_unet_key_layout(part)), UNET_PREFIX)
+
+
+def _vae_names(part: DiffusersPart, keys: list[str]) -> dict[str, str]:
+    _, mult = _widths(part.config, part.config_path)
+    res = _value(part.config, part.config_path, "layers_per_block", (int, list), 1)
+    layout = VAEConfig(ch_mult=mult, num_res_blocks=max(res) if isinstance(res, list) else res)
+    return rename(keys, vae_prefixes(layout), VAE_PREFIX)
+
+
+def _text_names(part: DiffusersPart, keys: list[str]) -> dict[str, str]:
+    return {canonical_key(CLIP_PREFIX + key): key for key in keys}
+
+
+# Component folder -> how its diffusers keys become LDM keys. The parts a folder of this version
+# must have; a new family adds its parts here (SDXL: text_encoder_2).
+PART_NAMES: dict[str, Callable[[DiffusersPart, list[str]], dict[str, str]]] = {
+    "unet": _unet_names,
+    "vae": _vae_names,
+    "text_encoder": _text_names,
+}
+
+
+def ldm_names(part: DiffusersPart, keys: list[str]) -> dict[str, str]:
+    """LDM name -> file key for a part's keys; keys no table covers keep a visible `part/key` name,
+    so the strict loader reports them instead of dropping them."""
+    names = PART_NAMES[part.name](part, keys)
+    covered = set(names.values())
+    names.update({f"{part.name}/{key}": key for key in keys if key not in covered})
+    return names
+
+
+def read_diffusers_folder(folder: Path) -> DiffusersFolder:
+    """Read `model_index.json`, each loaded part's `config.json` and weight-file choice, and the
+    scheduler config when present. Raises a one-line CheckpointError naming the missing or bad file."""
+    folder = Path(folder)
+    if not (folder / MODEL_INDEX).is_file():
+        raise CheckpointError(f"{folder} is a folder without {MODEL_INDEX}; pass a checkpoint file or a diffusers folder")
+    index = read_json(folder / MODEL_INDEX)
+    parts = {}
+    for name in PART_NAMES:
+        if not (folder / name).is_dir():
+            raise CheckpointError(f"{folder} is not a diffusers model folder: it has no {name}/ subfolder")
+        config_path = folder / name / "config.json"
+        parts[name] = DiffusersPart(name, find_weight_file(folder / name), read_json(config_path), config_path)
+    scheduler_path = folder / SCHEDULER_CONFIG
+    tokenizer = folder / "tokenizer"
+    return DiffusersFolder(
+        path=folder,
+        pipeline_class=str(index.get("_class_name", "unknown pipeline")),
+        parts=parts,
+        scheduler=read_json(scheduler_path) if scheduler_path.exists() else None,
+        tokenizer=tokenizer if tokenizer.is_dir() else None,
+    )
