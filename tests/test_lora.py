@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from lora_files import kohya_lora, lora_modules, peft_lora, save
+
 from optimized_sd.config import TINY
 from optimized_sd.errors import UserError
 from optimized_sd.models.sd import LatentDiffusion
@@ -82,13 +82,14 @@ def test_peft_and_older_diffusers_names(tmp_path: Path, tiny_model, model_shapes
            "text_encoder.text_model.encoder.layers.1.mlp.fc1.lora_linear_layer.down.weight": torch.randn(2, 64),
            "text_encoder.text_model.encoder.layers.1.mlp.fc1.lora_linear_layer.up.weight": torch.randn(128, 2)}  # fmt: skip
     keys = set(read_lora(save(old, tmp_path / "old.safetensors"), TINY, model_shapes).patches)
-    assert keys == {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight",
-                    next(k for k in model_shapes if k.startswith("cond_stage_model.") and k.endswith("layers.1.mlp.fc1.weight"))}  # fmt: skip
+    fc1 = next(k for k in model_shapes if k.startswith("cond_stage_model.") and k.endswith("layers.1.mlp.fc1.weight"))
+    assert keys == {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight", fc1}
 
 
 def test_merge_sums_loras_in_float32_and_rounds_once(tmp_path: Path, tiny_model, model_shapes, ldm_weights) -> None:
     a = read_lora(save(kohya_lora(tiny_model.unet, tiny_model.text_encoder, seed=1), tmp_path / "a.safetensors"), TINY, model_shapes)
-    b = read_lora(save(kohya_lora(tiny_model.unet, tiny_model.text_encoder, seed=2, alpha=None), tmp_path / "b.safetensors"), TINY, model_shapes)
+    b_file = save(kohya_lora(tiny_model.unet, tiny_model.text_encoder, seed=2, alpha=None), tmp_path / "b.safetensors")
+    b = read_lora(b_file, TINY, model_shapes)
     key = next(iter(a.patches))
     weight = ldm_weights[key].clone()
     assert merge_into(key, weight, [(a, 0.7), (b, -0.4)])

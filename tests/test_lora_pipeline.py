@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_files import kohya_lora, peft_lora, save
 
 import optimized_sd
-from lora_files import kohya_lora, peft_lora, save
 from optimized_sd.pipelines.diffusion import GenerationRequest
 
 TOLERANCE = 1e-4
@@ -19,7 +19,8 @@ MODES = ("full", "turbo", "split", "stream")
 
 
 def request(**options) -> GenerationRequest:
-    return GenerationRequest(prompts=[PROMPT], negative_prompt=NEGATIVE, steps=3, scale=7.5, sampler="ddim", seed=42, height=64, width=64, **options)
+    common = dict(negative_prompt=NEGATIVE, steps=3, scale=7.5, sampler="ddim", seed=42, height=64, width=64)
+    return GenerationRequest(prompts=[PROMPT], **common, **options)
 
 
 def diffusers_latents(tiny_model, loras: list[tuple[Path, float]]) -> torch.Tensor:
@@ -124,6 +125,7 @@ def test_cli_lora_schedule_and_errors(capsys, tiny_model, lora_files, tmp_path) 
         (["--lora", str(tmp_path / "missing.safetensors")], "no such file"),
         (["--schedule", "cosine"], "unknown schedule type"),
     ]:
-        code, _, err = run(capsys, "txt2img", *base, "--lora-dir", str(lora_files["kohya"].parent), "--outdir", str(tmp_path / "bad"), *args)
+        lora_dir = str(lora_files["kohya"].parent)
+        code, _, err = run(capsys, "txt2img", *base, "--lora-dir", lora_dir, "--outdir", str(tmp_path / "bad"), *args)
         assert code == 1 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*.png"))

@@ -213,14 +213,13 @@ def test_subprompts_mix_after_padding_with_the_empty_prompt(tower) -> None:
 def test_embedding_equals_diffusers_load_textual_inversion(tmp_path, tiny_model) -> None:
     """A1111 .pt file: our splice of its vectors gives diffusers' encode_prompt after load_textual_inversion."""
     import copy
+    import json
+    import shutil
 
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     from optimized_sd.weights.embeddings import EmbeddingLibrary, TowerEmbeddings
-
-    import json
-    import shutil
 
     vectors = torch.randn(3, TINY.text.hidden_size) * 0.5
     (tmp_path / "embeddings").mkdir()

@@ -25,7 +25,6 @@ from optimized_sd.memory.tiling import tiled_apply
 from optimized_sd.models.text_encoder import PromptTokenizer, load_tokenizer
 from optimized_sd.models.vae import AutoencoderKL
 from optimized_sd.pipelines.memory_session import MemorySession
-from optimized_sd.pipelines.output import ImageParameters
 from optimized_sd.pipelines.networks import (
     DEFAULT_EMBEDDINGS_DIR,
     DEFAULT_LORA_DIR,
@@ -36,11 +35,12 @@ from optimized_sd.pipelines.networks import (
     quoted_hashes,
     resolve_networks,
 )
+from optimized_sd.pipelines.output import ImageParameters
 from optimized_sd.sampling import make_plan, sample, sampler_display_name, scaled_linear_schedule, start_latents
 from optimized_sd.sampling.plan import schedule_display_name
 from optimized_sd.weights.embeddings import EmbeddingLibrary
-from optimized_sd.weights.lora import LoraSet
 from optimized_sd.weights.loading import LoadedModel, materialize, prepare_model
+from optimized_sd.weights.lora import LoraSet
 
 log = logging.getLogger("optimized_sd")
 

@@ -60,9 +60,10 @@ _K_SAMPLERS = {
 }
 _COMPVIS = {"ddim": sample_ddim, "plms": sample_plms}
 
+_DPM_SOLVER = ("dpmpp_2m", "dpmpp_2m_sde")  # diffusers runs these on DPMSolverMultistepScheduler's own grid
 # schedule type -> (AUTOMATIC1111's "Schedule type" name, sigmas for (schedule, sampler, steps))
 _SCHEDULE_TYPES: dict[str, tuple[str, Callable[[DiscreteSchedule, str, int], tuple[float, ...]]]] = {
-    "linspace": ("Linspace", lambda s, sampler, n: dpm_solver_sigmas(s, n) if sampler in ("dpmpp_2m", "dpmpp_2m_sde") else linspace_sigmas(s, n)),
+    "linspace": ("Linspace", lambda s, sampler, n: (dpm_solver_sigmas if sampler in _DPM_SOLVER else linspace_sigmas)(s, n)),
     "uniform": ("Uniform", lambda s, sampler, n: uniform_sigmas(s, n)),
     "karras": ("Karras", lambda s, sampler, n: karras_sigmas(s.sigma_min, s.sigma_max, n)),
     "exponential": ("Exponential", lambda s, sampler, n: exponential_sigmas(s.sigma_min, s.sigma_max, n)),

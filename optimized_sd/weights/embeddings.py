@@ -37,7 +37,10 @@ class Embedding:
         """The vectors for a model whose text towers take tokens of `widths`; UserError when they do not fit."""
         got = tuple(int(v.shape[-1]) for v in self.vectors)
         if got != tuple(widths):
-            kind = "SDXL (clip_l + clip_g vectors)" if len(got) == 2 else f"{WIDTH_FAMILY.get(got[0], 'another model')} ({got[0]}-wide vectors)"
+            if len(got) == 2:
+                kind = "SDXL (clip_l + clip_g vectors)"
+            else:
+                kind = f"{WIDTH_FAMILY.get(got[0], 'another model')} ({got[0]}-wide vectors)"
             raise UserError(
                 f"embedding {self.name} ({self.path.name}) is for {kind}; this model's text encoder"
                 f"{'s take' if len(widths) > 1 else ' takes'} {' + '.join(map(str, widths))}-wide tokens"

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from optimized_sd.config import ModelConfig
-from optimized_sd.errors import CheckpointError, UserError
+from optimized_sd.errors import UserError
 
 from .ckpt import load_ckpt, state_dict_from_ckpt
 from .keymap import unet_prefixes
@@ -297,7 +297,8 @@ def find_lora(name: str, folder: Path) -> Path:
     import difflib
 
     folder = Path(folder)
-    found = {path.stem: path for path in sorted(folder.rglob("*")) if path.suffix in LORA_SUFFIXES and path.is_file()} if folder.is_dir() else {}
+    files = sorted(folder.rglob("*")) if folder.is_dir() else []
+    found = {path.stem: path for path in files if path.suffix in LORA_SUFFIXES and path.is_file()}
     if name in found:
         return found[name]
     lowered = {stem.lower(): stem for stem in found}
