@@ -24,8 +24,10 @@ def model_shapes() -> dict[str, tuple[int, ...]]:
 
 @pytest.fixture(scope="module")
 def ldm_weights(tiny_model) -> dict[str, torch.Tensor]:
+    """The file's tensors under both spellings of CLIP keys (files say `text_model.`, newer transformers do not)."""
     source = SafetensorsSource(tiny_model.safetensors)
-    return {key: source.get(key).clone() for key in source.keys()}
+    tensors = {key: source.get(key).clone() for key in source.keys()}
+    return {**tensors, **{key.replace(".transformer.text_model.", ".transformer."): value for key, value in tensors.items()}}
 
 
 def expected_delta(module: torch.nn.Module, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:

@@ -15,7 +15,9 @@ from optimized_sd.pipelines.diffusion import GenerationRequest
 
 TOLERANCE = 1e-4
 PROMPT, NEGATIVE = "a red cube", "blurry"
-MODES = ("full", "turbo", "split", "stream")
+# stream (merged into each block's copy as it arrives) and full (merged once, restored by reload) run by
+# default; turbo and split take the same two paths and run with the slow tests
+MODES = ("stream", "full", pytest.param("turbo", marks=pytest.mark.slow), pytest.param("split", marks=pytest.mark.slow))
 
 
 def request(**options) -> GenerationRequest:
