@@ -90,7 +90,8 @@ def clip_prompt_tokens(tokenizer, pad_id: int | None = None) -> PromptTokens:
         pad=tokenizer.eos_token_id if pad_id is None else pad_id,
         comma=tokenizer.get_vocab().get(",</w>"),
     )
-    return PromptTokens(lambda text: tokenizer(text, add_special_tokens=False, truncation=False).input_ids, special)
+    # verbose=False: a prompt longer than 77 tokens is expected here (it is chunked), not worth transformers' warning
+    return PromptTokens(lambda text: tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids, special)
 
 
 @dataclass
