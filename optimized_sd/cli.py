@@ -1,4 +1,4 @@
-"""`optimized-sd` command line: parse flags, build a request, call the pipeline, print. No logic."""
+"""`optimized-sd` command line: parse flags, build a Job, run it with a progress bar, print. No logic."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import Interrupted, UserError
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
@@ -74,13 +74,75 @@ def cli() -> None:
     """Low-VRAM Stable Diffusion 1.x: txt2img and img2img on small GPUs or the CPU."""
 
 
+def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75) -> None:
+    """Flags -> a Job and a loader; run it with a progress bar; print what was written."""
+    from tqdm import tqdm
+
+    from optimized_sd.pipelines.diffusion import load
+    from optimized_sd.pipelines.job import Job, JobStep, OutputPolicy, describe_memory, memory_mode, run_job
+
+    memory = memory_mode(flags["memory"], flags["turbo"])
+    job = Job(
+        prompts=(flags["prompt"],) if flags["from_file"] is None else (),
+        prompt_file=flags["from_file"],
+        negative_prompt=flags["negative_prompt"],
+        seed=flags["seed"],
+        n_samples=flags["n_samples"],
+        n_iter=flags["n_iter"],
+        fixed_code=flags["fixed_code"],
+        steps=flags["steps"],
+        scale=flags["scale"],
+        eta=flags["eta"],
+        sampler=flags["sampler"],
+        karras=flags["karras"],
+        schedule=flags["schedule"],
+        loras=tuple(flags["lora"]),
+        height=flags["height"],
+        width=flags["width"],
+        latent_channels=flags["channels"],
+        downscale=flags["downscale"],
+        unet_batch=flags["unet_bs"],
+        init_image=init_img,
+        strength=strength,
+        output=OutputPolicy(
+            outdir=flags["outdir"],
+            fmt=flags["fmt"],
+            skip_save=flags["skip_save"],
+            skip_grid=flags["skip_grid"],
+            n_rows=flags["n_rows"],
+            report_json=flags["report_json"],
+        ),
+    )
+    options = ("config", "ema", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer", "lora_dir", "embeddings_dir")
+    bars: list[tqdm] = []  # one per batch, made at its first step, so an early error prints alone
+
+    def progress(step: JobStep) -> None:
+        if step.info.step == 0:
+            for bar in bars:
+                bar.close()
+            bars[:] = [tqdm(total=step.info.total, desc=f"sampling ({step.request.sampler})", unit="step", leave=False)]
+        bars[0].n = step.info.step
+        bars[0].refresh()
+
+    try:
+        result = run_job(lambda: load(flags["ckpt"], memory=memory, **{name: flags[name] for name in options}), job, progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    click.echo(f"seed {result.first_seed}" + (" (random)" if flags["seed"] is None else ""))
+    written = result.written
+    click.echo(f"mode {describe_memory(result.pipeline)}; {len(result.images)} image(s)" + (f", wrote {len(written)} file(s):" if written else ""))
+    for path in written:
+        click.echo(f"  {path}")
+    if flags["report"]:
+        click.echo(result.pipeline.meter.format_table())
+
+
 @cli.command()
 @generation_options("outputs/txt2img-samples", 512)
 def txt2img(**flags) -> None:
     """Generate images from a prompt."""
-    from optimized_sd.pipelines.run import run_generation
-
-    run_generation(flags, init_img=None, strength=None)
+    run_from_flags(flags)
 
 
 @cli.command()
@@ -89,9 +151,7 @@ def txt2img(**flags) -> None:
 @generation_options("outputs/img2img-samples", None)
 def img2img(init_img: Path, strength: float, **flags) -> None:
     """Edit an image guided by a prompt."""
-    from optimized_sd.pipelines.run import run_generation
-
-    run_generation(flags, init_img=init_img, strength=strength)
+    run_from_flags(flags, init_img=init_img, strength=strength)
 
 
 @cli.command()
@@ -138,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         click.echo("interrupted", err=True)
         sys.exit(130)
 

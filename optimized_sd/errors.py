@@ -13,3 +13,8 @@ class CheckpointError(UserError):
 
 class UnsupportedModelError(CheckpointError):
     """A recognised model family that this version does not run yet (SD 2.x, SDXL, inpainting)."""
+
+
+class Interrupted(Exception):
+    """Raised by a progress callback to stop a generation at the next step (a web request cancelled,
+    Ctrl-C in a progress bar). Not a user mistake: the pipeline releases the stage and re-raises it."""

@@ -325,17 +325,20 @@ def test_xformers_backend_transposes_layout(fake_xformers) -> None:
 
 
 def test_unrunnable_selection_falls_back_to_sdpa_with_a_warning(no_xformers, caplog) -> None:
-    dispatch_mod._warn_fallback.cache_clear()
     q, k, v = _qkv((1, 2, 16, 16, 8))
     with caplog.at_level(logging.WARNING, logger=dispatch_mod.__name__):
         with use_attention("xformers"):
             out = attention(q, k, v)
-            attention(q, k, v)
+            with use_attention("xformers"):  # a stage inside a call: still the same call
+                attention(q, k, v)
     assert (out - naive_attention(q, k, v)).abs().max().item() <= 1e-5
     warnings = [r for r in caplog.records if "cannot run here" in r.getMessage()]
     assert len(warnings) == 1  # once, not once per layer
     assert "'sdpa'" in warnings[0].getMessage()
-    dispatch_mod._warn_fallback.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=dispatch_mod.__name__):
+        with use_attention("xformers"):  # the next call of a long-lived process is told again
+            attention(q, k, v)
+    assert len([r for r in caplog.records if "cannot run here" in r.getMessage()]) == 2
 
 
 def test_import_probes_nothing() -> None:

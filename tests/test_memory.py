@@ -14,6 +14,7 @@ import torch
 import optimized_sd
 from optimized_sd.errors import UserError
 from optimized_sd.memory.device import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, RETURN_FREED, REUSE_FREED, LeanHeap
+from optimized_sd.memory.modes import mode_row
 from optimized_sd.memory.planner import (
     FIXED_OVERHEAD,
     MODES,
@@ -27,8 +28,8 @@ from optimized_sd.memory.planner import (
     unet_activation_bytes,
 )
 from optimized_sd.models.layers import FeedForward
+from optimized_sd.models.runtime import run_options
 from optimized_sd.pipelines.diffusion import GenerationRequest
-from optimized_sd.pipelines.memory_session import FEED_FORWARD_CHUNK_TOKENS
 from optimized_sd.pipelines.placement import UNET, unet_blocks
 
 TOLERANCE = 1e-5
@@ -178,11 +179,15 @@ def test_out_of_memory_falls_back_to_a_leaner_mode(tiny_model, full_result, monk
 
 def test_out_of_memory_fallback_into_stream_chunks_the_feed_forward(tiny_model, full_result, monkeypatch):
     pipe = make_pipe(tiny_model, memory="split")
+    seen: list[int | None] = []
+    original = FeedForward.forward
+    monkeypatch.setattr(FeedForward, "forward", lambda self, x: seen.append(run_options().feed_forward_chunk_tokens) or original(self, x))
     fail_first_unet_call(pipe, monkeypatch)
     result = pipe.generate(request())
-    assert pipe.mode == "stream"
-    chunks = {m.chunk_tokens for m in pipe.model.modules() if isinstance(m, FeedForward)}
-    assert chunks == {FEED_FORWARD_CHUNK_TOKENS}
+    assert pipe.mode == "stream" and pipe.plan.mode == "stream"
+    assert pipe.plan.feed_forward_chunk_tokens == mode_row("stream").feed_forward_chunk_tokens is not None
+    assert set(seen) == {mode_row("stream").feed_forward_chunk_tokens}  # every feed-forward of the retried stage
+    assert not any(vars(m).get("chunk_tokens") for m in pipe.model.modules())  # no memory knob on the model
     assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE
 
 

@@ -429,7 +429,8 @@ def test_progress_counts_steps():
     for name, steps in (("heun", 6), ("ddim", 30), ("plms", 5)):
         seen: list[tuple[int, int]] = []
         plan = make_plan(name, steps)
-        sample(plan, ToyEps(), start_latents(plan, noise()), gens(1, 2), progress=lambda i, n, seen=seen: seen.append((i, n)))
+        x = start_latents(plan, noise())
+        sample(plan, ToyEps(), x, gens(1, 2), progress=lambda info, seen=seen: seen.append((info.step, info.total)))
         assert seen == [(i, plan.num_steps) for i in range(0, plan.num_steps + 1)]
 
 

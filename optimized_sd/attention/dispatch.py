@@ -2,12 +2,13 @@
 
 The choice lives in a ContextVar, set by `use_attention` for a dynamic extent, so two pipelines
 in two threads (or tasks) can use different backends and nothing is decided at import time.
-Each call resolves the selected backend against q's device and dtype.
+Each call resolves the selected backend against q's device and dtype. A fallback is reported once
+per outermost `use_attention` block (a pipeline opens one per generation call): no process-wide
+cache, so a long-lived server says it again on its next call.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ DEFAULT_BACKEND = "sdpa"
 ATTENTION_BACKENDS: tuple[str, ...] = tuple(REGISTRY)
 
 _selected: ContextVar[str] = ContextVar("optimized_sd_attention_backend", default=DEFAULT_BACKEND)
+# (backend, reason) fallbacks already reported in the outermost `use_attention` block; None outside any.
+_reported: ContextVar[set[tuple[str, str]] | None] = ContextVar("optimized_sd_attention_reported", default=None)
 
 
 def _require_known(name: str) -> None:
@@ -50,9 +53,12 @@ def use_attention(name: str) -> Iterator[str]:
     """Select backend `name` for every `attention` call in this with-block; restore on exit."""
     _require_known(name)
     token = _selected.set(name)
+    reported_token = _reported.set(set()) if _reported.get() is None else None
     try:
         yield name
     finally:
+        if reported_token is not None:
+            _reported.reset(reported_token)
         _selected.reset(token)
 
 
@@ -61,9 +67,14 @@ def current_attention() -> str:
     return _selected.get()
 
 
-@functools.cache
 def _warn_fallback(name: str, reason: str, fallback: str) -> None:
-    """Say once per (backend, reason) that a call fell back, rather than once per layer."""
+    """Say once per (backend, reason) and outermost `use_attention` block that a call fell back,
+    rather than once per layer; outside any block, every time."""
+    reported = _reported.get()
+    if reported is not None:
+        if (name, reason) in reported:
+            return
+        reported.add((name, reason))
     log.warning("attention backend %r cannot run here (%s); using %r", name, reason, fallback)
 
 

@@ -135,15 +135,16 @@ def build_part(part: str, config, seed: int):  # -> nn.Module in fp32 on the CPU
     """One network with its modules' default initialisation, seeded per part."""
     import torch
 
+    from optimized_sd.models.ops import default_init
     from optimized_sd.models.text_encoder import FrozenCLIPEmbedder
     from optimized_sd.models.unet import UNetModel
     from optimized_sd.models.vae import AutoencoderKL
 
     torch.manual_seed(seed * 1000 + [p for p, _ in PART_PREFIXES].index(part))
     if part == "unet":
-        return UNetModel(config.unet)
+        return default_init(UNetModel(config.unet))  # the op layer skips initialisation: ask for it
     if part == "vae":
-        return AutoencoderKL(config.vae)
+        return default_init(AutoencoderKL(config.vae))
     return FrozenCLIPEmbedder(config.text)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from optimized_sd.benchmark.results import BenchRecord, Footprint, Machine, ScenarioResult
 from optimized_sd.benchmark.scenarios import BASELINE_PEER, CLOSEST_PEERS, OUR_MODES, PEERS
+from optimized_sd.memory.modes import MODE_ROWS, denoiser_stage_weights
 
 MIB = 2**20
 
@@ -204,8 +205,10 @@ def budget_table(record: BenchRecord) -> list[str]:
 
 
 def streamed_bytes_per_step(result: ScenarioResult) -> int:
-    """Weight bytes copied to the device per UNet call: every block once in split and stream."""
-    if result.footprint is None or result.mode_used not in ("split", "stream"):
+    """Weight bytes copied to the device per UNet call: every block once in a mode that streams the
+    denoiser (`MemoryMode.streams_denoiser` in the mode table)."""
+    row = MODE_ROWS.get(result.mode_used or "")
+    if result.footprint is None or row is None or not row.streams_denoiser:
         return 0
     return result.footprint.unet
 
@@ -297,12 +300,21 @@ def targets_table(record: BenchRecord) -> list[str]:
 
 
 def resident_weights(footprint: Footprint, stage: str, mode: str | None) -> int:
-    """Weight bytes on the device while `stage` runs in `mode` (the planner's view of each mode)."""
-    if mode == "full":
+    """Weight bytes on the device while `stage` runs in `mode`, as the mode table says (the planner's
+    view; an unknown mode counts the stage's own part)."""
+    row = MODE_ROWS.get(mode or "")
+    if row is not None and row.resident == "everything":
         return footprint.total
     if stage == "unet":
-        by_mode = {"turbo": footprint.unet, "split": max(footprint.unet_halves), "stream": footprint.largest_block_pair}
-        return by_mode.get(mode, footprint.unet)
+        if row is None:
+            return footprint.unet
+        return denoiser_stage_weights(
+            row,
+            total=footprint.total,
+            whole=footprint.unet,
+            largest_half=max(footprint.unet_halves),
+            largest_block_pair=footprint.largest_block_pair,
+        )
     return footprint.vae_decoder if stage == "vae_decode" else footprint.vae_encoder
 
 

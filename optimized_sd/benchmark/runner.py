@@ -22,6 +22,7 @@ from optimized_sd.benchmark.results import BenchModel, BenchRecord, Machine, Sce
 from optimized_sd.benchmark.scenarios import DEFAULT_STEPS, QUICK, Scenario, Selection, select_scenarios
 from optimized_sd.benchmark.worker import PROMPT, RESULT_PREFIX, SCALE, SEED, STRENGTH  # stdlib-only module
 from optimized_sd.errors import UserError
+from optimized_sd.memory.precision import PRECISIONS
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 MODEL_DESCRIPTIONS = {
@@ -183,8 +184,8 @@ def check_flags(options: BenchOptions) -> None:
 
     if options.model not in MODELS:
         raise UserError(f"unknown --model {options.model!r}; choose {' or '.join(MODELS)}")
-    if options.precision not in ("autocast", "full", "fp16", "bf16"):
-        raise UserError(f"unknown --precision {options.precision!r}; use autocast, full, fp16 or bf16")
+    if options.precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {options.precision!r}; use {', '.join(PRECISIONS)}")
     if options.warmup is not None and options.warmup < 0:
         raise UserError("--warmup must be 0 or more")
     if options.repeat < 1:

@@ -9,9 +9,10 @@ import fnmatch
 from dataclasses import asdict, dataclass
 
 from optimized_sd.errors import UserError
+from optimized_sd.memory.modes import MODES
 
 KINDS = ("txt2img", "img2img")
-OUR_MODES = ("full", "turbo", "split", "stream")
+OUR_MODES = MODES  # the memory mode table's names, fastest first
 AUTO = "auto"  # the planner picks (by free memory, or by --budget)
 
 

@@ -33,6 +33,7 @@ from optimized_sd.benchmark.results import (
 )
 from optimized_sd.benchmark.scenarios import Scenario
 from optimized_sd.errors import UserError
+from optimized_sd.memory.precision import compute_dtype_name
 
 RESULT_PREFIX = "BENCH-RESULT "
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
@@ -192,12 +193,6 @@ def best_of(measure: Callable[[], Measured], repeat: int) -> Measured:
     for _, other, _ in runs:
         stages = {name: figures.with_highest_peaks(other.get(name, figures)) for name, figures in stages.items()}
     return total, stages, latents
-
-
-def compute_dtype_name(device_type: str, precision: str) -> str:
-    if precision == "autocast":
-        return "float32" if device_type == "cpu" else "float16"
-    return {"full": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
 
 
 def run_ours(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:

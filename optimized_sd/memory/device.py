@@ -10,6 +10,7 @@ import psutil
 import torch
 
 from optimized_sd.errors import UserError
+from optimized_sd.memory.precision import compute_dtype_name
 
 
 def best_device() -> str:
@@ -41,16 +42,8 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """`autocast` (default): fp16 on CUDA/MPS, fp32 on CPU (fp16 is not a CPU compute type and bf16
-    is about 3x slower on CPUs without AMX); `full`: fp32; `fp16`/`bf16`: as named."""
-    choices = {"full": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision == "autocast":
-        return torch.float32 if device.type == "cpu" else torch.float16
-    if precision not in choices:
-        raise UserError(f"unknown precision {precision!r}; use autocast, full, fp16 or bf16")
-    if device.type == "cpu" and choices[precision] is torch.float16:
-        raise UserError("fp16 does not run on the CPU; use --precision full (fp32) or bf16")
-    return choices[precision]
+    """The compute dtype for `--precision` on `device` (the rule: `precision.compute_dtype_name`)."""
+    return getattr(torch, compute_dtype_name(device.type, precision))
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-Release = Literal["never", "after_forward", "stage_end"]
-HostStorage = Literal["pinned", "cpu", "source"]
+from optimized_sd.memory.modes import HostStorage, Release
+from optimized_sd.tensor_swap import swap_tensor
+
+TensorHook = Callable[[str, Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,13 @@ class OffloadEngine:
 
     host storage: `pinned` keeps a page-locked CPU copy in the compute dtype (CUDA, allows async
     prefetch), `cpu` a plain CPU copy, `source` re-reads the (memory-mapped) file each time the group
-    is needed and keeps nothing, the RAM-lean path for machines without a GPU."""
+    is needed and keeps nothing, the RAM-lean path for machines without a GPU.
+
+    `tensor_hook(key, tensor)` is called with each floating tensor's checkpoint key and its device
+    copy, in the compute dtype, right after the copy is placed (every load of every group, resident
+    groups included), so a patch (a LoRA merged in place) changes exactly the copy that computes and
+    never the host copy or the file. `reload()` places the resident groups again, so a changed hook
+    takes effect at once (removing it restores the original values)."""
 
     def __init__(
         self,
@@ -91,11 +98,9 @@ class OffloadEngine:
         *,
         host: HostStorage,
         prefetch: bool = False,
-        tensor_hook: Callable[[str, Tensor], None] | None = None,
+        tensor_hook: TensorHook | None = None,
     ) -> None:
         self.root = root
-        # Called with (checkpoint key, device copy in the compute dtype) right after each floating
-        # tensor is placed, so a patch (a LoRA merged in place) changes exactly the copy that computes.
         self.tensor_hook = tensor_hook
         self.source = source
         self.device = device
@@ -184,15 +189,12 @@ class OffloadEngine:
 
     # -- movement -----------------------------------------------------------------------------
     def _set(self, slot: TensorSlot, value: Tensor) -> None:
-        if slot.is_parameter:
-            slot.owner._parameters[slot.leaf] = nn.Parameter(value, requires_grad=False)
-        else:
-            slot.owner._buffers[slot.leaf] = value
+        swap_tensor(slot.owner, slot.leaf, value)
 
     def _placed(self, slot: TensorSlot, value: Tensor) -> None:
         """Swap in a device copy just made, and let the hook patch it (floating tensors only)."""
         self._set(slot, value)
-        if self.tensor_hook is not None and value.is_floating_point():
+        if self.tensor_hook is not None and slot.floating:
             self.tensor_hook(slot.key, value)
 
     def _copy_in(self, group: Group) -> None:
@@ -251,28 +253,12 @@ class OffloadEngine:
             self._stage_loaded.append(group)
         self.events.append((action, name, self.resident_names()))
 
-    def reload(self) -> None:
-        """Place every resident group again from its home (host copy or file) through the current
-        `tensor_hook`, so a changed hook takes effect (and removing it restores the original values)."""
-        for group in self.groups.values():
-            if group.resident:
-                for slot in group.slots:
-                    self._set(slot, slot.host if slot.host is not None else self._placeholder(slot))
-                group.resident = False
-                group.ready = None
-                group.packed_device = None
-                self.load(group.spec.name)
-
     def release(self, name: str) -> None:
         """Drop a group's device copies; the host copy (or the file) remains the home."""
         group = self.groups[name]
         if not group.resident or group.spec.release == "never":
             return
-        for slot in group.slots:
-            self._set(slot, slot.host if slot.host is not None else self._placeholder(slot))
-        group.resident = False
-        group.ready = None
-        group.packed_device = None
+        self._drop(group)
         self.events.append(("release", name, self.resident_names()))
 
     def _before(self, name: str) -> None:
@@ -335,8 +321,46 @@ class OffloadEngine:
         """Bytes of weights currently on the device (floating tensors at the compute dtype)."""
         return sum(group.bytes * self.dtype_bytes for group in self.groups.values() if group.resident)
 
+    def reload(self) -> None:
+        """Place every resident group again from its home (host copy or file), through the current
+        `tensor_hook`: how a changed hook reaches groups that are not loaded again by themselves."""
+        for group in self.groups.values():
+            if group.resident:
+                self._drop(group)
+                self.load(group.spec.name)
+
+    def _drop(self, group: Group) -> None:
+        """Forget a group's device copies, whatever its release rule (slots back to host copies or placeholders)."""
+        for slot in group.slots:
+            self._set(slot, slot.host if slot.host is not None else self._placeholder(slot))
+        group.resident = False
+        group.ready = None
+        group.packed_device = None
+
     def close(self) -> None:
+        """Let go of everything: hooks, device copies (the model is left holding placeholders), the
+        pinned packed buffers and host copies, the shared arena and the copy stream. A long-lived
+        process calls it (through `StableDiffusion.close`) to hand pinned memory and file pages back."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # no copy may still write into a buffer dropped below
+        for group in self.groups.values():
+            for slot in group.slots:
+                slot.host = None
+            self._drop(group)
+            group.packed_host = None
+        self._stage_loaded = []
+        self._arena = None
+        self.copy_stream = None
+        self.events.clear()
+
+    def held_tensors(self) -> list[Tensor]:
+        """Every tensor the engine itself keeps alive (host copies, packed buffers, device copies, arena)."""
+        held = [self._arena] if self._arena is not None else []
+        for group in self.groups.values():
+            held += [t for t in (group.packed_host, group.packed_device) if t is not None]
+            held += [slot.host for slot in group.slots if slot.host is not None]
+        return held
 

@@ -6,14 +6,10 @@ without a GPU (fake budgets) and each constant can be re-measured with `benchmar
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from optimized_sd.errors import UserError
-
-MODES = ("full", "turbo", "split", "stream")
-"""Fastest first. full: everything resident. turbo: the UNet resident while sampling, text encoder and
-VAE brought in for their stage. split: stages swapped, the UNet in two halves per call (optimizedSD's
-default). stream: UNet blocks streamed one at a time with the next one prefetched."""
+from optimized_sd.memory.modes import MODE_TABLE, MODES, MemoryMode, denoiser_stage_weights, leaner, mode_row
 
 # Activation elements per unit of work (times the compute dtype's size gives bytes). Calibrated on
 # an H100 with SD 1.5 at 512x512 fp16 and SDPA attention (benchmarks/results/h100-2026-11-27-gpu,
@@ -68,7 +64,10 @@ class Request:
 
 @dataclass(frozen=True)
 class Plan:
-    """The chosen mode and options, with the estimated peak of every mode for the report."""
+    """Every memory decision of one call, so nothing downstream re-derives a rule from the mode's name:
+    the mode (its table row is `row`), VAE tiling, how far `stream` copies ahead, where weights wait
+    off the device, prefetch, feed-forward chunking, the UNet micro-batch and the heap tuning. Plain
+    values only (a report writes it as JSON). `estimates` holds every mode's estimated peak."""
 
     mode: str
     vae_tiling: bool
@@ -76,10 +75,45 @@ class Plan:
     budget: int | None = None
     reason: str = ""
     lookahead: int = 0  # stream: weight bytes it may hold copying blocks ahead (0: current and next)
+    device_type: str = "cuda"
+    host: str = "pinned"  # HostStorage
+    prefetch: bool = False
+    feed_forward_chunk_tokens: int | None = None
+    unet_batch: int | None = None  # micro-batch inside each top-level UNet block (None: the whole batch)
+    lean_heap: bool = False  # glibc tuned per stage (modes.MemoryMode.lean_heap_on_cpu, on the CPU)
+
+    @property
+    def row(self) -> MemoryMode:
+        return mode_row(self.mode)
+
+
+def row_options(row: MemoryMode, device_type: str) -> dict:
+    """The plan fields a mode's row decides on a `device_type` device."""
+    return {
+        "mode": row.name,
+        "device_type": device_type,
+        "host": row.host_for(device_type),
+        "prefetch": row.prefetch and device_type == "cuda",
+        "feed_forward_chunk_tokens": row.feed_forward_chunk_tokens,
+        "lean_heap": row.lean_heap_on_cpu and device_type == "cpu",
+    }
+
+
+def fallback(plan: Plan) -> Plan | None:
+    """The out-of-memory ladder, one rung: copying ahead retries one block ahead; any other plan
+    retries in the next leaner mode (with that row's chunking, host storage and heap); the leanest
+    mode one block ahead has nowhere to go (None)."""
+    if plan.lookahead:
+        return replace(plan, lookahead=0, reason=f"out of memory in {plan.mode} copying ahead")
+    lower = leaner(plan.mode)
+    if lower is None:
+        return None
+    return replace(plan, **row_options(lower, plan.device_type), reason=f"out of memory in {plan.mode}")
+
 
 def chunks_feed_forward(mode: str) -> bool:
-    """`stream` runs the UNet feed-forward in token chunks so it is never the peak (the estimates assume it)."""
-    return mode == "stream"
+    """Whether `mode` runs the UNet feed-forward in token chunks (its estimates assume it)."""
+    return mode_row(mode).feed_forward_chunk_tokens is not None
 
 
 def unet_activation_bytes(request: Request, chunked: bool) -> int:
@@ -102,10 +136,13 @@ def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling
     unet_act = unet_activation_bytes(request, chunked)
     decode_act = vae_activation_bytes(request, VAE_DECODE_ELEMENTS_PER_PIXEL, vae_tiling)
     encode_act = vae_activation_bytes(request, VAE_ENCODE_ELEMENTS_PER_PIXEL, vae_tiling) if request.encodes_image else 0
-    if mode == "full":
-        stages = [model.total + max(unet_act, decode_act, encode_act)]
+    row = mode_row(mode)
+    unet_weights = denoiser_stage_weights(
+        row, total=model.total, whole=model.unet, largest_half=max(model.unet_halves), largest_block_pair=model.largest_block_pair
+    )
+    if row.resident == "everything":
+        stages = [unet_weights + max(unet_act, decode_act, encode_act)]
     else:
-        unet_weights = {"turbo": model.unet, "split": max(model.unet_halves), "stream": model.largest_block_pair}[mode]
         stages = [
             model.text_encoder,
             unet_weights + unet_act,
@@ -121,7 +158,7 @@ def stream_lookahead(model: ModelFootprint, request: Request, budget: int) -> in
     and the next. Copying further ahead hides the copies of the wide low-resolution blocks (most of
     the bytes, little compute) behind the compute of the high-resolution ones (see
     benchmarks/stream_floor.py)."""
-    room = min(budget - unet_activation_bytes(request, chunked=True) - FIXED_OVERHEAD, model.unet)
+    room = min(budget - unet_activation_bytes(request, chunks_feed_forward("stream")) - FIXED_OVERHEAD, model.unet)
     return room if room > model.largest_block_pair else 0
 
 
@@ -132,11 +169,13 @@ def plan_memory(
     budget: int | None,
     mode: str = "auto",
     vae_tiling: str = "auto",
+    device_type: str = "cuda",
 ) -> Plan:
     """Pick the fastest mode whose estimate fits `budget` (None: no limit, i.e. `full`). A forced mode
     is kept, and a forced `stream` keeps to one block ahead (the lowest memory, what it is asked
-    for); `stream` picked by `auto` copies further ahead within what the budget leaves. VAE tiling
-    `auto` turns on only when the untiled decode would not fit."""
+    for); a prefetching mode picked by `auto` copies further ahead within what the budget leaves. VAE
+    tiling `auto` turns on only when the untiled decode would not fit. The returned plan carries the
+    chosen row's options for a `device_type` device."""
     if mode != "auto" and mode not in MODES:
         raise UserError(f"unknown memory mode {mode!r}; choose one of auto, {', '.join(MODES)}")
     if vae_tiling not in ("auto", "on", "off"):
@@ -151,11 +190,25 @@ def plan_memory(
 
     tiled = {m: tiled_for(m) for m in MODES}
     estimates = {m: estimate_peak(m, model, request, tiled[m]) for m in MODES}
+
+    def chosen(candidate: str, reason: str, lookahead: int = 0) -> Plan:
+        options = row_options(mode_row(candidate), device_type)
+        return Plan(
+            vae_tiling=tiled[candidate],
+            estimates=estimates,
+            budget=budget,
+            reason=reason,
+            lookahead=lookahead,
+            unet_batch=request.unet_batch,
+            **options,
+        )
+
     if mode != "auto" and (budget is None or estimates[mode] <= budget):
-        return Plan(mode, tiled[mode], estimates, budget, "as asked")
+        return chosen(mode, "as asked")
     if budget is None:
-        return Plan("full", tiled["full"], estimates, budget, "no memory limit")
-    for candidate in MODES:
+        return chosen(MODES[0], "no memory limit")
+    for row in MODE_TABLE:
+        candidate = row.name
         if estimates[candidate] <= budget:
             reason = "fastest that fits"
             if mode != "auto":
@@ -163,18 +216,19 @@ def plan_memory(
                     f"{mode} needs about {format_bytes(estimates[mode])} but the budget is "
                     f"{format_bytes(budget)}; {candidate} was chosen instead"
                 )
-            lookahead = stream_lookahead(model, request, budget) if candidate == "stream" and mode == "auto" else 0
-            return Plan(candidate, tiled[candidate], estimates, budget, reason, lookahead)
+            lookahead = stream_lookahead(model, request, budget) if row.prefetch and mode == "auto" else 0
+            return chosen(candidate, reason, lookahead)
+    leanest = MODES[-1]
     raise UserError(
         f"a VRAM budget of {format_bytes(budget)} is below the smallest plan: "
-        f"stream needs about {format_bytes(estimates['stream'])} at {request.width}x{request.height}"
+        f"{leanest} needs about {format_bytes(estimates[leanest])} at {request.width}x{request.height}"
     )
 
 
 def lower_mode(mode: str) -> str | None:
-    """The next leaner mode, for the out-of-memory fallback."""
-    index = MODES.index(mode)
-    return MODES[index + 1] if index + 1 < len(MODES) else None
+    """The next leaner mode's name (see `modes.leaner`)."""
+    row = leaner(mode)
+    return row.name if row is not None else None
 
 
 SIZE_UNITS = {

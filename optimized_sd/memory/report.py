@@ -6,7 +6,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,15 +70,41 @@ class RssSampler:
         self.stop()
 
 
+def summarise(records: Iterable[StageRecord], table: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
+    """Per stage name: total seconds and steps, and the highest peaks over its runs (added to `table`)."""
+    table = {} if table is None else table
+    for record in records:
+        row = table.setdefault(
+            record.stage,
+            {"seconds": 0.0, "steps": 0, "peak_allocated_mib": 0.0, "peak_reserved_mib": 0.0, "peak_rss_mib": 0.0},
+        )
+        row["seconds"] += record.seconds
+        row["steps"] += record.steps
+        for key in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib"):
+            row[key] = max(row[key], getattr(record, key))
+    return table
+
+
 class MemoryMeter:
     """Collects a `StageRecord` per stage; cheap enough to stay on for every run. Stages are either
     `with meter.stage(name)` blocks, or boundaries marked from outside with `mark` inside `marked()`
-    (hooks on code that has no stages of its own, such as a diffusers pipeline): both measure alike."""
+    (hooks on code that has no stages of its own, such as a diffusers pipeline): both measure alike.
+
+    A pipeline may live for days, so nothing here grows per call: `records` holds the current call's
+    stages only (`new_call` starts the next), and `totals` folds every call into one row per stage
+    name (what a run of several calls reports)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.records: list[StageRecord] = []
+        self.totals: dict[str, dict[str, float]] = {}
+        self.calls = 0
         self._open_mark: tuple[RssSampler, float] | None = None  # inside `marked`: its sampler, the stage's start
+
+    def new_call(self) -> None:
+        """Start a call: the previous call's records are dropped (already folded into `totals`)."""
+        self.records = []
+        self.calls += 1
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -99,6 +125,7 @@ class MemoryMeter:
             record.peak_allocated_mib = torch.cuda.max_memory_allocated(self.device) / MIB
             record.peak_reserved_mib = torch.cuda.max_memory_reserved(self.device) / MIB
         self.records.append(record)
+        summarise([record], self.totals)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[StageRecord]:
@@ -131,22 +158,13 @@ class MemoryMeter:
         return record
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per stage name: total seconds and steps, and the highest peaks over its runs."""
-        table: dict[str, dict[str, float]] = {}
-        for record in self.records:
-            row = table.setdefault(
-                record.stage,
-                {"seconds": 0.0, "steps": 0, "peak_allocated_mib": 0.0, "peak_reserved_mib": 0.0, "peak_rss_mib": 0.0},
-            )
-            row["seconds"] += record.seconds
-            row["steps"] += record.steps
-            for key in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib"):
-                row[key] = max(row[key], getattr(record, key))
-        return table
+        """The current call's stages: total seconds and steps, and the highest peaks over its runs."""
+        return summarise(self.records)
 
     def format_table(self) -> str:
+        """Every call since the meter was made, one row per stage."""
         lines = [f"{'stage':<12} {'seconds':>8} {'s/step':>7} {'alloc MiB':>10} {'reserved MiB':>12} {'RSS MiB':>8}"]
-        for stage, row in self.summary().items():
+        for stage, row in self.totals.items():
             per_step = f"{row['seconds'] / row['steps']:.3f}" if row["steps"] else "-"
             lines.append(
                 f"{stage:<12} {row['seconds']:>8.2f} {per_step:>7} {row['peak_allocated_mib']:>10.0f} "
@@ -155,6 +173,7 @@ class MemoryMeter:
         return "\n".join(lines)
 
     def write_json(self, path: Path, extra: dict | None = None) -> None:
-        payload = {"device": str(self.device), "stages": self.summary(), "runs": [asdict(r) for r in self.records]}
+        """`stages`: every call since the meter was made; `runs`: the last call's stage records."""
+        payload = {"device": str(self.device), "calls": self.calls, "stages": self.totals, "runs": [asdict(r) for r in self.records]}
         payload.update(extra or {})
         Path(path).write_text(json.dumps(payload, indent=2))

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimized_sd.attention import attention
+from optimized_sd.models import ops
+from optimized_sd.models.runtime import run_options
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -43,10 +45,10 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.to_q = ops.Linear(query_dim, inner, bias=False)
+        self.to_k = ops.Linear(context_dim, inner, bias=False)
+        self.to_v = ops.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(ops.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -66,7 +68,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = ops.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
         hidden, gate = self.proj(x).chunk(2, dim=-1)
@@ -74,19 +76,19 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU MLP. `chunk_tokens`, set by the memory engine, runs it over slices of the token axis
-    so its 8x-wide hidden activation is never the peak (the output is identical)."""
+    """GEGLU MLP. The call's `RunOptions.feed_forward_chunk_tokens` (from the memory plan) runs it over
+    slices of the token axis so its 8x-wide hidden activation is never the peak (the output is identical)."""
 
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim))
-        self.chunk_tokens: int | None = None
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), ops.Linear(inner, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.chunk_tokens or x.shape[1] <= self.chunk_tokens:
+        chunk = run_options().feed_forward_chunk_tokens
+        if not chunk or x.shape[1] <= chunk:
             return self.net(x)
-        return torch.cat([self.net(part) for part in x.split(self.chunk_tokens, dim=1)], dim=1)
+        return torch.cat([self.net(part) for part in x.split(chunk, dim=1)], dim=1)  # token slices of (B, chunk, C)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -114,11 +116,11 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         dim_head = channels // heads
         self.norm = group_norm(channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, heads * dim_head, 1)
+        self.proj_in = ops.Conv2d(channels, heads * dim_head, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(heads * dim_head, heads, dim_head, context_dim) for _ in range(depth)
         )
-        self.proj_out = nn.Conv2d(heads * dim_head, channels, 1)
+        self.proj_out = ops.Conv2d(heads * dim_head, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         batch, _, height, width = x.shape
@@ -135,7 +137,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

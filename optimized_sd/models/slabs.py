@@ -78,8 +78,11 @@ def add_rows(out: Tensor, x: Tensor, projection: nn.Module) -> Tensor:
 def conv_rows(band: Tensor, conv: nn.Conv2d, first: int, count: int) -> Tensor:
     """The 3x3 conv of a band that carries its halo rows, keeping `count` rows from `first`. The conv
     pads every side with zeros; the padded rows matter only where the band ends at the image edge,
-    which is exactly where zeros are right, and elsewhere they fall in the halo that is dropped."""
-    return F.conv2d(band, conv.weight, conv.bias, padding=1)[:, :, first : first + count]
+    which is exactly where zeros are right, and elsewhere they fall in the halo that is dropped. The
+    module itself runs the conv, so its weights reach compute through the op layer (`models/ops.py`)."""
+    if conv.stride != (1, 1) or conv.padding != (1, 1):
+        raise ValueError("a row band runs a 3x3 conv with stride 1 and padding 1")
+    return conv(band)[:, :, first : first + count]
 
 
 def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:

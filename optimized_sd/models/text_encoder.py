@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -65,8 +64,9 @@ class PromptTokenizer:
         return batch.input_ids
 
     def truncated_text(self, prompt: str) -> str:
-        """The words cut off by the 77-token limit ('' when the prompt fits)."""
-        ids = self.tokenizer(prompt, truncation=False).input_ids
+        """The words cut off by the 77-token limit ('' when the prompt fits). `verbose=False` keeps
+        transformers from warning, for this call only, about the very length checked here."""
+        ids = self.tokenizer(prompt, truncation=False, verbose=False).input_ids
         if len(ids) <= MAX_TOKENS:
             return ""
         return self.tokenizer.decode(ids[MAX_TOKENS - 1 : -1]).strip()
@@ -76,7 +76,6 @@ def load_tokenizer(folder: Path | None) -> PromptTokenizer:
     """From `folder` (a diffusers `tokenizer/` or any CLIP tokenizer folder), else the HF cache or hub."""
     from transformers import CLIPTokenizer
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     if folder is not None:
         folder = Path(folder)
         if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():

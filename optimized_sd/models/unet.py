@@ -7,7 +7,9 @@ import torch
 from torch import Tensor, nn
 
 from optimized_sd.config import UNetConfig
+from optimized_sd.models import ops
 from optimized_sd.models.layers import SpatialTransformer, Upsample, group_norm, timestep_embedding
+from optimized_sd.models.runtime import run_options
 
 
 class ResBlock(nn.Module):
@@ -15,13 +17,13 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), ops.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0), ops.Conv2d(out_channels, out_channels, 3, padding=1)
         )
         self.skip_connection: nn.Module = (
-            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if channels == out_channels else ops.Conv2d(channels, out_channels, 1)
         )
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -35,7 +37,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = ops.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -44,13 +46,12 @@ class Downsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence of layers, each given what it needs: the time embedding, the text context, or neither.
 
-    `micro_batch` (set by the pipeline for `--unet_bs`) runs the batch through the block in slices, so
-    a streamed block is loaded once per call however the batch is cut (optimizedSD cuts the whole UNet)."""
-
-    micro_batch: int | None = None
+    The call's `RunOptions.unet_micro_batch` (`--unet_bs`, through the memory plan) runs the batch through
+    the block in slices, so a streamed block is loaded once per call however the batch is cut
+    (optimizedSD cuts the whole UNet)."""
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
-        size = self.micro_batch
+        size = run_options().unet_micro_batch
         if size and x.shape[0] > size:
             return torch.cat(
                 [self.run_layers(*parts) for parts in zip(x.split(size), emb.split(size), context.split(size))]
@@ -77,12 +78,12 @@ class UNetModel(nn.Module):
         self.config = config
         mc = config.model_channels
         emb_dim = mc * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(ops.Linear(mc, emb_dim), nn.SiLU(), ops.Linear(emb_dim, emb_dim))
 
         def transformer(channels: int) -> SpatialTransformer:
             return SpatialTransformer(channels, config.num_heads, config.transformer_depth, config.context_dim)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(ops.Conv2d(config.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
         channels, downscale = mc, 1
         for level, mult in enumerate(config.channel_mult):
@@ -114,7 +115,7 @@ class UNetModel(nn.Module):
                     downscale //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(channels), nn.SiLU(), ops.Conv2d(mc, config.out_channels, 3, padding=1))
 
     def block_names(self) -> list[str]:
         """The top-level children in the order `forward` runs them (the units the memory engine streams)."""

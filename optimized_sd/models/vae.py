@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from optimized_sd.attention import attention
 from optimized_sd.config import VAEConfig
+from optimized_sd.models import ops
 from optimized_sd.models.layers import group_norm
 from optimized_sd.models.slabs import add_rows, norm_silu_conv, upsample_conv
 
@@ -17,12 +18,12 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.norm1 = group_norm(in_channels, eps=1e-6)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = ops.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels, eps=1e-6)
         self.dropout = nn.Dropout(0.0)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = ops.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut: nn.Module = (
-            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+            nn.Identity() if in_channels == out_channels else ops.Conv2d(in_channels, out_channels, 1)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -39,10 +40,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = group_norm(channels, eps=1e-6)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = ops.Conv2d(channels, channels, 1)
+        self.k = ops.Conv2d(channels, channels, 1)
+        self.v = ops.Conv2d(channels, channels, 1)
+        self.proj_out = ops.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
@@ -61,7 +62,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = ops.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -72,7 +73,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return upsample_conv(x, self.conv)
@@ -115,7 +116,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         widths = [config.ch * m for m in config.ch_mult]
-        self.conv_in = nn.Conv2d(config.in_channels, config.ch, 3, padding=1)
+        self.conv_in = ops.Conv2d(config.in_channels, config.ch, 3, padding=1)
         self.down = nn.ModuleList()
         channels = config.ch
         for level, width in enumerate(widths):
@@ -127,7 +128,7 @@ class Encoder(nn.Module):
             self.down.append(Level(blocks, None if last else Downsample(channels), "downsample"))
         self.mid = MidBlock(channels)
         self.norm_out = group_norm(channels, eps=1e-6)
-        self.conv_out = nn.Conv2d(channels, 2 * config.z_channels, 3, padding=1)
+        self.conv_out = ops.Conv2d(channels, 2 * config.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -143,7 +144,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [config.ch * m for m in config.ch_mult]
         channels = widths[-1]
-        self.conv_in = nn.Conv2d(config.z_channels, channels, 3, padding=1)
+        self.conv_in = ops.Conv2d(config.z_channels, channels, 3, padding=1)
         self.mid = MidBlock(channels)
         levels: list[Level] = []
         for level in reversed(range(len(widths))):
@@ -154,7 +155,7 @@ class Decoder(nn.Module):
             levels.insert(0, Level(blocks, Upsample(channels) if level else None, "upsample"))
         self.up = nn.ModuleList(levels)  # indexed by resolution level, run from the deepest
         self.norm_out = group_norm(channels, eps=1e-6)
-        self.conv_out = nn.Conv2d(channels, config.out_channels, 3, padding=1)
+        self.conv_out = ops.Conv2d(channels, config.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
@@ -171,8 +172,8 @@ class AutoencoderKL(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        self.quant_conv = ops.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
+        self.post_quant_conv = ops.Conv2d(config.embed_dim, config.z_channels, 1)
 
     def encode(self, image: Tensor) -> Tensor:
         """Unscaled latent: the posterior mean (the first half of the moments; the log-variance is not

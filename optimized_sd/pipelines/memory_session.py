@@ -12,28 +12,29 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from optimized_sd.attention import use_attention
 from optimized_sd.errors import UserError
 from optimized_sd.memory.device import LeanHeap, device_memory
-from optimized_sd.memory.offload import OffloadEngine
-from optimized_sd.memory.planner import SAFETY_MARGIN, Plan, Request, chunks_feed_forward, lower_mode, plan_memory
+from optimized_sd.memory.offload import OffloadEngine, TensorHook
+from optimized_sd.memory.planner import SAFETY_MARGIN, Plan, Request, fallback, plan_memory
 from optimized_sd.memory.report import MemoryMeter, StageRecord
-from optimized_sd.models.layers import FeedForward
-from optimized_sd.models.unet import TimestepEmbedSequential
+from optimized_sd.models.runtime import RunOptions, use_run_options
 from optimized_sd.pipelines.placement import footprint, group_specs
 
 log = logging.getLogger("optimized_sd")
 
-FEED_FORWARD_CHUNK_TOKENS = 1024
-HOST_FOR_DEVICE = {"cuda": "pinned", "cpu": "source", "mps": "cpu"}
+SAMPLING_STAGE = "unet"  # the stage whose allocations repeat step after step (the lean heap reuses them)
 
 Result = TypeVar("Result")
 
 
 class MemorySession:
-    """The memory policy of one pipeline: `prepare` a call, then `run_stage` each of its stages."""
+    """The memory policy of one pipeline: `prepare` a call, then `run_stage` each of its stages.
+    Every decision comes from the call's `Plan` (built by the pure planner from the mode table); this
+    class only carries it out: places the weights for it, enters its per-call model options and heap
+    tuning around each stage, and walks the planner's out-of-memory ladder."""
 
     def __init__(
         self,
@@ -59,11 +60,15 @@ class MemorySession:
         plan_memory(self.sizes, Request(64, 64), budget=None, mode=mode, vae_tiling=vae_tiling)  # validates names
         self.meter = MemoryMeter(device)
         self.engine: OffloadEngine | None = None
+        self.placed: tuple[str, str] | None = None  # (mode, host storage) the engine was built for
         self.heap: LeanHeap | None = None
-        self.mode: str | None = None
         self.plan: Plan | None = None
+        self.tensor_hook: TensorHook | None = None
         self.last_reason = ""
-        self.tensor_hook: Callable[[str, Tensor], None] | None = None  # weight patches (LoRA), in every engine
+
+    @property
+    def mode(self) -> str | None:
+        return self.placed[0] if self.placed is not None else None
 
     def plan_for(self, request: Request) -> Plan:
         budget = self.budget
@@ -71,7 +76,9 @@ class MemorySession:
         if budget is None and measurable:
             # Weights this pipeline already holds count as available: they would be moved, not added.
             budget = int(device_memory(self.device).free * SAFETY_MARGIN) + self.engine_resident_bytes()
-        plan = plan_memory(self.sizes, request, budget=budget, mode=self.requested, vae_tiling=self.vae_tiling)
+        plan = plan_memory(
+            self.sizes, request, budget=budget, mode=self.requested, vae_tiling=self.vae_tiling, device_type=self.device.type
+        )
         if plan.mode != self.requested and self.requested != "auto" and plan.reason != self.last_reason:
             log.warning("%s", plan.reason)
         self.last_reason = plan.reason
@@ -80,94 +87,95 @@ class MemorySession:
     def engine_resident_bytes(self) -> int:
         return self.engine.resident_bytes() if self.engine is not None else 0
 
-    def use_mode(self, mode: str) -> None:
-        """(Re)place the weights for `mode`; a no-op when already there."""
-        if self.engine is not None and self.mode == mode:
-            return
-        self.release_engine()
-        host = HOST_FOR_DEVICE[self.device.type]
-        if mode == "full" and self.device.type == "cpu":
-            host = "cpu"
+    def place(self, plan: Plan) -> None:
+        """(Re)place the weights as the plan's mode and host storage say; a no-op when already so.
+        Always adopts the plan's per-call options (copy-ahead, chunking, micro-batch)."""
+        if self.engine is None or self.placed != (plan.mode, plan.host):
+            self.release_engine()
+            self.engine = OffloadEngine(
+                self.model,
+                self.source,
+                group_specs(plan.row, self.model),
+                self.device,
+                self.dtype,
+                host=plan.host,  # type: ignore[arg-type]
+                prefetch=plan.prefetch,
+                tensor_hook=self.tensor_hook,
+            )
+            self.placed = (plan.mode, plan.host)
         # The RAM-lean path: freed tensors must leave the resident set between stages.
-        self.heap = LeanHeap() if mode == "stream" and self.device.type == "cpu" else None
-        self.engine = OffloadEngine(
-            self.model,
-            self.source,
-            group_specs(mode, self.model),
-            self.device,
-            self.dtype,
-            host=host,
-            prefetch=mode == "stream",
-            tensor_hook=self.tensor_hook,
-        )
-        self.mode = mode
-        # With the mode, not the plan: an out-of-memory fallback into stream chunks as well.
-        chunk_tokens = FEED_FORWARD_CHUNK_TOKENS if chunks_feed_forward(mode) else None
-        for module in self.model.modules():
-            if isinstance(module, FeedForward):
-                module.chunk_tokens = chunk_tokens
+        self.heap = LeanHeap() if plan.lean_heap else None
+        self.engine.lookahead_bytes = plan.lookahead
+        self.plan = plan
 
-    def set_tensor_hook(self, hook: Callable[[str, Tensor], None] | None) -> None:
-        """Patch weights from now on with `hook`; resident weights are placed again through it at once
-        (from their host copy or the file, so the previous patch leaves no trace)."""
+    def use_mode(self, mode: str, request: Request | None = None) -> Plan:
+        """Place the weights for `mode` as if it were asked for with no budget (tests and tools that
+        want a placement without a call)."""
+        plan = plan_memory(
+            self.sizes, request or Request(64, 64), budget=None, mode=mode, vae_tiling=self.vae_tiling, device_type=self.device.type
+        )
+        self.place(plan)
+        return plan
+
+    def prepare(self, request: Request) -> Plan:
+        """Plan the call and place the weights for it (a benchmark calls it alone to time loading
+        apart from generating)."""
+        self.place(self.plan_for(request))
+        assert self.engine is not None and self.plan is not None
+        self.engine.events.clear()  # the residency log of this call only: a long-lived pipeline keeps no history
+        self.meter.new_call()
+        return self.plan
+
+    def set_tensor_hook(self, hook: TensorHook | None) -> None:
+        """Patch every weight as it is placed (see `OffloadEngine.tensor_hook`), from now on: resident
+        groups are placed again at once, the others at their next load. None removes the patch."""
         self.tensor_hook = hook
         if self.engine is not None:
             self.engine.tensor_hook = hook
             self.engine.reload()
 
-    def prepare(self, request: Request) -> Plan:
-        """Plan the call and place the weights for it (a benchmark calls it alone to time loading
-        apart from generating)."""
-        self.plan = self.plan_for(request)
-        self.use_mode(self.plan.mode)
-        self.configure_blocks(self.plan, request.unet_batch)
-        assert self.engine is not None
-        self.engine.events.clear()  # the residency log of this call only: a long-lived pipeline keeps no history
-        return self.plan
-
-    def configure_blocks(self, plan: Plan, unet_batch: int | None) -> None:
-        """Apply the plan's per-call options: UNet micro-batches, copy-ahead."""
-        if self.engine is not None:
-            self.engine.lookahead_bytes = plan.lookahead
-        for module in self.model.modules():
-            if isinstance(module, TimestepEmbedSequential):
-                module.micro_batch = unet_batch
+    def run_options(self) -> RunOptions:
+        """What the model reads at call time, from the current plan."""
+        plan = self.plan
+        if plan is None:
+            return RunOptions()
+        return RunOptions(feed_forward_chunk_tokens=plan.feed_forward_chunk_tokens, unet_micro_batch=plan.unet_batch)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[StageRecord]:
         assert self.engine is not None
-        heap = self.heap.phase(repeated=name == "unet") if self.heap is not None else contextlib.nullcontext()
-        with use_attention(self.attention), torch.inference_mode(), self.meter.stage(name) as record:
-            with heap, self.engine.stage():
+        heap = self.heap.phase(repeated=name == SAMPLING_STAGE) if self.heap is not None else contextlib.nullcontext()
+        with use_attention(self.attention), use_run_options(self.run_options()), torch.inference_mode():
+            with self.meter.stage(name) as record, heap, self.engine.stage():
                 yield record
 
     def run_stage(self, name: str, work: Callable[[StageRecord], Result]) -> Result:
-        """Run a stage; on out-of-memory drop to the next leaner mode (or, in `stream` copying
-        ahead, to one block ahead) and retry it once."""
+        """Run a stage; on out-of-memory take the planner's next rung (`planner.fallback`: one block
+        ahead instead of copying further, else the next leaner mode) and retry it once."""
         try:
             with self.stage(name) as record:
                 return work(record)
         except torch.OutOfMemoryError:
-            if self.engine is not None and self.engine.lookahead_bytes:
+            assert self.plan is not None
+            lower = fallback(self.plan)
+            if lower is None:
+                raise UserError(f"out of memory during {name} even in {self.plan.mode} mode; lower --H/--W or --n_samples") from None
+            if lower.mode == self.plan.mode:
                 log.warning("out of memory during %s copying blocks ahead; retrying the stage one block ahead", name)
-                self.engine.lookahead_bytes = 0
             else:
-                lower = lower_mode(self.mode or "stream")
-                if lower is None:
-                    raise UserError(f"out of memory during {name} even in stream mode; lower --H/--W or --n_samples") from None
-                log.warning("out of memory during %s in %s mode; retrying the stage in %s mode", name, self.mode, lower)
-                self.use_mode(lower)
+                log.warning("out of memory during %s in %s mode; retrying the stage in %s mode", name, self.plan.mode, lower.mode)
+            self.place(lower)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             with self.stage(name) as record:
                 return work(record)
 
     def release_engine(self) -> None:
-        """Drop the current placement (hooks, device copies, pinned host copies)."""
+        """Drop the current placement (hooks, device copies, pinned host copies, arena)."""
         if self.engine is None:
             return
         self.engine.close()
         self.engine = None
-        self.mode = None
+        self.placed = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

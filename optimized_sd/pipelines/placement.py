@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from optimized_sd.memory.modes import MemoryMode
 from optimized_sd.memory.offload import GroupSpec
 from optimized_sd.memory.planner import ModelFootprint
 
@@ -26,22 +27,21 @@ def unet_halves(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(blocks[:cut]), tuple(blocks[cut:])
 
 
-def group_specs(mode: str, model: nn.Module) -> list[GroupSpec]:
-    """Offload groups for a memory mode (see `memory.planner.MODES`)."""
-    if mode == "full":
+def group_specs(row: MemoryMode, model: nn.Module) -> list[GroupSpec]:
+    """Offload groups for a mode's row (`memory.modes.MODE_TABLE`): its resident rule and denoiser
+    grouping mapped to this model's module paths."""
+    if row.resident == "everything":
         return [GroupSpec("all", ("model", "first_stage_model", "cond_stage_model"), "never")]
     stage_groups = [TEXT_GROUP, GroupSpec("vae_encoder", VAE_ENCODER), GroupSpec("vae_decoder", VAE_DECODER)]
-    if mode == "turbo":
-        return stage_groups + [GroupSpec("unet", (UNET,))]
-    if mode == "split":
+    release = row.denoiser_release
+    if row.denoiser == "whole":
+        return stage_groups + [GroupSpec("unet", (UNET,), release)]
+    if row.denoiser == "halves":
         first, second = unet_halves(model)
-        return stage_groups + [
-            GroupSpec("unet_half_1", first, "after_forward"),
-            GroupSpec("unet_half_2", second, "after_forward"),
-        ]
+        return stage_groups + [GroupSpec("unet_half_1", first, release), GroupSpec("unet_half_2", second, release)]
     names = model.get_submodule(UNET).block_names()
     return stage_groups + [
-        GroupSpec(f"unet.{name}", (f"{UNET}.{name}",), "after_forward", prefetch_next=f"unet.{names[(i + 1) % len(names)]}")
+        GroupSpec(f"unet.{name}", (f"{UNET}.{name}",), release, prefetch_next=f"unet.{names[(i + 1) % len(names)]}")
         for i, name in enumerate(names)
     ]
 

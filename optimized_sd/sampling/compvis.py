@@ -2,7 +2,8 @@
 
 Both work on the variance-preserving latents x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with
 an eps model `eps(x_t, t)`, over CompVis' uniform DDIM grid (see `schedules.ddim_timesteps`).
-Steps are given in sampling order (noisiest first).
+Steps are given in sampling order (noisiest first); `callback(i, x, x0)` after step i gets the
+x0 predicted from the eps the step used (PLMS: the Adams-Bashforth combination).
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ def ddim_grid(schedule: DiscreteSchedule, steps: int, eta: float) -> list[DDIMSt
     return grid
 
 
-def ddim_update(x: Tensor, eps: Tensor, step: DDIMStep, noise: Noise | None) -> Tensor:
-    """x_t -> x_prev by Song et al. (2021) eq. 12 (CompVis `get_x_prev_and_pred_x0`)."""
+def ddim_update(x: Tensor, eps: Tensor, step: DDIMStep, noise: Noise | None) -> tuple[Tensor, Tensor]:
+    """x_t -> (x_prev, predicted x0) by Song et al. (2021) eq. 12 (CompVis `get_x_prev_and_pred_x0`)."""
     x0 = (x - math.sqrt(1 - step.alpha) * eps) / math.sqrt(step.alpha)
     direction = math.sqrt(max(1 - step.alpha_prev - step.sigma**2, 0.0)) * eps
     x_prev = math.sqrt(step.alpha_prev) * x0 + direction
     if step.sigma > 0 and noise is not None:
         x_prev = x_prev + step.sigma * noise()
-    return x_prev
+    return x_prev, x0
 
 
 def sample_ddim(
@@ -58,9 +59,9 @@ def sample_ddim(
 ) -> Tensor:
     """DDIM (Song et al. 2021): one eps evaluation per step, eta noise from `noise()`."""
     for i, step in enumerate(steps):
-        x = ddim_update(x, eps(x, step.t), step, noise)
+        x, x0 = ddim_update(x, eps(x, step.t), step, noise)
         if callback is not None:
-            callback(i + 1)
+            callback(i + 1, x, x0)
     return x
 
 
@@ -81,13 +82,13 @@ def sample_plms(
     for i, step in enumerate(steps):
         e_t = eps(x, step.t)
         if not old:
-            x_next = ddim_update(x, e_t, step, None)
+            x_next, _ = ddim_update(x, e_t, step, None)
             e_prime = (e_t + eps(x_next, steps[min(i + 1, len(steps) - 1)].t)) / 2
         else:
             weights = _ADAMS_BASHFORTH[len(old)]
             e_prime = sum(w * e for w, e in zip(weights, [e_t] + old))
-        x = ddim_update(x, e_prime, step, None)
+        x, x0 = ddim_update(x, e_prime, step, None)
         old = [e_t] + old[:2]
         if callback is not None:
-            callback(i + 1)
+            callback(i + 1, x, x0)
     return x

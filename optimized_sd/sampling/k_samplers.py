@@ -3,8 +3,9 @@
 x is the variance-exploding state x0 + sigma * eps (Karras et al. 2022), held in float32; sigmas
 are Python floats from high to low ending in 0. Every sampler has the signature
 `sampler(denoise, x, sigmas, noise, callback) -> x`, where `noise()` returns a fresh N(0, I)
-draw shaped like x (only the ancestral/SDE samplers call it) and `callback(i)` is told after
-each completed step i (1-based).
+draw shaped like x (only the ancestral/SDE samplers call it) and `callback(i, x, x0)` is told after
+each completed step i (1-based) the new x and the denoised estimate x0 that step moved towards (the
+first D evaluation of the step, as k-diffusion's callback).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 
 Denoiser = Callable[[Tensor, float], Tensor]
 Noise = Callable[[], Tensor]
-StepCallback = Callable[[int], None] | None
+StepCallback = Callable[[int, Tensor, Tensor], None] | None
 Move = Callable[[Denoiser, Tensor, float, float, Tensor], Tensor]
 
 
@@ -73,11 +74,12 @@ def _single_step(move: Move, ancestral: bool) -> Callable[..., Tensor]:
         for i in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             down, up = ancestral_split(sigma, sigma_next) if ancestral else (sigma_next, 0.0)
-            x = move(denoise, x, sigma, down, denoise(x, sigma))
+            x0 = denoise(x, sigma)
+            x = move(denoise, x, sigma, down, x0)
             if up > 0:
                 x = x + noise() * up
             if callback is not None:
-                callback(i + 1)
+                callback(i + 1, x, x0)
         return x
 
     return sampler
@@ -121,11 +123,12 @@ def sample_lms(
     """Linear multistep (Adams-Bashforth in sigma) over the last `order` derivatives (k-diffusion)."""
     history: list[Tensor] = []  # newest first
     for i in range(len(sigmas) - 1):
-        history = [_derivative(x, sigmas[i], denoise(x, sigmas[i]))] + history[: order - 1]
+        x0 = denoise(x, sigmas[i])
+        history = [_derivative(x, sigmas[i], x0)] + history[: order - 1]
         coeffs = lms_coefficients(sigmas, i, len(history))
         x = x + sum(c * d for c, d in zip(coeffs, history))
         if callback is not None:
-            callback(i + 1)
+            callback(i + 1, x, x0)
     return x
 
 
@@ -152,7 +155,7 @@ def _dpmpp_2m(
             h_last = h
         old_x0 = x0
         if callback is not None:
-            callback(i + 1)
+            callback(i + 1, x, x0)
     return x
 
 
@@ -187,5 +190,5 @@ def sample_dpmpp_sde(
             down, up = ancestral_split(sigma, sigma_next)
             x = (down / sigma) * x + (1 - down / sigma) * x0_mid + noise() * up
         if callback is not None:
-            callback(i + 1)
+            callback(i + 1, x, x0)
     return x

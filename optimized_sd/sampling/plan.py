@@ -76,6 +76,22 @@ DEFAULT_SCHEDULE_TYPE = "linspace"
 
 
 @dataclass(frozen=True, eq=False)
+class StepInfo:
+    """What a `sample` progress callback is told: before the first step (step 0, denoised None) and
+    after each step. `x` is the sampler's float32 state after the step (DDIM/PLMS: the
+    variance-preserving latents; k-samplers: x0 + sigma * noise) and may be updated in place (per-step
+    mask blending); `denoised` is the x0 estimate that step moved towards (for previews)."""
+
+    step: int
+    total: int
+    x: Tensor
+    denoised: Tensor | None
+
+
+ProgressCallback = Callable[[StepInfo], None]
+
+
+@dataclass(frozen=True, eq=False)
 class SamplingPlan:
     """What `sample` will run: for k-samplers the sigmas walked (start ... 0), for DDIM/PLMS the
     grid steps in sampling order and the level img2img noises the init latents to."""
@@ -210,12 +226,14 @@ def sample(
     eps_model: Callable[[Tensor, Tensor], Tensor],
     x: Tensor,
     generators: Sequence[torch.Generator],
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Tensor:
     """Run the plan from `x` (from `start_latents`) and return the clean latents in x's dtype.
 
     `eps_model(x_in, t)` gets x_in in x's dtype and t as float32 [B]. The sampler state is kept
     in float32 whatever x's dtype, so fp16 models do not accumulate rounding over the steps.
+    `progress(StepInfo)` is called before the first step and after each; whatever it raises
+    (e.g. `errors.Interrupted`) stops sampling there and propagates.
     """
     if len(generators) != x.shape[0]:
         raise ValueError(f"need one generator per image: {len(generators)} for a batch of {x.shape[0]}")
@@ -229,10 +247,14 @@ def sample(
         return eps_model(x_in.to(dtype), t_in).float()
 
     noise = _per_image_noise(generators, x)
-    callback = (lambda i: progress(i, total)) if progress is not None else None
-    if callback is not None:
-        callback(0)  # the clock starts before the first step, so a progress bar times that step too
     state = x.float()
+    callback = None
+    if progress is not None:
+
+        def callback(i: int, x_now: Tensor, denoised: Tensor) -> None:
+            progress(StepInfo(i, total, x_now, denoised))
+
+        progress(StepInfo(0, total, state, None))  # before the first step, so a progress bar times that step too
     if plan.sampler in _COMPVIS:
         out = _COMPVIS[plan.sampler](eps, state, plan.ddim_steps, noise, callback)
     else:

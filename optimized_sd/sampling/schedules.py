@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+import torch
+from torch import Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +56,18 @@ class DiscreteSchedule:
         low = min(max(low, 0), ls.shape[0] - 2)
         w = (ls[low] - log_sigma) / (ls[low] - ls[low + 1])
         return low + min(max(float(w), 0.0), 1.0)
+
+    def alphas_cumprod_at(self, t: Tensor) -> Tensor:
+        """abar at (fractional) timesteps t, log sigma interpolated linearly: the exact inverse of
+        `sigma_to_t`, so a k-sampler's sigma gives back its own abar = 1 / (sigma^2 + 1), and a
+        whole t gives abar_t. Float64 where the device has it."""
+        dtype = torch.float32 if t.device.type == "mps" else torch.float64
+        log_sigmas = torch.as_tensor(self.log_sigmas, dtype=dtype, device=t.device)
+        t = t.to(dtype).clamp(0, self.num_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_timesteps - 2)
+        weight = t - low
+        log_sigma = log_sigmas[low] * (1 - weight) + log_sigmas[low + 1] * weight
+        return torch.sigmoid(-2 * log_sigma)  # 1 / (1 + sigma^2)
 
     def t_to_sigma(self, t: np.ndarray) -> np.ndarray:
         """Sigma at (fractional) timesteps by linear interpolation in sigma (diffusers' `np.interp`)."""

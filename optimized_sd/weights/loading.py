@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from optimized_sd.config import ModelConfig
 from optimized_sd.errors import CheckpointError
+from optimized_sd.tensor_swap import set_tensor
 from optimized_sd.weights.ckpt import load_ckpt, looks_like_safetensors, state_dict_from_ckpt
 from optimized_sd.weights.diffusers_folder import (
     DiffusersFolder,
@@ -250,14 +251,3 @@ def materialize(
         set_tensor(module, name, value)
         placed += value.numel() * value.element_size()
     return placed
-
-
-def set_tensor(module: nn.Module, dotted: str, value: Tensor) -> None:
-    """Swap a parameter or buffer for another tensor (no autograd: inference only)."""
-    *path, leaf = dotted.split(".")
-    owner = module.get_submodule(".".join(path)) if path else module
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    else:
-        owner._buffers[leaf] = value
-

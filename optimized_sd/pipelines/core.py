@@ -1,0 +1,310 @@
+"""The steps every task shares, and `run_task`, which composes them:
+
+    prompts -> Conditioning -> (task: start latents, model wrapper) -> denoiser chain -> sampler
+            -> latents -> VAE decode -> images + metadata
+
+Each step that computes runs as a stage of `pipe.memory` (which decides where the weights are and
+retries a stage after running out of memory). A task (txt2img, img2img, next inpainting) supplies
+only what differs: how its request is normalised, its sampling strength, the latents the sampler
+starts from and, optionally, a wrapper around the UNet call (inpainting's mask/image concat)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from optimized_sd.attention import use_attention
+from optimized_sd.memory.planner import VAE_TILE_OVERLAP, Request
+from optimized_sd.memory.report import StageRecord
+from optimized_sd.memory.tiling import tiled_apply
+from optimized_sd.models.vae import AutoencoderKL
+from optimized_sd.pipelines.images import image_to_tensor, tensor_to_image
+from optimized_sd.pipelines.networks import (
+    PromptNetworks,
+    clip_prompt_tokens,
+    encode_prompts,
+    lora_weights,
+    quoted_hashes,
+    resolve_networks,
+)
+from optimized_sd.pipelines.output import ImageParameters
+from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_request
+from optimized_sd.sampling import (
+    Conditioning,
+    Model,
+    ProgressCallback,
+    SamplingPlan,
+    classifier_free_guidance,
+    make_plan,
+    prediction_adapter,
+    sample,
+    sampler_display_name,
+    schedule_display_name,
+)
+from optimized_sd.weights.loading import materialize
+
+if TYPE_CHECKING:
+    from optimized_sd.pipelines.diffusion import StableDiffusion
+
+log = logging.getLogger("optimized_sd")
+
+
+class Task:
+    """What differs between tasks; the defaults are txt2img's."""
+
+    name = "txt2img"
+    encodes_image = False  # the planner reserves room for a VAE encode
+
+    def normalise(self, request: GenerationRequest) -> GenerationRequest:
+        """The request as this task runs it (img2img: the init image's size)."""
+        return request
+
+    def strength(self, request: GenerationRequest) -> float:
+        """How much of the schedule runs (1: all of it, from pure noise)."""
+        return 1.0
+
+    def start_latents(self, pipe: StableDiffusion, request: GenerationRequest, plan: SamplingPlan, noise: Tensor, tiled: bool) -> Tensor:
+        """The x the sampler starts from, given per-image seeded noise (B, C, h, w) on the device."""
+        raise NotImplementedError
+
+    def wrap_model(self, model: Model) -> Model:
+        """A wrapper around the UNet call, inside guidance (inpainting concatenates mask and image latents)."""
+        return model
+
+    def metadata_strength(self, request: GenerationRequest) -> float | None:
+        """The `Denoising strength` written into the images' metadata, when the task has one."""
+        return None
+
+
+# -- prompt -> Conditioning -------------------------------------------------------------------
+
+
+def encode_conditioning(
+    pipe: StableDiffusion, request: GenerationRequest, networks: PromptNetworks
+) -> tuple[Conditioning, Conditioning | None, dict[str, Path]]:
+    """(cond, uncond, embeddings used) for the batch, uncond None when guidance is off: AUTOMATIC1111's
+    emphasis and 75-token chunks, optimizedSD's weighted subprompts, embeddings by name; every prompt
+    padded with the empty prompt to the same number of chunks. Each distinct prompt is encoded once."""
+
+    def work(record: StageRecord) -> tuple[Conditioning, Conditioning | None, dict[str, Path]]:
+        negative = networks.negative_prompt if request.guided else None
+        tokens = clip_prompt_tokens(pipe.tokenizer.tokenizer)
+        text = encode_prompts(pipe.model.cond_stage_model, tokens, pipe.embeddings, networks.prompts, negative, pipe.device)
+        cond = Conditioning(text.cond.to(pipe.dtype))
+        uncond = None if text.uncond is None else Conditioning(text.uncond.to(pipe.dtype)).repeat(len(request.prompts))
+        return cond, uncond, text.embeddings
+
+    return pipe.memory.run_stage("text", work)
+
+
+# -- latents ----------------------------------------------------------------------------------
+
+
+def seeds_for(request: GenerationRequest) -> list[int]:
+    """Image i of the batch uses seed + i; a random first seed when none is given."""
+    seed = request.seed if request.seed is not None else random.randint(0, 2**32 - 1)
+    return [seed + i for i in range(len(request.prompts))]
+
+
+def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """(B, *shape) float32 N(0, I), image i drawn on the CPU from its own seed: the same on any device."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]).to(device)
+
+
+def apply_vae(pipe: StableDiffusion, fn: Callable[[Tensor], Tensor], x: Tensor, tiled: bool, scale: float) -> Tensor:
+    """Run a VAE half whole, or in overlapping tiles of `pipe.vae_tile` pixels blended together."""
+    if not tiled:
+        return fn(x)
+    downscale = pipe.config.vae.downscale
+    tile = pipe.vae_tile if scale < 1 else pipe.vae_tile // downscale
+    overlap = VAE_TILE_OVERLAP if scale < 1 else VAE_TILE_OVERLAP // downscale
+    return tiled_apply(fn, x, tile=tile, overlap=overlap, scale=scale)
+
+
+def encode_image(pipe: StableDiffusion, image: Image.Image, batch: int, tiled: bool) -> Tensor:
+    """Init image -> scaled latents (batch, C, h, w), float32, one VAE encode shared by the batch."""
+    pixels = image_to_tensor(image).to(pipe.device, pipe.dtype)
+
+    def work(record: StageRecord) -> Tensor:
+        vae = pipe.model.first_stage_model
+        return apply_vae(pipe, vae.encode, pixels, tiled, scale=1 / pipe.config.vae.downscale).float()
+
+    latents = pipe.memory.run_stage("vae_encode", work) * pipe.config.scale_factor
+    return latents.expand(batch, -1, -1, -1)
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+
+def unet_model(pipe: StableDiffusion, record: StageRecord) -> Model:
+    """The UNet as a `Model`: x in the compute dtype, float32 out, `y` passed only when the
+    conditioning has one. Counts its calls into the stage record (`steps`: UNet evaluations)."""
+    unet = pipe.model.model.diffusion_model
+
+    def call(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        record.steps += 1
+        x_in, t_in = x.to(pipe.dtype), t.to(pipe.device, torch.float32)
+        if cond.y is None:
+            return unet(x_in, t_in, cond.context).float()
+        return unet(x_in, t_in, cond.context, y=cond.y).float()
+
+    return call
+
+
+def denoise(
+    pipe: StableDiffusion,
+    task: Task,
+    request: GenerationRequest,
+    plan: SamplingPlan,
+    x: Tensor,
+    conditioning: tuple[Conditioning, Conditioning | None],
+    seeds: list[int],
+    progress: ProgressCallback | None,
+) -> Tensor:
+    """Run the sampler over CFG(prediction adapter(task wrapper(UNet))) as the `unet` stage."""
+    if not plan.num_steps:
+        return x
+    cond, uncond = conditioning
+    prediction_type = pipe.config.prediction_type
+
+    def work(record: StageRecord) -> Tensor:
+        model = prediction_adapter(task.wrap_model(unet_model(pipe, record)), prediction_type, pipe.schedule)
+        eps = classifier_free_guidance(model, cond, uncond, request.scale)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return sample(plan, eps, x, generators, progress)
+
+    return pipe.memory.run_stage("unet", work)
+
+
+# -- latents -> images --------------------------------------------------------------------------
+
+
+class VaeDecoder:
+    """Scaled latents -> pixels for one decode stage. A non-finite fp16/bf16 result is decoded again
+    in float32 with a copy of the decoder built at the first overflow and shared by the rest of the
+    batch; it is dropped with this object, so a long-lived pipeline holds no second decoder."""
+
+    def __init__(self, pipe: StableDiffusion, tiled: bool) -> None:
+        self.pipe = pipe
+        self.tiled = tiled
+        self.fp32: AutoencoderKL | None = None
+
+    def __call__(self, latent: Tensor) -> Tensor:
+        """(1, C, h, w) scaled latent -> (1, 3, H, W) pixels in about [-1, 1]."""
+        pipe = self.pipe
+        z = (latent / pipe.config.scale_factor).to(pipe.dtype)
+        pixels = apply_vae(pipe, pipe.model.first_stage_model.decode, z, self.tiled, scale=pipe.config.vae.downscale)
+        if not torch.isfinite(pixels).all() and pipe.dtype != torch.float32:
+            log.warning("the VAE gave NaN/inf in %s; decoding this image again in fp32", str(pipe.dtype).split(".")[-1])
+            pixels = apply_vae(pipe, self.fp32_decoder().decode, z.float(), self.tiled, scale=pipe.config.vae.downscale)
+        return pixels
+
+    def fp32_decoder(self) -> AutoencoderKL:
+        if self.fp32 is None:
+            with torch.device("meta"):
+                vae = AutoencoderKL(self.pipe.config.vae)
+            for name in ("post_quant_conv", "decoder"):
+                materialize(vae.get_submodule(name), f"first_stage_model.{name}.", self.pipe.loaded.source, self.pipe.device, torch.float32)
+            self.fp32 = vae
+        return self.fp32
+
+
+def decode_images(pipe: StableDiffusion, latents: Tensor, tiled: bool) -> list[Image.Image]:
+    """Latents (B, C, h, w) -> B images, decoded one at a time as the `vae_decode` stage."""
+
+    def work(record: StageRecord) -> list[Image.Image]:
+        decode = VaeDecoder(pipe, tiled)
+        return [tensor_to_image(decode(latents[i : i + 1])) for i in range(latents.shape[0])]
+
+    return pipe.memory.run_stage("vae_decode", work)
+
+
+def image_parameters(
+    pipe: StableDiffusion,
+    task: Task,
+    request: GenerationRequest,
+    seeds: list[int],
+    plan: SamplingPlan,
+    loras: Mapping[Path, float],
+    embeddings: Mapping[str, Path],
+) -> list[ImageParameters]:
+    """What made each image, as AUTOMATIC1111's metadata (prompts as written, LoRA tags included)."""
+    display = sampler_display_name(request.sampler, plan.karras)
+    extra = []
+    if plan.schedule_type not in ("", "linspace"):  # linspace is diffusers' grid, which AUTOMATIC1111 has no name for
+        extra.append(("Schedule type", schedule_display_name(plan.schedule_type)))
+    lora_hashes = quoted_hashes({path.stem: path for path in loras}, lora=True)
+    hashes = (("Lora hashes", lora_hashes), ("TI hashes", quoted_hashes(embeddings, lora=False)))
+    extra += [(name, value) for name, value in hashes if value]
+    return [
+        ImageParameters(
+            prompt=prompt,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            sampler=display,
+            cfg_scale=request.scale,
+            seed=seed,
+            width=request.width,
+            height=request.height,
+            model_hash=pipe.model_hash(),
+            model_name=pipe.loaded.checkpoint.name,
+            strength=task.metadata_strength(request),
+            extra=tuple(extra),
+        )
+        for prompt, seed in zip(request.prompts, seeds)
+    ]
+
+
+# -- the composition ----------------------------------------------------------------------------
+
+
+def planner_request(pipe: StableDiffusion, task: Task, request: GenerationRequest) -> Request:
+    """What the memory planner needs to know of a call."""
+    return Request(
+        request.height,
+        request.width,
+        batch=len(request.prompts),
+        guidance=request.guided,
+        unet_batch=request.unet_batch,
+        dtype_bytes=pipe.dtype.itemsize,
+        encodes_image=task.encodes_image,
+    )
+
+
+def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+    """One batch: validate, plan memory, text -> start latents -> sampling -> decode -> metadata.
+    An exception from `progress` (e.g. `errors.Interrupted`) leaves the running stage, which
+    releases that stage's weights, and propagates."""
+    request = task.normalise(request)
+    check_request(request, pipe.config)
+    plan = make_plan(
+        request.sampler,
+        request.steps,
+        strength=task.strength(request),
+        eta=request.eta,
+        karras=request.karras,
+        schedule=pipe.schedule,
+        schedule_type=request.schedule,
+    )
+    networks = resolve_networks(request.prompts, request.negative_prompt, lora_weights(request.loras), pipe.lora_dir)
+    seeds = seeds_for(request)
+    # One attention scope per call: a backend fallback is reported once per call, not per layer or per process.
+    with use_attention(pipe.memory.attention):
+        pipe.use_loras(networks.loras)  # before placement, so the weights are placed (and patched) once
+        tiled = pipe.memory.prepare(planner_request(pipe, task, request)).vae_tiling
+        cond, uncond, embeddings = encode_conditioning(pipe, request, networks)
+        conditioning = (cond, uncond)
+        latent_shape = (request.latent_channels, request.height // request.downscale, request.width // request.downscale)
+        noise = seeded_noise(seeds, latent_shape, pipe.device)
+        x = task.start_latents(pipe, request, plan, noise, tiled)
+        latents = denoise(pipe, task, request, plan, x, conditioning, seeds, progress)
+        images = decode_images(pipe, latents, tiled)
+    parameters = image_parameters(pipe, task, request, seeds, plan, networks.loras, embeddings)
+    return GenerationResult(images, seeds, parameters, latents)

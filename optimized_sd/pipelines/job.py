@@ -1,0 +1,223 @@
+"""A typed job: what the CLI, a web server, an API or a batch driver asks for (prompts, seeds,
+sampling options, output policy), checked without the model, then run batch by batch.
+
+Nothing here imports click or tqdm: callers bring their own progress display through `progress`."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from optimized_sd.errors import UserError
+from optimized_sd.memory.planner import format_bytes
+from optimized_sd.pipelines.diffusion import GenerationRequest, StableDiffusion
+from optimized_sd.pipelines.images import load_init_image
+from optimized_sd.pipelines.networks import lora_weights
+from optimized_sd.pipelines.output import ImageParameters, encode, ensure_writable, make_grid, prompt_folder, save_image, write_new
+from optimized_sd.pipelines.prompts import read_prompt_file
+from optimized_sd.pipelines.request import check_size
+from optimized_sd.sampling import StepInfo, make_plan
+
+IMAGE_FORMATS = ("png", "jpg")
+
+
+@dataclass(frozen=True)
+class OutputPolicy:
+    """Where and how a job's images are written (optimizedSD's layout: `outdir/<prompt>/seed_<seed>_<n>.<fmt>`
+    plus `outdir/grid_<n>.<fmt>`); `report_json` receives the per-stage time and memory report."""
+
+    outdir: Path
+    fmt: str = "png"
+    skip_save: bool = False
+    skip_grid: bool = False
+    n_rows: int = 0  # images per grid row; 0: n_samples
+    report_json: Path | None = None
+
+    @property
+    def writes_images(self) -> bool:
+        return not (self.skip_save and self.skip_grid)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One user request: `prompts` (each repeated `n_samples` times and cut into batches of
+    `n_samples`), or the prompts of `prompt_file` (one per line) instead; `n_iter` passes over them.
+    Image i of a batch uses seed + i and the seed moves on by the batch size unless `fixed_code`.
+    `init_image` (a path or a PIL image) makes it img2img; height/width None: 512 for txt2img,
+    the init image's size floored to 64 for img2img."""
+
+    prompts: tuple[str, ...] = ()
+    prompt_file: Path | None = None
+    negative_prompt: str = ""
+    seed: int | None = None
+    n_samples: int = 1
+    n_iter: int = 1
+    fixed_code: bool = False
+    steps: int = 50
+    scale: float = 7.5
+    eta: float = 0.0
+    sampler: str = "plms"
+    karras: bool = False
+    schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
+    loras: tuple[str, ...] = ()  # 'FILE' or 'FILE:WEIGHT', besides the <lora:NAME:WEIGHT> tags in prompts
+    height: int | None = None
+    width: int | None = None
+    latent_channels: int = 4
+    downscale: int = 8
+    unet_batch: int | None = None
+    init_image: Path | Image.Image | None = None
+    strength: float = 0.75
+    output: OutputPolicy = field(default_factory=lambda: OutputPolicy(Path("outputs")))
+
+    def validate(self) -> None:
+        """Everything that can be checked without the model, so a mistake costs no loading time."""
+        if not self.prompts and self.prompt_file is None:
+            raise UserError("no prompt given")
+        if self.prompts and self.prompt_file is not None:
+            raise UserError("give prompts or a prompt file, not both")
+        for name in ("n_samples", "n_iter"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
+        if self.unet_batch is not None and self.unet_batch < 1:
+            raise UserError("--unet_bs must be at least 1")
+        if self.output.n_rows < 0:
+            raise UserError("--n_rows must be 0 (one row per batch) or more")
+        if self.output.fmt not in IMAGE_FORMATS:
+            raise UserError(f"unknown --format {self.output.fmt!r}; use png or jpg")
+        if self.height is not None and self.width is not None:
+            check_size(self.height, self.width)
+        elif self.height is not None or self.width is not None:
+            given = self.height if self.height is not None else self.width
+            check_size(given, given)
+        strength = self.strength if self.init_image is not None else 1.0
+        make_plan(self.sampler, self.steps, strength=strength, eta=self.eta, karras=self.karras, schedule_type=self.schedule)
+        for path in lora_weights(self.loras):
+            if not path.is_file():
+                raise UserError(f"--lora {path}: no such file")
+
+    def batches(self) -> list[list[str]]:
+        """Prompt batches of n_samples: each prompt repeated and chunked (CompVis order;
+        optimizedSD's sorting is dropped so batch i follows line i)."""
+        prompts = list(self.prompts) if self.prompt_file is None else read_prompt_file(self.prompt_file)
+        repeated = [p for p in prompts for _ in range(self.n_samples)]
+        return [repeated[i : i + self.n_samples] for i in range(0, len(repeated), self.n_samples)]
+
+    def request(self, prompts: list[str], seed: int, init_image: Image.Image | None) -> GenerationRequest:
+        """The pipeline call for one batch."""
+        return GenerationRequest(
+            prompts=prompts,
+            negative_prompt=self.negative_prompt,
+            steps=self.steps,
+            scale=self.scale,
+            eta=self.eta,
+            sampler=self.sampler,
+            karras=self.karras,
+            schedule=self.schedule,
+            loras=self.loras,
+            seed=seed,
+            height=self.height or 512,
+            width=self.width or 512,
+            latent_channels=self.latent_channels,
+            downscale=self.downscale,
+            unet_batch=self.unet_batch,
+            init_image=init_image,
+            strength=self.strength,
+        )
+
+
+@dataclass(frozen=True)
+class JobStep:
+    """What a job's progress callback is told: which batch, and the sampler's step within it."""
+
+    batch: int  # 0-based, over n_iter passes of the prompt batches
+    batches: int
+    request: GenerationRequest
+    info: StepInfo
+
+
+@dataclass
+class JobResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    parameters: list[ImageParameters]
+    written: list[Path]  # image and grid files, in writing order
+    first_seed: int
+    pipeline: StableDiffusion  # the pipeline that ran it (a caller that passed a loader may keep it)
+
+
+def memory_mode(memory: str, turbo: bool) -> str:
+    """optimizedSD's `--turbo` is `--memory turbo`; both given must agree."""
+    if turbo and memory not in ("auto", "turbo"):
+        raise UserError(f"--turbo and --memory {memory} disagree; give one of them")
+    return "turbo" if turbo else memory
+
+
+def run_job(
+    pipe: StableDiffusion | Callable[[], StableDiffusion],
+    job: Job,
+    progress: Callable[[JobStep], None] | None = None,
+) -> JobResult:
+    """Check the job, then generate every batch and write what the output policy asks for.
+
+    `pipe` may be a loader, called only after every check that needs no model has passed (prompt
+    file read, init image opened, output folder writable), so a mistake costs no loading time.
+    An exception from `progress` (e.g. `errors.Interrupted`) stops the job; files already written stay."""
+    job.validate()
+    prompt_batches = job.batches()
+    init_image = job.init_image
+    if init_image is not None and not isinstance(init_image, Image.Image):
+        init_image = load_init_image(init_image, job.height, job.width)
+    policy = job.output
+    if policy.writes_images:
+        ensure_writable(policy.outdir)
+    if not isinstance(pipe, StableDiffusion):
+        pipe = pipe()
+    seed = job.seed if job.seed is not None else random.randint(0, 2**32 - 1)
+    first_seed = seed
+    images: list[Image.Image] = []
+    seeds: list[int] = []
+    parameters: list[ImageParameters] = []
+    written: list[Path] = []
+    grid_text = ""  # the grid carries the metadata of the last batch's first image
+    total = job.n_iter * len(prompt_batches)
+    for index in range(total):
+        request = job.request(prompt_batches[index % len(prompt_batches)], seed, init_image)
+        callback = None
+        if progress is not None:
+
+            def callback(info: StepInfo, index: int = index, request: GenerationRequest = request) -> None:
+                progress(JobStep(index, total, request, info))
+
+        result = pipe.generate(request, callback)
+        for image, used_seed, image_parameters, prompt in zip(result.images, result.seeds, result.parameters, request.prompts):
+            if not policy.skip_save:
+                folder = prompt_folder(policy.outdir, prompt)
+                folder.mkdir(parents=True, exist_ok=True)
+                written.append(save_image(image, folder, used_seed, policy.fmt, image_parameters))
+        images.extend(result.images)
+        seeds.extend(result.seeds)
+        parameters.extend(result.parameters)
+        grid_text = result.parameters[0].text()
+        if not job.fixed_code:
+            seed += len(request.prompts)
+    if not policy.skip_grid and len(images) > 1:
+        grid = make_grid(images, policy.n_rows or job.n_samples)
+        data = encode(grid, policy.fmt, grid_text)
+        written.append(write_new(policy.outdir, "grid", policy.fmt, data, 0))
+    if policy.report_json is not None:
+        pipe.meter.write_json(policy.report_json, {"mode": pipe.mode, "plan": pipe.plan.__dict__ if pipe.plan else None})
+    return JobResult(images, seeds, parameters, written, first_seed, pipe)
+
+
+def describe_memory(pipe: StableDiffusion) -> str:
+    """'<mode> [copying up to N of blocks ahead] on <device>': how the last call ran."""
+    ahead = pipe.engine.lookahead_bytes if pipe.engine is not None and pipe.engine.prefetch_enabled else 0
+    mode = f"{pipe.mode} (copying up to {format_bytes(ahead)} of blocks ahead)" if ahead else pipe.mode
+    return f"{mode} on {pipe.device}"
+
+
+__all__ = ["Job", "JobResult", "JobStep", "OutputPolicy", "describe_memory", "memory_mode", "run_job"]
