@@ -18,6 +18,7 @@ from optimized_sd.memory.planner import ModelFootprint, Request, fallback, plan_
 from optimized_sd.models import ops, slabs
 from optimized_sd.models.layers import group_norm
 from optimized_sd.models.runtime import RunOptions, run_options, use_run_options
+from optimized_sd.pipelines.core import encode_prompt
 from optimized_sd.pipelines.diffusion import GenerationRequest
 from optimized_sd.pipelines.placement import UNET, unet_blocks, unet_halves
 
@@ -202,7 +203,7 @@ def test_close_lets_go_of_every_tensor(tiny_model):
     plan = pipe.prepare(request())
     pipe.memory.place(dataclasses.replace(plan, host="cpu"))  # host copies, packed per group
     engine = pipe.engine
-    text = pipe.memory.run_stage("text", lambda record: pipe.encode_prompt("a red cube"))
+    text = pipe.memory.run_stage("text", lambda record: encode_prompt(pipe, "a red cube"))
     assert torch.isfinite(text).all()
     assert engine.held_tensors() and any(group.packed_host is not None for group in engine.groups.values())
     pipe.close()

@@ -86,6 +86,14 @@ class Task:
 # -- prompt -> Conditioning -------------------------------------------------------------------
 
 
+def encode_prompt(pipe: StableDiffusion, prompt: str) -> Tensor:
+    """(1, 77 * chunks, C) context of one prompt (LoRA tags already removed), in the compute dtype; call it
+    inside the text stage."""
+    tokens = clip_prompt_tokens(pipe.tokenizer.tokenizer)
+    text = encode_prompts(pipe.model.cond_stage_model, tokens, pipe.embeddings, [prompt], None, pipe.device)
+    return text.cond.to(pipe.dtype)
+
+
 def encode_conditioning(
     pipe: StableDiffusion, request: GenerationRequest, networks: PromptNetworks
 ) -> tuple[Conditioning, Conditioning | None, dict[str, Path]]:
