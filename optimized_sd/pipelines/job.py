@@ -18,6 +18,7 @@ from optimized_sd.memory.planner import format_bytes
 from optimized_sd.pipelines.diffusion import GenerationRequest, StableDiffusion
 from optimized_sd.pipelines.images import load_init_image, open_image
 from optimized_sd.pipelines.masks import InpaintOptions, prepare_region
+from optimized_sd.pipelines.networks import lora_weights
 from optimized_sd.pipelines.output import (
     ImageParameters,
     check_output_folder,
@@ -28,8 +29,9 @@ from optimized_sd.pipelines.output import (
     save_image,
     write_report,
 )
-from optimized_sd.pipelines.prompts import prompt_mix, read_prompt_file
+from optimized_sd.pipelines.prompts import read_prompt_file
 from optimized_sd.pipelines.request import check_numbers, check_seeds, check_size
+from optimized_sd.prompts.syntax import subprompt_mix
 from optimized_sd.sampling import StepInfo, make_plan
 
 IMAGE_FORMATS = ("png", "jpg")
@@ -73,6 +75,8 @@ class Job:
     eta: float = 0.0
     sampler: str = "plms"
     karras: bool = False
+    schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
+    loras: tuple[str, ...] = ()  # 'FILE' or 'FILE:WEIGHT', besides the <lora:NAME:WEIGHT> tags in prompts
     height: int | None = None
     width: int | None = None
     latent_channels: int = 4
@@ -99,7 +103,7 @@ class Job:
             if value < 1:
                 raise UserError(f"{flag} {value} must be at least 1")
         check_numbers(scale=self.scale, ddim_eta=self.eta, strength=self.strength)
-        prompt_mix(self.negative_prompt)
+        subprompt_mix(self.negative_prompt)
         if self.output.n_rows < 0:
             raise UserError("--n_rows must be 0 (one row per batch) or more")
         if self.output.fmt not in IMAGE_FORMATS:
@@ -114,7 +118,10 @@ class Job:
                 raise UserError("inpainting needs an init image (--init-img)")
             self.inpaint.check()
         strength = self.strength if self.init_image is not None else 1.0
-        make_plan(self.sampler, self.steps, strength=strength, eta=self.eta, karras=self.karras)
+        make_plan(self.sampler, self.steps, strength=strength, eta=self.eta, karras=self.karras, schedule_type=self.schedule)
+        for path in lora_weights(self.loras):
+            if not path.is_file():
+                raise UserError(f"--lora {path}: no such file")
         if self.output.report_json is not None:
             check_report_path(self.output.report_json)
 
@@ -123,7 +130,7 @@ class Job:
         not created: nothing is written before the model has run)."""
         prompts = list(dict.fromkeys(p for batch in batches for p in batch))
         for prompt in prompts:
-            prompt_mix(prompt)
+            subprompt_mix(prompt)
         images = self.n_samples if self.fixed_code else self.n_iter * sum(len(batch) for batch in batches)
         check_seeds(self.seed, images)
         policy = self.output
@@ -153,6 +160,8 @@ class Job:
             eta=self.eta,
             sampler=self.sampler,
             karras=self.karras,
+            schedule=self.schedule,
+            loras=self.loras,
             seed=seed,
             height=self.height or default_height,  # None: the model family's size (the pipeline decides)
             width=self.width or default_width,
