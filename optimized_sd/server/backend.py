@@ -250,7 +250,8 @@ class Backend:
         budget = spec.vram_budget or self.options.vram_budget
         session.budget = parse_bytes(budget) if budget else None
 
-    def prepare_init_image(self, spec: GenerationSpec) -> tuple[Image.Image | None, InpaintOptions | None]:
+    @staticmethod
+    def prepare_init_image(spec: GenerationSpec) -> tuple[Image.Image | None, InpaintOptions | None]:
         """The init image as RGB, and the inpainting options when the spec has a mask.
 
         As AUTOMATIC1111: img2img and whole-picture inpainting resize the image (and the mask with it)

@@ -272,7 +272,7 @@ class WebUI:
             type="pil",
             image_mode="RGBA",
             sources=["upload", "clipboard"],
-            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+            brush=gr.Brush(default_size=8, colors=["#ffffff"], color_mode="fixed"),  # radius in image pixels ("auto" swamps small images)
             eraser=gr.Eraser(),
             layers=gr.LayerOptions(allow_additional_layers=False),
             transforms=(),

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 import pytest
 import torch
+from PIL import Image
 
 from optimized_sd.errors import Interrupted, UserError
 from optimized_sd.server.backend import FieldError, GenerationSpec, check_spec, resolve_sampler
@@ -120,6 +123,65 @@ def test_spec_checks_name_the_field(change, field):
     with pytest.raises(FieldError) as mistake:
         check_spec(GenerationSpec(**{"prompt": "x", "width": 64, "height": 64, **change}))
     assert mistake.value.field == field
+
+
+def test_inpaint_checks_name_the_field():
+    image = Image.new("RGB", (64, 64), "gray")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    base = {"prompt": "x", "width": 64, "height": 64, "init_image": image, "mask": mask, "inpainting_fill": 1}
+    check_spec(GenerationSpec(**base))
+    for change, field in (
+        ({"init_image": None}, "init_images"),
+        ({"mask": Image.new("L", (64, 64), 0)}, "mask"),
+        ({"mask": Image.new("RGBA", (64, 64), (255, 255, 255, 0))}, "mask"),  # transparent everywhere: the alpha is the mask
+        ({"mask": Image.new("L", (64, 64), 255), "invert_mask": True}, "mask"),
+        ({"inpainting_fill": 0}, "inpainting_fill"),
+        ({"mask_blur": -1}, "mask_blur"),
+        ({"inpaint_full_res_padding": -1}, "inpaint_full_res_padding"),
+    ):
+        with pytest.raises(FieldError) as mistake:
+            check_spec(GenerationSpec(**{**base, **change}))
+        assert mistake.value.field == field, change
+
+
+def test_backend_maps_automatic1111_inpaint_fields_and_sizes():
+    from optimized_sd.server.backend import Backend
+
+    image = Image.new("RGB", (96, 80), "gray")
+    mask = Image.new("L", (48, 40), 0)
+    mask.paste(255, (4, 4, 20, 20))
+    whole = GenerationSpec(prompt="x", width=64, height=64, init_image=image, mask=mask, mask_blur=3, invert_mask=True)
+    init, options = Backend.prepare_init_image(whole)
+    assert init.size == (64, 64) and options.mask.size == (64, 64)  # resized with the image ("just resize")
+    assert (options.area, options.mask_blur, options.invert_mask) == ("whole", 3.0, True)
+    masked = GenerationSpec(prompt="x", width=64, height=64, init_image=image, mask=mask, inpaint_full_res=True, inpaint_full_res_padding=12)
+    init, options = Backend.prepare_init_image(masked)
+    assert init.size == (96, 80) and options.mask.size == (96, 80)  # "only masked" keeps the image's size
+    assert (options.area, options.padding) == ("masked", 12)
+    assert Backend.prepare_init_image(GenerationSpec(prompt="x", width=64, height=64, init_image=image))[1] is None
+
+
+def test_the_drawn_layer_is_the_mask():
+    from optimized_sd.server.ui import drawn_mask, editor_image_and_mask
+
+    stroke = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    stroke.paste((255, 255, 255, 255), (4, 4, 12, 12))
+    faint = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    faint.paste((255, 0, 0, 100), (20, 20, 30, 30))  # under half opaque: not painted
+    faint.paste((255, 0, 0, 200), (0, 28, 4, 32))
+    mask = drawn_mask([stroke, faint], (32, 32))
+    assert mask.mode == "L" and np.unique(np.asarray(mask)).tolist() == [0, 255]
+    assert mask.getbbox() == (0, 4, 12, 32) and mask.getpixel((25, 25)) == 0 and mask.getpixel((2, 30)) == 255
+    assert drawn_mask([], (10, 8)).size == (10, 8)
+    background = Image.new("RGBA", (32, 32), (10, 20, 30, 255))
+    image, mask = editor_image_and_mask({"background": background, "layers": [stroke], "composite": None}, invert=False)
+    assert image.mode == "RGB" and mask.getbbox() == (4, 4, 12, 12)
+    with pytest.raises(UserError, match="upload one"):
+        editor_image_and_mask({"background": None, "layers": [], "composite": None}, invert=False)
+    with pytest.raises(UserError, match="nothing to repaint"):
+        editor_image_and_mask({"background": background, "layers": [], "composite": None}, invert=False)
+    assert editor_image_and_mask({"background": background, "layers": [], "composite": None}, invert=True)[1].getbbox() is None
 
 
 def test_preview_is_the_linear_latent_to_rgb_projection():
