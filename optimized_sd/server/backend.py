@@ -30,9 +30,8 @@ MEMORY_CHOICES = ("auto", *MODES)
 MAX_BATCH = 16
 MAX_SIDE = 4096
 SEED_LIMIT = 2**32  # seeds are drawn below this, as the CLI does
-# AUTOMATIC1111's `inpainting_fill` ("Masked content"): what the masked part starts from.
-MASKED_CONTENT = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
-SUPPORTED_FILLS = (1,)  # ours: the image under the mask, noised (diffusers' and CompVis' rule)
+# AUTOMATIC1111's `inpainting_fill` ("Masked content") values -> our `InpaintOptions.masked_content`.
+INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}
 
 
 class FieldError(UserError):
@@ -64,7 +63,7 @@ class GenerationSpec:
     strength: float = 0.75
     mask: Image.Image | None = None  # any mode `masks.load_mask` reads; white is repainted
     mask_blur: float = 4
-    inpainting_fill: int = 1  # see MASKED_CONTENT
+    inpainting_fill: int = 1  # see INPAINTING_FILL
     inpaint_full_res: bool = False  # True: "only masked" (InpaintOptions.area "masked")
     inpaint_full_res_padding: int = 32
     invert_mask: bool = False
@@ -167,11 +166,11 @@ def check_inpaint_fields(spec: GenerationSpec) -> None:
     if spec.mask_blur < 0:
         raise FieldError("mask_blur", f"mask_blur must be 0 or more pixels, got {spec.mask_blur}")
     if spec.inpaint_full_res_padding < 0:
-        raise FieldError("inpaint_full_res_padding", f"inpaint_full_res_padding must be 0 or more pixels, got {spec.inpaint_full_res_padding}")
-    if spec.inpainting_fill not in SUPPORTED_FILLS:
-        offered = ", ".join(f"{value} ({MASKED_CONTENT[value]})" for value in SUPPORTED_FILLS)
-        what = MASKED_CONTENT.get(spec.inpainting_fill, "unknown")
-        raise FieldError("inpainting_fill", f"inpainting_fill {spec.inpainting_fill} ({what}) is not offered by this server; use {offered}")
+        padding = spec.inpaint_full_res_padding
+        raise FieldError("inpaint_full_res_padding", f"inpaint_full_res_padding must be 0 or more pixels, got {padding}")
+    if spec.inpainting_fill not in INPAINTING_FILL:
+        offered = ", ".join(f"{value} ({name})" for value, name in INPAINTING_FILL.items())
+        raise FieldError("inpainting_fill", f"unknown inpainting_fill {spec.inpainting_fill}; use {offered}")
     try:
         check_mask(fit_mask(load_mask(spec.mask), spec.mask.size, spec.invert_mask))
     except UserError:
@@ -274,6 +273,7 @@ class Backend:
             mask_blur=float(spec.mask_blur),
             area="masked" if spec.inpaint_full_res else "whole",
             padding=spec.inpaint_full_res_padding,
+            masked_content=INPAINTING_FILL[spec.inpainting_fill],
         )
         return image, options
 

@@ -1,9 +1,11 @@
 """The gradio web UI: one tab per task, built by one function, over the shared job queue.
 
-The inpaint tab is img2img on an image editor: the user uploads the image and paints over what is
-to be repainted; the painted layer's alpha is the mask (`drawn_mask`). Each Generate press queues a job and then polls it, streaming the progress bar (with the place in the
+Each Generate press queues a job and then polls it, streaming the progress bar (with the place in the
 queue while it waits) and a latent preview every few steps; Cancel stops the session's own job at the
-next step (or takes it out of the queue). Errors are shown as one message, never a stack trace."""
+next step (or takes it out of the queue). Errors are shown as one message, never a stack trace.
+
+The inpaint tab is img2img on an image editor: the user uploads the image and paints over what is
+to be repainted; the painted layer's alpha is the mask (`drawn_mask`)."""
 
 import html
 import io
@@ -18,7 +20,7 @@ from PIL import Image, ImageChops
 
 from optimized_sd.errors import UserError
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
-from optimized_sd.server.backend import MEMORY_CHOICES, Generated, GenerationSpec
+from optimized_sd.server.backend import INPAINTING_FILL, MEMORY_CHOICES, Generated, GenerationSpec
 from optimized_sd.server.jobs import Job, JobCancelled
 from optimized_sd.server.preview import latent_preview
 from optimized_sd.server.service import Service
@@ -31,6 +33,7 @@ TASKS = ("txt2img", "img2img", "inpaint")
 IMAGE_TASKS = ("img2img", "inpaint")  # the tabs that start from an uploaded image
 MASK_ALPHA_THRESHOLD = 128  # a painted pixel at least half opaque is repainted (AUTOMATIC1111's rule for drawn masks)
 INPAINT_AREAS = [("whole picture", "whole"), ("only masked", "masked")]
+MASKED_CONTENT_CHOICES = [(name.replace("-", " "), value) for value, name in INPAINTING_FILL.items()]  # labels -> inpainting_fill
 
 
 def progress_html(fraction: float, text: str, state: str, job: Job | None = None) -> str:
@@ -103,6 +106,7 @@ class InpaintControls:
     inpaint_area: gr.Radio
     padding: gr.Slider
     invert_mask: gr.Checkbox
+    masked_content: gr.Radio
 
 
 @dataclass
@@ -112,12 +116,6 @@ class TaskForm:
 
     prompt: gr.Textbox
     negative_prompt: gr.Textbox
-    image: gr.Image | gr.ImageEditor | None  # img2img: the init image; inpaint: the editor (image + drawn mask)
-    strength: gr.Slider | None
-    mask_blur: gr.Slider | None
-    inpaint_area: gr.Radio | None
-    padding: gr.Slider | None
-    invert_mask: gr.Checkbox | None
     sampler: gr.Dropdown
     karras: gr.Checkbox
     steps: gr.Slider
@@ -129,6 +127,13 @@ class TaskForm:
     n_iter: gr.Slider
     memory: gr.Dropdown
     vram_budget: gr.Textbox
+    image: gr.Image | gr.ImageEditor | None = None  # img2img: the init image; inpaint: the editor (image + drawn mask)
+    strength: gr.Slider | None = None
+    mask_blur: gr.Slider | None = None  # the InpaintControls, inpaint only
+    inpaint_area: gr.Radio | None = None
+    padding: gr.Slider | None = None
+    invert_mask: gr.Checkbox | None = None
+    masked_content: gr.Radio | None = None
 
     def names(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -229,27 +234,24 @@ class WebUI:
                 report = gr.Textbox(label="Memory report of the last run", lines=6, interactive=False, elem_id=f"{task}-memory")
         last_seed = gr.State(-1)
         infotexts = gr.State([])
+        inpaint_fields = {f.name: getattr(inpaint_controls, f.name) for f in fields(InpaintControls)} if inpaint_controls else {}
         form = TaskForm(
-            prompt,
-            negative,
-            image,
-            strength,
-            *(
-                (inpaint_controls.mask_blur, inpaint_controls.inpaint_area, inpaint_controls.padding, inpaint_controls.invert_mask)
-                if inpaint_controls is not None
-                else (None, None, None, None)
-            ),
-            sampler,
-            karras,
-            steps,
-            cfg_scale,
-            seed,
-            width,
-            height,
-            batch_size,
-            n_iter,
-            memory,
-            vram_budget,
+            prompt=prompt,
+            negative_prompt=negative,
+            sampler=sampler,
+            karras=karras,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            width=width,
+            height=height,
+            batch_size=batch_size,
+            n_iter=n_iter,
+            memory=memory,
+            vram_budget=vram_budget,
+            image=image,
+            strength=strength,
+            **inpaint_fields,
         )
         outputs = [status, error, preview, gallery, parameters, report, last_seed, infotexts]
         names = form.names()
@@ -286,7 +288,10 @@ class WebUI:
         with gr.Row():
             area = gr.Radio(INPAINT_AREAS, value="whole", label="Inpaint area", elem_id=f"{task}-area")
             invert = gr.Checkbox(label="Repaint what is not painted (invert the mask)", value=False, elem_id=f"{task}-invert")
-        return editor, InpaintControls(mask_blur, area, padding, invert)
+        masked_content = gr.Radio(
+            MASKED_CONTENT_CHOICES, value=1, label="Masked content (below strength 1)", elem_id=f"{task}-masked-content"
+        )
+        return editor, InpaintControls(mask_blur, area, padding, invert, masked_content)
 
     # -- handlers ----------------------------------------------------------------------------------
     @staticmethod
@@ -317,6 +322,7 @@ class WebUI:
             strength=float(strength) if strength is not None else 0.75,
             mask=mask,
             mask_blur=float(values.get("mask_blur") or 0),
+            inpainting_fill=int(values.get("masked_content", 1)),
             inpaint_full_res=values.get("inpaint_area") == "masked",
             inpaint_full_res_padding=int(values.get("padding") or 0),
             invert_mask=invert,

@@ -165,8 +165,12 @@ def inpaint_inputs() -> tuple[Image.Image, Image.Image]:
     return init, mask
 
 
-@pytest.mark.parametrize("full_res", [False, True], ids=["whole-picture", "only-masked"])
-def test_inpaint_through_webuiapi_equals_the_python_api(server, reference_pipe, full_res):
+@pytest.mark.parametrize(
+    ("full_res", "fill", "masked_content"),
+    [(False, 1, "original"), (True, 0, "fill"), (False, 2, "latent-noise"), (True, 3, "latent-nothing")],
+    ids=["whole-original", "only-masked-fill", "whole-latent-noise", "only-masked-latent-nothing"],
+)
+def test_inpaint_through_webuiapi_equals_the_python_api(server, reference_pipe, full_res, fill, masked_content):
     init, mask = inpaint_inputs()
     result = client(server).img2img(
         images=[init],
@@ -178,11 +182,11 @@ def test_inpaint_through_webuiapi_equals_the_python_api(server, reference_pipe, 
         denoising_strength=0.8,
         cfg_scale=7,
         mask_blur=2,
-        inpainting_fill=1,
+        inpainting_fill=fill,
         inpaint_full_res=full_res,
         inpaint_full_res_padding=8,
     )
-    options = InpaintOptions(mask=mask, mask_blur=2.0, area="masked" if full_res else "whole", padding=8)
+    options = InpaintOptions(mask=mask, mask_blur=2.0, area="masked" if full_res else "whole", padding=8, masked_content=masked_content)
     expected = reference_pipe.generate(
         GenerationRequest(
             prompts=["a window"], steps=3, scale=7.0, sampler="euler", seed=4, height=SIZE, width=SIZE, init_image=init, strength=0.8,
@@ -199,7 +203,8 @@ def test_inpaint_through_webuiapi_equals_the_python_api(server, reference_pipe, 
 
 
 def test_the_api_the_ui_and_the_cli_inpaint_the_same_image(server, tiny_model, tmp_path):
-    """One inpainting (seed, prompt, sampler, size, mask blur, strength) through the three front ends."""
+    """One inpainting (seed, prompt, sampler, size, mask blur, strength, masked content "fill": the
+    API's default) through the three front ends."""
     from optimized_sd.cli import main
     from optimized_sd.server.ui import WebUI
 
@@ -211,7 +216,7 @@ def test_the_api_the_ui_and_the_cli_inpaint_the_same_image(server, tiny_model, t
         "img2img",
         json={
             "prompt": "a door", "seed": 13, "steps": 3, "width": SIZE, "height": SIZE, "sampler_name": "DPM++ 2M", "cfg_scale": 6,
-            "denoising_strength": 0.9, "init_images": [b64_png(init)], "mask": b64_png(mask), "mask_blur": 3, "inpainting_fill": 1,
+            "denoising_strength": 0.9, "init_images": [b64_png(init)], "mask": b64_png(mask), "mask_blur": 3, "inpainting_fill": 0,
             "inpaint_full_res": False,
         },
     )  # fmt: skip
@@ -222,7 +227,7 @@ def test_the_api_the_ui_and_the_cli_inpaint_the_same_image(server, tiny_model, t
     drawn.paste((255, 255, 255, 255), mask=mask)
     values = {
         "prompt": "a door", "negative_prompt": "", "image": {"background": init.convert("RGBA"), "layers": [drawn], "composite": None},
-        "strength": 0.9, "mask_blur": 3, "inpaint_area": "whole", "padding": 32, "invert_mask": False, "sampler": "dpmpp_2m",
+        "strength": 0.9, "mask_blur": 3, "inpaint_area": "whole", "padding": 32, "invert_mask": False, "masked_content": 0, "sampler": "dpmpp_2m",
         "karras": False, "steps": 3, "cfg_scale": 6, "seed": 13, "width": SIZE, "height": SIZE, "batch_size": 1, "n_iter": 1,
         "memory": "server default", "vram_budget": "",
     }  # fmt: skip
@@ -231,7 +236,7 @@ def test_the_api_the_ui_and_the_cli_inpaint_the_same_image(server, tiny_model, t
     argv = ["inpaint", "--ckpt", tiny_model.safetensors, "--tokenizer", tiny_model.tokenizer, "--outdir", tmp_path / "cli"]
     argv += ["--device", "cpu", "--init-img", tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--mask-blur", "3"]
     argv += ["--strength", "0.9", "--prompt", "a door", "--seed", "13", "--steps", "3", "--H", "64", "--W", "64"]
-    argv += ["--sampler", "dpmpp_2m", "--scale", "6", "--n_samples", "1", "--skip_grid"]
+    argv += ["--sampler", "dpmpp_2m", "--scale", "6", "--n_samples", "1", "--skip_grid", "--masked-content", "fill"]
     try:
         main([str(a) for a in argv])
     except SystemExit as done:  # main exits only on an error
@@ -253,10 +258,8 @@ def test_bad_inpainting_requests_name_the_field(server, caplog):
         ({"mask": "%%% not base64"}, "mask", "not valid base64"),
         ({"mask": b64_png(black)}, "mask", "all black"),
         ({"mask": b64_png(Image.new("L", (SIZE, SIZE), 255)), "inpainting_mask_invert": 1}, "mask", "once inverted"),
-        ({"inpainting_fill": 0}, "inpainting_fill", "0 (fill) is not offered"),
-        ({"inpainting_fill": 2}, "inpainting_fill", "latent noise"),
-        ({"inpainting_fill": 3}, "inpainting_fill", "latent nothing"),
-        ({"inpainting_fill": 9}, "inpainting_fill", "unknown"),
+        ({"inpainting_fill": 4}, "inpainting_fill", "use 0 (fill), 1 (original), 2 (latent-noise), 3 (latent-nothing)"),
+        ({"inpainting_fill": -1}, "inpainting_fill", "unknown inpainting_fill -1"),
         ({"mask_blur": -1}, "mask_blur", "0 or more"),
         ({"inpaint_full_res_padding": -4}, "inpaint_full_res_padding", "0 or more"),
         ({"init_images": None}, "init_images", "img2img needs one image"),

@@ -135,7 +135,7 @@ def test_inpaint_checks_name_the_field():
         ({"mask": Image.new("L", (64, 64), 0)}, "mask"),
         ({"mask": Image.new("RGBA", (64, 64), (255, 255, 255, 0))}, "mask"),  # transparent everywhere: the alpha is the mask
         ({"mask": Image.new("L", (64, 64), 255), "invert_mask": True}, "mask"),
-        ({"inpainting_fill": 0}, "inpainting_fill"),
+        ({"inpainting_fill": 4}, "inpainting_fill"),
         ({"mask_blur": -1}, "mask_blur"),
         ({"inpaint_full_res_padding": -1}, "inpaint_full_res_padding"),
     ):
@@ -150,11 +150,13 @@ def test_backend_maps_automatic1111_inpaint_fields_and_sizes():
     image = Image.new("RGB", (96, 80), "gray")
     mask = Image.new("L", (48, 40), 0)
     mask.paste(255, (4, 4, 20, 20))
-    whole = GenerationSpec(prompt="x", width=64, height=64, init_image=image, mask=mask, mask_blur=3, invert_mask=True)
+    whole = GenerationSpec(prompt="x", width=64, height=64, init_image=image, mask=mask, mask_blur=3, invert_mask=True, inpainting_fill=0)
     init, options = Backend.prepare_init_image(whole)
     assert init.size == (64, 64) and options.mask.size == (64, 64)  # resized with the image ("just resize")
-    assert (options.area, options.mask_blur, options.invert_mask) == ("whole", 3.0, True)
-    masked = GenerationSpec(prompt="x", width=64, height=64, init_image=image, mask=mask, inpaint_full_res=True, inpaint_full_res_padding=12)
+    assert (options.area, options.mask_blur, options.invert_mask, options.masked_content) == ("whole", 3.0, True, "fill")
+    masked = GenerationSpec(
+        prompt="x", width=64, height=64, init_image=image, mask=mask, inpaint_full_res=True, inpaint_full_res_padding=12
+    )
     init, options = Backend.prepare_init_image(masked)
     assert init.size == (96, 80) and options.mask.size == (96, 80)  # "only masked" keeps the image's size
     assert (options.area, options.padding) == ("masked", 12)
