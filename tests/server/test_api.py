@@ -227,9 +227,9 @@ def test_the_api_the_ui_and_the_cli_inpaint_the_same_image(server, tiny_model, t
     drawn.paste((255, 255, 255, 255), mask=mask)
     values = {
         "prompt": "a door", "negative_prompt": "", "image": {"background": init.convert("RGBA"), "layers": [drawn], "composite": None},
-        "strength": 0.9, "mask_blur": 3, "inpaint_area": "whole", "padding": 32, "invert_mask": False, "masked_content": 0, "sampler": "dpmpp_2m",
-        "karras": False, "steps": 3, "cfg_scale": 6, "seed": 13, "width": SIZE, "height": SIZE, "batch_size": 1, "n_iter": 1,
-        "memory": "server default", "vram_budget": "",
+        "strength": 0.9, "mask_blur": 3, "inpaint_area": "whole", "padding": 32, "invert_mask": False, "masked_content": 0,
+        "sampler": "dpmpp_2m", "karras": False, "steps": 3, "cfg_scale": 6, "seed": 13, "width": SIZE, "height": SIZE,
+        "batch_size": 1, "n_iter": 1, "memory": "server default", "vram_budget": "",
     }  # fmt: skip
     made = server.service.submit_generation(WebUI.spec_from("inpaint", values)).wait(TIMEOUT)
 

@@ -263,3 +263,34 @@ def test_serve_command_starts_and_answers(tiny_model, tmp_path):
     finally:
         child.terminate()
         child.wait(30)
+
+
+def test_a_9_channel_model_inpaints_through_the_backend(tiny_model, tiny_inpainting):
+    """A server whose model is an inpainting one (9-channel UNet): the mask reaches the UNet's extra
+    channels, the result equals the pipeline's, and AUTOMATIC1111's info flag says so."""
+    from optimized_sd.pipelines.diffusion import GenerationRequest
+    from optimized_sd.pipelines.masks import InpaintOptions
+    from optimized_sd.server.backend import Backend, LoadOptions
+    from optimized_sd.server.service import Service
+
+    catalog = ModelCatalog(ckpt=tiny_inpainting[1])
+    backend = Backend(catalog, LoadOptions(device="cpu", tokenizer=tiny_model.tokenizer))
+    backend.load(catalog.default())
+    service = Service(backend)
+    try:
+        init = Image.fromarray(np.random.default_rng(8).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (8, 16, 40, 48))
+        spec = GenerationSpec(
+            prompt="a window", sampler="euler", steps=3, seed=4, width=64, height=64, init_image=init, mask=mask, mask_blur=2, strength=0.8
+        )
+        made = service.submit_generation(spec).wait(300)
+        assert made.inpainting_conditioning
+        request = GenerationRequest(
+            prompts=["a window"], steps=3, scale=7.0, sampler="euler", seed=4, height=64, width=64, init_image=init, strength=0.8,
+            inpaint=InpaintOptions(mask=mask, mask_blur=2.0),
+        )  # fmt: skip
+        expected = backend.pipe.generate(request).images[0]
+        assert np.array_equal(np.asarray(made.images[0]), np.asarray(expected))
+    finally:
+        service.close()
