@@ -112,9 +112,12 @@ def generate_and_watch(driver, tab: str) -> set[int]:
     seen: set[int] = set()
 
     def finished() -> bool:
+        # The job first: a state read after it is that job's (read the other way round, a finished
+        # earlier bar's state could be paired with the new job's id when a render lands in between).
+        job = progress_job(driver, tab)
         state, percent = progress_state(driver, tab)
         seen.add(percent)
-        return progress_job(driver, tab) != before and state in ("done", "error", "interrupted", "cancelled")
+        return job != before and state in ("done", "error", "interrupted", "cancelled")
 
     wait_for(finished, f"the {tab} job to finish")
     return seen
