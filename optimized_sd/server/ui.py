@@ -31,7 +31,7 @@ POLL_SECONDS = 0.15
 SERVER_DEFAULT = "server default"
 TASKS = ("txt2img", "img2img", "inpaint")
 IMAGE_TASKS = ("img2img", "inpaint")  # the tabs that start from an uploaded image
-MASK_ALPHA_THRESHOLD = 128  # a painted pixel at least half opaque is repainted (AUTOMATIC1111's rule for drawn masks)
+MASK_ALPHA_THRESHOLD = 128  # a painted pixel at least half opaque is repainted (AUTOMATIC1111 also cuts an RGBA mask at 128)
 INPAINT_AREAS = [("whole picture", "whole"), ("only masked", "masked")]
 MASKED_CONTENT_CHOICES = [(name.replace("-", " "), value) for value, name in INPAINTING_FILL.items()]  # labels -> inpainting_fill
 
