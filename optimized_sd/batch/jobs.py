@@ -145,6 +145,7 @@ INPAINT_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "inpaint_area": ("area", _str),
     "padding": ("padding", _int),
     "outpaint": ("outpaint", _outpaint),
+    "masked_content": ("masked_content", _str),
 }
 
 
