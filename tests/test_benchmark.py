@@ -157,12 +157,125 @@ def test_tiny_model_is_built_once_valid_and_loads_strictly(tmp_path: Path) -> No
         keys = list(handle.keys())
         assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)  # the real LDM layout
         stored = handle.get_tensor("model.diffusion_model.out.2.weight")
-    unet = model_cache.build_part("unet", model_cache.model_config("tiny"), 0)
+    seeded = dict(model_cache.seeded_tensors(model_cache.model_config("tiny"), 0))
     assert stored.dtype == torch.float16
-    assert torch.equal(stored, unet.out[2].weight.detach().half())  # the seeded weights, cast to fp16
+    assert torch.equal(stored, seeded["model.diffusion_model.out.2.weight"].half())  # the seeded weights, cast to fp16
+    assert seeded["model.diffusion_model.out.2.weight"].std() > 0  # initialised, not left empty
     with open(first.checkpoint, "r+b") as handle:  # a truncated file is rebuilt
         handle.truncate(first.checkpoint.stat().st_size - 10)
     assert model_cache.ensure_model(tmp_path, "tiny").built
+
+
+@pytest.mark.parametrize(("name", "family", "prediction", "pipeline"), [
+    ("tiny-sd2", "sd2", "v_prediction", "StableDiffusionPipeline"),
+    ("tiny-sdxl", "sdxl", "epsilon", "StableDiffusionXLPipeline"),
+])  # fmt: skip
+def test_family_model_is_detected_and_loads_in_both_engines_alike(tmp_path: Path, name, family, prediction, pipeline) -> None:
+    """The file is in the layout `weights/family.py` detects and our strict loader loads (prediction type from
+    the file's metadata), and diffusers' `from_single_file` with the written config folder builds the same UNet."""
+    import torch
+    from safetensors import safe_open
+
+    import optimized_sd
+    from optimized_sd.benchmark.worker import diffusers_pipeline_name
+    from optimized_sd.models.conditioner import size_conditioning
+    from optimized_sd.pipelines.diffusion import GenerationRequest
+    from optimized_sd.weights.family import detect_family
+    from optimized_sd.weights.loading import prepare_model
+
+    cached = model_cache.ensure_model(tmp_path, name)
+    with safe_open(str(cached.checkpoint), "pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        assert all(handle.get_slice(key).get_dtype() == "F16" for key in handle.keys())
+    assert detect_family(shapes) == family
+    assert prepare_model(cached.checkpoint).report.ok
+    ours = optimized_sd.load(str(cached.checkpoint), device="cpu", memory="stream", precision="full", tokenizer=str(cached.tokenizer))
+    assert ours.config.family == family and ours.config.prediction_type == prediction
+    assert diffusers_pipeline_name(str(cached.diffusers_config), img2img=False) == pipeline
+
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DConditionModel.from_single_file(
+        str(cached.checkpoint), config=str(cached.diffusers_config), subfolder="unet", local_files_only=True, torch_dtype=torch.float32
+    )
+    assert not any(parameter.is_meta for parameter in unet.parameters())  # every weight found in the file
+    generator = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([500.0, 20.0])
+    context = torch.randn(2, 77, ours.config.unet.context_dim, generator=generator)
+    y, added = None, {}
+    if family == "sdxl":
+        sizes = [64, 64, 0, 0, 64, 64]
+        pooled = torch.randn(2, ours.config.open_clip.projection_dim, generator=generator)
+        y = size_conditioning(pooled, sizes)
+        added = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": torch.tensor([sizes] * 2, dtype=torch.float32)}}
+    ours.prepare(GenerationRequest(prompts=["a"], steps=1, sampler="ddim", seed=0, height=64, width=64))
+    with torch.no_grad(), ours.memory.stage("unet"):
+        mine = ours.model.model.diffusion_model(x, t, context, y=y)
+    with torch.no_grad():
+        theirs = unet(x, t, encoder_hidden_states=context, **added).sample
+    assert torch.allclose(mine, theirs, atol=1e-4)
+    ours.close()
+
+
+def test_family_files_would_hold_the_full_architectures() -> None:
+    sizes = {}
+    for name in ("sd15", "sd2", "sdxl"):
+        config = model_cache.model_config(name)
+        entries = model_cache.planned_tensors(config)
+        header, data = model_cache.header_for(entries, model_cache.file_metadata(config, 0))
+        assert len(header) % 8 == 0
+        sizes[name] = data // 2  # fp16: parameters
+    assert 1_066_000_000 < sizes["sd15"] < 1_067_000_000  # 1.07 B parameters
+    assert 1_289_000_000 < sizes["sd2"] < 1_291_000_000  # UNet 0.87 B + ViT-H run to 23 layers + VAE
+    assert 3_468_000_000 < sizes["sdxl"] < 3_470_000_000  # UNet 2.57 B + CLIP ViT-L + bigG + VAE
+    assert model_cache.file_metadata(model_cache.model_config("sd2"), 0)["prediction_type"] == "v_prediction"
+    assert "prediction_type" not in model_cache.file_metadata(model_cache.model_config("sdxl"), 0)
+
+
+def test_module_by_module_build_never_holds_more_than_one_module(monkeypatch) -> None:
+    """While a module's tensors are yielded, it is the only one materialised; then it goes back to meta."""
+    import torch
+
+    config = model_cache.model_config("tiny-sdxl")
+    built = []
+    make = model_cache.meta_model
+    monkeypatch.setattr(model_cache, "meta_model", lambda c: built.append(make(c)) or built[-1])
+    owners = set()
+    for key, tensor in model_cache.seeded_tensors(config, 0):
+        owner = key.rpartition(".")[0]
+        owners.add(owner)
+        assert tensor.device.type == "cpu" and tensor.dtype == torch.float32
+        on_cpu = {name.rpartition(".")[0] for name, value in built[0].state_dict().items() if not value.is_meta}
+        assert on_cpu == {owner}
+    assert all(value.is_meta for value in built[0].state_dict().values())
+    assert len(owners) == len(model_cache.owned_tensors(make(config)))
+
+
+def test_range_check_is_skipped_when_the_fp32_model_would_not_fit(monkeypatch) -> None:
+    monkeypatch.setattr(model_cache, "RANGE_CHECK_MAX_BYTES", 1000)
+    assert model_cache.activation_ranges(model_cache.model_config("tiny")) is None
+
+
+def test_unknown_benchmark_model_is_one_line() -> None:
+    with pytest.raises(UserError, match="unknown benchmark model 'sd3'; choose sd15, sd2, sdxl, tiny, tiny-sd2, tiny-sdxl"):
+        model_cache.model_config("sd3")
+
+
+def test_cpu_rss_family_option_picks_the_model_and_target(capsys) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cpu_rss
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert cpu_rss.model_name(cpu_rss.parse_args([])) == "sd15"  # the default and its figures are unchanged
+    assert cpu_rss.model_name(cpu_rss.parse_args(["--family", "sdxl"])) == "sdxl"
+    assert cpu_rss.model_name(cpu_rss.parse_args(["--family", "sd2", "--tiny"])) == "tiny-sd2"
+    assert cpu_rss.RSS_TARGETS["sdxl"] == 0.15 and cpu_rss.RSS_TARGETS["sd15"] == 0.25 and cpu_rss.RSS_MOONSHOTS["sdxl"] == 0.10
+    with pytest.raises(SystemExit) as caught:
+        cpu_rss.parse_args(["--family", "sd3"])
+    assert caught.value.code == 2 and "invalid choice: 'sd3'" in capsys.readouterr().err
+    gib = 2**30
+    assert cpu_rss.needed_mib(7 * gib, "diffusers") == (14 * gib + cpu_rss.MEMORY_MARGIN) / 2**20  # the fp32 model
+    assert cpu_rss.needed_mib(7 * gib, "stream") < 3 * 1024
 
 
 def test_no_room_in_the_cache_folder_is_one_line_with_size_and_place(tmp_path: Path, monkeypatch) -> None:
@@ -174,13 +287,6 @@ def test_no_room_in_the_cache_folder_is_one_line_with_size_and_place(tmp_path: P
         model_cache.ensure_model(tmp_path / "cache", "tiny")
     message = str(caught.value)
     assert "needs" in message and str(tmp_path / "cache") in message and "GB free" in message and "\n" not in message
-
-
-def test_sd15_file_would_hold_the_full_architecture() -> None:
-    entries = model_cache.planned_tensors(model_cache.model_config("sd15"))
-    header, data = model_cache.header_for(entries, 0)
-    assert 1_066_000_000 * 2 < data < 1_067_000_000 * 2  # 1.07 B parameters in fp16
-    assert len(header) % 8 == 0
 
 
 # --------------------------------------------------------------------------- report

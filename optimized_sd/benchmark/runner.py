@@ -28,7 +28,13 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 MODEL_DESCRIPTIONS = {
     "sd15": "full-size SD 1.5 architecture (1.07 B parameters) with seeded random weights, fp16 single-file "
     "safetensors in the LDM layout, stand-in byte tokenizer",
+    "sd2": "full-size SD 2.x 768-v architecture (1.29 B parameters: OpenCLIP ViT-H run to its 23rd layer) with seeded "
+    "random weights, fp16 single-file safetensors in the LDM layout, stand-in byte tokenizer",
+    "sdxl": "full-size SDXL base architecture (3.47 B parameters: UNet 2.57 B, CLIP ViT-L and OpenCLIP bigG) with seeded "
+    "random weights, fp16 single-file safetensors in the SGM layout, stand-in byte tokenizers",
     "tiny": "tiny test model (config.TINY) with seeded random weights: for checking the harness, not for timing",
+    "tiny-sd2": "tiny SD 2.x (v) test model with seeded random weights: for checking the harness, not for timing",
+    "tiny-sdxl": "tiny SDXL test model with seeded random weights: for checking the harness, not for timing",
 }
 
 
@@ -183,7 +189,7 @@ def check_flags(options: BenchOptions) -> None:
     from optimized_sd.benchmark.model_cache import MODELS
 
     if options.model not in MODELS:
-        raise UserError(f"unknown --model {options.model!r}; choose {' or '.join(MODELS)}")
+        raise UserError(f"unknown --model {options.model!r}; choose {', '.join(MODELS)}")
     if options.precision not in PRECISIONS:
         raise UserError(f"unknown --precision {options.precision!r}; use {', '.join(PRECISIONS)}")
     if options.warmup is not None and options.warmup < 0:

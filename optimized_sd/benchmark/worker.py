@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from importlib import metadata
+from pathlib import Path
 from typing import TypeVar
 
 from optimized_sd.benchmark.results import (
@@ -302,24 +303,32 @@ def place_peer(pipe, peer: str, device) -> None:
         else:  # older diffusers: per model
             from diffusers.hooks import apply_group_offloading
 
-            for component in (pipe.unet, pipe.vae, pipe.text_encoder):
-                apply_group_offloading(component, **options)
+            for component in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+                if component is not None:
+                    apply_group_offloading(component, **options)
     else:
         raise UserError(f"unknown peer {peer!r}")
+
+
+def diffusers_pipeline_name(config_folder: str, img2img: bool) -> str:
+    """The family's diffusers pipeline, as the config folder's model_index.json names it
+    (StableDiffusionPipeline, StableDiffusionXLPipeline), or its img2img sibling."""
+    name = json.loads((Path(config_folder) / "model_index.json").read_text())["_class_name"]
+    return name.replace("Pipeline", "Img2ImgPipeline") if img2img else name
 
 
 def run_diffusers(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
     import torch
 
     try:
-        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+        import diffusers
         from diffusers.utils import logging as diffusers_logging
     except ImportError as error:
         raise UserError(f"diffusers is not importable: {error}") from None
     diffusers_logging.set_verbosity_error()
     dtype = getattr(torch, compute_dtype_name(device.type, task.precision))
     img2img = scenario.kind == "img2img"
-    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    cls = getattr(diffusers, diffusers_pipeline_name(task.diffusers_config, img2img))
 
     def load():
         pipe = cls.from_single_file(task.checkpoint, config=task.diffusers_config, local_files_only=True, torch_dtype=dtype)
