@@ -145,3 +145,18 @@ def test_sdxl_every_mode_gives_the_full_image(tiny_sdxl, mode, monkeypatch):
     pipe = load(tiny_sdxl, memory=mode)
     latents = pipe.generate(request("euler", prompts=["a red cube", "a blue ball"])).latents
     assert max_diff(latents, full) <= 1e-5
+
+
+@pytest.mark.parametrize(("negative", "runs"), [("", 1), ("blurry", 2)])
+def test_sdxl_runs_each_tower_once_per_text_it_needs(tiny_sdxl, negative, runs):
+    """An empty negative prompt is zeros on SDXL (force_zeros_for_empty_prompt), so it is not encoded; prompts
+    that fit one chunk need no empty-prompt padding either (each run of a streamed tower re-reads its weights)."""
+    from optimized_sd.models.conditioner import text_towers
+
+    pipe = load(tiny_sdxl)
+    calls = []
+    towers = text_towers(pipe.model.get_submodule(pipe.model.text_root))
+    for tower in towers:
+        tower.register_forward_hook(lambda module, args, output: calls.append(module))
+    pipe.generate(request("ddim", negative_prompt=negative, steps=1))
+    assert len(calls) == len(towers) * runs

@@ -205,7 +205,8 @@ def test_subprompts_mix_after_padding_with_the_empty_prompt(tower) -> None:
     got = encoder(f"{long_text}:3 cd:1")[0]
     a, b, empty = (encoder.encode_text(text)[0] for text in (long_text, "cd", ""))
     torch.testing.assert_close(got, 0.75 * a + 0.25 * torch.cat([b, empty], dim=1))
-    assert pad_to_chunks(b, 3, empty).shape[1] == 231
+    assert pad_to_chunks(b, 3, lambda: empty).shape[1] == 231
+    assert pad_to_chunks(b, 1, lambda: pytest.fail("no padding needed: the empty prompt is not encoded")) is b
     with pytest.raises(UserError, match="sum to 0"):
         encoder("a:1 b:-1")
 

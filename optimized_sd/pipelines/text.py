@@ -20,7 +20,7 @@ from optimized_sd.config import ModelConfig
 from optimized_sd.models.conditioner import run_tower, size_conditioning, text_towers, tower_pad_ids
 from optimized_sd.models.sd import LatentDiffusion
 from optimized_sd.models.text_encoder import PromptTokenizer, load_tokenizer
-from optimized_sd.prompts.encoding import ChunkEncoder, Encoded, PromptTokens, SpecialTokens, pad_to_chunks, spliced
+from optimized_sd.prompts.encoding import CHUNK_TOKENS, ChunkEncoder, Encoded, PromptTokens, SpecialTokens, pad_to_chunks, spliced
 from optimized_sd.prompts.encoding import PromptEncoder as ChunkedPromptEncoder
 from optimized_sd.sampling import Conditioning
 from optimized_sd.weights.embeddings import EmbeddingLibrary, TowerEmbeddings
@@ -120,16 +120,20 @@ class PromptEncoder:
         distinct prompt is encoded once."""
         encoders = self.tower_encoders()
         used: list[str] = []
-        texts = list(dict.fromkeys([*prompts, *([] if negative_prompt is None else [negative_prompt])]))
+        # SDXL base zeroes an empty negative prompt's conditioning (force_zeros_for_empty_prompt): nothing to encode
+        zero_negative = negative_prompt == "" and self.config.family == "sdxl"
+        negatives = [] if negative_prompt is None or zero_negative else [negative_prompt]
+        texts = list(dict.fromkeys([*prompts, *negatives]))
         encoded = {text: [encoder(text, used) for encoder in encoders] for text in texts}
-        chunks = max(z.shape[1] for towers in encoded.values() for z, _ in towers) // encoders[0].empty().shape[1]
+        chunks = max(z.shape[1] for towers in encoded.values() for z, _ in towers) // (CHUNK_TOKENS + 2)
 
         def conditioning(text: str, negative: bool) -> Conditioning:
-            context = torch.cat([pad_to_chunks(z, chunks, encoder.empty()) for (z, _), encoder in zip(encoded[text], encoders)], dim=-1)
-            pooled = next((p for _, p in reversed(encoded[text]) if p is not None), None)
-            if negative and not text and self.config.family == "sdxl":
-                context = torch.zeros_like(context)
-                pooled = None if pooled is None else torch.zeros_like(pooled)
+            if negative and zero_negative:
+                context = torch.zeros(1, chunks * (CHUNK_TOKENS + 2), self.config.unet.context_dim, device=self.device)
+                pooled = torch.zeros(1, self.config.open_clip.projection_dim, device=self.device)
+            else:
+                context = torch.cat([pad_to_chunks(z, chunks, encoder.empty) for (z, _), encoder in zip(encoded[text], encoders)], dim=-1)
+                pooled = next((p for _, p in reversed(encoded[text]) if p is not None), None)
             y = self.vector(pooled, height, width, negative)
             return Conditioning(context.to(self.dtype), None if y is None else y.to(self.dtype))
 

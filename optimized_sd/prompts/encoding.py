@@ -170,12 +170,13 @@ def spliced(token_embedding: nn.Module, fixes: Sequence[Sequence[Fix]]) -> Itera
         handle.remove()
 
 
-def pad_to_chunks(z: Tensor, chunks: int, empty: Tensor) -> Tensor:
-    """Append encodings of the empty prompt (`empty`: (1, 77, C)) until z has `chunks` chunks."""
-    have = z.shape[1] // empty.shape[1]
+def pad_to_chunks(z: Tensor, chunks: int, empty: Callable[[], Tensor]) -> Tensor:
+    """Append encodings of the empty prompt (`empty()`: (1, 77, C), asked for only when padding is needed:
+    it may run a whole text tower) until z has `chunks` chunks."""
+    have = z.shape[1] // (CHUNK_TOKENS + 2)
     if have >= chunks:
         return z
-    return torch.cat([z, empty.to(z).expand(z.shape[0], -1, -1).repeat(1, chunks - have, 1)], dim=1)
+    return torch.cat([z, empty().to(z).expand(z.shape[0], -1, -1).repeat(1, chunks - have, 1)], dim=1)
 
 
 @dataclass
@@ -189,16 +190,20 @@ class PromptEncoder:
 
     def empty(self) -> Tensor:
         """(1, 77, C): the empty prompt, which pads the shorter of prompt and negative prompt."""
-        if self._empty is None:
-            self._empty = self.encode_text("")
-        return self._empty[0]
+        return self.encode_text("")[0]
 
     def encode_text(self, text: str, used: list[str] | None = None) -> Encoded:
-        """One prompt without subprompt weights -> ((1, 77 * chunks, C), pooled) float32."""
+        """One prompt without subprompt weights -> ((1, 77 * chunks, C), pooled) float32. The empty prompt
+        (padding, and the usual negative prompt) is encoded once per encoder."""
+        if not text and self._empty is not None:
+            return self._empty
         chunks, names = build_chunks(parse_attention(text), self.tokens, self.embeddings)
         if used is not None:
             used.extend(name for name in names if name not in used)
-        return encode_chunks(chunks, self.encode)
+        encoded = encode_chunks(chunks, self.encode)
+        if not text:
+            self._empty = encoded
+        return encoded
 
     def __call__(self, prompt: str, used: list[str] | None = None) -> Encoded:
         """A prompt (LoRA tags already removed) -> ((1, 77 * chunks, C), pooled or None) float32.
@@ -210,6 +215,6 @@ class PromptEncoder:
             return self.encode_text(parts[0], used)
         encoded = [self.encode_text(text, used) for text in parts]
         chunks = max(z.shape[1] for z, _ in encoded) // (CHUNK_TOKENS + 2)
-        z = sum(pad_to_chunks(z, chunks, self.empty()) * weight for (z, _), weight in zip(encoded, weights))
+        z = sum(pad_to_chunks(z, chunks, self.empty) * weight for (z, _), weight in zip(encoded, weights))
         pooled = None if encoded[0][1] is None else sum(p * weight for (_, p), weight in zip(encoded, weights))
         return z, pooled
