@@ -26,12 +26,10 @@ from optimized_sd.weights.keymap import rename, unet_prefixes
 from optimized_sd.weights.lora import TEXT_TOWERS, merge_into, read_lora
 
 TOLERANCE = 1e-4
+STEPS = 2
+FAMILIES = ("sd2", "sdxl")
 PROMPT, NEGATIVE = "a red cube", "blurry"
 WEIGHTS = {"kohya": 0.8, "peft": 0.3}  # the peft file (no alpha) at 0.6 moves SDXL latents by ~14: chaos amplifies rounding past 1e-4
-
-
-def family_model(family: str, tiny_sd2, tiny_sdxl):
-    return tiny_sd2 if family == "sd2" else tiny_sdxl
 
 
 def copied(model):
@@ -55,10 +53,11 @@ def ldm_unet_names(model, config) -> dict[str, str]:
     return {d[: -len(".weight")]: ldm[len(UNET_PREFIX) : -len(".weight")] for ldm, d in rename(weights, unet_prefixes(config.unet), UNET_PREFIX).items()}
 
 
-@pytest.fixture(scope="module", params=["sd2", "sdxl"])
+@pytest.fixture(scope="module")
 def case(request, tiny_sd2, tiny_sdxl, tmp_path_factory):
-    """One family: its model, the loaded LDM model, and a kohya and a peft LoRA file (UNet + every text tower)."""
-    model = family_model(request.param, tiny_sd2, tiny_sdxl)
+    """One family (the test's parameter): its model, the loaded LDM model, and a kohya and a peft LoRA file
+    (UNet + every text tower)."""
+    model = tiny_sd2 if request.param == "sd2" else tiny_sdxl
     loaded = loaded_model(model, "real")
     folder = tmp_path_factory.mktemp(f"loras-{model.family}")
     unet_names = ldm_unet_names(model, loaded.config) if model.family == "sdxl" else None
@@ -67,6 +66,13 @@ def case(request, tiny_sd2, tiny_sdxl, tmp_path_factory):
         "peft": save(peft_lora(model.unet, model.text_encoders, rank=3, seed=6), folder / "peft_style.safetensors"),
     }
     return model, loaded, files
+
+
+@pytest.fixture(scope="module")
+def fused(case) -> dict[str, object]:
+    """diffusers' pipeline with each file fused at its weight (built once per family for both tests)."""
+    model, _, files = case
+    return {kind: diffusers_fused(model, files[kind], WEIGHTS[kind]) for kind in files}
 
 
 def fused_ldm_weights(pipe, config) -> dict[str, torch.Tensor]:
@@ -83,15 +89,16 @@ def fused_ldm_weights(pipe, config) -> dict[str, torch.Tensor]:
     return weights
 
 
+@pytest.mark.parametrize("case", FAMILIES, indirect=True)
 @pytest.mark.parametrize("kind", ["kohya", "peft"])
-def test_merged_weights_equal_diffusers_fuse_lora(case, kind: str) -> None:
+def test_merged_weights_equal_diffusers_fuse_lora(case, fused, kind: str) -> None:
     model, loaded, files = case
     base = loaded.model.state_dict()
     lora = read_lora(files[kind], loaded.config, {key: tuple(value.shape) for key, value in base.items()})
     assert sum(len(patches) for patches in lora.patches.values()) == len(lora_modules(model.unet, model.text_encoders))
     if model.family in ("sd2", "sdxl"):  # the OpenCLIP tower's q, k and v share one fused weight
         assert any(len(patches) == 3 for key, patches in lora.patches.items() if key.endswith("in_proj_weight"))
-    want = fused_ldm_weights(diffusers_fused(model, files[kind], WEIGHTS[kind]), loaded.config)
+    want = fused_ldm_weights(fused[kind], loaded.config)
     for key in lora.patches:
         merged = base[key].clone()
         assert merge_into(key, merged, [(lora, WEIGHTS[kind])])
@@ -100,23 +107,25 @@ def test_merged_weights_equal_diffusers_fuse_lora(case, kind: str) -> None:
 
 # -- whole pipeline ---------------------------------------------------------------------------------
 def request(**options) -> GenerationRequest:
-    common = dict(negative_prompt=NEGATIVE, steps=3, scale=7.5, sampler="ddim", seed=42, height=64, width=64)
+    common = dict(negative_prompt=NEGATIVE, steps=STEPS, scale=7.5, sampler="ddim", seed=42, height=64, width=64)
     return GenerationRequest(prompts=[PROMPT], **common, **options)
 
 
-def diffusers_latents(model, path: Path, weight: float) -> torch.Tensor:
-    pipe = diffusers_fused(model, path, weight)
-    return pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=3, guidance_scale=7.5,
-                generator=torch.Generator("cpu").manual_seed(42), output_type="latent").images  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def references(case) -> dict[str, torch.Tensor]:
-    model, _, files = case
-    return {kind: diffusers_latents(model, files[kind], WEIGHTS[kind]) for kind in files}
+def references(fused) -> dict[str, torch.Tensor]:
+    return {
+        kind: pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=STEPS, guidance_scale=7.5,
+                   generator=torch.Generator("cpu").manual_seed(42), output_type="latent").images  # fmt: skip
+        for kind, pipe in fused.items()
+    }
 
 
-@pytest.mark.parametrize("mode", ["full", "stream"])
+# each family in one mode by default, the other two with the slow tests (the merge paths are the same)
+@pytest.mark.parametrize(
+    ("case", "mode"),
+    [("sd2", "full"), ("sdxl", "stream"), pytest.param("sd2", "stream", marks=pytest.mark.slow), pytest.param("sdxl", "full", marks=pytest.mark.slow)],
+    indirect=["case"],
+)
 def test_lora_latents_equal_diffusers(case, references, mode: str, monkeypatch) -> None:
     """`full` merges once into the resident copy; `stream` (every block split to parts, each tower by
     layer) merges into each unit's copy as it arrives."""
