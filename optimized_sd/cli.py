@@ -284,17 +284,18 @@ def serve(**flags) -> None:
 @click.option("--inpaint-area", "inpaint_area", default="whole", show_default=True, help="whole, or masked: only the mask's box plus --padding, at --H/--W.")
 @click.option("--padding", type=int, default=32, show_default=True, help="Pixels around the mask's box for --inpaint-area masked.")
 @click.option("--outpaint", help="LEFT,RIGHT,TOP,BOTTOM: grow the canvas by these pixels and paint the new border.")
+@click.option("--masked-content", "masked_content", default="original", show_default=True, help="What the masked part starts from below strength 1: original, fill (surrounding colours), latent-noise or latent-nothing.")
 @max_image_pixels_option
 @generation_options("outputs/inpaint-samples", None)
 def inpaint(
     init_img: Path, mask: Path | None, invert_mask: bool, mask_blur: float, strength: float, inpaint_area: str, padding: int,
-    outpaint: str | None, max_image_pixels: int | None, **flags
+    outpaint: str | None, masked_content: str, max_image_pixels: int | None, **flags
 ) -> None:
     """Repaint the masked part of an image, or paint a grown border (outpainting)."""
     from optimized_sd.pipelines.masks import InpaintOptions, parse_outpaint
 
     border = parse_outpaint(outpaint) if outpaint is not None else None
-    options = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, border)
+    options = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, border, masked_content)
     run_from_flags(flags, init_img=init_img, strength=strength, inpaint=options, max_image_pixels=max_image_pixels)
 
 

@@ -189,16 +189,18 @@ class StableDiffusion:
         inpaint_area: str = "whole",
         padding: int = 32,
         outpaint: tuple[int, int, int, int] | None = None,
+        masked_content: str = "original",
         **options,
     ) -> list[Image.Image]:
         """Repaint where `mask` is white (any mode PIL reads; see `pipelines.masks`), or grow the
         canvas by `outpaint` = (left, right, top, bottom) pixels and paint the border. The images
         have the input's size (outpainting: the grown canvas); `height`/`width` set the generation
         size (default: the image's floored to 64; 512 for inpaint_area="masked"). Options are
-        `GenerationRequest` fields; `strength` defaults to 1 (diffusers' default for inpainting)."""
+        `GenerationRequest` fields; `strength` defaults to 1 (diffusers' default for inpainting).
+        `masked_content` (below 1 only): "original", "fill", "latent-noise" or "latent-nothing"."""
         if not isinstance(image, Image.Image):
             image = open_image(image)
-        inpaint = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, tuple(outpaint) if outpaint else None)
+        inpaint = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, tuple(outpaint) if outpaint else None, masked_content)
         inpaint.check()
         width, height = inpaint.generation_size(image.size)
         options = {"strength": 1.0, "width": width, "height": height, **{k: v for k, v in options.items() if v is not None}}

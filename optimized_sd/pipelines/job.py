@@ -140,6 +140,19 @@ class Job:
             for prompt in prompts:
                 check_output_folder(prompt_folder(policy.outdir, prompt))
 
+    def open_init_image(self) -> Image.Image | None:
+        """The init image as the pipeline takes it: resized to --H/--W for img2img, at its own size for
+        inpainting (whose mask is checked against it here, so a bad mask costs no loading time)."""
+        image = self.init_image
+        if image is None or isinstance(image, Image.Image):
+            return image
+        if self.inpaint is None:
+            return load_init_image(image, self.height, self.width, self.max_image_pixels)
+        image = open_image(image, self.max_image_pixels)
+        first = self.request([""], 0, image)
+        prepare_region(image, (first.width, first.height), self.inpaint)
+        return image
+
     def batches(self) -> list[list[str]]:
         """Prompt batches of n_samples: each prompt repeated and chunked (CompVis order;
         optimizedSD's sorting is dropped so batch i follows line i)."""
@@ -214,15 +227,7 @@ def run_job(
     job.validate()
     prompt_batches = job.batches()
     job.check_batches(prompt_batches)
-    init_image = job.init_image
-    if init_image is not None and not isinstance(init_image, Image.Image):
-        if job.inpaint is not None:
-            init_image = open_image(init_image, job.max_image_pixels)
-        else:
-            init_image = load_init_image(init_image, job.height, job.width, job.max_image_pixels)
-    if job.inpaint is not None and init_image is not None:
-        first = job.request(prompt_batches[0], 0, init_image)
-        prepare_region(init_image, (first.width, first.height), job.inpaint)  # a bad mask costs no loading time
+    init_image = job.open_init_image()
     policy = job.output
     if not isinstance(pipe, StableDiffusion):
         pipe = pipe()
