@@ -50,7 +50,10 @@ def diffusers_fused(model, path: Path, weight: float):
 def ldm_unet_names(model, config) -> dict[str, str]:
     """diffusers UNet module name -> its LDM name, as kohya's SDXL files name the UNet's modules."""
     weights = [name for name, _ in model.unet.named_parameters() if name.endswith(".weight")]
-    return {d[: -len(".weight")]: ldm[len(UNET_PREFIX) : -len(".weight")] for ldm, d in rename(weights, unet_prefixes(config.unet), UNET_PREFIX).items()}
+    return {
+        d[: -len(".weight")]: ldm[len(UNET_PREFIX) : -len(".weight")]
+        for ldm, d in rename(weights, unet_prefixes(config.unet), UNET_PREFIX).items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,10 @@ def case(request, tiny_sd2, tiny_sdxl, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"loras-{model.family}")
     unet_names = ldm_unet_names(model, loaded.config) if model.family == "sdxl" else None
     files = {
-        "kohya": save(kohya_lora(model.unet, model.text_encoders, rank=4, alpha=2.0, seed=5, unet_names=unet_names), folder / "kohya_style.safetensors"),
+        "kohya": save(
+            kohya_lora(model.unet, model.text_encoders, rank=4, alpha=2.0, seed=5, unet_names=unet_names),
+            folder / "kohya_style.safetensors",
+        ),
         "peft": save(peft_lora(model.unet, model.text_encoders, rank=3, seed=6), folder / "peft_style.safetensors"),
     }
     return model, loaded, files
@@ -114,8 +120,16 @@ def request(**options) -> GenerationRequest:
 @pytest.fixture(scope="module")
 def references(fused) -> dict[str, torch.Tensor]:
     return {
-        kind: pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=STEPS, guidance_scale=7.5,
-                   generator=torch.Generator("cpu").manual_seed(42), output_type="latent").images  # fmt: skip
+        kind: pipe(
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            height=64,
+            width=64,
+            num_inference_steps=STEPS,
+            guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(42),
+            output_type="latent",
+        ).images  # fmt: skip
         for kind, pipe in fused.items()
     }
 
@@ -123,7 +137,12 @@ def references(fused) -> dict[str, torch.Tensor]:
 # each family in one mode by default, the other two with the slow tests (the merge paths are the same)
 @pytest.mark.parametrize(
     ("case", "mode"),
-    [("sd2", "full"), ("sdxl", "stream"), pytest.param("sd2", "stream", marks=pytest.mark.slow), pytest.param("sdxl", "full", marks=pytest.mark.slow)],
+    [
+        ("sd2", "full"),
+        ("sdxl", "stream"),
+        pytest.param("sd2", "stream", marks=pytest.mark.slow),
+        pytest.param("sdxl", "full", marks=pytest.mark.slow),
+    ],
     indirect=["case"],
 )
 def test_lora_latents_equal_diffusers(case, references, mode: str, monkeypatch) -> None:
@@ -160,7 +179,9 @@ def test_another_familys_lora_is_refused_by_name(tmp_path: Path, tiny_sd2, tiny_
     with pytest.raises(UserError, match=r"^xl_style\.safetensors is an SDXL LoRA \(it has lora_te1_\* keys\); this model is SD 2\.x$"):
         read_lora(sdxl_file, sd2.config, shapes["sd2"])
     sd2_file = save(kohya_lora(tiny_sd2.unet, tiny_sd2.text_encoders), tmp_path / "v2_style.safetensors")
-    with pytest.raises(UserError, match=r"^v2_style\.safetensors is an SD 1\.x or SD 2\.x LoRA \(it has lora_te_\* keys\); this model is SDXL$"):
+    with pytest.raises(
+        UserError, match=r"^v2_style\.safetensors is an SD 1\.x or SD 2\.x LoRA \(it has lora_te_\* keys\); this model is SDXL$"
+    ):
         read_lora(sd2_file, sdxl.config, shapes["sdxl"])
     # real widths name the family: SD 2.x's 1024-wide text tower, SD 1.x's 768-wide cross-attention
     text_1024 = save(factor_pair("lora_te_text_model_encoder_layers_0_self_attn_q_proj", (4, 1024), (1024, 4)), tmp_path / "h.safetensors")
@@ -178,8 +199,8 @@ def test_cli_refuses_an_sdxl_lora_on_sd2_in_one_line(capsys, tiny_sd2, tiny_sdxl
 
     lora = save(peft_lora(tiny_sdxl.unet, tiny_sdxl.text_encoders), tmp_path / "xl.safetensors")
     out = tmp_path / "out"
-    code, _, err = run(capsys, "txt2img", "--ckpt", str(tiny_sd2.files["real"]), "--tokenizer", str(tiny_sd2.tokenizer), "--device", "cpu",
-                       "--H", "64", "--W", "64", "--ddim_steps", "1", "--prompt", "a cube", "--lora", str(lora), "--outdir", str(out))  # fmt: skip
+    flags = ["--ckpt", str(tiny_sd2.files["real"]), "--tokenizer", str(tiny_sd2.tokenizer), "--device", "cpu", "--H", "64", "--W", "64"]
+    code, _, err = run(capsys, "txt2img", *flags, "--ddim_steps", "1", "--prompt", "a cube", "--lora", str(lora), "--outdir", str(out))
     assert code == 1 and err.count("\n") == 1, err
     assert "xl.safetensors is an SDXL LoRA (it has text_encoder_2.* keys); this model is SD 2.x" in err
     assert not out.exists() or not any(out.rglob("*.png"))
@@ -227,5 +248,7 @@ def test_sdxl_embedding_pair_equals_diffusers_load_textual_inversion_on_both_tow
     assert used == {"shiny": tmp_path / "embeddings" / "shiny.safetensors"}
     assert (cond.context - embeds).abs().max() <= TOLERANCE
     assert (cond.y - size_conditioning(pooled, (64, 96, 0, 0, 64, 96))).abs().max() <= TOLERANCE
-    assert (uncond.context - negative).abs().max() <= TOLERANCE and (uncond.y[:, : pooled.shape[-1]] - negative_pooled).abs().max() <= TOLERANCE
+    assert (uncond.context - negative).abs().max() <= TOLERANCE and (
+        uncond.y[:, : pooled.shape[-1]] - negative_pooled
+    ).abs().max() <= TOLERANCE
     assert encoder.batch(["a shinyx cube"], None, 64, 96)[2] == {}  # only the whole word is the embedding

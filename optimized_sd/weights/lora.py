@@ -249,7 +249,9 @@ def _family_error(path: Path, config: ModelConfig, groups: Mapping[str, Mapping[
     return UserError(f"{path.name} is an {FAMILY_NAMES[telltale[0]]} LoRA ({telltale[1]}); this model is {config.family_name}")
 
 
-def _resolve(module: str, family: str, names: Mapping[str, Mapping[str, Target]], flat_names: Mapping[str, Mapping[str, Target]]) -> Target | None:
+def _resolve(
+    module: str, family: str, names: Mapping[str, Mapping[str, Target]], flat_names: Mapping[str, Mapping[str, Target]]
+) -> Target | None:
     """Where a LoRA file's module name puts its update, or None."""
     for prefix, tower in KOHYA_PREFIXES[family].items():
         if module.startswith(prefix) and tower in flat_names:
@@ -320,9 +322,10 @@ def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequen
         shape = tuple(model_shapes[target.key])
         rows = shape[0] if target.rows is None else target.rows
         if up.shape[1] != rank or up.shape[0] != rows or down.shape[1] * shape[0] != _numel(shape):
+            where = "" if target.rows is None else f" (rows {target.first_row}..{target.first_row + rows})"
             raise _family_error(path, config, groups) or UserError(
-                f"{path.name}: {module} gives a ({up.shape[0]} x {down.shape[1]}) update for a layer of shape "
-                f"{shape}{'' if target.rows is None else f' (rows {target.first_row}..{target.first_row + rows})'}; is it for another model?"
+                f"{path.name}: {module} gives a ({up.shape[0]} x {down.shape[1]}) update for a layer of shape {shape}{where}; "
+                "is it for another model?"
             )
         alpha = parts.get("alpha")
         scale = float(alpha) / rank if alpha is not None else 1.0
