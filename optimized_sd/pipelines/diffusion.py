@@ -26,6 +26,7 @@ from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.memory_session import MemorySession
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_size
 from optimized_sd.pipelines.txt2img import TXT2IMG
+from optimized_sd.pipelines.weight_storage import plan_storage
 from optimized_sd.sampling import ProgressCallback, scaled_linear_schedule
 from optimized_sd.weights.loading import LoadedModel, prepare_model
 
@@ -64,6 +65,8 @@ class StableDiffusion:
         attention: str = "sdpa",
         vae_tiling: str = "auto",
         tokenizer: str | Path | None = None,
+        weights: str | None = None,
+        int8_matmul: bool = True,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -73,8 +76,10 @@ class StableDiffusion:
         check_backend(attention, self.device)
         self.vae_tile = VAE_TILE
         budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
+        self.storage = plan_storage(self.model, weights, self.dtype, self.device.type)
         self.memory = MemorySession(
-            self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention
+            self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention,
+            storage=self.storage, int8_matmul=int8_matmul,
         )
         tokenizer_dir = Path(tokenizer) if tokenizer else loaded.checkpoint.tokenizer_dir
         self.tokenizer: PromptTokenizer = load_tokenizer(tokenizer_dir)
@@ -189,7 +194,9 @@ def load(
     **options,
 ) -> StableDiffusion:
     """Open a checkpoint (CompVis .ckpt, single-file .safetensors or diffusers folder) for generation.
-    Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer."""
+    Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer, weights (fp16, bf16,
+    fp8 or int8 storage of the Linear/Conv2d weights; None: the compute dtype), int8_matmul (int8 weights on
+    the CPU: Linear layers with dynamic activation quantisation; False: dequantise to fp32 first)."""
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
     return StableDiffusion(prepare_model(checkpoint, config=config, ema=ema), **options)
