@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,11 +24,9 @@ from optimized_sd.attention import use_attention
 from optimized_sd.memory.planner import VAE_TILE_OVERLAP, Request
 from optimized_sd.memory.report import StageRecord
 from optimized_sd.memory.tiling import tiled_apply
-from optimized_sd.models.text_encoder import MAX_TOKENS
 from optimized_sd.models.vae import AutoencoderKL
 from optimized_sd.pipelines.images import image_to_tensor, tensor_to_image
 from optimized_sd.pipelines.output import ImageParameters
-from optimized_sd.pipelines.prompts import split_weighted_subprompts
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_request
 from optimized_sd.sampling import (
     Conditioning,
@@ -87,28 +86,20 @@ class Task:
 # -- prompt -> Conditioning -------------------------------------------------------------------
 
 
-def encode_prompt(pipe: StableDiffusion, prompt: str) -> Tensor:
-    """(1, 77, C) context; weighted subprompts are mixed as optimizedSD (weights normalised)."""
-    cut = pipe.tokenizer.truncated_text(prompt)
-    if cut:
-        log.warning("prompt longer than %d tokens; this part was cut: %s", MAX_TOKENS, cut)
-    parts, weights = split_weighted_subprompts(prompt)
-    if len(parts) <= 1:
-        parts, weights = [prompt], [1.0]
-    total = sum(weights)
-    embeddings = pipe.model.cond_stage_model(pipe.tokenizer(parts).to(pipe.device)).float()
-    weight = torch.tensor(weights, device=pipe.device, dtype=torch.float32)[:, None, None] / total
-    return (embeddings * weight).sum(0, keepdim=True).to(pipe.dtype)
-
-
 def encode_conditioning(pipe: StableDiffusion, request: GenerationRequest) -> tuple[Conditioning, Conditioning | None]:
-    """(cond, uncond) for the batch, uncond None when guidance is off. Each distinct prompt is
+    """(cond, uncond) for the batch, uncond None when guidance is off, by the family's text step
+    (`pipelines.text.PromptEncoder`: the towers, SDXL's `y`, its zero negative). Each distinct prompt is
     encoded (and warned about) once per call, however often the batch repeats it."""
+    size = (request.height, request.width)
 
     def work(record: StageRecord) -> tuple[Conditioning, Conditioning | None]:
-        contexts = {prompt: encode_prompt(pipe, prompt) for prompt in dict.fromkeys(request.prompts)}
-        cond = Conditioning(torch.cat([contexts[prompt] for prompt in request.prompts]))
-        uncond = Conditioning(encode_prompt(pipe, request.negative_prompt)).repeat(len(request.prompts)) if request.guided else None
+        encoded = {prompt: Conditioning(*pipe.text.conditioning(prompt, *size)) for prompt in dict.fromkeys(request.prompts)}
+        each = [encoded[prompt] for prompt in request.prompts]
+        y = None if each[0].y is None else torch.cat([c.y for c in each])
+        cond = Conditioning(torch.cat([c.context for c in each]), y)
+        uncond = None
+        if request.guided:
+            uncond = Conditioning(*pipe.text.conditioning(request.negative_prompt, *size, negative=True)).repeat(len(request.prompts))
         return cond, uncond
 
     return pipe.memory.run_stage("text", work)
@@ -258,6 +249,8 @@ def image_parameters(pipe: StableDiffusion, task: Task, request: GenerationReque
             model_hash=pipe.model_hash(),
             model_name=pipe.loaded.checkpoint.name,
             strength=task.metadata_strength(request),
+            vae_hash=pipe.vae_hash(),
+            vae_name=pipe.vae_file.name if pipe.vae_file is not None else None,
         )
         for prompt, seed in zip(request.prompts, seeds)
     ]
@@ -284,6 +277,8 @@ def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, prog
     An exception from `progress` (e.g. `errors.Interrupted`) leaves the running stage, which
     releases that stage's weights, and propagates."""
     request = task.normalise(request)
+    size = pipe.config.default_size
+    request = replace(request, height=request.height or size, width=request.width or size)
     check_request(request, pipe.config)
     plan = make_plan(
         request.sampler, request.steps, strength=task.strength(request), eta=request.eta, karras=request.karras, schedule=pipe.schedule

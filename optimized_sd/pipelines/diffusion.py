@@ -4,6 +4,7 @@ where it computes is `memory_session`'s business."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -16,7 +17,7 @@ from optimized_sd.memory.device import compute_dtype, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
 from optimized_sd.memory.planner import VAE_TILE, Plan, parse_bytes
 from optimized_sd.memory.report import MemoryMeter
-from optimized_sd.models.text_encoder import PromptTokenizer, load_tokenizer
+from optimized_sd.models.text_encoder import PromptTokenizer
 from optimized_sd.pipelines import core
 from optimized_sd.pipelines.core import Task
 from optimized_sd.pipelines.images import image_to_tensor, load_init_image, open_image, tensor_to_image
@@ -25,10 +26,12 @@ from optimized_sd.pipelines.inpaint import Inpaint
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.memory_session import MemorySession
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_size
+from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
 from optimized_sd.pipelines.txt2img import TXT2IMG
 from optimized_sd.pipelines.weight_storage import plan_storage
 from optimized_sd.sampling import ProgressCallback, scaled_linear_schedule
-from optimized_sd.weights.loading import LoadedModel, prepare_model
+from optimized_sd.weights.loading import LoadedModel, prepare_model, source_metadata
+from optimized_sd.weights.prediction import resolve_prediction
 
 __all__ = [  # the names callers have imported from here
     "GenerationRequest",
@@ -41,7 +44,6 @@ __all__ = [  # the names callers have imported from here
     "load_init_image",
     "tensor_to_image",
 ]
-
 
 def task_for(request: GenerationRequest) -> Task:
     """The one place a request picks its task (inpainting: a fresh object per call, holding what the call prepared)."""
@@ -81,10 +83,15 @@ class StableDiffusion:
             self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention,
             storage=self.storage, int8_matmul=int8_matmul,
         )
-        tokenizer_dir = Path(tokenizer) if tokenizer else loaded.checkpoint.tokenizer_dir
-        self.tokenizer: PromptTokenizer = load_tokenizer(tokenizer_dir)
+        folder = loaded.checkpoint.path if loaded.checkpoint.path.is_dir() else None
+        tokenizers = load_tower_tokenizers(self.config, folder, Path(tokenizer) if tokenizer else None)
+        self.tokenizer: PromptTokenizer = tokenizers[0]
+        self.text = PromptEncoder(self.model, tokenizers, self.device, self.dtype)
         self.schedule = scaled_linear_schedule(self.config.linear_start, self.config.linear_end, self.config.timesteps)
         self._model_hash: str | None = None
+        self.prediction_reason = "family default"  # where the prediction type came from (set by `load`)
+        self.vae_file: Path | None = None  # `--vae FILE` (set by `load`)
+        self._vae_hash: str | None = None
 
     @property
     def dtype_bytes(self) -> int:
@@ -128,6 +135,16 @@ class StableDiffusion:
     def vae_decode(self, latent: Tensor, tiled: bool) -> Tensor:
         """Scaled latent (1, 4, h, w) -> pixels, as the decode stage does it (fp32 retry included)."""
         return core.VaeDecoder(self, tiled)(latent)
+
+    def vae_hash(self) -> str | None:
+        """AUTOMATIC1111's short hash of the `--vae` file, when one replaced the checkpoint's VAE."""
+        if self.vae_file is None:
+            return None
+        if self._vae_hash is None:
+            from optimized_sd.weights.hashing import sha256_short
+
+            self._vae_hash = sha256_short(self.vae_file)
+        return self._vae_hash
 
     def model_hash(self) -> str:
         """AUTOMATIC1111's short hash of the file (of the UNet weights for a diffusers folder)."""
@@ -191,12 +208,26 @@ def load(
     *,
     config: str | Path | ModelConfig | None = None,
     ema: bool = False,
+    vae: str | Path | None = None,
+    prediction: str = "auto",
     **options,
 ) -> StableDiffusion:
     """Open a checkpoint (CompVis .ckpt, single-file .safetensors or diffusers folder) for generation.
-    Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer, weights (fp16, bf16,
-    fp8 or int8 storage of the Linear/Conv2d weights; None: the compute dtype), int8_matmul (int8 weights on
-    the CPU: Linear layers with dynamic activation quantisation; False: dequantise to fp32 first)."""
+    `vae`: a separate VAE file replacing the checkpoint's; `prediction`: auto|eps|v (see
+    `weights.prediction`). Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer,
+    weights (fp16, bf16, fp8 or int8 storage of the Linear/Conv2d weights; None: the compute dtype),
+    int8_matmul (int8 weights on the CPU: Linear layers with dynamic activation quantisation; False:
+    dequantise to fp32 first)."""
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
-    return StableDiffusion(prepare_model(checkpoint, config=config, ema=ema), **options)
+    loaded = prepare_model(checkpoint, config=config, ema=ema, vae=vae)
+    checkpoint_source = loaded.checkpoint.source
+    prediction_type, why = resolve_prediction(
+        prediction, loaded.config.family, loaded.checkpoint.path, set(checkpoint_source.keys()), source_metadata(checkpoint_source)
+    )
+    loaded.config = replace(loaded.config, prediction_type=prediction_type)
+    loaded.model.config = loaded.config
+    pipe = StableDiffusion(loaded, **options)
+    pipe.prediction_reason = why
+    pipe.vae_file = Path(vae) if vae is not None else None
+    return pipe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -37,10 +38,32 @@ def split_weighted_subprompts(text: str) -> tuple[list[str], list[float]]:
     return [p for p, _ in pairs], [w for _, w in pairs]
 
 
+def prompt_mix(prompt: str) -> tuple[list[str], list[float]]:
+    """The texts to encode and their weights, normalised to sum to 1 (optimizedSD's mix of weighted
+    subprompts; a prompt with one part is itself at weight 1). Weights that are not finite or that
+    sum to 0 would give NaN or a zero context (a black image), so they are refused."""
+    parts, weights = split_weighted_subprompts(prompt)
+    if len(parts) <= 1:
+        return [prompt], [1.0]
+    total = sum(weights)
+    if not all(math.isfinite(w) for w in weights) or not math.isfinite(total) or total == 0:
+        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+        raise UserError(f"the subprompt weights of {shown!r} must be finite numbers that do not sum to 0 (they sum to {total:g})")
+    return parts, [w / total for w in weights]
+
+
+MAX_PROMPT_FILE_BYTES = 16 * 2**20  # --from-file reads at most this much (a bound, not a real limit: ~100k prompts)
+
+
 def read_prompt_file(path: Path) -> list[str]:
-    """One prompt per non-empty line."""
+    """One prompt per non-empty line, from a file of at most MAX_PROMPT_FILE_BYTES (read bounded, so
+    a huge file or an endless stream is refused instead of filling the memory)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PROMPT_FILE_BYTES + 1)
+        if len(data) > MAX_PROMPT_FILE_BYTES:
+            raise UserError(f"--from-file: {path} is over {MAX_PROMPT_FILE_BYTES // 2**20} MB; split it")
+        lines = data.decode("utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"--from-file: {path} not found") from None
     except (OSError, UnicodeDecodeError) as error:

@@ -19,13 +19,13 @@ from torch import Tensor, nn
 
 from optimized_sd.errors import UserError
 from optimized_sd.models.ops import SCALE, WeightOp, quantize
+from optimized_sd.pipelines.placement import UNET, text_root
 from optimized_sd.weights.sources import TensorSource
 
 WEIGHT_KINDS = ("fp16", "bf16", "fp8", "int8")
 FP8 = getattr(torch, "float8_e4m3fn", None)  # e4m3: more mantissa than e5m2, and the per-channel scale supplies the range
 STORAGE_DTYPES: dict[str, torch.dtype | None] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": FP8, "int8": torch.int8}
 
-UNET = "model.diffusion_model"
 FIRST_AND_LAST_CONVS = (f"{UNET}.input_blocks.0.0", f"{UNET}.out.2")  # conv_in and conv_out of the UNet
 EMBEDDINGS = (f"{UNET}.time_embed", f"{UNET}.label_emb")
 VAE_END_CONVS = ("conv_in", "conv_out", "quant_conv")  # each VAE half's first and last conv (post_quant_conv included)
@@ -169,9 +169,6 @@ class StoredSource(TensorSource):
         self.inner.close()
 
 
-PARTS = (("UNet", UNET), ("VAE", "first_stage_model"), ("text encoder", "cond_stage_model"))
-
-
 def storage_report(model: nn.Module, storage: WeightStorage, compute_bytes: int = 2) -> str:
     """Which layers are stored how, and the weight bytes of each part before and after (the compute
     dtype's size `compute_bytes` for everything not stored otherwise)."""
@@ -181,7 +178,7 @@ def storage_report(model: nn.Module, storage: WeightStorage, compute_bytes: int 
              + (" with per-output-channel scales" if storage.scaled else "") + f"; {len(storage.kept)} kept in the compute dtype"]
     if not storage.stored:
         lines[0] = f"weights {storage.kind}: the compute dtype already; nothing is stored differently"
-    for part, prefix in PARTS:
+    for part, prefix in (("UNet", UNET), ("VAE", "first_stage_model"), ("text encoder", text_root(model))):
         named = [(f"{prefix}.{name}", p) for name, p in model.get_submodule(prefix).named_parameters()]
         before = sum(p.numel() for _, p in named) * compute_bytes
         after = sum(storage.placed_bytes(key, p, compute_bytes) for key, p in named)
