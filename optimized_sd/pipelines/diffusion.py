@@ -28,7 +28,7 @@ from optimized_sd.pipelines.memory_session import MemorySession
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_size
 from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
 from optimized_sd.pipelines.txt2img import TXT2IMG
-from optimized_sd.pipelines.weight_storage import plan_storage
+from optimized_sd.pipelines.weight_storage import check_weight_kind, plan_storage
 from optimized_sd.sampling import ProgressCallback, scaled_linear_schedule
 from optimized_sd.weights.loading import LoadedModel, prepare_model, source_metadata
 from optimized_sd.weights.prediction import resolve_prediction
@@ -218,6 +218,7 @@ def load(
     weights (fp16, bf16, fp8 or int8 storage of the Linear/Conv2d weights; None: the compute dtype),
     int8_matmul (int8 weights on the CPU: Linear layers with dynamic activation quantisation; False:
     dequantise to fp32 first)."""
+    check_weight_kind(options.get("weights"))
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
     loaded = prepare_model(checkpoint, config=config, ema=ema, vae=vae)

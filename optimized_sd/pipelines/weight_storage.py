@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from functools import cached_property
 
 import torch
@@ -46,10 +47,15 @@ def keeps_compute_dtype(path: str) -> str | None:
     return None
 
 
+def check_weight_kind(kind: str | None) -> None:
+    """A `--weights` value is a known kind (or None: the compute dtype), before anything is loaded."""
+    if kind is not None and kind not in WEIGHT_KINDS:
+        raise UserError(f"unknown --weights {kind!r}; use {', '.join(WEIGHT_KINDS)}")
+
+
 def storage_dtype(kind: str, device_type: str) -> torch.dtype:
     """The torch dtype of a `--weights` kind, checked for this device (a UserError otherwise)."""
-    if kind not in WEIGHT_KINDS:
-        raise UserError(f"unknown --weights {kind!r}; use {', '.join(WEIGHT_KINDS)}")
+    check_weight_kind(kind)
     dtype = STORAGE_DTYPES[kind]
     if dtype is None or (kind == "fp8" and device_type == "mps"):
         raise UserError("--weights fp8 needs torch.float8_e4m3fn, which this torch build or device lacks; use --weights int8")
@@ -167,6 +173,21 @@ class StoredSource(TensorSource):
     def close(self) -> None:
         self._pending.clear()
         self.inner.close()
+
+
+def describe_storage(checkpoint: Path, kind: str) -> str:
+    """`optimized-sd inspect --weights KIND`: the report for a checkpoint's model, built on meta (no weights
+    read). Sizes are against fp16 compute for 8-bit kinds (the GPU's default) and fp32 for 16-bit ones (the CPU's)."""
+    from optimized_sd.weights.loading import prepare_model
+
+    check_weight_kind(kind)
+    compute = torch.float16 if STORAGE_DTYPES[kind] is None or STORAGE_DTYPES[kind].itemsize == 1 else torch.float32
+    loaded = prepare_model(checkpoint)
+    try:
+        storage = plan_storage(loaded.model, kind, compute, "cpu")
+        return f"against {str(compute).split('.')[-1]} compute\n" + storage_report(loaded.model, storage, compute.itemsize)
+    finally:
+        loaded.source.close()
 
 
 def storage_report(model: nn.Module, storage: WeightStorage, compute_bytes: int = 2) -> str:
