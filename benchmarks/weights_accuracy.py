@@ -12,7 +12,13 @@ built when missing), fp32 compute on the CPU, single-threaded (the machine is sh
   largest absolute pixel difference (0-255) and PSNR.
 Random weights (PyTorch's uniform init) have no outliers, so trained weights may quantise less well.
 
+With `--speed`, only the CPU int8 question instead: one pipeline with int8 weights resident, its UNet
+called on the same input with the Linear layers dequantised to fp32 and on fbgemm's dynamic int8 path
+in turn (each timed on the second call of its stage, the steady state of sampling steps), `--rounds`
+times each, alternating, so other work on the machine slows both alike; the fastest of each counts. This is what chose `int8_matmul`'s default.
+
     .venv/bin/python benchmarks/weights_accuracy.py [--model sd15|tiny] [--json out.json]
+    .venv/bin/python benchmarks/weights_accuracy.py --speed [--size 256] [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def unet_forward(pipe, size: int, seed: int = 0) -> tuple[torch.Tensor, float]:
-    """The UNet's output for a seeded CFG-batch input, and the seconds of the forward pass alone."""
+def unet_forward(pipe, size: int, seed: int = 0, calls: int = 1) -> tuple[torch.Tensor, float]:
+    """The UNet's output for a seeded CFG-batch input, and the seconds of the last of `calls` forward
+    passes in one sampling stage (a later call is a sampling step's steady state: weights placed, int8
+    Linear weights packed)."""
     generator = torch.Generator().manual_seed(seed)
     latent = size // pipe.config.vae.downscale
     x = torch.randn((2, 4, latent, latent), generator=generator)
@@ -60,11 +68,34 @@ def unet_forward(pipe, size: int, seed: int = 0) -> tuple[torch.Tensor, float]:
     unet = pipe.model.model.diffusion_model
 
     def work(record) -> tuple[torch.Tensor, float]:
-        start = time.perf_counter()
-        out = unet(x.to(pipe.dtype), t, context.to(pipe.dtype)).float()
+        for _ in range(calls):
+            start = time.perf_counter()
+            out = unet(x.to(pipe.dtype), t, context.to(pipe.dtype)).float()
         return out, time.perf_counter() - start
 
     return pipe.memory.run_stage("unet", work)
+
+
+def int8_speed(model, size: int, rounds: int) -> dict:
+    """Seconds of one UNet forward with int8 weights: Linear layers dequantised vs dynamic, alternating."""
+    pipe = optimized_sd.load(model.checkpoint, tokenizer=model.tokenizer, device="cpu", precision="full", memory="turbo", weights="int8")
+    seconds: dict[str, list[float]] = {"dequantised": [], "dynamic": []}
+    reference = None
+    for _ in range(rounds):
+        for label in seconds:
+            pipe.memory.int8_matmul = label == "dynamic"
+            out, elapsed = unet_forward(pipe, size, calls=2)
+            seconds[label].append(elapsed)
+            if label == "dequantised":
+                reference = out
+            else:
+                dynamic_error = relative_error(out, reference)
+            print(f"{label:<12} {elapsed:7.2f} s", flush=True)
+    pipe.close()
+    best = {label: min(values) for label, values in seconds.items()}
+    print(f"int8 UNet forward at {size}x{size}, CFG batch 2: dequantised {best['dequantised']:.2f} s, dynamic {best['dynamic']:.2f} s "
+          f"({best['dynamic'] / best['dequantised']:.2f}x); dynamic vs dequantised output rel.err {dynamic_error:.2e}")
+    return {"size": size, "rounds": rounds, "seconds": seconds, "best": best, "dynamic_vs_dequantised_rel_err": dynamic_error}
 
 
 def image(pipe, size: int, steps: int) -> np.ndarray:
@@ -79,10 +110,18 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--speed", action="store_true", help="only time int8 Linear: dequantised vs dynamic")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = ensure_model(name=args.model)
+    if args.speed:
+        result = int8_speed(model, args.size, args.rounds)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, **result}, indent=1))
+        return
     rows, outputs, images = [], {}, {}
     for label, weights, int8_matmul in VARIANTS:
         pipe = optimized_sd.load(model.checkpoint, tokenizer=model.tokenizer, device="cpu", precision="full", memory="turbo",
@@ -102,7 +141,8 @@ def main() -> None:
         rows.append(row)
         print(f"{label:<13} UNet {row['unet_weight_mib']:7.1f} MiB  forward {seconds:6.2f} s  rel.err vs fp32 {row['rel_err_vs_fp32']:.2e}"
               + (f"  vs fp16 {row['rel_err_vs_fp16']:.2e}" if row["rel_err_vs_fp16"] is not None else "")
-              + f"  image |diff| mean {row['image_mean_abs']:.2f} max {row['image_max_abs']:.0f}  PSNR {row['image_psnr_db']:.1f} dB", flush=True)
+              + f"  image |diff| mean {row['image_mean_abs']:.2f} max {row['image_max_abs']:.0f}"
+              + f"  PSNR {row['image_psnr_db']:.1f} dB", flush=True)
     setup = {"model": args.model, "unet_input": f"CFG batch 2 at {args.size}x{args.size}, t=500, random context",
              "image": f"{args.image_size}x{args.image_size}, {args.steps} DDIM steps", "threads": args.threads,
              "compute": "fp32 CPU", "torch": torch.__version__}

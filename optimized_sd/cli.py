@@ -261,6 +261,7 @@ def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_pe
 @click.option("--precision", default="autocast", show_default=True, help="autocast, full, fp16 or bf16.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json, merges.txt).")
 @click.option("--attention", default="sdpa", show_default=True, help="sdpa, xformers, sliced or naive.")
+@click.option("--weights", help="Store the UNet/VAE Linear and Conv2d weights as fp16, bf16, fp8 or int8 (default: the compute dtype).")
 def serve(**flags) -> None:
     """Web UI and AUTOMATIC1111-compatible HTTP API, one model loaded once (needs the [ui] extra)."""
     from optimized_sd.server import app

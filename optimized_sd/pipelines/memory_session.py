@@ -162,7 +162,9 @@ class MemorySession:
         plan = self.plan
         if plan is None:
             return RunOptions(int8_matmul=self.int8_matmul)
-        return RunOptions(feed_forward_chunk_tokens=plan.feed_forward_chunk_tokens, unet_micro_batch=plan.unet_batch, int8_matmul=self.int8_matmul)
+        return RunOptions(
+            feed_forward_chunk_tokens=plan.feed_forward_chunk_tokens, unet_micro_batch=plan.unet_batch, int8_matmul=self.int8_matmul
+        )
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[StageRecord]:
