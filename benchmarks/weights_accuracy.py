@@ -14,8 +14,9 @@ Random weights (PyTorch's uniform init) have no outliers, so trained weights may
 
 With `--speed`, only the CPU int8 question instead: one pipeline with int8 weights resident, its UNet
 called on the same input with the Linear layers dequantised to fp32 and on fbgemm's dynamic int8 path
-in turn (each timed on the second call of its stage, the steady state of sampling steps), `--rounds`
-times each, alternating, so other work on the machine slows both alike; the fastest of each counts. This is what chose `int8_matmul`'s default.
+in turn (each timed on the second call of its stage, the steady state of sampling steps),
+`--rounds` times each, alternating, so other work on the machine slows both alike; the fastest of
+each counts. This is what chose `int8_matmul`'s default.
 
     .venv/bin/python benchmarks/weights_accuracy.py [--model sd15|tiny] [--json out.json]
     .venv/bin/python benchmarks/weights_accuracy.py --speed [--size 256] [--rounds 3] [--json out.json]

@@ -119,7 +119,8 @@ def test_inspect_reports_what_is_stored_and_what_stays(capsys, tiny_model):
     code, out, err = run(capsys, "inspect", tiny_model.safetensors, "--weights", "int8")
     assert code == 0, err
     assert "weights int8:" in out and "with per-output-channel scales" in out
-    kept = (f"{UNET}.input_blocks.0.0.weight", f"{UNET}.out.2.weight", f"{UNET}.time_embed.0.weight", "first_stage_model.decoder.conv_in.weight")
+    kept = (f"{UNET}.input_blocks.0.0.weight", f"{UNET}.out.2.weight", f"{UNET}.time_embed.0.weight",
+            "first_stage_model.decoder.conv_in.weight")
     assert all(f"{key}  (" in out for key in kept)
 
 
