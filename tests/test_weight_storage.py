@@ -238,3 +238,11 @@ def test_the_tensor_hook_sees_only_compute_dtype_tensors(tiny_model):
     keys = {key for key, _ in seen}
     assert not keys & pipe.storage.stored_set and f"{UNET}.out.2.weight" in keys
     pipe.close()
+
+
+def test_txt2img_flag(capsys, tiny_model, tmp_path):
+    code, out, err = run(capsys, "txt2img", "--ckpt", tiny_model.safetensors, "--tokenizer", tiny_model.tokenizer, "--outdir", tmp_path,
+                         "--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples", "1", "--seed", "5", "--device", "cpu",
+                         "--memory", "stream", "--weights", "int8", "--skip_grid")
+    assert code == 0, err
+    assert "mode stream on cpu, int8 weights" in out and len(list(tmp_path.rglob("*.png"))) == 1
