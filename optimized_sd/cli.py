@@ -41,7 +41,11 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale (1 turns guidance off)."),
         click.option("--ddim_eta", "eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic)."),
         click.option("--sampler", default="plms", show_default=True, help="ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde."),
-        click.option("--karras", is_flag=True, help="Karras sigma schedule (k-samplers only)."),
+        click.option("--karras", is_flag=True, help="Karras sigma schedule (k-samplers only); same as --schedule karras."),
+        click.option("--schedule", help="k-sampler sigma grid: linspace (default, diffusers'), automatic, uniform, karras, exponential, sgm_uniform."),
+        click.option("--lora", multiple=True, help="LoRA file, FILE or FILE:WEIGHT (repeatable; default weight 1)."),
+        click.option("--lora-dir", "lora_dir", type=click.Path(path_type=Path), default="models/Lora", show_default=True, help="Where <lora:NAME:WEIGHT> in a prompt finds NAME.safetensors."),
+        click.option("--embeddings-dir", "embeddings_dir", type=click.Path(path_type=Path), default="embeddings", show_default=True, help="Textual-inversion files, used by writing their file name in a prompt."),
         click.option("--n_samples", type=int, default=5, show_default=True, help="Images per batch."),
         click.option("--n_iter", type=int, default=1, show_default=True, help="Number of batches."),
         click.option("--seed", type=int, help="Seed of the first image (image i uses seed+i); random when omitted."),
@@ -77,7 +81,10 @@ def cli() -> None:
     """Low-VRAM Stable Diffusion (SD 1.x, SD 2.x, SDXL): txt2img and img2img on small GPUs or the CPU."""
 
 
-LOAD_OPTIONS = ("config", "ema", "vae", "prediction", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer", "weights")
+LOAD_OPTIONS = (
+    "config", "ema", "vae", "prediction", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer", "lora_dir", "embeddings_dir",
+    "weights",
+)
 
 
 def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None, max_image_pixels: int | None = None):
@@ -97,6 +104,8 @@ def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
         eta=flags["eta"],
         sampler=flags["sampler"],
         karras=flags["karras"],
+        schedule=flags["schedule"],
+        loras=tuple(flags["lora"]),
         height=flags["height"],
         width=flags["width"],
         latent_channels=flags["channels"],
@@ -280,17 +289,18 @@ def serve(**flags) -> None:
 @click.option("--inpaint-area", "inpaint_area", default="whole", show_default=True, help="whole, or masked: only the mask's box plus --padding, at --H/--W.")
 @click.option("--padding", type=int, default=32, show_default=True, help="Pixels around the mask's box for --inpaint-area masked.")
 @click.option("--outpaint", help="LEFT,RIGHT,TOP,BOTTOM: grow the canvas by these pixels and paint the new border.")
+@click.option("--masked-content", "masked_content", default="original", show_default=True, help="What the masked part starts from below strength 1: original, fill (surrounding colours), latent-noise or latent-nothing.")
 @max_image_pixels_option
 @generation_options("outputs/inpaint-samples", None)
 def inpaint(
     init_img: Path, mask: Path | None, invert_mask: bool, mask_blur: float, strength: float, inpaint_area: str, padding: int,
-    outpaint: str | None, max_image_pixels: int | None, **flags
+    outpaint: str | None, masked_content: str, max_image_pixels: int | None, **flags
 ) -> None:
     """Repaint the masked part of an image, or paint a grown border (outpainting)."""
     from optimized_sd.pipelines.masks import InpaintOptions, parse_outpaint
 
     border = parse_outpaint(outpaint) if outpaint is not None else None
-    options = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, border)
+    options = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, border, masked_content)
     run_from_flags(flags, init_img=init_img, strength=strength, inpaint=options, max_image_pixels=max_image_pixels)
 
 

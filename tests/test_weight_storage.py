@@ -229,11 +229,14 @@ def test_int8_linear_layers_use_the_dynamic_path_on_the_cpu_and_forget_it_with_t
     streamed.close()
 
 
-def test_the_tensor_hook_sees_only_compute_dtype_tensors(tiny_model):
+def test_the_tensor_hook_sees_only_compute_dtype_tensors_and_loras_are_refused(tiny_model):
     pipe = make_pipe(tiny_model, weights="int8")
     pipe.memory.use_mode("full")  # everything placed: the hook is called for every tensor at once
     seen: list[tuple[str, torch.dtype]] = []
-    pipe.memory.set_tensor_hook(lambda key, tensor: seen.append((key, tensor.dtype)))
+    with pytest.raises(UserError, match="LoRAs cannot be merged into weights stored as int8"):
+        pipe.memory.set_tensor_hook(lambda key, tensor: None)
+    pipe.engine.tensor_hook = lambda key, tensor: seen.append((key, tensor.dtype))
+    pipe.engine.reload()
     assert seen and all(dtype == torch.float32 for _, dtype in seen)
     keys = {key for key, _ in seen}
     assert not keys & pipe.storage.stored_set and f"{UNET}.out.2.weight" in keys

@@ -72,6 +72,11 @@ def tower_pad_ids(config: ModelConfig) -> list[int | None]:
     return pads
 
 
+def text_towers(module: nn.Module) -> list[nn.Module]:
+    """The towers of the text module `build_text_module` made, in the order their contexts are concatenated."""
+    return list(module.embedders) if isinstance(module, GeneralConditioner) else [module]
+
+
 def encode_tokens(module: nn.Module, ids: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
     """(context, pooled) of the text module `build_text_module` made, from one id tensor per tower."""
     if isinstance(module, GeneralConditioner):

@@ -4,6 +4,7 @@ where it computes is `memory_session`'s business."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,12 +26,15 @@ from optimized_sd.pipelines.img2img import IMG2IMG
 from optimized_sd.pipelines.inpaint import Inpaint
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.memory_session import MemorySession
+from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_size
 from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
 from optimized_sd.pipelines.txt2img import TXT2IMG
 from optimized_sd.pipelines.weight_storage import check_weight_kind, plan_storage
 from optimized_sd.sampling import ProgressCallback, scaled_linear_schedule
+from optimized_sd.weights.embeddings import EmbeddingLibrary
 from optimized_sd.weights.loading import LoadedModel, prepare_model, source_metadata
+from optimized_sd.weights.lora import LoraSet
 from optimized_sd.weights.prediction import resolve_prediction
 
 __all__ = [  # the names callers have imported from here
@@ -67,6 +71,8 @@ class StableDiffusion:
         attention: str = "sdpa",
         vae_tiling: str = "auto",
         tokenizer: str | Path | None = None,
+        lora_dir: str | Path = DEFAULT_LORA_DIR,
+        embeddings_dir: str | Path = DEFAULT_EMBEDDINGS_DIR,
         weights: str | None = None,
         int8_matmul: bool = True,
     ) -> None:
@@ -86,12 +92,15 @@ class StableDiffusion:
         folder = loaded.checkpoint.path if loaded.checkpoint.path.is_dir() else None
         tokenizers = load_tower_tokenizers(self.config, folder, Path(tokenizer) if tokenizer else None)
         self.tokenizer: PromptTokenizer = tokenizers[0]
-        self.text = PromptEncoder(self.model, tokenizers, self.device, self.dtype)
+        self.embeddings = EmbeddingLibrary(Path(embeddings_dir))
+        self.text = PromptEncoder(self.model, tokenizers, self.device, self.dtype, self.embeddings)
         self.schedule = scaled_linear_schedule(self.config.linear_start, self.config.linear_end, self.config.timesteps)
         self._model_hash: str | None = None
         self.prediction_reason = "family default"  # where the prediction type came from (set by `load`)
         self.vae_file: Path | None = None  # `--vae FILE` (set by `load`)
         self._vae_hash: str | None = None
+        self.lora_dir = Path(lora_dir)
+        self.loras = LoraSet(self.config, {key: tuple(value.shape) for key, value in self.model.state_dict().items()})
 
     @property
     def dtype_bytes(self) -> int:
@@ -119,6 +128,12 @@ class StableDiffusion:
         calls it alone to time loading apart from generating)."""
         task = task_for(request)
         return self.memory.prepare(core.planner_request(self, task, task.normalise(request)))
+
+    def use_loras(self, weights: Mapping[Path, float]) -> None:
+        """Make `weights` (file -> weight) the LoRAs merged into the weights as the memory engine places
+        them; resident weights are placed again only when the set or a weight changed."""
+        if self.loras.activate(weights):
+            self.memory.set_tensor_hook(self.loras if self.loras.active else None)
 
     def close(self) -> None:
         """Release the weights' placement and the checkpoint's file maps (a long-lived server calls this)."""
@@ -179,16 +194,18 @@ class StableDiffusion:
         inpaint_area: str = "whole",
         padding: int = 32,
         outpaint: tuple[int, int, int, int] | None = None,
+        masked_content: str = "original",
         **options,
     ) -> list[Image.Image]:
         """Repaint where `mask` is white (any mode PIL reads; see `pipelines.masks`), or grow the
         canvas by `outpaint` = (left, right, top, bottom) pixels and paint the border. The images
         have the input's size (outpainting: the grown canvas); `height`/`width` set the generation
         size (default: the image's floored to 64; 512 for inpaint_area="masked"). Options are
-        `GenerationRequest` fields; `strength` defaults to 1 (diffusers' default for inpainting)."""
+        `GenerationRequest` fields; `strength` defaults to 1 (diffusers' default for inpainting).
+        `masked_content` (below 1 only): "original", "fill", "latent-noise" or "latent-nothing"."""
         if not isinstance(image, Image.Image):
             image = open_image(image)
-        inpaint = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, tuple(outpaint) if outpaint else None)
+        inpaint = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, tuple(outpaint) if outpaint else None, masked_content)
         inpaint.check()
         width, height = inpaint.generation_size(image.size)
         options = {"strength": 1.0, "width": width, "height": height, **{k: v for k, v in options.items() if v is not None}}

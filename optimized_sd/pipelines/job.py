@@ -18,6 +18,7 @@ from optimized_sd.memory.planner import format_bytes
 from optimized_sd.pipelines.diffusion import GenerationRequest, StableDiffusion
 from optimized_sd.pipelines.images import load_init_image, open_image
 from optimized_sd.pipelines.masks import InpaintOptions, prepare_region
+from optimized_sd.pipelines.networks import lora_weights
 from optimized_sd.pipelines.output import (
     ImageParameters,
     check_output_folder,
@@ -28,8 +29,9 @@ from optimized_sd.pipelines.output import (
     save_image,
     write_report,
 )
-from optimized_sd.pipelines.prompts import prompt_mix, read_prompt_file
+from optimized_sd.pipelines.prompts import read_prompt_file
 from optimized_sd.pipelines.request import check_numbers, check_seeds, check_size
+from optimized_sd.prompts.syntax import subprompt_mix
 from optimized_sd.sampling import StepInfo, make_plan
 
 IMAGE_FORMATS = ("png", "jpg")
@@ -73,6 +75,8 @@ class Job:
     eta: float = 0.0
     sampler: str = "plms"
     karras: bool = False
+    schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
+    loras: tuple[str, ...] = ()  # 'FILE' or 'FILE:WEIGHT', besides the <lora:NAME:WEIGHT> tags in prompts
     height: int | None = None
     width: int | None = None
     latent_channels: int = 4
@@ -99,7 +103,7 @@ class Job:
             if value < 1:
                 raise UserError(f"{flag} {value} must be at least 1")
         check_numbers(scale=self.scale, ddim_eta=self.eta, strength=self.strength)
-        prompt_mix(self.negative_prompt)
+        subprompt_mix(self.negative_prompt)
         if self.output.n_rows < 0:
             raise UserError("--n_rows must be 0 (one row per batch) or more")
         if self.output.fmt not in IMAGE_FORMATS:
@@ -114,7 +118,10 @@ class Job:
                 raise UserError("inpainting needs an init image (--init-img)")
             self.inpaint.check()
         strength = self.strength if self.init_image is not None else 1.0
-        make_plan(self.sampler, self.steps, strength=strength, eta=self.eta, karras=self.karras)
+        make_plan(self.sampler, self.steps, strength=strength, eta=self.eta, karras=self.karras, schedule_type=self.schedule)
+        for path in lora_weights(self.loras):
+            if not path.is_file():
+                raise UserError(f"--lora {path}: no such file")
         if self.output.report_json is not None:
             check_report_path(self.output.report_json)
 
@@ -123,7 +130,7 @@ class Job:
         not created: nothing is written before the model has run)."""
         prompts = list(dict.fromkeys(p for batch in batches for p in batch))
         for prompt in prompts:
-            prompt_mix(prompt)
+            subprompt_mix(prompt)
         images = self.n_samples if self.fixed_code else self.n_iter * sum(len(batch) for batch in batches)
         check_seeds(self.seed, images)
         policy = self.output
@@ -132,6 +139,19 @@ class Job:
         if not policy.skip_save:
             for prompt in prompts:
                 check_output_folder(prompt_folder(policy.outdir, prompt))
+
+    def open_init_image(self) -> Image.Image | None:
+        """The init image as the pipeline takes it: resized to --H/--W for img2img, at its own size for
+        inpainting (whose mask is checked against it here, so a bad mask costs no loading time)."""
+        image = self.init_image
+        if image is None or isinstance(image, Image.Image):
+            return image
+        if self.inpaint is None:
+            return load_init_image(image, self.height, self.width, self.max_image_pixels)
+        image = open_image(image, self.max_image_pixels)
+        first = self.request([""], 0, image)
+        prepare_region(image, (first.width, first.height), self.inpaint)
+        return image
 
     def batches(self) -> list[list[str]]:
         """Prompt batches of n_samples: each prompt repeated and chunked (CompVis order;
@@ -153,6 +173,8 @@ class Job:
             eta=self.eta,
             sampler=self.sampler,
             karras=self.karras,
+            schedule=self.schedule,
+            loras=self.loras,
             seed=seed,
             height=self.height or default_height,  # None: the model family's size (the pipeline decides)
             width=self.width or default_width,
@@ -205,15 +227,7 @@ def run_job(
     job.validate()
     prompt_batches = job.batches()
     job.check_batches(prompt_batches)
-    init_image = job.init_image
-    if init_image is not None and not isinstance(init_image, Image.Image):
-        if job.inpaint is not None:
-            init_image = open_image(init_image, job.max_image_pixels)
-        else:
-            init_image = load_init_image(init_image, job.height, job.width, job.max_image_pixels)
-    if job.inpaint is not None and init_image is not None:
-        first = job.request(prompt_batches[0], 0, init_image)
-        prepare_region(init_image, (first.width, first.height), job.inpaint)  # a bad mask costs no loading time
+    init_image = job.open_init_image()
     policy = job.output
     if not isinstance(pipe, StableDiffusion):
         pipe = pipe()

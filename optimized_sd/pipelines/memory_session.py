@@ -151,7 +151,11 @@ class MemorySession:
 
     def set_tensor_hook(self, hook: TensorHook | None) -> None:
         """Patch every weight as it is placed (see `OffloadEngine.tensor_hook`), from now on: resident
-        groups are placed again at once, the others at their next load. None removes the patch."""
+        groups are placed again at once, the others at their next load. None removes the patch.
+        Weights stored otherwise (`--weights`) are not in the compute dtype and are never passed to the
+        hook, so a patch (a LoRA) would miss them: refused rather than applied in part."""
+        if hook is not None and self.storage.stored:
+            raise UserError(f"LoRAs cannot be merged into weights stored as {self.storage.kind} yet; load without --weights to use them")
         self.tensor_hook = hook
         if self.engine is not None:
             self.engine.tensor_hook = hook

@@ -43,6 +43,7 @@ class ImageParameters:
     strength: float | None = None
     vae_hash: str | None = None  # `--vae FILE`'s short hash (AUTOMATIC1111's "VAE hash")
     vae_name: str | None = None
+    extra: tuple[tuple[str, str], ...] = ()  # further `Name: value` fields (Schedule type, Lora hashes, TI hashes)
 
     def text(self) -> str:
         """Prompt line, `Negative prompt:` line, then the `Key: value, ...` line. Newlines in the prompts
@@ -62,6 +63,7 @@ class ImageParameters:
         if self.vae_hash is not None:
             fields["VAE hash"] = self.vae_hash
             fields["VAE"] = self.vae_name
+        fields.update(self.extra)
         lines = [one_line(self.prompt)]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {one_line(self.negative_prompt)}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 from torch import Tensor
@@ -35,6 +37,8 @@ class GenerationRequest:
     init_image: Image.Image | None = None
     strength: float = 0.75
     inpaint: InpaintOptions | None = None
+    loras: Mapping[str | Path, float] | Sequence[str] | None = None  # {file: weight} or ['FILE[:WEIGHT]']
+    schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
 
     @property
     def guided(self) -> bool:
