@@ -213,7 +213,8 @@ def test_stream_moves_half_the_bytes_of_the_stored_weights(tiny_model):
 def test_int8_linear_layers_use_the_dynamic_path_on_the_cpu_and_forget_it_with_the_weights(tiny_model):
     if not ops.cpu_int8_matmul_available():
         pytest.skip("fbgemm's dynamic int8 Linear is not in this torch build")
-    pipe = make_pipe(tiny_model, weights="int8")
+    assert not make_pipe(tiny_model, weights="int8").memory.int8_matmul  # the default: dequantised (measured faster)
+    pipe = make_pipe(tiny_model, weights="int8", int8_matmul=True)
     assert pipe.memory.int8_matmul
     pipe.generate(request())
     linears = [m for name, m in pipe.model.named_modules() if isinstance(m, ops.Linear) and f"{name}.weight" in pipe.storage.stored_set]
@@ -223,7 +224,7 @@ def test_int8_linear_layers_use_the_dynamic_path_on_the_cpu_and_forget_it_with_t
     assert used and all(p[0]() is m.weight for p, m in zip(packed, linears) if p is not None)
     pipe.close()  # the weights are dropped: so are the packed copies
     assert all(getattr(m, "_int8_packed", None) is None for m in linears)
-    streamed = make_pipe(tiny_model, weights="int8", memory="stream")
+    streamed = make_pipe(tiny_model, weights="int8", memory="stream", int8_matmul=True)
     streamed.generate(request())
     assert all(getattr(m, "_int8_packed", None) is None for m in streamed.model.get_submodule(UNET).modules() if isinstance(m, ops.Linear))
     streamed.close()

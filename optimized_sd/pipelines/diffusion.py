@@ -74,7 +74,7 @@ class StableDiffusion:
         lora_dir: str | Path = DEFAULT_LORA_DIR,
         embeddings_dir: str | Path = DEFAULT_EMBEDDINGS_DIR,
         weights: str | None = None,
-        int8_matmul: bool = True,
+        int8_matmul: bool = False,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -233,8 +233,9 @@ def load(
     `vae`: a separate VAE file replacing the checkpoint's; `prediction`: auto|eps|v (see
     `weights.prediction`). Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer,
     weights (fp16, bf16, fp8 or int8 storage of the Linear/Conv2d weights; None: the compute dtype),
-    int8_matmul (int8 weights on the CPU: Linear layers with dynamic activation quantisation; False:
-    dequantise to fp32 first)."""
+    int8_matmul (int8 weights on the CPU: Linear layers on fbgemm's dynamic activation quantisation instead
+    of dequantising to fp32 first; off by default: measured 1.15-1.18x slower on the whole UNet here, see
+    benchmarks/weights_accuracy.py --speed)."""
     check_weight_kind(options.get("weights"))
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))

@@ -58,7 +58,7 @@ class MemorySession:
         vae_tiling: str = "auto",
         attention: str = "sdpa",
         storage: WeightStorage | None = None,
-        int8_matmul: bool = True,
+        int8_matmul: bool = False,
     ) -> None:
         self.model = model
         self.storage = storage or WeightStorage()
@@ -66,7 +66,7 @@ class MemorySession:
         self.source = StoredSource(source, self.storage) if self.storage.stored else source
         self.device = device
         self.dtype = dtype
-        # int8 weights on the CPU in fp32: Linear layers compute with dynamic activation quantisation.
+        # int8 weights on the CPU in fp32, when asked: Linear layers compute with dynamic activation quantisation.
         self.int8_matmul = (
             int8_matmul and self.storage.scaled and self.storage.dtype == torch.int8 and device.type == "cpu"
             and dtype == torch.float32 and cpu_int8_matmul_available()
