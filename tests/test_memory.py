@@ -105,8 +105,7 @@ def test_stream_copies_ahead_only_within_its_window(tiny_model, full_result, mon
     pipe.memory.use_mode("stream")
     engine = pipe.engine
     engine.prefetch_enabled = True  # on CUDA it is; on the CPU the same schedule runs without a side stream
-    size = torch.empty((), dtype=pipe.dtype).element_size()
-    weights = {name: group.bytes * size for name, group in engine.groups.items()}
+    weights = {name: group.bytes for name, group in engine.groups.items()}  # bytes as placed
     blocks = [name for name in engine.groups if name.startswith("unet.")]
     window = sum(sorted(weights[name] for name in blocks)[-lookahead_blocks:]) if lookahead_blocks else 0
     planned = pipe.memory.plan_for
