@@ -19,7 +19,8 @@ import click
 
 from optimized_sd.benchmark import report
 from optimized_sd.benchmark.results import BenchModel, BenchRecord, Machine, ScenarioResult, ScenarioTask, Settings, from_json
-from optimized_sd.benchmark.scenarios import DEFAULT_STEPS, QUICK, Scenario, Selection, select_scenarios
+from optimized_sd.benchmark.caps import parse_budget
+from optimized_sd.benchmark.scenarios import DEFAULT_STEPS, QUICK, SEED_WORKLOAD, Scenario, Selection, select_scenarios, split_list
 from optimized_sd.benchmark.worker import PROMPT, RESULT_PREFIX, SCALE, SEED, STRENGTH  # stdlib-only module
 from optimized_sd.errors import UserError
 from optimized_sd.memory.precision import PRECISIONS
@@ -57,17 +58,22 @@ class BenchOptions:
     timeout: float = 1800.0
     label: str | None = None
     command: str = "optimized-sd bench"
+    seed_workload: bool = False
 
     def resolved(self) -> dict:
-        """Flag values with the quick preset and defaults filled in (steps/warmup need the device)."""
-        preset = QUICK if self.quick else {}
+        """Flag values with the presets and defaults filled in (steps/warmup need the device). With
+        --budget (the frontier) our runs are `auto` under each budget, so no fixed mode by default;
+        the seed workload is ours alone: `full` uncapped beside the capped run it adds."""
+        preset = QUICK if self.quick else SEED_WORKLOAD if self.seed_workload else {}
+        frontier = self.budget is not None and not self.seed_workload
         return {
             "sizes": self.sizes or preset.get("sizes", "512"),
             "batches": self.batches or preset.get("batches", "1"),
-            "kinds": self.kinds or preset.get("kinds", "txt2img,img2img"),
-            "modes": self.modes if self.modes is not None else preset.get("modes", "full,turbo,split,stream"),
+            "kinds": self.kinds or preset.get("kinds", "txt2img" if frontier else "txt2img,img2img"),
+            "modes": self.modes if self.modes is not None else preset.get("modes", "none" if frontier else "full,turbo,split,stream"),
             "peers": self.peers if self.peers is not None else preset.get("peers", "all"),
             "steps": self.steps or preset.get("steps"),
+            "n_iter": preset.get("n_iter", 1),
         }
 
 
@@ -150,7 +156,7 @@ def run_scenario(task: ScenarioTask, scenario: Scenario, timeout: float | None) 
 
 def progress_line(result: ScenarioResult, cuda: bool) -> str:
     if not result.ok:
-        return "failed: " + result.failure
+        return ("does not complete: " if result.oom else "failed: ") + result.failure
     memory = f"peak VRAM {result.peak_allocated_mib:,.0f} MiB, " if cuda else ""
     mode = f" [{result.mode_used}]" if result.mode_used and result.mode_used != result.scenario.mode else ""
     if result.seconds_per_step is None:
@@ -163,7 +169,7 @@ def progress_line(result: ScenarioResult, cuda: bool) -> str:
 
 def select(options: BenchOptions, device_type: str) -> Selection:
     flags = options.resolved()
-    return select_scenarios(
+    chosen = select_scenarios(
         kinds=flags["kinds"],
         sizes=flags["sizes"],
         batches=flags["batches"],
@@ -171,11 +177,43 @@ def select(options: BenchOptions, device_type: str) -> Selection:
         modes=flags["modes"],
         peers=flags["peers"],
         device_type=device_type,
-        budget=options.budget,
+        budget=None if options.seed_workload else options.budget,
         only=options.only,
-        diffusers_available=installed("diffusers"),
-        accelerate_available=installed("accelerate"),
+        n_iter=flags["n_iter"],
+        installed=installed,
     )
+    if options.seed_workload:  # the capped run first, then what it is compared with
+        cap = options.budget or SEED_WORKLOAD["budget"]
+        if len(split_list(cap)) != 1 or parse_budget(cap) is None:
+            raise UserError(f"--seed-workload takes one --budget (default {SEED_WORKLOAD['budget']}), not {cap!r}")
+        capped = [replace(s, mode=SEED_WORKLOAD["mode"], budget=cap) for s in chosen.scenarios if s.engine == "ours"]
+        chosen = Selection(list(dict.fromkeys(capped + chosen.scenarios)), chosen.notes)
+    return chosen
+
+
+def skipped_for_memory(scenario: Scenario, out_of_memory: dict[tuple[str, str], str]) -> ScenarioResult | None:
+    """A frontier run not worth starting: the same configuration on the same work already ran out of
+    memory at a larger budget (budgets run roomiest first), so it cannot complete at this one."""
+    larger = out_of_memory.get((scenario.group, scenario.mode))
+    if scenario.budget is None or larger is None:
+        return None
+    return ScenarioResult(scenario, ok=False, oom=True, error=f"not run: does not complete at {larger} already")
+
+
+def run_scenarios(
+    scenarios: list[Scenario], run: Callable[[Scenario], ScenarioResult], done: Callable[[int, Scenario, ScenarioResult], None]
+) -> list[ScenarioResult]:
+    """Run each scenario (`run`), except those `skipped_for_memory` says cannot complete; `done` hears
+    of each result as it comes (index from 1)."""
+    results = []
+    out_of_memory: dict[tuple[str, str], str] = {}
+    for index, scenario in enumerate(scenarios, 1):
+        result = skipped_for_memory(scenario, out_of_memory) or run(scenario)
+        if result.oom and scenario.budget is not None:
+            out_of_memory.setdefault((scenario.group, scenario.mode), scenario.budget)
+        results.append(result)
+        done(index, scenario, result)
+    return results
 
 
 def check_flags(options: BenchOptions) -> None:
@@ -192,12 +230,15 @@ def check_flags(options: BenchOptions) -> None:
         raise UserError("--repeat must be at least 1")
     if options.timeout <= 0:
         raise UserError("--timeout must be above zero")
+    if options.quick and options.seed_workload:
+        raise UserError("--quick and --seed-workload are two presets; give one")
     select(options, guess_device_type(options.device))  # names, sizes, numbers: fails fast with a one-line error
 
 
 def results_folder(options: BenchOptions, machine: Machine, date: str) -> Path:
     sizes = options.resolved()["sizes"].split(",")
-    label = options.label or ("quick" if options.quick else "-".join(size.replace("x", "by") for size in sizes))
+    preset = "quick" if options.quick else "seed-workload" if options.seed_workload else "frontier" if options.budget else None
+    label = options.label or preset or "-".join(size.replace("x", "by") for size in sizes)
     if options.model != "sd15":
         label += f"-{options.model}"
     return Path(options.out) / f"{report.device_label(machine)}-{date}-{label}"
@@ -255,13 +296,20 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
     folder = results_folder(options, machine, date)
     earlier = load_earlier(folder) if options.update else None
     total = len(selection.scenarios)
-    for index, scenario in enumerate(selection.scenarios, 1):
-        echo(f"[{index}/{total}] {scenario.name} ...", nl=False)
-        result = run_scenario(task, scenario, options.timeout)
+
+    def run(scenario: Scenario) -> ScenarioResult:
+        echo(f"[{len(record.results) + 1}/{total}] {scenario.name} ...", nl=False)
+        return run_scenario(task, scenario, options.timeout)
+
+    def done(index: int, scenario: Scenario, result: ScenarioResult) -> None:
+        if result.error and result.error.startswith("not run:"):
+            echo(f"[{index}/{total}] {scenario.name} ...", nl=False)
         record.results.append(result)
         record.wall_seconds = time.time() - started
         echo(" " + progress_line(result, device_type == "cuda"))
         report.write_partial(merged(record, earlier, []), folder)  # what a killed run leaves
+
+    run_scenarios(selection.scenarios, run, done)
     record.wall_seconds = time.time() - started
     if options.update:
         record = merged(record, earlier, [s.name for s in selection.scenarios])
