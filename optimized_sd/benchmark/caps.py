@@ -11,7 +11,7 @@ left after the context (or the RSS before loading), as a user on that card would
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from optimized_sd.errors import UserError
 
@@ -24,7 +24,12 @@ UNCAPPED = "none"
 
 
 class BudgetTooSmall(Exception):
-    """The budget leaves nothing to run in (the context alone fills it): the run does not complete."""
+    """The budget leaves nothing to run in (the context alone fills it): the run does not complete.
+    `facts`: what was seen, for the record."""
+
+    def __init__(self, message: str, facts: CapFacts) -> None:
+        super().__init__(message)
+        self.facts = facts
 
 
 class BudgetAboveDevice(Exception):
@@ -84,16 +89,10 @@ def cuda_cap(budget: int, device_total: int, context: int) -> CapFacts:
     if budget > device_total:
         raise BudgetAboveDevice(f"the budget of {budget / MIB:,.0f} MiB is more than this device's {device_total / MIB:,.0f} MiB")
     allocatable = budget - context
+    seen = CapFacts(kind=CUDA_FRACTION, budget_mib=budget / MIB, device_total_mib=device_total / MIB, context_mib=context / MIB)
     if allocatable <= 0:
-        raise BudgetTooSmall(f"the budget of {budget / MIB:,.0f} MiB is filled by the CUDA context alone ({context / MIB:,.0f} MiB)")
-    return CapFacts(
-        kind=CUDA_FRACTION,
-        budget_mib=budget / MIB,
-        device_total_mib=device_total / MIB,
-        context_mib=context / MIB,
-        allocatable_mib=allocatable / MIB,
-        fraction=allocatable / device_total,
-    )
+        raise BudgetTooSmall(f"the budget of {budget / MIB:,.0f} MiB is filled by the CUDA context alone ({context / MIB:,.0f} MiB)", seen)
+    return replace(seen, allocatable_mib=allocatable / MIB, fraction=allocatable / device_total)
 
 
 def cpu_cap(budget: int, ram_total: int, baseline_rss: int) -> CapFacts:
@@ -102,18 +101,12 @@ def cpu_cap(budget: int, ram_total: int, baseline_rss: int) -> CapFacts:
     if budget > ram_total:
         raise BudgetAboveDevice(f"the budget of {budget / MIB:,.0f} MiB is more than this machine's {ram_total / MIB:,.0f} MiB of RAM")
     allocatable = budget - baseline_rss
+    seen = CapFacts(kind=CPU_RSS, budget_mib=budget / MIB, device_total_mib=ram_total / MIB, total_source="meminfo", context_mib=baseline_rss / MIB)
     if allocatable <= 0:
         raise BudgetTooSmall(
-            f"the budget of {budget / MIB:,.0f} MiB is filled by the interpreter and its libraries alone ({baseline_rss / MIB:,.0f} MiB RSS)"
+            f"the budget of {budget / MIB:,.0f} MiB is filled by the interpreter and its libraries alone ({baseline_rss / MIB:,.0f} MiB RSS)", seen
         )
-    return CapFacts(
-        kind=CPU_RSS,
-        budget_mib=budget / MIB,
-        device_total_mib=ram_total / MIB,
-        total_source="meminfo",
-        context_mib=baseline_rss / MIB,
-        allocatable_mib=allocatable / MIB,
-    )
+    return replace(seen, allocatable_mib=allocatable / MIB)
 
 
 def over_budget_mib(cap: CapFacts, peak_reserved_mib: float) -> float:

@@ -254,7 +254,11 @@ def hold_to_budget(scenario: Scenario, device) -> tuple[CapFacts, RssWatchdog | 
         context, total = cuda_context_bytes(device)
         if budget is None:
             return CapFacts(UNCAPPED, None, total / MIB, "mem_get_info", context / MIB), None
-        cap = replace(cuda_cap(budget, total, context), total_source="mem_get_info")
+        try:
+            cap = replace(cuda_cap(budget, total, context), total_source="mem_get_info")
+        except BudgetTooSmall as error:
+            error.facts = replace(error.facts, total_source="mem_get_info")
+            raise
         torch.cuda.set_per_process_memory_fraction(cap.fraction, device)
         return cap, None
     baseline, ram = psutil.Process().memory_info().rss, psutil.virtual_memory().total
@@ -565,7 +569,7 @@ def run_scenario(payload: dict) -> ScenarioResult:
     try:
         cap, watchdog = hold_to_budget(scenario, device)
     except BudgetTooSmall as error:
-        return ScenarioResult(scenario, ok=False, oom=True, error=f"does not fit: {error}", peak_rss_mib=max_rss_mib())
+        return ScenarioResult(scenario, ok=False, oom=True, cap=error.facts, error=f"does not fit: {error}", peak_rss_mib=max_rss_mib())
     except BudgetAboveDevice as error:
         raise UserError(f"--budget {scenario.budget}: {error}") from None
     try:
