@@ -346,3 +346,28 @@ def test_cpu_frontier_with_a_diffusers_peer_under_a_real_rss_cap(tmp_path: Path)
     assert by_name["txt2img-64-b1-auto-budget4GB"].ok and by_name["txt2img-64-b1-diffusers-budget4GB"].ok
     assert by_name["txt2img-64-b1-auto-budget4GB"].cap.allocatable_mib < 4096
     assert by_name["txt2img-64-b1-diffusers-budget0.1GB"].oom and by_name["txt2img-64-b1-auto-budget0.1GB"].oom
+
+
+# --------------------------------------------------------------------------- the small-card model
+def test_card_model_arithmetic():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import stream_floor
+    finally:
+        sys.path.pop(0)
+    link = stream_floor.PCIE_GBS["3.0 x16"] * 1e9 * stream_floor.LINK_EFFICIENCY
+    card = stream_floor.Card("test card", "TEST", 4, 10.0, "3.0 x16", "made up", utilisation=0.5)
+    flops, sizes = [2e12, 1e12, 2e12], [int(link * 0.1), int(link * 0.3), int(link * 0.05)]  # copies of 0.1, 0.3, 0.05 s
+    predicted = stream_floor.predict_card(card, flops, sizes, estimates_gib={"full": 3.9, "stream": 0.8}, budgets_gib=(100.0,))
+    compute = [0.4, 0.2, 0.4]  # flops / (10 TFLOPS x 0.5)
+    assert predicted.compute == pytest.approx(1.0)
+    assert predicted.split == pytest.approx(1.0 + 0.45, rel=1e-6)
+    assert predicted.stream == pytest.approx(max(0.4, 0.3) + max(0.2, 0.05) + max(0.4, 0.1), rel=1e-6)
+    assert predicted.budget_steps["100 GB"] == pytest.approx(max(sum(compute), 0.45), rel=1e-6)  # room for everything ahead
+    assert predicted.fits == {"full": False, "stream": True}  # 4 GiB less 0.3 of context
+    fp32 = stream_floor.predict_card(replace(card, weight_bytes=4), flops, sizes)
+    assert fp32.split == pytest.approx(1.0 + 0.9, rel=1e-6)  # twice the bytes to copy
+    table = stream_floor.card_table([predicted])
+    assert "| test card | 10 | 3.0 x16 | 1.00 | 1.45 | 1.00 | 1.00 | stream |" in table
+    assert {c.match for c in stream_floor.CARDS} >= {"RTX 2060", "RTX 3050 Laptop", "GTX 1650", "H100", "H200"}
+    assert all(c.source for c in stream_floor.CARDS)
