@@ -180,6 +180,7 @@ def select(options: BenchOptions, device_type: str) -> Selection:
         budget=None if options.seed_workload else options.budget,
         only=options.only,
         n_iter=flags["n_iter"],
+        model=options.model,
         installed=installed,
     )
     if options.seed_workload:  # the capped run first, then what it is compared with

@@ -30,6 +30,7 @@ class Peer:
     engine: str = "diffusers"
     needs: tuple[tuple[str, str], ...] = (("diffusers", "diffusers"),)
     devices: tuple[str, ...] = ("cuda", "cpu")
+    models: tuple[str, ...] = ("sd15", "tiny")  # the benchmark models it can load
 
     @property
     def cuda_only(self) -> bool:
@@ -59,6 +60,7 @@ PEERS: dict[str, Peer] = {
             engine="stable-diffusion.cpp",
             needs=(("stable_diffusion_cpp", "stable-diffusion-cpp-python"),),
             devices=("cpu",),
+            models=("sd15",),  # it recognises SD 1.5 by its shapes: the tiny model is not one
         ),
         Peer(
             "openvino",
@@ -202,7 +204,9 @@ def missing_package(peer: Peer, installed: Callable[[str], bool]) -> str | None:
     return next((pip_name for module, pip_name in peer.needs if not installed(module)), None)
 
 
-def runnable_peers(names: list[str], device_type: str, installed: Callable[[str], bool]) -> tuple[list[str], list[str]]:
+def runnable_peers(
+    names: list[str], device_type: str, installed: Callable[[str], bool], model: str = "sd15"
+) -> tuple[list[str], list[str]]:
     """The peers among `names` this device and these packages can run, and a one-line note for what
     was left out: each peer for another device, diffusers' configurations together, each other
     peer whose package is missing."""
@@ -210,10 +214,12 @@ def runnable_peers(names: list[str], device_type: str, installed: Callable[[str]
     on_device = []
     for name in names:
         devices = PEERS[name].devices
-        if device_type in devices:
-            on_device.append(name)
-        else:
+        if device_type not in devices:
             notes.append(f"{name}: needs a {' or '.join(d.upper() for d in devices)} device, skipped on {device_type}")
+        elif model not in PEERS[name].models:
+            notes.append(f"{name}: runs the {' or '.join(PEERS[name].models)} model only, skipped with --model {model}")
+        else:
+            on_device.append(name)
     if on_device and not installed("diffusers"):
         others = [name for name in on_device if DIFFUSERS[0] not in PEERS[name].needs]
         done = "ran ours alone" if not others else f"ran {', '.join(others)} beside ours"
@@ -241,6 +247,7 @@ def select_scenarios(
     budget: str | None = None,
     only: str | None = None,
     n_iter: int = 1,
+    model: str = "sd15",
     installed: Callable[[str], bool] | None = None,
     diffusers_available: bool = True,
     accelerate_available: bool = True,
@@ -267,7 +274,7 @@ def select_scenarios(
     mode_list = parse_names(modes, OUR_MODES + (AUTO,), "memory mode", "--modes")
     peer_list = parse_names(peers, tuple(PEERS), "peer", "--peers")
     budget_list = largest_first(parse_budgets(budget)) if budget is not None else []
-    peer_list, notes = runnable_peers(peer_list, device_type, installed)
+    peer_list, notes = runnable_peers(peer_list, device_type, installed, model)
     scenarios = []
     for kind in kind_list:
         for height, width in size_list:
