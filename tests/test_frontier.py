@@ -371,3 +371,41 @@ def test_card_model_arithmetic():
     assert "| test card | 10 | 3.0 x16 | 1.00 | 1.45 | 1.00 | 1.00 | stream |" in table
     assert {c.match for c in stream_floor.CARDS} >= {"RTX 2060", "RTX 3050 Laptop", "GTX 1650", "H100", "H200"}
     assert all(c.source for c in stream_floor.CARDS)
+
+
+def test_a_continued_run_skips_what_ran_out_of_memory_before_and_only_below_that_budget():
+    """--update continues a frontier in parts (as benchmarks/device_run.sh does): an earlier OOM at 2GB
+    skips the same configuration at 1GB and 0.6GB, not at 3GB."""
+    earlier = [result_of(Scenario("txt2img", 512, 512, 1, 10, "diffusers", "2GB"), ok=False, oom=True)]
+    scenarios = select(BenchOptions(budget="3GB,1GB,0.6GB", peers="diffusers"), "cuda").scenarios
+    ran: list[str] = []
+    results = run_scenarios(scenarios, lambda s: ran.append(s.name) or result_of(s), lambda *_: None, earlier)
+    assert "txt2img-512-b1-diffusers-budget3GB" in ran
+    assert {r.scenario.name for r in results if r.error == "not run: does not complete at 2GB already"} == {
+        "txt2img-512-b1-diffusers-budget1GB",
+        "txt2img-512-b1-diffusers-budget0.6GB",
+    }
+
+
+def test_stable_diffusion_cpp_is_left_out_for_the_tiny_model_with_a_reason():
+    chosen = select_scenarios(
+        kinds="txt2img", sizes="64", batches="1", steps=1, modes="none", peers="sdcpp,openvino", device_type="cpu", model="tiny",
+        installed=lambda module: True,
+    )
+    assert [s.mode for s in chosen.scenarios] == ["openvino"]
+    assert chosen.notes == ["sdcpp: runs the sd15 model only, skipped with --model tiny"]
+
+
+@pytest.mark.slow
+def test_openvino_peer_runs_the_tiny_model_under_the_frontier(tmp_path: Path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("diffusers")
+    options = BenchOptions(
+        model="tiny", sizes="64", steps=2, peers="openvino", device="cpu", budget="4GB",
+        cache_dir=tmp_path / "cache", out=tmp_path / "results",
+    )
+    folder = run_bench(options, lambda text="", nl=True: None)
+    record = BenchRecord.from_json(json.loads((folder / "results.json").read_text()))
+    peer = next(r for r in record.results if r.scenario.mode == "openvino")
+    assert peer.ok and peer.finite and peer.unet_steps == 2 and set(peer.stages) == {"text", "unet", "vae_decode"}
+    assert (tmp_path / "cache" / "tiny-seed0" / "openvino-64x64-b2" / "unet.xml").is_file()  # converted once, beside the checkpoint

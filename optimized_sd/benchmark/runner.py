@@ -192,26 +192,44 @@ def select(options: BenchOptions, device_type: str) -> Selection:
     return chosen
 
 
-def skipped_for_memory(scenario: Scenario, out_of_memory: dict[tuple[str, str], str]) -> ScenarioResult | None:
-    """A frontier run not worth starting: the same configuration on the same work already ran out of
-    memory at a larger budget (budgets run roomiest first), so it cannot complete at this one."""
+OutOfMemoryAt = dict[tuple[str, str], str]  # (work group, configuration) -> the largest budget it did not complete at
+
+
+def note_out_of_memory(out_of_memory: OutOfMemoryAt, result: ScenarioResult) -> None:
+    scenario = result.scenario
+    if not (result.oom and scenario.budget):
+        return
+    key = (scenario.group, scenario.mode)
+    known = out_of_memory.get(key)
+    if known is None or parse_budget(scenario.budget) > parse_budget(known):
+        out_of_memory[key] = scenario.budget
+
+
+def skipped_for_memory(scenario: Scenario, out_of_memory: OutOfMemoryAt) -> ScenarioResult | None:
+    """A frontier run not worth starting: the same configuration on the same work did not complete at
+    this budget or a larger one, so it cannot complete at this one."""
     larger = out_of_memory.get((scenario.group, scenario.mode))
-    if scenario.budget is None or larger is None:
+    if scenario.budget is None or larger is None or parse_budget(scenario.budget) > parse_budget(larger):
         return None
     return ScenarioResult(scenario, ok=False, oom=True, error=f"not run: does not complete at {larger} already")
 
 
 def run_scenarios(
-    scenarios: list[Scenario], run: Callable[[Scenario], ScenarioResult], done: Callable[[int, Scenario, ScenarioResult], None]
+    scenarios: list[Scenario],
+    run: Callable[[Scenario], ScenarioResult],
+    done: Callable[[int, Scenario, ScenarioResult], None],
+    earlier: list[ScenarioResult] = (),
 ) -> list[ScenarioResult]:
-    """Run each scenario (`run`), except those `skipped_for_memory` says cannot complete; `done` hears
-    of each result as it comes (index from 1)."""
+    """Run each scenario (`run`), except those `skipped_for_memory` says cannot complete, given these
+    results and `earlier` ones (a run continued with --update); `done` hears of each result as it
+    comes (index from 1)."""
     results = []
-    out_of_memory: dict[tuple[str, str], str] = {}
+    out_of_memory: OutOfMemoryAt = {}
+    for result in earlier:
+        note_out_of_memory(out_of_memory, result)
     for index, scenario in enumerate(scenarios, 1):
         result = skipped_for_memory(scenario, out_of_memory) or run(scenario)
-        if result.oom and scenario.budget is not None:
-            out_of_memory.setdefault((scenario.group, scenario.mode), scenario.budget)
+        note_out_of_memory(out_of_memory, result)
         results.append(result)
         done(index, scenario, result)
     return results
@@ -310,7 +328,7 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
         echo(" " + progress_line(result, device_type == "cuda"))
         report.write_partial(merged(record, earlier, []), folder)  # what a killed run leaves
 
-    run_scenarios(selection.scenarios, run, done)
+    run_scenarios(selection.scenarios, run, done, earlier.results if earlier else [])
     record.wall_seconds = time.time() - started
     if options.update:
         record = merged(record, earlier, [s.name for s in selection.scenarios])
