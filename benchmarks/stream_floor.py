@@ -92,7 +92,10 @@ CARDS: tuple[Card, ...] = (
         "GTX 1650 (4 GB), fp32", "GTX 1650", 4, 2.98, "3.0 x16", "the row above at its FP32 rate, weights in 4 bytes", weight_bytes=4,
     ),
     Card("H100 SXM (80 GB)", "H100", 80, 989.4, "5.0 x16", "NVIDIA H100 datasheet: 989.4 TFLOPS dense FP16 tensor", utilisation=0.0464),
-    Card("H200 SXM (141 GB)", "H200", 141, 989.4, "5.0 x16", "NVIDIA H200 datasheet: 989.4 TFLOPS dense FP16 tensor (the H100's compute)", utilisation=0.0464),
+    Card(
+        "H200 SXM (141 GB)", "H200", 141, 989.4, "5.0 x16", "NVIDIA H200 datasheet: 989.4 TFLOPS dense FP16 tensor (the H100's compute)",
+        utilisation=0.0464,
+    ),
 )
 
 
@@ -315,10 +318,12 @@ def print_cards(size: int, measured: tuple[str, list[float], float] | None) -> N
           f"copies at {gbs:.1f} GB/s")
     if known is not None:
         predicted = predict_card(known, flops, sizes)
-        print(f"  {known.name}: {known.fp16_tflops:g} TFLOPS peak, so utilisation {rate / known.fp16_tflops:.1%} (assumed {known.utilisation:.1%}); "
+        floor_here = one_block_lookahead_seconds(compute, [b / (gbs * 1e9) for b in sizes])
+        utilisation = rate / known.fp16_tflops
+        print(f"  {known.name}: {known.fp16_tflops:g} TFLOPS peak, so utilisation {utilisation:.1%} (assumed {known.utilisation:.1%}); "
               f"link efficiency {gbs / known.link_gbs:.0%} (assumed {LINK_EFFICIENCY:.0%})")
         print(f"  predicted full {predicted.compute * 1e3:.1f} ms, stream {predicted.stream * 1e3:.1f} ms; "
-              f"measured full {sum(compute) * 1e3:.1f} ms, one-block stream floor {one_block_lookahead_seconds(compute, [b / (gbs * 1e9) for b in sizes]) * 1e3:.1f} ms")
+              f"measured full {sum(compute) * 1e3:.1f} ms, one-block stream floor {floor_here * 1e3:.1f} ms")
 
 
 def main() -> int:

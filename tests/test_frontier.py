@@ -150,7 +150,13 @@ def test_peers_missing_a_package_are_left_out_with_a_one_line_reason():
     assert "sdcpp: stable-diffusion-cpp-python is not installed, skipped (pip install stable-diffusion-cpp-python)" in chosen.notes
     assert "openvino: openvino is not installed, skipped (pip install openvino)" in chosen.notes
     without_diffusers = select_scenarios(
-        kinds="txt2img", sizes="512", batches="1", steps=2, modes="none", peers="all", device_type="cpu",
+        kinds="txt2img",
+        sizes="512",
+        batches="1",
+        steps=2,
+        modes="none",
+        peers="all",
+        device_type="cpu",
         installed=lambda module: module != "diffusers",
     )
     assert [s.mode for s in without_diffusers.scenarios] == ["sdcpp"]
@@ -314,8 +320,14 @@ def test_cpu_frontier_runs_end_to_end_on_the_tiny_model(tmp_path: Path):
     """Ours uncapped, then under a budget below what the interpreter alone holds: refused as not
     completing (not an error), and the report and chart written."""
     options = BenchOptions(
-        model="tiny", sizes="64", steps=1, peers="none", device="cpu", budget="0.1GB,none",
-        cache_dir=tmp_path / "cache", out=tmp_path / "results",
+        model="tiny",
+        sizes="64",
+        steps=1,
+        peers="none",
+        device="cpu",
+        budget="0.1GB,none",
+        cache_dir=tmp_path / "cache",
+        out=tmp_path / "results",
     )
     lines: list[str] = []
     folder = run_bench(options, lambda text="", nl=True: lines.append(text))
@@ -337,8 +349,14 @@ def test_cpu_frontier_with_a_diffusers_peer_under_a_real_rss_cap(tmp_path: Path)
     """ours and diffusers under a cap the runs fit and one they do not: the slow, fuller version."""
     pytest.importorskip("diffusers")
     options = BenchOptions(
-        model="tiny", sizes="64", steps=1, peers="diffusers", device="cpu", budget="4GB,0.1GB",
-        cache_dir=tmp_path / "cache", out=tmp_path / "results",
+        model="tiny",
+        sizes="64",
+        steps=1,
+        peers="diffusers",
+        device="cpu",
+        budget="4GB,0.1GB",
+        cache_dir=tmp_path / "cache",
+        out=tmp_path / "results",
     )
     folder = run_bench(options, lambda text="", nl=True: None)
     record = BenchRecord.from_json(json.loads((folder / "results.json").read_text()))
@@ -389,7 +407,14 @@ def test_a_continued_run_skips_what_ran_out_of_memory_before_and_only_below_that
 
 def test_stable_diffusion_cpp_is_left_out_for_the_tiny_model_with_a_reason():
     chosen = select_scenarios(
-        kinds="txt2img", sizes="64", batches="1", steps=1, modes="none", peers="sdcpp,openvino", device_type="cpu", model="tiny",
+        kinds="txt2img",
+        sizes="64",
+        batches="1",
+        steps=1,
+        modes="none",
+        peers="sdcpp,openvino",
+        device_type="cpu",
+        model="tiny",
         installed=lambda module: True,
     )
     assert [s.mode for s in chosen.scenarios] == ["openvino"]
@@ -401,8 +426,14 @@ def test_openvino_peer_runs_the_tiny_model_under_the_frontier(tmp_path: Path):
     pytest.importorskip("openvino")
     pytest.importorskip("diffusers")
     options = BenchOptions(
-        model="tiny", sizes="64", steps=2, peers="openvino", device="cpu", budget="4GB",
-        cache_dir=tmp_path / "cache", out=tmp_path / "results",
+        model="tiny",
+        sizes="64",
+        steps=2,
+        peers="openvino",
+        device="cpu",
+        budget="4GB",
+        cache_dir=tmp_path / "cache",
+        out=tmp_path / "results",
     )
     folder = run_bench(options, lambda text="", nl=True: None)
     record = BenchRecord.from_json(json.loads((folder / "results.json").read_text()))

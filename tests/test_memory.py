@@ -13,9 +13,9 @@ import torch
 
 import optimized_sd
 from optimized_sd.errors import UserError
+from optimized_sd.memory import planner
 from optimized_sd.memory.device import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, RETURN_FREED, REUSE_FREED, LeanHeap
 from optimized_sd.memory.modes import mode_row
-from optimized_sd.memory import planner
 from optimized_sd.memory.planner import (
     FIXED_OVERHEAD,
     MIN_UNET_MICRO_BATCH,
@@ -352,12 +352,16 @@ def test_a_micro_batch_costs_the_running_slice_plus_what_the_rest_of_the_batch_h
     latent_pixels = 64 * 64
     for micro in (1, 4, 19):
         asked = dataclasses.replace(SEED_WORKLOAD, unet_batch=micro)
-        expected = (UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * micro + UNET_FULL_BATCH_ELEMENTS_PER_LATENT_PIXEL * (20 - micro)) * latent_pixels * 2
+        elements = UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * micro + UNET_FULL_BATCH_ELEMENTS_PER_LATENT_PIXEL * (20 - micro)
+        expected = elements * latent_pixels * 2
         assert unet_activation_bytes(asked, chunked=False) == expected < whole
 
 
 def largest_fitting_micro_batch(mode: str, budget: int) -> int | None:
-    fitting = [m for m in range(MIN_UNET_MICRO_BATCH, 20) if estimate_peak(mode, SD15_FP16, dataclasses.replace(SEED_WORKLOAD, unet_batch=m), False) <= budget]
+    def peak(micro: int) -> int:
+        return estimate_peak(mode, SD15_FP16, dataclasses.replace(SEED_WORKLOAD, unet_batch=micro), False)
+
+    fitting = [m for m in range(MIN_UNET_MICRO_BATCH, 20) if peak(m) <= budget]
     return max(fitting, default=None)
 
 
@@ -375,7 +379,8 @@ def test_the_seed_workload_on_a_capped_card_gets_the_largest_micro_batch_that_fi
     micro = largest_fitting_micro_batch(expected_mode, budget)
     plan = plan_memory(SD15_FP16, SEED_WORKLOAD, budget=budget, mode="turbo")
     assert (plan.mode, plan.unet_batch) == (expected_mode, micro) and micro is not None
-    assert plan.estimates[expected_mode] == estimate_peak(expected_mode, SD15_FP16, dataclasses.replace(SEED_WORKLOAD, unet_batch=micro), False)
+    micro_batched = dataclasses.replace(SEED_WORKLOAD, unet_batch=micro)
+    assert plan.estimates[expected_mode] == estimate_peak(expected_mode, SD15_FP16, micro_batched, False)
     assert plan.reason.endswith(f"with the UNet running {micro} of its 20 images at a time")
     assert ("turbo needs about" in plan.reason) == (expected_mode != "turbo")
     assert (plan_memory(SD15_FP16, SEED_WORKLOAD, budget=budget).mode, plan.unet_batch) == (expected_mode, micro)  # auto agrees

@@ -101,10 +101,14 @@ def cpu_cap(budget: int, ram_total: int, baseline_rss: int) -> CapFacts:
     if budget > ram_total:
         raise BudgetAboveDevice(f"the budget of {budget / MIB:,.0f} MiB is more than this machine's {ram_total / MIB:,.0f} MiB of RAM")
     allocatable = budget - baseline_rss
-    seen = CapFacts(kind=CPU_RSS, budget_mib=budget / MIB, device_total_mib=ram_total / MIB, total_source="meminfo", context_mib=baseline_rss / MIB)
+    seen = CapFacts(
+        kind=CPU_RSS, budget_mib=budget / MIB, device_total_mib=ram_total / MIB, total_source="meminfo", context_mib=baseline_rss / MIB
+    )
     if allocatable <= 0:
         raise BudgetTooSmall(
-            f"the budget of {budget / MIB:,.0f} MiB is filled by the interpreter and its libraries alone ({baseline_rss / MIB:,.0f} MiB RSS)", seen
+            f"the budget of {budget / MIB:,.0f} MiB is filled by the interpreter and its libraries alone "
+            f"({baseline_rss / MIB:,.0f} MiB RSS)",
+            seen,
         )
     return replace(seen, allocatable_mib=allocatable / MIB)
 

@@ -31,7 +31,9 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def finish(scenario: Scenario, load_seconds: float, started: float, stages: dict[str, StageFigures], rss_after_load: float, finite: bool) -> ScenarioResult:
+def finish(
+    scenario: Scenario, load_seconds: float, started: float, stages: dict[str, StageFigures], rss_after_load: float, finite: bool
+) -> ScenarioResult:
     return ScenarioResult(
         scenario=scenario,
         ok=True,
@@ -63,7 +65,9 @@ def run_sdcpp(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
 
     check_cpu_txt2img(scenario, device)
     start = time.perf_counter()
-    engine = StableDiffusion(model_path=task.checkpoint, wtype=SDCPP_WEIGHTS, n_threads=torch.get_num_threads(), vae_decode_only=True, verbose=False)
+    engine = StableDiffusion(
+        model_path=task.checkpoint, wtype=SDCPP_WEIGHTS, n_threads=torch.get_num_threads(), vae_decode_only=True, verbose=False
+    )
     load_seconds = time.perf_counter() - start
     rss_after_load = rss_mib()
     step_seconds: list[float] = []
@@ -130,7 +134,10 @@ def convert_openvino(checkpoint: str, diffusers_config: str, folder: Path, heigh
             return self.call(self.inner, *args)
 
     examples = {
-        "text_encoder": (Part(pipe.text_encoder, lambda m, ids: m(ids, return_dict=False)[0]), (torch.ones(cfg_batch, 77, dtype=torch.long),)),
+        "text_encoder": (
+            Part(pipe.text_encoder, lambda m, ids: m(ids, return_dict=False)[0]),
+            (torch.ones(cfg_batch, 77, dtype=torch.long),),
+        ),
         "unet": (
             Part(pipe.unet, lambda m, x, t, c: m(x, t, encoder_hidden_states=c, return_dict=False)[0]),
             (torch.randn(latent), torch.tensor(999.0), torch.randn(context)),
@@ -209,8 +216,8 @@ def run_openvino(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResu
     images: list[np.ndarray] = []
     for call in range(scenario.n_iter):
         context = timed("text", text)
-        latents = timed("unet", lambda: sample(context, call), steps=scenario.steps)
-        images += timed("vae_decode", lambda: decode(latents))
+        latents = timed("unet", lambda context=context, call=call: sample(context, call), steps=scenario.steps)
+        images += timed("vae_decode", lambda latents=latents: decode(latents))
     finite = all(np.isfinite(image).all() for image in images)
     return finish(scenario, load_seconds, started, stages, rss_after_load, finite)
 

@@ -153,7 +153,12 @@ def goals_table(frontier: Frontier) -> list[str]:
         if budget == smallest:
             only_ours = "met" if ours and peer is None else "**missed**"
         rows.append([budget, "yes" if ours else "**no**", against, only_ours])
-    header = ["budget", "ours completes", f"ours / fastest peer that completes (goal <= {OURS_VS_FASTEST_PEER}x)", "only ours completes (smallest)"]
+    header = [
+        "budget",
+        "ours completes",
+        f"ours / fastest peer that completes (goal <= {OURS_VS_FASTEST_PEER}x)",
+        "only ours completes (smallest)",
+    ]
     return markdown_table(header, rows)
 
 
@@ -294,14 +299,16 @@ def svg_chart(title: str, lines: list[Line], ticks: list[tuple[float, str]], y_l
         out.append(f'<line x1="{left - 5}" y1="{py(y):.1f}" x2="{left + plot_w}" y2="{py(y):.1f}" stroke="#ddd"/>')
         out.append(f'<text x="{left - 8}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
     out.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 15}" text-anchor="middle">memory budget</text>')
-    out.append(f'<text x="18" y="{top + plot_h / 2:.0f}" text-anchor="middle" transform="rotate(-90 18 {top + plot_h / 2:.0f})">{escape(y_label)}</text>')
+    middle = top + plot_h / 2
+    out.append(f'<text x="18" y="{middle:.0f}" text-anchor="middle" transform="rotate(-90 18 {middle:.0f})">{escape(y_label)}</text>')
     for index, line in enumerate(lines):
         colour = PALETTE[index % len(PALETTE)]
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in line.points)
         out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
         out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{colour}"/>' for x, y in line.points]
         legend_y = top + 10 + 18 * index
-        out.append(f'<line x1="{left + plot_w + 15}" y1="{legend_y}" x2="{left + plot_w + 35}" y2="{legend_y}" stroke="{colour}" stroke-width="2"/>')
+        legend_x = left + plot_w + 15
+        out.append(f'<line x1="{legend_x}" y1="{legend_y}" x2="{legend_x + 20}" y2="{legend_y}" stroke="{colour}" stroke-width="2"/>')
         out.append(f'<text x="{left + plot_w + 40}" y="{legend_y + 4}">{escape(line.label)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -18,8 +18,8 @@ from pathlib import Path
 import click
 
 from optimized_sd.benchmark import report
-from optimized_sd.benchmark.results import BenchModel, BenchRecord, Machine, ScenarioResult, ScenarioTask, Settings, from_json
 from optimized_sd.benchmark.caps import parse_budget
+from optimized_sd.benchmark.results import BenchModel, BenchRecord, Machine, ScenarioResult, ScenarioTask, Settings, from_json
 from optimized_sd.benchmark.scenarios import DEFAULT_STEPS, QUICK, SEED_WORKLOAD, Scenario, Selection, select_scenarios, split_list
 from optimized_sd.benchmark.worker import PROMPT, RESULT_PREFIX, SCALE, SEED, STRENGTH  # stdlib-only module
 from optimized_sd.errors import UserError

@@ -576,7 +576,8 @@ def run_scenario(payload: dict) -> ScenarioResult:
         result = run_engine(task, scenario, device, cap)
     except torch.OutOfMemoryError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
-        return ScenarioResult(scenario, ok=False, oom=True, cap=after_run(cap, device), error=f"out of memory: {first_line[:200]}", peak_rss_mib=max_rss_mib())
+        error = f"out of memory: {first_line[:200]}"
+        return ScenarioResult(scenario, ok=False, oom=True, cap=after_run(cap, device), error=error, peak_rss_mib=max_rss_mib())
     except OutOfMemoryBudget as error:
         return ScenarioResult(scenario, ok=False, oom=True, cap=after_run(cap, device), user_error=str(error), peak_rss_mib=max_rss_mib())
     finally:
