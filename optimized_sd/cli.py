@@ -18,7 +18,10 @@ DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 
 def generation_options(default_outdir: str, default_size: int | None) -> Callable:
     """The flags txt2img and img2img share (optimizedSD's names), applied as one decorator."""
-    size_help = "pixels (multiple of 8)" + ("" if default_size else "; default: the init image's size floored to 64")
+    size_help = "pixels (multiple of 8); default: " + (
+        "the family's (512 SD 1.x and SD 2.x base, 768 SD 2.x v, 1024 SDXL)" if default_size is None and "txt2img" in default_outdir
+        else "the init image's size floored to 64"
+    )
     options = [
         click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt; 'a:0.25 b:0.75' mixes weighted subprompts."),
         click.option("--from-file", "from_file", type=click.Path(path_type=Path), help="Read prompts from a file, one per line."),
@@ -28,6 +31,8 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--config", type=click.Path(path_type=Path), help="JSON model config overriding the one read off the weights."),
         click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json, merges.txt)."),
         click.option("--ema", is_flag=True, help="Use the checkpoint's EMA UNet weights."),
+        click.option("--vae", type=click.Path(path_type=Path), help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's."),
+        click.option("--prediction", default="auto", show_default=True, help="auto, eps or v: what the UNet predicts (auto: what the file says, else the family's default)."),
         click.option("--H", "height", type=int, default=default_size, help=f"Image height in {size_help}."),
         click.option("--W", "width", type=int, default=default_size, help=f"Image width in {size_help}."),
         click.option("--C", "channels", type=int, default=4, show_default=True, help="Latent channels."),
@@ -36,7 +41,11 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale (1 turns guidance off)."),
         click.option("--ddim_eta", "eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic)."),
         click.option("--sampler", default="plms", show_default=True, help="ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde."),
-        click.option("--karras", is_flag=True, help="Karras sigma schedule (k-samplers only)."),
+        click.option("--karras", is_flag=True, help="Karras sigma schedule (k-samplers only); same as --schedule karras."),
+        click.option("--schedule", help="k-sampler sigma grid: linspace (default, diffusers'), automatic, uniform, karras, exponential, sgm_uniform."),
+        click.option("--lora", multiple=True, help="LoRA file, FILE or FILE:WEIGHT (repeatable; default weight 1)."),
+        click.option("--lora-dir", "lora_dir", type=click.Path(path_type=Path), default="models/Lora", show_default=True, help="Where <lora:NAME:WEIGHT> in a prompt finds NAME.safetensors."),
+        click.option("--embeddings-dir", "embeddings_dir", type=click.Path(path_type=Path), default="embeddings", show_default=True, help="Textual-inversion files, used by writing their file name in a prompt."),
         click.option("--n_samples", type=int, default=5, show_default=True, help="Images per batch."),
         click.option("--n_iter", type=int, default=1, show_default=True, help="Number of batches."),
         click.option("--seed", type=int, help="Seed of the first image (image i uses seed+i); random when omitted."),
@@ -68,13 +77,13 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
 @click.group()
 @click.version_option(package_name="optimized-sd")
 def cli() -> None:
-    """Low-VRAM Stable Diffusion 1.x: txt2img and img2img on small GPUs or the CPU."""
+    """Low-VRAM Stable Diffusion (SD 1.x, SD 2.x, SDXL): txt2img and img2img on small GPUs or the CPU."""
 
 
-LOAD_OPTIONS = ("config", "ema", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer")
+LOAD_OPTIONS = ("config", "ema", "vae", "prediction", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer", "lora_dir", "embeddings_dir")
 
 
-def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None):
+def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None, max_image_pixels: int | None = None):
     """The generation flags as a Job (txt2img, img2img and batch's defaults)."""
     from optimized_sd.pipelines.job import Job, OutputPolicy
 
@@ -91,6 +100,8 @@ def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
         eta=flags["eta"],
         sampler=flags["sampler"],
         karras=flags["karras"],
+        schedule=flags["schedule"],
+        loras=tuple(flags["lora"]),
         height=flags["height"],
         width=flags["width"],
         latent_channels=flags["channels"],
@@ -99,6 +110,7 @@ def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
         init_image=init_img,
         strength=strength,
         inpaint=inpaint,
+        max_image_pixels=max_image_pixels,
         output=OutputPolicy(
             outdir=flags["outdir"],
             fmt=flags["fmt"],
@@ -110,7 +122,9 @@ def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
     )
 
 
-def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None) -> None:
+def run_from_flags(
+    flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None, max_image_pixels: int | None = None
+) -> None:
     """Flags -> a Job and a loader; run it with a progress bar; print what was written."""
     from tqdm import tqdm
 
@@ -118,7 +132,7 @@ def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
     from optimized_sd.pipelines.job import JobStep, describe_memory, memory_mode, run_job
 
     memory = memory_mode(flags["memory"], flags["turbo"])
-    job = job_from_flags(flags, init_img, strength, inpaint)
+    job = job_from_flags(flags, init_img, strength, inpaint, max_image_pixels)
     bars: list[tqdm] = []  # one per batch, made at its first step, so an early error prints alone
 
     def progress(step: JobStep) -> None:
@@ -134,6 +148,9 @@ def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
     finally:
         for bar in bars:
             bar.close()
+    config = result.pipeline.config
+    prediction = "v" if config.prediction_type == "v_prediction" else "eps"
+    click.echo(f"{config.family_name}, {prediction} prediction ({result.pipeline.prediction_reason})")
     click.echo(f"seed {result.first_seed}" + (" (random)" if flags["seed"] is None else ""))
     written = result.written
     click.echo(f"mode {describe_memory(result.pipeline)}; {len(result.images)} image(s)" + (f", wrote {len(written)} file(s):" if written else ""))
@@ -144,19 +161,28 @@ def run_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
 
 
 @cli.command()
-@generation_options("outputs/txt2img-samples", 512)
+@generation_options("outputs/txt2img-samples", None)
 def txt2img(**flags) -> None:
     """Generate images from a prompt."""
     run_from_flags(flags)
 
 
+max_image_pixels_option = click.option(
+    "--max-image-pixels",
+    "max_image_pixels",
+    type=int,
+    help="Refuse init images with more pixels (default: $OPTIMIZED_SD_MAX_IMAGE_PIXELS, else 89478485, PIL's limit).",
+)
+
+
 @cli.command()
 @click.option("--init-img", "init_img", type=click.Path(path_type=Path), required=True, help="Image to edit (any format PIL reads).")
 @click.option("--strength", type=float, default=0.75, show_default=True, help="How much may change: 0 keeps the image, 1 ignores it.")
+@max_image_pixels_option
 @generation_options("outputs/img2img-samples", None)
-def img2img(init_img: Path, strength: float, **flags) -> None:
+def img2img(init_img: Path, strength: float, max_image_pixels: int | None, **flags) -> None:
     """Edit an image guided by a prompt."""
-    run_from_flags(flags, init_img=init_img, strength=strength)
+    run_from_flags(flags, init_img=init_img, strength=strength, max_image_pixels=max_image_pixels)
 
 
 NOT_FOR_BATCH = {"from_file": "--from-file", "skip_save": "--skip_save", "n_rows": "--n_rows", "report_json": "--report-json"}
@@ -258,13 +284,19 @@ def serve(**flags) -> None:
 @click.option("--inpaint-area", "inpaint_area", default="whole", show_default=True, help="whole, or masked: only the mask's box plus --padding, at --H/--W.")
 @click.option("--padding", type=int, default=32, show_default=True, help="Pixels around the mask's box for --inpaint-area masked.")
 @click.option("--outpaint", help="LEFT,RIGHT,TOP,BOTTOM: grow the canvas by these pixels and paint the new border.")
+@click.option("--masked-content", "masked_content", default="original", show_default=True, help="What the masked part starts from below strength 1: original, fill (surrounding colours), latent-noise or latent-nothing.")
+@max_image_pixels_option
 @generation_options("outputs/inpaint-samples", None)
-def inpaint(init_img: Path, mask: Path | None, invert_mask: bool, mask_blur: float, strength: float, inpaint_area: str, padding: int, outpaint: str | None, **flags) -> None:
+def inpaint(
+    init_img: Path, mask: Path | None, invert_mask: bool, mask_blur: float, strength: float, inpaint_area: str, padding: int,
+    outpaint: str | None, masked_content: str, max_image_pixels: int | None, **flags
+) -> None:
     """Repaint the masked part of an image, or paint a grown border (outpainting)."""
     from optimized_sd.pipelines.masks import InpaintOptions, parse_outpaint
 
     border = parse_outpaint(outpaint) if outpaint is not None else None
-    run_from_flags(flags, init_img=init_img, strength=strength, inpaint=InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, border))
+    options = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, border, masked_content)
+    run_from_flags(flags, init_img=init_img, strength=strength, inpaint=options, max_image_pixels=max_image_pixels)
 
 
 @cli.command()

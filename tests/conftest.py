@@ -130,3 +130,19 @@ def diffusers_variant(tiny_model: TinyModel, tmp_path: Path) -> Callable[..., Pa
         return folder
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny SD 2.x v-prediction model: diffusers folder plus "converted" and "real" single files."""
+    from family_models import build_sd2
+
+    return build_sd2(tmp_path_factory.mktemp("tiny-sd2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny SDXL base model: diffusers folder plus "converted" and "real" single files."""
+    from family_models import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))

@@ -58,7 +58,11 @@ def test_a_plain_file_is_one_prompt_per_line(tmp_path):
         ('{"prompt": "a", ', "line 2: not valid JSON"),
         ({"prompt": "a", "colour": "red"}, "line 2: unknown field 'colour'"),
         ({"prompt": "a", "steps": "many"}, "line 2: field 'steps' must be an integer"),
-        ({"prompt": "a", "mask": "m.png"}, "line 2: field 'mask': inpainting is not available"),
+        ({"prompt": "a", "mask": "m.png"}, "line 2: inpainting needs an init image"),
+        ({"prompt": "a", "loras": {"gone.safetensors": 0.5}}, "line 2: --lora gone.safetensors: no such file"),
+        ({"prompt": "a", "loras": "x"}, "line 2: field 'loras' must be a list"),
+        ({"prompt": "a", "init_image": "i.png", "mask": "m.png", "inpaint_area": "most"}, "line 2: unknown --inpaint-area 'most'"),
+        ({"prompt": "a", "init_image": "i.png", "outpaint": [1, 2]}, "line 2: field 'outpaint' must be"),
         ({"prompt": "a", "sampler": "nope"}, "line 2: unknown sampler"),
         ({"prompt": "a", "size": "65x64"}, "line 2: width 65 is not a multiple of 8"),
         ('["a"]', "line 2: a line must be a JSON object"),
@@ -68,6 +72,17 @@ def test_a_bad_line_is_named_before_any_work(tmp_path, line, message):
     path = write_lines(tmp_path / "jobs.jsonl", {"prompt": "fine"}, line)
     with pytest.raises(UserError, match=message):
         read_jobs(path, DEFAULTS)
+
+
+def test_lora_and_inpaint_fields_become_the_jobs_options(tmp_path):
+    (tmp_path / "style.safetensors").write_bytes(b"")
+    record = {"prompt": "a", "loras": {str(tmp_path / "style.safetensors"): 0.5}, "init_image": "i.png", "mask": "m.png",
+              "mask_blur": 2, "inpaint_area": "masked", "outpaint": "0,64,0,0", "schedule": "karras", "sampler": "euler"}  # fmt: skip
+    (job,) = read_jobs(write_lines(tmp_path / "j.jsonl", record), DEFAULTS)
+    assert job.job.loras == (f"{tmp_path / 'style.safetensors'}:0.5",) and job.job.schedule == "karras"
+    inpaint = job.job.inpaint
+    got = (inpaint.mask, inpaint.mask_blur, inpaint.area, inpaint.outpaint, inpaint.padding)
+    assert got == (Path("m.png"), 2.0, "masked", (0, 64, 0, 0), 32)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +165,20 @@ def test_a_missing_init_image_fails_alone_and_nothing_is_overwritten(tiny_model,
     assert report.failures == [(1, None, f"init image not found: {tmp_path / 'gone.png'}")]
     assert [r.file for r in report.written] == ["b/seed_5_00000.png", "c/seed_5_00001.png"] and occupied.read_bytes() == b"mine"
     assert "Denoising strength: 0.5" in read_parameters(tmp_path / "out" / "b" / "seed_5_00000.png")
+
+
+def test_an_inpainting_line_equals_the_inpaint_command(tiny_model, spec, worker, tmp_path):
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    line = {"prompt": "a cat", "init_image": str(tmp_path / "red.png"), "mask": str(tmp_path / "mask.png"), "mask_blur": 2, "strength": 1.0}
+    report = run_batch(read_jobs(write_lines(tmp_path / "jobs.jsonl", line), DEFAULTS), tmp_path / "batch", LocalPool(spec, worker))
+    assert not report.failures
+    flags = [*cli_flags(tiny_model, tmp_path / "single"), "--prompt", "a cat", "--init-img", str(tmp_path / "red.png")]
+    main(["inpaint", *flags, "--mask", str(tmp_path / "mask.png"), "--mask-blur", "2", "--n_samples", "1"])
+    made, single = tmp_path / "batch" / "a_cat" / "seed_5_00000.png", tmp_path / "single" / "a_cat" / "seed_5_00000.png"
+    assert pixels(made) == pixels(single) and read_parameters(made) == read_parameters(single)
 
 
 def test_cli_batch_names_the_bad_line_and_lists_failures(tiny_model, tmp_path, capsys):

@@ -95,40 +95,76 @@ def test_detect_family_is_pure() -> None:
     assert dict(frozen) == shapes
 
 
+def sdxl_shapes(in_channels: int = 4) -> dict[str, tuple[int, ...]]:
+    """The telltale keys of sd_xl_base_1.0.safetensors at their real sizes."""
+    return {
+        U + "input_blocks.0.0.weight": (320, in_channels, 3, 3),
+        U + "input_blocks.4.1.proj_in.weight": (640, 640),
+        U + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
+        U + "label_emb.0.0.weight": (1280, 2816),
+        "first_stage_model.decoder.conv_out.weight": (3, 128, 3, 3),
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+        "conditioner.embedders.1.model.ln_final.weight": (1280,),
+        "conditioner.embedders.1.model.text_projection": (1280, 1280),
+    }
+
+
+def refiner_shapes() -> dict[str, tuple[int, ...]]:
+    return {
+        U + "input_blocks.0.0.weight": (384, 4, 3, 3),
+        U + "input_blocks.4.1.proj_in.weight": (768, 768),
+        U + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (768, 1280),
+        U + "label_emb.0.0.weight": (1536, 2560),
+        "conditioner.embedders.0.model.ln_final.weight": (1280,),
+    }
+
+
+def test_sd2_sdxl_and_refiner_are_recognised() -> None:
+    assert detect_family(sd2_shapes()) == "sd2"
+    assert detect_family(sdxl_shapes()) == "sdxl"
+    assert detect_family(refiner_shapes()) == "sdxl_refiner"
+
+
 @pytest.mark.parametrize(
     ("shapes", "needle"),
     [
-        (sd2_shapes(), "SD 2.x model"),
         (sd2_shapes(in_channels=9), "SD 2.x inpainting"),
+        (sdxl_shapes(in_channels=9), "SDXL inpainting"),
         ({**sd2_shapes(in_channels=5), "depth_model.model.pretrained.x": (1,)}, "SD 2.x depth"),
         (sd1_shapes(in_channels=8), "InstructPix2Pix (SD 1.x)"),
-        (
-            {
-                U + "input_blocks.0.0.weight": (320, 4, 3, 3),
-                U + "label_emb.0.0.weight": (1280, 2816),
-                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
-                "conditioner.embedders.1.model.ln_final.weight": (1280,),
-            },
-            "SDXL base",
-        ),
-        ({"conditioner.embedders.0.model.ln_final.weight": (1280,),
-          U + "input_blocks.0.0.weight": (384, 4, 3, 3)}, "SDXL refiner"),
         ({**sd2_shapes(), U + "label_emb.0.0.weight": (1280, 1024), "embedder.model.x": (1,)}, "unCLIP"),
+        ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,)}, "Stable Diffusion 3"),
+        ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, "Flux"),
+        ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "Flux"),
+        ({"clip_txt_mapper.weight": (2048, 1280)}, "Stable Cascade stage C"),
+        ({"down_blocks.1.0.channelwise.0.weight": (1, 1)}, "Stable Cascade stage B"),
+        ({"t_block.1.weight": (6912, 1152), "y_embedder.y_proj.fc1.weight": (1152, 4096)}, "PixArt"),
+        ({"add_embedding.image_norm.weight": (1280,), "conv_in.weight": (384, 4, 3, 3)}, "Kandinsky"),
     ],
 )
-def test_other_sd_families_are_unsupported(shapes: dict, needle: str) -> None:
+def test_other_models_are_unsupported(shapes: dict, needle: str) -> None:
     with pytest.raises(UnsupportedModelError) as exc:
         detect_family(shapes)
     message = one_line_message(exc)
     assert needle in message
-    assert "optimized-sd runs SD 1.x" in message
+    assert "optimized-sd runs SD 1.x, SD 2.x and SDXL" in message
 
 
-def test_sd2_detected_by_linear_proj_in_alone() -> None:
+def test_sd2_detected_by_linear_proj_in() -> None:
     shapes = sd1_shapes()
     shapes[U + "input_blocks.1.1.proj_in.weight"] = (8, 8)
-    with pytest.raises(UnsupportedModelError, match="SD 2.x.*linear proj_in"):
+    with pytest.raises(CheckpointError, match="SD 2.x UNet but no OpenCLIP text encoder"):
         detect_family(shapes)
+
+
+def test_mismatched_sdxl_parts_are_a_checkpoint_error() -> None:
+    shapes = sdxl_shapes()
+    shapes["conditioner.embedders.1.model.ln_final.weight"] = (1024,)
+    with pytest.raises(CheckpointError, match="context dim is 2048 but the text encoders together are 1792 wide"):
+        detect_family(shapes)
+    no_big_g = {k: v for k, v in sdxl_shapes().items() if ".embedders.1." not in k}
+    with pytest.raises(CheckpointError, match="no OpenCLIP bigG"):
+        detect_family(no_big_g)
 
 
 @pytest.mark.parametrize(
@@ -211,6 +247,11 @@ def test_incomplete_or_mismatched_sd1_is_a_checkpoint_error() -> None:
         ("model_ema.diffusion_modelinput_blocks00weight", "EMA"),
         ("cond_stage_model.transformer.text_model.embeddings.position_ids", "position_ids"),
         ("cond_stage_model.transformer.embeddings.position_ids", "position_ids"),
+        ("conditioner.embedders.0.transformer.text_model.embeddings.position_ids", "position_ids"),
+        ("cond_stage_model.model.transformer.text_model.embeddings.position_ids", "position_ids"),
+        ("cond_stage_model.model.logit_scale", "logit_scale"),
+        ("conditioner.embedders.1.model.logit_scale", "logit_scale"),
+        ("v_pred", "v_pred marker"),
         ("first_stage_model.loss.discriminator.main.0.weight", "training loss"),
         ("global_step", "lightning"),
         ("pytorch-lightning_version", "lightning"),

@@ -25,7 +25,7 @@ import torch
 import optimized_sd.weights.ckpt as ckpt_module
 from optimized_sd.cli import main
 from optimized_sd.errors import CheckpointError
-from optimized_sd.pipelines.output import ensure_writable
+from optimized_sd.pipelines.output import check_output_folder
 from optimized_sd.weights.ckpt import load_ckpt, state_dict_from_ckpt
 from optimized_sd.weights.inspect import describe_checkpoint
 from optimized_sd.weights.sources import SafetensorsSource
@@ -468,17 +468,17 @@ def test_safetensors_gaps_and_empty_tensors_load(tmp_path: Path) -> None:
     assert source.get("e").shape == (0, 3) and source.metadata == {"format": "pt"}
 
 
-# --- 5: the output folder's write probe ---------------------------------------------------------------
+# --- 5: the output folder's check (no probe file any more: os.access) ------------------------------------
 
 
-def test_write_probe_never_follows_or_truncates_a_planted_link(tmp_path: Path) -> None:
+def test_output_check_never_follows_or_truncates_a_planted_link(tmp_path: Path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     outdir = tmp_path / "out"
     outdir.mkdir()
     for name in (f".write-test-{os.getpid()}", ".write-test"):
         (outdir / name).symlink_to(victim)
-    ensure_writable(outdir)
+    check_output_folder(outdir)
     assert victim.read_text() == "keep me"
     assert sorted(p.name for p in outdir.iterdir()) == [".write-test", f".write-test-{os.getpid()}"]
 

@@ -210,6 +210,7 @@ def test_cli_inpaint_writes_images(capsys, cli_base, tmp_path):
         (["--mask", "{mask}", "--outpaint", "1,2"], "outpaint"),
         (["--mask", "{mask}", "--padding", "-1", "--inpaint-area", "masked"], "padding"),
         (["--mask", "{mask}", "--mask-blur", "-3"], "mask-blur"),
+        (["--mask", "{mask}", "--masked-content", "noise"], "masked-content"),
     ],
 )
 def test_cli_bad_input(capsys, cli_base, tmp_path, extra, needle):
@@ -244,3 +245,48 @@ def test_mask_path_and_rgba_alpha(tiny_model, tmp_path):
     expected = pipe.generate(inpaint_request("euler")).latents
     got = pipe.generate(inpaint_request("euler", mask=Path(tmp_path / "alpha.png"))).latents
     assert torch.equal(got, expected)
+
+
+def test_masked_start_replaces_only_the_masked_latents():
+    from optimized_sd.pipelines.inpaint import masked_start
+
+    init, noise = torch.full((2, 4, 8, 8), 3.0), torch.randn(2, 4, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:5, 3:7] = 1.0
+    inside = mask.expand(2, 4, 8, 8).bool()
+    for content in ("original", "fill"):
+        assert torch.equal(masked_start(init, noise, mask, content), init)
+    noised = masked_start(init, noise, mask, "latent-noise")
+    assert torch.equal(noised[inside], noise[inside]) and torch.equal(noised[~inside], init[~inside])
+    nothing = masked_start(init, noise, mask, "latent-nothing")
+    assert (nothing[inside] == 0).all() and torch.equal(nothing[~inside], init[~inside])
+
+
+def test_masked_content_changes_the_start_and_keeps_the_rest(tiny_model):
+    """Below strength 1 the masked part starts from what masked_content says (the step-0 latents show
+    it), and the pixels outside the mask stay the input's whatever it is."""
+    pipe = load(tiny_model.safetensors, tiny_model.tokenizer)
+    starts: dict[str, torch.Tensor] = {}
+    images: dict[str, np.ndarray] = {}
+    for content in ("original", "fill", "latent-noise", "latent-nothing"):
+
+        def keep_start(info, content=content):
+            if info.step == 0:
+                starts[content] = info.x.clone()
+
+        result = pipe.generate(inpaint_request("euler", 0.6, masked_content=content), keep_start)
+        images[content] = np.asarray(result.images[0])
+    outside = np.asarray(square_mask()) == 0
+    for content, image in images.items():
+        assert np.array_equal(image[outside], np.asarray(test_image())[outside]), content
+    assert len({images[c].tobytes() for c in images}) == 4  # each choice repaints differently
+    latent = torch.zeros(1, 1, 8, 8)
+    latent[..., 3:7, 2:6] = 1.0  # square_mask()'s box (16..48 x 24..56 px) on the 8x latent grid
+    inside = latent.expand_as(starts["original"]).bool()
+    nothing, original = starts["latent-nothing"], starts["original"]
+    assert torch.equal(nothing[~inside], original[~inside]) and not torch.allclose(nothing[inside], original[inside])
+    # Euler starts from source + sigma0 * noise: inside, latent-noise has (1 + sigma0) noise and latent-nothing sigma0 noise.
+    noise = (starts["latent-noise"] - nothing)[inside]
+    sigma0 = nothing[inside] / noise
+    assert noise.abs().max() > 0 and torch.allclose(sigma0, sigma0.median().expand_as(sigma0), rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(starts["fill"][inside], original[inside])  # filled pixels encode to other latents

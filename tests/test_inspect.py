@@ -133,7 +133,7 @@ def test_lightning_ckpt(tmp_path: Path) -> None:
     for needle in [
         str(path),
         "CompVis Lightning .ckpt (pytorch-lightning 1.4.2, epoch 6, global_step 470000; callbacks: ModelCheckpoint)",
-        "sd1 (Stable Diffusion 1.x)",
+        "sd1 (SD 1.x)",
         "float32 (15 tensors), int32 (1 tensor), int64 (1 tensor)",
         f"{UNET_PARAMS:,} params in 5 tensors, float32",
         f"{VAE_PARAMS:,} params in 2 tensors",

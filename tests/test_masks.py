@@ -13,6 +13,7 @@ from optimized_sd.pipelines.masks import (
     Canvas,
     InpaintOptions,
     crop_box,
+    fill_masked,
     load_mask,
     mask_luminance,
     outpaint_canvas,
@@ -171,6 +172,7 @@ def test_parse_outpaint():
         (InpaintOptions(mask="m.png", area="middle"), "inpaint-area"),
         (InpaintOptions(mask="m.png", padding=-2), "padding"),
         (InpaintOptions(outpaint=(0, 0, 0, 0)), "outpaint"),
+        (InpaintOptions(mask="m.png", masked_content="latent_noise"), "masked-content"),
     ],
 )
 def test_options_check(options, needle):
@@ -183,3 +185,35 @@ def test_outpaint_keeps_the_users_mask():
     options = InpaintOptions(mask=square_mask((64, 64), (10, 10, 20, 20)), outpaint=(8, 0, 0, 0), mask_blur=0)
     mask = as_array(prepare_region(image, (72, 64), options).canvas.mask)
     assert mask[:, :8].min() == 255 and mask[15, 23] == 255 and mask[40, 40] == 0
+
+
+def test_fill_paints_the_hole_in_the_colours_around_it():
+    left_red_right_blue = np.zeros((64, 96, 3), np.uint8)
+    left_red_right_blue[:, :48] = (255, 0, 0)
+    left_red_right_blue[:, 48:] = (0, 0, 255)
+    image = Image.fromarray(left_red_right_blue)
+    mask = square_mask(box=(24, 16, 72, 48))  # straddles the red/blue edge
+    filled = as_array(fill_masked(image, mask))
+    hole = as_array(mask) >= 128
+    assert np.array_equal(filled[~hole], as_array(image)[~hole])  # kept pixels untouched
+    assert (filled[hole][:, 1] == 0).all()  # no colour that is not around the hole
+    row = filled[32, 24:72]  # across the hole: red fading into blue, monotonically
+    assert row[0, 0] > 200 and row[-1, 2] > 200
+    assert (np.diff(row[:, 0]) <= 0).all() and (np.diff(row[:, 2]) >= 0).all()
+    grey = Image.new("RGB", (40, 30), (120, 130, 140))
+    assert np.array_equal(
+        as_array(fill_masked(grey, square_mask((40, 30), (5, 5, 35, 25)))), as_array(grey)
+    )  # one colour around: that colour
+    everything = Image.new("L", (40, 30), 255)
+    assert np.array_equal(as_array(fill_masked(grey, everything)), as_array(grey))  # no colour to take: unchanged
+
+
+def test_fill_applies_to_the_region_that_is_generated():
+    image = gradient()
+    mask = square_mask()
+    original = prepare_region(image, (96, 64), InpaintOptions(mask=mask, mask_blur=0))
+    filled = prepare_region(image, (96, 64), InpaintOptions(mask=mask, mask_blur=0, masked_content="fill"))
+    hole = as_array(mask) >= 128
+    assert np.array_equal(as_array(filled.image)[~hole], as_array(original.image)[~hole])
+    assert not np.array_equal(as_array(filled.image)[hole], as_array(original.image)[hole])
+    assert np.array_equal(as_array(filled.canvas.image), as_array(image))  # the paste-back target is the untouched image

@@ -18,7 +18,6 @@ from optimized_sd.memory.planner import ModelFootprint, Request, fallback, plan_
 from optimized_sd.models import ops, slabs
 from optimized_sd.models.layers import group_norm
 from optimized_sd.models.runtime import RunOptions, run_options, use_run_options
-from optimized_sd.pipelines.core import encode_prompt
 from optimized_sd.pipelines.diffusion import GenerationRequest
 from optimized_sd.pipelines.placement import UNET, unet_blocks, unet_halves
 
@@ -58,7 +57,10 @@ def test_the_mode_table_drives_placement(tiny_model, row):
         assert set(engine.resident_names()) == {"all"}
         return
     unet_specs = [s for s in specs if any(m.startswith(UNET) for m in s.modules)]
-    assert {s.release for s in specs if s not in unet_specs} == {"stage_end"}  # text encoder and VAE: their stage only
+    others = [s for s in specs if s not in unet_specs]
+    streamed_text = [s for s in others if s.release == "after_forward"]  # `blocks` streams the text towers by layer too
+    assert all(s.name.startswith("text.") for s in streamed_text) and bool(streamed_text) == (row.denoiser == "blocks")
+    assert {s.release for s in others if s not in streamed_text} == {"stage_end"}  # text encoder and VAE: their stage only
     assert {s.release for s in unet_specs} == {row.denoiser_release}
     expected = {
         "whole": [(UNET,)],
@@ -203,7 +205,7 @@ def test_close_lets_go_of_every_tensor(tiny_model):
     plan = pipe.prepare(request())
     pipe.memory.place(dataclasses.replace(plan, host="cpu"))  # host copies, packed per group
     engine = pipe.engine
-    text = pipe.memory.run_stage("text", lambda record: encode_prompt(pipe, "a red cube"))
+    text = pipe.memory.run_stage("text", lambda record: pipe.text.encode("a red cube")[0])
     assert torch.isfinite(text).all()
     assert engine.held_tensors() and any(group.packed_host is not None for group in engine.groups.values())
     pipe.close()

@@ -14,7 +14,7 @@ from typing import Protocol
 from optimized_sd.batch.jobs import BatchJob
 from optimized_sd.batch.manifest import Manifest, ManifestRecord, interrupts_deferred
 from optimized_sd.batch.worker import BatchWorker, LoadSpec, RenderedImage, RenderFailure
-from optimized_sd.pipelines.output import ensure_writable, prompt_folder, save_encoded
+from optimized_sd.pipelines.output import check_output_folder, make_folder, prompt_folder, save_image_bytes
 
 MAX_ATTEMPTS = 3  # a first try and two retries on other workers
 
@@ -130,9 +130,8 @@ def plan(jobs: list[BatchJob], manifest: Manifest, report: BatchReport) -> list[
 def write_image(outdir: Path, item: WorkItem, image: RenderedImage, manifest: Manifest) -> ManifestRecord:
     """The file under its usual name (never replacing one), then its manifest line, Ctrl-C held between."""
     folder = prompt_folder(outdir, item.job.prompt)
-    folder.mkdir(parents=True, exist_ok=True)
     with interrupts_deferred():
-        path = save_encoded(image.data, folder, item.seed, item.job.job.output.fmt)
+        path = save_image_bytes(image.data, folder, item.seed, item.job.job.output.fmt)
         record = ManifestRecord(
             line=item.job.line,
             job=item.job.key,
@@ -161,7 +160,8 @@ def run_batch(
     """Render every image the manifest in `outdir` lacks and write it; the pool starts (loads the model)
     only when there is work, and is closed at the end. An exception from `progress` (e.g. `errors.Interrupted`) stops the batch:
     what was written stays, with its manifest lines, and a re-run completes the rest."""
-    ensure_writable(outdir)
+    check_output_folder(outdir)
+    make_folder(outdir)
     manifest = Manifest(outdir)
     report = BatchReport()
     items = plan(jobs, manifest, report)

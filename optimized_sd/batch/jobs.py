@@ -14,6 +14,7 @@ from typing import Any
 
 from optimized_sd.errors import UserError
 from optimized_sd.pipelines.job import Job
+from optimized_sd.pipelines.masks import InpaintOptions, parse_outpaint
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,29 @@ def _path(value: Any) -> Path:
     return Path(_str(value))
 
 
+def _loras(value: Any) -> dict[str, tuple[str, ...]]:
+    """`["FILE", "FILE:WEIGHT"]` (as --lora) or `{"FILE": WEIGHT}` -> the Job's 'FILE:WEIGHT' list."""
+    if isinstance(value, dict):
+        return {"loras": tuple(f"{_str(path)}:{_float(weight):g}" for path, weight in value.items())}
+    if isinstance(value, list):
+        return {"loras": tuple(_str(item) for item in value)}
+    raise TypeError('a list of "FILE[:WEIGHT]" or an object {"FILE": WEIGHT}')
+
+
+def _outpaint(value: Any) -> tuple[int, int, int, int]:
+    if isinstance(value, str):
+        return parse_outpaint(value)
+    if isinstance(value, list) and len(value) == 4:
+        return tuple(_int_or_zero(item) for item in value)  # type: ignore[return-value]
+    raise TypeError('"LEFT,RIGHT,TOP,BOTTOM" or [left, right, top, bottom] pixels')
+
+
+def _int_or_zero(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError("whole numbers of pixels >= 0")
+    return value
+
+
 # field -> converter to Job keyword values (a dict when the field sets several Job fields or another name)
 FIELDS: dict[str, Callable[[Any], Any]] = {
     "prompt": _prompt,
@@ -110,25 +134,39 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "size": _size,
     "strength": _float,
     "init_image": _path,
+    "schedule": _str,
+    "loras": _loras,
 }
-# request fields other tasks add; named here so their absence is a clear error, not "unknown field"
-NOT_AVAILABLE = {"mask": "inpainting", "loras": "LoRA loading"}
+# fields of the job's InpaintOptions (a line with any of them is inpainting; `mask` needs `init_image`)
+INPAINT_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "mask": ("mask", _path),
+    "invert_mask": ("invert_mask", _bool),
+    "mask_blur": ("mask_blur", _float),
+    "inpaint_area": ("area", _str),
+    "padding": ("padding", _int),
+    "outpaint": ("outpaint", _outpaint),
+    "masked_content": ("masked_content", _str),
+}
 
 
 def job_from_record(record: dict[str, Any], defaults: Job) -> Job:
     """`defaults` with the record's fields applied (UserError naming a bad or unknown field)."""
     changes: dict[str, Any] = {}
+    inpaint: dict[str, Any] = {}
     for name, value in record.items():
-        if name in NOT_AVAILABLE:
-            raise UserError(f"field {name!r}: {NOT_AVAILABLE[name]} is not available in this version")
-        convert = FIELDS.get(name)
+        target, convert = INPAINT_FIELDS.get(name, (name, FIELDS.get(name)))
         if convert is None:
-            raise UserError(f"unknown field {name!r} (known: {', '.join(FIELDS)})")
+            raise UserError(f"unknown field {name!r} (known: {', '.join([*FIELDS, *INPAINT_FIELDS])})")
         try:
             converted = convert(value)
         except TypeError as expected:
             raise UserError(f"field {name!r} must be {expected}, not {json.dumps(value)}") from None
-        changes.update(converted if isinstance(converted, dict) else {name: converted})
+        if name in INPAINT_FIELDS:
+            inpaint[target] = converted
+        else:
+            changes.update(converted if isinstance(converted, dict) else {name: converted})
+    if inpaint:
+        changes["inpaint"] = dataclasses.replace(defaults.inpaint or InpaintOptions(), **inpaint)
     return dataclasses.replace(defaults, prompt_file=None, **changes)
 
 

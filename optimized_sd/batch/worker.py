@@ -77,13 +77,12 @@ class BatchWorker:
         return os.getpid()
 
     def init_image(self, job: Job) -> Any:
-        from optimized_sd.pipelines.images import load_init_image
-
+        """The job's init image, opened once for consecutive jobs that share it."""
         if job.init_image is None:
             return None
-        key = (Path(job.init_image), job.height, job.width)
+        key = (Path(job.init_image), job.height, job.width, job.inpaint)
         if self._init_image is None or self._init_image[0] != key:
-            self._init_image = (key, load_init_image(key[0], job.height, job.width))
+            self._init_image = (key, job.open_init_image())
         return self._init_image[1]
 
     def render(self, job: Job, seed: int) -> RenderedImage | RenderFailure:

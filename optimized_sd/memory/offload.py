@@ -118,12 +118,16 @@ class OffloadEngine:
         self._arena: Tensor | None = None  # shared home of streamed groups on the CPU lean path
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         available = set(source.keys())
+        # A module nested in another group's module belongs to the innermost group that names it, so a
+        # group may hold a module's own tensors (e.g. a text tower's position embedding) while its
+        # children stream in groups of their own.
+        paths = {path for spec in specs for path in spec.modules}
         for spec in specs:
             slots = [
                 self._slot(path, local, tensor)
                 for path in spec.modules
                 for local, tensor in root.get_submodule(path).state_dict(keep_vars=True).items()
-                if f"{path}.{local}" in available
+                if f"{path}.{local}" in available and not self._claimed_deeper(path, local, paths)
             ]
             self.groups[spec.name] = Group(spec, slots)
         arena_groups = [group for group in self.groups.values() if self._uses_arena(group)]
@@ -136,6 +140,12 @@ class OffloadEngine:
                 self.load(group.spec.name)
 
     # -- construction -------------------------------------------------------------------------
+    @staticmethod
+    def _claimed_deeper(path: str, local: str, paths: set[str]) -> bool:
+        """Whether the tensor `path.local` sits under another group's module nested inside `path`."""
+        parts = local.split(".")[:-1]
+        return any(f"{path}.{'.'.join(parts[:i])}" in paths for i in range(1, len(parts) + 1))
+
     def _slot(self, path: str, local: str, tensor: Tensor) -> TensorSlot:
         *owner_path, leaf = f"{path}.{local}".split(".")
         owner = self.root.get_submodule(".".join(owner_path))

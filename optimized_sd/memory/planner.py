@@ -256,10 +256,30 @@ def plan_memory(
         lookahead = stream_lookahead(model, asked, budget) if row.prefetch and mode == "auto" else 0
         return chosen(candidate, reason, asked, lookahead)
     leanest = MODES[-1]
+    memory = "RAM (available)" if device_type == "cpu" else "VRAM budget"
+    fits = largest_fitting_side(model, request, budget, leanest, vae_tiling != "off")
+    what_fits = f"{request.batch} image(s) of {fits}x{fits} would fit" if fits else "not even one 64x64 image fits"
     raise OutOfMemoryBudget(
-        f"a VRAM budget of {format_bytes(budget)} is below the smallest plan: "
-        f"{leanest} needs about {format_bytes(estimates[leanest])} at {request.width}x{request.height}"
+        f"a {memory} of {format_bytes(budget)} is below the smallest plan: "
+        f"{leanest} needs about {format_bytes(estimates[leanest])} at {request.width}x{request.height}; {what_fits}"
     )
+
+
+def largest_fitting_side(model: ModelFootprint, request: Request, budget: int, mode: str, vae_tiling: bool) -> int:
+    """The largest square size (a multiple of 64 pixels, 0 for none) whose estimate in `mode` fits
+    `budget`, for an error that says what would fit. Estimates grow with the size, so bisect."""
+
+    def fits(side: int) -> bool:
+        return estimate_peak(mode, model, replace(request, height=side, width=side), vae_tiling) <= budget
+
+    low, high = 0, 1024  # in units of 64 pixels: up to 65536x65536
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle * 64):
+            low = middle
+        else:
+            high = middle - 1
+    return low * 64
 
 
 def lower_mode(mode: str) -> str | None:
@@ -282,10 +302,16 @@ def parse_bytes(text: str) -> int:
     unit = match.group(2).upper() if match else None
     if not match or unit not in SIZE_UNITS:
         raise UserError(f"cannot read the memory size {text!r}; write it like 1.5GB or 800MB")
-    value = int(float(match.group(1)) * SIZE_UNITS[unit])
+    amount = float(match.group(1)) * SIZE_UNITS[unit]
+    if not amount < MAX_MEMORY_SIZE:  # also catches a number too long for a float (inf)
+        raise UserError(f"the memory size {text!r} is beyond any machine's memory (the limit is {MAX_MEMORY_SIZE // 2**50} PB)")
+    value = int(amount)
     if value <= 0:
         raise UserError(f"the memory size {text!r} must be above zero")
     return value
+
+
+MAX_MEMORY_SIZE = 2**60  # bytes: a sanity bound for --vram-budget, far past any device
 
 
 def format_bytes(value: int) -> str:

@@ -173,8 +173,11 @@ class MemoryMeter:
             )
         return "\n".join(lines)
 
-    def write_json(self, path: Path, extra: dict | None = None) -> None:
+    def as_dict(self, extra: dict | None = None) -> dict:
         """`stages`: every call since the meter was made; `runs`: the last call's stage records."""
         payload = {"device": str(self.device), "calls": self.calls, "stages": self.totals, "runs": [asdict(r) for r in self.records]}
         payload.update(extra or {})
-        Path(path).write_text(json.dumps(payload, indent=2))
+        return payload
+
+    def write_json(self, path: Path, extra: dict | None = None) -> None:
+        Path(path).write_text(json.dumps(self.as_dict(extra), indent=2))

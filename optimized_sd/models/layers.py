@@ -110,26 +110,42 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """SD 1.x transformer over the pixels of a feature map, with 1x1-conv projections in and out."""
+    """Transformer over the pixels of a feature map. SD 1.x projects in and out with 1x1 convs on the
+    map; SD 2.x and SDXL (`linear`) with Linear layers on the tokens, as LDM's `use_linear`."""
 
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int) -> None:
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, linear: bool = False) -> None:
         super().__init__()
         dim_head = channels // heads
+        inner = heads * dim_head
+        self.linear = linear
         self.norm = group_norm(channels, eps=1e-6)
-        self.proj_in = ops.Conv2d(channels, heads * dim_head, 1)
+        self.proj_in: nn.Module = ops.Linear(channels, inner) if linear else ops.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(heads * dim_head, heads, dim_head, context_dim) for _ in range(depth)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
         )
-        self.proj_out = ops.Conv2d(heads * dim_head, channels, 1)
+        self.proj_out: nn.Module = ops.Linear(inner, channels) if linear else ops.Conv2d(inner, channels, 1)
+
+    def stream_parts(self) -> list[tuple[str, ...]]:
+        """Children in the order `forward` calls them, grouped into the parts a streamer may load one
+        at a time (the norm and input projection together; each transformer layer; the output projection)."""
+        return [("norm", "proj_in")] + [(f"transformer_blocks.{i}",) for i in range(len(self.transformer_blocks))] + [("proj_out",)]
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         batch, _, height, width = x.shape
-        h = self.proj_in(self.norm(x))
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
         h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        if self.linear:
+            h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
         h = h.transpose(1, 2).reshape(batch, -1, height, width)  # (B, C, H, W)
-        return x + self.proj_out(h)
+        if not self.linear:
+            h = self.proj_out(h)
+        return x + h
 
 
 class Upsample(nn.Module):

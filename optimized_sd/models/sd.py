@@ -1,11 +1,13 @@
-"""The whole latent diffusion model as one module tree whose parameter names are the LDM checkpoint keys."""
+"""The whole latent diffusion model as one module tree whose parameter names are the LDM/SGM checkpoint keys."""
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Sequence
+
+from torch import Tensor, nn
 
 from optimized_sd.config import ModelConfig
-from optimized_sd.models.text_encoder import FrozenCLIPEmbedder
+from optimized_sd.models.conditioner import build_text_module, encode_tokens
 from optimized_sd.models.unet import UNetModel
 from optimized_sd.models.vae import AutoencoderKL
 
@@ -19,11 +21,17 @@ class DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(nn.Module):
-    """`model.diffusion_model` (UNet), `first_stage_model` (VAE), `cond_stage_model` (CLIP text)."""
+    """`model.diffusion_model` (UNet), `first_stage_model` (VAE), and the text conditioning under the
+    family's own name: `cond_stage_model` (SD 1.x CLIP, SD 2.x OpenCLIP) or `conditioner` (SDXL)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.model = DiffusionWrapper(UNetModel(config.unet))
         self.first_stage_model = AutoencoderKL(config.vae)
-        self.cond_stage_model = FrozenCLIPEmbedder(config.text)
+        self.text_root, text = build_text_module(config)
+        self.add_module(self.text_root, text)
+
+    def encode_text(self, ids: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Token ids, one tensor per tower -> (context (B, 77, context_dim), pooled (B, width) or None)."""
+        return encode_tokens(self.get_submodule(self.text_root), ids)

@@ -1,4 +1,4 @@
-"""The CLIP ViT-L/14 text encoder (through transformers) and its tokenizer, as SD 1.x uses them."""
+"""The CLIP ViT-L/14 text encoder (through transformers) and the prompt tokenizer every tower uses."""
 
 from __future__ import annotations
 
@@ -43,25 +43,47 @@ class FrozenCLIPEmbedder(nn.Module):
 
         self.transformer = CLIPTextModel(clip_config(config))
 
+        self.penultimate = config.penultimate
+
+    def stream_parts(self) -> list[str]:
+        """Children in call order: embeddings, each encoder layer, the final norm (transformers versions
+        differ on whether they sit under `text_model`)."""
+        inner = "transformer.text_model" if hasattr(self.transformer, "text_model") else "transformer"
+        layers = len(self.get_submodule(f"{inner}.encoder.layers"))
+        return [f"{inner}.embeddings", *(f"{inner}.encoder.layers.{i}" for i in range(layers)), f"{inner}.final_layer_norm"]
+
     def forward(self, input_ids: Tensor) -> Tensor:
-        """(B, 77) token ids -> (B, 77, hidden) last hidden state after the final layer norm."""
+        """(B, 77) token ids -> (B, 77, hidden): the last hidden state after the final layer norm (SD 1.x),
+        or the hidden state entering the last layer, without the norm (`penultimate`, SDXL)."""
         # Positions are passed explicitly: the module's own position_ids buffer is not part of
         # checkpoints and stays unmaterialised when the model is built on the meta device.
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        return self.transformer(input_ids=input_ids, position_ids=positions).last_hidden_state
+        output = self.transformer(input_ids=input_ids, position_ids=positions, output_hidden_states=self.penultimate)
+        return output.hidden_states[-2] if self.penultimate else output.last_hidden_state
+
+
+OPEN_CLIP_PAD_ID = 0  # open_clip pads with zeros (the token "!"); CLIP's own tokenizer pads with the end token
 
 
 class PromptTokenizer:
-    """Pads or truncates prompts to 77 tokens, and says what a long prompt lost."""
+    """Pads or truncates prompts to 77 tokens, and says what a long prompt lost. `pad_id` overrides the
+    tokenizer's padding token (OpenCLIP towers pad with id 0 whatever tokenizer files they come with)."""
 
-    def __init__(self, tokenizer) -> None:  # a transformers CLIPTokenizer
+    def __init__(self, tokenizer, pad_id: int | None = None) -> None:  # a transformers CLIPTokenizer
         self.tokenizer = tokenizer
+        self.pad_id = pad_id
+
+    def with_padding(self, pad_id: int | None) -> PromptTokenizer:
+        """The same vocabulary padding with `pad_id` (None: the tokenizer's own pad token)."""
+        return PromptTokenizer(self.tokenizer, pad_id)
 
     def __call__(self, prompts: list[str]) -> Tensor:
         batch = self.tokenizer(
             prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
         )
-        return batch.input_ids
+        if self.pad_id is None:
+            return batch.input_ids
+        return batch.input_ids.masked_fill(batch.attention_mask == 0, self.pad_id)
 
     def truncated_text(self, prompt: str) -> str:
         """The words cut off by the 77-token limit ('' when the prompt fits). `verbose=False` keeps
@@ -80,7 +102,11 @@ def load_tokenizer(folder: Path | None) -> PromptTokenizer:
         folder = Path(folder)
         if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
             raise UserError(f"tokenizer folder {folder} must hold vocab.json and merges.txt")
-        return PromptTokenizer(CLIPTokenizer.from_pretrained(str(folder)))
+        try:
+            return PromptTokenizer(CLIPTokenizer.from_pretrained(str(folder)))
+        except Exception as error:  # noqa: BLE001 - the transformers boundary: any failure reading these files is a bad folder
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(f"cannot read the tokenizer in {folder} (vocab.json, merges.txt): {detail}") from None
     try:
         return PromptTokenizer(CLIPTokenizer.from_pretrained(HUB_TOKENIZER))
     except OSError:

@@ -1,5 +1,7 @@
-"""The SD 1.x denoising UNet (LDM `openaimodel.UNetModel`), with the original module names so that
-`model.diffusion_model.*` checkpoint keys load with no per-layer code."""
+"""The denoising UNet of SD 1.x, SD 2.x and SDXL (LDM/SGM `openaimodel.UNetModel`), with the original
+module names so that `model.diffusion_model.*` checkpoint keys load with no per-layer code. The
+families differ only by config: head rule, linear projections, per-level transformer depth, and
+SDXL's `label_emb` over the pooled text and size conditioning."""
 
 from __future__ import annotations
 
@@ -58,6 +60,10 @@ class TimestepEmbedSequential(nn.Sequential):
             )
         return self.run_layers(x, emb, context)
 
+    def stream_parts(self) -> list[tuple[str, ...]]:
+        """Layers in call order, one part each (see `SpatialTransformer.stream_parts`)."""
+        return [(str(i),) for i in range(len(self))]
+
     def run_layers(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
@@ -70,8 +76,9 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """eps-prediction UNet. Every top-level child (time_embed, each input block, middle_block, each
-    output block, out) is a separate module call, so the memory engine can stream them one by one."""
+    """UNet predicting eps or v (the pipeline's prediction adapter says which). Every top-level child
+    (time_embed, label_emb, each input block, middle_block, each output block, out) is a separate
+    module call, so the memory engine can stream them one by one."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -79,28 +86,35 @@ class UNetModel(nn.Module):
         mc = config.model_channels
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(ops.Linear(mc, emb_dim), nn.SiLU(), ops.Linear(emb_dim, emb_dim))
+        if config.adm_in_channels is not None:  # SGM's num_classes="sequential": Sequential in a Sequential
+            self.label_emb = nn.Sequential(
+                nn.Sequential(ops.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), ops.Linear(emb_dim, emb_dim))
+            )
 
-        def transformer(channels: int) -> SpatialTransformer:
-            return SpatialTransformer(channels, config.num_heads, config.transformer_depth, config.context_dim)
+        def transformer(channels: int, depth: int) -> SpatialTransformer:
+            return SpatialTransformer(
+                channels, config.heads(channels), depth, config.context_dim, linear=config.use_linear_in_transformer
+            )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(ops.Conv2d(config.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
-        channels, downscale = mc, 1
+        channels = mc
         for level, mult in enumerate(config.channel_mult):
             for _ in range(config.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(channels, emb_dim, mult * mc)]
                 channels = mult * mc
-                if downscale in config.attention_resolutions:
-                    layers.append(transformer(channels))
+                if config.depth(level):
+                    layers.append(transformer(channels, config.depth(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(channels)
             if level != len(config.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(channels)))
                 skip_channels.append(channels)
-                downscale *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(channels, emb_dim, channels), transformer(channels), ResBlock(channels, emb_dim, channels)
+            ResBlock(channels, emb_dim, channels),
+            transformer(channels, config.middle_depth()),
+            ResBlock(channels, emb_dim, channels),
         )
 
         self.output_blocks = nn.ModuleList()
@@ -108,11 +122,10 @@ class UNetModel(nn.Module):
             for index in range(config.num_res_blocks + 1):
                 layers = [ResBlock(channels + skip_channels.pop(), emb_dim, mc * mult)]
                 channels = mc * mult
-                if downscale in config.attention_resolutions:
-                    layers.append(transformer(channels))
+                if config.depth(level):
+                    layers.append(transformer(channels, config.depth(level)))
                 if level and index == config.num_res_blocks:
                     layers.append(Upsample(channels))
-                    downscale //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(group_norm(channels), nn.SiLU(), ops.Conv2d(mc, config.out_channels, 3, padding=1))
@@ -121,15 +134,21 @@ class UNetModel(nn.Module):
         """The top-level children in the order `forward` runs them (the units the memory engine streams)."""
         return (
             ["time_embed"]
+            + (["label_emb"] if self.config.adm_in_channels is not None else [])
             + [f"input_blocks.{i}" for i in range(len(self.input_blocks))]
             + ["middle_block"]
             + [f"output_blocks.{i}" for i in range(len(self.output_blocks))]
             + ["out"]
         )
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
-        """x: (B, 4, h, w) latents, timesteps: (B,) float, context: (B, 77, context_dim) -> eps (B, 4, h, w)."""
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+        """x: (B, 4, h, w) latents, timesteps: (B,) float, context: (B, tokens, context_dim), y: (B, adm_in_channels)
+        for SDXL -> eps or v (B, 4, h, w)."""
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        if (y is not None) != (self.config.adm_in_channels is not None):
+            raise ValueError("y (vector conditioning) is given exactly when the UNet has a label_emb")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
         skips = []
         h = x
         for block in self.input_blocks:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,11 +25,10 @@ from optimized_sd.attention import use_attention
 from optimized_sd.memory.planner import VAE_TILE_OVERLAP, Request
 from optimized_sd.memory.report import StageRecord
 from optimized_sd.memory.tiling import tiled_apply
-from optimized_sd.models.text_encoder import MAX_TOKENS
 from optimized_sd.models.vae import AutoencoderKL
 from optimized_sd.pipelines.images import image_to_tensor, tensor_to_image
+from optimized_sd.pipelines.networks import PromptNetworks, lora_weights, network_hashes, resolve_networks
 from optimized_sd.pipelines.output import ImageParameters
-from optimized_sd.pipelines.prompts import split_weighted_subprompts
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_request
 from optimized_sd.sampling import (
     Conditioning,
@@ -39,6 +40,7 @@ from optimized_sd.sampling import (
     prediction_adapter,
     sample,
     sampler_display_name,
+    schedule_display_name,
 )
 from optimized_sd.weights.loading import materialize
 
@@ -87,29 +89,16 @@ class Task:
 # -- prompt -> Conditioning -------------------------------------------------------------------
 
 
-def encode_prompt(pipe: StableDiffusion, prompt: str) -> Tensor:
-    """(1, 77, C) context; weighted subprompts are mixed as optimizedSD (weights normalised)."""
-    cut = pipe.tokenizer.truncated_text(prompt)
-    if cut:
-        log.warning("prompt longer than %d tokens; this part was cut: %s", MAX_TOKENS, cut)
-    parts, weights = split_weighted_subprompts(prompt)
-    if len(parts) <= 1:
-        parts, weights = [prompt], [1.0]
-    total = sum(weights)
-    embeddings = pipe.model.cond_stage_model(pipe.tokenizer(parts).to(pipe.device)).float()
-    weight = torch.tensor(weights, device=pipe.device, dtype=torch.float32)[:, None, None] / total
-    return (embeddings * weight).sum(0, keepdim=True).to(pipe.dtype)
+def encode_conditioning(
+    pipe: StableDiffusion, request: GenerationRequest, networks: PromptNetworks
+) -> tuple[Conditioning, Conditioning | None, dict[str, Path]]:
+    """(cond, uncond, embeddings used) for the batch, uncond None when guidance is off, by the family's
+    text step (`pipelines.text.PromptEncoder`: every tower with AUTOMATIC1111's emphasis and 75-token
+    chunks, optimizedSD's weighted subprompts, embeddings by name, SDXL's `y` and zero negative)."""
 
-
-def encode_conditioning(pipe: StableDiffusion, request: GenerationRequest) -> tuple[Conditioning, Conditioning | None]:
-    """(cond, uncond) for the batch, uncond None when guidance is off. Each distinct prompt is
-    encoded (and warned about) once per call, however often the batch repeats it."""
-
-    def work(record: StageRecord) -> tuple[Conditioning, Conditioning | None]:
-        contexts = {prompt: encode_prompt(pipe, prompt) for prompt in dict.fromkeys(request.prompts)}
-        cond = Conditioning(torch.cat([contexts[prompt] for prompt in request.prompts]))
-        uncond = Conditioning(encode_prompt(pipe, request.negative_prompt)).repeat(len(request.prompts)) if request.guided else None
-        return cond, uncond
+    def work(record: StageRecord) -> tuple[Conditioning, Conditioning | None, dict[str, Path]]:
+        negative = networks.negative_prompt if request.guided else None
+        return pipe.text.batch(networks.prompts, negative, request.height, request.width)
 
     return pipe.memory.run_stage("text", work)
 
@@ -242,9 +231,23 @@ def decode_images(pipe: StableDiffusion, latents: Tensor, tiled: bool) -> list[I
     return pipe.memory.run_stage("vae_decode", work)
 
 
-def image_parameters(pipe: StableDiffusion, task: Task, request: GenerationRequest, seeds: list[int]) -> list[ImageParameters]:
-    """What made each image, as AUTOMATIC1111's metadata."""
-    display = sampler_display_name(request.sampler, request.karras)
+def image_parameters(
+    pipe: StableDiffusion,
+    task: Task,
+    request: GenerationRequest,
+    seeds: list[int],
+    plan: SamplingPlan,
+    loras: Mapping[Path, float],
+    embeddings: Mapping[str, Path],
+) -> list[ImageParameters]:
+    """What made each image, as AUTOMATIC1111's metadata (prompts as written, LoRA tags included)."""
+    display = sampler_display_name(request.sampler, plan.karras)
+    extra = []
+    if plan.schedule_type not in ("", "linspace"):  # linspace is diffusers' grid, which AUTOMATIC1111 has no name for
+        extra.append(("Schedule type", schedule_display_name(plan.schedule_type)))
+    lora_hashes = network_hashes({path.stem: path for path in loras}, lora=True)
+    hashes = (("Lora hashes", lora_hashes), ("TI hashes", network_hashes(embeddings, lora=False)))
+    extra += [(name, value) for name, value in hashes if value]
     return [
         ImageParameters(
             prompt=prompt,
@@ -258,6 +261,9 @@ def image_parameters(pipe: StableDiffusion, task: Task, request: GenerationReque
             model_hash=pipe.model_hash(),
             model_name=pipe.loaded.checkpoint.name,
             strength=task.metadata_strength(request),
+            vae_hash=pipe.vae_hash(),
+            vae_name=pipe.vae_file.name if pipe.vae_file is not None else None,
+            extra=tuple(extra),
         )
         for prompt, seed in zip(request.prompts, seeds)
     ]
@@ -284,18 +290,30 @@ def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, prog
     An exception from `progress` (e.g. `errors.Interrupted`) leaves the running stage, which
     releases that stage's weights, and propagates."""
     request = task.normalise(request)
+    size = pipe.config.default_size
+    request = replace(request, height=request.height or size, width=request.width or size)
     check_request(request, pipe.config)
     plan = make_plan(
-        request.sampler, request.steps, strength=task.strength(request), eta=request.eta, karras=request.karras, schedule=pipe.schedule
+        request.sampler,
+        request.steps,
+        strength=task.strength(request),
+        eta=request.eta,
+        karras=request.karras,
+        schedule=pipe.schedule,
+        schedule_type=request.schedule,
     )
+    networks = resolve_networks(request.prompts, request.negative_prompt, lora_weights(request.loras), pipe.lora_dir)
     seeds = seeds_for(request)
     # One attention scope per call: a backend fallback is reported once per call, not per layer or per process.
     with use_attention(pipe.memory.attention):
+        pipe.use_loras(networks.loras)  # before placement, so the weights are placed (and patched) once
         tiled = pipe.memory.prepare(planner_request(pipe, task, request)).vae_tiling
-        conditioning = encode_conditioning(pipe, request)
+        cond, uncond, embeddings = encode_conditioning(pipe, request, networks)
+        conditioning = (cond, uncond)
         latent_shape = (request.latent_channels, request.height // request.downscale, request.width // request.downscale)
         noise = seeded_noise(seeds, latent_shape, pipe.device)
         x = task.start_latents(pipe, request, plan, noise, tiled)
         latents = denoise(pipe, task, request, plan, x, conditioning, seeds, progress)
         images = task.finish(decode_images(pipe, latents, tiled))
-    return GenerationResult(images, seeds, image_parameters(pipe, task, request, seeds), latents)
+    parameters = image_parameters(pipe, task, request, seeds, plan, networks.loras, embeddings)
+    return GenerationResult(images, seeds, parameters, latents)

@@ -4,6 +4,8 @@ where it computes is `memory_session`'s business."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -16,7 +18,7 @@ from optimized_sd.memory.device import compute_dtype, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
 from optimized_sd.memory.planner import VAE_TILE, Plan, parse_bytes
 from optimized_sd.memory.report import MemoryMeter
-from optimized_sd.models.text_encoder import PromptTokenizer, load_tokenizer
+from optimized_sd.models.text_encoder import PromptTokenizer
 from optimized_sd.pipelines import core
 from optimized_sd.pipelines.core import Task
 from optimized_sd.pipelines.images import image_to_tensor, load_init_image, open_image, tensor_to_image
@@ -24,10 +26,15 @@ from optimized_sd.pipelines.img2img import IMG2IMG
 from optimized_sd.pipelines.inpaint import Inpaint
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.memory_session import MemorySession
+from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_size
+from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
 from optimized_sd.pipelines.txt2img import TXT2IMG
 from optimized_sd.sampling import ProgressCallback, scaled_linear_schedule
-from optimized_sd.weights.loading import LoadedModel, prepare_model
+from optimized_sd.weights.embeddings import EmbeddingLibrary
+from optimized_sd.weights.loading import LoadedModel, prepare_model, source_metadata
+from optimized_sd.weights.lora import LoraSet
+from optimized_sd.weights.prediction import resolve_prediction
 
 __all__ = [  # the names callers have imported from here
     "GenerationRequest",
@@ -40,7 +47,6 @@ __all__ = [  # the names callers have imported from here
     "load_init_image",
     "tensor_to_image",
 ]
-
 
 def task_for(request: GenerationRequest) -> Task:
     """The one place a request picks its task (inpainting: a fresh object per call, holding what the call prepared)."""
@@ -64,6 +70,8 @@ class StableDiffusion:
         attention: str = "sdpa",
         vae_tiling: str = "auto",
         tokenizer: str | Path | None = None,
+        lora_dir: str | Path = DEFAULT_LORA_DIR,
+        embeddings_dir: str | Path = DEFAULT_EMBEDDINGS_DIR,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -76,10 +84,18 @@ class StableDiffusion:
         self.memory = MemorySession(
             self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention
         )
-        tokenizer_dir = Path(tokenizer) if tokenizer else loaded.checkpoint.tokenizer_dir
-        self.tokenizer: PromptTokenizer = load_tokenizer(tokenizer_dir)
+        folder = loaded.checkpoint.path if loaded.checkpoint.path.is_dir() else None
+        tokenizers = load_tower_tokenizers(self.config, folder, Path(tokenizer) if tokenizer else None)
+        self.tokenizer: PromptTokenizer = tokenizers[0]
+        self.embeddings = EmbeddingLibrary(Path(embeddings_dir))
+        self.text = PromptEncoder(self.model, tokenizers, self.device, self.dtype, self.embeddings)
         self.schedule = scaled_linear_schedule(self.config.linear_start, self.config.linear_end, self.config.timesteps)
         self._model_hash: str | None = None
+        self.prediction_reason = "family default"  # where the prediction type came from (set by `load`)
+        self.vae_file: Path | None = None  # `--vae FILE` (set by `load`)
+        self._vae_hash: str | None = None
+        self.lora_dir = Path(lora_dir)
+        self.loras = LoraSet(self.config, {key: tuple(value.shape) for key, value in self.model.state_dict().items()})
 
     @property
     def dtype_bytes(self) -> int:
@@ -108,6 +124,12 @@ class StableDiffusion:
         task = task_for(request)
         return self.memory.prepare(core.planner_request(self, task, task.normalise(request)))
 
+    def use_loras(self, weights: Mapping[Path, float]) -> None:
+        """Make `weights` (file -> weight) the LoRAs merged into the weights as the memory engine places
+        them; resident weights are placed again only when the set or a weight changed."""
+        if self.loras.activate(weights):
+            self.memory.set_tensor_hook(self.loras if self.loras.active else None)
+
     def close(self) -> None:
         """Release the weights' placement and the checkpoint's file maps (a long-lived server calls this)."""
         self.memory.release_engine()
@@ -123,6 +145,16 @@ class StableDiffusion:
     def vae_decode(self, latent: Tensor, tiled: bool) -> Tensor:
         """Scaled latent (1, 4, h, w) -> pixels, as the decode stage does it (fp32 retry included)."""
         return core.VaeDecoder(self, tiled)(latent)
+
+    def vae_hash(self) -> str | None:
+        """AUTOMATIC1111's short hash of the `--vae` file, when one replaced the checkpoint's VAE."""
+        if self.vae_file is None:
+            return None
+        if self._vae_hash is None:
+            from optimized_sd.weights.hashing import sha256_short
+
+            self._vae_hash = sha256_short(self.vae_file)
+        return self._vae_hash
 
     def model_hash(self) -> str:
         """AUTOMATIC1111's short hash of the file (of the UNet weights for a diffusers folder)."""
@@ -157,16 +189,18 @@ class StableDiffusion:
         inpaint_area: str = "whole",
         padding: int = 32,
         outpaint: tuple[int, int, int, int] | None = None,
+        masked_content: str = "original",
         **options,
     ) -> list[Image.Image]:
         """Repaint where `mask` is white (any mode PIL reads; see `pipelines.masks`), or grow the
         canvas by `outpaint` = (left, right, top, bottom) pixels and paint the border. The images
         have the input's size (outpainting: the grown canvas); `height`/`width` set the generation
         size (default: the image's floored to 64; 512 for inpaint_area="masked"). Options are
-        `GenerationRequest` fields; `strength` defaults to 1 (diffusers' default for inpainting)."""
+        `GenerationRequest` fields; `strength` defaults to 1 (diffusers' default for inpainting).
+        `masked_content` (below 1 only): "original", "fill", "latent-noise" or "latent-nothing"."""
         if not isinstance(image, Image.Image):
             image = open_image(image)
-        inpaint = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, tuple(outpaint) if outpaint else None)
+        inpaint = InpaintOptions(mask, invert_mask, mask_blur, inpaint_area, padding, tuple(outpaint) if outpaint else None, masked_content)
         inpaint.check()
         width, height = inpaint.generation_size(image.size)
         options = {"strength": 1.0, "width": width, "height": height, **{k: v for k, v in options.items() if v is not None}}
@@ -186,10 +220,23 @@ def load(
     *,
     config: str | Path | ModelConfig | None = None,
     ema: bool = False,
+    vae: str | Path | None = None,
+    prediction: str = "auto",
     **options,
 ) -> StableDiffusion:
     """Open a checkpoint (CompVis .ckpt, single-file .safetensors or diffusers folder) for generation.
-    Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer."""
+    `vae`: a separate VAE file replacing the checkpoint's; `prediction`: auto|eps|v (see
+    `weights.prediction`). Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer."""
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
-    return StableDiffusion(prepare_model(checkpoint, config=config, ema=ema), **options)
+    loaded = prepare_model(checkpoint, config=config, ema=ema, vae=vae)
+    checkpoint_source = loaded.checkpoint.source
+    prediction_type, why = resolve_prediction(
+        prediction, loaded.config.family, loaded.checkpoint.path, set(checkpoint_source.keys()), source_metadata(checkpoint_source)
+    )
+    loaded.config = replace(loaded.config, prediction_type=prediction_type)
+    loaded.model.config = loaded.config
+    pipe = StableDiffusion(loaded, **options)
+    pipe.prediction_reason = why
+    pipe.vae_file = Path(vae) if vae is not None else None
+    return pipe

@@ -10,8 +10,9 @@ masked image) encoded as `vae_encode`; then one of two rules, as diffusers'
     the next step's level with the start noise (`sampling.masked_blend`).
 Both start, like diffusers, from pure noise at strength 1 and otherwise from the init latents
 noised to the level of the first step that runs (for DDIM/PLMS one grid step below img2img's
-CompVis level). The decoded images are pasted back into the canvas through the blurred mask, so
-pixels outside the mask are the input's exactly.
+CompVis level); AUTOMATIC1111's "latent noise" and "latent nothing" first replace the masked init
+latents by the start noise or by zeros (`masked_start`). The decoded images are pasted back into
+the canvas through the blurred mask, so pixels outside the mask are the input's exactly.
 
 One `Inpaint` object serves one call (`diffusion.task_for` builds it): it holds what that call
 prepared between the steps `core.run_task` calls."""
@@ -37,6 +38,7 @@ from optimized_sd.sampling.inpainting import inpainting_concat, masked_blend, no
 if TYPE_CHECKING:
     from optimized_sd.pipelines.diffusion import StableDiffusion
 
+
 def mask_tensor(mask: Image.Image) -> Tensor:
     """L mask -> (1, 1, H, W) float {0, 1}: binarised at 0.5 (diffusers' mask processor)."""
     return torch.from_numpy((np.asarray(mask, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32))[None, None]
@@ -45,6 +47,18 @@ def mask_tensor(mask: Image.Image) -> Tensor:
 def latent_mask(mask: Tensor, latent_size: tuple[int, int]) -> Tensor:
     """The pixel mask on the latent grid: nearest-neighbour, as diffusers' `prepare_mask_latents`."""
     return F.interpolate(mask, size=latent_size)
+
+
+def masked_start(init_latents: Tensor, noise: Tensor, mask: Tensor, masked_content: str) -> Tensor:
+    """What the sampler starts from before noising, under the mask (1 = repaint): the init latents
+    ("original", and "fill", whose pixels were filled before encoding), the start noise itself
+    ("latent-noise": AUTOMATIC1111 draws it from the same seeds, so the same noise), or zeros
+    ("latent-nothing"). The blend of 4-channel models keeps using the init latents outside the mask."""
+    if masked_content == "latent-noise":
+        return init_latents * (1 - mask) + noise * mask
+    if masked_content == "latent-nothing":
+        return init_latents * (1 - mask)
+    return init_latents
 
 
 class Inpaint(Task):
@@ -91,7 +105,7 @@ class Inpaint(Task):
         if plan.strength == 1.0:
             return start_latents(plan, noise)  # pure noise, as diffusers at strength 1
         assert self.init_latents is not None
-        return noised_to(plan, 0, self.init_latents.float(), noise.float())
+        return noised_to(plan, 0, masked_start(self.init_latents.float(), noise.float(), self.mask, options.masked_content), noise.float())
 
     def wrap_model(self, model: Model) -> Model:
         if self.masked_latents is None:

@@ -5,6 +5,7 @@ Nothing here imports click or tqdm: callers bring their own progress display thr
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,9 +18,20 @@ from optimized_sd.memory.planner import format_bytes
 from optimized_sd.pipelines.diffusion import GenerationRequest, StableDiffusion
 from optimized_sd.pipelines.images import load_init_image, open_image
 from optimized_sd.pipelines.masks import InpaintOptions, prepare_region
-from optimized_sd.pipelines.output import ImageParameters, encode, ensure_writable, make_grid, prompt_folder, save_image, write_new
+from optimized_sd.pipelines.networks import lora_weights
+from optimized_sd.pipelines.output import (
+    ImageParameters,
+    check_output_folder,
+    check_report_path,
+    make_grid,
+    prompt_folder,
+    save_encoded,
+    save_image,
+    write_report,
+)
 from optimized_sd.pipelines.prompts import read_prompt_file
-from optimized_sd.pipelines.request import check_size
+from optimized_sd.pipelines.request import check_numbers, check_seeds, check_size
+from optimized_sd.prompts.syntax import subprompt_mix
 from optimized_sd.sampling import StepInfo, make_plan
 
 IMAGE_FORMATS = ("png", "jpg")
@@ -48,8 +60,8 @@ class Job:
     `n_samples`), or the prompts of `prompt_file` (one per line) instead; `n_iter` passes over them.
     Image i of a batch uses seed + i and the seed moves on by the batch size unless `fixed_code`.
     `init_image` (a path or a PIL image) makes it img2img, and with `inpaint` inpainting; height/width
-    None: 512 for txt2img, the init image's size floored to 64 for img2img, `inpaint.generation_size`
-    for inpainting (whose init image is never resized: the result has its size)."""
+    None: the model family's size for txt2img, the init image's size floored to 64 for img2img,
+    `inpaint.generation_size` for inpainting (whose init image is never resized: the result has its size)."""
 
     prompts: tuple[str, ...] = ()
     prompt_file: Path | None = None
@@ -63,6 +75,8 @@ class Job:
     eta: float = 0.0
     sampler: str = "plms"
     karras: bool = False
+    schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
+    loras: tuple[str, ...] = ()  # 'FILE' or 'FILE:WEIGHT', besides the <lora:NAME:WEIGHT> tags in prompts
     height: int | None = None
     width: int | None = None
     latent_channels: int = 4
@@ -71,6 +85,7 @@ class Job:
     init_image: Path | Image.Image | None = None
     strength: float = 0.75
     inpaint: InpaintOptions | None = None
+    max_image_pixels: int | None = None  # init images over this are refused (None: images.max_image_pixels)
     output: OutputPolicy = field(default_factory=lambda: OutputPolicy(Path("outputs")))
 
     def validate(self) -> None:
@@ -84,6 +99,11 @@ class Job:
                 raise UserError(f"--{name} must be at least 1")
         if self.unet_batch is not None and self.unet_batch < 1:
             raise UserError("--unet_bs must be at least 1")
+        for flag, value in (("--C", self.latent_channels), ("--f", self.downscale)):
+            if value < 1:
+                raise UserError(f"{flag} {value} must be at least 1")
+        check_numbers(scale=self.scale, ddim_eta=self.eta, strength=self.strength)
+        subprompt_mix(self.negative_prompt)
         if self.output.n_rows < 0:
             raise UserError("--n_rows must be 0 (one row per batch) or more")
         if self.output.fmt not in IMAGE_FORMATS:
@@ -98,7 +118,40 @@ class Job:
                 raise UserError("inpainting needs an init image (--init-img)")
             self.inpaint.check()
         strength = self.strength if self.init_image is not None else 1.0
-        make_plan(self.sampler, self.steps, strength=strength, eta=self.eta, karras=self.karras)
+        make_plan(self.sampler, self.steps, strength=strength, eta=self.eta, karras=self.karras, schedule_type=self.schedule)
+        for path in lora_weights(self.loras):
+            if not path.is_file():
+                raise UserError(f"--lora {path}: no such file")
+        if self.output.report_json is not None:
+            check_report_path(self.output.report_json)
+
+    def check_batches(self, batches: list[list[str]]) -> None:
+        """What needs the prompts: their weights, the seeds they use, and their output folders (checked,
+        not created: nothing is written before the model has run)."""
+        prompts = list(dict.fromkeys(p for batch in batches for p in batch))
+        for prompt in prompts:
+            subprompt_mix(prompt)
+        images = self.n_samples if self.fixed_code else self.n_iter * sum(len(batch) for batch in batches)
+        check_seeds(self.seed, images)
+        policy = self.output
+        if policy.writes_images:
+            check_output_folder(policy.outdir)
+        if not policy.skip_save:
+            for prompt in prompts:
+                check_output_folder(prompt_folder(policy.outdir, prompt))
+
+    def open_init_image(self) -> Image.Image | None:
+        """The init image as the pipeline takes it: resized to --H/--W for img2img, at its own size for
+        inpainting (whose mask is checked against it here, so a bad mask costs no loading time)."""
+        image = self.init_image
+        if image is None or isinstance(image, Image.Image):
+            return image
+        if self.inpaint is None:
+            return load_init_image(image, self.height, self.width, self.max_image_pixels)
+        image = open_image(image, self.max_image_pixels)
+        first = self.request([""], 0, image)
+        prepare_region(image, (first.width, first.height), self.inpaint)
+        return image
 
     def batches(self) -> list[list[str]]:
         """Prompt batches of n_samples: each prompt repeated and chunked (CompVis order;
@@ -109,7 +162,7 @@ class Job:
 
     def request(self, prompts: list[str], seed: int, init_image: Image.Image | None) -> GenerationRequest:
         """The pipeline call for one batch."""
-        default_width, default_height = (512, 512)
+        default_width = default_height = None
         if self.inpaint is not None and init_image is not None:
             default_width, default_height = self.inpaint.generation_size(init_image.size)
         return GenerationRequest(
@@ -120,8 +173,10 @@ class Job:
             eta=self.eta,
             sampler=self.sampler,
             karras=self.karras,
+            schedule=self.schedule,
+            loras=self.loras,
             seed=seed,
-            height=self.height or default_height,
+            height=self.height or default_height,  # None: the model family's size (the pipeline decides)
             width=self.width or default_width,
             latent_channels=self.latent_channels,
             downscale=self.downscale,
@@ -147,7 +202,7 @@ class JobResult:
     images: list[Image.Image]
     seeds: list[int]
     parameters: list[ImageParameters]
-    written: list[Path]  # image and grid files, in writing order
+    written: list[Path]  # image, grid and side parameter files, in writing order
     first_seed: int
     pipeline: StableDiffusion  # the pipeline that ran it (a caller that passed a loader may keep it)
 
@@ -171,15 +226,9 @@ def run_job(
     An exception from `progress` (e.g. `errors.Interrupted`) stops the job; files already written stay."""
     job.validate()
     prompt_batches = job.batches()
-    init_image = job.init_image
-    if init_image is not None and not isinstance(init_image, Image.Image):
-        init_image = open_image(init_image) if job.inpaint is not None else load_init_image(init_image, job.height, job.width)
-    if job.inpaint is not None and init_image is not None:
-        first = job.request(prompt_batches[0], 0, init_image)
-        prepare_region(init_image, (first.width, first.height), job.inpaint)  # a bad mask costs no loading time
+    job.check_batches(prompt_batches)
+    init_image = job.open_init_image()
     policy = job.output
-    if policy.writes_images:
-        ensure_writable(policy.outdir)
     if not isinstance(pipe, StableDiffusion):
         pipe = pipe()
     seed = job.seed if job.seed is not None else random.randint(0, 2**32 - 1)
@@ -201,9 +250,7 @@ def run_job(
         result = pipe.generate(request, callback)
         for image, used_seed, image_parameters, prompt in zip(result.images, result.seeds, result.parameters, request.prompts):
             if not policy.skip_save:
-                folder = prompt_folder(policy.outdir, prompt)
-                folder.mkdir(parents=True, exist_ok=True)
-                written.append(save_image(image, folder, used_seed, policy.fmt, image_parameters))
+                written.extend(save_image(image, prompt_folder(policy.outdir, prompt), used_seed, policy.fmt, image_parameters))
         images.extend(result.images)
         seeds.extend(result.seeds)
         parameters.extend(result.parameters)
@@ -212,10 +259,10 @@ def run_job(
             seed += len(request.prompts)
     if not policy.skip_grid and len(images) > 1:
         grid = make_grid(images, policy.n_rows or job.n_samples)
-        data = encode(grid, policy.fmt, grid_text)
-        written.append(write_new(policy.outdir, "grid", policy.fmt, data, 0))
+        written.extend(save_encoded(grid, policy.outdir, "grid", policy.fmt, grid_text, 0))
     if policy.report_json is not None:
-        pipe.meter.write_json(policy.report_json, {"mode": pipe.mode, "plan": pipe.plan.__dict__ if pipe.plan else None})
+        report = pipe.meter.as_dict({"mode": pipe.mode, "plan": pipe.plan.__dict__ if pipe.plan else None})
+        write_report(policy.report_json, json.dumps(report, indent=2).encode())
     return JobResult(images, seeds, parameters, written, first_seed, pipe)
 
 

@@ -23,6 +23,9 @@ from optimized_sd.errors import UserError
 log = logging.getLogger("optimized_sd")
 
 INPAINT_AREAS = ("whole", "masked")
+# What the masked part starts from (AUTOMATIC1111's "Masked content"): the image under it ("original"),
+# the surrounding colours ("fill", `fill_masked`), or, in latent space, the start noise or zeros.
+MASKED_CONTENT = ("original", "fill", "latent-noise", "latent-nothing")
 OUTPAINT_NOISE = 24.0  # std (0-255 levels) of the noise added to the edge colours filling an outpainted border
 OUTPAINT_NOISE_SEED = 0  # fixed: the same image and flags give the same canvas
 
@@ -71,6 +74,42 @@ def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
     if radius < 0:
         raise UserError(f"--mask-blur must be 0 or more, got {radius}")
     return mask.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else mask
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The image with its masked part (mask >= 128) painted in the colours around it, smoothly:
+    "pull-push" hole filling (Gortler et al., The Lumigraph, 1996), the pixels outside unchanged.
+    AUTOMATIC1111's "fill" does the same job by compositing ever finer blurs of the kept pixels."""
+    keep = (np.asarray(mask.convert("L")) < 128).astype(np.float32)  # (H, W), 1 where kept
+    if keep.min() == 1 or keep.max() == 0:
+        return image.convert("RGB")  # nothing to fill, or no colour to fill it with
+    colours = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    filled = pull_push(colours, keep)
+    return Image.fromarray(np.clip(filled, 0, 255).round().astype(np.uint8))
+
+
+def pull_push(colours: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(H, W, C) colours known with (H, W) weights in [0, 1] -> every pixel coloured. Pull: halve the
+    grid, each coarse pixel the weighted mean of its 2x2 block, its weight their sum capped at 1;
+    recurse; push: each fine pixel keeps its colour by its weight, the rest from the coarser level
+    upsampled bilinearly. A hole is thus filled from the nearest known colours at every scale."""
+    height, width = weights.shape
+    if weights.min() >= 1.0 or (height == 1 and width == 1):
+        return colours
+    even_h, even_w = height + height % 2, width + width % 2  # odd sides padded with weight 0
+    weighted = np.zeros((even_h, even_w, colours.shape[2]), dtype=np.float32)
+    weighted[:height, :width] = colours * weights[..., None]
+    padded = np.zeros((even_h, even_w), dtype=np.float32)
+    padded[:height, :width] = weights
+    block_colours = weighted.reshape(even_h // 2, 2, even_w // 2, 2, -1).sum(axis=(1, 3))  # (h/2, w/2, C)
+    block_weights = padded.reshape(even_h // 2, 2, even_w // 2, 2).sum(axis=(1, 3))  # (h/2, w/2)
+    coarse = block_colours / np.maximum(block_weights, 1e-8)[..., None]
+    coarse = pull_push(coarse, np.minimum(block_weights, 1.0))
+    upsampled = np.stack(
+        [np.asarray(Image.fromarray(coarse[..., c], "F").resize((even_w, even_h), Image.BILINEAR)) for c in range(coarse.shape[2])],
+        axis=-1,
+    )[:height, :width]  # (H, W, C)
+    return weights[..., None] * colours + (1.0 - weights[..., None]) * upsampled
 
 
 # -- outpainting --------------------------------------------------------------------------------
@@ -193,7 +232,10 @@ class InpaintOptions:
     PIL image in any mode (read by `load_mask`); `area`: "whole" generates the whole (outpainted)
     image, "masked" only the mask's bounding box plus `padding` pixels, at the generation size
     (AUTOMATIC1111's "inpaint only masked"); `outpaint`: (left, right, top, bottom) pixels to grow
-    the canvas by, the new border being repainted (a mask is then optional)."""
+    the canvas by, the new border being repainted (a mask is then optional); `masked_content`:
+    what the masked part starts from (one of MASKED_CONTENT; "fill" is applied to the region's
+    pixels here, the latent ones by the inpaint task; at strength 1 a 4-channel model starts the
+    masked part from pure noise whatever it says)."""
 
     mask: Image.Image | Path | str | None = None
     invert_mask: bool = False
@@ -201,11 +243,14 @@ class InpaintOptions:
     area: str = "whole"
     padding: int = 32
     outpaint: tuple[int, int, int, int] | None = None
+    masked_content: str = "original"
 
     def check(self) -> None:
         """What can be checked without the images."""
         if self.area not in INPAINT_AREAS:
             raise UserError(f"unknown --inpaint-area {self.area!r}; use whole or masked")
+        if self.masked_content not in MASKED_CONTENT:
+            raise UserError(f"unknown --masked-content {self.masked_content!r}; use one of {', '.join(MASKED_CONTENT)}")
         if self.mask is None and self.outpaint is None:
             raise UserError("inpainting needs a mask (--mask) or a border to paint (--outpaint)")
         if self.mask_blur < 0:
@@ -234,7 +279,8 @@ def prepare_region(image: Image.Image, size: tuple[int, int], options: InpaintOp
     The mask (read by `load_mask`, fitted to the image, inverted on request) is blurred by
     `mask_blur` pixels; outpainting grows the canvas and adds the new border to the mask (the
     user's mask, if any, still applies to the old image). "whole" generates the whole canvas resized
-    to `size`; "masked" the mask's padded bounding box resized to `size`."""
+    to `size`; "masked" the mask's padded bounding box resized to `size`. With masked_content
+    "fill" the region's masked pixels are replaced by the colours around them (`fill_masked`)."""
     options.check()
     image = image.convert("RGB")
     user_mask = None
@@ -257,4 +303,6 @@ def prepare_region(image: Image.Image, size: tuple[int, int], options: InpaintOp
     region_image, region_mask = canvas_image.crop(box), soft.crop(box)
     if region_image.size != size:
         region_image, region_mask = region_image.resize(size, Image.LANCZOS), region_mask.resize(size, Image.LANCZOS)
+    if options.masked_content == "fill":
+        region_image = fill_masked(region_image, region_mask)
     return Region(region_image, region_mask, canvas)

@@ -30,6 +30,14 @@ SAMPLING_STAGE = "unet"  # the stage whose allocations repeat step after step (t
 Result = TypeVar("Result")
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory"), which torch raises as a plain RuntimeError."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
 class MemorySession:
     """The memory policy of one pipeline: `prepare` a call, then `run_stage` each of its stages.
     Every decision comes from the call's `Plan` (built by the pure planner from the mode table); this
@@ -72,7 +80,9 @@ class MemorySession:
 
     def plan_for(self, request: Request) -> Plan:
         budget = self.budget
-        measurable = self.device.type == "cuda" or (self.device.type == "cpu" and self.requested == "auto")
+        # The CPU's available RAM bounds every mode, a forced one too: a forced `full` at 20000x20000
+        # would otherwise allocate until the machine dies. On CUDA the free memory bounds every mode.
+        measurable = self.device.type in ("cuda", "cpu")
         if budget is None and measurable:
             # Weights this pipeline already holds count as available: they would be moved, not added.
             budget = int(device_memory(self.device).free * SAFETY_MARGIN) + self.engine_resident_bytes()
@@ -155,7 +165,9 @@ class MemorySession:
         try:
             with self.stage(name) as record:
                 return work(record)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
             assert self.plan is not None
             lower = fallback(self.plan)
             if lower is None:
@@ -167,8 +179,13 @@ class MemorySession:
             self.place(lower)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            with self.stage(name) as record:
-                return work(record)
+            try:
+                with self.stage(name) as record:
+                    return work(record)
+            except (torch.OutOfMemoryError, RuntimeError, MemoryError) as again:
+                if not is_out_of_memory(again):
+                    raise
+                raise OutOfMemoryBudget(f"out of memory during {name} again in {lower.mode} mode; lower --H/--W or --n_samples") from None
 
     def release_engine(self) -> None:
         """Drop the current placement (hooks, device copies, pinned host copies, arena)."""

@@ -10,14 +10,69 @@ from optimized_sd.memory.offload import GroupSpec
 from optimized_sd.memory.planner import ModelFootprint
 
 UNET = "model.diffusion_model"
-TEXT_GROUP = GroupSpec("text_encoder", ("cond_stage_model",))
 VAE_ENCODER = ("first_stage_model.encoder", "first_stage_model.quant_conv")
 VAE_DECODER = ("first_stage_model.post_quant_conv", "first_stage_model.decoder")
+# `stream` splits a UNet block above this many parameters (100 MB in fp16) into the parts it runs one
+# after another: SDXL's 10-layer transformer blocks (~750 MB) stream layer by layer.
+STREAM_UNIT_PARAMS = 50_000_000
+
+
+def text_root(model: nn.Module) -> str:
+    """The text conditioning's module path: `cond_stage_model` (SD 1.x/2.x) or `conditioner` (SDXL)."""
+    return getattr(model, "text_root", "cond_stage_model")
+
+
+def text_group(model: nn.Module) -> GroupSpec:
+    return GroupSpec("text_encoder", (text_root(model),))
+
+
+def text_groups(model: nn.Module, streamed: bool) -> list[GroupSpec]:
+    """The text stage's groups: the whole text module at once, or (`streamed`) each tower layer by layer:
+    a tower's own tensors (OpenCLIP's position embedding and projection) stay for the stage, its parts
+    (`stream_parts`: embeddings, each layer, final norm) load one at a time as they run."""
+    if not streamed:
+        return [text_group(model)]
+    root = text_root(model)
+    groups, parts = [], []
+    for tower in getattr(model.get_submodule(root), "towers", lambda: [""])():
+        path = f"{root}.{tower}" if tower else root
+        module = model.get_submodule(path)
+        groups.append(GroupSpec(f"text.{path}", (path,), "stage_end"))
+        parts += [f"{path}.{part}" for part in module.stream_parts()]
+    names = [f"text.{part}" for part in parts]
+    streamed_groups = [
+        GroupSpec(name, (part,), "after_forward", prefetch_next=names[i + 1] if i + 1 < len(names) else None)
+        for i, (name, part) in enumerate(zip(names, parts))
+    ]
+    return groups + streamed_groups
 
 
 def unet_blocks(model: nn.Module) -> list[str]:
     """The UNet's top-level modules in the order a forward pass runs them."""
     return [f"{UNET}.{name}" for name in model.get_submodule(UNET).block_names()]
+
+
+def split_unit(model: nn.Module, path: str, limit: int) -> list[tuple[str, ...]]:
+    """`path` as one streamed unit, or, when it holds more than `limit` parameters and says how it runs
+    (`stream_parts`: its children in call order, grouped), as its parts, each split again as needed."""
+    module = model.get_submodule(path)
+    parts = getattr(module, "stream_parts", None)
+    if parts is None or sum(p.numel() for p in module.parameters()) <= limit:
+        return [(path,)]
+    units: list[tuple[str, ...]] = []
+    for part in parts():
+        if len(part) == 1:
+            units += split_unit(model, f"{path}.{part[0]}", limit)
+        else:
+            units.append(tuple(f"{path}.{name}" for name in part))
+    return units
+
+
+def stream_units(model: nn.Module, limit: int | None = None) -> list[tuple[str, ...]]:
+    """The UNet's streamed units in the order a forward pass runs them: its top-level blocks, the large
+    ones split (see `split_unit`). Each unit's modules run first to last, as the engine's hooks expect."""
+    limit = STREAM_UNIT_PARAMS if limit is None else limit
+    return [unit for block in unet_blocks(model) for unit in split_unit(model, block, limit)]
 
 
 def unet_halves(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -27,22 +82,25 @@ def unet_halves(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(blocks[:cut]), tuple(blocks[cut:])
 
 
-def group_specs(row: MemoryMode, model: nn.Module) -> list[GroupSpec]:
+def group_specs(row: MemoryMode, model: nn.Module, unit_params: int | None = None) -> list[GroupSpec]:
     """Offload groups for a mode's row (`memory.modes.MODE_TABLE`): its resident rule and denoiser
-    grouping mapped to this model's module paths."""
+    grouping mapped to this model's module paths. A denoiser streamed in blocks streams the text towers
+    by layer too, and splits blocks above `unit_params` parameters into their parts (`stream_units`)."""
     if row.resident == "everything":
-        return [GroupSpec("all", ("model", "first_stage_model", "cond_stage_model"), "never")]
-    stage_groups = [TEXT_GROUP, GroupSpec("vae_encoder", VAE_ENCODER), GroupSpec("vae_decoder", VAE_DECODER)]
+        return [GroupSpec("all", ("model", "first_stage_model", text_root(model)), "never")]
+    streamed = row.denoiser == "blocks"
+    stage_groups = [*text_groups(model, streamed), GroupSpec("vae_encoder", VAE_ENCODER), GroupSpec("vae_decoder", VAE_DECODER)]
     release = row.denoiser_release
     if row.denoiser == "whole":
         return stage_groups + [GroupSpec("unet", (UNET,), release)]
     if row.denoiser == "halves":
         first, second = unet_halves(model)
         return stage_groups + [GroupSpec("unet_half_1", first, release), GroupSpec("unet_half_2", second, release)]
-    names = model.get_submodule(UNET).block_names()
+    units = stream_units(model, unit_params)
+    names = [f"unet.{unit[0][len(UNET) + 1 :]}" for unit in units]
     return stage_groups + [
-        GroupSpec(f"unet.{name}", (f"{UNET}.{name}",), release, prefetch_next=f"unet.{names[(i + 1) % len(names)]}")
-        for i, name in enumerate(names)
+        GroupSpec(name, unit, release, prefetch_next=names[(i + 1) % len(names)])
+        for i, (name, unit) in enumerate(zip(names, units))
     ]
 
 
@@ -54,10 +112,10 @@ def footprint(model: nn.Module, dtype_bytes: int) -> ModelFootprint:
     """Weight bytes of each group at the compute dtype (works on a model built on the meta device)."""
     first, second = unet_halves(model)
     return ModelFootprint(
-        text_encoder=parameter_bytes(model, TEXT_GROUP.modules, dtype_bytes),
+        text_encoder=parameter_bytes(model, text_group(model).modules, dtype_bytes),
         unet=parameter_bytes(model, [UNET], dtype_bytes),
         unet_halves=(parameter_bytes(model, first, dtype_bytes), parameter_bytes(model, second, dtype_bytes)),
-        unet_blocks=tuple(parameter_bytes(model, [block], dtype_bytes) for block in unet_blocks(model)),
+        unet_blocks=tuple(parameter_bytes(model, unit, dtype_bytes) for unit in stream_units(model)),
         vae_encoder=parameter_bytes(model, VAE_ENCODER, dtype_bytes),
         vae_decoder=parameter_bytes(model, VAE_DECODER, dtype_bytes),
     )

@@ -1,46 +1,23 @@
-"""Prompt handling shared by every pipeline: weighted subprompts and prompt files."""
+"""Prompt files (`--from-file`); the prompt syntax itself lives in `optimized_sd.prompts`."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from optimized_sd.errors import UserError
 
-
-def split_weighted_subprompts(text: str) -> tuple[list[str], list[float]]:
-    """'tabby cat:0.25 white duck:0.75 hybrid' -> (['tabby cat', 'white duck', 'hybrid'], [0.25, 0.75, 1.0]).
-
-    As optimizedSD: a weight is read after ':' up to the next space; text without one weighs 1.0; an
-    unreadable weight (as in 'a:b c') falls back to 1.0 with the rest kept as text."""
-    prompts: list[str] = []
-    weights: list[float] = []
-    rest = text
-    while rest:
-        colon = rest.find(":")
-        if colon < 0:
-            prompts.append(rest.strip())
-            weights.append(1.0)
-            break
-        prompt = rest[:colon].strip()
-        after = rest[colon + 1 :]
-        match = re.match(r"\s*([^\s]*)\s*", after)
-        raw_weight = match.group(1) if match else ""
-        try:
-            weight = float(raw_weight)
-        except ValueError:
-            weight = 1.0
-        prompts.append(prompt)
-        weights.append(weight)
-        rest = after[match.end() if match else 0 :]
-    pairs = [(p, w) for p, w in zip(prompts, weights) if p]
-    return [p for p, _ in pairs], [w for _, w in pairs]
+MAX_PROMPT_FILE_BYTES = 16 * 2**20  # --from-file reads at most this much (a bound, not a real limit: ~100k prompts)
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    """One prompt per non-empty line."""
+    """One prompt per non-empty line, from a file of at most MAX_PROMPT_FILE_BYTES (read bounded, so
+    a huge file or an endless stream is refused instead of filling the memory)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PROMPT_FILE_BYTES + 1)
+        if len(data) > MAX_PROMPT_FILE_BYTES:
+            raise UserError(f"--from-file: {path} is over {MAX_PROMPT_FILE_BYTES // 2**20} MB; split it")
+        lines = data.decode("utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"--from-file: {path} not found") from None
     except (OSError, UnicodeDecodeError) as error:

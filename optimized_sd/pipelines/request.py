@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 from torch import Tensor
@@ -26,14 +29,16 @@ class GenerationRequest:
     sampler: str = "plms"
     karras: bool = False
     seed: int | None = None
-    height: int = 512
-    width: int = 512
+    height: int | None = None  # None: the family's size (512 SD 1.x / SD 2.x base, 768 SD 2.x v, 1024 SDXL)
+    width: int | None = None
     latent_channels: int = 4
     downscale: int = 8
     unet_batch: int | None = None
     init_image: Image.Image | None = None
     strength: float = 0.75
     inpaint: InpaintOptions | None = None
+    loras: Mapping[str | Path, float] | Sequence[str] | None = None  # {file: weight} or ['FILE[:WEIGHT]']
+    schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
 
     @property
     def guided(self) -> bool:
@@ -54,16 +59,41 @@ INPAINTING_UNET_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4
 
 def check_size(height: int, width: int, multiple: int = 8) -> None:
     """H and W must be multiples of 8 (the VAE's downscale); say the nearest valid size."""
+    if multiple < 1:
+        raise UserError(f"--f {multiple}: the VAE downscale factor must be at least 1")
     for name, value in (("height", height), ("width", width)):
         if value < multiple or value % multiple:
             nearest = max(multiple, int(round(value / multiple)) * multiple)
             raise UserError(f"{name} {value} is not a multiple of {multiple}; the nearest valid size is {nearest}")
 
 
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+
+
+def check_seeds(seed: int | None, count: int) -> None:
+    """Seeds seed .. seed + count - 1 must all be valid generator seeds (0 .. 2^64 - 1)."""
+    if seed is None:
+        return
+    if seed < 0 or seed > MAX_SEED:
+        raise UserError(f"--seed {seed} must be between 0 and 2^64-1 ({MAX_SEED})")
+    if seed + count - 1 > MAX_SEED:
+        largest = MAX_SEED - count + 1
+        raise UserError(f"--seed {seed}: its {count} images would use seeds past 2^64-1; the largest first seed for them is {largest}")
+
+
+def check_numbers(**values: float) -> None:
+    """Sampling numbers must be finite (NaN or inf give a black image, or none)."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, not {value}")
+
+
 def check_request(request: GenerationRequest, config: ModelConfig) -> None:
     """What a request must agree on with the loaded model (UserError otherwise)."""
     if not request.prompts:
         raise UserError("no prompt given")
+    check_numbers(scale=request.scale, ddim_eta=request.eta, strength=request.strength)
+    check_seeds(request.seed, len(request.prompts))
     check_size(request.height, request.width, request.downscale)
     if request.latent_channels != config.vae.embed_dim:
         raise UserError(f"--C {request.latent_channels}: this model's latents have {config.vae.embed_dim} channels")

@@ -8,12 +8,24 @@ knows the UNet.
 
 from .conditioning import Conditioning
 from .denoisers import PREDICTION_TYPES, EpsFn, Model, classifier_free_guidance, prediction_adapter
-from .plan import SAMPLERS, ProgressCallback, SamplingPlan, StepInfo, make_plan, sample, sampler_display_name, start_latents
+from .plan import (
+    SAMPLERS,
+    SCHEDULE_TYPES,
+    ProgressCallback,
+    SamplingPlan,
+    StepInfo,
+    make_plan,
+    sample,
+    sampler_display_name,
+    schedule_display_name,
+    start_latents,
+)
 from .schedules import DiscreteSchedule, scaled_linear_schedule
 
 __all__ = [
     "PREDICTION_TYPES",
     "SAMPLERS",
+    "SCHEDULE_TYPES",
     "Conditioning",
     "DiscreteSchedule",
     "EpsFn",
@@ -26,6 +38,7 @@ __all__ = [
     "make_plan",
     "sample",
     "sampler_display_name",
+    "schedule_display_name",
     "scaled_linear_schedule",
     "start_latents",
 ]

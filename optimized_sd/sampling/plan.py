@@ -3,10 +3,13 @@ run the sampler.
 
 Conventions, each chosen to match a reference:
 * DDIM / PLMS: CompVis' uniform grid (`ddim_timesteps`), starting from unit-variance noise.
-* k-samplers: sigmas from `linspace_sigmas` (diffusers' default "linspace" spacing of its
-  Euler/Heun/KDPM2/LMS/DPMSolverSDE schedulers), `dpm_solver_sigmas` for dpmpp_2m(_sde)
-  (DPMSolverMultistepScheduler's grid), or `karras_sigmas` between the model's sigma_min and
-  sigma_max when karras=True. They start from noise * sigma_max (k-diffusion, A1111).
+* k-samplers: the sigma grid is the plan's schedule type. The default, "linspace", is diffusers'
+  default spacing: `linspace_sigmas` (its Euler/Heun/KDPM2/LMS/DPMSolverSDE schedulers) or
+  `dpm_solver_sigmas` for dpmpp_2m(_sde) (DPMSolverMultistepScheduler's grid). AUTOMATIC1111's
+  "Schedule type" choices: "uniform" (k-diffusion's own grid), "karras", "exponential",
+  "sgm_uniform", and "automatic" (the sampler's own default in AUTOMATIC1111: Karras for DPM++ 2M,
+  DPM++ SDE, DPM2 and DPM2 a, Exponential for DPM++ 2M SDE, Uniform otherwise). karras=True is
+  an alias of "karras". They start from noise * sigma_max (k-diffusion, A1111).
 * img2img: t_enc = int(strength * steps) as CompVis. DDIM/PLMS noise the init latents to grid
   index t_enc and decode over grid[:t_enc] reversed; k-samplers run the last t_enc intervals of
   the full schedule from x0 + noise * sigmas[steps - t_enc] (A1111). strength 0 runs nothing.
@@ -27,7 +30,16 @@ from ..errors import UserError
 from . import k_samplers as k
 from .compvis import DDIMStep, ddim_grid, sample_ddim, sample_plms
 from .denoisers import eps_denoiser
-from .schedules import DiscreteSchedule, dpm_solver_sigmas, karras_sigmas, linspace_sigmas, scaled_linear_schedule
+from .schedules import (
+    DiscreteSchedule,
+    dpm_solver_sigmas,
+    exponential_sigmas,
+    karras_sigmas,
+    linspace_sigmas,
+    scaled_linear_schedule,
+    sgm_uniform_sigmas,
+    uniform_sigmas,
+)
 
 _DISPLAY_NAMES = {  # our name -> AUTOMATIC1111's (written into image metadata)
     "ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpm2": "DPM2",
@@ -47,6 +59,20 @@ _K_SAMPLERS = {
     "dpmpp_sde": k.sample_dpmpp_sde,
 }
 _COMPVIS = {"ddim": sample_ddim, "plms": sample_plms}
+
+_DPM_SOLVER = ("dpmpp_2m", "dpmpp_2m_sde")  # diffusers runs these on DPMSolverMultistepScheduler's own grid
+# schedule type -> (AUTOMATIC1111's "Schedule type" name, sigmas for (schedule, sampler, steps))
+_SCHEDULE_TYPES: dict[str, tuple[str, Callable[[DiscreteSchedule, str, int], tuple[float, ...]]]] = {
+    "linspace": ("Linspace", lambda s, sampler, n: (dpm_solver_sigmas if sampler in _DPM_SOLVER else linspace_sigmas)(s, n)),
+    "uniform": ("Uniform", lambda s, sampler, n: uniform_sigmas(s, n)),
+    "karras": ("Karras", lambda s, sampler, n: karras_sigmas(s.sigma_min, s.sigma_max, n)),
+    "exponential": ("Exponential", lambda s, sampler, n: exponential_sigmas(s.sigma_min, s.sigma_max, n)),
+    "sgm_uniform": ("SGM Uniform", lambda s, sampler, n: sgm_uniform_sigmas(s, n)),
+}  # fmt: skip
+# AUTOMATIC1111's per-sampler default ("Automatic"); samplers not listed use "uniform"
+_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpm2": "karras", "dpm2_a": "karras", "dpmpp_2m_sde": "exponential"}
+SCHEDULE_TYPES: tuple[str, ...] = (*_SCHEDULE_TYPES, "automatic")
+DEFAULT_SCHEDULE_TYPE = "linspace"
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +102,7 @@ class SamplingPlan:
     eta: float
     karras: bool
     schedule: DiscreteSchedule
+    schedule_type: str = DEFAULT_SCHEDULE_TYPE  # resolved: never "automatic"; "" for DDIM/PLMS
     sigmas: tuple[float, ...] = ()
     ddim_steps: tuple[DDIMStep, ...] = ()
     noise_step: DDIMStep | None = None
@@ -89,6 +116,25 @@ class SamplingPlan:
 def check_sampler(sampler: str) -> None:
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+
+
+def resolve_schedule_type(sampler: str, schedule_type: str | None, karras: bool = False) -> str:
+    """The grid a k-sampler will walk: `schedule_type` (None: the default), karras=True as an alias
+    of "karras", "automatic" as AUTOMATIC1111 resolves it for the sampler."""
+    if schedule_type is None:
+        schedule_type = "karras" if karras else DEFAULT_SCHEDULE_TYPE
+    if schedule_type not in SCHEDULE_TYPES:
+        raise UserError(f"unknown schedule type {schedule_type!r}; choose one of: {', '.join(SCHEDULE_TYPES)}")
+    if karras and schedule_type != "karras":
+        raise UserError(f"--karras asks for the karras schedule but the schedule type is {schedule_type!r}")
+    if schedule_type == "automatic":
+        return _AUTOMATIC.get(sampler, "uniform")
+    return schedule_type
+
+
+def schedule_display_name(schedule_type: str) -> str:
+    """AUTOMATIC1111's "Schedule type" for a resolved schedule type (image metadata)."""
+    return _SCHEDULE_TYPES[schedule_type][0]
 
 
 def _check(sampler: str, steps: int, strength: float, eta: float, karras: bool, num_timesteps: int) -> None:
@@ -117,29 +163,32 @@ def make_plan(
     eta: float = 0.0,
     karras: bool = False,
     schedule: DiscreteSchedule | None = None,
+    schedule_type: str | None = None,
 ) -> SamplingPlan:
     """Validate a request (UserError on bad input) and fix the steps that `sample` will run.
 
     DDIM/PLMS keep CompVis' grid, so some step counts run one step more (30 -> 31, see
-    `schedules.ddim_timesteps`); `plan.num_steps` is the count that runs.
+    `schedules.ddim_timesteps`); `plan.num_steps` is the count that runs. `schedule_type` picks
+    the k-samplers' sigma grid (SCHEDULE_TYPES; DDIM/PLMS accept only the default).
     """
     schedule = schedule if schedule is not None else scaled_linear_schedule()
+    if schedule_type is not None and schedule_type not in SCHEDULE_TYPES:
+        raise UserError(f"unknown schedule type {schedule_type!r}; choose one of: {', '.join(SCHEDULE_TYPES)}")
     _check(sampler, steps, strength, eta, karras, schedule.num_timesteps)
     t_enc = int(strength * steps)
-    common = dict(sampler=sampler, steps=steps, strength=strength, eta=eta, karras=karras, schedule=schedule)
     if sampler in _COMPVIS:
+        if schedule_type not in (None, DEFAULT_SCHEDULE_TYPE):
+            raise UserError(f"schedule type {schedule_type!r} does not apply to {sampler}, which uses CompVis' fixed timestep grid")
         grid = ddim_grid(schedule, steps, eta)
         n_run = len(grid) if t_enc >= steps else t_enc
         run = tuple(reversed(grid[:n_run]))
         noise_step = grid[t_enc] if t_enc < steps else grid[-1]
+        common = dict(sampler=sampler, steps=steps, strength=strength, eta=eta, karras=False, schedule=schedule, schedule_type="")
         return SamplingPlan(**common, ddim_steps=run, noise_step=noise_step)
-    if karras:
-        sigmas = karras_sigmas(schedule.sigma_min, schedule.sigma_max, steps)
-    elif sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
-        sigmas = dpm_solver_sigmas(schedule, steps)
-    else:
-        sigmas = linspace_sigmas(schedule, steps)
-    return SamplingPlan(**common, sigmas=sigmas[steps - t_enc :])
+    resolved = resolve_schedule_type(sampler, schedule_type, karras)
+    sigmas = _SCHEDULE_TYPES[resolved][1](schedule, sampler, steps)
+    common = dict(sampler=sampler, steps=steps, strength=strength, eta=eta, karras=resolved == "karras", schedule=schedule)
+    return SamplingPlan(**common, schedule_type=resolved, sigmas=sigmas[steps - t_enc :])
 
 
 def start_latents(plan: SamplingPlan, noise: Tensor, init_latents: Tensor | None = None) -> Tensor:

@@ -73,6 +73,11 @@ class DiscreteSchedule:
         """Sigma at (fractional) timesteps by linear interpolation in sigma (diffusers' `np.interp`)."""
         return np.interp(t, np.arange(self.num_timesteps), self.sigmas)
 
+    def t_to_sigma_log(self, t: np.ndarray) -> np.ndarray:
+        """Sigma at (fractional) timesteps by linear interpolation in log sigma (k-diffusion's
+        `DiscreteSchedule.t_to_sigma`, which AUTOMATIC1111's Uniform and SGM Uniform use)."""
+        return np.exp(np.interp(t, np.arange(self.num_timesteps), self.log_sigmas))
+
 
 def scaled_linear_schedule(
     beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000
@@ -110,6 +115,26 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
     ramp = np.linspace(0.0, 1.0, steps)
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     return _with_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> tuple[float, ...]:
+    """k-diffusion's own grid (`DiscreteSchedule.get_sigmas`, AUTOMATIC1111's "Uniform"):
+    t = linspace(N-1, 0, steps), sigma interpolated in log sigma; then 0."""
+    t = np.linspace(schedule.num_timesteps - 1, 0, steps)
+    return _with_zero(schedule.t_to_sigma_log(t))
+
+
+def sgm_uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> tuple[float, ...]:
+    """AUTOMATIC1111's "SGM Uniform" (sgm's discretisation): `steps` of the steps + 1 evenly spaced
+    timesteps from sigma_max's to sigma_min's, dropping the last; log-sigma interpolation; then 0."""
+    start, end = schedule.sigma_to_t(schedule.sigma_max), schedule.sigma_to_t(schedule.sigma_min)
+    t = np.linspace(start, end, steps + 1)[:-1]
+    return _with_zero(schedule.t_to_sigma_log(t))
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, steps: int) -> tuple[float, ...]:
+    """k-diffusion's `get_sigmas_exponential`: equal steps in log sigma from sigma_max to sigma_min; then 0."""
+    return _with_zero(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps)))
 
 
 def ddim_timesteps(steps: int, num_timesteps: int = 1000) -> np.ndarray:

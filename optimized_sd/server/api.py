@@ -184,7 +184,7 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
             options.update(
                 mask=decode_image(request.mask, "mask", service),
                 mask_blur=request.mask_blur or 0,
-                inpainting_fill=request.inpainting_fill or 0,
+                inpainting_fill=request.inpainting_fill if request.inpainting_fill is not None else 0,
                 inpaint_full_res=bool(request.inpaint_full_res),
                 inpaint_full_res_padding=request.inpaint_full_res_padding or 0,
                 invert_mask=bool(request.inpainting_mask_invert),
@@ -228,7 +228,7 @@ def info_json(spec: GenerationSpec, made: Generated) -> str:
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": 1,
-        "is_using_inpainting_conditioning": False,
+        "is_using_inpainting_conditioning": made.inpainting_conditioning,
         "version": f"optimized-sd {optimized_sd.__version__}",
         "interrupted": made.interrupted,
         "memory": {"mode": made.mode, "stages": made.memory_stages},

@@ -17,8 +17,9 @@ from optimized_sd.memory.planner import MODES, parse_bytes
 from optimized_sd.pipelines.diffusion import StableDiffusion, load
 from optimized_sd.pipelines.job import Job as PipelineJob
 from optimized_sd.pipelines.job import JobStep, OutputPolicy, run_job
+from optimized_sd.pipelines.masks import InpaintOptions, check_mask, fit_mask, load_mask
 from optimized_sd.pipelines.output import ImageParameters, encode
-from optimized_sd.pipelines.request import check_size
+from optimized_sd.pipelines.request import INPAINTING_UNET_CHANNELS, check_size
 from optimized_sd.sampling import SAMPLERS, make_plan, sampler_display_name
 from optimized_sd.server.catalog import ModelCatalog, ModelEntry
 from optimized_sd.server.jobs import Job
@@ -29,6 +30,8 @@ MEMORY_CHOICES = ("auto", *MODES)
 MAX_BATCH = 16
 MAX_SIDE = 4096
 SEED_LIMIT = 2**32  # seeds are drawn below this, as the CLI does
+# AUTOMATIC1111's `inpainting_fill` ("Masked content") values -> our `InpaintOptions.masked_content`.
+INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}
 
 
 class FieldError(UserError):
@@ -58,10 +61,10 @@ class GenerationSpec:
     eta: float = 0.0  # DDIM only
     init_image: Image.Image | None = None
     strength: float = 0.75
-    mask: Image.Image | None = None
-    mask_blur: int = 4
-    inpainting_fill: int = 1
-    inpaint_full_res: bool = False
+    mask: Image.Image | None = None  # any mode `masks.load_mask` reads; white is repainted
+    mask_blur: float = 4
+    inpainting_fill: int = 1  # see INPAINTING_FILL
+    inpaint_full_res: bool = False  # True: "only masked" (InpaintOptions.area "masked")
     inpaint_full_res_padding: int = 32
     invert_mask: bool = False
     memory: str | None = None  # None: the server's --memory
@@ -88,6 +91,7 @@ class Generated:
     memory_stages: dict = field(default_factory=dict)
     model_name: str = ""
     model_hash: str = ""
+    inpainting_conditioning: bool = False  # a 9-channel inpainting UNet saw the mask
 
 
 def sampler_aliases(ours: str) -> list[str]:
@@ -151,7 +155,27 @@ def check_spec(spec: GenerationSpec) -> None:
     except UserError as error:
         raise FieldError(plan_field(str(error)), str(error)) from None
     if spec.mask is not None:
-        raise FieldError("mask", "inpainting is not available yet in this version; send no mask (img2img) for now")
+        check_inpaint_fields(spec)
+
+
+def check_inpaint_fields(spec: GenerationSpec) -> None:
+    """The inpainting fields of a spec with a mask, each mistake named by its AUTOMATIC1111 field."""
+    assert spec.mask is not None
+    if spec.init_image is None:
+        raise FieldError("init_images", "inpainting needs the image to repaint in init_images")
+    if spec.mask_blur < 0:
+        raise FieldError("mask_blur", f"mask_blur must be 0 or more pixels, got {spec.mask_blur}")
+    if spec.inpaint_full_res_padding < 0:
+        padding = spec.inpaint_full_res_padding
+        raise FieldError("inpaint_full_res_padding", f"inpaint_full_res_padding must be 0 or more pixels, got {padding}")
+    if spec.inpainting_fill not in INPAINTING_FILL:
+        offered = ", ".join(f"{value} ({name})" for value, name in INPAINTING_FILL.items())
+        raise FieldError("inpainting_fill", f"unknown inpainting_fill {spec.inpainting_fill}; use {offered}")
+    try:
+        check_mask(fit_mask(load_mask(spec.mask), spec.mask.size, spec.invert_mask))
+    except UserError:
+        inverted = " once inverted (inpainting_mask_invert)" if spec.invert_mask else ""
+        raise FieldError("mask", f"the mask is all black{inverted}: nothing to repaint (white marks what is repainted)") from None
 
 
 def plan_field(message: str) -> str:
@@ -225,13 +249,33 @@ class Backend:
         budget = spec.vram_budget or self.options.vram_budget
         session.budget = parse_bytes(budget) if budget else None
 
-    def prepare_init_image(self, spec: GenerationSpec) -> Image.Image | None:
-        """The init image as RGB at the requested size (AUTOMATIC1111's resize mode 0, "just resize")."""
+    @staticmethod
+    def prepare_init_image(spec: GenerationSpec) -> tuple[Image.Image | None, InpaintOptions | None]:
+        """The init image as RGB, and the inpainting options when the spec has a mask.
+
+        As AUTOMATIC1111: img2img and whole-picture inpainting resize the image (and the mask with it)
+        to the requested size ("just resize", resize mode 0), so the result has that size; "only
+        masked" keeps the image's own size and generates the mask's padded box at the requested size.
+        A mask of another size than the uploaded image is first fitted to it, with a warning."""
         if spec.init_image is None:
-            return None
+            return None, None
         image = spec.init_image.convert("RGB")
+        mask = fit_mask(load_mask(spec.mask), image.size) if spec.mask is not None else None
         size = (spec.width, spec.height)
-        return image if image.size == size else image.resize(size, Image.LANCZOS)
+        if image.size != size and not (mask is not None and spec.inpaint_full_res):
+            image = image.resize(size, Image.LANCZOS)
+            mask = mask.resize(size, Image.LANCZOS) if mask is not None else None
+        if mask is None:
+            return image, None
+        options = InpaintOptions(
+            mask=mask,
+            invert_mask=spec.invert_mask,
+            mask_blur=float(spec.mask_blur),
+            area="masked" if spec.inpaint_full_res else "whole",
+            padding=spec.inpaint_full_res_padding,
+            masked_content=INPAINTING_FILL[spec.inpainting_fill],
+        )
+        return image, options
 
     def generate(self, spec: GenerationSpec, job: Job) -> Generated:
         """Run `spec` as a pipeline `Job` of `n_iter` batches of `batch_size`, writing no files; the
@@ -240,6 +284,7 @@ class Backend:
         pipe = self.pipe
         assert pipe is not None, "no model loaded"
         self.apply_memory(spec)
+        init_image, inpaint = self.prepare_init_image(spec)
         pipeline_job = PipelineJob(
             prompts=(spec.prompt,),
             negative_prompt=spec.negative_prompt,
@@ -253,8 +298,9 @@ class Backend:
             karras=spec.karras,
             height=spec.height,
             width=spec.width,
-            init_image=self.prepare_init_image(spec),
+            init_image=init_image,
             strength=spec.strength,
+            inpaint=inpaint,
             output=OutputPolicy(Path("."), skip_save=True, skip_grid=True),  # the front ends send the PNGs
         )
 
@@ -276,6 +322,7 @@ class Backend:
         out.memory_stages = pipe.meter.summary()
         out.memory_report = pipe.meter.format_table(out.memory_stages)  # the last pipeline call (the last batch)
         out.model_hash = pipe.model_hash()
+        out.inpainting_conditioning = inpaint is not None and pipe.config.unet.in_channels == INPAINTING_UNET_CHANNELS
         if self.current is not None:
             self.hashes[self.current.path] = out.model_hash
         self.last = out

@@ -2,22 +2,25 @@
 
 Each Generate press queues a job and then polls it, streaming the progress bar (with the place in the
 queue while it waits) and a latent preview every few steps; Cancel stops the session's own job at the
-next step (or takes it out of the queue). Errors are shown as one message, never a stack trace."""
+next step (or takes it out of the queue). Errors are shown as one message, never a stack trace.
+
+The inpaint tab is img2img on an image editor: the user uploads the image and paints over what is
+to be repainted; the painted layer's alpha is the mask (`drawn_mask`)."""
 
 import html
 import io
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import gradio as gr
-from PIL import Image
+from PIL import Image, ImageChops
 
 from optimized_sd.errors import UserError
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
-from optimized_sd.server.backend import MEMORY_CHOICES, Generated, GenerationSpec
+from optimized_sd.server.backend import INPAINTING_FILL, MEMORY_CHOICES, Generated, GenerationSpec
 from optimized_sd.server.jobs import Job, JobCancelled
 from optimized_sd.server.preview import latent_preview
 from optimized_sd.server.service import Service
@@ -26,7 +29,11 @@ log = logging.getLogger("optimized_sd")
 
 POLL_SECONDS = 0.15
 SERVER_DEFAULT = "server default"
-TASKS = ("txt2img", "img2img")
+TASKS = ("txt2img", "img2img", "inpaint")
+IMAGE_TASKS = ("img2img", "inpaint")  # the tabs that start from an uploaded image
+MASK_ALPHA_THRESHOLD = 128  # a painted pixel at least half opaque is repainted (AUTOMATIC1111 also cuts an RGBA mask at 128)
+INPAINT_AREAS = [("whole picture", "whole"), ("only masked", "masked")]
+MASKED_CONTENT_CHOICES = [(name.replace("-", " "), value) for value, name in INPAINTING_FILL.items()]  # labels -> inpainting_fill
 
 
 def progress_html(fraction: float, text: str, state: str, job: Job | None = None) -> str:
@@ -66,14 +73,49 @@ def gallery_images(made: Generated) -> list[tuple[Image.Image, str]]:
     return [(Image.open(io.BytesIO(data)), f"seed {seed}") for data, seed in zip(made.pngs, made.seeds, strict=True)]
 
 
+def drawn_mask(layers: list[Image.Image], size: tuple[int, int]) -> Image.Image:
+    """The editor's painted layers -> an L mask (255: repaint): each layer's alpha, merged by
+    maximum and thresholded at MASK_ALPHA_THRESHOLD. No layer: an all-black mask of `size`.
+    Layers come at the canvas size; one of another size than the first is resized to it."""
+    if not layers:
+        return Image.new("L", size, 0)
+    merged = Image.new("L", layers[0].size, 0)
+    for layer in layers:
+        alpha = layer.getchannel("A") if layer.mode in ("RGBA", "LA") else layer.convert("L")
+        merged = ImageChops.lighter(merged, alpha if alpha.size == merged.size else alpha.resize(merged.size, Image.LANCZOS))
+    return merged.point(lambda value: 255 if value >= MASK_ALPHA_THRESHOLD else 0)
+
+
+def editor_image_and_mask(value: dict | None, invert: bool) -> tuple[Image.Image, Image.Image]:
+    """The inpaint editor's value (gradio's {"background", "layers", "composite"}) -> the image and
+    the drawn mask; a UserError for what the user still has to do."""
+    background = value.get("background") if value else None
+    if background is None:
+        raise UserError("inpaint needs an image: upload one, then paint over the part to repaint")
+    mask = drawn_mask([layer for layer in value.get("layers") or [] if layer is not None], background.size)
+    if mask.getextrema()[1] == 0 and not invert:
+        raise UserError("nothing to repaint: paint over the part of the image to repaint first")
+    return background.convert("RGB"), mask
+
+
+@dataclass
+class InpaintControls:
+    """The inpaint tab's own inputs (AUTOMATIC1111's names in GenerationSpec)."""
+
+    mask_blur: gr.Slider
+    inpaint_area: gr.Radio
+    padding: gr.Slider
+    invert_mask: gr.Checkbox
+    masked_content: gr.Radio
+
+
 @dataclass
 class TaskForm:
-    """The inputs of one tab, in the order the generate handler takes them."""
+    """The inputs of one tab by name; `inputs()` lists those the tab has, in field order, and the
+    generate handler gets their values back by the same names (`names()`)."""
 
     prompt: gr.Textbox
     negative_prompt: gr.Textbox
-    init_image: gr.Image | None
-    strength: gr.Slider | None
     sampler: gr.Dropdown
     karras: gr.Checkbox
     steps: gr.Slider
@@ -85,11 +127,19 @@ class TaskForm:
     n_iter: gr.Slider
     memory: gr.Dropdown
     vram_budget: gr.Textbox
+    image: gr.Image | gr.ImageEditor | None = None  # img2img: the init image; inpaint: the editor (image + drawn mask)
+    strength: gr.Slider | None = None
+    mask_blur: gr.Slider | None = None  # the InpaintControls, inpaint only
+    inpaint_area: gr.Radio | None = None
+    padding: gr.Slider | None = None
+    invert_mask: gr.Checkbox | None = None
+    masked_content: gr.Radio | None = None
+
+    def names(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
     def inputs(self) -> list[gr.components.Component]:
-        fields = [self.prompt, self.negative_prompt, self.init_image, self.strength, self.sampler, self.karras, self.steps]
-        fields += [self.cfg_scale, self.seed, self.width, self.height, self.batch_size, self.n_iter, self.memory, self.vram_budget]
-        return [f for f in fields if f is not None]
+        return [getattr(self, name) for name in self.names()]
 
 
 class WebUI:
@@ -125,16 +175,17 @@ class WebUI:
         picker.change(self.switch_model, inputs=[picker], outputs=[note], concurrency_limit=None)
 
     def task_tab(self, task: str) -> None:
-        img2img = task == "img2img"
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=3, elem_id=f"{task}-prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{task}-negative")
-                init_image = strength = None
-                if img2img:
-                    init_image = gr.Image(
-                        label="Init image", type="pil", sources=["upload", "clipboard"], elem_id=f"{task}-init", height=256
-                    )
+                image = strength = None
+                inpaint_controls: InpaintControls | None = None
+                if task == "img2img":
+                    image = gr.Image(label="Init image", type="pil", sources=["upload", "clipboard"], elem_id=f"{task}-init", height=256)
+                elif task == "inpaint":
+                    image, inpaint_controls = self.inpaint_inputs(task)
+                if task in IMAGE_TASKS:
                     strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{task}-strength")
                 with gr.Row():
                     sampler = gr.Dropdown(
@@ -183,67 +234,106 @@ class WebUI:
                 report = gr.Textbox(label="Memory report of the last run", lines=6, interactive=False, elem_id=f"{task}-memory")
         last_seed = gr.State(-1)
         infotexts = gr.State([])
+        inpaint_fields = {f.name: getattr(inpaint_controls, f.name) for f in fields(InpaintControls)} if inpaint_controls else {}
         form = TaskForm(
-            prompt,
-            negative,
-            init_image,
-            strength,
-            sampler,
-            karras,
-            steps,
-            cfg_scale,
-            seed,
-            width,
-            height,
-            batch_size,
-            n_iter,
-            memory,
-            vram_budget,
+            prompt=prompt,
+            negative_prompt=negative,
+            sampler=sampler,
+            karras=karras,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            width=width,
+            height=height,
+            batch_size=batch_size,
+            n_iter=n_iter,
+            memory=memory,
+            vram_budget=vram_budget,
+            image=image,
+            strength=strength,
+            **inpaint_fields,
         )
         outputs = [status, error, preview, gallery, parameters, report, last_seed, infotexts]
-        img2img_flag = gr.State(img2img)
+        names = form.names()
 
-        def run(request: gr.Request, is_img2img: bool, *values: Any) -> Iterator[dict]:  # gradio fills `request`
-            yield from self.generate(is_img2img, values, request, outputs)
+        def run(request: gr.Request, *values: Any) -> Iterator[dict]:  # gradio fills `request`
+            yield from self.generate(task, dict(zip(names, values, strict=True)), request, outputs)
 
-        generate.click(run, inputs=[img2img_flag, *form.inputs()], outputs=outputs, concurrency_limit=None)  # our queue serialises
+        generate.click(run, inputs=form.inputs(), outputs=outputs, concurrency_limit=None)  # our queue serialises
         cancel.click(self.cancel, inputs=None, outputs=None, concurrency_limit=None, queue=False)
         random_seed.click(lambda: -1, outputs=[seed], queue=False)
         reuse_seed.click(lambda last: last, inputs=[last_seed], outputs=[seed], queue=False)
         gallery.select(select_parameters, inputs=[infotexts], outputs=[parameters], queue=False)
 
+    @staticmethod
+    def inpaint_inputs(task: str) -> tuple[gr.ImageEditor, InpaintControls]:
+        """The editor the mask is painted in (one white brush on one layer; PNG, so no pixel of the
+        image changes on the way) and the inpainting options."""
+        editor = gr.ImageEditor(
+            label="Image: upload, then paint over the part to repaint",
+            type="pil",
+            image_mode="RGBA",
+            sources=["upload", "clipboard"],
+            brush=gr.Brush(default_size=8, colors=["#ffffff"], color_mode="fixed"),  # radius in image pixels ("auto" swamps small images)
+            eraser=gr.Eraser(),
+            layers=gr.LayerOptions(allow_additional_layers=False),
+            transforms=(),
+            format="png",
+            elem_id=f"{task}-editor",
+            height=360,
+        )
+        with gr.Row():
+            mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur (pixels)", elem_id=f"{task}-mask-blur")
+            padding = gr.Slider(0, 256, value=32, step=4, label="Only masked: padding (pixels)", elem_id=f"{task}-padding")
+        with gr.Row():
+            area = gr.Radio(INPAINT_AREAS, value="whole", label="Inpaint area", elem_id=f"{task}-area")
+            invert = gr.Checkbox(label="Repaint what is not painted (invert the mask)", value=False, elem_id=f"{task}-invert")
+        masked_content = gr.Radio(
+            MASKED_CONTENT_CHOICES, value=1, label="Masked content (below strength 1)", elem_id=f"{task}-masked-content"
+        )
+        return editor, InpaintControls(mask_blur, area, padding, invert, masked_content)
+
     # -- handlers ----------------------------------------------------------------------------------
-    def spec_from(self, img2img: bool, values: tuple) -> GenerationSpec:
-        values = list(values)
-        prompt, negative = values.pop(0), values.pop(0)
-        init_image = strength = None
-        if img2img:
-            init_image, strength = values.pop(0), values.pop(0)
+    @staticmethod
+    def spec_from(task: str, values: dict[str, Any]) -> GenerationSpec:
+        """A tab's values by TaskForm field name -> the spec (UserError for what is missing)."""
+        init_image = mask = None
+        invert = bool(values.get("invert_mask"))
+        if task == "img2img":
+            init_image = values["image"]
             if init_image is None:
                 raise UserError("img2img needs an init image: upload one first")
-        sampler, karras, steps, cfg_scale, seed, width, height, batch_size, n_iter, memory, budget = values
+        elif task == "inpaint":
+            init_image, mask = editor_image_and_mask(values["image"], invert)
+        strength, memory, seed = values.get("strength"), values["memory"], values["seed"]
         return GenerationSpec(
-            prompt=prompt or "",
-            negative_prompt=negative or "",
-            sampler=sampler,
-            karras=bool(karras),
-            steps=int(steps),
-            cfg_scale=float(cfg_scale),
+            prompt=values["prompt"] or "",
+            negative_prompt=values["negative_prompt"] or "",
+            sampler=values["sampler"],
+            karras=bool(values["karras"]),
+            steps=int(values["steps"]),
+            cfg_scale=float(values["cfg_scale"]),
             seed=int(seed) if seed is not None else -1,
-            width=int(width),
-            height=int(height),
-            batch_size=int(batch_size),
-            n_iter=int(n_iter),
+            width=int(values["width"]),
+            height=int(values["height"]),
+            batch_size=int(values["batch_size"]),
+            n_iter=int(values["n_iter"]),
             init_image=init_image,
             strength=float(strength) if strength is not None else 0.75,
+            mask=mask,
+            mask_blur=float(values.get("mask_blur") or 0),
+            inpainting_fill=int(values.get("masked_content", 1)),
+            inpaint_full_res=values.get("inpaint_area") == "masked",
+            inpaint_full_res_padding=int(values.get("padding") or 0),
+            invert_mask=invert,
             memory=None if memory in (None, SERVER_DEFAULT) else memory,
-            vram_budget=(budget or "").strip() or None,
+            vram_budget=(values["vram_budget"] or "").strip() or None,
         )
 
-    def generate(self, img2img: bool, values: tuple, request: gr.Request, outputs: list) -> Iterator[dict]:
+    def generate(self, task: str, values: dict[str, Any], request: gr.Request, outputs: list) -> Iterator[dict]:
         status, error, preview, gallery, parameters, report, last_seed, infotexts = outputs
         try:
-            job = self.service.submit_generation(self.spec_from(img2img, values))
+            job = self.service.submit_generation(self.spec_from(task, values))
         except UserError as mistake:
             yield {status: progress_html(0.0, "not started", "error"), error: error_html(str(mistake))}
             return

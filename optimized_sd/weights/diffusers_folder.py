@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from optimized_sd.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from optimized_sd.config import ModelConfig, OpenCLIPConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from optimized_sd.errors import CheckpointError
-from optimized_sd.weights.family import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, canonical_key
-from optimized_sd.weights.keymap import rename, unet_prefixes, vae_prefixes
+from optimized_sd.weights.family import (
+    CLIP_PREFIX,
+    EMBEDDERS_PREFIX,
+    OPENCLIP_PREFIX,
+    SD1,
+    SD2,
+    SDXL,
+    SDXL_CLIP_PREFIX,
+    SDXL_REFINER,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    canonical_key,
+)
+from optimized_sd.weights.keymap import openclip_recipes, rename, unet_prefixes, vae_prefixes
+from optimized_sd.weights.sources import ComputedSource, RenamedSource, TensorSource
 
 __all__ = [
     "DIFFUSERS_WEIGHT_FILES",
@@ -26,6 +39,7 @@ __all__ = [
     "find_weight_file",
     "folder_model_config",
     "ldm_names",
+    "part_source",
     "read_diffusers_folder",
 ]
 
@@ -146,9 +160,7 @@ _UNET_BUILT_WITH = {
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "only_cross_attention": False,
     "dual_cross_attention": False,
-    "use_linear_projection": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "num_class_embeds": None,
     "time_embedding_type": "positional",
     "resnet_time_scale_shift": "default",
@@ -167,6 +179,10 @@ _VAE_BUILT_WITH = {
     "shift_factor": None,
 }
 _TEXT_BUILT_WITH = {"layer_norm_eps": 1e-5}
+# Settings that differ by family: (use_linear_projection, addition_embed_type).
+_UNET_FAMILY_SETTINGS = {SD1: (False, None), SD2: (True, None), SDXL: (True, "text_time"), SDXL_REFINER: (True, "text_time")}
+SIZE_EMBEDDING_DIM = 256  # SDXL's per-number size embedding width (models.conditioner builds it)
+HEAD_CHANNELS = 64  # SD 2.x and SDXL UNets: one head per 64 channels
 # DDPM beta schedules our samplers build (LDM's "linear" in sqrt space is diffusers' "scaled_linear").
 _BETA_SCHEDULES = ("scaled_linear",)
 
@@ -200,10 +216,33 @@ def _unet_key_layout(part: DiffusersPart) -> UNetConfig:
     return UNetConfig(num_res_blocks=res, channel_mult=mult, attention_resolutions=tuple(2**level for level in attention))
 
 
-def unet_config(part: DiffusersPart) -> UNetConfig:
+def folder_family(folder: DiffusersFolder) -> str:
+    """SDXL (base: two text encoders; refiner: `text_encoder_2` alone), SD 2.x (an exact-GELU OpenCLIP
+    tower saved as CLIP), else SD 1.x."""
+    if "text_encoder_2" in folder.parts:
+        return SDXL if "text_encoder" in folder.parts else SDXL_REFINER
+    text = folder.parts["text_encoder"]
+    return SD2 if text.config.get("hidden_act") == "gelu" else SD1
+
+
+def _heads_rule(config: Config, path: Path, name: str, widths: list[int], attention: tuple[int, ...]) -> None:
+    """SD 2.x / SDXL UNets run one head per 64 channels; a folder stating other head counts is refused."""
+    value = _value(config, path, name, (int, list))
+    counts = value if isinstance(value, list) else [value] * len(widths)
+    for level in attention:
+        if counts[level] * HEAD_CHANNELS != widths[level]:
+            raise CheckpointError(
+                f"{path}: {name} {value!r} gives {widths[level]}/{counts[level]}-wide heads at level {level}; "
+                f"this version builds {HEAD_CHANNELS}-wide heads"
+            )
+
+
+def unet_config(part: DiffusersPart, family: str = SD1) -> UNetConfig:
     """UNetConfig from `unet/config.json` (diffusers UNet2DConditionModel)."""
     config, path = part.config, part.config_path
     _require(config, path, _UNET_BUILT_WITH)
+    linear, addition = _UNET_FAMILY_SETTINGS[family]
+    _require(config, path, {"use_linear_projection": linear, "addition_embed_type": addition})
     base, mult = _widths(config, path)
     levels = len(mult)
     attention = _attention_levels(config, path, levels)
@@ -212,16 +251,37 @@ def unet_config(part: DiffusersPart) -> UNetConfig:
     # compatibility); num_attention_heads, when set, is the count and wins, as in diffusers itself.
     heads = config.get("num_attention_heads")
     heads_name = "num_attention_heads" if heads is not None else "attention_head_dim"
-    return UNetConfig(
+    common = dict(
         in_channels=_value(config, path, "in_channels", int, 4),
         out_channels=_value(config, path, "out_channels", int, 4),
         model_channels=base,
         attention_resolutions=tuple(sorted((2**level for level in attention), reverse=True)),
         num_res_blocks=_one_per_level(config, path, "layers_per_block", levels, 2),
         channel_mult=mult,
-        num_heads=_one_per_level(config, path, heads_name, levels, 8),
-        transformer_depth=_one_per_level(config, path, "transformer_layers_per_block", levels, 1),
         context_dim=_value(config, path, "cross_attention_dim", int),
+    )
+    if family == SD1:
+        return UNetConfig(
+            **common,
+            num_heads=_one_per_level(config, path, heads_name, levels, 8),
+            transformer_depth=_one_per_level(config, path, "transformer_layers_per_block", levels, 1),
+        )
+    _heads_rule(config, path, heads_name, [base * m for m in mult], attention)
+    depth = _value(config, path, "transformer_layers_per_block", (int, list), 1)
+    if isinstance(depth, list):  # levels without attention hold no layers (as a single file reads)
+        depth = tuple(d if level in attention else 0 for level, d in enumerate(depth))
+    adm = None
+    if addition is not None:
+        _require(config, path, {"addition_time_embed_dim": SIZE_EMBEDDING_DIM})
+        adm = _value(config, path, "projection_class_embeddings_input_dim", int)
+    return UNetConfig(
+        **common,
+        num_heads=-1,
+        num_head_channels=HEAD_CHANNELS,
+        use_linear_in_transformer=True,
+        transformer_depth=depth,
+        transformer_depth_middle=depth if isinstance(depth, int) else depth[-1],
+        adm_in_channels=adm,
     )
 
 
@@ -275,15 +335,46 @@ def schedule_fields(folder: DiffusersFolder) -> dict[str, Any]:
     }
 
 
+def open_clip_config(part: DiffusersPart, family: str) -> OpenCLIPConfig:
+    """OpenCLIPConfig from a CLIP text config that holds an OpenCLIP tower: SD 2.x's `text_encoder` (23 layers,
+    all run, final norm) or SDXL's `text_encoder_2` (bigG: penultimate context, pooled through the projection)."""
+    config, path = part.config, part.config_path
+    _require(config, path, {**_TEXT_BUILT_WITH, "hidden_act": "gelu"})
+    sdxl = family in (SDXL, SDXL_REFINER)
+    return OpenCLIPConfig(
+        vocab_size=_value(config, path, "vocab_size", int, 49408),
+        width=_value(config, path, "hidden_size", int),
+        heads=_value(config, path, "num_attention_heads", int),
+        layers=_value(config, path, "num_hidden_layers", int),
+        intermediate_size=_value(config, path, "intermediate_size", int),
+        context_length=_value(config, path, "max_position_embeddings", int, 77),
+        penultimate=sdxl,
+        projection_dim=_value(config, path, "projection_dim", int) if sdxl else None,
+    )
+
+
 def folder_model_config(folder: DiffusersFolder) -> ModelConfig:
-    """The whole ModelConfig a diffusers folder states (UNet, VAE, text encoder, scale factor, schedule)."""
+    """The whole ModelConfig a diffusers folder states (UNet, VAE, text encoder(s), scale factor, schedule)."""
+    family = folder_family(folder)
     vae = folder.parts["vae"]
     scale = _value(vae.config, vae.config_path, "scaling_factor", (int, float), ModelConfig().scale_factor)
+    text: TextEncoderConfig | None = None
+    open_clip: OpenCLIPConfig | None = None
+    if family == SD1:
+        text = text_config(folder.parts["text_encoder"])
+    elif family == SD2:
+        open_clip = open_clip_config(folder.parts["text_encoder"], family)
+    else:
+        if "text_encoder" in folder.parts:
+            text = replace(text_config(folder.parts["text_encoder"]), penultimate=True)
+        open_clip = open_clip_config(folder.parts["text_encoder_2"], family)
     return ModelConfig(
-        unet=unet_config(folder.parts["unet"]),
+        unet=unet_config(folder.parts["unet"], family),
         vae=vae_config(vae),
-        text=text_config(folder.parts["text_encoder"]),
+        text=text,
+        open_clip=open_clip,
         scale_factor=float(scale),
+        family=family,
         **schedule_fields(folder),
     )
 
@@ -306,13 +397,32 @@ def _text_names(part: DiffusersPart, keys: list[str]) -> dict[str, str]:
     return {canonical_key(CLIP_PREFIX + key): key for key in keys}
 
 
+def _sdxl_clip_names(part: DiffusersPart, keys: list[str]) -> dict[str, str]:
+    return {canonical_key(SDXL_CLIP_PREFIX + key): key for key in keys}
+
+
 # Component folder -> how its diffusers keys become LDM keys. The parts a folder of this version
-# must have; a new family adds its parts here (SDXL: text_encoder_2).
+# must have (the text encoders: one of them at least).
 PART_NAMES: dict[str, Callable[[DiffusersPart, list[str]], dict[str, str]]] = {
     "unet": _unet_names,
     "vae": _vae_names,
     "text_encoder": _text_names,
 }
+OPTIONAL_PARTS = ("text_encoder", "text_encoder_2")
+
+
+def part_source(folder: DiffusersFolder, part: DiffusersPart, source: TensorSource) -> TensorSource:
+    """A part's tensors under LDM/SGM names. OpenCLIP towers saved as CLIP (SD 2.x's `text_encoder`, SDXL's
+    `text_encoder_2`) get open_clip names with q, k, v fused (`keymap.openclip_recipes`)."""
+    family = folder_family(folder)
+    if part.name == "text_encoder_2":
+        prefix = EMBEDDERS_PREFIX + ("1.model." if family == SDXL else "0.model.")
+        return ComputedSource(source, openclip_recipes(source.keys(), prefix))
+    if part.name == "text_encoder" and family == SD2:
+        return ComputedSource(source, openclip_recipes(source.keys(), OPENCLIP_PREFIX))
+    if part.name == "text_encoder" and family == SDXL:
+        return RenamedSource(source, _sdxl_clip_names(part, source.keys()))
+    return RenamedSource(source, ldm_names(part, source.keys()))
 
 
 def ldm_names(part: DiffusersPart, keys: list[str]) -> dict[str, str]:
@@ -332,7 +442,11 @@ def read_diffusers_folder(folder: Path) -> DiffusersFolder:
         raise CheckpointError(f"{folder} is a folder without {MODEL_INDEX}; pass a checkpoint file or a diffusers folder")
     index = read_json(folder / MODEL_INDEX)
     parts = {}
-    for name in PART_NAMES:
+    if not any((folder / name).is_dir() for name in OPTIONAL_PARTS):
+        raise CheckpointError(f"{folder} is not a diffusers model folder: it has no text_encoder/ subfolder")
+    for name in [*PART_NAMES, "text_encoder_2"]:
+        if name in OPTIONAL_PARTS and not (folder / name).is_dir():
+            continue
         if not (folder / name).is_dir():
             raise CheckpointError(f"{folder} is not a diffusers model folder: it has no {name}/ subfolder")
         config_path = folder / name / "config.json"

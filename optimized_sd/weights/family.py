@@ -1,10 +1,15 @@
 """Tell a model family from a state dict's keys and shapes (a pure function; nothing is loaded).
 
-SD 1.x is recognised by structure, not by widths, so tiny test models pass too: LDM UNet keys with a
-4-channel `input_blocks.0.0` conv (9 channels: an SD 1.x inpainting model), cross-attention with a conv (4-D) `proj_in`, and a CLIP text
-encoder under `cond_stage_model.transformer.` whose width matches the UNet's context dim. Other
-Stable Diffusion families raise `UnsupportedModelError` naming the family; files that are not a
-whole SD checkpoint (a VAE, a LoRA, a diffusers component...) raise `CheckpointError` saying what
+Families are recognised by structure, not by widths, so tiny test models pass too:
+  SD 1.x        LDM UNet with a conv (4-D) `proj_in` and a CLIP text encoder `cond_stage_model.transformer.`
+                (a 9-channel `input_blocks.0.0`: an SD 1.x inpainting model);
+  SD 2.x        LDM UNet with a linear `proj_in` and an OpenCLIP text encoder `cond_stage_model.model.`;
+  SDXL          SGM layout: UNet with `label_emb`, `conditioner.embedders.0.transformer.` (CLIP ViT-L) and
+                `conditioner.embedders.1.model.` (OpenCLIP bigG);
+  SDXL refiner  SGM layout with `conditioner.embedders.0.model.` (bigG) alone.
+Each has a 4-channel `input_blocks.0.0` conv and a text width equal to the UNet's context dim. Other
+models raise `UnsupportedModelError` naming what they are (SD3, Flux, SD 2.x/SDXL inpainting...); files that are
+not a whole checkpoint (a VAE, a LoRA, a diffusers component...) raise `CheckpointError` saying what
 they look like.
 """
 
@@ -16,6 +21,9 @@ from optimized_sd.errors import CheckpointError, UnsupportedModelError
 
 __all__ = [
     "SD1",
+    "SD2",
+    "SDXL",
+    "SDXL_REFINER",
     "PARTS",
     "SCHEDULE_BUFFERS",
     "canonical_key",
@@ -26,6 +34,9 @@ __all__ = [
 ]
 
 SD1 = "sd1"
+SD2 = "sd2"
+SDXL = "sdxl"
+SDXL_REFINER = "sdxl_refiner"
 
 # Key prefixes of an LDM checkpoint's parts, defined here once.
 UNET_PREFIX = "model.diffusion_model."
@@ -38,6 +49,8 @@ OPENCLIP_PREFIX = TEXT_ENCODER_PREFIX + "model."
 # LDM's LitEma keeps the EMA copy of the UNet under dot-less names, beside two counters.
 EMA_PREFIX = "model_ema."
 EMA_COUNTERS = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
+EMBEDDERS_PREFIX = "conditioner.embedders."  # SDXL's text towers (SGM layout)
+SDXL_CLIP_PREFIX = EMBEDDERS_PREFIX + "0.transformer."
 
 # Display name -> key prefix of each part of an LDM checkpoint.
 PARTS: dict[str, str] = {
@@ -81,10 +94,21 @@ _LIGHTNING_KEYS = frozenset(
     }
 )
 
-_POSITION_IDS = CLIP_TEXT_PREFIX + "embeddings.position_ids"
+_TEXT_PREFIXES = ("cond_stage_model.", "conditioner.")
 
-# Prefixes under which a transformers CLIP text model sits (the SD 1.x one; SDXL adds its embedders).
-_CLIP_MODEL_PREFIXES: tuple[str, ...] = (CLIP_PREFIX,)
+# Other diffusion architectures, by a key only they have (the telltales diffusers' single-file loader uses).
+_OTHER_ARCHITECTURES = (
+    ("joint_blocks.0.context_block.", "a Stable Diffusion 3 (MMDiT) model"),
+    ("double_blocks.0.img_attn.", "a Flux model"),
+    ("clip_txt_mapper.", "a Stable Cascade stage C model"),
+    ("down_blocks.1.0.channelwise.", "a Stable Cascade stage B model"),
+    ("t_block.", "a PixArt (DiT) model"),
+    ("add_embedding.image_norm.", "a Kandinsky 2.x UNet"),
+    ("encoder_hid_proj.image_embeds.", "a Kandinsky 2.x UNet"),
+)
+
+# Prefixes under which a transformers CLIP text model sits (SD 1.x's, and SDXL's first tower).
+_CLIP_MODEL_PREFIXES: tuple[str, ...] = (CLIP_PREFIX, SDXL_CLIP_PREFIX)
 
 
 def canonical_key(key: str) -> str:
@@ -107,7 +131,9 @@ def known_extra_key(key: str) -> str | None:
       "schedule buffer"  DDPM buffers (`betas`, `alphas_cumprod`, ..., `logvar`), rebuilt from the config;
       "EMA"              `model_ema.*`: the decay/num_updates counters and, in non-pruned files, the
                          EMA copy of the UNet under dot-less names;
-      "position_ids"     the CLIP text model's int64 `embeddings.position_ids` buffer;
+      "position_ids"     a CLIP text model's int64 `embeddings.position_ids` buffer (any tower, any key form);
+      "logit_scale"      OpenCLIP's contrastive-loss temperature, unused for text conditioning;
+      "v_pred marker"    the empty `v_pred` key some SD 2.x v files carry to say their prediction type;
       "training loss"    `first_stage_model.loss.*` (the VAE's discriminator/LPIPS, unused at inference);
       "lightning"        Lightning's top-level entries (`epoch`, `global_step`, ...).
     The strict loader treats these as expected leftovers; any other unexpected key is reported.
@@ -116,8 +142,12 @@ def known_extra_key(key: str) -> str | None:
         return "schedule buffer"
     if key.startswith(EMA_PREFIX):
         return "EMA"
-    if canonical_key(key) == _POSITION_IDS:
+    if key.startswith(_TEXT_PREFIXES) and key.endswith("embeddings.position_ids"):
         return "position_ids"
+    if key.startswith(_TEXT_PREFIXES) and key.endswith(".logit_scale"):
+        return "logit_scale"
+    if key == "v_pred":
+        return "v_pred marker"
     if key.startswith(VAE_PREFIX + "loss."):
         return "training loss"
     if key in _LIGHTNING_KEYS:
@@ -135,6 +165,8 @@ def part_of_key(key: str) -> str | None:
     """The part ("UNet", "VAE", "text encoder") a weight key belongs to; None for extras and strays."""
     if known_extra_key(key) is not None:
         return None
+    if key.startswith("conditioner."):  # SDXL's towers (SGM layout)
+        return "text encoder"
     for part, prefix in PARTS.items():
         if key.startswith(prefix):
             return part
@@ -150,21 +182,18 @@ def _any_contains(keys: Iterable[str], *parts: str) -> bool:
 
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """The model family of a state dict given as key -> shape: "sd1", or an error saying what it is.
+    """The model family of a state dict given as key -> shape: "sd1", "sd2", "sdxl" or "sdxl_refiner",
+    or an error saying what it is.
 
-    Raises UnsupportedModelError for SD 2.x (inpainting included), SDXL and other SD variants, and
+    Raises UnsupportedModelError for other diffusion models (SD3, Flux, SD 2.x/SDXL inpainting, unCLIP...), and
     CheckpointError for things that are not a whole SD checkpoint.
     """
     keys = list(shapes)
     if not keys:
         raise CheckpointError("the state dict is empty: no tensors to identify")
-
-    if _any_prefix(keys, "conditioner.embedders."):
-        clip_l = _any_prefix(keys, "conditioner.embedders.0.transformer.")
-        kind = "SDXL base" if clip_l else "SDXL refiner"
-        raise UnsupportedModelError(
-            f"this is an {kind} model (conditioner.embedders.* keys); optimized-sd runs SD 1.x only"
-        )
+    for telltale, what in _OTHER_ARCHITECTURES:
+        if any(k.startswith(telltale) or "." + telltale in k for k in keys):
+            raise UnsupportedModelError(f"this is {what} ({telltale}* keys); {RUNS}")
     if _any_prefix(keys, "control_model."):
         raise CheckpointError(
             "this looks like a ControlNet (control_model.* keys), not a Stable Diffusion checkpoint"
@@ -173,11 +202,76 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
     unet_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if unet_in is None:
         raise CheckpointError(_describe_non_sd(keys))
+    if _any_prefix(keys, EMBEDDERS_PREFIX):
+        return _classify_sgm(shapes, keys, tuple(unet_in))
     return _classify_ldm(shapes, keys, tuple(unet_in))
 
 
+RUNS = "optimized-sd runs SD 1.x, SD 2.x and SDXL text-to-image models, and SD 1.x inpainting models"
+
+
+def _context_dim(shapes: Mapping[str, tuple[int, ...]], keys: list[str]) -> int | None:
+    """The UNet's cross-attention context width, from any `attn2.to_k` weight."""
+    for key in keys:
+        if key.startswith(UNET_PREFIX) and key.endswith(".attn2.to_k.weight") and len(shapes[key]) == 2:
+            return shapes[key][1]
+    return None
+
+
+def _refuse_other_inputs(family: str, in_channels: int, keys: list[str], allowed: tuple[int, ...] = (4,)) -> None:
+    """A UNet taking other than 4 latent channels is an inpainting/depth/upscaler/pix2pix variant; those
+    in `allowed` run (SD 1.x's 9-channel inpainting)."""
+    if in_channels in allowed:
+        return
+    if in_channels == 9:
+        kind = f"{family} inpainting"
+    elif in_channels == 5 and _any_prefix(keys, "depth_model."):
+        kind = "SD 2.x depth-to-image"
+    elif in_channels == 7 and _any_prefix(keys, "low_scale_model."):
+        kind = "SD 2.x x4 upscaler"
+    elif in_channels == 8:
+        kind = f"InstructPix2Pix ({family})"
+    else:
+        kind = f"{family}-style model with a {in_channels}-channel UNet input"
+    raise UnsupportedModelError(
+        f"this is an {kind} model (UNet input_blocks.0.0 takes {in_channels} channels); {RUNS}"
+    )
+
+
+def _check_context(context: int | None, width: int | None, towers: str) -> None:
+    if context is not None and width is not None and context != width:
+        raise CheckpointError(
+            f"the UNet's cross-attention context dim is {context} but the {towers} {width} wide; "
+            "the parts do not belong together"
+        )
+
+
+def _openclip_width(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int | None:
+    shape = shapes.get(prefix + "ln_final.weight")
+    return shape[0] if shape else None
+
+
+def _classify_sgm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_in: tuple[int, ...]) -> str:
+    """Classify an SGM-layout state dict (`conditioner.embedders.*`): SDXL base or refiner."""
+    clip_l = _any_prefix(keys, EMBEDDERS_PREFIX + "0.transformer.")
+    big_g = EMBEDDERS_PREFIX + ("1.model." if clip_l else "0.model.")
+    family, kind = (SDXL, "SDXL") if clip_l else (SDXL_REFINER, "SDXL refiner")
+    if len(unet_in) != 4:
+        raise CheckpointError(f"{UNET_PREFIX}input_blocks.0.0.weight has shape {unet_in}; expected a 4-D conv weight")
+    _refuse_other_inputs(kind, unet_in[1], keys)
+    if not _any_prefix(keys, big_g):
+        raise CheckpointError(f"this {kind} checkpoint has no OpenCLIP bigG text encoder ({big_g}* keys)")
+    if not _any_prefix(keys, UNET_PREFIX + "label_emb."):
+        raise CheckpointError(f"this {kind} checkpoint's UNet has no label_emb (the pooled-text and size conditioning)")
+    width = _openclip_width(shapes, big_g) or 0
+    if clip_l:
+        width += _clip_width(shapes, EMBEDDERS_PREFIX + "0.transformer.") or 0
+    _check_context(_context_dim(shapes, keys), width or None, "text encoders together are")
+    return family
+
+
 def _classify_ldm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_in: tuple[int, ...]) -> str:
-    """Classify a state dict that has an LDM UNet (`model.diffusion_model.*`)."""
+    """Classify a state dict that has an LDM UNet (`model.diffusion_model.*`): SD 1.x or SD 2.x."""
     if len(unet_in) != 4:
         raise CheckpointError(
             f"{UNET_PREFIX}input_blocks.0.0.weight has shape {unet_in}; expected a 4-D conv weight"
@@ -188,75 +282,44 @@ def _classify_ldm(shapes: Mapping[str, tuple[int, ...]], keys: list[str], unet_i
     proj_in_dims = {
         len(shapes[k]) for k in keys if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight")
     }
-    context_dims = [
-        shapes[k][1]
-        for k in keys
-        if k.startswith(UNET_PREFIX) and k.endswith(".attn2.to_k.weight") and len(shapes[k]) == 2
-    ]
-    context = context_dims[0] if context_dims else None
+    context = _context_dim(shapes, keys)
 
     is_v2 = has_openclip or 2 in proj_in_dims or (context == 1024 and not has_clip)
     family = "SD 2.x" if is_v2 else "SD 1.x"
-    why = []
-    if has_openclip:
-        why.append("OpenCLIP text encoder cond_stage_model.model.*")
-    if 2 in proj_in_dims:
-        why.append("linear proj_in")
-    if context is not None and is_v2:
-        why.append(f"context dim {context}")
-    because = f" ({', '.join(why)})" if why else ""
 
     if _any_prefix(keys, UNET_PREFIX + "label_emb."):
         if _any_prefix(keys, "embedder.", "noise_augmentor."):
-            raise UnsupportedModelError(
-                "this is an SD 2.x unCLIP model (label_emb, image embedder keys); "
-                "optimized-sd runs SD 1.x only"
-            )
+            raise UnsupportedModelError(f"this is an SD 2.x unCLIP model (label_emb, image embedder keys); {RUNS}")
         raise UnsupportedModelError(
-            "this UNet has a class/label embedding (model.diffusion_model.label_emb, as in SDXL); "
-            "optimized-sd runs SD 1.x only"
+            "this UNet has a class/label embedding (model.diffusion_model.label_emb) but no SDXL "
+            f"conditioner.embedders.* text encoders; {RUNS}"
         )
     # SD 1.x inpainting UNets (sd-v1-5-inpainting) take 9 channels: latents + mask + masked-image latents.
-    if in_channels not in (4, 9) or (in_channels == 9 and is_v2):
-        if in_channels == 9:
-            kind = f"{family} inpainting"
-        elif in_channels == 5 and _any_prefix(keys, "depth_model."):
-            kind = "SD 2.x depth-to-image"
-        elif in_channels == 7 and _any_prefix(keys, "low_scale_model."):
-            kind = "SD 2.x x4 upscaler"
-        elif in_channels == 8:
-            kind = f"InstructPix2Pix ({family})"
-        else:
-            kind = f"{family}-style model with a {in_channels}-channel UNet input"
-        raise UnsupportedModelError(
-            f"this is an {kind} model (UNet input_blocks.0.0 takes {in_channels} channels, "
-            "not 4); optimized-sd runs SD 1.x text-to-image models only"
+    _refuse_other_inputs(family, in_channels, keys, allowed=(4,) if is_v2 else (4, 9))
+    if not proj_in_dims:
+        raise CheckpointError(
+            "this LDM UNet has no cross-attention (no *.proj_in.weight keys); not a Stable Diffusion UNet"
         )
     if is_v2:
-        raise UnsupportedModelError(
-            f"this is an SD 2.x model{because}; optimized-sd runs SD 1.x only"
-        )
+        if not has_openclip:
+            raise CheckpointError(
+                "this has an SD 2.x UNet but no OpenCLIP text encoder (no cond_stage_model.model.* keys); "
+                "a UNet-only file is not a whole SD 2.x checkpoint"
+            )
+        _check_context(context, _openclip_width(shapes, OPENCLIP_PREFIX), "OpenCLIP text encoder is")
+        return SD2
     if not has_clip:
         raise CheckpointError(
             "this has an LDM UNet but no CLIP text encoder (no cond_stage_model.transformer.* keys); "
             "a UNet-only file is not a whole SD 1.x checkpoint"
         )
-    if not proj_in_dims:
-        raise CheckpointError(
-            "this LDM UNet has no cross-attention (no *.proj_in.weight keys); not a Stable Diffusion UNet"
-        )
-    width = _clip_width(shapes)
-    if context is not None and width is not None and context != width:
-        raise CheckpointError(
-            f"the UNet's cross-attention context dim is {context} but the CLIP text encoder is "
-            f"{width} wide; the parts do not belong together"
-        )
+    _check_context(context, _clip_width(shapes), "CLIP text encoder is")
     return SD1
 
 
-def _clip_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
-    """Hidden width of the LDM CLIP text encoder, from its final layer norm."""
-    shape = shapes.get(CLIP_TEXT_PREFIX + "final_layer_norm.weight")
+def _clip_width(shapes: Mapping[str, tuple[int, ...]], prefix: str = CLIP_PREFIX) -> int | None:
+    """Hidden width of a CLIP text encoder under `prefix` (keys in `canonical_key` form), from its final layer norm."""
+    shape = shapes.get(prefix + "text_model.final_layer_norm.weight")
     return shape[0] if shape else None
 
 
@@ -288,7 +351,7 @@ def _describe_non_sd(keys: list[str]) -> str:
     has_vae = _any_prefix(keys, VAE_PREFIX) or _any_prefix(
         keys, "encoder.down.", "decoder.up.", "encoder.conv_in.", "decoder.conv_out.", "quant_conv."
     )
-    has_te = _any_prefix(keys, CLIP_PREFIX, OPENCLIP_PREFIX)
+    has_te = _any_prefix(keys, CLIP_PREFIX, OPENCLIP_PREFIX, EMBEDDERS_PREFIX)
     if has_vae and not has_te:
         return "this is a VAE alone, not a whole Stable Diffusion checkpoint"
     if has_te and not has_vae:

@@ -19,7 +19,7 @@ from pathlib import Path
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.sources import open_regular_file
 
-__all__ = ["legacy_model_hash", "sha256_file", "sha256_short"]
+__all__ = ["addnet_hash", "extra_network_hash", "legacy_model_hash", "sha256_file", "sha256_short"]
 
 _CHUNK = 1 << 20
 _LEGACY_OFFSET = 0x100000
@@ -67,6 +67,32 @@ def sha256_file(path: Path, *, cache_path: Path | None = None) -> str:
 def sha256_short(path: Path, *, cache_path: Path | None = None) -> str:
     """A1111's shorthash: the first 10 hex digits of the file's SHA-256."""
     return sha256_file(path, cache_path=cache_path)[:10]
+
+
+def addnet_hash(path: Path) -> str:
+    """The "addnet" hash A1111 gives a .safetensors LoRA: SHA-256 of the bytes after the header, so
+    editing the metadata does not change it."""
+    path = Path(path)
+    _stat(path)
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            f.seek(8 + header_length)
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    return digest.hexdigest()
+
+
+def extra_network_hash(path: Path, *, lora: bool) -> str:
+    """The 12-digit hash A1111 writes as `Lora hashes` (addnet hash for .safetensors LoRAs, else the
+    file's SHA-256) and `TI hashes` (the file's SHA-256)."""
+    path = Path(path)
+    if lora and path.suffix == ".safetensors":
+        return addnet_hash(path)[:12]
+    return sha256_file(path)[:12]
 
 
 def legacy_model_hash(path: Path) -> str:

@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from optimized_sd.config import FAMILY_NAMES, ModelConfig
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.ckpt import InertLightningObject, load_ckpt, state_dict_from_ckpt
 from optimized_sd.weights.family import (
     EMA_COUNTERS,
     PARTS,
-    SD1,
     detect_family,
     known_extra_key,
     part_of_key,
 )
 from optimized_sd.weights.hashing import legacy_model_hash, sha256_short
+from optimized_sd.weights.infer import infer_config
 from optimized_sd.weights.loading import is_safetensors_file, model_config, normalize_keys, open_diffusers_folder
 from optimized_sd.weights.sources import DictSource, SafetensorsSource, TensorSource
 
@@ -37,7 +39,6 @@ LAYOUT_BARE = "bare state dict .ckpt"
 LAYOUT_SAFETENSORS = "single-file .safetensors"
 LAYOUT_DIFFUSERS = "diffusers folder"
 
-FAMILY_NAMES = {SD1: "Stable Diffusion 1.x"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class CheckpointInfo:
     file_size: int
     family: str | None = None  # "sd1" when runnable
     family_error: str | None = None  # the refusal message otherwise
+    prediction: str | None = None  # "eps (family default)", "v (scheduler_config.json)"...
+    towers: tuple[str, ...] = ()  # the text towers, e.g. "CLIP ViT-L 12 layers x 768"
+    default_size: int | None = None  # the family's --H/--W default
     dtypes: dict[str, int] = field(default_factory=dict)  # dtype name -> tensor count
     parts: dict[str, PartStats] = field(default_factory=dict)
     extras: dict[str, int] = field(default_factory=dict)  # known_extra_key category -> keys
@@ -110,6 +114,8 @@ def describe_checkpoint(
         info.family = detect_family(shapes)
     except CheckpointError as exc:
         info.family_error = str(exc)
+    else:
+        _family_facts(info, lambda: infer_config(shapes, info.family), set(shapes), info.metadata)
     if hashes:
         info.sha256_short = sha256_short(path, cache_path=hash_cache)
         info.legacy_hash = legacy_model_hash(path)
@@ -228,12 +234,38 @@ def _describe_diffusers(folder: Path) -> CheckpointInfo:
     _fill_tensor_stats(info, shapes, dtypes)
     try:
         info.family = detect_family(shapes)
-        model_config(checkpoint, shapes)
+        config = model_config(checkpoint, shapes)
+        _family_facts(info, lambda: config, set(shapes), None)
     except CheckpointError as exc:
         info.family, info.family_error = None, str(exc)
     finally:
         checkpoint.source.close()
     return info
+
+
+def _family_facts(
+    info: CheckpointInfo, config_of: Callable[[], ModelConfig], keys: set[str], metadata: dict[str, str] | None
+) -> None:
+    """Prediction type (as `--prediction auto` would choose it), text towers and default size; the towers
+    and size only when the model's layout can be read (a file of telltale keys alone has none)."""
+    from optimized_sd.weights.prediction import resolve_prediction
+
+    assert info.family is not None
+    prediction, why = resolve_prediction("auto", info.family, info.path, keys, metadata)
+    info.prediction = f"{'v' if prediction == 'v_prediction' else 'eps'} ({why})"
+    try:
+        config = config_of()
+    except CheckpointError:
+        return
+    towers = []
+    if config.text is not None:
+        towers.append(f"CLIP ViT-L-style {config.text.num_hidden_layers} layers x {config.text.hidden_size}")
+    if config.open_clip is not None:
+        clip = config.open_clip
+        pooled = f", pooled {clip.projection_dim}" if clip.projection_dim else ""
+        towers.append(f"OpenCLIP {clip.layers} layers run x {clip.width}{pooled}")
+    info.towers = tuple(towers)
+    info.default_size = replace(config, prediction_type=prediction).default_size
 
 
 # --- text for the CLI ----------------------------------------------------------------------------
@@ -271,6 +303,12 @@ def format_info(info: CheckpointInfo) -> str:
 
     if info.family is not None:
         lines.append(("family", f"{info.family} ({FAMILY_NAMES.get(info.family, info.family)})"))
+        if info.prediction is not None:
+            lines.append(("prediction", info.prediction))
+        if info.towers:
+            lines.append(("text towers", "; ".join(info.towers)))
+        if info.default_size is not None:
+            lines.append(("size", f"{info.default_size}x{info.default_size} by default"))
     else:
         lines.append(("family", f"refused: {info.family_error}"))
 

@@ -111,3 +111,49 @@ def rename(keys: Iterable[str], prefixes: dict[str, tuple[str, dict[str, str]]],
                 break
     return result
 
+
+
+CLIP_TO_OPENCLIP = (
+    ("embeddings.token_embedding.weight", "token_embedding.weight"),
+    ("embeddings.position_embedding.weight", "positional_embedding"),
+    ("final_layer_norm.", "ln_final."),
+    ("encoder.layers.", "transformer.resblocks."),
+    (".self_attn.out_proj.", ".attn.out_proj."),
+    (".layer_norm1.", ".ln_1."),
+    (".layer_norm2.", ".ln_2."),
+    (".mlp.fc1.", ".mlp.c_fc."),
+    (".mlp.fc2.", ".mlp.c_proj."),
+)
+"""transformers CLIP text model names (less `text_model.`) -> open_clip names, applied in order, as diffusers'
+conversion scripts do."""
+
+
+def openclip_recipes(keys: Iterable[str], prefix: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """OpenCLIP name (under `prefix`) -> recipe over a diffusers `CLIPTextModel(WithProjection)`'s keys:
+    q/k/v projections fused into `attn.in_proj_*` (q, k, v order, as `nn.MultiheadAttention`), the Linear
+    `text_projection.weight` transposed into open_clip's `text_projection` (x @ P). position_ids is dropped.
+    Keys may carry `text_model.` or not (transformers versions differ)."""
+    recipes: dict[str, tuple[str, tuple[str, ...]]] = {}
+    present = set(keys)
+    for key in present:
+        if key.endswith("position_ids"):
+            continue
+        if key == "text_projection.weight":
+            recipes[prefix + "text_projection"] = ("transpose", (key,))
+            continue
+        if ".self_attn.q_proj." in key:
+            parts = tuple(key.replace(".q_proj.", f".{name}_proj.") for name in "qkv")
+            layer, leaf = key.split(".self_attn.q_proj.")
+            recipes[prefix + _openclip_name(layer) + f".attn.in_proj_{leaf}"] = ("cat", parts)
+            continue
+        if ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
+            continue
+        recipes[prefix + _openclip_name(key)] = ("same", (key,))
+    return recipes
+
+
+def _openclip_name(name: str) -> str:
+    name = name.removeprefix("text_model.")
+    for old, new in CLIP_TO_OPENCLIP:
+        name = name.replace(old, new)
+    return name

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from optimized_sd.config import ModelConfig
+from optimized_sd.config import FAMILY_NAMES, ModelConfig
 from optimized_sd.errors import CheckpointError
 from optimized_sd.tensor_swap import set_tensor
 from optimized_sd.weights.ckpt import load_ckpt, looks_like_safetensors, state_dict_from_ckpt
@@ -18,13 +18,14 @@ from optimized_sd.weights.diffusers_folder import (
     DiffusersFolder,
     find_weight_file,  # noqa: F401  (the folder's weight-file rule, for callers that know only the loader)
     folder_model_config,
-    ldm_names,
+    part_source,
     read_diffusers_folder,
 )
 from optimized_sd.weights.family import UNET_PREFIX, canonical_key, detect_family, ema_key, known_extra_key
-from optimized_sd.weights.infer import infer_config
+from optimized_sd.weights.infer import infer_config, unused_keys
 from optimized_sd.weights.sources import (
     ChainSource,
+    ComputedSource,
     DictSource,
     RenamedSource,
     SafetensorsSource,
@@ -69,27 +70,35 @@ def open_weight_file(path: Path) -> TensorSource:
 
 
 def normalize_keys(source: TensorSource, path: Path) -> TensorSource:
-    """The source with every key in `canonical_key` form: the one place key spellings are unified."""
-    names: dict[str, str] = {}
+    """The source with every key in `canonical_key` form: the one place key spellings are unified. An
+    OpenCLIP projection written as a Linear weight (`text_projection.weight`, as diffusers' SDXL conversion
+    script does) becomes open_clip's `text_projection`, transposed."""
+    recipes: dict[str, tuple[str, tuple[str, ...]]] = {}
     for key in source.keys():
-        name = canonical_key(key)
-        if name in names:
-            raise CheckpointError(f"{path} holds {names[name]!r} and {key!r}, two spellings of one tensor")
-        names[name] = key
-    if all(name == key for name, key in names.items()):
+        name, op = canonical_key(key), "same"
+        if key.endswith(".model.text_projection.weight"):
+            name, op = key[: -len(".weight")], "transpose"
+        if name in recipes:
+            raise CheckpointError(f"{path} holds {recipes[name][1][0]!r} and {key!r}, two spellings of one tensor")
+        recipes[name] = (op, (key,))
+    if all(op == "same" and name == keys[0] for name, (op, keys) in recipes.items()):
         return source
-    return RenamedSource(source, names)
+    return ComputedSource(source, recipes)
 
 
 def open_diffusers_folder(folder: Path) -> Checkpoint:
-    """The loaded parts of a diffusers model (`unet/`, `vae/`, `text_encoder/`), renamed to LDM keys,
-    with the folder's configs kept for `model_config`."""
+    """The loaded parts of a diffusers model (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`), renamed
+    to LDM/SGM keys, with the folder's configs kept for `model_config`."""
     info = read_diffusers_folder(folder)
-    parts = []
-    for part in info.parts.values():
-        source = open_weight_file(part.weight_file)
-        parts.append(RenamedSource(source, ldm_names(part, source.keys())))
+    parts = [part_source(info, part, open_weight_file(part.weight_file)) for part in info.parts.values()]
     return Checkpoint(ChainSource(parts), info.path, info.tokenizer, info)
+
+
+def source_metadata(source: TensorSource) -> dict[str, str]:
+    """A safetensors file's `__metadata__` through any renaming views ({} for other sources)."""
+    while not hasattr(source, "metadata") and hasattr(source, "inner"):
+        source = source.inner
+    return dict(getattr(source, "metadata", None) or {})
 
 
 def open_checkpoint(path: Path | str) -> Checkpoint:
@@ -104,11 +113,11 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
     return Checkpoint(normalize_keys(open_weight_file(path), path), path)
 
 
-def model_config(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+def model_config(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], family: str | None = None) -> ModelConfig:
     """The model a checkpoint states: a diffusers folder's config files, else read off a single file's shapes."""
     if checkpoint.folder is not None:
         return folder_model_config(checkpoint.folder)
-    return infer_config(shapes)
+    return infer_config(shapes, family)
 
 
 def ema_source(source: TensorSource) -> TensorSource:
@@ -175,8 +184,11 @@ def fits(file_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> bool:
     )
 
 
-def check_keys(source: TensorSource, expected: dict[str, tuple[int, ...]]) -> LoadReport:
-    """Compare a source with the model's parameter shapes, LDM names on both sides."""
+def check_keys(
+    source: TensorSource, expected: dict[str, tuple[int, ...]], unused: dict[str, str] | None = None
+) -> LoadReport:
+    """Compare a source with the model's parameter shapes, LDM names on both sides. `unused` maps key
+    prefixes the family carries but never runs to a reason (counted as known extras)."""
     report = LoadReport()
     present = set(source.keys())
     for key, shape in expected.items():
@@ -187,7 +199,7 @@ def check_keys(source: TensorSource, expected: dict[str, tuple[int, ...]]) -> Lo
     for key in source.keys():
         if key in expected:
             continue
-        reason = known_extra_key(key)
+        reason = known_extra_key(key) or next((why for prefix, why in (unused or {}).items() if key.startswith(prefix)), None)
         if reason:
             report.known_extras[reason] = report.known_extras.get(reason, 0) + 1
         else:
@@ -206,26 +218,34 @@ class LoadedModel:
     report: LoadReport
 
 
-def prepare_model(path: Path | str, *, config: ModelConfig | None = None, ema: bool = False) -> LoadedModel:
-    """Open, detect the family, build the module tree on `meta`, and check every key strictly.
-    Weights are copied in later by `materialize`, by whoever decides where they live."""
+def prepare_model(
+    path: Path | str, *, config: ModelConfig | None = None, ema: bool = False, vae: Path | str | None = None
+) -> LoadedModel:
+    """Open, detect the family, build the module tree on `meta`, and check every key strictly; `vae`
+    (`--vae FILE`) replaces the checkpoint's VAE. Weights are copied in later by `materialize`, by
+    whoever decides where they live."""
     from optimized_sd.models.sd import LatentDiffusion
 
     checkpoint = open_checkpoint(path)
     source = checkpoint.source
     shapes = source.shapes()
-    detect_family(shapes)
+    family = detect_family(shapes)
     if ema:
         source = ema_source(source)
         shapes = source.shapes()
-    config = config or model_config(checkpoint, shapes)
+    config = config or model_config(checkpoint, shapes, family)
     with torch.device("meta"):
         model = LatentDiffusion(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     source = model_view(source, set(expected))
-    report = check_keys(source, expected)
+    report = check_keys(source, expected, unused_keys(shapes, config))
     if not report.ok:
-        raise CheckpointError(f"{checkpoint.path} does not match an SD 1.x model: {report.summary()}")
+        name = FAMILY_NAMES.get(config.family, config.family)
+        raise CheckpointError(f"{checkpoint.path} does not match an {name} model: {report.summary()}")
+    if vae is not None:
+        from optimized_sd.weights.vae_file import with_vae_file
+
+        source = with_vae_file(source, vae, expected)
     return LoadedModel(model, config, checkpoint, source, report)
 
 

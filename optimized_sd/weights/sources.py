@@ -356,3 +356,43 @@ class ChainSource(TensorSource):
     def close(self) -> None:
         for part in self.parts:
             part.close()
+
+
+class ComputedSource(TensorSource):
+    """A view of another source where some names are computed from several inner tensors: OpenCLIP's
+    fused `in_proj_weight` from a diffusers tower's q, k and v (`cat`), or its `text_projection` from a
+    Linear weight (`transpose`). Shapes are known without reading; tensors are computed when read."""
+
+    def __init__(self, inner: TensorSource, recipes: Mapping[str, tuple[str, tuple[str, ...]]]) -> None:
+        """`recipes` maps each new name to (op, inner names); op is `same`, `cat` (along dim 0) or `transpose`."""
+        self.inner = inner
+        self.recipes = dict(recipes)
+
+    def keys(self) -> list[str]:
+        return list(self.recipes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        op, names = self.recipes[key]
+        shapes = [self.inner.shape(name) for name in names]
+        if op == "cat":
+            return (sum(shape[0] for shape in shapes), *shapes[0][1:])
+        if op == "transpose":
+            return tuple(reversed(shapes[0]))
+        return shapes[0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.inner.dtype(self.recipes[key][1][0])
+
+    def get(self, key: str) -> Tensor:
+        op, names = self.recipes[key]
+        if op == "cat":
+            return torch.cat([self.inner.get(name) for name in names])
+        if op == "transpose":  # contiguous, so the matmuls round as they do on a file stored transposed
+            return self.inner.get(names[0]).t().contiguous()
+        return self.inner.get(names[0])
+
+    def release(self, keys: Iterable[str]) -> None:
+        self.inner.release(name for key in keys for name in self.recipes[key][1])
+
+    def close(self) -> None:
+        self.inner.close()

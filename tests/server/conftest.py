@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from optimized_sd.server.service import Limits
+from tests.test_inpaint import tiny_inpainting  # noqa: F401 (a fixture: the tiny model with a 9-channel UNet)
 
 LIMITS = Limits(max_request_bytes=2 * 2**20, max_image_pixels=256 * 256)
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import threading
 import time
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from optimized_sd.pipelines.diffusion import GenerationRequest
+from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import read_parameters
 
 webuiapi = pytest.importorskip("webuiapi", reason="webuiapi is in the [test] extra")
@@ -155,13 +157,124 @@ def test_bad_requests_get_the_right_status_and_name_the_field(server):
     assert post(server, "txt2img", json=good).status_code == 200  # and the server still serves
 
 
-def test_a_mask_gets_a_clear_answer(server):
-    image = b64_png(Image.new("RGB", (SIZE, SIZE), "white"))
-    response = post(
-        server, "img2img", json={"prompt": "x", "steps": 2, "width": SIZE, "height": SIZE, "init_images": [image], "mask": image}
+def inpaint_inputs() -> tuple[Image.Image, Image.Image]:
+    """A noisy picture and a mask repainting a square in its middle (white: repainted)."""
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (16, 20, 44, 48))
+    return init, mask
+
+
+@pytest.mark.parametrize(
+    ("full_res", "fill", "masked_content"),
+    [(False, 1, "original"), (True, 0, "fill"), (False, 2, "latent-noise"), (True, 3, "latent-nothing")],
+    ids=["whole-original", "only-masked-fill", "whole-latent-noise", "only-masked-latent-nothing"],
+)
+def test_inpaint_through_webuiapi_equals_the_python_api(server, reference_pipe, full_res, fill, masked_content):
+    init, mask = inpaint_inputs()
+    result = client(server).img2img(
+        images=[init],
+        mask_image=mask,
+        prompt="a window",
+        seed=4,
+        width=SIZE,
+        height=SIZE,
+        denoising_strength=0.8,
+        cfg_scale=7,
+        mask_blur=2,
+        inpainting_fill=fill,
+        inpaint_full_res=full_res,
+        inpaint_full_res_padding=8,
     )
-    assert response.status_code == 422 and detail_fields(response) == ["mask"]
-    assert "inpainting is not available" in response.text
+    options = InpaintOptions(mask=mask, mask_blur=2.0, area="masked" if full_res else "whole", padding=8, masked_content=masked_content)
+    expected = reference_pipe.generate(
+        GenerationRequest(
+            prompts=["a window"], steps=3, scale=7.0, sampler="euler", seed=4, height=SIZE, width=SIZE, init_image=init, strength=0.8,
+            inpaint=options,
+        )
+    )  # fmt: skip
+    [got] = result.images
+    assert np.array_equal(pixels(got), pixels(expected.images[0]))
+    outside = np.asarray(mask.filter(ImageFilter.GaussianBlur(2))) == 0  # the blurred mask leaves these pixels alone
+    assert np.array_equal(pixels(got)[outside], pixels(init)[outside])
+    assert not np.array_equal(pixels(got), pixels(init))  # and the square was repainted
+    assert "Denoising strength: 0.8" in result.info["infotexts"][0]
+    assert result.info["is_using_inpainting_conditioning"] is False  # the tiny model is a 4-channel one
+
+
+def test_the_api_the_ui_and_the_cli_inpaint_the_same_image(server, tiny_model, tmp_path):
+    """One inpainting (seed, prompt, sampler, size, mask blur, strength, masked content "fill": the
+    API's default) through the three front ends."""
+    from optimized_sd.cli import main
+    from optimized_sd.server.ui import WebUI
+
+    init, mask = inpaint_inputs()
+    init.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    response = post(
+        server,
+        "img2img",
+        json={
+            "prompt": "a door", "seed": 13, "steps": 3, "width": SIZE, "height": SIZE, "sampler_name": "DPM++ 2M", "cfg_scale": 6,
+            "denoising_strength": 0.9, "init_images": [b64_png(init)], "mask": b64_png(mask), "mask_blur": 3, "inpainting_fill": 0,
+            "inpaint_full_res": False,
+        },
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    api_image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+
+    drawn = Image.new("RGBA", (SIZE, SIZE), (0, 0, 0, 0))  # the editor's painted layer: white strokes on transparency
+    drawn.paste((255, 255, 255, 255), mask=mask)
+    values = {
+        "prompt": "a door", "negative_prompt": "", "image": {"background": init.convert("RGBA"), "layers": [drawn], "composite": None},
+        "strength": 0.9, "mask_blur": 3, "inpaint_area": "whole", "padding": 32, "invert_mask": False, "masked_content": 0,
+        "sampler": "dpmpp_2m", "karras": False, "steps": 3, "cfg_scale": 6, "seed": 13, "width": SIZE, "height": SIZE,
+        "batch_size": 1, "n_iter": 1, "memory": "server default", "vram_budget": "",
+    }  # fmt: skip
+    made = server.service.submit_generation(WebUI.spec_from("inpaint", values)).wait(TIMEOUT)
+
+    argv = ["inpaint", "--ckpt", tiny_model.safetensors, "--tokenizer", tiny_model.tokenizer, "--outdir", tmp_path / "cli"]
+    argv += ["--device", "cpu", "--init-img", tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--mask-blur", "3"]
+    argv += ["--strength", "0.9", "--prompt", "a door", "--seed", "13", "--steps", "3", "--H", "64", "--W", "64"]
+    argv += ["--sampler", "dpmpp_2m", "--scale", "6", "--n_samples", "1", "--skip_grid", "--masked-content", "fill"]
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as done:  # main exits only on an error
+        pytest.fail(f"the CLI exited with {done.code}")
+    [written] = sorted((tmp_path / "cli").rglob("*.png"))
+    cli_image = Image.open(written)
+    assert np.array_equal(pixels(made.images[0]), pixels(api_image))
+    assert np.array_equal(pixels(cli_image), pixels(api_image))
+    assert read_parameters(written) == api_image.info["parameters"] == made.parameters[0].text()
+
+
+def test_bad_inpainting_requests_name_the_field(server, caplog):
+    init, mask = inpaint_inputs()
+    good = {"prompt": "x", "steps": 2, "width": SIZE, "height": SIZE, "init_images": [b64_png(init)], "mask": b64_png(mask)}
+    good["inpainting_fill"] = 1
+    black = Image.new("L", (SIZE, SIZE), 0)
+    for change, field, needle in (
+        ({"mask": base64.b64encode(b"not an image at all").decode()}, "mask", "not an image"),
+        ({"mask": "%%% not base64"}, "mask", "not valid base64"),
+        ({"mask": b64_png(black)}, "mask", "all black"),
+        ({"mask": b64_png(Image.new("L", (SIZE, SIZE), 255)), "inpainting_mask_invert": 1}, "mask", "once inverted"),
+        ({"inpainting_fill": 4}, "inpainting_fill", "use 0 (fill), 1 (original), 2 (latent-noise), 3 (latent-nothing)"),
+        ({"inpainting_fill": -1}, "inpainting_fill", "unknown inpainting_fill -1"),
+        ({"mask_blur": -1}, "mask_blur", "0 or more"),
+        ({"inpaint_full_res_padding": -4}, "inpaint_full_res_padding", "0 or more"),
+        ({"init_images": None}, "init_images", "img2img needs one image"),
+    ):
+        response = post(server, "img2img", json={**good, **change})
+        assert response.status_code == 422 and detail_fields(response) == [field], (change, response.text)
+        assert needle in response.json()["detail"][0]["msg"], (change, response.text)
+    big = Image.new("L", (300, 300), 255)  # over the test server's 256x256 pixel limit
+    assert post(server, "img2img", json={**good, "mask": b64_png(big)}).status_code == 413
+    smaller = mask.resize((SIZE // 2, SIZE // 2), Image.NEAREST)  # resized to the image, with a warning
+    with caplog.at_level(logging.WARNING, logger="optimized_sd"):
+        resized = post(server, "img2img", json={**good, "mask": b64_png(smaller)})
+    assert resized.status_code == 200, resized.text
+    assert "the mask is 32x32, the image 64x64; the mask was resized to the image" in caplog.text
+    assert post(server, "img2img", json=good).status_code == 200  # and the server still serves
 
 
 def test_a_failed_job_is_reported_and_the_server_keeps_serving(server, monkeypatch):

@@ -112,9 +112,12 @@ def generate_and_watch(driver, tab: str) -> set[int]:
     seen: set[int] = set()
 
     def finished() -> bool:
+        # The job first: a state read after it is that job's (read the other way round, a finished
+        # earlier bar's state could be paired with the new job's id when a render lands in between).
+        job = progress_job(driver, tab)
         state, percent = progress_state(driver, tab)
         seen.add(percent)
-        return progress_job(driver, tab) != before and state in ("done", "error", "interrupted", "cancelled")
+        return job != before and state in ("done", "error", "interrupted", "cancelled")
 
     wait_for(finished, f"the {tab} job to finish")
     return seen
@@ -166,6 +169,46 @@ def test_img2img_upload_in_the_browser(browser, server, tmp_path):
     assert progress_state(browser, "img2img")[0] == "done", css(browser, "#img2img-error").text
     assert "seed 99" in css(browser, "#img2img-gallery").text
     assert "Denoising strength: 0.75" in css(browser, "#img2img-parameters textarea").get_attribute("value")
+
+
+def draw_stroke(driver, canvas, offsets: list[tuple[int, int]]) -> None:
+    """A mouse drag through `offsets` (CSS pixels from the canvas's centre), as a person paints."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    x0, y0 = offsets[0]
+    chain = ActionChains(driver).move_to_element_with_offset(canvas, x0, y0).click_and_hold()
+    for (x, y), (px, py) in zip(offsets[1:], offsets, strict=False):
+        chain = chain.move_by_offset(x - px, y - py)
+    chain.release().perform()
+
+
+def test_inpaint_draw_a_mask_in_the_browser(browser, server, tmp_path):
+    open_ui(browser, server)
+    click_tab(browser, "inpaint")
+    wait_for(lambda: css(browser, "#inpaint-generate").is_displayed(), "the inpaint tab")
+    css(browser, "#inpaint-generate").click()  # no image yet: a message, not a stack trace
+    error = wait_for(lambda: css(browser, "#inpaint-error .osd-error").text, "the missing-image message")
+    assert "inpaint needs an image" in error and "Traceback" not in error
+    picture = tmp_path / "init.png"
+    init = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(init).save(picture)
+    css(browser, "#inpaint-editor input[type=file]").send_keys(str(picture))
+    canvas = wait_for(lambda: css(browser, "#inpaint-editor .pixi-target canvas"), "the editor's canvas")
+    fill_form(browser, "inpaint", "a red door", seed=31, steps=4)
+    css(browser, "#inpaint-generate").click()  # an image but nothing painted yet
+    wait_for(lambda: "nothing to repaint" in css(browser, "#inpaint-error").text, "the empty-mask message")
+    # A horizontal stroke through the middle: the canvas shows the 64 px image centred and zoomed in,
+    # so +-60 CSS pixels about the centre stay on the image.
+    draw_stroke(browser, canvas, [(-60, 0), (-20, 2), (20, -2), (60, 0)])
+    generate_and_watch(browser, "inpaint")
+    assert progress_state(browser, "inpaint")[0] == "done", css(browser, "#inpaint-error").text
+    assert "seed 31" in css(browser, "#inpaint-gallery").text
+    assert "Denoising strength: 0.75" in css(browser, "#inpaint-parameters textarea").get_attribute("value")
+    got = np.asarray(gallery_image(browser, "inpaint").convert("RGB"))
+    assert got.shape == init.shape
+    far = np.r_[0:8, 56:64]  # rows well away from the stroke and its 4-pixel blur: the upload's own pixels
+    assert np.array_equal(got[far], init[far])
+    assert not np.array_equal(got[28:36], init[28:36])  # the painted band was repainted
 
 
 def click_tab(driver, name: str) -> None:

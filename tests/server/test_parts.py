@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from optimized_sd.errors import Interrupted, UserError
 from optimized_sd.server.backend import FieldError, GenerationSpec, check_spec, resolve_sampler
@@ -122,6 +124,67 @@ def test_spec_checks_name_the_field(change, field):
     assert mistake.value.field == field
 
 
+def test_inpaint_checks_name_the_field():
+    image = Image.new("RGB", (64, 64), "gray")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    base = {"prompt": "x", "width": 64, "height": 64, "init_image": image, "mask": mask, "inpainting_fill": 1}
+    check_spec(GenerationSpec(**base))
+    for change, field in (
+        ({"init_image": None}, "init_images"),
+        ({"mask": Image.new("L", (64, 64), 0)}, "mask"),
+        ({"mask": Image.new("RGBA", (64, 64), (255, 255, 255, 0))}, "mask"),  # transparent everywhere: the alpha is the mask
+        ({"mask": Image.new("L", (64, 64), 255), "invert_mask": True}, "mask"),
+        ({"inpainting_fill": 4}, "inpainting_fill"),
+        ({"mask_blur": -1}, "mask_blur"),
+        ({"inpaint_full_res_padding": -1}, "inpaint_full_res_padding"),
+    ):
+        with pytest.raises(FieldError) as mistake:
+            check_spec(GenerationSpec(**{**base, **change}))
+        assert mistake.value.field == field, change
+
+
+def test_backend_maps_automatic1111_inpaint_fields_and_sizes():
+    from optimized_sd.server.backend import Backend
+
+    image = Image.new("RGB", (96, 80), "gray")
+    mask = Image.new("L", (48, 40), 0)
+    mask.paste(255, (4, 4, 20, 20))
+    whole = GenerationSpec(prompt="x", width=64, height=64, init_image=image, mask=mask, mask_blur=3, invert_mask=True, inpainting_fill=0)
+    init, options = Backend.prepare_init_image(whole)
+    assert init.size == (64, 64) and options.mask.size == (64, 64)  # resized with the image ("just resize")
+    assert (options.area, options.mask_blur, options.invert_mask, options.masked_content) == ("whole", 3.0, True, "fill")
+    masked = GenerationSpec(
+        prompt="x", width=64, height=64, init_image=image, mask=mask, inpaint_full_res=True, inpaint_full_res_padding=12
+    )
+    init, options = Backend.prepare_init_image(masked)
+    assert init.size == (96, 80) and options.mask.size == (96, 80)  # "only masked" keeps the image's size
+    assert (options.area, options.padding) == ("masked", 12)
+    assert Backend.prepare_init_image(GenerationSpec(prompt="x", width=64, height=64, init_image=image))[1] is None
+
+
+def test_the_drawn_layer_is_the_mask():
+    from optimized_sd.server.ui import drawn_mask, editor_image_and_mask
+
+    stroke = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    stroke.paste((255, 255, 255, 255), (4, 4, 12, 12))
+    faint = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    faint.paste((255, 0, 0, 100), (20, 20, 30, 30))  # under half opaque: not painted
+    faint.paste((255, 0, 0, 200), (0, 28, 4, 32))
+    mask = drawn_mask([stroke, faint], (32, 32))
+    assert mask.mode == "L" and np.unique(np.asarray(mask)).tolist() == [0, 255]
+    assert mask.getbbox() == (0, 4, 12, 32) and mask.getpixel((25, 25)) == 0 and mask.getpixel((2, 30)) == 255
+    assert drawn_mask([], (10, 8)).size == (10, 8)
+    background = Image.new("RGBA", (32, 32), (10, 20, 30, 255))
+    image, mask = editor_image_and_mask({"background": background, "layers": [stroke], "composite": None}, invert=False)
+    assert image.mode == "RGB" and mask.getbbox() == (4, 4, 12, 12)
+    with pytest.raises(UserError, match="upload one"):
+        editor_image_and_mask({"background": None, "layers": [], "composite": None}, invert=False)
+    with pytest.raises(UserError, match="nothing to repaint"):
+        editor_image_and_mask({"background": background, "layers": [], "composite": None}, invert=False)
+    assert editor_image_and_mask({"background": background, "layers": [], "composite": None}, invert=True)[1].getbbox() is None
+
+
 def test_preview_is_the_linear_latent_to_rgb_projection():
     latents = torch.zeros(2, 4, 2, 3)
     latents[0, 0] = 1.0  # channel 0 alone: its RGB row of the factor table
@@ -200,3 +263,34 @@ def test_serve_command_starts_and_answers(tiny_model, tmp_path):
     finally:
         child.terminate()
         child.wait(30)
+
+
+def test_a_9_channel_model_inpaints_through_the_backend(tiny_model, tiny_inpainting):
+    """A server whose model is an inpainting one (9-channel UNet): the mask reaches the UNet's extra
+    channels, the result equals the pipeline's, and AUTOMATIC1111's info flag says so."""
+    from optimized_sd.pipelines.diffusion import GenerationRequest
+    from optimized_sd.pipelines.masks import InpaintOptions
+    from optimized_sd.server.backend import Backend, LoadOptions
+    from optimized_sd.server.service import Service
+
+    catalog = ModelCatalog(ckpt=tiny_inpainting[1])
+    backend = Backend(catalog, LoadOptions(device="cpu", tokenizer=tiny_model.tokenizer))
+    backend.load(catalog.default())
+    service = Service(backend)
+    try:
+        init = Image.fromarray(np.random.default_rng(8).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (8, 16, 40, 48))
+        spec = GenerationSpec(
+            prompt="a window", sampler="euler", steps=3, seed=4, width=64, height=64, init_image=init, mask=mask, mask_blur=2, strength=0.8
+        )
+        made = service.submit_generation(spec).wait(300)
+        assert made.inpainting_conditioning
+        request = GenerationRequest(
+            prompts=["a window"], steps=3, scale=7.0, sampler="euler", seed=4, height=64, width=64, init_image=init, strength=0.8,
+            inpaint=InpaintOptions(mask=mask, mask_blur=2.0),
+        )  # fmt: skip
+        expected = backend.pipe.generate(request).images[0]
+        assert np.array_equal(np.asarray(made.images[0]), np.asarray(expected))
+    finally:
+        service.close()

@@ -1,0 +1,79 @@
+"""LoRA and embedding files for tests, written from the tiny diffusers model's own module names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+UNET_TARGETS = re.compile(
+    r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out|resnets\.\d+\.(conv1|conv2|conv_shortcut))$"
+)
+TEXT_TARGETS = re.compile(r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])$")
+
+
+def clip_module_name(name: str) -> str:
+    """The CLIP module name as real LoRA files write it (with transformers' `text_model.` level)."""
+    return name if name.startswith("text_model.") else "text_model." + name
+
+
+def factors(module: nn.Module, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) for a Linear ((rank, in), (out, rank)) or a Conv2d ((rank, in, kh, kw), (out, rank, 1, 1))."""
+    weight = module.weight
+    if weight.dim() == 4:
+        down = torch.randn(rank, *weight.shape[1:], generator=generator) * 0.3
+        up = torch.randn(weight.shape[0], rank, 1, 1, generator=generator) * 0.3
+    else:
+        down = torch.randn(rank, weight.shape[1], generator=generator) * 0.3
+        up = torch.randn(weight.shape[0], rank, generator=generator) * 0.3
+    return down, up
+
+
+def lora_modules(unet: nn.Module, text: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """(tower, diffusers module name, module) for every layer a typical LoCon LoRA patches."""
+    found = [("unet", name, m) for name, m in unet.named_modules() if UNET_TARGETS.search(name)]
+    found += [("text", clip_module_name(name), m) for name, m in text.named_modules() if TEXT_TARGETS.search(name)]
+    return found
+
+
+def kohya_lora(unet: nn.Module, text: nn.Module, rank: int = 4, alpha: float | None = 2.0, seed: int = 0, text_too: bool = True):
+    """kohya / AUTOMATIC1111 names: lora_unet_<diffusers path with _>, lora_te_<CLIP path with _>."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for tower, name, module in lora_modules(unet, text):
+        if tower == "text" and not text_too:
+            continue
+        prefix = "lora_unet_" if tower == "unet" else "lora_te_"
+        base = prefix + name.replace(".", "_")
+        down, up = factors(module, rank, generator)
+        tensors[base + ".lora_down.weight"] = down
+        tensors[base + ".lora_up.weight"] = up
+        if alpha is not None:
+            tensors[base + ".alpha"] = torch.tensor(alpha)
+    return tensors
+
+
+def peft_lora(unet: nn.Module, text: nn.Module, rank: int = 4, seed: int = 0, attention_only: bool = False):
+    """diffusers' own (peft) names: unet.<path>.lora_A/lora_B.weight, text_encoder.<path>..."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for tower, name, module in lora_modules(unet, text):
+        if attention_only and not re.search(r"(to_[qkv]|to_out\.0|_proj)$", name):
+            continue
+        prefix = "unet." if tower == "unet" else "text_encoder."
+        down, up = factors(module, rank, generator)
+        tensors[f"{prefix}{name}.lora_A.weight"] = down
+        tensors[f"{prefix}{name}.lora_B.weight"] = up
+    return tensors
+
+
+def save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    else:
+        torch.save(tensors, path)
+    return path
