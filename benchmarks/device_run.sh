@@ -46,7 +46,7 @@ frontier_part() {  # $1: the part's budgets; later parts merge into the first's 
   echo "== frontier at $1"
   timeout -k 10 "${FRONTIER_SECONDS:-500}" $PY "${BENCH[@]}" --budget "$1" --peers all --label frontier --update \
     2>&1 | tee -a "$OUT/frontier.log"
-  local folder; folder=$(ls -d "$OUT"/*-frontier 2>/dev/null | head -1)
+  local folder; folder=$(ls -d "$OUT"/*-frontier* 2>/dev/null | head -1)
   if [ -n "$folder" ] && [ ! -f "$folder/results.md" -o "$folder/results.json" -nt "$folder/results.md" ]; then
     $PY -m optimized_sd.cli bench --render "$folder" >/dev/null || echo "warning: could not render $folder"
   fi
@@ -58,7 +58,7 @@ wants frontier3 && frontier_part "1GB,0.8GB,0.6GB"
 if wants seed; then
   echo "== seed workload: --n_samples 10 --n_iter 2 --turbo under 2.4GB against uncapped full"
   timeout -k 10 300 $PY "${BENCH[@]}" --seed-workload 2>&1 | tee "$OUT/seed_workload.log" | tail -8
-  folder=$(ls -d "$OUT"/*-seed-workload 2>/dev/null | head -1)
+  folder=$(ls -d "$OUT"/*-seed-workload* 2>/dev/null | head -1)
   [ -n "$folder" ] && sed -n '/^## Capped runs/,/^## /p' "$folder/results.md"
 fi
 if wants bench; then

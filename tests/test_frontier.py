@@ -440,3 +440,10 @@ def test_openvino_peer_runs_the_tiny_model_under_the_frontier(tmp_path: Path):
     peer = next(r for r in record.results if r.scenario.mode == "openvino")
     assert peer.ok and peer.finite and peer.unet_steps == 2 and set(peer.stages) == {"text", "unet", "vae_decode"}
     assert (tmp_path / "cache" / "tiny-seed0" / "openvino-64x64-b2" / "unet.xml").is_file()  # converted once, beside the checkpoint
+
+
+def test_goals_say_when_no_peer_was_run_rather_than_none_completing():
+    record = frontier_record([run_at("auto", "2GB", 1.5), run_at("diffusers", "2GB", None, oom=True), run_at("auto", "1GB", 2.0)])
+    text = report.render_markdown(record)
+    assert "| 1GB | yes | no peer run | - |" in text  # the smallest budget, its peers not run: no verdict
+    assert "| 2GB | yes | no peer completes | - |" in text

@@ -42,6 +42,10 @@ class Frontier:
         run = self.runs.get(configuration, {}).get(budget)
         return run if run is not None and run.ok else None
 
+    def peers_run(self, budget: str) -> bool:
+        """Whether any peer was run at this budget (a run stopped part-way may have none)."""
+        return any(budget in self.runs[c] for c in self.configurations if c != OURS)
+
     def fastest_peer(self, budget: str) -> ScenarioResult | None:
         done = [r for c in self.configurations if c != OURS and (r := self.completed(c, budget))]
         return min(done, key=lambda r: r.seconds_per_image, default=None)
@@ -146,11 +150,11 @@ def goals_table(frontier: Frontier) -> list[str]:
             verdict = "met" if ratio <= OURS_VS_FASTEST_PEER else "**missed**"
             against = f"{peer.scenario.mode} {peer.seconds_per_image:.2f} s: {ratio:.2f}x ({verdict})"
         elif ours:
-            against = "no peer completes"
+            against = "no peer completes" if frontier.peers_run(budget) else "no peer run"
         else:
             against = "-"
         only_ours = "-"
-        if budget == smallest:
+        if budget == smallest and frontier.peers_run(budget):
             only_ours = "met" if ours and peer is None else "**missed**"
         rows.append([budget, "yes" if ours else "**no**", against, only_ours])
     header = [

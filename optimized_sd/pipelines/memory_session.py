@@ -171,7 +171,9 @@ class MemorySession:
             assert self.plan is not None
             lower = fallback(self.plan)
             if lower is None:
-                raise OutOfMemoryBudget(f"out of memory during {name} even in {self.plan.mode} mode; lower --H/--W or --n_samples") from None
+                raise OutOfMemoryBudget(
+                    f"out of memory during {name} even in {self.plan.mode} mode; lower --H/--W or --n_samples"
+                ) from None
             if lower.mode == self.plan.mode:
                 log.warning("out of memory during %s copying blocks ahead; retrying the stage one block ahead", name)
             else:
