@@ -5,8 +5,10 @@ its chart (matplotlib or hand-written SVG), the CPU RSS watchdog, and the whole 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
@@ -447,3 +449,36 @@ def test_goals_say_when_no_peer_was_run_rather_than_none_completing():
     text = report.render_markdown(record)
     assert "| 1GB | yes | no peer run | - |" in text  # the smallest budget, its peers not run: no verdict
     assert "| 2GB | yes | no peer completes | - |" in text
+
+
+def test_a_timed_out_worker_is_ended_with_its_children(monkeypatch, tmp_path: Path):
+    """The runner kills the worker's whole session on a timeout: a child it started (as the OpenVINO
+    peer's conversion) does not outlive it."""
+    from optimized_sd.benchmark import runner
+
+    marker = tmp_path / "child.pid"
+    code = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(marker)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n"
+    )
+    real_popen = subprocess.Popen
+
+    def popen(command, **kwargs):
+        return real_popen([sys.executable, "-c", code], **kwargs)
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen)
+    result = runner.run_worker({"task": "probe"}, timeout=3)
+    assert result == {"ok": False, "error": "timed out after 3 s (killed)"}
+    pid = int(marker.read_text())
+    for _ in range(50):  # the kill is delivered at once; reaping by init may take a moment
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the worker's child outlived the timeout")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -103,10 +104,17 @@ def run_worker(payload: dict, timeout: float | None) -> dict:
     """Run one worker task in a fresh interpreter and return its JSON result (a failure is a result too:
     `ok` false, with `user_error` or `error`)."""
     command = [sys.executable, "-m", "optimized_sd.benchmark.worker", json.dumps(payload)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=worker_env(), cwd=os.getcwd())
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout:.0f} s (killed)"}
+    # A session of its own, so a timeout ends the worker's children too (the OpenVINO peer converts in one).
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(), cwd=os.getcwd(), start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            return {"ok": False, "error": f"timed out after {timeout:.0f} s (killed)"}
+    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
