@@ -22,8 +22,17 @@ def text_root(model: nn.Module) -> str:
     return getattr(model, "text_root", "cond_stage_model")
 
 
+def text_towers(model: nn.Module) -> tuple[str, ...]:
+    """The text towers' module paths in the order the text step runs them (SDXL: CLIP ViT-L, then bigG)."""
+    root = text_root(model)
+    towers = getattr(model.get_submodule(root), "towers", None)
+    return tuple(f"{root}.{tower}" for tower in towers()) if towers is not None else (root,)
+
+
 def text_group(model: nn.Module) -> GroupSpec:
-    return GroupSpec("text_encoder", (text_root(model),))
+    """The whole text conditioning as one group, entered at its first tower's call (the text step runs
+    each tower itself, never the conditioner's own forward)."""
+    return GroupSpec("text_encoder", text_towers(model))
 
 
 def text_groups(model: nn.Module, streamed: bool) -> list[GroupSpec]:
@@ -32,10 +41,8 @@ def text_groups(model: nn.Module, streamed: bool) -> list[GroupSpec]:
     (`stream_parts`: embeddings, each layer, final norm) load one at a time as they run."""
     if not streamed:
         return [text_group(model)]
-    root = text_root(model)
     groups, parts = [], []
-    for tower in getattr(model.get_submodule(root), "towers", lambda: [""])():
-        path = f"{root}.{tower}" if tower else root
+    for path in text_towers(model):
         module = model.get_submodule(path)
         groups.append(GroupSpec(f"text.{path}", (path,), "stage_end"))
         parts += [f"{path}.{part}" for part in module.stream_parts()]
