@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from optimized_sd.attention import use_attention
-from optimized_sd.errors import UserError
+from optimized_sd.errors import OutOfMemoryBudget
 from optimized_sd.memory.device import LeanHeap, device_memory
 from optimized_sd.memory.offload import OffloadEngine, TensorHook
 from optimized_sd.memory.planner import SAFETY_MARGIN, Plan, Request, fallback, plan_memory
@@ -190,7 +190,9 @@ class MemorySession:
             assert self.plan is not None
             lower = fallback(self.plan)
             if lower is None:
-                raise UserError(f"out of memory during {name} even in {self.plan.mode} mode; lower --H/--W or --n_samples") from None
+                raise OutOfMemoryBudget(
+                    f"out of memory during {name} even in {self.plan.mode} mode; lower --H/--W or --n_samples"
+                ) from None
             if lower.mode == self.plan.mode:
                 log.warning("out of memory during %s copying blocks ahead; retrying the stage one block ahead", name)
             else:
@@ -204,7 +206,7 @@ class MemorySession:
             except (torch.OutOfMemoryError, RuntimeError, MemoryError) as again:
                 if not is_out_of_memory(again):
                     raise
-                raise UserError(f"out of memory during {name} again in {lower.mode} mode; lower --H/--W or --n_samples") from None
+                raise OutOfMemoryBudget(f"out of memory during {name} again in {lower.mode} mode; lower --H/--W or --n_samples") from None
 
     def release_engine(self) -> None:
         """Drop the current placement (hooks, device copies, pinned host copies, arena)."""
