@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from optimized_sd.attention import use_attention
-from optimized_sd.errors import OutOfMemoryBudget
+from optimized_sd.errors import OutOfMemoryBudget, UserError
 from optimized_sd.memory.device import LeanHeap, device_memory
 from optimized_sd.memory.offload import OffloadEngine, TensorHook
 from optimized_sd.memory.planner import SAFETY_MARGIN, Plan, Request, fallback, plan_memory
