@@ -109,7 +109,8 @@ def wait_for_memory(mib: float, seconds: float) -> bool:
         if time.time() > deadline:
             return False
         if not said:
-            print(f"  waiting for {mib:,.0f} MiB of free host memory ({psutil.virtual_memory().available / 2**20:,.0f} MiB now) ...", flush=True)
+            free = psutil.virtual_memory().available / 2**20
+            print(f"  waiting for {mib:,.0f} MiB of free host memory ({free:,.0f} MiB now) ...", flush=True)
             said = True
         time.sleep(10)
     return True
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             scenario = Scenario("txt2img", args.size, args.size, 1, args.steps, mode)
             if not wait_for_memory(needed_mib(model.file_bytes, mode), args.wait_memory * 60):
-                print(f"error: {mode}: the host never had {needed_mib(model.file_bytes, mode):,.0f} MiB free in {args.wait_memory:g} min", file=sys.stderr)
+                needed = needed_mib(model.file_bytes, mode)
+                print(f"error: {mode}: the host never had {needed:,.0f} MiB free in {args.wait_memory:g} min", file=sys.stderr)
                 return 1
             started = time.time()
             result = run_scenario(task, scenario, timeout=3600)

@@ -66,7 +66,9 @@ def tiny_family_configs():  # -> dict[str, ModelConfig]
     tower = OpenCLIPConfig(vocab_size=1000, width=64, heads=1, layers=2, intermediate_size=128)
     sd2 = replace(
         SD21_V,
-        unet=replace(TINY.unet, num_head_channels=64, use_linear_in_transformer=True, context_dim=64, channel_mult=(1, 2), model_channels=64),
+        unet=replace(
+            TINY.unet, num_head_channels=64, use_linear_in_transformer=True, context_dim=64, channel_mult=(1, 2), model_channels=64
+        ),
         vae=TINY.vae,
         open_clip=tower,
     )
@@ -85,7 +87,9 @@ def tiny_family_configs():  # -> dict[str, ModelConfig]
         ),
         vae=TINY.vae,
         # CLIP ViT-L narrower than bigG, as in the real model: diffusers tells the towers apart by width
-        text=TextEncoderConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1, penultimate=True),
+        text=TextEncoderConfig(
+            vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1, penultimate=True
+        ),
         open_clip=replace(tower, layers=3, penultimate=True, projection_dim=64),
     )
     return {"tiny-sd2": sd2, "tiny-sdxl": sdxl}
