@@ -3,6 +3,8 @@ aesthetic score), and after an SDXL base (`refiner=`, `refiner_switch=`), fp32 o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
@@ -57,9 +59,8 @@ def test_refiner_img2img_matches_diffusers(tiny_refiner, layout):
     pipe = load(tiny_refiner, layout)
     assert pipe.config.family == "sdxl_refiner" and pipe.config.text is None
     image = init_image()
-    ours = pipe.generate(
-        GenerationRequest(prompts=["a red cube"], steps=STEPS, sampler="euler", seed=42, height=SIZE, width=SIZE, init_image=image, strength=0.6)
-    ).latents
+    request = GenerationRequest(prompts=["a red cube"], steps=STEPS, sampler="euler", seed=42, height=SIZE, width=SIZE)
+    ours = pipe.generate(replace(request, init_image=image, strength=0.6)).latents
     with torch.inference_mode():
         from optimized_sd.pipelines.images import image_to_tensor
 
@@ -70,6 +71,20 @@ def test_refiner_img2img_matches_diffusers(tiny_refiner, layout):
     ).images
     assert ours.abs().max() > 0.1
     assert close(ours, theirs)
+
+
+def test_handover_step_is_the_timestep_cutoff():
+    """The base runs the steps starting at timestep >= round(1000 * (1 - switch)) (diffusers' denoising_end,
+    AUTOMATIC1111's switch by timestep): 80% of a linspace or DDIM grid, fewer on an img2img's short tail."""
+    from optimized_sd.sampling import handover_step, make_plan
+
+    assert handover_step(make_plan("euler", 10), 0.8) == 8  # timesteps 999, 888, ..., 222 | 111, 0
+    assert handover_step(make_plan("ddim", 4), 0.5) == 2  # 751, 501 | 251, 1
+    assert handover_step(make_plan("dpmpp_2m", 3), 0.75) == 3  # 999, 666, 333: all above 250
+    assert handover_step(make_plan("euler", 10, strength=0.3), 0.8) == 1  # 222 | 111, 0
+    assert handover_step(make_plan("euler", 10, strength=0.1), 0.8) == 0  # the refiner alone
+    with pytest.raises(ValueError):
+        handover_step(make_plan("euler", 10), 1.0)
 
 
 # -- base + refiner --------------------------------------------------------------------------------
@@ -105,7 +120,8 @@ def test_base_then_refiner_matches_diffusers(tiny_sdxl, tiny_refiner, sampler):
         generator=generator, output_type="latent",
     ).images
     theirs = diffusers_refiner(tiny_refiner, sampler)(
-        "a red cube", image=handed, num_inference_steps=4, guidance_scale=7.5, denoising_start=0.5, generator=generator, output_type="latent",
+        "a red cube", image=handed, num_inference_steps=4, guidance_scale=7.5, denoising_start=0.5, generator=generator,
+        output_type="latent",
     ).images
     alone = pipe.generate(refined(sampler)).latents  # the base for every step
     assert max_diff(alone, theirs) > 0.01  # the refiner's steps changed the image
@@ -120,6 +136,16 @@ def test_refiner_switch_past_the_last_step_leaves_the_base_alone(tiny_sdxl, tiny
     result = pipe.generate(refined("dpmpp_2m", 0.75, steps=3, refiner=tiny_refiner.folder))
     assert max_diff(result.latents, pipe.generate(refined("dpmpp_2m", steps=3)).latents) == 0
     assert "Refiner" not in result.parameters[0].text()
+
+
+def test_img2img_starting_below_the_switch_is_the_refiner_alone(tiny_sdxl, tiny_refiner):
+    """strength 0.1 of 10 Euler steps starts at timestep 111, past the 0.8 switch: the refiner runs every step,
+    as the refiner's own img2img does (the two share the VAE that encodes the init image)."""
+    request = refined("euler", 0.8, steps=10, init_image=init_image(), strength=0.1)
+    pipe = load(tiny_sdxl)
+    result = pipe.generate(replace(request, refiner=tiny_refiner.folder))
+    assert max_diff(result.latents, load(tiny_refiner).generate(request).latents) <= 1e-6
+    assert "Refiner: sdxl-refiner" in result.parameters[0].text()
 
 
 @pytest.mark.parametrize("mode", ["turbo", "split", "stream"])

@@ -23,16 +23,16 @@ from PIL import Image
 from torch import Tensor
 
 from optimized_sd.attention import use_attention
+from optimized_sd.errors import UserError
 from optimized_sd.memory.planner import VAE_TILE_OVERLAP, Request
 from optimized_sd.memory.report import StageRecord
 from optimized_sd.memory.tiling import tiled_apply
 from optimized_sd.models.vae import AutoencoderKL
 from optimized_sd.pipelines.images import image_to_tensor, tensor_to_image
+from optimized_sd.pipelines.memory_session import is_out_of_memory
 from optimized_sd.pipelines.networks import PromptNetworks, lora_weights, network_hashes, resolve_networks
 from optimized_sd.pipelines.output import ImageParameters
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_request
-from optimized_sd.errors import UserError
-from optimized_sd.pipelines.memory_session import is_out_of_memory
 from optimized_sd.sampling import (
     Conditioning,
     EpsFn,
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("optimized_sd")
 
-Conditioning2 = tuple[Conditioning, Conditioning | None]  # (cond, uncond): uncond None when guidance is off
+ConditioningPair = tuple[Conditioning, Conditioning | None]  # (cond, uncond): uncond None when guidance is off
 
 
 class Task:
@@ -171,7 +171,7 @@ def unet_model(pipe: StableDiffusion, record: StageRecord) -> Model:
     return call
 
 
-def guided_eps(pipe: StableDiffusion, task: Task, request: GenerationRequest, record: StageRecord, conditioning: Conditioning2) -> EpsFn:
+def guided_eps(pipe: StableDiffusion, task: Task, request: GenerationRequest, record: StageRecord, conditioning: ConditioningPair) -> EpsFn:
     """CFG(prediction adapter(task wrapper(pipe's UNet))) over the conditioning: what the sampler calls."""
     model = prediction_adapter(task.wrap_model(unet_model(pipe, record)), pipe.config.prediction_type, pipe.schedule)
     return classifier_free_guidance(model, *conditioning, request.scale)
@@ -183,11 +183,13 @@ class Handover:
     when the two do not both fit), placed, and its own text conditioning computed (bigG alone, aesthetic
     score), as AUTOMATIC1111 swaps the model and recomputes the conditioning mid-sampling."""
 
-    def __init__(self, base: StableDiffusion, refiner: StableDiffusion, task: Task, request: GenerationRequest, prompts: PromptNetworks, step: int):
+    def __init__(
+        self, base: StableDiffusion, refiner: StableDiffusion, task: Task, request: GenerationRequest, prompts: PromptNetworks, step: int
+    ) -> None:
         self.base, self.refiner, self.task, self.request, self.prompts, self.step = base, refiner, task, request, prompts, step
         self.taken = False  # whether the refiner ran (a switch past the last step leaves the base alone)
 
-    def take_over(self) -> tuple[StableDiffusion, Conditioning2]:
+    def take_over(self) -> tuple[StableDiffusion, ConditioningPair]:
         refiner, request = self.refiner, self.request
         refiner.memory.prepare(replace(planner_request(refiner, self.task, request), encodes_image=False), beside=self.base.memory)
         cond, uncond, _ = encode_conditioning(refiner, request, self.prompts)
@@ -201,7 +203,7 @@ def denoise(
     request: GenerationRequest,
     plan: SamplingPlan,
     x: Tensor,
-    conditioning: Conditioning2,
+    conditioning: ConditioningPair,
     seeds: list[int],
     progress: ProgressCallback | None,
     handover: Handover | None = None,
@@ -217,7 +219,11 @@ def denoise(
         pipe, conditioning = handover.take_over()
         handover = None
     if handover is None or handover.step >= plan.num_steps:
-        return pipe.memory.run_stage("unet", lambda record: sample(plan, guided_eps(pipe, task, request, record, conditioning), x, generators, callback))
+
+        def work(record: StageRecord) -> Tensor:
+            return sample(plan, guided_eps(pipe, task, request, record, conditioning), x, generators, callback)
+
+        return pipe.memory.run_stage("unet", work)
     relay = handover
     with contextlib.ExitStack() as stage:
         eps = [guided_eps(pipe, task, request, stage.enter_context(pipe.memory.stage("unet")), conditioning)]
@@ -302,7 +308,8 @@ def image_parameters(
     hashes = (("Lora hashes", lora_hashes), ("TI hashes", network_hashes(embeddings, lora=False)))
     extra += [(name, value) for name, value in hashes if value]
     if refiner is not None:
-        extra += [("Refiner", f"{refiner.loaded.checkpoint.name} [{refiner.model_hash()}]"), ("Refiner switch at", f"{request.refiner_switch:g}")]
+        extra.append(("Refiner", f"{refiner.loaded.checkpoint.name} [{refiner.model_hash()}]"))
+        extra.append(("Refiner switch at", f"{request.refiner_switch:g}"))
     return [
         ImageParameters(
             prompt=prompt,

@@ -112,7 +112,10 @@ class MemorySession:
         return int(device_memory(self.device).free * SAFETY_MARGIN) + self.engine_resident_bytes() + freed
 
     def planned(self, request: Request, budget: int | None) -> Plan:
-        return plan_memory(self.sizes, request, budget=budget, mode=self.requested, vae_tiling=self.vae_tiling, device_type=self.device.type)
+        """The plan for `budget`, without a word logged (plan_for weighs several)."""
+        return plan_memory(
+            self.sizes, request, budget=budget, mode=self.requested, vae_tiling=self.vae_tiling, device_type=self.device.type
+        )
 
     def engine_resident_bytes(self) -> int:
         return self.engine.resident_bytes() if self.engine is not None else 0
