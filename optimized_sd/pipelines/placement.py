@@ -22,28 +22,27 @@ def text_root(model: nn.Module) -> str:
     return getattr(model, "text_root", "cond_stage_model")
 
 
-def tower_paths(model: nn.Module) -> list[str]:
-    """The text towers' module paths: the text module itself (SD 1.x/2.x) or each of SDXL's `embedders.N`.
-    The text step calls the towers, never the SDXL conditioner's own forward, so hooks go on the towers."""
+def text_towers(model: nn.Module) -> tuple[str, ...]:
+    """The text towers' module paths in the order the text step runs them (SDXL: CLIP ViT-L, then bigG)."""
     root = text_root(model)
-    return [f"{root}.{tower}" if tower else root for tower in getattr(model.get_submodule(root), "towers", lambda: [""])()]
+    towers = getattr(model.get_submodule(root), "towers", None)
+    return tuple(f"{root}.{tower}" for tower in towers()) if towers is not None else (root,)
 
 
 def text_group(model: nn.Module) -> GroupSpec:
-    """Every text weight as one group (its size is the planner's text-stage weight)."""
-    return GroupSpec("text_encoder", tuple(tower_paths(model)))
+    """The whole text conditioning as one group, entered at its first tower's call (the text step runs
+    each tower itself, never the conditioner's own forward)."""
+    return GroupSpec("text_encoder", text_towers(model))
 
 
 def text_groups(model: nn.Module, streamed: bool) -> list[GroupSpec]:
-    """The text stage's groups: each tower whole (one `text_encoder` group for a single tower), or
-    (`streamed`) each tower layer by layer: a tower's own tensors (OpenCLIP's position embedding and
-    projection) stay for the stage, its parts (`stream_parts`: embeddings, each layer, final norm) load
-    one at a time as they run."""
-    towers = tower_paths(model)
+    """The text stage's groups: the whole text module at once, or (`streamed`) each tower layer by layer:
+    a tower's own tensors (OpenCLIP's position embedding and projection) stay for the stage, its parts
+    (`stream_parts`: embeddings, each layer, final norm) load one at a time as they run."""
     if not streamed:
-        return [text_group(model)] if len(towers) == 1 else [GroupSpec(f"text.{path}", (path,)) for path in towers]
+        return [text_group(model)]
     groups, parts = [], []
-    for path in towers:
+    for path in text_towers(model):
         module = model.get_submodule(path)
         groups.append(GroupSpec(f"text.{path}", (path,), "stage_end"))
         parts += [f"{path}.{part}" for part in module.stream_parts()]
