@@ -82,7 +82,7 @@ def test_handover_step_is_the_timestep_cutoff():
     assert handover_step(make_plan("ddim", 4), 0.5) == 2  # 751, 501 | 251, 1
     assert handover_step(make_plan("dpmpp_2m", 3), 0.75) == 3  # 999, 666, 333: all above 250
     assert handover_step(make_plan("euler", 10, strength=0.3), 0.8) == 1  # 222 | 111, 0
-    assert handover_step(make_plan("euler", 10, strength=0.1), 0.8) == 0  # the refiner alone
+    assert handover_step(make_plan("euler", 10, strength=0.2), 0.8) == 0  # 111, 0: the refiner alone
     with pytest.raises(ValueError):
         handover_step(make_plan("euler", 10), 1.0)
 
@@ -139,9 +139,9 @@ def test_refiner_switch_past_the_last_step_leaves_the_base_alone(tiny_sdxl, tiny
 
 
 def test_img2img_starting_below_the_switch_is_the_refiner_alone(tiny_sdxl, tiny_refiner):
-    """strength 0.1 of 10 Euler steps starts at timestep 111, past the 0.8 switch: the refiner runs every step,
+    """strength 0.2 of 10 Euler steps starts at timestep 111, past the 0.8 switch: the refiner runs both steps,
     as the refiner's own img2img does (the two share the VAE that encodes the init image)."""
-    request = refined("euler", 0.8, steps=10, init_image=init_image(), strength=0.1)
+    request = refined("euler", 0.8, steps=10, init_image=init_image(), strength=0.2)
     pipe = load(tiny_sdxl)
     result = pipe.generate(replace(request, refiner=tiny_refiner.folder))
     assert max_diff(result.latents, load(tiny_refiner).generate(request).latents) <= 1e-6
