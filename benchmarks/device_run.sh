@@ -1,28 +1,67 @@
 #!/usr/bin/env bash
-# The GPU check, whole or in two parts so each fits one device call:
-#   checks: the CUDA test run of the memory engine and the samplers (prefetch and copy-ahead on a side
-#           stream, fp16, every mode) and the per-block timing behind the streaming floor
-#           (benchmarks/stream_floor.py);                      about 4 minutes
-#   bench:  benchmarks/gpu_check.sh (figures against diffusers); about 6 minutes
-#   run(command="bash benchmarks/device_run.sh checks", carry=[".whl"], timeout_s=300)
-#   run(command="bash benchmarks/device_run.sh bench", carry=[".whl"], timeout_s=420)
-# With no argument both run, one after the other (over the 10-minute limit of one call on a cold machine).
+# The GPU runs, in parts so each fits one device call (at most 10 minutes; a task has 15 minutes of device
+# time in all, so run what the issue at hand needs, most important first):
+#   checks:    the CUDA test run of the memory engine and the samplers, and the per-block timing behind the
+#              streaming floor with the small-card model's validation (stream_floor.py --cards)  ~4 min
+#   frontier1: the frontier (SD 1.5 512x512, 10 DDIM steps): ours `auto` and every diffusers configuration
+#              under hard caps of none, 4GB and 3GB                                               ~6-8 min (estimate)
+#   frontier2: the same at 2GB and 1.5GB (merged into the same folder with --update)             ~5-7 min (estimate)
+#   frontier3: the same at 1GB, 0.8GB and 0.6GB; configurations that ran out of memory at a
+#              larger budget in an earlier part are not run again                                ~3-5 min (estimate)
+#   seed:      the seed workload (--n_samples 10 --n_iter 2 --turbo) under a 2.4GB cap against
+#              uncapped `full` at batch 10                                                        ~2 min (estimate)
+#   bench:     benchmarks/gpu_check.sh (every mode against diffusers, uncapped)                   ~6 min
+#   run(command="bash benchmarks/device_run.sh frontier1", carry=[".whl"], timeout_s=540)
+# Results land in $OUT/<card>-<date>-frontier/, $OUT/<card>-<date>-seed-workload/ and $OUT/*.txt|log: copy
+# them into benchmarks/results/ and commit. With no argument every part runs, one after the other (over
+# the limit of one call; for a machine of your own).
+# Check the plumbing on the CPU (tiny model): DEVICE_RUN_TINY=1 PYTHON=.venv/bin/python OUT=/tmp/dr bash benchmarks/device_run.sh frontier3
 set -u
 PART=${1:-all}
-case "$PART" in checks|bench|all) ;; *) echo "usage: bash benchmarks/device_run.sh [checks|bench|all]" >&2; exit 2 ;; esac
+case "$PART" in checks|frontier1|frontier2|frontier3|seed|bench|all) ;;
+  *) echo "usage: bash benchmarks/device_run.sh [checks|frontier1|frontier2|frontier3|seed|bench|all]" >&2; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/device-run-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 source benchmarks/carried_wheels.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if [ "$PART" != bench ]; then
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+CACHE=/tmp/optimized-sd-cache  # the benchmark model is built once per machine (about a minute)
+if [ "${DEVICE_RUN_TINY:-0}" = 1 ]; then  # the plumbing checked on the CPU: tiny model, 64x64, one step
+  BENCH=(-m optimized_sd.cli bench --model tiny --device cpu --sizes 64 --steps 1 --timeout 300 --cache-dir /tmp/optimized-sd-tiny-cache --out "$OUT")
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  BENCH=(-m optimized_sd.cli bench --device cuda --sizes 512 --steps 10 --warmup 1 --timeout 120 --cache-dir "$CACHE" --out "$OUT")
+fi
+wants() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+
+if wants checks; then
   echo "== CUDA tests (memory engine with prefetch and copy-ahead, every sampler in every mode, fp16)"
   OPTIMIZED_SD_TEST_DEVICE=cuda timeout -k 5 150 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_memory.py tests/test_samplers_pipeline.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -15
-  echo "== stream floor (per-block compute and copy times; one block ahead and wider windows)"
-  timeout -k 5 90 $PY benchmarks/stream_floor.py --repeats 20 2>&1 | tee "$OUT/stream_floor.txt" | tail -12
+  echo "== stream floor and the small-card model, validated on this card"
+  timeout -k 5 120 $PY benchmarks/stream_floor.py --repeats 20 --cards 2>&1 | tee "$OUT/stream_floor.txt" | tail -30
 fi
-if [ "$PART" != checks ]; then
+frontier_part() {  # $1: the part's budgets; later parts merge into the first's folder
+  echo "== frontier at $1"
+  timeout -k 10 "${FRONTIER_SECONDS:-500}" $PY "${BENCH[@]}" --budget "$1" --peers all --label frontier --update \
+    2>&1 | tee -a "$OUT/frontier.log"
+  local folder; folder=$(ls -d "$OUT"/*-frontier* 2>/dev/null | head -1)
+  if [ -n "$folder" ] && [ ! -f "$folder/results.md" -o "$folder/results.json" -nt "$folder/results.md" ]; then
+    $PY -m optimized_sd.cli bench --render "$folder" >/dev/null || echo "warning: could not render $folder"
+  fi
+  [ -n "$folder" ] && sed -n '/^## Frontier/,/^## optimized-sd against/p' "$folder/results.md" | head -60
+}
+wants frontier1 && frontier_part "none,4GB,3GB"
+wants frontier2 && frontier_part "2GB,1.5GB"
+wants frontier3 && frontier_part "1GB,0.8GB,0.6GB"
+if wants seed; then
+  echo "== seed workload: --n_samples 10 --n_iter 2 --turbo under 2.4GB against uncapped full"
+  timeout -k 10 300 $PY "${BENCH[@]}" --seed-workload 2>&1 | tee "$OUT/seed_workload.log" | tail -8
+  folder=$(ls -d "$OUT"/*-seed-workload* 2>/dev/null | head -1)
+  [ -n "$folder" ] && sed -n '/^## Capped runs/,/^## /p' "$folder/results.md"
+fi
+if wants bench; then
   echo "== figures"
   OUT="$OUT" bash benchmarks/gpu_check.sh
 fi

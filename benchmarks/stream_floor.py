@@ -15,12 +15,20 @@ pinned host-to-device bandwidth is measured; elsewhere compute is split by FLOPs
 with --compute-ms (default: `full` on the H100, 35 ms) and --bandwidth-gbs (default: 54.9, H100).
 
     python benchmarks/stream_floor.py [--size 512] [--stream-ms 64]
+    python benchmarks/stream_floor.py --cards    # "what to expect on your card" (the README's table)
+
+`--cards` predicts s/step per mode on small cards from their published dense FP16 throughput and PCIe
+link (the `CARDS` table, with the sources of each figure): compute = UNet FLOPs / (peak x utilisation),
+copies = bytes / (link x the link efficiency measured on the H100). On CUDA it also validates the model
+on the device at hand: the measured per-block compute gives that card's utilisation, set against the one
+assumed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +41,62 @@ from optimized_sd.models.unet import UNetModel  # noqa: E402
 
 H100_FULL_STEP_MS = 35.0  # benchmarks/results/h100-2026-11-27-gpu: `full`, 512x512 fp16, batch 1 with CFG
 H100_BANDWIDTH_GBS = 54.9  # same run, pinned 1 GiB copy, best of 5
+PCIE_GBS = {"3.0 x16": 15.75, "4.0 x8": 15.75, "4.0 x16": 31.5, "5.0 x16": 63.0}  # per direction, after 128b/130b encoding
+LINK_EFFICIENCY = H100_BANDWIDTH_GBS / PCIE_GBS["5.0 x16"]  # pinned copies reach 0.87 of the link (measured on the H100)
+# Share of the dense FP16 peak that one SD 1.5 UNet step at 512x512 (CFG batch 2) reaches on a small card: an
+# assumption (large convolutions and 4096-token attention fill a small GPU), checked by the validation on a lent
+# device. The H100 reaches far less at this batch (4.6%: 1.61 TFLOP in 35 ms of its 989 TFLOPS): too little work
+# for 132 SMs, which a small card does not suffer.
+SMALL_CARD_UTILISATION = 0.40
+CONTEXT_GIB = 0.3  # CUDA context and libraries on a consumer card, outside what the planner may use (assumed)
+
+
+@dataclass(frozen=True)
+class Card:
+    """A GPU's published figures: dense FP16 multiply-add throughput as PyTorch's fp16 matmuls use it
+    (FP32 accumulate: half the FP16-accumulate tensor rate on GeForce cards), its memory and its PCIe link."""
+
+    name: str
+    match: str  # in torch.cuda.get_device_name() of this card
+    vram_gib: float
+    fp16_tflops: float  # of the compute dtype: FP32 for a card run in fp32 (weight_bytes 4)
+    link: str
+    source: str
+    utilisation: float = SMALL_CARD_UTILISATION
+    note: str = ""
+    weight_bytes: int = 2
+
+    @property
+    def link_gbs(self) -> float:
+        return PCIE_GBS[self.link]
+
+
+CARDS: tuple[Card, ...] = (
+    Card(
+        "RTX 2060 (6 GB)", "RTX 2060", 6, 25.8, "3.0 x16",
+        "TU106: 240 tensor cores x 64 FP16 FMA/clock x 2 x 1.68 GHz boost = 51.6 TFLOPS FP16-accumulate, half with FP32 "
+        "accumulate on GeForce (NVIDIA Turing architecture whitepaper; boost clock and core count from NVIDIA's spec page)",
+    ),
+    Card(
+        "RTX 3050 Laptop (4 GB)", "RTX 3050 Laptop", 4, 14.25, "4.0 x8",
+        "GA107, 80 W variant: 64 tensor cores at 1.74 GHz boost = 28.5 TFLOPS FP16-accumulate, 14.25 with FP32 accumulate "
+        "(NVIDIA Ampere GA102 whitepaper per-SM rates; clocks vary 1.06-1.74 GHz with the laptop's power limit, 35-80 W)",
+    ),
+    Card(
+        "GTX 1650 (4 GB)", "GTX 1650", 4, 5.97, "3.0 x16",
+        "TU117: no tensor cores; 896 CUDA cores x 2 (FMA) x 1.665 GHz = 2.98 TFLOPS FP32, FP16 at twice that rate "
+        "(NVIDIA's spec page; Turing whitepaper for the FP16 rate)",
+        note="GTX 16xx cards are known to give NaN images in fp16 with SD 1.5, hence the fp32 row (--precision full)",
+    ),
+    Card(
+        "GTX 1650 (4 GB), fp32", "GTX 1650", 4, 2.98, "3.0 x16", "the row above at its FP32 rate, weights in 4 bytes", weight_bytes=4,
+    ),
+    Card("H100 SXM (80 GB)", "H100", 80, 989.4, "5.0 x16", "NVIDIA H100 datasheet: 989.4 TFLOPS dense FP16 tensor", utilisation=0.0464),
+    Card(
+        "H200 SXM (141 GB)", "H200", 141, 989.4, "5.0 x16", "NVIDIA H200 datasheet: 989.4 TFLOPS dense FP16 tensor (the H100's compute)",
+        utilisation=0.0464,
+    ),
+)
 
 
 def top_level_blocks(unet: UNetModel) -> list[tuple[str, nn.Module]]:
@@ -55,8 +119,8 @@ def meta_unet() -> UNetModel:
         return UNetModel(SD15.unet).half()
 
 
-def flop_shares(size: int) -> list[float]:
-    """Each block's share of the UNet's FLOPs, counted on the meta device."""
+def block_flops(size: int) -> list[int]:
+    """Each block's FLOPs in one UNet call (CFG batch 2), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = meta_unet()
@@ -64,7 +128,12 @@ def flop_shares(size: int) -> list[float]:
     with counter, torch.inference_mode():
         unet(*unet_inputs(size, torch.device("meta"), torch.float16))
     counts = counter.get_flop_counts()
-    flops = [sum(counts.get(f"UNetModel.{name}", {}).values()) for name, _ in top_level_blocks(unet)]
+    return [sum(counts.get(f"UNetModel.{name}", {}).values()) for name, _ in top_level_blocks(unet)]
+
+
+def flop_shares(size: int) -> list[float]:
+    """Each block's share of the UNet's FLOPs."""
+    flops = block_flops(size)
     return [f / sum(flops) for f in flops]
 
 
@@ -140,6 +209,123 @@ def simulated_step_seconds(compute: list[float], copy: list[float], sizes: list[
     return compute_end[-1] - compute_end[total - count - 1]
 
 
+@dataclass(frozen=True)
+class CardPrediction:
+    """Predicted seconds per UNet step (512x512, CFG batch 2) per mode on one card, and whether each
+    mode's planned peak fits the card (what `auto` would pick without a budget)."""
+
+    card: Card
+    compute: float  # weights resident: full and turbo
+    split: float  # both halves copied each call, no overlap
+    stream: float  # one block ahead
+    budget_steps: dict[str, float]  # `auto` under a budget (GiB label): stream copying ahead within it
+    fits: dict[str, bool]
+
+
+def predict_card(
+    card: Card,
+    flops: list[int],
+    sizes: list[int],
+    *,
+    estimates_gib: dict[str, float] | None = None,
+    budgets_gib: tuple[float, ...] = (),
+    activation_gib: float = 0.0,
+) -> CardPrediction:
+    """The card model: block i computes in flops_i / (peak x utilisation) and copies in bytes_i /
+    (link x LINK_EFFICIENCY); `split` adds every copy to the compute, `stream` overlaps the next block's
+    copy (`one_block_lookahead_seconds`), and `auto` under a budget copies ahead within what the budget
+    leaves beside `activation_gib` (`simulated_step_seconds`). `sizes` are fp16 bytes: a card run in
+    fp32 (`weight_bytes` 4) copies twice as many."""
+    rate = card.fp16_tflops * 1e12 * card.utilisation
+    compute = [f / rate for f in flops]
+    scale = card.weight_bytes / 2
+    copy = [b * scale / (card.link_gbs * 1e9 * LINK_EFFICIENCY) for b in sizes]
+    budget_steps = {}
+    for budget in budgets_gib:
+        window = (budget - CONTEXT_GIB - activation_gib) * 2**30
+        budget_steps[f"{budget:g} GB"] = simulated_step_seconds(compute, copy, [int(b * scale) for b in sizes], max(window, 0.0))
+    usable = card.vram_gib - CONTEXT_GIB
+    return CardPrediction(
+        card=card,
+        compute=sum(compute),
+        split=sum(compute) + sum(copy),
+        stream=one_block_lookahead_seconds(compute, copy),
+        budget_steps=budget_steps,
+        fits={mode: peak <= usable for mode, peak in (estimates_gib or {}).items()},
+    )
+
+
+def card_table(predictions: list[CardPrediction]) -> str:
+    """The README's "what to expect on your card" table (markdown)."""
+    budgets = list(predictions[0].budget_steps) if predictions else []
+    header = ["card", "peak TFLOPS", "PCIe", "full / turbo s/step", "split s/step", "stream s/step"]
+    header += [f"stream ahead in {b} s/step" for b in budgets] + ["modes that fit"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for p in predictions:
+        fits = ", ".join(mode for mode, ok in p.fits.items() if ok) or "-"
+        row = [p.card.name, f"{p.card.fp16_tflops:g}", p.card.link, f"{p.compute:.2f}", f"{p.split:.2f}", f"{p.stream:.2f}"]
+        row += [f"{p.budget_steps[b]:.2f}" for b in budgets] + [fits]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def planner_estimates_gib(size: int, dtype_bytes: int = 2) -> tuple[dict[str, float], float]:
+    """Each mode's planned peak for SD 1.5 at `size` (batch 1, weights and activations of `dtype_bytes`)
+    from the planner, and the UNet stage's activations under `stream` (GiB)."""
+    from optimized_sd.memory.planner import ModelFootprint, Request, estimate_peak, unet_activation_bytes
+
+    unet = meta_unet()
+    blocks = tuple(block_bytes())
+    half = len(blocks) // 2
+    # Text encoder and VAE: fp16 bytes of SD 1.5's CLIP ViT-L/14 text model and its VAE's two halves.
+    k = dtype_bytes // 2
+    model = ModelFootprint(
+        text_encoder=246_144_000 * k, unet=sum(p.numel() * dtype_bytes for p in unet.parameters()),
+        unet_halves=(sum(blocks[:half]) * k, sum(blocks[half:]) * k), unet_blocks=tuple(b * k for b in blocks),
+        vae_encoder=68_339_000 * k, vae_decoder=98_993_000 * k,
+    )
+    request = Request(size, size, dtype_bytes=dtype_bytes)
+    from optimized_sd.memory.modes import MODES
+
+    estimates = {mode: estimate_peak(mode, model, request, False) / 2**30 for mode in MODES}
+    return estimates, unet_activation_bytes(request, chunked=True) / 2**30
+
+
+def print_cards(size: int, measured: tuple[str, list[float], float] | None) -> None:
+    """The card table, its sources, and (on CUDA) the validation against the device at hand."""
+    flops, sizes = block_flops(size), block_bytes()
+    planned = {b: planner_estimates_gib(size, b) for b in (2, 4)}
+    cards = [c for c in CARDS if c.vram_gib < 16]
+    predictions = [
+        predict_card(
+            c, flops, sizes, estimates_gib=planned[c.weight_bytes][0], budgets_gib=(1.0, 2.0), activation_gib=planned[c.weight_bytes][1]
+        )
+        for c in cards
+    ]
+    print(f"\nWhat to expect on your card: SD 1.5 at {size}x{size}, one image with CFG, {sum(flops) / 1e12:.2f} TFLOP per step;")
+    print(f"utilisation {SMALL_CARD_UTILISATION:.0%} of the FP16 peak assumed, copies at {LINK_EFFICIENCY:.0%} of the PCIe link, "
+          f"{CONTEXT_GIB} GB of CUDA context.\n")
+    print(card_table(predictions))
+    print("\nSources:")
+    for card in CARDS:
+        print(f"- {card.name}: {card.source}" + (f". Note: {card.note}" if card.note else ""))
+    if measured is None:
+        return
+    name, compute, gbs = measured
+    known = next((c for c in CARDS if c.match in name), None)
+    rate = sum(flops) / sum(compute) / 1e12
+    print(f"\nValidation on {name}: measured compute {sum(compute) * 1e3:.1f} ms/step = {rate:.1f} TFLOPS achieved, "
+          f"copies at {gbs:.1f} GB/s")
+    if known is not None:
+        predicted = predict_card(known, flops, sizes)
+        floor_here = one_block_lookahead_seconds(compute, [b / (gbs * 1e9) for b in sizes])
+        utilisation = rate / known.fp16_tflops
+        print(f"  {known.name}: {known.fp16_tflops:g} TFLOPS peak, so utilisation {utilisation:.1%} (assumed {known.utilisation:.1%}); "
+              f"link efficiency {gbs / known.link_gbs:.0%} (assumed {LINK_EFFICIENCY:.0%})")
+        print(f"  predicted full {predicted.compute * 1e3:.1f} ms, stream {predicted.stream * 1e3:.1f} ms; "
+              f"measured full {sum(compute) * 1e3:.1f} ms, one-block stream floor {floor_here * 1e3:.1f} ms")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=512)
@@ -147,6 +333,7 @@ def main() -> int:
     parser.add_argument("--compute-ms", type=float, default=H100_FULL_STEP_MS, help="without CUDA: UNet step with weights resident")
     parser.add_argument("--bandwidth-gbs", type=float, default=H100_BANDWIDTH_GBS, help="without CUDA: host-to-device GB/s")
     parser.add_argument("--stream-ms", type=float, help="a measured `stream` step, to set against both figures")
+    parser.add_argument("--cards", action="store_true", help="also print the small-card table (and validate it on CUDA)")
     args = parser.parse_args()
 
     names = [name for name, _ in top_level_blocks(meta_unet())]
@@ -154,7 +341,7 @@ def main() -> int:
         from optimized_sd.benchmark.worker import bandwidth_gbps
 
         compute = timed_blocks_cuda(args.size, args.repeats)
-        gbs = bandwidth_gbps(torch.device("cuda"))["best_gbps"]
+        gbs = bandwidth_gbps(torch.device("cuda")).best_gbps
         source = f"{torch.cuda.get_device_name(0)}: blocks timed with CUDA events, bandwidth measured"
     else:
         compute = [share * args.compute_ms / 1000 for share in flop_shares(args.size)]
@@ -178,6 +365,8 @@ def main() -> int:
     if args.stream_ms:
         measured = args.stream_ms / 1e3
         print(f"measured stream step {args.stream_ms:.1f} ms = {measured / bound:.2f}x the bound, {measured / floor:.2f}x the floor")
+    if args.cards:
+        print_cards(args.size, (torch.cuda.get_device_name(0), compute, gbs) if torch.cuda.is_available() else None)
     return 0
 
 

@@ -57,6 +57,7 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--device", help="cuda, cuda:N, cpu or mps (default: the best available)."),
         click.option("--precision", default="autocast", show_default=True, help="autocast (fp16 on GPU, fp32 on CPU), full (fp32), fp16 or bf16."),
         click.option("--memory", default="auto", show_default=True, help="auto, full, turbo, split or stream."),
+        click.option("--weights", help="Store the UNet/VAE Linear and Conv2d weights as fp16, bf16, fp8 or int8 (default: the compute dtype)."),
         click.option("--turbo", is_flag=True, help="optimizedSD's --turbo: same as --memory turbo."),
         click.option("--vram-budget", "vram_budget", help="Plan for this much device memory, e.g. 1.5GB."),
         click.option("--attention", default="sdpa", show_default=True, help="sdpa, xformers, sliced or naive."),
@@ -84,7 +85,10 @@ def cli() -> None:
     """Low-VRAM Stable Diffusion (SD 1.x, SD 2.x, SDXL): txt2img and img2img on small GPUs or the CPU."""
 
 
-LOAD_OPTIONS = ("config", "ema", "vae", "prediction", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer", "lora_dir", "embeddings_dir")
+LOAD_OPTIONS = (
+    "config", "ema", "vae", "prediction", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer", "lora_dir", "embeddings_dir",
+    "weights",
+)
 
 
 def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None, max_image_pixels: int | None = None):
@@ -272,6 +276,7 @@ def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_pe
 @click.option("--precision", default="autocast", show_default=True, help="autocast, full, fp16 or bf16.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json, merges.txt).")
 @click.option("--attention", default="sdpa", show_default=True, help="sdpa, xformers, sliced or naive.")
+@click.option("--weights", help="Store the UNet/VAE Linear and Conv2d weights as fp16, bf16, fp8 or int8 (default: the compute dtype).")
 def serve(**flags) -> None:
     """Web UI and AUTOMATIC1111-compatible HTTP API, one model loaded once (needs the [ui] extra)."""
     from optimized_sd.server import app
@@ -307,11 +312,20 @@ def inpaint(
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-def inspect(checkpoint: Path) -> None:
-    """Say what a checkpoint file is, without building a model."""
+@click.option("--weights", help="Also say which layers --weights fp16|bf16|fp8|int8 stores that way and which stay 16-bit.")
+def inspect(checkpoint: Path, weights: str | None) -> None:
+    """Say what a checkpoint file is, without building a model (with --weights, a model on meta: no weights read)."""
     from optimized_sd.weights.inspect import describe_checkpoint, format_info
 
+    if weights is not None:
+        from optimized_sd.pipelines.weight_storage import check_weight_kind
+
+        check_weight_kind(weights)
     click.echo(format_info(describe_checkpoint(checkpoint)))
+    if weights is not None:
+        from optimized_sd.pipelines.weight_storage import describe_storage
+
+        click.echo(describe_storage(checkpoint, weights))
 
 
 def register_bench() -> None:

@@ -15,6 +15,11 @@ class UnsupportedModelError(CheckpointError):
     """A recognised model family that this version does not run yet (SD 2.x, SDXL, depth, upscalers)."""
 
 
+class OutOfMemoryBudget(UserError):
+    """The work does not fit the memory available in any mode (the planner's budget, or out of memory
+    even in the leanest mode): the benchmark records such a run as not completing, not as failing."""
+
+
 class Interrupted(Exception):
     """Raised by a progress callback to stop a generation at the next step (a web request cancelled,
     Ctrl-C in a progress bar). Not a user mistake: the pipeline releases the stage and re-raises it."""

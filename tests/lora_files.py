@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -31,22 +32,52 @@ def factors(module: nn.Module, rank: int, generator: torch.Generator) -> tuple[t
     return down, up
 
 
-def lora_modules(unet: nn.Module, text: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """(tower, diffusers module name, module) for every layer a typical LoCon LoRA patches."""
+def text_towers(text: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    """One text tower (SD 1.x / 2.x) or SDXL's two, in order."""
+    return [text] if isinstance(text, nn.Module) else list(text)
+
+
+def lora_modules(unet: nn.Module, text: nn.Module | Sequence[nn.Module]) -> list[tuple[str, str, nn.Module]]:
+    """(tower, diffusers module name, module) for every layer a typical LoCon LoRA patches; towers are
+    "unet", "text" and (SDXL's second) "text_2"."""
     found = [("unet", name, m) for name, m in unet.named_modules() if UNET_TARGETS.search(name)]
-    found += [("text", clip_module_name(name), m) for name, m in text.named_modules() if TEXT_TARGETS.search(name)]
+    for index, tower in enumerate(text_towers(text)):
+        tag = "text" if index == 0 else f"text_{index + 1}"
+        found += [(tag, clip_module_name(name), m) for name, m in tower.named_modules() if TEXT_TARGETS.search(name)]
     return found
 
 
-def kohya_lora(unet: nn.Module, text: nn.Module, rank: int = 4, alpha: float | None = 2.0, seed: int = 0, text_too: bool = True):
-    """kohya / AUTOMATIC1111 names: lora_unet_<diffusers path with _>, lora_te_<CLIP path with _>."""
+def tower_prefix(tower: str, towers: int, kohya: bool) -> str:
+    """The file prefix of a tower: kohya `lora_unet_`, `lora_te_` (one text tower) or `lora_te1_`/`lora_te2_`
+    (SDXL); diffusers `unet.`, `text_encoder.`, `text_encoder_2.`."""
+    if tower == "unet":
+        return "lora_unet_" if kohya else "unet."
+    if not kohya:
+        return "text_encoder." if tower == "text" else "text_encoder_2."
+    return "lora_te_" if towers == 1 else ("lora_te1_" if tower == "text" else "lora_te2_")
+
+
+def kohya_lora(
+    unet: nn.Module,
+    text: nn.Module | Sequence[nn.Module],
+    rank: int = 4,
+    alpha: float | None = 2.0,
+    seed: int = 0,
+    text_too: bool = True,
+    unet_names: Mapping[str, str] | None = None,
+):
+    """kohya / AUTOMATIC1111 names: lora_unet_<diffusers path with _>, lora_te_<CLIP path with _> (SDXL:
+    lora_te1_/lora_te2_). `unet_names` renames UNet modules first (diffusers -> LDM, as kohya's SDXL
+    trainer names them)."""
     generator = torch.Generator().manual_seed(seed)
+    towers = len(text_towers(text))
     tensors: dict[str, torch.Tensor] = {}
     for tower, name, module in lora_modules(unet, text):
-        if tower == "text" and not text_too:
+        if tower != "unet" and not text_too:
             continue
-        prefix = "lora_unet_" if tower == "unet" else "lora_te_"
-        base = prefix + name.replace(".", "_")
+        if tower == "unet" and unet_names is not None:
+            name = unet_names[name]
+        base = tower_prefix(tower, towers, kohya=True) + name.replace(".", "_")
         down, up = factors(module, rank, generator)
         tensors[base + ".lora_down.weight"] = down
         tensors[base + ".lora_up.weight"] = up
@@ -55,14 +86,15 @@ def kohya_lora(unet: nn.Module, text: nn.Module, rank: int = 4, alpha: float | N
     return tensors
 
 
-def peft_lora(unet: nn.Module, text: nn.Module, rank: int = 4, seed: int = 0, attention_only: bool = False):
-    """diffusers' own (peft) names: unet.<path>.lora_A/lora_B.weight, text_encoder.<path>..."""
+def peft_lora(unet: nn.Module, text: nn.Module | Sequence[nn.Module], rank: int = 4, seed: int = 0, attention_only: bool = False):
+    """diffusers' own (peft) names: unet.<path>.lora_A/lora_B.weight, text_encoder(_2).<path>..."""
     generator = torch.Generator().manual_seed(seed)
+    towers = len(text_towers(text))
     tensors: dict[str, torch.Tensor] = {}
     for tower, name, module in lora_modules(unet, text):
         if attention_only and not re.search(r"(to_[qkv]|to_out\.0|_proj)$", name):
             continue
-        prefix = "unet." if tower == "unet" else "text_encoder."
+        prefix = tower_prefix(tower, towers, kohya=False)
         down, up = factors(module, rank, generator)
         tensors[f"{prefix}{name}.lora_A.weight"] = down
         tensors[f"{prefix}{name}.lora_B.weight"] = up

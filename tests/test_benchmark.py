@@ -56,9 +56,11 @@ def test_cross_product_of_kinds_sizes_batches_modes_and_peers() -> None:
 
 def test_cuda_only_peers_are_skipped_on_cpu_with_a_note() -> None:
     on_gpu = selection(modes="none")
-    assert {s.mode for s in on_gpu.scenarios} == set(PEERS)
+    assert {s.mode for s in on_gpu.scenarios} == {name for name, peer in PEERS.items() if "cuda" in peer.devices}
+    assert {note.split(":")[0] for note in on_gpu.notes} == {"sdcpp", "openvino"}
+    assert all("needs a CPU device, skipped on cuda" in note for note in on_gpu.notes)
     on_cpu = selection(modes="none", device_type="cpu")
-    assert {s.mode for s in on_cpu.scenarios} == {"diffusers", "diffusers-attention-slicing"}
+    assert {s.mode for s in on_cpu.scenarios} == {"diffusers", "diffusers-attention-slicing", "diffusers-vae-slicing", "sdcpp", "openvino"}
     assert len(on_cpu.notes) == 3 and all("needs a CUDA device" in note for note in on_cpu.notes)
 
 

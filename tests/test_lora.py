@@ -43,7 +43,7 @@ def check_mapping(lora, tiny_model, ldm_weights, tensors_by_module) -> None:
         matches = [key for key, patch in lora.patches.items() if ldm_weights[key].shape == module.weight.shape
                    and torch.equal(ldm_weights[key], module.weight.detach())]  # fmt: skip
         assert len(matches) == 1
-        patch = lora.patches[matches[0]]
+        (patch,) = lora.patches[matches[0]]
         torch.testing.assert_close(patch.delta(module.weight.shape, torch.device("cpu")), expected_delta(module, down, up, scale))
 
 
@@ -57,7 +57,7 @@ def test_kohya_locon_maps_every_module(tmp_path: Path, tiny_model, model_shapes,
         base = ("lora_unet_" if tower == "unet" else "lora_te_") + name.replace(".", "_")
         expected.append((module, tensors[base + ".lora_down.weight"], tensors[base + ".lora_up.weight"], 2.0 / 4))
     check_mapping(lora, tiny_model, ldm_weights, expected)
-    assert any(p.down.shape[1] == 9 * 32 for p in lora.patches.values())  # a 3x3 LoCon conv is in there
+    assert any(p.down.shape[1] == 9 * 32 for (p,) in lora.patches.values())  # a 3x3 LoCon conv is in there
 
 
 def test_kohya_ldm_style_names_and_no_alpha(tmp_path: Path, model_shapes) -> None:
@@ -65,7 +65,7 @@ def test_kohya_ldm_style_names_and_no_alpha(tmp_path: Path, model_shapes) -> Non
     down, up = torch.randn(2, 32, 1, 1), torch.randn(32, 2, 1, 1)
     path = save({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
                  "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up}, tmp_path / "ldm.safetensors")  # fmt: skip
-    (key, patch), = read_lora(path, TINY, model_shapes).patches.items()
+    ((key, (patch,)),) = read_lora(path, TINY, model_shapes).patches.items()
     assert key == "model.diffusion_model.input_blocks.1.1.proj_in.weight" and patch.scale == 1.0
 
 
@@ -96,11 +96,11 @@ def test_merge_sums_loras_in_float32_and_rounds_once(tmp_path: Path, tiny_model,
     weight = ldm_weights[key].clone()
     assert merge_into(key, weight, [(a, 0.7), (b, -0.4)])
     cpu = torch.device("cpu")
-    want = ldm_weights[key] + 0.7 * a.patches[key].delta(weight.shape, cpu) - 0.4 * b.patches[key].delta(weight.shape, cpu)
+    want = ldm_weights[key] + 0.7 * a.patches[key][0].delta(weight.shape, cpu) - 0.4 * b.patches[key][0].delta(weight.shape, cpu)
     torch.testing.assert_close(weight, want)
     half = ldm_weights[key].half()
     merge_into(key, half, [(a, 0.7), (b, -0.4)])
-    total = a.patches[key].delta(weight.shape, cpu) * 0.7 + b.patches[key].delta(weight.shape, cpu) * -0.4
+    total = a.patches[key][0].delta(weight.shape, cpu) * 0.7 + b.patches[key][0].delta(weight.shape, cpu) * -0.4
     assert torch.equal(half, (ldm_weights[key].half().float() + total).half())  # one rounding
     assert not merge_into("model.diffusion_model.out.2.bias", weight, [(a, 1.0)])
 
@@ -207,7 +207,7 @@ def test_lora_set_reads_each_file_once_and_says_when_the_set_changed(tmp_path: P
     key = next(iter(first.patches))
     weight = ldm_weights[key].clone()
     loras(key, weight)
-    torch.testing.assert_close(weight, ldm_weights[key] + 0.8 * first.patches[key].delta(weight.shape, torch.device("cpu")))
+    torch.testing.assert_close(weight, ldm_weights[key] + 0.8 * first.patches[key][0].delta(weight.shape, torch.device("cpu")))
     assert loras.activate({}) and loras.active == ()
     untouched = ldm_weights[key].clone()
     loras(key, untouched)

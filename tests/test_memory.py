@@ -13,11 +13,15 @@ import torch
 
 import optimized_sd
 from optimized_sd.errors import UserError
+from optimized_sd.memory import planner
 from optimized_sd.memory.device import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, RETURN_FREED, REUSE_FREED, LeanHeap
 from optimized_sd.memory.modes import mode_row
 from optimized_sd.memory.planner import (
     FIXED_OVERHEAD,
+    MIN_UNET_MICRO_BATCH,
     MODES,
+    UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL,
+    UNET_FULL_BATCH_ELEMENTS_PER_LATENT_PIXEL,
     ModelFootprint,
     Request,
     estimate_peak,
@@ -29,6 +33,7 @@ from optimized_sd.memory.planner import (
 )
 from optimized_sd.models.layers import FeedForward
 from optimized_sd.models.runtime import run_options
+from optimized_sd.pipelines import memory_session
 from optimized_sd.pipelines.diffusion import GenerationRequest
 from optimized_sd.pipelines.placement import UNET, unet_blocks
 
@@ -105,8 +110,7 @@ def test_stream_copies_ahead_only_within_its_window(tiny_model, full_result, mon
     pipe.memory.use_mode("stream")
     engine = pipe.engine
     engine.prefetch_enabled = True  # on CUDA it is; on the CPU the same schedule runs without a side stream
-    size = torch.empty((), dtype=pipe.dtype).element_size()
-    weights = {name: group.bytes * size for name, group in engine.groups.items()}
+    weights = {name: group.bytes for name, group in engine.groups.items()}  # bytes as placed
     blocks = [name for name in engine.groups if name.startswith("unet.")]
     window = sum(sorted(weights[name] for name in blocks)[-lookahead_blocks:]) if lookahead_blocks else 0
     planned = pipe.memory.plan_for
@@ -340,6 +344,83 @@ def test_stream_picked_by_auto_copies_ahead_within_the_budget():
     assert plan_memory(SD15_FP16, R512, budget=None, mode="stream").lookahead == 0
     # Never more than the whole UNet.
     assert stream_lookahead(SD15_FP16, R512, 100 * 2**30) == SD15_FP16.unet
+
+
+SEED_WORKLOAD = Request(512, 512, batch=10)  # optimizedSD's --n_samples 10: a CFG batch of 20 through the UNet
+
+
+def test_a_micro_batch_costs_the_running_slice_plus_what_the_rest_of_the_batch_holds():
+    whole = unet_activation_bytes(SEED_WORKLOAD, chunked=False)
+    assert unet_activation_bytes(dataclasses.replace(SEED_WORKLOAD, unet_batch=20), chunked=False) == whole
+    latent_pixels = 64 * 64
+    for micro in (1, 4, 19):
+        asked = dataclasses.replace(SEED_WORKLOAD, unet_batch=micro)
+        elements = UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * micro + UNET_FULL_BATCH_ELEMENTS_PER_LATENT_PIXEL * (20 - micro)
+        expected = elements * latent_pixels * 2
+        assert unet_activation_bytes(asked, chunked=False) == expected < whole
+
+
+def largest_fitting_micro_batch(mode: str, budget: int) -> int | None:
+    def peak(micro: int) -> int:
+        return estimate_peak(mode, SD15_FP16, dataclasses.replace(SEED_WORKLOAD, unet_batch=micro), False)
+
+    fitting = [m for m in range(MIN_UNET_MICRO_BATCH, 20) if peak(m) <= budget]
+    return max(fitting, default=None)
+
+
+@pytest.mark.parametrize("context_mib", [0, 300])
+def test_the_seed_workload_on_a_capped_card_gets_the_largest_micro_batch_that_fits(context_mib):
+    """--n_samples 10 --turbo on a fake 6 GiB card capped at 2.4 GB: with no context counted (as --vram-budget 2.4GB
+    says) turbo is kept by micro-batching the UNet; with a 300 MiB CUDA context counted, no micro-batch of at least a
+    CFG pair keeps turbo, and split is chosen with the largest micro-batch that fits it."""
+    from optimized_sd.benchmark.caps import cuda_cap
+
+    budget = cuda_cap(int(2.4 * 2**30), device_total=6 * 2**30, context=context_mib * MIB).allocatable_bytes
+    assert estimate_peak("turbo", SD15_FP16, SEED_WORKLOAD, False) > budget  # the whole batch does not fit
+    expected_mode = "turbo" if largest_fitting_micro_batch("turbo", budget) else "split"
+    assert expected_mode == ("turbo" if context_mib == 0 else "split")
+    micro = largest_fitting_micro_batch(expected_mode, budget)
+    plan = plan_memory(SD15_FP16, SEED_WORKLOAD, budget=budget, mode="turbo")
+    assert (plan.mode, plan.unet_batch) == (expected_mode, micro) and micro is not None
+    micro_batched = dataclasses.replace(SEED_WORKLOAD, unet_batch=micro)
+    assert plan.estimates[expected_mode] == estimate_peak(expected_mode, SD15_FP16, micro_batched, False)
+    assert plan.reason.endswith(f"with the UNet running {micro} of its 20 images at a time")
+    assert ("turbo needs about" in plan.reason) == (expected_mode != "turbo")
+    assert (plan_memory(SD15_FP16, SEED_WORKLOAD, budget=budget).mode, plan.unet_batch) == (expected_mode, micro)  # auto agrees
+
+
+def test_a_users_micro_batch_is_kept_and_one_image_is_never_split_below_a_cfg_pair():
+    budget = 2 * 2**30
+    users = plan_memory(SD15_FP16, dataclasses.replace(SEED_WORKLOAD, unet_batch=20), budget=budget, mode="turbo")
+    assert users.unet_batch == 20 and users.mode != "turbo"
+    assert plan_memory(SD15_FP16, R512, budget=estimate_peak("split", SD15_FP16, R512, False)).unet_batch is None
+
+
+def test_a_planned_micro_batch_reaches_the_model_and_changes_no_number(tiny_model, monkeypatch):
+    """The planner's micro-batch is what the UNet's blocks read (RunOptions) and the images are those of the whole batch."""
+    from optimized_sd.models import unet as unet_module
+
+    seen: list[int | None] = []
+    real = unet_module.TimestepEmbedSequential.forward
+
+    def spy(self, x, emb, context):
+        seen.append(run_options().unet_micro_batch)
+        return real(self, x, emb, context)
+
+    whole = make_pipe(tiny_model, memory="turbo").generate(request(prompts=["a", "b", "c"]))
+    pipe = make_pipe(tiny_model, memory="turbo")
+    real_plan = planner.plan_memory
+
+    def plan_with_micro_batch(*args, **kwargs):
+        return dataclasses.replace(real_plan(*args, **kwargs), unet_batch=2)
+
+    monkeypatch.setattr(memory_session, "plan_memory", plan_with_micro_batch)
+    monkeypatch.setattr(unet_module.TimestepEmbedSequential, "forward", spy)
+    sliced = pipe.generate(request(prompts=["a", "b", "c"]))
+    assert seen and set(seen) == {2}
+    scale = whole.latents.abs().max().item()  # equal to rounding at the latents' scale, as any micro-batch
+    relative = TOLERANCE if DEVICE == "cpu" else 1e-2
+    assert (sliced.latents - whole.latents).abs().max().item() <= relative * scale
 
 
 def test_forced_mode_that_does_not_fit_says_what_was_chosen():

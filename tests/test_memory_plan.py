@@ -142,7 +142,7 @@ def test_slab_bands_read_the_weight_through_the_op_layer(monkeypatch):
     norm, conv = group_norm(32, eps=1e-6), ops.default_init(ops.Conv2d(32, 32, 3, padding=1))
     x = torch.randn(1, 32, 20, 12)
     doubled = conv.weight.detach() * 2
-    monkeypatch.setattr(conv, "compute_weight", lambda: doubled)
+    monkeypatch.setattr(conv, "compute_weight", lambda dtype=None: doubled)
     with torch.no_grad():
         expected = nn.functional.conv2d(nn.functional.silu(norm(x)), doubled, conv.bias, padding=1)
         assert (slabs.norm_silu_conv(x, norm, conv) - expected).abs().max().item() <= 1e-5

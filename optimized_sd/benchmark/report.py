@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from optimized_sd.benchmark import frontier
 from optimized_sd.benchmark.results import BenchRecord, Footprint, Machine, ScenarioResult
 from optimized_sd.benchmark.scenarios import BASELINE_PEER, CLOSEST_PEERS, OUR_MODES, PEERS
 from optimized_sd.memory.modes import MODE_ROWS, denoiser_stage_weights
@@ -74,7 +75,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def mode_label(result: ScenarioResult) -> str:
     scenario = result.scenario
-    if scenario.engine == "diffusers":
+    if scenario.engine != "ours":
         return scenario.mode
     used = result.mode_used
     if scenario.mode == "auto":
@@ -91,12 +92,13 @@ def runs_table(record: BenchRecord) -> list[str]:
         scenario = result.scenario
         if not result.ok:
             reason = result.error or result.user_error or "failed"
-            rows.append([scenario.name, scenario.engine, mode_label(result), f"failed: {reason}"] + [""] * 8)
+            outcome = "does not complete" if result.oom else "failed"
+            rows.append([scenario.name, scenario.engine, mode_label(result), f"{outcome}: {reason}"] + [""] * 8)
             continue
         rows.append(
             [
                 scenario.name,
-                "optimized-sd" if scenario.engine == "ours" else "diffusers",
+                "optimized-sd" if scenario.engine == "ours" else scenario.engine,
                 mode_label(result),
                 num(result.load_seconds),
                 num(result.seconds_per_step, 3),
@@ -190,7 +192,7 @@ def budget_table(record: BenchRecord) -> list[str]:
     rows = []
     for result in record.results:
         scenario = result.scenario
-        if not scenario.budget:
+        if not scenario.budget or scenario.engine != "ours":
             continue
         if not result.ok:
             rows.append([scenario.group, scenario.budget, "-", "-", "-", result.user_error or result.error or "failed"])
@@ -460,6 +462,7 @@ def render_markdown(record: BenchRecord) -> str:
     if record.notes:
         lines.append("")
     lines += ["## Runs", ""] + runs_table(record)
+    lines += frontier.frontier_sections(record) + frontier.capped_section(record)
     comparison = comparison_table(record)
     if comparison:
         lines += ["## optimized-sd against diffusers", "", "Ratios are ours / theirs: below 1 is better for us.", ""]
@@ -544,11 +547,12 @@ def write_outputs(record: BenchRecord, folder: Path) -> list[Path]:
     note = render_chart(record, chart)
     record.chart = chart.name if note is None else None
     record.chart_note = note
+    record.frontier_chart = frontier.write_frontier_chart(record, folder)
     record.partial = False
     write_json(record, folder / "results.json")
     (folder / "results.md").write_text(render_markdown(record))
     written = [folder / "results.md", folder / "results.json"]
-    return written + ([chart] if note is None else [])
+    return written + ([chart] if note is None else []) + ([folder / record.frontier_chart] if record.frontier_chart else [])
 
 
 def write_partial(record: BenchRecord, folder: Path) -> None:

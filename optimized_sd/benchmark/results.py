@@ -15,6 +15,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+from optimized_sd.benchmark.caps import CapFacts
 from optimized_sd.benchmark.scenarios import Scenario
 
 T = TypeVar("T")
@@ -148,6 +149,10 @@ class StageFigures:
     def seconds_per_step(self) -> float | None:
         return self.seconds / self.steps if self.steps else None
 
+    def then(self, other: StageFigures) -> StageFigures:
+        """This stage and the same stage of a later call together: times and steps add, peaks are the higher."""
+        return dataclasses.replace(self.with_highest_peaks(other), seconds=self.seconds + other.seconds, steps=self.steps + other.steps)
+
     def with_highest_peaks(self, other: StageFigures) -> StageFigures:
         """These times with the higher of each peak: timings vary with other load, peaks should not."""
         return dataclasses.replace(
@@ -167,6 +172,7 @@ class PlanFacts:
     vae_tiling: bool
     budget_mib: float | None
     estimates_mib: dict[str, float]
+    unet_batch: int | None = None  # the UNet micro-batch (None: the whole CFG batch)
 
 
 @dataclass
@@ -185,10 +191,15 @@ class Footprint:
 
 @dataclass
 class ScenarioResult:
-    """One scenario's row: its measurements when `ok`, else why it failed (`user_error`, `error`)."""
+    """One scenario's row: its measurements when `ok`, else why it failed (`user_error`, `error`).
+    `oom`: it did not complete for lack of memory (out of memory under its cap, the planner finding
+    no mode that fits, a budget filled by the context alone, or skipped after running out of memory
+    at a larger budget), which the frontier reports as "does not complete" rather than as a failure."""
 
     scenario: Scenario
     ok: bool
+    oom: bool = False
+    cap: CapFacts | None = None
     error: str | None = None
     user_error: str | None = None
     traceback: str | None = None
@@ -236,7 +247,7 @@ class ScenarioResult:
             vae_decode_seconds=decode_s,
             vae_encode_seconds=encode_s,
             vae_seconds=decode_s + encode_s,
-            seconds_per_image=self.total_seconds / self.scenario.batch,
+            seconds_per_image=self.total_seconds / self.scenario.images,
             peak_allocated_mib=max((s.peak_allocated_mib for s in stages.values()), default=0.0),
             peak_reserved_mib=max((s.peak_reserved_mib for s in stages.values()), default=0.0),
             peak_stage_rss_mib=max((s.peak_rss_mib for s in stages.values()), default=0.0),
@@ -267,6 +278,7 @@ class BenchRecord:
     tool: str = "optimized-sd bench"
     chart: str | None = None  # the chart's file name beside results.md, when one was drawn
     chart_note: str | None = None  # why there is no chart
+    frontier_chart: str | None = None  # s/image against budget (frontier.png, or frontier.svg drawn without matplotlib)
     partial: bool = False  # the run stopped before every scenario had finished
 
     @property

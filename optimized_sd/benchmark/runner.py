@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,8 +19,9 @@ from pathlib import Path
 import click
 
 from optimized_sd.benchmark import report
+from optimized_sd.benchmark.caps import parse_budget
 from optimized_sd.benchmark.results import BenchModel, BenchRecord, Machine, ScenarioResult, ScenarioTask, Settings, from_json
-from optimized_sd.benchmark.scenarios import DEFAULT_STEPS, QUICK, Scenario, Selection, select_scenarios
+from optimized_sd.benchmark.scenarios import DEFAULT_STEPS, QUICK, SEED_WORKLOAD, Scenario, Selection, select_scenarios, split_list
 from optimized_sd.benchmark.worker import PROMPT, RESULT_PREFIX, SCALE, SEED, STRENGTH  # stdlib-only module
 from optimized_sd.errors import UserError
 from optimized_sd.memory.precision import PRECISIONS
@@ -57,17 +59,22 @@ class BenchOptions:
     timeout: float = 1800.0
     label: str | None = None
     command: str = "optimized-sd bench"
+    seed_workload: bool = False
 
     def resolved(self) -> dict:
-        """Flag values with the quick preset and defaults filled in (steps/warmup need the device)."""
-        preset = QUICK if self.quick else {}
+        """Flag values with the presets and defaults filled in (steps/warmup need the device). With
+        --budget (the frontier) our runs are `auto` under each budget, so no fixed mode by default;
+        the seed workload is ours alone: `full` uncapped beside the capped run it adds."""
+        preset = QUICK if self.quick else SEED_WORKLOAD if self.seed_workload else {}
+        frontier = self.budget is not None and not self.seed_workload
         return {
             "sizes": self.sizes or preset.get("sizes", "512"),
             "batches": self.batches or preset.get("batches", "1"),
-            "kinds": self.kinds or preset.get("kinds", "txt2img,img2img"),
-            "modes": self.modes if self.modes is not None else preset.get("modes", "full,turbo,split,stream"),
+            "kinds": self.kinds or preset.get("kinds", "txt2img" if frontier else "txt2img,img2img"),
+            "modes": self.modes if self.modes is not None else preset.get("modes", "none" if frontier else "full,turbo,split,stream"),
             "peers": self.peers if self.peers is not None else preset.get("peers", "all"),
             "steps": self.steps or preset.get("steps"),
+            "n_iter": preset.get("n_iter", 1),
         }
 
 
@@ -97,10 +104,17 @@ def run_worker(payload: dict, timeout: float | None) -> dict:
     """Run one worker task in a fresh interpreter and return its JSON result (a failure is a result too:
     `ok` false, with `user_error` or `error`)."""
     command = [sys.executable, "-m", "optimized_sd.benchmark.worker", json.dumps(payload)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=worker_env(), cwd=os.getcwd())
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout:.0f} s (killed)"}
+    # A session of its own, so a timeout ends the worker's children too (the OpenVINO peer converts in one).
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(), cwd=os.getcwd(), start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            return {"ok": False, "error": f"timed out after {timeout:.0f} s (killed)"}
+    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
@@ -150,7 +164,7 @@ def run_scenario(task: ScenarioTask, scenario: Scenario, timeout: float | None) 
 
 def progress_line(result: ScenarioResult, cuda: bool) -> str:
     if not result.ok:
-        return "failed: " + result.failure
+        return ("does not complete: " if result.oom else "failed: ") + result.failure
     memory = f"peak VRAM {result.peak_allocated_mib:,.0f} MiB, " if cuda else ""
     mode = f" [{result.mode_used}]" if result.mode_used and result.mode_used != result.scenario.mode else ""
     if result.seconds_per_step is None:
@@ -163,7 +177,7 @@ def progress_line(result: ScenarioResult, cuda: bool) -> str:
 
 def select(options: BenchOptions, device_type: str) -> Selection:
     flags = options.resolved()
-    return select_scenarios(
+    chosen = select_scenarios(
         kinds=flags["kinds"],
         sizes=flags["sizes"],
         batches=flags["batches"],
@@ -171,11 +185,62 @@ def select(options: BenchOptions, device_type: str) -> Selection:
         modes=flags["modes"],
         peers=flags["peers"],
         device_type=device_type,
-        budget=options.budget,
+        budget=None if options.seed_workload else options.budget,
         only=options.only,
-        diffusers_available=installed("diffusers"),
-        accelerate_available=installed("accelerate"),
+        n_iter=flags["n_iter"],
+        model=options.model,
+        installed=installed,
     )
+    if options.seed_workload:  # the capped run first, then what it is compared with
+        cap = options.budget or SEED_WORKLOAD["budget"]
+        if len(split_list(cap)) != 1 or parse_budget(cap) is None:
+            raise UserError(f"--seed-workload takes one --budget (default {SEED_WORKLOAD['budget']}), not {cap!r}")
+        capped = [replace(s, mode=SEED_WORKLOAD["mode"], budget=cap) for s in chosen.scenarios if s.engine == "ours"]
+        chosen = Selection(list(dict.fromkeys(capped + chosen.scenarios)), chosen.notes)
+    return chosen
+
+
+OutOfMemoryAt = dict[tuple[str, str], str]  # (work group, configuration) -> the largest budget it did not complete at
+
+
+def note_out_of_memory(out_of_memory: OutOfMemoryAt, result: ScenarioResult) -> None:
+    scenario = result.scenario
+    if not (result.oom and scenario.budget):
+        return
+    key = (scenario.group, scenario.mode)
+    known = out_of_memory.get(key)
+    if known is None or parse_budget(scenario.budget) > parse_budget(known):
+        out_of_memory[key] = scenario.budget
+
+
+def skipped_for_memory(scenario: Scenario, out_of_memory: OutOfMemoryAt) -> ScenarioResult | None:
+    """A frontier run not worth starting: the same configuration on the same work did not complete at
+    this budget or a larger one, so it cannot complete at this one."""
+    larger = out_of_memory.get((scenario.group, scenario.mode))
+    if scenario.budget is None or larger is None or parse_budget(scenario.budget) > parse_budget(larger):
+        return None
+    return ScenarioResult(scenario, ok=False, oom=True, error=f"not run: does not complete at {larger} already")
+
+
+def run_scenarios(
+    scenarios: list[Scenario],
+    run: Callable[[Scenario], ScenarioResult],
+    done: Callable[[int, Scenario, ScenarioResult], None],
+    earlier: list[ScenarioResult] = (),
+) -> list[ScenarioResult]:
+    """Run each scenario (`run`), except those `skipped_for_memory` says cannot complete, given these
+    results and `earlier` ones (a run continued with --update); `done` hears of each result as it
+    comes (index from 1)."""
+    results = []
+    out_of_memory: OutOfMemoryAt = {}
+    for result in earlier:
+        note_out_of_memory(out_of_memory, result)
+    for index, scenario in enumerate(scenarios, 1):
+        result = skipped_for_memory(scenario, out_of_memory) or run(scenario)
+        note_out_of_memory(out_of_memory, result)
+        results.append(result)
+        done(index, scenario, result)
+    return results
 
 
 def check_flags(options: BenchOptions) -> None:
@@ -192,12 +257,15 @@ def check_flags(options: BenchOptions) -> None:
         raise UserError("--repeat must be at least 1")
     if options.timeout <= 0:
         raise UserError("--timeout must be above zero")
+    if options.quick and options.seed_workload:
+        raise UserError("--quick and --seed-workload are two presets; give one")
     select(options, guess_device_type(options.device))  # names, sizes, numbers: fails fast with a one-line error
 
 
 def results_folder(options: BenchOptions, machine: Machine, date: str) -> Path:
     sizes = options.resolved()["sizes"].split(",")
-    label = options.label or ("quick" if options.quick else "-".join(size.replace("x", "by") for size in sizes))
+    preset = "quick" if options.quick else "seed-workload" if options.seed_workload else "frontier" if options.budget else None
+    label = options.label or preset or "-".join(size.replace("x", "by") for size in sizes)
     if options.model != "sd15":
         label += f"-{options.model}"
     return Path(options.out) / f"{report.device_label(machine)}-{date}-{label}"
@@ -255,13 +323,20 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
     folder = results_folder(options, machine, date)
     earlier = load_earlier(folder) if options.update else None
     total = len(selection.scenarios)
-    for index, scenario in enumerate(selection.scenarios, 1):
-        echo(f"[{index}/{total}] {scenario.name} ...", nl=False)
-        result = run_scenario(task, scenario, options.timeout)
+
+    def run(scenario: Scenario) -> ScenarioResult:
+        echo(f"[{len(record.results) + 1}/{total}] {scenario.name} ...", nl=False)
+        return run_scenario(task, scenario, options.timeout)
+
+    def done(index: int, scenario: Scenario, result: ScenarioResult) -> None:
+        if result.error and result.error.startswith("not run:"):
+            echo(f"[{index}/{total}] {scenario.name} ...", nl=False)
         record.results.append(result)
         record.wall_seconds = time.time() - started
         echo(" " + progress_line(result, device_type == "cuda"))
         report.write_partial(merged(record, earlier, []), folder)  # what a killed run leaves
+
+    run_scenarios(selection.scenarios, run, done, earlier.results if earlier else [])
     record.wall_seconds = time.time() - started
     if options.update:
         record = merged(record, earlier, [s.name for s in selection.scenarios])

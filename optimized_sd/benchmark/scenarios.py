@@ -6,8 +6,10 @@ Pure Python (no torch): the `bench` command imports it to check flags before any
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from optimized_sd.benchmark.caps import NO_BUDGET, largest_first, parse_budgets
 from optimized_sd.errors import UserError
 from optimized_sd.memory.modes import MODES
 
@@ -18,29 +20,59 @@ AUTO = "auto"  # the planner picks (by free memory, or by --budget)
 
 @dataclass(frozen=True)
 class Peer:
-    """A diffusers configuration we measure against. `cuda_only`: an offload mode that needs a GPU;
-    `needs_accelerate`: diffusers implements it through accelerate's hooks."""
+    """An engine configuration we measure against. `engine`: whose code runs it (diffusers,
+    stable-diffusion.cpp, OpenVINO); `needs`: the importable packages it runs on, each with the pip
+    name to install (checked before any process starts; a missing one is a one-line note);
+    `devices`: the device types it runs on."""
 
     name: str
     description: str
-    cuda_only: bool = False
-    needs_accelerate: bool = False
+    engine: str = "diffusers"
+    needs: tuple[tuple[str, str], ...] = (("diffusers", "diffusers"),)
+    devices: tuple[str, ...] = ("cuda", "cpu")
+    models: tuple[str, ...] = ("sd15", "tiny")  # the benchmark models it can load
+
+    @property
+    def cuda_only(self) -> bool:
+        return self.devices == ("cuda",)
+
+
+DIFFUSERS = (("diffusers", "diffusers"),)
+WITH_ACCELERATE = DIFFUSERS + (("accelerate", "accelerate"),)
 
 
 PEERS: dict[str, Peer] = {
     peer.name: peer
     for peer in (
         Peer("diffusers", "StableDiffusionPipeline, everything on the device (the baseline)"),
-        Peer("diffusers-model-offload", "enable_model_cpu_offload", cuda_only=True, needs_accelerate=True),
-        Peer("diffusers-sequential-offload", "enable_sequential_cpu_offload", cuda_only=True, needs_accelerate=True),
+        Peer("diffusers-model-offload", "enable_model_cpu_offload", needs=WITH_ACCELERATE, devices=("cuda",)),
+        Peer("diffusers-sequential-offload", "enable_sequential_cpu_offload", needs=WITH_ACCELERATE, devices=("cuda",)),
         Peer("diffusers-attention-slicing", "enable_attention_slicing()"),
         Peer(
             "diffusers-group-offload",
             "enable_group_offload(block_level, 1 block per group, use_stream=True)",
-            cuda_only=True,
+            devices=("cuda",),
+        ),
+        Peer("diffusers-vae-slicing", "everything on the device, vae.enable_slicing() and vae.enable_tiling()"),
+        Peer(
+            "sdcpp",
+            "stable-diffusion.cpp (stable-diffusion-cpp-python, CPU build), the same single-file checkpoint, f16 weights",
+            engine="stable-diffusion.cpp",
+            needs=(("stable_diffusion_cpp", "stable-diffusion-cpp-python"),),
+            devices=("cpu",),
+            models=("sd15",),  # it recognises SD 1.5 by its shapes: the tiny model is not one
+        ),
+        Peer(
+            "openvino",
+            "OpenVINO runtime: diffusers' pipeline with its text encoder, UNet and VAE decoder converted by openvino.convert_model",
+            engine="OpenVINO",
+            needs=DIFFUSERS + (("openvino", "openvino"),),
+            devices=("cpu",),
         ),
     )
 }
+FRONTIER_PEERS = ("diffusers", "diffusers-attention-slicing", "diffusers-vae-slicing", "diffusers-model-offload", "diffusers-group-offload",
+                  "diffusers-sequential-offload", "sdcpp", "openvino")
 BASELINE_PEER = "diffusers"
 
 # Which peers do the same job as each of our modes (each compared beside the baseline).
@@ -50,6 +82,11 @@ CLOSEST_PEERS: dict[str, tuple[str, ...]] = {
     "split": ("diffusers-model-offload",),
     "stream": ("diffusers-group-offload", "diffusers-sequential-offload"),
 }
+# The seed workload of optimizedSD's users: `--n_samples 10 --n_iter 2 --turbo` at 512x512, under a
+# 2.4 GB cap (the planner chooses the UNet micro-batch), against uncapped `full` at the same batch.
+SEED_WORKLOAD = {
+    "sizes": "512", "batches": "10", "n_iter": 2, "kinds": "txt2img", "modes": "full", "peers": "none", "mode": "turbo", "budget": "2.4GB",
+}
 
 QUICK = {"sizes": "256", "steps": 2, "modes": "full,stream", "peers": "diffusers", "kinds": "txt2img", "batches": "1"}
 DEFAULT_STEPS = {"cuda": 10, "cpu": 2}
@@ -58,7 +95,9 @@ DEFAULT_STEPS = {"cuda": 10, "cpu": 2}
 @dataclass(frozen=True)
 class Scenario:
     """One measured run, in its own process. `mode` is one of our memory modes (or `auto`) or a
-    peer's name; `budget` (e.g. "2GB") goes to the planner for `auto`."""
+    peer's name. `budget` (e.g. "2GB"): the run is held to that much memory (a hard cap, see
+    `benchmark.caps`), and our modes plan for it; None: no cap. `n_iter`: calls of `batch` images
+    each in one measured run (optimizedSD's `--n_iter`)."""
 
     kind: str
     height: int
@@ -67,10 +106,15 @@ class Scenario:
     steps: int
     mode: str
     budget: str | None = None
+    n_iter: int = 1
 
     @property
     def engine(self) -> str:
-        return "diffusers" if self.mode in PEERS else "ours"
+        return PEERS[self.mode].engine if self.mode in PEERS else "ours"
+
+    @property
+    def images(self) -> int:
+        return self.batch * self.n_iter
 
     @property
     def size(self) -> str:
@@ -79,7 +123,8 @@ class Scenario:
     @property
     def group(self) -> str:
         """Scenarios that are compared with each other share a group: same work, different engine/mode."""
-        return f"{self.kind}-{self.size}-b{self.batch}"
+        iterations = f"x{self.n_iter}" if self.n_iter > 1 else ""
+        return f"{self.kind}-{self.size}-b{self.batch}{iterations}"
 
     @property
     def name(self) -> str:
@@ -87,11 +132,14 @@ class Scenario:
         return f"{self.group}-{self.mode}{budget}"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "name": self.name, "engine": self.engine, "group": self.group}
+        data = asdict(self)
+        if self.n_iter == 1:
+            del data["n_iter"]  # as files written before it existed
+        return {**data, "name": self.name, "engine": self.engine, "group": self.group}
 
     @classmethod
     def from_dict(cls, data: dict) -> Scenario:
-        return cls(**{k: data[k] for k in ("kind", "height", "width", "batch", "steps", "mode", "budget")})
+        return cls(**{k: data[k] for k in ("kind", "height", "width", "batch", "steps", "mode", "budget")}, n_iter=data.get("n_iter", 1))
 
 
 def split_list(text: str | None) -> list[str]:
@@ -151,6 +199,42 @@ class Selection:
     notes: list[str]
 
 
+def missing_package(peer: Peer, installed: Callable[[str], bool]) -> str | None:
+    """The first package `peer` needs that is not installed, as its pip name; None when all are."""
+    return next((pip_name for module, pip_name in peer.needs if not installed(module)), None)
+
+
+def runnable_peers(
+    names: list[str], device_type: str, installed: Callable[[str], bool], model: str = "sd15"
+) -> tuple[list[str], list[str]]:
+    """The peers among `names` this device and these packages can run, and a one-line note for what
+    was left out: each peer for another device, diffusers' configurations together, each other
+    peer whose package is missing."""
+    notes: list[str] = []
+    on_device = []
+    for name in names:
+        devices = PEERS[name].devices
+        if device_type not in devices:
+            notes.append(f"{name}: needs a {' or '.join(d.upper() for d in devices)} device, skipped on {device_type}")
+        elif model not in PEERS[name].models:
+            notes.append(f"{name}: runs the {' or '.join(PEERS[name].models)} model only, skipped with --model {model}")
+        else:
+            on_device.append(name)
+    if on_device and not installed("diffusers"):
+        others = [name for name in on_device if DIFFUSERS[0] not in PEERS[name].needs]
+        done = "ran ours alone" if not others else f"ran {', '.join(others)} beside ours"
+        notes.append(f"diffusers is not installed: {done} (pip install diffusers accelerate to compare)")
+        on_device = others
+    runnable = []
+    for name in on_device:
+        missing = missing_package(PEERS[name], installed)
+        if missing:
+            notes.append(f"{name}: {missing} is not installed, skipped (pip install {missing})")
+        else:
+            runnable.append(name)
+    return runnable, notes
+
+
 def select_scenarios(
     *,
     kinds: str,
@@ -162,11 +246,22 @@ def select_scenarios(
     device_type: str,
     budget: str | None = None,
     only: str | None = None,
+    n_iter: int = 1,
+    model: str = "sd15",
+    installed: Callable[[str], bool] | None = None,
     diffusers_available: bool = True,
     accelerate_available: bool = True,
 ) -> Selection:
     """The cross product kinds x sizes x batches x (our modes + peers), filtered by what the device and
-    the installed packages can run, then by `only` (comma-separated name globs)."""
+    the installed packages can run, then by `only` (comma-separated name globs).
+
+    With `budget` (a comma list, `none` for no cap) the work also runs as a frontier: for each budget,
+    roomiest first, ours in `auto` and every peer under that cap (`none`: uncapped, named as a plain
+    run). `installed(module)` says whether a package is importable (default: diffusers and accelerate
+    as the two flags say, every other package present)."""
+    if installed is None:
+        flags = {"diffusers": diffusers_available, "accelerate": accelerate_available}
+        installed = lambda module: flags.get(module, True)  # noqa: E731
     kind_list = parse_names(kinds, KINDS, "kind", "--kinds")
     if not kind_list:
         raise UserError("--kinds is empty; give txt2img, img2img or both")
@@ -174,39 +269,24 @@ def select_scenarios(
     batch_list = parse_positive_ints(batches, "--batch")
     if steps < 1:
         raise UserError("--steps must be at least 1")
+    if n_iter < 1:
+        raise UserError("--n_iter must be at least 1")
     mode_list = parse_names(modes, OUR_MODES + (AUTO,), "memory mode", "--modes")
     peer_list = parse_names(peers, tuple(PEERS), "peer", "--peers")
-    budget_list = split_list(budget) if budget is not None else []
-    if budget is not None:
-        from optimized_sd.memory.planner import parse_bytes  # pure, no torch
-
-        if not budget_list:
-            raise UserError("--budget is empty; give sizes like 2GB or 1GB,2GB")
-        for each in budget_list:
-            parse_bytes(each)
-    notes: list[str] = []
-    if peer_list and not diffusers_available:
-        notes.append("diffusers is not installed: ran ours alone (pip install diffusers accelerate to compare)")
-        peer_list = []
-    runnable_peers = []
-    for name in peer_list:
-        peer = PEERS[name]
-        if peer.cuda_only and device_type != "cuda":
-            notes.append(f"{name}: needs a CUDA device, skipped on {device_type}")
-        elif peer.needs_accelerate and not accelerate_available:
-            notes.append(f"{name}: diffusers needs accelerate for it, which is not installed; skipped")
-        else:
-            runnable_peers.append(name)
+    budget_list = largest_first(parse_budgets(budget)) if budget is not None else []
+    peer_list, notes = runnable_peers(peer_list, device_type, installed, model)
     scenarios = []
     for kind in kind_list:
         for height, width in size_list:
             for batch in batch_list:
+                work = dict(kind=kind, height=height, width=width, batch=batch, steps=steps, n_iter=n_iter)
                 for mode in mode_list:
-                    scenarios.append(Scenario(kind, height, width, batch, steps, mode))
+                    scenarios.append(Scenario(mode=mode, **work))
+                if not budget_list:
+                    scenarios += [Scenario(mode=name, **work) for name in peer_list]
                 for each in budget_list:
-                    scenarios.append(Scenario(kind, height, width, batch, steps, AUTO, each))
-                for name in runnable_peers:
-                    scenarios.append(Scenario(kind, height, width, batch, steps, name))
+                    cap = None if each == NO_BUDGET else each
+                    scenarios += [Scenario(mode=name, budget=cap, **work) for name in (AUTO, *peer_list)]
     scenarios = list(dict.fromkeys(scenarios))
     if only:
         patterns = split_list(only)

@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -20,6 +21,17 @@ from dataclasses import asdict, replace
 from importlib import metadata
 from typing import TypeVar
 
+from optimized_sd.benchmark.caps import (
+    CPU_RSS,
+    MIB,
+    UNCAPPED,
+    BudgetAboveDevice,
+    BudgetTooSmall,
+    CapFacts,
+    cpu_cap,
+    cuda_cap,
+    parse_budget,
+)
 from optimized_sd.benchmark.results import (
     Bandwidth,
     BenchModel,
@@ -32,7 +44,7 @@ from optimized_sd.benchmark.results import (
     from_json,
 )
 from optimized_sd.benchmark.scenarios import Scenario
-from optimized_sd.errors import UserError
+from optimized_sd.errors import OutOfMemoryBudget, UserError
 from optimized_sd.memory.precision import compute_dtype_name
 
 RESULT_PREFIX = "BENCH-RESULT "
@@ -40,7 +52,7 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 SEED = 42
 SCALE = 7.5
 STRENGTH = 0.75
-MIB = 2**20
+RSS_POLL_SECONDS = 0.005
 T = TypeVar("T")
 
 
@@ -160,6 +172,113 @@ def build(payload: dict) -> BenchModel:
     )
 
 
+# --------------------------------------------------------------------------- memory caps
+def emit(result: dict) -> None:
+    print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+
+
+class RssWatchdog:
+    """The CPU's hard cap: samples this process' RSS every few milliseconds and, once it passes the
+    budget, reports the run as out of memory and ends the process at once (as a kernel's OOM killer
+    would, but with a result line). A spike shorter than the sampling interval can slip by: the run's
+    peak RSS (getrusage) is checked against the budget again at the end."""
+
+    def __init__(self, cap: CapFacts, scenario: Scenario) -> None:
+        import psutil
+
+        self.cap, self.scenario, self.process = cap, scenario, psutil.Process()
+        self.limit = int((cap.budget_mib or 0) * MIB)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.watch, name="rss-watchdog", daemon=True)
+
+    def start(self) -> RssWatchdog:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def watch(self) -> None:
+        while not self.stopped.wait(RSS_POLL_SECONDS):
+            rss = self.process.memory_info().rss
+            if rss > self.limit:
+                error = f"out of memory: RSS {rss / MIB:,.0f} MiB passed the cap of {self.cap.budget_mib:,.0f} MiB"
+                emit(asdict(ScenarioResult(self.scenario, ok=False, oom=True, error=error, cap=self.cap, peak_rss_mib=max_rss_mib())))
+                os._exit(1)
+
+
+def preload(engine: str) -> None:
+    """Import what the engine's run imports, so the RSS measured before it counts the libraries."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    if engine == "ours":
+        import optimized_sd.pipelines.txt2img  # noqa: F401
+    elif engine == "stable-diffusion.cpp":
+        import stable_diffusion_cpp  # noqa: F401
+    else:
+        import diffusers  # noqa: F401
+
+        if engine == "OpenVINO":
+            import openvino  # noqa: F401
+
+
+def cuda_context_bytes(device) -> tuple[int, int]:
+    """(bytes of the device outside PyTorch's allocator, the device's total) once the CUDA context is
+    up and the kernels of a first matmul, convolution and attention are loaded (lazy loading adds
+    them on first use, as a run would). Other processes on the device would count too."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        a = torch.randn(1, 4, 64, 64, device=device, dtype=torch.float16)
+        F.conv2d(a, torch.randn(4, 4, 3, 3, device=device, dtype=torch.float16), padding=1)
+        q = a.view(1, 4, 64, 64)
+        F.scaled_dot_product_attention(q, q, q)
+        (q[0, 0] @ q[0, 0]).sum().item()
+    del a, q
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device), total
+
+
+def hold_to_budget(scenario: Scenario, device) -> tuple[CapFacts, RssWatchdog | None]:
+    """Apply the scenario's cap to this process (see `benchmark.caps`); the facts say what was seen.
+    Raises `BudgetTooSmall` or `BudgetAboveDevice` when no cap can stand for the budget."""
+    import psutil
+    import torch
+
+    budget = parse_budget(scenario.budget) if scenario.budget else None
+    if device.type == "cuda":
+        context, total = cuda_context_bytes(device)
+        if budget is None:
+            return CapFacts(UNCAPPED, None, total / MIB, "mem_get_info", context / MIB), None
+        try:
+            cap = replace(cuda_cap(budget, total, context), total_source="mem_get_info")
+        except BudgetTooSmall as error:
+            error.facts = replace(error.facts, total_source="mem_get_info")
+            raise
+        torch.cuda.set_per_process_memory_fraction(cap.fraction, device)
+        return cap, None
+    baseline, ram = psutil.Process().memory_info().rss, psutil.virtual_memory().total
+    if budget is None:
+        return CapFacts(UNCAPPED, None, ram / MIB, "meminfo", baseline / MIB), None
+    cap = cpu_cap(budget, ram, baseline)
+    return cap, RssWatchdog(cap, scenario).start()
+
+
+def after_run(cap: CapFacts, device) -> CapFacts:
+    """The cap's facts with the context as it stands after the run (CUDA: it grows as kernels load)."""
+    import torch
+
+    if device.type != "cuda":
+        return cap
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return replace(cap, context_after_mib=(total - free - torch.cuda.memory_reserved(device)) / MIB)
+
+
 # --------------------------------------------------------------------------- scenarios
 Measured = tuple[float, dict[str, StageFigures], object]  # (seconds of the run, its stages, its latents)
 
@@ -195,7 +314,18 @@ def best_of(measure: Callable[[], Measured], repeat: int) -> Measured:
     return total, stages, latents
 
 
-def run_ours(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
+def run_calls(calls: int, run: Callable[[], tuple[dict[str, StageFigures], object]]) -> tuple[dict[str, StageFigures], object]:
+    """`calls` runs of one measured scenario (optimizedSD's `--n_iter`): their stages added together,
+    and the last call's latents."""
+    stages: dict[str, StageFigures] = {}
+    latents = None
+    for _ in range(calls):
+        figures, latents = run()
+        stages = {name: stages[name].then(f) if name in stages else f for name, f in figures.items()}
+    return stages, latents
+
+
+def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None = None) -> ScenarioResult:
     import torch
 
     import optimized_sd
@@ -228,7 +358,7 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
             device=str(device),
             precision=task.precision,
             memory=scenario.mode,
-            vram_budget=scenario.budget,
+            vram_budget=budget,
             attention=task.attention,
             tokenizer=task.tokenizer,
         )
@@ -240,10 +370,13 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
     for _ in range(task.warmup):
         pipe.generate(replace(request, steps=min(scenario.steps, 2)))
 
+    def call() -> tuple[dict[str, StageFigures], object]:
+        latents = pipe.generate(request).latents  # each call's stages replace the previous call's in the meter
+        return stage_figures(pipe.meter), latents
+
     def measured() -> Measured:
-        pipe.meter.records.clear()
-        seconds, result = timed(device, lambda: pipe.generate(request))
-        return seconds, stage_figures(pipe.meter), result.latents
+        seconds, (stages, latents) = timed(device, lambda: run_calls(scenario.n_iter, call))
+        return seconds, stages, latents
 
     total, stages, latents = best_of(measured, task.repeat)
     fp = pipe.memory.sizes
@@ -263,6 +396,7 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
             vae_tiling=pipe.plan.vae_tiling,
             budget_mib=pipe.plan.budget / MIB if pipe.plan.budget else None,
             estimates_mib={mode: value / MIB for mode, value in pipe.plan.estimates.items()},
+            unet_batch=pipe.plan.unet_batch,
         ),
         footprint=Footprint(
             dtype_bytes=pipe.dtype_bytes,
@@ -281,10 +415,13 @@ def place_peer(pipe, peer: str, device) -> None:
     """Put a diffusers pipeline on the device the way the peer's name says."""
     import torch
 
-    if peer in ("diffusers", "diffusers-attention-slicing"):
+    if peer in ("diffusers", "diffusers-attention-slicing", "diffusers-vae-slicing"):
         pipe.to(device)
         if peer == "diffusers-attention-slicing":
             pipe.enable_attention_slicing()
+        if peer == "diffusers-vae-slicing":  # decode one image at a time, in overlapping tiles
+            pipe.vae.enable_slicing()
+            pipe.vae.enable_tiling()
     elif peer == "diffusers-model-offload":
         pipe.enable_model_cpu_offload(device=device)
     elif peer == "diffusers-sequential-offload":
@@ -379,9 +516,13 @@ def run_diffusers(task: ScenarioTask, scenario: Scenario, device) -> ScenarioRes
     for _ in range(task.warmup):
         generate(min(scenario.steps, 2))
 
+    def call() -> tuple[dict[str, StageFigures], object]:
+        latents = generate(scenario.steps)
+        return stage_figures(meter), latents
+
     def measured() -> Measured:
-        seconds, latents = timed(device, lambda: generate(scenario.steps))
-        return seconds, stage_figures(meter), latents
+        seconds, (stages, latents) = timed(device, lambda: run_calls(scenario.n_iter, call))
+        return seconds, stages, latents
 
     total, stages, latents = best_of(measured, task.repeat)
     for hook in hooks:
@@ -398,7 +539,24 @@ def run_diffusers(task: ScenarioTask, scenario: Scenario, device) -> ScenarioRes
     )
 
 
+def run_engine(task: ScenarioTask, scenario: Scenario, device, cap: CapFacts) -> ScenarioResult:
+    """The scenario in its engine; ours plans for what the cap leaves (None: the free memory)."""
+    if scenario.engine == "ours":
+        return run_ours(task, scenario, device, budget=cap.allocatable_bytes)
+    if scenario.engine == "stable-diffusion.cpp":
+        from optimized_sd.benchmark.cpu_peers import run_sdcpp
+
+        return run_sdcpp(task, scenario, device)
+    if scenario.engine == "OpenVINO":
+        from optimized_sd.benchmark.cpu_peers import run_openvino
+
+        return run_openvino(task, scenario, device)
+    return run_diffusers(task, scenario, device)
+
+
 def run_scenario(payload: dict) -> ScenarioResult:
+    """One scenario under its memory cap. Not completing for lack of memory is a result (`oom`), not
+    a failure of the harness."""
     import torch
 
     from optimized_sd.memory.device import resolve_device
@@ -406,22 +564,38 @@ def run_scenario(payload: dict) -> ScenarioResult:
     task = from_json(ScenarioTask, payload)
     scenario = Scenario.from_dict(payload["scenario"])
     device = resolve_device(task.device)
+    preload(scenario.engine)
     load_before = os.getloadavg()[0]
     try:
-        if scenario.engine == "ours":
-            result = run_ours(task, scenario, device)
-        else:
-            result = run_diffusers(task, scenario, device)
+        cap, watchdog = hold_to_budget(scenario, device)
+    except BudgetTooSmall as error:
+        return ScenarioResult(scenario, ok=False, oom=True, cap=error.facts, error=f"does not fit: {error}", peak_rss_mib=max_rss_mib())
+    except BudgetAboveDevice as error:
+        raise UserError(f"--budget {scenario.budget}: {error}") from None
+    try:
+        result = run_engine(task, scenario, device, cap)
     except torch.OutOfMemoryError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
-        return ScenarioResult(scenario, ok=False, error=f"out of memory: {first_line[:200]}", peak_rss_mib=max_rss_mib())
-    return replace(
+        error = f"out of memory: {first_line[:200]}"
+        return ScenarioResult(scenario, ok=False, oom=True, cap=after_run(cap, device), error=error, peak_rss_mib=max_rss_mib())
+    except OutOfMemoryBudget as error:
+        return ScenarioResult(scenario, ok=False, oom=True, cap=after_run(cap, device), user_error=str(error), peak_rss_mib=max_rss_mib())
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+    peak_rss = max_rss_mib()
+    result = replace(
         result.with_stage_totals(),
+        cap=after_run(cap, device),
         device=str(device),
         dtype=compute_dtype_name(device.type, task.precision),
-        peak_rss_mib=max_rss_mib(),
+        peak_rss_mib=peak_rss,
         host_load=[load_before, os.getloadavg()[0]],  # other work on the machine skews timings
     )
+    if cap.kind == CPU_RSS and cap.budget_mib is not None and peak_rss > cap.budget_mib:
+        error = f"out of memory: peak RSS {peak_rss:,.0f} MiB passed the cap of {cap.budget_mib:,.0f} MiB between two samples"
+        return replace(result, ok=False, oom=True, error=error)
+    return result
 
 
 TASKS = {"probe": probe, "build": build, "scenario": run_scenario}
@@ -446,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             "traceback": traceback.format_exc()[-3000:],
             "peak_rss_mib": max_rss_mib(),
         }
-    print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+    emit(result)
     return 0 if result.get("ok") else 1
 
 

@@ -7,7 +7,7 @@ group is released and which group follows which all come from the caller's `Grou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,39 +40,57 @@ class TensorSlot:
     leaf: str
     is_parameter: bool
     shape: torch.Size
-    floating: bool
+    packed: bool  # floating, or kept in its stored dtype: packed with its group's buffer
+    placed_dtype: torch.dtype  # on the device and in the host copy
+    kept: bool = False  # in the source's dtype (`OffloadEngine.keep_dtype`), not the compute dtype
     host: Tensor | None = None
 
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * self.placed_dtype.itemsize
 
-ALIGN_ELEMENTS = 64  # each tensor of a packed group starts on a 128-byte boundary (fp16)
+    @property
+    def patchable(self) -> bool:
+        """Placed in the compute dtype, so `tensor_hook` may patch it (not a tensor kept in its stored dtype)."""
+        return self.packed and not self.kept
+
+
+ALIGN_BYTES = 128  # each tensor of a packed group starts on a 128-byte boundary, whatever its dtype
 
 
 class Group:
     """Runtime state of one group: resident or not, and the event that says its copy finished.
 
-    With host copies, a group's floating tensors are packed into one flat page-locked buffer
-    (`packed_host`; each slot's host tensor is a view of it), so bringing the group in is one
+    With host copies, a group's tensors are packed into one flat page-locked byte buffer
+    (`packed_host`; each slot's host tensor is a typed view of it), so bringing the group in is one
     host-to-device copy instead of one per tensor: on a fast GPU the per-tensor launches, not the
-    bytes, were what kept streaming from hiding behind compute."""
+    bytes, were what kept streaming from hiding behind compute. Bytes, not elements, because a group
+    may mix dtypes: 8-bit weights beside their scales and 16-bit norms (`keep_dtype`)."""
 
     def __init__(self, spec: GroupSpec, slots: list[TensorSlot]) -> None:
         self.spec = spec
         self.slots = slots
         self.resident = False
         self.ready: torch.cuda.Event | None = None
-        self.bytes = sum(slot.shape.numel() for slot in slots)  # elements; scaled by dtype size later
+        self.bytes = sum(slot.nbytes for slot in slots)  # as placed on the device
         self.packed_host: Tensor | None = None
         self.packed_device: Tensor | None = None
         self.offsets: dict[str, int] = {}
 
     def pack_layout(self) -> int:
-        """Give each floating slot an aligned offset in the packed buffer; returns its length."""
+        """Give each packed slot (floating tensors, and those kept in their stored dtype) an aligned
+        byte offset in the packed buffer; returns its length in bytes."""
         length = 0
         for slot in self.slots:
-            if slot.floating:
+            if slot.packed:
                 self.offsets[slot.key] = length
-                length += -(-slot.shape.numel() // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+                length += -(-slot.nbytes // ALIGN_BYTES) * ALIGN_BYTES
         return length
+
+    def view(self, packed: Tensor, slot: TensorSlot) -> Tensor:
+        """Slot `slot`'s tensor inside a packed byte buffer (host or device)."""
+        start = self.offsets[slot.key]
+        return packed[start : start + slot.nbytes].view(slot.placed_dtype).view(slot.shape)
 
 
 class OffloadEngine:
@@ -82,11 +100,16 @@ class OffloadEngine:
     prefetch), `cpu` a plain CPU copy, `source` re-reads the (memory-mapped) file each time the group
     is needed and keeps nothing, the RAM-lean path for machines without a GPU.
 
+    Floating tensors are placed in the compute dtype, except the keys in `keep_dtype`, which keep the
+    source's dtype everywhere (host copy, packed buffers, device): 8-bit weights and their scales, which
+    the model's op layer dequantises at compute. The engine only moves their bytes.
+
     `tensor_hook(key, tensor)` is called with each floating tensor's checkpoint key and its device
     copy, in the compute dtype, right after the copy is placed (every load of every group, resident
     groups included), so a patch (a LoRA merged in place) changes exactly the copy that computes and
-    never the host copy or the file. `reload()` places the resident groups again, so a changed hook
-    takes effect at once (removing it restores the original values)."""
+    never the host copy or the file (tensors kept in their stored dtype are not passed to it).
+    `reload()` places the resident groups again, so a changed hook takes effect at once (removing it
+    restores the original values). `copied_bytes` counts the weight bytes brought to the device."""
 
     def __init__(
         self,
@@ -99,14 +122,16 @@ class OffloadEngine:
         host: HostStorage,
         prefetch: bool = False,
         tensor_hook: TensorHook | None = None,
+        keep_dtype: Collection[str] = (),
     ) -> None:
         self.root = root
         self.tensor_hook = tensor_hook
         self.source = source
         self.device = device
         self.dtype = dtype
-        self.dtype_bytes = dtype.itemsize
+        self.keep_dtype = frozenset(keep_dtype)
         self.host = host
+        self.copied_bytes = 0  # weight bytes brought to the device since construction (host/file -> device)
         self.prefetch_enabled = prefetch and device.type == "cuda"
         # Weight bytes of streamed groups that may be on the device at once when copying ahead; the
         # group after the running one is always fetched, further ones only within this.
@@ -147,25 +172,30 @@ class OffloadEngine:
         return any(f"{path}.{'.'.join(parts[:i])}" in paths for i in range(1, len(parts) + 1))
 
     def _slot(self, path: str, local: str, tensor: Tensor) -> TensorSlot:
-        *owner_path, leaf = f"{path}.{local}".split(".")
+        key = f"{path}.{local}"
+        *owner_path, leaf = key.split(".")
         owner = self.root.get_submodule(".".join(owner_path))
+        stored = self.source.dtype(key)
+        kept = key in self.keep_dtype
         return TensorSlot(
-            key=f"{path}.{local}",
+            key=key,
             owner=owner,
             leaf=leaf,
             is_parameter=leaf in owner._parameters,
             shape=tensor.shape,
-            floating=tensor.is_floating_point(),
+            packed=stored.is_floating_point or kept,
+            placed_dtype=self._placed_dtype(stored, kept),
+            kept=kept,
         )
 
-    def _target_dtype(self, slot: TensorSlot) -> torch.dtype:
-        """The compute dtype for floating tensors; the file's own for the rest (e.g. position ids)."""
-        stored = self.source.dtype(slot.key)
-        return self.dtype if stored.is_floating_point else stored
+    def _placed_dtype(self, stored: torch.dtype, kept: bool) -> torch.dtype:
+        """The compute dtype for floating tensors; the file's own for the rest (e.g. position ids) and
+        for the keys kept in their stored dtype."""
+        return self.dtype if stored.is_floating_point and not kept else stored
 
     def _placeholder(self, slot: TensorSlot) -> Tensor:
         """What a slot holds while its group is away: shape and dtype, no memory."""
-        return torch.empty(slot.shape, dtype=self._target_dtype(slot), device="meta")
+        return torch.empty(slot.shape, dtype=slot.placed_dtype, device="meta")
 
     def _prepare_host(self, group: Group) -> None:
         """Make the host copies (not for `never` groups, which go straight to the device, nor for the
@@ -173,15 +203,14 @@ class OffloadEngine:
         keep_copy = self.host in ("pinned", "cpu") and group.spec.release != "never"
         pin = self.host == "pinned" and self.device.type == "cuda"
         if keep_copy:
-            group.packed_host = torch.empty(group.pack_layout(), dtype=self.dtype, pin_memory=pin)
+            group.packed_host = torch.empty(group.pack_layout(), dtype=torch.uint8, pin_memory=pin)
         for slot in group.slots:
             if not keep_copy:
                 self._set(slot, self._placeholder(slot))
                 continue
             value = self.source.get(slot.key).reshape(slot.shape)
             if slot.key in group.offsets:
-                start = group.offsets[slot.key]
-                slot.host = group.packed_host[start : start + slot.shape.numel()].view(slot.shape)
+                slot.host = group.view(group.packed_host, slot)
                 slot.host.copy_(value)
             else:  # integer tensors, rare: kept on their own
                 host = value.clone()
@@ -202,9 +231,9 @@ class OffloadEngine:
         swap_tensor(slot.owner, slot.leaf, value)
 
     def _placed(self, slot: TensorSlot, value: Tensor) -> None:
-        """Swap in a device copy just made, and let the hook patch it (floating tensors only)."""
+        """Swap in a device copy just made, and let the hook patch it (floating tensors in the compute dtype only)."""
         self._set(slot, value)
-        if self.tensor_hook is not None and slot.floating:
+        if self.tensor_hook is not None and slot.patchable:
             self.tensor_hook(slot.key, value)
 
     def _copy_in(self, group: Group) -> None:
@@ -216,17 +245,15 @@ class OffloadEngine:
             group.packed_device = self._shared_arena()
         for slot in group.slots:
             if slot.key in group.offsets and group.packed_device is not None:
-                start = group.offsets[slot.key]
-                view = group.packed_device[start : start + slot.shape.numel()].view(slot.shape)
+                view = group.view(group.packed_device, slot)
                 if group.packed_host is None:  # arena: cast straight from the file into place
                     view.copy_(self.source.get(slot.key).reshape(slot.shape))
                 self._placed(slot, view)
                 continue
             value = slot.host if slot.host is not None else self.source.get(slot.key)
-            value = value.reshape(slot.shape).to(
-                device=self.device, dtype=self._target_dtype(slot), non_blocking=non_blocking, copy=True
-            )
+            value = value.reshape(slot.shape).to(device=self.device, dtype=slot.placed_dtype, non_blocking=non_blocking, copy=True)
             self._placed(slot, value)
+        self.copied_bytes += group.bytes
         # Every tensor above is a copy, so the file pages just read can be handed back at once.
         self.source.release(slot.key for slot in group.slots)
 
@@ -239,7 +266,7 @@ class OffloadEngine:
     def _shared_arena(self) -> Tensor:
         """The buffer streamed groups share on the CPU lean path, made at first use, dropped at stage end."""
         if self._arena is None:
-            self._arena = torch.empty(self._arena_length, dtype=self.dtype, device=self.device)
+            self._arena = torch.empty(self._arena_length, dtype=torch.uint8, device=self.device)
         return self._arena
 
     def load(self, name: str, *, asynchronous: bool = False) -> None:
@@ -292,16 +319,15 @@ class OffloadEngine:
     def _prefetch_after(self, name: str) -> None:
         """Start the copies of the groups that follow `name`: the next one always, further ones while
         the streamed groups on the device, these included, stay within `lookahead_bytes`."""
-        size = self.dtype_bytes
-        held = sum(g.bytes for g in self.groups.values() if g.resident and g.spec.release == "after_forward") * size
+        held = sum(g.bytes for g in self.groups.values() if g.resident and g.spec.release == "after_forward")
         following, ahead = self.groups[name].spec.prefetch_next, 0
         while following is not None and following != name:
             group = self.groups[following]
             if not group.resident:
-                if ahead and held + group.bytes * size > self.lookahead_bytes:
+                if ahead and held + group.bytes > self.lookahead_bytes:
                     return
                 self.load(following, asynchronous=True)
-                held += group.bytes * size
+                held += group.bytes
             following, ahead = group.spec.prefetch_next, ahead + 1
 
     def _after(self, name: str) -> None:
@@ -328,8 +354,8 @@ class OffloadEngine:
         return tuple(name for name, group in self.groups.items() if group.resident)
 
     def resident_bytes(self) -> int:
-        """Bytes of weights currently on the device (floating tensors at the compute dtype)."""
-        return sum(group.bytes * self.dtype_bytes for group in self.groups.values() if group.resident)
+        """Bytes of weights currently on the device, as placed (compute dtype, or the stored dtype of kept keys)."""
+        return sum(group.bytes for group in self.groups.values() if group.resident)
 
     def reload(self) -> None:
         """Place every resident group again from its home (host copy or file), through the current

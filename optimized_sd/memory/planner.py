@@ -6,9 +6,10 @@ without a GPU (fake budgets) and each constant can be re-measured with `benchmar
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import OutOfMemoryBudget, UserError
 from optimized_sd.memory.modes import MODE_TABLE, MODES, MemoryMode, denoiser_stage_weights, leaner, mode_row
 
 # Activation elements per unit of work (times the compute dtype's size gives bytes). Calibrated on
@@ -19,6 +20,12 @@ from optimized_sd.memory.modes import MODE_TABLE, MODES, MemoryMode, denoiser_st
 # measured there; its constant is the decoder's scaled by their activation widths.
 UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 14_000  # per image in the UNet micro-batch
 UNET_ACTIVATION_CHUNKED_FF = 0.65  # share left when the feed-forward runs in token chunks (stream)
+# With a UNet micro-batch, the images outside the running slice still hold their skip connections
+# (every input block's output, kept for the output blocks: 1,940 elements per latent pixel per image
+# in SD 1.5, 320-1280 channels at 1/1-1/8 of the latent side) and the running block's input and
+# concatenated output at full batch; rounded up.
+UNET_FULL_BATCH_ELEMENTS_PER_LATENT_PIXEL = 3_000
+MIN_UNET_MICRO_BATCH = 2  # one CFG pair: smaller slices leave a GPU underfilled, and the next mode is usually faster
 VAE_DECODE_ELEMENTS_PER_PIXEL = 1_000  # one image at a time
 VAE_ENCODE_ELEMENTS_PER_PIXEL = 800
 VAE_TILE = 512  # pixels; tiled decode works on 64x64-latent tiles with 64-pixel overlap
@@ -116,12 +123,20 @@ def chunks_feed_forward(mode: str) -> bool:
     return mode_row(mode).feed_forward_chunk_tokens is not None
 
 
+def cfg_batch(request: Request) -> int:
+    """Images per UNet call: classifier-free guidance runs the unconditional and conditional halves together."""
+    return request.batch * (2 if request.guidance else 1)
+
+
 def unet_activation_bytes(request: Request, chunked: bool) -> int:
+    """The running micro-batch's activations, plus what the rest of the batch holds meanwhile."""
     latent_pixels = (request.height // 8) * (request.width // 8)
-    cfg_batch = request.batch * (2 if request.guidance else 1)
-    micro = min(request.unet_batch or cfg_batch, cfg_batch)
+    whole = cfg_batch(request)
+    micro = min(request.unet_batch or whole, whole)
     share = UNET_ACTIVATION_CHUNKED_FF if chunked else 1.0
-    return int(UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * latent_pixels * micro * request.dtype_bytes * share)
+    running = UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * share * micro
+    waiting = UNET_FULL_BATCH_ELEMENTS_PER_LATENT_PIXEL * (whole - micro)
+    return int((running + waiting) * latent_pixels * request.dtype_bytes)
 
 
 def vae_activation_bytes(request: Request, per_pixel: int, tiled: bool) -> int:
@@ -162,6 +177,20 @@ def stream_lookahead(model: ModelFootprint, request: Request, budget: int) -> in
     return room if room > model.largest_block_pair else 0
 
 
+def micro_batched(
+    mode: str, model: ModelFootprint, request: Request, budget: int, tiled_for: Callable[[str, Request], bool]
+) -> Request | None:
+    """`request` with the largest UNet micro-batch (at least `MIN_UNET_MICRO_BATCH`) under which `mode`
+    fits `budget`, or None. A micro-batch the user set is theirs: never changed."""
+    if request.unet_batch is not None:
+        return None
+    for size in range(cfg_batch(request) - 1, MIN_UNET_MICRO_BATCH - 1, -1):
+        asked = replace(request, unet_batch=size)
+        if estimate_peak(mode, model, asked, tiled_for(mode, asked)) <= budget:
+            return asked
+    return None
+
+
 def plan_memory(
     model: ModelFootprint,
     request: Request,
@@ -171,8 +200,10 @@ def plan_memory(
     vae_tiling: str = "auto",
     device_type: str = "cuda",
 ) -> Plan:
-    """Pick the fastest mode whose estimate fits `budget` (None: no limit, i.e. `full`). A forced mode
-    is kept, and a forced `stream` keeps to one block ahead (the lowest memory, what it is asked
+    """Pick the fastest mode whose estimate fits `budget` (None: no limit, i.e. `full`), each mode tried
+    with the whole batch through the UNet, then with the largest micro-batch that fits (so a batch of
+    several images keeps a faster mode on a small card instead of dropping to a leaner one). A forced mode
+    is kept (micro-batched if need be), and a forced `stream` keeps to one block ahead (the lowest memory, what it is asked
     for); a prefetching mode picked by `auto` copies further ahead within what the budget leaves. VAE
     tiling `auto` turns on only when the untiled decode would not fit. The returned plan carries the
     chosen row's options for a `device_type` device."""
@@ -181,48 +212,54 @@ def plan_memory(
     if vae_tiling not in ("auto", "on", "off"):
         raise UserError(f"--vae-tiling must be auto, on or off, not {vae_tiling!r}")
 
-    def tiled_for(candidate: str) -> bool:
+    def tiled_for(candidate: str, asked: Request) -> bool:
         if vae_tiling != "auto":
             return vae_tiling == "on"
         if budget is None:
             return False
-        return estimate_peak(candidate, model, request, False) > budget >= estimate_peak(candidate, model, request, True)
+        return estimate_peak(candidate, model, asked, False) > budget >= estimate_peak(candidate, model, asked, True)
 
-    tiled = {m: tiled_for(m) for m in MODES}
+    tiled = {m: tiled_for(m, request) for m in MODES}
     estimates = {m: estimate_peak(m, model, request, tiled[m]) for m in MODES}
 
-    def chosen(candidate: str, reason: str, lookahead: int = 0) -> Plan:
+    def chosen(candidate: str, reason: str, asked: Request, lookahead: int = 0) -> Plan:
         options = row_options(mode_row(candidate), device_type)
+        tiling = tiled_for(candidate, asked)
         return Plan(
-            vae_tiling=tiled[candidate],
-            estimates=estimates,
+            vae_tiling=tiling,
+            estimates={**estimates, candidate: estimate_peak(candidate, model, asked, tiling)},
             budget=budget,
             reason=reason,
             lookahead=lookahead,
-            unet_batch=request.unet_batch,
+            unet_batch=asked.unet_batch,
             **options,
         )
 
     if mode != "auto" and (budget is None or estimates[mode] <= budget):
-        return chosen(mode, "as asked")
+        return chosen(mode, "as asked", request)
     if budget is None:
-        return chosen(MODES[0], "no memory limit")
-    for row in MODE_TABLE:
+        return chosen(MODES[0], "no memory limit", request)
+    first = 0 if mode == "auto" else MODES.index(mode)  # a forced mode is kept if a micro-batch fits it
+    for row in MODE_TABLE[first:]:
         candidate = row.name
-        if estimates[candidate] <= budget:
-            reason = "fastest that fits"
-            if mode != "auto":
-                reason = (
-                    f"{mode} needs about {format_bytes(estimates[mode])} but the budget is "
-                    f"{format_bytes(budget)}; {candidate} was chosen instead"
-                )
-            lookahead = stream_lookahead(model, request, budget) if row.prefetch and mode == "auto" else 0
-            return chosen(candidate, reason, lookahead)
+        asked = request if estimates[candidate] <= budget else micro_batched(candidate, model, request, budget, tiled_for)
+        if asked is None:
+            continue
+        reason = "fastest that fits" if mode == "auto" else "as asked"
+        if mode not in ("auto", candidate):
+            reason = (
+                f"{mode} needs about {format_bytes(estimates[mode])} but the budget is "
+                f"{format_bytes(budget)}; {candidate} was chosen instead"
+            )
+        if asked is not request:
+            reason += f" with the UNet running {asked.unet_batch} of its {cfg_batch(request)} images at a time"
+        lookahead = stream_lookahead(model, asked, budget) if row.prefetch and mode == "auto" else 0
+        return chosen(candidate, reason, asked, lookahead)
     leanest = MODES[-1]
     memory = "RAM (available)" if device_type == "cpu" else "VRAM budget"
     fits = largest_fitting_side(model, request, budget, leanest, vae_tiling != "off")
     what_fits = f"{request.batch} image(s) of {fits}x{fits} would fit" if fits else "not even one 64x64 image fits"
-    raise UserError(
+    raise OutOfMemoryBudget(
         f"a {memory} of {format_bytes(budget)} is below the smallest plan: "
         f"{leanest} needs about {format_bytes(estimates[leanest])} at {request.width}x{request.height}; {what_fits}"
     )

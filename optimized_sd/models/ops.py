@@ -7,11 +7,50 @@
   tensor that computes. Patches that change what computes (LoRA deltas, storage dtypes such as int8 or
   fp8 with per-channel scales dequantised to the compute dtype, per-layer casts) go there, not into
   the layers that use them. Code that needs the convolution with other arguments (the VAE's row bands
-  in `slabs.py`) calls the module, so it gets the same weights."""
+  in `slabs.py`) calls the module, so it gets the same weights.
+
+Stored weights (`--weights`): a layer's `weight` may be kept in a storage dtype other than the compute
+dtype: 16-bit (cast at compute) or 8-bit with a `weight_scale` buffer of one scale per output channel,
+w = q * scale[oc] (symmetric int8 in [-127, 127], or fp8 e4m3 scaled so each channel's largest value
+is fp8's largest). Dequantising per layer at compute keeps the memory engine ignorant of the format: it
+only moves the stored bytes."""
 
 from __future__ import annotations
 
+import warnings
+import weakref
+from functools import cache
+
+import torch
 from torch import Tensor, nn
+
+from optimized_sd.models.runtime import run_options
+
+SCALE = "weight_scale"  # buffer of an 8-bit weight's per-output-channel scales
+INT8_LIMIT = 127  # symmetric: -128 is never used, so q and -q are both representable
+
+
+def channel_view(scale: Tensor, like: Tensor) -> Tensor:
+    """(out,) scales shaped to broadcast over a weight (out, in) or (out, in, kh, kw)."""
+    return scale.view(-1, *[1] * (like.dim() - 1))
+
+
+def quantize(weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`weight` -> (q, scale) with weight ~= q * scale[oc], one float32 scale per output channel
+    (dim 0): int8 rounds to [-127, 127] with scale = absmax / 127; fp8 (e4m3) casts with scale = absmax /
+    fp8's largest finite value, so no channel saturates or wastes range. An all-zero channel gets scale 1."""
+    w = weight.float()
+    absmax = w.abs().flatten(1).amax(1)  # (out,)
+    limit = float(INT8_LIMIT) if dtype == torch.int8 else torch.finfo(dtype).max
+    scale = torch.where(absmax > 0, absmax / limit, torch.ones_like(absmax))
+    scaled = (w / channel_view(scale, w)).clamp(-limit, limit)
+    return (scaled.round() if dtype == torch.int8 else scaled).to(dtype), scale
+
+
+def dequantize(stored: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The weight that computes: the stored tensor in `dtype`, times its channel scales when it has them."""
+    weight = stored.to(dtype)
+    return weight if scale is None else weight * channel_view(scale.to(dtype), weight)
 
 
 class WeightOp:
@@ -24,21 +63,74 @@ class WeightOp:
     def reset_parameters(self) -> None:
         """Left uninitialised: checkpoint weights replace them."""
 
-    def compute_weight(self) -> Tensor:
-        return self.weight
+    def compute_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight in `dtype` (the input's; None: as stored, or the scale's dtype for an 8-bit weight)."""
+        scale = self._buffers.get(SCALE)  # type: ignore[attr-defined]
+        if scale is None and (dtype is None or self.weight.dtype == dtype):
+            return self.weight
+        return dequantize(self.weight, scale, dtype or scale.dtype)
 
     def compute_bias(self) -> Tensor | None:
         return self.bias
 
+    def add_weight_scale(self) -> None:
+        """Give the layer its 8-bit weight's scale buffer (out,), empty on meta: the memory engine fills it
+        like any other tensor, from a source that provides `<key>.weight_scale`."""
+        self.register_buffer(SCALE, torch.empty(self.weight.shape[0], device="meta"))  # type: ignore[attr-defined]
+
 
 class Linear(WeightOp, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(x, self.compute_weight(), self.compute_bias())
+        if self.weight.dtype == torch.int8 and x.device.type == "cpu" and x.dtype == torch.float32 and run_options().int8_matmul:
+            return torch.ops.quantized.linear_dynamic(x, self.prepacked_int8(), True)
+        return nn.functional.linear(x, self.compute_weight(x.dtype), self.compute_bias())
+
+    def prepacked_int8(self):  # -> torch.classes.quantized.LinearPackedParamsBase
+        """fbgemm's packed form of the int8 weight, its scales and the bias, for dynamic activation
+        quantisation (activations quantised per call to 7 bits, `reduce_range`, as fbgemm's AVX2 kernels
+        need to stay clear of int16 saturation). Packed once per placement of the weight: the cache is
+        keyed by the weight tensor and forgotten when the memory engine drops that tensor."""
+        cached = getattr(self, "_int8_packed", None)
+        if cached is not None and cached[0]() is self.weight:
+            return cached[1]
+        scale = self._buffers[SCALE]
+        with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; the packed op is what runs
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
+            )
+            packed = torch.ops.quantized.linear_prepack(qweight, None if self.bias is None else self.bias.float())
+        layer = weakref.ref(self)
+
+        def forget(dropped: weakref.ref) -> None:
+            owner = layer()
+            if owner is not None and getattr(owner, "_int8_packed", (None,))[0] is dropped:
+                owner._int8_packed = None
+
+        self._int8_packed = (weakref.ref(self.weight, forget), packed)
+        return packed
 
 
 class Conv2d(WeightOp, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.compute_weight(), self.compute_bias())
+        return self._conv_forward(x, self.compute_weight(x.dtype), self.compute_bias())
+
+
+@cache
+def cpu_int8_matmul_available() -> bool:
+    """Whether this torch build runs fbgemm's dynamic int8 Linear on this CPU (tried once on a tiny layer)."""
+    if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
+        return False
+    try:
+        with torch.device("cpu"):
+            layer = Linear(4, 2)
+        q, scale = quantize(torch.ones(2, 4), torch.int8)
+        layer.weight, layer.bias = nn.Parameter(q, requires_grad=False), nn.Parameter(torch.zeros(2), requires_grad=False)
+        layer.register_buffer(SCALE, scale)
+        out = torch.ops.quantized.linear_dynamic(torch.ones(1, 4), layer.prepacked_int8(), True)
+        return bool(torch.allclose(out, torch.full((1, 2), 4.0), rtol=0.05))
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def default_init(root: nn.Module) -> nn.Module:

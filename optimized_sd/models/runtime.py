@@ -15,10 +15,14 @@ class RunOptions:
     """`feed_forward_chunk_tokens`: transformer feed-forwards run over token slices of this size, so
     their 8x-wide hidden activation is never the peak. `unet_micro_batch`: each top-level UNet block
     runs the batch in slices of this size (a streamed block is still loaded once per call). Both give
-    the same numbers as the unsliced computation."""
+    the same numbers as the unsliced computation. `int8_matmul`: Linear layers whose weights are stored
+    in int8 compute on the CPU with fbgemm's dynamic activation quantisation (`ops.Linear`) instead of
+    dequantising to fp32 first: a small extra error (activations rounded to 7 bits), and on the 2-core
+    AVX2 machine it was measured on, slower over the whole UNet (so off unless asked for)."""
 
     feed_forward_chunk_tokens: int | None = None
     unet_micro_batch: int | None = None
+    int8_matmul: bool = False
 
 
 DEFAULTS = RunOptions()

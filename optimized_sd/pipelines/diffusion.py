@@ -30,6 +30,7 @@ from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_size
 from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
 from optimized_sd.pipelines.txt2img import TXT2IMG
+from optimized_sd.pipelines.weight_storage import check_weight_kind, plan_storage
 from optimized_sd.sampling import ProgressCallback, scaled_linear_schedule
 from optimized_sd.weights.embeddings import EmbeddingLibrary
 from optimized_sd.weights.family import detect_family
@@ -73,6 +74,8 @@ class StableDiffusion:
         tokenizer: str | Path | None = None,
         lora_dir: str | Path = DEFAULT_LORA_DIR,
         embeddings_dir: str | Path = DEFAULT_EMBEDDINGS_DIR,
+        weights: str | None = None,
+        int8_matmul: bool = False,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -82,8 +85,10 @@ class StableDiffusion:
         check_backend(attention, self.device)
         self.vae_tile = VAE_TILE
         budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
+        self.storage = plan_storage(self.model, weights, self.dtype, self.device.type)
         self.memory = MemorySession(
-            self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention
+            self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention,
+            storage=self.storage, int8_matmul=int8_matmul,
         )
         folder = loaded.checkpoint.path if loaded.checkpoint.path.is_dir() else None
         tokenizers = load_tower_tokenizers(self.config, folder, Path(tokenizer) if tokenizer else None)
@@ -264,7 +269,12 @@ def load(
 ) -> StableDiffusion:
     """Open a checkpoint (CompVis .ckpt, single-file .safetensors or diffusers folder) for generation.
     `vae`: a separate VAE file replacing the checkpoint's; `prediction`: auto|eps|v (see
-    `weights.prediction`). Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer."""
+    `weights.prediction`). Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer,
+    weights (fp16, bf16, fp8 or int8 storage of the Linear/Conv2d weights; None: the compute dtype),
+    int8_matmul (int8 weights on the CPU: Linear layers on fbgemm's dynamic activation quantisation instead
+    of dequantising to fp32 first; off by default: measured 1.15-1.18x slower on the whole UNet here, see
+    benchmarks/weights_accuracy.py --speed)."""
+    check_weight_kind(options.get("weights"))
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
     loaded = prepare_model(checkpoint, config=config, ema=ema, vae=vae)

@@ -275,10 +275,11 @@ def run_job(
 
 
 def describe_memory(pipe: StableDiffusion) -> str:
-    """'<mode> [copying up to N of blocks ahead] on <device>': how the last call ran."""
+    """'<mode> [copying up to N of blocks ahead] on <device>[, <kind> weights]': how the last call ran."""
     ahead = pipe.engine.lookahead_bytes if pipe.engine is not None and pipe.engine.prefetch_enabled else 0
     mode = f"{pipe.mode} (copying up to {format_bytes(ahead)} of blocks ahead)" if ahead else pipe.mode
-    return f"{mode} on {pipe.device}"
+    weights = f", {pipe.storage.kind} weights" if pipe.storage.stored else ""
+    return f"{mode} on {pipe.device}{weights}"
 
 
 __all__ = ["Job", "JobResult", "JobStep", "OutputPolicy", "describe_memory", "memory_mode", "run_job"]

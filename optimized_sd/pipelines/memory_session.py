@@ -15,13 +15,15 @@ import torch
 from torch import nn
 
 from optimized_sd.attention import use_attention
-from optimized_sd.errors import UserError
+from optimized_sd.errors import OutOfMemoryBudget, UserError
 from optimized_sd.memory.device import LeanHeap, device_memory
 from optimized_sd.memory.offload import OffloadEngine, TensorHook
 from optimized_sd.memory.planner import SAFETY_MARGIN, Plan, Request, fallback, plan_memory
 from optimized_sd.memory.report import MemoryMeter, StageRecord
+from optimized_sd.models.ops import cpu_int8_matmul_available
 from optimized_sd.models.runtime import RunOptions, use_run_options
 from optimized_sd.pipelines.placement import footprint, group_specs
+from optimized_sd.pipelines.weight_storage import StoredSource, WeightStorage, apply_storage
 
 log = logging.getLogger("optimized_sd")
 
@@ -55,16 +57,25 @@ class MemorySession:
         budget: int | None = None,
         vae_tiling: str = "auto",
         attention: str = "sdpa",
+        storage: WeightStorage | None = None,
+        int8_matmul: bool = False,
     ) -> None:
         self.model = model
-        self.source = source
+        self.storage = storage or WeightStorage()
+        apply_storage(model, self.storage)
+        self.source = StoredSource(source, self.storage) if self.storage.stored else source
         self.device = device
         self.dtype = dtype
+        # int8 weights on the CPU in fp32, when asked: Linear layers compute with dynamic activation quantisation.
+        self.int8_matmul = (
+            int8_matmul and self.storage.scaled and self.storage.dtype == torch.int8 and device.type == "cpu"
+            and dtype == torch.float32 and cpu_int8_matmul_available()
+        )
         self.requested = mode
         self.budget = budget
         self.vae_tiling = vae_tiling
         self.attention = attention
-        self.sizes = footprint(model, dtype.itemsize)  # weight bytes per group: fixed for this pipeline
+        self.sizes = footprint(model, dtype.itemsize, self.storage)  # weight bytes per group: fixed for this pipeline
         plan_memory(self.sizes, Request(64, 64), budget=None, mode=mode, vae_tiling=vae_tiling)  # validates names
         self.meter = MemoryMeter(device)
         self.engine: OffloadEngine | None = None
@@ -123,7 +134,8 @@ class MemorySession:
     def place(self, plan: Plan) -> None:
         """(Re)place the weights as the plan's mode and host storage say; a no-op when already so.
         Always adopts the plan's per-call options (copy-ahead, chunking, micro-batch)."""
-        if self.engine is None or self.placed != (plan.mode, plan.host):
+        host = self.storage.host_for(plan.host)
+        if self.engine is None or self.placed != (plan.mode, host):
             self.release_engine()
             self.engine = OffloadEngine(
                 self.model,
@@ -131,11 +143,12 @@ class MemorySession:
                 group_specs(plan.row, self.model),
                 self.device,
                 self.dtype,
-                host=plan.host,  # type: ignore[arg-type]
+                host=host,  # type: ignore[arg-type]
                 prefetch=plan.prefetch,
                 tensor_hook=self.tensor_hook,
+                keep_dtype=self.storage.stored_set,
             )
-            self.placed = (plan.mode, plan.host)
+            self.placed = (plan.mode, host)
         # The RAM-lean path: freed tensors must leave the resident set between stages.
         self.heap = LeanHeap() if plan.lean_heap else None
         self.engine.lookahead_bytes = plan.lookahead
@@ -161,7 +174,11 @@ class MemorySession:
 
     def set_tensor_hook(self, hook: TensorHook | None) -> None:
         """Patch every weight as it is placed (see `OffloadEngine.tensor_hook`), from now on: resident
-        groups are placed again at once, the others at their next load. None removes the patch."""
+        groups are placed again at once, the others at their next load. None removes the patch.
+        Weights stored otherwise (`--weights`) are not in the compute dtype and are never passed to the
+        hook, so a patch (a LoRA) would miss them: refused rather than applied in part."""
+        if hook is not None and self.storage.stored:
+            raise UserError(f"LoRAs cannot be merged into weights stored as {self.storage.kind} yet; load without --weights to use them")
         self.tensor_hook = hook
         if self.engine is not None:
             self.engine.tensor_hook = hook
@@ -171,8 +188,10 @@ class MemorySession:
         """What the model reads at call time, from the current plan."""
         plan = self.plan
         if plan is None:
-            return RunOptions()
-        return RunOptions(feed_forward_chunk_tokens=plan.feed_forward_chunk_tokens, unet_micro_batch=plan.unet_batch)
+            return RunOptions(int8_matmul=self.int8_matmul)
+        return RunOptions(
+            feed_forward_chunk_tokens=plan.feed_forward_chunk_tokens, unet_micro_batch=plan.unet_batch, int8_matmul=self.int8_matmul
+        )
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[StageRecord]:
@@ -194,7 +213,9 @@ class MemorySession:
             assert self.plan is not None
             lower = fallback(self.plan)
             if lower is None:
-                raise UserError(f"out of memory during {name} even in {self.plan.mode} mode; lower --H/--W or --n_samples") from None
+                raise OutOfMemoryBudget(
+                    f"out of memory during {name} even in {self.plan.mode} mode; lower --H/--W or --n_samples"
+                ) from None
             if lower.mode == self.plan.mode:
                 log.warning("out of memory during %s copying blocks ahead; retrying the stage one block ahead", name)
             else:
@@ -208,7 +229,7 @@ class MemorySession:
             except (torch.OutOfMemoryError, RuntimeError, MemoryError) as again:
                 if not is_out_of_memory(again):
                     raise
-                raise UserError(f"out of memory during {name} again in {lower.mode} mode; lower --H/--W or --n_samples") from None
+                raise OutOfMemoryBudget(f"out of memory during {name} again in {lower.mode} mode; lower --H/--W or --n_samples") from None
 
     def release_engine(self) -> None:
         """Drop the current placement (hooks, device copies, pinned host copies, arena)."""

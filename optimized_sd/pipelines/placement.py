@@ -3,11 +3,16 @@ The only place that knows both the memory engine's vocabulary and the model's mo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from optimized_sd.memory.modes import MemoryMode
 from optimized_sd.memory.offload import GroupSpec
 from optimized_sd.memory.planner import ModelFootprint
+
+if TYPE_CHECKING:
+    from optimized_sd.pipelines.weight_storage import WeightStorage
 
 UNET = "model.diffusion_model"
 VAE_ENCODER = ("first_stage_model.encoder", "first_stage_model.quant_conv")
@@ -111,18 +116,29 @@ def group_specs(row: MemoryMode, model: nn.Module, unit_params: int | None = Non
     ]
 
 
-def parameter_bytes(model: nn.Module, paths: tuple[str, ...] | list[str], dtype_bytes: int) -> int:
-    return sum(p.numel() for path in paths for p in model.get_submodule(path).parameters()) * dtype_bytes
+def parameter_bytes(model: nn.Module, paths: tuple[str, ...] | list[str], dtype_bytes: int, storage: WeightStorage | None = None) -> int:
+    """Weight bytes under `paths` as placed: the compute dtype's `dtype_bytes`, or `storage`'s stored form."""
+    if storage is None or not storage.stored:
+        return sum(p.numel() for path in paths for p in model.get_submodule(path).parameters()) * dtype_bytes
+    return sum(
+        storage.placed_bytes(f"{path}.{name}", p, dtype_bytes)
+        for path in paths
+        for name, p in model.get_submodule(path).named_parameters()
+    )
 
 
-def footprint(model: nn.Module, dtype_bytes: int) -> ModelFootprint:
-    """Weight bytes of each group at the compute dtype (works on a model built on the meta device)."""
+def footprint(model: nn.Module, dtype_bytes: int, storage: WeightStorage | None = None) -> ModelFootprint:
+    """Weight bytes of each group as placed (works on a model built on the meta device)."""
     first, second = unet_halves(model)
+
+    def size(paths: tuple[str, ...] | list[str]) -> int:
+        return parameter_bytes(model, paths, dtype_bytes, storage)
+
     return ModelFootprint(
-        text_encoder=parameter_bytes(model, text_group(model).modules, dtype_bytes),
-        unet=parameter_bytes(model, [UNET], dtype_bytes),
-        unet_halves=(parameter_bytes(model, first, dtype_bytes), parameter_bytes(model, second, dtype_bytes)),
-        unet_blocks=tuple(parameter_bytes(model, unit, dtype_bytes) for unit in stream_units(model)),
-        vae_encoder=parameter_bytes(model, VAE_ENCODER, dtype_bytes),
-        vae_decoder=parameter_bytes(model, VAE_DECODER, dtype_bytes),
+        text_encoder=size(text_group(model).modules),
+        unet=size([UNET]),
+        unet_halves=(size(first), size(second)),
+        unet_blocks=tuple(size(unit) for unit in stream_units(model)),
+        vae_encoder=size(VAE_ENCODER),
+        vae_decoder=size(VAE_DECODER),
     )

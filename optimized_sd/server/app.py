@@ -101,6 +101,7 @@ class ServeOptions:
     precision: str
     tokenizer: Path | None
     attention: str
+    weights: str | None = None
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -145,7 +146,9 @@ def serve(options: ServeOptions) -> None:
         raise UserError(f"the web UI needs the [ui] extra ({missing.name} is missing): pip install 'optimized-sd[ui]'") from None
     backend = Backend(
         catalog,
-        LoadOptions(options.device, options.precision, options.memory, options.vram_budget, options.tokenizer, options.attention),
+        LoadOptions(
+            options.device, options.precision, options.memory, options.vram_budget, options.tokenizer, options.attention, options.weights
+        ),
     )
     backend.load(first)
     service = Service(backend)

@@ -196,6 +196,7 @@ class LoadOptions:
     vram_budget: str | None = None
     tokenizer: Path | None = None
     attention: str = "sdpa"
+    weights: str | None = None  # --weights fp16|bf16|fp8|int8 (None: the compute dtype)
 
 
 class Backend:
@@ -224,6 +225,7 @@ class Backend:
             vram_budget=opts.vram_budget,
             attention=opts.attention,
             tokenizer=opts.tokenizer,
+            weights=opts.weights,
         )
         with self._lock:
             old, self.pipe, self.current = self.pipe, pipe, entry

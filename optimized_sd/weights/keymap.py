@@ -144,16 +144,27 @@ def openclip_recipes(keys: Iterable[str], prefix: str) -> dict[str, tuple[str, t
         if ".self_attn.q_proj." in key:
             parts = tuple(key.replace(".q_proj.", f".{name}_proj.") for name in "qkv")
             layer, leaf = key.split(".self_attn.q_proj.")
-            recipes[prefix + _openclip_name(layer) + f".attn.in_proj_{leaf}"] = ("cat", parts)
+            recipes[prefix + openclip_name(layer) + f".attn.in_proj_{leaf}"] = ("cat", parts)
             continue
         if ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
             continue
-        recipes[prefix + _openclip_name(key)] = ("same", (key,))
+        recipes[prefix + openclip_name(key)] = ("same", (key,))
     return recipes
 
 
-def _openclip_name(name: str) -> str:
+def openclip_name(name: str) -> str:
+    """A transformers CLIP text name (with or without `text_model.`) in open_clip's spelling."""
     name = name.removeprefix("text_model.")
     for old, new in CLIP_TO_OPENCLIP:
         name = name.replace(old, new)
     return name
+
+
+def clip_module_name(openclip_module: str) -> str:
+    """An open_clip text module path (`transformer.resblocks.3.mlp.c_fc`) in transformers' spelling, less
+    `text_model.` (`encoder.layers.3.mlp.fc1`): CLIP_TO_OPENCLIP undone in reverse order. The fused
+    `attn.in_proj` has no single counterpart; its q/k/v names are the caller's to make."""
+    name = openclip_module + "."
+    for old, new in reversed(CLIP_TO_OPENCLIP):
+        name = name.replace(new, old)
+    return name[:-1]

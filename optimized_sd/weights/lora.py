@@ -4,47 +4,60 @@ model's checkpoint keys, and merged into a weight tensor where it is placed.
 Every file format names the layer it patches differently; each name is resolved against the set of
 module names the model really has (kohya's names are diffusers or LDM module paths with `_` for
 `.`, so they are looked up, never split by guessing). The diffusers -> LDM step reuses the
-checkpoint key tables of `keymap.py`. A delta is `scale * up @ down` in float32, with
-scale = weight * alpha / rank (weight alone when the file has no alpha); a convolution's down
-(rank, in, kh, kw) and 1x1 up (out, rank, 1, 1) give (out, in, kh, kw) through the same product
-over flattened kernels.
+checkpoint key tables of `keymap.py`; LoRA files name every text tower by transformers' CLIP names,
+which `keymap.clip_module_name` gives for the OpenCLIP towers (SD 2.x, SDXL's bigG), whose q, k and v
+share one fused `attn.in_proj_weight`: each of them patches its third of the rows. A delta is
+`scale * up @ down` in float32, with scale = weight * alpha / rank (weight alone when the file has no
+alpha); a convolution's down (rank, in, kh, kw) and 1x1 up (out, rank, 1, 1) give (out, in, kh, kw)
+through the same product over flattened kernels.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from optimized_sd.config import ModelConfig
+from optimized_sd.config import FAMILY_NAMES, ModelConfig
 from optimized_sd.errors import UserError
 
 from .ckpt import load_ckpt, state_dict_from_ckpt
-from .keymap import unet_prefixes
+from .family import CLIP_PREFIX, EMBEDDERS_PREFIX, OPENCLIP_PREFIX, SDXL_CLIP_PREFIX, UNET_PREFIX
+from .keymap import clip_module_name, unet_prefixes
 from .sources import SafetensorsSource
 
-UNET_PREFIX = "model.diffusion_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
+# Per family: text tower -> (our key prefix, its kind: transformers "clip" or fused "open_clip").
+TEXT_TOWERS: dict[str, dict[str, tuple[str, str]]] = {
+    "sd1": {"text": (CLIP_PREFIX, "clip")},
+    "sd2": {"text": (OPENCLIP_PREFIX, "open_clip")},
+    "sdxl": {"text": (SDXL_CLIP_PREFIX, "clip"), "text_2": (EMBEDDERS_PREFIX + "1.model.", "open_clip")},
+    "sdxl_refiner": {},  # no LoRA format names the refiner's tower: its LoRAs patch the UNet
+}
 # Per family: file-name prefix -> the tower it patches. Prefixes of other families are refused by name.
 KOHYA_PREFIXES: dict[str, dict[str, str]] = {
     "sd1": {"lora_unet_": "unet", "lora_te_": "text"},
     "sd2": {"lora_unet_": "unet", "lora_te_": "text"},
     "sdxl": {"lora_unet_": "unet", "lora_te1_": "text", "lora_te2_": "text_2"},
+    "sdxl_refiner": {"lora_unet_": "unet"},
 }
 DIFFUSERS_PREFIXES: dict[str, dict[str, str]] = {
     "sd1": {"unet.": "unet", "text_encoder.": "text"},
     "sd2": {"unet.": "unet", "text_encoder.": "text"},
     "sdxl": {"unet.": "unet", "text_encoder.": "text", "text_encoder_2.": "text_2"},
+    "sdxl_refiner": {"unet.": "unet"},
 }
-# Cross-attention context widths that give a LoRA's family away when its shapes do not fit.
-CONTEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# Widths that give a LoRA's family away when its names or shapes do not fit the model: the UNet's
+# cross-attention context (every family differs), then the single text tower of SD 1.x / SD 2.x files.
+TELLTALES = (
+    (re.compile(r"attn2[._]to_[kv]$"), {768: "sd1", 1024: "sd2", 2048: "sdxl"}, "cross-attention width"),
+    (re.compile(r"^(lora_te_|text_encoder\.).*[._](q_proj|k_proj|v_proj|fc1)$"), {768: "sd1", 1024: "sd2"}, "text encoder width"),
+)
 
 # (suffix, role): how each format names the two factors and alpha, longest first where they overlap
 _ROLES = (
@@ -74,26 +87,43 @@ _UNSUPPORTED_KINDS = {
 }
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where one LoRA module's update goes: a weight, and the rows it covers (all of them, or the q, k or
+    v third of a fused `in_proj_weight`)."""
+
+    key: str
+    first_row: int = 0
+    rows: int | None = None  # None: every row
+
+
 @dataclass(frozen=True, eq=False)
 class LoraPatch:
-    """One layer's low-rank update: delta = scale * up @ down, reshaped to the weight's shape."""
+    """One layer's low-rank update: delta = scale * up @ down, added to rows first_row.. of the weight."""
 
-    up: Tensor  # (out, rank) float32
+    up: Tensor  # (rows, rank) float32
     down: Tensor  # (rank, in * kh * kw) float32
     scale: float  # alpha / rank, or 1 without alpha
+    first_row: int = 0
+
+    @property
+    def rows(self) -> slice:
+        """The rows of the weight (flattened to (out, in * kh * kw)) that the update covers."""
+        return slice(self.first_row, self.first_row + self.up.shape[0])
 
     def delta(self, shape: torch.Size, device: torch.device) -> Tensor:
-        """The float32 update for a weight of `shape`, computed on `device`."""
-        product = self.up.to(device) @ self.down.to(device)  # (out, in * kh * kw)
-        return (product * self.scale).reshape(shape)
+        """The float32 update of the covered rows of a weight of `shape`, computed on `device`."""
+        product = self.up.to(device) @ self.down.to(device)  # (rows, in * kh * kw)
+        return (product * self.scale).reshape(self.up.shape[0], *shape[1:])
 
 
 @dataclass(frozen=True, eq=False)
 class Lora:
-    """A LoRA file resolved against one model: checkpoint key -> patch."""
+    """A LoRA file resolved against one model: checkpoint key -> its patches (one, or up to three for
+    the q, k and v rows of a fused weight)."""
 
     path: Path
-    patches: dict[str, LoraPatch]
+    patches: dict[str, tuple[LoraPatch, ...]]
 
     @property
     def name(self) -> str:
@@ -120,25 +150,23 @@ def flat(name: str) -> str:
     return name.replace(".", "_")
 
 
-def module_names(config: ModelConfig, model_keys: Iterable[str]) -> dict[str, dict[str, str]]:
-    """tower -> {name a LoRA file may use (dotted, diffusers or LDM) -> our module path}.
+def module_names(config: ModelConfig, model_shapes: Mapping[str, Sequence[int]]) -> dict[str, dict[str, Target]]:
+    """tower -> {name a LoRA file may use (dotted, diffusers or LDM) -> where its update goes}.
 
     The model's weight keys give the LDM module paths; the diffusers name of each UNet module comes
-    from inverting `keymap.unet_prefixes`. CLIP modules are named the same in every format, with or
-    without transformers' `text_model.` level."""
+    from inverting `keymap.unet_prefixes`. Text modules are named by transformers' CLIP names, with or
+    without its `text_model.` level, whatever the tower's own layout (`text_module_names`)."""
     inverse = sorted(
         ((ldm, diffusers, {new: old for old, new in inner.items()}) for diffusers, (ldm, inner) in unet_prefixes(config.unet).items()),
         key=lambda entry: len(entry[0]),
         reverse=True,
     )
-    names: dict[str, dict[str, str]] = {"unet": {}, "text": {}}
-    for key in model_keys:
-        if not key.endswith(".weight"):
-            continue
-        module = key[: -len(".weight")]
-        if module.startswith(UNET_PREFIX):
-            ldm = module[len(UNET_PREFIX) :]
-            names["unet"][ldm] = module
+    towers = TEXT_TOWERS.get(config.family, {})
+    names: dict[str, dict[str, Target]] = {"unet": {}, **{tower: {} for tower in towers}}
+    for key, shape in model_shapes.items():
+        if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
+            ldm = key[len(UNET_PREFIX) : -len(".weight")]
+            names["unet"][ldm] = Target(key)
             for ldm_prefix, diffusers_prefix, inner in inverse:
                 if (ldm + ".").startswith(ldm_prefix):
                     rest = ldm[len(ldm_prefix) :]
@@ -146,14 +174,32 @@ def module_names(config: ModelConfig, model_keys: Iterable[str]) -> dict[str, di
                         if rest == old or rest.startswith(old + "."):
                             rest = new + rest[len(old) :]
                             break
-                    names["unet"][diffusers_prefix + rest] = module
+                    names["unet"][diffusers_prefix + rest] = Target(key)
                     break
-        elif module.startswith(TEXT_PREFIX):
-            clip = module[len(TEXT_PREFIX) :]
-            clip = clip if clip.startswith("text_model.") else "text_model." + clip
-            names["text"][clip] = module
-            names["text"][clip[len("text_model.") :]] = module
+            continue
+        for tower, (prefix, kind) in towers.items():
+            if key.startswith(prefix):
+                for name, target in text_module_names(key, key[len(prefix) :], kind, shape):
+                    name = name.removeprefix("text_model.")
+                    names[tower][name] = names[tower]["text_model." + name] = target
     return names
+
+
+def text_module_names(key: str, local: str, kind: str, shape: Sequence[int]) -> Iterator[tuple[str, Target]]:
+    """(CLIP module name, target) for one text-tower weight `key` (`local`: the key under its tower).
+
+    A transformers tower is named as it is; an OpenCLIP one by `keymap.clip_module_name`, besides its
+    own names, and its fused in_proj (rows q, k, v) answers to three names, one third of the rows each."""
+    if kind == "open_clip" and local.endswith(".attn.in_proj_weight"):
+        layer = clip_module_name(local[: -len(".attn.in_proj_weight")])
+        width = shape[0] // 3
+        for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            yield f"{layer}.self_attn.{name}", Target(key, index * width, width)
+    elif local.endswith(".weight"):
+        module = local[: -len(".weight")]
+        yield module, Target(key)
+        if kind == "open_clip":
+            yield clip_module_name(module), Target(key)
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -164,23 +210,49 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _foreign_prefix(module: str, family: str) -> tuple[str, str] | None:
-    """(other family, prefix) when a module name uses another family's prefix more specifically than
-    any of `family`'s (SDXL's `lora_te1_` or `text_encoder_2.` on SD 1.x), else None."""
+def _foreign_prefix(module: str, family: str) -> tuple[list[str], str] | None:
+    """(other families, prefix) when a module name uses other families' prefix more specifically than
+    any of `family`'s (SDXL's `lora_te1_` or `text_encoder_2.` on SD 1.x; `lora_te_` on SDXL, which
+    SD 1.x and SD 2.x share), else None."""
 
     def longest(prefixes: Iterable[str]) -> str:
         return max((p for p in prefixes if module.startswith(p)), key=len, default="")
 
     own = longest((*KOHYA_PREFIXES[family], *DIFFUSERS_PREFIXES[family]))
+    best, owners = own, []
     for other in KOHYA_PREFIXES:
         theirs = longest((*KOHYA_PREFIXES[other], *DIFFUSERS_PREFIXES[other]))
-        if other != family and len(theirs) > len(own):
-            return other, theirs
+        if other == family or len(theirs) < len(best) or not theirs:
+            continue
+        if len(theirs) > len(best):
+            best, owners = theirs, []
+        if best != own:
+            owners.append(other)
+    return (owners, best) if owners else None
+
+
+def _telltale(groups: Mapping[str, Mapping[str, Tensor]]) -> tuple[str, str] | None:
+    """(family, the width that says so) of a LoRA file, read off its factors' input widths (TELLTALES)."""
+    for pattern, families, what in TELLTALES:
+        for module, parts in groups.items():
+            down = parts.get("down")
+            if down is not None and down.dim() >= 2 and pattern.search(module) and int(down.shape[1]) in families:
+                return families[int(down.shape[1])], f"{what} {down.shape[1]}"
     return None
 
 
-def _resolve(module: str, family: str, names: Mapping[str, Mapping[str, str]], flat_names: Mapping[str, Mapping[str, str]]) -> str | None:
-    """Our module path for a LoRA file's module name, or None."""
+def _family_error(path: Path, config: ModelConfig, groups: Mapping[str, Mapping[str, Tensor]]) -> UserError | None:
+    """The error naming both families when the file's widths say it is another family's LoRA, else None."""
+    telltale = _telltale(groups)
+    if telltale is None or telltale[0] == config.family:
+        return None
+    return UserError(f"{path.name} is an {FAMILY_NAMES[telltale[0]]} LoRA ({telltale[1]}); this model is {config.family_name}")
+
+
+def _resolve(
+    module: str, family: str, names: Mapping[str, Mapping[str, Target]], flat_names: Mapping[str, Mapping[str, Target]]
+) -> Target | None:
+    """Where a LoRA file's module name puts its update, or None."""
     for prefix, tower in KOHYA_PREFIXES[family].items():
         if module.startswith(prefix) and tower in flat_names:
             return flat_names[tower].get(module[len(prefix) :])
@@ -195,7 +267,7 @@ def _resolve(module: str, family: str, names: Mapping[str, Mapping[str, str]], f
 
 
 def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequence[int]]) -> Lora:
-    """Read a LoRA file and map each of its modules to one of the model's weights.
+    """Read a LoRA file and map each of its modules to one of the model's weights (or rows of one).
 
     UserError when the file is another family's (naming both), when any module matches no layer
     (saying how many did), or when a factor does not fit its layer."""
@@ -218,14 +290,19 @@ def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequen
     for module in groups:
         foreign = _foreign_prefix(module, family)
         if foreign is not None:
+            owners, prefix = foreign
+            telltale = _telltale(groups)
+            if telltale is not None and telltale[0] in owners:
+                owners = [telltale[0]]
             raise UserError(
-                f"{path.name} is an {FAMILY_NAMES[foreign[0]]} LoRA (it has {foreign[1]}* keys); "
-                f"this model is {FAMILY_NAMES.get(family, family)}"
+                f"{path.name} is an {' or '.join(FAMILY_NAMES[o] for o in owners)} LoRA (it has {prefix}* keys); "
+                f"this model is {config.family_name}"
             )
 
     names = module_names(config, model_shapes)
-    flat_names = {tower: {flat(name): module for name, module in table.items()} for tower, table in names.items()}
-    patches: dict[str, LoraPatch] = {}
+    flat_names = {tower: {flat(name): target for name, target in table.items()} for tower, table in names.items()}
+    patches: dict[str, tuple[LoraPatch, ...]] = {}
+    patched_by: dict[tuple[str, int], str] = {}
     unmatched: list[str] = []
     for module, parts in groups.items():
         if "up" not in parts or "down" not in parts:
@@ -234,22 +311,30 @@ def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequen
         if target is None:
             unmatched.append(module)
             continue
-        key = target + ".weight"
+        if (target.key, target.first_row) in patched_by:
+            raise UserError(f"{path.name}: {module} and {patched_by[target.key, target.first_row]} patch the same layer")
+        patched_by[target.key, target.first_row] = module
         up, down = parts["up"].float(), parts["down"].float()
         rank = down.shape[0]
         if up.dim() == 4 and up.shape[2:] != (1, 1):
             raise UserError(f"{path.name}: {module}: an up factor with a {tuple(up.shape[2:])} kernel is not supported")
-        up, down = up.reshape(up.shape[0], -1), down.reshape(rank, -1)  # (out, rank), (rank, in * kh * kw)
-        shape = tuple(model_shapes[key])
-        if up.shape[1] != rank or up.shape[0] * down.shape[1] != _numel(shape) or up.shape[0] != shape[0]:
-            raise UserError(_shape_error(path, module, up, down, shape, family))
+        up, down = up.reshape(up.shape[0], -1), down.reshape(rank, -1)  # (rows, rank), (rank, in * kh * kw)
+        shape = tuple(model_shapes[target.key])
+        rows = shape[0] if target.rows is None else target.rows
+        if up.shape[1] != rank or up.shape[0] != rows or down.shape[1] * shape[0] != _numel(shape):
+            where = "" if target.rows is None else f" (rows {target.first_row}..{target.first_row + rows})"
+            raise _family_error(path, config, groups) or UserError(
+                f"{path.name}: {module} gives a ({up.shape[0]} x {down.shape[1]}) update for a layer of shape {shape}{where}; "
+                "is it for another model?"
+            )
         alpha = parts.get("alpha")
         scale = float(alpha) / rank if alpha is not None else 1.0
-        patches[key] = LoraPatch(up=up.contiguous(), down=down.contiguous(), scale=scale)
+        patch = LoraPatch(up=up.contiguous(), down=down.contiguous(), scale=scale, first_row=target.first_row)
+        patches[target.key] = (*patches.get(target.key, ()), patch)
     if unmatched:
-        raise UserError(
+        raise _family_error(path, config, groups) or UserError(
             f"{path.name}: {len(unmatched)} of {len(groups)} LoRA modules match no layer of this "
-            f"{FAMILY_NAMES.get(family, family)} model ({len(patches)} matched), e.g. {unmatched[0]}"
+            f"{config.family_name} model ({len(groups) - len(unmatched)} matched), e.g. {unmatched[0]}"
         )
     return Lora(path=path, patches=patches)
 
@@ -261,33 +346,23 @@ def _numel(shape: Sequence[int]) -> int:
     return count
 
 
-def _shape_error(path: Path, module: str, up: Tensor, down: Tensor, shape: tuple[int, ...], family: str) -> str:
-    """A factor that does not fit: name the LoRA's family when its cross-attention width gives it away."""
-    if re.search(r"attn2[._]to_[kv]$", module):
-        other = CONTEXT_WIDTH_FAMILY.get(int(down.shape[1]))
-        if other is not None and other != family:
-            return (
-                f"{path.name} is an {FAMILY_NAMES[other]} LoRA (cross-attention width {down.shape[1]}); "
-                f"this model is {FAMILY_NAMES.get(family, family)}"
-            )
-    return f"{path.name}: {module} gives a ({up.shape[0]} x {down.shape[1]}) update for a layer of shape {shape}; is it for another model?"
-
-
 def merge_into(key: str, weight: Tensor, loras: Sequence[tuple[Lora, float]]) -> bool:
-    """Add every LoRA's delta for `key` (times its user weight) to `weight` in place.
+    """Add every LoRA's delta for `key` (times its user weight) to its rows of `weight`, in place.
 
-    A float32 weight takes each product in place (`addmm_`, no delta-sized temporary: this runs for
-    every block arrival in `stream`); a half-precision weight gets the deltas summed in float32 and
-    is rounded once. Returns whether anything was added."""
-    patches = [(lora.patches[key], strength) for lora, strength in loras if strength != 0 and key in lora.patches]
+    A float32 weight takes each product in place (`addmm_` on a row view, no delta-sized temporary:
+    this runs for every block arrival in `stream`); a half-precision weight gets the deltas summed in
+    float32 and is rounded once. Returns whether anything was added."""
+    patches = [(patch, strength) for lora, strength in loras if strength != 0 for patch in lora.patches.get(key, ())]
     if not patches:
         return False
     if weight.dtype == torch.float32 and weight.is_contiguous():
         rows = weight.view(weight.shape[0], -1)  # (out, in * kh * kw)
         for patch, strength in patches:
-            rows.addmm_(patch.up.to(weight.device), patch.down.to(weight.device), alpha=patch.scale * strength)
+            rows[patch.rows].addmm_(patch.up.to(weight.device), patch.down.to(weight.device), alpha=patch.scale * strength)
         return True
-    total = sum(patch.delta(weight.shape, weight.device) * strength for patch, strength in patches)
+    total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for patch, strength in patches:
+        total[patch.rows] += patch.delta(weight.shape, weight.device) * strength
     weight.copy_((weight.float() + total).to(weight.dtype))
     return True
 
