@@ -102,8 +102,8 @@ class StableDiffusion:
         self._vae_hash: str | None = None
         self.lora_dir = Path(lora_dir)
         # How `load` opened this model (device, precision, memory, --vae...), so a refiner opens the same way.
-        self.load_options: dict = dict(device=device, precision=precision, memory=memory, vram_budget=vram_budget,
-                                       attention=attention, vae_tiling=vae_tiling, tokenizer=tokenizer)
+        self.load_options: dict = dict(device=device, precision=precision, memory=memory, vram_budget=vram_budget, attention=attention,
+                                       vae_tiling=vae_tiling, tokenizer=tokenizer, weights=weights, int8_matmul=int8_matmul)
         self.refiner: StableDiffusion | None = None  # the last `--refiner` a call used, kept for the next
         self.loras = LoraSet(self.config, {key: tuple(value.shape) for key, value in self.model.state_dict().items()})
 
