@@ -146,3 +146,11 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory):
     from family_models import build_sdxl
 
     return build_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner(tmp_path_factory: pytest.TempPathFactory, tiny_sdxl):
+    """A tiny SDXL refiner sharing tiny_sdxl's bigG tower and VAE: diffusers folder plus a "real" single file."""
+    from family_models import build_sdxl_refiner
+
+    return build_sdxl_refiner(tmp_path_factory.mktemp("tiny-refiner"), tiny_sdxl)

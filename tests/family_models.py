@@ -283,3 +283,48 @@ def build_sdxl(root: Path, seed: int = 0) -> FamilyModel:
         "real": save({**base, **first, **real_second}, root / "sdxl-real.safetensors"),
     }
     return FamilyModel("sdxl", folder, files, tokenizer, unet, vae, [clip_l, big_g])
+
+
+# -- SDXL refiner ------------------------------------------------------------------------------------
+def build_sdxl_refiner(root: Path, base: FamilyModel, seed: int = 1) -> FamilyModel:
+    """An SDXL refiner for the tiny SDXL `base`: the base's bigG tower and VAE (as the real refiner shares
+    them), its own UNet with attention at levels 1 and 2 of four (as SGM's sd_xl_refiner.yaml) and the
+    aesthetic-score vector: pooled 64 + 5 * 256 (original size, crop, aesthetic score)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    big_g = base.text_encoders[1]
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=2,
+        cross_attention_dim=64,
+        attention_head_dim=(1, 1, 1, 1),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SIZE_EMBEDDING,
+        projection_class_embeddings_input_dim=64 + 5 * SIZE_EMBEDDING,
+        norm_num_groups=32,
+    )
+    randomise(unet)
+
+    folder = root / "sdxl-refiner"
+    unet.save_pretrained(folder / "unet")
+    base.vae.save_pretrained(folder / "vae")
+    big_g.save_pretrained(folder / "text_encoder_2")
+    tokenizer = write_tokenizer(folder / "tokenizer_2", pad_with_bang=True)
+    write_scheduler(folder, "epsilon")
+    write_model_index(folder, "StableDiffusionXLImg2ImgPipeline", requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+
+    tensors = unet_and_vae_ldm(folder)
+    tower = {"conditioner.embedders.0.model." + k: v for k, v in openclip_state_dict(big_g.state_dict()).items()}
+    tower = {k: v for k, v in tower.items() if not k.endswith("text_projection.weight")}
+    tower["conditioner.embedders.0.model.text_projection"] = big_g.text_projection.weight.t().contiguous()
+    tower["conditioner.embedders.0.model.logit_scale"] = torch.tensor(4.6052)
+    files = {"real": save({**tensors, **tower}, root / "sdxl-refiner.safetensors")}
+    return FamilyModel("sdxl_refiner", folder, files, tokenizer, unet, base.vae, [big_g])

@@ -114,7 +114,9 @@ def test_stream_copies_ahead_only_within_its_window(tiny_model, full_result, mon
     blocks = [name for name in engine.groups if name.startswith("unet.")]
     window = sum(sorted(weights[name] for name in blocks)[-lookahead_blocks:]) if lookahead_blocks else 0
     planned = pipe.memory.plan_for
-    monkeypatch.setattr(pipe.memory, "plan_for", lambda request: dataclasses.replace(planned(request), lookahead=window))
+    monkeypatch.setattr(
+        pipe.memory, "plan_for", lambda request, beside=None: dataclasses.replace(planned(request, beside), lookahead=window)
+    )
     result = pipe.generate(request())
     assert engine.lookahead_bytes == window
     assert (result.latents - full_result.latents).abs().max().item() <= TOLERANCE
@@ -198,7 +200,9 @@ def test_out_of_memory_fallback_into_stream_chunks_the_feed_forward(tiny_model, 
 def test_out_of_memory_copying_ahead_retries_one_block_ahead(tiny_model, full_result, monkeypatch, caplog):
     pipe = make_pipe(tiny_model, memory="stream")
     planned = pipe.memory.plan_for
-    monkeypatch.setattr(pipe.memory, "plan_for", lambda request: dataclasses.replace(planned(request), lookahead=10 * MIB))
+    monkeypatch.setattr(
+        pipe.memory, "plan_for", lambda request, beside=None: dataclasses.replace(planned(request, beside), lookahead=10 * MIB)
+    )
     fail_first_unet_call(pipe, monkeypatch)
     with caplog.at_level(logging.WARNING, logger="optimized_sd"):
         result = pipe.generate(request())

@@ -136,6 +136,8 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "init_image": _path,
     "schedule": _str,
     "loras": _loras,
+    "refiner": _path,
+    "refiner_switch": _float,
 }
 # fields of the job's InpaintOptions (a line with any of them is inpainting; `mask` needs `init_image`)
 INPAINT_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {

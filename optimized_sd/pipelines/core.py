@@ -10,6 +10,7 @@ starts from and, optionally, a wrapper around the UNet call (inpainting's mask/i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -22,20 +23,25 @@ from PIL import Image
 from torch import Tensor
 
 from optimized_sd.attention import use_attention
+from optimized_sd.errors import UserError
 from optimized_sd.memory.planner import VAE_TILE_OVERLAP, Request
 from optimized_sd.memory.report import StageRecord
 from optimized_sd.memory.tiling import tiled_apply
 from optimized_sd.models.vae import AutoencoderKL
 from optimized_sd.pipelines.images import image_to_tensor, tensor_to_image
+from optimized_sd.pipelines.memory_session import is_out_of_memory
 from optimized_sd.pipelines.networks import PromptNetworks, lora_weights, network_hashes, resolve_networks
 from optimized_sd.pipelines.output import ImageParameters
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_request
 from optimized_sd.sampling import (
     Conditioning,
+    EpsFn,
     Model,
     ProgressCallback,
     SamplingPlan,
+    StepInfo,
     classifier_free_guidance,
+    handover_step,
     make_plan,
     prediction_adapter,
     sample,
@@ -48,6 +54,8 @@ if TYPE_CHECKING:
     from optimized_sd.pipelines.diffusion import StableDiffusion
 
 log = logging.getLogger("optimized_sd")
+
+ConditioningPair = tuple[Conditioning, Conditioning | None]  # (cond, uncond): uncond None when guidance is off
 
 
 class Task:
@@ -163,29 +171,78 @@ def unet_model(pipe: StableDiffusion, record: StageRecord) -> Model:
     return call
 
 
+def guided_eps(pipe: StableDiffusion, task: Task, request: GenerationRequest, record: StageRecord, conditioning: ConditioningPair) -> EpsFn:
+    """CFG(prediction adapter(task wrapper(pipe's UNet))) over the conditioning: what the sampler calls."""
+    model = prediction_adapter(task.wrap_model(unet_model(pipe, record)), pipe.config.prediction_type, pipe.schedule)
+    return classifier_free_guidance(model, *conditioning, request.scale)
+
+
+class Handover:
+    """An SDXL refiner taking over the sampling from the base after `step` steps (`sampling.handover_step`).
+    `take_over` runs between two steps: the refiner is planned beside the base (whose weights are released
+    when the two do not both fit), placed, and its own text conditioning computed (bigG alone, aesthetic
+    score), as AUTOMATIC1111 swaps the model and recomputes the conditioning mid-sampling."""
+
+    def __init__(
+        self, base: StableDiffusion, refiner: StableDiffusion, task: Task, request: GenerationRequest, prompts: PromptNetworks, step: int
+    ) -> None:
+        self.base, self.refiner, self.task, self.request, self.prompts, self.step = base, refiner, task, request, prompts, step
+        self.taken = False  # whether the refiner ran (a switch past the last step leaves the base alone)
+
+    def take_over(self) -> tuple[StableDiffusion, ConditioningPair]:
+        refiner, request = self.refiner, self.request
+        refiner.memory.prepare(replace(planner_request(refiner, self.task, request), encodes_image=False), beside=self.base.memory)
+        cond, uncond, _ = encode_conditioning(refiner, request, self.prompts)
+        self.taken = True
+        return refiner, (cond, uncond)
+
+
 def denoise(
     pipe: StableDiffusion,
     task: Task,
     request: GenerationRequest,
     plan: SamplingPlan,
     x: Tensor,
-    conditioning: tuple[Conditioning, Conditioning | None],
+    conditioning: ConditioningPair,
     seeds: list[int],
     progress: ProgressCallback | None,
+    handover: Handover | None = None,
 ) -> Tensor:
-    """Run the sampler over CFG(prediction adapter(task wrapper(UNet))) as the `unet` stage."""
+    """Run the sampler over `guided_eps` as the `unet` stage. With a `handover` the one sampler run (its
+    state, history and noise generators) continues after `handover.step` steps with the refiner's model
+    inside the refiner's own `unet` stage: the base's stage ends first, so its streamed weights leave."""
     if not plan.num_steps:
         return x
-    cond, uncond = conditioning
-    prediction_type = pipe.config.prediction_type
+    callback = task.step_callback(progress)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    if handover is not None and handover.step == 0:  # the refiner alone (an img2img that starts below the switch)
+        pipe, conditioning = handover.take_over()
+        handover = None
+    if handover is None or handover.step >= plan.num_steps:
 
-    def work(record: StageRecord) -> Tensor:
-        model = prediction_adapter(task.wrap_model(unet_model(pipe, record)), prediction_type, pipe.schedule)
-        eps = classifier_free_guidance(model, cond, uncond, request.scale)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        return sample(plan, eps, x, generators, task.step_callback(progress))
+        def work(record: StageRecord) -> Tensor:
+            return sample(plan, guided_eps(pipe, task, request, record, conditioning), x, generators, callback)
 
-    return pipe.memory.run_stage("unet", work)
+        return pipe.memory.run_stage("unet", work)
+    relay = handover
+    with contextlib.ExitStack() as stage:
+        eps = [guided_eps(pipe, task, request, stage.enter_context(pipe.memory.stage("unet")), conditioning)]
+
+        def relayed_progress(info: StepInfo) -> None:
+            if callback is not None:
+                callback(info)
+            if info.step == relay.step:
+                stage.close()  # the base's sampling stage ends here
+                refiner, refined = relay.take_over()
+                eps[0] = guided_eps(refiner, task, request, stage.enter_context(refiner.memory.stage("unet")), refined)
+
+        try:
+            return sample(plan, lambda x_in, t: eps[0](x_in, t), x, generators, relayed_progress)
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            which = "the refiner" if relay.taken else "the base"
+            raise UserError(f"out of memory sampling with {which} beside a refiner; lower --H/--W or use --memory stream") from None
 
 
 # -- latents -> images --------------------------------------------------------------------------
@@ -239,8 +296,10 @@ def image_parameters(
     plan: SamplingPlan,
     loras: Mapping[Path, float],
     embeddings: Mapping[str, Path],
+    refiner: StableDiffusion | None = None,
 ) -> list[ImageParameters]:
-    """What made each image, as AUTOMATIC1111's metadata (prompts as written, LoRA tags included)."""
+    """What made each image, as AUTOMATIC1111's metadata (prompts as written, LoRA tags included; the
+    refiner, when it ran, as `Refiner: NAME [hash]` and `Refiner switch at`)."""
     display = sampler_display_name(request.sampler, plan.karras)
     extra = []
     if plan.schedule_type not in ("", "linspace"):  # linspace is diffusers' grid, which AUTOMATIC1111 has no name for
@@ -248,6 +307,9 @@ def image_parameters(
     lora_hashes = network_hashes({path.stem: path for path in loras}, lora=True)
     hashes = (("Lora hashes", lora_hashes), ("TI hashes", network_hashes(embeddings, lora=False)))
     extra += [(name, value) for name, value in hashes if value]
+    if refiner is not None:
+        extra.append(("Refiner", f"{refiner.loaded.checkpoint.name} [{refiner.model_hash()}]"))
+        extra.append(("Refiner switch at", f"{request.refiner_switch:g}"))
     return [
         ImageParameters(
             prompt=prompt,
@@ -302,18 +364,25 @@ def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, prog
         schedule=pipe.schedule,
         schedule_type=request.schedule,
     )
+    refiner = pipe.refiner_for(request.refiner) if request.refiner is not None else None
     networks = resolve_networks(request.prompts, request.negative_prompt, lora_weights(request.loras), pipe.lora_dir)
     seeds = seeds_for(request)
     # One attention scope per call: a backend fallback is reported once per call, not per layer or per process.
     with use_attention(pipe.memory.attention):
         pipe.use_loras(networks.loras)  # before placement, so the weights are placed (and patched) once
-        tiled = pipe.memory.prepare(planner_request(pipe, task, request)).vae_tiling
+        beside = pipe.refiner.memory if pipe.refiner is not None else None  # a refiner placed by a call before stays only if both fit
+        tiled = pipe.memory.prepare(planner_request(pipe, task, request), beside=beside).vae_tiling
         cond, uncond, embeddings = encode_conditioning(pipe, request, networks)
         conditioning = (cond, uncond)
         latent_shape = (request.latent_channels, request.height // request.downscale, request.width // request.downscale)
         noise = seeded_noise(seeds, latent_shape, pipe.device)
         x = task.start_latents(pipe, request, plan, noise, tiled)
-        latents = denoise(pipe, task, request, plan, x, conditioning, seeds, progress)
-        images = task.finish(decode_images(pipe, latents, tiled))
-    parameters = image_parameters(pipe, task, request, seeds, plan, networks.loras, embeddings)
+        handover = None
+        if refiner is not None:
+            handover = Handover(pipe, refiner, task, request, networks, handover_step(plan, request.refiner_switch))
+        latents = denoise(pipe, task, request, plan, x, conditioning, seeds, progress, handover)
+        # The model that sampled last decodes (its VAE is the same SDXL VAE, and it is the one placed).
+        last = refiner if handover is not None and handover.taken else pipe
+        images = task.finish(decode_images(last, latents, last.memory.plan.vae_tiling if last.memory.plan else tiled))
+    parameters = image_parameters(pipe, task, request, seeds, plan, networks.loras, embeddings, refiner if last is refiner else None)
     return GenerationResult(images, seeds, parameters, latents)

@@ -12,8 +12,8 @@ from PIL import Image
 from torch import Tensor
 
 from optimized_sd.attention import check_backend
-from optimized_sd.config import ModelConfig
-from optimized_sd.errors import UserError
+from optimized_sd.config import FAMILY_NAMES, ModelConfig
+from optimized_sd.errors import CheckpointError, UserError
 from optimized_sd.memory.device import compute_dtype, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
 from optimized_sd.memory.planner import VAE_TILE, Plan, parse_bytes
@@ -33,7 +33,8 @@ from optimized_sd.pipelines.txt2img import TXT2IMG
 from optimized_sd.pipelines.weight_storage import check_weight_kind, plan_storage
 from optimized_sd.sampling import ProgressCallback, scaled_linear_schedule
 from optimized_sd.weights.embeddings import EmbeddingLibrary
-from optimized_sd.weights.loading import LoadedModel, prepare_model, source_metadata
+from optimized_sd.weights.family import detect_family
+from optimized_sd.weights.loading import LoadedModel, open_checkpoint, prepare_model, source_metadata
 from optimized_sd.weights.lora import LoraSet
 from optimized_sd.weights.prediction import resolve_prediction
 
@@ -100,6 +101,10 @@ class StableDiffusion:
         self.vae_file: Path | None = None  # `--vae FILE` (set by `load`)
         self._vae_hash: str | None = None
         self.lora_dir = Path(lora_dir)
+        # How `load` opened this model (device, precision, memory, --vae...), so a refiner opens the same way.
+        self.load_options: dict = dict(device=device, precision=precision, memory=memory, vram_budget=vram_budget, attention=attention,
+                                       vae_tiling=vae_tiling, tokenizer=tokenizer, weights=weights, int8_matmul=int8_matmul)
+        self.refiner: StableDiffusion | None = None  # the last `--refiner` a call used, kept for the next
         self.loras = LoraSet(self.config, {key: tuple(value.shape) for key, value in self.model.state_dict().items()})
 
     @property
@@ -137,8 +142,29 @@ class StableDiffusion:
 
     def close(self) -> None:
         """Release the weights' placement and the checkpoint's file maps (a long-lived server calls this)."""
+        self.close_refiner()
         self.memory.release_engine()
         self.loaded.source.close()
+
+    def close_refiner(self) -> None:
+        if self.refiner is not None:
+            self.refiner.close()
+            self.refiner = None
+
+    def refiner_for(self, path: str | Path) -> StableDiffusion:
+        """The SDXL refiner at `path`, opened as this model was (kept until a call asks for another). A base
+        that is not SDXL, or a file that is not an SDXL refiner, is refused naming what it is."""
+        path = Path(path)
+        if self.config.family != "sdxl":
+            raise UserError(f"--refiner runs after an SDXL base model; {self.loaded.checkpoint.name} is an {self.config.family_name} model")
+        if self.refiner is not None and self.refiner.loaded.checkpoint.path == path:
+            return self.refiner
+        self.close_refiner()
+        family = checkpoint_family(path, "--refiner")
+        if family != "sdxl_refiner":
+            raise UserError(f"--refiner {path} is an {FAMILY_NAMES.get(family, family)} model, not an SDXL refiner")
+        self.refiner = load(path, vae=self.vae_file, **self.load_options, lora_dir=self.lora_dir, embeddings_dir=self.embeddings.folder)
+        return self.refiner
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
@@ -211,6 +237,18 @@ class StableDiffusion:
         options = {"strength": 1.0, "width": width, "height": height, **{k: v for k, v in options.items() if v is not None}}
         request = GenerationRequest(prompts=repeat_prompt(prompt, n_samples), init_image=image, inpaint=inpaint, **options)
         return self.generate(request).images
+
+
+def checkpoint_family(path: Path, flag: str) -> str:
+    """The family of the checkpoint at `path` (its shapes only, nothing loaded); what is wrong with it, after `flag`."""
+    try:
+        checkpoint = open_checkpoint(path)
+        try:
+            return detect_family(checkpoint.source.shapes())
+        finally:
+            checkpoint.source.close()
+    except CheckpointError as error:
+        raise CheckpointError(f"{flag} {path}: {error}") from None
 
 
 def repeat_prompt(prompt: str, n_samples: int) -> list[str]:

@@ -30,7 +30,7 @@ from optimized_sd.pipelines.output import (
     write_report,
 )
 from optimized_sd.pipelines.prompts import read_prompt_file
-from optimized_sd.pipelines.request import check_numbers, check_seeds, check_size
+from optimized_sd.pipelines.request import check_numbers, check_refiner_switch, check_seeds, check_size
 from optimized_sd.prompts.syntax import subprompt_mix
 from optimized_sd.sampling import StepInfo, make_plan
 
@@ -77,6 +77,8 @@ class Job:
     karras: bool = False
     schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
     loras: tuple[str, ...] = ()  # 'FILE' or 'FILE:WEIGHT', besides the <lora:NAME:WEIGHT> tags in prompts
+    refiner: Path | None = None  # an SDXL refiner finishing an SDXL base's sampling
+    refiner_switch: float = 0.8  # the share of the denoising the base runs
     height: int | None = None
     width: int | None = None
     latent_channels: int = 4
@@ -122,6 +124,10 @@ class Job:
         for path in lora_weights(self.loras):
             if not path.is_file():
                 raise UserError(f"--lora {path}: no such file")
+        if self.refiner is not None:
+            if not Path(self.refiner).exists():
+                raise UserError(f"--refiner {self.refiner}: no such file or folder")
+            check_refiner_switch(self.refiner_switch)
         if self.output.report_json is not None:
             check_report_path(self.output.report_json)
 
@@ -175,6 +181,8 @@ class Job:
             karras=self.karras,
             schedule=self.schedule,
             loras=self.loras,
+            refiner=self.refiner,
+            refiner_switch=self.refiner_switch,
             seed=seed,
             height=self.height or default_height,  # None: the model family's size (the pipeline decides)
             width=self.width or default_width,

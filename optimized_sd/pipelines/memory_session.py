@@ -89,21 +89,44 @@ class MemorySession:
     def mode(self) -> str | None:
         return self.placed[0] if self.placed is not None else None
 
-    def plan_for(self, request: Request) -> Plan:
-        budget = self.budget
-        # The CPU's available RAM bounds every mode, a forced one too: a forced `full` at 20000x20000
-        # would otherwise allocate until the machine dies. On CUDA the free memory bounds every mode.
-        measurable = self.device.type in ("cuda", "cpu")
-        if budget is None and measurable:
-            # Weights this pipeline already holds count as available: they would be moved, not added.
-            budget = int(device_memory(self.device).free * SAFETY_MARGIN) + self.engine_resident_bytes()
-        plan = plan_memory(
-            self.sizes, request, budget=budget, mode=self.requested, vae_tiling=self.vae_tiling, device_type=self.device.type
-        )
+    def plan_for(self, request: Request, beside: MemorySession | None = None) -> Plan:
+        """The call's plan. `beside`: another pipeline's session on the same device (an SDXL base and its
+        refiner); its weights stay placed when this plan fits with them still there and is the plan it
+        would be without them, else they are released first (never both resident unless they fit)."""
+        held = beside.engine_resident_bytes() if beside is not None else 0
+        plan = self.planned(request, self.budget_for(freed=held))
+        if held:
+            try:
+                together = self.planned(request, self.budget_for(taken=held))
+            except UserError:  # not even the leanest plan fits beside the other's weights
+                together = None
+            if together is None or (together.mode, together.lookahead) != (plan.mode, plan.lookahead):
+                assert beside is not None
+                beside.release_engine()
+            else:
+                plan = together
         if plan.mode != self.requested and self.requested != "auto" and plan.reason != self.last_reason:
             log.warning("%s", plan.reason)
         self.last_reason = plan.reason
         return plan
+
+    def budget_for(self, *, freed: int = 0, taken: int = 0) -> int | None:
+        """Device bytes a call may use: `--vram-budget` less what another pipeline keeps placed (`taken`), or the
+        free memory measured now plus this session's own placed weights and another's about to be released
+        (`freed`): weights already held count as available, they would be moved, not added. The CPU's
+        available RAM bounds every mode, a forced one too: a forced `full` at 20000x20000 would otherwise
+        allocate until the machine dies. On CUDA the free memory bounds every mode."""
+        if self.budget is not None:
+            return self.budget - taken
+        if self.device.type not in ("cuda", "cpu"):
+            return None
+        return int(device_memory(self.device).free * SAFETY_MARGIN) + self.engine_resident_bytes() + freed
+
+    def planned(self, request: Request, budget: int | None) -> Plan:
+        """The plan for `budget`, without a word logged (plan_for weighs several)."""
+        return plan_memory(
+            self.sizes, request, budget=budget, mode=self.requested, vae_tiling=self.vae_tiling, device_type=self.device.type
+        )
 
     def engine_resident_bytes(self) -> int:
         return self.engine.resident_bytes() if self.engine is not None else 0
@@ -140,10 +163,10 @@ class MemorySession:
         self.place(plan)
         return plan
 
-    def prepare(self, request: Request) -> Plan:
+    def prepare(self, request: Request, beside: MemorySession | None = None) -> Plan:
         """Plan the call and place the weights for it (a benchmark calls it alone to time loading
-        apart from generating)."""
-        self.place(self.plan_for(request))
+        apart from generating); `beside` as `plan_for`."""
+        self.place(self.plan_for(request, beside))
         assert self.engine is not None and self.plan is not None
         self.engine.events.clear()  # the residency log of this call only: a long-lived pipeline keeps no history
         self.meter.new_call()

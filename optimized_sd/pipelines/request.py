@@ -39,6 +39,8 @@ class GenerationRequest:
     inpaint: InpaintOptions | None = None
     loras: Mapping[str | Path, float] | Sequence[str] | None = None  # {file: weight} or ['FILE[:WEIGHT]']
     schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
+    refiner: str | Path | None = None  # an SDXL refiner that takes over from an SDXL base at `refiner_switch`
+    refiner_switch: float = 0.8  # the share of the denoising the base runs (AUTOMATIC1111's "Refiner switch at")
 
     @property
     def guided(self) -> bool:
@@ -107,3 +109,11 @@ def check_request(request: GenerationRequest, config: ModelConfig) -> None:
         raise UserError(f"--f {request.downscale}: this model's VAE downscales by {config.vae.downscale}")
     if request.unet_batch is not None and request.unet_batch < 1:
         raise UserError("--unet_bs must be at least 1")
+    if request.refiner is not None:
+        check_refiner_switch(request.refiner_switch)
+
+
+def check_refiner_switch(switch: float) -> None:
+    """The refiner takes over strictly inside the denoising: 0 would be the refiner alone, 1 the base alone."""
+    if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0.0 < switch < 1.0:
+        raise UserError(f"--refiner-switch {switch} must be between 0 and 1 (exclusive): the share of the steps the base runs")

@@ -191,6 +191,24 @@ def make_plan(
     return SamplingPlan(**common, schedule_type=resolved, sigmas=sigmas[steps - t_enc :])
 
 
+def step_timesteps(plan: SamplingPlan) -> tuple[float, ...]:
+    """The timestep each step starts from, in sampling order (k-samplers: the sigma's fractional timestep)."""
+    if plan.sampler in _COMPVIS:
+        return tuple(float(step.t) for step in plan.ddim_steps)
+    return tuple(plan.schedule.sigma_to_t(sigma) for sigma in plan.sigmas[: plan.num_steps])
+
+
+def handover_step(plan: SamplingPlan, switch_at: float) -> int:
+    """How many of the plan's steps the first model runs when a second takes over at `switch_at` (0..1) of
+    the denoising: the steps starting at a timestep of at least round(T * (1 - switch_at)), T the training
+    timesteps. This is diffusers' `denoising_end` cutoff and AUTOMATIC1111's default refiner switch (by
+    timestep: completed = (999 - t) / 1000); the steps after it go to the second model."""
+    if not 0.0 < switch_at < 1.0:
+        raise ValueError(f"a switch must be between 0 and 1 (exclusive), got {switch_at}")
+    cutoff = round(plan.schedule.num_timesteps * (1.0 - switch_at))
+    return sum(1 for t in step_timesteps(plan) if t >= cutoff)
+
+
 def start_latents(plan: SamplingPlan, noise: Tensor, init_latents: Tensor | None = None) -> Tensor:
     """The x `sample` starts from. txt2img: noise (DDIM/PLMS) or noise * sigma_max (k-samplers).
     img2img: the init latents noised to the plan's first level; unchanged when no step runs."""
