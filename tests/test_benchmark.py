@@ -118,7 +118,7 @@ def test_bad_inputs_are_one_line_user_errors(overrides, message) -> None:
 def test_cli_prints_bad_names_as_one_line_and_exits_1(capsys) -> None:
     from optimized_sd.cli import main
 
-    for argv in (["bench", "--modes", "fast"], ["bench", "--peers", "nope"], ["bench", "--only", "zzz"], ["bench", "--model", "sdxl"]):
+    for argv in (["bench", "--modes", "fast"], ["bench", "--peers", "nope"], ["bench", "--only", "zzz"], ["bench", "--model", "sd3"]):
         with pytest.raises(SystemExit) as exited:
             main(argv)
         assert exited.value.code == 1
