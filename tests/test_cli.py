@@ -7,21 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import run_cli as run
 from PIL import Image
 
-from optimized_sd.cli import main
 from optimized_sd.pipelines.output import read_parameters
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    """Run `optimized-sd ARGS`; returns (exit status, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

@@ -12,22 +12,12 @@ import zlib
 from pathlib import Path
 
 import pytest
+from cli_runs import run_cli as run
 from PIL import Image
 
-from optimized_sd.cli import main
 from optimized_sd.errors import UserError
 from optimized_sd.pipelines import output
 from optimized_sd.pipelines.output import ImageParameters, prompt_folder, read_parameters, write_exclusive, write_new
-
-
-def run(capsys, *args: object) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

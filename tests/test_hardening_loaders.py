@@ -21,9 +21,9 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from cli_runs import run_cli as cli
 
 import optimized_sd.weights.ckpt as ckpt_module
-from optimized_sd.cli import main
 from optimized_sd.errors import CheckpointError
 from optimized_sd.pipelines.output import check_output_folder
 from optimized_sd.weights.ckpt import load_ckpt, state_dict_from_ckpt
@@ -178,14 +178,6 @@ def genuine(tmp_path: Path) -> Callable[[], None]:
     return check
 
 
-def cli(capsys, *args: object) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def files(folder: Path) -> list[Path]:
