@@ -11,6 +11,16 @@
 #   seed:      the seed workload (--n_samples 10 --n_iter 2 --turbo) under a 2.4GB cap against
 #              uncapped `full` at batch 10                                                        ~2 min (estimate)
 #   bench:     benchmarks/gpu_check.sh (every mode against diffusers, uncapped)                   ~6 min
+# A task's 15 minutes hold one machine start and about 13 minutes of runs, so two parts bundle what is
+# owed, most important first, each step cut to the time left (LEASE_SECONDS) so the call ends on time:
+#   lease1:    SDXL 1024 (issue 12): ours stream, turbo, auto uncapped and under 4GB against diffusers'
+#              model, sequential and group offload; SDXL stream with fp8 weights; SD 2.x 768-v stream;
+#              SD 1.5 stream with fp16, fp8 and int8 weights; the seed workload              ~8 min
+#   lease2:    the SD 1.5 frontier at none, 2GB, 1GB and 0.6GB (FRONTIER_BUDGETS) against diffusers, model, group and
+#              sequential offload (call at once after lease1: the warm machine keeps the models)  ~5 min
+#   run(command="LEASE_SECONDS=470 bash benchmarks/device_run.sh lease1", carry=[".whl"], timeout_s=500)
+# The lease parts write every results folder under /tmp/device-results and pack them as
+# $OUT/<part>-results.tgz (what comes back from a call is limited to 8 files).
 #   run(command="bash benchmarks/device_run.sh frontier1", carry=[".whl"], timeout_s=540)
 # Results land in $OUT/<card>-<date>-frontier/, $OUT/<card>-<date>-seed-workload/ and $OUT/*.txt|log: copy
 # them into benchmarks/results/ and commit. With no argument every part runs, one after the other (over
@@ -18,8 +28,8 @@
 # Check the plumbing on the CPU (tiny model): DEVICE_RUN_TINY=1 PYTHON=.venv/bin/python OUT=/tmp/dr bash benchmarks/device_run.sh frontier3
 set -u
 PART=${1:-all}
-case "$PART" in checks|frontier1|frontier2|frontier3|seed|bench|all) ;;
-  *) echo "usage: bash benchmarks/device_run.sh [checks|frontier1|frontier2|frontier3|seed|bench|all]" >&2; exit 2 ;;
+case "$PART" in checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|all) ;;
+  *) echo "usage: bash benchmarks/device_run.sh [checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|all]" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/device-run-out}
 mkdir -p "$OUT"
@@ -27,11 +37,13 @@ PY=${PYTHON:-python3}
 source benchmarks/carried_wheels.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CACHE=/tmp/optimized-sd-cache  # the benchmark model is built once per machine (about a minute)
-if [ "${DEVICE_RUN_TINY:-0}" = 1 ]; then  # the plumbing checked on the CPU: tiny model, 64x64, one step
+if [ "${DEVICE_RUN_TINY:-0}" = 1 ]; then  # the plumbing checked on the CPU: tiny models, 64x64, one or two steps
   BENCH=(-m optimized_sd.cli bench --model tiny --device cpu --sizes 64 --steps 1 --timeout 300 --cache-dir /tmp/optimized-sd-tiny-cache --out "$OUT")
+  SD15=(--model tiny) SDXL=(--model tiny-sdxl) SD2=(--model tiny-sd2) BIG=64 V768=64 S512=64 LEASE_BENCH=(-m optimized_sd.cli bench --device cpu --steps 2 --timeout 300 --cache-dir /tmp/optimized-sd-tiny-cache)
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   BENCH=(-m optimized_sd.cli bench --device cuda --sizes 512 --steps 10 --warmup 1 --timeout 120 --cache-dir "$CACHE" --out "$OUT")
+  SD15=(--model sd15) SDXL=(--model sdxl) SD2=(--model sd2) BIG=1024 V768=768 S512=512 LEASE_BENCH=(-m optimized_sd.cli bench --device cuda --warmup 1 --timeout 150 --cache-dir "$CACHE")
 fi
 wants() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 
@@ -65,3 +77,36 @@ if wants bench; then
   echo "== figures"
   OUT="$OUT" bash benchmarks/gpu_check.sh
 fi
+
+# --------------------------------------------------------------------------- the lease parts
+LEASE_END=$(( $(date +%s) + ${LEASE_SECONDS:-470} ))
+RESULTS=/tmp/device-results
+within() {  # within SECONDS COMMAND...: run it for at most SECONDS, or less when the lease ends sooner
+  local cap=$1 left=$(( LEASE_END - $(date +%s) - 20 )); shift
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 30 ]; then echo "== skipped, $cap s left: $*"; return 0; fi
+  timeout -k 5 "$cap" "$@"
+}
+lease_bench() {  # lease_bench SECONDS FLAGS...: one bench run into $RESULTS, its log appended to the part's
+  local cap=$1; shift
+  echo "== bench $* ($(( LEASE_END - $(date +%s) )) s of the lease left)"
+  within "$cap" $PY "${LEASE_BENCH[@]}" --kinds txt2img --label gpu --update --out "$RESULTS" "$@" 2>&1 | tee -a "$OUT/$PART.log"
+}
+pack() { mkdir -p "$RESULTS"; tar czf "$OUT/$PART-results.tgz" -C "$RESULTS" . && echo "== packed $(ls "$RESULTS" | wc -l) results folder(s) into $OUT/$PART-results.tgz"; }
+if [ "$PART" = lease1 ]; then
+  trap pack EXIT
+  lease_bench 240 "${SDXL[@]}" --sizes $BIG --steps 4 --modes stream,turbo --budget none,4GB \
+    --peers diffusers-model-offload,diffusers-sequential-offload,diffusers-group-offload \
+    --only '*-stream,*-turbo,*-auto,*-auto-budget4GB,*-model-offload,*-sequential-offload,*-group-offload'
+  lease_bench 60 "${SDXL[@]}" --sizes $BIG --steps 4 --modes stream --peers none --weights fp8
+  lease_bench 70 "${SD2[@]}" --sizes $V768 --steps 4 --modes stream,full --peers diffusers
+  for weights in fp16 fp8 int8; do lease_bench 40 "${SD15[@]}" --sizes $S512 --steps 10 --modes stream --peers none --weights $weights; done
+  echo "== seed workload"
+  within 90 $PY "${BENCH[@]}" --seed-workload --out "$RESULTS" 2>&1 | tee -a "$OUT/$PART.log" | tail -8
+fi
+if [ "$PART" = lease2 ]; then
+  trap pack EXIT
+  lease_bench 400 "${SD15[@]}" --sizes $S512 --steps 10 --budget "${FRONTIER_BUDGETS:-none,2GB,1GB,0.6GB}" \
+    --peers diffusers,diffusers-model-offload,diffusers-group-offload,diffusers-sequential-offload --label frontier
+fi
+

@@ -523,3 +523,23 @@ def test_stream_floor_and_its_schedule_simulation():
         unlimited = stream_floor.simulated_step_seconds(compute, copy, sizes, float("inf"), steps=8)
         assert unlimited == pytest.approx(max(sum(compute), sum(copy)))
     assert len(stream_floor.block_bytes()) == 27
+
+
+def test_bench_stores_our_weights_in_8_bits_and_says_so(tmp_path: Path) -> None:
+    """`bench --weights int8` runs our engine with 8-bit storage, names the folder after it and states
+    it in the header; the SDXL and SD 2.x benchmark models take the diffusers peers too."""
+    options = BenchOptions(
+        model="tiny", sizes="64", steps=1, kinds="txt2img", modes="stream", peers="none", device="cpu",
+        cache_dir=tmp_path / "cache", out=tmp_path / "results", label="test", weights="int8",
+    )
+    folder = run_bench(options, lambda text="", nl=True: None)
+    record = BenchRecord.from_json(json.loads((folder / "results.json").read_text()))
+    assert folder.name.endswith("-test-tiny-int8")
+    assert record.settings.weights == "int8" and not record.results[0].error
+    assert "stores its weights as int8" in (folder / "results.md").read_text()
+    for model in ("tiny-sdxl", "tiny-sd2", "sdxl"):
+        chosen = select_scenarios(
+            kinds="txt2img", sizes="64", batches="1", steps=1, modes="stream", peers="diffusers", device_type="cpu", model=model
+        )
+        names = [s.name for s in chosen.scenarios]
+        assert names == ["txt2img-64-b1-stream", "txt2img-64-b1-diffusers"]

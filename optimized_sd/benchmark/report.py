@@ -445,7 +445,8 @@ def render_markdown(record: BenchRecord) -> str:
         f"Python {machine.python}",
         f"- Date: {record.started}; whole run {num(record.wall_seconds, 0)} s "
         f"(model {'built' if model.built else 'reused from the cache'} in {num(model.seconds, 0)} s)",
-        f"- Model: {model.description or '?'}, {model.file_bytes / 2**30:.2f} GiB file; compute {settings.dtype}",
+        f"- Model: {model.description or '?'}, {model.file_bytes / 2**30:.2f} GiB file; compute {settings.dtype}"
+        + (f"; ours stores its weights as {settings.weights} (`--weights`)" if settings.weights else ""),
         f"- Settings: DDIM, {settings.steps} steps (img2img: strength {settings.strength}), CFG {settings.scale}, "
         f"seed {settings.seed}, attention {settings.attention}, {settings.warmup} warm-up run(s), "
         f"then {settings.repeat} measured (times of the fastest, highest peaks); every scenario in its own process. "

@@ -109,6 +109,7 @@ class ScenarioTask:
     diffusers_config: str
     precision: str = "autocast"
     attention: str = "sdpa"
+    weights: str | None = None
     warmup: int = 0
     repeat: int = 1
 
@@ -133,6 +134,7 @@ class Settings:
     warmup: int
     repeat: int
     timeout_s: float
+    weights: str | None = None  # our engine's weight storage, when --weights was given
 
 
 @dataclass

@@ -59,6 +59,7 @@ class BenchOptions:
     model: str = "sd15"
     precision: str = "autocast"
     attention: str = "sdpa"
+    weights: str | None = None  # our engine's weight storage (--weights); peers keep theirs
     warmup: int | None = None
     repeat: int = 1
     update: bool = False  # merge into the results folder's earlier results.json (re-measured rows replace theirs)
@@ -148,7 +149,9 @@ def probe_machine(device: str | None) -> Machine:
     return from_json(Machine, probed)
 
 
-def scenario_task(model: BenchModel, device: str, *, precision: str, attention: str, warmup: int, repeat: int) -> ScenarioTask:
+def scenario_task(
+    model: BenchModel, device: str, *, precision: str, attention: str, warmup: int, repeat: int, weights: str | None = None
+) -> ScenarioTask:
     """What every scenario worker is sent besides its scenario."""
     return ScenarioTask(
         device=device,
@@ -157,6 +160,7 @@ def scenario_task(model: BenchModel, device: str, *, precision: str, attention: 
         diffusers_config=model.diffusers_config,
         precision=precision,
         attention=attention,
+        weights=weights,
         warmup=warmup,
         repeat=repeat,
     )
@@ -274,6 +278,8 @@ def results_folder(options: BenchOptions, machine: Machine, date: str) -> Path:
     label = options.label or preset or "-".join(size.replace("x", "by") for size in sizes)
     if options.model != "sd15":
         label += f"-{options.model}"
+    if options.weights:
+        label += f"-{options.weights}"
     return Path(options.out) / f"{report.device_label(machine)}-{date}-{label}"
 
 
@@ -299,7 +305,13 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
     echo(f"model: {'built' if model.built else 'reused'} {model.checkpoint} ({model.file_bytes / 2**30:.2f} GiB, {model.seconds:.0f} s)")
 
     task = scenario_task(
-        model, machine.device, precision=options.precision, attention=options.attention, warmup=warmup, repeat=options.repeat
+        model,
+        machine.device,
+        precision=options.precision,
+        attention=options.attention,
+        warmup=warmup,
+        repeat=options.repeat,
+        weights=options.weights,
     )
     dtype = {"autocast": "fp32 (CPU)" if device_type == "cpu" else "fp16"}.get(options.precision, options.precision)
     record = BenchRecord(
@@ -319,6 +331,7 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
             precision=options.precision,
             dtype=dtype,
             attention=options.attention,
+            weights=options.weights,
             warmup=warmup,
             repeat=options.repeat,
             timeout_s=options.timeout,

@@ -30,7 +30,7 @@ class Peer:
     engine: str = "diffusers"
     needs: tuple[tuple[str, str], ...] = (("diffusers", "diffusers"),)
     devices: tuple[str, ...] = ("cuda", "cpu")
-    models: tuple[str, ...] = ("sd15", "tiny")  # the benchmark models it can load
+    models: tuple[str, ...] = ("sd15", "sd2", "sdxl", "tiny", "tiny-sd2", "tiny-sdxl")  # the benchmark models it can load
 
     @property
     def cuda_only(self) -> bool:

@@ -362,6 +362,7 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None 
             vram_budget=budget,
             attention=task.attention,
             tokenizer=task.tokenizer,
+            weights=task.weights,
         )
         pipe.prepare(request)  # place the weights now, so that loading is timed here
         return pipe

@@ -23,12 +23,15 @@ TensorHook = Callable[[str, Tensor], None]
 class GroupSpec:
     """Modules (dotted paths under the root) that move together. `release`: `never` (resident for
     the whole run), `after_forward` (streamed: dropped once its last module has run) or `stage_end`
-    (kept until the current stage ends)."""
+    (kept until the current stage ends). `rows`: the group is one embedding table (`nn.Embedding`)
+    and each call brings only the rows it looks up to the device, never the whole table (a text tower's
+    77 tokens out of 49,408: SDXL's bigG table is 126 MB in fp16)."""
 
     name: str
     modules: tuple[str, ...]
     release: Release = "stage_end"
     prefetch_next: str | None = None
+    rows: bool = False
 
 
 @dataclass
@@ -220,6 +223,11 @@ class OffloadEngine:
             self.source.release(slot.key for slot in group.slots)
 
     def _install_hooks(self, group: Group) -> None:
+        if group.spec.rows:
+            table = self.root.get_submodule(group.spec.modules[0])
+            self._hooks.append(table.register_forward_pre_hook(lambda module, args: self._gather_rows(group, args)))
+            self._hooks.append(table.register_forward_hook(lambda module, args, output: self._drop(group)))
+            return
         first = self.root.get_submodule(group.spec.modules[0])
         last = self.root.get_submodule(group.spec.modules[-1])
         name = group.spec.name
@@ -261,7 +269,24 @@ class OffloadEngine:
         """Streamed groups read from the file without prefetch (the CPU lean path) all land in one
         reused buffer: fresh memory for every block of every step costs a page fault per 4 KiB,
         which on a CPU was a third of the step time."""
-        return self.host == "source" and group.spec.release == "after_forward" and not self.prefetch_enabled
+        return self.host == "source" and group.spec.release == "after_forward" and not self.prefetch_enabled and not group.spec.rows
+
+    def _gather_rows(self, group: Group, args: tuple) -> tuple:
+        """Before an embedding table of a `rows` group runs: put the rows its ids look up on the device,
+        as the table (read from the host copy or the file), and renumber the ids into it. The LoRA hook
+        is not applied to these rows: no LoRA patches a token embedding."""
+        ids, *rest = args
+        slot = group.slots[0]
+        used, positions = torch.unique(ids, return_inverse=True)
+        home = slot.host if slot.host is not None else self.source.get(slot.key).reshape(slot.shape)
+        rows = home.index_select(0, used.to(home.device)).to(device=self.device, dtype=slot.placed_dtype)
+        self._set(slot, rows)
+        self.source.release([slot.key])
+        self.copied_bytes += rows.numel() * rows.element_size()
+        self.events.append(("rows", group.spec.name, self.resident_names()))
+        if self.prefetch_enabled:
+            self._prefetch_after(group.spec.name)
+        return (positions, *rest)
 
     def _shared_arena(self) -> Tensor:
         """The buffer streamed groups share on the CPU lean path, made at first use, dropped at stage end."""
@@ -272,7 +297,7 @@ class OffloadEngine:
     def load(self, name: str, *, asynchronous: bool = False) -> None:
         """Make a group resident; with `asynchronous`, on the copy stream (waited for before use)."""
         group = self.groups[name]
-        if group.resident:
+        if group.resident or group.spec.rows:  # a table read by rows is never placed whole
             return
         if asynchronous and self.copy_stream is not None:
             # No wait on the compute stream: the copy only reads pinned host memory, and device memory
@@ -323,7 +348,7 @@ class OffloadEngine:
         following, ahead = self.groups[name].spec.prefetch_next, 0
         while following is not None and following != name:
             group = self.groups[following]
-            if not group.resident:
+            if not group.resident and not group.spec.rows:
                 if ahead and held + group.bytes > self.lookahead_bytes:
                     return
                 self.load(following, asynchronous=True)

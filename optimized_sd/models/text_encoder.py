@@ -46,11 +46,11 @@ class FrozenCLIPEmbedder(nn.Module):
         self.penultimate = config.penultimate
 
     def stream_parts(self) -> list[str]:
-        """Children in call order: embeddings, each encoder layer, the final norm (transformers versions
-        differ on whether they sit under `text_model`)."""
+        """Children in call order: the token embedding (its position embedding stays with the tower), each
+        encoder layer, the final norm (transformers versions differ on whether they sit under `text_model`)."""
         inner = "transformer.text_model" if hasattr(self.transformer, "text_model") else "transformer"
         layers = len(self.get_submodule(f"{inner}.encoder.layers"))
-        return [f"{inner}.embeddings", *(f"{inner}.encoder.layers.{i}" for i in range(layers)), f"{inner}.final_layer_norm"]
+        return [f"{inner}.embeddings.token_embedding", *(f"{inner}.encoder.layers.{i}" for i in range(layers)), f"{inner}.final_layer_norm"]
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """(B, 77) token ids -> (B, 77, hidden): the last hidden state after the final layer norm (SD 1.x),

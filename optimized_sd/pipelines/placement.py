@@ -42,8 +42,9 @@ def text_group(model: nn.Module) -> GroupSpec:
 
 def text_groups(model: nn.Module, streamed: bool) -> list[GroupSpec]:
     """The text stage's groups: the whole text module at once, or (`streamed`) each tower layer by layer:
-    a tower's own tensors (OpenCLIP's position embedding and projection) stay for the stage, its parts
-    (`stream_parts`: embeddings, each layer, final norm) load one at a time as they run."""
+    a tower's own tensors (position embeddings, OpenCLIP's projection) stay for the stage, its parts
+    (`stream_parts`: token embedding, each layer, final norm) load one at a time as they run, the token
+    embedding as the rows its ids look up (`GroupSpec.rows`)."""
     if not streamed:
         return [text_group(model)]
     groups, parts = [], []
@@ -53,7 +54,13 @@ def text_groups(model: nn.Module, streamed: bool) -> list[GroupSpec]:
         parts += [f"{path}.{part}" for part in module.stream_parts()]
     names = [f"text.{part}" for part in parts]
     streamed_groups = [
-        GroupSpec(name, (part,), "after_forward", prefetch_next=names[i + 1] if i + 1 < len(names) else None)
+        GroupSpec(
+            name,
+            (part,),
+            "after_forward",
+            prefetch_next=names[i + 1] if i + 1 < len(names) else None,
+            rows=isinstance(model.get_submodule(part), nn.Embedding),
+        )
         for i, (name, part) in enumerate(zip(names, parts))
     ]
     return groups + streamed_groups
