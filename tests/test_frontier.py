@@ -482,3 +482,23 @@ def test_a_timed_out_worker_is_ended_with_its_children(monkeypatch, tmp_path: Pa
         time.sleep(0.1)
     else:
         pytest.fail("the worker's child outlived the timeout")
+
+
+def test_the_cuda_cap_names_the_device_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch (2.11 on the H200) refuses `set_per_process_memory_fraction(f, torch.device("cuda"))`
+    without an index: every capped run of the first GPU frontier failed so. The cap passes an index."""
+    import torch
+
+    from optimized_sd.benchmark import worker
+
+    calls: list[tuple[float, object]] = []
+    monkeypatch.setattr(worker, "cuda_context_bytes", lambda device: (700 * 2**20, 140 * 2**30))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device=None: calls.append((fraction, device)))
+    cap, watchdog = worker.hold_to_budget(Scenario("txt2img", 512, 512, 1, 10, "auto", "2GB"), torch.device("cuda"))
+    assert watchdog is None and len(calls) == 1
+    fraction, index = calls[0]
+    assert index == 0 and isinstance(index, int)
+    assert fraction == pytest.approx(cap.fraction) and cap.allocatable_mib == pytest.approx(2048 - 700)
+    worker.hold_to_budget(Scenario("txt2img", 512, 512, 1, 10, "auto", "2GB"), torch.device("cuda", 1))
+    assert calls[1][1] == 1

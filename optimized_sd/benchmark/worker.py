@@ -260,7 +260,7 @@ def hold_to_budget(scenario: Scenario, device) -> tuple[CapFacts, RssWatchdog | 
         except BudgetTooSmall as error:
             error.facts = replace(error.facts, total_source="mem_get_info")
             raise
-        torch.cuda.set_per_process_memory_fraction(cap.fraction, device)
+        torch.cuda.set_per_process_memory_fraction(cap.fraction, torch.cuda.current_device() if device.index is None else device.index)
         return cap, None
     baseline, ram = psutil.Process().memory_info().rss, psutil.virtual_memory().total
     if budget is None:
