@@ -2,7 +2,7 @@
 """Suggest the planner's activation constants (optimized_sd/memory/planner.py) from measured CUDA runs.
 
 Reads the results.json of one or more `optimized-sd bench` runs on a GPU (benchmarks/gpu_check.sh
-writes one) and, per stage, takes activation memory = peak allocated - the weights resident in that
+writes one) and, per family and stage, takes activation memory = peak allocated - the weights resident in that
 mode, in elements of the compute dtype per latent pixel per image in the UNet micro-batch (UNet) or
 per image pixel (VAE). Suggestions are the largest measured value plus 10%, rounded up, since the
 planner's estimates are meant as upper bounds.
@@ -47,22 +47,36 @@ def main(paths: list[str]) -> int:
             f"{row.elements_per_pixel:10,.0f} elements/pixel"
         )
 
-    def largest(stage: str, modes: tuple[str, ...] | None = None) -> float | None:
-        values = [r.elements_per_pixel for r in rows if r.stage == stage and (modes is None or r.mode in modes)]
+    def largest(stage: str, modes: tuple[str, ...] | None = None, family: str | None = None, large: bool | None = None) -> float | None:
+        values = [
+            r.elements_per_pixel
+            for r in rows
+            if r.stage == stage
+            and (modes is None or r.mode in modes)
+            and (family is None or r.family == family)
+            and (large is None or (r.image_pixels > planner.VAE_DECODE_LARGE_ABOVE) == large)
+        ]
         return max(values) if values else None
 
     print()
-    unet = largest("unet", ("full", "turbo", "split"))
-    stream = largest("unet", ("stream",))
+    for family in sorted({r.family for r in rows}):
+        unet = largest("unet", ("full", "turbo", "split"), family)
+        stream = largest("unet", ("stream",), family)
+        now = planner.unet_activations(family)
+        suggested_share = round(min(1.0, stream * MARGIN / unet), 2) if unet and stream else None
+        print(
+            f"UNET_ACTIVATIONS[{family!r}]".ljust(44)
+            + f" now {now.per_latent_pixel:>6}, {now.chunked_ff_share:.2f}   measured suggests "
+            + f"{round_up(unet) if unet else '-'}, {suggested_share if suggested_share is not None else '-'}"
+        )
     suggestions = {
-        "UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL": round_up(unet) if unet else None,
-        "UNET_ACTIVATION_CHUNKED_FF": round(min(1.0, stream * MARGIN / unet), 2) if unet and stream else None,
-        "VAE_DECODE_ELEMENTS_PER_PIXEL": round_up(largest("vae_decode")) if largest("vae_decode") else None,
-        "VAE_ENCODE_ELEMENTS_PER_PIXEL": round_up(largest("vae_encode")) if largest("vae_encode") else None,
+        "VAE_DECODE_ELEMENTS_PER_PIXEL": largest("vae_decode", large=False),
+        "VAE_DECODE_LARGE_ELEMENTS_PER_PIXEL": largest("vae_decode", large=True),
+        "VAE_ENCODE_ELEMENTS_PER_PIXEL": largest("vae_encode"),
     }
     for name, value in suggestions.items():
         current = getattr(planner, name, None)
-        print(f"{name:<44} now {current!s:>8}   measured suggests {value if value is not None else '-'}")
+        print(f"{name:<44} now {current!s:>8}   measured suggests {round_up(value) if value else '-'}")
     return 0
 
 

@@ -371,6 +371,24 @@ def test_calibration_subtracts_resident_weights_per_mode() -> None:
     assert rows[("stream", "unet")].resident_weights_mib == pytest.approx(0.1 * 1024, rel=1e-6)
 
 
+def test_calibration_compares_with_the_family_constants() -> None:
+    """An SDXL run is held against SDXL's constants (its stream figure times SDXL's chunked share), an
+    SD 1.5 run against SD 1.x's."""
+    from optimized_sd.memory import planner
+
+    record = cuda_record()
+    sd1 = {(r.mode, r.stage): r for r in report.calibration_rows(record)}
+    assert sd1[("stream", "unet")].family == "sd1"
+    assert report.planner_constant(sd1[("stream", "unet")]) == pytest.approx(14_000 * 0.65)
+    for result in record.results:
+        if result.footprint is not None:
+            result.footprint = replace(result.footprint, family="sdxl")
+    sdxl = {(r.mode, r.stage): r for r in report.calibration_rows(record)}
+    assert report.planner_constant(sdxl[("stream", "unet")]) == pytest.approx(planner.UNET_ACTIVATIONS["sdxl"].per_latent_pixel * 0.60)
+    assert report.planner_constant(sdxl[("full", "vae_decode")]) == planner.VAE_DECODE_ELEMENTS_PER_PIXEL  # 64x64: small
+    assert "| 5,520 |" in report.render_markdown(record)  # 9,200 x 0.60 in the calibration table
+
+
 def test_outputs_and_chart_note_without_matplotlib(tmp_path: Path, monkeypatch) -> None:
     import builtins
 

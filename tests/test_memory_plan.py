@@ -246,3 +246,27 @@ def test_fifty_calls_keep_bounded_state(tiny_model):
     assert after[:2] == (records, events) == (3, events)  # this call's stages and residency log only
     assert after[2] - objects < 1_000  # 45 calls leave (almost) nothing behind
     assert pipe.meter.calls == 50 and pipe.meter.totals["unet"]["steps"] == 50
+
+
+def test_activation_estimates_follow_the_family_and_the_decode_size() -> None:
+    """Each family plans with its own measured UNet constants (SDXL's are below SD 1.x's), a family not
+    measured takes SD 1.x's, and the decode's per-pixel figure grows past 768x768 unless tiled."""
+    from optimized_sd.memory.planner import UNET_ACTIVATIONS, decode_activation_bytes, unet_activation_bytes, unet_activations
+
+    at_1024 = Request(1024, 1024)
+    sdxl = dataclasses.replace(FOOTPRINT, family="sdxl")
+    for chunked in (False, True):
+        assert unet_activation_bytes(at_1024, chunked, "sdxl") < unet_activation_bytes(at_1024, chunked, "sd1")
+    assert unet_activations("sdxl_refiner") == UNET_ACTIVATIONS["sd1"]
+    streamed = [plan_memory(model, at_1024, budget=None, mode="stream", vae_tiling="on").estimates["stream"] for model in (sdxl, FOOTPRINT)]
+    assert streamed[0] < streamed[1]
+    per_pixel = {side: decode_activation_bytes(Request(side, side), False) / (side * side * 2) for side in (512, 768, 832, 1024)}
+    assert per_pixel[512] == per_pixel[768] < per_pixel[832] == per_pixel[1024]
+    assert decode_activation_bytes(at_1024, True) == decode_activation_bytes(Request(512, 512), False)
+
+
+def test_the_footprint_names_the_model_family(tiny_sdxl) -> None:
+    from optimized_sd.pipelines.placement import footprint
+
+    pipe = optimized_sd.load(tiny_sdxl.folder, device="cpu", precision="full", memory="stream")
+    assert footprint(pipe.model, 4).family == "sdxl" and pipe.memory.sizes.family == "sdxl"

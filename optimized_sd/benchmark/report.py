@@ -327,6 +327,8 @@ class CalibrationRow:
     scenario: str
     mode: str | None
     stage: str
+    family: str
+    image_pixels: int
     peak_allocated_mib: float
     resident_weights_mib: float
     activation_mib: float
@@ -356,6 +358,8 @@ def calibration_rows(record: BenchRecord) -> list[CalibrationRow]:
                     scenario=scenario.name,
                     mode=result.mode_used,
                     stage=stage,
+                    family=fp.family,
+                    image_pixels=image_pixels,
                     peak_allocated_mib=figures.peak_allocated_mib,
                     resident_weights_mib=resident / MIB,
                     activation_mib=activation / MIB,
@@ -365,22 +369,25 @@ def calibration_rows(record: BenchRecord) -> list[CalibrationRow]:
     return rows
 
 
-def calibration_table(record: BenchRecord) -> list[str]:
-    rows = calibration_rows(record)
-    if not rows:
-        return []
+def planner_constant(row: CalibrationRow) -> float | None:
+    """The planner's constant for a calibration row's stage, family and size (None where it has none)."""
     try:
         from optimized_sd.memory import planner
-
-        constants = {stage: getattr(planner, name, None) for stage, name in STAGE_CONSTANTS.items()}
-        chunked = getattr(planner, "UNET_ACTIVATION_CHUNKED_FF", 1.0)
     except ImportError:
-        constants, chunked = {}, 1.0
+        return None
+    if row.stage == "unet":
+        constants = planner.unet_activations(row.family)
+        return constants.per_latent_pixel * (constants.chunked_ff_share if row.mode == "stream" else 1.0)
+    if row.stage == "vae_decode":
+        large = row.image_pixels > planner.VAE_DECODE_LARGE_ABOVE
+        return planner.VAE_DECODE_LARGE_ELEMENTS_PER_PIXEL if large else planner.VAE_DECODE_ELEMENTS_PER_PIXEL
+    return getattr(planner, STAGE_CONSTANTS.get(row.stage, ""), None)
+
+
+def calibration_table(record: BenchRecord) -> list[str]:
     out = []
-    for row in rows:
-        constant = constants.get(row.stage)
-        if constant is not None and row.stage == "unet" and row.mode == "stream":
-            constant = constant * chunked
+    for row in calibration_rows(record):
+        constant = planner_constant(row)
         out.append(
             [
                 row.scenario,
@@ -393,11 +400,14 @@ def calibration_table(record: BenchRecord) -> list[str]:
                 f"{constant:,.0f}" if constant is not None else "-",
             ]
         )
+    if not out:
+        return []
     header = ["scenario", "mode", "stage", "peak alloc MiB", "resident weights MiB", "activations MiB"]
     header += ["measured elements/pixel", "planner constant"]
     note = [
         "UNet: elements per latent pixel per image in the UNet micro-batch (CFG doubles the batch); VAE: per image "
-        "pixel, one image at a time. The planner's stream figure is the constant times UNET_ACTIVATION_CHUNKED_FF.",
+        "pixel, one image at a time. The planner constant is the family's (`planner.UNET_ACTIVATIONS`), times its "
+        "chunked feed-forward share in stream; the decode's grows past 768x768.",
         "",
     ]
     return note + table(header, out)

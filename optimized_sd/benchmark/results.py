@@ -189,6 +189,7 @@ class Footprint:
     vae_encoder: int
     vae_decoder: int
     total: int
+    family: str = "sd1"  # whose planner constants apply (files from before this field: SD 1.5 runs)
 
 
 @dataclass

@@ -409,6 +409,7 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None 
             vae_encoder=fp.vae_encoder,
             vae_decoder=fp.vae_decoder,
             total=fp.total,
+            family=fp.family,
         ),
     )
 

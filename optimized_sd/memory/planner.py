@@ -12,21 +12,50 @@ from dataclasses import dataclass, field, replace
 from optimized_sd.errors import OutOfMemoryBudget, UserError
 from optimized_sd.memory.modes import MODE_TABLE, MODES, MemoryMode, denoiser_stage_weights, leaner, mode_row
 
-# Activation elements per unit of work (times the compute dtype's size gives bytes). Calibrated on
-# an H100 with SD 1.5 at 512x512 fp16 and SDPA attention (benchmarks/results/h100-2026-11-27-gpu,
-# section "Planner calibration": peak allocated minus resident weights): UNet 11,350-13,030 per
-# latent pixel per image, 8,055 with the chunked feed-forward; VAE decode 871-939 per pixel. The
-# constants are those figures rounded up, so a plan errs towards fitting. The VAE encoder was not
-# measured there; its constant is the decoder's scaled by their activation widths.
-UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 14_000  # per image in the UNet micro-batch
-UNET_ACTIVATION_CHUNKED_FF = 0.65  # share left when the feed-forward runs in token chunks (stream)
+# Activation elements per unit of work (times the compute dtype's size gives bytes), per family:
+# peak allocated minus resident weights in CUDA runs at fp16 with SDPA attention, read by
+# `benchmarks/calibrate.py` from the bench's results.json, rounded up so a plan errs towards fitting.
+
+
+@dataclass(frozen=True)
+class UnetActivations:
+    """One family's UNet activations: elements per latent pixel per image in the UNet micro-batch, and
+    the share left when the feed-forward runs in token chunks (`stream`)."""
+
+    per_latent_pixel: int
+    chunked_ff_share: float
+
+
+UNET_ACTIVATIONS: dict[str, UnetActivations] = {
+    # SD 1.x at 512x512: 11,350-13,040 (H100 2026-11-27, H200 2026-11-30), 8,055 with the chunked feed-forward.
+    "sd1": UnetActivations(14_000, 0.65),
+    # SD 2.x has SD 1.x's channels and attention levels (64-wide heads); its one measured figure, `stream`
+    # at 768x768 (H200 2026-11-30), is 4,437, below SD 1.x's stream estimate of 9,100: SD 1.x's constants hold.
+    "sd2": UnetActivations(14_000, 0.65),
+    # SDXL at 1024x1024 (H200 2026-11-30): 8,315 in `full`, 6,667 in `turbo`, 4,439 in `stream` (0.53 of
+    # full). No attention at the highest resolution, hence well below SD 1.x.
+    "sdxl": UnetActivations(9_200, 0.60),
+}
+UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = UNET_ACTIVATIONS["sd1"].per_latent_pixel
+UNET_ACTIVATION_CHUNKED_FF = UNET_ACTIVATIONS["sd1"].chunked_ff_share
+
+
+def unet_activations(family: str) -> UnetActivations:
+    """A family's constants; one not measured yet (the SDXL refiner) takes SD 1.x's, the largest."""
+    return UNET_ACTIVATIONS.get(family, UNET_ACTIVATIONS["sd1"])
+
+
 # With a UNet micro-batch, the images outside the running slice still hold their skip connections
 # (every input block's output, kept for the output blocks: 1,940 elements per latent pixel per image
 # in SD 1.5, 320-1280 channels at 1/1-1/8 of the latent side) and the running block's input and
 # concatenated output at full batch; rounded up.
 UNET_FULL_BATCH_ELEMENTS_PER_LATENT_PIXEL = 3_000
 MIN_UNET_MICRO_BATCH = 2  # one CFG pair: smaller slices leave a GPU underfilled, and the next mode is usually faster
-VAE_DECODE_ELEMENTS_PER_PIXEL = 1_000  # one image at a time
+# The VAE (the same in every family), one image at a time: 791-876 per pixel decoding 512x512 and 768x768,
+# 1,281-1,333 at 1024x1024 (H200 2026-11-30), where the mid-block's 16,384-token attention adds its scores.
+VAE_DECODE_ELEMENTS_PER_PIXEL = 1_000
+VAE_DECODE_LARGE_ELEMENTS_PER_PIXEL = 1_500
+VAE_DECODE_LARGE_ABOVE = 768 * 768  # pixels per decode (or per tile) past which the larger figure holds
 VAE_ENCODE_ELEMENTS_PER_PIXEL = 800
 VAE_TILE = 512  # pixels; tiled decode works on 64x64-latent tiles with 64-pixel overlap
 VAE_TILE_OVERLAP = 64
@@ -44,6 +73,7 @@ class ModelFootprint:
     unet_blocks: tuple[int, ...]  # in execution order
     vae_encoder: int
     vae_decoder: int
+    family: str = "sd1"  # whose activation constants apply (`UNET_ACTIVATIONS`)
 
     @property
     def total(self) -> int:
@@ -128,13 +158,14 @@ def cfg_batch(request: Request) -> int:
     return request.batch * (2 if request.guidance else 1)
 
 
-def unet_activation_bytes(request: Request, chunked: bool) -> int:
+def unet_activation_bytes(request: Request, chunked: bool, family: str = "sd1") -> int:
     """The running micro-batch's activations, plus what the rest of the batch holds meanwhile."""
     latent_pixels = (request.height // 8) * (request.width // 8)
     whole = cfg_batch(request)
     micro = min(request.unet_batch or whole, whole)
-    share = UNET_ACTIVATION_CHUNKED_FF if chunked else 1.0
-    running = UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * share * micro
+    constants = unet_activations(family)
+    share = constants.chunked_ff_share if chunked else 1.0
+    running = constants.per_latent_pixel * share * micro
     waiting = UNET_FULL_BATCH_ELEMENTS_PER_LATENT_PIXEL * (whole - micro)
     return int((running + waiting) * latent_pixels * request.dtype_bytes)
 
@@ -144,12 +175,20 @@ def vae_activation_bytes(request: Request, per_pixel: int, tiled: bool) -> int:
     return per_pixel * height * width * request.dtype_bytes
 
 
+def decode_activation_bytes(request: Request, tiled: bool) -> int:
+    """The VAE decode's activations: the larger per-pixel figure once one decode (or tile) passes
+    `VAE_DECODE_LARGE_ABOVE` pixels."""
+    pixels = min(request.height, VAE_TILE) * min(request.width, VAE_TILE) if tiled else request.height * request.width
+    per_pixel = VAE_DECODE_LARGE_ELEMENTS_PER_PIXEL if pixels > VAE_DECODE_LARGE_ABOVE else VAE_DECODE_ELEMENTS_PER_PIXEL
+    return vae_activation_bytes(request, per_pixel, tiled)
+
+
 def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling: bool) -> int:
     """Peak allocated bytes of one run in `mode`: the largest of its stages' resident weights plus
     that stage's activations."""
     chunked = chunks_feed_forward(mode)
-    unet_act = unet_activation_bytes(request, chunked)
-    decode_act = vae_activation_bytes(request, VAE_DECODE_ELEMENTS_PER_PIXEL, vae_tiling)
+    unet_act = unet_activation_bytes(request, chunked, model.family)
+    decode_act = decode_activation_bytes(request, vae_tiling)
     encode_act = vae_activation_bytes(request, VAE_ENCODE_ELEMENTS_PER_PIXEL, vae_tiling) if request.encodes_image else 0
     row = mode_row(mode)
     unet_weights = denoiser_stage_weights(
@@ -173,7 +212,7 @@ def stream_lookahead(model: ModelFootprint, request: Request, budget: int) -> in
     and the next. Copying further ahead hides the copies of the wide low-resolution blocks (most of
     the bytes, little compute) behind the compute of the high-resolution ones (see
     benchmarks/stream_floor.py)."""
-    room = min(budget - unet_activation_bytes(request, chunks_feed_forward("stream")) - FIXED_OVERHEAD, model.unet)
+    room = min(budget - unet_activation_bytes(request, chunks_feed_forward("stream"), model.family) - FIXED_OVERHEAD, model.unet)
     return room if room > model.largest_block_pair else 0
 
 

@@ -148,4 +148,5 @@ def footprint(model: nn.Module, dtype_bytes: int, storage: WeightStorage | None 
         unet_blocks=tuple(size(unit) for unit in stream_units(model)),
         vae_encoder=size(VAE_ENCODER),
         vae_decoder=size(VAE_DECODER),
+        family=getattr(getattr(model, "config", None), "family", "sd1"),
     )
