@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""What the CPU offers, each option measured on the full-size SD 1.5 architecture (random weights, the
+bench cache's fp16 file) in fp32: the UNet call of one sampling step (CFG batch of 2) and the VAE decode
+of one image, each against the plain run, with the output's difference from it.
+
+Options (issue 16): channels-last memory format for the convolutions (oneDNN's native layout), each
+attention backend at each size, and bf16 compute where the CPU has native bf16 matmul (AVX512-BF16 or
+AMX; elsewhere it is measured too, and said to be emulated). The engine's defaults follow these figures.
+
+    .venv/bin/python benchmarks/cpu_options.py [--size 512] [--repeat 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import optimized_sd  # noqa: E402
+from optimized_sd.attention import use_attention  # noqa: E402
+from optimized_sd.benchmark.model_cache import build_model  # noqa: E402
+
+
+def best_seconds(work: Callable[[], torch.Tensor], repeat: int) -> tuple[float, torch.Tensor]:
+    """The fastest of `repeat` runs (after one warm-up), and the last output."""
+    out = work()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = work()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((out.float() - reference.float()).norm() / reference.float().norm())
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags or capability == "AMX"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    model = build_model(args.cache_dir, "sd15")
+    pipe = optimized_sd.load(model.checkpoint, device="cpu", precision="full", memory="full", tokenizer=model.tokenizer)
+    pipe.memory.use_mode("full")
+    unet = pipe.model.model.diffusion_model
+    vae = pipe.model.first_stage_model
+    side = args.size // 8
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, side, side, generator=generator)
+    context = torch.randn(2, 77, 768, generator=generator)
+    timesteps = torch.tensor([500.0, 500.0])
+    one_latent = latents[:1] / 0.18215
+
+    def unet_call(x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return lambda: unet(x, timesteps, context)
+
+    def decode_call(z: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return lambda: vae.decode(z)
+
+    rows: list[dict] = []
+
+    def measure(option: str, stage: str, work: Callable[[], torch.Tensor], reference: torch.Tensor | None, attention: str = "sdpa") -> torch.Tensor:
+        with torch.inference_mode(), use_attention(attention):
+            seconds, out = best_seconds(work, args.repeat)
+        error = relative_error(out, reference) if reference is not None else 0.0
+        base = next((r["seconds"] for r in rows if r["stage"] == stage and r["option"] == "plain"), seconds)
+        rows.append({"option": option, "stage": stage, "seconds": seconds, "ratio": seconds / base, "relative_error": error})
+        print(f"{stage:<11} {option:<28} {seconds:8.2f} s  {seconds / base:5.2f}x  error {error:.1e}", flush=True)
+        return out
+
+    unet_plain = measure("plain", "unet", unet_call(latents), None)
+    decode_plain = measure("plain", "vae_decode", decode_call(one_latent), None)
+    for backend in ("sliced",):
+        measure(f"attention {backend}", "unet", unet_call(latents), unet_plain, backend)
+        measure(f"attention {backend}", "vae_decode", decode_call(one_latent), decode_plain, backend)
+
+    unet.to(memory_format=torch.channels_last)
+    vae.to(memory_format=torch.channels_last)
+    measure("channels-last", "unet", unet_call(latents.to(memory_format=torch.channels_last)), unet_plain)
+    measure("channels-last", "vae_decode", decode_call(one_latent.to(memory_format=torch.channels_last)), decode_plain)
+    unet.to(memory_format=torch.contiguous_format)
+    vae.to(memory_format=torch.contiguous_format)
+
+    native = native_bf16()
+    label = "bf16 autocast" + ("" if native else " (emulated here)")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measure(label, "unet", unet_call(latents), unet_plain)
+        measure(label, "vae_decode", decode_call(one_latent), decode_plain)
+
+    summary = {
+        "size": args.size,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
