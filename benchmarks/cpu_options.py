@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import optimized_sd  # noqa: E402
 from optimized_sd.attention import use_attention  # noqa: E402
-from optimized_sd.benchmark.model_cache import build_model  # noqa: E402
+from optimized_sd.benchmark.model_cache import ensure_model  # noqa: E402
 
 
 def best_seconds(work: Callable[[], torch.Tensor], repeat: int) -> tuple[float, torch.Tensor]:
@@ -58,7 +58,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    model = build_model(args.cache_dir, "sd15")
+    model = ensure_model(args.cache_dir, "sd15")
     pipe = optimized_sd.load(model.checkpoint, device="cpu", precision="full", memory="full", tokenizer=model.tokenizer)
     pipe.memory.use_mode("full")
     unet = pipe.model.model.diffusion_model
@@ -78,7 +78,9 @@ def main() -> int:
 
     rows: list[dict] = []
 
-    def measure(option: str, stage: str, work: Callable[[], torch.Tensor], reference: torch.Tensor | None, attention: str = "sdpa") -> torch.Tensor:
+    def measure(
+        option: str, stage: str, work: Callable[[], torch.Tensor], reference: torch.Tensor | None, attention: str = "sdpa"
+    ) -> torch.Tensor:
         with torch.inference_mode(), use_attention(attention):
             seconds, out = best_seconds(work, args.repeat)
         error = relative_error(out, reference) if reference is not None else 0.0

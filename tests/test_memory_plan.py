@@ -270,3 +270,32 @@ def test_the_footprint_names_the_model_family(tiny_sdxl) -> None:
 
     pipe = optimized_sd.load(tiny_sdxl.folder, device="cpu", precision="full", memory="stream")
     assert footprint(pipe.model, 4).family == "sdxl" and pipe.memory.sizes.family == "sdxl"
+
+
+@pytest.mark.parametrize("mode", ["full", "stream"])
+def test_the_cpu_unet_runs_channels_last_with_the_same_numbers(tiny_model, mode):
+    """On the CPU in fp32 the UNet's convolution weights are placed channels-last (the packed and shared
+    buffers too) and its activations run so; the VAE's stay as they are; the latents match a run
+    without it up to float rounding."""
+    seen: dict[str, bool] = {}
+
+    def record(name: str, conv: nn.Module) -> None:
+        def layout(module: nn.Module, args: tuple) -> None:
+            seen.setdefault(name, module.weight.is_contiguous(memory_format=torch.channels_last))
+
+        conv.register_forward_pre_hook(layout)
+
+    pipe = make_pipe(tiny_model, device="cpu", memory=mode)
+    plain = make_pipe(tiny_model, device="cpu", memory=mode)
+    plain.memory.channels_last = False
+    try:
+        record("unet", pipe.model.model.diffusion_model.input_blocks[0][0])
+        record("vae", pipe.model.first_stage_model.decoder.conv_in)
+        latents = pipe.generate(request(steps=2)).latents
+        expected = plain.generate(request(steps=2)).latents
+    finally:
+        pipe.close()
+        plain.close()
+    assert seen == {"unet": True, "vae": False}
+    assert float((latents - expected).norm() / expected.norm()) < 1e-5  # convolutions summed in another order
+    assert not torch.equal(latents, expected)  # the other layout did run

@@ -46,6 +46,7 @@ class TensorSlot:
     packed: bool  # floating, or kept in its stored dtype: packed with its group's buffer
     placed_dtype: torch.dtype  # on the device and in the host copy
     kept: bool = False  # in the source's dtype (`OffloadEngine.keep_dtype`), not the compute dtype
+    channels_last: bool = False  # a 4-D weight laid out (out, kh, kw, in) in memory (`OffloadEngine.channels_last`)
     host: Tensor | None = None
 
     @property
@@ -91,9 +92,14 @@ class Group:
         return length
 
     def view(self, packed: Tensor, slot: TensorSlot) -> Tensor:
-        """Slot `slot`'s tensor inside a packed byte buffer (host or device)."""
+        """Slot `slot`'s tensor inside a packed byte buffer (host or device), channels-last where flagged:
+        a copy into the view then writes that layout as it casts, at no extra pass."""
         start = self.offsets[slot.key]
-        return packed[start : start + slot.nbytes].view(slot.placed_dtype).view(slot.shape)
+        flat = packed[start : start + slot.nbytes].view(slot.placed_dtype)
+        if slot.channels_last:
+            out, channels, height, width = slot.shape
+            return flat.view(out, height, width, channels).permute(0, 3, 1, 2)
+        return flat.view(slot.shape)
 
 
 class OffloadEngine:
@@ -112,7 +118,11 @@ class OffloadEngine:
     groups included), so a patch (a LoRA merged in place) changes exactly the copy that computes and
     never the host copy or the file (tensors kept in their stored dtype are not passed to it).
     `reload()` places the resident groups again, so a changed hook takes effect at once (removing it
-    restores the original values). `copied_bytes` counts the weight bytes brought to the device."""
+    restores the original values). `copied_bytes` counts the weight bytes brought to the device.
+
+    `channels_last`: module paths whose 4-D weights (convolutions) are placed in the channels-last
+    layout, host copies and shared buffers included, for a model that runs its activations that way
+    (oneDNN's native layout on the CPU)."""
 
     def __init__(
         self,
@@ -126,6 +136,7 @@ class OffloadEngine:
         prefetch: bool = False,
         tensor_hook: TensorHook | None = None,
         keep_dtype: Collection[str] = (),
+        channels_last: Collection[str] = (),
     ) -> None:
         self.root = root
         self.tensor_hook = tensor_hook
@@ -133,6 +144,7 @@ class OffloadEngine:
         self.device = device
         self.dtype = dtype
         self.keep_dtype = frozenset(keep_dtype)
+        self.channels_last = tuple(f"{path}." for path in channels_last)
         self.host = host
         self.copied_bytes = 0  # weight bytes brought to the device since construction (host/file -> device)
         self.prefetch_enabled = prefetch and device.type == "cuda"
@@ -189,6 +201,7 @@ class OffloadEngine:
             packed=stored.is_floating_point or kept,
             placed_dtype=self._placed_dtype(stored, kept),
             kept=kept,
+            channels_last=tensor.dim() == 4 and key.startswith(self.channels_last) and bool(self.channels_last),
         )
 
     def _placed_dtype(self, stored: torch.dtype, kept: bool) -> torch.dtype:
@@ -260,6 +273,8 @@ class OffloadEngine:
                 continue
             value = slot.host if slot.host is not None else self.source.get(slot.key)
             value = value.reshape(slot.shape).to(device=self.device, dtype=slot.placed_dtype, non_blocking=non_blocking, copy=True)
+            if slot.channels_last:
+                value = value.contiguous(memory_format=torch.channels_last)
             self._placed(slot, value)
         self.copied_bytes += group.bytes
         # Every tensor above is a copy, so the file pages just read can be handed back at once.

@@ -18,11 +18,15 @@ class RunOptions:
     the same numbers as the unsliced computation. `int8_matmul`: Linear layers whose weights are stored
     in int8 compute on the CPU with fbgemm's dynamic activation quantisation (`ops.Linear`) instead of
     dequantising to fp32 first: a small extra error (activations rounded to 7 bits), and on the 2-core
-    AVX2 machine it was measured on, slower over the whole UNet (so off unless asked for)."""
+    AVX2 machine it was measured on, slower over the whole UNet (so off unless asked for).
+    `channels_last`: the UNet runs its activations channels-last, with its convolution weights placed
+    so (`OffloadEngine.channels_last`): oneDNN's native layout, 0.82x the UNet's time in fp32 on the
+    CPU (benchmarks/cpu_options.py), the same numbers up to float rounding."""
 
     feed_forward_chunk_tokens: int | None = None
     unet_micro_batch: int | None = None
     int8_matmul: bool = False
+    channels_last: bool = False
 
 
 DEFAULTS = RunOptions()

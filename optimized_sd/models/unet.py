@@ -150,12 +150,12 @@ class UNetModel(nn.Module):
         if y is not None:
             emb = emb + self.label_emb(y.to(emb.dtype))
         skips = []
-        h = x
+        h = x.contiguous(memory_format=torch.channels_last) if run_options().channels_last else x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # skip on the channel axis
-        return self.out(h)
+        return self.out(h).contiguous()
 

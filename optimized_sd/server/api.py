@@ -74,6 +74,8 @@ class Txt2ImgRequest(BaseModel):
     alwayson_scripts: dict[str, Any] | None = None
     send_images: bool = True
     save_images: bool = False
+    refiner_checkpoint: str | None = None  # an SDXL refiner from the server's model list
+    refiner_switch_at: float | None = None  # the share of the denoising the base runs (0.8 when None)
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -174,6 +176,12 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
         n_iter=request.n_iter,
         eta=eta,
     )
+    if request.refiner_checkpoint and request.refiner_checkpoint.strip().lower() != "none":
+        refiner = service.backend.catalog.find(request.refiner_checkpoint)
+        if refiner is None:
+            raise FieldError("refiner_checkpoint", f"model {request.refiner_checkpoint!r} not found; see {PREFIX}/sd-models")
+        options["refiner"] = refiner.path
+        options["refiner_switch"] = request.refiner_switch_at if request.refiner_switch_at is not None else 0.8
     if img2img:
         assert isinstance(request, Img2ImgRequest)
         if not request.init_images:

@@ -19,7 +19,7 @@ from optimized_sd.pipelines.job import Job as PipelineJob
 from optimized_sd.pipelines.job import JobStep, OutputPolicy, run_job
 from optimized_sd.pipelines.masks import InpaintOptions, check_mask, fit_mask, load_mask
 from optimized_sd.pipelines.output import ImageParameters, encode
-from optimized_sd.pipelines.request import INPAINTING_UNET_CHANNELS, check_size
+from optimized_sd.pipelines.request import INPAINTING_UNET_CHANNELS, check_refiner_switch, check_size
 from optimized_sd.sampling import SAMPLERS, make_plan, sampler_display_name
 from optimized_sd.server.catalog import ModelCatalog, ModelEntry
 from optimized_sd.server.jobs import Job
@@ -67,6 +67,8 @@ class GenerationSpec:
     inpaint_full_res: bool = False  # True: "only masked" (InpaintOptions.area "masked")
     inpaint_full_res_padding: int = 32
     invert_mask: bool = False
+    refiner: Path | None = None  # an SDXL refiner (a catalog entry's path, never one from a request)
+    refiner_switch: float = 0.8  # the share of the denoising the base runs
     memory: str | None = None  # None: the server's --memory
     vram_budget: str | None = None  # None: the server's --vram-budget
 
@@ -156,6 +158,12 @@ def check_spec(spec: GenerationSpec) -> None:
         raise FieldError(plan_field(str(error)), str(error)) from None
     if spec.mask is not None:
         check_inpaint_fields(spec)
+    if spec.refiner is not None:
+        try:
+            check_refiner_switch(spec.refiner_switch)
+        except UserError:
+            message = f"refiner_switch_at must be between 0 and 1 (exclusive), got {spec.refiner_switch}"
+            raise FieldError("refiner_switch_at", message) from None
 
 
 def check_inpaint_fields(spec: GenerationSpec) -> None:
@@ -303,6 +311,8 @@ class Backend:
             init_image=init_image,
             strength=spec.strength,
             inpaint=inpaint,
+            refiner=spec.refiner,
+            refiner_switch=spec.refiner_switch,
             output=OutputPolicy(Path("."), skip_save=True, skip_grid=True),  # the front ends send the PNGs
         )
 

@@ -21,6 +21,7 @@ from PIL import Image, ImageChops
 from optimized_sd.errors import UserError
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import INPAINTING_FILL, MEMORY_CHOICES, Generated, GenerationSpec
+from optimized_sd.server.catalog import ModelCatalog
 from optimized_sd.server.jobs import Job, JobCancelled
 from optimized_sd.server.preview import latent_preview
 from optimized_sd.server.service import Service
@@ -29,6 +30,7 @@ log = logging.getLogger("optimized_sd")
 
 POLL_SECONDS = 0.15
 SERVER_DEFAULT = "server default"
+NO_REFINER = "None"  # the refiner dropdown's "no refiner", as AUTOMATIC1111 shows it
 TASKS = ("txt2img", "img2img", "inpaint")
 IMAGE_TASKS = ("img2img", "inpaint")  # the tabs that start from an uploaded image
 MASK_ALPHA_THRESHOLD = 128  # a painted pixel at least half opaque is repainted (AUTOMATIC1111 also cuts an RGBA mask at 128)
@@ -127,6 +129,8 @@ class TaskForm:
     n_iter: gr.Slider
     memory: gr.Dropdown
     vram_budget: gr.Textbox
+    refiner: gr.Dropdown
+    refiner_switch: gr.Slider
     image: gr.Image | gr.ImageEditor | None = None  # img2img: the init image; inpaint: the editor (image + drawn mask)
     strength: gr.Slider | None = None
     mask_blur: gr.Slider | None = None  # the InpaintControls, inpaint only
@@ -213,6 +217,16 @@ class WebUI:
                         choices=[SERVER_DEFAULT, *MEMORY_CHOICES], value=SERVER_DEFAULT, label="Memory mode", elem_id=f"{task}-memory-mode"
                     )
                     vram_budget = gr.Textbox(label="VRAM budget (e.g. 2GB; empty: the server's)", elem_id=f"{task}-vram-budget")
+                with gr.Row():
+                    refiner = gr.Dropdown(
+                        choices=[NO_REFINER, *(e.title for e in self.service.backend.catalog.entries())],
+                        value=NO_REFINER,
+                        label="Refiner (an SDXL refiner after an SDXL base)",
+                        elem_id=f"{task}-refiner",
+                    )
+                    refiner_switch = gr.Slider(
+                        0.01, 0.99, value=0.8, step=0.01, label="Refiner switch at", elem_id=f"{task}-refiner-switch"
+                    )
             with gr.Column(scale=4):
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
@@ -249,6 +263,8 @@ class WebUI:
             n_iter=n_iter,
             memory=memory,
             vram_budget=vram_budget,
+            refiner=refiner,
+            refiner_switch=refiner_switch,
             image=image,
             strength=strength,
             **inpaint_fields,
@@ -295,8 +311,9 @@ class WebUI:
 
     # -- handlers ----------------------------------------------------------------------------------
     @staticmethod
-    def spec_from(task: str, values: dict[str, Any]) -> GenerationSpec:
-        """A tab's values by TaskForm field name -> the spec (UserError for what is missing)."""
+    def spec_from(task: str, values: dict[str, Any], catalog: ModelCatalog | None = None) -> GenerationSpec:
+        """A tab's values by TaskForm field name -> the spec (UserError for what is missing); a refiner is
+        named by its title in `catalog`, the server's model list."""
         init_image = mask = None
         invert = bool(values.get("invert_mask"))
         if task == "img2img":
@@ -306,6 +323,12 @@ class WebUI:
         elif task == "inpaint":
             init_image, mask = editor_image_and_mask(values["image"], invert)
         strength, memory, seed = values.get("strength"), values["memory"], values["seed"]
+        refiner = None
+        if values.get("refiner") not in (None, NO_REFINER):
+            entry = catalog.find(values["refiner"]) if catalog is not None else None
+            if entry is None:
+                raise UserError(f"refiner {values['refiner']!r} is not in the model list any more; refresh the page")
+            refiner = entry.path
         return GenerationSpec(
             prompt=values["prompt"] or "",
             negative_prompt=values["negative_prompt"] or "",
@@ -328,12 +351,14 @@ class WebUI:
             invert_mask=invert,
             memory=None if memory in (None, SERVER_DEFAULT) else memory,
             vram_budget=(values["vram_budget"] or "").strip() or None,
+            refiner=refiner,
+            refiner_switch=float(values.get("refiner_switch") or 0.8),
         )
 
     def generate(self, task: str, values: dict[str, Any], request: gr.Request, outputs: list) -> Iterator[dict]:
         status, error, preview, gallery, parameters, report, last_seed, infotexts = outputs
         try:
-            job = self.service.submit_generation(self.spec_from(task, values))
+            job = self.service.submit_generation(self.spec_from(task, values, self.service.backend.catalog))
         except UserError as mistake:
             yield {status: progress_html(0.0, "not started", "error"), error: error_html(str(mistake))}
             return

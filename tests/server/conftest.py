@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,21 +37,30 @@ def models_dir(tiny_model, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def server(tiny_model, models_dir) -> ServerUnderTest:
+@contextlib.contextmanager
+def running_server(models_dir: Path, tokenizer: Path) -> Iterator[ServerUnderTest]:
+    """A server over the models in `models_dir` (the first one loaded), stopped on exit."""
     from optimized_sd.server.app import RunningServer, create_app
     from optimized_sd.server.backend import Backend, LoadOptions
     from optimized_sd.server.catalog import ModelCatalog
     from optimized_sd.server.service import Service
 
     catalog = ModelCatalog(models_dir)
-    backend = Backend(catalog, LoadOptions(device="cpu", tokenizer=tiny_model.tokenizer))
+    backend = Backend(catalog, LoadOptions(device="cpu", tokenizer=tokenizer))
     backend.load(catalog.default())
     service = Service(backend, limits=LIMITS)
     running = RunningServer(create_app(service), "127.0.0.1", 0).start()
-    yield ServerUnderTest(running.url, running.host, running.port, service, models_dir, tiny_model.tokenizer)
-    running.stop()
-    service.close()
+    try:
+        yield ServerUnderTest(running.url, running.host, running.port, service, models_dir, tokenizer)
+    finally:
+        running.stop()
+        service.close()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, models_dir) -> Iterator[ServerUnderTest]:
+    with running_server(models_dir, tiny_model.tokenizer) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")
