@@ -8,6 +8,10 @@ attention backend at each size, and bf16 compute where the CPU has native bf16 m
 AMX; elsewhere it is measured too, and said to be emulated). The engine's defaults follow these figures.
 
     .venv/bin/python benchmarks/cpu_options.py [--size 512] [--repeat 2] [--json out.json]
+    .venv/bin/python benchmarks/cpu_options.py --ab full|turbo|split|stream [--size 512] [--repeat 2]
+
+`--ab MODE` times whole pipeline runs instead (2 DDIM steps, the UNet stage's s/step from the memory
+meter), with `channels_last=True` and without, alternating so load on the machine falls on both.
 """
 
 from __future__ import annotations
@@ -55,8 +59,12 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="every row so far, rewritten after each (a stopped run keeps them)")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="auto: only where the CPU has native bf16")
+    parser.add_argument("--ab", choices=("full", "turbo", "split", "stream"), help="whole runs with and without channels-last")
     args = parser.parse_args()
+    if args.ab:
+        return channels_last_ab(args)
 
     model = ensure_model(args.cache_dir, "sd15")
     pipe = optimized_sd.load(model.checkpoint, device="cpu", precision="full", memory="full", tokenizer=model.tokenizer)
@@ -77,6 +85,9 @@ def main() -> int:
         return lambda: vae.decode(z)
 
     rows: list[dict] = []
+    native = native_bf16()
+    facts = {"size": args.size, "cpu": torch.backends.cpu.get_cpu_capability(), "native_bf16": native, "threads": torch.get_num_threads()}
+    facts["torch"] = torch.__version__
 
     def measure(
         option: str, stage: str, work: Callable[[], torch.Tensor], reference: torch.Tensor | None, attention: str = "sdpa"
@@ -87,6 +98,8 @@ def main() -> int:
         base = next((r["seconds"] for r in rows if r["stage"] == stage and r["option"] == "plain"), seconds)
         rows.append({"option": option, "stage": stage, "seconds": seconds, "ratio": seconds / base, "relative_error": error})
         print(f"{stage:<11} {option:<28} {seconds:8.2f} s  {seconds / base:5.2f}x  error {error:.1e}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({**facts, "rows": rows}, indent=2) + "\n")
         return out
 
     unet_plain = measure("plain", "unet", unet_call(latents), None)
@@ -102,22 +115,46 @@ def main() -> int:
     unet.to(memory_format=torch.contiguous_format)
     vae.to(memory_format=torch.contiguous_format)
 
-    native = native_bf16()
-    label = "bf16 autocast" + ("" if native else " (emulated here)")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        measure(label, "unet", unet_call(latents), unet_plain)
-        measure(label, "vae_decode", decode_call(one_latent), decode_plain)
+    if args.bf16 == "on" or (args.bf16 == "auto" and native):
+        label = "bf16 autocast" + ("" if native else " (emulated here)")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            measure(label, "unet", unet_call(latents), unet_plain)
+            measure(label, "vae_decode", decode_call(one_latent), decode_plain)
+    else:
+        print(f"bf16: skipped, this CPU ({facts['cpu']}) has no native bf16 matmul (--bf16 on measures it emulated)")
+    return 0
 
-    summary = {
-        "size": args.size,
-        "cpu": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": native,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "rows": rows,
+
+def channels_last_ab(args: argparse.Namespace) -> int:
+    """Whole runs in memory mode `args.ab`, with the UNet channels-last and without, alternating; prints
+    each run's UNet s/step and the best of each."""
+    from optimized_sd.pipelines.diffusion import GenerationRequest
+
+    model = ensure_model(args.cache_dir, "sd15")
+    pipes = {
+        name: optimized_sd.load(
+            model.checkpoint,
+            device="cpu",
+            precision="full",
+            memory=args.ab,
+            tokenizer=model.tokenizer,
+            channels_last=name == "channels-last",
+        )
+        for name in ("channels-last", "plain")
     }
+    request = GenerationRequest(prompts=["a cat"], steps=2, scale=7.5, sampler="ddim", seed=1, height=args.size, width=args.size)
+    best = dict.fromkeys(pipes, float("inf"))
+    for round_index in range(args.repeat):
+        for name, pipe in pipes.items():
+            pipe.generate(request)
+            unet = pipe.meter.summary()["unet"]
+            per_step = unet["seconds"] / max(unet["steps"], 1)
+            best[name] = min(best[name], per_step)
+            print(f"round {round_index + 1} {name:<14} {per_step:7.2f} s/step", flush=True)
+    ratio = best["channels-last"] / best["plain"]
+    print(f"{args.ab} {args.size}: channels-last {best['channels-last']:.2f} s/step, plain {best['plain']:.2f}: {ratio:.3f}x")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        args.json.write_text(json.dumps({"mode": args.ab, "size": args.size, "best": best, "ratio": ratio}, indent=2) + "\n")
     return 0
 
 

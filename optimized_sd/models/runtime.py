@@ -20,8 +20,9 @@ class RunOptions:
     dequantising to fp32 first: a small extra error (activations rounded to 7 bits), and on the 2-core
     AVX2 machine it was measured on, slower over the whole UNet (so off unless asked for).
     `channels_last`: the UNet runs its activations channels-last, with its convolution weights placed
-    so (`OffloadEngine.channels_last`): oneDNN's native layout, 0.82x the UNet's time in fp32 on the
-    CPU (benchmarks/cpu_options.py), the same numbers up to float rounding."""
+    so (`OffloadEngine.channels_last`): oneDNN's native layout, the same numbers up to float rounding.
+    On the 2-core AVX2 machine the UNet alone took 0.82x the time so (benchmarks/cpu_options.py) but
+    whole runs alternating with and without it were no faster (0.98-1.05x), so it is off unless asked for."""
 
     feed_forward_chunk_tokens: int | None = None
     unet_micro_batch: int | None = None

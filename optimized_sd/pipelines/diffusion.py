@@ -76,6 +76,7 @@ class StableDiffusion:
         embeddings_dir: str | Path = DEFAULT_EMBEDDINGS_DIR,
         weights: str | None = None,
         int8_matmul: bool = False,
+        channels_last: bool = False,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -88,7 +89,7 @@ class StableDiffusion:
         self.storage = plan_storage(self.model, weights, self.dtype, self.device.type)
         self.memory = MemorySession(
             self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention,
-            storage=self.storage, int8_matmul=int8_matmul,
+            storage=self.storage, int8_matmul=int8_matmul, channels_last=channels_last,
         )
         folder = loaded.checkpoint.path if loaded.checkpoint.path.is_dir() else None
         tokenizers = load_tower_tokenizers(self.config, folder, Path(tokenizer) if tokenizer else None)
@@ -103,7 +104,8 @@ class StableDiffusion:
         self.lora_dir = Path(lora_dir)
         # How `load` opened this model (device, precision, memory, --vae...), so a refiner opens the same way.
         self.load_options: dict = dict(device=device, precision=precision, memory=memory, vram_budget=vram_budget, attention=attention,
-                                       vae_tiling=vae_tiling, tokenizer=tokenizer, weights=weights, int8_matmul=int8_matmul)
+                                       vae_tiling=vae_tiling, tokenizer=tokenizer, weights=weights, int8_matmul=int8_matmul,
+                                       channels_last=channels_last)
         self.refiner: StableDiffusion | None = None  # the last `--refiner` a call used, kept for the next
         self.loras = LoraSet(self.config, {key: tuple(value.shape) for key, value in self.model.state_dict().items()})
 
@@ -273,7 +275,9 @@ def load(
     weights (fp16, bf16, fp8 or int8 storage of the Linear/Conv2d weights; None: the compute dtype),
     int8_matmul (int8 weights on the CPU: Linear layers on fbgemm's dynamic activation quantisation instead
     of dequantising to fp32 first; off by default: measured 1.15-1.18x slower on the whole UNet here, see
-    benchmarks/weights_accuracy.py --speed)."""
+    benchmarks/weights_accuracy.py --speed), channels_last (the UNet channels-last on the CPU in fp32 where
+    its weights stay placed, `full` and `turbo`; off by default: 0.82x alone, no faster in whole runs here,
+    see benchmarks/cpu_options.py)."""
     check_weight_kind(options.get("weights"))
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
