@@ -201,7 +201,7 @@ class OffloadEngine:
             packed=stored.is_floating_point or kept,
             placed_dtype=self._placed_dtype(stored, kept),
             kept=kept,
-            channels_last=tensor.dim() == 4 and key.startswith(self.channels_last) and bool(self.channels_last),
+            channels_last=tensor.dim() == 4 and key.startswith(self.channels_last),
         )
 
     def _placed_dtype(self, stored: torch.dtype, kept: bool) -> torch.dtype:
