@@ -154,3 +154,18 @@ def tiny_refiner(tmp_path_factory: pytest.TempPathFactory, tiny_sdxl):
     from family_models import build_sdxl_refiner
 
     return build_sdxl_refiner(tmp_path_factory.mktemp("tiny-refiner"), tiny_sdxl)
+
+
+@pytest.fixture
+def without_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing matplotlib fails, as on a machine without it (the reports fall back)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)

@@ -22,10 +22,11 @@ from optimized_sd.benchmark.results import (
     Settings,
     StageFigures,
 )
-from optimized_sd.benchmark.runner import BenchOptions, run_bench, select
+from optimized_sd.benchmark.runner import BenchOptions, select
 from optimized_sd.benchmark.scenarios import PEERS, Scenario, select_scenarios
 from optimized_sd.benchmark.worker import PROMPT
 from optimized_sd.errors import UserError
+from tests.bench_runs import run_tiny_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -389,17 +390,7 @@ def test_calibration_compares_with_the_family_constants() -> None:
     assert "| 5,520 |" in report.render_markdown(record)  # 9,200 x 0.60 in the calibration table
 
 
-def test_outputs_and_chart_note_without_matplotlib(tmp_path: Path, monkeypatch) -> None:
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("no matplotlib")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_outputs_and_chart_note_without_matplotlib(tmp_path: Path, without_matplotlib) -> None:
     written = report.write_outputs(cuda_record(), tmp_path)
     assert [p.name for p in written] == ["results.md", "results.json"]
     assert "matplotlib is not installed" in (tmp_path / "results.md").read_text()
@@ -482,15 +473,9 @@ def test_worker_rejects_a_bad_payload() -> None:
 # --------------------------------------------------------------------------- end to end
 def test_harness_runs_ours_and_diffusers_on_the_tiny_model(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
-    options = BenchOptions(
-        model="tiny", sizes="64", steps=1, kinds="txt2img", modes="stream", peers="diffusers", device="cpu",
-        cache_dir=tmp_path / "cache", out=tmp_path / "results", label="test",
-    )
-    lines: list[str] = []
-    folder = run_bench(options, lambda text="", nl=True: lines.append(text))
+    folder, record, lines = run_tiny_bench(tmp_path, steps=1, kinds="txt2img", modes="stream", peers="diffusers", label="test")
     saved = json.loads((folder / "results.json").read_text())
     assert saved["results"][0]["scenario"]["name"] == "txt2img-64-b1-stream"  # the file reads on its own
-    record = BenchRecord.from_json(saved)
     by_mode = {r.scenario.mode: r for r in record.results}
     assert set(by_mode) == {"stream", "diffusers"}
     for result in by_mode.values():
@@ -546,12 +531,7 @@ def test_stream_floor_and_its_schedule_simulation():
 def test_bench_stores_our_weights_in_8_bits_and_says_so(tmp_path: Path) -> None:
     """`bench --weights int8` runs our engine with 8-bit storage, names the folder after it and states
     it in the header; the SDXL and SD 2.x benchmark models take the diffusers peers too."""
-    options = BenchOptions(
-        model="tiny", sizes="64", steps=1, kinds="txt2img", modes="stream", peers="none", device="cpu",
-        cache_dir=tmp_path / "cache", out=tmp_path / "results", label="test", weights="int8",
-    )
-    folder = run_bench(options, lambda text="", nl=True: None)
-    record = BenchRecord.from_json(json.loads((folder / "results.json").read_text()))
+    folder, record, _ = run_tiny_bench(tmp_path, steps=1, kinds="txt2img", modes="stream", peers="none", label="test", weights="int8")
     assert folder.name.endswith("-test-tiny-int8")
     assert record.settings.weights == "int8" and not record.results[0].error
     assert "stores its weights as int8" in (folder / "results.md").read_text()

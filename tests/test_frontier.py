@@ -31,10 +31,11 @@ from optimized_sd.benchmark.caps import (
     parse_budgets,
 )
 from optimized_sd.benchmark.results import BenchModel, BenchRecord, Machine, PlanFacts, ScenarioResult, Settings
-from optimized_sd.benchmark.runner import BenchOptions, run_bench, run_scenarios, select
+from optimized_sd.benchmark.runner import BenchOptions, run_scenarios, select
 from optimized_sd.benchmark.scenarios import PEERS, Scenario, select_scenarios
 from optimized_sd.benchmark.worker import PROMPT, RESULT_PREFIX
 from optimized_sd.errors import UserError
+from tests.bench_runs import run_tiny_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -255,17 +256,7 @@ def test_frontier_chart_is_a_png_with_matplotlib(tmp_path: Path):
     assert saved.frontier_chart == "frontier.png" and saved.results[0].cap == record.results[0].cap
 
 
-def test_frontier_chart_is_a_hand_written_svg_without_matplotlib(tmp_path: Path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("no matplotlib")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_frontier_chart_is_a_hand_written_svg_without_matplotlib(tmp_path: Path, without_matplotlib):
     record = frontier_record(FRONTIER_RUNS)
     written = report.write_outputs(record, tmp_path)
     assert tmp_path / "frontier.svg" in written
@@ -321,20 +312,8 @@ def test_rss_watchdog_stops_a_run_that_passes_its_cap_with_an_oom_result():
 def test_cpu_frontier_runs_end_to_end_on_the_tiny_model(tmp_path: Path):
     """Ours uncapped, then under a budget below what the interpreter alone holds: refused as not
     completing (not an error), and the report and chart written."""
-    options = BenchOptions(
-        model="tiny",
-        sizes="64",
-        steps=1,
-        peers="none",
-        device="cpu",
-        budget="0.1GB,none",
-        cache_dir=tmp_path / "cache",
-        out=tmp_path / "results",
-    )
-    lines: list[str] = []
-    folder = run_bench(options, lambda text="", nl=True: lines.append(text))
+    folder, record, lines = run_tiny_bench(tmp_path, steps=1, peers="none", budget="0.1GB,none")
     assert folder.name.endswith("-frontier-tiny")
-    record = BenchRecord.from_json(json.loads((folder / "results.json").read_text()))
     uncapped, capped = record.results
     assert uncapped.ok and uncapped.scenario.name == "txt2img-64-b1-auto" and uncapped.cap.kind == "none"
     assert uncapped.cap.device_total_mib > 0 and uncapped.cap.context_mib > 0
@@ -350,18 +329,7 @@ def test_cpu_frontier_runs_end_to_end_on_the_tiny_model(tmp_path: Path):
 def test_cpu_frontier_with_a_diffusers_peer_under_a_real_rss_cap(tmp_path: Path):
     """ours and diffusers under a cap the runs fit and one they do not: the slow, fuller version."""
     pytest.importorskip("diffusers")
-    options = BenchOptions(
-        model="tiny",
-        sizes="64",
-        steps=1,
-        peers="diffusers",
-        device="cpu",
-        budget="4GB,0.1GB",
-        cache_dir=tmp_path / "cache",
-        out=tmp_path / "results",
-    )
-    folder = run_bench(options, lambda text="", nl=True: None)
-    record = BenchRecord.from_json(json.loads((folder / "results.json").read_text()))
+    _, record, _ = run_tiny_bench(tmp_path, steps=1, peers="diffusers", budget="4GB,0.1GB")
     by_name = {r.scenario.name: r for r in record.results}
     assert by_name["txt2img-64-b1-auto-budget4GB"].ok and by_name["txt2img-64-b1-diffusers-budget4GB"].ok
     assert by_name["txt2img-64-b1-auto-budget4GB"].cap.allocatable_mib < 4096
@@ -427,18 +395,7 @@ def test_stable_diffusion_cpp_is_left_out_for_the_tiny_model_with_a_reason():
 def test_openvino_peer_runs_the_tiny_model_under_the_frontier(tmp_path: Path):
     pytest.importorskip("openvino")
     pytest.importorskip("diffusers")
-    options = BenchOptions(
-        model="tiny",
-        sizes="64",
-        steps=2,
-        peers="openvino",
-        device="cpu",
-        budget="4GB",
-        cache_dir=tmp_path / "cache",
-        out=tmp_path / "results",
-    )
-    folder = run_bench(options, lambda text="", nl=True: None)
-    record = BenchRecord.from_json(json.loads((folder / "results.json").read_text()))
+    _, record, _ = run_tiny_bench(tmp_path, steps=2, peers="openvino", budget="4GB")
     peer = next(r for r in record.results if r.scenario.mode == "openvino")
     assert peer.ok and peer.finite and peer.unet_steps == 2 and set(peer.stages) == {"text", "unet", "vae_decode"}
     assert (tmp_path / "cache" / "tiny-seed0" / "openvino-64x64-b2" / "unet.xml").is_file()  # converted once, beside the checkpoint

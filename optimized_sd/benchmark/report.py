@@ -13,17 +13,10 @@ from pathlib import Path
 from optimized_sd.benchmark import frontier
 from optimized_sd.benchmark.results import BenchRecord, Footprint, Machine, ScenarioResult
 from optimized_sd.benchmark.scenarios import BASELINE_PEER, CLOSEST_PEERS, OUR_MODES, PEERS
+from optimized_sd.memory import planner
 from optimized_sd.memory.modes import MODE_ROWS, denoiser_stage_weights
 
 MIB = 2**20
-
-# Planner constants the calibration section compares with (memory/planner.py); read there at render
-# time so the table always shows the values in force.
-STAGE_CONSTANTS = {
-    "unet": "UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL",
-    "vae_decode": "VAE_DECODE_ELEMENTS_PER_PIXEL",
-    "vae_encode": "VAE_ENCODE_ELEMENTS_PER_PIXEL",
-}
 
 
 def slug(text: str) -> str:
@@ -370,18 +363,13 @@ def calibration_rows(record: BenchRecord) -> list[CalibrationRow]:
 
 
 def planner_constant(row: CalibrationRow) -> float | None:
-    """The planner's constant for a calibration row's stage, family and size (None where it has none)."""
-    try:
-        from optimized_sd.memory import planner
-    except ImportError:
-        return None
+    """The planner's constant for a calibration row's stage, family, mode and size."""
     if row.stage == "unet":
-        constants = planner.unet_activations(row.family)
-        return constants.per_latent_pixel * (constants.chunked_ff_share if row.mode == "stream" else 1.0)
+        chunked = row.mode is not None and planner.chunks_feed_forward(row.mode)
+        return planner.unet_elements_per_latent_pixel(row.family, chunked)
     if row.stage == "vae_decode":
-        large = row.image_pixels > planner.VAE_DECODE_LARGE_ABOVE
-        return planner.VAE_DECODE_LARGE_ELEMENTS_PER_PIXEL if large else planner.VAE_DECODE_ELEMENTS_PER_PIXEL
-    return getattr(planner, STAGE_CONSTANTS.get(row.stage, ""), None)
+        return planner.decode_elements_per_pixel(row.image_pixels)
+    return planner.VAE_ENCODE_ELEMENTS_PER_PIXEL if row.stage == "vae_encode" else None
 
 
 def calibration_table(record: BenchRecord) -> list[str]:

@@ -158,14 +158,18 @@ def cfg_batch(request: Request) -> int:
     return request.batch * (2 if request.guidance else 1)
 
 
+def unet_elements_per_latent_pixel(family: str, chunked: bool) -> float:
+    """A family's UNet activation elements per latent pixel per image, with or without the chunked feed-forward."""
+    constants = unet_activations(family)
+    return constants.per_latent_pixel * (constants.chunked_ff_share if chunked else 1.0)
+
+
 def unet_activation_bytes(request: Request, chunked: bool, family: str = "sd1") -> int:
     """The running micro-batch's activations, plus what the rest of the batch holds meanwhile."""
     latent_pixels = (request.height // 8) * (request.width // 8)
     whole = cfg_batch(request)
     micro = min(request.unet_batch or whole, whole)
-    constants = unet_activations(family)
-    share = constants.chunked_ff_share if chunked else 1.0
-    running = constants.per_latent_pixel * share * micro
+    running = unet_elements_per_latent_pixel(family, chunked) * micro
     waiting = UNET_FULL_BATCH_ELEMENTS_PER_LATENT_PIXEL * (whole - micro)
     return int((running + waiting) * latent_pixels * request.dtype_bytes)
 
@@ -179,8 +183,12 @@ def decode_activation_bytes(request: Request, tiled: bool) -> int:
     """The VAE decode's activations: the larger per-pixel figure once one decode (or tile) passes
     `VAE_DECODE_LARGE_ABOVE` pixels."""
     pixels = min(request.height, VAE_TILE) * min(request.width, VAE_TILE) if tiled else request.height * request.width
-    per_pixel = VAE_DECODE_LARGE_ELEMENTS_PER_PIXEL if pixels > VAE_DECODE_LARGE_ABOVE else VAE_DECODE_ELEMENTS_PER_PIXEL
-    return vae_activation_bytes(request, per_pixel, tiled)
+    return vae_activation_bytes(request, decode_elements_per_pixel(pixels), tiled)
+
+
+def decode_elements_per_pixel(pixels: int) -> int:
+    """The decode's activation elements per pixel for one decode (or tile) of `pixels` pixels."""
+    return VAE_DECODE_LARGE_ELEMENTS_PER_PIXEL if pixels > VAE_DECODE_LARGE_ABOVE else VAE_DECODE_ELEMENTS_PER_PIXEL
 
 
 def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling: bool) -> int:

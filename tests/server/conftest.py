@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from optimized_sd.server.service import Limits
 from tests.test_inpaint import tiny_inpainting  # noqa: F401 (a fixture: the tiny model with a 9-channel UNet)
 
 LIMITS = Limits(max_request_bytes=2 * 2**20, max_image_pixels=256 * 256)
+TIMEOUT = 300  # seconds for one request on a loaded CI machine; every loop in the server tests is bounded too
 
 
 @dataclass
@@ -71,3 +73,8 @@ def reference_pipe(tiny_model):
     pipe = optimized_sd.load(tiny_model.safetensors, device="cpu", tokenizer=tiny_model.tokenizer)
     yield pipe
     pipe.close()
+
+
+def post(server: ServerUnderTest, path: str, **kwargs) -> requests.Response:
+    """POST to the API's `path` under /sdapi/v1 (`requests.post` arguments in `kwargs`)."""
+    return requests.post(f"{server.url}/sdapi/v1/{path}", timeout=TIMEOUT, **kwargs)

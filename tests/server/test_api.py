@@ -18,11 +18,11 @@ from PIL import Image, ImageFilter
 from optimized_sd.pipelines.diffusion import GenerationRequest
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import read_parameters
+from tests.server.conftest import TIMEOUT, post
 
 webuiapi = pytest.importorskip("webuiapi", reason="webuiapi is in the [test] extra")
 
 SIZE = 64
-TIMEOUT = 300  # seconds for one request on a loaded CI machine; every loop below is bounded too
 
 
 def client(server) -> webuiapi.WebUIApi:
@@ -31,10 +31,6 @@ def client(server) -> webuiapi.WebUIApi:
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
-
-
-def post(server, path: str, **kwargs) -> requests.Response:
-    return requests.post(f"{server.url}/sdapi/v1/{path}", timeout=TIMEOUT, **kwargs)
 
 
 def b64_png(image: Image.Image) -> str:

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from optimized_sd.pipelines.diffusion import GenerationRequest
-from tests.server.conftest import running_server
+from tests.server.conftest import post, running_server
 
 SIZE = 64
-TIMEOUT = 300
 REQUEST = {"prompt": "a red cube", "seed": 5, "steps": 4, "width": SIZE, "height": SIZE, "sampler_name": "Euler", "cfg_scale": 6}
 
 
@@ -31,14 +29,10 @@ def sdxl_server(tiny_sdxl, tiny_refiner, tmp_path_factory):
         yield running
 
 
-def post(server, body: dict) -> requests.Response:
-    return requests.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=TIMEOUT)
-
-
 def test_the_api_runs_the_refiner_as_the_python_api_does(sdxl_server, tiny_sdxl, tiny_refiner):
     import optimized_sd
 
-    response = post(sdxl_server, {**REQUEST, "refiner_checkpoint": "b-refiner.safetensors", "refiner_switch_at": 0.5})
+    response = post(sdxl_server, "txt2img", json={**REQUEST, "refiner_checkpoint": "b-refiner.safetensors", "refiner_switch_at": 0.5})
     assert response.status_code == 200, response.text
     body = response.json()
     info = body["info"]
@@ -55,7 +49,7 @@ def test_the_api_runs_the_refiner_as_the_python_api_does(sdxl_server, tiny_sdxl,
     finally:
         pipe.close()
     assert np.array_equal(got, np.asarray(expected.convert("RGB")))
-    plain = post(sdxl_server, {**REQUEST, "refiner_checkpoint": "None"})
+    plain = post(sdxl_server, "txt2img", json={**REQUEST, "refiner_checkpoint": "None"})
     assert plain.status_code == 200 and "Refiner" not in plain.json()["info"]
 
 
@@ -67,16 +61,16 @@ def test_the_api_runs_the_refiner_as_the_python_api_does(sdxl_server, tiny_sdxl,
     ],
 )
 def test_a_bad_refiner_field_is_named(sdxl_server, fields, field, words):
-    response = post(sdxl_server, {**REQUEST, **fields})
+    response = post(sdxl_server, "txt2img", json={**REQUEST, **fields})
     assert response.status_code == 422
     detail = response.json()["detail"][0]
     assert detail["loc"] == ["body", field] and words in detail["msg"]
 
 
 def test_a_refiner_that_is_not_one_is_refused_and_the_server_keeps_serving(sdxl_server):
-    response = post(sdxl_server, {**REQUEST, "refiner_checkpoint": "a-base.safetensors"})
+    response = post(sdxl_server, "txt2img", json={**REQUEST, "refiner_checkpoint": "a-base.safetensors"})
     assert response.status_code == 422 and "not an SDXL refiner" in response.json()["detail"]
-    assert post(sdxl_server, REQUEST).status_code == 200
+    assert post(sdxl_server, "txt2img", json=REQUEST).status_code == 200
 
 
 def test_the_web_form_names_the_refiner_by_its_title(sdxl_server):
