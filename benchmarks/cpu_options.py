@@ -4,7 +4,8 @@ bench cache's fp16 file) in fp32: the UNet call of one sampling step (CFG batch 
 of one image, each against the plain run, with the output's difference from it.
 
 Options (issue 16): channels-last memory format for the convolutions (oneDNN's native layout), each
-attention backend at each size, and bf16 compute where the CPU has native bf16 matmul (AVX512-BF16 or
+attention backend at each size, the nearest-x2 upsample convs as upsample-then-conv instead of the
+default four phase convs (`models.slabs.NearestUpConv2d`), and bf16 compute where the CPU has native bf16 matmul (AVX512-BF16 or
 AMX; elsewhere it is measured too, and said to be emulated). The engine's defaults follow these figures.
 
     .venv/bin/python benchmarks/cpu_options.py [--size 512] [--repeat 2] [--json out.json]
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optimized_sd  # noqa: E402
 from optimized_sd.attention import use_attention  # noqa: E402
 from optimized_sd.benchmark.model_cache import ensure_model  # noqa: E402
+from optimized_sd.models import slabs  # noqa: E402
 
 
 def best_seconds(work: Callable[[], torch.Tensor], repeat: int) -> tuple[float, torch.Tensor]:
@@ -107,6 +109,12 @@ def main() -> int:
     for backend in ("sliced",):
         measure(f"attention {backend}", "unet", unet_call(latents), unet_plain, backend)
         measure(f"attention {backend}", "vae_decode", decode_call(one_latent), decode_plain, backend)
+
+    phase_devices = set(slabs.PHASE_CONV_DEVICES)  # the default: each nearest-x2 upsample conv as four phase convs
+    slabs.PHASE_CONV_DEVICES.clear()
+    measure("upsample then conv", "unet", unet_call(latents), unet_plain)
+    measure("upsample then conv", "vae_decode", decode_call(one_latent), decode_plain)
+    slabs.PHASE_CONV_DEVICES.update(phase_devices)
 
     unet.to(memory_format=torch.channels_last)
     vae.to(memory_format=torch.channels_last)

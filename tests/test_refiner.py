@@ -148,6 +148,27 @@ def test_img2img_starting_below_the_switch_is_the_refiner_alone(tiny_sdxl, tiny_
     assert "Refiner: sdxl-refiner" in result.parameters[0].text()
 
 
+def test_one_memory_report_holds_the_base_and_the_refiner(tiny_sdxl, tiny_refiner):
+    """The refiner's stages land in the base's meter, prefixed, within the same call: 4 Euler steps switched
+    at 0.5 are 2 UNet calls each, and the refiner (which sampled last) decodes. The next call starts afresh."""
+    pipe = load(tiny_sdxl)
+    pipe.generate(refined("euler", refiner=tiny_refiner.folder))
+    stages = pipe.meter.summary()
+    assert list(stages) == ["text", "unet", "refiner_text", "refiner_unet", "refiner_vae_decode"]
+    assert stages["unet"]["steps"] == 2 and stages["refiner_unet"]["steps"] == 2
+    assert pipe.meter.calls == 1 and "refiner_vae_decode" in pipe.meter.format_table()
+    pipe.generate(refined("euler"))
+    assert list(pipe.meter.summary()) == ["text", "unet", "vae_decode"] and pipe.meter.calls == 2
+
+
+def test_a_single_file_refiner_behind_a_folder_base_needs_no_tokenizer(tiny_sdxl, tiny_refiner):
+    """bigG's tokenizer is the base folder's `tokenizer_2`; without it the single file would look for the hub's."""
+    pipe = load(tiny_sdxl)
+    latents = pipe.generate(refined("euler", refiner=tiny_refiner.files["real"])).latents
+    reference = load(tiny_sdxl).generate(refined("euler", refiner=tiny_refiner.folder)).latents
+    assert max_diff(latents, reference) <= 1e-5
+
+
 @pytest.mark.parametrize("mode", ["turbo", "split", "stream"])
 def test_every_mode_with_a_refiner_gives_the_full_image(tiny_sdxl, tiny_refiner, mode, monkeypatch):
     from optimized_sd.pipelines import placement
@@ -211,6 +232,16 @@ def test_cli_refiner_writes_its_metadata(capsys, tiny_sdxl, tiny_refiner, tmp_pa
     (image,) = sorted((tmp_path / "out").rglob("*.png"))
     text = read_parameters(image)
     assert "Refiner: sdxl-refiner [" in text and "Refiner switch at: 0.5" in text
+
+
+def test_cli_report_json_has_the_refiner_stages(tiny_sdxl, tiny_refiner, tmp_path):
+    import json
+
+    report = tmp_path / "report.json"
+    code = run_cli(tiny_sdxl, tmp_path, "--refiner", tiny_refiner.files["real"], "--refiner-switch", "0.5", "--report-json", report)
+    assert code == 0
+    payload = json.loads(report.read_text())
+    assert {"unet", "refiner_unet", "refiner_vae_decode"} <= set(payload["stages"]) and payload["refiner"]["mode"] == "full"
 
 
 def refused(capsys, tmp_path, code: int) -> str:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optimized_sd.models import slabs
+from optimized_sd.models import ops, slabs
 from optimized_sd.models.layers import group_norm
 
 
@@ -62,16 +62,31 @@ def test_add_rows_matches(tiny_bands, projection):
     assert (got - expected).abs().max().item() <= 1e-6
 
 
-@pytest.mark.parametrize("height, width", [(19, 12), (32, 32), (4, 7)])
-def test_upsample_conv_matches(tiny_bands, height, width):
+@pytest.mark.parametrize("phased", [True, False], ids=["phase-convs", "upsample-then-conv"])
+@pytest.mark.parametrize("banded", [True, False])
+@pytest.mark.parametrize("height, width", [(19, 12), (32, 32), (4, 7), (1, 1)])
+def test_nearest_up_conv_matches(tiny_bands, monkeypatch, height, width, banded, phased):
+    """Both ways (the phase convs and upsample-then-conv), banded or whole, equal conv(nearest_x2(x)),
+    the image edges' zero padding included."""
+    monkeypatch.setattr(slabs, "PHASE_CONV_DEVICES", {"cpu"} if phased else set())
     torch.manual_seed(1)
-    conv = nn.Conv2d(32, 32, 3, padding=1)
-    x = torch.randn(1, 32, height, width)
+    conv = ops.default_init(slabs.NearestUpConv2d(32, banded=banded))
+    x = torch.randn(2, 32, height, width)
     with torch.no_grad():
-        expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        got = slabs.upsample_conv(x, conv)
+        expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1)
+        got = conv(x)
+        got_channels_last = conv(x.contiguous(memory_format=torch.channels_last))
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-5
+    assert (got_channels_last - expected).abs().max().item() <= 1e-5
+
+
+def test_phase_kernels_fold_the_taps_that_share_an_input_pixel():
+    """Output pixel (0, 0) of phase (0, 0) reads input rows/cols (-1, 0): taps 0 alone, then 1 + 2."""
+    weight = torch.arange(9.0).reshape(1, 1, 3, 3)
+    kernels = slabs.phase_kernels(weight)
+    assert kernels[0][0][0, 0].tolist() == [[0.0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]
+    assert kernels[1][1][0, 0].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
 
 
 def test_bands_really_split(monkeypatch):

@@ -333,8 +333,10 @@ def scheduler_config(config) -> dict:
 
 def open_clip_diffusers_config(tower) -> dict:
     """transformers' CLIPTextConfig for an OpenCLIP tower, as diffusers' SD 2.x / SDXL folders hold it
-    (exact GELU; the special tokens at the top of the vocabulary, as `clip_config` places them)."""
+    (exact GELU; the special tokens where `special_token_ids` places them)."""
     from transformers import CLIPTextConfig
+
+    from optimized_sd.models.text_encoder import special_token_ids
 
     return CLIPTextConfig(
         vocab_size=tower.vocab_size,
@@ -345,9 +347,7 @@ def open_clip_diffusers_config(tower) -> dict:
         max_position_embeddings=tower.context_length,
         hidden_act="gelu",
         projection_dim=tower.projection_dim or tower.width,
-        bos_token_id=tower.vocab_size - 2,
-        eos_token_id=tower.vocab_size - 1,
-        pad_token_id=tower.vocab_size - 1,
+        **special_token_ids(tower.vocab_size),
     ).to_dict()
 
 

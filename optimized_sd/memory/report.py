@@ -164,11 +164,13 @@ class MemoryMeter:
     def format_table(self, table: dict[str, dict[str, float]] | None = None) -> str:
         """One row per stage of `table`: by default every call since the meter was made (`totals`);
         `summary()` gives the last call's."""
-        lines = [f"{'stage':<12} {'seconds':>8} {'s/step':>7} {'alloc MiB':>10} {'reserved MiB':>12} {'RSS MiB':>8}"]
-        for stage, row in (self.totals if table is None else table).items():
+        table = self.totals if table is None else table
+        width = max([12, *map(len, table)])
+        lines = [f"{'stage':<{width}} {'seconds':>8} {'s/step':>7} {'alloc MiB':>10} {'reserved MiB':>12} {'RSS MiB':>8}"]
+        for stage, row in table.items():
             per_step = f"{row['seconds'] / row['steps']:.3f}" if row["steps"] else "-"
             lines.append(
-                f"{stage:<12} {row['seconds']:>8.2f} {per_step:>7} {row['peak_allocated_mib']:>10.0f} "
+                f"{stage:<{width}} {row['seconds']:>8.2f} {per_step:>7} {row['peak_allocated_mib']:>10.0f} "
                 f"{row['peak_reserved_mib']:>12.0f} {row['peak_rss_mib']:>8.0f}"
             )
         return "\n".join(lines)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from optimized_sd.attention import attention
 from optimized_sd.models import ops
 from optimized_sd.models.runtime import run_options
+from optimized_sd.models.slabs import NearestUpConv2d
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -149,11 +150,11 @@ class SpatialTransformer(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv."""
+    """Nearest-neighbour x2 then a 3x3 conv, as one `slabs.NearestUpConv2d` (`banded`: the VAE's levels)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, banded: bool = False) -> None:
         super().__init__()
-        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
+        self.conv = NearestUpConv2d(channels, banded=banded)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(x)

@@ -5,7 +5,7 @@ At 512x512 the VAE decoder's last levels hold 128-256 channels at full resolutio
 copy, its SiLU). Group statistics are global, but once they are known GroupNorm is a per-channel
 affine map, so the normalise -> SiLU -> 3x3 conv chain can run a band of rows at a time (with a
 one-row halo) into a preallocated output. Nearest x2 upsampling followed by a conv is done the same
-way, so the 4x-larger upsampled tensor never exists whole."""
+way (`NearestUpConv2d`), so the 4x-larger upsampled tensor never exists whole."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from optimized_sd.models import ops
+
 SLAB_BYTES = 16 * 2**20  # activation bytes per band; small enough to be cheap, large enough to be fast
+PHASE_CONV_DEVICES = {"cpu"}  # where NearestUpConv2d runs as phase convs (measured there; CUDA owed a measurement)
 
 
 def slab_rows(x: Tensor, channels: int, scale: int = 1) -> int:
@@ -85,15 +88,53 @@ def conv_rows(band: Tensor, conv: nn.Conv2d, first: int, count: int) -> Tensor:
     return conv(band)[:, :, first : first + count]
 
 
-def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """conv(nearest_upsample_x2(x)) for a 3x3 padding-1 conv, band by band of output rows."""
-    height = x.shape[2] * 2
-    out = x.new_empty((x.shape[0], conv.out_channels, height, x.shape[3] * 2))
-    rows = max(2, slab_rows(x, max(conv.in_channels, conv.out_channels), scale=2) // 2 * 2)
-    for top in range(0, height, rows):
-        bottom = min(height, top + rows)
-        lo, hi = max(0, top - 1), min(height, bottom + 1)  # upsampled rows needed, with halo
-        band = F.interpolate(x[:, :, lo // 2 : (hi + 1) // 2], scale_factor=2.0, mode="nearest")
-        start = lo - (lo // 2) * 2  # the band may begin one upsampled row early
-        out[:, :, top:bottom] = conv_rows(band, conv, start + top - lo, bottom - top)
-    return out
+def phase_kernels(weight: Tensor) -> list[list[Tensor]]:
+    """A 3x3 kernel (O, C, 3, 3) applied after nearest x2 upsampling, as four 2x2 kernels on the input:
+    `[a][b]` makes the output pixels (2i + a, 2j + b). Each output pixel's 3x3 window covers only 2x2
+    distinct input pixels, so the taps that land on the same one are summed: phase 0 reads rows (i - 1, i)
+    with taps (0, 1 + 2), phase 1 rows (i, i + 1) with (0 + 1, 2); the same for columns."""
+
+    def fold(kernel: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        first, middle, last = kernel.unbind(dim)
+        return torch.stack([first, middle + last], dim), torch.stack([first + middle, last], dim)
+
+    return [list(fold(rows, 3)) for rows in fold(weight, 2)]
+
+
+class NearestUpConv2d(ops.Conv2d):
+    """A 3x3, padding-1 conv of the nearest-x2 upsampling of its input, which is never built whole. Keys,
+    weights and the op layer are a plain conv's (`compute_weight` serves LoRA and stored weights alike).
+
+    Where `PHASE_CONV_DEVICES` has the device, as four 2x2 convs at the input's resolution (`phase_kernels`):
+    16 taps per input pixel instead of 36, the same sums up to rounding (relative error ~1e-6); 0.61-0.72x
+    the time of upsample-then-conv on the CPU (`benchmarks/cpu_options.py`). Elsewhere upsample then conv.
+    `banded`: a band of rows at a time (SLAB_BYTES; the VAE's full-resolution levels), else whole."""
+
+    def __init__(self, channels: int, *, banded: bool) -> None:
+        super().__init__(channels, channels, 3, padding=1)
+        self.banded = banded
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.compute_weight(x.dtype), self.compute_bias()
+        batch, _, height, width = x.shape
+        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        out = torch.empty((batch, self.out_channels, 2 * height, 2 * width), dtype=x.dtype, device=x.device, memory_format=layout)
+        rows = max(1, slab_rows(x, max(self.in_channels, self.out_channels), scale=2) // 2) if self.banded else height
+        phased = x.device.type in PHASE_CONV_DEVICES
+        kernels = phase_kernels(weight) if phased else None
+        pixels = out.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # (B, O, h, a, w, b): pixel (2i + a, 2j + b)
+        for top in range(0, height, rows):  # input rows [top, bottom) make output rows [2 top, 2 bottom)
+            bottom = min(height, top + rows)
+            lo, hi = max(0, top - 1), min(height, bottom + 1)  # one input row of halo each side, zeros past the edge
+            band = x[:, :, lo:hi]
+            if kernels is None:
+                upsampled = F.interpolate(band, scale_factor=2.0, mode="nearest")
+                first = 2 * (top - lo)
+                out[:, :, 2 * top : 2 * bottom] = F.conv2d(upsampled, weight, bias, padding=1)[:, :, first : first + 2 * (bottom - top)]
+                continue
+            band = F.pad(band, (1, 1, 1 - (top - lo), 1 - (hi - bottom)))  # input rows top - 1 .. bottom, columns -1 .. width
+            for a in (0, 1):
+                for b in (0, 1):
+                    window = band[:, :, a : a + bottom - top + 1, b : b + width + 1]
+                    pixels[:, :, top:bottom, a, :, b] = F.conv2d(window, kernels[a][b], bias)
+        return out

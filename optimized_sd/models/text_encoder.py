@@ -15,9 +15,14 @@ MAX_TOKENS = 77
 HUB_TOKENIZER = "openai/clip-vit-large-patch14"
 
 
+def special_token_ids(vocab_size: int) -> dict[str, int]:
+    """CLIPTextConfig's special-token ids for a vocabulary of `vocab_size`: at its top, as in the real
+    CLIP vocabulary (49406 start, 49407 end, which also pads)."""
+    return {"bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1}
+
+
 def clip_config(config: TextEncoderConfig):  # -> transformers.CLIPTextConfig
-    """transformers' config for our dataclass; the special-token ids sit at the top of the vocabulary
-    as in the real CLIP vocabulary (49406 start, 49407 end)."""
+    """transformers' config for our dataclass (`special_token_ids` as the real vocabulary places them)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -28,9 +33,7 @@ def clip_config(config: TextEncoderConfig):  # -> transformers.CLIPTextConfig
         num_attention_heads=config.num_attention_heads,
         max_position_embeddings=config.max_position_embeddings,
         hidden_act=config.hidden_act,
-        bos_token_id=config.vocab_size - 2,
-        eos_token_id=config.vocab_size - 1,
-        pad_token_id=config.vocab_size - 1,
+        **special_token_ids(config.vocab_size),
     )
 
 

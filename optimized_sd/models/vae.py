@@ -8,8 +8,8 @@ from torch import Tensor, nn
 from optimized_sd.attention import attention
 from optimized_sd.config import VAEConfig
 from optimized_sd.models import ops
-from optimized_sd.models.layers import group_norm
-from optimized_sd.models.slabs import add_rows, norm_silu_conv, upsample_conv
+from optimized_sd.models.layers import Upsample, group_norm
+from optimized_sd.models.slabs import add_rows, norm_silu_conv
 
 
 class ResnetBlock(nn.Module):
@@ -66,17 +66,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest x2 then a 3x3 conv, in bands of rows (`models.slabs`): the upsampled tensor is never whole."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return upsample_conv(x, self.conv)
 
 
 class MidBlock(nn.Module):
@@ -152,7 +141,7 @@ class Decoder(nn.Module):
             for _ in range(config.num_res_blocks + 1):
                 blocks.append(ResnetBlock(channels, widths[level]))
                 channels = widths[level]
-            levels.insert(0, Level(blocks, Upsample(channels) if level else None, "upsample"))
+            levels.insert(0, Level(blocks, Upsample(channels, banded=True) if level else None, "upsample"))
         self.up = nn.ModuleList(levels)  # indexed by resolution level, run from the deepest
         self.norm_out = group_norm(channels, eps=1e-6)
         self.conv_out = ops.Conv2d(channels, config.out_channels, 3, padding=1)

@@ -49,6 +49,8 @@ __all__ = [  # the names callers have imported from here
     "load_init_image",
     "tensor_to_image",
 ]
+REFINER_STAGE_PREFIX = "refiner_"  # a refiner's stages in the base's memory report: refiner_text, refiner_unet, ...
+
 
 def task_for(request: GenerationRequest) -> Task:
     """The one place a request picks its task (inpainting: a fresh object per call, holding what the call prepared)."""
@@ -165,7 +167,12 @@ class StableDiffusion:
         family = checkpoint_family(path, "--refiner")
         if family != "sdxl_refiner":
             raise UserError(f"--refiner {path} is an {FAMILY_NAMES.get(family, family)} model, not an SDXL refiner")
-        self.refiner = load(path, vae=self.vae_file, **self.load_options, lora_dir=self.lora_dir, embeddings_dir=self.embeddings.folder)
+        options = dict(self.load_options)
+        base_tokenizer = self.loaded.checkpoint.path / "tokenizer_2"
+        if options["tokenizer"] is None and path.is_file() and base_tokenizer.is_dir():
+            options["tokenizer"] = base_tokenizer  # a single-file refiner has no tokenizer; bigG's is the base folder's second
+        self.refiner = load(path, vae=self.vae_file, **options, lora_dir=self.lora_dir, embeddings_dir=self.embeddings.folder)
+        self.refiner.memory.report_into(self.memory, REFINER_STAGE_PREFIX)
         return self.refiner
 
     # -- generation ----------------------------------------------------------------------------

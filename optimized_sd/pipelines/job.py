@@ -269,7 +269,10 @@ def run_job(
         grid = make_grid(images, policy.n_rows or job.n_samples)
         written.extend(save_encoded(grid, policy.outdir, "grid", policy.fmt, grid_text, 0))
     if policy.report_json is not None:
-        report = pipe.meter.as_dict({"mode": pipe.mode, "plan": pipe.plan.__dict__ if pipe.plan else None})
+        placed = {"mode": pipe.mode, "plan": pipe.plan.__dict__ if pipe.plan else None}
+        if pipe.refiner is not None:  # its stages are in the same meter, prefixed `refiner_`
+            placed["refiner"] = {"mode": pipe.refiner.mode, "plan": pipe.refiner.plan.__dict__ if pipe.refiner.plan else None}
+        report = pipe.meter.as_dict(placed)
         write_report(policy.report_json, json.dumps(report, indent=2).encode())
     return JobResult(images, seeds, parameters, written, first_seed, pipe)
 

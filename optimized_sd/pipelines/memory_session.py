@@ -82,6 +82,8 @@ class MemorySession:
         self.sizes = footprint(model, dtype.itemsize, self.storage)  # weight bytes per group: fixed for this pipeline
         plan_memory(self.sizes, Request(64, 64), budget=None, mode=mode, vae_tiling=vae_tiling)  # validates names
         self.meter = MemoryMeter(device)
+        self.stage_prefix = ""  # put before each stage's name in the meter (a refiner's: "refiner_")
+        self.owns_meter = True  # whether `prepare` starts a new call in the meter (a refiner's joins the base's call)
         self.engine: OffloadEngine | None = None
         self.placed: tuple[str, str] | None = None  # (mode, host storage) the engine was built for
         self.heap: LeanHeap | None = None
@@ -174,8 +176,14 @@ class MemorySession:
         self.place(self.plan_for(request, beside))
         assert self.engine is not None and self.plan is not None
         self.engine.events.clear()  # the residency log of this call only: a long-lived pipeline keeps no history
-        self.meter.new_call()
+        if self.owns_meter:
+            self.meter.new_call()
         return self.plan
+
+    def report_into(self, other: MemorySession, prefix: str) -> None:
+        """Record this session's stages in `other`'s meter as `prefix` + stage, inside `other`'s calls: an
+        SDXL refiner's sampling and decode then appear in the base's report of the same call."""
+        self.meter, self.stage_prefix, self.owns_meter = other.meter, prefix, False
 
     def set_tensor_hook(self, hook: TensorHook | None) -> None:
         """Patch every weight as it is placed (see `OffloadEngine.tensor_hook`), from now on: resident
@@ -212,7 +220,7 @@ class MemorySession:
         assert self.engine is not None
         heap = self.heap.phase(repeated=name == SAMPLING_STAGE) if self.heap is not None else contextlib.nullcontext()
         with use_attention(self.attention), use_run_options(self.run_options()), torch.inference_mode():
-            with self.meter.stage(name) as record, heap, self.engine.stage():
+            with self.meter.stage(self.stage_prefix + name) as record, heap, self.engine.stage():
                 yield record
 
     def run_stage(self, name: str, work: Callable[[StageRecord], Result]) -> Result:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def test_the_api_runs_the_refiner_as_the_python_api_does(sdxl_server, tiny_sdxl,
     body = response.json()
     info = body["info"]
     assert "Refiner: b-refiner [" in info and "Refiner switch at: 0.5" in info
+    stages = json.loads(info)["memory"]["stages"]
+    assert {"unet", "refiner_unet", "refiner_vae_decode"} <= set(stages)  # one report for both models
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).convert("RGB"))
     pipe = optimized_sd.load(sdxl_server.models_dir / "a-base.safetensors", device="cpu", tokenizer=tiny_sdxl.tokenizer)
     try:
