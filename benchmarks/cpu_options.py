@@ -8,7 +8,7 @@ attention backend at each size, the nearest-x2 upsample convs as upsample-then-c
 default four phase convs (`models.slabs.NearestUpConv2d`), and bf16 compute where the CPU has native bf16 matmul (AVX512-BF16 or
 AMX; elsewhere it is measured too, and said to be emulated). The engine's defaults follow these figures.
 
-    .venv/bin/python benchmarks/cpu_options.py [--size 512] [--repeat 2] [--json out.json]
+    .venv/bin/python benchmarks/cpu_options.py [--size 512] [--repeat 2] [--json out.json] [--options upsample,...]
     .venv/bin/python benchmarks/cpu_options.py --ab full|turbo|split|stream [--size 512] [--repeat 2]
 
 `--ab MODE` times whole pipeline runs instead (2 DDIM steps, the UNet stage's s/step from the memory
@@ -32,6 +32,8 @@ import optimized_sd  # noqa: E402
 from optimized_sd.attention import use_attention  # noqa: E402
 from optimized_sd.benchmark.model_cache import ensure_model  # noqa: E402
 from optimized_sd.models import slabs  # noqa: E402
+
+OPTIONS = ("attention", "upsample", "channels-last", "bf16")
 
 
 def best_seconds(work: Callable[[], torch.Tensor], repeat: int) -> tuple[float, torch.Tensor]:
@@ -64,6 +66,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="every row so far, rewritten after each (a stopped run keeps them)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="auto: only where the CPU has native bf16")
     parser.add_argument("--ab", choices=("full", "turbo", "split", "stream"), help="whole runs with and without channels-last")
+    parser.add_argument("--options", default=",".join(OPTIONS), help=f"which options to measure against plain: {', '.join(OPTIONS)}")
     args = parser.parse_args()
     if args.ab:
         return channels_last_ab(args)
@@ -106,29 +109,47 @@ def main() -> int:
 
     unet_plain = measure("plain", "unet", unet_call(latents), None)
     decode_plain = measure("plain", "vae_decode", decode_call(one_latent), None)
-    for backend in ("sliced",):
+    wanted = set(args.options.split(","))
+    for backend in ("sliced",) if "attention" in wanted else ():
         measure(f"attention {backend}", "unet", unet_call(latents), unet_plain, backend)
         measure(f"attention {backend}", "vae_decode", decode_call(one_latent), decode_plain, backend)
 
-    phase_devices = set(slabs.PHASE_CONV_DEVICES)  # the default: each nearest-x2 upsample conv as four phase convs
-    slabs.PHASE_CONV_DEVICES.clear()
-    measure("upsample then conv", "unet", unet_call(latents), unet_plain)
-    measure("upsample then conv", "vae_decode", decode_call(one_latent), decode_plain)
-    slabs.PHASE_CONV_DEVICES.update(phase_devices)
+    if "upsample" in wanted:  # alternating call by call, as the difference is within this machine's drift
+        for stage, work in (("unet", unet_call(latents)), ("vae_decode", decode_call(one_latent))):
+            times: dict[str, list[float]] = {"phase convs": [], "upsample then conv": []}
+            outs = {}
+            with torch.inference_mode():
+                for _ in range(args.repeat + 1):
+                    for way, devices in (("phase convs", {"cpu"}), ("upsample then conv", set())):
+                        slabs.PHASE_CONV_DEVICES.clear()
+                        slabs.PHASE_CONV_DEVICES.update(devices)
+                        start = time.perf_counter()
+                        outs[way] = work()
+                        times[way].append(time.perf_counter() - start)
+            slabs.PHASE_CONV_DEVICES.add("cpu")  # the default again
+            best = {way: min(values[1:]) for way, values in times.items()}  # the first round warms up
+            error = relative_error(outs["upsample then conv"], outs["phase convs"])
+            ratio = best["upsample then conv"] / best["phase convs"]
+            rows.append({"option": "upsample then conv", "stage": stage, "seconds": best["upsample then conv"], "ratio": ratio,
+                         "relative_error": error, "alternating": times})
+            print(f"{stage:<11} {'upsample then conv':<28} {best['upsample then conv']:8.2f} s  {ratio:5.2f}x  error {error:.1e}"
+                  f"  (alternating with the phase convs, best {best['phase convs']:.2f} s; rounds "
+                  f"{', '.join(f'{a:.2f}/{b:.2f}' for a, b in zip(*times.values()))})", flush=True)
 
-    unet.to(memory_format=torch.channels_last)
-    vae.to(memory_format=torch.channels_last)
-    measure("channels-last", "unet", unet_call(latents.to(memory_format=torch.channels_last)), unet_plain)
-    measure("channels-last", "vae_decode", decode_call(one_latent.to(memory_format=torch.channels_last)), decode_plain)
-    unet.to(memory_format=torch.contiguous_format)
-    vae.to(memory_format=torch.contiguous_format)
+    if "channels-last" in wanted:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+        measure("channels-last", "unet", unet_call(latents.to(memory_format=torch.channels_last)), unet_plain)
+        measure("channels-last", "vae_decode", decode_call(one_latent.to(memory_format=torch.channels_last)), decode_plain)
+        unet.to(memory_format=torch.contiguous_format)
+        vae.to(memory_format=torch.contiguous_format)
 
-    if args.bf16 == "on" or (args.bf16 == "auto" and native):
+    if "bf16" in wanted and (args.bf16 == "on" or (args.bf16 == "auto" and native)):
         label = "bf16 autocast" + ("" if native else " (emulated here)")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             measure(label, "unet", unet_call(latents), unet_plain)
             measure(label, "vae_decode", decode_call(one_latent), decode_plain)
-    else:
+    elif "bf16" in wanted:
         print(f"bf16: skipped, this CPU ({facts['cpu']}) has no native bf16 matmul (--bf16 on measures it emulated)")
     return 0
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU runs, in parts so each fits one device call (at most 10 minutes; a task has 15 minutes of device
 # time in all, so run what the issue at hand needs, most important first):
-#   checks:    the CUDA test run of the memory engine and the samplers, and the per-block timing behind the
-#              streaming floor with the small-card model's validation (stream_floor.py --cards)  ~4 min
+#   checks:    the CUDA test run of the memory engine and the samplers, the per-block timing behind the
+#              streaming floor with the small-card model's validation (stream_floor.py --cards), and the
+#              upsample convs as phase convs against upsample-then-conv (phase_conv.py)          ~4 min
 #   frontier1: the frontier (SD 1.5 512x512, 10 DDIM steps): ours `auto` and every diffusers configuration
 #              under hard caps of none, 4GB and 3GB                                               ~6-8 min (estimate)
 #   frontier2: the same at 2GB and 1.5GB (merged into the same folder with --update)             ~5-7 min (estimate)
@@ -16,7 +17,7 @@
 #   lease1:    SDXL 1024 (issue 12): ours stream, turbo, auto uncapped and under 4GB against diffusers'
 #              model, sequential and group offload; SDXL stream with fp8 weights; SD 2.x 768-v stream;
 #              SD 1.5 stream with fp16, fp8 and int8 weights; the seed workload              ~8 min
-#   lease2:    the SD 1.5 frontier at none, 2GB, 1GB and 0.6GB (FRONTIER_BUDGETS) against diffusers, model, group and
+#   lease2:    phase_conv.py at 1024 (seconds); the SD 1.5 frontier at none, 2GB, 1GB and 0.6GB (FRONTIER_BUDGETS) against diffusers, model, group and
 #              sequential offload (call at once after lease1: the warm machine keeps the models)  ~5 min
 #   run(command="LEASE_SECONDS=470 bash benchmarks/device_run.sh lease1", carry=[".whl"], timeout_s=500)
 # The lease parts write every results folder under /tmp/device-results and pack them as
@@ -53,6 +54,8 @@ if wants checks; then
     tests/test_memory.py tests/test_samplers_pipeline.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -15
   echo "== stream floor and the small-card model, validated on this card"
   timeout -k 5 120 $PY benchmarks/stream_floor.py --repeats 20 --cards 2>&1 | tee "$OUT/stream_floor.txt" | tail -30
+  echo "== the upsample convs as phase convs against upsample-then-conv (whether CUDA joins PHASE_CONV_DEVICES)"
+  timeout -k 5 60 $PY benchmarks/phase_conv.py --device cuda --size 1024 2>&1 | tee "$OUT/phase_conv.txt"
 fi
 frontier_part() {  # $1: the part's budgets; later parts merge into the first's folder
   echo "== frontier at $1"
@@ -106,6 +109,7 @@ if [ "$PART" = lease1 ]; then
 fi
 if [ "$PART" = lease2 ]; then
   trap pack EXIT
+  mkdir -p "$RESULTS/phase-conv" && within 40 $PY benchmarks/phase_conv.py --device cuda --size 1024 2>&1 | tee "$RESULTS/phase-conv/phase_conv.txt"
   lease_bench 400 "${SD15[@]}" --sizes $S512 --steps 10 --budget "${FRONTIER_BUDGETS:-none,2GB,1GB,0.6GB}" \
     --peers diffusers,diffusers-model-offload,diffusers-group-offload,diffusers-sequential-offload --label frontier
 fi

@@ -83,6 +83,26 @@ def test_lora_latents_equal_diffusers_fuse_lora_in_every_mode(tiny_model, lora_f
         pipe.close()
 
 
+@pytest.mark.parametrize(("weights", "mode"), [("fp16", "stream"), ("int8", "full"), ("int8", "stream")])
+def test_loras_on_stored_weights(tiny_model, lora_files, references, weights: str, mode: str) -> None:
+    """`--weights` with a LoRA: each stored layer adds the LoRA to its dequantised weight at every call, the
+    other layers (text encoder, first/last convs) merge it as they are placed. The LoRA moves the stored run
+    as far as it moves diffusers' (what is left is the storage's rounding, measured without a LoRA), and
+    without it the stored run is back exactly."""
+    pipe = optimized_sd.load(tiny_model.safetensors, tokenizer=tiny_model.tokenizer, device="cpu", memory=mode, weights=weights)
+    try:
+        plain = pipe.generate(request()).latents
+        kohya = pipe.generate(request(loras={lora_files["kohya"]: 0.8})).latents
+        assert torch.equal(pipe.generate(request()).latents, plain)
+    finally:
+        pipe.close()
+    reference_plain = diffusers_latents(tiny_model, [])
+    storage_error = (plain - reference_plain).norm().item()
+    effect = (references["kohya"] - reference_plain).norm().item()
+    assert effect > 10 * storage_error  # the LoRA's effect dwarfs the storage's rounding
+    assert (kohya - references["kohya"]).norm().item() <= 3 * storage_error + 1e-6
+
+
 def test_prompt_tags_and_embeddings(tiny_model, lora_files, references, tmp_path) -> None:
     """<lora:NAME:W> from --lora-dir equals the explicit file; an embedding file is used by its name."""
     embeddings = tmp_path / "embeddings"

@@ -69,6 +69,7 @@ def test_nearest_up_conv_matches(tiny_bands, monkeypatch, height, width, banded,
     """Both ways (the phase convs and upsample-then-conv), banded or whole, equal conv(nearest_x2(x)),
     the image edges' zero padding included."""
     monkeypatch.setattr(slabs, "PHASE_CONV_DEVICES", {"cpu"} if phased else set())
+    monkeypatch.setattr(slabs, "PHASE_CONV_MIN_PIXELS", 1)  # every size here takes the path under test
     torch.manual_seed(1)
     conv = ops.default_init(slabs.NearestUpConv2d(32, banded=banded))
     x = torch.randn(2, 32, height, width)

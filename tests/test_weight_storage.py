@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import optimized_sd
 from optimized_sd.errors import UserError
 from optimized_sd.models import ops
+from optimized_sd.models.ops import cpu_int8_matmul_available
+from optimized_sd.models.runtime import RunOptions, use_run_options
 from optimized_sd.pipelines.diffusion import GenerationRequest
 from optimized_sd.pipelines.placement import UNET, footprint
 from optimized_sd.pipelines.weight_storage import FP8, keeps_compute_dtype, plan_storage
@@ -230,17 +233,35 @@ def test_int8_linear_layers_use_the_dynamic_path_on_the_cpu_and_forget_it_with_t
     streamed.close()
 
 
-def test_the_tensor_hook_sees_only_compute_dtype_tensors_and_loras_are_refused(tiny_model):
-    pipe = make_pipe(tiny_model, weights="int8")
+def test_the_tensor_hook_sees_compute_dtype_tensors_and_stored_layers_patch_at_compute(tiny_model):
+    """The engine's hook sees only the compute-dtype tensors; a stored layer gets the same hook as its
+    `weight_patch`, applied to the dequantised copy at each call (the stored int8 weight itself unchanged),
+    and the int8 matmul path is not taken while a patch is on. Removing the hook removes both."""
+    pipe = make_pipe(tiny_model, weights="int8", int8_matmul=cpu_int8_matmul_available())
     pipe.memory.use_mode("full")  # everything placed: the hook is called for every tensor at once
     seen: list[tuple[str, torch.dtype]] = []
-    with pytest.raises(UserError, match="LoRAs cannot be merged into weights stored as int8"):
-        pipe.memory.set_tensor_hook(lambda key, tensor: None)
-    pipe.engine.tensor_hook = lambda key, tensor: seen.append((key, tensor.dtype))
-    pipe.engine.reload()
+
+    def add_one(key: str, tensor: torch.Tensor) -> None:  # as a LoRA does: weights only (never an 8-bit weight's scales)
+        seen.append((key, tensor.dtype))
+        if key.endswith(".weight"):
+            tensor += 1
+
+    pipe.memory.set_tensor_hook(add_one)
     assert seen and all(dtype == torch.float32 for _, dtype in seen)
     keys = {key for key, _ in seen}
     assert not keys & pipe.storage.stored_set and f"{UNET}.out.2.weight" in keys
+    name = next(key for key in pipe.storage.stored if ".attn1.to_q." in key).removesuffix(".weight")
+    layer = pipe.model.get_submodule(name)
+    stored = layer.weight.clone()
+    plain = ops.dequantize(layer.weight, layer.weight_scale, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(layer.compute_weight(torch.float32), plain + 1)
+        x = torch.randn(3, layer.in_features)
+        with use_run_options(RunOptions(int8_matmul=True)):
+            assert torch.allclose(layer(x), F.linear(x, plain + 1, layer.bias), atol=1e-5)
+    assert torch.equal(layer.weight, stored) and (name + ".weight", torch.float32) in seen
+    pipe.memory.set_tensor_hook(None)
+    assert layer.weight_patch is None and torch.equal(layer.compute_weight(torch.float32), plain)
     pipe.close()
 
 

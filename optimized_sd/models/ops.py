@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -59,16 +60,25 @@ class WeightOp:
 
     weight: Tensor
     bias: Tensor | None
+    # Patches the computing weight in place at every call (a LoRA on a weight stored in another dtype, which
+    # the memory engine cannot patch as it places it: `MemorySession.set_tensor_hook`); None: none.
+    weight_patch: Callable[[Tensor], None] | None = None
 
     def reset_parameters(self) -> None:
         """Left uninitialised: checkpoint weights replace them."""
 
     def compute_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The weight in `dtype` (the input's; None: as stored, or the scale's dtype for an 8-bit weight)."""
+        """The weight in `dtype` (the input's; None: as stored, or the scale's dtype for an 8-bit weight),
+        with `weight_patch` applied to a copy (never to the stored weight)."""
         scale = self._buffers.get(SCALE)  # type: ignore[attr-defined]
         if scale is None and (dtype is None or self.weight.dtype == dtype):
-            return self.weight
-        return dequantize(self.weight, scale, dtype or scale.dtype)
+            weight = self.weight
+        else:
+            weight = dequantize(self.weight, scale, dtype or scale.dtype)
+        if self.weight_patch is not None:
+            weight = weight.clone() if weight is self.weight else weight
+            self.weight_patch(weight)
+        return weight
 
     def compute_bias(self) -> Tensor | None:
         return self.bias
@@ -81,7 +91,8 @@ class WeightOp:
 
 class Linear(WeightOp, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.dtype == torch.int8 and x.device.type == "cpu" and x.dtype == torch.float32 and run_options().int8_matmul:
+        int8 = self.weight.dtype == torch.int8 and self.weight_patch is None  # a patched weight computes dequantised
+        if int8 and x.device.type == "cpu" and x.dtype == torch.float32 and run_options().int8_matmul:
             return torch.ops.quantized.linear_dynamic(x, self.prepacked_int8(), True)
         return nn.functional.linear(x, self.compute_weight(x.dtype), self.compute_bias())
 

@@ -17,6 +17,9 @@ from optimized_sd.models import ops
 
 SLAB_BYTES = 16 * 2**20  # activation bytes per band; small enough to be cheap, large enough to be fast
 PHASE_CONV_DEVICES = {"cpu"}  # where NearestUpConv2d runs as phase convs (measured there; CUDA owed a measurement)
+# Below this many input pixels folding the kernels costs more than the convs save (the UNet's 8x8 level at
+# 512: 2.0x slower; 16x16: 0.80x; benchmarks/phase_conv.py).
+PHASE_CONV_MIN_PIXELS = 16 * 16
 
 
 def slab_rows(x: Tensor, channels: int, scale: int = 1) -> int:
@@ -105,9 +108,10 @@ class NearestUpConv2d(ops.Conv2d):
     """A 3x3, padding-1 conv of the nearest-x2 upsampling of its input, which is never built whole. Keys,
     weights and the op layer are a plain conv's (`compute_weight` serves LoRA and stored weights alike).
 
-    Where `PHASE_CONV_DEVICES` has the device, as four 2x2 convs at the input's resolution (`phase_kernels`):
-    16 taps per input pixel instead of 36, the same sums up to rounding (relative error ~1e-6); 0.61-0.72x
-    the time of upsample-then-conv on the CPU (`benchmarks/cpu_options.py`). Elsewhere upsample then conv.
+    Where `PHASE_CONV_DEVICES` has the device and the input has PHASE_CONV_MIN_PIXELS, as four 2x2 convs at
+    the input's resolution (`phase_kernels`): 16 taps per input pixel instead of 36, the same sums up to
+    rounding (relative error ~1e-6); 0.41-0.80x the time of upsample-then-conv on the CPU for SD's layers
+    (`benchmarks/phase_conv.py`). Elsewhere upsample then conv.
     `banded`: a band of rows at a time (SLAB_BYTES; the VAE's full-resolution levels), else whole."""
 
     def __init__(self, channels: int, *, banded: bool) -> None:
@@ -120,7 +124,7 @@ class NearestUpConv2d(ops.Conv2d):
         layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         out = torch.empty((batch, self.out_channels, 2 * height, 2 * width), dtype=x.dtype, device=x.device, memory_format=layout)
         rows = max(1, slab_rows(x, max(self.in_channels, self.out_channels), scale=2) // 2) if self.banded else height
-        phased = x.device.type in PHASE_CONV_DEVICES
+        phased = x.device.type in PHASE_CONV_DEVICES and height * width >= PHASE_CONV_MIN_PIXELS
         kernels = phase_kernels(weight) if phased else None
         pixels = out.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # (B, O, h, a, w, b): pixel (2i + a, 2j + b)
         for top in range(0, height, rows):  # input rows [top, bottom) make output rows [2 top, 2 bottom)

@@ -7,6 +7,7 @@ model nor the task modules touch the engine directly."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -20,7 +21,7 @@ from optimized_sd.memory.device import LeanHeap, device_memory
 from optimized_sd.memory.offload import OffloadEngine, TensorHook
 from optimized_sd.memory.planner import SAFETY_MARGIN, Plan, Request, fallback, plan_memory
 from optimized_sd.memory.report import MemoryMeter, StageRecord
-from optimized_sd.models.ops import cpu_int8_matmul_available
+from optimized_sd.models.ops import WeightOp, cpu_int8_matmul_available
 from optimized_sd.models.runtime import RunOptions, use_run_options
 from optimized_sd.pipelines.placement import UNET, footprint, group_specs
 from optimized_sd.pipelines.weight_storage import StoredSource, WeightStorage, apply_storage
@@ -186,13 +187,16 @@ class MemorySession:
         self.meter, self.stage_prefix, self.owns_meter = other.meter, prefix, False
 
     def set_tensor_hook(self, hook: TensorHook | None) -> None:
-        """Patch every weight as it is placed (see `OffloadEngine.tensor_hook`), from now on: resident
-        groups are placed again at once, the others at their next load. None removes the patch.
-        Weights stored otherwise (`--weights`) are not in the compute dtype and are never passed to the
-        hook, so a patch (a LoRA) would miss them: refused rather than applied in part."""
-        if hook is not None and self.storage.stored:
-            raise UserError(f"LoRAs cannot be merged into weights stored as {self.storage.kind} yet; load without --weights to use them")
+        """Patch every weight (see `OffloadEngine.tensor_hook`), from now on. None removes the patch.
+        Weights in the compute dtype are patched as they are placed: resident groups are placed again at
+        once, the others at their next load. Weights stored otherwise (`--weights`) never reach the hook in
+        that form, so their op layers patch the dequantised weight at each call instead (`weight_patch`:
+        a LoRA on 8-bit weights costs its low-rank products per call, and no 16-bit copy of the layer)."""
         self.tensor_hook = hook
+        for path, module in self.model.named_modules():
+            key = f"{path}.weight"
+            if isinstance(module, WeightOp) and key in self.storage.stored_set:
+                module.weight_patch = None if hook is None else functools.partial(hook, key)
         if self.engine is not None:
             self.engine.tensor_hook = hook
             self.engine.reload()
