@@ -234,7 +234,7 @@ def test_cli_refiner_writes_its_metadata(capsys, tiny_sdxl, tiny_refiner, tmp_pa
     assert "Refiner: sdxl-refiner [" in text and "Refiner switch at: 0.5" in text
 
 
-def test_cli_report_json_has_the_refiner_stages(tiny_sdxl, tiny_refiner, tmp_path):
+def test_cli_reports_the_refiner_beside_the_base(capsys, tiny_sdxl, tiny_refiner, tmp_path):
     import json
 
     report = tmp_path / "report.json"
@@ -242,6 +242,7 @@ def test_cli_report_json_has_the_refiner_stages(tiny_sdxl, tiny_refiner, tmp_pat
     assert code == 0
     payload = json.loads(report.read_text())
     assert {"unet", "refiner_unet", "refiner_vae_decode"} <= set(payload["stages"]) and payload["refiner"]["mode"] == "full"
+    assert "mode full on cpu, refiner full;" in capsys.readouterr().out
 
 
 def refused(capsys, tmp_path, code: int) -> str:

@@ -278,11 +278,13 @@ def run_job(
 
 
 def describe_memory(pipe: StableDiffusion) -> str:
-    """'<mode> [copying up to N of blocks ahead] on <device>[, <kind> weights]': how the last call ran."""
+    """'<mode> [copying up to N of blocks ahead] on <device>[, <kind> weights][, refiner <mode>]': how the
+    last call ran (the refiner's mode when one is loaded: its plan is its own)."""
     ahead = pipe.engine.lookahead_bytes if pipe.engine is not None and pipe.engine.prefetch_enabled else 0
     mode = f"{pipe.mode} (copying up to {format_bytes(ahead)} of blocks ahead)" if ahead else pipe.mode
     weights = f", {pipe.storage.kind} weights" if pipe.storage.stored else ""
-    return f"{mode} on {pipe.device}{weights}"
+    refiner = f", refiner {pipe.refiner.mode}" if pipe.refiner is not None and pipe.refiner.mode is not None else ""
+    return f"{mode} on {pipe.device}{weights}{refiner}"
 
 
 __all__ = ["Job", "JobResult", "JobStep", "OutputPolicy", "describe_memory", "memory_mode", "run_job"]
