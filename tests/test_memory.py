@@ -147,6 +147,37 @@ def test_split_runs_one_half_at_a_time_and_turbo_keeps_the_unet(tiny_model):
     assert all("unet" not in res for res in text_runs)
 
 
+@pytest.mark.parametrize("mode", ["full", "turbo", "split"])
+def test_each_tensors_file_pages_are_handed_back_once_it_is_copied(tiny_model, mode, monkeypatch):
+    """A group read whole from the file (`full`'s model, `turbo`'s UNet, `split`'s halves) releases each
+    tensor's file pages as soon as its copy is made, so at most one tensor's pages are held beside the
+    copies (before, a group's pages stayed until the whole group was read: SD 1.5 `turbo` on the CPU
+    peaked at 5.3 GB RSS, 4.1 GB after)."""
+    pipe = make_pipe(tiny_model, memory=mode)
+    pipe.prepare(request())
+    source = pipe.engine.source
+    held: set[str] = set()
+    most = [0]
+    real_get, real_release = source.get, source.release
+
+    def get(key: str):
+        held.add(key)
+        most[0] = max(most[0], len(held))
+        return real_get(key)
+
+    def release(keys) -> None:
+        keys = list(keys)
+        held.difference_update(keys)
+        real_release(keys)
+
+    monkeypatch.setattr(source, "get", get)
+    monkeypatch.setattr(source, "release", release)
+    pipe.engine.reload()  # every group placed again through the recording source
+    pipe.generate(request())
+    assert most[0] == 1 and not held
+    pipe.close()
+
+
 def test_unet_micro_batches_give_the_same_output(tiny_model, full_result):
     """Smaller batches pick other kernels, so equality is to rounding relative to the latents' scale
     (about 25 after 3 Euler steps on random weights), not bit-exact: float32 on the CPU; on CUDA,
