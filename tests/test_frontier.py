@@ -288,15 +288,21 @@ def test_capped_seed_workload_is_set_against_uncapped_full_in_images_per_second(
 
 
 # --------------------------------------------------------------------------- the CPU watchdog and the whole run
-def test_rss_watchdog_stops_a_run_that_passes_its_cap_with_an_oom_result():
+@pytest.mark.parametrize("stdout_silenced", [False, True])
+def test_rss_watchdog_stops_a_run_that_passes_its_cap_with_an_oom_result(stdout_silenced: bool):
+    """Also while a peer has pointed fd 1 at /dev/null (stable-diffusion-cpp-python silences its C library
+    so): the result line goes through the worker's own duplicate of stdout."""
+    silence = "import os; os.dup2(os.open(os.devnull, os.O_WRONLY), 1)\n" if stdout_silenced else ""
     code = (
         "import psutil, time\n"
         "from optimized_sd.benchmark.caps import cpu_cap\n"
         "from optimized_sd.benchmark.scenarios import Scenario\n"
-        "from optimized_sd.benchmark.worker import RssWatchdog\n"
+        "from optimized_sd.benchmark.worker import ResultChannel, RssWatchdog\n"
+        "ResultChannel.open()\n"
         "rss = psutil.Process().memory_info().rss\n"
         "cap = cpu_cap(rss + 64 * 2**20, 2**40, rss)\n"
         "RssWatchdog(cap, Scenario('txt2img', 64, 64, 1, 1, 'auto', '1GB')).start()\n"
+        f"{silence}"
         "hog = bytearray(256 * 2**20)\n"
         "time.sleep(5)\n"
         "print('survived')\n"

@@ -178,6 +178,18 @@ def test_each_tensors_file_pages_are_handed_back_once_it_is_copied(tiny_model, m
     pipe.close()
 
 
+def test_a_cpu_budget_keeps_the_safety_margin_and_a_cuda_budget_is_exact(tiny_model):
+    """An RSS cap also holds what no estimate models, so CPU plans keep SAFETY_MARGIN of `--vram-budget`;
+    a CUDA budget caps the allocator, which the estimates are calibrated on."""
+    from optimized_sd.memory.planner import SAFETY_MARGIN
+
+    pipe = make_pipe(tiny_model, device="cpu", vram_budget=1000 * MIB)
+    assert pipe.memory.budget_for() == int(1000 * MIB * SAFETY_MARGIN)
+    assert pipe.memory.budget_for(taken=100 * MIB) == int(900 * MIB * SAFETY_MARGIN)
+    pipe.memory.device = torch.device("cuda")  # the rule only; nothing is placed
+    assert pipe.memory.budget_for(taken=100 * MIB) == 900 * MIB
+
+
 def test_unet_micro_batches_give_the_same_output(tiny_model, full_result):
     """Smaller batches pick other kernels, so equality is to rounding relative to the latents' scale
     (about 25 after 3 Euler steps on random weights), not bit-exact: float32 on the CPU; on CUDA,

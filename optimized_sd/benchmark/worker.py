@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 from optimized_sd.benchmark.caps import (
     CPU_RSS,
@@ -174,8 +174,20 @@ def build(payload: dict) -> BenchModel:
 
 
 # --------------------------------------------------------------------------- memory caps
+class ResultChannel:
+    """Where the result line goes: a duplicate of the worker's stdout taken at start (`open`), because a
+    peer may point fd 1 at /dev/null while it runs (stable-diffusion-cpp-python silences its C library
+    so), and the RSS watchdog reports from inside such a call."""
+
+    stream: TextIO | None = None
+
+    @classmethod
+    def open(cls) -> None:
+        cls.stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+
+
 def emit(result: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+    print(RESULT_PREFIX + json.dumps(result, default=str), file=ResultChannel.stream or sys.stdout, flush=True)
 
 
 class RssWatchdog:
@@ -636,4 +648,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    ResultChannel.open()
     sys.exit(main())
