@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from optimized_sd.config import REFINER_SWITCH_DEFAULT
 from optimized_sd.errors import Interrupted, UserError
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -34,7 +35,7 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--vae", type=click.Path(path_type=Path), help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's."),
         click.option("--refiner", type=click.Path(path_type=Path),
                      help="An SDXL refiner (file or diffusers folder) that finishes an SDXL base's sampling."),
-        click.option("--refiner-switch", "refiner_switch", type=float, default=0.8, show_default=True,
+        click.option("--refiner-switch", "refiner_switch", type=float, default=REFINER_SWITCH_DEFAULT, show_default=True,
                      help="Share of the denoising the base runs before the refiner takes over (by timestep, as AUTOMATIC1111)."),
         click.option("--prediction", default="auto", show_default=True, help="auto, eps or v: what the UNet predicts (auto: what the file says, else the family's default)."),
         click.option("--H", "height", type=int, default=default_size, help=f"Image height in {size_help}."),

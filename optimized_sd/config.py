@@ -277,6 +277,7 @@ SDXL_REFINER = ModelConfig(
     family="sdxl_refiner",
 )
 """SDXL refiner 1.0 (SGM sd_xl_refiner.yaml): bigG alone, aesthetic-score conditioning."""
+REFINER_SWITCH_DEFAULT = 0.8  # the share of the denoising an SDXL base runs before its refiner (AUTOMATIC1111's default)
 
 TINY = ModelConfig(
     unet=UNetConfig(

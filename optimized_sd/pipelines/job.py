@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from optimized_sd.config import REFINER_SWITCH_DEFAULT
 from optimized_sd.errors import UserError
 from optimized_sd.memory.planner import format_bytes
 from optimized_sd.pipelines.diffusion import GenerationRequest, StableDiffusion
@@ -78,7 +79,7 @@ class Job:
     schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
     loras: tuple[str, ...] = ()  # 'FILE' or 'FILE:WEIGHT', besides the <lora:NAME:WEIGHT> tags in prompts
     refiner: Path | None = None  # an SDXL refiner finishing an SDXL base's sampling
-    refiner_switch: float = 0.8  # the share of the denoising the base runs
+    refiner_switch: float = REFINER_SWITCH_DEFAULT  # the share of the denoising the base runs
     height: int | None = None
     width: int | None = None
     latent_channels: int = 4

@@ -196,10 +196,9 @@ class MemorySession:
         that form, so their op layers patch the dequantised weight at each call instead (`weight_patch`:
         a LoRA on 8-bit weights costs its low-rank products per call, and no 16-bit copy of the layer)."""
         self.tensor_hook = hook
-        for path, module in self.model.named_modules():
-            key = f"{path}.weight"
-            if isinstance(module, WeightOp) and key in self.storage.stored_set:
-                module.weight_patch = None if hook is None else functools.partial(hook, key)
+        for key in self.storage.stored:  # "<op layer>.weight"
+            layer: WeightOp = self.model.get_submodule(key.removesuffix(".weight"))
+            layer.weight_patch = None if hook is None else functools.partial(hook, key)
         if self.engine is not None:
             self.engine.tensor_hook = hook
             self.engine.reload()

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
-from optimized_sd.config import ModelConfig
+from optimized_sd.config import REFINER_SWITCH_DEFAULT, ModelConfig
 from optimized_sd.errors import UserError
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import ImageParameters
@@ -40,7 +40,7 @@ class GenerationRequest:
     loras: Mapping[str | Path, float] | Sequence[str] | None = None  # {file: weight} or ['FILE[:WEIGHT]']
     schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
     refiner: str | Path | None = None  # an SDXL refiner that takes over from an SDXL base at `refiner_switch`
-    refiner_switch: float = 0.8  # the share of the denoising the base runs (AUTOMATIC1111's "Refiner switch at")
+    refiner_switch: float = REFINER_SWITCH_DEFAULT  # the share of the denoising the base runs (AUTOMATIC1111's "Refiner switch at")
 
     @property
     def guided(self) -> bool:

@@ -25,6 +25,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 import optimized_sd
+from optimized_sd.config import REFINER_SWITCH_DEFAULT
 from optimized_sd.errors import UserError
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import FieldError, Generated, GenerationSpec, resolve_sampler, sampler_aliases
@@ -75,7 +76,7 @@ class Txt2ImgRequest(BaseModel):
     send_images: bool = True
     save_images: bool = False
     refiner_checkpoint: str | None = None  # an SDXL refiner from the server's model list
-    refiner_switch_at: float | None = None  # the share of the denoising the base runs (0.8 when None)
+    refiner_switch_at: float | None = None  # the share of the denoising the base runs (REFINER_SWITCH_DEFAULT when None)
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -181,7 +182,7 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
         if refiner is None:
             raise FieldError("refiner_checkpoint", f"model {request.refiner_checkpoint!r} not found; see {PREFIX}/sd-models")
         options["refiner"] = refiner.path
-        options["refiner_switch"] = request.refiner_switch_at if request.refiner_switch_at is not None else 0.8
+        options["refiner_switch"] = request.refiner_switch_at if request.refiner_switch_at is not None else REFINER_SWITCH_DEFAULT
     if img2img:
         assert isinstance(request, Img2ImgRequest)
         if not request.init_images:

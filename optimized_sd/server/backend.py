@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from optimized_sd.config import REFINER_SWITCH_DEFAULT
 from optimized_sd.errors import Interrupted, UserError
 from optimized_sd.memory.planner import MODES, parse_bytes
 from optimized_sd.pipelines.diffusion import StableDiffusion, load
@@ -68,7 +69,7 @@ class GenerationSpec:
     inpaint_full_res_padding: int = 32
     invert_mask: bool = False
     refiner: Path | None = None  # an SDXL refiner (a catalog entry's path, never one from a request)
-    refiner_switch: float = 0.8  # the share of the denoising the base runs
+    refiner_switch: float = REFINER_SWITCH_DEFAULT  # the share of the denoising the base runs
     memory: str | None = None  # None: the server's --memory
     vram_budget: str | None = None  # None: the server's --vram-budget
 

@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image, ImageChops
 
+from optimized_sd.config import REFINER_SWITCH_DEFAULT
 from optimized_sd.errors import UserError
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import INPAINTING_FILL, MEMORY_CHOICES, Generated, GenerationSpec
@@ -225,7 +226,7 @@ class WebUI:
                         elem_id=f"{task}-refiner",
                     )
                     refiner_switch = gr.Slider(
-                        0.01, 0.99, value=0.8, step=0.01, label="Refiner switch at", elem_id=f"{task}-refiner-switch"
+                        0.01, 0.99, value=REFINER_SWITCH_DEFAULT, step=0.01, label="Refiner switch at", elem_id=f"{task}-refiner-switch"
                     )
             with gr.Column(scale=4):
                 with gr.Row():
@@ -352,7 +353,7 @@ class WebUI:
             memory=None if memory in (None, SERVER_DEFAULT) else memory,
             vram_budget=(values["vram_budget"] or "").strip() or None,
             refiner=refiner,
-            refiner_switch=float(values.get("refiner_switch") or 0.8),
+            refiner_switch=float(values.get("refiner_switch") or REFINER_SWITCH_DEFAULT),
         )
 
     def generate(self, task: str, values: dict[str, Any], request: gr.Request, outputs: list) -> Iterator[dict]:
