@@ -17,6 +17,13 @@ DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 
 
+# Model-loading flags shared by the generate commands and serve (one definition each).
+lora_dir_option = click.option("--lora-dir", "lora_dir", type=click.Path(path_type=Path), default="models/Lora", show_default=True, help="Where <lora:NAME:WEIGHT> in a prompt finds NAME.safetensors.")
+embeddings_dir_option = click.option("--embeddings-dir", "embeddings_dir", type=click.Path(path_type=Path), default="embeddings", show_default=True, help="Textual-inversion files, used by writing their file name in a prompt.")
+weights_option = click.option("--weights", help="Store the UNet/VAE Linear and Conv2d weights as fp16, bf16, fp8 or int8 (default: the compute dtype).")
+vae_tiling_option = click.option("--vae-tiling", "vae_tiling", default="auto", show_default=True, help="auto, on or off.")
+
+
 def generation_options(default_outdir: str, default_size: int | None) -> Callable:
     """The flags txt2img and img2img share (optimizedSD's names), applied as one decorator."""
     size_help = "pixels (multiple of 8); default: " + (
@@ -49,8 +56,8 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--karras", is_flag=True, help="Karras sigma schedule (k-samplers only); same as --schedule karras."),
         click.option("--schedule", help="k-sampler sigma grid: linspace (default, diffusers'), automatic, uniform, karras, exponential, sgm_uniform."),
         click.option("--lora", multiple=True, help="LoRA file, FILE or FILE:WEIGHT (repeatable; default weight 1)."),
-        click.option("--lora-dir", "lora_dir", type=click.Path(path_type=Path), default="models/Lora", show_default=True, help="Where <lora:NAME:WEIGHT> in a prompt finds NAME.safetensors."),
-        click.option("--embeddings-dir", "embeddings_dir", type=click.Path(path_type=Path), default="embeddings", show_default=True, help="Textual-inversion files, used by writing their file name in a prompt."),
+        lora_dir_option,
+        embeddings_dir_option,
         click.option("--n_samples", type=int, default=5, show_default=True, help="Images per batch."),
         click.option("--n_iter", type=int, default=1, show_default=True, help="Number of batches."),
         click.option("--seed", type=int, help="Seed of the first image (image i uses seed+i); random when omitted."),
@@ -58,11 +65,11 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--device", help="cuda, cuda:N, cpu or mps (default: the best available)."),
         click.option("--precision", default="autocast", show_default=True, help="autocast (fp16 on GPU, fp32 on CPU), full (fp32), fp16 or bf16."),
         click.option("--memory", default="auto", show_default=True, help="auto, full, turbo, split or stream."),
-        click.option("--weights", help="Store the UNet/VAE Linear and Conv2d weights as fp16, bf16, fp8 or int8 (default: the compute dtype)."),
+        weights_option,
         click.option("--turbo", is_flag=True, help="optimizedSD's --turbo: same as --memory turbo."),
         click.option("--vram-budget", "vram_budget", help="Plan for this much device memory, e.g. 1.5GB."),
         click.option("--attention", default="sdpa", show_default=True, help="sdpa, xformers, sliced or naive."),
-        click.option("--vae-tiling", "vae_tiling", default="auto", show_default=True, help="auto, on or off."),
+        vae_tiling_option,
         click.option("--unet_bs", type=int, help="UNet micro-batch size (default: the whole CFG batch)."),
         click.option("--format", "fmt", default="png", show_default=True, help="png or jpg."),
         click.option("--skip_grid", is_flag=True, help="Do not write a grid of the images."),
@@ -277,7 +284,10 @@ def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_pe
 @click.option("--precision", default="autocast", show_default=True, help="autocast, full, fp16 or bf16.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json, merges.txt).")
 @click.option("--attention", default="sdpa", show_default=True, help="sdpa, xformers, sliced or naive.")
-@click.option("--weights", help="Store the UNet/VAE Linear and Conv2d weights as fp16, bf16, fp8 or int8 (default: the compute dtype).")
+@weights_option
+@vae_tiling_option
+@lora_dir_option
+@embeddings_dir_option
 def serve(**flags) -> None:
     """Web UI and AUTOMATIC1111-compatible HTTP API, one model loaded once (needs the [ui] extra)."""
     from optimized_sd.server import app

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image
@@ -267,17 +267,6 @@ def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None 
             return fn
 
         return register
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        """413 before reading a body that announces itself over the limit."""
-        if request.url.path.startswith(PREFIX):
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > service.limits.max_request_bytes:
-                return error_response(
-                    413, "TooLarge", f"request body of {length} bytes is over this server's limit of {service.limits.max_request_bytes}"
-                )
-        return await call_next(request)
 
     def run(request: Txt2ImgRequest, img2img: bool) -> JSONResponse | dict[str, Any]:
         try:

@@ -8,10 +8,11 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from optimized_sd.errors import UserError
+from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR
 
 log = logging.getLogger("optimized_sd")
 
@@ -19,8 +20,10 @@ LOOPBACK = "127.0.0.1"
 UI_CSS = "[id$='-memory'] textarea, [id$='-parameters'] textarea { font-family: ui-monospace, monospace; font-size: 12px; }"
 
 
-def create_app(service, auth: tuple[str, str] | None = None, ui: bool = True):
-    """The API routes first, then the UI at "/" (routes added before the mount take precedence)."""
+def create_app(service, auth: tuple[str, str] | None = None, ui: bool = True, any_host: bool = False):
+    """The API routes first, then the UI at "/" (routes added before the mount take precedence), behind
+    the guards every request passes first: its Host (loopback names only unless `any_host`, --listen)
+    and its body (counted against `service.limits` as it arrives)."""
     from fastapi import FastAPI
 
     from optimized_sd.server.api import add_api_routes
@@ -33,7 +36,98 @@ def create_app(service, auth: tuple[str, str] | None = None, ui: bool = True):
         from optimized_sd.server.ui import build_ui
 
         app = gr.mount_gradio_app(app, build_ui(service), path="/", auth=auth, footer_links=["api"], css=UI_CSS)
-    return app
+    guarded = BodyLimit(app, service.limits.max_request_bytes)
+    return guarded if any_host else LoopbackHostOnly(guarded)
+
+
+async def refuse(scope, receive, send, status: int, error: str, detail: str) -> None:
+    """A one-line JSON error (AUTOMATIC1111's shape) sent from a guard, before the application runs."""
+    from optimized_sd.server.api import error_response
+
+    await error_response(status, error, detail)(scope, receive, send)
+
+
+class BodyLimit:
+    """413 once a request body passes `limit` bytes, counted as they arrive (whatever Content-Length
+    says, chunked bodies too), so no body is ever buffered past the limit."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        over = f"request body over this server's limit of {self.limit} bytes"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await refuse(scope, receive, send, 413, "TooLarge", over)
+        received, cut, answered, started = 0, False, False, False
+
+        async def counted_receive():
+            nonlocal received, cut, answered
+            if cut:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    cut = True  # the application sees a client gone, and reads no further
+                    if not started:
+                        answered = True
+                        await refuse(scope, receive, send, 413, "TooLarge", over)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def checked_send(message) -> None:
+            nonlocal started
+            if answered:
+                return  # the 413 was the answer
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, checked_send)
+        except Exception:
+            if not answered:
+                raise  # a body cut off at the limit may surface as any error in the application: already answered
+
+
+def is_loopback_host(header: str) -> bool:
+    """A Host header naming this machine: localhost, 127.x.x.x or [::1], with or without a port."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket or rest[:1] not in ("", ":"):
+            return False
+        port = rest[1:]
+    else:
+        name, _, port = host.partition(":")
+    if port and not port.isdigit():
+        return False
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class LoopbackHostOnly:
+    """400 for a request whose Host is not a loopback name: without --listen only pages served from this
+    machine may reach the server, not a web page whose own host name was re-pointed here (DNS rebinding)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = dict(scope["headers"]).get(b"host")
+            if header is not None and not is_loopback_host(header.decode("latin-1")):
+                if scope["type"] == "websocket":
+                    return await send({"type": "websocket.close", "code": 1008})
+                detail = f"host {header.decode('latin-1')!r} is not this machine's; serve with --listen to accept other host names"
+                return await refuse(scope, receive, send, 400, "InvalidHost", detail)
+        return await self.app(scope, receive, send)
 
 
 def _version() -> str:
@@ -102,6 +196,9 @@ class ServeOptions:
     tokenizer: Path | None
     attention: str
     weights: str | None = None
+    vae_tiling: str = "auto"
+    lora_dir: Path = DEFAULT_LORA_DIR  # as the generate commands': relative to the working folder
+    embeddings_dir: Path = DEFAULT_EMBEDDINGS_DIR
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -144,16 +241,12 @@ def serve(options: ServeOptions) -> None:
         import uvicorn  # noqa: F401
     except ImportError as missing:
         raise UserError(f"the web UI needs the [ui] extra ({missing.name} is missing): pip install 'optimized-sd[ui]'") from None
-    backend = Backend(
-        catalog,
-        LoadOptions(
-            options.device, options.precision, options.memory, options.vram_budget, options.tokenizer, options.attention, options.weights
-        ),
-    )
+    backend = Backend(catalog, LoadOptions(**{name.name: getattr(options, name.name) for name in fields(LoadOptions)}))
     backend.load(first)
     service = Service(backend)
-    server = RunningServer(create_app(service, auth), host, options.port)
+    server = RunningServer(create_app(service, auth, any_host=options.listen), host, options.port)
     print(f"optimized-sd: model {first.title} loaded on {backend.pipe.device}", flush=True)
+    print(f"optimized-sd: LoRAs from {options.lora_dir.resolve()}, embeddings from {options.embeddings_dir.resolve()}", flush=True)
     print(f"optimized-sd: UI at {server.url}/  ·  API at {server.url}/sdapi/v1/  ·  API docs at {server.url}/docs", flush=True)
     if host not in (LOOPBACK, "localhost", "::1"):
         print(

@@ -19,6 +19,7 @@ from optimized_sd.pipelines.diffusion import StableDiffusion, load
 from optimized_sd.pipelines.job import Job as PipelineJob
 from optimized_sd.pipelines.job import JobStep, OutputPolicy, run_job
 from optimized_sd.pipelines.masks import InpaintOptions, check_mask, fit_mask, load_mask
+from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR
 from optimized_sd.pipelines.output import ImageParameters, encode
 from optimized_sd.pipelines.request import INPAINTING_UNET_CHANNELS, check_refiner_switch, check_size
 from optimized_sd.sampling import SAMPLERS, make_plan, sampler_display_name
@@ -206,6 +207,9 @@ class LoadOptions:
     tokenizer: Path | None = None
     attention: str = "sdpa"
     weights: str | None = None  # --weights fp16|bf16|fp8|int8 (None: the compute dtype)
+    vae_tiling: str = "auto"
+    lora_dir: Path = DEFAULT_LORA_DIR  # relative to the working folder, as AUTOMATIC1111's (models/Lora under its root)
+    embeddings_dir: Path = DEFAULT_EMBEDDINGS_DIR
 
 
 class Backend:
@@ -235,6 +239,9 @@ class Backend:
             attention=opts.attention,
             tokenizer=opts.tokenizer,
             weights=opts.weights,
+            vae_tiling=opts.vae_tiling,
+            lora_dir=opts.lora_dir,
+            embeddings_dir=opts.embeddings_dir,
         )
         with self._lock:
             old, self.pipe, self.current = self.pipe, pipe, entry
