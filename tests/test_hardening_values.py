@@ -1,0 +1,155 @@
+"""Issue 25, values and shapes: non-finite or absurd numbers never reach the weights or the conditioning,
+bad LoRA factors and SDXL size-embedding widths are refused in one line before any arithmetic, and
+tokenizers saved by today's transformers (tokenizer.json only) load and tokenise as the vocab/merges form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runs import run_cli
+from lora_files import save
+from safetensors.torch import save_file
+
+from optimized_sd.config import TINY
+from optimized_sd.errors import UserError
+from optimized_sd.models.sd import LatentDiffusion
+from optimized_sd.pipelines.networks import lora_weights, resolve_networks
+from optimized_sd.weights.embeddings import read_embedding
+from optimized_sd.weights.lora import MAX_LORA_WEIGHT, Lora, LoraPatch, LoraSet, merge_into, parse_lora_option, read_lora
+
+PROJ_IN = "lora_unet_input_blocks_1_1_proj_in"  # a (32, 32, 1, 1) convolution of the tiny SD 1.x UNet
+PROJ_IN_KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+
+
+@pytest.fixture(scope="module")
+def model_shapes() -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {key: tuple(value.shape) for key, value in LatentDiffusion(TINY).state_dict().items()}
+
+
+def one_module(path: Path, **parts: torch.Tensor) -> Path:
+    """A LoRA file patching the tiny UNet's proj_in with the given down/up/alpha tensors."""
+    names = {"down": ".lora_down.weight", "up": ".lora_up.weight", "alpha": ".alpha"}
+    return save({PROJ_IN + names[role]: value for role, value in parts.items()}, path)
+
+
+# --- A: LoRA weights from every front end ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight", ["nan", "1e309", "-inf", "101", "-1e6"])
+def test_lora_weight_out_of_range_is_refused_where_it_is_written(tmp_path: Path, weight: str) -> None:
+    refused = rf"--lora style.safetensors:{weight}: the weight '{weight}' must be a finite number from -100 to 100"
+    with pytest.raises(UserError, match=refused):
+        parse_lora_option(f"style.safetensors:{weight}")
+    with pytest.raises(UserError, match=r"LoRA style.safetensors: the weight .* must be a finite number"):
+        lora_weights({"style.safetensors": float(weight)})  # the API's {file: weight}
+    save({"x": torch.zeros(1)}, tmp_path / "style.safetensors")
+    with pytest.raises(UserError, match=rf"prompt: <lora:style>: the weight {float(weight)!r} must be a finite number"):
+        resolve_networks([f"a cat <lora:style:{weight}>"], "", {}, tmp_path)
+
+
+def test_lora_weights_in_range_still_parse_and_sums_are_bounded(tmp_path: Path) -> None:
+    assert parse_lora_option("a.safetensors:-2.5") == (Path("a.safetensors"), -2.5)
+    assert lora_weights(["a.safetensors:100", "b.pt"]) == {Path("a.safetensors"): 100.0, Path("b.pt"): 1.0}
+    with pytest.raises(UserError, match=r"\(summed\): the weight 160.0 must be"):
+        lora_weights(["a.safetensors:80", "a.safetensors:80"])
+    assert MAX_LORA_WEIGHT == 100
+
+
+def test_lora_set_refuses_non_finite_weights_from_direct_callers(model_shapes) -> None:
+    with pytest.raises(UserError, match="the weight nan must be a finite number"):
+        LoraSet(TINY, model_shapes).activate({Path("x.safetensors"): float("nan")})
+
+
+def test_cli_refuses_non_finite_lora_weights_in_one_line(capsys, tiny_model, tmp_path: Path) -> None:
+    (tmp_path / "loras").mkdir()
+    lora = one_module(tmp_path / "loras" / "style.safetensors", down=torch.randn(2, 32, 1, 1), up=torch.randn(32, 2, 1, 1))
+    base = ["txt2img", "--ckpt", tiny_model.safetensors, "--tokenizer", tiny_model.tokenizer, "--device", "cpu", "--H", "64", "--W", "64",
+            "--ddim_steps", "1", "--n_samples", "1", "--outdir", tmp_path / "out", "--skip_grid", "--lora-dir", lora.parent]  # fmt: skip
+    for args, fragment in [
+        (["--prompt", "a cube", "--lora", f"{lora}:nan"], "the weight 'nan' must be a finite number"),
+        (["--prompt", "a cube <lora:style:1e309>"], "<lora:style>: the weight inf must be a finite number"),
+    ]:
+        code, _, err = run_cli(capsys, *base, *args)
+        assert code == 1 and fragment in err and err.count("\n") == 1, err
+    assert not any((tmp_path / "out").rglob("*.png"))
+
+
+# --- A: non-finite values inside files ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["down", "up", "alpha"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_lora_values_are_refused_naming_the_key(tmp_path: Path, model_shapes, role: str, bad: float) -> None:
+    parts = {"down": torch.randn(2, 32, 1, 1), "up": torch.randn(32, 2, 1, 1), "alpha": torch.tensor(1.0)}
+    parts[role] = parts[role].clone().index_fill_(0, torch.tensor([0]), bad) if role != "alpha" else torch.tensor(bad)
+    path = one_module(tmp_path / "bad.safetensors", **parts)
+    with pytest.raises(UserError, match=rf"bad.safetensors: {PROJ_IN}\.(lora_{role}\.weight|alpha) holds NaN or infinite values"):
+        read_lora(path, TINY, model_shapes)
+
+
+def test_overflowing_factors_are_refused_at_load(tmp_path: Path, model_shapes) -> None:
+    path = one_module(tmp_path / "huge.safetensors", down=torch.full((2, 32, 1, 1), 1e18), up=torch.full((32, 2, 1, 1), 1e18))
+    with pytest.raises(UserError, match=r"huge.safetensors: .* give updates up to 2e\+36"):
+        read_lora(path, TINY, model_shapes)
+
+
+def test_half_precision_overflow_is_refused_and_leaves_the_weight_alone(model_shapes) -> None:
+    patch = LoraPatch(up=torch.full((4, 1), 300.0), down=torch.full((1, 4), 300.0), scale=1.0)
+    lora = Lora(Path("loud.safetensors"), {"w": (patch,)})
+    weight = torch.ones(4, 4, dtype=torch.float16)
+    with pytest.raises(UserError, match=r"LoRA loud at 1 overflows torch.float16 in w; lower the weight"):
+        merge_into("w", weight, [(lora, 1.0)])
+    assert torch.equal(weight, torch.ones(4, 4, dtype=torch.float16))
+    assert merge_into("w", weight, [(lora, 1e-4)]) and bool(torch.isfinite(weight).all())
+    loras = LoraSet(TINY, model_shapes)
+    loras.active = ((lora, 1.0),)
+    with pytest.raises(UserError):
+        loras("w", weight)
+    loras.lora = lambda path: lora  # the same file asked for again must be placed again, not trusted
+    assert loras.activate({Path("loud.safetensors"): 1.0})
+
+
+@pytest.mark.parametrize("fmt", ["a1111.pt", "emb_params.safetensors", "pair.safetensors", "concept.bin"])
+def test_non_finite_embedding_values_are_refused_naming_the_key(tmp_path: Path, fmt: str) -> None:
+    bad = torch.randn(2, 64)
+    bad[1, 3] = float("nan")
+    name, suffix = fmt.split(".")
+    path = tmp_path / f"emb.{suffix}"
+    if name == "a1111":
+        torch.save({"string_to_param": {"*": bad}}, path)
+        key = "string_to_param"
+    elif name == "emb_params":
+        save_file({"emb_params": bad}, str(path))
+        key = "emb_params"
+    elif name == "pair":
+        save_file({"clip_l": torch.randn(2, 64), "clip_g": bad * float("inf")}, str(path))
+        key = "clip_g"
+    else:
+        torch.save({"<concept>": bad[1]}, path)
+        key = "its tensor"
+    with pytest.raises(UserError, match=rf"emb.{suffix}: {key} holds NaN or infinite values"):
+        read_embedding(path)
+
+
+# --- B: LoRA factor shapes ----------------------------------------------------------------------------
+
+BAD_SHAPES = {
+    "rank 0": ({"down": torch.zeros(0, 32, 1, 1), "up": torch.zeros(32, 0, 1, 1)}, "has rank 0"),
+    "scalar factors": ({"down": torch.tensor(1.0), "up": torch.tensor(2.0)}, r"lora up factor has shape \(\); expected a matrix"),
+    "vector factor": ({"down": torch.randn(2), "up": torch.randn(32, 2)}, r"lora down factor has shape \(2,\)"),
+    "vector alpha": ({"down": torch.randn(2, 32, 1, 1), "up": torch.randn(32, 2, 1, 1), "alpha": torch.ones(2)},
+                     r"alpha must be one number, not a tensor of shape \(2,\)"),
+    "ranks differ": ({"down": torch.randn(2, 32, 1, 1), "up": torch.randn(32, 3, 1, 1)}, "up factor has rank 3 but the down factor rank 2"),
+    "misfit": ({"down": torch.randn(2, 31, 1, 1), "up": torch.randn(32, 2, 1, 1)}, r"gives a \(32 x 31\) update for a layer of shape"),
+    "3x3 up": ({"down": torch.randn(2, 32, 1, 1), "up": torch.randn(32, 2, 3, 3)}, r"an up factor with a \(3, 3\) kernel"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_SHAPES))
+def test_bad_lora_factor_shapes_are_one_line(tmp_path: Path, model_shapes, case: str) -> None:
+    parts, message = BAD_SHAPES[case]
+    with pytest.raises(UserError, match=message):
+        read_lora(one_module(tmp_path / "bad.safetensors", **parts), TINY, model_shapes)
