@@ -153,3 +153,58 @@ def test_bad_lora_factor_shapes_are_one_line(tmp_path: Path, model_shapes, case:
     parts, message = BAD_SHAPES[case]
     with pytest.raises(UserError, match=message):
         read_lora(one_module(tmp_path / "bad.safetensors", **parts), TINY, model_shapes)
+
+
+# --- C: SDXL size-embedding widths ----------------------------------------------------------------------
+
+LABEL_KEY = "model.diffusion_model.label_emb.0.0.weight"
+
+
+def with_label_width(source: Path, target: Path, width: int) -> Path:
+    """A copy of a single-file SDXL checkpoint whose label_emb takes `width`-wide vectors."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(source))
+    tensors[LABEL_KEY] = torch.randn(tensors[LABEL_KEY].shape[0], width) * 0.02
+    save_file(tensors, str(target))
+    return target
+
+
+def test_sdxl_label_width_that_breaks_the_size_rule_is_refused_at_load(capsys, tiny_sdxl, tmp_path: Path) -> None:
+    """64 pooled + 5 x 256 is a refiner's width: an SDXL base builds 64 + 6 x 256 = 1600."""
+    checkpoint = with_label_width(tiny_sdxl.files["real"], tmp_path / "odd.safetensors", 64 + 5 * 256)
+    code, _, err = run_cli(capsys, "txt2img", "--ckpt", checkpoint, "--tokenizer", tiny_sdxl.tokenizer, "--outdir", tmp_path / "out",
+                           "--H", "64", "--W", "64", "--steps", "1", "--n_samples", "1", "--device", "cpu", "--skip_grid")  # fmt: skip
+    assert code == 1 and err.count("\n") == 1, err
+    assert "label_emb takes 1344-wide vectors but an SDXL model builds 1600 (64 pooled text + 6 x 256 size embeddings)" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+def test_refiner_label_width_is_checked_against_its_five_numbers(tiny_refiner, tmp_path: Path) -> None:
+    from optimized_sd.errors import CheckpointError
+    from optimized_sd.weights.infer import infer_config
+    from optimized_sd.weights.sources import SafetensorsSource
+
+    good = SafetensorsSource(tiny_refiner.files["real"]).shapes()
+    assert infer_config(good).unet.adm_in_channels == 64 + 5 * 256
+    with pytest.raises(CheckpointError, match=r"takes 1600-wide vectors but an SDXL refiner model builds 1344"):
+        infer_config({**good, LABEL_KEY: (good[LABEL_KEY][0], 64 + 6 * 256)})
+    projection = "conditioner.embedders.0.model.text_projection"
+    with pytest.raises(CheckpointError, match="bigG text encoder has no text_projection"):
+        infer_config({key: shape for key, shape in good.items() if key != projection})
+
+
+def test_diffusers_folder_label_width_is_checked_too(tiny_sdxl, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from optimized_sd.errors import CheckpointError
+    from optimized_sd.weights.loading import prepare_model
+
+    folder = shutil.copytree(tiny_sdxl.folder, tmp_path / "sdxl")
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["projection_class_embeddings_input_dim"] = 64 + 7 * 256
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"label_emb takes 1856-wide vectors but an SDXL model builds 1600"):
+        prepare_model(folder)
