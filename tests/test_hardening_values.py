@@ -208,3 +208,126 @@ def test_diffusers_folder_label_width_is_checked_too(tiny_sdxl, tmp_path: Path) 
     config_path.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"label_emb takes 1856-wide vectors but an SDXL model builds 1600"):
         prepare_model(folder)
+
+
+# --- D: tokenizer folders in today's form (tokenizer.json only) --------------------------------------------
+
+MERGES = [("c", "a"), ("ca", "t</w>"), ("t", "h"), ("th", "e</w>"), ("o", "n</w>"), ("m", "a"), ("ma", "t</w>")]
+PROMPTS = [
+    "the cat on the mat",
+    "(masterpiece:1.2), [blurry], ((cat)) {x} <lora:a:0.5> BREAK the:mat",
+    "Zoë, ÜBER café 日本語 🐱 naïve — “quoted”",
+    "  spaces\tand\nnewlines  ",
+    "the <|endoftext|> cat <|startoftext|>",
+    "a long prompt, " + "the cat on the mat, " * 40,
+    "",
+]
+
+
+def bpe_tokenizer(folder: Path, pad_with_bang: bool = False) -> Path:
+    """The byte-level stand-in with a few real merges (so words become multi-byte tokens), vocab/merges form."""
+    import json
+
+    from family_models import write_tokenizer
+
+    write_tokenizer(folder, pad_with_bang)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    first = len(vocab) - 2
+    for index, (left, right) in enumerate(MERGES):
+        vocab[left + right] = first + index
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
+    return folder
+
+
+def json_only(bpe_folder: Path, folder: Path) -> Path:
+    """The same tokenizer as transformers 5.x saves it, with any vocab.json/merges.txt removed."""
+    from transformers import CLIPTokenizerFast
+
+    CLIPTokenizerFast.from_pretrained(str(bpe_folder)).save_pretrained(str(folder))
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).unlink(missing_ok=True)
+    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+    return folder
+
+
+@pytest.mark.parametrize("pad_with_bang", [False, True], ids=["clip-pads-with-end", "openclip-pads-with-bang"])
+def test_tokenizer_json_folder_tokenises_as_the_vocab_merges_form(tmp_path: Path, pad_with_bang: bool) -> None:
+    from optimized_sd.models.conditioner import OPEN_CLIP_PAD_ID
+    from optimized_sd.models.text_encoder import load_tokenizer
+    from optimized_sd.pipelines.text import prompt_tokens
+
+    bpe = load_tokenizer(bpe_tokenizer(tmp_path / "bpe", pad_with_bang))
+    fast = load_tokenizer(json_only(tmp_path / "bpe", tmp_path / "json"))
+    assert bpe.tokenizer("the cat", add_special_tokens=False).input_ids == [first_merge_id(bpe) + 3, first_merge_id(bpe) + 1]
+    for pad in (None, OPEN_CLIP_PAD_ID):
+        assert torch.equal(bpe.with_padding(pad)(PROMPTS), fast.with_padding(pad)(PROMPTS))
+        assert prompt_tokens(bpe.with_padding(pad)).special == prompt_tokens(fast.with_padding(pad)).special
+    assert fast.tokenizer.pad_token_id == (0 if pad_with_bang else 999)  # "!" or the end token, from tokenizer_config.json
+    for prompt in PROMPTS:
+        assert prompt_tokens(bpe).tokenize(prompt) == prompt_tokens(fast).tokenize(prompt)
+        assert bpe.truncated_text(prompt) == fast.truncated_text(prompt)
+
+
+def first_merge_id(tokenizer) -> int:
+    return tokenizer.tokenizer.get_vocab()["ca"]
+
+
+def test_folder_without_either_tokenizer_form_names_both(tmp_path: Path) -> None:
+    from optimized_sd.models.text_encoder import load_tokenizer
+
+    (tmp_path / "tok").mkdir()
+    with pytest.raises(UserError, match=r"must hold vocab.json and merges.txt, or tokenizer.json"):
+        load_tokenizer(tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"cannot read the tokenizer in .* \(tokenizer.json\)"):
+        load_tokenizer(tmp_path / "tok")
+
+
+def test_sdxl_diffusers_folder_with_tokenizer_json_only_generates_the_same_image(capsys, tiny_sdxl, tmp_path: Path) -> None:
+    """A folder as today's diffusers saves it (tokenizer/ and tokenizer_2/ hold tokenizer.json) runs end to end."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    folder = shutil.copytree(tiny_sdxl.folder, tmp_path / "sdxl")
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(folder / name)
+        json_only(tiny_sdxl.folder / name, folder / name)
+    images = []
+    for model in (tiny_sdxl.folder, folder):
+        out = tmp_path / f"out-{model.name}-{len(images)}"
+        code, _, err = run_cli(capsys, "txt2img", "--ckpt", model, "--outdir", out, "--prompt", "a red cube, Zoë", "--H", "64", "--W", "64",
+                               "--steps", "2", "--n_samples", "1", "--device", "cpu", "--seed", "3", "--skip_grid")  # fmt: skip
+        assert code == 0, err
+        (image,) = sorted(out.rglob("*.png"))
+        images.append(np.asarray(Image.open(image)))
+    assert np.array_equal(images[0], images[1])
+
+
+# --- E: prompts the tokenizer cannot read -------------------------------------------------------------------
+
+
+def test_prompt_the_tokenizer_cannot_read_is_one_line(tiny_model) -> None:
+    """A lone surrogate (undecodable command-line bytes, a JSON "\\udcff" escape) or any tokenizer failure."""
+    import optimized_sd
+    from optimized_sd.models.text_encoder import load_tokenizer, tokenize
+    from optimized_sd.pipelines.diffusion import GenerationRequest
+
+    with pytest.raises(UserError, match=r"prompt 'a \\udcff cat' holds U\+DCFF, which is not a character"):
+        load_tokenizer(tiny_model.tokenizer)(["fine", "a \udcff cat"])
+
+    def broken(text, **options):
+        raise RuntimeError("tokenizer exploded\nsecond line")
+
+    with pytest.raises(UserError, match=r"^the tokenizer cannot read the prompt 'odd': tokenizer exploded$"):
+        tokenize(broken, "odd")
+    pipe = optimized_sd.load(tiny_model.safetensors, tokenizer=tiny_model.tokenizer, device="cpu")
+    try:
+        for prompt, negative, bad in [("a \udcff cat", "", "DCFF"), ("fine", "a \ud800", "D800")]:
+            with pytest.raises(UserError, match=rf"holds U\+{bad}, which is not a character"):
+                pipe.generate(GenerationRequest(prompts=[prompt], negative_prompt=negative, steps=1, height=64, width=64, seed=1))
+        assert pipe.generate(GenerationRequest(prompts=["fine"], steps=1, height=64, width=64, seed=1)).latents.isfinite().all()
+    finally:
+        pipe.close()
