@@ -37,7 +37,7 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--outdir", type=click.Path(path_type=Path), default=default_outdir, show_default=True, help="Output root folder."),
         click.option("--ckpt", type=click.Path(path_type=Path), default=DEFAULT_CKPT, show_default=True, help="Checkpoint: .ckpt, .safetensors or a diffusers folder."),
         click.option("--config", type=click.Path(path_type=Path), help="JSON model config overriding the one read off the weights."),
-        click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json, merges.txt)."),
+        click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json)."),
         click.option("--ema", is_flag=True, help="Use the checkpoint's EMA UNet weights."),
         click.option("--vae", type=click.Path(path_type=Path), help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's."),
         click.option("--refiner", type=click.Path(path_type=Path),
@@ -282,7 +282,7 @@ def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_pe
 @click.option("--memory", default="auto", show_default=True, help="Default memory mode: auto, full, turbo, split or stream.")
 @click.option("--vram-budget", "vram_budget", help="Default device-memory budget, e.g. 1.5GB.")
 @click.option("--precision", default="autocast", show_default=True, help="autocast, full, fp16 or bf16.")
-@click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json, merges.txt).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json).")
 @click.option("--attention", default="sdpa", show_default=True, help="sdpa, xformers, sliced or naive.")
 @weights_option
 @vae_tiling_option

@@ -13,6 +13,9 @@ from optimized_sd.errors import UserError
 
 MAX_TOKENS = 77
 HUB_TOKENIZER = "openai/clip-vit-large-patch14"
+# The two ways a CLIP tokenizer folder is saved: the BPE files (transformers 4.x, the hub's repos) or the one
+# `tokenizer.json` of the fast tokenizer (what transformers 5.x and so today's diffusers write).
+TOKENIZER_FILES = "vocab.json and merges.txt, or tokenizer.json"
 
 
 def special_token_ids(vocab_size: int) -> dict[str, int]:
@@ -81,9 +84,7 @@ class PromptTokenizer:
         return PromptTokenizer(self.tokenizer, pad_id)
 
     def __call__(self, prompts: list[str]) -> Tensor:
-        batch = self.tokenizer(
-            prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
-        )
+        batch = tokenize(self.tokenizer, prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
         if self.pad_id is None:
             return batch.input_ids
         return batch.input_ids.masked_fill(batch.attention_mask == 0, self.pad_id)
@@ -91,31 +92,57 @@ class PromptTokenizer:
     def truncated_text(self, prompt: str) -> str:
         """The words cut off by the 77-token limit ('' when the prompt fits). `verbose=False` keeps
         transformers from warning, for this call only, about the very length checked here."""
-        ids = self.tokenizer(prompt, truncation=False, verbose=False).input_ids
+        ids = tokenize(self.tokenizer, prompt, truncation=False, verbose=False).input_ids
         if len(ids) <= MAX_TOKENS:
             return ""
         return self.tokenizer.decode(ids[MAX_TOKENS - 1 : -1]).strip()
 
 
+def tokenize(tokenizer, text: str | list[str], **options):  # -> transformers BatchEncoding
+    """`tokenizer(text, **options)`, with whatever the tokenizer raises on text it cannot read (a lone
+    surrogate from undecodable command-line bytes or a JSON escape, say) as a one-line UserError."""
+    for prompt in [text] if isinstance(text, str) else text:
+        bad = next((char for char in prompt if "\ud800" <= char <= "\udfff"), None)
+        if bad is not None:
+            raise UserError(f"prompt {_shown(prompt)} holds U+{ord(bad):04X}, which is not a character (undecodable input?)")
+    try:
+        return tokenizer(text, **options)
+    except Exception as error:  # noqa: BLE001 - the tokenizer's boundary: any failure on a prompt is a bad prompt
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        shown = _shown(text) if isinstance(text, str) else f"{len(text)} prompts"
+        raise UserError(f"the tokenizer cannot read the prompt {shown}: {detail}") from None
+
+
+def _shown(prompt: str) -> str:
+    """A prompt as an error message quotes it: repr (escapes visible), cut to 60 characters."""
+    return repr(prompt if len(prompt) <= 60 else prompt[:57] + "...")
+
+
 def load_tokenizer(folder: Path | None) -> PromptTokenizer:
-    """From `folder` (a diffusers `tokenizer/` or any CLIP tokenizer folder), else the HF cache or hub."""
-    from transformers import CLIPTokenizer
+    """From `folder` (a diffusers `tokenizer/` or any CLIP tokenizer folder, in either form of
+    TOKENIZER_FILES), else the HF cache or hub. A folder with only `tokenizer.json` is read by the fast
+    class, which transformers 4.x needs for it (in 5.x both names are one class); its tokenizer_config.json
+    still gives the pad token (SD 2.x's and SDXL's second tokenizer pad with "!")."""
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
 
     if folder is not None:
         folder = Path(folder)
-        if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
-            raise UserError(f"tokenizer folder {folder} must hold vocab.json and merges.txt")
+        bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+        if not bpe_files and not (folder / "tokenizer.json").is_file():
+            raise UserError(f"tokenizer folder {folder} must hold {TOKENIZER_FILES}")
+        kind = CLIPTokenizer if bpe_files else CLIPTokenizerFast
         try:
-            return PromptTokenizer(CLIPTokenizer.from_pretrained(str(folder)))
+            return PromptTokenizer(kind.from_pretrained(str(folder)))
         except Exception as error:  # noqa: BLE001 - the transformers boundary: any failure reading these files is a bad folder
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise UserError(f"cannot read the tokenizer in {folder} (vocab.json, merges.txt): {detail}") from None
+            files = "vocab.json, merges.txt" if bpe_files else "tokenizer.json"
+            raise UserError(f"cannot read the tokenizer in {folder} ({files}): {detail}") from None
     try:
         return PromptTokenizer(CLIPTokenizer.from_pretrained(HUB_TOKENIZER))
     except OSError:
         raise UserError(
             f"no CLIP tokenizer: the hub ({HUB_TOKENIZER}) cannot be reached and none is cached; "
-            "pass --tokenizer DIR (a folder with vocab.json and merges.txt, e.g. a diffusers model's tokenizer/)"
+            f"pass --tokenizer DIR (a folder with {TOKENIZER_FILES}, e.g. a diffusers model's tokenizer/)"
         ) from None
 
 

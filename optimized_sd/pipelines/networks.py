@@ -9,10 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optimized_sd.errors import UserError
 from optimized_sd.prompts.syntax import extract_loras
 from optimized_sd.weights.hashing import extra_network_hash
-from optimized_sd.weights.lora import find_lora, parse_lora_option
+from optimized_sd.weights.lora import check_lora_weight, find_lora, parse_lora_option
 
 log = logging.getLogger("optimized_sd")
 
@@ -39,11 +38,7 @@ def lora_weights(loras: Mapping[str | Path, float] | Sequence[str] | None) -> di
         items = [parse_lora_option(text) for text in loras]
     result: dict[Path, float] = {}
     for path, weight in items:
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise UserError(f"LoRA {path}: the weight {weight!r} is not a number") from None
-        result[path] = result.get(path, 0.0) + weight
+        result[path] = check_lora_weight(result.get(path, 0.0) + check_lora_weight(weight, f"LoRA {path}"), f"LoRA {path} (summed)")
     return result
 
 
@@ -56,8 +51,9 @@ def resolve_networks(prompts: Sequence[str], negative_prompt: str, explicit: Map
         log.warning("prompts of one batch ask for different LoRAs; the first prompt's are used for the whole batch")
     loras = dict(explicit)
     for tag in [*(tag_sets[0] if tag_sets else ()), *negative_tags]:
+        weight = check_lora_weight(tag.weight, f"prompt: <lora:{tag.name}>")
         path = find_lora(tag.name, lora_dir)
-        loras[path] = loras.get(path, 0.0) + tag.weight
+        loras[path] = check_lora_weight(loras.get(path, 0.0) + weight, f"LoRA {path.name} (summed)")
     return PromptNetworks(tuple(cleaned), negative, loras)
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from optimized_sd.config import ModelConfig
 from optimized_sd.models.conditioner import run_tower, size_conditioning, text_towers, tower_pad_ids
 from optimized_sd.models.sd import LatentDiffusion
-from optimized_sd.models.text_encoder import PromptTokenizer, load_tokenizer
+from optimized_sd.models.text_encoder import PromptTokenizer, load_tokenizer, tokenize
 from optimized_sd.prompts.encoding import CHUNK_TOKENS, ChunkEncoder, Encoded, PromptTokens, SpecialTokens, pad_to_chunks, spliced
 from optimized_sd.prompts.encoding import PromptEncoder as ChunkedPromptEncoder
 from optimized_sd.sampling import Conditioning
@@ -64,7 +64,7 @@ def prompt_tokens(tokenizer: PromptTokenizer) -> PromptTokens:
         comma=hf.get_vocab().get(",</w>"),
     )
     # verbose=False: a prompt over 77 tokens is expected here (it is chunked), not worth transformers' warning
-    return PromptTokens(lambda text: hf(text, add_special_tokens=False, truncation=False, verbose=False).input_ids, special)
+    return PromptTokens(lambda text: tokenize(hf, text, add_special_tokens=False, truncation=False, verbose=False).input_ids, special)
 
 
 def token_embedding_of(tower: nn.Module) -> nn.Module:

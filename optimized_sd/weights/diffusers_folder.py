@@ -28,6 +28,7 @@ from optimized_sd.weights.family import (
     UNET_PREFIX,
     VAE_PREFIX,
     canonical_key,
+    check_label_width,
 )
 from optimized_sd.weights.keymap import openclip_recipes, rename, unet_prefixes, vae_prefixes
 from optimized_sd.weights.sources import ComputedSource, RenamedSource, TensorSource
@@ -368,8 +369,10 @@ def folder_model_config(folder: DiffusersFolder) -> ModelConfig:
         if "text_encoder" in folder.parts:
             text = replace(text_config(folder.parts["text_encoder"]), penultimate=True)
         open_clip = open_clip_config(folder.parts["text_encoder_2"], family)
+    unet = unet_config(folder.parts["unet"], family)
+    check_label_width(family, unet.adm_in_channels, open_clip.projection_dim if open_clip is not None else None)
     return ModelConfig(
-        unet=unet_config(folder.parts["unet"], family),
+        unet=unet,
         vae=vae_config(vae),
         text=text,
         open_clip=open_clip,

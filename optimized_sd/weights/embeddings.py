@@ -17,7 +17,7 @@ from torch import Tensor
 from optimized_sd.errors import UserError
 
 from .ckpt import load_ckpt
-from .lora import read_tensors
+from .lora import check_finite, read_tensors
 from .sources import SafetensorsSource
 
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
@@ -51,6 +51,7 @@ class Embedding:
 def _as_vectors(value: object, path: Path, what: str) -> Tensor:
     if not isinstance(value, Tensor) or value.dim() not in (1, 2) or not value.is_floating_point():
         raise UserError(f"{path.name}: {what} is not a (vectors, width) float tensor")
+    check_finite(path, what, value)
     vectors = value.detach().float()
     return vectors[None] if vectors.dim() == 1 else vectors  # a diffusers concept is one (width,) vector
 

@@ -38,6 +38,12 @@ SD2 = "sd2"
 SDXL = "sdxl"
 SDXL_REFINER = "sdxl_refiner"
 
+# SDXL's `y` = [pooled text | one 256-wide Fourier embedding per size number] (SGM's ConcatTimestepEmbedderND):
+# the base embeds original (h, w), crop (top, left) and target (h, w); the refiner the same crop and
+# original size and an aesthetic score.
+SIZE_EMBEDDING_DIM = 256
+SIZE_NUMBERS = {SDXL: 6, SDXL_REFINER: 5}
+
 # Key prefixes of an LDM checkpoint's parts, defined here once.
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -243,6 +249,23 @@ def _check_context(context: int | None, width: int | None, towers: str) -> None:
         raise CheckpointError(
             f"the UNet's cross-attention context dim is {context} but the {towers} {width} wide; "
             "the parts do not belong together"
+        )
+
+
+def check_label_width(family: str, label_width: int | None, pooled_width: int | None) -> None:
+    """CheckpointError, naming both widths, unless the UNet's `label_emb` takes exactly what the family
+    builds for it (pooled text + SIZE_NUMBERS x 256): else the first step fails on a matrix shape."""
+    numbers = SIZE_NUMBERS.get(family)
+    if numbers is None or label_width is None:
+        return
+    kind = "SDXL refiner" if family == SDXL_REFINER else "SDXL"
+    if pooled_width is None:
+        raise CheckpointError(f"this {kind} checkpoint's bigG text encoder has no text_projection (the pooled text its UNet takes)")
+    expected = pooled_width + numbers * SIZE_EMBEDDING_DIM
+    if label_width != expected:
+        raise CheckpointError(
+            f"the UNet's label_emb takes {label_width}-wide vectors but an {kind} model builds {expected} "
+            f"({pooled_width} pooled text + {numbers} x {SIZE_EMBEDDING_DIM} size embeddings); the parts do not belong together"
         )
 
 

@@ -26,6 +26,7 @@ from optimized_sd.weights.family import (
     SDXL,
     UNET_PREFIX,
     VAE_PREFIX,
+    check_label_width,
     detect_family,
 )
 
@@ -165,14 +166,12 @@ def infer_config(shapes: Shapes, family: str | None = None) -> ModelConfig:
             return ModelConfig(unet=unet, vae=vae, text=infer_text(shapes))
         if family == SD2:
             return ModelConfig(unet=unet, vae=vae, text=None, open_clip=infer_open_clip(shapes, OPENCLIP_PREFIX, SD2), family=SD2)
-        if family == SDXL:
-            clip_l = infer_text(shapes, EMBEDDERS_PREFIX + "0.transformer.text_model.", penultimate=True)
-            big_g = infer_open_clip(shapes, EMBEDDERS_PREFIX + "1.model.", family)
-            return ModelConfig(unet=unet, vae=vae, text=clip_l, open_clip=big_g, scale_factor=SDXL_SCALE_FACTOR, family=family)
-        big_g = infer_open_clip(shapes, EMBEDDERS_PREFIX + "0.model.", family)
-        return ModelConfig(unet=unet, vae=vae, text=None, open_clip=big_g, scale_factor=SDXL_SCALE_FACTOR, family=family)
+        clip_l = infer_text(shapes, EMBEDDERS_PREFIX + "0.transformer.text_model.", penultimate=True) if family == SDXL else None
+        big_g = infer_open_clip(shapes, EMBEDDERS_PREFIX + ("1.model." if family == SDXL else "0.model."), family)
     except (KeyError, IndexError, ZeroDivisionError) as error:
         raise CheckpointError(f"cannot read the model's layout from its tensors (missing {error}); pass --config") from None
+    check_label_width(family, unet.adm_in_channels, big_g.projection_dim)
+    return ModelConfig(unet=unet, vae=vae, text=clip_l, open_clip=big_g, scale_factor=SDXL_SCALE_FACTOR, family=family)
 
 
 def unused_keys(shapes: Shapes, config: ModelConfig) -> dict[str, str]:

@@ -14,6 +14,7 @@ through the same product over flattened kernels.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ from .keymap import clip_module_name, unet_prefixes
 from .sources import SafetensorsSource
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+# The largest |weight| a LoRA may be applied at. Real use stays within a few units (AUTOMATIC1111's slider
+# ends at 2); far beyond it a merged weight is noise, and in half precision it overflows to inf (a black image).
+MAX_LORA_WEIGHT = 100.0
+MAX_FLOAT32_UPDATE = 1e30  # far above any real update, far below float32's overflow at 3.4e38
 
 # Per family: text tower -> (our key prefix, its kind: transformers "clip" or fused "open_clip").
 TEXT_TOWERS: dict[str, dict[str, tuple[str, str]]] = {
@@ -143,6 +148,25 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     if path.suffix in (".pt", ".ckpt", ".bin", ".pth"):
         return state_dict_from_ckpt(load_ckpt(path))
     raise UserError(f"{path}: not a LoRA or embedding file (expected .safetensors, .pt or .ckpt)")
+
+
+def check_finite(path: Path, key: str, tensor: Tensor) -> None:
+    """UserError naming the file and key when a tensor holds NaN or inf: merged into a weight or spliced
+    into a prompt it would turn every image black, with nothing to say why."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise UserError(f"{Path(path).name}: {key} holds NaN or infinite values; the file is damaged")
+
+
+def check_lora_weight(weight: object, what: str) -> float:
+    """The weight a LoRA is applied at, as a float; UserError naming `what` (the flag, tag or file) when it
+    is not a number, not finite, or beyond +-MAX_LORA_WEIGHT."""
+    try:
+        value = float(weight)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{what}: the weight {weight!r} is not a number") from None
+    if not math.isfinite(value) or abs(value) > MAX_LORA_WEIGHT:
+        raise UserError(f"{what}: the weight {weight!r} must be a finite number from {-MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}")
+    return value
 
 
 def flat(name: str) -> str:
@@ -283,6 +307,7 @@ def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequen
         split = _split_key(key)
         if split is None:
             raise UserError(f"{path.name}: not a LoRA file: {key!r} is no LoRA factor (lora_down/lora_up/alpha, lora_A/lora_B)")
+        check_finite(path, key, value)
         module, role = split
         groups.setdefault(module, {})[role] = value
     if not groups:
@@ -314,10 +339,9 @@ def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequen
         if (target.key, target.first_row) in patched_by:
             raise UserError(f"{path.name}: {module} and {patched_by[target.key, target.first_row]} patch the same layer")
         patched_by[target.key, target.first_row] = module
+        check_factor_shapes(path.name, module, parts)
         up, down = parts["up"].float(), parts["down"].float()
         rank = down.shape[0]
-        if up.dim() == 4 and up.shape[2:] != (1, 1):
-            raise UserError(f"{path.name}: {module}: an up factor with a {tuple(up.shape[2:])} kernel is not supported")
         up, down = up.reshape(up.shape[0], -1), down.reshape(rank, -1)  # (rows, rank), (rank, in * kh * kw)
         shape = tuple(model_shapes[target.key])
         rows = shape[0] if target.rows is None else target.rows
@@ -329,6 +353,10 @@ def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequen
             )
         alpha = parts.get("alpha")
         scale = float(alpha) / rank if alpha is not None else 1.0
+        # |up @ down| <= rank * max|up| * max|down|: bounded, every float32 merge stays finite at any allowed weight
+        largest = abs(scale) * rank * float(up.abs().max()) * float(down.abs().max())
+        if not largest * MAX_LORA_WEIGHT <= MAX_FLOAT32_UPDATE:
+            raise UserError(f"{path.name}: {module}: its factors and alpha give updates up to {largest:.3g}; the file is damaged")
         patch = LoraPatch(up=up.contiguous(), down=down.contiguous(), scale=scale, first_row=target.first_row)
         patches[target.key] = (*patches.get(target.key, ()), patch)
     if unmatched:
@@ -337,6 +365,25 @@ def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequen
             f"{config.family_name} model ({len(groups) - len(unmatched)} matched), e.g. {unmatched[0]}"
         )
     return Lora(path=path, patches=patches)
+
+
+def check_factor_shapes(name: str, module: str, parts: Mapping[str, Tensor]) -> None:
+    """UserError (before any arithmetic) unless up (out, rank[, 1, 1]) and down (rank, in[, kh, kw]) are
+    matrices or convolution kernels of one rank above 0 and alpha is one number."""
+    up, down = parts["up"], parts["down"]
+    for role, factor in (("up", up), ("down", down)):
+        if factor.dim() not in (2, 4):
+            shape = tuple(factor.shape)
+            raise UserError(f"{name}: {module}: the lora {role} factor has shape {shape}; expected a matrix or a convolution kernel")
+    if down.shape[0] == 0 or up.shape[1] == 0:
+        raise UserError(f"{name}: {module} has rank 0 (empty lora factors)")
+    if up.shape[1] != down.shape[0]:
+        raise UserError(f"{name}: {module}: the lora up factor has rank {up.shape[1]} but the down factor rank {down.shape[0]}")
+    if up.dim() == 4 and up.shape[2:] != (1, 1):
+        raise UserError(f"{name}: {module}: an up factor with a {tuple(up.shape[2:])} kernel is not supported")
+    alpha = parts.get("alpha")
+    if alpha is not None and alpha.numel() != 1:
+        raise UserError(f"{name}: {module}: alpha must be one number, not a tensor of shape {tuple(alpha.shape)}")
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -363,7 +410,11 @@ def merge_into(key: str, weight: Tensor, loras: Sequence[tuple[Lora, float]]) ->
     total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     for patch, strength in patches:
         total[patch.rows] += patch.delta(weight.shape, weight.device) * strength
-    weight.copy_((weight.float() + total).to(weight.dtype))
+    merged = (weight.float() + total).to(weight.dtype)
+    if not bool(torch.isfinite(merged).all()):  # checked before writing: the weight stays as it was
+        names = ", ".join(f"{lora.name} at {strength:g}" for lora, strength in loras if key in lora.patches)
+        raise UserError(f"LoRA {names} overflows {weight.dtype} in {key}; lower the weight or use full precision")
+    weight.copy_(merged)
     return True
 
 
@@ -392,10 +443,10 @@ def parse_lora_option(text: str) -> tuple[Path, float]:
     head, sep, tail = text.rpartition(":")
     if sep and head and not tail.startswith(("/", "\\")):
         try:
-            weight = float(tail)
-            path = head
+            float(tail)
         except ValueError:
             raise UserError(f"--lora {text}: the weight {tail!r} is not a number (write FILE or FILE:WEIGHT)") from None
+        path, weight = head, check_lora_weight(tail, f"--lora {text}")
     return Path(path), weight
 
 
@@ -411,6 +462,7 @@ class LoraSet:
         self.model_shapes = dict(model_shapes)
         self.active: tuple[tuple[Lora, float], ...] = ()
         self._read: dict[tuple[Path, int, int], Lora] = {}
+        self._failed = False  # a merge was refused: the placed weights must be placed again, whatever comes next
 
     def lora(self, path: Path) -> Lora:
         """The file's patches, read once per (path, size, mtime)."""
@@ -426,12 +478,17 @@ class LoraSet:
 
     def activate(self, weights: Mapping[Path, float]) -> bool:
         """Make `weights` (file -> weight) the active set; files no longer used are forgotten."""
-        active = tuple((self.lora(path), float(weight)) for path, weight in weights.items() if weight != 0)
+        checked = {path: check_lora_weight(weight, f"LoRA {Path(path).name}") for path, weight in weights.items()}
+        active = tuple((self.lora(path), weight) for path, weight in checked.items() if weight != 0)
         self._read = {key: lora for key, lora in self._read.items() if any(lora is a for a, _ in active)}
-        changed = [(id(a), w) for a, w in active] != [(id(a), w) for a, w in self.active]
-        self.active = active
+        changed = [(id(a), w) for a, w in active] != [(id(a), w) for a, w in self.active] or self._failed
+        self.active, self._failed = active, False
         return changed
 
     def __call__(self, key: str, tensor: Tensor) -> None:
         if self.active:
-            merge_into(key, tensor, self.active)
+            try:
+                merge_into(key, tensor, self.active)
+            except UserError:
+                self._failed = True
+                raise
