@@ -106,20 +106,36 @@ def _k_scales_mins(packed: Tensor) -> tuple[Tensor, Tensor]:
     return scales.float(), mins.float()
 
 
+def _scaled(scale: Tensor, q: Tensor, shift: Tensor | None = None, subtract: bool = False) -> Tensor:
+    """scale * q (+ or - shift), with `q` 8-bit: cast once into the result, then multiplied and shifted in place,
+    so the only full-size float tensor is the result (on the CPU each new one costs its page faults, more than
+    the arithmetic) and every op runs on one dtype (mixed-dtype ops take torch's slow casting loop)."""
+    out = q.contiguous().view(*scale.shape[:-1], -1).to(torch.float32)  # a strided cast is not vectorised
+    out.mul_(scale)
+    if shift is not None:
+        (out.sub_ if subtract else out.add_)(shift)
+    return out.view(q.shape[0], -1)
+
+
+def _centred(q: Tensor, offset: int) -> Tensor:
+    """Unsigned values 0..2*offset-1 -> int8 in -offset..offset-1 (one byte each: no float intermediate)."""
+    return q.view(torch.int8) - offset
+
+
 # --- one function per format: (blocks, type_size) uint8 -> (blocks, block_size) float32 -------------
 
 
 def _q8_0(blocks: Tensor) -> Tensor:
-    return blocks[:, 2:].contiguous().view(torch.int8).float() * _f16(blocks, 0)
+    return _scaled(_f16(blocks, 0), blocks[:, 2:].view(torch.int8))
 
 
 def _q4_0(blocks: Tensor) -> Tensor:
     """Value j is the low nibble of byte j, value j+16 the high nibble; centred on 8."""
-    return _f16(blocks, 0) * (_nibbles(blocks[:, 2:], 1).to(torch.int8) - 8).float()
+    return _scaled(_f16(blocks, 0), _centred(_nibbles(blocks[:, 2:], 1), 8))
 
 
 def _q4_1(blocks: Tensor) -> Tensor:
-    return _f16(blocks, 0) * _nibbles(blocks[:, 4:], 1).float() + _f16(blocks, 2)
+    return _scaled(_f16(blocks, 0), _nibbles(blocks[:, 4:], 1), _f16(blocks, 2))
 
 
 def _five_bits(high: Tensor, low: Tensor) -> Tensor:
@@ -128,11 +144,11 @@ def _five_bits(high: Tensor, low: Tensor) -> Tensor:
 
 
 def _q5_0(blocks: Tensor) -> Tensor:
-    return _f16(blocks, 0) * (_five_bits(blocks[:, 2:6], blocks[:, 6:]).to(torch.int8) - 16).float()
+    return _scaled(_f16(blocks, 0), _centred(_five_bits(blocks[:, 2:6], blocks[:, 6:]), 16))
 
 
 def _q5_1(blocks: Tensor) -> Tensor:
-    return _f16(blocks, 0) * _five_bits(blocks[:, 4:8], blocks[:, 8:]).float() + _f16(blocks, 2)
+    return _scaled(_f16(blocks, 0), _five_bits(blocks[:, 4:8], blocks[:, 8:]), _f16(blocks, 2))
 
 
 def _q2_k(blocks: Tensor) -> Tensor:
@@ -143,8 +159,7 @@ def _q2_k(blocks: Tensor) -> Tensor:
     packed = blocks[:, :16]
     scale = (_f16(blocks, 80) * (packed & 0x0F).float()).view(n, 16, 1)
     minimum = (_f16(blocks, 82) * (packed >> 4).float()).view(n, 16, 1)
-    q = _bits(blocks[:, 16:80], 4, 2).float().view(n, 16, 16)
-    return (scale * q - minimum).view(n, QK_K)
+    return _scaled(scale, _bits(blocks[:, 16:80], 4, 2), minimum, subtract=True)
 
 
 def _q3_k(blocks: Tensor) -> Tensor:
@@ -154,12 +169,10 @@ def _q3_k(blocks: Tensor) -> Tensor:
     w = d * scale * q."""
     n = blocks.shape[0]
     packed = blocks[:, 96:108]
-    scales = (_nibbles(packed[:, :8], 1) | (_bits(packed[:, 8:], 4, 1) << 4)).to(torch.int8) - 32
+    scales = _centred(_nibbles(packed[:, :8], 1) | (_bits(packed[:, 8:], 4, 1) << 4), 32)
     scale = (_f16(blocks, 108) * scales.float()).view(n, 16, 1)
-    low = _bits(blocks[:, 32:96], 4, 2).to(torch.int8)
-    high_clear = (_bits(blocks[:, :32], 8, 1) ^ 1).to(torch.int8)
-    q = (low - (high_clear << 2)).float().view(n, 16, 16)
-    return (scale * q).view(n, QK_K)
+    high_clear = _bits(blocks[:, :32], 8, 1) ^ 1
+    return _scaled(scale, _bits(blocks[:, 32:96], 4, 2).view(torch.int8) - (high_clear << 2).view(torch.int8))
 
 
 def _k_affine(blocks: Tensor, q: Tensor) -> Tensor:
@@ -168,7 +181,7 @@ def _k_affine(blocks: Tensor, q: Tensor) -> Tensor:
     scales, mins = _k_scales_mins(blocks[:, 4:16])
     scale = (_f16(blocks, 0) * scales).view(n, 8, 1)
     minimum = (_f16(blocks, 2) * mins).view(n, 8, 1)
-    return (scale * q.float().view(n, 8, 32) - minimum).view(n, QK_K)
+    return _scaled(scale, q, minimum, subtract=True)
 
 
 def _q4_k(blocks: Tensor) -> Tensor:
@@ -188,8 +201,7 @@ def _q6_k(blocks: Tensor) -> Tensor:
     shifts 0, 2, 4, 6. Centred on 32. w = d * scale * q."""
     n = blocks.shape[0]
     scale = (_f16(blocks, 208) * blocks[:, 192:208].contiguous().view(torch.int8).float()).view(n, 16, 1)
-    q = (_nibbles(blocks[:, :128], 2) | (_bits(blocks[:, 128:192], 4, 2) << 4)).to(torch.int8) - 32
-    return (scale * q.float().view(n, 16, 16)).view(n, QK_K)
+    return _scaled(scale, _centred(_nibbles(blocks[:, :128], 2) | (_bits(blocks[:, 128:192], 4, 2) << 4), 32))
 
 
 _BLOCK_DEQUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
