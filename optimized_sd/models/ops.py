@@ -86,8 +86,8 @@ class WeightOp:
         """Left uninitialised: checkpoint weights replace them."""
 
     def compute_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The weight in `dtype` (the input's; None: as stored, or the scale's dtype for an 8-bit weight),
-        with `weight_patch` applied to a copy (never to the stored weight)."""
+        """The weight in `dtype` (the input's; None: as stored, or the scale's dtype for an 8-bit weight, float32
+        for GGUF bytes), with `weight_patch` applied to a copy (never to the stored weight)."""
         scale = self._buffers.get(SCALE)  # type: ignore[attr-defined]
         if self.gguf_quant is not None:
             weight = ggml_dequantize(self.weight, self.gguf_quant.qtype, self.gguf_quant.shape, dtype or torch.float32)
