@@ -76,24 +76,21 @@ def _f16(blocks: Tensor, start: int) -> Tensor:
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
-def _shifts(values: tuple[int, ...], like: Tensor) -> Tensor:
-    return torch.tensor(values, dtype=torch.uint8, device=like.device)
-
-
 def _nibbles(qs: Tensor, groups: int) -> Tensor:
     """4-bit values of `qs` (blocks, groups * n): in each group of n bytes, the n low nibbles come first and
     then the n high ones -> (blocks, groups * 2 * n)."""
-    grouped = qs.reshape(qs.shape[0], groups, 1, -1)
-    return ((grouped >> _shifts((0, 4), qs).view(1, 1, 2, 1)) & 0x0F).reshape(qs.shape[0], -1)
+    grouped = qs.reshape(qs.shape[0], groups, -1)
+    return torch.stack([grouped & 0x0F, grouped >> 4], dim=2).reshape(qs.shape[0], -1)
 
 
 def _bits(data: Tensor, per_byte: int, groups: int) -> Tensor:
     """Fields of 8/per_byte bits of `data` (blocks, groups * n): in each group of n bytes, field j of all n
-    bytes (from the low bits up) comes before field j+1 -> (blocks, groups * per_byte * n)."""
+    bytes (from the low bits up) comes before field j+1 -> (blocks, groups * per_byte * n). One op per field
+    position with a scalar shift (vectorised; a broadcast tensor of shifts runs at half the speed)."""
     width = 8 // per_byte
-    grouped = data.reshape(data.shape[0], groups, 1, -1)
-    shifts = _shifts(tuple(range(0, 8, width)), data).view(1, 1, per_byte, 1)
-    return ((grouped >> shifts) & ((1 << width) - 1)).reshape(data.shape[0], -1)
+    grouped = data.reshape(data.shape[0], groups, -1)
+    fields = [(grouped >> shift) & ((1 << width) - 1) for shift in range(0, 8, width)]
+    return torch.stack(fields, dim=2).reshape(data.shape[0], -1)
 
 
 def _k_scales_mins(packed: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,8 +115,13 @@ def _scaled(scale: Tensor, q: Tensor, shift: Tensor | None = None, subtract: boo
 
 
 def _centred(q: Tensor, offset: int) -> Tensor:
-    """Unsigned values 0..2*offset-1 -> int8 in -offset..offset-1 (one byte each: no float intermediate)."""
-    return q.view(torch.int8) - offset
+    """Unsigned values 0..2*offset-1 -> int8 in -offset..offset-1, in place (`q` is a fresh intermediate)."""
+    return q.view(torch.int8).sub_(offset)
+
+
+def _with_high(low: Tensor, high: Tensor, shift: int) -> Tensor:
+    """low | high << shift, in place on the fresh intermediates (each new tensor costs its page faults)."""
+    return low.bitwise_or_(high.bitwise_left_shift_(shift))
 
 
 # --- one function per format: (blocks, type_size) uint8 -> (blocks, block_size) float32 -------------
@@ -140,7 +142,7 @@ def _q4_1(blocks: Tensor) -> Tensor:
 
 def _five_bits(high: Tensor, low: Tensor) -> Tensor:
     """Q5_0/Q5_1's values: 4 low bits as Q4, the fifth from bit j of the 32-bit little-endian `high`."""
-    return _nibbles(low, 1) | (_bits(high, 8, 4) << 4)
+    return _with_high(_nibbles(low, 1), _bits(high, 8, 4), 4)
 
 
 def _q5_0(blocks: Tensor) -> Tensor:
@@ -169,10 +171,10 @@ def _q3_k(blocks: Tensor) -> Tensor:
     w = d * scale * q."""
     n = blocks.shape[0]
     packed = blocks[:, 96:108]
-    scales = _centred(_nibbles(packed[:, :8], 1) | (_bits(packed[:, 8:], 4, 1) << 4), 32)
+    scales = _centred(_with_high(_nibbles(packed[:, :8], 1), _bits(packed[:, 8:], 4, 1), 4), 32)
     scale = (_f16(blocks, 108) * scales.float()).view(n, 16, 1)
-    high_clear = _bits(blocks[:, :32], 8, 1) ^ 1
-    return _scaled(scale, _bits(blocks[:, 32:96], 4, 2).view(torch.int8) - (high_clear << 2).view(torch.int8))
+    minus_four = _bits(blocks[:, :32], 8, 1).bitwise_xor_(1).bitwise_left_shift_(2)  # 4 where the high bit is clear
+    return _scaled(scale, _bits(blocks[:, 32:96], 4, 2).view(torch.int8).sub_(minus_four.view(torch.int8)))
 
 
 def _k_affine(blocks: Tensor, q: Tensor) -> Tensor:
@@ -192,7 +194,7 @@ def _q4_k(blocks: Tensor) -> Tensor:
 
 def _q5_k(blocks: Tensor) -> Tensor:
     """Q4_K plus 32 bytes of fifth bits before the nibbles: sub-block s takes bit s of the 32 bytes."""
-    return _k_affine(blocks, _nibbles(blocks[:, 48:], 4) | (_bits(blocks[:, 16:48], 8, 1) << 4))
+    return _k_affine(blocks, _with_high(_nibbles(blocks[:, 48:], 4), _bits(blocks[:, 16:48], 8, 1), 4))
 
 
 def _q6_k(blocks: Tensor) -> Tensor:
@@ -201,7 +203,7 @@ def _q6_k(blocks: Tensor) -> Tensor:
     shifts 0, 2, 4, 6. Centred on 32. w = d * scale * q."""
     n = blocks.shape[0]
     scale = (_f16(blocks, 208) * blocks[:, 192:208].contiguous().view(torch.int8).float()).view(n, 16, 1)
-    return _scaled(scale, _centred(_nibbles(blocks[:, :128], 2) | (_bits(blocks[:, 128:192], 4, 2) << 4), 32))
+    return _scaled(scale, _centred(_with_high(_nibbles(blocks[:, :128], 2), _bits(blocks[:, 128:192], 4, 2), 4), 32))
 
 
 _BLOCK_DEQUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
