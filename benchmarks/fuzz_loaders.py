@@ -1,6 +1,6 @@
 """Fuzz the checkpoint loaders in-process: mutated safetensors headers, zip records and pickles.
 
-Seeds are genuine tiny files written here (torch.save zip and legacy formats, safetensors); each input is a
+Seeds are genuine tiny files written here (torch.save zip and legacy formats, safetensors, GGUF); each input is a
 mutation of one, run through the loaders (`load_ckpt` + `state_dict_from_ckpt` with every tensor read,
 `SafetensorsSource` with every tensor read, and now and then `describe_checkpoint`). A loader may refuse an
 input only with a UserError (CheckpointError); any other exception, a change to torch's classes, or resident
@@ -36,6 +36,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from optimized_sd.errors import UserError  # noqa: E402
 from optimized_sd.weights.ckpt import load_ckpt, state_dict_from_ckpt  # noqa: E402
+from optimized_sd.weights.gguf import read_gguf  # noqa: E402
 from optimized_sd.weights.inspect import describe_checkpoint  # noqa: E402
 from optimized_sd.weights.sources import SafetensorsSource  # noqa: E402
 
@@ -203,6 +204,57 @@ def mutate_safetensors(rng: random.Random, data: bytes) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + body
 
 
+# --- GGUF: a writer-made seed, mutated in its header (counts, lengths, types, dims, offsets) -----------------
+
+
+def gguf_seed() -> bytes:
+    """A tiny GGUF by the `gguf` package's writer: metadata of several types, an orig_shape key, three tensor types."""
+    import gguf
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "seed.gguf"
+        writer = gguf.GGUFWriter(str(path), arch="sdxl")
+        writer.add_array("comfy.gguf.orig_shape.conv.weight", [2, 4, 4, 8])
+        writer.add_array("tags", ["a", "bc"])
+        writer.add_float32("scale", 0.5)
+        values = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)
+        writer.add_tensor("conv.weight", gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
+                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor("bias", np.ones(8, dtype=np.float16))
+        writer.add_tensor("k.weight", np.zeros((2, 144), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path.read_bytes()
+
+
+def mutate_gguf(rng: random.Random, data: bytes) -> bytes:
+    """Header bytes mostly (where the parser's decisions are), 32-bit fields set to odd values, or a truncation."""
+    header_end = min(len(data), 600)
+    choice = rng.randrange(4)
+    if choice == 0 and header_end > 8:
+        out = bytearray(data)
+        at = rng.randrange(4, header_end - 4)
+        struct.pack_into("<I", out, at, rng.choice([0, 1, 4, 5, 8, 9, 13, 20, 30, 99, 2**31, 2**32 - 1]))
+        return bytes(out)
+    if choice == 1:
+        return data[: rng.randrange(len(data) + 1)]
+    return mutate_bytes(rng, data, region=(0, header_end))
+
+
+def run_gguf(path: Path) -> None:
+    """Read the header, then dequantise every tensor (a bad view into the mapping would fault here)."""
+    file = read_gguf(path)
+    for tensor in file.state_dict().values():
+        touch(tensor)
+    file.close()
+
+
+def add_gguf_target(seeds: dict[str, bytes], mutators: dict[str, Callable], suffix: dict[str, str]) -> None:
+    seeds["gguf"], mutators["gguf"], suffix["gguf"] = gguf_seed(), mutate_gguf, ".gguf"
+
+
 # --- running one input -------------------------------------------------------------------------------
 
 
@@ -213,7 +265,9 @@ def touch(tensor: torch.Tensor) -> None:
 
 
 def run_one(kind: str, path: Path, inspect: bool) -> None:
-    if kind == "safetensors":
+    if kind == "gguf":
+        run_gguf(path)
+    elif kind == "safetensors":
         source = SafetensorsSource(path)
         for key in source.keys():
             touch(source.get(key))
@@ -241,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = seed_files()
     mutators = {"zip": mutate_zip, "legacy": mutate_legacy, "safetensors": mutate_safetensors}
     suffix = {"zip": ".ckpt", "legacy": ".ckpt", "safetensors": ".safetensors"}
+    add_gguf_target(seeds, mutators, suffix)
     baseline_state = process_state()
     baseline_rss = psutil.Process().memory_info().rss
     deadline = time.monotonic() + args.minutes * 60

@@ -13,18 +13,26 @@ Stored weights (`--weights`): a layer's `weight` may be kept in a storage dtype 
 dtype: 16-bit (cast at compute) or 8-bit with a `weight_scale` buffer of one scale per output channel,
 w = q * scale[oc] (symmetric int8 in [-127, 127], or fp8 e4m3 scaled so each channel's largest value
 is fp8's largest). Dequantising per layer at compute keeps the memory engine ignorant of the format: it
-only moves the stored bytes."""
+only moves the stored bytes.
+
+GGUF weights: a layer may hold a GGUF tensor's raw bytes (a 1-D uint8 `weight`) with its GGML type and
+logical shape (`hold_gguf`); they are dequantised per call on the bytes' device, in the compute dtype
+(`ggml_quants.dequantize`), so the quantized bytes are what the memory engine stores and moves."""
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 
 import torch
 from torch import Tensor, nn
 
+from optimized_sd.ggml_quants import GGML_TYPES, tensor_nbytes
+from optimized_sd.ggml_quants import dequantize as ggml_dequantize
 from optimized_sd.models.runtime import run_options
 
 SCALE = "weight_scale"  # buffer of an 8-bit weight's per-output-channel scales
@@ -54,6 +62,14 @@ def dequantize(stored: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tens
     return weight if scale is None else weight * channel_view(scale.to(dtype), weight)
 
 
+@dataclass(frozen=True)
+class GgufQuant:
+    """How a layer's uint8 `weight` bytes read as its weight: GGML type number and the weight's logical shape."""
+
+    qtype: int
+    shape: tuple[int, ...]
+
+
 class WeightOp:
     """What both op modules share: no init, and the one place a weight becomes the tensor that computes.
     Listed first among the bases so `nn.Linear`/`nn.Conv2d`'s constructors call this `reset_parameters`."""
@@ -63,25 +79,42 @@ class WeightOp:
     # Patches the computing weight in place at every call (a LoRA on a weight stored in another dtype, which
     # the memory engine cannot patch as it places it: `MemorySession.set_tensor_hook`); None: none.
     weight_patch: Callable[[Tensor], None] | None = None
+    # The weight is GGUF bytes of this type and shape (`hold_gguf`); None: a plain tensor.
+    gguf_quant: GgufQuant | None = None
 
     def reset_parameters(self) -> None:
         """Left uninitialised: checkpoint weights replace them."""
 
     def compute_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The weight in `dtype` (the input's; None: as stored, or the scale's dtype for an 8-bit weight),
-        with `weight_patch` applied to a copy (never to the stored weight)."""
+        """The weight in `dtype` (the input's; None: as stored, or the scale's dtype for an 8-bit weight, float32
+        for GGUF bytes), with `weight_patch` applied to a copy (never to the stored weight)."""
         scale = self._buffers.get(SCALE)  # type: ignore[attr-defined]
-        if scale is None and (dtype is None or self.weight.dtype == dtype):
+        if self.gguf_quant is not None:
+            weight = ggml_dequantize(self.weight, self.gguf_quant.qtype, self.gguf_quant.shape, dtype or torch.float32)
+        elif scale is None and (dtype is None or self.weight.dtype == dtype):
             weight = self.weight
         else:
             weight = dequantize(self.weight, scale, dtype or scale.dtype)
         if self.weight_patch is not None:
-            weight = weight.clone() if weight is self.weight else weight
+            # never patch the stored tensor, nor a view of it (a GGUF F32 weight dequantises to one)
+            weight = weight.clone() if weight.data_ptr() == self.weight.data_ptr() else weight
             self.weight_patch(weight)
         return weight
 
     def compute_bias(self) -> Tensor | None:
         return self.bias
+
+    def hold_gguf(self, raw: Tensor, qtype: int, shape: tuple[int, ...]) -> None:
+        """Keep `raw`, a GGUF tensor's bytes (uint8) of GGML type `qtype`, as this layer's weight; it computes
+        as the `shape` tensor they encode, which must be the layer's weight shape."""
+        expected = tuple(self.weight.shape)
+        ggml_type = GGML_TYPES.get(qtype)
+        if tuple(shape) != expected or ggml_type is None or raw.dtype != torch.uint8:
+            raise ValueError(f"GGUF weight of type {qtype}, shape {tuple(shape)}, {raw.dtype} does not fit a {expected} weight")
+        if raw.numel() != tensor_nbytes(ggml_type, math.prod(shape)):
+            raise ValueError(f"{raw.numel()} bytes are not a {ggml_type.name} tensor of shape {tuple(shape)}")
+        self.weight = nn.Parameter(raw.reshape(-1), requires_grad=False)
+        self.gguf_quant = GgufQuant(qtype, tuple(shape))
 
     def add_weight_scale(self) -> None:
         """Give the layer its 8-bit weight's scale buffer (out,), empty on meta: the memory engine fills it

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from optimized_sd.errors import CheckpointError
+from optimized_sd.weights.gguf import MAGIC as GGUF_MAGIC
 from optimized_sd.weights.sources import MAX_TENSOR_DIMS, open_regular_file
 
 __all__ = [
@@ -762,6 +763,11 @@ def load_ckpt(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: empty file")
         if looks_like_safetensors(head, size):
             raise CheckpointError(f"{path}: is a .safetensors file, not a pickled checkpoint; read it with safetensors")
+        if head.startswith(GGUF_MAGIC):
+            raise CheckpointError(
+                f"{path}: is a GGUF file, which optimized-sd reads only with `optimized-sd inspect` so far (generating from "
+                "GGUF is still to come); use a .safetensors or .ckpt checkpoint"
+            )
         if head[257:262] == b"ustar":
             raise CheckpointError(
                 f"{path}: is a tar-format PyTorch checkpoint (torch < 0.4), which optimized-sd does not read "

@@ -26,6 +26,7 @@ from optimized_sd.weights.family import (
     known_extra_key,
     part_of_key,
 )
+from optimized_sd.weights.gguf import ORIG_SHAPE_PREFIX, is_gguf_file, read_gguf
 from optimized_sd.weights.hashing import legacy_model_hash, sha256_short
 from optimized_sd.weights.infer import infer_config
 from optimized_sd.weights.loading import is_safetensors_file, model_config, normalize_keys, open_diffusers_folder
@@ -38,7 +39,8 @@ LAYOUT_WRAPPED = "state_dict-wrapped .ckpt"
 LAYOUT_BARE = "bare state dict .ckpt"
 LAYOUT_SAFETENSORS = "single-file .safetensors"
 LAYOUT_DIFFUSERS = "diffusers folder"
-
+LAYOUT_GGUF = "GGUF"
+GGUF_NOT_YET = "not detected for GGUF files yet (generation from GGUF is still to come)"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,17 @@ class PartStats:
     tensors: int
     params: int
     dtypes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GgufFacts:
+    """What a GGUF header says: `types` maps each GGML type name to (tensors, bytes), largest first."""
+
+    version: int
+    architecture: str | None
+    tensors: int
+    types: dict[str, tuple[int, int]]
+    reshaped: int  # tensors stored as (n/256, 256) with their real shape in comfy.gguf.orig_shape.<name>
 
 
 @dataclass
@@ -71,6 +84,7 @@ class CheckpointInfo:
     lightning: dict[str, str] = field(default_factory=dict)  # version, epoch, global_step, callbacks
     sha256_short: str | None = None
     legacy_hash: str | None = None
+    gguf: GgufFacts | None = None
 
     @property
     def ema_present(self) -> bool:
@@ -97,7 +111,9 @@ def describe_checkpoint(
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
 
-    if is_safetensors_file(path):
+    if is_gguf_file(path):
+        info = _describe_gguf(path)
+    elif is_safetensors_file(path):
         shapes, dtypes, metadata = _safetensors_header(path)
         info = CheckpointInfo(path=path, layout=LAYOUT_SAFETENSORS, file_size=path.stat().st_size)
         info.metadata = metadata
@@ -109,16 +125,34 @@ def describe_checkpoint(
         info.lightning = _lightning_facts(obj)
         del tensors, obj  # drop the memory map
 
-    _fill_tensor_stats(info, shapes, dtypes)
-    try:
-        info.family = detect_family(shapes)
-    except CheckpointError as exc:
-        info.family_error = str(exc)
-    else:
-        _family_facts(info, lambda: infer_config(shapes, info.family), set(shapes), info.metadata)
+    if info.gguf is None:
+        _fill_tensor_stats(info, shapes, dtypes)
+        try:
+            info.family = detect_family(shapes)
+        except CheckpointError as exc:
+            info.family_error = str(exc)
+        else:
+            _family_facts(info, lambda: infer_config(shapes, info.family), set(shapes), info.metadata)
     if hashes:
         info.sha256_short = sha256_short(path, cache_path=hash_cache)
         info.legacy_hash = legacy_model_hash(path)
+    return info
+
+
+def _describe_gguf(path: Path) -> CheckpointInfo:
+    """A GGUF file from its header (`gguf.read_gguf`'s checks): architecture, tensor count, GGML types and their
+    bytes, and the metadata besides arrays (ComfyUI-GGUF's orig_shape keys are counted, not listed)."""
+    gguf = read_gguf(path)
+    try:
+        types = gguf.type_bytes()
+        reshaped = sum(1 for key in gguf.metadata if key.startswith(ORIG_SHAPE_PREFIX))
+        info = CheckpointInfo(path=path, layout=f"{LAYOUT_GGUF} version {gguf.version}", file_size=gguf.file_size)
+        info.gguf = GgufFacts(gguf.version, gguf.architecture, len(gguf.tensors), types, reshaped)
+        info.dtypes = {name: count for name, (count, _) in types.items()}
+        info.metadata = {key: str(value) for key, value in gguf.metadata.items() if not isinstance(value, list)}
+        info.family_error = GGUF_NOT_YET
+    finally:
+        gguf.close()
     return info
 
 
@@ -289,6 +323,17 @@ def _short(value: str, limit: int = 60) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
+def _gguf_lines(facts: GgufFacts, file_size: int) -> list[tuple[str, str]]:
+    """Architecture, tensor count and each GGML type's share of the file's bytes."""
+    lines = [("architecture", facts.architecture or "(no general.architecture)")]
+    reshaped = f" ({facts.reshaped} stored as (n/256, 256), real shape in {ORIG_SHAPE_PREFIX}*)" if facts.reshaped else ""
+    lines.append(("tensors", f"{facts.tensors}{reshaped}"))
+    shares = [f"{name} {size / max(file_size, 1):.1%} ({_count(count, 'tensor')}, {_human_size(size).split(',')[0]})"
+              for name, (count, size) in facts.types.items()]
+    lines.append(("quant types", ", ".join(shares) + " of the file's bytes" if shares else "no tensors"))
+    return lines
+
+
 def format_info(info: CheckpointInfo) -> str:
     """Several `label  value` lines describing the checkpoint, for `optimized-sd inspect`."""
     lines: list[tuple[str, str]] = [("file", f"{info.path}  ({_human_size(info.file_size)})")]
@@ -310,22 +355,25 @@ def format_info(info: CheckpointInfo) -> str:
         if info.default_size is not None:
             lines.append(("size", f"{info.default_size}x{info.default_size} by default"))
     else:
-        lines.append(("family", f"refused: {info.family_error}"))
+        lines.append(("family", info.family_error if info.gguf is not None else f"refused: {info.family_error}"))
 
-    storage = ", ".join(f"{dtype} ({_count(count, 'tensor')})" for dtype, count in info.dtypes.items())
-    lines.append(("storage", storage or "no tensors"))
+    if info.gguf is not None:
+        lines += _gguf_lines(info.gguf, info.file_size)
+    else:
+        storage = ", ".join(f"{dtype} ({_count(count, 'tensor')})" for dtype, count in info.dtypes.items())
+        lines.append(("storage", storage or "no tensors"))
 
     for name, stats in info.parts.items():
         lines.append(
             (name, f"{stats.params:,} params in {_count(stats.tensors, 'tensor')}, {'/'.join(stats.dtypes)}")
         )
     missing = [name for name in PARTS if name not in info.parts]
-    if missing:
+    if missing and info.gguf is None:
         lines.append(("missing", ", ".join(missing)))
 
     if info.extras:
         lines.append(("extras", ", ".join(f"{k} {n}" for k, n in info.extras.items())))
-    if not info.layout.startswith(LAYOUT_DIFFUSERS):
+    if not info.layout.startswith((LAYOUT_DIFFUSERS, LAYOUT_GGUF)):
         if info.ema_present:
             ema = f"yes: EMA copy of the UNet ({_count(info.ema_weights, 'tensor')})"
         elif info.extras.get("EMA"):
