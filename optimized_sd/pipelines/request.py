@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from torch import Tensor
 
 from optimized_sd.config import REFINER_SWITCH_DEFAULT, ModelConfig
 from optimized_sd.errors import UserError
+from optimized_sd.pipelines.bounds import check_numbers
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import ImageParameters
 
@@ -83,18 +83,11 @@ def check_seeds(seed: int | None, count: int) -> None:
         raise UserError(f"--seed {seed}: its {count} images would use seeds past 2^64-1; the largest first seed for them is {largest}")
 
 
-def check_numbers(**values: float) -> None:
-    """Sampling numbers must be finite (NaN or inf give a black image, or none)."""
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise UserError(f"--{name} must be a finite number, not {value}")
-
-
 def check_request(request: GenerationRequest, config: ModelConfig) -> None:
     """What a request must agree on with the loaded model (UserError otherwise)."""
     if not request.prompts:
         raise UserError("no prompt given")
-    check_numbers(scale=request.scale, ddim_eta=request.eta, strength=request.strength)
+    check_numbers(steps=request.steps, scale=request.scale, eta=request.eta, strength=request.strength)
     check_seeds(request.seed, len(request.prompts))
     check_size(request.height, request.width, request.downscale)
     if request.latent_channels != config.vae.embed_dim:
