@@ -10,7 +10,7 @@ from PIL import Image
 from torch import Tensor
 
 from optimized_sd.config import REFINER_SWITCH_DEFAULT, ModelConfig
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 from optimized_sd.pipelines.bounds import check_numbers
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import ImageParameters
@@ -77,10 +77,12 @@ def check_seeds(seed: int | None, count: int) -> None:
     if seed is None:
         return
     if seed < 0 or seed > MAX_SEED:
-        raise UserError(f"--seed {seed} must be between 0 and 2^64-1 ({MAX_SEED})")
+        problem = f"must be between 0 and 2^64-1 ({MAX_SEED}), got {seed}"
+        raise FieldError("seed", f"--seed {problem}", problem)
     if seed + count - 1 > MAX_SEED:
         largest = MAX_SEED - count + 1
-        raise UserError(f"--seed {seed}: its {count} images would use seeds past 2^64-1; the largest first seed for them is {largest}")
+        problem = f"{seed}: its {count} images would use seeds past 2^64-1; the largest first seed for them is {largest}"
+        raise FieldError("seed", f"--seed {problem}", problem)
 
 
 def check_request(request: GenerationRequest, config: ModelConfig) -> None:
