@@ -21,13 +21,15 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from optimized_sd.batch import read_jobs, run_batch
-from optimized_sd.batch.driver import BatchReport, plan
+from optimized_sd.batch.driver import BatchReport, WorkerLost, plan
 from optimized_sd.batch.manifest import MANIFEST, Manifest, ManifestRecord
+from optimized_sd.batch.worker import RenderedImage
 from optimized_sd.errors import FieldError, UserError
 from optimized_sd.pipelines import bounds
 from optimized_sd.pipelines.bounds import MAX_IMAGES_PER_JOB, NUMBER_BOUNDS, check_number
 from optimized_sd.pipelines.job import Job
 from optimized_sd.pipelines.masks import InpaintOptions, blur_mask, load_mask
+from optimized_sd.pipelines.output import encode
 from tests.test_hardening_io import assert_one_line_error, unknown_dds
 
 DEFAULTS = Job(steps=2, sampler="euler", height=64, width=64, seed=5)
@@ -183,6 +185,48 @@ def test_a_lines_images_are_planned_lazily(tmp_path):
     assert isinstance(items, Iterator) and total == 1000 * MAX_IMAGES_PER_JOB
     first, second = next(items), next(items)
     assert (first.position, first.index, first.seed, second.seed) == (0, 0, 5, 6)
+
+
+class FlakyPool:
+    """Two slots finishing last-in first-out (out of plan order); the first worker to finish dies once."""
+
+    def __init__(self) -> None:
+        self.running: list = []
+        self.lost = False
+
+    def start(self) -> None:
+        pass
+
+    def free_slots(self) -> int:
+        return 2 - len(self.running)
+
+    def in_flight(self) -> int:
+        return len(self.running)
+
+    def submit(self, item) -> None:
+        self.running.append(item)
+
+    def wait(self) -> list:
+        item = self.running.pop()
+        if not self.lost:
+            self.lost = True
+            return [(item, WorkerLost("killed"))]
+        data = encode(Image.new("RGB", (8, 8), (item.seed, 0, 0)), "png", "")
+        return [(item, RenderedImage(data, "", "w", "cpu", 0.0, 0.0, 0.0))]
+
+    def close(self) -> None:
+        pass
+
+
+def test_lazily_planned_items_are_retried_and_written_in_plan_order(tmp_path):
+    lines = write_lines(tmp_path / "jobs.jsonl", {"prompt": "a", "n_samples": 2, "n_iter": 2}, {"prompt": "b", "n_samples": 2})
+    jobs = read_jobs(lines, DEFAULTS)
+    report = run_batch(jobs, tmp_path / "out", FlakyPool())  # type: ignore[arg-type]
+    assert not report.failures
+    assert [(r.line, r.index, r.seed) for r in report.written] == [(1, 0, 5), (1, 1, 6), (1, 2, 7), (1, 3, 8), (2, 0, 5), (2, 1, 6)]
+    assert len((tmp_path / "out" / MANIFEST).read_text().splitlines()) == 6
+    again = run_batch(jobs, tmp_path / "out", NoPool())  # type: ignore[arg-type]
+    assert again.skipped == 6 and not again.written
 
 
 @pytest.mark.parametrize("kind", ["FIFO", "character device", "DDS"])

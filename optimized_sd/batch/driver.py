@@ -122,16 +122,16 @@ def plan(jobs: list[BatchJob], manifest: Manifest, report: BatchReport) -> tuple
     runnable: list[tuple[BatchJob, int, set[int]]] = []  # job, base seed, indices already written
     total = 0
     for job in jobs:
-        reason = unusable_inputs(job)
+        written = done.get(job.key, {})
+        skipped = {index for index in written if index < job.images}
+        reason = unusable_inputs(job) if len(skipped) < job.images else None  # a finished line needs no inputs
         if reason is not None:
             report.failures.append((job.line, None, reason))
             continue
-        written = done.get(job.key, {})
         base_seed = job.job.seed
         if base_seed is None:  # random, but the same on resume: taken from the manifest when it has this job
             earlier = next(iter(written.values()), None)
             base_seed = earlier.base_seed if earlier is not None else random.randint(0, 2**32 - 1)
-        skipped = {index for index in written if index < job.images}
         report.skipped += len(skipped)
         total += job.images - len(skipped)
         runnable.append((job, base_seed, skipped))
