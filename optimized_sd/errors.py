@@ -7,6 +7,22 @@ class UserError(Exception):
     """A mistake in the user's input (file, flag, value); its message is the whole story."""
 
 
+class FieldError(UserError):
+    """A mistake in one request field. `field` is the library's name for it (a `Job`, `GenerationRequest`
+    or `InpaintOptions` field), `problem` the message without the name ("must be ..., got ..."), so each
+    front end can say it in its own words: the CLI its flag, the API its AUTOMATIC1111 field, a batch
+    file its line and JSON field."""
+
+    def __init__(self, field_name: str, message: str, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field_name
+        self.problem = problem if problem is not None else message
+
+    def named(self, name: str) -> str:
+        """The message with the field called `name`."""
+        return f"{name} {self.problem}"
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be read, is unsafe, or is not a supported Stable Diffusion model."""
 

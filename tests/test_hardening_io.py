@@ -97,7 +97,7 @@ def init_image_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
     cases["pixel limit flag"] = (small, ["--max-image-pixels", "1000"], "over the limit of 1,000")
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
-    cases["FIFO"] = (fifo, [], "is not a regular file")  # opening it to read would block forever
+    cases["FIFO"] = (fifo, [], "is a FIFO, not a regular file")  # opening it to read would block forever
     return cases
 
 

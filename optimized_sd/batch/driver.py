@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Protocol
 
 from optimized_sd.batch.jobs import BatchJob
 from optimized_sd.batch.manifest import Manifest, ManifestRecord, interrupts_deferred
 from optimized_sd.batch.worker import BatchWorker, LoadSpec, RenderedImage, RenderFailure
+from optimized_sd.errors import UserError
 from optimized_sd.pipelines.output import check_output_folder, make_folder, prompt_folder, save_image_bytes
 
 MAX_ATTEMPTS = 3  # a first try and two retries on other workers
@@ -99,32 +101,50 @@ class BatchReport:
     failures: list[tuple[int, int | None, str]] = field(default_factory=list)  # (line, image index or None: whole job, reason)
 
 
-def missing_init_image(job: BatchJob) -> str | None:
-    path = job.job.init_image
-    if isinstance(path, Path) and not path.is_file():
-        return f"init image not found: {path}"
+def unusable_inputs(job: BatchJob) -> str | None:
+    """Why a line's init image or mask cannot be used (missing, a FIFO or a device, not a readable image,
+    an all-black mask), found once per line before any of its images is planned."""
+    if job.job.init_image is None:
+        return None
+    try:
+        job.job.open_init_image()
+    except UserError as error:
+        return str(error)
     return None
 
 
-def plan(jobs: list[BatchJob], manifest: Manifest, report: BatchReport) -> list[WorkItem]:
-    """Items for the images the manifest does not hold yet; jobs that cannot run go to the report."""
-    done = manifest.done()
-    items: list[WorkItem] = []
+def plan(jobs: list[BatchJob], manifest: Manifest, report: BatchReport) -> tuple[Iterator[WorkItem], int]:
+    """Items for the images the manifest does not hold yet, made one at a time as the pool takes them
+    (a line may ask for thousands), and how many there will be; jobs that cannot run go to the report."""
+    done: dict[str, dict[int, ManifestRecord]] = {}
+    for (key, index), record in manifest.done().items():
+        done.setdefault(key, {})[index] = record
+    runnable: list[tuple[BatchJob, int, set[int]]] = []  # job, base seed, indices already written
+    total = 0
     for job in jobs:
-        reason = missing_init_image(job)
+        written = done.get(job.key, {})
+        skipped = {index for index in written if index < job.images}
+        reason = unusable_inputs(job) if len(skipped) < job.images else None  # a finished line needs no inputs
         if reason is not None:
             report.failures.append((job.line, None, reason))
             continue
         base_seed = job.job.seed
         if base_seed is None:  # random, but the same on resume: taken from the manifest when it has this job
-            earlier = next((r for (key, _), r in done.items() if key == job.key), None)
+            earlier = next(iter(written.values()), None)
             base_seed = earlier.base_seed if earlier is not None else random.randint(0, 2**32 - 1)
-        for index in range(job.images):
-            if (job.key, index) in done:
-                report.skipped += 1
-                continue
-            items.append(WorkItem(len(items), job, index, job.seed_of(base_seed, index), base_seed))
-    return items
+        report.skipped += len(skipped)
+        total += job.images - len(skipped)
+        runnable.append((job, base_seed, skipped))
+
+    def items() -> Iterator[WorkItem]:
+        position = 0
+        for job, base_seed, skipped in runnable:
+            for index in range(job.images):
+                if index not in skipped:
+                    yield WorkItem(position, job, index, job.seed_of(base_seed, index), base_seed)
+                    position += 1
+
+    return items(), total
 
 
 def write_image(outdir: Path, item: WorkItem, image: RenderedImage, manifest: Manifest) -> ManifestRecord:
@@ -164,29 +184,34 @@ def run_batch(
     make_folder(outdir)
     manifest = Manifest(outdir)
     report = BatchReport()
-    items = plan(jobs, manifest, report)
-    if not items:
+    fresh, total = plan(jobs, manifest, report)
+    if total == 0:
         pool.close()
         return report
-    queue = deque(items)
+    planned: dict[int, WorkItem] = {}  # submitted, not yet written (bounded by the pool's slots and what waits on an earlier item)
+    retries: deque[WorkItem] = deque()
     settled: dict[int, RenderedImage | None] = {}  # finished, waiting for the items before them to be written
     next_position = 0
     try:
         pool.start()
-        while next_position < len(items):
-            while queue and pool.free_slots() > 0:
-                pool.submit(queue.popleft())
+        while next_position < total:
+            while pool.free_slots() > 0:
+                item = retries.popleft() if retries else next(fresh, None)
+                if item is None:
+                    break
+                planned[item.position] = item
+                pool.submit(item)
             if pool.in_flight() == 0:  # nothing runs and nothing could be submitted: no worker is left
-                for item in queue:
+                for item in chain(retries, fresh):
                     report.failures.append((item.job.line, item.index, "no worker left to run it"))
-                    settled[item.position] = None
-                queue.clear()
+                    planned[item.position], settled[item.position] = item, None
+                retries.clear()
             else:
                 for item, outcome in pool.wait():
                     item.attempts += 1
                     if isinstance(outcome, WorkerLost):
                         if item.attempts < max_attempts:
-                            queue.appendleft(item)
+                            retries.append(item)
                             continue
                         report.failures.append((item.job.line, item.index, f"its worker died {item.attempts} times; last: {outcome}"))
                         settled[item.position] = None
@@ -196,13 +221,13 @@ def run_batch(
                     else:
                         settled[item.position] = outcome
             while next_position in settled:
-                image = settled.pop(next_position)
-                record = write_image(outdir, items[next_position], image, manifest) if image is not None else None
+                image, item = settled.pop(next_position), planned.pop(next_position)
+                record = write_image(outdir, item, image, manifest) if image is not None else None
                 if record is not None:
                     report.written.append(record)
                 next_position += 1
                 if progress is not None:
-                    progress(BatchProgress(next_position, len(items), record))
+                    progress(BatchProgress(next_position, total, record))
     finally:
         pool.close()
     return report

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 from optimized_sd.pipelines.job import Job
 from optimized_sd.pipelines.masks import InpaintOptions, parse_outpaint
 
@@ -151,6 +151,11 @@ INPAINT_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
+def record_field(field: str) -> str:
+    """The job file's name for a `Job` or `InpaintOptions` field."""
+    return next((name for name, (target, _) in INPAINT_FIELDS.items() if target == field), field)
+
+
 def job_from_record(record: dict[str, Any], defaults: Job) -> Job:
     """`defaults` with the record's fields applied (UserError naming a bad or unknown field)."""
     changes: dict[str, Any] = {}
@@ -194,6 +199,7 @@ def read_jobs(path: Path, defaults: Job) -> list[BatchJob]:
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
+        record: dict[str, Any] = {}
         try:
             if json_lines:
                 try:
@@ -206,6 +212,10 @@ def read_jobs(path: Path, defaults: Job) -> list[BatchJob]:
             else:
                 job = dataclasses.replace(defaults, prompts=(text.strip(),), prompt_file=None)
             job.validate()
+        except FieldError as error:
+            name = record_field(error.field)
+            given = name in record  # else the value came from the command line: its flag names it
+            raise UserError(f"{path} line {number}: " + (f"field {error.named(repr(name))}" if given else str(error))) from None
         except UserError as error:
             raise UserError(f"{path} line {number}: {error}") from None
         jobs.append(BatchJob(number, job))

@@ -57,13 +57,33 @@ class Manifest:
                 raise UserError(f"{self.path} line {number} is not a batch manifest record ({error}); use another --outdir") from None
 
     def done(self) -> dict[tuple[str, int], ManifestRecord]:
-        """(job key, image index) -> record, for images whose file is still there."""
-        outdir = self.path.parent
-        return {(r.job, r.index): r for r in self.records if (outdir / r.file).is_file()}
+        """(job key, image index) -> record, for images whose file is still there, inside the output folder."""
+        return {(r.job, r.index): r for r in self.records if self.holds(r)}
+
+    def holds(self, record: ManifestRecord) -> bool:
+        """The record's image is a file under the output folder. A `file` that leads outside it (`..`, an
+        absolute path, a symlink out: an edited or foreign manifest) is not done, with a warning: the image
+        is made again, and nothing outside the folder is read or replaced."""
+        outdir = self.path.parent.resolve()
+        try:
+            path = (outdir / record.file).resolve()
+        except (TypeError, ValueError, OSError):  # not a path at all: a number, a NUL byte, a symlink loop
+            path = None
+        if path is None or not path.is_relative_to(outdir):
+            log.warning("%s: the record of image %s of job line %s names %r, not a file in the output folder; making it again",
+                        self.path, record.index, record.line, record.file)
+            return False
+        return path.is_file()
 
     def append(self, record: ManifestRecord) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(asdict(record)) + "\n")
+        """One record as one line; a last line left without its newline (an edited file) is ended first,
+        so the new record never joins it."""
+        with open(self.path, "a+b") as handle:
+            if handle.tell() > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    handle.write(b"\n")
+            handle.write((json.dumps(asdict(record)) + "\n").encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
         self.records.append(record)

@@ -248,6 +248,15 @@ def denoise(
 # -- latents -> images --------------------------------------------------------------------------
 
 
+def check_finite(tensor: Tensor, what: str) -> None:
+    """A NaN or inf would become a black image saved as a success: refuse it, naming the stage."""
+    if not torch.isfinite(tensor).all():
+        raise UserError(
+            f"{what}: the model overflowed or its weights hold NaN; try --precision full, a lower --scale or another "
+            "checkpoint (no image was written)"
+        )
+
+
 class VaeDecoder:
     """Scaled latents -> pixels for one decode stage. A non-finite fp16/bf16 result is decoded again
     in float32 with a copy of the decoder built at the first overflow and shared by the rest of the
@@ -266,6 +275,7 @@ class VaeDecoder:
         if not torch.isfinite(pixels).all() and pipe.dtype != torch.float32:
             log.warning("the VAE gave NaN/inf in %s; decoding this image again in fp32", str(pipe.dtype).split(".")[-1])
             pixels = apply_vae(pipe, self.fp32_decoder().decode, z.float(), self.tiled, scale=pipe.config.vae.downscale)
+        check_finite(pixels, "VAE decoding produced non-finite pixels (NaN/inf)")
         return pixels
 
     def fp32_decoder(self) -> AutoencoderKL:
@@ -381,6 +391,7 @@ def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, prog
         if refiner is not None:
             handover = Handover(pipe, refiner, task, request, networks, handover_step(plan, request.refiner_switch))
         latents = denoise(pipe, task, request, plan, x, conditioning, seeds, progress, handover)
+        check_finite(latents, "sampling produced non-finite latents (NaN/inf)")
         # The model that sampled last decodes (its VAE is the same SDXL VAE, and it is the one placed).
         last = refiner if handover is not None and handover.taken else pipe
         images = task.finish(decode_images(last, latents, last.memory.plan.vae_tiling if last.memory.plan else tiled))

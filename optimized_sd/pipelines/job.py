@@ -16,6 +16,7 @@ from PIL import Image
 from optimized_sd.config import REFINER_SWITCH_DEFAULT
 from optimized_sd.errors import UserError
 from optimized_sd.memory.planner import format_bytes
+from optimized_sd.pipelines.bounds import check_image_count, check_numbers
 from optimized_sd.pipelines.diffusion import GenerationRequest, StableDiffusion
 from optimized_sd.pipelines.images import load_init_image, open_image
 from optimized_sd.pipelines.masks import InpaintOptions, prepare_region
@@ -31,7 +32,7 @@ from optimized_sd.pipelines.output import (
     write_report,
 )
 from optimized_sd.pipelines.prompts import read_prompt_file
-from optimized_sd.pipelines.request import check_numbers, check_refiner_switch, check_seeds, check_size
+from optimized_sd.pipelines.request import check_refiner_switch, check_seeds, check_size
 from optimized_sd.prompts.syntax import subprompt_mix
 from optimized_sd.sampling import StepInfo, make_plan
 
@@ -97,15 +98,16 @@ class Job:
             raise UserError("no prompt given")
         if self.prompts and self.prompt_file is not None:
             raise UserError("give prompts or a prompt file, not both")
-        for name in ("n_samples", "n_iter"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1")
+        check_numbers(n_samples=self.n_samples, n_iter=self.n_iter)
+        check_image_count(self.n_samples, self.n_iter)
         if self.unet_batch is not None and self.unet_batch < 1:
             raise UserError("--unet_bs must be at least 1")
         for flag, value in (("--C", self.latent_channels), ("--f", self.downscale)):
             if value < 1:
                 raise UserError(f"{flag} {value} must be at least 1")
-        check_numbers(scale=self.scale, ddim_eta=self.eta, strength=self.strength)
+        check_numbers(steps=self.steps, scale=self.scale, eta=self.eta, strength=self.strength)
+        images = self.n_samples if self.fixed_code else self.n_samples * self.n_iter * max(len(self.prompts), 1)
+        check_seeds(self.seed, images)  # a prompt file's count is checked again by `check_batches`
         subprompt_mix(self.negative_prompt)
         if self.output.n_rows < 0:
             raise UserError("--n_rows must be 0 (one row per batch) or more")

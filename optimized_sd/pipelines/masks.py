@@ -12,6 +12,7 @@ A mask is read as
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from optimized_sd.errors import UserError
+from optimized_sd.pipelines.bounds import check_numbers
+from optimized_sd.pipelines.image_files import read_image
 
 log = logging.getLogger("optimized_sd")
 
@@ -42,17 +45,10 @@ def mask_luminance(image: Image.Image) -> Image.Image:
 
 
 def load_mask(mask: Image.Image | Path | str) -> Image.Image:
-    """Open a mask (a path or a PIL image) as an L image; UserError when it is not a readable image."""
+    """Open a mask (a path or a PIL image) as an L image; UserError when it is not a readable image file."""
     if isinstance(mask, Image.Image):
         return mask_luminance(mask)
-    try:
-        with Image.open(mask) as opened:
-            opened.load()
-            return mask_luminance(opened)
-    except FileNotFoundError:
-        raise UserError(f"mask not found: {mask}") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"mask {mask} is not a readable image: {error}") from None
+    return read_image(mask, "mask", mask_luminance)
 
 
 def fit_mask(mask: Image.Image, size: tuple[int, int], invert: bool = False) -> Image.Image:
@@ -70,9 +66,12 @@ def check_mask(mask: Image.Image) -> None:
 
 
 def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
-    """Gaussian blur of std `radius` pixels (AUTOMATIC1111's --mask-blur): soft edges for the paste-back."""
-    if radius < 0:
-        raise UserError(f"--mask-blur must be 0 or more, got {radius}")
+    """Gaussian blur of std `radius` pixels (AUTOMATIC1111's --mask-blur): soft edges for the paste-back.
+    The radius is validated with the request (`bounds`); here it is also clamped to the image's diagonal
+    (a wider blur changes nothing visible) because Pillow crashes the process on huge radii, NaN and inf."""
+    check_numbers(mask_blur=radius)
+    radius = min(float(radius), math.hypot(*mask.size))
+    assert math.isfinite(radius)
     return mask.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else mask
 
 
@@ -253,12 +252,12 @@ class InpaintOptions:
             raise UserError(f"unknown --masked-content {self.masked_content!r}; use one of {', '.join(MASKED_CONTENT)}")
         if self.mask is None and self.outpaint is None:
             raise UserError("inpainting needs a mask (--mask) or a border to paint (--outpaint)")
-        if self.mask_blur < 0:
-            raise UserError(f"--mask-blur must be 0 or more, got {self.mask_blur}")
-        if self.padding < 0:
-            raise UserError(f"--padding must be 0 or more, got {self.padding}")
-        if self.outpaint is not None and (len(self.outpaint) != 4 or min(self.outpaint) < 0 or max(self.outpaint) == 0):
-            raise UserError(f"outpaint takes (left, right, top, bottom) pixels >= 0, one of them > 0; got {self.outpaint}")
+        check_numbers(mask_blur=self.mask_blur, padding=self.padding)
+        if self.outpaint is not None:
+            if len(self.outpaint) != 4 or max(self.outpaint) == 0:
+                raise UserError(f"outpaint takes (left, right, top, bottom) pixels >= 0, one of them > 0; got {self.outpaint}")
+            for side in self.outpaint:
+                check_numbers(outpaint=side)
 
     def generation_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(W, H) to generate at when none is given: "whole": the (outpainted) canvas floored to a

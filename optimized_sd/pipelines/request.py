@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,8 @@ from PIL import Image
 from torch import Tensor
 
 from optimized_sd.config import REFINER_SWITCH_DEFAULT, ModelConfig
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
+from optimized_sd.pipelines.bounds import check_numbers
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import ImageParameters
 
@@ -77,24 +77,19 @@ def check_seeds(seed: int | None, count: int) -> None:
     if seed is None:
         return
     if seed < 0 or seed > MAX_SEED:
-        raise UserError(f"--seed {seed} must be between 0 and 2^64-1 ({MAX_SEED})")
+        problem = f"must be between 0 and 2^64-1 ({MAX_SEED}), got {seed}"
+        raise FieldError("seed", f"--seed {problem}", problem)
     if seed + count - 1 > MAX_SEED:
         largest = MAX_SEED - count + 1
-        raise UserError(f"--seed {seed}: its {count} images would use seeds past 2^64-1; the largest first seed for them is {largest}")
-
-
-def check_numbers(**values: float) -> None:
-    """Sampling numbers must be finite (NaN or inf give a black image, or none)."""
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise UserError(f"--{name} must be a finite number, not {value}")
+        problem = f"{seed}: its {count} images would use seeds past 2^64-1; the largest first seed for them is {largest}"
+        raise FieldError("seed", f"--seed {problem}", problem)
 
 
 def check_request(request: GenerationRequest, config: ModelConfig) -> None:
     """What a request must agree on with the loaded model (UserError otherwise)."""
     if not request.prompts:
         raise UserError("no prompt given")
-    check_numbers(scale=request.scale, ddim_eta=request.eta, strength=request.strength)
+    check_numbers(steps=request.steps, scale=request.scale, eta=request.eta, strength=request.strength)
     check_seeds(request.seed, len(request.prompts))
     check_size(request.height, request.width, request.downscale)
     if request.latent_channels != config.vae.embed_dim:

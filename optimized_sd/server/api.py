@@ -137,9 +137,11 @@ def decode_image(data: str, field_name: str, service: Service) -> Image.Image:
                     f"{field_name}: {image.width}x{image.height} is over this server's limit of {service.limits.max_image_pixels} pixels"
                 )
             image.load()
+    except TooLarge:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooLarge(f"{field_name}: the image is over the decompression limit") from None
-    except (OSError, ValueError, SyntaxError):
+    except Exception:  # noqa: BLE001 - the PIL boundary: whatever a decoder raises (NotImplementedError for DDS, struct.error, EOFError...) is a bad image
         raise FieldError(field_name, f"{field_name} is not an image this server can read (PNG, JPEG, WebP, ...)") from None
     return image
 

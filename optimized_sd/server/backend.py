@@ -13,8 +13,9 @@ from pathlib import Path
 from PIL import Image
 
 from optimized_sd.config import REFINER_SWITCH_DEFAULT
-from optimized_sd.errors import Interrupted, UserError
+from optimized_sd.errors import FieldError, Interrupted, UserError
 from optimized_sd.memory.planner import MODES, parse_bytes
+from optimized_sd.pipelines.bounds import check_numbers
 from optimized_sd.pipelines.diffusion import StableDiffusion, load
 from optimized_sd.pipelines.job import Job as PipelineJob
 from optimized_sd.pipelines.job import JobStep, OutputPolicy, run_job
@@ -34,14 +35,8 @@ MAX_SIDE = 4096
 SEED_LIMIT = 2**32  # seeds are drawn below this, as the CLI does
 # AUTOMATIC1111's `inpainting_fill` ("Masked content") values -> our `InpaintOptions.masked_content`.
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}
-
-
-class FieldError(UserError):
-    """A user mistake tied to one request field, so the API can name it (422) and the UI show it."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
+# The library's names of request fields (`bounds.NUMBER_BOUNDS`, `Job`) -> AUTOMATIC1111's, where they differ.
+API_FIELDS = {"scale": "cfg_scale", "strength": "denoising_strength", "n_samples": "batch_size", "padding": "inpaint_full_res_padding"}
 
 
 @dataclass(frozen=True)
@@ -152,6 +147,12 @@ def check_spec(spec: GenerationSpec) -> None:
             raise FieldError("vram_budget", str(error)) from None
     if spec.sampler not in SAMPLERS:
         raise FieldError("sampler_name", f"unknown sampler {spec.sampler!r}")
+    numbers = {"steps": spec.steps, "scale": spec.cfg_scale, "eta": spec.eta}
+    if spec.init_image is not None:
+        numbers["strength"] = spec.strength
+    if spec.mask is not None:
+        numbers.update(mask_blur=spec.mask_blur, padding=spec.inpaint_full_res_padding)
+    check_api_numbers(**numbers)
     try:
         make_plan(
             spec.sampler, spec.steps, strength=spec.strength if spec.init_image is not None else 1.0, eta=spec.eta, karras=spec.karras
@@ -173,11 +174,6 @@ def check_inpaint_fields(spec: GenerationSpec) -> None:
     assert spec.mask is not None
     if spec.init_image is None:
         raise FieldError("init_images", "inpainting needs the image to repaint in init_images")
-    if spec.mask_blur < 0:
-        raise FieldError("mask_blur", f"mask_blur must be 0 or more pixels, got {spec.mask_blur}")
-    if spec.inpaint_full_res_padding < 0:
-        padding = spec.inpaint_full_res_padding
-        raise FieldError("inpaint_full_res_padding", f"inpaint_full_res_padding must be 0 or more pixels, got {padding}")
     if spec.inpainting_fill not in INPAINTING_FILL:
         offered = ", ".join(f"{value} ({name})" for value, name in INPAINTING_FILL.items())
         raise FieldError("inpainting_fill", f"unknown inpainting_fill {spec.inpainting_fill}; use {offered}")
@@ -186,6 +182,15 @@ def check_inpaint_fields(spec: GenerationSpec) -> None:
     except UserError:
         inverted = " once inverted (inpainting_mask_invert)" if spec.invert_mask else ""
         raise FieldError("mask", f"the mask is all black{inverted}: nothing to repaint (white marks what is repainted)") from None
+
+
+def check_api_numbers(**values: object) -> None:
+    """`bounds.check_numbers` with a mistake named by its AUTOMATIC1111 field."""
+    try:
+        check_numbers(**values)
+    except FieldError as error:
+        name = API_FIELDS.get(error.field, error.field)
+        raise FieldError(name, error.named(name), error.problem) from None
 
 
 def plan_field(message: str) -> str:
