@@ -191,7 +191,7 @@ def make_plan(
     _check(sampler, steps, strength, eta, karras, model_sampling.num_timesteps)
     t_enc = int(strength * steps)
     if schedule is None:
-        return _flow_plan(sampler, steps, strength, karras, schedule_type, model_sampling)
+        return _flow_plan(sampler, steps, strength, t_enc, karras, schedule_type, model_sampling)
     if sampler in _COMPVIS:
         if schedule_type not in (None, DEFAULT_SCHEDULE_TYPE):
             raise UserError(f"schedule type {schedule_type!r} does not apply to {sampler}, which uses CompVis' fixed timestep grid")
@@ -208,7 +208,7 @@ def make_plan(
 
 
 def _flow_plan(
-    sampler: str, steps: int, strength: float, karras: bool, schedule_type: str | None, model_sampling: ModelSampling
+    sampler: str, steps: int, strength: float, t_enc: int, karras: bool, schedule_type: str | None, model_sampling: ModelSampling
 ) -> SamplingPlan:
     """A k-sampler over a flow model's own shifted grid; what needs a DDPM table or VE noise is refused."""
     if sampler in _COMPVIS:
@@ -217,7 +217,7 @@ def _flow_plan(
         raise UserError(f"{sampler} adds noise by the eps/v rule, not a flow model's; choose one of {', '.join(_FLOW_SAMPLERS)}")
     if karras or schedule_type not in (None, DEFAULT_SCHEDULE_TYPE, "automatic"):
         raise UserError("a flow model samples on its own shifted schedule; leave the schedule type at its default")
-    sigmas = model_sampling.sigmas(steps)[steps - int(strength * steps) :]
+    sigmas = model_sampling.sigmas(steps)[steps - t_enc :]
     common = dict(sampler=sampler, steps=steps, strength=strength, eta=0.0, karras=False, schedule=None)
     return SamplingPlan(**common, schedule_type=DEFAULT_SCHEDULE_TYPE, sigmas=sigmas, model_sampling=model_sampling)
 
