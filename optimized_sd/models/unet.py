@@ -5,6 +5,8 @@ SDXL's `label_emb` over the pooled text and size conditioning."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -141,9 +143,19 @@ class UNetModel(nn.Module):
             + ["out"]
         )
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        y: Tensor | None = None,
+        down_residuals: Sequence[Tensor] | None = None,
+        middle_residual: Tensor | None = None,
+    ) -> Tensor:
         """x: (B, 4, h, w) latents, timesteps: (B,) float, context: (B, tokens, context_dim), y: (B, adm_in_channels)
-        for SDXL -> eps or v (B, 4, h, w)."""
+        for SDXL -> eps or v (B, 4, h, w). A side network's residuals (ControlNet, Zhang et al. 2023), when given,
+        are added to each input block's output as it becomes a skip (one per input block, in order) and to
+        the middle block's output, as the ControlNet LDM code and diffusers' additional residuals do."""
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
         if (y is not None) != (self.config.adm_in_channels is not None):
             raise ValueError("y (vector conditioning) is given exactly when the UNet has a label_emb")
@@ -155,6 +167,12 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down residuals for {len(skips)} input blocks")
+            skips = [skip + residual.to(skip.dtype) for skip, residual in zip(skips, down_residuals)]
+        if middle_residual is not None:
+            h = h + middle_residual.to(h.dtype)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # skip on the channel axis
         return self.out(h).contiguous()

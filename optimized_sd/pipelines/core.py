@@ -39,11 +39,11 @@ from optimized_sd.sampling import (
     Model,
     ProgressCallback,
     SamplingPlan,
+    SideNetwork,
     StepInfo,
     classifier_free_guidance,
     handover_step,
     make_plan,
-    prediction_adapter,
     sample,
     sampler_display_name,
     schedule_display_name,
@@ -79,6 +79,10 @@ class Task:
     def wrap_model(self, model: Model) -> Model:
         """A wrapper around the UNet call, inside guidance (inpainting concatenates mask and image latents)."""
         return model
+
+    def side_network(self, pipe: StableDiffusion) -> SideNetwork | None:
+        """A network computing side inputs for every UNet call (a ControlNet's residuals), or None."""
+        return None
 
     def step_callback(self, progress: ProgressCallback | None) -> ProgressCallback | None:
         """The sampler's per-step callback: the caller's `progress`, or a wrapper that also edits the
@@ -157,24 +161,26 @@ def encode_pixels(pipe: StableDiffusion, pixels: Tensor, batch: int, tiled: bool
 
 
 def unet_model(pipe: StableDiffusion, record: StageRecord) -> Model:
-    """The UNet as a `Model`: x in the compute dtype, float32 out, `y` passed only when the
-    conditioning has one. Counts its calls into the stage record (`steps`: UNet evaluations)."""
+    """The UNet as a `Model`: x in the compute dtype, float32 out, `y` and control residuals passed only
+    when the conditioning has them. Counts its calls into the stage record (`steps`: UNet evaluations)."""
     unet = pipe.model.model.diffusion_model
 
     def call(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         record.steps += 1
         x_in, t_in = x.to(pipe.dtype), t.to(pipe.device, torch.float32)
-        if cond.y is None:
-            return unet(x_in, t_in, cond.context).float()
-        return unet(x_in, t_in, cond.context, y=cond.y).float()
+        extras = {} if cond.y is None else {"y": cond.y}
+        if cond.control is not None:
+            control = cond.control.to(pipe.device, pipe.dtype)
+            extras.update(down_residuals=control.down, middle_residual=control.middle)
+        return unet(x_in, t_in, cond.context, **extras).float()
 
     return call
 
 
 def guided_eps(pipe: StableDiffusion, task: Task, request: GenerationRequest, record: StageRecord, conditioning: ConditioningPair) -> EpsFn:
-    """CFG(prediction adapter(task wrapper(pipe's UNet))) over the conditioning: what the sampler calls."""
-    model = prediction_adapter(task.wrap_model(unet_model(pipe, record)), pipe.config.prediction_type, pipe.schedule)
-    return classifier_free_guidance(model, *conditioning, request.scale)
+    """CFG(side network(prediction(task wrapper(pipe's UNet)))) over the conditioning: what the sampler calls."""
+    model = pipe.model_sampling.prediction(task.wrap_model(unet_model(pipe, record)))
+    return classifier_free_guidance(model, *conditioning, request.scale, side_network=task.side_network(pipe))
 
 
 class Handover:
@@ -371,8 +377,8 @@ def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, prog
         strength=task.strength(request),
         eta=request.eta,
         karras=request.karras,
-        schedule=pipe.schedule,
         schedule_type=request.schedule,
+        model_sampling=pipe.model_sampling,
     )
     refiner = pipe.refiner_for(request.refiner) if request.refiner is not None else None
     networks = resolve_networks(request.prompts, request.negative_prompt, lora_weights(request.loras), pipe.lora_dir)

@@ -31,7 +31,7 @@ from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, 
 from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
 from optimized_sd.pipelines.txt2img import TXT2IMG
 from optimized_sd.pipelines.weight_storage import check_weight_kind, plan_storage
-from optimized_sd.sampling import ProgressCallback, scaled_linear_schedule
+from optimized_sd.sampling import ModelSampling, ProgressCallback, discrete_sampling, scaled_linear_schedule
 from optimized_sd.weights.embeddings import EmbeddingLibrary
 from optimized_sd.weights.family import detect_family
 from optimized_sd.weights.loading import LoadedModel, open_checkpoint, prepare_model, source_metadata
@@ -110,6 +110,11 @@ class StableDiffusion:
                                        channels_last=channels_last)
         self.refiner: StableDiffusion | None = None  # the last `--refiner` a call used, kept for the next
         self.loras = LoraSet(self.config, {key: tuple(value.shape) for key, value in self.model.state_dict().items()})
+
+    @property
+    def model_sampling(self) -> ModelSampling:
+        """How this model is sampled, by its parameterisation (the resolved `prediction_type`: eps or v)."""
+        return discrete_sampling(self.config.prediction_type, self.schedule)
 
     @property
     def dtype_bytes(self) -> int:

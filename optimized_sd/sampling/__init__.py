@@ -1,13 +1,15 @@
 """Noise schedules, denoiser wrappers and samplers (DDIM/PLMS as CompVis, k-diffusion family).
 
-The pipelines use: `Conditioning`, the wrappers of `denoisers` (prediction adapter, CFG) to turn
-a model call into `eps_model(x_in, t) -> eps`, then `make_plan` -> `start_latents` -> `sample`
+The pipelines use: `Conditioning`, the model's `ModelSampling` (eps, v, flow) and the wrappers of
+`denoisers` (its prediction, side networks, CFG) to turn a model call into `eps_model(x_in, t) -> eps`
+(a flow's velocity), then `make_plan` -> `start_latents` -> `sample`
 (with a `StepInfo` progress callback), plus `SAMPLERS` and `sampler_display_name`. Nothing here
 knows the UNet.
 """
 
-from .conditioning import Conditioning
-from .denoisers import PREDICTION_TYPES, EpsFn, Model, classifier_free_guidance, prediction_adapter
+from .conditioning import Conditioning, ControlResiduals
+from .denoisers import PREDICTION_TYPES, EpsFn, Model, SideNetwork, classifier_free_guidance, prediction_adapter, with_side_network
+from .model_sampling import EpsSampling, FlowSampling, ModelSampling, VSampling, discrete_sampling, flow_mu
 from .plan import (
     SAMPLERS,
     SCHEDULE_TYPES,
@@ -28,13 +30,21 @@ __all__ = [
     "SAMPLERS",
     "SCHEDULE_TYPES",
     "Conditioning",
+    "ControlResiduals",
     "DiscreteSchedule",
     "EpsFn",
+    "EpsSampling",
+    "FlowSampling",
     "Model",
+    "ModelSampling",
     "ProgressCallback",
     "SamplingPlan",
+    "SideNetwork",
     "StepInfo",
+    "VSampling",
     "classifier_free_guidance",
+    "discrete_sampling",
+    "flow_mu",
     "handover_step",
     "prediction_adapter",
     "make_plan",
@@ -43,4 +53,5 @@ __all__ = [
     "schedule_display_name",
     "scaled_linear_schedule",
     "start_latents",
+    "with_side_network",
 ]

@@ -36,14 +36,15 @@ def inpainting_concat(model: Model, mask: Tensor, masked_latents: Tensor) -> Mod
 
 def noised_to(plan: SamplingPlan, index: int, x0: Tensor, noise: Tensor) -> Tensor:
     """x0 at the noise level of the input of step `index` (0-based) of `plan`, in the sampler's own
-    variables (DDIM/PLMS: sqrt(abar) x0 + sqrt(1 - abar) noise; k-samplers: x0 + sigma noise);
+    variables (DDIM/PLMS: sqrt(abar) x0 + sqrt(1 - abar) noise; k-samplers: the model sampling's rule,
+    x0 + sigma noise for eps/v, (1 - sigma) x0 + sigma noise for flow);
     x0 itself when `index` is past the last step. diffusers' `scheduler.add_noise` at that timestep."""
     if index >= plan.num_steps:
         return x0
     if plan.ddim_steps:
         alpha = plan.ddim_steps[index].alpha
         return math.sqrt(alpha) * x0 + math.sqrt(1.0 - alpha) * noise
-    return x0 + plan.sigmas[index] * noise
+    return plan.model_sampling.noise_image(x0, noise, plan.sigmas[index])
 
 
 def masked_blend(

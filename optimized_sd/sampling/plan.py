@@ -15,6 +15,10 @@ Conventions, each chosen to match a reference:
   the full schedule from x0 + noise * sigmas[steps - t_enc] (A1111). strength 0 runs nothing.
   CompVis indexes past its grid at strength 1; here strength 1 runs the whole grid (the same
   steps as txt2img), with the init latents noised to its noisiest timestep.
+* The plan's `model_sampling` (eps, v or flow; `sampling.model_sampling`) gives the denoiser, the
+  start latents and the noised init latents. Flow models walk their own shifted grid with the
+  deterministic k-samplers only: DDIM/PLMS need a DDPM table, and the ancestral/SDE samplers add
+  noise by the variance-exploding rule.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch import Tensor
 from ..errors import UserError
 from . import k_samplers as k
 from .compvis import DDIMStep, ddim_grid, sample_ddim, sample_plms
-from .denoisers import eps_denoiser
+from .model_sampling import EpsSampling, ModelSampling
 from .schedules import (
     DiscreteSchedule,
     dpm_solver_sigmas,
@@ -59,6 +63,7 @@ _K_SAMPLERS = {
     "dpmpp_sde": k.sample_dpmpp_sde,
 }
 _COMPVIS = {"ddim": sample_ddim, "plms": sample_plms}
+_STOCHASTIC = ("euler_a", "dpm2_a", "dpmpp_sde", "dpmpp_2m_sde")  # add noise as x0 + sigma * noise (variance exploding)
 
 _DPM_SOLVER = ("dpmpp_2m", "dpmpp_2m_sde")  # diffusers runs these on DPMSolverMultistepScheduler's own grid
 # schedule type -> (AUTOMATIC1111's "Schedule type" name, sigmas for (schedule, sampler, steps))
@@ -101,11 +106,16 @@ class SamplingPlan:
     strength: float
     eta: float
     karras: bool
-    schedule: DiscreteSchedule
+    schedule: DiscreteSchedule | None  # the DDPM table (None for flow models)
     schedule_type: str = DEFAULT_SCHEDULE_TYPE  # resolved: never "automatic"; "" for DDIM/PLMS
     sigmas: tuple[float, ...] = ()
     ddim_steps: tuple[DDIMStep, ...] = ()
     noise_step: DDIMStep | None = None
+    model_sampling: ModelSampling | None = None  # None: eps over `schedule`
+
+    def __post_init__(self) -> None:
+        if self.model_sampling is None:
+            object.__setattr__(self, "model_sampling", EpsSampling(self.schedule))
 
     @property
     def num_steps(self) -> int:
@@ -164,18 +174,24 @@ def make_plan(
     karras: bool = False,
     schedule: DiscreteSchedule | None = None,
     schedule_type: str | None = None,
+    model_sampling: ModelSampling | None = None,
 ) -> SamplingPlan:
     """Validate a request (UserError on bad input) and fix the steps that `sample` will run.
 
     DDIM/PLMS keep CompVis' grid, so some step counts run one step more (30 -> 31, see
     `schedules.ddim_timesteps`); `plan.num_steps` is the count that runs. `schedule_type` picks
-    the k-samplers' sigma grid (SCHEDULE_TYPES; DDIM/PLMS accept only the default).
+    the k-samplers' sigma grid (SCHEDULE_TYPES; DDIM/PLMS accept only the default). `model_sampling`
+    (default: eps over `schedule`, itself SD's scaled linear one by default) says how the model is sampled.
     """
-    schedule = schedule if schedule is not None else scaled_linear_schedule()
+    if model_sampling is None:
+        model_sampling = EpsSampling(schedule if schedule is not None else scaled_linear_schedule())
+    schedule = model_sampling.schedule
     if schedule_type is not None and schedule_type not in SCHEDULE_TYPES:
         raise UserError(f"unknown schedule type {schedule_type!r}; choose one of: {', '.join(SCHEDULE_TYPES)}")
-    _check(sampler, steps, strength, eta, karras, schedule.num_timesteps)
+    _check(sampler, steps, strength, eta, karras, model_sampling.num_timesteps)
     t_enc = int(strength * steps)
+    if schedule is None:
+        return _flow_plan(sampler, steps, strength, t_enc, karras, schedule_type, model_sampling)
     if sampler in _COMPVIS:
         if schedule_type not in (None, DEFAULT_SCHEDULE_TYPE):
             raise UserError(f"schedule type {schedule_type!r} does not apply to {sampler}, which uses CompVis' fixed timestep grid")
@@ -184,18 +200,33 @@ def make_plan(
         run = tuple(reversed(grid[:n_run]))
         noise_step = grid[t_enc] if t_enc < steps else grid[-1]
         common = dict(sampler=sampler, steps=steps, strength=strength, eta=eta, karras=False, schedule=schedule, schedule_type="")
-        return SamplingPlan(**common, ddim_steps=run, noise_step=noise_step)
+        return SamplingPlan(**common, ddim_steps=run, noise_step=noise_step, model_sampling=model_sampling)
     resolved = resolve_schedule_type(sampler, schedule_type, karras)
     sigmas = _SCHEDULE_TYPES[resolved][1](schedule, sampler, steps)
     common = dict(sampler=sampler, steps=steps, strength=strength, eta=eta, karras=resolved == "karras", schedule=schedule)
-    return SamplingPlan(**common, schedule_type=resolved, sigmas=sigmas[steps - t_enc :])
+    return SamplingPlan(**common, schedule_type=resolved, sigmas=sigmas[steps - t_enc :], model_sampling=model_sampling)
+
+
+def _flow_plan(
+    sampler: str, steps: int, strength: float, t_enc: int, karras: bool, schedule_type: str | None, model_sampling: ModelSampling
+) -> SamplingPlan:
+    """A k-sampler over a flow model's own shifted grid; what needs a DDPM table or VE noise is refused."""
+    if sampler in _COMPVIS:
+        raise UserError(f"DDIM/PLMS need a discrete (eps/v) schedule; this is a flow model: choose one of {', '.join(_FLOW_SAMPLERS)}")
+    if sampler in _STOCHASTIC:
+        raise UserError(f"{sampler} adds noise by the eps/v rule, not a flow model's; choose one of {', '.join(_FLOW_SAMPLERS)}")
+    if karras or schedule_type not in (None, DEFAULT_SCHEDULE_TYPE, "automatic"):
+        raise UserError("a flow model samples on its own shifted schedule; leave the schedule type at its default")
+    sigmas = model_sampling.sigmas(steps)[steps - t_enc :]
+    common = dict(sampler=sampler, steps=steps, strength=strength, eta=0.0, karras=False, schedule=None)
+    return SamplingPlan(**common, schedule_type=DEFAULT_SCHEDULE_TYPE, sigmas=sigmas, model_sampling=model_sampling)
 
 
 def step_timesteps(plan: SamplingPlan) -> tuple[float, ...]:
     """The timestep each step starts from, in sampling order (k-samplers: the sigma's fractional timestep)."""
     if plan.sampler in _COMPVIS:
         return tuple(float(step.t) for step in plan.ddim_steps)
-    return tuple(plan.schedule.sigma_to_t(sigma) for sigma in plan.sigmas[: plan.num_steps])
+    return tuple(plan.model_sampling.timestep(sigma) for sigma in plan.sigmas[: plan.num_steps])
 
 
 def handover_step(plan: SamplingPlan, switch_at: float) -> int:
@@ -205,7 +236,7 @@ def handover_step(plan: SamplingPlan, switch_at: float) -> int:
     timestep: completed = (999 - t) / 1000); the steps after it go to the second model."""
     if not 0.0 < switch_at < 1.0:
         raise ValueError(f"a switch must be between 0 and 1 (exclusive), got {switch_at}")
-    cutoff = round(plan.schedule.num_timesteps * (1.0 - switch_at))
+    cutoff = round(plan.model_sampling.num_timesteps * (1.0 - switch_at))
     return sum(1 for t in step_timesteps(plan) if t >= cutoff)
 
 
@@ -215,7 +246,7 @@ def start_latents(plan: SamplingPlan, noise: Tensor, init_latents: Tensor | None
     if init_latents is None:
         if plan.strength != 1.0:
             raise ValueError("txt2img needs a plan made with strength 1.0")
-        return noise if plan.sampler in _COMPVIS else noise * plan.sigmas[0]
+        return noise if plan.sampler in _COMPVIS else plan.model_sampling.initial_latents(noise, plan.sigmas[0])
     if plan.num_steps == 0:
         return init_latents
     x0, eps = init_latents.float(), noise.to(init_latents.device, torch.float32)
@@ -223,7 +254,7 @@ def start_latents(plan: SamplingPlan, noise: Tensor, init_latents: Tensor | None
         a = plan.noise_step.alpha  # CompVis stochastic_encode with the DDIM arrays
         x = math.sqrt(a) * x0 + math.sqrt(1.0 - a) * eps
     else:
-        x = x0 + eps * plan.sigmas[0]
+        x = plan.model_sampling.noise_image(x0, eps, plan.sigmas[0])
     return x.to(init_latents.dtype)
 
 
@@ -248,7 +279,8 @@ def sample(
 ) -> Tensor:
     """Run the plan from `x` (from `start_latents`) and return the clean latents in x's dtype.
 
-    `eps_model(x_in, t)` gets x_in in x's dtype and t as float32 [B]. The sampler state is kept
+    `eps_model(x_in, t)` gets x_in in x's dtype and t as float32 [B] and returns the prediction the plan's
+    model sampling reads (eps; a flow model's velocity). The sampler state is kept
     in float32 whatever x's dtype, so fp16 models do not accumulate rounding over the steps.
     `progress(StepInfo)` is called before the first step and after each; whatever it raises
     (e.g. `errors.Interrupted`) stops sampling there and propagates.
@@ -276,8 +308,11 @@ def sample(
     if plan.sampler in _COMPVIS:
         out = _COMPVIS[plan.sampler](eps, state, plan.ddim_steps, noise, callback)
     else:
-        out = _K_SAMPLERS[plan.sampler](eps_denoiser(eps, plan.schedule), state, plan.sigmas, noise, callback)
+        out = _K_SAMPLERS[plan.sampler](plan.model_sampling.denoiser(eps), state, plan.sigmas, noise, callback)
     return out.to(dtype)
+
+
+_FLOW_SAMPLERS = tuple(name for name in _K_SAMPLERS if name not in _STOCHASTIC)
 
 
 def sampler_display_name(sampler: str, karras: bool) -> str:
