@@ -32,7 +32,7 @@ from optimized_sd.pipelines.output import (
 )
 from optimized_sd.pipelines.prompts import read_prompt_file
 from optimized_sd.pipelines.request import check_numbers, check_refiner_switch, check_seeds, check_size
-from optimized_sd.prompts.syntax import subprompt_mix
+from optimized_sd.prompts.syntax import check_prompts
 from optimized_sd.sampling import StepInfo, make_plan
 
 IMAGE_FORMATS = ("png", "jpg")
@@ -106,7 +106,7 @@ class Job:
             if value < 1:
                 raise UserError(f"{flag} {value} must be at least 1")
         check_numbers(scale=self.scale, ddim_eta=self.eta, strength=self.strength)
-        subprompt_mix(self.negative_prompt)
+        check_prompts(self.prompts, self.negative_prompt)
         if self.output.n_rows < 0:
             raise UserError("--n_rows must be 0 (one row per batch) or more")
         if self.output.fmt not in IMAGE_FORMATS:
@@ -133,11 +133,10 @@ class Job:
             check_report_path(self.output.report_json)
 
     def check_batches(self, batches: list[list[str]]) -> None:
-        """What needs the prompts: their weights, the seeds they use, and their output folders (checked,
-        not created: nothing is written before the model has run)."""
+        """What needs the prompts (a prompt file's too): their syntax and bounds, the seeds they use, and their
+        output folders (checked, not created: nothing is written before the model has run)."""
         prompts = list(dict.fromkeys(p for batch in batches for p in batch))
-        for prompt in prompts:
-            subprompt_mix(prompt)
+        check_prompts(prompts)
         images = self.n_samples if self.fixed_code else self.n_iter * sum(len(batch) for batch in batches)
         check_seeds(self.seed, images)
         policy = self.output
