@@ -238,7 +238,7 @@ def test_bracket_nesting_is_bounded_not_its_depth_alone() -> None:
     pieces = MAX_EMPHASIS_NESTING // depth
     allowed = "([" * (depth // 2) + "(a)" * (pieces - 1)  # every piece inside 40 brackets, 41 for the (a)s
     parse_attention("([" * (depth // 2) + "a")
-    with pytest.raises(UserError, match="emphasis brackets nest too deeply: over 100,000"):
+    with pytest.raises(UserError, match="emphasis brackets nest too deeply: its pieces of text sit inside over 100,000 brackets in all"):
         parse_attention(allowed + "(a)" * 10)
 
 

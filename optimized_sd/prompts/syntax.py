@@ -118,7 +118,8 @@ def parse_attention(text: str) -> list[Segment]:
             pieces.clear()
             nesting += rounds.depth + squares.depth
             if nesting > MAX_EMPHASIS_NESTING:
-                raise UserError(f"emphasis brackets nest too deeply: over {MAX_EMPHASIS_NESTING:,} in all around its pieces of text")
+                limit = MAX_EMPHASIS_NESTING
+                raise UserError(f"emphasis brackets nest too deeply: its pieces of text sit inside over {limit:,} brackets in all")
 
     def add_text(plain: str) -> None:
         if not plain:  # (between two marks)
