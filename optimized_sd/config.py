@@ -279,6 +279,17 @@ SDXL_REFINER = ModelConfig(
 """SDXL refiner 1.0 (SGM sd_xl_refiner.yaml): bigG alone, aesthetic-score conditioning."""
 REFINER_SWITCH_DEFAULT = 0.8  # the share of the denoising an SDXL base runs before its refiner (AUTOMATIC1111's default)
 
+# Prompt bounds (AUTOMATIC1111 has none). A prompt is refused past MAX_PROMPT_CHARS characters, past MAX_PROMPT_CHUNKS
+# chunks of 75 tokens (2,464 context tokens: cross-attention memory grows with them, and a prompt of 100k BREAKs
+# would need ~24 GB of context), with an emphasis weight that is not finite or past +-MAX_EMPHASIS_WEIGHT (1.1 ** 49
+# already; the weighted context must stay finite in fp16, whose largest number is 65504), or with brackets nested
+# past MAX_EMPHASIS_NESTING: the sum over its pieces of text of the brackets around each (AUTOMATIC1111 multiplies
+# each piece by each of them, quadratic work; a written prompt needs a few hundred).
+MAX_PROMPT_CHARS = 65536
+MAX_PROMPT_CHUNKS = 32
+MAX_EMPHASIS_WEIGHT = 100.0
+MAX_EMPHASIS_NESTING = 100_000
+
 TINY = ModelConfig(
     unet=UNetConfig(
         model_channels=32,

@@ -33,7 +33,7 @@ from optimized_sd.pipelines.output import (
 )
 from optimized_sd.pipelines.prompts import read_prompt_file
 from optimized_sd.pipelines.request import check_refiner_switch, check_seeds, check_size
-from optimized_sd.prompts.syntax import subprompt_mix
+from optimized_sd.prompts.syntax import check_prompts
 from optimized_sd.sampling import StepInfo, make_plan
 
 IMAGE_FORMATS = ("png", "jpg")
@@ -108,7 +108,7 @@ class Job:
         check_numbers(steps=self.steps, scale=self.scale, eta=self.eta, strength=self.strength)
         images = self.n_samples if self.fixed_code else self.n_samples * self.n_iter * max(len(self.prompts), 1)
         check_seeds(self.seed, images)  # a prompt file's count is checked again by `check_batches`
-        subprompt_mix(self.negative_prompt)
+        check_prompts(self.prompts, self.negative_prompt)
         if self.output.n_rows < 0:
             raise UserError("--n_rows must be 0 (one row per batch) or more")
         if self.output.fmt not in IMAGE_FORMATS:
@@ -135,11 +135,10 @@ class Job:
             check_report_path(self.output.report_json)
 
     def check_batches(self, batches: list[list[str]]) -> None:
-        """What needs the prompts: their weights, the seeds they use, and their output folders (checked,
-        not created: nothing is written before the model has run)."""
+        """What needs the prompts (a prompt file's too): their syntax and bounds, the seeds they use, and their
+        output folders (checked, not created: nothing is written before the model has run)."""
         prompts = list(dict.fromkeys(p for batch in batches for p in batch))
-        for prompt in prompts:
-            subprompt_mix(prompt)
+        check_prompts(prompts)
         images = self.n_samples if self.fixed_code else self.n_iter * sum(len(batch) for batch in batches)
         check_seeds(self.seed, images)
         policy = self.output

@@ -14,6 +14,7 @@ from optimized_sd.errors import FieldError, UserError
 from optimized_sd.pipelines.bounds import check_numbers
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import ImageParameters
+from optimized_sd.prompts.syntax import check_prompts
 
 
 @dataclass
@@ -89,6 +90,7 @@ def check_request(request: GenerationRequest, config: ModelConfig) -> None:
     """What a request must agree on with the loaded model (UserError otherwise)."""
     if not request.prompts:
         raise UserError("no prompt given")
+    check_prompts(request.prompts, request.negative_prompt)
     check_numbers(steps=request.steps, scale=request.scale, eta=request.eta, strength=request.strength)
     check_seeds(request.seed, len(request.prompts))
     check_size(request.height, request.width, request.downscale)

@@ -3,7 +3,9 @@
 A prompt becomes chunks of 75 tokens, each wrapped as [start] + tokens + [end] + [pad...] to 77
 (a chunk ends early at the last comma within its last 20 tokens, and at BREAK). Each chunk is
 encoded, its output rows are multiplied by the tokens' emphasis weights and the chunk's mean is
-then restored (z * (mean before / mean after)); chunks are concatenated along the sequence.
+then restored (z * (mean before / mean after); skipped where it would divide by 0 or scale by 0 or a
+non-finite number); chunks are concatenated along the sequence. A prompt may need at most
+MAX_PROMPT_CHUNKS chunks.
 Textual-inversion vectors take one token position each and are spliced in by the text tower.
 
 The tower is reached through two callables, so SD 1.x CLIP, OpenCLIP (pad id 0) and SDXL's two
@@ -21,6 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from optimized_sd.config import MAX_PROMPT_CHUNKS
+from optimized_sd.errors import UserError
 
 from .syntax import Segment, parse_attention, subprompt_mix
 
@@ -96,6 +101,8 @@ def build_chunks(
 
     def close() -> None:
         nonlocal chunk, last_comma
+        if len(chunks) == MAX_PROMPT_CHUNKS:
+            raise too_many_chunks(segments)
         padding = CHUNK_TOKENS - len(chunk.ids)
         # (77,): start, text, end, then padding (the end token again for CLIP, 0 for OpenCLIP)
         chunk.ids = [special.start] + chunk.ids + [special.end] + [special.pad] * padding
@@ -136,16 +143,30 @@ def build_chunks(
     return chunks, used
 
 
+def too_many_chunks(segments: Sequence[Segment]) -> UserError:
+    """The one-line refusal of a prompt past MAX_PROMPT_CHUNKS chunks, naming it by its start."""
+    text = "".join(segment.text if not segment.is_break else " BREAK " for segment in segments[:40])
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    limit = MAX_PROMPT_CHUNKS * CHUNK_TOKENS
+    return UserError(f"the prompt {shown!r} is over {MAX_PROMPT_CHUNKS} chunks of {CHUNK_TOKENS} tokens ({limit:,} tokens); shorten it")
+
+
 def encode_chunks(chunks: Sequence[Chunk], encode: ChunkEncoder) -> Encoded:
     """(1, 77 * len(chunks), C) float32: each chunk encoded, weighted and its mean restored; and the
-    first chunk's pooled vector (unweighted, as AUTOMATIC1111)."""
+    first chunk's pooled vector (unweighted, as AUTOMATIC1111).
+
+    The restoration is skipped in a chunk whose weights are all 1 (it is the identity there, but
+    0 / 0 where the chunk's mean is exactly 0: a text tower whose final norm has weight 1 and bias 0, an
+    fp16 tower, a prompt of unknown tokens) and where the ratio of the means is 0 or not finite."""
     ids = torch.tensor([chunk.ids for chunk in chunks], dtype=torch.long)  # (n, 77)
     z, pooled = encode(ids, [chunk.fixes for chunk in chunks])
     z = z.float()  # (n, 77, C)
-    weights = torch.tensor([chunk.weights for chunk in chunks], dtype=torch.float32, device=z.device)[..., None]
-    original_mean = z.mean(dim=(1, 2), keepdim=True)  # per chunk, as AUTOMATIC1111 encodes chunk by chunk
-    z = z * weights
-    z = z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+    weights = torch.tensor([chunk.weights for chunk in chunks], dtype=torch.float32, device=z.device)[..., None]  # (n, 77, 1)
+    original_mean = z.mean(dim=(1, 2), keepdim=True)  # (n, 1, 1): per chunk, as AUTOMATIC1111 encodes chunk by chunk
+    weighted = z * weights
+    ratio = original_mean / weighted.mean(dim=(1, 2), keepdim=True)
+    restore = (weights != 1).any(dim=1, keepdim=True) & torch.isfinite(ratio) & (ratio != 0)
+    z = torch.where(restore, weighted * ratio, weighted)
     return z.reshape(1, -1, z.shape[-1]), None if pooled is None else pooled[:1].float()
 
 

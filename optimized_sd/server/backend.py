@@ -23,6 +23,7 @@ from optimized_sd.pipelines.masks import InpaintOptions, check_mask, fit_mask, l
 from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR
 from optimized_sd.pipelines.output import ImageParameters, encode
 from optimized_sd.pipelines.request import INPAINTING_UNET_CHANNELS, check_refiner_switch, check_size
+from optimized_sd.prompts.syntax import check_prompt
 from optimized_sd.sampling import SAMPLERS, make_plan, sampler_display_name
 from optimized_sd.server.catalog import ModelCatalog, ModelEntry
 from optimized_sd.server.jobs import Job
@@ -124,6 +125,11 @@ def check_spec(spec: GenerationSpec) -> None:
     """Everything that can be checked before queueing, so a mistake comes back at once."""
     if not isinstance(spec.prompt, str):
         raise FieldError("prompt", "prompt must be text")
+    for name in ("prompt", "negative_prompt"):
+        try:
+            check_prompt(getattr(spec, name), name.replace("_", " "))
+        except UserError as error:
+            raise FieldError(name, str(error)) from None
     for name in ("width", "height"):
         value = getattr(spec, name)
         if not 8 <= value <= MAX_SIDE:
