@@ -309,3 +309,20 @@ TINY = ModelConfig(
     ),
 )
 """A model small enough for unit tests: every kind of block of SD 1.x, at toy widths."""
+
+
+# The largest |weight| a LoRA may be applied at. Real use stays within a few units (AUTOMATIC1111's slider
+# ends at 2); far beyond it a merged weight is noise, and in half precision it overflows to inf (a black image).
+MAX_LORA_WEIGHT = 100.0
+
+
+def check_lora_weight(weight: object, what: str) -> float:
+    """The weight a LoRA is applied at, as a float; UserError naming `what` (the flag, tag or file) when it
+    is not a number, not finite, or beyond +-MAX_LORA_WEIGHT."""
+    try:
+        value = float(weight)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{what}: the weight {weight!r} is not a number") from None
+    if not math.isfinite(value) or abs(value) > MAX_LORA_WEIGHT:
+        raise UserError(f"{what}: the weight {weight!r} must be a finite number from {-MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}")
+    return value

@@ -270,7 +270,7 @@ def test_chunks_are_bounded_before_and_after_tokenizing() -> None:
 
 def test_lora_tag_weights_must_be_finite() -> None:
     for weight in ("inf", "nan", "1e400"):
-        with pytest.raises(UserError, match=f"<lora:x:{weight}>: the weight '{weight}' is not a finite number"):
+        with pytest.raises(UserError, match=f"<lora:x:{weight}>: the weight '{weight}' must be a finite number"):
             extract_loras(f"a <lora:x:{weight}>")
 
 

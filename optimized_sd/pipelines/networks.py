@@ -51,9 +51,8 @@ def resolve_networks(prompts: Sequence[str], negative_prompt: str, explicit: Map
         log.warning("prompts of one batch ask for different LoRAs; the first prompt's are used for the whole batch")
     loras = dict(explicit)
     for tag in [*(tag_sets[0] if tag_sets else ()), *negative_tags]:
-        weight = check_lora_weight(tag.weight, f"prompt: <lora:{tag.name}>")
-        path = find_lora(tag.name, lora_dir)
-        loras[path] = check_lora_weight(loras.get(path, 0.0) + weight, f"LoRA {path.name} (summed)")
+        path = find_lora(tag.name, lora_dir)  # the tag's own weight was checked as the prompt was parsed
+        loras[path] = check_lora_weight(loras.get(path, 0.0) + tag.weight, f"LoRA {path.name} (summed)")
     return PromptNetworks(tuple(cleaned), negative, loras)
 
 

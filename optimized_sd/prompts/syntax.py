@@ -27,7 +27,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from optimized_sd.config import MAX_EMPHASIS_NESTING, MAX_EMPHASIS_WEIGHT, MAX_PROMPT_CHARS, MAX_PROMPT_CHUNKS
+from optimized_sd.config import (
+    MAX_EMPHASIS_NESTING,
+    MAX_EMPHASIS_WEIGHT,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPT_CHUNKS,
+    check_lora_weight,
+)
 from optimized_sd.errors import UserError
 
 ROUND_MULTIPLIER = 1.1
@@ -275,12 +281,7 @@ def _lora_tag(tag: str, kind: str, arguments: str) -> LoraTag | None:
         raise UserError(f"{tag}: separate text-encoder/UNet weights are not supported; write <{kind}:{name}:WEIGHT>")
     weight = 1.0
     if len(args) == 2:
-        try:
-            weight = float(args[1])
-        except ValueError:
-            raise UserError(f"{tag}: the weight {args[1]!r} is not a number") from None
-        if not math.isfinite(weight):
-            raise UserError(f"{tag}: the weight {args[1]!r} is not a finite number")
+        weight = check_lora_weight(args[1], tag)
     return LoraTag(name, weight)
 
 

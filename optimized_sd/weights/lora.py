@@ -14,7 +14,6 @@ through the same product over flattened kernels.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from optimized_sd.config import FAMILY_NAMES, ModelConfig
+from optimized_sd.config import FAMILY_NAMES, MAX_LORA_WEIGHT, ModelConfig, check_lora_weight
 from optimized_sd.errors import UserError
 
 from .ckpt import load_ckpt, state_dict_from_ckpt
@@ -32,9 +31,6 @@ from .keymap import clip_module_name, unet_prefixes
 from .sources import SafetensorsSource
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-# The largest |weight| a LoRA may be applied at. Real use stays within a few units (AUTOMATIC1111's slider
-# ends at 2); far beyond it a merged weight is noise, and in half precision it overflows to inf (a black image).
-MAX_LORA_WEIGHT = 100.0
 MAX_FLOAT32_UPDATE = 1e30  # far above any real update, far below float32's overflow at 3.4e38
 
 # Per family: text tower -> (our key prefix, its kind: transformers "clip" or fused "open_clip").
@@ -155,18 +151,6 @@ def check_finite(path: Path, key: str, tensor: Tensor) -> None:
     into a prompt it would turn every image black, with nothing to say why."""
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise UserError(f"{Path(path).name}: {key} holds NaN or infinite values; the file is damaged")
-
-
-def check_lora_weight(weight: object, what: str) -> float:
-    """The weight a LoRA is applied at, as a float; UserError naming `what` (the flag, tag or file) when it
-    is not a number, not finite, or beyond +-MAX_LORA_WEIGHT."""
-    try:
-        value = float(weight)  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{what}: the weight {weight!r} is not a number") from None
-    if not math.isfinite(value) or abs(value) > MAX_LORA_WEIGHT:
-        raise UserError(f"{what}: the weight {weight!r} must be a finite number from {-MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}")
-    return value
 
 
 def flat(name: str) -> str:
