@@ -196,7 +196,7 @@ def check_taesd_fits(tiny: TinyAutoencoder, config: ModelConfig, flag: str, *, n
     named = taesd_name(tiny.path)
     if named is not None and config.family not in named.families:
         raise UserError(
-            f"{flag} {tiny.path.name} is a {named.label} TAESD ({named.prefix}_*); this is an {config.family_name} model: "
+            f"{flag} {tiny.path.name} is a TAESD for {named.label} ({named.prefix}_*); this is an {config.family_name} model: "
             f"use {taesd_prefix(config.family)}_decoder"
         )
 
