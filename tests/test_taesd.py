@@ -133,15 +133,17 @@ def test_taesd_decodes_the_unet_latents_and_the_checkpoint_vae_still_encodes(tae
 
     from optimized_sd.pipelines.diffusion import GenerationRequest, load
 
-    pipe = load(tiny_model.safetensors, vae=taesd_files["decoder_pth"], device="cpu", tokenizer=tiny_model.tokenizer)
-    plain = load(tiny_model.safetensors, device="cpu", tokenizer=tiny_model.tokenizer)
+    pipe = load(tiny_model.safetensors, vae=taesd_files["decoder_pth"], device="cpu", tokenizer=tiny_model.tokenizer, memory="split")
+    plain = load(tiny_model.safetensors, device="cpu", tokenizer=tiny_model.tokenizer, memory="split")
     request = GenerationRequest(prompts=["a cat"], steps=2, seed=3, height=64, width=64, sampler="euler")
     result = pipe.generate(request)
     # The UNet's latents go in as they are: TAESD was trained on latents already times the VAE's scale factor.
     expected = tensor_to_image(taesd_files["model"].decode(result.latents.float()).sample.clamp(-1, 1).detach())
     assert np.abs(np.asarray(result.images[0], dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
     torch.testing.assert_close(result.latents, plain.generate(request).latents)  # only the decode differs
-    assert pipe.plan.mode == plain.plan.mode
+    ran = {group for action, group, _ in pipe.engine.events if action == "run"}
+    assert not any("decoder" in group for group in ran) and any("decoder" in g for _, g, _ in plain.engine.events)  # never placed
+    assert pipe.memory.sizes.tiny_decoder == sum(p.numel() for p in pipe.fast_vae.decoder.parameters()) * 4
     init = Image.new("RGB", (64, 64), (200, 40, 90))
     edited = pipe.generate(GenerationRequest(prompts=["a cat"], steps=2, seed=3, init_image=init, strength=0.5, sampler="euler"))
     reference = plain.generate(GenerationRequest(prompts=["a cat"], steps=2, seed=3, init_image=init, strength=0.5, sampler="euler"))
