@@ -114,7 +114,10 @@ def is_taesd(path: Path | str) -> bool:
         return diffusers_tiny_folder(path)
     if not path.is_file():
         return False
-    source = open_source(path)
+    try:
+        source = open_source(path)
+    except CheckpointError:  # unreadable: the KL VAE loader reports it, as for any `--vae`
+        return False
     try:
         return taesd_layout(source.keys()) is not None
     finally:
