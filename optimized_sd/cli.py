@@ -39,7 +39,8 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--config", type=click.Path(path_type=Path), help="JSON model config overriding the one read off the weights."),
         click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json)."),
         click.option("--ema", is_flag=True, help="Use the checkpoint's EMA UNet weights."),
-        click.option("--vae", type=click.Path(path_type=Path), help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's."),
+        click.option("--vae", type=click.Path(path_type=Path),
+                     help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's, or a TAESD decoder (taesd_decoder.*) for fast decodes."),
         click.option("--refiner", type=click.Path(path_type=Path),
                      help="An SDXL refiner (file or diffusers folder) that finishes an SDXL base's sampling."),
         click.option("--refiner-switch", "refiner_switch", type=float, default=REFINER_SWITCH_DEFAULT, show_default=True,
@@ -75,6 +76,11 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--skip_grid", is_flag=True, help="Do not write a grid of the images."),
         click.option("--skip_save", is_flag=True, help="Do not write the individual images."),
         click.option("--n_rows", type=int, default=0, help="Images per grid row (default: n_samples)."),
+        click.option("--preview-every", "preview_every", type=int, default=0, show_default=True,
+                     help="Write a preview of the first image every N sampling steps to OUTDIR/previews/ (0: none)."),
+        click.option("--preview", help="How previews are decoded: latent (a 4x3 projection) or taesd (default: taesd with a decoder, else latent)."),
+        click.option("--preview-decoder", "preview_decoder", type=click.Path(path_type=Path),
+                     help="TAESD decoder for previews (taesd_decoder.* SD 1.x/2.x, taesdxl_decoder.* SDXL)."),
         click.option("--report", is_flag=True, help="Print time and peak memory per stage."),
         click.option("--report-json", "report_json", type=click.Path(path_type=Path), help="Write the report as JSON."),
     ]
@@ -136,6 +142,7 @@ def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 
             skip_grid=flags["skip_grid"],
             n_rows=flags["n_rows"],
             report_json=flags["report_json"],
+            preview_every=flags["preview_every"],
         ),
     )
 
@@ -148,8 +155,10 @@ def run_from_flags(
 
     from optimized_sd.pipelines.diffusion import load
     from optimized_sd.pipelines.job import JobStep, describe_memory, memory_mode, run_job
+    from optimized_sd.pipelines.previews import preview_decoder_path
 
     memory = memory_mode(flags["memory"], flags["turbo"])
+    preview_decoder = preview_decoder_path(flags["preview"], flags["preview_decoder"], flags["vae"], flags["preview_every"])
     job = job_from_flags(flags, init_img, strength, inpaint, max_image_pixels)
     bars: list[tqdm] = []  # one per batch, made at its first step, so an early error prints alone
 
@@ -162,7 +171,8 @@ def run_from_flags(
         bars[0].refresh()
 
     try:
-        result = run_job(lambda: load(flags["ckpt"], memory=memory, **{name: flags[name] for name in LOAD_OPTIONS}), job, progress)
+        options = {name: flags[name] for name in LOAD_OPTIONS}
+        result = run_job(lambda: load(flags["ckpt"], memory=memory, preview_decoder=preview_decoder, **options), job, progress)
     finally:
         for bar in bars:
             bar.close()
@@ -203,7 +213,8 @@ def img2img(init_img: Path, strength: float, max_image_pixels: int | None, **fla
     run_from_flags(flags, init_img=init_img, strength=strength, max_image_pixels=max_image_pixels)
 
 
-NOT_FOR_BATCH = {"from_file": "--from-file", "skip_save": "--skip_save", "n_rows": "--n_rows", "report_json": "--report-json"}
+NOT_FOR_BATCH = {"from_file": "--from-file", "skip_save": "--skip_save", "n_rows": "--n_rows", "report_json": "--report-json",
+                 "preview_every": "--preview-every", "preview": "--preview", "preview_decoder": "--preview-decoder"}
 
 
 @cli.command()

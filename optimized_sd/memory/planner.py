@@ -56,6 +56,9 @@ MIN_UNET_MICRO_BATCH = 2  # one CFG pair: smaller slices leave a GPU underfilled
 VAE_DECODE_ELEMENTS_PER_PIXEL = 1_000
 VAE_DECODE_LARGE_ELEMENTS_PER_PIXEL = 1_500
 VAE_DECODE_LARGE_ABOVE = 768 * 768  # pixels per decode (or per tile) past which the larger figure holds
+# A TAESD decoder (64 channels at every level, one image) holds at most three 64-channel maps of the
+# output's size at once (a block's input, its conv branch and their sum); rounded up.
+TAESD_DECODE_ELEMENTS_PER_PIXEL = 256
 VAE_ENCODE_ELEMENTS_PER_PIXEL = 800
 VAE_TILE = 512  # pixels; tiled decode works on 64x64-latent tiles with 64-pixel overlap
 VAE_TILE_OVERLAP = 64
@@ -74,6 +77,7 @@ class ModelFootprint:
     vae_encoder: int
     vae_decoder: int
     family: str = "sd1"  # whose activation constants apply (`UNET_ACTIVATIONS`)
+    tiny_decoder: int = 0  # a TAESD decoder's weights, on the device for the whole call (fast decode, previews)
 
     @property
     def total(self) -> int:
@@ -97,6 +101,8 @@ class Request:
     unet_batch: int | None = None  # micro-batch through the UNet (None: the whole batch)
     dtype_bytes: int = 2
     encodes_image: bool = False  # img2img and inpainting run the VAE encoder
+    tiny_decode: bool = False  # a TAESD decodes the images instead of the VAE's decoder
+    previews: bool = False  # a TAESD decodes a preview between sampling steps
 
 
 @dataclass(frozen=True)
@@ -196,7 +202,11 @@ def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling
     that stage's activations."""
     chunked = chunks_feed_forward(mode)
     unet_act = unet_activation_bytes(request, chunked, model.family)
-    decode_act = decode_activation_bytes(request, vae_tiling)
+    tiny_act = TAESD_DECODE_ELEMENTS_PER_PIXEL * request.height * request.width * request.dtype_bytes
+    decode_act = tiny_act if request.tiny_decode else decode_activation_bytes(request, vae_tiling)
+    decode_weights = 0 if request.tiny_decode else model.vae_decoder
+    if request.previews:  # between steps, when the UNet's activations are freed
+        unet_act = max(unet_act, tiny_act)
     encode_act = vae_activation_bytes(request, VAE_ENCODE_ELEMENTS_PER_PIXEL, vae_tiling) if request.encodes_image else 0
     row = mode_row(mode)
     unet_weights = denoiser_stage_weights(
@@ -208,10 +218,10 @@ def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling
         stages = [
             model.text_encoder,
             unet_weights + unet_act,
-            model.vae_decoder + decode_act,
+            decode_weights + decode_act,
             model.vae_encoder + encode_act,
         ]
-    return max(stages) + FIXED_OVERHEAD
+    return max(stages) + model.tiny_decoder + FIXED_OVERHEAD
 
 
 def stream_lookahead(model: ModelFootprint, request: Request, budget: int) -> int:

@@ -276,6 +276,8 @@ class VaeDecoder:
     def __call__(self, latent: Tensor) -> Tensor:
         """(1, C, h, w) scaled latent -> (1, 3, H, W) pixels in about [-1, 1]."""
         pipe = self.pipe
+        if pipe.fast_vae is not None and pipe.fast_vae.decoder is not None:  # a TAESD takes the UNet's latents as they are
+            return pipe.fast_vae.decoder.decode(latent.to(pipe.dtype))
         z = (latent / pipe.config.scale_factor).to(pipe.dtype)
         pixels = apply_vae(pipe, pipe.model.first_stage_model.decode, z, self.tiled, scale=pipe.config.vae.downscale)
         if not torch.isfinite(pixels).all() and pipe.dtype != torch.float32:
@@ -340,7 +342,7 @@ def image_parameters(
             model_name=pipe.loaded.checkpoint.name,
             strength=task.metadata_strength(request),
             vae_hash=pipe.vae_hash(),
-            vae_name=pipe.vae_file.name if pipe.vae_file is not None else None,
+            vae_name=pipe.vae_name(),
             extra=tuple(extra),
         )
         for prompt, seed in zip(request.prompts, seeds)
@@ -360,6 +362,8 @@ def planner_request(pipe: StableDiffusion, task: Task, request: GenerationReques
         unet_batch=request.unet_batch,
         dtype_bytes=pipe.dtype.itemsize,
         encodes_image=task.encodes_image,
+        tiny_decode=pipe.fast_vae is not None,
+        previews=pipe.preview_vae is not None,
     )
 
 

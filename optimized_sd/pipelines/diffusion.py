@@ -27,6 +27,7 @@ from optimized_sd.pipelines.inpaint import Inpaint
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.memory_session import MemorySession
 from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR
+from optimized_sd.pipelines.previews import latent_preview, taesd_preview
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_size
 from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
 from optimized_sd.pipelines.txt2img import TXT2IMG
@@ -37,6 +38,7 @@ from optimized_sd.weights.family import detect_family
 from optimized_sd.weights.loading import LoadedModel, open_checkpoint, prepare_model, source_metadata
 from optimized_sd.weights.lora import LoraSet
 from optimized_sd.weights.prediction import resolve_prediction
+from optimized_sd.weights.taesd import TinyAutoencoder, check_taesd_fits, is_taesd, open_taesd
 
 __all__ = [  # the names callers have imported from here
     "GenerationRequest",
@@ -103,6 +105,8 @@ class StableDiffusion:
         self.prediction_reason = "family default"  # where the prediction type came from (set by `load`)
         self.vae_file: Path | None = None  # `--vae FILE` (set by `load`)
         self._vae_hash: str | None = None
+        self.fast_vae: TinyAutoencoder | None = None  # `--vae` with a TAESD: decodes the images (set by `load`)
+        self.preview_vae: TinyAutoencoder | None = None  # `--preview-decoder` (set by `load`)
         self.lora_dir = Path(lora_dir)
         # How `load` opened this model (device, precision, memory, --vae...), so a refiner opens the same way.
         self.load_options: dict = dict(device=device, precision=precision, memory=memory, vram_budget=vram_budget, attention=attention,
@@ -187,19 +191,47 @@ class StableDiffusion:
         stops the call (the stage's memory is released) and re-raises it."""
         return core.run_task(self, task_for(request), request, progress)
 
+    def use_tiny_decoders(self, fast: TinyAutoencoder | None, preview: TinyAutoencoder | None) -> None:
+        """Check the TAESD decoders (`--vae` with a TAESD, `--preview-decoder`) against the model and place
+        them on the device for good: a few MB, counted by the memory plan as resident beside every stage.
+        Images are still encoded (img2img, inpainting) by the checkpoint's own VAE; a TAESD encoder is dropped."""
+        placed: dict[int, TinyAutoencoder] = {}
+        for tiny, flag in ((fast, "--vae"), (preview, "--preview-decoder")):
+            if tiny is not None:
+                check_taesd_fits(tiny, self.config, flag)
+                tiny.encoder = None
+                placed[id(tiny)] = tiny.place(self.device, self.dtype)
+        weights = sum(tiny.weight_bytes(self.dtype.itemsize) for tiny in placed.values())
+        self.memory.sizes = replace(self.memory.sizes, tiny_decoder=weights)
+        self.fast_vae, self.preview_vae = fast, preview
+
+    def preview(self, latents: Tensor) -> Image.Image:
+        """The first image of a sampling step's latents as a picture: by a TAESD when one is loaded, else
+        by the latent projection."""
+        tiny = self.preview_vae or self.fast_vae
+        if tiny is None or tiny.decoder is None:
+            return latent_preview(latents)
+        return taesd_preview(latents, tiny.decoder)
+
     def vae_decode(self, latent: Tensor, tiled: bool) -> Tensor:
         """Scaled latent (1, 4, h, w) -> pixels, as the decode stage does it (fp32 retry included)."""
         return core.VaeDecoder(self, tiled)(latent)
 
     def vae_hash(self) -> str | None:
-        """AUTOMATIC1111's short hash of the `--vae` file, when one replaced the checkpoint's VAE."""
-        if self.vae_file is None:
+        """AUTOMATIC1111's short hash of the `--vae` file, when one replaced the checkpoint's VAE (a TAESD has none)."""
+        if self.vae_file is None or self.fast_vae is not None:
             return None
         if self._vae_hash is None:
             from optimized_sd.weights.hashing import sha256_short
 
             self._vae_hash = sha256_short(self.vae_file)
         return self._vae_hash
+
+    def vae_name(self) -> str | None:
+        """The metadata's `VAE`: the `--vae` file's name, or `taesd` for a tiny decoder (AUTOMATIC1111's VAE type)."""
+        if self.fast_vae is not None:
+            return "taesd"
+        return self.vae_file.name if self.vae_file is not None else None
 
     def model_hash(self) -> str:
         """AUTOMATIC1111's short hash of the file (of the UNet weights for a diffusers folder)."""
@@ -279,10 +311,12 @@ def load(
     ema: bool = False,
     vae: str | Path | None = None,
     prediction: str = "auto",
+    preview_decoder: str | Path | None = None,
     **options,
 ) -> StableDiffusion:
     """Open a checkpoint (CompVis .ckpt, single-file .safetensors or diffusers folder) for generation.
-    `vae`: a separate VAE file replacing the checkpoint's; `prediction`: auto|eps|v (see
+    `vae`: a separate VAE file replacing the checkpoint's, or a TAESD decoder decoding the images in its place
+    (the checkpoint's VAE still encodes); `preview_decoder`: a TAESD for `preview`; `prediction`: auto|eps|v (see
     `weights.prediction`). Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer,
     weights (fp16, bf16, fp8 or int8 storage of the Linear/Conv2d weights; None: the compute dtype),
     int8_matmul (int8 weights on the CPU: Linear layers on fbgemm's dynamic activation quantisation instead
@@ -293,7 +327,12 @@ def load(
     check_weight_kind(options.get("weights"))
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
-    loaded = prepare_model(checkpoint, config=config, ema=ema, vae=vae)
+    fast = open_taesd(vae, "--vae") if vae is not None and is_taesd(vae) else None
+    preview = None
+    if preview_decoder is not None:
+        same = fast is not None and Path(preview_decoder) == fast.path
+        preview = fast if same else open_taesd(preview_decoder, "--preview-decoder")
+    loaded = prepare_model(checkpoint, config=config, ema=ema, vae=None if fast is not None else vae)
     checkpoint_source = loaded.checkpoint.source
     prediction_type, why = resolve_prediction(
         prediction, loaded.config.family, loaded.checkpoint.path, set(checkpoint_source.keys()), source_metadata(checkpoint_source)
@@ -303,4 +342,5 @@ def load(
     pipe = StableDiffusion(loaded, **options)
     pipe.prediction_reason = why
     pipe.vae_file = Path(vae) if vae is not None else None
+    pipe.use_tiny_decoders(fast, preview)
     return pipe

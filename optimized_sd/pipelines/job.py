@@ -31,6 +31,7 @@ from optimized_sd.pipelines.output import (
     save_image,
     write_report,
 )
+from optimized_sd.pipelines.previews import PREVIEW_FOLDER, PreviewWriter
 from optimized_sd.pipelines.prompts import read_prompt_file
 from optimized_sd.pipelines.request import check_refiner_switch, check_seeds, check_size
 from optimized_sd.prompts.syntax import check_prompts
@@ -50,6 +51,7 @@ class OutputPolicy:
     skip_grid: bool = False
     n_rows: int = 0  # images per grid row; 0: n_samples
     report_json: Path | None = None
+    preview_every: int = 0  # a preview of the first image every N sampling steps under outdir/previews/ (0: none)
 
     @property
     def writes_images(self) -> bool:
@@ -131,6 +133,8 @@ class Job:
             if not Path(self.refiner).exists():
                 raise UserError(f"--refiner {self.refiner}: no such file or folder")
             check_refiner_switch(self.refiner_switch)
+        if self.output.preview_every < 0:
+            raise UserError(f"--preview-every {self.output.preview_every} must be 0 (no previews) or more")
         if self.output.report_json is not None:
             check_report_path(self.output.report_json)
 
@@ -144,6 +148,8 @@ class Job:
         policy = self.output
         if policy.writes_images:
             check_output_folder(policy.outdir)
+        if policy.preview_every:
+            check_output_folder(policy.outdir / PREVIEW_FOLDER)
         if not policy.skip_save:
             for prompt in prompts:
                 check_output_folder(prompt_folder(policy.outdir, prompt))
@@ -249,13 +255,17 @@ def run_job(
     written: list[Path] = []
     grid_text = ""  # the grid carries the metadata of the last batch's first image
     total = job.n_iter * len(prompt_batches)
+    previews = PreviewWriter(policy.outdir / PREVIEW_FOLDER, policy.preview_every) if policy.preview_every else None
     for index in range(total):
         request = job.request(prompt_batches[index % len(prompt_batches)], seed, init_image)
         callback = None
-        if progress is not None:
+        if progress is not None or previews is not None:
 
-            def callback(info: StepInfo, index: int = index, request: GenerationRequest = request) -> None:
-                progress(JobStep(index, total, request, info))
+            def callback(info: StepInfo, index: int = index, request: GenerationRequest = request, pipe: StableDiffusion = pipe) -> None:
+                if previews is not None:
+                    previews(pipe.preview, request, info)
+                if progress is not None:
+                    progress(JobStep(index, total, request, info))
 
         result = pipe.generate(request, callback)
         for image, used_seed, image_parameters, prompt in zip(result.images, result.seeds, result.parameters, request.prompts):

@@ -130,7 +130,8 @@ class MemorySession:
             return int((self.budget - taken) * SAFETY_MARGIN) if self.device.type == "cpu" else self.budget - taken
         if self.device.type not in ("cuda", "cpu"):
             return None
-        return int(device_memory(self.device).free * SAFETY_MARGIN) + self.engine_resident_bytes() + freed
+        held = self.engine_resident_bytes() + self.sizes.tiny_decoder  # a TAESD placed at load is in the plan too
+        return int(device_memory(self.device).free * SAFETY_MARGIN) + held + freed
 
     def planned(self, request: Request, budget: int | None) -> Plan:
         """The plan for `budget`, without a word logged (plan_for weighs several)."""

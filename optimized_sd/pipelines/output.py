@@ -62,6 +62,7 @@ class ImageParameters:
             fields["Denoising strength"] = f"{self.strength:g}"
         if self.vae_hash is not None:
             fields["VAE hash"] = self.vae_hash
+        if self.vae_name is not None:  # a file with its hash, or "taesd" (a tiny decoder, as AUTOMATIC1111's VAE type)
             fields["VAE"] = self.vae_name
         fields.update(self.extra)
         lines = [one_line(self.prompt)]

@@ -31,7 +31,6 @@ from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import FieldError, Generated, GenerationSpec, resolve_sampler, sampler_aliases
 from optimized_sd.server.catalog import ModelEntry
 from optimized_sd.server.jobs import JobCancelled
-from optimized_sd.server.preview import latent_preview
 from optimized_sd.server.service import Service
 
 log = logging.getLogger("optimized_sd")
@@ -362,7 +361,7 @@ def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None 
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
         current = None
         if snap.latents is not None and not skip_current_image:
-            current = image_base64(latent_preview(snap.latents))
+            current = image_base64(service.backend.preview(snap.latents))
         return {
             "progress": fraction,
             "eta_relative": eta,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from torch import Tensor
 
 from optimized_sd.config import REFINER_SWITCH_DEFAULT
 from optimized_sd.errors import FieldError, Interrupted, UserError
@@ -27,6 +28,7 @@ from optimized_sd.prompts.syntax import check_prompt
 from optimized_sd.sampling import SAMPLERS, make_plan, sampler_display_name
 from optimized_sd.server.catalog import ModelCatalog, ModelEntry
 from optimized_sd.server.jobs import Job
+from optimized_sd.server.preview import PreviewDecoders, approx_folders
 
 log = logging.getLogger("optimized_sd")
 
@@ -235,6 +237,7 @@ class Backend:
         self.last: Generated | None = None
         self.hashes: dict[Path, str] = {}
         self._lock = threading.Lock()  # guards pipe swaps against readers of `current`
+        self.previews = PreviewDecoders(approx_folders(catalog.models_dir, catalog.ckpt))
 
     def load(self, entry: ModelEntry) -> None:
         """Open `entry` (a catalog entry: never a path from a request), releasing the old model."""
@@ -259,6 +262,11 @@ class Backend:
         if old is not None:
             old.close()
         log.info("model %s loaded", entry.title)
+
+    def preview(self, latents: Tensor) -> Image.Image:
+        """A running job's latents as a picture: a TAESD from `VAE-approx/` for the loaded family, else the projection."""
+        pipe = self.pipe
+        return self.previews.image(latents, pipe.config if pipe is not None else None)
 
     def close(self) -> None:
         with self._lock:

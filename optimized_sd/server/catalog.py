@@ -13,6 +13,7 @@ from pathlib import Path
 from optimized_sd.errors import UserError
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
+NOT_MODEL_FOLDERS = ("VAE-approx", "vae_approx")  # TAESD preview decoders (server.preview), not models
 HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")  # AUTOMATIC1111's titles end in " [shorthash]"
 
 
@@ -54,7 +55,7 @@ class ModelCatalog:
                     found.append(entry_for(here, self.models_dir))  # a diffusers folder: one model
                     subfolders.clear()
                     continue
-                subfolders.sort()
+                subfolders[:] = sorted(name for name in subfolders if name not in NOT_MODEL_FOLDERS)
                 found.extend(entry_for(here / name, self.models_dir) for name in sorted(files) if name.endswith(MODEL_SUFFIXES))
             found.sort(key=lambda entry: entry.title)
         if self.ckpt is not None and not any(e.path.resolve() == self.ckpt.resolve() for e in found):

@@ -24,7 +24,6 @@ from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import INPAINTING_FILL, MEMORY_CHOICES, Generated, GenerationSpec
 from optimized_sd.server.catalog import ModelCatalog
 from optimized_sd.server.jobs import Job, JobCancelled
-from optimized_sd.server.preview import latent_preview
 from optimized_sd.server.service import Service
 
 log = logging.getLogger("optimized_sd")
@@ -380,7 +379,7 @@ class WebUI:
                     update[status] = progress_html(snap.fraction, f"step {snap.step}/{snap.total}{batch}", "running", job)
                     if snap.latents is not None and snap.latents_step != shown_step:
                         shown_step = snap.latents_step
-                        update[preview] = latent_preview(snap.latents)
+                        update[preview] = self.service.backend.preview(snap.latents)
                 yield update
             try:
                 made: Generated = job.wait()

@@ -1,0 +1,91 @@
+"""Live previews of the sampling: the x0 estimate of a step as a picture, decoded by a TAESD (a tiny
+decoder, a few MB, placed beside the model) or, without one, by the 4x3 latent projection below (one
+small matrix product: blurry and off-colour, but free). The CLI writes them under `<outdir>/previews/`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from optimized_sd.errors import UserError
+from optimized_sd.pipelines.images import tensor_to_image
+from optimized_sd.pipelines.output import encode, write_new
+
+if TYPE_CHECKING:
+    from optimized_sd.models.taesd import TinyDecoder
+    from optimized_sd.pipelines.request import GenerationRequest
+    from optimized_sd.sampling import StepInfo
+
+PREVIEW_METHODS = ("latent", "taesd")
+PREVIEW_FOLDER = "previews"
+
+# Latent channel -> (R, G, B) for SD 1.x latents in model space (already times the 0.18215 scale
+# factor); the widely used factors fitted on VAE decodes (ComfyUI's `latent_formats.SD15`).
+SD1_LATENT_RGB = torch.tensor(
+    [
+        [0.3512, 0.2297, 0.3227],
+        [0.3250, 0.4974, 0.2350],
+        [-0.2829, 0.1762, 0.2721],
+        [-0.2120, -0.2616, -0.7177],
+    ]
+)
+
+
+def latent_preview(latents: Tensor, upscale: int = 8) -> Image.Image:
+    """The first image of a (B, 4, h, w) latent batch as an RGB picture of (w*upscale, h*upscale)."""
+    latent = latents[0].detach().float().cpu()  # (4, h, w)
+    rgb = torch.einsum("chw,cr->rhw", latent, SD1_LATENT_RGB)  # (3, h, w), about [-1, 1]
+    array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # (h, w, 3)
+    image = Image.fromarray(np.ascontiguousarray(array))
+    return image.resize((image.width * upscale, image.height * upscale), Image.BILINEAR) if upscale > 1 else image
+
+
+def taesd_preview(latents: Tensor, decoder: TinyDecoder) -> Image.Image:
+    """The first image of a latent batch (UNet space) decoded by a TAESD on the decoder's device and dtype."""
+    weight = next(decoder.parameters())
+    with torch.inference_mode():
+        return tensor_to_image(decoder.decode(latents[:1].detach().to(weight.device, weight.dtype)))
+
+
+def preview_decoder_path(method: str | None, decoder: Path | None, vae: Path | None, every: int) -> Path | None:
+    """The TAESD file previews decode with (None: the latent projection) from `--preview`, `--preview-decoder`,
+    `--vae` (a TAESD given as the VAE serves previews too) and `--preview-every`."""
+    from optimized_sd.weights.taesd import is_taesd
+
+    if method is not None and method not in PREVIEW_METHODS:
+        raise UserError(f"unknown --preview {method!r}; use {' or '.join(PREVIEW_METHODS)}")
+    if every < 0:
+        raise UserError(f"--preview-every {every} must be 0 (no previews) or more")
+    if method == "latent" and decoder is not None:
+        raise UserError("--preview latent uses no decoder; drop --preview-decoder or use --preview taesd")
+    if method == "latent" or every == 0:
+        return None
+    if decoder is not None:
+        return decoder
+    if vae is not None and is_taesd(vae):
+        return vae
+    if method == "taesd":
+        raise UserError("--preview taesd needs --preview-decoder FILE (e.g. taesd_decoder.safetensors), or a TAESD as --vae")
+    return None
+
+
+@dataclass(frozen=True)
+class PreviewWriter:
+    """Writes the first image's preview every `every` sampling steps as
+    `<folder>/seed_<seed>-step<k>_<n>.png` (`n` counts up rather than replace a file already there)."""
+
+    folder: Path
+    every: int
+
+    def __call__(self, preview: Callable[[Tensor], Image.Image], request: GenerationRequest, info: StepInfo) -> Path | None:
+        if info.denoised is None or info.step == 0 or info.step % self.every:
+            return None
+        stem = f"seed_{request.seed}-step{info.step:0{len(str(info.total))}d}"
+        return write_new(self.folder, stem, "png", encode(preview(info.denoised), "png", ""), 0)
