@@ -167,6 +167,7 @@ def test_hoisted_modulation_equals_forward():
             full = model(**{**inputs, "timesteps": t}, guidance=guidance)
             given = model.forward_modulated(inputs["img"], inputs["img_ids"], inputs["txt"], inputs["txt_ids"], modulation)
             assert torch.allclose(full, given, atol=1e-5, rtol=1e-5)
+    assert {name.split(".")[0] for name in model.block_names()} == {name for name, _ in model.named_children()}
     names = model.modulation_modules()
     assert len(names) == 2 * 2 + 3 + 1 and all(model.get_submodule(name) is not None for name in names)
 

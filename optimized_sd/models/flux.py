@@ -331,6 +331,17 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
         self.final_layer = LastLayer(config)
 
+    def block_names(self) -> list[str]:
+        """The top-level children in the order `forward` runs them (the units a memory engine streams)."""
+        embedders = ["time_in", "vector_in"] + (["guidance_in"] if self.config.guidance_embed else [])
+        return (
+            embedders
+            + ["img_in", "txt_in"]
+            + [f"double_blocks.{i}" for i in range(self.config.depth)]
+            + [f"single_blocks.{i}" for i in range(self.config.depth_single_blocks)]
+            + ["final_layer"]
+        )
+
     def modulation_modules(self) -> list[str]:
         """Names of the adaLN linears `precompute_modulation` runs and `forward_modulated` never does."""
         return (
@@ -341,8 +352,9 @@ class Flux(nn.Module):
 
     def conditioning_vector(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
         """`vec` (B, dim) from timesteps in [0, 1] (B,), the pooled CLIP vector y (B, vec_in_dim) and, for dev,
-        the distilled guidance scale (B,); t and guidance are embedded at x1000, as BFL and diffusers do."""
-        dtype = self.img_in.weight.dtype if self.img_in.weight.is_floating_point() else y.dtype
+        the distilled guidance scale (B,); t and guidance are embedded at x1000, as BFL and diffusers do. Computed
+        in y's dtype (the op layer casts stored weights to it)."""
+        dtype = y.dtype
         vec = self.time_in(timestep_embedding(timesteps * TIME_FACTOR, self.config.time_dim).to(dtype))
         if self.config.guidance_embed:
             if guidance is None:
