@@ -60,6 +60,7 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4
     embed_dim: int = 4
+    use_quant_conv: bool = True  # the 1x1 quant_conv / post_quant_conv around the latent (Flux's VAE has none)
 
     @property
     def downscale(self) -> int:

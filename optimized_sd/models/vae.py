@@ -154,15 +154,19 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """Encoder and decoder with the 1x1 `quant_conv` / `post_quant_conv` between them and the latent."""
+    """Encoder and decoder with the 1x1 `quant_conv` / `post_quant_conv` between them and the latent
+    (identities where the config has none, as Flux's VAE)."""
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = ops.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
-        self.post_quant_conv = ops.Conv2d(config.embed_dim, config.z_channels, 1)
+        self.quant_conv: nn.Module = nn.Identity()
+        self.post_quant_conv: nn.Module = nn.Identity()
+        if config.use_quant_conv:
+            self.quant_conv = ops.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
+            self.post_quant_conv = ops.Conv2d(config.embed_dim, config.z_channels, 1)
 
     def encode(self, image: Tensor) -> Tensor:
         """Unscaled latent: the posterior mean (the first half of the moments; the log-variance is not

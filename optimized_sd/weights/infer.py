@@ -82,19 +82,22 @@ def infer_unet(shapes: Shapes, prefix: str = UNET_PREFIX, family: str = SD1) -> 
 
 
 def infer_vae(shapes: Shapes, prefix: str = VAE_PREFIX) -> VAEConfig:
-    """VAE widths from the encoder's levels; latent widths from the (post-)quant convs."""
+    """VAE widths from the encoder's levels; latent widths from the (post-)quant convs, or the decoder's
+    input where there are none (Flux's VAE)."""
     ch = shapes[prefix + "encoder.conv_in.weight"][0]
     levels = indices(shapes, re.escape(prefix) + r"encoder\.down\.(\d+)\.")
     res_blocks = indices(shapes, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.")
     ch_mult = tuple(shapes[prefix + f"encoder.down.{level}.block.0.conv1.weight"][0] // ch for level in levels)
+    z_channels, quant = shapes[prefix + "decoder.conv_in.weight"][1], prefix + "post_quant_conv.weight"
     return VAEConfig(
         in_channels=shapes[prefix + "encoder.conv_in.weight"][1],
         out_channels=shapes[prefix + "decoder.conv_out.weight"][0],
         ch=ch,
         ch_mult=ch_mult,
         num_res_blocks=len(res_blocks),
-        z_channels=shapes[prefix + "decoder.conv_in.weight"][1],
-        embed_dim=shapes[prefix + "post_quant_conv.weight"][1],
+        z_channels=z_channels,
+        embed_dim=shapes[quant][1] if quant in shapes else z_channels,
+        use_quant_conv=quant in shapes,
     )
 
 

@@ -361,10 +361,12 @@ class ChainSource(TensorSource):
 class ComputedSource(TensorSource):
     """A view of another source where some names are computed from several inner tensors: OpenCLIP's
     fused `in_proj_weight` from a diffusers tower's q, k and v (`cat`), or its `text_projection` from a
-    Linear weight (`transpose`). Shapes are known without reading; tensors are computed when read."""
+    Linear weight (`transpose`), Flux's final adaLN with diffusers' (scale, shift) halves in BFL's (shift,
+    scale) order (`swap_halves`). Shapes are known without reading; tensors are computed when read."""
 
     def __init__(self, inner: TensorSource, recipes: Mapping[str, tuple[str, tuple[str, ...]]]) -> None:
-        """`recipes` maps each new name to (op, inner names); op is `same`, `cat` (along dim 0) or `transpose`."""
+        """`recipes` maps each new name to (op, inner names); op is `same`, `cat` (along dim 0), `transpose` or
+        `swap_halves` (the two halves of dim 0 exchanged)."""
         self.inner = inner
         self.recipes = dict(recipes)
 
@@ -389,6 +391,9 @@ class ComputedSource(TensorSource):
             return torch.cat([self.inner.get(name) for name in names])
         if op == "transpose":  # contiguous, so the matmuls round as they do on a file stored transposed
             return self.inner.get(names[0]).t().contiguous()
+        if op == "swap_halves":
+            first, second = self.inner.get(names[0]).chunk(2)
+            return torch.cat([second, first])
         return self.inner.get(names[0])
 
     def release(self, keys: Iterable[str]) -> None:
