@@ -140,7 +140,7 @@ def crafted_pickles(marker: Path) -> dict[str, tuple[bytes, str]]:
             pickle.MARK + text("module") + glob("torch", "Tensor") + text(str(marker)) + text("source") + pickle.TUPLE
             + pickle.BINPERSID, "uses the persistent id 'module'"),
         "tensor past its storage": (
-            state_dict(("w", tensor("0", 4, (1000,), (1,)))), "reaching element 999 of storage 0, which holds 4"),
+            state_dict(("w", tensor("0", 4, (2,), (1000,)))), "reaching element 1000 of storage 0, which holds 4"),
         "tensor with a negative stride": (
             state_dict(("w", tensor("0", 4, (2,), (-1,)))), "negative or non-integer offset"),
         "tensor with backward hooks": (
