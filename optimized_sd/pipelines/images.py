@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,12 @@ def max_image_pixels(limit: int | None = None) -> int:
 
 
 def open_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
-    """Open any image PIL reads as RGB, at its own size.
+    """Open any image PIL reads as RGB, at its own size (`read_image`'s checks, as the init image)."""
+    return read_image(path, "init image", lambda opened: opened.convert("RGB"), max_pixels)
+
+
+def read_image(path: Path | str, what: str, convert: Callable[[Image.Image], Image.Image], max_pixels: int | None = None) -> Image.Image:
+    """`convert(image)` of the image file at `path` (an init image, a mask: `what` names it in errors).
 
     Every failure inside PIL is this file's problem, whatever PIL raises for it (a corrupt PNG chunk
     raises SyntaxError, an unknown DDS pixel format NotImplementedError, a truncated file OSError),
@@ -44,7 +50,7 @@ def open_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
     default limit, configurable), and PIL's own hard limit (twice its default) stays an error."""
     limit = max_image_pixels(max_pixels)
     if Path(path).exists() and not Path(path).is_file():
-        raise UserError(f"init image {path} is not a regular file")  # a FIFO or a device would block the read
+        raise UserError(f"{what} {path} is not a regular file")  # a FIFO or a device would block the read
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below refuses it, with our limit
@@ -52,22 +58,23 @@ def open_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
                 pixels = opened.width * opened.height
                 if pixels > limit:
                     raise UserError(
-                        f"init image {path} is {opened.width}x{opened.height} ({pixels:,} pixels), over the limit of {limit:,}; "
+                        f"{what} {path} is {opened.width}x{opened.height} ({pixels:,} pixels), over the limit of {limit:,}; "
                         f"raise it with --max-image-pixels or ${MAX_IMAGE_PIXELS_ENV} if the file is trusted"
                     )
-                image = opened.convert("RGB")
+                opened.load()
+                image = convert(opened)
     except UserError:
         raise
     except FileNotFoundError:
-        raise UserError(f"init image not found: {path}") from None
+        raise UserError(f"{what} not found: {path}") from None
     except Image.DecompressionBombError:
         hard_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-        raise UserError(f"init image {path} declares more pixels than PIL ever decodes (over {hard_limit:,}); refused") from None
+        raise UserError(f"{what} {path} declares more pixels than PIL ever decodes (over {hard_limit:,}); refused") from None
     except MemoryError:
-        raise UserError(f"init image {path} does not fit in memory") from None
+        raise UserError(f"{what} {path} does not fit in memory") from None
     except Exception as error:  # noqa: BLE001 - the PIL boundary: any decoder failure is a bad file
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"init image {path} is not a readable image: {detail}") from None
+        raise UserError(f"{what} {path} is not a readable image: {detail}") from None
     return image
 
 

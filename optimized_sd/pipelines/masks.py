@@ -45,14 +45,9 @@ def load_mask(mask: Image.Image | Path | str) -> Image.Image:
     """Open a mask (a path or a PIL image) as an L image; UserError when it is not a readable image."""
     if isinstance(mask, Image.Image):
         return mask_luminance(mask)
-    try:
-        with Image.open(mask) as opened:
-            opened.load()
-            return mask_luminance(opened)
-    except FileNotFoundError:
-        raise UserError(f"mask not found: {mask}") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"mask {mask} is not a readable image: {error}") from None
+    from optimized_sd.pipelines.images import read_image  # here: images -> request -> masks at import time
+
+    return read_image(mask, "mask", mask_luminance)  # the init image's checks: pixel limit, FIFOs, any decoder failure
 
 
 def fit_mask(mask: Image.Image, size: tuple[int, int], invert: bool = False) -> Image.Image:
