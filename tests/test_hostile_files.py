@@ -17,6 +17,7 @@ from hostile.pickles import FLOATS, program, torch_zip
 import optimized_sd.weights.ckpt as ckpt_module
 from optimized_sd.config import TINY
 from optimized_sd.errors import UserError
+from optimized_sd.pipelines.masks import load_mask
 from optimized_sd.pipelines.output import read_parameters
 from optimized_sd.weights.ckpt import load_ckpt
 from optimized_sd.weights.embeddings import read_embedding
@@ -161,3 +162,17 @@ def test_nesting_table_forgets_dropped_containers() -> None:
     for _ in range(70_000):
         nesting.built([], [[]])
     assert len(nesting._known) <= 2**16 + 2
+
+
+def test_hostile_images_given_as_masks_are_refused_in_one_line(tmp_path: Path) -> None:
+    """Found by fuzzing masks: a broken PNG chunk (PIL raises SyntaxError) escaped as a traceback; masks now take the
+    init image's checks (any decoder failure, the pixel limit read from the header, FIFOs)."""
+    from test_hardening_io import init_image_cases
+
+    for name, (path, flags, fragment) in init_image_cases(tmp_path).items():
+        if flags:
+            continue  # cases about the --max-image-pixels flag of img2img
+        with pytest.raises(UserError) as refused:
+            load_mask(path)
+        message = str(refused.value)
+        assert "\n" not in message and fragment.replace("init image", "mask") in message, (name, message)
