@@ -9,7 +9,10 @@ the issue is `deep_tuple_key(10**6)`, run only in a subprocess.
 
 from __future__ import annotations
 
+import io
 import pickle
+import struct
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,20 @@ def deep_lists(depth: int) -> bytes:
                    + pickle.BINPUT + b"\x01" + pickle.POP + text("x") + pickle.BINGET + b"\x01" + pickle.SETITEM)
 
 
+def deflate_claimed(name: str) -> bytes:
+    """A torch zip whose stored record `name` is marked deflated (local header and central directory), so reading
+    it runs zlib over bytes that are no deflate stream."""
+    data = bytearray(pickled(state_dict(("*", tensor("0", 4, (4,), (1,))))))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        local = archive.getinfo(name).header_offset
+    struct.pack_into("<H", data, local + 8, zipfile.ZIP_DEFLATED)
+    central = data.find(b"PK\x01\x02")
+    while data[central + 46 : central + 46 + len(name)] != name.encode():
+        central = data.find(b"PK\x01\x02", central + 4)
+    struct.pack_into("<H", data, central + 10, zipfile.ZIP_DEFLATED)
+    return bytes(data)
+
+
 def embedding_of(value: bytes) -> bytes:
     """An AUTOMATIC1111 embedding whose single vector tensor is `value`."""
     return pickled(state_dict(("string_to_param", state_dict(("*", value)))))
@@ -86,6 +103,8 @@ CORPUS: tuple[Hostile, ...] = (
     Hostile("a tuple in a frozenset", "25.1",
             lambda: pickled(state_dict(("s", pickle.MARK + text("a") + pickle.TUPLE1 + pickle.FROZENSET))),
             "uses a tuple as a set item"),
+    Hostile("a record deflated from no deflate stream", "25 (fuzzing)", lambda: deflate_claimed("archive/byteorder"),
+            "truncated or corrupt zip checkpoint (archive/byteorder: Error -3 while decompressing data"),
     # issue 25, 7: views that ask for more elements than their storage holds, or alias them
     Hostile("stride-0 embedding asking for 16 GiB", "25.7",
             lambda: embedding_of(tensor("0", 4, (2**20, 2**12), (0, 0))),
