@@ -176,3 +176,15 @@ def test_hostile_images_given_as_masks_are_refused_in_one_line(tmp_path: Path) -
             load_mask(path)
         message = str(refused.value)
         assert "\n" not in message and fragment.replace("init image", "mask") in message, (name, message)
+
+
+def test_module_state_dict_with_metadata_loads(tmp_path: Path) -> None:
+    """`Module.state_dict()` (what Lightning and most .pt/.ckpt files hold) is an OrderedDict carrying `_metadata`
+    as an attribute, pickled as BUILD on the OrderedDict: it was refused; the state is now dropped, the tensors kept."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    expected = model.state_dict()
+    assert hasattr(expected, "_metadata")
+    torch.save({"state_dict": expected, "epoch": 1}, tmp_path / "lightning.ckpt")
+    torch.save(expected, tmp_path / "bare.pt", _use_new_zipfile_serialization=False)
+    for got in (load_ckpt(tmp_path / "lightning.ckpt")["state_dict"], load_ckpt(tmp_path / "bare.pt")):
+        assert list(got) == list(expected) and all(torch.equal(got[k], v) for k, v in expected.items())

@@ -16,8 +16,11 @@ path even acts on persistent ids the allow-list never sees). So no pickle from a
 
 `_InertUnpickler` is the stdlib's pure-Python unpickler with every opcode that calls or mutates routed
 through checks: globals resolve only to an allow-list of inert stand-ins (dtypes, our rebuild functions,
-Lightning placeholders), calls take checked arguments, `BUILD` only fills our placeholders, and
-`SETITEM(S)`/`APPEND(S)`/`ADDITEMS` only fill plain containers. Loading cannot change any class or function.
+Lightning placeholders, a ParameterDict stand-in), calls take checked arguments, `BUILD` only fills our
+placeholders (a state_dict's `_metadata` is dropped), and `SETITEM(S)`/`APPEND(S)`/`ADDITEMS` only fill
+plain containers. Loading cannot change any class or function. Containers and MARKs nest at most
+PICKLE_LIMIT_NESTING deep, dict keys and set items are flat (their hash never recurses), and a tensor view
+may neither hold more elements than its storage nor alias them.
 """
 
 from __future__ import annotations
@@ -605,6 +608,8 @@ class _InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             inst.set_state(state)
         elif isinstance(inst, _NumpyDtype):
             inst.set_state(state)
+        elif type(inst) is OrderedDict and type(state) is dict:
+            pass  # what Module.state_dict() returns keeps `_metadata` (module versions) as an attribute: dropped
         else:
             raise _Refused(f"sets state (BUILD) on {_describe(inst)}")
 
