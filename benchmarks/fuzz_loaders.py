@@ -1,12 +1,16 @@
-"""Fuzz the checkpoint loaders in-process: mutated safetensors headers, zip records and pickles.
+"""Fuzz the weight and mask loaders in-process: mutated safetensors headers, zip records, pickles and images.
 
-Seeds are genuine tiny files written here (torch.save zip and legacy formats, safetensors, GGUF); each input is a
-mutation of one, run through the loaders (`load_ckpt` + `state_dict_from_ckpt` with every tensor read,
-`SafetensorsSource` with every tensor read, and now and then `describe_checkpoint`). A loader may refuse an
-input only with a UserError (CheckpointError); any other exception, a change to torch's classes, or resident
-memory growing past --max-rss-growth-mb is a crash: printed, counted, and the exit status is 1.
+Seeds are genuine tiny files written here (checkpoints in torch.save's zip and legacy formats and safetensors; GGUF;
+`.pt` embeddings, plain and as the original textual-inversion ParameterDict; LoRAs as .pt and .safetensors;
+masks as PNG, JPEG, GIF, BMP and TIFF) plus the hostile corpus of tests/hostile. Each input is a mutation of
+one, run through its loaders (`load_ckpt` + `state_dict_from_ckpt` or `SafetensorsSource` with every tensor
+read, now and then `describe_checkpoint`; `read_embedding`; `read_lora` against a model with the seed's layer;
+`load_mask` + `fit_mask`; corpus files through all the weight loaders). A loader may refuse an input only with a
+one-line UserError; any other exception, an input taking longer than --max-seconds, a change to torch's
+classes, or resident memory growing past --max-rss-growth-mb is a crash: printed, counted, exit status 1.
 
     nice -n 10 python benchmarks/fuzz_loaders.py --minutes 3
+    nice -n 10 python benchmarks/fuzz_loaders.py --cases 400 --targets embedding,lora-pt,lora-safetensors,mask,corpus
 """
 
 from __future__ import annotations
@@ -14,30 +18,43 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import pickle
 import pickletools
 import random
+import signal
 import struct
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # the hostile corpus
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
+from hostile import CORPUS  # noqa: E402
+from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from optimized_sd.config import TINY  # noqa: E402
 from optimized_sd.errors import UserError  # noqa: E402
+from optimized_sd.pipelines.masks import fit_mask, load_mask  # noqa: E402
 from optimized_sd.weights.ckpt import load_ckpt, state_dict_from_ckpt  # noqa: E402
+from optimized_sd.weights.embeddings import read_embedding  # noqa: E402
+from optimized_sd.weights.family import UNET_PREFIX  # noqa: E402
 from optimized_sd.weights.gguf import read_gguf  # noqa: E402
 from optimized_sd.weights.inspect import describe_checkpoint  # noqa: E402
+from optimized_sd.weights.lora import read_lora  # noqa: E402
 from optimized_sd.weights.sources import SafetensorsSource  # noqa: E402
 
 # --- seeds -------------------------------------------------------------------------------------------
@@ -67,6 +84,50 @@ def seed_files() -> dict[str, bytes]:
                   metadata={"format": "pt"})
         safetensors = path.read_bytes()
     return {"zip": zip_buffer.getvalue(), "legacy": legacy_buffer.getvalue(), "safetensors": safetensors}
+
+
+def saved(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def saved_safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "seed.safetensors"
+        save_file(tensors, str(path))
+        return path.read_bytes()
+
+
+LORA_LAYER = "x"  # the model layer the LoRA seeds patch: `LORA_MODEL_SHAPES`
+LORA_MODEL_SHAPES = {f"{UNET_PREFIX}{LORA_LAYER}.weight": (6, 8)}
+
+
+def lora_seed() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {f"lora_unet_{LORA_LAYER}.lora_down.weight": torch.randn(2, 8, generator=g),
+            f"lora_unet_{LORA_LAYER}.lora_up.weight": torch.randn(6, 2, generator=g), f"lora_unet_{LORA_LAYER}.alpha": torch.tensor(1.0)}
+
+
+def embedding_seeds() -> list[bytes]:
+    vectors = torch.randn(2, 64)
+    plain = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "seed", "step": 10}
+    original = {**plain, "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors)}),
+                "sd_checkpoint": "7460a6fa", "sd_checkpoint_name": "sd-v1-4"}
+    return [saved(plain), saved(original), saved({"<concept>": vectors[0]})]
+
+
+def mask_seeds() -> list[bytes]:
+    """Small masks in the formats users hand in: L and RGBA PNG (alpha drawn), JPEG, GIF with transparency, BMP, TIFF."""
+    gradient = Image.linear_gradient("L").resize((24, 16))
+    rgba = Image.merge("RGBA", [gradient, gradient, gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    out = []
+    for image, fmt, options in [(gradient, "PNG", {}), (rgba, "PNG", {}), (gradient.convert("RGB"), "JPEG", {"quality": 80}),
+                                (gradient.convert("P"), "GIF", {"transparency": 0}), (gradient, "BMP", {}), (gradient, "TIFF", {})]:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        out.append(buffer.getvalue())
+    return out
 
 
 # --- mutators ----------------------------------------------------------------------------------------
@@ -204,9 +265,6 @@ def mutate_safetensors(rng: random.Random, data: bytes) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + body
 
 
-# --- GGUF: a writer-made seed, mutated in its header (counts, lengths, types, dims, offsets) -----------------
-
-
 def gguf_seed() -> bytes:
     """A tiny GGUF by the `gguf` package's writer: metadata of several types, an orig_shape key, three tensor types."""
     import gguf
@@ -243,16 +301,12 @@ def mutate_gguf(rng: random.Random, data: bytes) -> bytes:
     return mutate_bytes(rng, data, region=(0, header_end))
 
 
-def run_gguf(path: Path) -> None:
+def run_gguf(path: Path, inspect: bool) -> None:
     """Read the header, then dequantise every tensor (a bad view into the mapping would fault here)."""
     file = read_gguf(path)
     for tensor in file.state_dict().values():
         touch(tensor)
     file.close()
-
-
-def add_gguf_target(seeds: dict[str, bytes], mutators: dict[str, Callable], suffix: dict[str, str]) -> None:
-    seeds["gguf"], mutators["gguf"], suffix["gguf"] = gguf_seed(), mutate_gguf, ".gguf"
 
 
 # --- running one input -------------------------------------------------------------------------------
@@ -264,67 +318,142 @@ def touch(tensor: torch.Tensor) -> None:
         tensor.to(torch.float64).sum().item()
 
 
-def run_one(kind: str, path: Path, inspect: bool) -> None:
-    if kind == "gguf":
-        run_gguf(path)
-    elif kind == "safetensors":
-        source = SafetensorsSource(path)
-        for key in source.keys():
-            touch(source.get(key))
-        source.close()
-    else:
-        for tensor in state_dict_from_ckpt(load_ckpt(path)).values():
-            touch(tensor)
+def run_checkpoint(path: Path, inspect: bool) -> None:
+    for tensor in state_dict_from_ckpt(load_ckpt(path)).values():
+        touch(tensor)
     if inspect:
         describe_checkpoint(path, hashes=False)
 
 
+def run_safetensors(path: Path, inspect: bool) -> None:
+    source = SafetensorsSource(path)
+    for key in source.keys():
+        touch(source.get(key))
+    source.close()
+    if inspect:
+        describe_checkpoint(path, hashes=False)
+
+
+def run_embedding(path: Path, inspect: bool) -> None:
+    for vectors in read_embedding(path).vectors:
+        touch(vectors)
+
+
+def run_lora(path: Path, inspect: bool) -> None:
+    for patches in read_lora(path, TINY, LORA_MODEL_SHAPES).patches.values():
+        for patch in patches:
+            touch(patch.delta(torch.Size(LORA_MODEL_SHAPES[f"{UNET_PREFIX}{LORA_LAYER}.weight"]), torch.device("cpu")))
+
+
+def run_mask(path: Path, inspect: bool) -> None:
+    fit_mask(load_mask(path), (32, 32))
+
+
+def run_every_weight_loader(path: Path, inspect: bool) -> None:
+    """A corpus file through every loader that may be handed it; each may refuse it (in one line)."""
+    refusal: UserError | None = None
+    for run in (run_checkpoint, run_embedding, run_lora):
+        try:
+            run(path, inspect)
+        except UserError as error:
+            if "\n" in str(error):
+                raise AssertionError(f"multi-line error from {run.__name__}: {error!r}") from None
+            refusal = error
+    if refusal is not None:
+        raise refusal
+
+
+@dataclass(frozen=True)
+class Target:
+    """One kind of input: its seeds, its file suffix, how it is mutated and which loaders it goes through."""
+
+    seeds: list[bytes]
+    suffix: str
+    mutate: Callable[[random.Random, bytes], bytes]
+    run: Callable[[Path, bool], None]
+
+
+def targets() -> dict[str, Target]:
+    checkpoints = seed_files()
+    return {
+        "zip": Target([checkpoints["zip"]], ".ckpt", mutate_zip, run_checkpoint),
+        "legacy": Target([checkpoints["legacy"]], ".ckpt", mutate_legacy, run_checkpoint),
+        "safetensors": Target([checkpoints["safetensors"]], ".safetensors", mutate_safetensors, run_safetensors),
+        "embedding": Target(embedding_seeds(), ".pt", mutate_zip, run_embedding),
+        "lora-pt": Target([saved(lora_seed())], ".pt", mutate_zip, run_lora),
+        "lora-safetensors": Target([saved_safetensors(lora_seed())], ".safetensors", mutate_safetensors, run_lora),
+        "mask": Target(mask_seeds(), ".png", lambda rng, data: mutate_bytes(rng, data, count=rng.randint(1, 8)), run_mask),
+        "gguf": Target([gguf_seed()], ".gguf", mutate_gguf, run_gguf),
+        "corpus": Target([entry.build() for entry in CORPUS], ".pt", mutate_zip, run_every_weight_loader),
+    }
+
+
+class Hang(Exception):
+    """An input took longer than --max-seconds."""
+
+
 def process_state() -> tuple[object, ...]:
     return (dict(vars(torch.UntypedStorage)), dict(vars(torch._utils._rebuild_tensor_v2)), torch.nn.Module.dump_patches,
-            dict(vars(OrderedDict)))
+            dict(vars(OrderedDict)), dict(vars(torch.nn.ParameterDict)), dict(vars(torch.nn.Module)))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=1.0)
+    parser.add_argument("--cases", type=int, default=0, help="stop after this many inputs (0: run for --minutes)")
+    parser.add_argument("--targets", default="", help="comma-separated kinds of input (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-seconds", type=int, default=30, help="one input running longer is a hang")
     parser.add_argument("--max-rss-growth-mb", type=int, default=500)
     args = parser.parse_args(argv)
 
     rng = random.Random(args.seed)
-    seeds = seed_files()
-    mutators = {"zip": mutate_zip, "legacy": mutate_legacy, "safetensors": mutate_safetensors}
-    suffix = {"zip": ".ckpt", "legacy": ".ckpt", "safetensors": ".safetensors"}
-    add_gguf_target(seeds, mutators, suffix)
+    kinds = targets()
+    if args.targets:
+        unknown = set(args.targets.split(",")) - set(kinds)
+        if unknown:
+            parser.error(f"unknown targets {sorted(unknown)}; known: {', '.join(kinds)}")
+        kinds = {kind: kinds[kind] for kind in args.targets.split(",")}
+
+    def hang(signum: int, frame: object) -> None:
+        raise Hang(f"one input ran past {args.max_seconds} s")
+
+    signal.signal(signal.SIGALRM, hang)
+    logging.getLogger("optimized_sd").setLevel(logging.ERROR)  # resized-mask warnings
+    warnings.simplefilter("ignore")  # PIL's on corrupt images: they are what the inputs are
     baseline_state = process_state()
     baseline_rss = psutil.Process().memory_info().rss
     deadline = time.monotonic() + args.minutes * 60
-    counts = {kind: 0 for kind in seeds}
+    counts = {kind: 0 for kind in kinds}
     refused = crashes = 0
     with tempfile.TemporaryDirectory(prefix="fuzz-loaders-") as folder:
-        while time.monotonic() < deadline:
-            kind = rng.choice(list(seeds))
-            data = seeds[kind]
+        while (sum(counts.values()) < args.cases) if args.cases else (time.monotonic() < deadline):
+            kind = rng.choice(list(kinds))
+            target = kinds[kind]
+            data = rng.choice(target.seeds)
             for _ in range(rng.choice([1, 1, 1, 2, 3])):
                 try:
-                    data = mutators[kind](rng, data)
+                    data = target.mutate(rng, data)
                 except Exception:  # noqa: BLE001 - an earlier mutation broke the structure this one edits
                     data = mutate_bytes(rng, data)
-            path = Path(folder) / f"input{suffix[kind]}"
+            path = Path(folder) / f"input{target.suffix}"
             path.write_bytes(data)
             counts[kind] += 1
+            signal.alarm(args.max_seconds)
             try:
-                run_one(kind, path, inspect=rng.random() < 0.1)
+                target.run(path, rng.random() < 0.1)
             except UserError as error:
                 refused += 1
                 if "\n" in str(error):
                     crashes += 1
                     print(f"CRASH (multi-line error) on a {kind} input: {error!r}", flush=True)
-            except Exception:  # noqa: BLE001 - anything else is what we are looking for
+            except Exception:  # noqa: BLE001 - anything else (a Hang included) is what we are looking for
                 crashes += 1
-                keep = Path(folder).parent / f"fuzz-crash-{crashes}{suffix[kind]}"
+                keep = Path(folder).parent / f"fuzz-crash-{crashes}{target.suffix}"
                 keep.write_bytes(data)
                 print(f"CRASH on a {kind} input (kept as {keep}):\n{traceback.format_exc()}", flush=True)
+            finally:
+                signal.alarm(0)
             if process_state() != baseline_state:
                 crashes += 1
                 print(f"CRASH: a {kind} input changed torch's classes or functions", flush=True)
@@ -336,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
     total = sum(counts.values())
     detail = ", ".join(f"{kind} {n}" for kind, n in counts.items())
-    print(f"fuzz_loaders: {total} inputs run in {args.minutes:g} min ({detail}); {refused} refused with a UserError, "
+    print(f"fuzz_loaders: {total} inputs ({detail}); {refused} refused with a UserError, "
           f"{total - refused - crashes} loaded, {crashes} crashes")
     return 1 if crashes else 0
 

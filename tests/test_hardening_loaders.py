@@ -1,4 +1,4 @@
-"""Issue 11, loader half: a corpus of crafted checkpoints, built here opcode by opcode (no binary fixtures).
+"""Issue 11, loader half: a corpus of crafted checkpoints, built opcode by opcode (hostile.pickles; no binary fixtures).
 
 Every case must end in one `error:` line with exit status 1 through the CLI (`inspect` and `txt2img`), leave
 no file and no marker behind, change no class or function of the process, and leave the loader working.
@@ -22,6 +22,7 @@ import psutil
 import pytest
 import torch
 from cli_runs import run_cli as cli
+from hostile.pickles import FLOATS, glob, integer, legacy_file, program, state_dict, tensor, text, torch_zip
 
 import optimized_sd.weights.ckpt as ckpt_module
 from optimized_sd.errors import CheckpointError
@@ -31,73 +32,6 @@ from optimized_sd.weights.inspect import describe_checkpoint
 from optimized_sd.weights.sources import SafetensorsSource
 
 from lightning_checkpoints import tiny_sd1, write_lightning_ckpt
-
-# --- building pickles by hand ----------------------------------------------------------------------
-
-
-def glob(module: str, name: str) -> bytes:
-    return pickle.GLOBAL + f"{module}\n{name}\n".encode()
-
-
-def text(value: str) -> bytes:
-    data = value.encode()
-    return pickle.BINUNICODE + struct.pack("<I", len(data)) + data
-
-
-def integer(value: int) -> bytes:
-    return pickle.BININT + struct.pack("<i", value)
-
-
-def ints(values: tuple[int, ...]) -> bytes:
-    return pickle.MARK + b"".join(integer(v) for v in values) + pickle.TUPLE
-
-
-def program(body: bytes) -> bytes:
-    """A protocol-2 pickle (torch.save's) of `body`, ending in STOP."""
-    return pickle.PROTO + b"\x02" + body + pickle.STOP
-
-
-def storage_id(key: str, numel: int, storage: str = "FloatStorage", legacy: bool = False) -> bytes:
-    """A persistent id ('storage', type, key, location, numel[, view]) as torch writes it."""
-    view = pickle.NONE if legacy else b""
-    return (pickle.MARK + text("storage") + glob("torch", storage) + text(key) + text("cpu") + integer(numel) + view
-            + pickle.TUPLE + pickle.BINPERSID)
-
-
-def tensor(key: str, numel: int, size: tuple[int, ...], stride: tuple[int, ...], hooks: bytes | None = None,
-           legacy: bool = False) -> bytes:
-    """`torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False, hooks)`."""
-    hooks = hooks if hooks is not None else glob("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE
-    return (glob("torch._utils", "_rebuild_tensor_v2") + pickle.MARK + storage_id(key, numel, legacy=legacy)
-            + integer(0) + ints(size) + ints(stride) + pickle.NEWFALSE + hooks + pickle.TUPLE + pickle.REDUCE)
-
-
-def state_dict(*items: tuple[str, bytes]) -> bytes:
-    return pickle.EMPTY_DICT + pickle.MARK + b"".join(text(k) + v for k, v in items) + pickle.SETITEMS
-
-
-def torch_zip(path: Path, data_pkl: bytes, records: dict[str, bytes] | None = None) -> Path:
-    """A zip laid out as torch.save writes it: archive/data.pkl, byteorder, version, data/<key> stored."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr("archive/data.pkl", data_pkl)
-        archive.writestr("archive/byteorder", "little")
-        for key, data in (records or {}).items():
-            archive.writestr(f"archive/data/{key}", data)
-        archive.writestr("archive/version", "3\n")
-    return path
-
-
-def legacy_file(path: Path, main_pickle: bytes, storages: list[tuple[str, bytes, int]]) -> Path:
-    """torch < 1.6's layout: magic, protocol, sys_info pickles, the object, the key list, then count + bytes each."""
-    sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
-    parts = [pickle.dumps(v, protocol=2) for v in (0x1950A86A20F9469CFC6C, 1001, sys_info)]
-    parts += [main_pickle, pickle.dumps([key for key, _, _ in storages], protocol=2)]
-    parts += [struct.pack("<q", count) + data for _, data, count in storages]
-    path.write_bytes(b"".join(parts))
-    return path
-
-
-FLOATS = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
 
 
 def crafted_pickles(marker: Path) -> dict[str, tuple[bytes, str]]:
@@ -140,7 +74,7 @@ def crafted_pickles(marker: Path) -> dict[str, tuple[bytes, str]]:
             pickle.MARK + text("module") + glob("torch", "Tensor") + text(str(marker)) + text("source") + pickle.TUPLE
             + pickle.BINPERSID, "uses the persistent id 'module'"),
         "tensor past its storage": (
-            state_dict(("w", tensor("0", 4, (1000,), (1,)))), "reaching element 999 of storage 0, which holds 4"),
+            state_dict(("w", tensor("0", 4, (2,), (1000,)))), "reaching element 1000 of storage 0, which holds 4"),
         "tensor with a negative stride": (
             state_dict(("w", tensor("0", 4, (2,), (-1,)))), "negative or non-integer offset"),
         "tensor with backward hooks": (

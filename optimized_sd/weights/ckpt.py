@@ -16,8 +16,11 @@ path even acts on persistent ids the allow-list never sees). So no pickle from a
 
 `_InertUnpickler` is the stdlib's pure-Python unpickler with every opcode that calls or mutates routed
 through checks: globals resolve only to an allow-list of inert stand-ins (dtypes, our rebuild functions,
-Lightning placeholders), calls take checked arguments, `BUILD` only fills our placeholders, and
-`SETITEM(S)`/`APPEND(S)`/`ADDITEMS` only fill plain containers. Loading cannot change any class or function.
+Lightning placeholders, a ParameterDict stand-in), calls take checked arguments, `BUILD` only fills our
+placeholders (a state_dict's `_metadata` is dropped), and `SETITEM(S)`/`APPEND(S)`/`ADDITEMS` only fill
+plain containers. Loading cannot change any class or function. Containers and MARKs nest at most
+PICKLE_LIMIT_NESTING deep, dict keys and set items are flat (their hash never recurses), and a tensor view
+may neither hold more elements than its storage nor alias them.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ import math
 import mmap
 import pickle
 import struct
+import sys
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +47,10 @@ from optimized_sd.weights.sources import MAX_TENSOR_DIMS, open_regular_file
 
 __all__ = [
     "PICKLE_LIMIT_BYTES",
+    "PICKLE_LIMIT_NESTING",
     "PICKLE_LIMIT_OPCODES",
     "InertLightningObject",
+    "InertParameterDict",
     "load_ckpt",
     "looks_like_safetensors",
     "state_dict_from_ckpt",
@@ -54,6 +60,9 @@ __all__ = [
 # what a small file can make us allocate: 64 MiB of pickle, 4 million opcodes (each creates at most one object).
 PICKLE_LIMIT_BYTES = 64 * 2**20
 PICKLE_LIMIT_OPCODES = 4_000_000
+# CPython hashes nested tuples recursively in C, without a depth check: a 1 MB pickle of a tuple nested 10**6
+# deep, used as a dict key, overflows the C stack. Containers (and MARKs) nest at most this deep; SD's nest < 10.
+PICKLE_LIMIT_NESTING = 200
 
 # Module prefixes whose classes become inert placeholders (never imported).
 _LIGHTNING_MODULE_PREFIXES = (
@@ -128,6 +137,19 @@ def _placeholder(module: str, name: str) -> type[InertLightningObject]:
     return cls
 
 
+class InertParameterDict(dict):
+    """Stand-in for a pickled `torch.nn.ParameterDict` (original textual-inversion files' `string_to_param`):
+    its tensors by name. NEWOBJ makes an empty one and BUILD keeps the tensors of the module state's
+    `_parameters`; the rest of the state (hooks, flags) is dropped, and no module code runs."""
+
+    def set_state(self, state: Any) -> None:
+        parameters = state.get("_parameters") if type(state) is dict else None
+        if not (type(parameters) in (dict, OrderedDict)
+                and all(type(k) is str and isinstance(v, torch.Tensor) for k, v in parameters.items())):
+            raise _Refused("sets a torch.nn.ParameterDict state without a _parameters dict of named tensors")
+        self.update(parameters)
+
+
 class _Refused(Exception):
     """Raised inside the unpickler; `load_ckpt` turns it into a CheckpointError naming the file."""
 
@@ -179,7 +201,18 @@ def _tensor_view(storage: Any, dtype: torch.dtype, offset: Any, size: Any, strid
     if storage.raw.numel() % dtype.itemsize:
         raise _Refused(f"views storage {storage.key} ({storage.raw.numel()} bytes) as {dtype}")
     numel = storage.raw.numel() // dtype.itemsize
-    if math.prod(size) == 0:
+    count = math.prod(size)
+    if count > numel - offset:  # a 641-byte file must not become a view that copies into terabytes
+        raise _Refused(
+            f"rebuilds a tensor of {count:,} elements from storage {storage.key}, which holds {max(0, numel - offset):,} "
+            f"from offset {offset}"
+        )
+    if _overlapping(size, stride):
+        raise _Refused(
+            f"rebuilds a tensor of size {tuple(size)} with stride {tuple(stride)}, whose elements overlap "
+            "(a stride of 0, or one inside the span of a smaller stride)"
+        )
+    if count == 0:
         last = offset - 1  # an empty tensor touches nothing; its offset may sit at the end
     else:
         last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
@@ -189,6 +222,18 @@ def _tensor_view(storage: Any, dtype: torch.dtype, offset: Any, size: Any, strid
         )
     flat = storage.raw.view(dtype) if storage.raw.numel() else torch.empty(0, dtype=dtype, device=storage.raw.device)
     return flat.as_strided(size, stride, offset)
+
+
+def _overlapping(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """True when two elements of the view share a storage element. Walking the dims of size > 1 by increasing
+    stride, each stride must step past all the smaller ones reach (what every view torch saves does; an
+    expanded dim has stride 0)."""
+    reach = 0
+    for step, length in sorted((st, s) for s, st in zip(size, stride, strict=True) if s > 1):
+        if step <= reach:
+            return True
+        reach += (length - 1) * step
+    return False
 
 
 def _no_hooks(hooks: Any, what: str = "backward hooks") -> None:
@@ -265,10 +310,27 @@ def _ordered_dict(*args: Any) -> OrderedDict:
     return OrderedDict()
 
 
+# What a dict key or set item may be: things whose hash never recurses (CPython hashes tuples recursively in C).
+_FLAT_KEY_TYPES = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def _check_keys(keys: Iterable[Any], what: str) -> None:
+    for key in keys:
+        if not (type(key) in _FLAT_KEY_TYPES or _is_placeholder_class(key) or isinstance(key, torch.dtype)):
+            raise _Refused(f"uses a {type(key).__name__} as {what} (only strings, numbers and class names may be)")
+
+
 def _hashable_items(items: Any) -> list[Any]:
     if not isinstance(items, (list, tuple)):
         raise _Refused(f"builds a set from a {type(items).__name__}")
+    _check_keys(items, "a set item")
     return list(items)
+
+
+def _parameter_dict(*args: Any) -> InertParameterDict:
+    if args:
+        raise _Refused("builds a torch.nn.ParameterDict with arguments")
+    return InertParameterDict()
 
 
 def _set(items: Any = ()) -> set:
@@ -338,6 +400,7 @@ _ALLOWED_CALLS: dict[tuple[str, str], _Allowed] = {
     ("torch", "Size"): _allowed("torch.Size", _torch_size),
     ("torch", "device"): _allowed("torch.device", _torch_device),
     ("collections", "OrderedDict"): _allowed("collections.OrderedDict", _ordered_dict),
+    ("torch.nn.modules.container", "ParameterDict"): _allowed("torch.nn.ParameterDict", _parameter_dict),
     ("_codecs", "encode"): _allowed("_codecs.encode", _codecs_encode),
     ("numpy", "dtype"): _allowed("numpy.dtype", _NumpyDtype),
     ("numpy.core.multiarray", "scalar"): _allowed("numpy.core.multiarray.scalar", _numpy_scalar),
@@ -387,6 +450,60 @@ def _is_placeholder_class(obj: Any) -> bool:
 
 # --- the unpickler -------------------------------------------------------------------------------
 
+_CONTAINERS = (tuple, list, dict, set, frozenset)
+_MUTABLE_CONTAINERS = (list, dict, set)  # OrderedDict and the placeholders are dicts
+
+
+class _Nesting:
+    """How deep the containers of one pickle nest, checked as each is built or filled: a container of items
+    nested d deep is nested d + 1 deep, so nothing deeper than PICKLE_LIMIT_NESTING ever exists.
+
+    Entries (depth, placed, container) exist only for containers deeper than 1 or placed in another (any other
+    container is 1 deep); they keep their container alive, so an id in the table is never reused (entries
+    only the table holds are swept). A container placed in another is never filled again: that would deepen
+    its holders behind their backs, and only a cycle or a hand-built chain does it (pickle fills a container
+    before its holder takes it)."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[int, bool, Any]] = {}
+        self._sweep_at = 2**16
+
+    def depth(self, obj: Any) -> int:
+        entry = self._known.get(id(obj))
+        if entry is not None:
+            return entry[0]
+        return 1 if isinstance(obj, _CONTAINERS) else 0
+
+    def built(self, container: Any, items: Iterable[Any]) -> Any:
+        """Record that `container` was built from, or filled with, `items`; return it."""
+        entry = self._known.get(id(container))
+        if entry is not None and entry[1]:
+            raise _Refused("fills a container after placing it in another (a cycle or a hand-built chain)")
+        depth = entry[0] if entry is not None else 1
+        for item in items:
+            if not isinstance(item, _CONTAINERS):
+                continue
+            if item is container:
+                raise _Refused("places a container inside itself")
+            item_depth = self.depth(item)
+            depth = max(depth, item_depth + 1)
+            if isinstance(item, _MUTABLE_CONTAINERS):
+                self._known[id(item)] = (item_depth, True, item)
+        if depth > PICKLE_LIMIT_NESTING:
+            raise _Refused(f"nests too deeply (containers more than {PICKLE_LIMIT_NESTING} levels deep)")
+        if depth > 1:
+            self._known[id(container)] = (depth, False, container)
+        if len(self._known) > self._sweep_at:
+            self._sweep()
+        return container
+
+    def _sweep(self) -> None:
+        """Forget containers only the table still holds (newest first, so a holder goes before what it holds)."""
+        for key in reversed(list(self._known)):
+            if sys.getrefcount(self._known[key][2]) <= 2:  # the entry's reference and the argument's
+                del self._known[key]
+        self._sweep_at = max(2**16, 2 * len(self._known))
+
 
 class _InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     """The pure-Python unpickler with every calling or mutating opcode checked (see the module docstring)."""
@@ -397,6 +514,7 @@ class _InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         super().__init__(window, encoding="utf-8")  # torch.load's encoding for Python 2 strings
         self._persistent = persistent_load
         self._opcodes = 0
+        self._nesting = _Nesting()
 
     def find_class(self, module: str, name: str) -> Any:
         obj = _allowed_global(module, name) if isinstance(module, str) and isinstance(name, str) else None
@@ -418,8 +536,37 @@ class _InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             except TypeError:  # wrong number of arguments
                 raise _Refused(f"calls {func.qualified} with {len(args)} arguments") from None
         if _is_placeholder_class(func):
-            return func(*args)
+            return self._nesting.built(func(*args), [args])  # it keeps its arguments
         raise _Refused(f"calls {_describe(func)}, which it may not call")
+
+    # opcodes that nest: MARK and those that build containers from the stack
+    def _load_mark(self) -> None:
+        if len(self.metastack) >= PICKLE_LIMIT_NESTING:
+            raise _Refused(f"nests too deeply (MARKs more than {PICKLE_LIMIT_NESTING} levels deep)")
+        pickle._Unpickler.load_mark(self)  # type: ignore[attr-defined]
+
+    def _load_tuple(self) -> None:
+        items = self.pop_mark()
+        self.append(self._nesting.built(tuple(items), items))
+
+    def _load_small_tuple(self, length: int) -> None:
+        items = tuple(self.stack[-length:]) if length <= len(self.stack) else ()
+        if len(items) != length:
+            raise _Refused(f"builds a {length}-tuple from a stack of {len(self.stack)}")
+        self.stack[-length:] = [self._nesting.built(items, items)]
+
+    def _load_list(self) -> None:
+        items = self.pop_mark()
+        self.append(self._nesting.built(items, items))
+
+    def _load_dict(self) -> None:
+        items = self.pop_mark()
+        self.append(self._fill_dict({}, items))
+
+    def _load_frozenset(self) -> None:
+        items = self.pop_mark()
+        _check_keys(items, "a set item")
+        self.append(self._nesting.built(frozenset(items), items))
 
     # opcodes that call: REDUCE, NEWOBJ, NEWOBJ_EX, INST, OBJ
     def _load_reduce(self) -> None:
@@ -456,9 +603,14 @@ class _InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         state = self.stack.pop()
         inst = self.stack[-1]
         if isinstance(inst, InertLightningObject):
+            self._nesting.built(inst, [state])
             inst.pickled_state = state
+        elif isinstance(inst, InertParameterDict):
+            inst.set_state(state)
         elif isinstance(inst, _NumpyDtype):
             inst.set_state(state)
+        elif type(inst) is OrderedDict and type(state) is dict:
+            pass  # what Module.state_dict() returns keeps `_metadata` (module versions) as an attribute: dropped
         else:
             raise _Refused(f"sets state (BUILD) on {_describe(inst)}")
 
@@ -470,26 +622,35 @@ class _InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
     def _load_append(self) -> None:
         value = self.stack.pop()
-        self._target((list,), "appends to").append(value)
+        self._nesting.built(self._target((list,), "appends to"), [value]).append(value)
 
     def _load_appends(self) -> None:
         items = self.pop_mark()
-        self._target((list,), "appends to").extend(items)
+        self._nesting.built(self._target((list,), "appends to"), items).extend(items)
+
+    def _fill_dict(self, target: dict, items: list[Any]) -> dict:
+        """Set `items` (key, value, key, value, ...) on a dict after checking its keys and how deep it nests."""
+        keys = items[0 : len(items) - 1 : 2]
+        _check_keys(keys, "a dict key")
+        self._nesting.built(target, items[1::2])
+        for i in range(0, len(items) - 1, 2):
+            target[items[i]] = items[i + 1]
+        return target
 
     def _load_setitem(self) -> None:
         value = self.stack.pop()
         key = self.stack.pop()
-        self._target((dict, OrderedDict), "sets items on")[key] = value
+        self._fill_dict(self._target((dict, OrderedDict), "sets items on"), [key, value])
 
     def _load_setitems(self) -> None:
         items = self.pop_mark()
-        target = self._target((dict, OrderedDict), "sets items on")
-        for i in range(0, len(items) - 1, 2):
-            target[items[i]] = items[i + 1]
+        self._fill_dict(self._target((dict, OrderedDict), "sets items on"), items)
 
     def _load_additems(self) -> None:
         items = self.pop_mark()
-        self._target((set,), "adds items to").update(items)
+        target = self._target((set,), "adds items to")
+        _check_keys(items, "a set item")
+        target.update(items)
 
 
 def _counted(handler: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -517,6 +678,14 @@ for _opcode, _handler in {
     pickle.SETITEM: _InertUnpickler._load_setitem,
     pickle.SETITEMS: _InertUnpickler._load_setitems,
     pickle.ADDITEMS: _InertUnpickler._load_additems,
+    pickle.MARK: _InertUnpickler._load_mark,
+    pickle.TUPLE: _InertUnpickler._load_tuple,
+    pickle.TUPLE1: lambda self: self._load_small_tuple(1),
+    pickle.TUPLE2: lambda self: self._load_small_tuple(2),
+    pickle.TUPLE3: lambda self: self._load_small_tuple(3),
+    pickle.LIST: _InertUnpickler._load_list,
+    pickle.DICT: _InertUnpickler._load_dict,
+    pickle.FROZENSET: _InertUnpickler._load_frozenset,
 }.items():
     _InertUnpickler.dispatch[_opcode[0]] = _handler
 _InertUnpickler.dispatch = {code: _counted(handler) for code, handler in _InertUnpickler.dispatch.items()}
@@ -617,7 +786,7 @@ def _read_small_record(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipIn
     try:
         with archive.open(info) as record:
             data = record.read(limit + 1)  # the directory may lie; never read more than the limit
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - zipfile and its decompressors (zlib.error, LZMAError, ...): the file's fault
         raise CheckpointError(f"{path}: truncated or corrupt zip checkpoint ({info.filename}: {_one_line(exc)})") from None
     if len(data) > limit:
         raise CheckpointError(f"{path}: refused: its {what} inflates past the {limit // 2**20} MiB limit")

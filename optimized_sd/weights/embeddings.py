@@ -1,6 +1,7 @@
 """Textual-inversion embeddings in AUTOMATIC1111's formats, found by file name in a folder.
 
-Formats (as AUTOMATIC1111 reads them): a `.pt` with `string_to_param: {'*': (n, C)}`, a
+Formats (as AUTOMATIC1111 reads them): a `.pt` with `string_to_param: {'*': (n, C)}` (a dict, or
+the original textual-inversion files' pickled `torch.nn.ParameterDict`, read inertly), a
 `.safetensors` with `emb_params` (or any file holding a single tensor, as diffusers' concept files),
 and SDXL's `clip_l` / `clip_g` pairs (one set of vectors per text tower). The name written in a
 prompt is the file stem; each of the n vectors takes one token position.
@@ -49,11 +50,14 @@ class Embedding:
 
 
 def _as_vectors(value: object, path: Path, what: str) -> Tensor:
+    """(n, C) float32 vectors; the shape is checked before anything is copied."""
     if not isinstance(value, Tensor) or value.dim() not in (1, 2) or not value.is_floating_point():
         raise UserError(f"{path.name}: {what} is not a (vectors, width) float tensor")
     check_finite(path, what, value)
-    vectors = value.detach().float()
-    return vectors[None] if vectors.dim() == 1 else vectors  # a diffusers concept is one (width,) vector
+    vectors = value[None] if value.dim() == 1 else value  # a diffusers concept is one (width,) vector
+    if not 1 <= vectors.shape[0] <= 75:
+        raise UserError(f"{path.name}: an embedding must have 1 to 75 vectors, this one has {vectors.shape[0]}")
+    return vectors.detach().float()
 
 
 def read_embedding(path: Path) -> Embedding:
@@ -67,8 +71,7 @@ def read_embedding(path: Path) -> Embedding:
             raise UserError(f"{path}: no such file")
         data = load_ckpt(path)  # keeps nested dicts such as string_to_param
     if "string_to_param" in data:
-        params = data["string_to_param"]
-        params = getattr(params, "_parameters", params)  # a pickled ParameterDict
+        params = data["string_to_param"]  # a dict, or a pickled ParameterDict read as one (ckpt.InertParameterDict)
         if not isinstance(params, Mapping) or len(params) != 1:
             raise UserError(f"{path.name}: string_to_param must hold exactly one entry")
         vectors: tuple[Tensor, ...] = (_as_vectors(next(iter(params.values())), path, "string_to_param"),)
@@ -83,8 +86,6 @@ def read_embedding(path: Path) -> Embedding:
         if len(tensors) != 1:
             raise UserError(f"{path.name}: not an embedding (no string_to_param, emb_params or clip_l/clip_g)")
         vectors = (_as_vectors(tensors[0], path, "its tensor"),)
-    if vectors[0].shape[0] == 0 or vectors[0].shape[0] > 75:
-        raise UserError(f"{path.name}: an embedding must have 1 to 75 vectors, this one has {vectors[0].shape[0]}")
     return Embedding(name=path.stem, path=path, vectors=vectors)
 
 
