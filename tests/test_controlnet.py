@@ -259,6 +259,14 @@ def test_side_network_is_silent_outside_every_window_and_encodes_the_hint_once(s
     assert calls == [1]
 
 
+def test_unit_fields_are_checked(sd1_controlnets):
+    model = load_controlnet(sd1_controlnets[0].folder)
+    bad = (({"mode": "loud"}, "control mode"), ({"start": 0.7, "end": 0.2}, "window"), ({"preprocessor": "hed"}, "preprocessor"))
+    for fields, word in bad:
+        with pytest.raises(UserError, match=word):
+            ControlNetUnit(model, control_image(0), **fields)
+
+
 def test_prompt_mode_weights_follow_automatic1111():
     scales = control_scales(13, "prompt", 2.0)
     assert scales[-1] == pytest.approx(2.0) and scales[0] == pytest.approx(2.0 * 0.825**12)

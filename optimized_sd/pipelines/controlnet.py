@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from optimized_sd.errors import UserError
 from optimized_sd.models.controlnet import CONTROL_MODES, ControlNetModel, control_scales, zero_residuals_like
 from optimized_sd.pipelines.control_hints import PREPROCESSORS, RESIZE_MODES, fit_image, hint_tensor, preprocess
 from optimized_sd.sampling import Conditioning, ControlResiduals, SamplingPlan, SideNetwork
@@ -40,13 +41,13 @@ class ControlNetUnit:
 
     def __post_init__(self) -> None:
         if self.mode not in CONTROL_MODES:
-            raise ValueError(f"unknown control mode {self.mode!r}; expected one of {', '.join(CONTROL_MODES)}")
+            raise UserError(f"unknown control mode {self.mode!r}; expected one of {', '.join(CONTROL_MODES)}")
         if self.preprocessor not in PREPROCESSORS:
-            raise ValueError(f"unknown preprocessor {self.preprocessor!r}; expected one of {', '.join(PREPROCESSORS)}")
+            raise UserError(f"unknown preprocessor {self.preprocessor!r}; expected one of {', '.join(PREPROCESSORS)}")
         if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"unknown resize mode {self.resize_mode!r}; expected one of {', '.join(RESIZE_MODES)}")
+            raise UserError(f"unknown resize mode {self.resize_mode!r}; expected one of {', '.join(RESIZE_MODES)}")
         if not 0.0 <= self.start <= self.end <= 1.0:
-            raise ValueError(f"a control window needs 0 <= start <= end <= 1, got {self.start} to {self.end}")
+            raise UserError(f"a control window needs 0 <= start <= end <= 1, got {self.start} to {self.end}")
 
     @property
     def guess_mode(self) -> bool:
