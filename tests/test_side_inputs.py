@@ -146,7 +146,7 @@ class ControlledTxt2Img(Txt2Img):
     def __init__(self, down_shapes, middle_shape) -> None:
         self.down_shapes, self.middle_shape = down_shapes, middle_shape
 
-    def side_network(self, pipe):
+    def side_network(self, pipe, request, plan):
         def residuals(x, t, cond):
             signal = torch.tanh(x.float().mean(1, keepdim=True)) * (1 + cond.context.float().mean((1, 2)).view(-1, 1, 1, 1))
             down = tuple(0.3 * F.interpolate(signal, size=shape[1:]).expand(-1, shape[0], -1, -1) for shape in self.down_shapes)

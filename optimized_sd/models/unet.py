@@ -77,10 +77,10 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class UNetModel(nn.Module):
-    """UNet predicting eps or v (the pipeline's prediction adapter says which). Every top-level child
-    (time_embed, label_emb, each input block, middle_block, each output block, out) is a separate
-    module call, so the memory engine can stream them one by one."""
+class UNetEncoder(nn.Module):
+    """The time (and SDXL label) embedding, input blocks and middle block that the UNet and a ControlNet
+    (its trainable copy of this half, Zhang et al. 2023) share, built once here under LDM's names.
+    `skip_channels` lists each input block's output width, in order."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -93,31 +93,63 @@ class UNetModel(nn.Module):
                 nn.Sequential(ops.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), ops.Linear(emb_dim, emb_dim))
             )
 
-        def transformer(channels: int, depth: int) -> SpatialTransformer:
-            return SpatialTransformer(
-                channels, config.heads(channels), depth, config.context_dim, linear=config.use_linear_in_transformer
-            )
-
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(ops.Conv2d(config.in_channels, mc, 3, padding=1))])
-        skip_channels = [mc]
+        self.skip_channels = [mc]
         channels = mc
         for level, mult in enumerate(config.channel_mult):
             for _ in range(config.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(channels, emb_dim, mult * mc)]
                 channels = mult * mc
                 if config.depth(level):
-                    layers.append(transformer(channels, config.depth(level)))
+                    layers.append(self.transformer(channels, config.depth(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(channels)
+                self.skip_channels.append(channels)
             if level != len(config.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(channels)))
-                skip_channels.append(channels)
+                self.skip_channels.append(channels)
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(channels, emb_dim, channels),
-            transformer(channels, config.middle_depth()),
+            self.transformer(channels, config.middle_depth()),
             ResBlock(channels, emb_dim, channels),
         )
+
+    def transformer(self, channels: int, depth: int) -> SpatialTransformer:
+        config = self.config
+        return SpatialTransformer(
+            channels, config.heads(channels), depth, config.context_dim, linear=config.use_linear_in_transformer
+        )
+
+    def embedding(self, timesteps: Tensor, y: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The time embedding (B, 4 * model_channels), plus SDXL's vector conditioning `y` through `label_emb`."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if (y is not None) != (self.config.adm_in_channels is not None):
+            raise ValueError("y (vector conditioning) is given exactly when the UNet has a label_emb")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        return emb
+
+    def encoder_block_names(self) -> list[str]:
+        """The shared children in the order `forward` runs them (the units the memory engine streams)."""
+        return (
+            ["time_embed"]
+            + (["label_emb"] if self.config.adm_in_channels is not None else [])
+            + [f"input_blocks.{i}" for i in range(len(self.input_blocks))]
+            + ["middle_block"]
+        )
+
+
+class UNetModel(UNetEncoder):
+    """UNet predicting eps or v (the pipeline's prediction adapter says which). Every top-level child
+    (time_embed, label_emb, each input block, middle_block, each output block, out) is a separate
+    module call, so the memory engine can stream them one by one."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__(config)
+        mc = config.model_channels
+        emb_dim = mc * 4
+        skip_channels = list(self.skip_channels)
+        channels = skip_channels[-1]
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):
@@ -125,7 +157,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(channels + skip_channels.pop(), emb_dim, mc * mult)]
                 channels = mc * mult
                 if config.depth(level):
-                    layers.append(transformer(channels, config.depth(level)))
+                    layers.append(self.transformer(channels, config.depth(level)))
                 if level and index == config.num_res_blocks:
                     layers.append(Upsample(channels))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -134,14 +166,7 @@ class UNetModel(nn.Module):
 
     def block_names(self) -> list[str]:
         """The top-level children in the order `forward` runs them (the units the memory engine streams)."""
-        return (
-            ["time_embed"]
-            + (["label_emb"] if self.config.adm_in_channels is not None else [])
-            + [f"input_blocks.{i}" for i in range(len(self.input_blocks))]
-            + ["middle_block"]
-            + [f"output_blocks.{i}" for i in range(len(self.output_blocks))]
-            + ["out"]
-        )
+        return self.encoder_block_names() + [f"output_blocks.{i}" for i in range(len(self.output_blocks))] + ["out"]
 
     def forward(
         self,
@@ -156,11 +181,7 @@ class UNetModel(nn.Module):
         for SDXL -> eps or v (B, 4, h, w). A side network's residuals (ControlNet, Zhang et al. 2023), when given,
         are added to each input block's output as it becomes a skip (one per input block, in order) and to
         the middle block's output, as the ControlNet LDM code and diffusers' additional residuals do."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
-        if (y is not None) != (self.config.adm_in_channels is not None):
-            raise ValueError("y (vector conditioning) is given exactly when the UNet has a label_emb")
-        if y is not None:
-            emb = emb + self.label_emb(y.to(emb.dtype))
+        emb = self.embedding(timesteps, y, x.dtype)
         skips = []
         h = x.contiguous(memory_format=torch.channels_last) if run_options().channels_last else x
         for block in self.input_blocks:

@@ -80,8 +80,9 @@ class Task:
         """A wrapper around the UNet call, inside guidance (inpainting concatenates mask and image latents)."""
         return model
 
-    def side_network(self, pipe: StableDiffusion) -> SideNetwork | None:
-        """A network computing side inputs for every UNet call (a ControlNet's residuals), or None."""
+    def side_network(self, pipe: StableDiffusion, request: GenerationRequest, plan: SamplingPlan) -> SideNetwork | None:
+        """A network computing side inputs for every UNet call (a ControlNet's residuals), or None. It is
+        given the call's request and plan (a ControlNet's window counts the plan's steps)."""
         return None
 
     def step_callback(self, progress: ProgressCallback | None) -> ProgressCallback | None:
@@ -177,10 +178,12 @@ def unet_model(pipe: StableDiffusion, record: StageRecord) -> Model:
     return call
 
 
-def guided_eps(pipe: StableDiffusion, task: Task, request: GenerationRequest, record: StageRecord, conditioning: ConditioningPair) -> EpsFn:
+def guided_eps(
+    pipe: StableDiffusion, task: Task, request: GenerationRequest, plan: SamplingPlan, record: StageRecord, conditioning: ConditioningPair
+) -> EpsFn:
     """CFG(side network(prediction(task wrapper(pipe's UNet)))) over the conditioning: what the sampler calls."""
     model = pipe.model_sampling.prediction(task.wrap_model(unet_model(pipe, record)))
-    return classifier_free_guidance(model, *conditioning, request.scale, side_network=task.side_network(pipe))
+    return classifier_free_guidance(model, *conditioning, request.scale, side_network=task.side_network(pipe, request, plan))
 
 
 class Handover:
@@ -227,12 +230,12 @@ def denoise(
     if handover is None or handover.step >= plan.num_steps:
 
         def work(record: StageRecord) -> Tensor:
-            return sample(plan, guided_eps(pipe, task, request, record, conditioning), x, generators, callback)
+            return sample(plan, guided_eps(pipe, task, request, plan, record, conditioning), x, generators, callback)
 
         return pipe.memory.run_stage("unet", work)
     relay = handover
     with contextlib.ExitStack() as stage:
-        eps = [guided_eps(pipe, task, request, stage.enter_context(pipe.memory.stage("unet")), conditioning)]
+        eps = [guided_eps(pipe, task, request, plan, stage.enter_context(pipe.memory.stage("unet")), conditioning)]
 
         def relayed_progress(info: StepInfo) -> None:
             if callback is not None:
@@ -240,7 +243,7 @@ def denoise(
             if info.step == relay.step:
                 stage.close()  # the base's sampling stage ends here
                 refiner, refined = relay.take_over()
-                eps[0] = guided_eps(refiner, task, request, stage.enter_context(refiner.memory.stage("unet")), refined)
+                eps[0] = guided_eps(refiner, task, request, plan, stage.enter_context(refiner.memory.stage("unet")), refined)
 
         try:
             return sample(plan, lambda x_in, t: eps[0](x_in, t), x, generators, relayed_progress)

@@ -25,7 +25,8 @@ from .k_samplers import Denoiser
 from .schedules import DiscreteSchedule
 
 Model = Callable[[Tensor, Tensor, Conditioning], Tensor]
-SideNetwork = Callable[[Tensor, Tensor, Conditioning], ControlResiduals]  # (x_in, t, cond) -> residuals for the UNet
+# (x_in, t, cond) -> residuals for the UNet, or None when it adds nothing to this call (a ControlNet outside its window)
+SideNetwork = Callable[[Tensor, Tensor, Conditioning], ControlResiduals | None]
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' names, as a model's config spells them
 
@@ -62,7 +63,8 @@ def with_side_network(model: Model, side_network: SideNetwork) -> Model:
     half gets the residuals of its own conditioning."""
 
     def call(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        return model(x, t, cond.with_control(side_network(x, t, cond)))
+        residuals = side_network(x, t, cond)
+        return model(x, t, cond if residuals is None else cond.with_control(residuals))
 
     return call
 
