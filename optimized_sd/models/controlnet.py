@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from optimized_sd.config import UNetConfig
 from optimized_sd.models import ops
 from optimized_sd.models.unet import UNetEncoder
-from optimized_sd.sampling.conditioning import ControlResiduals
+from optimized_sd.side_inputs import ControlResiduals
 
 HINT_WIDTHS = (16, 32, 96, 256)  # the hint encoder's widths in every released ControlNet (diffusers' default)
 SOFT_INJECTION_BASE = 0.825  # AUTOMATIC1111's "My prompt is more important": output i weighted 0.825 ** (12 - i)
