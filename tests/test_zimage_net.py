@@ -77,6 +77,7 @@ def test_transformer_from_original_file_equals_diffusers(tmp_path, prefix):
     )
     assert component.model.config.axes_dim == (4, 6, 6) and ZImageConfig().axes_dim == (32, 48, 48)
     model = load_component(component)
+    assert {name.split(".")[0] for name in model.block_names()} == {name for name, _ in model.named_children()}
     inputs = zimage_inputs()
     with torch.no_grad():
         ours = model(*inputs)
