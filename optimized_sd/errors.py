@@ -18,6 +18,11 @@ class FieldError(UserError):
         self.field = field_name
         self.problem = problem if problem is not None else message
 
+    @classmethod
+    def about(cls, field_name: str, problem: str) -> FieldError:
+        """The error said with the library's own name: "unet_batch must be at least 1"."""
+        return cls(field_name, f"{field_name} {problem}", problem)
+
     def named(self, name: str) -> str:
         """The message with the field called `name`."""
         return f"{name} {self.problem}"
