@@ -16,6 +16,7 @@ from optimized_sd.batch.manifest import MANIFEST
 from optimized_sd.cli import main
 from optimized_sd.errors import Interrupted, UserError
 from optimized_sd.pipelines.job import Job, OutputPolicy
+from optimized_sd.pipelines.load_options import LoadOptions
 from optimized_sd.pipelines.output import read_parameters
 
 DEFAULTS = Job(prompts=("default prompt",), steps=2, sampler="euler", height=64, width=64, seed=5, output=OutputPolicy(Path("unused")))
@@ -87,7 +88,7 @@ def test_lora_and_inpaint_fields_become_the_jobs_options(tmp_path):
 
 @pytest.fixture(scope="module")
 def spec(tiny_model) -> LoadSpec:
-    return LoadSpec(tiny_model.safetensors, {"tokenizer": tiny_model.tokenizer, "device": "cpu"})
+    return LoadSpec(tiny_model.safetensors, LoadOptions(tokenizer=tiny_model.tokenizer, device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -211,11 +211,11 @@ def _flow_plan(
     sampler: str, steps: int, strength: float, t_enc: int, karras: bool, schedule_type: str | None, model_sampling: ModelSampling
 ) -> SamplingPlan:
     """A k-sampler over a flow model's own shifted grid; what needs a DDPM table or VE noise is refused."""
+    choices = ", ".join(_FLOW_SAMPLERS)
     if sampler in _COMPVIS:
-        choices = ", ".join(_FLOW_SAMPLERS)
         raise FieldError.about("sampler", f"{sampler}: DDIM/PLMS need an eps/v schedule; this is a flow model, choose one of {choices}")
     if sampler in _STOCHASTIC:
-        raise FieldError.about("sampler", f"{sampler} adds noise by the eps/v rule, not a flow model's; choose one of {', '.join(_FLOW_SAMPLERS)}")
+        raise FieldError.about("sampler", f"{sampler} adds noise by the eps/v rule, not a flow model's; choose one of {choices}")
     if karras or schedule_type not in (None, DEFAULT_SCHEDULE_TYPE, "automatic"):
         raise FieldError.about("schedule", "must stay at its default: a flow model samples on its own shifted schedule")
     sigmas = model_sampling.sigmas(steps)[steps - t_enc :]

@@ -16,11 +16,11 @@ from optimized_sd.config import REFINER_SWITCH_DEFAULT
 from optimized_sd.errors import FieldError, Interrupted, UserError
 from optimized_sd.memory.planner import MODES, parse_bytes
 from optimized_sd.pipelines.bounds import check_numbers
-from optimized_sd.pipelines.diffusion import StableDiffusion, load
+from optimized_sd.pipelines.diffusion import StableDiffusion
 from optimized_sd.pipelines.job import Job as PipelineJob
 from optimized_sd.pipelines.job import JobStep, OutputPolicy, run_job
 from optimized_sd.pipelines.masks import InpaintOptions, check_mask, fit_mask, load_mask
-from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR
+from optimized_sd.pipelines.load_options import LoadOptions
 from optimized_sd.pipelines.output import ImageParameters, encode
 from optimized_sd.pipelines.request import INPAINTING_UNET_CHANNELS, check_refiner_switch, check_size
 from optimized_sd.sampling import SAMPLERS, make_plan, sampler_display_name
@@ -201,22 +201,6 @@ def plan_field(message: str) -> str:
     return "steps"
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """The `serve` flags that say how a model is loaded (the same for every model switched to)."""
-
-    device: str | None = None
-    precision: str = "autocast"
-    memory: str = "auto"
-    vram_budget: str | None = None
-    tokenizer: Path | None = None
-    attention: str = "sdpa"
-    weights: str | None = None  # --weights fp16|bf16|fp8|int8 (None: the compute dtype)
-    vae_tiling: str = "auto"
-    lora_dir: Path = DEFAULT_LORA_DIR  # relative to the working folder, as AUTOMATIC1111's (models/Lora under its root)
-    embeddings_dir: Path = DEFAULT_EMBEDDINGS_DIR
-
-
 class Backend:
     """The loaded model and the calls made on it. Used from the job worker thread only (one job at
     a time), except for the read-only properties."""
@@ -234,20 +218,7 @@ class Backend:
         """Open `entry` (a catalog entry: never a path from a request), releasing the old model."""
         if self.current == entry and self.pipe is not None:
             return
-        opts = self.options
-        pipe = load(
-            entry.path,
-            device=opts.device,
-            precision=opts.precision,
-            memory=opts.memory,
-            vram_budget=opts.vram_budget,
-            attention=opts.attention,
-            tokenizer=opts.tokenizer,
-            weights=opts.weights,
-            vae_tiling=opts.vae_tiling,
-            lora_dir=opts.lora_dir,
-            embeddings_dir=opts.embeddings_dir,
-        )
+        pipe = self.options.load(entry.path)
         with self._lock:
             old, self.pipe, self.current = self.pipe, pipe, entry
         if old is not None:
