@@ -239,7 +239,8 @@ def serve(options: ServeOptions) -> None:
     service = Service(backend)
     server = RunningServer(create_app(service, auth, any_host=options.listen), host, options.port)
     print(f"optimized-sd: model {first.title} loaded on {backend.pipe.device}", flush=True)
-    print(f"optimized-sd: LoRAs from {Path(options.loading.lora_dir).resolve()}, embeddings from {Path(options.loading.embeddings_dir).resolve()}", flush=True)
+    lora_dir, embeddings_dir = Path(options.loading.lora_dir).resolve(), Path(options.loading.embeddings_dir).resolve()
+    print(f"optimized-sd: LoRAs from {lora_dir}, embeddings from {embeddings_dir}", flush=True)
     print(f"optimized-sd: UI at {server.url}/  ·  API at {server.url}/sdapi/v1/  ·  API docs at {server.url}/docs", flush=True)
     if host not in (LOOPBACK, "localhost", "::1"):
         print(
