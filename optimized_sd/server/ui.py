@@ -209,7 +209,9 @@ class WebUI:
                 elif task == "inpaint":
                     image, inpaint_controls = self.inpaint_inputs(task)
                 if task in IMAGE_TASKS:
-                    strength = gr.Slider(0.0, 1.0, value=DEFAULT_STRENGTH, step=0.01, label="Denoising strength", elem_id=f"{task}-strength")
+                    strength = gr.Slider(
+                        0.0, 1.0, value=DEFAULT_STRENGTH, step=0.01, label="Denoising strength", elem_id=f"{task}-strength"
+                    )
                 with gr.Row():
                     sampler = gr.Dropdown(
                         choices=[(sampler_display_name(s, False), s) for s in SAMPLERS],
