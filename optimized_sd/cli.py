@@ -149,9 +149,8 @@ def job_from_flags(
 
     given = {name: flags[name] for name in CLI_FLAGS if name in flags and name not in OUTPUT_FIELDS}
     return Job(
-        **given,
+        **{**given, "loras": tuple(flags["loras"])},
         prompts=(flags["prompt"],) if flags["prompt_file"] is None else (),
-        loras=tuple(flags["loras"]),
         init_image=init_img,
         strength=strength,
         inpaint=inpaint,
