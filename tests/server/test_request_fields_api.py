@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
     "change, field, words",
     [
         ({"cfg_scale": 1e308}, "cfg_scale", "cfg_scale must be from -1000 to 1000"),  # `bounds`, via Job.validate
-        ({"sampler_name": "PLMS", "eta": 0.5}, "eta", "eta 0.5: plms supports eta 0 only"),  # the sampling plan
+        ({"sampler_name": "DDIM", "steps": 600}, "steps", "steps 600: ddim supports at most 500 steps"),  # the sampling plan
         ({"batch_size": 17}, "batch_size", "batch_size must be from 1 to 16"),  # the server's own limit
         ({"refiner_checkpoint": "tiny.safetensors", "refiner_switch_at": 1.5}, "refiner_switch_at", "refiner_switch_at 1.5 must be"),
     ],
