@@ -22,6 +22,7 @@ from optimized_sd.batch import LoadSpec, LocalPool, read_jobs, run_batch  # noqa
 from optimized_sd.batch.driver import WorkerPool  # noqa: E402
 from optimized_sd.benchmark.runner import build_model  # noqa: E402
 from optimized_sd.pipelines.job import Job, OutputPolicy  # noqa: E402
+from optimized_sd.pipelines.load_options import LoadOptions  # noqa: E402
 
 
 def measure(pool: WorkerPool, jobs_file: Path, defaults: Job) -> dict[str, float]:
@@ -53,7 +54,7 @@ def main() -> None:
     from optimized_sd.batch.ray_pool import RayPool, connect
 
     model = build_model(args.cache_dir, "tiny")
-    spec = LoadSpec(Path(model.checkpoint), {"tokenizer": model.tokenizer, "device": "cpu"})
+    spec = LoadSpec(Path(model.checkpoint), LoadOptions(tokenizer=model.tokenizer, device="cpu"))
     defaults = Job(prompts=("a lighthouse at dusk",), steps=args.steps, sampler="euler", height=args.size, width=args.size, seed=1,
                    output=OutputPolicy(Path("unused")))  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:

@@ -1,4 +1,7 @@
-"""`optimized-sd` command line: parse flags, build a Job, run it with a progress bar, print. No logic."""
+"""`optimized-sd` command line: parse flags, build a Job, run it with a progress bar, print. No logic.
+
+Two tables say the CLI's words: CLI_FLAGS (request field -> flag) and LOAD_FLAGS (LoadOptions field -> flag);
+a library FieldError names a request field, and `main` prints it with the field's flag."""
 
 from __future__ import annotations
 
@@ -10,18 +13,82 @@ from pathlib import Path
 
 import click
 
-from optimized_sd.config import REFINER_SWITCH_DEFAULT
-from optimized_sd.errors import Interrupted, UserError
+from optimized_sd.errors import FieldError, Interrupted, UserError
+from optimized_sd.pipelines import defaults
+from optimized_sd.pipelines.load_options import LoadOptions
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 
 
-# Model-loading flags shared by the generate commands and serve (one definition each).
-lora_dir_option = click.option("--lora-dir", "lora_dir", type=click.Path(path_type=Path), default="models/Lora", show_default=True, help="Where <lora:NAME:WEIGHT> in a prompt finds NAME.safetensors.")
-embeddings_dir_option = click.option("--embeddings-dir", "embeddings_dir", type=click.Path(path_type=Path), default="embeddings", show_default=True, help="Textual-inversion files, used by writing their file name in a prompt.")
-weights_option = click.option("--weights", help="Store the UNet/VAE Linear and Conv2d weights as fp16, bf16, fp8 or int8 (default: the compute dtype).")
-vae_tiling_option = click.option("--vae-tiling", "vae_tiling", default="auto", show_default=True, help="auto, on or off.")
+# Request field (a `Job`, `OutputPolicy` or `InpaintOptions` field) -> the flag that sets it; None: no flag.
+CLI_FLAGS: dict[str, str | None] = {
+    "prompts": "--prompt", "prompt_file": "--from-file", "negative_prompt": "--negative-prompt", "seed": "--seed",
+    "n_samples": "--n_samples", "n_iter": "--n_iter", "fixed_code": "--fixed_code", "steps": "--ddim_steps", "scale": "--scale",
+    "eta": "--ddim_eta", "sampler": "--sampler", "karras": "--karras", "schedule": "--schedule", "loras": "--lora",
+    "refiner": "--refiner", "refiner_switch": "--refiner-switch", "height": "--H", "width": "--W", "latent_channels": "--C",
+    "downscale": "--f", "unet_batch": "--unet_bs", "init_image": "--init-img", "strength": "--strength",
+    "max_image_pixels": "--max-image-pixels", "inpaint": None,  # the inpaint command's own flags, below
+    "output": None, "outdir": "--outdir", "fmt": "--format", "skip_save": "--skip_save", "skip_grid": "--skip_grid",
+    "n_rows": "--n_rows", "report_json": "--report-json", "preview_every": "--preview-every",
+    "mask": "--mask", "invert_mask": "--invert-mask", "mask_blur": "--mask-blur", "area": "--inpaint-area", "padding": "--padding",
+    "outpaint": "--outpaint", "masked_content": "--masked-content",
+}  # fmt: skip
+OUTPUT_FIELDS = ("outdir", "fmt", "skip_save", "skip_grid", "n_rows", "report_json", "preview_every")
+# LoadOptions field -> its flag (the generate commands, batch and serve all take them: `load_options`); None: not exposed.
+LOAD_FLAGS: dict[str, str | None] = {
+    "config": "--config", "ema": "--ema", "vae": "--vae", "prediction": "--prediction", "device": "--device",
+    "precision": "--precision", "memory": "--memory", "vram_budget": "--vram-budget", "attention": "--attention",
+    "vae_tiling": "--vae-tiling", "tokenizer": "--tokenizer", "lora_dir": "--lora-dir", "embeddings_dir": "--embeddings-dir",
+    "weights": "--weights", "int8_matmul": None, "channels_last": None,
+    "preview_decoder": None,  # the generate commands' --preview/--preview-decoder/--vae choose it (`preview_decoder_path`)
+}  # fmt: skip
+LOADING = LoadOptions()  # the defaults the load flags show
+
+
+def flag_words(error: FieldError) -> str:
+    """A FieldError said with the flag of its field (as the library said it when no flag sets the field)."""
+    flag = CLI_FLAGS.get(error.field) or LOAD_FLAGS.get(error.field)
+    return error.named(flag) if flag else str(error)
+
+
+def apply_options(options: list[Callable]) -> Callable:
+    """Several click options as one decorator, in the order given."""
+
+    def apply(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+def load_options(memory_help: str = "auto, full, turbo, split or stream.") -> Callable:
+    """The model-loading flags (every LoadOptions field LOAD_FLAGS exposes), shared by the generate commands,
+    batch and serve."""
+    path = click.Path(path_type=Path)
+    return apply_options([
+        click.option("--config", type=path, help="JSON model config overriding the one read off the weights."),
+        click.option("--tokenizer", type=path, help="CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json)."),
+        click.option("--ema", is_flag=True, help="Use the checkpoint's EMA UNet weights."),
+        click.option("--vae", type=path, help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's, or a TAESD decoder (taesd_decoder.*) for fast decodes."),
+        click.option("--prediction", default=LOADING.prediction, show_default=True, help="auto, eps or v: what the UNet predicts (auto: what the file says, else the family's default)."),
+        click.option("--device", help="cuda, cuda:N, cpu or mps (default: the best available)."),
+        click.option("--precision", default=LOADING.precision, show_default=True, help="autocast (fp16 on GPU, fp32 on CPU), full (fp32), fp16 or bf16."),
+        click.option("--memory", default=LOADING.memory, show_default=True, help=memory_help),
+        click.option("--weights", help="Store the UNet/VAE Linear and Conv2d weights as fp16, bf16, fp8 or int8 (default: the compute dtype)."),
+        click.option("--vram-budget", "vram_budget", help="Plan for this much device memory, e.g. 1.5GB."),
+        click.option("--attention", default=LOADING.attention, show_default=True, help="sdpa, xformers, sliced or naive."),
+        click.option("--vae-tiling", "vae_tiling", default=LOADING.vae_tiling, show_default=True, help="auto, on or off."),
+        click.option("--lora-dir", "lora_dir", type=path, default=LOADING.lora_dir, show_default=True, help="Where <lora:NAME:WEIGHT> in a prompt finds NAME.safetensors."),
+        click.option("--embeddings-dir", "embeddings_dir", type=path, default=LOADING.embeddings_dir, show_default=True, help="Textual-inversion files, used by writing their file name in a prompt."),
+    ])  # fmt: skip
+
+
+def load_options_from(flags: dict, memory: str | None = None) -> LoadOptions:
+    """The load flags as LoadOptions (`memory`: the mode after --turbo is folded in)."""
+    given = {name: flags[name] for name, flag in LOAD_FLAGS.items() if flag is not None}
+    return LoadOptions(**{**given, "memory": memory if memory is not None else flags["memory"]})
 
 
 def generation_options(default_outdir: str, default_size: int | None) -> Callable:
@@ -32,47 +99,33 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
     )
     options = [
         click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt; 'a:0.25 b:0.75' mixes weighted subprompts."),
-        click.option("--from-file", "from_file", type=click.Path(path_type=Path), help="Read prompts from a file, one per line."),
+        click.option("--from-file", "prompt_file", type=click.Path(path_type=Path), help="Read prompts from a file, one per line."),
         click.option("--negative-prompt", "negative_prompt", default="", help="What to steer away from (the unconditional prompt)."),
         click.option("--outdir", type=click.Path(path_type=Path), default=default_outdir, show_default=True, help="Output root folder."),
         click.option("--ckpt", type=click.Path(path_type=Path), default=DEFAULT_CKPT, show_default=True, help="Checkpoint: .ckpt, .safetensors or a diffusers folder."),
-        click.option("--config", type=click.Path(path_type=Path), help="JSON model config overriding the one read off the weights."),
-        click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json)."),
-        click.option("--ema", is_flag=True, help="Use the checkpoint's EMA UNet weights."),
-        click.option("--vae", type=click.Path(path_type=Path),
-                     help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's, or a TAESD decoder (taesd_decoder.*) for fast decodes."),
         click.option("--refiner", type=click.Path(path_type=Path),
                      help="An SDXL refiner (file or diffusers folder) that finishes an SDXL base's sampling."),
-        click.option("--refiner-switch", "refiner_switch", type=float, default=REFINER_SWITCH_DEFAULT, show_default=True,
+        click.option("--refiner-switch", "refiner_switch", type=float, default=defaults.DEFAULT_REFINER_SWITCH, show_default=True,
                      help="Share of the denoising the base runs before the refiner takes over (by timestep, as AUTOMATIC1111)."),
-        click.option("--prediction", default="auto", show_default=True, help="auto, eps or v: what the UNet predicts (auto: what the file says, else the family's default)."),
         click.option("--H", "height", type=int, default=default_size, help=f"Image height in {size_help}."),
         click.option("--W", "width", type=int, default=default_size, help=f"Image width in {size_help}."),
-        click.option("--C", "channels", type=int, default=4, show_default=True, help="Latent channels."),
-        click.option("--f", "downscale", type=int, default=8, show_default=True, help="VAE downscale factor."),
-        click.option("--ddim_steps", "--steps", "steps", type=int, default=50, show_default=True, help="Sampling steps (all samplers)."),
-        click.option("--scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale (1 turns guidance off)."),
-        click.option("--ddim_eta", "eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic)."),
-        click.option("--sampler", default="plms", show_default=True, help="ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde."),
+        click.option("--C", "latent_channels", type=int, default=defaults.DEFAULT_LATENT_CHANNELS, show_default=True, help="Latent channels."),
+        click.option("--f", "downscale", type=int, default=defaults.DEFAULT_DOWNSCALE, show_default=True, help="VAE downscale factor."),
+        click.option("--ddim_steps", "--steps", "steps", type=int, default=defaults.DEFAULT_STEPS, show_default=True, help="Sampling steps (all samplers)."),
+        click.option("--scale", type=float, default=defaults.DEFAULT_SCALE, show_default=True, help="Classifier-free guidance scale (1 turns guidance off)."),
+        click.option("--ddim_eta", "eta", type=float, default=defaults.DEFAULT_ETA, show_default=True, help="DDIM eta (0: deterministic)."),
+        click.option("--sampler", default=defaults.DEFAULT_SAMPLER, show_default=True, help="ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde."),
         click.option("--karras", is_flag=True, help="Karras sigma schedule (k-samplers only); same as --schedule karras."),
         click.option("--schedule", help="k-sampler sigma grid: linspace (default, diffusers'), automatic, uniform, karras, exponential, sgm_uniform."),
-        click.option("--lora", multiple=True, help="LoRA file, FILE or FILE:WEIGHT (repeatable; default weight 1)."),
-        lora_dir_option,
-        embeddings_dir_option,
-        click.option("--n_samples", type=int, default=5, show_default=True, help="Images per batch."),
-        click.option("--n_iter", type=int, default=1, show_default=True, help="Number of batches."),
+        click.option("--lora", "loras", multiple=True, help="LoRA file, FILE or FILE:WEIGHT (repeatable; default weight 1)."),
+        click.option("--n_samples", type=int, default=5, show_default=True, help="Images per batch."),  # optimizedSD's default
+        click.option("--n_iter", type=int, default=defaults.DEFAULT_N_ITER, show_default=True, help="Number of batches."),
         click.option("--seed", type=int, help="Seed of the first image (image i uses seed+i); random when omitted."),
         click.option("--fixed_code", is_flag=True, help="Reuse the same starting noise (seeds) for every batch."),
-        click.option("--device", help="cuda, cuda:N, cpu or mps (default: the best available)."),
-        click.option("--precision", default="autocast", show_default=True, help="autocast (fp16 on GPU, fp32 on CPU), full (fp32), fp16 or bf16."),
-        click.option("--memory", default="auto", show_default=True, help="auto, full, turbo, split or stream."),
-        weights_option,
+        load_options(),
         click.option("--turbo", is_flag=True, help="optimizedSD's --turbo: same as --memory turbo."),
-        click.option("--vram-budget", "vram_budget", help="Plan for this much device memory, e.g. 1.5GB."),
-        click.option("--attention", default="sdpa", show_default=True, help="sdpa, xformers, sliced or naive."),
-        vae_tiling_option,
-        click.option("--unet_bs", type=int, help="UNet micro-batch size (default: the whole CFG batch)."),
-        click.option("--format", "fmt", default="png", show_default=True, help="png or jpg."),
+        click.option("--unet_bs", "unet_batch", type=int, help="UNet micro-batch size (default: the whole CFG batch)."),
+        click.option("--format", "fmt", default=defaults.DEFAULT_IMAGE_FORMAT, show_default=True, help="png or jpg."),
         click.option("--skip_grid", is_flag=True, help="Do not write a grid of the images."),
         click.option("--skip_save", is_flag=True, help="Do not write the individual images."),
         click.option("--n_rows", type=int, default=0, help="Images per grid row (default: n_samples)."),
@@ -84,13 +137,7 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--report", is_flag=True, help="Print time and peak memory per stage."),
         click.option("--report-json", "report_json", type=click.Path(path_type=Path), help="Write the report as JSON."),
     ]
-
-    def apply(command: Callable) -> Callable:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return apply
+    return apply_options(options)
 
 
 @click.group()
@@ -99,61 +146,31 @@ def cli() -> None:
     """Low-VRAM Stable Diffusion (SD 1.x, SD 2.x, SDXL): txt2img and img2img on small GPUs or the CPU."""
 
 
-LOAD_OPTIONS = (
-    "config", "ema", "vae", "prediction", "device", "precision", "vram_budget", "attention", "vae_tiling", "tokenizer", "lora_dir", "embeddings_dir",
-    "weights",
-)
-
-
-def job_from_flags(flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None, max_image_pixels: int | None = None):
-    """The generation flags as a Job (txt2img, img2img and batch's defaults)."""
+def job_from_flags(
+    flags: dict, init_img: Path | None = None, strength: float = defaults.DEFAULT_STRENGTH, inpaint=None, max_image_pixels: int | None = None
+):
+    """The generation flags as a Job (txt2img, img2img and batch's defaults): each flag's value goes to the
+    request field CLI_FLAGS maps it from (the click option's name is the field's)."""
     from optimized_sd.pipelines.job import Job, OutputPolicy
 
+    given = {name: flags[name] for name in CLI_FLAGS if name in flags and name not in OUTPUT_FIELDS}
     return Job(
-        prompts=(flags["prompt"],) if flags["from_file"] is None else (),
-        prompt_file=flags["from_file"],
-        negative_prompt=flags["negative_prompt"],
-        seed=flags["seed"],
-        n_samples=flags["n_samples"],
-        n_iter=flags["n_iter"],
-        fixed_code=flags["fixed_code"],
-        steps=flags["steps"],
-        scale=flags["scale"],
-        eta=flags["eta"],
-        sampler=flags["sampler"],
-        karras=flags["karras"],
-        schedule=flags["schedule"],
-        loras=tuple(flags["lora"]),
-        refiner=flags["refiner"],
-        refiner_switch=flags["refiner_switch"],
-        height=flags["height"],
-        width=flags["width"],
-        latent_channels=flags["channels"],
-        downscale=flags["downscale"],
-        unet_batch=flags["unet_bs"],
+        **{**given, "loras": tuple(flags["loras"])},
+        prompts=(flags["prompt"],) if flags["prompt_file"] is None else (),
         init_image=init_img,
         strength=strength,
         inpaint=inpaint,
         max_image_pixels=max_image_pixels,
-        output=OutputPolicy(
-            outdir=flags["outdir"],
-            fmt=flags["fmt"],
-            skip_save=flags["skip_save"],
-            skip_grid=flags["skip_grid"],
-            n_rows=flags["n_rows"],
-            report_json=flags["report_json"],
-            preview_every=flags["preview_every"],
-        ),
+        output=OutputPolicy(**{name: flags[name] for name in OUTPUT_FIELDS}),
     )
 
 
 def run_from_flags(
-    flags: dict, init_img: Path | None = None, strength: float = 0.75, inpaint=None, max_image_pixels: int | None = None
+    flags: dict, init_img: Path | None = None, strength: float = defaults.DEFAULT_STRENGTH, inpaint=None, max_image_pixels: int | None = None
 ) -> None:
     """Flags -> a Job and a loader; run it with a progress bar; print what was written."""
     from tqdm import tqdm
 
-    from optimized_sd.pipelines.diffusion import load
     from optimized_sd.pipelines.job import JobStep, describe_memory, memory_mode, run_job
     from optimized_sd.pipelines.previews import preview_decoder_path
 
@@ -171,8 +188,8 @@ def run_from_flags(
         bars[0].refresh()
 
     try:
-        options = {name: flags[name] for name in LOAD_OPTIONS}
-        result = run_job(lambda: load(flags["ckpt"], memory=memory, preview_decoder=preview_decoder, **options), job, progress)
+        loading = dataclasses.replace(load_options_from(flags, memory), preview_decoder=preview_decoder)
+        result = run_job(lambda: loading.load(flags["ckpt"]), job, progress)
     finally:
         for bar in bars:
             bar.close()
@@ -205,7 +222,7 @@ max_image_pixels_option = click.option(
 
 @cli.command()
 @click.option("--init-img", "init_img", type=click.Path(path_type=Path), required=True, help="Image to edit (any format PIL reads).")
-@click.option("--strength", type=float, default=0.75, show_default=True, help="How much may change: 0 keeps the image, 1 ignores it.")
+@click.option("--strength", type=float, default=defaults.DEFAULT_STRENGTH, show_default=True, help="How much may change: 0 keeps the image, 1 ignores it.")
 @max_image_pixels_option
 @generation_options("outputs/img2img-samples", None)
 def img2img(init_img: Path, strength: float, max_image_pixels: int | None, **flags) -> None:
@@ -213,8 +230,7 @@ def img2img(init_img: Path, strength: float, max_image_pixels: int | None, **fla
     run_from_flags(flags, init_img=init_img, strength=strength, max_image_pixels=max_image_pixels)
 
 
-NOT_FOR_BATCH = {"from_file": "--from-file", "skip_save": "--skip_save", "n_rows": "--n_rows", "report_json": "--report-json",
-                 "preview_every": "--preview-every", "preview": "--preview", "preview_decoder": "--preview-decoder"}
+NOT_FOR_BATCH = ("prompt_file", "skip_save", "n_rows", "report_json", "preview_every", "preview", "preview_decoder")
 
 
 @cli.command()
@@ -227,7 +243,7 @@ NOT_FOR_BATCH = {"from_file": "--from-file", "skip_save": "--skip_save", "n_rows
 @click.option("--cpu-threads", "cpu_threads", type=int,
               help="torch CPU threads per worker (default: torch's own in this process, 1 per Ray CPU worker); equal counts give equal bytes.")
 @click.option("--init-img", "init_img", type=click.Path(path_type=Path), help="Default init image (img2img) for jobs that give none.")
-@click.option("--strength", type=float, default=0.75, show_default=True, help="Default img2img strength.")
+@click.option("--strength", type=float, default=defaults.DEFAULT_STRENGTH, show_default=True, help="Default img2img strength.")
 @generation_options("outputs/batch-samples", None)
 def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_per_worker: float | None, cpu_threads: int | None,
           init_img: Path | None, strength: float, **flags) -> None:
@@ -239,13 +255,13 @@ def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_pe
     from optimized_sd.batch.driver import WorkerPool
     from optimized_sd.pipelines.job import memory_mode
 
-    for name, flag in NOT_FOR_BATCH.items():
+    for name in NOT_FOR_BATCH:
         if flags[name]:
-            raise UserError(f"{flag} does not apply to batch (prompts and options come from JOBS)")
+            raise UserError(f"{CLI_FLAGS.get(name) or '--' + name.replace('_', '-')} does not apply to batch (prompts and options come from JOBS)")
     if ray_address is None and (workers is not None or gpus_per_worker is not None):
         raise UserError("--workers and --gpus-per-worker need --ray")
     jobs = read_jobs(jobs_file, job_from_flags(flags, init_img, strength))
-    spec = LoadSpec(flags["ckpt"], {"memory": memory_mode(flags["memory"], flags["turbo"]), **{name: flags[name] for name in LOAD_OPTIONS}},
+    spec = LoadSpec(flags["ckpt"], load_options_from(flags, memory_mode(flags["memory"], flags["turbo"])),
                     gpu_share=gpus_per_worker or 1.0, cpu_threads=cpu_threads)
     if cpu_threads is not None and cpu_threads < 1:
         raise UserError("--cpu-threads must be at least 1")
@@ -289,35 +305,28 @@ def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_pe
 @click.option("--port", type=int, default=7860, show_default=True, help="Port to bind (0: any free port).")
 @click.option("--listen", is_flag=True, help="Accept connections from the network, not only from this machine.")
 @click.option("--auth", help="USER:PASS required by the UI (login page) and the API (HTTP basic).")
-@click.option("--device", help="cuda, cuda:N, cpu or mps (default: the best available).")
-@click.option("--memory", default="auto", show_default=True, help="Default memory mode: auto, full, turbo, split or stream.")
-@click.option("--vram-budget", "vram_budget", help="Default device-memory budget, e.g. 1.5GB.")
-@click.option("--precision", default="autocast", show_default=True, help="autocast, full, fp16 or bf16.")
-@click.option("--tokenizer", type=click.Path(path_type=Path), help="CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json).")
-@click.option("--attention", default="sdpa", show_default=True, help="sdpa, xformers, sliced or naive.")
-@weights_option
-@vae_tiling_option
-@lora_dir_option
-@embeddings_dir_option
+@load_options("Default memory mode (a request may name its own): auto, full, turbo, split or stream.")
 def serve(**flags) -> None:
     """Web UI and AUTOMATIC1111-compatible HTTP API, one model loaded once (needs the [ui] extra)."""
     from optimized_sd.server import app
 
     if flags["ckpt"] is None and flags["models_dir"] is None:
         flags["ckpt"] = Path(DEFAULT_CKPT)
-    app.serve(app.ServeOptions(**flags))
+    loading = load_options_from(flags)
+    server = {name: value for name, value in flags.items() if name not in LOAD_FLAGS}
+    app.serve(app.ServeOptions(**server, loading=loading))
 
 
 @cli.command()
 @click.option("--init-img", "init_img", type=click.Path(path_type=Path), required=True, help="Image to repaint (any format PIL reads).")
 @click.option("--mask", type=click.Path(path_type=Path), help="White is repainted, black kept; L/RGB: luminance, RGBA/LA: alpha unless all opaque.")
 @click.option("--invert-mask", "invert_mask", is_flag=True, help="Repaint the black part of the mask instead.")
-@click.option("--mask-blur", "mask_blur", type=float, default=4.0, show_default=True, help="Blur of the mask's edge in pixels.")
-@click.option("--strength", type=float, default=1.0, show_default=True, help="How much the masked part may change (1: from pure noise).")
+@click.option("--mask-blur", "mask_blur", type=float, default=defaults.DEFAULT_MASK_BLUR, show_default=True, help="Blur of the mask's edge in pixels.")
+@click.option("--strength", type=float, default=defaults.DEFAULT_INPAINT_STRENGTH, show_default=True, help="How much the masked part may change (1: from pure noise).")
 @click.option("--inpaint-area", "inpaint_area", default="whole", show_default=True, help="whole, or masked: only the mask's box plus --padding, at --H/--W.")
-@click.option("--padding", type=int, default=32, show_default=True, help="Pixels around the mask's box for --inpaint-area masked.")
+@click.option("--padding", type=int, default=defaults.DEFAULT_PADDING, show_default=True, help="Pixels around the mask's box for --inpaint-area masked.")
 @click.option("--outpaint", help="LEFT,RIGHT,TOP,BOTTOM: grow the canvas by these pixels and paint the new border.")
-@click.option("--masked-content", "masked_content", default="original", show_default=True, help="What the masked part starts from below strength 1: original, fill (surrounding colours), latent-noise or latent-nothing.")
+@click.option("--masked-content", "masked_content", default=defaults.DEFAULT_MASKED_CONTENT, show_default=True, help="What the masked part starts from below strength 1: original, fill (surrounding colours), latent-noise or latent-nothing.")
 @max_image_pixels_option
 @generation_options("outputs/inpaint-samples", None)
 def inpaint(
@@ -374,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         register_bench()
         cli.main(args=argv, prog_name="optimized-sd", standalone_mode=False)
+    except FieldError as error:
+        click.echo(f"error: {flag_words(error)}", err=True)
+        sys.exit(1)
     except UserError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)

@@ -11,16 +11,22 @@ class FieldError(UserError):
     """A mistake in one request field. `field` is the library's name for it (a `Job`, `GenerationRequest`
     or `InpaintOptions` field), `problem` the message without the name ("must be ..., got ..."), so each
     front end can say it in its own words: the CLI its flag, the API its AUTOMATIC1111 field, a batch
-    file its line and JSON field."""
+    file its line and JSON field. `context` leads the message whatever the field is called ("jobs.jsonl line 3: ")."""
 
-    def __init__(self, field_name: str, message: str, problem: str | None = None) -> None:
+    def __init__(self, field_name: str, message: str, problem: str | None = None, context: str = "") -> None:
         super().__init__(message)
         self.field = field_name
         self.problem = problem if problem is not None else message
+        self.context = context
+
+    @classmethod
+    def about(cls, field_name: str, problem: str) -> FieldError:
+        """The error said with the library's own name: "unet_batch must be at least 1"."""
+        return cls(field_name, f"{field_name} {problem}", problem)
 
     def named(self, name: str) -> str:
         """The message with the field called `name`."""
-        return f"{name} {self.problem}"
+        return f"{self.context}{name} {self.problem}"
 
 
 class CheckpointError(UserError):

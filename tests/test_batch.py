@@ -16,6 +16,7 @@ from optimized_sd.batch.manifest import MANIFEST
 from optimized_sd.cli import main
 from optimized_sd.errors import Interrupted, UserError
 from optimized_sd.pipelines.job import Job, OutputPolicy
+from optimized_sd.pipelines.load_options import LoadOptions
 from optimized_sd.pipelines.output import read_parameters
 
 DEFAULTS = Job(prompts=("default prompt",), steps=2, sampler="euler", height=64, width=64, seed=5, output=OutputPolicy(Path("unused")))
@@ -59,12 +60,12 @@ def test_a_plain_file_is_one_prompt_per_line(tmp_path):
         ({"prompt": "a", "colour": "red"}, "line 2: unknown field 'colour'"),
         ({"prompt": "a", "steps": "many"}, "line 2: field 'steps' must be an integer"),
         ({"prompt": "a", "mask": "m.png"}, "line 2: inpainting needs an init image"),
-        ({"prompt": "a", "loras": {"gone.safetensors": 0.5}}, "line 2: --lora gone.safetensors: no such file"),
+        ({"prompt": "a", "loras": {"gone.safetensors": 0.5}}, "line 2: field 'loras' gone.safetensors: no such file"),
         ({"prompt": "a", "loras": "x"}, "line 2: field 'loras' must be a list"),
-        ({"prompt": "a", "init_image": "i.png", "mask": "m.png", "inpaint_area": "most"}, "line 2: unknown --inpaint-area 'most'"),
+        ({"prompt": "a", "init_image": "i.png", "mask": "m.png", "inpaint_area": "most"}, "line 2: field 'inpaint_area' 'most' is unknown"),
         ({"prompt": "a", "init_image": "i.png", "outpaint": [1, 2]}, "line 2: field 'outpaint' must be"),
-        ({"prompt": "a", "sampler": "nope"}, "line 2: unknown sampler"),
-        ({"prompt": "a", "size": "65x64"}, "line 2: width 65 is not a multiple of 8"),
+        ({"prompt": "a", "sampler": "nope"}, "line 2: field 'sampler' 'nope' is unknown"),
+        ({"prompt": "a", "size": "65x64"}, "line 2: field 'size' 65 is not a multiple of 8"),
         ('["a"]', "line 2: a line must be a JSON object"),
     ],
 )
@@ -87,7 +88,7 @@ def test_lora_and_inpaint_fields_become_the_jobs_options(tmp_path):
 
 @pytest.fixture(scope="module")
 def spec(tiny_model) -> LoadSpec:
-    return LoadSpec(tiny_model.safetensors, {"tokenizer": tiny_model.tokenizer, "device": "cpu"})
+    return LoadSpec(tiny_model.safetensors, LoadOptions(tokenizer=tiny_model.tokenizer, device="cpu"))
 
 
 @pytest.fixture(scope="module")

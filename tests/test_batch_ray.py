@@ -16,6 +16,7 @@ from optimized_sd.batch import BatchJob, LoadSpec, LocalPool, read_jobs, run_bat
 from optimized_sd.batch.manifest import MANIFEST
 from optimized_sd.errors import UserError
 from optimized_sd.pipelines.job import Job, OutputPolicy
+from optimized_sd.pipelines.load_options import LoadOptions
 
 ray = pytest.importorskip("ray")
 
@@ -31,7 +32,7 @@ def images(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def spec(tiny_model) -> LoadSpec:
     """One CPU thread: what a Ray CPU worker uses (torch's CPU sums depend on the thread count)."""
-    return LoadSpec(tiny_model.safetensors, {"tokenizer": tiny_model.tokenizer, "device": "cpu"}, cpu_threads=1)
+    return LoadSpec(tiny_model.safetensors, LoadOptions(tokenizer=tiny_model.tokenizer, device="cpu"), cpu_threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -63,8 +63,8 @@ def test_job_checks_before_loading(tmp_path):
     loads = []
     for job, message in [
         (Job(), "no prompt given"),
-        (Job(prompts=("a",), n_iter=0), "--n_iter must be at least 1"),
-        (Job(prompts=("a",), sampler="nope"), "unknown sampler"),
+        (Job(prompts=("a",), n_iter=0), "n_iter must be at least 1"),
+        (Job(prompts=("a",), sampler="nope"), "'nope' is unknown"),
         (Job(prompts=("a",), init_image=tmp_path / "missing.png"), "init image not found"),
         (Job(prompt_file=tmp_path / "none.txt"), "not found"),
     ]:

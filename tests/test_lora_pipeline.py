@@ -145,7 +145,7 @@ def test_cli_lora_schedule_and_errors(capsys, tiny_model, lora_files, tmp_path) 
         (["--prompt", "a <lora:kohya_styel>"], "nearest: kohya_style"),
         (["--prompt", "a <lora:kohya_style:abc>"], "'abc' is not a number"),
         (["--lora", str(tmp_path / "missing.safetensors")], "no such file"),
-        (["--schedule", "cosine"], "unknown schedule type"),
+        (["--schedule", "cosine"], "--schedule 'cosine' is unknown"),
     ]:
         lora_dir = str(lora_files["kohya"].parent)
         code, _, err = run(capsys, "txt2img", *base, "--lora-dir", lora_dir, "--outdir", str(tmp_path / "bad"), *args)

@@ -89,7 +89,7 @@ def test_invert_and_blur():
     assert set(np.unique(sharp).tolist()) == {0, 255}
     assert 0 < soft[28, 38] < 255  # the edge is soft
     assert soft[28, 48] > 200 and soft[0, 0] == 0
-    with pytest.raises(UserError, match="mask-blur"):
+    with pytest.raises(UserError, match="mask_blur must be 0 or more"):
         prepare_region(gradient(), (96, 64), InpaintOptions(mask=square_mask(), mask_blur=-1))
 
 
@@ -169,10 +169,10 @@ def test_parse_outpaint():
     ("options", "needle"),
     [
         (InpaintOptions(), "needs a mask"),
-        (InpaintOptions(mask="m.png", area="middle"), "inpaint-area"),
+        (InpaintOptions(mask="m.png", area="middle"), "area 'middle' is unknown"),
         (InpaintOptions(mask="m.png", padding=-2), "padding"),
         (InpaintOptions(outpaint=(0, 0, 0, 0)), "outpaint"),
-        (InpaintOptions(mask="m.png", masked_content="latent_noise"), "masked-content"),
+        (InpaintOptions(mask="m.png", masked_content="latent_noise"), "masked_content 'latent_noise' is unknown"),
     ],
 )
 def test_options_check(options, needle):

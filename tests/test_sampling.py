@@ -396,7 +396,7 @@ def test_gaussian_data_gets_its_variance(name):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(sampler="k_euler", steps=10), "unknown sampler 'k_euler'; choose one of: ddim, plms, euler"),
+        (dict(sampler="k_euler", steps=10), "sampler 'k_euler' is unknown; choose one of: ddim, plms, euler"),
         (dict(sampler="ddim", steps=10, karras=True), "karras sigmas do not apply to ddim"),
         (dict(sampler="plms", steps=10, karras=True), "karras sigmas do not apply to plms"),
         (dict(sampler="plms", steps=10, eta=0.5), "plms supports eta 0 only"),

@@ -95,7 +95,7 @@ def test_img2img_runs_the_tail_of_the_chosen_grid() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(sampler="euler", schedule_type="cosine"), "unknown schedule type"),
+        (dict(sampler="euler", schedule_type="cosine"), "schedule .cosine. is unknown"),
         (dict(sampler="euler", schedule_type="uniform", karras=True), "karras"),
         (dict(sampler="ddim", schedule_type="karras"), "does not apply to ddim"),
     ],

@@ -151,9 +151,20 @@ INPAINT_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
-def record_field(field: str) -> str:
-    """The job file's name for a `Job` or `InpaintOptions` field."""
-    return next((name for name, (target, _) in INPAINT_FIELDS.items() if target == field), field)
+# Request field (a `Job`, `InpaintOptions` or `OutputPolicy` field) -> the job file's key for it; None: a line
+# cannot set it (the command line's flag does, for every line). A FieldError is said with these keys.
+BATCH_KEYS: dict[str, str | None] = {
+    **{name: name for name in FIELDS if name not in ("prompt", "size")},
+    "prompts": "prompt", "prompt_file": None, "latent_channels": None, "downscale": None, "unet_batch": None,
+    "inpaint": None, "max_image_pixels": None,
+    "output": None, "outdir": None, "fmt": None, "skip_save": None, "skip_grid": None, "n_rows": None, "report_json": None,
+    **{target: name for name, (target, _) in INPAINT_FIELDS.items()},
+}  # fmt: skip
+
+
+def record_field(field: str) -> str | None:
+    """The job file's key for a request field (None: no line sets it)."""
+    return BATCH_KEYS.get(field)
 
 
 def job_from_record(record: dict[str, Any], defaults: Job) -> Job:
@@ -187,7 +198,9 @@ def is_json_lines(path: Path, lines: list[str]) -> bool:
 
 def read_jobs(path: Path, defaults: Job) -> list[BatchJob]:
     """Every generation of the job file, checked (`Job.validate`) before anything runs. `defaults`
-    holds the command line's values, its prompt included; blank lines are skipped but still counted."""
+    holds the command line's values, its prompt included; blank lines are skipped but still counted.
+    A mistake in a line's field names the line and its key; one in a value from the command line is
+    raised as it is (the CLI names its flag)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -213,9 +226,13 @@ def read_jobs(path: Path, defaults: Job) -> list[BatchJob]:
                 job = dataclasses.replace(defaults, prompts=(text.strip(),), prompt_file=None)
             job.validate()
         except FieldError as error:
+            where = f"{path} line {number}: "
             name = record_field(error.field)
-            given = name in record  # else the value came from the command line: its flag names it
-            raise UserError(f"{path} line {number}: " + (f"field {error.named(repr(name))}" if given else str(error))) from None
+            if name in ("width", "height") and "size" in record:
+                name = "size"
+            if name is None or name not in record:  # the value came from the command line: the CLI names its flag
+                raise FieldError(error.field, where + str(error), error.problem, where + error.context) from None
+            raise UserError(f"{where}field {error.named(repr(name))}") from None
         except UserError as error:
             raise UserError(f"{path} line {number}: {error}") from None
         jobs.append(BatchJob(number, job))

@@ -7,23 +7,24 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from optimized_sd.errors import UserError
 from optimized_sd.pipelines.job import Job
+from optimized_sd.pipelines.load_options import LoadOptions
 
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """How a worker opens the model: `load(checkpoint, **options)`. `gpu_share` < 1 (several workers
+    """How a worker opens the model: `options.load(checkpoint)`. `gpu_share` < 1 (several workers
     on one GPU) plans for that share of the card unless options give a `vram_budget`. `cpu_threads` sets
     torch's CPU thread count: CPU kernels split their sums by thread, so two runs give the same bytes only
     with the same count (a different one moves a few pixels by 1)."""
 
     checkpoint: Path
-    options: dict[str, Any] = field(default_factory=dict)
+    options: LoadOptions = LoadOptions()
     gpu_share: float = 1.0
     cpu_threads: int | None = None
 
@@ -58,19 +59,17 @@ class BatchWorker:
     def load(self) -> str:
         """Open the model now (idempotent); returns the worker's name and device."""
         if self.pipe is None:
-            from optimized_sd.pipelines.diffusion import load
-
-            options = dict(self.spec.options)
+            options = self.spec.options
             if self.spec.cpu_threads is not None:
                 import torch
 
                 torch.set_num_threads(self.spec.cpu_threads)
-            if self.spec.gpu_share < 1 and options.get("vram_budget") is None:
+            if self.spec.gpu_share < 1 and options.vram_budget is None:
                 import torch
 
                 if torch.cuda.is_available():
-                    options["vram_budget"] = int(torch.cuda.get_device_properties(0).total_memory * self.spec.gpu_share)
-            self.pipe = load(self.spec.checkpoint, **options)
+                    options = replace(options, vram_budget=int(torch.cuda.get_device_properties(0).total_memory * self.spec.gpu_share))
+            self.pipe = options.load(self.spec.checkpoint)
         return f"{self.name} on {self.pipe.device}"
 
     def pid(self) -> int:

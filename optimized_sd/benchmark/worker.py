@@ -47,12 +47,13 @@ from optimized_sd.benchmark.results import (
 from optimized_sd.benchmark.scenarios import Scenario
 from optimized_sd.errors import OutOfMemoryBudget, UserError
 from optimized_sd.memory.precision import compute_dtype_name
+from optimized_sd.pipelines.defaults import DEFAULT_STRENGTH
 
 RESULT_PREFIX = "BENCH-RESULT "
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 SEED = 42
 SCALE = 7.5
-STRENGTH = 0.75
+STRENGTH = DEFAULT_STRENGTH
 RSS_POLL_SECONDS = 0.005
 T = TypeVar("T")
 
@@ -341,8 +342,8 @@ def run_calls(calls: int, run: Callable[[], tuple[dict[str, StageFigures], objec
 def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None = None) -> ScenarioResult:
     import torch
 
-    import optimized_sd
     from optimized_sd.pipelines.diffusion import GenerationRequest
+    from optimized_sd.pipelines.load_options import LoadOptions
 
     warnings: list[str] = []
 
@@ -366,8 +367,7 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None 
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401  imported before the clock, as diffusers is
 
     def load():
-        pipe = optimized_sd.load(
-            task.checkpoint,
+        options = LoadOptions(
             device=str(device),
             precision=task.precision,
             memory=scenario.mode,
@@ -376,6 +376,7 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None 
             tokenizer=task.tokenizer,
             weights=task.weights,
         )
+        pipe = options.load(task.checkpoint)
         pipe.prepare(request)  # place the weights now, so that loading is timed here
         return pipe
 

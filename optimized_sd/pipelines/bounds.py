@@ -1,5 +1,6 @@
 """The accepted range of every numeric request field, in one table: the CLI, the web UI, the API and the
-batch driver check their numbers here, and each names a mistake by its own word for the field.
+batch driver check their numbers here (through `Job.validate`), and each names a mistake by its own word for
+the field (its mapping table: `cli.CLI_FLAGS`, `server.fields.API_FIELDS`, `batch.jobs.BATCH_KEYS`).
 
 Ranges are generous but finite: a NaN or an inf, or a huge value, reaches code that was never meant to
 see it (Pillow's GaussianBlur crashes the process at a radius of about 3e9; a guidance scale of 1e308
@@ -24,12 +25,11 @@ MAX_IMAGES_PER_JOB = 10_000  # n_samples x n_iter: one job, or one line of a bat
 
 @dataclass(frozen=True)
 class Bound:
-    """An inclusive range and the CLI flag that sets the field. `capped`: the upper end is this project's
+    """An inclusive range. `capped`: the upper end is this project's
     safety limit, not the quantity's nature (said as "at least 1 (at most N)" rather than "from 0 to 1")."""
 
     low: float
     high: float
-    flag: str
     whole: bool = False
     capped: bool = True
 
@@ -42,20 +42,20 @@ class Bound:
 
 # field (as `Job`, `GenerationRequest` and `InpaintOptions` name it) -> its range
 NUMBER_BOUNDS: dict[str, Bound] = {
-    "steps": Bound(1, MAX_STEPS, "--ddim_steps", whole=True),
-    "scale": Bound(-MAX_SCALE, MAX_SCALE, "--scale", capped=False),
-    "eta": Bound(0.0, 1.0, "--ddim_eta", capped=False),
-    "strength": Bound(0.0, 1.0, "--strength", capped=False),
-    "n_samples": Bound(1, MAX_SAMPLES, "--n_samples", whole=True),
-    "n_iter": Bound(1, MAX_ITERATIONS, "--n_iter", whole=True),
-    "mask_blur": Bound(0.0, MAX_MASK_BLUR, "--mask-blur"),
-    "padding": Bound(0, MAX_PADDING, "--padding", whole=True),
-    "outpaint": Bound(0, MAX_OUTPAINT, "--outpaint", whole=True),  # each of the four sides
+    "steps": Bound(1, MAX_STEPS, whole=True),
+    "scale": Bound(-MAX_SCALE, MAX_SCALE, capped=False),
+    "eta": Bound(0.0, 1.0, capped=False),
+    "strength": Bound(0.0, 1.0, capped=False),
+    "n_samples": Bound(1, MAX_SAMPLES, whole=True),
+    "n_iter": Bound(1, MAX_ITERATIONS, whole=True),
+    "mask_blur": Bound(0.0, MAX_MASK_BLUR),
+    "padding": Bound(0, MAX_PADDING, whole=True),
+    "outpaint": Bound(0, MAX_OUTPAINT, whole=True),  # each of the four sides
 }
 
 
 def check_number(field: str, value: object) -> None:
-    """`value` within NUMBER_BOUNDS[field]; FieldError (worded with the CLI flag) otherwise."""
+    """`value` within NUMBER_BOUNDS[field]; FieldError naming the field otherwise."""
     bound = NUMBER_BOUNDS[field]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         problem = f"must be {'a whole number' if bound.whole else 'a number'}, not {value!r}"
@@ -67,7 +67,7 @@ def check_number(field: str, value: object) -> None:
         problem = f"must be {bound.words()}, got {shown(value)}"
     else:
         return
-    raise FieldError(field, f"{bound.flag} {problem}", problem)
+    raise FieldError.about(field, problem)
 
 
 def shown(value: float) -> str:

@@ -1,5 +1,7 @@
-"""A typed job: what the CLI, a web server, an API or a batch driver asks for (prompts, seeds,
-sampling options, output policy), checked without the model, then run batch by batch.
+"""A typed job: the one generation request that the CLI, the web UI, the API and the batch driver build
+(prompts, seeds, sampling options, output policy), validated once (`Job.validate`) without the model,
+then run batch by batch. A mistake is a `FieldError` naming the `Job` (or `InpaintOptions`/`OutputPolicy`)
+field; each front end says it in its own words through its one mapping table.
 
 Nothing here imports click or tqdm: callers bring their own progress display through `progress`."""
 
@@ -13,10 +15,22 @@ from pathlib import Path
 
 from PIL import Image
 
-from optimized_sd.config import REFINER_SWITCH_DEFAULT
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 from optimized_sd.memory.planner import format_bytes
 from optimized_sd.pipelines.bounds import check_image_count, check_numbers
+from optimized_sd.pipelines.defaults import (
+    DEFAULT_DOWNSCALE,
+    DEFAULT_ETA,
+    DEFAULT_IMAGE_FORMAT,
+    DEFAULT_LATENT_CHANNELS,
+    DEFAULT_N_ITER,
+    DEFAULT_N_SAMPLES,
+    DEFAULT_REFINER_SWITCH,
+    DEFAULT_SAMPLER,
+    DEFAULT_SCALE,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+)
 from optimized_sd.pipelines.diffusion import GenerationRequest, StableDiffusion
 from optimized_sd.pipelines.images import load_init_image, open_image
 from optimized_sd.pipelines.masks import InpaintOptions, prepare_region
@@ -46,7 +60,7 @@ class OutputPolicy:
     plus `outdir/grid_<n>.<fmt>`); `report_json` receives the per-stage time and memory report."""
 
     outdir: Path
-    fmt: str = "png"
+    fmt: str = DEFAULT_IMAGE_FORMAT
     skip_save: bool = False
     skip_grid: bool = False
     n_rows: int = 0  # images per grid row; 0: n_samples
@@ -71,31 +85,32 @@ class Job:
     prompt_file: Path | None = None
     negative_prompt: str = ""
     seed: int | None = None
-    n_samples: int = 1
-    n_iter: int = 1
+    n_samples: int = DEFAULT_N_SAMPLES
+    n_iter: int = DEFAULT_N_ITER
     fixed_code: bool = False
-    steps: int = 50
-    scale: float = 7.5
-    eta: float = 0.0
-    sampler: str = "plms"
+    steps: int = DEFAULT_STEPS
+    scale: float = DEFAULT_SCALE
+    eta: float = DEFAULT_ETA
+    sampler: str = DEFAULT_SAMPLER
     karras: bool = False
     schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
     loras: tuple[str, ...] = ()  # 'FILE' or 'FILE:WEIGHT', besides the <lora:NAME:WEIGHT> tags in prompts
     refiner: Path | None = None  # an SDXL refiner finishing an SDXL base's sampling
-    refiner_switch: float = REFINER_SWITCH_DEFAULT  # the share of the denoising the base runs
+    refiner_switch: float = DEFAULT_REFINER_SWITCH  # the share of the denoising the base runs
     height: int | None = None
     width: int | None = None
-    latent_channels: int = 4
-    downscale: int = 8
+    latent_channels: int = DEFAULT_LATENT_CHANNELS
+    downscale: int = DEFAULT_DOWNSCALE
     unet_batch: int | None = None
     init_image: Path | Image.Image | None = None
-    strength: float = 0.75
+    strength: float = DEFAULT_STRENGTH
     inpaint: InpaintOptions | None = None
     max_image_pixels: int | None = None  # init images over this are refused (None: images.max_image_pixels)
     output: OutputPolicy = field(default_factory=lambda: OutputPolicy(Path("outputs")))
 
     def validate(self) -> None:
-        """Everything that can be checked without the model, so a mistake costs no loading time."""
+        """Everything that can be checked without the model, so a mistake costs no loading time: the one
+        check every front end calls (FieldError naming the field, UserError where no one field is at fault)."""
         if not self.prompts and self.prompt_file is None:
             raise UserError("no prompt given")
         if self.prompts and self.prompt_file is not None:
@@ -103,18 +118,18 @@ class Job:
         check_numbers(n_samples=self.n_samples, n_iter=self.n_iter)
         check_image_count(self.n_samples, self.n_iter)
         if self.unet_batch is not None and self.unet_batch < 1:
-            raise UserError("--unet_bs must be at least 1")
-        for flag, value in (("--C", self.latent_channels), ("--f", self.downscale)):
+            raise FieldError.about("unet_batch", "must be at least 1")
+        for name, value in (("latent_channels", self.latent_channels), ("downscale", self.downscale)):
             if value < 1:
-                raise UserError(f"{flag} {value} must be at least 1")
+                raise FieldError.about(name, f"{value} must be at least 1")
         check_numbers(steps=self.steps, scale=self.scale, eta=self.eta, strength=self.strength)
         images = self.n_samples if self.fixed_code else self.n_samples * self.n_iter * max(len(self.prompts), 1)
         check_seeds(self.seed, images)  # a prompt file's count is checked again by `check_batches`
         check_prompts(self.prompts, self.negative_prompt)
         if self.output.n_rows < 0:
-            raise UserError("--n_rows must be 0 (one row per batch) or more")
+            raise FieldError.about("n_rows", "must be 0 (one row per batch) or more")
         if self.output.fmt not in IMAGE_FORMATS:
-            raise UserError(f"unknown --format {self.output.fmt!r}; use png or jpg")
+            raise FieldError.about("fmt", f"{self.output.fmt!r} is unknown; use png or jpg")
         if self.height is not None and self.width is not None:
             check_size(self.height, self.width)
         elif self.height is not None or self.width is not None:
@@ -122,16 +137,16 @@ class Job:
             check_size(given, given)
         if self.inpaint is not None:
             if self.init_image is None:
-                raise UserError("inpainting needs an init image (--init-img)")
+                raise FieldError("init_image", "inpainting needs an init image", "is missing: inpainting needs one")
             self.inpaint.check()
         strength = self.strength if self.init_image is not None else 1.0
         make_plan(self.sampler, self.steps, strength=strength, eta=self.eta, karras=self.karras, schedule_type=self.schedule)
         for path in lora_weights(self.loras):
             if not path.is_file():
-                raise UserError(f"--lora {path}: no such file")
+                raise FieldError.about("loras", f"{path}: no such file")
         if self.refiner is not None:
             if not Path(self.refiner).exists():
-                raise UserError(f"--refiner {self.refiner}: no such file or folder")
+                raise FieldError.about("refiner", f"{self.refiner}: no such file or folder")
             check_refiner_switch(self.refiner_switch)
         if self.output.preview_every < 0:
             raise UserError(f"--preview-every {self.output.preview_every} must be 0 (no previews) or more")
@@ -155,7 +170,7 @@ class Job:
                 check_output_folder(prompt_folder(policy.outdir, prompt))
 
     def open_init_image(self) -> Image.Image | None:
-        """The init image as the pipeline takes it: resized to --H/--W for img2img, at its own size for
+        """The init image as the pipeline takes it: resized to height/width for img2img, at its own size for
         inpainting (whose mask is checked against it here, so a bad mask costs no loading time)."""
         image = self.init_image
         if image is None or isinstance(image, Image.Image):

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 from optimized_sd.pipelines.bounds import check_numbers
+from optimized_sd.pipelines.defaults import DEFAULT_MASK_BLUR, DEFAULT_MASKED_CONTENT, DEFAULT_PADDING
 from optimized_sd.pipelines.image_files import read_image
 
 log = logging.getLogger("optimized_sd")
@@ -122,9 +123,9 @@ def parse_outpaint(text: str) -> tuple[int, int, int, int]:
     except ValueError:
         values = ()
     if len(values) != 4 or min(values) < 0:
-        raise UserError(f"--outpaint takes LEFT,RIGHT,TOP,BOTTOM pixels (four whole numbers >= 0), got {text!r}")
+        raise FieldError.about("outpaint", f"takes LEFT,RIGHT,TOP,BOTTOM pixels (four whole numbers >= 0), got {text!r}")
     if max(values) == 0:
-        raise UserError("--outpaint 0,0,0,0 adds no border: nothing to paint")
+        raise FieldError.about("outpaint", "0,0,0,0 adds no border: nothing to paint")
     return values  # type: ignore[return-value]
 
 
@@ -169,7 +170,7 @@ def crop_box(mask: Image.Image, padding: int, target: tuple[int, int]) -> Box:
     aspect ratio of `target` (W, H), so resizing it to the generation size does not stretch it.
     Where the image is too small for that ratio the box is the image's whole extent on that axis."""
     if padding < 0:
-        raise UserError(f"--padding must be 0 or more, got {padding}")
+        raise FieldError.about("padding", f"must be 0 or more, got {padding}")
     bbox = mask.getbbox()
     if bbox is None:
         raise UserError("the mask is all black: nothing to repaint")
@@ -238,24 +239,25 @@ class InpaintOptions:
 
     mask: Image.Image | Path | str | None = None
     invert_mask: bool = False
-    mask_blur: float = 4.0
+    mask_blur: float = DEFAULT_MASK_BLUR
     area: str = "whole"
-    padding: int = 32
+    padding: int = DEFAULT_PADDING
     outpaint: tuple[int, int, int, int] | None = None
-    masked_content: str = "original"
+    masked_content: str = DEFAULT_MASKED_CONTENT
 
     def check(self) -> None:
         """What can be checked without the images."""
         if self.area not in INPAINT_AREAS:
-            raise UserError(f"unknown --inpaint-area {self.area!r}; use whole or masked")
+            raise FieldError.about("area", f"{self.area!r} is unknown; use whole or masked")
         if self.masked_content not in MASKED_CONTENT:
-            raise UserError(f"unknown --masked-content {self.masked_content!r}; use one of {', '.join(MASKED_CONTENT)}")
+            raise FieldError.about("masked_content", f"{self.masked_content!r} is unknown; use one of {', '.join(MASKED_CONTENT)}")
         if self.mask is None and self.outpaint is None:
-            raise UserError("inpainting needs a mask (--mask) or a border to paint (--outpaint)")
+            problem = "is missing: inpainting needs a mask or a border to paint (outpaint)"
+            raise FieldError("mask", "inpainting needs a mask or a border to paint (outpaint)", problem)
         check_numbers(mask_blur=self.mask_blur, padding=self.padding)
         if self.outpaint is not None:
             if len(self.outpaint) != 4 or max(self.outpaint) == 0:
-                raise UserError(f"outpaint takes (left, right, top, bottom) pixels >= 0, one of them > 0; got {self.outpaint}")
+                raise FieldError.about("outpaint", f"takes (left, right, top, bottom) pixels >= 0, one of them > 0; got {self.outpaint}")
             for side in self.outpaint:
                 check_numbers(outpaint=side)
 

@@ -9,14 +9,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from optimized_sd.pipelines.load_options import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR  # noqa: F401 (their old home)
 from optimized_sd.prompts.syntax import extract_loras
 from optimized_sd.weights.hashing import extra_network_hash
 from optimized_sd.weights.lora import check_lora_weight, find_lora, parse_lora_option
 
 log = logging.getLogger("optimized_sd")
 
-DEFAULT_LORA_DIR = Path("models/Lora")  # AUTOMATIC1111's folders, relative to where it runs
-DEFAULT_EMBEDDINGS_DIR = Path("embeddings")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 
 log = logging.getLogger("optimized_sd")
 
@@ -194,7 +194,7 @@ def write_report(path: Path, data: bytes) -> None:
     try:
         write_exclusive(path, data)
     except FileExistsError:
-        raise UserError(f"--report-json {path} exists; it is never overwritten") from None
+        raise FieldError.about("report_json", f"{path} exists; it is never overwritten") from None
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
 
@@ -202,12 +202,12 @@ def write_report(path: Path, data: bytes) -> None:
 def check_report_path(path: Path) -> None:
     """Before any work: the report's name must be free and its folder writable."""
     if path.exists() or path.is_symlink():
-        raise UserError(f"--report-json {path} exists; it is never overwritten")
+        raise FieldError.about("report_json", f"{path} exists; it is never overwritten")
     parent = Path(os.path.abspath(path)).parent
     if not parent.is_dir():
-        raise UserError(f"--report-json {path}: the folder {parent} does not exist")
+        raise FieldError.about("report_json", f"{path}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--report-json {path}: the folder {parent} is not writable")
+        raise FieldError.about("report_json", f"{path}: the folder {parent} is not writable")
 
 
 def save_image(image: Image.Image, folder: Path, seed: int, fmt: str, parameters: ImageParameters) -> list[Path]:

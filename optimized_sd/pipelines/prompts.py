@@ -1,10 +1,10 @@
-"""Prompt files (`--from-file`); the prompt syntax itself lives in `optimized_sd.prompts`."""
+"""Prompt files (`Job.prompt_file`, the CLI's --from-file); the prompt syntax itself lives in `optimized_sd.prompts`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError
 
 MAX_PROMPT_FILE_BYTES = 16 * 2**20  # --from-file reads at most this much (a bound, not a real limit: ~100k prompts)
 
@@ -16,13 +16,13 @@ def read_prompt_file(path: Path) -> list[str]:
         with open(path, "rb") as handle:
             data = handle.read(MAX_PROMPT_FILE_BYTES + 1)
         if len(data) > MAX_PROMPT_FILE_BYTES:
-            raise UserError(f"--from-file: {path} is over {MAX_PROMPT_FILE_BYTES // 2**20} MB; split it")
+            raise FieldError.about("prompt_file", f"{path} is over {MAX_PROMPT_FILE_BYTES // 2**20} MB; split it")
         lines = data.decode("utf-8").splitlines()
     except FileNotFoundError:
-        raise UserError(f"--from-file: {path} not found") from None
+        raise FieldError.about("prompt_file", f"{path} not found") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"--from-file: cannot read {path}: {error}") from None
+        raise FieldError.about("prompt_file", f"cannot read {path}: {error}") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise UserError(f"--from-file: {path} holds no prompt")
+        raise FieldError.about("prompt_file", f"{path} holds no prompt")
     return prompts

@@ -1,4 +1,7 @@
-"""What one generation call asks for and what it gives back, and the checks that need the model's config."""
+"""What one generation call asks for and what it gives back, and the checks that need the model's config.
+
+`GenerationRequest` is the per-batch call a `Job` (the one request every front end builds) makes; its
+checks raise `FieldError` naming the request field, which each front end says in its own words."""
 
 from __future__ import annotations
 
@@ -9,9 +12,19 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
-from optimized_sd.config import REFINER_SWITCH_DEFAULT, ModelConfig
+from optimized_sd.config import ModelConfig
 from optimized_sd.errors import FieldError, UserError
 from optimized_sd.pipelines.bounds import check_numbers
+from optimized_sd.pipelines.defaults import (
+    DEFAULT_DOWNSCALE,
+    DEFAULT_ETA,
+    DEFAULT_LATENT_CHANNELS,
+    DEFAULT_REFINER_SWITCH,
+    DEFAULT_SAMPLER,
+    DEFAULT_SCALE,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+)
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import ImageParameters
 from optimized_sd.prompts.syntax import check_prompts
@@ -24,24 +37,24 @@ class GenerationRequest:
 
     prompts: list[str]
     negative_prompt: str = ""
-    steps: int = 50
-    scale: float = 7.5
-    eta: float = 0.0
-    sampler: str = "plms"
+    steps: int = DEFAULT_STEPS
+    scale: float = DEFAULT_SCALE
+    eta: float = DEFAULT_ETA
+    sampler: str = DEFAULT_SAMPLER
     karras: bool = False
     seed: int | None = None
     height: int | None = None  # None: the family's size (512 SD 1.x / SD 2.x base, 768 SD 2.x v, 1024 SDXL)
     width: int | None = None
-    latent_channels: int = 4
-    downscale: int = 8
+    latent_channels: int = DEFAULT_LATENT_CHANNELS
+    downscale: int = DEFAULT_DOWNSCALE
     unet_batch: int | None = None
     init_image: Image.Image | None = None
-    strength: float = 0.75
+    strength: float = DEFAULT_STRENGTH
     inpaint: InpaintOptions | None = None
     loras: Mapping[str | Path, float] | Sequence[str] | None = None  # {file: weight} or ['FILE[:WEIGHT]']
     schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
     refiner: str | Path | None = None  # an SDXL refiner that takes over from an SDXL base at `refiner_switch`
-    refiner_switch: float = REFINER_SWITCH_DEFAULT  # the share of the denoising the base runs (AUTOMATIC1111's "Refiner switch at")
+    refiner_switch: float = DEFAULT_REFINER_SWITCH  # the share of the denoising the base runs (AUTOMATIC1111's "Refiner switch at")
 
     @property
     def guided(self) -> bool:
@@ -63,11 +76,11 @@ INPAINTING_UNET_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4
 def check_size(height: int, width: int, multiple: int = 8) -> None:
     """H and W must be multiples of 8 (the VAE's downscale); say the nearest valid size."""
     if multiple < 1:
-        raise UserError(f"--f {multiple}: the VAE downscale factor must be at least 1")
+        raise FieldError.about("downscale", f"{multiple}: the VAE downscale factor must be at least 1")
     for name, value in (("height", height), ("width", width)):
         if value < multiple or value % multiple:
             nearest = max(multiple, int(round(value / multiple)) * multiple)
-            raise UserError(f"{name} {value} is not a multiple of {multiple}; the nearest valid size is {nearest}")
+            raise FieldError.about(name, f"{value} is not a multiple of {multiple}; the nearest valid size is {nearest}")
 
 
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
@@ -78,16 +91,15 @@ def check_seeds(seed: int | None, count: int) -> None:
     if seed is None:
         return
     if seed < 0 or seed > MAX_SEED:
-        problem = f"must be between 0 and 2^64-1 ({MAX_SEED}), got {seed}"
-        raise FieldError("seed", f"--seed {problem}", problem)
+        raise FieldError.about("seed", f"must be between 0 and 2^64-1 ({MAX_SEED}), got {seed}")
     if seed + count - 1 > MAX_SEED:
         largest = MAX_SEED - count + 1
         problem = f"{seed}: its {count} images would use seeds past 2^64-1; the largest first seed for them is {largest}"
-        raise FieldError("seed", f"--seed {problem}", problem)
+        raise FieldError.about("seed", problem)
 
 
 def check_request(request: GenerationRequest, config: ModelConfig) -> None:
-    """What a request must agree on with the loaded model (UserError otherwise)."""
+    """What a request must agree on with the loaded model (FieldError naming the field otherwise)."""
     if not request.prompts:
         raise UserError("no prompt given")
     check_prompts(request.prompts, request.negative_prompt)
@@ -95,17 +107,17 @@ def check_request(request: GenerationRequest, config: ModelConfig) -> None:
     check_seeds(request.seed, len(request.prompts))
     check_size(request.height, request.width, request.downscale)
     if request.latent_channels != config.vae.embed_dim:
-        raise UserError(f"--C {request.latent_channels}: this model's latents have {config.vae.embed_dim} channels")
+        raise FieldError.about("latent_channels", f"{request.latent_channels}: this model's latents have {config.vae.embed_dim} channels")
     if request.inpaint is not None:
         if request.init_image is None:
-            raise UserError("inpainting needs an init image")
+            raise FieldError("init_image", "inpainting needs an init image", "is missing: inpainting needs one")
         request.inpaint.check()
     elif config.unet.in_channels == INPAINTING_UNET_CHANNELS:
-        raise UserError("this is an inpainting model (9-channel UNet): use inpaint with a mask (or --outpaint)")
+        raise UserError("this is an inpainting model (9-channel UNet): inpaint it with a mask (or an outpaint border)")
     if request.downscale != config.vae.downscale:
-        raise UserError(f"--f {request.downscale}: this model's VAE downscales by {config.vae.downscale}")
+        raise FieldError.about("downscale", f"{request.downscale}: this model's VAE downscales by {config.vae.downscale}")
     if request.unet_batch is not None and request.unet_batch < 1:
-        raise UserError("--unet_bs must be at least 1")
+        raise FieldError.about("unet_batch", "must be at least 1")
     if request.refiner is not None:
         check_refiner_switch(request.refiner_switch)
 
@@ -113,4 +125,4 @@ def check_request(request: GenerationRequest, config: ModelConfig) -> None:
 def check_refiner_switch(switch: float) -> None:
     """The refiner takes over strictly inside the denoising: 0 would be the refiner alone, 1 the base alone."""
     if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0.0 < switch < 1.0:
-        raise UserError(f"--refiner-switch {switch} must be between 0 and 1 (exclusive): the share of the steps the base runs")
+        raise FieldError.about("refiner_switch", f"{switch} must be between 0 and 1 (exclusive): the share of the steps the base runs")

@@ -34,7 +34,7 @@ from optimized_sd.config import (
     MAX_PROMPT_CHUNKS,
     check_lora_weight,
 )
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -337,28 +337,37 @@ def subprompt_mix(prompt: str) -> tuple[list[str], list[float]]:
     return [text for text, _ in pairs], [w / total for w in weights]
 
 
-def check_prompt(prompt: str, name: str = "prompt") -> None:
-    """Refuse, in one line naming the prompt (`name`: 'prompt' or 'negative prompt'), what the model
-    cannot take, before any model is loaded: more than MAX_PROMPT_CHARS characters, an unpaired
-    surrogate (argv decoded with surrogateescape, JSON's "\\ud800": not text a tokenizer can read), a
-    network tag, subprompt weight or emphasis that does not parse, or more BREAKs than MAX_PROMPT_CHUNKS
-    chunks hold (the token count, which needs the tokenizer, is bounded by `encoding.build_chunks`)."""
+def check_prompt(prompt: str, name: str = "prompt", field: str = "prompts") -> None:
+    """Refuse, in one line naming the prompt (`name`: 'prompt' or 'negative prompt'; `field`: the request
+    field, so the API names it), what the model cannot take, before any model is loaded: more than
+    MAX_PROMPT_CHARS characters, an unpaired surrogate (argv decoded with surrogateescape, JSON's
+    "\\ud800": not text a tokenizer can read), a network tag, subprompt weight or emphasis that does not
+    parse, or more BREAKs than MAX_PROMPT_CHUNKS chunks hold (the token count, which needs the tokenizer,
+    is bounded by `encoding.build_chunks`)."""
+    problem = _prompt_problem(prompt)
+    if problem is not None:
+        raise FieldError(field, f"{name}: {problem}", f"is refused: {problem}")
+
+
+def _prompt_problem(prompt: str) -> str | None:
+    """What is wrong with `prompt` (see `check_prompt`), or None."""
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise UserError(f"the {name} is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}")
+        return f"it is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}"
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as error:  # UTF-8 encodes every code point but a surrogate
         code = ord(prompt[error.start])
-        raise UserError(f"the {name} holds an unpaired surrogate (U+{code:04X}) at position {error.start}: it is not valid text") from None
+        return f"it holds an unpaired surrogate (U+{code:04X}) at position {error.start}: it is not valid text"
     try:
         text, _ = extract_loras(prompt)
         parts, _ = subprompt_mix(text)
         for part in parts:
             breaks = sum(segment.is_break for segment in parse_attention(part))
             if breaks >= MAX_PROMPT_CHUNKS:
-                raise UserError(f"{breaks:,} BREAKs make more than the {MAX_PROMPT_CHUNKS} chunks of 75 tokens a prompt may use")
+                return f"{breaks:,} BREAKs make more than the {MAX_PROMPT_CHUNKS} chunks of 75 tokens a prompt may use"
     except UserError as error:
-        raise UserError(f"{name}: {error}") from None
+        return str(error)
+    return None
 
 
 def check_prompts(prompts: Iterable[str], negative_prompt: str | None = None) -> None:
@@ -367,4 +376,4 @@ def check_prompts(prompts: Iterable[str], negative_prompt: str | None = None) ->
     for prompt in dict.fromkeys(prompts):
         check_prompt(prompt)
     if negative_prompt is not None:
-        check_prompt(negative_prompt, "negative prompt")
+        check_prompt(negative_prompt, "negative prompt", "negative_prompt")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import UserError
+from ..errors import FieldError
 from . import k_samplers as k
 from .compvis import DDIMStep, ddim_grid, sample_ddim, sample_plms
 from .model_sampling import EpsSampling, ModelSampling
@@ -125,7 +125,7 @@ class SamplingPlan:
 
 def check_sampler(sampler: str) -> None:
     if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        raise FieldError.about("sampler", f"{sampler!r} is unknown; choose one of: {', '.join(SAMPLERS)}")
 
 
 def resolve_schedule_type(sampler: str, schedule_type: str | None, karras: bool = False) -> str:
@@ -134,9 +134,9 @@ def resolve_schedule_type(sampler: str, schedule_type: str | None, karras: bool 
     if schedule_type is None:
         schedule_type = "karras" if karras else DEFAULT_SCHEDULE_TYPE
     if schedule_type not in SCHEDULE_TYPES:
-        raise UserError(f"unknown schedule type {schedule_type!r}; choose one of: {', '.join(SCHEDULE_TYPES)}")
+        raise FieldError.about("schedule", f"{schedule_type!r} is unknown; choose one of: {', '.join(SCHEDULE_TYPES)}")
     if karras and schedule_type != "karras":
-        raise UserError(f"--karras asks for the karras schedule but the schedule type is {schedule_type!r}")
+        raise FieldError.about("karras", f"asks for the karras schedule but the schedule type is {schedule_type!r}")
     if schedule_type == "automatic":
         return _AUTOMATIC.get(sampler, "uniform")
     return schedule_type
@@ -150,19 +150,19 @@ def schedule_display_name(schedule_type: str) -> str:
 def _check(sampler: str, steps: int, strength: float, eta: float, karras: bool, num_timesteps: int) -> None:
     check_sampler(sampler)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
-        raise UserError(f"steps must be a whole number from 1 to {num_timesteps}, got {steps!r}")
+        raise FieldError.about("steps", f"must be a whole number from 1 to {num_timesteps}, got {steps!r}")
     if not 0.0 <= strength <= 1.0:  # also rejects NaN
-        raise UserError(f"strength must be between 0 and 1, got {strength}")
+        raise FieldError.about("strength", f"must be between 0 and 1, got {strength}")
     if sampler in _COMPVIS and num_timesteps // steps < 2:
-        raise UserError(f"{sampler} supports at most {num_timesteps // 2} steps (CompVis' grid), got {steps}")
+        raise FieldError.about("steps", f"{steps}: {sampler} supports at most {num_timesteps // 2} steps (CompVis' grid)")
     if karras and sampler in _COMPVIS:
-        raise UserError(f"karras sigmas do not apply to {sampler}, which uses CompVis' fixed timestep grid")
+        raise FieldError.about("karras", f"sigmas do not apply to {sampler}, which uses CompVis' fixed timestep grid")
     if sampler == "plms" and eta != 0:
-        raise UserError(f"plms supports eta 0 only (as CompVis), got eta {eta}")
+        raise FieldError.about("eta", f"{eta}: plms supports eta 0 only (as CompVis)")
     if not 0.0 <= eta <= 1.0:
-        raise UserError(f"eta must be between 0 and 1, got {eta}")
+        raise FieldError.about("eta", f"must be between 0 and 1, got {eta}")
     if eta != 0 and sampler != "ddim":
-        raise UserError(f"eta applies to the ddim sampler only, not to {sampler}")
+        raise FieldError.about("eta", f"applies to the ddim sampler only, not to {sampler}")
 
 
 def make_plan(
@@ -176,7 +176,7 @@ def make_plan(
     schedule_type: str | None = None,
     model_sampling: ModelSampling | None = None,
 ) -> SamplingPlan:
-    """Validate a request (UserError on bad input) and fix the steps that `sample` will run.
+    """Validate a request (FieldError naming the request field on bad input) and fix the steps that `sample` will run.
 
     DDIM/PLMS keep CompVis' grid, so some step counts run one step more (30 -> 31, see
     `schedules.ddim_timesteps`); `plan.num_steps` is the count that runs. `schedule_type` picks
@@ -187,14 +187,14 @@ def make_plan(
         model_sampling = EpsSampling(schedule if schedule is not None else scaled_linear_schedule())
     schedule = model_sampling.schedule
     if schedule_type is not None and schedule_type not in SCHEDULE_TYPES:
-        raise UserError(f"unknown schedule type {schedule_type!r}; choose one of: {', '.join(SCHEDULE_TYPES)}")
+        raise FieldError.about("schedule", f"{schedule_type!r} is unknown; choose one of: {', '.join(SCHEDULE_TYPES)}")
     _check(sampler, steps, strength, eta, karras, model_sampling.num_timesteps)
     t_enc = int(strength * steps)
     if schedule is None:
         return _flow_plan(sampler, steps, strength, t_enc, karras, schedule_type, model_sampling)
     if sampler in _COMPVIS:
         if schedule_type not in (None, DEFAULT_SCHEDULE_TYPE):
-            raise UserError(f"schedule type {schedule_type!r} does not apply to {sampler}, which uses CompVis' fixed timestep grid")
+            raise FieldError.about("schedule", f"{schedule_type!r} does not apply to {sampler}, which uses CompVis' fixed timestep grid")
         grid = ddim_grid(schedule, steps, eta)
         n_run = len(grid) if t_enc >= steps else t_enc
         run = tuple(reversed(grid[:n_run]))
@@ -211,12 +211,13 @@ def _flow_plan(
     sampler: str, steps: int, strength: float, t_enc: int, karras: bool, schedule_type: str | None, model_sampling: ModelSampling
 ) -> SamplingPlan:
     """A k-sampler over a flow model's own shifted grid; what needs a DDPM table or VE noise is refused."""
+    choices = ", ".join(_FLOW_SAMPLERS)
     if sampler in _COMPVIS:
-        raise UserError(f"DDIM/PLMS need a discrete (eps/v) schedule; this is a flow model: choose one of {', '.join(_FLOW_SAMPLERS)}")
+        raise FieldError.about("sampler", f"{sampler}: DDIM/PLMS need an eps/v schedule; this is a flow model, choose one of {choices}")
     if sampler in _STOCHASTIC:
-        raise UserError(f"{sampler} adds noise by the eps/v rule, not a flow model's; choose one of {', '.join(_FLOW_SAMPLERS)}")
+        raise FieldError.about("sampler", f"{sampler} adds noise by the eps/v rule, not a flow model's; choose one of {choices}")
     if karras or schedule_type not in (None, DEFAULT_SCHEDULE_TYPE, "automatic"):
-        raise UserError("a flow model samples on its own shifted schedule; leave the schedule type at its default")
+        raise FieldError.about("schedule", "must stay at its default: a flow model samples on its own shifted schedule")
     sigmas = model_sampling.sigmas(steps)[steps - t_enc :]
     common = dict(sampler=sampler, steps=steps, strength=strength, eta=0.0, karras=False, schedule=None)
     return SamplingPlan(**common, schedule_type=DEFAULT_SCHEDULE_TYPE, sigmas=sigmas, model_sampling=model_sampling)

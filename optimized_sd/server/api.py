@@ -25,10 +25,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 import optimized_sd
-from optimized_sd.config import REFINER_SWITCH_DEFAULT
 from optimized_sd.errors import UserError
+from optimized_sd.pipelines.defaults import DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
-from optimized_sd.server.backend import FieldError, Generated, GenerationSpec, resolve_sampler, sampler_aliases
+from optimized_sd.server.backend import FieldError, Generated, GenerationSpec, api_error, resolve_sampler, sampler_aliases
 from optimized_sd.server.catalog import ModelEntry
 from optimized_sd.server.jobs import JobCancelled
 from optimized_sd.server.service import Service
@@ -75,12 +75,12 @@ class Txt2ImgRequest(BaseModel):
     send_images: bool = True
     save_images: bool = False
     refiner_checkpoint: str | None = None  # an SDXL refiner from the server's model list
-    refiner_switch_at: float | None = None  # the share of the denoising the base runs (REFINER_SWITCH_DEFAULT when None)
+    refiner_switch_at: float | None = None  # the share of the denoising the base runs (DEFAULT_REFINER_SWITCH when None)
 
 
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] | None = None
-    denoising_strength: float | None = 0.75
+    denoising_strength: float | None = DEFAULT_STRENGTH
     resize_mode: int | None = 0
     mask: str | None = None
     mask_blur: int | None = 4
@@ -183,13 +183,13 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
         if refiner is None:
             raise FieldError("refiner_checkpoint", f"model {request.refiner_checkpoint!r} not found; see {PREFIX}/sd-models")
         options["refiner"] = refiner.path
-        options["refiner_switch"] = request.refiner_switch_at if request.refiner_switch_at is not None else REFINER_SWITCH_DEFAULT
+        options["refiner_switch"] = request.refiner_switch_at if request.refiner_switch_at is not None else DEFAULT_REFINER_SWITCH
     if img2img:
         assert isinstance(request, Img2ImgRequest)
         if not request.init_images:
             raise FieldError("init_images", "img2img needs one image in init_images")
         options["init_image"] = decode_image(request.init_images[0], "init_images", service)
-        options["strength"] = request.denoising_strength if request.denoising_strength is not None else 0.75
+        options["strength"] = request.denoising_strength if request.denoising_strength is not None else DEFAULT_STRENGTH
         if request.mask:
             options.update(
                 mask=decode_image(request.mask, "mask", service),
@@ -281,7 +281,8 @@ def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None 
             job = service.submit_generation(spec, model, restore=request.override_settings_restore_afterwards is not False)
             made: Generated = job.wait()
         except FieldError as error:
-            return field_error_response(error.field, str(error))
+            said = api_error(error)  # the request field by AUTOMATIC1111's name
+            return field_error_response(said.field, str(said))
         except TooLarge as error:
             return error_response(413, error, str(error))
         except UserError as error:

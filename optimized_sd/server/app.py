@@ -8,11 +8,11 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from optimized_sd.errors import UserError
-from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR
+from optimized_sd.pipelines.load_options import LoadOptions
 
 log = logging.getLogger("optimized_sd")
 
@@ -183,22 +183,15 @@ class RunningServer:
 
 @dataclass(frozen=True)
 class ServeOptions:
+    """The `serve` flags: where the models are, how to listen, and how every model is loaded (`loading`)."""
+
     ckpt: Path | None
     models_dir: Path | None
     host: str | None
     port: int
     listen: bool
     auth: str | None
-    device: str | None
-    memory: str
-    vram_budget: str | None
-    precision: str
-    tokenizer: Path | None
-    attention: str
-    weights: str | None = None
-    vae_tiling: str = "auto"
-    lora_dir: Path = DEFAULT_LORA_DIR  # as the generate commands': relative to the working folder
-    embeddings_dir: Path = DEFAULT_EMBEDDINGS_DIR
+    loading: LoadOptions = LoadOptions()  # `memory` and `vram_budget` are the defaults a request may override
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -225,7 +218,7 @@ def bind_host(host: str | None, listen: bool) -> str:
 
 def serve(options: ServeOptions) -> None:
     """Load the model once, then serve the UI and the API until interrupted."""
-    from optimized_sd.server.backend import Backend, LoadOptions
+    from optimized_sd.server.backend import Backend
     from optimized_sd.server.catalog import ModelCatalog
     from optimized_sd.server.service import Service
 
@@ -241,12 +234,13 @@ def serve(options: ServeOptions) -> None:
         import uvicorn  # noqa: F401
     except ImportError as missing:
         raise UserError(f"the web UI needs the [ui] extra ({missing.name} is missing): pip install 'optimized-sd[ui]'") from None
-    backend = Backend(catalog, LoadOptions(**{name.name: getattr(options, name.name) for name in fields(LoadOptions)}))
+    backend = Backend(catalog, options.loading)
     backend.load(first)
     service = Service(backend)
     server = RunningServer(create_app(service, auth, any_host=options.listen), host, options.port)
     print(f"optimized-sd: model {first.title} loaded on {backend.pipe.device}", flush=True)
-    print(f"optimized-sd: LoRAs from {options.lora_dir.resolve()}, embeddings from {options.embeddings_dir.resolve()}", flush=True)
+    lora_dir, embeddings_dir = Path(options.loading.lora_dir).resolve(), Path(options.loading.embeddings_dir).resolve()
+    print(f"optimized-sd: LoRAs from {lora_dir}, embeddings from {embeddings_dir}", flush=True)
     print(f"optimized-sd: UI at {server.url}/  ·  API at {server.url}/sdapi/v1/  ·  API docs at {server.url}/docs", flush=True)
     if host not in (LOOPBACK, "localhost", "::1"):
         print(

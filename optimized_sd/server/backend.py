@@ -1,5 +1,6 @@
-"""The server's one adapter to the pipeline: what a UI form or an API call asks for (`GenerationSpec`)
-becomes pipeline requests, the pipeline's progress becomes `Job.report` calls, and its results
+"""The server's one adapter to the pipeline: what a UI form or an API call asks for (`GenerationSpec`,
+in AUTOMATIC1111's vocabulary) becomes the one request, a pipeline `Job` (`spec_job`), validated by
+`Job.validate` like every other front end's; its progress becomes `Job.report` calls  and its results
 become PNGs carrying AUTOMATIC1111's `parameters` text. No other server module calls the pipeline."""
 
 from __future__ import annotations
@@ -7,25 +8,23 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
 from torch import Tensor
 
-from optimized_sd.config import REFINER_SWITCH_DEFAULT
 from optimized_sd.errors import FieldError, Interrupted, UserError
 from optimized_sd.memory.planner import MODES, parse_bytes
-from optimized_sd.pipelines.bounds import check_numbers
-from optimized_sd.pipelines.diffusion import StableDiffusion, load
+from optimized_sd.pipelines.defaults import DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH
+from optimized_sd.pipelines.diffusion import StableDiffusion
 from optimized_sd.pipelines.job import Job as PipelineJob
 from optimized_sd.pipelines.job import JobStep, OutputPolicy, run_job
+from optimized_sd.pipelines.load_options import LoadOptions
 from optimized_sd.pipelines.masks import InpaintOptions, check_mask, fit_mask, load_mask
-from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR
 from optimized_sd.pipelines.output import ImageParameters, encode
-from optimized_sd.pipelines.request import INPAINTING_UNET_CHANNELS, check_refiner_switch, check_size
-from optimized_sd.prompts.syntax import check_prompt
-from optimized_sd.sampling import SAMPLERS, make_plan, sampler_display_name
+from optimized_sd.pipelines.request import INPAINTING_UNET_CHANNELS
+from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.catalog import ModelCatalog, ModelEntry
 from optimized_sd.server.jobs import Job
 from optimized_sd.server.preview import PreviewDecoders, approx_folders
@@ -38,8 +37,25 @@ MAX_SIDE = 4096
 SEED_LIMIT = 2**32  # seeds are drawn below this, as the CLI does
 # AUTOMATIC1111's `inpainting_fill` ("Masked content") values -> our `InpaintOptions.masked_content`.
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}
-# The library's names of request fields (`bounds.NUMBER_BOUNDS`, `Job`) -> AUTOMATIC1111's, where they differ.
-API_FIELDS = {"scale": "cfg_scale", "strength": "denoising_strength", "n_samples": "batch_size", "padding": "inpaint_full_res_padding"}
+# Request field (a `Job`, `InpaintOptions` or `OutputPolicy` field) -> AUTOMATIC1111's name for it in the API
+# (and in GenerationSpec); None: the API does not expose it. A FieldError is said with these names (`api_error`).
+API_FIELDS: dict[str, str | None] = {
+    "prompts": "prompt", "prompt_file": None, "negative_prompt": "negative_prompt", "seed": "seed", "n_samples": "batch_size",
+    "n_iter": "n_iter", "fixed_code": None, "steps": "steps", "scale": "cfg_scale", "eta": "eta", "sampler": "sampler_name",
+    "karras": "scheduler", "schedule": "scheduler", "loras": None,  # LoRAs come as <lora:NAME:WEIGHT> in the prompt
+    "refiner": "refiner_checkpoint", "refiner_switch": "refiner_switch_at", "height": "height", "width": "width",
+    "latent_channels": None, "downscale": None, "unet_batch": None, "init_image": "init_images", "strength": "denoising_strength",
+    "inpaint": None, "max_image_pixels": None,  # the server's limits decide (`service.limits`)
+    "output": None, "outdir": None, "fmt": None, "skip_save": None, "skip_grid": None, "n_rows": None, "report_json": None,
+    "mask": "mask", "invert_mask": "inpainting_mask_invert", "mask_blur": "mask_blur", "area": "inpaint_full_res",
+    "padding": "inpaint_full_res_padding", "outpaint": None, "masked_content": "inpainting_fill",
+}  # fmt: skip
+
+
+def api_error(error: FieldError) -> FieldError:
+    """`error` said with AUTOMATIC1111's name of its field (as it is when the name is already the API's)."""
+    name = API_FIELDS.get(error.field)
+    return error if name is None or name == error.field else FieldError(name, error.named(name), error.problem)
 
 
 @dataclass(frozen=True)
@@ -60,7 +76,7 @@ class GenerationSpec:
     n_iter: int = 1
     eta: float = 0.0  # DDIM only
     init_image: Image.Image | None = None
-    strength: float = 0.75
+    strength: float = DEFAULT_STRENGTH
     mask: Image.Image | None = None  # any mode `masks.load_mask` reads; white is repainted
     mask_blur: float = 4
     inpainting_fill: int = 1  # see INPAINTING_FILL
@@ -68,7 +84,7 @@ class GenerationSpec:
     inpaint_full_res_padding: int = 32
     invert_mask: bool = False
     refiner: Path | None = None  # an SDXL refiner (a catalog entry's path, never one from a request)
-    refiner_switch: float = REFINER_SWITCH_DEFAULT  # the share of the denoising the base runs
+    refiner_switch: float = DEFAULT_REFINER_SWITCH  # the share of the denoising the base runs
     memory: str | None = None  # None: the server's --memory
     vram_budget: str | None = None  # None: the server's --vram-budget
 
@@ -124,28 +140,20 @@ def resolve_sampler(name: str, scheduler: str | None = None) -> tuple[str, bool]
 
 
 def check_spec(spec: GenerationSpec) -> None:
-    """Everything that can be checked before queueing, so a mistake comes back at once."""
+    """Everything that can be checked before queueing, so a mistake comes back at once: the server's own
+    limits (tighter than the library's: one server answers many clients), then `Job.validate`. A mistake
+    is a FieldError naming the request field; the API and the UI say it in their words."""
     if not isinstance(spec.prompt, str):
-        raise FieldError("prompt", "prompt must be text")
-    for name in ("prompt", "negative_prompt"):
-        try:
-            check_prompt(getattr(spec, name), name.replace("_", " "))
-        except UserError as error:
-            raise FieldError(name, str(error)) from None
+        raise FieldError.about("prompts", "must be text")
     for name in ("width", "height"):
         value = getattr(spec, name)
         if not 8 <= value <= MAX_SIDE:
-            raise FieldError(name, f"{name} must be from 8 to {MAX_SIDE} pixels, got {value}")
-        try:
-            check_size(value, value)
-        except UserError as error:
-            raise FieldError(name, str(error)) from None
-    for name, limit in (("batch_size", MAX_BATCH), ("n_iter", 100)):
-        value = getattr(spec, name)
+            raise FieldError.about(name, f"must be from 8 to {MAX_SIDE} pixels, got {value}")
+    for name, value, limit in (("n_samples", spec.batch_size, MAX_BATCH), ("n_iter", spec.n_iter, 100)):
         if not 1 <= value <= limit:
-            raise FieldError(name, f"{name} must be from 1 to {limit}, got {value}")
+            raise FieldError.about(name, f"must be from 1 to {limit}, got {value}")
     if not -1 <= spec.seed < SEED_LIMIT:
-        raise FieldError("seed", f"seed must be -1 (random) or from 0 to {SEED_LIMIT - 1}, got {spec.seed}")
+        raise FieldError.about("seed", f"must be -1 (random) or from 0 to {SEED_LIMIT - 1}, got {spec.seed}")
     if spec.memory is not None and spec.memory not in MEMORY_CHOICES:
         raise FieldError("memory", f"unknown memory mode {spec.memory!r}; choose one of {', '.join(MEMORY_CHOICES)}")
     if spec.vram_budget:
@@ -153,76 +161,58 @@ def check_spec(spec: GenerationSpec) -> None:
             parse_bytes(spec.vram_budget)
         except UserError as error:
             raise FieldError("vram_budget", str(error)) from None
-    if spec.sampler not in SAMPLERS:
-        raise FieldError("sampler_name", f"unknown sampler {spec.sampler!r}")
-    numbers = {"steps": spec.steps, "scale": spec.cfg_scale, "eta": spec.eta}
-    if spec.init_image is not None:
-        numbers["strength"] = spec.strength
     if spec.mask is not None:
-        numbers.update(mask_blur=spec.mask_blur, padding=spec.inpaint_full_res_padding)
-    check_api_numbers(**numbers)
-    try:
-        make_plan(
-            spec.sampler, spec.steps, strength=spec.strength if spec.init_image is not None else 1.0, eta=spec.eta, karras=spec.karras
-        )
-    except UserError as error:
-        raise FieldError(plan_field(str(error)), str(error)) from None
+        if spec.init_image is None:
+            raise FieldError("init_image", "inpainting needs the image to repaint in init_images", "is missing: inpainting needs one")
+        if spec.inpainting_fill not in INPAINTING_FILL:
+            offered = ", ".join(f"{value} ({name})" for value, name in INPAINTING_FILL.items())
+            raise FieldError.about("masked_content", f"{spec.inpainting_fill} is unknown; use {offered}")
+    spec_job(spec, spec.init_image, inpaint_options(spec, spec.mask)).validate()
     if spec.mask is not None:
-        check_inpaint_fields(spec)
-    if spec.refiner is not None:
         try:
-            check_refiner_switch(spec.refiner_switch)
+            check_mask(fit_mask(load_mask(spec.mask), spec.mask.size, spec.invert_mask))
         except UserError:
-            message = f"refiner_switch_at must be between 0 and 1 (exclusive), got {spec.refiner_switch}"
-            raise FieldError("refiner_switch_at", message) from None
+            inverted = " once inverted (inpainting_mask_invert)" if spec.invert_mask else ""
+            problem = f"is all black{inverted}: nothing to repaint (white marks what is repainted)"
+            raise FieldError("mask", f"the mask {problem}", problem) from None
 
 
-def check_inpaint_fields(spec: GenerationSpec) -> None:
-    """The inpainting fields of a spec with a mask, each mistake named by its AUTOMATIC1111 field."""
-    assert spec.mask is not None
-    if spec.init_image is None:
-        raise FieldError("init_images", "inpainting needs the image to repaint in init_images")
-    if spec.inpainting_fill not in INPAINTING_FILL:
-        offered = ", ".join(f"{value} ({name})" for value, name in INPAINTING_FILL.items())
-        raise FieldError("inpainting_fill", f"unknown inpainting_fill {spec.inpainting_fill}; use {offered}")
-    try:
-        check_mask(fit_mask(load_mask(spec.mask), spec.mask.size, spec.invert_mask))
-    except UserError:
-        inverted = " once inverted (inpainting_mask_invert)" if spec.invert_mask else ""
-        raise FieldError("mask", f"the mask is all black{inverted}: nothing to repaint (white marks what is repainted)") from None
+def inpaint_options(spec: GenerationSpec, mask: Image.Image | None) -> InpaintOptions | None:
+    """The spec's inpainting fields as the request's InpaintOptions (None without a mask)."""
+    if mask is None:
+        return None
+    return InpaintOptions(
+        mask=mask,
+        invert_mask=spec.invert_mask,
+        mask_blur=spec.mask_blur,
+        area="masked" if spec.inpaint_full_res else "whole",
+        padding=spec.inpaint_full_res_padding,
+        masked_content=INPAINTING_FILL[spec.inpainting_fill],
+    )
 
 
-def check_api_numbers(**values: object) -> None:
-    """`bounds.check_numbers` with a mistake named by its AUTOMATIC1111 field."""
-    try:
-        check_numbers(**values)
-    except FieldError as error:
-        name = API_FIELDS.get(error.field, error.field)
-        raise FieldError(name, error.named(name), error.problem) from None
-
-
-def plan_field(message: str) -> str:
-    """The request field a sampling-plan error is about (the API names it in its 422)."""
-    for word, name in (("karras", "scheduler"), ("eta", "eta"), ("strength", "denoising_strength")):
-        if word in message:
-            return name
-    return "steps"
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """The `serve` flags that say how a model is loaded (the same for every model switched to)."""
-
-    device: str | None = None
-    precision: str = "autocast"
-    memory: str = "auto"
-    vram_budget: str | None = None
-    tokenizer: Path | None = None
-    attention: str = "sdpa"
-    weights: str | None = None  # --weights fp16|bf16|fp8|int8 (None: the compute dtype)
-    vae_tiling: str = "auto"
-    lora_dir: Path = DEFAULT_LORA_DIR  # relative to the working folder, as AUTOMATIC1111's (models/Lora under its root)
-    embeddings_dir: Path = DEFAULT_EMBEDDINGS_DIR
+def spec_job(spec: GenerationSpec, init_image: Image.Image | None, inpaint: InpaintOptions | None) -> PipelineJob:
+    """The one request a spec asks for, writing no files (seed -1 stays None: `generate` draws it)."""
+    return PipelineJob(
+        prompts=(spec.prompt,),
+        negative_prompt=spec.negative_prompt,
+        seed=spec.seed if spec.seed >= 0 else None,
+        n_samples=spec.batch_size,
+        n_iter=spec.n_iter,
+        steps=spec.steps,
+        scale=spec.cfg_scale,
+        eta=spec.eta,
+        sampler=spec.sampler,
+        karras=spec.karras,
+        height=spec.height,
+        width=spec.width,
+        init_image=init_image,
+        strength=spec.strength,
+        inpaint=inpaint,
+        refiner=spec.refiner,
+        refiner_switch=spec.refiner_switch,
+        output=OutputPolicy(Path("."), skip_save=True, skip_grid=True),  # the front ends send the PNGs
+    )
 
 
 class Backend:
@@ -243,20 +233,7 @@ class Backend:
         """Open `entry` (a catalog entry: never a path from a request), releasing the old model."""
         if self.current == entry and self.pipe is not None:
             return
-        opts = self.options
-        pipe = load(
-            entry.path,
-            device=opts.device,
-            precision=opts.precision,
-            memory=opts.memory,
-            vram_budget=opts.vram_budget,
-            attention=opts.attention,
-            tokenizer=opts.tokenizer,
-            weights=opts.weights,
-            vae_tiling=opts.vae_tiling,
-            lora_dir=opts.lora_dir,
-            embeddings_dir=opts.embeddings_dir,
-        )
+        pipe = self.options.load(entry.path)
         with self._lock:
             old, self.pipe, self.current = self.pipe, pipe, entry
         if old is not None:
@@ -302,17 +279,7 @@ class Backend:
         if image.size != size and not (mask is not None and spec.inpaint_full_res):
             image = image.resize(size, Image.LANCZOS)
             mask = mask.resize(size, Image.LANCZOS) if mask is not None else None
-        if mask is None:
-            return image, None
-        options = InpaintOptions(
-            mask=mask,
-            invert_mask=spec.invert_mask,
-            mask_blur=float(spec.mask_blur),
-            area="masked" if spec.inpaint_full_res else "whole",
-            padding=spec.inpaint_full_res_padding,
-            masked_content=INPAINTING_FILL[spec.inpainting_fill],
-        )
-        return image, options
+        return image, inpaint_options(spec, mask)
 
     def generate(self, spec: GenerationSpec, job: Job) -> Generated:
         """Run `spec` as a pipeline `Job` of `n_iter` batches of `batch_size`, writing no files; the
@@ -322,26 +289,9 @@ class Backend:
         assert pipe is not None, "no model loaded"
         self.apply_memory(spec)
         init_image, inpaint = self.prepare_init_image(spec)
-        pipeline_job = PipelineJob(
-            prompts=(spec.prompt,),
-            negative_prompt=spec.negative_prompt,
-            seed=spec.seed if spec.seed >= 0 else random.randrange(SEED_LIMIT),
-            n_samples=spec.batch_size,
-            n_iter=spec.n_iter,
-            steps=spec.steps,
-            scale=spec.cfg_scale,
-            eta=spec.eta,
-            sampler=spec.sampler,
-            karras=spec.karras,
-            height=spec.height,
-            width=spec.width,
-            init_image=init_image,
-            strength=spec.strength,
-            inpaint=inpaint,
-            refiner=spec.refiner,
-            refiner_switch=spec.refiner_switch,
-            output=OutputPolicy(Path("."), skip_save=True, skip_grid=True),  # the front ends send the PNGs
-        )
+        pipeline_job = spec_job(spec, init_image, inpaint)
+        if pipeline_job.seed is None:
+            pipeline_job = replace(pipeline_job, seed=random.randrange(SEED_LIMIT))
 
         def progress(step: JobStep) -> None:
             if step.info.step == 0:

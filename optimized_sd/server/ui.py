@@ -18,8 +18,8 @@ from typing import Any
 import gradio as gr
 from PIL import Image, ImageChops
 
-from optimized_sd.config import REFINER_SWITCH_DEFAULT
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
+from optimized_sd.pipelines.defaults import DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import INPAINTING_FILL, MEMORY_CHOICES, Generated, GenerationSpec
 from optimized_sd.server.catalog import ModelCatalog
@@ -36,6 +36,24 @@ IMAGE_TASKS = ("img2img", "inpaint")  # the tabs that start from an uploaded ima
 MASK_ALPHA_THRESHOLD = 128  # a painted pixel at least half opaque is repainted (AUTOMATIC1111 also cuts an RGBA mask at 128)
 INPAINT_AREAS = [("whole picture", "whole"), ("only masked", "masked")]
 MASKED_CONTENT_CHOICES = [(name.replace("-", " "), value) for value, name in INPAINTING_FILL.items()]  # labels -> inpainting_fill
+# Request field (a `Job`, `InpaintOptions` or `OutputPolicy` field) -> the label of the control that sets it;
+# None: no control does. A FieldError is shown with these words (`said`).
+UI_CONTROLS: dict[str, str | None] = {
+    "prompts": "Prompt", "prompt_file": None, "negative_prompt": "Negative prompt", "seed": "Seed", "n_samples": "Batch size",
+    "n_iter": "Batch count", "fixed_code": None, "steps": "Steps", "scale": "CFG scale", "eta": None, "sampler": "Sampler",
+    "karras": "Karras sigmas", "schedule": None, "loras": None, "refiner": "Refiner", "refiner_switch": "Refiner switch at",
+    "height": "Height", "width": "Width", "latent_channels": None, "downscale": None, "unet_batch": None, "init_image": "Init image",
+    "strength": "Denoising strength", "inpaint": None, "max_image_pixels": None,
+    "output": None, "outdir": None, "fmt": None, "skip_save": None, "skip_grid": None, "n_rows": None, "report_json": None,
+    "mask": "Mask", "invert_mask": "Invert the mask", "mask_blur": "Mask blur", "area": "Inpaint area", "padding": "Padding",
+    "outpaint": None, "masked_content": "Masked content",
+}  # fmt: skip
+
+
+def said(mistake: UserError) -> str:
+    """A mistake as the UI shows it: a FieldError names the control of its field."""
+    label = UI_CONTROLS.get(mistake.field) if isinstance(mistake, FieldError) else None
+    return f"{label}: {mistake.problem}" if label else str(mistake)
 
 
 def progress_html(fraction: float, text: str, state: str, job: Job | None = None) -> str:
@@ -190,7 +208,9 @@ class WebUI:
                 elif task == "inpaint":
                     image, inpaint_controls = self.inpaint_inputs(task)
                 if task in IMAGE_TASKS:
-                    strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{task}-strength")
+                    strength = gr.Slider(
+                        0.0, 1.0, value=DEFAULT_STRENGTH, step=0.01, label="Denoising strength", elem_id=f"{task}-strength"
+                    )
                 with gr.Row():
                     sampler = gr.Dropdown(
                         choices=[(sampler_display_name(s, False), s) for s in SAMPLERS],
@@ -225,7 +245,7 @@ class WebUI:
                         elem_id=f"{task}-refiner",
                     )
                     refiner_switch = gr.Slider(
-                        0.01, 0.99, value=REFINER_SWITCH_DEFAULT, step=0.01, label="Refiner switch at", elem_id=f"{task}-refiner-switch"
+                        0.01, 0.99, value=DEFAULT_REFINER_SWITCH, step=0.01, label="Refiner switch at", elem_id=f"{task}-refiner-switch"
                     )
             with gr.Column(scale=4):
                 with gr.Row():
@@ -342,7 +362,7 @@ class WebUI:
             batch_size=int(values["batch_size"]),
             n_iter=int(values["n_iter"]),
             init_image=init_image,
-            strength=float(strength) if strength is not None else 0.75,
+            strength=float(strength) if strength is not None else DEFAULT_STRENGTH,
             mask=mask,
             mask_blur=float(values.get("mask_blur") or 0),
             inpainting_fill=int(values.get("masked_content", 1)),
@@ -352,7 +372,7 @@ class WebUI:
             memory=None if memory in (None, SERVER_DEFAULT) else memory,
             vram_budget=(values["vram_budget"] or "").strip() or None,
             refiner=refiner,
-            refiner_switch=float(values.get("refiner_switch") or REFINER_SWITCH_DEFAULT),
+            refiner_switch=float(values.get("refiner_switch") or DEFAULT_REFINER_SWITCH),
         )
 
     def generate(self, task: str, values: dict[str, Any], request: gr.Request, outputs: list) -> Iterator[dict]:
@@ -360,7 +380,7 @@ class WebUI:
         try:
             job = self.service.submit_generation(self.spec_from(task, values, self.service.backend.catalog))
         except UserError as mistake:
-            yield {status: progress_html(0.0, "not started", "error"), error: error_html(str(mistake))}
+            yield {status: progress_html(0.0, "not started", "error"), error: error_html(said(mistake))}
             return
         session = request.session_hash if request is not None else None
         if session:
@@ -387,7 +407,7 @@ class WebUI:
                 yield {status: progress_html(0.0, "cancelled before it started", "cancelled", job)}
                 return
             except UserError as mistake:
-                yield {status: progress_html(0.0, "failed", "error", job), error: error_html(str(mistake))}
+                yield {status: progress_html(0.0, "failed", "error", job), error: error_html(said(mistake))}
                 return
             except Exception as failure:  # the message, not the stack trace (that goes to the server log)
                 log.exception("generation failed")

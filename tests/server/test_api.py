@@ -255,7 +255,7 @@ def test_bad_inpainting_requests_name_the_field(server, caplog):
         ({"mask": b64_png(black)}, "mask", "all black"),
         ({"mask": b64_png(Image.new("L", (SIZE, SIZE), 255)), "inpainting_mask_invert": 1}, "mask", "once inverted"),
         ({"inpainting_fill": 4}, "inpainting_fill", "use 0 (fill), 1 (original), 2 (latent-noise), 3 (latent-nothing)"),
-        ({"inpainting_fill": -1}, "inpainting_fill", "unknown inpainting_fill -1"),
+        ({"inpainting_fill": -1}, "inpainting_fill", "inpainting_fill -1 is unknown"),
         ({"mask_blur": -1}, "mask_blur", "0 or more"),
         ({"inpaint_full_res_padding": -4}, "inpaint_full_res_padding", "0 or more"),
         ({"init_images": None}, "init_images", "img2img needs one image"),

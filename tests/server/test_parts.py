@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from optimized_sd.errors import Interrupted, UserError
-from optimized_sd.server.backend import FieldError, GenerationSpec, check_spec, resolve_sampler
+from optimized_sd.server.backend import FieldError, GenerationSpec, api_error, check_spec, resolve_sampler
 from optimized_sd.server.catalog import ModelCatalog
 from optimized_sd.server.jobs import CANCELLED, DONE, FAILED, JobCancelled, JobQueue
 from optimized_sd.server.preview import SD1_LATENT_RGB, latent_preview
@@ -121,7 +121,7 @@ def test_sampler_names_as_automatic1111_clients_send_them():
 def test_spec_checks_name_the_field(change, field):
     with pytest.raises(FieldError) as mistake:
         check_spec(GenerationSpec(**{"prompt": "x", "width": 64, "height": 64, **change}))
-    assert mistake.value.field == field
+    assert api_error(mistake.value).field == field  # the request field, said by its AUTOMATIC1111 name
 
 
 def test_inpaint_checks_name_the_field():
@@ -141,7 +141,7 @@ def test_inpaint_checks_name_the_field():
     ):
         with pytest.raises(FieldError) as mistake:
             check_spec(GenerationSpec(**{**base, **change}))
-        assert mistake.value.field == field, change
+        assert api_error(mistake.value).field == field, change
 
 
 def test_backend_maps_automatic1111_inpaint_fields_and_sizes():

@@ -1,0 +1,117 @@
+"""The one request (`Job`) and its front ends' words: each mapping table covers every request field, a
+bad value is named in each front end's own words, and serve and batch take every load flag the CLI has."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import click
+import pytest
+
+from optimized_sd import cli
+from optimized_sd.batch.jobs import BATCH_KEYS, read_jobs
+from optimized_sd.errors import FieldError, UserError
+from optimized_sd.pipelines.job import Job, OutputPolicy
+from optimized_sd.pipelines.load_options import LoadOptions
+from optimized_sd.pipelines.masks import InpaintOptions
+
+
+def request_fields() -> set[str]:
+    """Every field of the request: the Job's, its output policy's and its inpainting options'."""
+    return {f.name for kind in (Job, OutputPolicy, InpaintOptions) for f in fields(kind)}
+
+
+def test_the_cli_and_batch_tables_cover_every_request_field():
+    assert set(cli.CLI_FLAGS) == request_fields()
+    assert set(BATCH_KEYS) == request_fields()
+
+
+def test_the_api_and_ui_tables_cover_every_request_field():
+    pytest.importorskip("fastapi")
+    from optimized_sd.server.backend import API_FIELDS
+
+    assert set(API_FIELDS) == request_fields()
+    pytest.importorskip("gradio")
+    from optimized_sd.server.ui import UI_CONTROLS
+
+    assert set(UI_CONTROLS) == request_fields()
+
+
+def options_of(command: click.Command) -> dict[str, list[str]]:
+    return {param.name: param.opts for param in command.params if isinstance(param, click.Option)}
+
+
+def test_every_cli_flag_in_the_table_sets_its_field():
+    """A flag CLI_FLAGS names is a real option of a generate command, and its value lands in that field."""
+    commands = [options_of(cli.cli.commands[name]) for name in ("txt2img", "img2img", "inpaint")]
+    every_flag = {flag for options in commands for opts in options.values() for flag in opts}
+    named = {field: flag for field, flag in cli.CLI_FLAGS.items() if flag is not None}
+    assert set(named.values()) <= every_flag
+    txt2img = options_of(cli.cli.commands["txt2img"])
+    for field, flag in named.items():
+        if field not in ("prompts",) and field in {f.name for f in fields(Job)} | {f.name for f in fields(OutputPolicy)}:
+            owners = [name for name, opts in txt2img.items() if flag in opts]
+            assert owners in ([], [field]), (field, owners)  # the click option is called as the field it sets
+
+
+def test_serve_and_batch_take_every_load_option_the_cli_has():
+    loads = {f.name for f in fields(LoadOptions)}
+    exposed = {name for name, flag in cli.LOAD_FLAGS.items() if flag is not None}
+    assert set(cli.LOAD_FLAGS) == loads
+    for name in ("txt2img", "img2img", "inpaint", "batch", "serve"):
+        options = options_of(cli.cli.commands[name])
+        assert exposed <= set(options), (name, exposed - set(options))
+        for option in exposed:
+            assert cli.LOAD_FLAGS[option] in options[option], (name, option)
+
+
+def default_of(param: click.Parameter) -> object:
+    """A click option's default, None for none (click 8.2 says UNSET)."""
+    return None if param.default is None or type(param.default).__name__ == "Sentinel" else param.default
+
+
+def test_load_flags_default_to_the_load_options_defaults():
+    defaults = LoadOptions()
+    for command in ("txt2img", "batch", "serve"):
+        given = {p.name: default_of(p) for p in cli.cli.commands[command].params}
+        for name, flag in cli.LOAD_FLAGS.items():
+            if flag is not None:
+                assert given[name] == getattr(defaults, name) or (given[name], getattr(defaults, name)) == (None, False), (command, name)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exited:
+        cli.main([str(a) for a in argv])
+    return exited.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--unet_bs", "0"], "error: --unet_bs must be at least 1\n"),
+        (["--C", "0"], "error: --C 0 must be at least 1\n"),
+        (["--ddim_steps", "0"], "error: --ddim_steps must be at least 1 (at most 1000), got 0\n"),
+        (["--sampler", "plms", "--ddim_eta", "0.5"], "error: --ddim_eta 0.5: plms supports eta 0 only (as CompVis)\n"),
+    ],
+)
+def test_the_cli_names_a_bad_value_by_its_flag(capsys, tmp_path, argv, message):
+    code, err = run_cli(capsys, "txt2img", "--ckpt", tmp_path / "never-loaded.ckpt", "--outdir", tmp_path / "out", *argv)
+    assert (code, err) == (1, message)
+
+
+def test_the_batch_driver_names_the_line_and_its_key(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in ({"prompt": "a"}, {"prompt": "b", "inpaint_area": "most", "mask": "m.png",
+                                                                                                   "init_image": "i.png"})))  # fmt: skip
+    with pytest.raises(UserError) as refused:
+        read_jobs(path, Job(output=OutputPolicy(tmp_path)))
+    assert not isinstance(refused.value, FieldError)
+    assert str(refused.value) == f"{path} line 2: field 'inpaint_area' 'most' is unknown; use whole or masked"
+
+
+def test_a_library_error_names_the_request_field_not_a_flag():
+    with pytest.raises(FieldError) as refused:
+        Job(prompts=("a",), unet_batch=0).validate()
+    assert (refused.value.field, str(refused.value)) == ("unet_batch", "unet_batch must be at least 1")
+    assert cli.flag_words(refused.value) == "--unet_bs must be at least 1"
