@@ -288,12 +288,12 @@ def base(tiny_model, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--prompt", "a" * 70_000], "error: the prompt is 70,000 characters long; the limit is 65,536"),
-        (["--prompt", "x", "--negative-prompt", "b" * 70_000], "error: the negative prompt is 70,000 characters long"),
-        (["--prompt", "a cat \udcff"], "error: the prompt holds an unpaired surrogate (U+DCFF) at position 6"),
-        (["--prompt", "(" * 8000 + "cat"], "error: prompt: the emphasis on 'cat' weighs inf"),
-        (["--prompt", "x", "--negative-prompt", "(cat:1000000000)"], "error: negative prompt: the emphasis on 'cat' weighs 1e+09"),
-        (["--prompt", "a BREAK " * 40], "error: prompt: 40 BREAKs make more than the 32 chunks"),
+        (["--prompt", "a" * 70_000], "error: --prompt is 70,000 characters long; the limit is 65,536"),
+        (["--prompt", "x", "--negative-prompt", "b" * 70_000], "error: --negative-prompt is 70,000 characters long"),
+        (["--prompt", "a cat \udcff"], "error: --prompt holds an unpaired surrogate (U+DCFF) at position 6"),
+        (["--prompt", "(" * 8000 + "cat"], "error: --prompt is refused: the emphasis on 'cat' weighs inf"),
+        (["--prompt", "x", "--negative-prompt", "(cat:1000000000)"], "error: --negative-prompt is refused: the emphasis on 'cat' weighs 1e+09"),
+        (["--prompt", "a BREAK " * 40], "error: --prompt is refused: 40 BREAKs make more than the 32 chunks"),
     ],
 )
 def test_cli_refuses_in_one_line_before_loading(capsys, base, tmp_path, extra, message) -> None:
@@ -313,19 +313,19 @@ def test_prompt_file_and_job_file_lines_are_checked(tmp_path) -> None:
 
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"prompt": "a cat"}) + "\n" + '{"prompt": "a \\ud800 cat"}\n')
-    with pytest.raises(UserError, match=r"jobs.jsonl line 2: the prompt holds an unpaired surrogate \(U\+D800\) at position 2"):
+    with pytest.raises(UserError, match=r"jobs.jsonl line 2: field 'prompt' holds an unpaired surrogate \(U\+D800\) at position 2"):
         read_jobs(jobs, Job(prompts=("x",)))
 
 
 def test_library_request_and_server_spec_are_checked() -> None:
     with pytest.raises(UserError, match="^the negative prompt is 70,000 characters long"):
         check_request(GenerationRequest(["a cat"], negative_prompt="n" * 70_000, height=64, width=64), TINY)
-    from optimized_sd.server.backend import FieldError, GenerationSpec, check_spec
+    from optimized_sd.server.backend import FieldError, GenerationSpec, api_error, check_spec
 
     for field, change in (("prompt", {"prompt": "\ud800"}), ("negative_prompt", {"negative_prompt": "x" * 70_000})):
         with pytest.raises(FieldError) as refused:
             check_spec(GenerationSpec(**{"prompt": "x", "width": 64, "height": 64, **change}))
-        assert refused.value.field == field and "\n" not in str(refused.value)
+        assert api_error(refused.value).field == field and "\n" not in str(refused.value)  # the API's name for it
 
 
 # -- mean restoration ----------------------------------------------------------------------------------

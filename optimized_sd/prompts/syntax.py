@@ -345,28 +345,30 @@ def check_prompt(prompt: str, name: str = "prompt", field: str = "prompts") -> N
     parse, or more BREAKs than MAX_PROMPT_CHUNKS chunks hold (the token count, which needs the tokenizer,
     is bounded by `encoding.build_chunks`)."""
     problem = _prompt_problem(prompt)
-    if problem is not None:
+    if isinstance(problem, UserError):  # the syntax's own word on it
         raise FieldError(field, f"{name}: {problem}", f"is refused: {problem}")
+    if problem is not None:
+        raise FieldError(field, f"the {name} {problem}", problem)
 
 
-def _prompt_problem(prompt: str) -> str | None:
-    """What is wrong with `prompt` (see `check_prompt`), or None."""
+def _prompt_problem(prompt: str) -> str | UserError | None:
+    """What is wrong with `prompt` (see `check_prompt`): a predicate ("is ... long"), the parser's error, or None."""
     if len(prompt) > MAX_PROMPT_CHARS:
-        return f"it is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}"
+        return f"is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}"
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as error:  # UTF-8 encodes every code point but a surrogate
         code = ord(prompt[error.start])
-        return f"it holds an unpaired surrogate (U+{code:04X}) at position {error.start}: it is not valid text"
+        return f"holds an unpaired surrogate (U+{code:04X}) at position {error.start}: it is not valid text"
     try:
         text, _ = extract_loras(prompt)
         parts, _ = subprompt_mix(text)
         for part in parts:
             breaks = sum(segment.is_break for segment in parse_attention(part))
             if breaks >= MAX_PROMPT_CHUNKS:
-                return f"{breaks:,} BREAKs make more than the {MAX_PROMPT_CHUNKS} chunks of 75 tokens a prompt may use"
+                return UserError(f"{breaks:,} BREAKs make more than the {MAX_PROMPT_CHUNKS} chunks of 75 tokens a prompt may use")
     except UserError as error:
-        return str(error)
+        return error
     return None
 
 

@@ -159,7 +159,7 @@ def test_serve_loads_with_its_flags_and_finds_loras_and_embeddings(capsys, monke
     <lora:NAME> and an embedding's name are found there, and --listen answers any Host."""
     import torch
 
-    from optimized_sd.server import backend
+    from optimized_sd.pipelines import diffusion
     from optimized_sd.server.app import RunningServer
     from tests.cli_runs import run_cli
     from tests.lora_files import kohya_lora, save
@@ -170,8 +170,8 @@ def test_serve_loads_with_its_flags_and_finds_loras_and_embeddings(capsys, monke
     save(kohya_lora(tiny_model.unet, tiny_model.text_encoder, seed=5), loras / "styles" / "kohya_style.safetensors")
     torch.save({"string_to_param": {"*": torch.randn(2, 64)}}, embeddings / "shiny.pt")
     loaded: list[dict] = []
-    real_load = backend.load
-    monkeypatch.setattr(backend, "load", lambda path, **options: loaded.append(options) or real_load(path, **options))
+    real_load = diffusion.load
+    monkeypatch.setattr(diffusion, "load", lambda path, **options: loaded.append(options) or real_load(path, **options))
     answers: dict[str, requests.Response] = {}
 
     def probe(running: RunningServer) -> None:
