@@ -124,10 +124,10 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
 class MLPEmbedder(nn.Module):
     """Linear, SiLU, Linear: the embedders of t, guidance and the pooled text vector."""
 
-    def __init__(self, in_dim: int, hidden: int) -> None:
+    def __init__(self, in_dim: int, hidden: int, bias: bool = True) -> None:
         super().__init__()
-        self.in_layer = ops.Linear(in_dim, hidden)
-        self.out_layer = ops.Linear(hidden, hidden)
+        self.in_layer = ops.Linear(in_dim, hidden, bias=bias)
+        self.out_layer = ops.Linear(hidden, hidden, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(F.silu(self.in_layer(x)))
@@ -159,12 +159,12 @@ class QKNorm(nn.Module):
 class SelfAttention(nn.Module):
     """Fused qkv projection, QK norm and output projection of one stream of a double block."""
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool) -> None:
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, proj_bias: bool = True) -> None:
         super().__init__()
         self.heads = heads
         self.qkv = ops.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // heads)
-        self.proj = ops.Linear(dim, dim)
+        self.proj = ops.Linear(dim, dim, bias=proj_bias)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, dim) -> normed q, k and v, each (B, heads, L, head_dim)."""
@@ -177,9 +177,9 @@ class Modulation(nn.Module):
     """adaLN: SiLU then one Linear from the conditioning vector to 3 (single) or 6 (double) per-channel
     vectors, in the order shift, scale, gate (x2)."""
 
-    def __init__(self, dim: int, double: bool) -> None:
+    def __init__(self, dim: int, double: bool, bias: bool = True) -> None:
         super().__init__()
-        self.lin = ops.Linear(dim, dim * (6 if double else 3))
+        self.lin = ops.Linear(dim, dim * (6 if double else 3), bias=bias)
 
     def forward(self, vec: Tensor) -> Tensor:
         """(B, dim) -> (B, 3 or 6 * dim), kept flat: `chunks` splits it where it is used."""
@@ -277,12 +277,12 @@ class SingleStreamBlock(nn.Module):
 class LastLayer(nn.Module):
     """adaLN (shift, scale; no gate) then the Linear back to packed latent channels."""
 
-    def __init__(self, config: FluxConfig) -> None:
+    def __init__(self, config: FluxConfig, bias: bool = True) -> None:
         super().__init__()
         dim = config.hidden_size
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
-        self.linear = ops.Linear(dim, config.out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(dim, dim * 2))
+        self.linear = ops.Linear(dim, config.out_channels, bias=bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(dim, dim * 2, bias=bias))
 
     def forward(self, x: Tensor, modulation: Tensor) -> Tensor:
         shift, scale = chunks(modulation.to(x.dtype), 2)

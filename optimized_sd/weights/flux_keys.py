@@ -87,17 +87,20 @@ CLIP_UNUSED = frozenset({"text_projection.weight", "logit_scale", "text_model.em
 Recipes = dict[str, tuple[str, tuple[str, ...]]]
 
 
-def diffusers_transformer_recipes(keys: Iterable[str]) -> Recipes:
-    """BFL name -> (op, diffusers keys) for a diffusers Flux transformer's keys (ComputedSource recipes). Keys no
-    table covers keep their own name, so the strict loader reports them."""
+def diffusers_transformer_recipes(
+    keys: Iterable[str], top=TOP_NAMES, double=DOUBLE_BLOCK_NAMES, single=SINGLE_BLOCK_NAMES, final_adaln=FINAL_ADALN
+) -> Recipes:
+    """BFL name -> (op, diffusers keys) for a diffusers Flux transformer's keys (ComputedSource recipes); the name
+    tables are Flux.1's unless given (Flux.2 passes its own). Keys no table covers keep their own name, so the
+    strict loader reports them."""
     present = set(keys)
     shapes = dict.fromkeys(present, ())
-    tables: list[tuple[str, str, tuple[tuple[str, tuple[str, ...]], ...]]] = [("", "", TOP_NAMES)]
+    tables: list[tuple[str, str, tuple[tuple[str, tuple[str, ...]], ...]]] = [("", "", top)]
     tables += [
-        (f"double_blocks.{i}.", f"transformer_blocks.{i}.", DOUBLE_BLOCK_NAMES) for i in indices(shapes, r"transformer_blocks\.(\d+)\.")
+        (f"double_blocks.{i}.", f"transformer_blocks.{i}.", double) for i in indices(shapes, r"transformer_blocks\.(\d+)\.")
     ]
     tables += [
-        (f"single_blocks.{i}.", f"single_transformer_blocks.{i}.", SINGLE_BLOCK_NAMES)
+        (f"single_blocks.{i}.", f"single_transformer_blocks.{i}.", single)
         for i in indices(shapes, r"single_transformer_blocks\.(\d+)\.")
     ]
     recipes: Recipes = {}
@@ -109,8 +112,8 @@ def diffusers_transformer_recipes(keys: Iterable[str]) -> Recipes:
                 if all(name in present for name in sources):
                     recipes[bfl_prefix + bfl + bfl_leaf] = ("cat" if len(sources) > 1 else "same", sources)
     for leaf in (".weight", ".bias"):
-        if FINAL_ADALN[1] + leaf in present:
-            recipes[FINAL_ADALN[0] + leaf] = ("swap_halves", (FINAL_ADALN[1] + leaf,))
+        if final_adaln[1] + leaf in present:
+            recipes[final_adaln[0] + leaf] = ("swap_halves", (final_adaln[1] + leaf,))
     covered = {name for _, names in recipes.values() for name in names}
     recipes.update({key: ("same", (key,)) for key in present - covered})
     return recipes
