@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from optimized_sd.errors import UserError
+from optimized_sd.families import registry
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,8 @@ class OpenCLIPConfig:
     projection_dim: int | None = None  # SDXL: pooled vector = final-norm EOS token @ text_projection
 
 
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
-"""Family id -> the words users know it by (inspect, run summaries, errors)."""
+FAMILY_NAMES: typing.Mapping[str, str] = registry.FamilyView(lambda record: record.display_name)
+"""Family id -> the words users know it by (inspect, run summaries, errors), from the family records."""
 
 
 @dataclass(frozen=True)
@@ -123,16 +124,21 @@ class ModelConfig:
     prediction_type: str = "epsilon"
 
     @property
+    def record(self) -> registry.FamilyRecord:
+        """This model's family record (a UserError for a family id no record has)."""
+        return registry.record_for(self)
+
+    @property
     def family_name(self) -> str:
         return FAMILY_NAMES.get(self.family, self.family)
 
     @property
     def default_size(self) -> int:
-        """Image side the family was trained at, the --H/--W default: 512 (SD 1.x, SD 2.x base), 768 (SD 2.x v),
-        1024 (SDXL)."""
-        if self.family in ("sdxl", "sdxl_refiner"):
-            return 1024
-        return 768 if self.family == "sd2" and self.prediction_type == "v_prediction" else 512
+        """Image side the family was trained at, the --H/--W default (its record's: 512 SD 1.x and SD 2.x base,
+        768 SD 2.x v, 1024 SDXL)."""
+        if registry.find(self.family) is None:
+            return 512
+        return self.record.defaults.size_for(self.prediction_type)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -6,7 +6,7 @@ without a GPU (fake budgets) and each constant can be re-measured with `benchmar
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from optimized_sd.errors import OutOfMemoryBudget, UserError
@@ -26,23 +26,46 @@ class UnetActivations:
     chunked_ff_share: float
 
 
-UNET_ACTIVATIONS: dict[str, UnetActivations] = {
-    # SD 1.x at 512x512: 11,350-13,040 (H100 2026-11-27, H200 2026-11-30), 8,055 with the chunked feed-forward.
-    "sd1": UnetActivations(14_000, 0.65),
-    # SD 2.x has SD 1.x's channels and attention levels (64-wide heads); its one measured figure, `stream`
-    # at 768x768 (H200 2026-11-30), is 4,437, below SD 1.x's stream estimate of 9,100: SD 1.x's constants hold.
-    "sd2": UnetActivations(14_000, 0.65),
-    # SDXL at 1024x1024 (H200 2026-11-30): 8,315 in `full`, 6,667 in `turbo`, 4,439 in `stream` (0.53 of
-    # full). No attention at the highest resolution, hence well below SD 1.x.
-    "sdxl": UnetActivations(9_200, 0.60),
-}
-UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = UNET_ACTIVATIONS["sd1"].per_latent_pixel
-UNET_ACTIVATION_CHUNKED_FF = UNET_ACTIVATIONS["sd1"].chunked_ff_share
+# Each family's measured constants live in its record (`optimized_sd.families`, `unet_activations`) and
+# reach the planner in the footprint; one not measured yet (the SDXL refiner) takes these, SD 1.x's, the largest.
+DEFAULT_UNET_ACTIVATIONS = UnetActivations(14_000, 0.65)
+UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = DEFAULT_UNET_ACTIVATIONS.per_latent_pixel
+UNET_ACTIVATION_CHUNKED_FF = DEFAULT_UNET_ACTIVATIONS.chunked_ff_share
 
 
-def unet_activations(family: str) -> UnetActivations:
-    """A family's constants; one not measured yet (the SDXL refiner) takes SD 1.x's, the largest."""
-    return UNET_ACTIVATIONS.get(family, UNET_ACTIVATIONS["sd1"])
+def _measured(record) -> UnetActivations:
+    return record.unet_activations or DEFAULT_UNET_ACTIVATIONS
+
+
+def _registry_view() -> Mapping[str, UnetActivations]:
+    """Family id -> its record's constants (a live view of the family registry, imported late: the
+    registry's records name this module's types)."""
+    from optimized_sd.families.registry import FamilyView
+
+    return FamilyView(_measured, include=lambda record: record.unet_activations is not None)
+
+
+class _ActivationsTable(Mapping[str, UnetActivations]):
+    """`UNET_ACTIVATIONS`: the measured families' constants, read from their records on each lookup."""
+
+    def __getitem__(self, family: str) -> UnetActivations:
+        return _registry_view()[family]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_registry_view())
+
+    def __len__(self) -> int:
+        return len(_registry_view())
+
+
+UNET_ACTIVATIONS: Mapping[str, UnetActivations] = _ActivationsTable()
+
+
+def unet_activations(family: str | UnetActivations | None) -> UnetActivations:
+    """Constants given as they are, or a family id's (from its record); one not measured takes the default."""
+    if isinstance(family, UnetActivations):
+        return family
+    return UNET_ACTIVATIONS.get(family or "", DEFAULT_UNET_ACTIVATIONS)
 
 
 # With a UNet micro-batch, the images outside the running slice still hold their skip connections
@@ -76,8 +99,14 @@ class ModelFootprint:
     unet_blocks: tuple[int, ...]  # in execution order
     vae_encoder: int
     vae_decoder: int
-    family: str = "sd1"  # whose activation constants apply (`UNET_ACTIVATIONS`)
+    family: str = "sd1"  # the family's id, for reports
+    activations: UnetActivations | None = None  # its record's UNet constants (None: looked up by `family`)
+    latent_downscale: int = 8  # pixels per latent along one axis
     tiny_decoder: int = 0  # a TAESD decoder's weights, on the device for the whole call (fast decode, previews)
+
+    @property
+    def unet_constants(self) -> UnetActivations:
+        return self.activations if self.activations is not None else unet_activations(self.family)
 
     @property
     def total(self) -> int:
@@ -164,15 +193,17 @@ def cfg_batch(request: Request) -> int:
     return request.batch * (2 if request.guidance else 1)
 
 
-def unet_elements_per_latent_pixel(family: str, chunked: bool) -> float:
-    """A family's UNet activation elements per latent pixel per image, with or without the chunked feed-forward."""
+def unet_elements_per_latent_pixel(family: str | UnetActivations | None, chunked: bool) -> float:
+    """A family's (or given constants') UNet activation elements per latent pixel per image, with or without the
+    chunked feed-forward."""
     constants = unet_activations(family)
     return constants.per_latent_pixel * (constants.chunked_ff_share if chunked else 1.0)
 
 
-def unet_activation_bytes(request: Request, chunked: bool, family: str = "sd1") -> int:
-    """The running micro-batch's activations, plus what the rest of the batch holds meanwhile."""
-    latent_pixels = (request.height // 8) * (request.width // 8)
+def unet_activation_bytes(request: Request, chunked: bool, family: str | UnetActivations | None = None, downscale: int = 8) -> int:
+    """The running micro-batch's activations, plus what the rest of the batch holds meanwhile (`family`: an
+    id or the record's constants; `downscale`: pixels per latent)."""
+    latent_pixels = (request.height // downscale) * (request.width // downscale)
     whole = cfg_batch(request)
     micro = min(request.unet_batch or whole, whole)
     running = unet_elements_per_latent_pixel(family, chunked) * micro
@@ -201,7 +232,7 @@ def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling
     """Peak allocated bytes of one run in `mode`: the largest of its stages' resident weights plus
     that stage's activations."""
     chunked = chunks_feed_forward(mode)
-    unet_act = unet_activation_bytes(request, chunked, model.family)
+    unet_act = unet_activation_bytes(request, chunked, model.unet_constants, model.latent_downscale)
     tiny_act = TAESD_DECODE_ELEMENTS_PER_PIXEL * request.height * request.width * request.dtype_bytes
     decode_act = tiny_act if request.tiny_decode else decode_activation_bytes(request, vae_tiling)
     decode_weights = 0 if request.tiny_decode else model.vae_decoder
@@ -230,7 +261,8 @@ def stream_lookahead(model: ModelFootprint, request: Request, budget: int) -> in
     and the next. Copying further ahead hides the copies of the wide low-resolution blocks (most of
     the bytes, little compute) behind the compute of the high-resolution ones (see
     benchmarks/stream_floor.py)."""
-    room = min(budget - unet_activation_bytes(request, chunks_feed_forward("stream"), model.family) - FIXED_OVERHEAD, model.unet)
+    stream_act = unet_activation_bytes(request, chunks_feed_forward("stream"), model.unet_constants, model.latent_downscale)
+    room = min(budget - stream_act - FIXED_OVERHEAD, model.unet)
     return room if room > model.largest_block_pair else 0
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from optimized_sd.config import ModelConfig
+from optimized_sd.families import registry
 from optimized_sd.models.layers import timestep_embedding
 from optimized_sd.models.open_clip import FrozenOpenCLIPEmbedder
 from optimized_sd.models.text_encoder import OPEN_CLIP_PAD_ID, FrozenCLIPEmbedder
@@ -47,8 +48,9 @@ def run_tower(tower: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor | None]:
 
 
 def build_text_module(config: ModelConfig) -> tuple[str, nn.Module]:
-    """(attribute name, module) of the family's text conditioning, named as its checkpoints name it."""
-    if config.family in ("sdxl", "sdxl_refiner"):
+    """(attribute name, module) of the family's text conditioning, named as its checkpoints name it (the
+    record's `conditioner`: SGM's `conditioner.embedders.N`, or one tower as `cond_stage_model`)."""
+    if registry.record_for(config).conditioner == "sgm":
         towers: list[nn.Module] = []
         if config.text is not None:
             towers.append(FrozenCLIPEmbedder(config.text))

@@ -168,14 +168,16 @@ class StableDiffusion:
         """The SDXL refiner at `path`, opened as this model was (kept until a call asks for another). A base
         that is not SDXL, or a file that is not an SDXL refiner, is refused naming what it is."""
         path = Path(path)
-        if self.config.family != "sdxl":
+        refiner_family = self.config.record.refiner  # the family that may take over this one's sampling
+        if refiner_family is None:
             raise UserError(f"--refiner runs after an SDXL base model; {self.loaded.checkpoint.name} is an {self.config.family_name} model")
         if self.refiner is not None and self.refiner.loaded.checkpoint.path == path:
             return self.refiner
         self.close_refiner()
         family = checkpoint_family(path, "--refiner")
-        if family != "sdxl_refiner":
-            raise UserError(f"--refiner {path} is an {FAMILY_NAMES.get(family, family)} model, not an SDXL refiner")
+        if family != refiner_family:
+            wanted = FAMILY_NAMES.get(refiner_family, refiner_family)
+            raise UserError(f"--refiner {path} is an {FAMILY_NAMES.get(family, family)} model, not an {wanted}")
         options = dict(self.load_options)
         base_tokenizer = self.loaded.checkpoint.path / "tokenizer_2"
         if options["tokenizer"] is None and path.is_file() and base_tokenizer.is_dir():
@@ -210,7 +212,7 @@ class StableDiffusion:
         by the latent projection."""
         tiny = self.preview_vae or self.fast_vae
         if tiny is None or tiny.decoder is None:
-            return latent_preview(latents)
+            return latent_preview(latents, latent_format=self.config.record.latent)
         return taesd_preview(latents, tiny.decoder)
 
     def vae_decode(self, latent: Tensor, tiled: bool) -> Tensor:

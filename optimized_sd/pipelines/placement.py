@@ -1,5 +1,6 @@
-"""How an SD model splits into offload groups for each memory mode, and what each group weighs.
-The only place that knows both the memory engine's vocabulary and the model's module names."""
+"""How a model splits into offload groups for each memory mode, and what each group weighs.
+The only place that knows both the memory engine's vocabulary and the model's module names; the names
+(denoiser, VAE halves, text root) are its family record's `units`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from optimized_sd.families import registry
+from optimized_sd.families.registry import Units
 from optimized_sd.memory.modes import MemoryMode
 from optimized_sd.memory.offload import GroupSpec
 from optimized_sd.memory.planner import ModelFootprint
@@ -14,17 +17,30 @@ from optimized_sd.memory.planner import ModelFootprint
 if TYPE_CHECKING:
     from optimized_sd.pipelines.weight_storage import WeightStorage
 
-UNET = "model.diffusion_model"
-VAE_ENCODER = ("first_stage_model.encoder", "first_stage_model.quant_conv")
-VAE_DECODER = ("first_stage_model.post_quant_conv", "first_stage_model.decoder")
+# Every SD family's units (the defaults of `families.registry.Units`); a model's own come from its record.
+UNET = Units().denoiser
+VAE_ENCODER = Units().vae_encoder
+VAE_DECODER = Units().vae_decoder
 # `stream` splits a UNet block above this many parameters (100 MB in fp16) into the parts it runs one
 # after another: SDXL's 10-layer transformer blocks (~750 MB) stream layer by layer.
 STREAM_UNIT_PARAMS = 50_000_000
 
 
+def model_record(model: nn.Module) -> registry.FamilyRecord | None:
+    """The family record of a model built from a config (None for a bare module or an unknown family)."""
+    config = getattr(model, "config", None)
+    return registry.record_for(config) if config is not None and registry.find(config.family) is not None else None
+
+
+def units(model: nn.Module) -> Units:
+    """The module paths the engine moves for this model, from its family record (a bare module: SD's)."""
+    record = model_record(model)
+    return record.units if record is not None else Units()
+
+
 def text_root(model: nn.Module) -> str:
     """The text conditioning's module path: `cond_stage_model` (SD 1.x/2.x) or `conditioner` (SDXL)."""
-    return getattr(model, "text_root", "cond_stage_model")
+    return getattr(model, "text_root", units(model).text_root)
 
 
 def text_towers(model: nn.Module) -> tuple[str, ...]:
@@ -68,7 +84,8 @@ def text_groups(model: nn.Module, streamed: bool) -> list[GroupSpec]:
 
 def unet_blocks(model: nn.Module) -> list[str]:
     """The UNet's top-level modules in the order a forward pass runs them."""
-    return [f"{UNET}.{name}" for name in model.get_submodule(UNET).block_names()]
+    denoiser = units(model).denoiser
+    return [f"{denoiser}.{name}" for name in model.get_submodule(denoiser).block_names()]
 
 
 def split_unit(model: nn.Module, path: str, limit: int) -> list[tuple[str, ...]]:
@@ -97,7 +114,7 @@ def stream_units(model: nn.Module, limit: int | None = None) -> list[tuple[str, 
 def unet_halves(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """optimizedSD's split: time embedding, input blocks and middle block; then output blocks and out."""
     blocks = unet_blocks(model)
-    cut = blocks.index(f"{UNET}.middle_block") + 1
+    cut = blocks.index(f"{units(model).denoiser}.middle_block") + 1
     return tuple(blocks[:cut]), tuple(blocks[cut:])
 
 
@@ -105,21 +122,22 @@ def group_specs(row: MemoryMode, model: nn.Module, unit_params: int | None = Non
     """Offload groups for a mode's row (`memory.modes.MODE_TABLE`): its resident rule and denoiser
     grouping mapped to this model's module paths. A denoiser streamed in blocks streams the text towers
     by layer too, and splits blocks above `unit_params` parameters into their parts (`stream_units`)."""
+    paths = units(model)
     if row.resident == "everything":
         return [GroupSpec("all", ("model", "first_stage_model", text_root(model)), "never")]
     streamed = row.denoiser == "blocks"
-    stage_groups = [*text_groups(model, streamed), GroupSpec("vae_encoder", VAE_ENCODER), GroupSpec("vae_decoder", VAE_DECODER)]
+    stage_groups = [*text_groups(model, streamed), GroupSpec("vae_encoder", paths.vae_encoder), GroupSpec("vae_decoder", paths.vae_decoder)]
     release = row.denoiser_release
     if row.denoiser == "whole":
-        return stage_groups + [GroupSpec("unet", (UNET,), release)]
+        return stage_groups + [GroupSpec("unet", (paths.denoiser,), release)]
     if row.denoiser == "halves":
         first, second = unet_halves(model)
         return stage_groups + [GroupSpec("unet_half_1", first, release), GroupSpec("unet_half_2", second, release)]
-    units = stream_units(model, unit_params)
-    names = [f"unet.{unit[0][len(UNET) + 1 :]}" for unit in units]
+    streamed_units = stream_units(model, unit_params)
+    names = [f"unet.{unit[0][len(paths.denoiser) + 1 :]}" for unit in streamed_units]
     return stage_groups + [
         GroupSpec(name, unit, release, prefetch_next=names[(i + 1) % len(names)])
-        for i, (name, unit) in enumerate(zip(names, units))
+        for i, (name, unit) in enumerate(zip(names, streamed_units))
     ]
 
 
@@ -137,16 +155,20 @@ def parameter_bytes(model: nn.Module, paths: tuple[str, ...] | list[str], dtype_
 def footprint(model: nn.Module, dtype_bytes: int, storage: WeightStorage | None = None) -> ModelFootprint:
     """Weight bytes of each group as placed (works on a model built on the meta device)."""
     first, second = unet_halves(model)
+    paths = units(model)
 
     def size(paths: tuple[str, ...] | list[str]) -> int:
         return parameter_bytes(model, paths, dtype_bytes, storage)
 
+    record = model_record(model)
     return ModelFootprint(
         text_encoder=size(text_group(model).modules),
-        unet=size([UNET]),
+        unet=size([paths.denoiser]),
         unet_halves=(size(first), size(second)),
         unet_blocks=tuple(size(unit) for unit in stream_units(model)),
-        vae_encoder=size(VAE_ENCODER),
-        vae_decoder=size(VAE_DECODER),
-        family=getattr(getattr(model, "config", None), "family", "sd1"),
+        vae_encoder=size(paths.vae_encoder),
+        vae_decoder=size(paths.vae_decoder),
+        **({} if record is None else dict(
+            family=record.family_id, activations=record.unet_activations, latent_downscale=record.latent.downscale
+        )),
     )

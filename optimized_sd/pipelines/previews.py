@@ -15,6 +15,9 @@ from PIL import Image
 from torch import Tensor
 
 from optimized_sd.errors import UserError
+from optimized_sd.families import registry
+from optimized_sd.families.names import SD1
+from optimized_sd.families.registry import LatentFormat
 from optimized_sd.pipelines.images import tensor_to_image
 from optimized_sd.pipelines.output import encode, write_new
 
@@ -26,22 +29,21 @@ if TYPE_CHECKING:
 PREVIEW_METHODS = ("latent", "taesd")
 PREVIEW_FOLDER = "previews"
 
-# Latent channel -> (R, G, B) for SD 1.x latents in model space (already times the 0.18215 scale
-# factor); the widely used factors fitted on VAE decodes (ComfyUI's `latent_formats.SD15`).
-SD1_LATENT_RGB = torch.tensor(
-    [
-        [0.3512, 0.2297, 0.3227],
-        [0.3250, 0.4974, 0.2350],
-        [-0.2829, 0.1762, 0.2721],
-        [-0.2120, -0.2616, -0.7177],
-    ]
-)
+def latent_rgb(latent_format: LatentFormat) -> tuple[Tensor, Tensor]:
+    """(channels, 3) latent channel -> (R, G, B) factors for latents in model space, and the (3,) bias."""
+    return torch.tensor(latent_format.rgb_factors), torch.tensor(latent_format.rgb_bias)
 
 
-def latent_preview(latents: Tensor, upscale: int = 8) -> Image.Image:
-    """The first image of a (B, 4, h, w) latent batch as an RGB picture of (w*upscale, h*upscale)."""
-    latent = latents[0].detach().float().cpu()  # (4, h, w)
-    rgb = torch.einsum("chw,cr->rhw", latent, SD1_LATENT_RGB)  # (3, h, w), about [-1, 1]
+# SD 1.x's factors (ComfyUI's `latent_formats.SD15`, fitted on VAE decodes), the default preview map.
+SD1_LATENT_RGB = latent_rgb(registry.by_name(SD1).latent)[0]
+
+
+def latent_preview(latents: Tensor, upscale: int = 8, latent_format: LatentFormat | None = None) -> Image.Image:
+    """The first image of a (B, C, h, w) latent batch as an RGB picture of (w*upscale, h*upscale), by the
+    family's latent format (default: SD 1.x's)."""
+    factors, bias = (SD1_LATENT_RGB, torch.zeros(3)) if latent_format is None else latent_rgb(latent_format)
+    latent = latents[0].detach().float().cpu()  # (C, h, w)
+    rgb = torch.einsum("chw,cr->rhw", latent, factors) + bias[:, None, None]  # (3, h, w), about [-1, 1]
     array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # (h, w, 3)
     image = Image.fromarray(np.ascontiguousarray(array))
     return image.resize((image.width * upscale, image.height * upscale), Image.BILINEAR) if upscale > 1 else image

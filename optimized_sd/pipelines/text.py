@@ -25,13 +25,6 @@ from optimized_sd.prompts.encoding import PromptEncoder as ChunkedPromptEncoder
 from optimized_sd.sampling import Conditioning
 from optimized_sd.weights.embeddings import EmbeddingLibrary, TowerEmbeddings
 
-# The refiner's aesthetic-score conditioning: diffusers' defaults for the prompt and the negative prompt.
-AESTHETIC_SCORE = 6.0
-NEGATIVE_AESTHETIC_SCORE = 2.5
-
-# A diffusers folder's tokenizer subfolder for each tower, by family (default: one `tokenizer/`).
-TOKENIZER_FOLDERS = {"sdxl": ("tokenizer", "tokenizer_2"), "sdxl_refiner": ("tokenizer_2",)}
-
 
 def load_tower_tokenizers(config: ModelConfig, folder: Path | None, override: Path | None) -> list[PromptTokenizer]:
     """One tokenizer per text tower, in the order the model runs them. `override` (`--tokenizer`) serves
@@ -41,7 +34,7 @@ def load_tower_tokenizers(config: ModelConfig, folder: Path | None, override: Pa
     if override is not None:
         shared = load_tokenizer(Path(override))
         return [shared.with_padding(pad) for pad in pads]
-    names = TOKENIZER_FOLDERS.get(config.family, ("tokenizer",))
+    names = [tower.tokenizer for tower in config.record.towers]  # each tower's tokenizer subfolder, by its record
     folders = [folder / name if folder is not None and (folder / name).is_dir() else None for name in names]
     cache: dict[Path | None, PromptTokenizer] = {}
     tokenizers = []
@@ -121,7 +114,7 @@ class PromptEncoder:
         encoders = self.tower_encoders()
         used: list[str] = []
         # SDXL base zeroes an empty negative prompt's conditioning (force_zeros_for_empty_prompt): nothing to encode
-        zero_negative = negative_prompt == "" and self.config.family == "sdxl"
+        zero_negative = negative_prompt == "" and self.config.record.zero_empty_negative
         negatives = [] if negative_prompt is None or zero_negative else [negative_prompt]
         texts = list(dict.fromkeys([*prompts, *negatives]))
         encoded = {text: [encoder(text, used) for encoder in encoders] for text in texts}
@@ -149,18 +142,17 @@ class PromptEncoder:
         return torch.cat([z for z, _ in parts], dim=-1), pooled
 
     def vector(self, pooled: Tensor | None, height: int, width: int, negative: bool = False) -> Tensor | None:
-        """SDXL's `y` for an image of (height, width): original = target = the image size, crop (0, 0)
-        (diffusers' and AUTOMATIC1111's defaults); None for families without a `label_emb`."""
+        """SDXL's `y` for an image of (height, width): the numbers its record's `size_vector` gives (base:
+        original = target = the image size, crop (0, 0), diffusers' and AUTOMATIC1111's defaults; refiner: an
+        aesthetic score for the last); None for families without a `label_emb`."""
         if self.config.unet.adm_in_channels is None:
             return None
         if pooled is None:
             raise ValueError("this UNet takes pooled text conditioning but the text module gave none")
-        if self.config.family == "sdxl_refiner":
-            score = NEGATIVE_AESTHETIC_SCORE if negative else AESTHETIC_SCORE
-            numbers: tuple[float, ...] = (height, width, 0, 0, score)
-        else:
-            numbers = (height, width, 0, 0, height, width)
-        return size_conditioning(pooled, numbers)
+        size_vector = self.config.record.size_vector
+        if size_vector is None:
+            raise ValueError(f"this UNet takes a vector y but the {self.config.family_name} record builds none")
+        return size_conditioning(pooled, size_vector(height, width, negative))
 
     def conditioning(self, prompt: str, height: int, width: int, negative: bool = False) -> tuple[Tensor, Tensor | None]:
         """(context, y) for one prompt at the compute dtype: what the UNet takes."""

@@ -68,6 +68,7 @@ class PreviewDecoders:
             if self._last is not None and self._last[0] is latents:
                 return self._last[1]
             decoder = self.decoder(config) if config is not None else None
-            image = taesd_preview(latents, decoder) if decoder is not None else latent_preview(latents)
+            latent_format = config.record.latent if config is not None else None
+            image = taesd_preview(latents, decoder) if decoder is not None else latent_preview(latents, latent_format=latent_format)
             self._last = (latents, image)
             return image

@@ -16,15 +16,11 @@ from typing import Any
 
 from optimized_sd.config import ModelConfig, OpenCLIPConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from optimized_sd.errors import CheckpointError
+from optimized_sd.families import registry
+from optimized_sd.families.names import SD1
+from optimized_sd.families.registry import FamilyRecord, TextTower
 from optimized_sd.weights.family import (
     CLIP_PREFIX,
-    EMBEDDERS_PREFIX,
-    OPENCLIP_PREFIX,
-    SD1,
-    SD2,
-    SDXL,
-    SDXL_CLIP_PREFIX,
-    SDXL_REFINER,
     UNET_PREFIX,
     VAE_PREFIX,
     canonical_key,
@@ -180,8 +176,7 @@ _VAE_BUILT_WITH = {
     "shift_factor": None,
 }
 _TEXT_BUILT_WITH = {"layer_norm_eps": 1e-5}
-# Settings that differ by family: (use_linear_projection, addition_embed_type).
-_UNET_FAMILY_SETTINGS = {SD1: (False, None), SD2: (True, None), SDXL: (True, "text_time"), SDXL_REFINER: (True, "text_time")}
+# Settings that differ by family (use_linear_projection, addition_embed_type): its record's `diffusers` layout.
 SIZE_EMBEDDING_DIM = 256  # SDXL's per-number size embedding width (models.conditioner builds it)
 HEAD_CHANNELS = 64  # SD 2.x and SDXL UNets: one head per 64 channels
 # DDPM beta schedules our samplers build (LDM's "linear" in sqrt space is diffusers' "scaled_linear").
@@ -218,12 +213,25 @@ def _unet_key_layout(part: DiffusersPart) -> UNetConfig:
 
 
 def folder_family(folder: DiffusersFolder) -> str:
-    """SDXL (base: two text encoders; refiner: `text_encoder_2` alone), SD 2.x (an exact-GELU OpenCLIP
-    tower saved as CLIP), else SD 1.x."""
-    if "text_encoder_2" in folder.parts:
-        return SDXL if "text_encoder" in folder.parts else SDXL_REFINER
-    text = folder.parts["text_encoder"]
-    return SD2 if text.config.get("hidden_act") == "gelu" else SD1
+    """The family whose record's text towers sit in the folder's text folders (SDXL base: `text_encoder` and
+    `text_encoder_2`; refiner: `text_encoder_2` alone; SD 1.x / SD 2.x: `text_encoder`), told apart by each
+    tower's kind (an exact-GELU tower saved as CLIP is OpenCLIP: SD 2.x)."""
+    present = {name for name in OPTIONAL_PARTS if name in folder.parts}
+    candidates = [r for r in registry.records() if r.diffusers is not None and {t.folder for t in r.towers} == present]
+
+    def kind(tower: TextTower) -> str:
+        gelu = tower.folder == "text_encoder_2" or folder.parts[tower.folder].config.get("hidden_act") == "gelu"
+        return "open_clip" if gelu else "clip"
+
+    exact = [record for record in candidates if all(kind(tower) == tower.kind for tower in record.towers)]
+    if not exact and not candidates:
+        raise CheckpointError(f"{folder.path}: no model family has text encoders in {', '.join(sorted(present))} alone")
+    return (exact or candidates)[0].family_id
+
+
+def folder_tower(record: FamilyRecord, name: str) -> TextTower | None:
+    """The record's text tower whose weights a diffusers folder keeps in `name/`."""
+    return next((tower for tower in record.towers if tower.folder == name), None)
 
 
 def _heads_rule(config: Config, path: Path, name: str, widths: list[int], attention: tuple[int, ...]) -> None:
@@ -242,8 +250,12 @@ def unet_config(part: DiffusersPart, family: str = SD1) -> UNetConfig:
     """UNetConfig from `unet/config.json` (diffusers UNet2DConditionModel)."""
     config, path = part.config, part.config_path
     _require(config, path, _UNET_BUILT_WITH)
-    linear, addition = _UNET_FAMILY_SETTINGS[family]
-    _require(config, path, {"use_linear_projection": linear, "addition_embed_type": addition})
+    record = registry.by_name(family)
+    layout = record.diffusers
+    if layout is None:
+        raise CheckpointError(f"{path}: {record.display_name} models have no diffusers folder layout")
+    _require(config, path, {"use_linear_projection": layout.linear_projection, "addition_embed_type": layout.addition_embed_type})
+    addition = layout.addition_embed_type
     base, mult = _widths(config, path)
     levels = len(mult)
     attention = _attention_levels(config, path, levels)
@@ -261,7 +273,7 @@ def unet_config(part: DiffusersPart, family: str = SD1) -> UNetConfig:
         channel_mult=mult,
         context_dim=_value(config, path, "cross_attention_dim", int),
     )
-    if family == SD1:
+    if record.unet_heads is not None:  # heads counted, not 64 wide
         return UNetConfig(
             **common,
             num_heads=_one_per_level(config, path, heads_name, levels, 8),
@@ -341,7 +353,8 @@ def open_clip_config(part: DiffusersPart, family: str) -> OpenCLIPConfig:
     all run, final norm) or SDXL's `text_encoder_2` (bigG: penultimate context, pooled through the projection)."""
     config, path = part.config, part.config_path
     _require(config, path, {**_TEXT_BUILT_WITH, "hidden_act": "gelu"})
-    sdxl = family in (SDXL, SDXL_REFINER)
+    tower = folder_tower(registry.by_name(family), part.name)
+    sdxl = tower is not None and tower.penultimate  # SGM's bigG: penultimate context, pooled through the projection
     return OpenCLIPConfig(
         vocab_size=_value(config, path, "vocab_size", int, 49408),
         width=_value(config, path, "hidden_size", int),
@@ -357,18 +370,16 @@ def open_clip_config(part: DiffusersPart, family: str) -> OpenCLIPConfig:
 def folder_model_config(folder: DiffusersFolder) -> ModelConfig:
     """The whole ModelConfig a diffusers folder states (UNet, VAE, text encoder(s), scale factor, schedule)."""
     family = folder_family(folder)
+    record = registry.by_name(family)
     vae = folder.parts["vae"]
-    scale = _value(vae.config, vae.config_path, "scaling_factor", (int, float), ModelConfig().scale_factor)
+    scale = _value(vae.config, vae.config_path, "scaling_factor", (int, float), ModelConfig().scale_factor)  # diffusers' default
     text: TextEncoderConfig | None = None
     open_clip: OpenCLIPConfig | None = None
-    if family == SD1:
-        text = text_config(folder.parts["text_encoder"])
-    elif family == SD2:
-        open_clip = open_clip_config(folder.parts["text_encoder"], family)
-    else:
-        if "text_encoder" in folder.parts:
-            text = replace(text_config(folder.parts["text_encoder"]), penultimate=True)
-        open_clip = open_clip_config(folder.parts["text_encoder_2"], family)
+    for tower in record.towers:
+        if tower.kind == "clip":
+            text = replace(text_config(folder.parts[tower.folder]), penultimate=tower.penultimate)
+        else:
+            open_clip = open_clip_config(folder.parts[tower.folder], family)
     unet = unet_config(folder.parts["unet"], family)
     check_label_width(family, unet.adm_in_channels, open_clip.projection_dim if open_clip is not None else None)
     return ModelConfig(
@@ -396,12 +407,12 @@ def _vae_names(part: DiffusersPart, keys: list[str]) -> dict[str, str]:
     return rename(keys, vae_prefixes(layout), VAE_PREFIX)
 
 
+def _clip_names(prefix: str, keys: list[str]) -> dict[str, str]:
+    return {canonical_key(prefix + key): key for key in keys}
+
+
 def _text_names(part: DiffusersPart, keys: list[str]) -> dict[str, str]:
-    return {canonical_key(CLIP_PREFIX + key): key for key in keys}
-
-
-def _sdxl_clip_names(part: DiffusersPart, keys: list[str]) -> dict[str, str]:
-    return {canonical_key(SDXL_CLIP_PREFIX + key): key for key in keys}
+    return _clip_names(CLIP_PREFIX, keys)
 
 
 # Component folder -> how its diffusers keys become LDM keys. The parts a folder of this version
@@ -415,16 +426,14 @@ OPTIONAL_PARTS = ("text_encoder", "text_encoder_2")
 
 
 def part_source(folder: DiffusersFolder, part: DiffusersPart, source: TensorSource) -> TensorSource:
-    """A part's tensors under LDM/SGM names. OpenCLIP towers saved as CLIP (SD 2.x's `text_encoder`, SDXL's
-    `text_encoder_2`) get open_clip names with q, k, v fused (`keymap.openclip_recipes`)."""
-    family = folder_family(folder)
-    if part.name == "text_encoder_2":
-        prefix = EMBEDDERS_PREFIX + ("1.model." if family == SDXL else "0.model.")
-        return ComputedSource(source, openclip_recipes(source.keys(), prefix))
-    if part.name == "text_encoder" and family == SD2:
-        return ComputedSource(source, openclip_recipes(source.keys(), OPENCLIP_PREFIX))
-    if part.name == "text_encoder" and family == SDXL:
-        return RenamedSource(source, _sdxl_clip_names(part, source.keys()))
+    """A part's tensors under LDM/SGM names, a text tower's under its record's prefix. OpenCLIP towers saved as
+    CLIP (SD 2.x's `text_encoder`, SDXL's `text_encoder_2`) get open_clip names with q, k, v fused
+    (`keymap.openclip_recipes`)."""
+    tower = folder_tower(registry.by_name(folder_family(folder)), part.name)
+    if tower is not None and tower.kind == "open_clip":
+        return ComputedSource(source, openclip_recipes(source.keys(), tower.prefix))
+    if tower is not None:
+        return RenamedSource(source, _clip_names(tower.prefix, source.keys()))
     return RenamedSource(source, ldm_names(part, source.keys()))
 
 

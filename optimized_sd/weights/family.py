@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from optimized_sd.errors import CheckpointError, UnsupportedModelError
+from optimized_sd.families import registry
+from optimized_sd.families.names import SD1, SD2, SDXL, SDXL_REFINER
 
 __all__ = [
     "SD1",
@@ -33,16 +35,9 @@ __all__ = [
     "part_of_key",
 ]
 
-SD1 = "sd1"
-SD2 = "sd2"
-SDXL = "sdxl"
-SDXL_REFINER = "sdxl_refiner"
-
-# SDXL's `y` = [pooled text | one 256-wide Fourier embedding per size number] (SGM's ConcatTimestepEmbedderND):
-# the base embeds original (h, w), crop (top, left) and target (h, w); the refiner the same crop and
-# original size and an aesthetic score.
+# SDXL's `y` = [pooled text | one 256-wide Fourier embedding per size number] (SGM's ConcatTimestepEmbedderND);
+# which numbers a family embeds is its record's `size_vector`.
 SIZE_EMBEDDING_DIM = 256
-SIZE_NUMBERS = {SDXL: 6, SDXL_REFINER: 5}
 
 # Key prefixes of an LDM checkpoint's parts, defined here once.
 UNET_PREFIX = "model.diffusion_model."
@@ -188,15 +183,24 @@ def _any_contains(keys: Iterable[str], *parts: str) -> bool:
 
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """The model family of a state dict given as key -> shape: "sd1", "sd2", "sdxl" or "sdxl_refiner",
-    or an error saying what it is.
+    """The model family of a state dict given as key -> shape: the id of the first registered family record
+    whose telltales it has ("sd1", "sd2", "sdxl", "sdxl_refiner" built in), or an error saying what it is.
 
     Raises UnsupportedModelError for other diffusion models (SD3, Flux, SD 2.x/SDXL inpainting, unCLIP...), and
     CheckpointError for things that are not a whole SD checkpoint.
     """
-    keys = list(shapes)
-    if not keys:
+    if not shapes:
         raise CheckpointError("the state dict is empty: no tensors to identify")
+    record = registry.detect(shapes)
+    if record is not None:
+        return record.family_id
+    return classify_sd(shapes)  # no family claims it: raises what it is (or names an SD layout no record took)
+
+
+def classify_sd(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The SD family of a whole SD checkpoint's shapes, or the error saying why it is not one (the built-in
+    records' `check`: other architectures, UNet-only files, unsupported variants, mismatched parts)."""
+    keys = list(shapes)
     for telltale, what in _OTHER_ARCHITECTURES:
         if any(k.startswith(telltale) or "." + telltale in k for k in keys):
             raise UnsupportedModelError(f"this is {what} ({telltale}* keys); {RUNS}")
@@ -211,6 +215,22 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
     if _any_prefix(keys, EMBEDDERS_PREFIX):
         return _classify_sgm(shapes, keys, tuple(unet_in))
     return _classify_ldm(shapes, keys, tuple(unet_in))
+
+
+def sd_layout(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, int | None] | None:
+    """(the SD family whose layout these keys have, the UNet's input channels) by telltales alone, raising
+    nothing; None without an LDM UNet. What the built-in records' `detect` test; `classify_sd` says the rest."""
+    unet_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if unet_in is None:
+        return None
+    in_channels = unet_in[1] if len(unet_in) == 4 else None
+    keys = list(shapes)
+    if _any_prefix(keys, EMBEDDERS_PREFIX):
+        return (SDXL if _any_prefix(keys, EMBEDDERS_PREFIX + "0.transformer.") else SDXL_REFINER), in_channels
+    has_clip = _any_prefix(keys, CLIP_PREFIX)
+    linear_proj_in = any(len(shapes[k]) == 2 for k in keys if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight"))
+    is_v2 = _any_prefix(keys, OPENCLIP_PREFIX) or linear_proj_in or (_context_dim(shapes, keys) == 1024 and not has_clip)
+    return (SD2 if is_v2 else SD1), in_channels
 
 
 RUNS = "optimized-sd runs SD 1.x, SD 2.x and SDXL text-to-image models, and SD 1.x inpainting models"
@@ -254,11 +274,12 @@ def _check_context(context: int | None, width: int | None, towers: str) -> None:
 
 def check_label_width(family: str, label_width: int | None, pooled_width: int | None) -> None:
     """CheckpointError, naming both widths, unless the UNet's `label_emb` takes exactly what the family
-    builds for it (pooled text + SIZE_NUMBERS x 256): else the first step fails on a matrix shape."""
-    numbers = SIZE_NUMBERS.get(family)
-    if numbers is None or label_width is None:
+    builds for it (pooled text + its record's size numbers x 256): else the first step fails on a matrix shape."""
+    record = registry.by_name(family)
+    numbers = record.size_numbers
+    if not numbers or label_width is None:
         return
-    kind = "SDXL refiner" if family == SDXL_REFINER else "SDXL"
+    kind = record.display_name
     if pooled_width is None:
         raise CheckpointError(f"this {kind} checkpoint's bigG text encoder has no text_projection (the pooled text its UNet takes)")
     expected = pooled_width + numbers * SIZE_EMBEDDING_DIM

@@ -17,13 +17,11 @@ from optimized_sd.config import (
     VAEConfig,
 )
 from optimized_sd.errors import CheckpointError
+from optimized_sd.families import registry
+from optimized_sd.families.registry import FamilyRecord
 from optimized_sd.weights.family import (
     CLIP_TEXT_PREFIX,
-    EMBEDDERS_PREFIX,
     OPENCLIP_PREFIX,
-    SD1,
-    SD2,
-    SDXL,
     UNET_PREFIX,
     VAE_PREFIX,
     check_label_width,
@@ -31,7 +29,7 @@ from optimized_sd.weights.family import (
 )
 
 HEAD_CHANNELS = 64  # SD 2.x / SDXL UNet heads and every CLIP text tower's heads are 64 wide
-SDXL_SCALE_FACTOR = 0.13025  # SDXL's VAE latents are scaled by 0.13025, not SD 1.x/2.x's 0.18215
+SDXL_SCALE_FACTOR = 0.13025  # SDXL's VAE latents are scaled by 0.13025, not SD 1.x/2.x's 0.18215 (its record's latent format)
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -42,8 +40,9 @@ def indices(shapes: Shapes, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for key in shapes if (m := regex.match(key))})
 
 
-def infer_unet(shapes: Shapes, prefix: str = UNET_PREFIX, family: str = SD1) -> UNetConfig:
-    """UNet hyper-parameters from `input_blocks`/`output_blocks` structure and widths; heads by the family's rule."""
+def infer_unet(shapes: Shapes, prefix: str = UNET_PREFIX, heads: int | None = 8) -> UNetConfig:
+    """UNet hyper-parameters from `input_blocks`/`output_blocks` structure and widths; heads by the family's rule
+    (`heads`: a fixed count, or None: one per 64 channels)."""
     first = shapes[prefix + "input_blocks.0.0.weight"]
     model_channels, in_channels = first[0], first[1]
     blocks = indices(shapes, re.escape(prefix) + r"input_blocks\.(\d+)\.")
@@ -71,11 +70,11 @@ def infer_unet(shapes: Shapes, prefix: str = UNET_PREFIX, family: str = SD1) -> 
         attention_resolutions=tuple(sorted(attention_resolutions, reverse=True)),
         num_res_blocks=num_res_blocks,
         channel_mult=tuple(channel_mult),
-        num_heads=8 if family == SD1 else -1,
+        num_heads=heads if heads is not None else -1,
         transformer_depth=attended.pop() if uniform else tuple(depths),
         transformer_depth_middle=None if uniform else middle,
         context_dim=context,
-        num_head_channels=-1 if family == SD1 else HEAD_CHANNELS,
+        num_head_channels=-1 if heads is not None else HEAD_CHANNELS,
         use_linear_in_transformer=len(shapes[prefix + "middle_block.1.proj_in.weight"]) == 2,
         adm_in_channels=label[1] if label else None,
     )
@@ -132,16 +131,17 @@ def whole_openclip_tower(shapes: Shapes, prefix: str) -> bool:
     return text_projection_key(shapes, prefix) is not None
 
 
-def infer_open_clip(shapes: Shapes, prefix: str, family: str) -> OpenCLIPConfig:
+def infer_open_clip(shapes: Shapes, prefix: str, penultimate: bool) -> OpenCLIPConfig:
     """OpenCLIP text tower widths and how the family runs it.
 
-    SD 2.x takes the penultimate block's output then the final norm: a real file's last block is never
-    built (a known extra); a file converted from diffusers already lacks it, and all its blocks run.
-    SDXL keeps every block (the pooled vector needs the last) and takes the context before the last."""
+    SD 2.x (`penultimate` False) takes the penultimate block's output then the final norm: a real file's last
+    block is never built (a known extra); a file converted from diffusers already lacks it, and all its blocks
+    run. SDXL (`penultimate`) keeps every block (the pooled vector needs the last) and takes the context
+    before the last."""
     vocab, width = shapes[prefix + "token_embedding.weight"]
     blocks = len(indices(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
     projection = text_projection_key(shapes, prefix)
-    is_sd2 = family == SD2
+    is_sd2 = not penultimate
     if is_sd2 and whole_openclip_tower(shapes, prefix):
         blocks -= 1
     projection_dim = None
@@ -161,26 +161,40 @@ def infer_open_clip(shapes: Shapes, prefix: str, family: str) -> OpenCLIPConfig:
 
 
 def infer_config(shapes: Shapes, family: str | None = None) -> ModelConfig:
-    """The whole model's config from an LDM/SGM-layout key -> shape map."""
-    family = family or detect_family(shapes)
+    """The whole model's config from an LDM/SGM-layout key -> shape map, as its family's record reads it."""
+    record = registry.by_name(family or detect_family(shapes))
+    return record.infer_config(shapes, record)
+
+
+def infer_from_towers(shapes: Shapes, record: FamilyRecord) -> ModelConfig:
+    """A UNet + VAE + text towers model (every SD family): the UNet and VAE from their shapes, each of the
+    record's towers from its prefix, the latent scale from its latent format."""
+    text, open_clip = None, None
     try:
-        unet, vae = infer_unet(shapes, family=family), infer_vae(shapes)
-        if family == SD1:
-            return ModelConfig(unet=unet, vae=vae, text=infer_text(shapes))
-        if family == SD2:
-            return ModelConfig(unet=unet, vae=vae, text=None, open_clip=infer_open_clip(shapes, OPENCLIP_PREFIX, SD2), family=SD2)
-        clip_l = infer_text(shapes, EMBEDDERS_PREFIX + "0.transformer.text_model.", penultimate=True) if family == SDXL else None
-        big_g = infer_open_clip(shapes, EMBEDDERS_PREFIX + ("1.model." if family == SDXL else "0.model."), family)
+        unet, vae = infer_unet(shapes, heads=record.unet_heads), infer_vae(shapes)
+        for tower in record.towers:
+            if tower.kind == "clip":
+                text = infer_text(shapes, tower.prefix + "text_model.", penultimate=tower.penultimate)
+            else:
+                open_clip = infer_open_clip(shapes, tower.prefix, tower.penultimate)
     except (KeyError, IndexError, ZeroDivisionError) as error:
         raise CheckpointError(f"cannot read the model's layout from its tensors (missing {error}); pass --config") from None
-    check_label_width(family, unet.adm_in_channels, big_g.projection_dim)
-    return ModelConfig(unet=unet, vae=vae, text=clip_l, open_clip=big_g, scale_factor=SDXL_SCALE_FACTOR, family=family)
+    check_label_width(record.name, unet.adm_in_channels, open_clip.projection_dim if open_clip is not None else None)
+    return ModelConfig(
+        unet=unet, vae=vae, text=text, open_clip=open_clip, scale_factor=record.latent.scale_factor, family=record.family_id
+    )
 
 
 def unused_keys(shapes: Shapes, config: ModelConfig) -> dict[str, str]:
-    """Key prefixes a family's file carries but never runs -> why (reported as known extras, not errors):
-    the 24th OpenCLIP block and the projection of a real SD 2.x file."""
-    if config.family != SD2 or not whole_openclip_tower(shapes, OPENCLIP_PREFIX) or config.open_clip is None:
+    """Key prefixes a family's file carries but never runs -> why (reported as known extras, not errors)."""
+    found = registry.find(config.family)
+    record = registry.record_for(config) if found is not None else None
+    return record.unused_keys(shapes, config) if record is not None and record.unused_keys is not None else {}
+
+
+def unrun_openclip_layer(shapes: Shapes, config: ModelConfig) -> dict[str, str]:
+    """The 24th OpenCLIP block and the projection of a real SD 2.x file (SD 2.x runs 23 blocks)."""
+    if not whole_openclip_tower(shapes, OPENCLIP_PREFIX) or config.open_clip is None:
         return {}
     projection = text_projection_key(shapes, OPENCLIP_PREFIX)
     assert projection is not None

@@ -24,41 +24,41 @@ from torch import Tensor
 
 from optimized_sd.config import FAMILY_NAMES, MAX_LORA_WEIGHT, ModelConfig, check_lora_weight
 from optimized_sd.errors import UserError
+from optimized_sd.families.registry import FamilyView
 
 from .ckpt import load_ckpt, state_dict_from_ckpt
-from .family import CLIP_PREFIX, EMBEDDERS_PREFIX, OPENCLIP_PREFIX, SDXL_CLIP_PREFIX, UNET_PREFIX
+from .family import UNET_PREFIX
 from .keymap import clip_module_name, unet_prefixes
 from .sources import SafetensorsSource
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 MAX_FLOAT32_UPDATE = 1e30  # far above any real update, far below float32's overflow at 3.4e38
 
-# Per family: text tower -> (our key prefix, its kind: transformers "clip" or fused "open_clip").
-TEXT_TOWERS: dict[str, dict[str, tuple[str, str]]] = {
-    "sd1": {"text": (CLIP_PREFIX, "clip")},
-    "sd2": {"text": (OPENCLIP_PREFIX, "open_clip")},
-    "sdxl": {"text": (SDXL_CLIP_PREFIX, "clip"), "text_2": (EMBEDDERS_PREFIX + "1.model.", "open_clip")},
-    "sdxl_refiner": {},  # no LoRA format names the refiner's tower: its LoRAs patch the UNet
-}
-# Per family: file-name prefix -> the tower it patches. Prefixes of other families are refused by name.
-KOHYA_PREFIXES: dict[str, dict[str, str]] = {
-    "sd1": {"lora_unet_": "unet", "lora_te_": "text"},
-    "sd2": {"lora_unet_": "unet", "lora_te_": "text"},
-    "sdxl": {"lora_unet_": "unet", "lora_te1_": "text", "lora_te2_": "text_2"},
-    "sdxl_refiner": {"lora_unet_": "unet"},
-}
-DIFFUSERS_PREFIXES: dict[str, dict[str, str]] = {
-    "sd1": {"unet.": "unet", "text_encoder.": "text"},
-    "sd2": {"unet.": "unet", "text_encoder.": "text"},
-    "sdxl": {"unet.": "unet", "text_encoder.": "text", "text_encoder_2.": "text_2"},
-    "sdxl_refiner": {"unet.": "unet"},
-}
-# Widths that give a LoRA's family away when its names or shapes do not fit the model: the UNet's
-# cross-attention context (every family differs), then the single text tower of SD 1.x / SD 2.x files.
-TELLTALES = (
-    (re.compile(r"attn2[._]to_[kv]$"), {768: "sd1", 1024: "sd2", 2048: "sdxl"}, "cross-attention width"),
-    (re.compile(r"^(lora_te_|text_encoder\.).*[._](q_proj|k_proj|v_proj|fc1)$"), {768: "sd1", 1024: "sd2"}, "text encoder width"),
+# Per family (from its record): text tower -> (our key prefix, its kind: transformers "clip" or fused "open_clip");
+# a tower no LoRA format names (the SDXL refiner's) is absent: its LoRAs patch the UNet.
+TEXT_TOWERS: Mapping[str, dict[str, tuple[str, str]]] = FamilyView(
+    lambda record: {tower.lora_name: (tower.prefix, tower.kind) for tower in record.towers if tower.lora_name}
 )
+# Per family: file-name prefix -> the tower it patches (its record's `lora`). Prefixes of other families are refused by name.
+KOHYA_PREFIXES: Mapping[str, Mapping[str, str]] = FamilyView(lambda record: record.lora.kohya)
+DIFFUSERS_PREFIXES: Mapping[str, Mapping[str, str]] = FamilyView(lambda record: record.lora.diffusers)
+CONTEXT_PATTERN = re.compile(r"attn2[._]to_[kv]$")
+SINGLE_TOWER_PATTERN = re.compile(r"^(lora_te_|text_encoder\.).*[._](q_proj|k_proj|v_proj|fc1)$")
+
+
+def telltales() -> tuple[tuple[re.Pattern, dict[int, str], str], ...]:
+    """Widths that give a LoRA's family away when its names or shapes do not fit the model (each record's
+    `lora` widths): the UNet's cross-attention context (every family differs), then the single text tower of
+    SD 1.x / SD 2.x files."""
+    context: dict[int, str] = {}
+    text: dict[int, str] = {}
+    for family, record in FamilyView(lambda record: record).items():
+        if record.lora.context_width is not None:
+            context.setdefault(record.lora.context_width, family)
+        if record.lora.text_width is not None:
+            text.setdefault(record.lora.text_width, family)
+    return (CONTEXT_PATTERN, context, "cross-attention width"), (SINGLE_TOWER_PATTERN, text, "text encoder width")
+
 
 # (suffix, role): how each format names the two factors and alpha, longest first where they overlap
 _ROLES = (
@@ -240,8 +240,8 @@ def _foreign_prefix(module: str, family: str) -> tuple[list[str], str] | None:
 
 
 def _telltale(groups: Mapping[str, Mapping[str, Tensor]]) -> tuple[str, str] | None:
-    """(family, the width that says so) of a LoRA file, read off its factors' input widths (TELLTALES)."""
-    for pattern, families, what in TELLTALES:
+    """(family, the width that says so) of a LoRA file, read off its factors' input widths (`telltales`)."""
+    for pattern, families, what in telltales():
         for module, parts in groups.items():
             down = parts.get("down")
             if down is not None and down.dim() >= 2 and pattern.search(module) and int(down.shape[1]) in families:

@@ -2,9 +2,10 @@
 
 `--prediction auto` looks, in order, at: a diffusers folder's `scheduler/scheduler_config.json`
 `prediction_type`; a `v_pred` marker key (ComfyUI and others write one into v-prediction files); the
-safetensors metadata (`modelspec.prediction_type`, `prediction_type`); and else the family's default:
-eps, except SD 2.x files named with "768" (SD 2.x's 768 checkpoints are its v-prediction ones; a
-documented heuristic, overridden by `--prediction`). The reason is returned for the run's summary line."""
+safetensors metadata (`modelspec.prediction_type`, `prediction_type`); and else the family record's default
+(`FamilyRecord.default_prediction`): eps, except SD 2.x files named with "768" (SD 2.x's 768 checkpoints are its
+v-prediction ones; a documented heuristic, overridden by `--prediction`). The reason is returned for the run's
+summary line."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from optimized_sd.errors import UserError
+from optimized_sd.families import registry
 
 log = logging.getLogger("optimized_sd")
 
@@ -23,7 +25,8 @@ _FLAG_VALUES = {"eps": EPSILON, "v": V_PREDICTION}
 _METADATA_VALUES = {"v": V_PREDICTION, "v_prediction": V_PREDICTION, "v-prediction": V_PREDICTION,
                     "epsilon": EPSILON, "eps": EPSILON}  # fmt: skip
 _METADATA_KEYS = ("modelspec.prediction_type", "prediction_type")
-V_FAMILIES = ("sd2", "sdxl")  # families with v-prediction checkpoints (SD 2.x 768-v; SDXL v-pred fine-tunes)
+V_FAMILIES: Mapping[str, bool] = registry.FamilyView(lambda record: True, include=lambda record: record.v_capable)
+"""Families with v-prediction checkpoints (SD 2.x 768-v; SDXL v-pred fine-tunes): their records' `v_capable`."""
 
 
 def stated_prediction(path: Path, keys: set[str], metadata: Mapping[str, str] | None) -> tuple[str, str] | None:
@@ -47,9 +50,8 @@ def stated_prediction(path: Path, keys: set[str], metadata: Mapping[str, str] | 
 
 def family_default(family: str, path: Path) -> tuple[str, str]:
     """The family's default when the file says nothing (see the module docstring)."""
-    if family == "sd2" and "768" in path.name:
-        return V_PREDICTION, "SD 2.x default for a 768 file"
-    return EPSILON, "family default"
+    record = registry.find(family)
+    return record.default_prediction(path) if record is not None else (EPSILON, "family default")
 
 
 def resolve_prediction(
@@ -59,7 +61,8 @@ def resolve_prediction(
     if requested not in CHOICES:
         raise UserError(f"--prediction {requested!r}: choose one of {', '.join(CHOICES)}")
     if requested != "auto":
-        if requested == "v" and family not in V_FAMILIES:
+        record = registry.find(family)
+        if requested == "v" and not (record is not None and record.v_capable):
             log.warning("--prediction v: %s models predict eps; the images will likely be noise", family)
         return _FLAG_VALUES[requested], "--prediction"
     return stated_prediction(path, keys, metadata) or family_default(family, path)
