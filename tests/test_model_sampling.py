@@ -123,8 +123,8 @@ def test_dynamic_shift_needs_mu():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(sampler="ddim"), "DDIM/PLMS need a discrete"),
-        (dict(sampler="plms"), "DDIM/PLMS need a discrete"),
+        (dict(sampler="ddim"), "DDIM/PLMS need an eps/v schedule"),
+        (dict(sampler="plms"), "DDIM/PLMS need an eps/v schedule"),
         (dict(sampler="euler_a"), "euler_a adds noise"),
         (dict(sampler="dpmpp_2m_sde"), "dpmpp_2m_sde adds noise"),
         (dict(sampler="euler", karras=True), "own shifted schedule"),

@@ -21,6 +21,7 @@ import torch
 
 from optimized_sd.config import FAMILY_NAMES, UNetConfig
 from optimized_sd.errors import CheckpointError, UserError
+from optimized_sd.families import registry
 from optimized_sd.models.controlnet import ControlNetConfig, ControlNetModel, hint_conv_indices
 from optimized_sd.weights.diffusers_folder import DiffusersPart, find_weight_file, read_json, unet_config
 from optimized_sd.weights.family import SD1, SD2, SDXL
@@ -84,7 +85,7 @@ def infer_controlnet(shapes: Shapes) -> ControlNetConfig:
     family = family_of(shapes)
     in_channels = shapes["input_blocks.0.0.weight"][1]
     # A ControlNet has no output half: `infer_unet` is told the UNet's usual output width.
-    unet = infer_unet({**shapes, "out.2.weight": (in_channels,)}, prefix="", family=family)
+    unet = infer_unet({**shapes, "out.2.weight": (in_channels,)}, prefix="", heads=registry.by_name(family).unet_heads)
     hint_channels, widths = hint_layout(shapes)
     return ControlNetConfig(unet=unet, hint_channels=hint_channels, hint_widths=widths)
 
