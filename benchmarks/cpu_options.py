@@ -58,7 +58,7 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags or capability == "AMX"
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--repeat", type=int, default=2)
@@ -67,7 +67,35 @@ def main() -> int:
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="auto: only where the CPU has native bf16")
     parser.add_argument("--ab", choices=("full", "turbo", "split", "stream"), help="whole runs with and without channels-last")
     parser.add_argument("--options", default=",".join(OPTIONS), help=f"which options to measure against plain: {', '.join(OPTIONS)}")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def upsample_row(stage: str, work: Callable[[], torch.Tensor], repeat: int) -> dict:
+    """Phase convs against upsample-then-conv, alternating call by call (the difference is within this
+    machine's drift); prints and returns the row."""
+    times: dict[str, list[float]] = {"phase convs": [], "upsample then conv": []}
+    outs = {}
+    with torch.inference_mode():
+        for _ in range(repeat + 1):
+            for way, devices in (("phase convs", {"cpu"}), ("upsample then conv", set())):
+                slabs.PHASE_CONV_DEVICES.clear()
+                slabs.PHASE_CONV_DEVICES.update(devices)
+                start = time.perf_counter()
+                outs[way] = work()
+                times[way].append(time.perf_counter() - start)
+    slabs.PHASE_CONV_DEVICES.add("cpu")  # the default again
+    best = {way: min(values[1:]) for way, values in times.items()}  # the first round warms up
+    error = relative_error(outs["upsample then conv"], outs["phase convs"])
+    ratio = best["upsample then conv"] / best["phase convs"]
+    print(f"{stage:<11} {'upsample then conv':<28} {best['upsample then conv']:8.2f} s  {ratio:5.2f}x  error {error:.1e}"
+          f"  (alternating with the phase convs, best {best['phase convs']:.2f} s; rounds "
+          f"{', '.join(f'{a:.2f}/{b:.2f}' for a, b in zip(*times.values()))})", flush=True)
+    return {"option": "upsample then conv", "stage": stage, "seconds": best["upsample then conv"], "ratio": ratio,
+            "relative_error": error, "alternating": times}
+
+
+def main() -> int:
+    args = parse_args()
     if args.ab:
         return channels_last_ab(args)
 
@@ -114,27 +142,9 @@ def main() -> int:
         measure(f"attention {backend}", "unet", unet_call(latents), unet_plain, backend)
         measure(f"attention {backend}", "vae_decode", decode_call(one_latent), decode_plain, backend)
 
-    if "upsample" in wanted:  # alternating call by call, as the difference is within this machine's drift
+    if "upsample" in wanted:
         for stage, work in (("unet", unet_call(latents)), ("vae_decode", decode_call(one_latent))):
-            times: dict[str, list[float]] = {"phase convs": [], "upsample then conv": []}
-            outs = {}
-            with torch.inference_mode():
-                for _ in range(args.repeat + 1):
-                    for way, devices in (("phase convs", {"cpu"}), ("upsample then conv", set())):
-                        slabs.PHASE_CONV_DEVICES.clear()
-                        slabs.PHASE_CONV_DEVICES.update(devices)
-                        start = time.perf_counter()
-                        outs[way] = work()
-                        times[way].append(time.perf_counter() - start)
-            slabs.PHASE_CONV_DEVICES.add("cpu")  # the default again
-            best = {way: min(values[1:]) for way, values in times.items()}  # the first round warms up
-            error = relative_error(outs["upsample then conv"], outs["phase convs"])
-            ratio = best["upsample then conv"] / best["phase convs"]
-            rows.append({"option": "upsample then conv", "stage": stage, "seconds": best["upsample then conv"], "ratio": ratio,
-                         "relative_error": error, "alternating": times})
-            print(f"{stage:<11} {'upsample then conv':<28} {best['upsample then conv']:8.2f} s  {ratio:5.2f}x  error {error:.1e}"
-                  f"  (alternating with the phase convs, best {best['phase convs']:.2f} s; rounds "
-                  f"{', '.join(f'{a:.2f}/{b:.2f}' for a, b in zip(*times.values()))})", flush=True)
+            rows.append(upsample_row(stage, work, args.repeat))
 
     if "channels-last" in wanted:
         unet.to(memory_format=torch.channels_last)

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from optimized_sd.benchmark.model_cache import FAMILY_MODELS  # noqa: E402
-from optimized_sd.benchmark.results import ScenarioResult  # noqa: E402
+from optimized_sd.benchmark.results import BenchModel, ScenarioResult  # noqa: E402
 from optimized_sd.benchmark.runner import build_model, run_scenario, scenario_task, worker_env  # noqa: E402
 from optimized_sd.benchmark.scenarios import Scenario  # noqa: E402
 from optimized_sd.errors import UserError  # noqa: E402
@@ -151,60 +151,57 @@ def model_name(args: argparse.Namespace) -> str:
     return tiny if args.tiny else full
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.ab_child:
-        return ab_child(json.loads(args.ab_child))
+class RunFailed(Exception):
+    """A run that cannot give its figures: the script says why and exits 1."""
 
-    try:
-        model = build_model(args.cache_dir, model_name(args))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    rss_target = RSS_TARGETS[args.family]
+
+def measure_rounds(args: argparse.Namespace, model: BenchModel, modes: list[str]) -> dict[str, list[ScenarioResult]]:
+    """Each mode once per round, in turn, each waiting first for the host memory it needs."""
     task = scenario_task(model, "cpu", precision="full", attention="sdpa", warmup=0, repeat=1)
-    modes = ["stream", "diffusers"] + (["full"] if args.with_full else [])
     runs: dict[str, list[ScenarioResult]] = {mode: [] for mode in modes}
-    print(f"model {model.checkpoint} ({'built' if model.built else 'cached'}); {args.size}x{args.size}, {args.steps} DDIM steps, fp32, CPU")
-    host = host_state()
-    print(f"host: {host['cpus']} CPUs, load average {host['load']}, {host['available_mib']:,.0f} MiB available of {host['total_mib']:,.0f}")
     for round_ in range(args.repeat):
         for mode in modes:
             scenario = Scenario("txt2img", args.size, args.size, 1, args.steps, mode)
             if not wait_for_memory(needed_mib(model.file_bytes, mode), args.wait_memory * 60):
                 needed = needed_mib(model.file_bytes, mode)
-                print(f"error: {mode}: the host never had {needed:,.0f} MiB free in {args.wait_memory:g} min", file=sys.stderr)
-                return 1
+                raise RunFailed(f"{mode}: the host never had {needed:,.0f} MiB free in {args.wait_memory:g} min")
             started = time.time()
             result = run_scenario(task, scenario, timeout=3600)
             if not result.ok:
-                print(f"error: {mode}: {result.failure}", file=sys.stderr)
-                if result.traceback:
-                    print(result.traceback, file=sys.stderr)
-                return 1
+                raise RunFailed(f"{mode}: {result.failure}" + (f"\n{result.traceback}" if result.traceback else ""))
             runs[mode].append(result)
             print(
                 f"  round {round_ + 1} {mode:<10} peak RSS {result.peak_rss_mib:8,.0f} MiB  "
                 f"{result.seconds_per_step:7.2f} s/step  load {result.load_seconds:5.1f} s  "
                 f"VAE {result.vae_seconds:5.1f} s  host load {max(result.host_load or [0.0]):.1f}  ({time.time() - started:.0f} s)"
             )
+    return runs
 
-    def best(mode: str) -> tuple[float, float]:
-        return max(r.peak_rss_mib for r in runs[mode]), min(r.seconds_per_step for r in runs[mode])
 
+def print_stages(runs: dict[str, list[ScenarioResult]]) -> None:
+    """Seconds, s/step and peak RSS of each stage in each mode's fastest run."""
     print("\nper stage (fastest run of each): seconds, s/step, peak RSS MiB")
-    for mode in modes:
-        fastest = min(runs[mode], key=lambda r: r.seconds_per_step)
+    for mode, results in runs.items():
+        fastest = min(results, key=lambda r: r.seconds_per_step)
         print(f"  {mode}: load {fastest.load_seconds:.1f} s, RSS after load {fastest.rss_after_load_mib:,.0f} MiB")
         for stage, figures in fastest.stages.items():
             per_step = f"{figures.seconds_per_step:.2f}" if figures.steps else "-"
             print(f"    {stage:<11} {figures.seconds:7.2f} s  {per_step:>6} s/step  {figures.peak_rss_mib:8,.0f} MiB")
 
+
+def compare_targets(family: str, runs: dict[str, list[ScenarioResult]]) -> tuple[float, float, bool]:
+    """Ours against diffusers (highest peak, fastest step of each), printed against the targets: the
+    RSS ratio, the s/step ratio and whether both targets are met."""
+
+    def best(mode: str) -> tuple[float, float]:
+        return max(r.peak_rss_mib for r in runs[mode]), min(r.seconds_per_step for r in runs[mode])
+
+    rss_target = RSS_TARGETS[family]
     ours_rss, ours_step = best("stream")
     their_rss, their_step = best("diffusers")
     rss_ratio, step_ratio = ours_rss / their_rss, ours_step / their_step
     rss_ok, step_ok = rss_ratio <= rss_target, step_ratio <= STEP_TARGET
-    moonshot = RSS_MOONSHOTS.get(args.family)
+    moonshot = RSS_MOONSHOTS.get(family)
     moonshot_text = f"; moonshot <= {moonshot}: {'met' if rss_ratio <= moonshot else 'missed'}" if moonshot else ""
     print(
         f"\npeak RSS: stream {ours_rss:,.0f} MiB / diffusers {their_rss:,.0f} MiB = {rss_ratio:.3f} "
@@ -214,21 +211,36 @@ def main(argv: list[str] | None = None) -> int:
         f"s/step:   stream {ours_step:.2f} / diffusers {their_step:.2f} = {step_ratio:.3f} "
         f"(target <= {STEP_TARGET}: {'met' if step_ok else 'MISSED'})"
     )
-    ab = None
-    if args.ab:
-        payload = {"model": asdict(model), "size": args.size, "rounds": args.ab}
-        done = subprocess.run(
-            [sys.executable, __file__, "--ab-child", json.dumps(payload)], capture_output=True, text=True, env=worker_env()
-        )
-        lines = [line for line in done.stdout.splitlines() if line.startswith("AB ")]
-        if done.returncode or not lines:
-            print(f"error: interleaved run failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
-            return 1
-        ab = json.loads(lines[-1][3:])
-        for ours, theirs in zip(ab["ours"], ab["theirs"]):
-            print(f"  interleaved UNet step: stream {ours:.2f} s, diffusers {theirs:.2f} s")
-        fastest = f"{min(ab['ours']):.2f} / {min(ab['theirs']):.2f} = {ab['ratio']:.3f}"
-        print(f"s/step interleaved in one process (fastest of {args.ab}): {fastest}")
+    return rss_ratio, step_ratio, rss_ok and step_ok
+
+
+def interleaved(args: argparse.Namespace, model: BenchModel) -> dict:
+    """`ab_child` in a process of its own: both UNets' step times, interleaved, printed."""
+    payload = {"model": asdict(model), "size": args.size, "rounds": args.ab}
+    done = subprocess.run(
+        [sys.executable, __file__, "--ab-child", json.dumps(payload)], capture_output=True, text=True, env=worker_env()
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("AB ")]
+    if done.returncode or not lines:
+        raise RunFailed(f"interleaved run failed: {done.stderr.strip()[-500:]}")
+    ab = json.loads(lines[-1][3:])
+    for ours, theirs in zip(ab["ours"], ab["theirs"]):
+        print(f"  interleaved UNet step: stream {ours:.2f} s, diffusers {theirs:.2f} s")
+    fastest = f"{min(ab['ours']):.2f} / {min(ab['theirs']):.2f} = {ab['ratio']:.3f}"
+    print(f"s/step interleaved in one process (fastest of {args.ab}): {fastest}")
+    return ab
+
+
+def compare(args: argparse.Namespace, model: BenchModel) -> int:
+    """The runs, the figures against the targets, and the JSON file; the exit status."""
+    modes = ["stream", "diffusers"] + (["full"] if args.with_full else [])
+    print(f"model {model.checkpoint} ({'built' if model.built else 'cached'}); {args.size}x{args.size}, {args.steps} DDIM steps, fp32, CPU")
+    host = host_state()
+    print(f"host: {host['cpus']} CPUs, load average {host['load']}, {host['available_mib']:,.0f} MiB available of {host['total_mib']:,.0f}")
+    runs = measure_rounds(args, model, modes)
+    print_stages(runs)
+    rss_ratio, step_ratio, met = compare_targets(args.family, runs)
+    ab = interleaved(args, model) if args.ab else None
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -239,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                     "steps": args.steps,
                     "rss_ratio": rss_ratio,
                     "step_ratio": step_ratio,
-                    "targets": {"rss": rss_target, "rss_moonshot": moonshot, "step": STEP_TARGET},
+                    "targets": {"rss": RSS_TARGETS[args.family], "rss_moonshot": RSS_MOONSHOTS.get(args.family), "step": STEP_TARGET},
                     "host_at_start": host,
                     "host_at_end": host_state(),
                     "runs": {mode: [r.to_json() for r in results] for mode, results in runs.items()},
@@ -250,7 +262,24 @@ def main(argv: list[str] | None = None) -> int:
             )
             + "\n"
         )
-    return 1 if args.strict and not (rss_ok and step_ok) else 0
+    return 1 if args.strict and not met else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.ab_child:
+        return ab_child(json.loads(args.ab_child))
+
+    try:
+        model = build_model(args.cache_dir, model_name(args))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        return compare(args, model)
+    except RunFailed as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,44 +30,40 @@ _ORACLE_TAG = re.compile(r"<(\w+):([^>]+)>")
 _ORACLE_WEIGHT_AFTER_COLON = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+|inf|nan))(?=\s|$)", re.IGNORECASE)
 
 
-def oracle_parse_attention(text: str) -> list[tuple[str, float, bool]] | str:
-    """(text, weight, is_break) per segment, or the error message."""
-    parts: list = []
-    open_round: list[int] = []
-    open_square: list[int] = []
+def _oracle_multiply_from(parts: list, start: int, factor: float) -> None:
+    for index in range(start, len(parts)):
+        if parts[index] is not None:
+            parts[index][1] *= factor
 
-    def multiply_from(start: int, factor: float) -> None:
-        for index in range(start, len(parts)):
-            if parts[index] is not None:
-                parts[index][1] *= factor
 
-    for match in _ORACLE_TOKEN.finditer(text):
-        token, weight = match.group(0), match.group("weight")
-        if token.startswith("\\"):
-            parts.append([token[1:], 1.0])
-        elif token == "(":
-            open_round.append(len(parts))
-        elif token == "[":
-            open_square.append(len(parts))
-        elif weight is not None and open_round:
-            try:
-                factor = float(weight)
-            except ValueError:
-                return f"{token!r} is not a valid emphasis weight"
-            multiply_from(open_round.pop(), factor)
-        elif token == ")" and open_round:
-            multiply_from(open_round.pop(), 1.1)
-        elif token == "]" and open_square:
-            multiply_from(open_square.pop(), 1 / 1.1)
-        else:
-            for index, piece in enumerate(_ORACLE_BREAK.split(token)):
-                if index:
-                    parts.append(None)
-                parts.append([piece, 1.0])
-    for start in open_round:
-        multiply_from(start, 1.1)
-    for start in open_square:
-        multiply_from(start, 1 / 1.1)
+def _oracle_read_token(token: str, weight: str | None, parts: list, open_round: list[int], open_square: list[int]) -> str | None:
+    """One token into `parts` ([text, weight], None for a BREAK), weighing the enclosed parts at each closing
+    bracket; the error message, if any."""
+    if token.startswith("\\"):
+        parts.append([token[1:], 1.0])
+    elif token == "(":
+        open_round.append(len(parts))
+    elif token == "[":
+        open_square.append(len(parts))
+    elif weight is not None and open_round:
+        try:
+            factor = float(weight)
+        except ValueError:
+            return f"{token!r} is not a valid emphasis weight"
+        _oracle_multiply_from(parts, open_round.pop(), factor)
+    elif token == ")" and open_round:
+        _oracle_multiply_from(parts, open_round.pop(), 1.1)
+    elif token == "]" and open_square:
+        _oracle_multiply_from(parts, open_square.pop(), 1 / 1.1)
+    else:
+        for index, piece in enumerate(_ORACLE_BREAK.split(token)):
+            if index:
+                parts.append(None)
+            parts.append([piece, 1.0])
+    return None
+
+
+def _oracle_merge(parts: list) -> list[tuple[str, float, bool]]:
     merged: list[tuple[str, float, bool]] = []
     for part in parts:
         if part is None:
@@ -79,6 +75,22 @@ def oracle_parse_attention(text: str) -> list[tuple[str, float, bool]] | str:
         else:
             merged.append((part[0], part[1], False))
     return merged or [("", 1.0, False)]
+
+
+def oracle_parse_attention(text: str) -> list[tuple[str, float, bool]] | str:
+    """(text, weight, is_break) per segment, or the error message."""
+    parts: list = []
+    open_round: list[int] = []
+    open_square: list[int] = []
+    for match in _ORACLE_TOKEN.finditer(text):
+        error = _oracle_read_token(match.group(0), match.group("weight"), parts, open_round, open_square)
+        if error is not None:
+            return error
+    for start in open_round:
+        _oracle_multiply_from(parts, start, 1.1)
+    for start in open_square:
+        _oracle_multiply_from(parts, start, 1 / 1.1)
+    return _oracle_merge(parts)
 
 
 def oracle_split_subprompts(text: str) -> list[tuple[str, float]]:

@@ -170,6 +170,57 @@ def write_image(outdir: Path, item: WorkItem, image: RenderedImage, manifest: Ma
     return record
 
 
+@dataclass
+class Schedule:
+    """The items between planning and writing: `planned` were submitted and are not yet written (bounded by
+    the pool's slots and what waits on an earlier item), `retries` wait for another worker, `settled`
+    finished (None: failed) and wait for the items before them to be written."""
+
+    fresh: Iterator[WorkItem]
+    planned: dict[int, WorkItem] = field(default_factory=dict)
+    retries: deque[WorkItem] = field(default_factory=deque)
+    settled: dict[int, RenderedImage | None] = field(default_factory=dict)
+
+    def submit(self, pool: WorkerPool) -> None:
+        """Fill the pool's free slots, retries first."""
+        while pool.free_slots() > 0:
+            item = self.retries.popleft() if self.retries else next(self.fresh, None)
+            if item is None:
+                break
+            self.planned[item.position] = item
+            pool.submit(item)
+
+    def abandon(self, report: BatchReport) -> None:
+        """No worker is left: every item not yet run fails, so that the writing order goes on."""
+        for item in chain(self.retries, self.fresh):
+            report.failures.append((item.job.line, item.index, "no worker left to run it"))
+            self.planned[item.position], self.settled[item.position] = item, None
+        self.retries.clear()
+
+    def collect(self, pool: WorkerPool, report: BatchReport, max_attempts: int) -> None:
+        """Settle what the pool finished; an item whose worker died runs again, up to `max_attempts` tries."""
+        for item, outcome in pool.wait():
+            item.attempts += 1
+            if isinstance(outcome, WorkerLost):
+                if item.attempts < max_attempts:
+                    self.retries.append(item)
+                    continue
+                report.failures.append((item.job.line, item.index, f"its worker died {item.attempts} times; last: {outcome}"))
+                self.settled[item.position] = None
+            elif isinstance(outcome, RenderFailure):
+                report.failures.append((item.job.line, item.index, outcome.reason))
+                self.settled[item.position] = None
+            else:
+                self.settled[item.position] = outcome
+
+    def next_in_order(self, position: int) -> tuple[WorkItem, RenderedImage | None] | None:
+        """The item at `position` and its image once it has settled, else None (an earlier one still runs)."""
+        if position not in self.settled:
+            return None
+        image = self.settled.pop(position)
+        return self.planned.pop(position), image
+
+
 def run_batch(
     jobs: list[BatchJob],
     outdir: Path,
@@ -188,40 +239,18 @@ def run_batch(
     if total == 0:
         pool.close()
         return report
-    planned: dict[int, WorkItem] = {}  # submitted, not yet written (bounded by the pool's slots and what waits on an earlier item)
-    retries: deque[WorkItem] = deque()
-    settled: dict[int, RenderedImage | None] = {}  # finished, waiting for the items before them to be written
+    schedule = Schedule(fresh)
     next_position = 0
     try:
         pool.start()
         while next_position < total:
-            while pool.free_slots() > 0:
-                item = retries.popleft() if retries else next(fresh, None)
-                if item is None:
-                    break
-                planned[item.position] = item
-                pool.submit(item)
+            schedule.submit(pool)
             if pool.in_flight() == 0:  # nothing runs and nothing could be submitted: no worker is left
-                for item in chain(retries, fresh):
-                    report.failures.append((item.job.line, item.index, "no worker left to run it"))
-                    planned[item.position], settled[item.position] = item, None
-                retries.clear()
+                schedule.abandon(report)
             else:
-                for item, outcome in pool.wait():
-                    item.attempts += 1
-                    if isinstance(outcome, WorkerLost):
-                        if item.attempts < max_attempts:
-                            retries.append(item)
-                            continue
-                        report.failures.append((item.job.line, item.index, f"its worker died {item.attempts} times; last: {outcome}"))
-                        settled[item.position] = None
-                    elif isinstance(outcome, RenderFailure):
-                        report.failures.append((item.job.line, item.index, outcome.reason))
-                        settled[item.position] = None
-                    else:
-                        settled[item.position] = outcome
-            while next_position in settled:
-                image, item = settled.pop(next_position), planned.pop(next_position)
+                schedule.collect(pool, report, max_attempts)
+            while (ready := schedule.next_in_order(next_position)) is not None:
+                item, image = ready
                 record = write_image(outdir, item, image, manifest) if image is not None else None
                 if record is not None:
                     report.written.append(record)

@@ -197,17 +197,44 @@ def is_json_lines(path: Path, lines: list[str]) -> bool:
     return first.lstrip().startswith("{")
 
 
+def read_lines(path: Path) -> list[str]:
+    """The job file's lines; a missing or unreadable file is the user's mistake."""
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"job file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read job file {path}: {error}") from None
+
+
+def line_record(text: str) -> dict[str, Any]:
+    """One JSON-lines line as its object."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise UserError("a line must be a JSON object")
+    return record
+
+
+def line_field_error(error: FieldError, record: dict[str, Any], where: str) -> UserError:
+    """The error to raise for a field mistake on a line: it names the line's key, or, where the value came
+    from the command line, stays a FieldError so that the CLI names its flag."""
+    name = record_field(error.field)
+    if name in ("width", "height") and "size" in record:
+        name = "size"
+    if name is None or name not in record:
+        return FieldError(error.field, where + str(error), error.problem, where + error.context)
+    return UserError(f"{where}field {error.named(repr(name))}")
+
+
 def read_jobs(path: Path, defaults: Job) -> list[BatchJob]:
     """Every generation of the job file, checked (`Job.validate`) before anything runs. `defaults`
     holds the command line's values, its prompt included; blank lines are skipped but still counted.
     A mistake in a line's field names the line and its key; one in a value from the command line is
     raised as it is (the CLI names its flag)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"job file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read job file {path}: {error}") from None
+    lines = read_lines(path)
     json_lines = is_json_lines(Path(path), lines)
     jobs: list[BatchJob] = []
     for number, text in enumerate(lines, start=1):
@@ -216,24 +243,13 @@ def read_jobs(path: Path, defaults: Job) -> list[BatchJob]:
         record: dict[str, Any] = {}
         try:
             if json_lines:
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as error:
-                    raise UserError(f"not valid JSON ({error.msg} at column {error.colno})") from None
-                if not isinstance(record, dict):
-                    raise UserError("a line must be a JSON object")
+                record = line_record(text)
                 job = job_from_record(record, defaults)
             else:
                 job = dataclasses.replace(defaults, prompts=(text.strip(),), prompt_file=None)
             job.validate()
         except FieldError as error:
-            where = f"{path} line {number}: "
-            name = record_field(error.field)
-            if name in ("width", "height") and "size" in record:
-                name = "size"
-            if name is None or name not in record:  # the value came from the command line: the CLI names its flag
-                raise FieldError(error.field, where + str(error), error.problem, where + error.context) from None
-            raise UserError(f"{where}field {error.named(repr(name))}") from None
+            raise line_field_error(error, record, f"{path} line {number}: ") from None
         except UserError as error:
             raise UserError(f"{path} line {number}: {error}") from None
         jobs.append(BatchJob(number, job))

@@ -283,6 +283,44 @@ def results_folder(options: BenchOptions, machine: Machine, date: str) -> Path:
     return Path(options.out) / f"{report.device_label(machine)}-{date}-{label}"
 
 
+def echo_machine(machine: Machine, notes: list[str], echo: Callable[..., None]) -> None:
+    """What runs the benchmark, and what the selection left out."""
+    where = machine.gpu or f"CPU {machine.cpu}"
+    echo(f"device: {machine.device} ({where}); torch {machine.torch}; diffusers {machine.diffusers or 'not installed'}")
+    if machine.bandwidth:
+        echo(f"host-to-device bandwidth: {machine.bandwidth.best_gbps:.1f} GB/s (pinned, best of 5)")
+    for note in notes:
+        echo(f"note: {note}")
+
+
+def prepare_model(options: BenchOptions, echo: Callable[..., None]) -> BenchModel:
+    """The benchmark model, built in the cache or reused, with its description."""
+    echo(f"model: preparing the {options.model} benchmark model in the cache ...")
+    model = replace(build_model(options.cache_dir, options.model), description=MODEL_DESCRIPTIONS[options.model])
+    echo(f"model: {'built' if model.built else 'reused'} {model.checkpoint} ({model.file_bytes / 2**30:.2f} GiB, {model.seconds:.0f} s)")
+    return model
+
+
+def bench_settings(options: BenchOptions, device_type: str, steps: int, warmup: int) -> Settings:
+    """The settings every scenario shares, as the record states them."""
+    dtype = {"autocast": "fp32 (CPU)" if device_type == "cpu" else "fp16"}.get(options.precision, options.precision)
+    return Settings(
+        prompt=PROMPT,
+        seed=SEED,
+        scale=SCALE,
+        strength=STRENGTH,
+        sampler="ddim",
+        steps=steps,
+        precision=options.precision,
+        dtype=dtype,
+        attention=options.attention,
+        weights=options.weights,
+        warmup=warmup,
+        repeat=options.repeat,
+        timeout_s=options.timeout,
+    )
+
+
 def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> Path:
     """The whole benchmark; returns the results folder."""
     check_flags(options)
@@ -293,17 +331,8 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
     selection = select(options, device_type)
     steps = selection.scenarios[0].steps
     warmup = options.warmup if options.warmup is not None else (1 if device_type == "cuda" else 0)
-    where = machine.gpu or f"CPU {machine.cpu}"
-    echo(f"device: {machine.device} ({where}); torch {machine.torch}; diffusers {machine.diffusers or 'not installed'}")
-    if machine.bandwidth:
-        echo(f"host-to-device bandwidth: {machine.bandwidth.best_gbps:.1f} GB/s (pinned, best of 5)")
-    for note in selection.notes:
-        echo(f"note: {note}")
-
-    echo(f"model: preparing the {options.model} benchmark model in the cache ...")
-    model = replace(build_model(options.cache_dir, options.model), description=MODEL_DESCRIPTIONS[options.model])
-    echo(f"model: {'built' if model.built else 'reused'} {model.checkpoint} ({model.file_bytes / 2**30:.2f} GiB, {model.seconds:.0f} s)")
-
+    echo_machine(machine, selection.notes, echo)
+    model = prepare_model(options, echo)
     task = scenario_task(
         model,
         machine.device,
@@ -313,7 +342,6 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
         repeat=options.repeat,
         weights=options.weights,
     )
-    dtype = {"autocast": "fp32 (CPU)" if device_type == "cpu" else "fp16"}.get(options.precision, options.precision)
     record = BenchRecord(
         command=options.command,
         date=date,
@@ -321,21 +349,7 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
         wall_seconds=0.0,
         machine=machine,
         model=model,
-        settings=Settings(
-            prompt=PROMPT,
-            seed=SEED,
-            scale=SCALE,
-            strength=STRENGTH,
-            sampler="ddim",
-            steps=steps,
-            precision=options.precision,
-            dtype=dtype,
-            attention=options.attention,
-            weights=options.weights,
-            warmup=warmup,
-            repeat=options.repeat,
-            timeout_s=options.timeout,
-        ),
+        settings=bench_settings(options, device_type, steps, warmup),
         budget=options.budget,
         notes=selection.notes,
     )

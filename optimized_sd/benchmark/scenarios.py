@@ -235,6 +235,28 @@ def runnable_peers(
     return runnable, notes
 
 
+def work_scenarios(work: dict, modes: list[str], peers: list[str], budgets: list[str]) -> list[Scenario]:
+    """One piece of work (kind, size, batch, steps) in each of our modes, then by each peer: plain runs
+    without budgets, else `auto` and every peer under each budget."""
+    scenarios = [Scenario(mode=mode, **work) for mode in modes]
+    if not budgets:
+        scenarios += [Scenario(mode=name, **work) for name in peers]
+    for each in budgets:
+        cap = None if each == NO_BUDGET else each
+        scenarios += [Scenario(mode=name, budget=cap, **work) for name in (AUTO, *peers)]
+    return scenarios
+
+
+def only_matching(scenarios: list[Scenario], only: str) -> list[Scenario]:
+    """The scenarios whose name matches one of `only`'s globs; a glob that matches none is a mistake."""
+    patterns = split_list(only)
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(s.name, p) for s in scenarios)]
+    if unmatched:
+        listed = ", ".join(s.name for s in scenarios[:12]) + (" ..." if len(scenarios) > 12 else "")
+        raise UserError(f"--only: no scenario named {', '.join(repr(p) for p in unmatched)}; the flags give: {listed}")
+    return [s for s in scenarios if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+
+
 def select_scenarios(
     *,
     kinds: str,
@@ -280,21 +302,10 @@ def select_scenarios(
         for height, width in size_list:
             for batch in batch_list:
                 work = dict(kind=kind, height=height, width=width, batch=batch, steps=steps, n_iter=n_iter)
-                for mode in mode_list:
-                    scenarios.append(Scenario(mode=mode, **work))
-                if not budget_list:
-                    scenarios += [Scenario(mode=name, **work) for name in peer_list]
-                for each in budget_list:
-                    cap = None if each == NO_BUDGET else each
-                    scenarios += [Scenario(mode=name, budget=cap, **work) for name in (AUTO, *peer_list)]
+                scenarios += work_scenarios(work, mode_list, peer_list, budget_list)
     scenarios = list(dict.fromkeys(scenarios))
     if only:
-        patterns = split_list(only)
-        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(s.name, p) for s in scenarios)]
-        if unmatched:
-            listed = ", ".join(s.name for s in scenarios[:12]) + (" ..." if len(scenarios) > 12 else "")
-            raise UserError(f"--only: no scenario named {', '.join(repr(p) for p in unmatched)}; the flags give: {listed}")
-        scenarios = [s for s in scenarios if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+        scenarios = only_matching(scenarios, only)
     if not scenarios:
         raise UserError("no scenario to run: give at least one of --modes or --peers")
     return Selection(scenarios, notes)

@@ -339,12 +339,18 @@ def run_calls(calls: int, run: Callable[[], tuple[dict[str, StageFigures], objec
     return stages, latents
 
 
-def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None = None) -> ScenarioResult:
-    import torch
+def measure_calls(device, scenario: Scenario, repeat: int, call: Callable[[], tuple[dict[str, StageFigures], object]]) -> Measured:
+    """The scenario's `n_iter` calls timed as one run, `repeat` times (`best_of`)."""
 
-    from optimized_sd.pipelines.diffusion import GenerationRequest
-    from optimized_sd.pipelines.load_options import LoadOptions
+    def measured() -> Measured:
+        seconds, (stages, latents) = timed(device, lambda: run_calls(scenario.n_iter, call))
+        return seconds, stages, latents
 
+    return best_of(measured, repeat)
+
+
+def collect_warnings() -> list[str]:
+    """A list that gathers the engine's warnings (logged by `optimized_sd`) from now on."""
     warnings: list[str] = []
 
     class Collect(logging.Handler):
@@ -352,8 +358,15 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None 
             warnings.append(record.getMessage())
 
     logging.getLogger("optimized_sd").addHandler(Collect(level=logging.WARNING))
+    return warnings
+
+
+def our_request(scenario: Scenario):
+    """The scenario as our engine's request (img2img: from a synthetic image)."""
+    from optimized_sd.pipelines.diffusion import GenerationRequest
+
     init = synthetic_image(scenario.height, scenario.width) if scenario.kind == "img2img" else None
-    request = GenerationRequest(
+    return GenerationRequest(
         prompts=[PROMPT] * scenario.batch,
         steps=scenario.steps,
         scale=SCALE,
@@ -364,6 +377,43 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None 
         init_image=init,
         strength=STRENGTH,
     )
+
+
+def plan_facts(plan) -> PlanFacts:
+    """What the planner decided for the run, in MiB."""
+    return PlanFacts(
+        mode=plan.mode,
+        reason=plan.reason,
+        vae_tiling=plan.vae_tiling,
+        budget_mib=plan.budget / MIB if plan.budget else None,
+        estimates_mib={mode: value / MIB for mode, value in plan.estimates.items()},
+        unet_batch=plan.unet_batch,
+    )
+
+
+def footprint_of(pipe) -> Footprint:
+    """The loaded model's weight sizes, as the planner saw them."""
+    fp = pipe.memory.sizes
+    return Footprint(
+        dtype_bytes=pipe.dtype_bytes,
+        text_encoder=fp.text_encoder,
+        unet=fp.unet,
+        unet_halves=list(fp.unet_halves),
+        largest_block_pair=fp.largest_block_pair,
+        vae_encoder=fp.vae_encoder,
+        vae_decoder=fp.vae_decoder,
+        total=fp.total,
+        family=fp.family,
+    )
+
+
+def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None = None) -> ScenarioResult:
+    import torch
+
+    from optimized_sd.pipelines.load_options import LoadOptions
+
+    warnings = collect_warnings()
+    request = our_request(scenario)
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401  imported before the clock, as diffusers is
 
     def load():
@@ -389,12 +439,7 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None 
         latents = pipe.generate(request).latents  # each call's stages replace the previous call's in the meter
         return stage_figures(pipe.meter), latents
 
-    def measured() -> Measured:
-        seconds, (stages, latents) = timed(device, lambda: run_calls(scenario.n_iter, call))
-        return seconds, stages, latents
-
-    total, stages, latents = best_of(measured, task.repeat)
-    fp = pipe.memory.sizes
+    total, stages, latents = measure_calls(device, scenario, task.repeat, call)
     return ScenarioResult(
         scenario=scenario,
         ok=True,
@@ -405,25 +450,8 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None 
         rss_after_load_mib=rss_after_load,
         finite=bool(torch.isfinite(latents).all()),
         warnings=warnings,
-        plan=PlanFacts(
-            mode=pipe.plan.mode,
-            reason=pipe.plan.reason,
-            vae_tiling=pipe.plan.vae_tiling,
-            budget_mib=pipe.plan.budget / MIB if pipe.plan.budget else None,
-            estimates_mib={mode: value / MIB for mode, value in pipe.plan.estimates.items()},
-            unet_batch=pipe.plan.unet_batch,
-        ),
-        footprint=Footprint(
-            dtype_bytes=pipe.dtype_bytes,
-            text_encoder=fp.text_encoder,
-            unet=fp.unet,
-            unet_halves=list(fp.unet_halves),
-            largest_block_pair=fp.largest_block_pair,
-            vae_encoder=fp.vae_encoder,
-            vae_decoder=fp.vae_decoder,
-            total=fp.total,
-            family=fp.family,
-        ),
+        plan=plan_facts(pipe.plan),
+        footprint=footprint_of(pipe),
     )
 
 
@@ -469,18 +497,76 @@ def diffusers_pipeline_name(config_folder: str, img2img: bool) -> str:
     return name.replace("Pipeline", "Img2ImgPipeline") if img2img else name
 
 
-def run_diffusers(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
-    import torch
-
+def diffusers_class(task: ScenarioTask, img2img: bool):
+    """The family's diffusers pipeline class, with diffusers' own logging quietened."""
     try:
         import diffusers
         from diffusers.utils import logging as diffusers_logging
     except ImportError as error:
         raise UserError(f"diffusers is not importable: {error}") from None
     diffusers_logging.set_verbosity_error()
-    dtype = getattr(torch, compute_dtype_name(device.type, task.precision))
+    return getattr(diffusers, diffusers_pipeline_name(task.diffusers_config, img2img))
+
+
+class DiffusersStages:
+    """Hooks that mark our stages in a diffusers pipeline, which has none of its own: text until the
+    first UNet call (img2img: text, then the VAE encode), and the UNet calls counted as steps."""
+
+    def __init__(self, pipe, meter, img2img: bool) -> None:
+        self.meter, self.img2img = meter, img2img
+        self.unet_calls, self.in_unet = 0, False
+        self.hooks = [pipe.unet.register_forward_pre_hook(self.before_unet)]
+        if img2img:
+            self.hooks.append(pipe.vae.encoder.register_forward_pre_hook(self.before_encoder))
+            self.hooks.append(pipe.vae.quant_conv.register_forward_hook(self.after_encoder))
+
+    def before_encoder(self, module, args) -> None:
+        self.meter.mark("text")
+
+    def after_encoder(self, module, args, output) -> None:
+        self.meter.mark("vae_encode")
+
+    def before_unet(self, module, args) -> None:
+        if not self.in_unet:
+            self.meter.mark("vae_encode" if self.img2img else "text")
+            self.in_unet = True
+        self.unet_calls += 1
+
+    def reset(self) -> None:
+        """Before each call: no UNet step seen yet, no records."""
+        self.unet_calls, self.in_unet = 0, False
+        self.meter.records.clear()
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def diffusers_options(scenario: Scenario, steps: int, init) -> dict:
+    """The keyword arguments of one diffusers pipeline call for the scenario, returning latents."""
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(scenario.batch)]
+    options = dict(
+        prompt=[PROMPT] * scenario.batch,
+        num_inference_steps=steps,
+        guidance_scale=SCALE,
+        generator=generators,
+        output_type="latent",
+    )
+    if init is not None:
+        options.update(image=init, strength=STRENGTH)
+    else:
+        options.update(height=scenario.height, width=scenario.width)
+    return options
+
+
+def run_diffusers(task: ScenarioTask, scenario: Scenario, device) -> ScenarioResult:
+    import torch
+
     img2img = scenario.kind == "img2img"
-    cls = getattr(diffusers, diffusers_pipeline_name(task.diffusers_config, img2img))
+    cls = diffusers_class(task, img2img)
+    dtype = getattr(torch, compute_dtype_name(device.type, task.precision))
 
     def load():
         pipe = cls.from_single_file(task.checkpoint, config=task.diffusers_config, local_files_only=True, torch_dtype=dtype)
@@ -493,44 +579,15 @@ def run_diffusers(task: ScenarioTask, scenario: Scenario, device) -> ScenarioRes
     init = synthetic_image(scenario.height, scenario.width) if img2img else None
     from optimized_sd.memory.report import MemoryMeter
 
-    meter = MemoryMeter(device)  # diffusers has no stages of its own: hooks mark their boundaries
-    state = {"unet_calls": 0, "in_unet": False}
-
-    def before_encoder(module, args):
-        meter.mark("text")
-
-    def after_encoder(module, args, output):
-        meter.mark("vae_encode")
-
-    def before_unet(module, args):
-        if not state["in_unet"]:
-            meter.mark("vae_encode" if img2img else "text")
-            state["in_unet"] = True
-        state["unet_calls"] += 1
-
-    hooks = [pipe.unet.register_forward_pre_hook(before_unet)]
-    if img2img:
-        hooks.append(pipe.vae.encoder.register_forward_pre_hook(before_encoder))
-        hooks.append(pipe.vae.quant_conv.register_forward_hook(after_encoder))
+    meter = MemoryMeter(device)
+    stages_marked = DiffusersStages(pipe, meter, img2img)
 
     def generate(steps: int):
-        generators = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(scenario.batch)]
-        options = dict(
-            prompt=[PROMPT] * scenario.batch,
-            num_inference_steps=steps,
-            guidance_scale=SCALE,
-            generator=generators,
-            output_type="latent",
-        )
-        if img2img:
-            options.update(image=init, strength=STRENGTH)
-        else:
-            options.update(height=scenario.height, width=scenario.width)
-        state.update(unet_calls=0, in_unet=False)
-        meter.records.clear()
+        options = diffusers_options(scenario, steps, init)
+        stages_marked.reset()
         with meter.marked():
             latents = pipe(**options).images
-            meter.mark("unet", steps=state["unet_calls"])
+            meter.mark("unet", steps=stages_marked.unet_calls)
             with torch.inference_mode():
                 images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
                 pipe.image_processor.postprocess(images, output_type="pil")
@@ -544,13 +601,8 @@ def run_diffusers(task: ScenarioTask, scenario: Scenario, device) -> ScenarioRes
         latents = generate(scenario.steps)
         return stage_figures(meter), latents
 
-    def measured() -> Measured:
-        seconds, (stages, latents) = timed(device, lambda: run_calls(scenario.n_iter, call))
-        return seconds, stages, latents
-
-    total, stages, latents = best_of(measured, task.repeat)
-    for hook in hooks:
-        hook.remove()
+    total, stages, latents = measure_calls(device, scenario, task.repeat, call)
+    stages_marked.remove()
     return ScenarioResult(
         scenario=scenario,
         ok=True,

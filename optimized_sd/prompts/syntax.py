@@ -103,6 +103,78 @@ class _BracketNesting:
         return closed, unclosed[::-1]
 
 
+class _AttentionScan:
+    """One forward scan of a prompt's emphasis: the runs of text, each with the innermost brackets around it,
+    and the bracket trees (their weights are computed after the scan)."""
+
+    def __init__(self) -> None:
+        self.rounds, self.squares = _BracketNesting(ROUND_MULTIPLIER), _BracketNesting(SQUARE_MULTIPLIER)
+        self.by_bracket = {"(": self.rounds, ")": self.rounds, "[": self.squares, "]": self.squares}
+        self.runs: list[tuple[str, tuple[int, int]] | None] = []  # (text, (round node, square node)) or None for a BREAK
+        self.pieces: list[str] = []  # the text since the last bracket or BREAK
+        self.closings = itertools.count()  # the order brackets close in
+        self.nesting = 0  # the brackets around each run of text, summed: the multiplications their weights cost
+
+    def read(self, text: str) -> None:
+        tokens = _ATTENTION_MARK.split(text)  # text, mark, text, mark, ..., text (texts may be empty)
+        self.add_text(tokens[0])
+        index = 1
+        while index < len(tokens):
+            mark, following = tokens[index], tokens[index + 1]
+            index += 2
+            weight = self.weight_token(mark, following, tokens[index] if index < len(tokens) else None)
+            if weight is not None:  # '(x:1.3)': the colon, the number and the bracket are one token
+                self.end_run()
+                self.rounds.close(_number(weight.group(1), f":{following})"), next(self.closings))
+                following = tokens[index + 1]
+                index += 2
+            else:
+                self.read_mark(mark)
+            self.add_text(following)
+        self.end_run()
+
+    def weight_token(self, mark: str, following: str, next_mark: str | None) -> re.Match[str] | None:
+        """The number of a `:1.3)` that closes an open round bracket, else None."""
+        if mark == ":" and self.rounds.depth and next_mark == ")":
+            return _WEIGHT_BODY.fullmatch(following)
+        return None
+
+    def read_mark(self, mark: str) -> None:
+        """A mark that is not part of a weight: an escape, a bracket, or text."""
+        if mark[0] == "\\":
+            self.pieces.append(mark[1:])  # a lone backslash reads as nothing, as AUTOMATIC1111
+        elif mark == "(" or mark == "[":
+            self.end_run()
+            self.by_bracket[mark].push()
+        elif mark != ":" and self.by_bracket[mark].depth:  # a closing bracket
+            self.end_run()
+            brackets = self.by_bracket[mark]
+            brackets.close(brackets.default, next(self.closings))
+        else:  # a colon that is not a weight, or a closing bracket nothing opened (AUTOMATIC1111 keeps it as text)
+            self.pieces.append(mark)
+
+    def end_run(self) -> None:
+        if self.pieces:
+            self.runs.append(("".join(self.pieces), (self.rounds.open[-1], self.squares.open[-1])))
+            self.pieces.clear()
+            self.nesting += self.rounds.depth + self.squares.depth
+            if self.nesting > MAX_EMPHASIS_NESTING:
+                limit = MAX_EMPHASIS_NESTING
+                raise UserError(f"emphasis brackets nest too deeply: its pieces of text sit inside over {limit:,} brackets in all")
+
+    def add_text(self, plain: str) -> None:
+        if not plain:  # (between two marks)
+            return
+        if BREAK_WORD not in plain:
+            self.pieces.append(plain)
+            return
+        for index, piece in enumerate(_break_pieces(plain)):
+            if index:
+                self.end_run()
+                self.runs.append(None)
+            self.pieces.append(piece)
+
+
 def parse_attention(text: str) -> list[Segment]:
     """Split text into weighted segments (and BREAK markers), adjacent equal weights merged.
 
@@ -110,64 +182,10 @@ def parse_attention(text: str) -> list[Segment]:
     One scan records the brackets around each run of text; the weights are computed after it
     (`_bracket_weights`): multiplying every enclosed piece at each closing bracket was quadratic.
     """
-    rounds, squares = _BracketNesting(ROUND_MULTIPLIER), _BracketNesting(SQUARE_MULTIPLIER)
-    by_bracket = {"(": rounds, ")": rounds, "[": squares, "]": squares}
-    runs: list[tuple[str, tuple[int, int]] | None] = []  # (text, (round node, square node)) or None for a BREAK
-    pieces: list[str] = []  # the text since the last bracket or BREAK
-    closings = itertools.count()  # the order brackets close in
-    nesting = 0  # the brackets around each run of text, summed: the multiplications their weights cost
-
-    def end_run() -> None:
-        nonlocal nesting
-        if pieces:
-            runs.append(("".join(pieces), (rounds.open[-1], squares.open[-1])))
-            pieces.clear()
-            nesting += rounds.depth + squares.depth
-            if nesting > MAX_EMPHASIS_NESTING:
-                limit = MAX_EMPHASIS_NESTING
-                raise UserError(f"emphasis brackets nest too deeply: its pieces of text sit inside over {limit:,} brackets in all")
-
-    def add_text(plain: str) -> None:
-        if not plain:  # (between two marks)
-            return
-        if BREAK_WORD not in plain:
-            pieces.append(plain)
-            return
-        for index, piece in enumerate(_break_pieces(plain)):
-            if index:
-                end_run()
-                runs.append(None)
-            pieces.append(piece)
-
-    tokens = _ATTENTION_MARK.split(text)  # text, mark, text, mark, ..., text (texts may be empty)
-    add_text(tokens[0])
-    index = 1
-    while index < len(tokens):
-        mark, following = tokens[index], tokens[index + 1]
-        index += 2
-        weight = None
-        if mark == ":" and rounds.depth and index < len(tokens) and tokens[index] == ")":
-            weight = _WEIGHT_BODY.fullmatch(following)
-        if weight is not None:  # '(x:1.3)': the colon, the number and the bracket are one token
-            end_run()
-            rounds.close(_number(weight.group(1), f":{following})"), next(closings))
-            following = tokens[index + 1]
-            index += 2
-        elif mark[0] == "\\":
-            pieces.append(mark[1:])  # a lone backslash reads as nothing, as AUTOMATIC1111
-        elif mark == "(" or mark == "[":
-            end_run()
-            by_bracket[mark].push()
-        elif mark != ":" and by_bracket[mark].depth:  # a closing bracket
-            end_run()
-            brackets = by_bracket[mark]
-            brackets.close(brackets.default, next(closings))
-        else:  # a colon that is not a weight, or a closing bracket nothing opened (AUTOMATIC1111 keeps it as text)
-            pieces.append(mark)
-        add_text(following)
-    end_run()
-    weights = _bracket_weights(dict.fromkeys(run[1] for run in runs if run is not None), rounds, squares)
-    return _merge_runs(runs, weights)
+    scan = _AttentionScan()
+    scan.read(text)
+    weights = _bracket_weights(dict.fromkeys(run[1] for run in scan.runs if run is not None), scan.rounds, scan.squares)
+    return _merge_runs(scan.runs, weights)
 
 
 def _bracket_weights(pairs: Iterable[tuple[int, int]], rounds: _BracketNesting, squares: _BracketNesting) -> dict[tuple[int, int], float]:

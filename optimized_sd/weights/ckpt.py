@@ -851,34 +851,40 @@ def _no_storages(pid: Any) -> Any:
     raise _Refused("refers to a storage in a header record")
 
 
-def _load_legacy(path: Path, mapping: mmap.mmap) -> Any:
-    """torch < 1.6's format: pickles of the magic number, protocol, system info, the object, the storage keys;
-    then per storage (in key order) an int64 element count and the raw little-endian bytes.
+def _legacy_pickle(path: Path, mapping: mmap.mmap, position: int) -> tuple[Any, int]:
+    """One of the legacy format's header pickles (which may not refer to storages), and where the next starts."""
+    window = _Window(mapping, position, position + PICKLE_LIMIT_BYTES)
+    return _unpickle(path, window, _no_storages), window.position
 
-    The object's pickle is run twice: first with size-only (`meta`) storages to learn each storage's dtype and
-    size, which the walk over the storage records needs, then with the records mapped from the file."""
 
-    def header(position: int) -> tuple[Any, int]:
-        window = _Window(mapping, position, position + PICKLE_LIMIT_BYTES)
-        return _unpickle(path, window, _no_storages), window.position
-
-    magic, position = header(0)
-    protocol, position = header(position)
-    sys_info, position = header(position)
+def _legacy_object_start(path: Path, mapping: mmap.mmap) -> int:
+    """Where the object's pickle starts, after the magic number, protocol and system info, each checked."""
+    magic, position = _legacy_pickle(path, mapping, 0)
+    protocol, position = _legacy_pickle(path, mapping, position)
+    sys_info, position = _legacy_pickle(path, mapping, position)
     if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL or not isinstance(sys_info, dict):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (a pickle without torch's legacy header)")
     if sys_info.get("little_endian") is not True:
         raise CheckpointError(f"{path}: is a big-endian checkpoint; {_LEGACY_ADVICE} on a little-endian machine")
-    object_start = position
-    declared: dict[str, tuple[torch.dtype, int]] = {}
+    return position
 
-    def storage_of(pid: Any, roots: dict[str, torch.Tensor]) -> _Storage:
-        dtype, key, numel, view = _storage_id(path, pid, 6)
-        if declared.setdefault(key, (dtype, numel)) != (dtype, numel):
+
+class _LegacyStorages:
+    """The object pickle's `persistent_load`: it records each storage's dtype and size (`declared`) and hands
+    out size-only (`meta`) storages until `map_records` has mapped the storage records from the file."""
+
+    def __init__(self, path: Path, mapping: mmap.mmap) -> None:
+        self.path, self.mapping = path, mapping
+        self.declared: dict[str, tuple[torch.dtype, int]] = {}
+        self.roots: dict[str, torch.Tensor] = {}
+
+    def __call__(self, pid: Any) -> _Storage:
+        dtype, key, numel, view = _storage_id(self.path, pid, 6)
+        if self.declared.setdefault(key, (dtype, numel)) != (dtype, numel):
             raise _Refused(f"declares storage {key} twice with different types or sizes")
-        if numel * dtype.itemsize > len(mapping):
-            raise CheckpointError(f"{path}: truncated checkpoint: storage {key} needs {numel * dtype.itemsize} bytes")
-        raw = roots.get(key, torch.empty(numel * dtype.itemsize, dtype=torch.uint8, device="meta"))
+        if numel * dtype.itemsize > len(self.mapping):
+            raise CheckpointError(f"{self.path}: truncated checkpoint: storage {key} needs {numel * dtype.itemsize} bytes")
+        raw = self.roots.get(key, torch.empty(numel * dtype.itemsize, dtype=torch.uint8, device="meta"))
         if view is None:
             return _Storage(key, dtype, raw)
         if not (isinstance(view, tuple) and len(view) == 3 and _is_index(view[1]) and _is_index(view[2])):
@@ -888,27 +894,39 @@ def _load_legacy(path: Path, mapping: mmap.mmap) -> Any:
             raise _Refused(f"declares a view past the end of storage {key}")
         return _Storage(f"{key}[{view[1]}:]", dtype, raw[begin:end])
 
+    def map_records(self, keys: Any, position: int) -> None:
+        """The storage records from `position`, in the order of `keys` (the storage list pickle), each an int64
+        element count and the raw bytes; the list must name exactly the storages the object declared."""
+        if not (isinstance(keys, list) and all(isinstance(key, str) for key in keys)) or set(keys) != set(self.declared):
+            raise CheckpointError(f"{self.path}: corrupt checkpoint: its storage list does not match the storages its tensors use")
+        for key in keys:
+            dtype, numel = self.declared[key]
+            if position + 8 > len(self.mapping):
+                raise CheckpointError(f"{self.path}: truncated checkpoint: storage {key} is missing")
+            (count,) = struct.unpack_from("<q", self.mapping, position)
+            nbytes = numel * dtype.itemsize
+            if count != numel or position + 8 + nbytes > len(self.mapping):
+                raise CheckpointError(
+                    f"{self.path}: truncated or corrupt checkpoint: storage {key} needs {nbytes} bytes, its record says {count} "
+                    f"elements and the file holds {max(0, len(self.mapping) - position - 8)} more bytes"
+                )
+            self.roots[key] = _mapped_bytes(self.mapping, position + 8, nbytes)
+            position += 8 + nbytes
+
+
+def _load_legacy(path: Path, mapping: mmap.mmap) -> Any:
+    """torch < 1.6's format: pickles of the magic number, protocol, system info, the object, the storage keys;
+    then per storage (in key order) an int64 element count and the raw little-endian bytes.
+
+    The object's pickle is run twice: first with size-only (`meta`) storages to learn each storage's dtype and
+    size, which the walk over the storage records needs, then with the records mapped from the file."""
+    object_start = _legacy_object_start(path, mapping)
+    storages = _LegacyStorages(path, mapping)
     window = _Window(mapping, object_start, object_start + PICKLE_LIMIT_BYTES)
-    _unpickle(path, window, lambda pid: storage_of(pid, {}))  # first run: sizes only
-    keys, position = header(window.position)
-    if not (isinstance(keys, list) and all(isinstance(key, str) for key in keys)) or set(keys) != set(declared):
-        raise CheckpointError(f"{path}: corrupt checkpoint: its storage list does not match the storages its tensors use")
-    roots: dict[str, torch.Tensor] = {}
-    for key in keys:
-        dtype, numel = declared[key]
-        if position + 8 > len(mapping):
-            raise CheckpointError(f"{path}: truncated checkpoint: storage {key} is missing")
-        (count,) = struct.unpack_from("<q", mapping, position)
-        nbytes = numel * dtype.itemsize
-        if count != numel or position + 8 + nbytes > len(mapping):
-            raise CheckpointError(
-                f"{path}: truncated or corrupt checkpoint: storage {key} needs {nbytes} bytes, its record says {count} "
-                f"elements and the file holds {max(0, len(mapping) - position - 8)} more bytes"
-            )
-        roots[key] = _mapped_bytes(mapping, position + 8, nbytes)
-        position += 8 + nbytes
-    return _unpickle(path, _Window(mapping, object_start, object_start + PICKLE_LIMIT_BYTES),
-                     lambda pid: storage_of(pid, roots))
+    _unpickle(path, window, storages)  # first run: sizes only
+    keys, position = _legacy_pickle(path, mapping, window.position)
+    storages.map_records(keys, position)
+    return _unpickle(path, _Window(mapping, object_start, object_start + PICKLE_LIMIT_BYTES), storages)
 
 
 # --- entry points --------------------------------------------------------------------------------

@@ -274,14 +274,9 @@ def _resolve(
     return None
 
 
-def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequence[int]]) -> Lora:
-    """Read a LoRA file and map each of its modules to one of the model's weights (or rows of one).
-
-    UserError when the file is another family's (naming both), when any module matches no layer
-    (saying how many did), or when a factor does not fit its layer."""
-    path = Path(path)
-    family = config.family
-    tensors = read_tensors(path)
+def _lora_groups(path: Path, tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """The file's factors by module and role (up, down, alpha), each finite; a file with another kind of
+    network, or a key that is no LoRA factor, is refused."""
     for key in tensors:
         for marker, kind in _UNSUPPORTED_KINDS.items():
             if marker in key:
@@ -296,8 +291,13 @@ def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequen
         groups.setdefault(module, {})[role] = value
     if not groups:
         raise UserError(f"{path.name}: holds no LoRA weights")
+    return groups
+
+
+def _check_prefixes(path: Path, config: ModelConfig, groups: Mapping[str, Mapping[str, Tensor]]) -> None:
+    """UserError naming the family whose module prefixes the file uses, where they are another family's."""
     for module in groups:
-        foreign = _foreign_prefix(module, family)
+        foreign = _foreign_prefix(module, config.family)
         if foreign is not None:
             owners, prefix = foreign
             telltale = _telltale(groups)
@@ -307,6 +307,43 @@ def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequen
                 f"{path.name} is an {' or '.join(FAMILY_NAMES[o] for o in owners)} LoRA (it has {prefix}* keys); "
                 f"this model is {config.family_name}"
             )
+
+
+def _lora_patch(
+    path: Path, config: ModelConfig, groups: Mapping[str, Mapping[str, Tensor]], module: str, target: Target, shape: tuple[int, ...]
+) -> LoraPatch:
+    """`module`'s factors as a patch of the layer (of `shape`) at `target`, checked to fit it and to give
+    bounded updates."""
+    parts = groups[module]
+    check_factor_shapes(path.name, module, parts)
+    up, down = parts["up"].float(), parts["down"].float()
+    rank = down.shape[0]
+    up, down = up.reshape(up.shape[0], -1), down.reshape(rank, -1)  # (rows, rank), (rank, in * kh * kw)
+    rows = shape[0] if target.rows is None else target.rows
+    if up.shape[1] != rank or up.shape[0] != rows or down.shape[1] * shape[0] != _numel(shape):
+        where = "" if target.rows is None else f" (rows {target.first_row}..{target.first_row + rows})"
+        raise _family_error(path, config, groups) or UserError(
+            f"{path.name}: {module} gives a ({up.shape[0]} x {down.shape[1]}) update for a layer of shape {shape}{where}; "
+            "is it for another model?"
+        )
+    alpha = parts.get("alpha")
+    scale = float(alpha) / rank if alpha is not None else 1.0
+    # |up @ down| <= rank * max|up| * max|down|: bounded, every float32 merge stays finite at any allowed weight
+    largest = abs(scale) * rank * float(up.abs().max()) * float(down.abs().max())
+    if not largest * MAX_LORA_WEIGHT <= MAX_FLOAT32_UPDATE:
+        raise UserError(f"{path.name}: {module}: its factors and alpha give updates up to {largest:.3g}; the file is damaged")
+    return LoraPatch(up=up.contiguous(), down=down.contiguous(), scale=scale, first_row=target.first_row)
+
+
+def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequence[int]]) -> Lora:
+    """Read a LoRA file and map each of its modules to one of the model's weights (or rows of one).
+
+    UserError when the file is another family's (naming both), when any module matches no layer
+    (saying how many did), or when a factor does not fit its layer."""
+    path = Path(path)
+    family = config.family
+    groups = _lora_groups(path, read_tensors(path))
+    _check_prefixes(path, config, groups)
 
     names = module_names(config, model_shapes)
     flat_names = {tower: {flat(name): target for name, target in table.items()} for tower, table in names.items()}
@@ -323,25 +360,7 @@ def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequen
         if (target.key, target.first_row) in patched_by:
             raise UserError(f"{path.name}: {module} and {patched_by[target.key, target.first_row]} patch the same layer")
         patched_by[target.key, target.first_row] = module
-        check_factor_shapes(path.name, module, parts)
-        up, down = parts["up"].float(), parts["down"].float()
-        rank = down.shape[0]
-        up, down = up.reshape(up.shape[0], -1), down.reshape(rank, -1)  # (rows, rank), (rank, in * kh * kw)
-        shape = tuple(model_shapes[target.key])
-        rows = shape[0] if target.rows is None else target.rows
-        if up.shape[1] != rank or up.shape[0] != rows or down.shape[1] * shape[0] != _numel(shape):
-            where = "" if target.rows is None else f" (rows {target.first_row}..{target.first_row + rows})"
-            raise _family_error(path, config, groups) or UserError(
-                f"{path.name}: {module} gives a ({up.shape[0]} x {down.shape[1]}) update for a layer of shape {shape}{where}; "
-                "is it for another model?"
-            )
-        alpha = parts.get("alpha")
-        scale = float(alpha) / rank if alpha is not None else 1.0
-        # |up @ down| <= rank * max|up| * max|down|: bounded, every float32 merge stays finite at any allowed weight
-        largest = abs(scale) * rank * float(up.abs().max()) * float(down.abs().max())
-        if not largest * MAX_LORA_WEIGHT <= MAX_FLOAT32_UPDATE:
-            raise UserError(f"{path.name}: {module}: its factors and alpha give updates up to {largest:.3g}; the file is damaged")
-        patch = LoraPatch(up=up.contiguous(), down=down.contiguous(), scale=scale, first_row=target.first_row)
+        patch = _lora_patch(path, config, groups, module, target, tuple(model_shapes[target.key]))
         patches[target.key] = (*patches.get(target.key, ()), patch)
     if unmatched:
         raise _family_error(path, config, groups) or UserError(
