@@ -9,7 +9,7 @@ at the new latent size (AUTOMATIC1111's `ImageRNG` made afresh for the hires pas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -80,6 +80,15 @@ class HiresFix:
     sampler: str | None = None
     prompt: str | None = None
     negative_prompt: str | None = None
+
+    def job_fields(self) -> dict[str, object]:
+        """This pass as the `Job`'s fields (`hires` and the hr_* ones, named hr_ + this class' field)."""
+        return {"hires": True, **{f"hr_{f.name}": getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def of_job(cls, job: object) -> HiresFix:
+        """The pass a `Job`'s hr_* fields describe (the inverse of `job_fields`)."""
+        return cls(**{f.name: getattr(job, f"hr_{f.name}") for f in fields(cls)})
 
     def check(self, width: int | None = None, height: int | None = None, max_side: int = MAX_HIRES_SIDE) -> None:
         """The fields (FieldError naming the hr_* field), and the second pass' size when the first's is known."""

@@ -171,10 +171,7 @@ class Job:
 
     def hires_fix(self) -> HiresFix | None:
         """The second pass each batch runs (None without `hires`)."""
-        if not self.hires:
-            return None
-        return HiresFix(self.hr_scale, self.hr_resize, self.hr_upscaler, self.hr_steps, self.hr_strength, self.hr_sampler,
-                        self.hr_prompt, self.hr_negative_prompt)  # fmt: skip
+        return HiresFix.of_job(self) if self.hires else None
 
     def check_hires(self) -> None:
         """The hires fields, its sampler and prompts, and the second pass' size when the first's is given."""
