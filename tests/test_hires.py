@@ -153,3 +153,18 @@ def test_the_cli_writes_only_the_final_image(capsys, tiny_model, tmp_path):
     image = Image.open(written[0])
     assert image.size == (128, 128)
     assert "Hires upscale: 2, Hires steps: 2, Hires upscaler: Nearest" in image.text["parameters"]
+
+
+def test_a_batch_line_turns_the_hires_fix_on_with_hr_scale_and_names_a_bad_key(tmp_path):
+    from optimized_sd.batch.jobs import read_jobs
+    from optimized_sd.errors import UserError
+    from optimized_sd.pipelines.job import OutputPolicy
+
+    path = tmp_path / "jobs.jsonl"
+    defaults = Job(height=64, width=64, output=OutputPolicy(tmp_path))
+    path.write_text('{"prompt": "a", "hr_scale": 1.5, "hr_upscaler": "Lanczos"}\n{"prompt": "b", "hr_steps": 3}\n')
+    first, second = (batch.job for batch in read_jobs(path, defaults))
+    assert first.hires_fix() == HiresFix(scale=1.5, upscaler="Lanczos") and second.hires_fix() is None
+    path.write_text('{"prompt": "a", "hires": true, "hr_strength": 1.5}\n')
+    with pytest.raises(UserError, match="line 1: field 'hr_strength' must be from 0 to 1, got 1.5"):
+        read_jobs(path, defaults)

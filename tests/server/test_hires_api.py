@@ -66,3 +66,21 @@ def test_the_upscaler_listings(server):
     modes = requests.get(f"{server.url}/sdapi/v1/latent-upscale-modes", timeout=TIMEOUT).json()
     assert [m["name"] for m in modes] == ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                                           "Latent (nearest)", "Latent (nearest-exact)"]  # fmt: skip
+
+
+def test_the_ui_has_a_small_hires_section_on_txt2img_that_makes_the_spec(server):
+    pytest.importorskip("gradio")
+    from optimized_sd.server.ui import WebUI
+
+    blocks = WebUI(server.service).build()
+    ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
+    assert {"txt2img-enable-hr", "txt2img-hr-upscaler", "txt2img-hr-scale", "txt2img-hr-steps", "txt2img-hr-strength"} <= ids
+    assert "img2img-enable-hr" not in ids
+    values = {
+        "prompt": "p", "negative_prompt": "", "sampler": "euler", "karras": False, "steps": 4, "cfg_scale": 6, "seed": 5,
+        "width": 64, "height": 64, "batch_size": 1, "n_iter": 1, "memory": "server default", "vram_budget": "",
+        "refiner": "None", "refiner_switch": 0.8, "enable_hr": True, "hr_upscaler": "lanczos", "hr_scale": 1.5, "hr_steps": 3,
+        "hr_strength": 0.4,
+    }  # fmt: skip
+    assert WebUI.spec_from("txt2img", values).hires == HiresFix(scale=1.5, upscaler="lanczos", steps=3, strength=0.4)
+    assert WebUI.spec_from("txt2img", {**values, "enable_hr": False}).hires is None
