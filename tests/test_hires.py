@@ -14,10 +14,13 @@ from PIL import Image
 
 import optimized_sd
 from optimized_sd.errors import FieldError
+from optimized_sd.pipelines import core
 from optimized_sd.pipelines import img2img as img2img_module
 from optimized_sd.pipelines.diffusion import GenerationRequest
 from optimized_sd.pipelines.hires import UPSCALERS, HiresFix
 from optimized_sd.pipelines.job import Job
+from optimized_sd.pipelines.memory_session import SAFETY_MARGIN
+from optimized_sd.pipelines.txt2img import TXT2IMG
 from tests.cli_runs import run_cli
 
 BASE = dict(prompts=["a red cube"], steps=4, sampler="euler", seed=7, height=64, width=64)
@@ -63,12 +66,32 @@ def test_an_image_upscaler_resizes_the_first_image_and_encodes_it_again(pipe):
         assert torch.allclose(hires.latents, reference.latents, atol=1e-6), name
 
 
-def test_every_memory_mode_makes_full_mode_s_hires_image(tiny_model, pipe):
+@pytest.mark.parametrize("mode", ["stream", pytest.param("turbo", marks=pytest.mark.slow), pytest.param("split", marks=pytest.mark.slow)])
+def test_every_memory_mode_makes_full_mode_s_hires_image(tiny_model, pipe, mode):
     reference = pipe.generate(hires_request(scale=1.5)).latents
     assert reference.shape == (1, 4, 12, 12)
-    streamed = make_pipe(tiny_model, memory="stream")
-    assert torch.allclose(streamed.generate(hires_request(scale=1.5)).latents, reference, atol=1e-5)
-    assert streamed.mode == "stream"
+    other = make_pipe(tiny_model, memory=mode)
+    assert torch.allclose(other.generate(hires_request(scale=1.5)).latents, reference, atol=1e-5)
+    assert other.mode == mode
+
+
+def test_on_a_small_budget_the_second_pass_picks_a_leaner_mode_for_its_size(tiny_model, pipe):
+    """A budget that holds the 64x64 pass in `full` but not the 128x128 one: the second pass is planned apart."""
+    reference = pipe.generate(hires_request()).latents
+    lean = make_pipe(tiny_model, memory="auto")
+    large = lean.memory.planned(core.planner_request(lean, TXT2IMG, GenerationRequest(**{**BASE, "height": 128, "width": 128})), None)
+    lean.memory.budget = int((large.estimates["full"] + large.estimates["stream"]) // 2 / SAFETY_MARGIN)
+    modes = []
+    prepare = lean.memory.prepare
+
+    def recorded(request, **options):
+        plan = prepare(request, **options)
+        modes.append(plan.mode)
+        return plan
+
+    lean.memory.prepare = recorded
+    assert torch.allclose(lean.generate(hires_request()).latents, reference, atol=1e-5)
+    assert modes[0] == "full" and modes[1] != "full"
 
 
 def test_the_second_pass_is_planned_for_its_own_size(pipe, monkeypatch):
