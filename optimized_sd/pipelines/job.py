@@ -117,7 +117,7 @@ class Job:
     hr_upscaler: str = DEFAULT_HR_UPSCALER  # hires.UPSCALERS: ours or AUTOMATIC1111's name
     hr_steps: int = 0  # 0: the first pass' steps
     hr_strength: float = DEFAULT_HR_STRENGTH
-    hr_sampler: str | None = None  # None: the first pass' (also for the prompts)
+    hr_sampler: str | None = None  # None: the first pass' sampler (and below, prompts)
     hr_prompt: str | None = None
     hr_negative_prompt: str | None = None
     output: OutputPolicy = field(default_factory=lambda: OutputPolicy(Path("outputs")))

@@ -26,8 +26,14 @@ from pydantic import BaseModel, ConfigDict
 
 import optimized_sd
 from optimized_sd.errors import UserError
-from optimized_sd.pipelines.defaults import DEFAULT_HR_SCALE, DEFAULT_HR_STRENGTH, DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH
-from optimized_sd.pipelines.hires import UPSCALERS, HiresFix
+from optimized_sd.pipelines.defaults import (
+    DEFAULT_HR_SCALE,
+    DEFAULT_HR_STRENGTH,
+    DEFAULT_HR_UPSCALER,
+    DEFAULT_REFINER_SWITCH,
+    DEFAULT_STRENGTH,
+)
+from optimized_sd.pipelines.hires import UPSCALERS, HiresFix, upscaler_named
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import FieldError, Generated, GenerationSpec, api_error, resolve_sampler, sampler_aliases
 from optimized_sd.server.catalog import ModelEntry
@@ -217,11 +223,11 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
 def hires_from(request: Txt2ImgRequest, width: int, height: int) -> HiresFix:
     """AUTOMATIC1111's hires fields as our second pass: an upscaler by its name; hr_resize_x/y (0 and 0: hr_scale;
     one 0: the other side by the first pass' aspect, floored to 8); empty hires prompts: the first pass' prompts."""
-    upscaler = (request.hr_upscaler or UPSCALERS["latent"].label).strip()
-    ours = next((name for name, known in UPSCALERS.items() if upscaler.lower() in (name, known.label.lower())), None)
-    if ours is None:
+    try:
+        upscaler = upscaler_named(request.hr_upscaler or DEFAULT_HR_UPSCALER)
+    except FieldError:
         offered = ", ".join(known.label for known in UPSCALERS.values())
-        raise FieldError("hr_upscaler", f"hr_upscaler {upscaler!r} is unknown; use one of {offered}")
+        raise FieldError("hr_upscaler", f"hr_upscaler {request.hr_upscaler!r} is unknown; use one of {offered}") from None
     resize = None
     x, y = request.hr_resize_x or 0, request.hr_resize_y or 0
     if x or y:
@@ -235,7 +241,7 @@ def hires_from(request: Txt2ImgRequest, width: int, height: int) -> HiresFix:
         except FieldError as error:
             raise FieldError("hr_sampler_name", f"hr_sampler_name: {error}") from None
     strength = request.denoising_strength if request.denoising_strength is not None else DEFAULT_HR_STRENGTH
-    return HiresFix(request.hr_scale, resize, ours, request.hr_second_pass_steps, strength, sampler,
+    return HiresFix(request.hr_scale, resize, upscaler, request.hr_second_pass_steps, strength, sampler,
                     request.hr_prompt or None, request.hr_negative_prompt or None)  # fmt: skip
 
 
