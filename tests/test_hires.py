@@ -55,15 +55,15 @@ def test_a_latent_second_pass_is_our_img2img_from_the_interpolated_latents(pipe,
     assert hires.images[0].size == (128, 128) and hires.seeds == [7]
 
 
-def test_an_image_upscaler_resizes_the_first_image_and_encodes_it_again(pipe):
-    """lanczos (and AUTOMATIC1111's None): the first pass' image resized by PIL, then plain img2img from it."""
+@pytest.mark.parametrize("name, resample", [("lanczos", Image.Resampling.LANCZOS), ("nearest", Image.Resampling.NEAREST)])
+def test_an_image_upscaler_resizes_the_first_image_and_encodes_it_again(pipe, name, resample):
+    """The first pass' image resized by PIL (AUTOMATIC1111's None is lanczos too), then plain img2img from it."""
     first = pipe.generate(GenerationRequest(**BASE)).images[0]
-    for name in ("lanczos", "none", "nearest"):
-        hires = pipe.generate(hires_request(upscaler=name))
-        assert "vae_encode" in pipe.meter.summary()  # the second pass encoded the upscaled image
-        resample = Image.Resampling.NEAREST if name == "nearest" else Image.Resampling.LANCZOS
-        reference = pipe.generate(GenerationRequest(**{**BASE, "steps": 3}, init_image=first.resize((128, 128), resample), strength=0.6))
-        assert torch.allclose(hires.latents, reference.latents, atol=1e-6), name
+    hires = pipe.generate(hires_request(upscaler=name))
+    assert "vae_encode" in pipe.meter.summary()  # the second pass encoded the upscaled image
+    reference = pipe.generate(GenerationRequest(**{**BASE, "steps": 3}, init_image=first.resize((128, 128), resample), strength=0.6))
+    assert torch.allclose(hires.latents, reference.latents, atol=1e-6)
+    assert UPSCALERS["none"].resample == Image.Resampling.LANCZOS and not UPSCALERS["none"].latent
 
 
 @pytest.mark.parametrize("mode", ["stream", pytest.param("turbo", marks=pytest.mark.slow), pytest.param("split", marks=pytest.mark.slow)])
