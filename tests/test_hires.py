@@ -103,8 +103,12 @@ def test_the_second_pass_is_planned_for_its_own_size(pipe, monkeypatch):
         return prepare(request, **options)
 
     monkeypatch.setattr(pipe.memory, "prepare", recorded)
+    decoded = []
+    decode = core.decode_images
+    monkeypatch.setattr(core, "decode_images", lambda pipe, x, tiled: decoded.append(x.shape[-1]) or decode(pipe, x, tiled))
     pipe.generate(hires_request())
     assert planned == [(64, 64), (128, 128)]
+    assert decoded == [16]  # a latent upscaler's first pass is not decoded (as AUTOMATIC1111)
 
 
 def test_a_resize_to_another_aspect_covers_it_and_crops_the_middle(pipe):

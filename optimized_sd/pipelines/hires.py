@@ -21,7 +21,7 @@ from optimized_sd.errors import FieldError
 from optimized_sd.pipelines.core import Task, encode_image, run_task
 from optimized_sd.pipelines.defaults import DEFAULT_HR_SCALE, DEFAULT_HR_STRENGTH, DEFAULT_HR_UPSCALER
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult
-from optimized_sd.pipelines.txt2img import TXT2IMG
+from optimized_sd.pipelines.txt2img import TXT2IMG, Txt2Img
 from optimized_sd.sampling import ProgressCallback, SamplingPlan, start_latents
 
 if TYPE_CHECKING:
@@ -161,6 +161,15 @@ class HiresPass(Task):
         return request.strength
 
 
+class LatentsOnly(Txt2Img):
+    """A first pass whose latents are upscaled: no VAE decode (AUTOMATIC1111 skips it too)."""
+
+    decodes = False
+
+
+LATENTS_ONLY = LatentsOnly()
+
+
 def upscale_latents(latents: Tensor, size: tuple[int, int], upscaler: Upscaler) -> Tensor:
     """(B, C, h, w) -> (B, C, H, W) by AUTOMATIC1111's latent mode (`size` is (H, W) in latent pixels)."""
     return F.interpolate(latents, size=size, mode=upscaler.mode, antialias=upscaler.antialias)
@@ -181,11 +190,11 @@ def run_hires(pipe: StableDiffusion, request: GenerationRequest, progress: Progr
         raise FieldError.about("hires", "is a txt2img option: it cannot run with an init image")
     size = pipe.config.default_size
     hires.check(request.width or size, request.height or size)
-    first = run_task(pipe, TXT2IMG, replace(request, hires=None), progress)
+    upscaler = UPSCALERS[upscaler_named(hires.upscaler)]
+    first = run_task(pipe, TXT2IMG if not upscaler.latent else LATENTS_ONLY, replace(request, hires=None), progress)
     downscale = pipe.config.vae.downscale
     width, height = first.latents.shape[3] * downscale, first.latents.shape[2] * downscale
     up_w, up_h, final_w, final_h = hires.target(width, height, downscale)
-    upscaler = UPSCALERS[upscaler_named(hires.upscaler)]
     final = (final_h // downscale, final_w // downscale)
     if upscaler.latent:
         task = HiresPass(latents=crop_middle(upscale_latents(first.latents, (up_h // downscale, up_w // downscale), upscaler), *final))
