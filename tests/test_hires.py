@@ -125,6 +125,7 @@ def test_the_metadata_has_automatic1111_s_hires_fields(pipe):
     assert line.endswith("Denoising strength: 0.7, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent")
     resized = pipe.generate(hires_request(resize=(128, 128), steps=0, upscaler="lanczos")).parameters[0].text()
     assert resized.endswith("Denoising strength: 0.6, Hires resize: 128x128, Hires upscaler: Lanczos")
+    assert HiresFix(sampler="euler_a", prompt="a castle").metadata()[-2:] == (("Hires sampler", "Euler a"), ("Hires prompt", "a castle"))
 
 
 @pytest.mark.parametrize(

@@ -18,11 +18,12 @@ from PIL import Image
 from torch import Tensor
 
 from optimized_sd.errors import FieldError
+from optimized_sd.pipelines.bounds import check_numbers
 from optimized_sd.pipelines.core import Task, encode_image, run_task
 from optimized_sd.pipelines.defaults import DEFAULT_HR_SCALE, DEFAULT_HR_STRENGTH, DEFAULT_HR_UPSCALER
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult
 from optimized_sd.pipelines.txt2img import TXT2IMG, Txt2Img
-from optimized_sd.sampling import ProgressCallback, SamplingPlan, start_latents
+from optimized_sd.sampling import ProgressCallback, SamplingPlan, sampler_display_name, start_latents
 
 if TYPE_CHECKING:
     from optimized_sd.pipelines.diffusion import StableDiffusion
@@ -92,8 +93,6 @@ class HiresFix:
 
     def check(self, width: int | None = None, height: int | None = None, max_side: int = MAX_HIRES_SIDE) -> None:
         """The fields (FieldError naming the hr_* field), and the second pass' size when the first's is known."""
-        from optimized_sd.pipelines.bounds import check_numbers
-
         check_numbers(hr_scale=self.scale, hr_steps=self.steps, hr_strength=self.strength)
         upscaler_named(self.upscaler)
         if self.resize is not None:
@@ -127,13 +126,14 @@ class HiresFix:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """AUTOMATIC1111's hires fields of the parameters text (its order; `Denoising strength` is the base field's)."""
-        fields = [("Hires resize", f"{self.resize[0]}x{self.resize[1]}") if self.resize else ("Hires upscale", f"{self.scale:g}")]
+        said = [("Hires resize", f"{self.resize[0]}x{self.resize[1]}") if self.resize else ("Hires upscale", f"{self.scale:g}")]
         if self.steps:
-            fields.append(("Hires steps", str(self.steps)))
-        fields.append(("Hires upscaler", UPSCALERS[upscaler_named(self.upscaler)].label))
-        others = (("Hires sampler", self.sampler), ("Hires prompt", self.prompt), ("Hires negative prompt", self.negative_prompt))
-        fields += [(name, value) for name, value in others if value is not None]
-        return tuple(fields)
+            said.append(("Hires steps", str(self.steps)))
+        said.append(("Hires upscaler", UPSCALERS[upscaler_named(self.upscaler)].label))
+        sampler = sampler_display_name(self.sampler, False) if self.sampler else None  # AUTOMATIC1111's name, as `Sampler`
+        others = (("Hires sampler", sampler), ("Hires prompt", self.prompt), ("Hires negative prompt", self.negative_prompt))
+        said += [(name, value) for name, value in others if value is not None]
+        return tuple(said)
 
 
 class HiresPass(Task):
