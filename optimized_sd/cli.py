@@ -33,7 +33,11 @@ CLI_FLAGS: dict[str, str | None] = {
     "n_rows": "--n_rows", "report_json": "--report-json", "preview_every": "--preview-every",
     "mask": "--mask", "invert_mask": "--invert-mask", "mask_blur": "--mask-blur", "area": "--inpaint-area", "padding": "--padding",
     "outpaint": "--outpaint", "masked_content": "--masked-content",
+    "hires": None,  # on with --hr-scale or --hr-resize (txt2img)
+    "hr_scale": "--hr-scale", "hr_resize": "--hr-resize", "hr_upscaler": "--hr-upscaler", "hr_steps": "--hr-steps",
+    "hr_strength": "--hr-strength", "hr_sampler": "--hr-sampler", "hr_prompt": "--hr-prompt", "hr_negative_prompt": "--hr-negative-prompt",
 }  # fmt: skip
+HIRES_FIELDS = ("hr_scale", "hr_resize", "hr_upscaler", "hr_steps", "hr_strength", "hr_sampler", "hr_prompt", "hr_negative_prompt")
 OUTPUT_FIELDS = ("outdir", "fmt", "skip_save", "skip_grid", "n_rows", "report_json", "preview_every")
 # LoadOptions field -> its flag (the generate commands, batch and serve all take them: `load_options`); None: not exposed.
 LOAD_FLAGS: dict[str, str | None] = {
@@ -140,6 +144,37 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
     return apply_options(options)
 
 
+def hires_options() -> Callable:
+    """txt2img's hires-fix flags (AUTOMATIC1111's two passes); each defaults to None so `hires_from_flags` sees what was given."""
+    return apply_options([
+        click.option("--hr-scale", "hr_scale", type=float, help=f"Hires fix: a second img2img pass at this many times --H/--W (e.g. {defaults.DEFAULT_HR_SCALE:g})."),
+        click.option("--hr-resize", "hr_resize", help="Hires fix to WIDTHxHEIGHT instead of --hr-scale (another aspect: covered, then cropped)."),
+        click.option("--hr-upscaler", "hr_upscaler", help="latent (default), latent-antialiased, latent-bicubic, latent-bicubic-antialiased, latent-nearest, "
+                     "latent-nearest-exact (the latents interpolated), or lanczos, nearest, none (the image resized and encoded again)."),
+        click.option("--hr-steps", "hr_steps", type=int, help="Second pass steps (default 0: --ddim_steps)."),
+        click.option("--hr-strength", "hr_strength", type=float, help=f"Second pass denoising strength (default {defaults.DEFAULT_HR_STRENGTH:g})."),
+        click.option("--hr-sampler", "hr_sampler", help="Second pass sampler (default: --sampler)."),
+        click.option("--hr-prompt", "hr_prompt", help="Second pass prompt (default: --prompt)."),
+        click.option("--hr-negative-prompt", "hr_negative_prompt", help="Second pass negative prompt (default: --negative-prompt)."),
+    ])  # fmt: skip
+
+
+def hires_from_flags(flags: dict) -> dict:
+    """The Job's hires fields from the --hr-* flags: --hr-scale or --hr-resize turns it on; another --hr-* flag without them is a mistake."""
+    given = {name: flags[name] for name in HIRES_FIELDS if flags.get(name) is not None}
+    if not given:
+        return {}
+    if "hr_scale" not in given and "hr_resize" not in given:
+        raise UserError(f"{CLI_FLAGS[next(iter(given))]} needs --hr-scale or --hr-resize (the hires fix is off)")
+    if "hr_resize" in given:
+        text = given["hr_resize"]
+        parts = text.lower().split("x")
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            raise FieldError.about("hr_resize", f"{text!r} must be WIDTHxHEIGHT, e.g. 1024x768")
+        given["hr_resize"] = (int(parts[0]), int(parts[1]))
+    return {**given, "hires": True}
+
+
 @click.group()
 @click.version_option(package_name="optimized-sd")
 def cli() -> None:
@@ -153,7 +188,8 @@ def job_from_flags(
     request field CLI_FLAGS maps it from (the click option's name is the field's)."""
     from optimized_sd.pipelines.job import Job, OutputPolicy
 
-    given = {name: flags[name] for name in CLI_FLAGS if name in flags and name not in OUTPUT_FIELDS}
+    given = {name: flags[name] for name in CLI_FLAGS if name in flags and name not in (*OUTPUT_FIELDS, *HIRES_FIELDS)}
+    given.update(hires_from_flags(flags))
     return Job(
         **{**given, "loras": tuple(flags["loras"])},
         prompts=(flags["prompt"],) if flags["prompt_file"] is None else (),
@@ -207,6 +243,7 @@ def run_from_flags(
 
 @cli.command()
 @generation_options("outputs/txt2img-samples", None)
+@hires_options()
 def txt2img(**flags) -> None:
     """Generate images from a prompt."""
     run_from_flags(flags)

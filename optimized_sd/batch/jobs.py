@@ -83,6 +83,16 @@ def _size(value: Any) -> dict[str, int]:
     raise TypeError('"WIDTHxHEIGHT" or [width, height]')
 
 
+def _resize(value: Any) -> tuple[int, int]:
+    """`"WxH"` or `[W, H]` -> (width, height)."""
+    size = _size(value)
+    return size["width"], size["height"]
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
 def _prompt(value: Any) -> dict[str, tuple[str, ...]]:
     if not isinstance(value, str) or not value.strip():
         raise TypeError("a non-empty string")
@@ -138,6 +148,9 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "loras": _loras,
     "refiner": _path,
     "refiner_switch": _float,
+    # hires fix: on with "hires": true, or with hr_scale / hr_resize (as the CLI's --hr-scale / --hr-resize)
+    "hires": _bool, "hr_scale": _float, "hr_resize": _resize, "hr_upscaler": _str, "hr_steps": _int, "hr_strength": _float,
+    "hr_sampler": _optional_str, "hr_prompt": _optional_str, "hr_negative_prompt": _optional_str,
 }
 # fields of the job's InpaintOptions (a line with any of them is inpainting; `mask` needs `init_image`)
 INPAINT_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -184,6 +197,8 @@ def job_from_record(record: dict[str, Any], defaults: Job) -> Job:
             inpaint[target] = converted
         else:
             changes.update(converted if isinstance(converted, dict) else {name: converted})
+    if ("hr_scale" in record or "hr_resize" in record) and "hires" not in record:
+        changes["hires"] = True
     if inpaint:
         changes["inpaint"] = dataclasses.replace(defaults.inpaint or InpaintOptions(), **inpaint)
     return dataclasses.replace(defaults, prompt_file=None, **changes)

@@ -21,6 +21,7 @@ MAX_OUTPAINT = 2048  # pixels added on one side of the canvas
 MAX_SAMPLES = 64  # images per batch (the UNet's batch)
 MAX_ITERATIONS = 10_000  # batches
 MAX_IMAGES_PER_JOB = 10_000  # n_samples x n_iter: one job, or one line of a batch file
+MAX_HR_SCALE = 8.0  # hires fix; the second pass' size is also checked against the side limit (`hires.HiresFix.target`)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ NUMBER_BOUNDS: dict[str, Bound] = {
     "mask_blur": Bound(0.0, MAX_MASK_BLUR),
     "padding": Bound(0, MAX_PADDING, whole=True),
     "outpaint": Bound(0, MAX_OUTPAINT, whole=True),  # each of the four sides
+    "hr_scale": Bound(1.0, MAX_HR_SCALE),
+    "hr_steps": Bound(0, MAX_STEPS, whole=True),  # 0: the first pass' steps
+    "hr_strength": Bound(0.0, 1.0, capped=False),
 }
 
 

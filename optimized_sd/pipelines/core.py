@@ -63,6 +63,7 @@ class Task:
 
     name = "txt2img"
     encodes_image = False  # the planner reserves room for a VAE encode
+    decodes = True  # False: the call's latents are its result, no images (a hires fix's first pass before a latent upscale)
 
     def normalise(self, request: GenerationRequest) -> GenerationRequest:
         """The request as this task runs it (img2img: the init image's size)."""
@@ -407,6 +408,7 @@ def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, prog
         check_finite(latents, "sampling produced non-finite latents (NaN/inf)")
         # The model that sampled last decodes (its VAE is the same SDXL VAE, and it is the one placed).
         last = refiner if handover is not None and handover.taken else pipe
-        images = task.finish(decode_images(last, latents, last.memory.plan.vae_tiling if last.memory.plan else tiled))
+        decode_tiled = last.memory.plan.vae_tiling if last.memory.plan else tiled
+        images = task.finish(decode_images(last, latents, decode_tiled)) if task.decodes else []
     parameters = image_parameters(pipe, task, request, seeds, plan, networks.loras, embeddings, refiner if last is refiner else None)
     return GenerationResult(images, seeds, parameters, latents)

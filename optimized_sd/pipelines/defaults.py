@@ -22,3 +22,7 @@ DEFAULT_MASK_BLUR = 4.0
 DEFAULT_PADDING = 32
 DEFAULT_MASKED_CONTENT = "original"
 DEFAULT_IMAGE_FORMAT = "png"
+# hires fix (AUTOMATIC1111's two passes)
+DEFAULT_HR_SCALE = 2.0
+DEFAULT_HR_STRENGTH = 0.7  # AUTOMATIC1111's denoising_strength default for the hires pass
+DEFAULT_HR_UPSCALER = "latent"

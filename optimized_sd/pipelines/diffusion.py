@@ -21,6 +21,7 @@ from optimized_sd.memory.report import MemoryMeter
 from optimized_sd.models.text_encoder import PromptTokenizer
 from optimized_sd.pipelines import core
 from optimized_sd.pipelines.core import Task
+from optimized_sd.pipelines.hires import run_hires
 from optimized_sd.pipelines.images import image_to_tensor, load_init_image, open_image, tensor_to_image
 from optimized_sd.pipelines.img2img import IMG2IMG
 from optimized_sd.pipelines.inpaint import Inpaint
@@ -190,7 +191,10 @@ class StableDiffusion:
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
         """One batch through its task (txt2img, or img2img with `init_image`). `progress(StepInfo)` is
         called before the first sampling step and after each; raising `errors.Interrupted` from it
-        stops the call (the stage's memory is released) and re-raises it."""
+        stops the call (the stage's memory is released) and re-raises it. With `hires` the call is two
+        passes, each planned for its own size (`pipelines.hires`)."""
+        if request.hires is not None:
+            return run_hires(self, request, progress)
         return core.run_task(self, task_for(request), request, progress)
 
     def use_tiny_decoders(self, fast: TinyAutoencoder | None, preview: TinyAutoencoder | None) -> None:

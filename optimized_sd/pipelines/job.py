@@ -21,6 +21,9 @@ from optimized_sd.pipelines.bounds import check_image_count, check_numbers
 from optimized_sd.pipelines.defaults import (
     DEFAULT_DOWNSCALE,
     DEFAULT_ETA,
+    DEFAULT_HR_SCALE,
+    DEFAULT_HR_STRENGTH,
+    DEFAULT_HR_UPSCALER,
     DEFAULT_IMAGE_FORMAT,
     DEFAULT_LATENT_CHANNELS,
     DEFAULT_N_ITER,
@@ -32,6 +35,7 @@ from optimized_sd.pipelines.defaults import (
     DEFAULT_STRENGTH,
 )
 from optimized_sd.pipelines.diffusion import GenerationRequest, StableDiffusion
+from optimized_sd.pipelines.hires import HiresFix
 from optimized_sd.pipelines.images import load_init_image, open_image
 from optimized_sd.pipelines.masks import InpaintOptions, prepare_region
 from optimized_sd.pipelines.networks import lora_weights
@@ -106,6 +110,16 @@ class Job:
     strength: float = DEFAULT_STRENGTH
     inpaint: InpaintOptions | None = None
     max_image_pixels: int | None = None  # init images over this are refused (None: images.max_image_pixels)
+    # hires fix (AUTOMATIC1111's two passes, txt2img): on with `hires`, else the hr_* fields are ignored (as AUTOMATIC1111)
+    hires: bool = False
+    hr_scale: float = DEFAULT_HR_SCALE
+    hr_resize: tuple[int, int] | None = None  # (width, height) instead of hr_scale
+    hr_upscaler: str = DEFAULT_HR_UPSCALER  # hires.UPSCALERS: ours or AUTOMATIC1111's name
+    hr_steps: int = 0  # 0: the first pass' steps
+    hr_strength: float = DEFAULT_HR_STRENGTH
+    hr_sampler: str | None = None  # None: the first pass' sampler (and below, prompts)
+    hr_prompt: str | None = None
+    hr_negative_prompt: str | None = None
     output: OutputPolicy = field(default_factory=lambda: OutputPolicy(Path("outputs")))
 
     def validate(self) -> None:
@@ -148,10 +162,29 @@ class Job:
             if not Path(self.refiner).exists():
                 raise FieldError.about("refiner", f"{self.refiner}: no such file or folder")
             check_refiner_switch(self.refiner_switch)
+        if self.hires:
+            self.check_hires()
         if self.output.preview_every < 0:
             raise UserError(f"--preview-every {self.output.preview_every} must be 0 (no previews) or more")
         if self.output.report_json is not None:
             check_report_path(self.output.report_json)
+
+    def hires_fix(self) -> HiresFix | None:
+        """The second pass each batch runs (None without `hires`)."""
+        return HiresFix.of_job(self) if self.hires else None
+
+    def check_hires(self) -> None:
+        """The hires fields, its sampler and prompts, and the second pass' size when the first's is given."""
+        hires = self.hires_fix()
+        assert hires is not None
+        if self.init_image is not None:
+            raise FieldError.about("hires", "is a txt2img option: it cannot run with an init image")
+        sizes = (self.width, self.height) if self.width is not None and self.height is not None else ()
+        hires.check(*sizes)
+        plan_steps = self.hr_steps or self.steps
+        make_plan(self.hr_sampler or self.sampler, plan_steps, strength=self.hr_strength, eta=self.eta, karras=self.karras,
+                  schedule_type=self.schedule)  # fmt: skip
+        check_prompts([p for p in (self.hr_prompt,) if p is not None], self.hr_negative_prompt or "")
 
     def check_batches(self, batches: list[list[str]]) -> None:
         """What needs the prompts (a prompt file's too): their syntax and bounds, the seeds they use, and their
@@ -215,6 +248,7 @@ class Job:
             init_image=init_image,
             strength=self.strength,
             inpaint=self.inpaint,
+            hires=self.hires_fix(),
         )
 
 

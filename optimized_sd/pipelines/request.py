@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 from torch import Tensor
@@ -28,6 +29,9 @@ from optimized_sd.pipelines.defaults import (
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import ImageParameters
 from optimized_sd.prompts.syntax import check_prompts
+
+if TYPE_CHECKING:
+    from optimized_sd.pipelines.hires import HiresFix
 
 
 @dataclass
@@ -55,6 +59,7 @@ class GenerationRequest:
     schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
     refiner: str | Path | None = None  # an SDXL refiner that takes over from an SDXL base at `refiner_switch`
     refiner_switch: float = DEFAULT_REFINER_SWITCH  # the share of the denoising the base runs (AUTOMATIC1111's "Refiner switch at")
+    hires: HiresFix | None = None  # txt2img only: AUTOMATIC1111's hires fix, a second img2img pass at a larger size
 
     @property
     def guided(self) -> bool:

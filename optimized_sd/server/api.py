@@ -26,7 +26,14 @@ from pydantic import BaseModel, ConfigDict
 
 import optimized_sd
 from optimized_sd.errors import UserError
-from optimized_sd.pipelines.defaults import DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH
+from optimized_sd.pipelines.defaults import (
+    DEFAULT_HR_SCALE,
+    DEFAULT_HR_STRENGTH,
+    DEFAULT_HR_UPSCALER,
+    DEFAULT_REFINER_SWITCH,
+    DEFAULT_STRENGTH,
+)
+from optimized_sd.pipelines.hires import UPSCALERS, HiresFix, upscaler_named
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import FieldError, Generated, GenerationSpec, api_error, resolve_sampler, sampler_aliases
 from optimized_sd.server.catalog import ModelEntry
@@ -76,6 +83,16 @@ class Txt2ImgRequest(BaseModel):
     save_images: bool = False
     refiner_checkpoint: str | None = None  # an SDXL refiner from the server's model list
     refiner_switch_at: float | None = None  # the share of the denoising the base runs (DEFAULT_REFINER_SWITCH when None)
+    # hires fix (with enable_hr; ignored without it, as AUTOMATIC1111)
+    denoising_strength: float | None = None  # DEFAULT_HR_STRENGTH when None
+    hr_scale: float = DEFAULT_HR_SCALE
+    hr_upscaler: str | None = None  # AUTOMATIC1111's names: /sdapi/v1/latent-upscale-modes and /sdapi/v1/upscalers
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -93,7 +110,6 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 # Features of the webui this server does not have: a request may send them only at their "off" value.
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "enable_hr": bool,
     "restore_faces": bool,
     "tiling": bool,
     "subseed_strength": lambda v: bool(v),
@@ -184,6 +200,8 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
             raise FieldError("refiner_checkpoint", f"model {request.refiner_checkpoint!r} not found; see {PREFIX}/sd-models")
         options["refiner"] = refiner.path
         options["refiner_switch"] = request.refiner_switch_at if request.refiner_switch_at is not None else DEFAULT_REFINER_SWITCH
+    if request.enable_hr and not img2img:
+        options["hires"] = hires_from(request, options["width"], options["height"])
     if img2img:
         assert isinstance(request, Img2ImgRequest)
         if not request.init_images:
@@ -200,6 +218,31 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
                 invert_mask=bool(request.inpainting_mask_invert),
             )
     return GenerationSpec(**options)
+
+
+def hires_from(request: Txt2ImgRequest, width: int, height: int) -> HiresFix:
+    """AUTOMATIC1111's hires fields as our second pass: an upscaler by its name; hr_resize_x/y (0 and 0: hr_scale;
+    one 0: the other side by the first pass' aspect, floored to 8); empty hires prompts: the first pass' prompts."""
+    try:
+        upscaler = upscaler_named(request.hr_upscaler or DEFAULT_HR_UPSCALER)
+    except FieldError:
+        offered = ", ".join(known.label for known in UPSCALERS.values())
+        raise FieldError("hr_upscaler", f"hr_upscaler {request.hr_upscaler!r} is unknown; use one of {offered}") from None
+    resize = None
+    x, y = request.hr_resize_x or 0, request.hr_resize_y or 0
+    if x or y:
+        x = x or max(8, y * width // height // 8 * 8)
+        y = y or max(8, x * height // width // 8 * 8)
+        resize = (x, y)
+    sampler = None
+    if request.hr_sampler_name and request.hr_sampler_name.strip().lower() != "use same sampler":
+        try:
+            sampler = resolve_sampler(request.hr_sampler_name)[0]
+        except FieldError as error:
+            raise FieldError("hr_sampler_name", f"hr_sampler_name: {error}") from None
+    strength = request.denoising_strength if request.denoising_strength is not None else DEFAULT_HR_STRENGTH
+    return HiresFix(request.hr_scale, resize, upscaler, request.hr_second_pass_steps, strength, sampler,
+                    request.hr_prompt or None, request.hr_negative_prompt or None)  # fmt: skip
 
 
 def info_json(spec: GenerationSpec, made: Generated) -> str:
@@ -231,8 +274,8 @@ def info_json(spec: GenerationSpec, made: Generated) -> str:
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": spec.strength if spec.init_image is not None else None,
-        "extra_generation_params": {},
+        "denoising_strength": spec.strength if spec.init_image is not None else spec.hires.strength if spec.hires else None,
+        "extra_generation_params": dict(spec.hires.metadata()) if spec.hires else {},
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": [],
@@ -314,6 +357,16 @@ def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None 
             {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": None, "need_inner_model": None},
             {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": None},
         ]
+
+    @route("/upscalers", ["GET"])
+    def upscalers() -> list[dict[str, Any]]:
+        """The image upscalers, as AUTOMATIC1111 lists its built-in ones (no model files)."""
+        images = [known.label for known in UPSCALERS.values() if not known.latent]
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for name in images]
+
+    @route("/latent-upscale-modes", ["GET"])
+    def latent_upscale_modes() -> list[dict[str, Any]]:
+        return [{"name": known.label} for known in UPSCALERS.values() if known.latent]
 
     @route("/sd-models", ["GET"])
     def sd_models() -> list[dict[str, Any]]:

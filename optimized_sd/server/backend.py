@@ -18,6 +18,7 @@ from optimized_sd.errors import FieldError, Interrupted, UserError
 from optimized_sd.memory.planner import MODES, parse_bytes
 from optimized_sd.pipelines.defaults import DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH
 from optimized_sd.pipelines.diffusion import StableDiffusion
+from optimized_sd.pipelines.hires import HiresFix
 from optimized_sd.pipelines.job import Job as PipelineJob
 from optimized_sd.pipelines.job import JobStep, OutputPolicy, run_job
 from optimized_sd.pipelines.load_options import LoadOptions
@@ -50,6 +51,9 @@ API_FIELDS: dict[str, str | None] = {
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     "mask": "mask", "invert_mask": "inpainting_mask_invert", "mask_blur": "mask_blur", "area": "inpaint_full_res",
     "padding": "inpaint_full_res_padding", "outpaint": None, "masked_content": "inpainting_fill",
+    "hires": "enable_hr", "hr_scale": "hr_scale", "hr_resize": "hr_resize_x", "hr_upscaler": "hr_upscaler",
+    "hr_steps": "hr_second_pass_steps", "hr_strength": "denoising_strength", "hr_sampler": "hr_sampler_name", "hr_prompt": "hr_prompt",
+    "hr_negative_prompt": "hr_negative_prompt",
 }  # fmt: skip
 
 
@@ -88,6 +92,7 @@ class GenerationSpec:
     refiner_switch: float = DEFAULT_REFINER_SWITCH  # the share of the denoising the base runs
     memory: str | None = None  # None: the server's --memory
     vram_budget: str | None = None  # None: the server's --vram-budget
+    hires: HiresFix | None = None  # txt2img: AUTOMATIC1111's hires fix (enable_hr and its hr_* fields)
 
     @property
     def task(self) -> str:
@@ -168,6 +173,8 @@ def check_spec(spec: GenerationSpec) -> None:
         if spec.inpainting_fill not in INPAINTING_FILL:
             offered = ", ".join(f"{value} ({name})" for value, name in INPAINTING_FILL.items())
             raise FieldError.about("masked_content", f"{spec.inpainting_fill} is unknown; use {offered}")
+    if spec.hires is not None:
+        spec.hires.check(spec.width, spec.height, max_side=MAX_SIDE)
     spec_job(spec, spec.init_image, inpaint_options(spec, spec.mask)).validate()
     if spec.mask is not None:
         try:
@@ -212,6 +219,7 @@ def spec_job(spec: GenerationSpec, init_image: Image.Image | None, inpaint: Inpa
         inpaint=inpaint,
         refiner=spec.refiner,
         refiner_switch=spec.refiner_switch,
+        **(spec.hires.job_fields() if spec.hires is not None else {}),
         output=OutputPolicy(Path("."), skip_save=True, skip_grid=True),  # the front ends send the PNGs
     )
 

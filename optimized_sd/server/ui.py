@@ -19,7 +19,14 @@ import gradio as gr
 from PIL import Image, ImageChops
 
 from optimized_sd.errors import FieldError, UserError
-from optimized_sd.pipelines.defaults import DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH
+from optimized_sd.pipelines.defaults import (
+    DEFAULT_HR_SCALE,
+    DEFAULT_HR_STRENGTH,
+    DEFAULT_HR_UPSCALER,
+    DEFAULT_REFINER_SWITCH,
+    DEFAULT_STRENGTH,
+)
+from optimized_sd.pipelines.hires import UPSCALERS, HiresFix
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import INPAINTING_FILL, MEMORY_CHOICES, Generated, GenerationSpec
 from optimized_sd.server.catalog import ModelCatalog
@@ -48,6 +55,8 @@ UI_CONTROLS: dict[str, str | None] = {
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     "mask": "Mask", "invert_mask": "Invert the mask", "mask_blur": "Mask blur", "area": "Inpaint area", "padding": "Padding",
     "outpaint": None, "masked_content": "Masked content",
+    "hires": "Hires fix", "hr_scale": "Upscale by", "hr_upscaler": "Upscaler", "hr_steps": "Hires steps",
+    "hr_strength": "Hires denoising strength", "hr_resize": None, "hr_sampler": None, "hr_prompt": None, "hr_negative_prompt": None,
 }  # fmt: skip
 
 
@@ -131,6 +140,17 @@ class InpaintControls:
 
 
 @dataclass
+class HiresControls:
+    """The txt2img tab's hires fix (AUTOMATIC1111's names in its API)."""
+
+    enable_hr: gr.Checkbox
+    hr_upscaler: gr.Dropdown
+    hr_scale: gr.Slider
+    hr_steps: gr.Slider
+    hr_strength: gr.Slider
+
+
+@dataclass
 class TaskForm:
     """The inputs of one tab by name; `inputs()` lists those the tab has, in field order, and the
     generate handler gets their values back by the same names (`names()`)."""
@@ -157,6 +177,11 @@ class TaskForm:
     padding: gr.Slider | None = None
     invert_mask: gr.Checkbox | None = None
     masked_content: gr.Radio | None = None
+    enable_hr: gr.Checkbox | None = None  # the HiresControls, txt2img only
+    hr_upscaler: gr.Dropdown | None = None
+    hr_scale: gr.Slider | None = None
+    hr_steps: gr.Slider | None = None
+    hr_strength: gr.Slider | None = None
 
     def names(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -233,6 +258,7 @@ class WebUI:
                 with gr.Row():
                     batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size", elem_id=f"{task}-batch-size")
                     n_iter = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id=f"{task}-batch-count")
+                hires_controls = self.hires_inputs(task) if task == "txt2img" else None
                 with gr.Row():
                     memory = gr.Dropdown(
                         choices=[SERVER_DEFAULT, *MEMORY_CHOICES], value=SERVER_DEFAULT, label="Memory mode", elem_id=f"{task}-memory-mode"
@@ -270,6 +296,7 @@ class WebUI:
         last_seed = gr.State(-1)
         infotexts = gr.State([])
         inpaint_fields = {f.name: getattr(inpaint_controls, f.name) for f in fields(InpaintControls)} if inpaint_controls else {}
+        hires_fields = {f.name: getattr(hires_controls, f.name) for f in fields(HiresControls)} if hires_controls else {}
         form = TaskForm(
             prompt=prompt,
             negative_prompt=negative,
@@ -289,6 +316,7 @@ class WebUI:
             image=image,
             strength=strength,
             **inpaint_fields,
+            **hires_fields,
         )
         outputs = [status, error, preview, gallery, parameters, report, last_seed, infotexts]
         names = form.names()
@@ -301,6 +329,21 @@ class WebUI:
         random_seed.click(lambda: -1, outputs=[seed], queue=False)
         reuse_seed.click(lambda last: last, inputs=[last_seed], outputs=[seed], queue=False)
         gallery.select(select_parameters, inputs=[infotexts], outputs=[parameters], queue=False)
+
+    @staticmethod
+    def hires_inputs(task: str) -> HiresControls:
+        """AUTOMATIC1111's "Hires. fix": a second img2img pass at a larger size, folded away until wanted."""
+        with gr.Accordion("Hires fix", open=False, elem_id=f"{task}-hires"):
+            enable = gr.Checkbox(label="Hires fix", value=False, elem_id=f"{task}-enable-hr")
+            with gr.Row():
+                upscaler = gr.Dropdown(choices=[(known.label, name) for name, known in UPSCALERS.items()], value=DEFAULT_HR_UPSCALER,
+                                       label="Upscaler", elem_id=f"{task}-hr-upscaler")  # fmt: skip
+                scale = gr.Slider(1.0, 4.0, value=DEFAULT_HR_SCALE, step=0.05, label="Upscale by", elem_id=f"{task}-hr-scale")
+            with gr.Row():
+                steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: the same)", elem_id=f"{task}-hr-steps")
+                strength = gr.Slider(0.0, 1.0, value=DEFAULT_HR_STRENGTH, step=0.01, label="Denoising strength",
+                                     elem_id=f"{task}-hr-strength")  # fmt: skip
+        return HiresControls(enable, upscaler, scale, steps, strength)
 
     @staticmethod
     def inpaint_inputs(task: str) -> tuple[gr.ImageEditor, InpaintControls]:
@@ -374,6 +417,8 @@ class WebUI:
             vram_budget=(values["vram_budget"] or "").strip() or None,
             refiner=refiner,
             refiner_switch=float(values.get("refiner_switch") or DEFAULT_REFINER_SWITCH),
+            hires=HiresFix(float(values["hr_scale"]), None, values["hr_upscaler"], int(values["hr_steps"]), float(values["hr_strength"]))
+            if values.get("enable_hr") else None,
         )
 
     def generate(self, task: str, values: dict[str, Any], request: gr.Request, outputs: list) -> Iterator[dict]:

@@ -135,7 +135,6 @@ def test_bad_requests_get_the_right_status_and_name_the_field(server):
         ("width", 65),
         ("seed", -5),
         ("batch_size", 0),
-        ("enable_hr", True),
         ("scheduler", "Exponential"),
     ):
         response = post(server, "txt2img", json={**good, field: value})
