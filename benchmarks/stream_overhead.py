@@ -6,9 +6,11 @@ Each mode runs in a worker process of its own (its peak RSS is its own, and `str
 which is process-wide, cannot touch `full`), loaded once and warmed up; the parent then asks the two for
 one generation at a time, alternating (and swapping which goes first every round) so load from other
 work on the machine falls on both. Prints each round's UNet s/step (the memory meter's sampling stage)
-and the CPU seconds of the whole call, then the medians, the ratio stream/full and each worker's peak RSS:
+and the CPU seconds of the whole call, then the medians, the ratio stream/full and each worker's peak RSS.
+One torch thread per worker by default: on a loaded machine a descheduled OpenMP thread stalls every op of
+both modes and the ratio is noise (0.7x-6x seen with two threads on two busy cores).
 
-    .venv/bin/python benchmarks/stream_overhead.py [--rounds 5] [--steps 4] [--size 256] [--models tiny,tiny-sdxl]
+    .venv/bin/python benchmarks/stream_overhead.py [--rounds 5] [--steps 4] [--size 256] [--models tiny,tiny-sdxl] [--threads 1]
 """
 
 from __future__ import annotations
@@ -105,7 +107,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--models", default="tiny,tiny-sdxl", help="benchmark model names, comma-separated")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per worker (0: torch's default; more than 1 times waits on a busy machine)"
+    )
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
