@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 def swap_tensor(owner: nn.Module, leaf: str, value: Tensor) -> None:
     """Put `value` in `owner`'s slot `leaf`: a parameter stays a parameter (no autograd: inference
-    only), anything else is a buffer. No copy, no checks: the caller placed `value` already."""
+    only; a Parameter given is kept as it is), anything else is a buffer. No copy, no checks: the caller
+    placed `value` already."""
     if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        owner._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
     else:
         owner._buffers[leaf] = value
 

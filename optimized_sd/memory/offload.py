@@ -48,6 +48,7 @@ class TensorSlot:
     kept: bool = False  # in the source's dtype (`OffloadEngine.keep_dtype`), not the compute dtype
     channels_last: bool = False  # a 4-D weight laid out (out, kh, kw, in) in memory (`OffloadEngine.channels_last`)
     host: Tensor | None = None
+    vacant: Tensor | None = None  # the placeholder it holds while away, made once (`OffloadEngine._vacant`)
 
     @property
     def nbytes(self) -> int:
@@ -60,6 +61,21 @@ class TensorSlot:
 
 
 ALIGN_BYTES = 128  # each tensor of a packed group starts on a 128-byte boundary, whatever its dtype
+
+
+@dataclass
+class ArenaPlace:
+    """Where one slot of a streamed group lands in the shared arena: its view there, and what the slot
+    holds while the group is in (that view, as a Parameter where the slot is one; None: a fresh one each
+    time, for tensors kept in their stored dtype, whose op layer caches work keyed by the weight object).
+    `source`: the tensor read from the source, kept when it views the file's mapping (memory torch did
+    not allocate, so holding the view holds no RAM: its pages are handed back all the same); a tensor the
+    source computed (fused, transposed, quantised) is read again at each load, as before."""
+
+    slot: TensorSlot
+    view: Tensor
+    held: Tensor | None
+    source: Tensor | None = None
 
 
 class Group:
@@ -156,6 +172,7 @@ class OffloadEngine:
         self.groups: dict[str, Group] = {}
         self._stage_loaded: list[Group] = []
         self._arena: Tensor | None = None  # shared home of streamed groups on the CPU lean path
+        self._arena_places: dict[str, list[ArenaPlace]] = {}  # by group, for the current arena
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         available = set(source.keys())
         # A module nested in another group's module belongs to the innermost group that names it, so a
@@ -209,9 +226,17 @@ class OffloadEngine:
         for the keys kept in their stored dtype."""
         return self.dtype if stored.is_floating_point and not kept else stored
 
-    def _placeholder(self, slot: TensorSlot) -> Tensor:
-        """What a slot holds while its group is away: shape and dtype, no memory."""
-        return torch.empty(slot.shape, dtype=slot.placed_dtype, device="meta")
+    def _vacant(self, slot: TensorSlot) -> Tensor:
+        """What a slot holds while its group is away: shape and dtype, no memory. Made once per slot: a
+        streamed group is dropped every step."""
+        if slot.vacant is None:
+            slot.vacant = self._held(slot, torch.empty(slot.shape, dtype=slot.placed_dtype, device="meta"))
+        return slot.vacant
+
+    @staticmethod
+    def _held(slot: TensorSlot, value: Tensor) -> Tensor:
+        """`value` as the slot keeps it: a Parameter (no autograd) for a parameter, else the tensor itself."""
+        return nn.Parameter(value, requires_grad=False) if slot.is_parameter else value
 
     def _prepare_host(self, group: Group) -> None:
         """Make the host copies (not for `never` groups, which go straight to the device, nor for the
@@ -222,7 +247,7 @@ class OffloadEngine:
             group.packed_host = torch.empty(group.pack_layout(), dtype=torch.uint8, pin_memory=pin)
         for slot in group.slots:
             if not keep_copy:
-                self._set(slot, self._placeholder(slot))
+                self._set(slot, self._vacant(slot))
                 continue
             value = self.source.get(slot.key).reshape(slot.shape)
             if slot.key in group.offsets:
@@ -250,29 +275,29 @@ class OffloadEngine:
     def _set(self, slot: TensorSlot, value: Tensor) -> None:
         swap_tensor(slot.owner, slot.leaf, value)
 
-    def _placed(self, slot: TensorSlot, value: Tensor) -> None:
-        """Swap in a device copy just made, and let the hook patch it (floating tensors in the compute dtype only)."""
-        self._set(slot, value)
+    def _placed(self, slot: TensorSlot, value: Tensor, held: Tensor | None = None) -> None:
+        """Swap in a device copy just made (or `held`, the form of it the slot keeps, made earlier), and let
+        the hook patch it (floating tensors in the compute dtype only)."""
+        self._set(slot, value if held is None else held)
         if self.tensor_hook is not None and slot.patchable:
             self.tensor_hook(slot.key, value)
 
     def _copy_in(self, group: Group) -> None:
         """Device copies of the group's tensors, from the host copy or the file."""
         non_blocking = self.host == "pinned"
+        in_arena = group.packed_host is None and self._uses_arena(group)
         if group.packed_host is not None:
             group.packed_device = group.packed_host.to(self.device, non_blocking=non_blocking, copy=True)
-        elif self._uses_arena(group):
+        elif in_arena:
             group.packed_device = self._shared_arena()
+            self._fill_arena(group)
         # Every tensor placed below is a copy, so the file pages it was read from are handed back as soon as
         # it is made: a group read whole (`turbo`'s denoiser, `split`'s halves) never holds its file pages
         # beside its copies (SD 1.5's UNet on the CPU: 1.7 GB of fp16 pages beside 3.4 GB of fp32).
         for slot in group.slots:
             if slot.key in group.offsets and group.packed_device is not None:
-                view = group.view(group.packed_device, slot)
-                if group.packed_host is None:  # arena: cast straight from the file into place
-                    view.copy_(self.source.get(slot.key).reshape(slot.shape))
-                    self.source.release([slot.key])
-                self._placed(slot, view)
+                if not in_arena:
+                    self._placed(slot, group.view(group.packed_device, slot))
                 continue
             value = slot.host if slot.host is not None else self.source.get(slot.key)
             value = value.reshape(slot.shape).to(device=self.device, dtype=slot.placed_dtype, non_blocking=non_blocking, copy=True)
@@ -305,6 +330,35 @@ class OffloadEngine:
         if self.prefetch_enabled:
             self._prefetch_after(group.spec.name)
         return (positions, *rest)
+
+    def _fill_arena(self, group: Group) -> None:
+        """Cast the group's packed tensors from the file straight into their places in the shared arena,
+        each one's file pages handed back once it is copied. Runs for every block of every step, so
+        nothing is made per tensor here that can be made once per arena."""
+        for place in self._places_in_arena(group):
+            slot = place.slot
+            value = place.source
+            if value is None:
+                value = self.source.get(slot.key).reshape(slot.shape)
+                if not value.untyped_storage().resizable():  # a view of the mapping, not memory of torch's
+                    place.source = value
+            place.view.copy_(value)
+            self.source.release([slot.key])
+            self._placed(slot, place.view, place.held)
+
+    def _places_in_arena(self, group: Group) -> list[ArenaPlace]:
+        """The group's packed slots' places in the current arena, made at the group's first load into it:
+        re-making each view and Parameter at every load was most of `stream`'s own cost per step on the CPU."""
+        places = self._arena_places.get(group.spec.name)
+        if places is None:
+            arena = self._shared_arena()
+            places = []
+            for slot in group.slots:
+                if slot.key in group.offsets:
+                    view = group.view(arena, slot)
+                    places.append(ArenaPlace(slot, view, None if slot.kept else self._held(slot, view)))
+            self._arena_places[group.spec.name] = places
+        return places
 
     def _shared_arena(self) -> Tensor:
         """The buffer streamed groups share on the CPU lean path, made at first use, dropped at stage end."""
@@ -392,6 +446,7 @@ class OffloadEngine:
                 if group.spec.release == "after_forward" and group.resident:
                     self.release(group.spec.name)
             self._arena = None
+            self._arena_places.clear()
 
     def resident_names(self) -> tuple[str, ...]:
         return tuple(name for name, group in self.groups.items() if group.resident)
@@ -411,7 +466,7 @@ class OffloadEngine:
     def _drop(self, group: Group) -> None:
         """Forget a group's device copies, whatever its release rule (slots back to host copies or placeholders)."""
         for slot in group.slots:
-            self._set(slot, slot.host if slot.host is not None else self._placeholder(slot))
+            self._set(slot, slot.host if slot.host is not None else self._vacant(slot))
         group.resident = False
         group.ready = None
         group.packed_device = None
@@ -432,6 +487,7 @@ class OffloadEngine:
             group.packed_host = None
         self._stage_loaded = []
         self._arena = None
+        self._arena_places.clear()
         self.copy_stream = None
         self.events.clear()
 
