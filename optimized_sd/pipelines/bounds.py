@@ -20,6 +20,8 @@ MAX_PADDING = 10_000  # pixels around the mask's box ("only masked")
 MAX_OUTPAINT = 2048  # pixels added on one side of the canvas
 MAX_SAMPLES = 64  # images per batch (the UNet's batch)
 MAX_ITERATIONS = 10_000  # batches
+MAX_GUIDANCE = 100.0  # Flux.1 dev's distilled guidance; Forge's slider stops at 30
+MAX_SEQUENCE_LENGTH = 512  # T5 positions Flux.1 was trained with
 MAX_IMAGES_PER_JOB = 10_000  # n_samples x n_iter: one job, or one line of a batch file
 
 
@@ -51,6 +53,8 @@ NUMBER_BOUNDS: dict[str, Bound] = {
     "mask_blur": Bound(0.0, MAX_MASK_BLUR),
     "padding": Bound(0, MAX_PADDING, whole=True),
     "outpaint": Bound(0, MAX_OUTPAINT, whole=True),  # each of the four sides
+    "guidance": Bound(0.0, MAX_GUIDANCE),  # a guidance-distilled model's value (Flux.1 dev)
+    "max_sequence_length": Bound(1, MAX_SEQUENCE_LENGTH, whole=True, capped=False),  # T5 tokens (Flux.1)
 }
 
 
@@ -78,9 +82,11 @@ def shown(value: float) -> str:
 
 
 def check_numbers(**values: object) -> None:
-    """Each keyword (a field of NUMBER_BOUNDS) within its range; the first one out of it is the error."""
+    """Each keyword (a field of NUMBER_BOUNDS) within its range; the first one out of it is the error. None
+    is not checked: the field takes the model family's default."""
     for field, value in values.items():
-        check_number(field, value)
+        if value is not None:
+            check_number(field, value)
 
 
 def check_image_count(n_samples: int, n_iter: int) -> None:
