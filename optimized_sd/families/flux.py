@@ -177,6 +177,8 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
 
     path = Path(path)
     extra = [Path(p) for p in text_encoders]
+    for given in extra:  # before the files are put together, so a transformer here is named as such
+        refuse_transformer(given)
     if path.is_dir():
         groups = folder_files(path)
         checkpoint_files: list[Path] = []
@@ -197,8 +199,6 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
             held = ", ".join(PART_WORDS[part] for part in info.parts)
             flag = "--vae" if info.parts == ("vae",) else "--text-encoder"
             raise UserError(f"--ckpt {given} holds a {held}, not a Flux transformer; give it with {flag}")
-        if given in extra and info.transformer is not None:
-            raise UserError(f"--text-encoder {given} holds a Flux transformer; give it with --ckpt")
         if vae is not None and given == Path(vae) and "vae" not in info.parts:
             raise UserError(f"--vae {given} holds no VAE ({', '.join(PART_WORDS[p] for p in info.parts)})")
     for part in ("clip_l", "t5", "vae"):
@@ -229,6 +229,21 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
     for component in components.values():
         report.known_extras.update(component.report.known_extras)
     return LoadedModel(model, config, Checkpoint(source, path), source, report)
+
+
+def refuse_transformer(path: Path) -> None:
+    """A `--text-encoder` file holding a Flux transformer is a one-line error naming --ckpt."""
+    from optimized_sd.weights.flux_keys import identify_flux
+    from optimized_sd.weights.loading import open_weight_file
+
+    if not path.is_file():
+        raise UserError(f"--text-encoder {path}: no such file")
+    source = open_weight_file(path)
+    try:
+        if identify_flux(source.shapes(), str(path)).transformer is not None:
+            raise UserError(f"--text-encoder {path} holds a Flux transformer; give it with --ckpt")
+    finally:
+        source.close()
 
 
 def open_sharded(groups: list[list[Path]]):

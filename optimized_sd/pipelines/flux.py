@@ -115,7 +115,7 @@ class FluxDiffusion(StableDiffusion):
         return replace(
             request,
             guidance=(GUIDANCE_DEFAULT if request.guidance is None else request.guidance) if dev else None,
-            max_sequence_length=request.max_sequence_length or MAX_SEQUENCE[self.config.family],
+            max_sequence_length=MAX_SEQUENCE[self.config.family] if request.max_sequence_length is None else request.max_sequence_length,
         )
 
     def sampling_for(self, request: GenerationRequest) -> ModelSampling:

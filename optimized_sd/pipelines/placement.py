@@ -147,7 +147,10 @@ def group_specs(row: MemoryMode, model: nn.Module, unit_params: int | None = Non
     stage_groups = [*text_groups(model, streamed), GroupSpec("vae_encoder", paths.vae_encoder), GroupSpec("vae_decoder", paths.vae_decoder)]
     release = row.denoiser_release
     if row.denoiser == "whole":
-        return stage_groups + [GroupSpec("unet", (paths.denoiser,), release)]
+        # a denoiser given as units is entered by its first unit's first module (a DiT's hoisted embedders are
+        # called before its forward), not by its own forward
+        whole = tuple(path for unit in stream_units(model) for path in unit) if paths.denoiser_units else (paths.denoiser,)
+        return stage_groups + [GroupSpec("unet", whole, release)]
     if row.denoiser == "halves":
         first, second = unet_halves(model)
         return stage_groups + [GroupSpec("unet_half_1", first, release), GroupSpec("unet_half_2", second, release)]
