@@ -72,7 +72,7 @@ def load_options(memory_help: str = "auto, full, turbo, split or stream.") -> Ca
         click.option("--config", type=path, help="JSON model config overriding the one read off the weights."),
         click.option("--tokenizer", type=path, multiple=True,
                      help="Tokenizer folder: CLIP's (vocab.json and merges.txt, or tokenizer.json); for Flux also T5's (spiece.model); repeatable."),
-        click.option("--text-encoder", "text_encoders", type=path, multiple=True,
+        click.option("--text-encoder", "text_encoders", type=path, multiple=True, default=LOADING.text_encoders,
                      help="A text tower file for a checkpoint without it (Flux: clip_l.safetensors, t5xxl_*.safetensors); repeatable."),
         click.option("--ema", is_flag=True, help="Use the checkpoint's EMA UNet weights."),
         click.option("--vae", type=path, help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's, or a TAESD decoder (taesd_decoder.*) for fast decodes."),

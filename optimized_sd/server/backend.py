@@ -50,6 +50,7 @@ API_FIELDS: dict[str, str | None] = {
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     "mask": "mask", "invert_mask": "inpainting_mask_invert", "mask_blur": "mask_blur", "area": "inpaint_full_res",
     "padding": "inpaint_full_res_padding", "outpaint": None, "masked_content": "inpainting_fill",
+    "guidance": None, "max_sequence_length": None,  # Flux.1 fields: the CLI and the library for now
 }  # fmt: skip
 
 

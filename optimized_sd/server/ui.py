@@ -48,6 +48,7 @@ UI_CONTROLS: dict[str, str | None] = {
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     "mask": "Mask", "invert_mask": "Invert the mask", "mask_blur": "Mask blur", "area": "Inpaint area", "padding": "Padding",
     "outpaint": None, "masked_content": "Masked content",
+    "guidance": None, "max_sequence_length": None,  # Flux.1 fields: the CLI and the library for now
 }  # fmt: skip
 
 
