@@ -271,3 +271,22 @@ def test_cli_txt2img(dev, tmp_path, capsys):
     assert "Distilled CFG Scale: 4" in Image.open(image).info["parameters"]
     code, out, err = run_cli(capsys, "txt2img", "--ckpt", dev.files["transformer"], "--max-sequence-length", 0, "--device", "cpu")
     assert code == 1 and "--max-sequence-length" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_names_the_variant_and_its_parts(dev, schnell):
+    from optimized_sd.weights.inspect import describe_checkpoint, format_info
+
+    text = format_info(describe_checkpoint(dev.files["transformer"], hashes=False))
+    assert "Flux.1 dev" in text and "Flux transformer" in text and "float32" in text
+    assert "missing" in text and "CLIP-L text encoder (--text-encoder)" in text and "Flux VAE (--vae)" in text
+    assert "Flux.1 schnell" in format_info(describe_checkpoint(schnell.files["transformer"], hashes=False))
+
+
+def test_stream_units_cover_every_weight_once(dev):
+    from optimized_sd.pipelines.placement import stream_units
+
+    pipe = dev.load()
+    units = [path for unit in stream_units(pipe.model) for path in unit]
+    owned = [name for path in units for name, _ in pipe.model.get_submodule(path).named_parameters(prefix=path)]
+    every = [name for name, _ in pipe.model.model.diffusion_model.named_parameters(prefix="model.diffusion_model")]
+    assert sorted(owned) == sorted(every)
