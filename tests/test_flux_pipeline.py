@@ -13,7 +13,7 @@ from PIL import Image
 
 from optimized_sd.errors import FieldError, UserError
 from optimized_sd.models.flux import unpack_latents
-from optimized_sd.pipelines.diffusion import GenerationRequest, load
+from optimized_sd.pipelines.diffusion import GenerationRequest, InpaintOptions, load
 from optimized_sd.weights.flux_keys import COMFY_TRANSFORMER_PREFIX
 from tests.cli_runs import run_cli
 from tests.family_models import VOCAB, save, write_tokenizer
@@ -290,3 +290,34 @@ def test_stream_units_cover_every_weight_once(dev):
     owned = [name for path in units for name, _ in pipe.model.get_submodule(path).named_parameters(prefix=path)]
     every = [name for name, _ in pipe.model.model.diffusion_model.named_parameters(prefix="model.diffusion_model")]
     assert sorted(owned) == sorted(every)
+
+
+def test_inpaint_latents_equal_diffusers(dev, monkeypatch):
+    """A 4-channel blend as FluxInpaintPipeline: the unmasked latents put back noised to each next sigma (the mask
+    binary, no blur; the reference's latent sampling pinned to the posterior mean, as ours)."""
+    import diffusers.pipelines.flux.pipeline_flux_inpaint as inpaint_module
+
+    original = inpaint_module.retrieve_latents
+
+    def mean_latents(output, generator=None, sample_mode="sample"):
+        return original(output, sample_mode="argmax")
+
+    monkeypatch.setattr(inpaint_module, "retrieve_latents", mean_latents)
+    size = 64
+    image = Image.fromarray((torch.rand(size, size, 3, generator=torch.Generator().manual_seed(4)) * 255).byte().numpy())
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (0, 0, 32, 48))
+    pipe = dev.load()
+    request = GenerationRequest(
+        prompts=[PROMPT], seed=42, height=size, width=size, max_sequence_length=T5_LENGTH, steps=4, strength=0.7,
+        init_image=image, inpaint=InpaintOptions(mask, mask_blur=0),
+    )
+    result = pipe.generate(request)
+    pipeline = dev.diffusers_pipeline(diffusers.FluxInpaintPipeline)
+    with torch.no_grad():
+        packed = pipeline(
+            prompt=PROMPT, image=image, mask_image=mask, height=size, width=size, num_inference_steps=4, strength=0.7,
+            guidance_scale=3.5, max_sequence_length=T5_LENGTH, generator=torch.Generator("cpu").manual_seed(42), output_type="latent",
+        ).images
+    expected = unpack_latents(packed, size // 8, size // 8)
+    assert torch.allclose(result.latents, expected, atol=1e-4), (result.latents - expected).abs().max()
