@@ -154,16 +154,16 @@ def diffusers_flux_transformer(folder: Path) -> Path | None:
     return folder / "transformer"
 
 
-def folder_files(folder: Path) -> list[Path]:
-    """A diffusers Flux folder's weight files: every safetensors file of transformer/, vae/, text_encoder/ and
-    text_encoder_2/ (sharded parts are read as one source per folder)."""
+def folder_files(folder: Path) -> list[list[Path]]:
+    """A diffusers Flux folder's weight files, per part: every safetensors file of transformer/, vae/,
+    text_encoder/ and text_encoder_2/ (a sharded part is read as one source)."""
     files = []
     for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         found = sorted((folder / part).glob("*.safetensors"))
         if not found:
             raise CheckpointError(f"diffusers folder part {folder / part} holds no .safetensors file")
         files.append(found)
-    return files  # type: ignore[return-value]
+    return files
 
 
 def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Path | str | None = None):
@@ -179,23 +179,18 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
     extra = [Path(p) for p in text_encoders]
     for given in extra:  # before the files are put together, so a transformer here is named as such
         refuse_transformer(given)
+    flagged = [*extra, *([Path(vae)] if vae is not None else [])]
     if path.is_dir():
-        groups = folder_files(path)
-        checkpoint_files: list[Path] = []
-        sharded = []
-        for files in groups:
-            sharded.append(files)
-        parts, found = open_sharded(sharded)
+        parts, found = open_sharded(folder_files(path))
+        if flagged:
+            more, more_found = open_flux_files(flagged)
+            parts.update(more)  # the flags replace the folder's own parts
+            found.update(more_found)
     else:
-        checkpoint_files = [path]
-        parts, found = open_flux_files([path, *extra, *([Path(vae)] if vae is not None else [])])
-    if path.is_dir() and (extra or vae is not None):
-        more, more_found = open_flux_files([*extra, *([Path(vae)] if vae is not None else [])])
-        parts.update(more)  # the flags replace the folder's own parts
-        found.update(more_found)
+        parts, found = open_flux_files([path, *flagged])
     for name, info in found.items():
         given = Path(name)
-        if given in checkpoint_files and info.transformer is None:
+        if given == path and info.transformer is None:
             held = ", ".join(PART_WORDS[part] for part in info.parts)
             flag = "--vae" if info.parts == ("vae",) else "--text-encoder"
             raise UserError(f"--ckpt {given} holds a {held}, not a Flux transformer; give it with {flag}")
