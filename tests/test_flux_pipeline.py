@@ -77,11 +77,8 @@ class TinyFlux:
 
     def load(self, **options):
         """Loaded from BFL + separate files through the flags' options."""
-        options = {"device": "cpu", "precision": "full", "memory": "full", **options}
-        return load(
-            self.files["transformer"], vae=self.files["vae"], text_encoders=(self.files["clip"], self.files["t5"]),
-            tokenizer=(self.clip_tokenizer, self.t5_tokenizer), **options,
-        )
+        options = {"device": "cpu", "precision": "full", "memory": "full", "tokenizer": (self.clip_tokenizer, self.t5_tokenizer), **options}
+        return load(self.files["transformer"], vae=self.files["vae"], text_encoders=(self.files["clip"], self.files["t5"]), **options)
 
     def diffusers_pipeline(self, kind=None):
         from transformers import CLIPTokenizer, T5Tokenizer
@@ -222,11 +219,12 @@ def test_memory_modes_equal_full(dev, mode):
     assert torch.allclose(other.latents, full.latents, atol=1e-5), (other.latents - full.latents).abs().max()
 
 
-def test_hoisted_modulation_equals_per_call(dev):
+@pytest.mark.parametrize("sampler", ["heun", "dpm2"])  # dpm2 also calls between the grid's sigmas
+def test_hoisted_modulation_equals_per_call(dev, sampler):
     pipe = dev.load(memory="stream")
-    hoisted = ours(pipe, steps=3, sampler="heun").latents
+    hoisted = ours(pipe, steps=3, sampler=sampler).latents
     pipe.hoist_modulation = False
-    plain = ours(pipe, steps=3, sampler="heun").latents
+    plain = ours(pipe, steps=3, sampler=sampler).latents
     assert torch.allclose(hoisted, plain, atol=1e-5), (hoisted - plain).abs().max()
 
 
@@ -321,3 +319,13 @@ def test_inpaint_latents_equal_diffusers(dev, monkeypatch):
         ).images
     expected = unpack_latents(packed, size // 8, size // 8)
     assert torch.allclose(result.latents, expected, atol=1e-4), (result.latents - expected).abs().max()
+
+
+def test_tokenizer_folders_told_apart(dev, tmp_path):
+    from optimized_sd.pipelines.flux import tokenizer_kind
+
+    assert (tokenizer_kind(dev.clip_tokenizer), tokenizer_kind(dev.t5_tokenizer)) == ("clip", "t5")
+    with pytest.raises(UserError, match="are both CLIP tokenizers"):
+        dev.load(tokenizer=(dev.clip_tokenizer, write_tokenizer(tmp_path / "other", False)))
+    with pytest.raises(UserError, match="neither a CLIP tokenizer"):
+        dev.load(tokenizer=(tmp_path,))
