@@ -294,7 +294,7 @@ class VaeDecoder:
         if self.fp32 is None:
             with torch.device("meta"):
                 vae = AutoencoderKL(self.pipe.config.vae)
-            for name in ("post_quant_conv", "decoder"):
+            for name in ("post_quant_conv", "decoder") if self.pipe.config.vae.use_quant_conv else ("decoder",):
                 materialize(vae.get_submodule(name), f"first_stage_model.{name}.", self.pipe.loaded.source, self.pipe.device, torch.float32)
             self.fp32 = vae
         return self.fp32
