@@ -188,7 +188,7 @@ class StableDiffusion:
         """Plan the call and place the weights for it (what `generate` does first; a benchmark
         calls it alone to time loading apart from generating)."""
         task = task_for(request)
-        return self.memory.prepare(core.planner_request(self, task, task.normalise(request)))
+        return self.memory.prepare(core.planner_request(self, task, self.with_defaults(task.normalise(request))))
 
     def use_loras(self, weights: Mapping[Path, float]) -> None:
         """Make `weights` (file -> weight) the LoRAs merged into the weights as the memory engine places
