@@ -223,6 +223,9 @@ def test_memory_modes_equal_full(dev, mode):
 def test_hoisted_modulation_equals_per_call(dev, sampler):
     pipe = dev.load(memory="stream")
     hoisted = ours(pipe, steps=3, sampler=sampler).latents
+    loads = [group for action, group, _ in pipe.engine.events if action == "load"]
+    if sampler == "heun":  # the adaLN weights move once per run, every block once per transformer call (5 for Heun)
+        assert (loads.count("unet.time_in"), loads.count("unet.double_blocks.0.img_norm1")) == (1, 5)
     pipe.hoist_modulation = False
     plain = ours(pipe, steps=3, sampler=sampler).latents
     assert torch.allclose(hoisted, plain, atol=1e-5), (hoisted - plain).abs().max()
