@@ -36,6 +36,8 @@ CLI_FLAGS: dict[str, str | None] = {
     "hires": None,  # on with --hr-scale or --hr-resize (txt2img)
     "hr_scale": "--hr-scale", "hr_resize": "--hr-resize", "hr_upscaler": "--hr-upscaler", "hr_steps": "--hr-steps",
     "hr_strength": "--hr-strength", "hr_sampler": "--hr-sampler", "hr_prompt": "--hr-prompt", "hr_negative_prompt": "--hr-negative-prompt",
+    "outpaint": "--outpaint", "masked_content": "--masked-content", "guidance": "--guidance",
+    "max_sequence_length": "--max-sequence-length",
 }  # fmt: skip
 HIRES_FIELDS = ("hr_scale", "hr_resize", "hr_upscaler", "hr_steps", "hr_strength", "hr_sampler", "hr_prompt", "hr_negative_prompt")
 OUTPUT_FIELDS = ("outdir", "fmt", "skip_save", "skip_grid", "n_rows", "report_json", "preview_every")
@@ -44,7 +46,7 @@ LOAD_FLAGS: dict[str, str | None] = {
     "config": "--config", "ema": "--ema", "vae": "--vae", "prediction": "--prediction", "device": "--device",
     "precision": "--precision", "memory": "--memory", "vram_budget": "--vram-budget", "attention": "--attention",
     "vae_tiling": "--vae-tiling", "tokenizer": "--tokenizer", "lora_dir": "--lora-dir", "embeddings_dir": "--embeddings-dir",
-    "weights": "--weights", "int8_matmul": None, "channels_last": None,
+    "weights": "--weights", "int8_matmul": None, "channels_last": None, "text_encoders": "--text-encoder",
     "preview_decoder": None,  # the generate commands' --preview/--preview-decoder/--vae choose it (`preview_decoder_path`)
 }  # fmt: skip
 LOADING = LoadOptions()  # the defaults the load flags show
@@ -73,7 +75,10 @@ def load_options(memory_help: str = "auto, full, turbo, split or stream.") -> Ca
     path = click.Path(path_type=Path)
     return apply_options([
         click.option("--config", type=path, help="JSON model config overriding the one read off the weights."),
-        click.option("--tokenizer", type=path, help="CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json)."),
+        click.option("--tokenizer", type=path, multiple=True,
+                     help="Tokenizer folder: CLIP's (vocab.json and merges.txt, or tokenizer.json); for Flux also T5's (spiece.model); repeatable."),
+        click.option("--text-encoder", "text_encoders", type=path, multiple=True, default=LOADING.text_encoders,
+                     help="A text tower file for a checkpoint without it (Flux: clip_l.safetensors, t5xxl_*.safetensors); repeatable."),
         click.option("--ema", is_flag=True, help="Use the checkpoint's EMA UNet weights."),
         click.option("--vae", type=path, help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's, or a TAESD decoder (taesd_decoder.*) for fast decodes."),
         click.option("--prediction", default=LOADING.prediction, show_default=True, help="auto, eps or v: what the UNet predicts (auto: what the file says, else the family's default)."),
@@ -113,12 +118,17 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
                      help="Share of the denoising the base runs before the refiner takes over (by timestep, as AUTOMATIC1111)."),
         click.option("--H", "height", type=int, default=default_size, help=f"Image height in {size_help}."),
         click.option("--W", "width", type=int, default=default_size, help=f"Image width in {size_help}."),
-        click.option("--C", "latent_channels", type=int, default=defaults.DEFAULT_LATENT_CHANNELS, show_default=True, help="Latent channels."),
+        click.option("--C", "latent_channels", type=int, help="Latent channels (default: the model's, 4 SD, 16 Flux)."),
         click.option("--f", "downscale", type=int, default=defaults.DEFAULT_DOWNSCALE, show_default=True, help="VAE downscale factor."),
-        click.option("--ddim_steps", "--steps", "steps", type=int, default=defaults.DEFAULT_STEPS, show_default=True, help="Sampling steps (all samplers)."),
-        click.option("--scale", type=float, default=defaults.DEFAULT_SCALE, show_default=True, help="Classifier-free guidance scale (1 turns guidance off)."),
+        click.option("--ddim_steps", "--steps", "steps", type=int,
+                     help=f"Sampling steps (default: the family's, {defaults.DEFAULT_STEPS} SD, 28 Flux.1 dev, 4 schnell)."),
+        click.option("--scale", type=float,
+                     help=f"Classifier-free guidance scale, 1 turns it off (default: the family's, {defaults.DEFAULT_SCALE:g} SD, 1 Flux)."),
+        click.option("--guidance", type=float, help="Flux.1 dev's distilled guidance (default 3.5; no effect on schnell)."),
+        click.option("--max-sequence-length", "max_sequence_length", type=int,
+                     help="Flux.1: T5 tokens per prompt, 1 to 512 (default: dev 512, schnell 256)."),
         click.option("--ddim_eta", "eta", type=float, default=defaults.DEFAULT_ETA, show_default=True, help="DDIM eta (0: deterministic)."),
-        click.option("--sampler", default=defaults.DEFAULT_SAMPLER, show_default=True, help="ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde."),
+        click.option("--sampler", help=f"ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde (default: the family's, {defaults.DEFAULT_SAMPLER} SD, euler Flux)."),
         click.option("--karras", is_flag=True, help="Karras sigma schedule (k-samplers only); same as --schedule karras."),
         click.option("--schedule", help="k-sampler sigma grid: linspace (default, diffusers'), automatic, uniform, karras, exponential, sgm_uniform."),
         click.option("--lora", "loras", multiple=True, help="LoRA file, FILE or FILE:WEIGHT (repeatable; default weight 1)."),
@@ -219,7 +229,7 @@ def run_from_flags(
         if step.info.step == 0:
             for bar in bars:
                 bar.close()
-            bars[:] = [tqdm(total=step.info.total, desc=f"sampling ({step.request.sampler})", unit="step", leave=False)]
+            bars[:] = [tqdm(total=step.info.total, desc=f"sampling ({step.request.sampler or 'default'})", unit="step", leave=False)]
         bars[0].n = step.info.step
         bars[0].refresh()
 
@@ -231,7 +241,10 @@ def run_from_flags(
             bar.close()
     config = result.pipeline.config
     prediction = "v" if config.prediction_type == "v_prediction" else "eps"
-    click.echo(f"{config.family_name}, {prediction} prediction ({result.pipeline.prediction_reason})")
+    if config.record.prediction == "flow":
+        click.echo(f"{config.family_name}, flow matching")
+    else:
+        click.echo(f"{config.family_name}, {prediction} prediction ({result.pipeline.prediction_reason})")
     click.echo(f"seed {result.first_seed}" + (" (random)" if flags["seed"] is None else ""))
     written = result.written
     click.echo(f"mode {describe_memory(result.pipeline)}; {len(result.images)} image(s)" + (f", wrote {len(written)} file(s):" if written else ""))

@@ -173,6 +173,7 @@ BATCH_KEYS: dict[str, str | None] = {
     "output": None, "outdir": None, "fmt": None, "skip_save": None, "skip_grid": None, "n_rows": None, "report_json": None,
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     **{target: name for name, (target, _) in INPAINT_FIELDS.items()},
+    "guidance": None, "max_sequence_length": None,  # Flux.1 fields: the CLI and the library for now
 }  # fmt: skip
 
 

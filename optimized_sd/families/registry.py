@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from optimized_sd.errors import UserError
 from optimized_sd.memory.planner import UnetActivations
@@ -71,6 +71,10 @@ class Units:
     vae_encoder: tuple[str, ...] = ("first_stage_model.encoder", "first_stage_model.quant_conv")
     vae_decoder: tuple[str, ...] = ("first_stage_model.post_quant_conv", "first_stage_model.decoder")
     text_root: str = "cond_stage_model"
+    # A denoiser that is not a UNet of named blocks: its streamed units (tuples of paths under `denoiser`, each
+    # run first module to last) in call order; the first `hoisted` run once per sampling run, not per step.
+    denoiser_units: Callable[[Any], list[tuple[str, ...]]] | None = None
+    hoisted: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class Defaults:
     v_size: int | None = None  # the side of the family's v-prediction models, when another
     steps: int = 50
     sampler: str = "plms"
+    scale: float = 7.5  # classifier-free guidance (1: off, one denoiser pass per step)
 
     def size_for(self, prediction_type: str) -> int:
         return self.v_size if self.v_size is not None and prediction_type == V_PREDICTION else self.size
@@ -93,6 +98,18 @@ class DiffusersLayout:
 
     linear_projection: bool = False
     addition_embed_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Loader:
+    """How a family whose files are not one LDM checkpoint opens (Flux: a transformer, a VAE and text towers
+    in several files): `claims(path)` says whether a checkpoint path is this family's, `prepare(path, parts,
+    vae)` builds its model on `meta` as a `weights.loading.LoadedModel` (`parts`: the `--text-encoder` files),
+    and `pipeline` is the `StableDiffusion` subclass that runs it."""
+
+    claims: Callable[[Path], bool]
+    prepare: Callable[..., Any]
+    pipeline: Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -124,6 +141,7 @@ class FamilyRecord:
     unet_in_channels: int = 4  # what its UNet's first conv takes (9: an inpainting UNet)
     unet_heads: int | None = 8  # a fixed UNet head count (SD 1.x), or None: one head per 64 channels
     refiner: str | None = None  # the family id of the refiner that may take over its sampling (SDXL base)
+    loader: Loader | None = None  # a family that opens its own files and runs its own pipeline class (None: SD's)
 
     @property
     def family_id(self) -> str:
@@ -150,7 +168,8 @@ def _ensure_builtin() -> None:
     global _builtin_loaded
     if not _builtin_loaded:
         _builtin_loaded = True
-        import optimized_sd.families.sd  # noqa: F401  (registers on import)
+        import optimized_sd.families.flux  # noqa: F401  (registers on import)
+        import optimized_sd.families.sd  # noqa: F401
 
 
 def register(record: FamilyRecord) -> FamilyRecord:
@@ -204,6 +223,11 @@ def detect(shapes: Shapes) -> FamilyRecord | None:
                 record.check(shapes)
             return record
     return None
+
+
+def claiming(path: Path) -> FamilyRecord | None:
+    """The first family with its own `loader` that claims the checkpoint at `path` (None: an SD checkpoint)."""
+    return next((record for record in records() if record.loader is not None and record.loader.claims(path)), None)
 
 
 T = TypeVar("T")

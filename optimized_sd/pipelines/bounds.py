@@ -20,6 +20,8 @@ MAX_PADDING = 10_000  # pixels around the mask's box ("only masked")
 MAX_OUTPAINT = 2048  # pixels added on one side of the canvas
 MAX_SAMPLES = 64  # images per batch (the UNet's batch)
 MAX_ITERATIONS = 10_000  # batches
+MAX_GUIDANCE = 100.0  # Flux.1 dev's distilled guidance; Forge's slider stops at 30
+MAX_SEQUENCE_LENGTH = 512  # T5 positions Flux.1 was trained with
 MAX_IMAGES_PER_JOB = 10_000  # n_samples x n_iter: one job, or one line of a batch file
 MAX_HR_SCALE = 8.0  # hires fix; the second pass' size is also checked against the side limit (`hires.HiresFix.target`)
 
@@ -55,6 +57,8 @@ NUMBER_BOUNDS: dict[str, Bound] = {
     "hr_scale": Bound(1.0, MAX_HR_SCALE),
     "hr_steps": Bound(0, MAX_STEPS, whole=True),  # 0: the first pass' steps
     "hr_strength": Bound(0.0, 1.0, capped=False),
+    "guidance": Bound(0.0, MAX_GUIDANCE),  # a guidance-distilled model's value (Flux.1 dev)
+    "max_sequence_length": Bound(1, MAX_SEQUENCE_LENGTH, whole=True, capped=False),  # T5 tokens (Flux.1)
 }
 
 
@@ -82,9 +86,11 @@ def shown(value: float) -> str:
 
 
 def check_numbers(**values: object) -> None:
-    """Each keyword (a field of NUMBER_BOUNDS) within its range; the first one out of it is the error."""
+    """Each keyword (a field of NUMBER_BOUNDS) within its range; the first one out of it is the error. None
+    is not checked: the field takes the model family's default."""
     for field, value in values.items():
-        check_number(field, value)
+        if value is not None:
+            check_number(field, value)
 
 
 def check_image_count(n_samples: int, n_iter: int) -> None:

@@ -112,7 +112,7 @@ def encode_conditioning(
 
     def work(record: StageRecord) -> tuple[Conditioning, Conditioning | None, dict[str, Path]]:
         negative = networks.negative_prompt if request.guided else None
-        return pipe.text.batch(networks.prompts, negative, request.height, request.width)
+        return pipe.text_conditioning(request, networks.prompts, negative)
 
     return pipe.memory.run_stage("text", work)
 
@@ -155,7 +155,8 @@ def encode_pixels(pipe: StableDiffusion, pixels: Tensor, batch: int, tiled: bool
         vae = pipe.model.first_stage_model
         return apply_vae(pipe, vae.encode, pixels, tiled, scale=1 / pipe.config.vae.downscale).float()
 
-    latents = pipe.memory.run_stage("vae_encode", work) * pipe.config.scale_factor
+    latent = pipe.config.record.latent
+    latents = (pipe.memory.run_stage("vae_encode", work) - latent.shift) * pipe.config.scale_factor
     return latents.expand(batch, -1, -1, -1)
 
 
@@ -183,7 +184,7 @@ def guided_eps(
     pipe: StableDiffusion, task: Task, request: GenerationRequest, plan: SamplingPlan, record: StageRecord, conditioning: ConditioningPair
 ) -> EpsFn:
     """CFG(side network(prediction(task wrapper(pipe's UNet)))) over the conditioning: what the sampler calls."""
-    model = pipe.model_sampling.prediction(task.wrap_model(unet_model(pipe, record)))
+    model = plan.model_sampling.prediction(task.wrap_model(pipe.denoiser_model(record, plan)))
     return classifier_free_guidance(model, *conditioning, request.scale, side_network=task.side_network(pipe, request, plan))
 
 
@@ -282,7 +283,7 @@ class VaeDecoder:
         pipe = self.pipe
         if pipe.fast_vae is not None and pipe.fast_vae.decoder is not None:  # a TAESD takes the UNet's latents as they are
             return pipe.fast_vae.decoder.decode(latent.to(pipe.dtype))
-        z = (latent / pipe.config.scale_factor).to(pipe.dtype)
+        z = (latent / pipe.config.scale_factor + pipe.config.record.latent.shift).to(pipe.dtype)
         pixels = apply_vae(pipe, pipe.model.first_stage_model.decode, z, self.tiled, scale=pipe.config.vae.downscale)
         if not torch.isfinite(pixels).all() and pipe.dtype != torch.float32:
             log.warning("the VAE gave NaN/inf in %s; decoding this image again in fp32", str(pipe.dtype).split(".")[-1])
@@ -294,7 +295,7 @@ class VaeDecoder:
         if self.fp32 is None:
             with torch.device("meta"):
                 vae = AutoencoderKL(self.pipe.config.vae)
-            for name in ("post_quant_conv", "decoder"):
+            for name in ("post_quant_conv", "decoder") if self.pipe.config.vae.use_quant_conv else ("decoder",):
                 materialize(vae.get_submodule(name), f"first_stage_model.{name}.", self.pipe.loaded.source, self.pipe.device, torch.float32)
             self.fp32 = vae
         return self.fp32
@@ -323,7 +324,7 @@ def image_parameters(
     """What made each image, as AUTOMATIC1111's metadata (prompts as written, LoRA tags included; the
     refiner, when it ran, as `Refiner: NAME [hash]` and `Refiner switch at`)."""
     display = sampler_display_name(request.sampler, plan.karras)
-    extra = []
+    extra = list(pipe.metadata_extras(request))
     if plan.schedule_type not in ("", "linspace"):  # linspace is diffusers' grid, which AUTOMATIC1111 has no name for
         extra.append(("Schedule type", schedule_display_name(plan.schedule_type)))
     lora_hashes = network_hashes({path.stem: path for path in loras}, lora=True)
@@ -375,9 +376,7 @@ def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, prog
     """One batch: validate, plan memory, text -> start latents -> sampling -> decode -> metadata.
     An exception from `progress` (e.g. `errors.Interrupted`) leaves the running stage, which
     releases that stage's weights, and propagates."""
-    request = task.normalise(request)
-    size = pipe.config.default_size
-    request = replace(request, height=request.height or size, width=request.width or size)
+    request = pipe.with_defaults(task.normalise(request))
     check_request(request, pipe.config)
     plan = make_plan(
         request.sampler,
@@ -386,7 +385,7 @@ def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, prog
         eta=request.eta,
         karras=request.karras,
         schedule_type=request.schedule,
-        model_sampling=pipe.model_sampling,
+        model_sampling=pipe.sampling_for(request),
     )
     refiner = pipe.refiner_for(request.refiner) if request.refiner is not None else None
     networks = resolve_networks(request.prompts, request.negative_prompt, lora_weights(request.loras), pipe.lora_dir)

@@ -14,6 +14,7 @@ from torch import Tensor
 from optimized_sd.attention import check_backend
 from optimized_sd.config import FAMILY_NAMES, ModelConfig
 from optimized_sd.errors import CheckpointError, UserError
+from optimized_sd.families import claiming
 from optimized_sd.memory.device import compute_dtype, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
 from optimized_sd.memory.planner import VAE_TILE, Plan, parse_bytes
@@ -96,11 +97,8 @@ class StableDiffusion:
             self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention,
             storage=self.storage, int8_matmul=int8_matmul, channels_last=channels_last,
         )
-        folder = loaded.checkpoint.path if loaded.checkpoint.path.is_dir() else None
-        tokenizers = load_tower_tokenizers(self.config, folder, Path(tokenizer) if tokenizer else None)
-        self.tokenizer: PromptTokenizer = tokenizers[0]
         self.embeddings = EmbeddingLibrary(Path(embeddings_dir))
-        self.text = PromptEncoder(self.model, tokenizers, self.device, self.dtype, self.embeddings)
+        self.setup_text(tokenizer_folders(tokenizer))
         self.schedule = scaled_linear_schedule(self.config.linear_start, self.config.linear_end, self.config.timesteps)
         self._model_hash: str | None = None
         self.prediction_reason = "family default"  # where the prediction type came from (set by `load`)
@@ -114,12 +112,57 @@ class StableDiffusion:
                                        vae_tiling=vae_tiling, tokenizer=tokenizer, weights=weights, int8_matmul=int8_matmul,
                                        channels_last=channels_last)
         self.refiner: StableDiffusion | None = None  # the last `--refiner` a call used, kept for the next
-        self.loras = LoraSet(self.config, {key: tuple(value.shape) for key, value in self.model.state_dict().items()})
+        self.loras = self.lora_set()
+
+    def lora_set(self) -> LoraSet:
+        """The LoRAs this model can take (all of its family's tables)."""
+        return LoraSet(self.config, {key: tuple(value.shape) for key, value in self.model.state_dict().items()})
+
+    def setup_text(self, tokenizers: tuple[Path, ...]) -> None:
+        """The tokenizers (`--tokenizer`: one folder serves every SD tower) and the prompt encoder."""
+        if len(tokenizers) > 1:
+            raise UserError(f"--tokenizer: {self.config.family_name} takes one tokenizer folder, not {len(tokenizers)}")
+        folder = self.loaded.checkpoint.path if self.loaded.checkpoint.path.is_dir() else None
+        towers = load_tower_tokenizers(self.config, folder, tokenizers[0] if tokenizers else None)
+        self.tokenizer: PromptTokenizer = towers[0]
+        self.text = PromptEncoder(self.model, towers, self.device, self.dtype, self.embeddings)
 
     @property
     def model_sampling(self) -> ModelSampling:
         """How this model is sampled, by its parameterisation (the resolved `prediction_type`: eps or v)."""
         return discrete_sampling(self.config.prediction_type, self.schedule)
+
+    # -- what a family's pipeline class may say differently (`families.registry.Loader.pipeline`) ---------
+    def with_defaults(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with every field it left to the model filled in: size, steps, scale and sampler from the
+        family record's defaults, the latent channels from the VAE."""
+        defaults = self.config.record.defaults
+        size = self.config.default_size
+        return replace(
+            request,
+            height=request.height or size,
+            width=request.width or size,
+            steps=defaults.steps if request.steps is None else request.steps,
+            scale=defaults.scale if request.scale is None else request.scale,
+            sampler=request.sampler or defaults.sampler,
+            latent_channels=request.latent_channels or self.config.vae.embed_dim,
+        )
+
+    def sampling_for(self, request: GenerationRequest) -> ModelSampling:
+        """How this call is sampled (a flow model's shift may depend on the image size)."""
+        return self.model_sampling
+
+    def text_conditioning(self, request: GenerationRequest, prompts: list[str], negative: str | None):
+        """(cond, uncond or None, embeddings used) for the batch's prompts (LoRA tags already taken out)."""
+        return self.text.batch(prompts, negative, request.height, request.width)
+
+    def denoiser_model(self, record, plan) -> core.Model:
+        """The denoiser as a sampling `Model` (x, t, cond) -> raw output, counting its calls into `record`."""
+        return core.unet_model(self, record)
+
+    def metadata_extras(self, request: GenerationRequest) -> tuple[tuple[str, str], ...]:
+        """Family-specific `name: value` pairs for the images' metadata."""
+        return ()
 
     @property
     def dtype_bytes(self) -> int:
@@ -146,7 +189,7 @@ class StableDiffusion:
         """Plan the call and place the weights for it (what `generate` does first; a benchmark
         calls it alone to time loading apart from generating)."""
         task = task_for(request)
-        return self.memory.prepare(core.planner_request(self, task, task.normalise(request)))
+        return self.memory.prepare(core.planner_request(self, task, self.with_defaults(task.normalise(request))))
 
     def use_loras(self, weights: Mapping[Path, float]) -> None:
         """Make `weights` (file -> weight) the LoRAs merged into the weights as the memory engine places
@@ -181,7 +224,7 @@ class StableDiffusion:
             raise UserError(f"--refiner {path} is an {FAMILY_NAMES.get(family, family)} model, not an {wanted}")
         options = dict(self.load_options)
         base_tokenizer = self.loaded.checkpoint.path / "tokenizer_2"
-        if options["tokenizer"] is None and path.is_file() and base_tokenizer.is_dir():
+        if not options["tokenizer"] and path.is_file() and base_tokenizer.is_dir():
             options["tokenizer"] = base_tokenizer  # a single-file refiner has no tokenizer; bigG's is the base folder's second
         self.refiner = load(path, vae=self.vae_file, **options, lora_dir=self.lora_dir, embeddings_dir=self.embeddings.folder)
         self.refiner.memory.report_into(self.memory, REFINER_STAGE_PREFIX)
@@ -291,6 +334,15 @@ class StableDiffusion:
         return self.generate(request).images
 
 
+def tokenizer_folders(tokenizer: str | Path | tuple | list | None) -> tuple[Path, ...]:
+    """`--tokenizer` as given: none, one folder, or several (repeated)."""
+    if tokenizer is None or tokenizer == "":
+        return ()
+    if isinstance(tokenizer, (tuple, list)):
+        return tuple(Path(folder) for folder in tokenizer)
+    return (Path(tokenizer),)
+
+
 def checkpoint_family(path: Path, flag: str) -> str:
     """The family of the checkpoint at `path` (its shapes only, nothing loaded); what is wrong with it, after `flag`."""
     try:
@@ -331,6 +383,16 @@ def load(
     its weights stay placed, `full` and `turbo`; off by default: 0.82x alone, no faster in whole runs here,
     see benchmarks/cpu_options.py)."""
     check_weight_kind(options.get("weights"))
+    text_encoders = tuple(Path(path) for path in options.pop("text_encoders", None) or ())
+    own = claiming(Path(checkpoint))  # a family with its own files and pipeline class (Flux)
+    if own is not None:
+        assert own.loader is not None
+        if config is not None or ema or preview_decoder is not None or prediction not in ("auto", None):
+            raise UserError(f"--config, --ema, --prediction and --preview-decoder do not apply to {own.display_name}")
+        loaded = own.loader.prepare(checkpoint, text_encoders, vae)
+        return own.loader.pipeline(loaded, **options)
+    if text_encoders:
+        raise UserError("--text-encoder gives the text towers of a Flux model; this checkpoint holds its own")
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
     fast = open_taesd(vae, "--vae") if vae is not None and is_taesd(vae) else None

@@ -25,12 +25,9 @@ from optimized_sd.pipelines.defaults import (
     DEFAULT_HR_STRENGTH,
     DEFAULT_HR_UPSCALER,
     DEFAULT_IMAGE_FORMAT,
-    DEFAULT_LATENT_CHANNELS,
     DEFAULT_N_ITER,
     DEFAULT_N_SAMPLES,
     DEFAULT_REFINER_SWITCH,
-    DEFAULT_SAMPLER,
-    DEFAULT_SCALE,
     DEFAULT_STEPS,
     DEFAULT_STRENGTH,
 )
@@ -92,10 +89,10 @@ class Job:
     n_samples: int = DEFAULT_N_SAMPLES
     n_iter: int = DEFAULT_N_ITER
     fixed_code: bool = False
-    steps: int = DEFAULT_STEPS
-    scale: float = DEFAULT_SCALE
+    steps: int | None = None  # None: the model family's (SD 50, Flux.1 dev 28, schnell 4)
+    scale: float | None = None  # None: the family's (SD 7.5, Flux 1)
     eta: float = DEFAULT_ETA
-    sampler: str = DEFAULT_SAMPLER
+    sampler: str | None = None  # None: the family's (SD plms, Flux euler)
     karras: bool = False
     schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
     loras: tuple[str, ...] = ()  # 'FILE' or 'FILE:WEIGHT', besides the <lora:NAME:WEIGHT> tags in prompts
@@ -103,7 +100,7 @@ class Job:
     refiner_switch: float = DEFAULT_REFINER_SWITCH  # the share of the denoising the base runs
     height: int | None = None
     width: int | None = None
-    latent_channels: int = DEFAULT_LATENT_CHANNELS
+    latent_channels: int | None = None  # None: the model's
     downscale: int = DEFAULT_DOWNSCALE
     unet_batch: int | None = None
     init_image: Path | Image.Image | None = None
@@ -120,6 +117,8 @@ class Job:
     hr_sampler: str | None = None  # None: the first pass' sampler (and below, prompts)
     hr_prompt: str | None = None
     hr_negative_prompt: str | None = None
+    guidance: float | None = None  # Flux.1 dev's distilled guidance (None: 3.5)
+    max_sequence_length: int | None = None  # Flux.1's T5 tokens per prompt (None: dev 512, schnell 256)
     output: OutputPolicy = field(default_factory=lambda: OutputPolicy(Path("outputs")))
 
     def validate(self) -> None:
@@ -134,9 +133,12 @@ class Job:
         if self.unet_batch is not None and self.unet_batch < 1:
             raise FieldError.about("unet_batch", "must be at least 1")
         for name, value in (("latent_channels", self.latent_channels), ("downscale", self.downscale)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise FieldError.about(name, f"{value} must be at least 1")
-        check_numbers(steps=self.steps, scale=self.scale, eta=self.eta, strength=self.strength)
+        check_numbers(
+            steps=self.steps, scale=self.scale, eta=self.eta, strength=self.strength,
+            guidance=self.guidance, max_sequence_length=self.max_sequence_length,
+        )  # fmt: skip
         images = self.n_samples if self.fixed_code else self.n_samples * self.n_iter * max(len(self.prompts), 1)
         check_seeds(self.seed, images)  # a prompt file's count is checked again by `check_batches`
         check_prompts(self.prompts, self.negative_prompt)
@@ -154,7 +156,10 @@ class Job:
                 raise FieldError("init_image", "inpainting needs an init image", "is missing: inpainting needs one")
             self.inpaint.check()
         strength = self.strength if self.init_image is not None else 1.0
-        make_plan(self.sampler, self.steps, strength=strength, eta=self.eta, karras=self.karras, schedule_type=self.schedule)
+        if self.sampler is not None:  # the family's default sampler and steps are checked with the model
+            make_plan(
+                self.sampler, self.steps or DEFAULT_STEPS, strength=strength, eta=self.eta, karras=self.karras, schedule_type=self.schedule
+            )
         for path in lora_weights(self.loras):
             if not path.is_file():
                 raise FieldError.about("loras", f"{path}: no such file")
@@ -243,6 +248,8 @@ class Job:
             height=self.height or default_height,  # None: the model family's size (the pipeline decides)
             width=self.width or default_width,
             latent_channels=self.latent_channels,
+            guidance=self.guidance,
+            max_sequence_length=self.max_sequence_length,
             downscale=self.downscale,
             unet_batch=self.unet_batch,
             init_image=init_image,

@@ -64,12 +64,28 @@ class ImageParameters:
             fields["VAE hash"] = self.vae_hash
         if self.vae_name is not None:  # a file with its hash, or "taesd" (a tiny decoder, as AUTOMATIC1111's VAE type)
             fields["VAE"] = self.vae_name
-        fields.update(self.extra)
+        fields = with_extras(fields, self.extra)
         lines = [one_line(self.prompt)]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {one_line(self.negative_prompt)}")
         lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items()))
         return "\n".join(lines)
+
+
+# Extra fields AUTOMATIC1111 and Forge write next to a standard one, not at the end (Forge's Flux order:
+# Steps, Sampler, Schedule type, CFG scale, Distilled CFG Scale, Seed, ...).
+PLACED_AFTER = {"Schedule type": "Sampler", "Distilled CFG Scale": "CFG scale"}
+
+
+def with_extras(fields: dict[str, object], extra: tuple[tuple[str, str], ...]) -> dict[str, object]:
+    """`fields` with the extra pairs added: those of PLACED_AFTER beside their anchor, the rest at the end."""
+    placed = {name: value for name, value in extra if name in PLACED_AFTER}
+    ordered: dict[str, object] = {}
+    for key, value in fields.items():
+        ordered[key] = value
+        ordered.update({name: placed[name] for name, anchor in PLACED_AFTER.items() if anchor == key and name in placed})
+    ordered.update((name, value) for name, value in extra if name not in placed)
+    return ordered
 
 
 def one_line(text: str) -> str:

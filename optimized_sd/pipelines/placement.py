@@ -106,15 +106,33 @@ def split_unit(model: nn.Module, path: str, limit: int) -> list[tuple[str, ...]]
 
 def stream_units(model: nn.Module, limit: int | None = None) -> list[tuple[str, ...]]:
     """The UNet's streamed units in the order a forward pass runs them: its top-level blocks, the large
-    ones split (see `split_unit`). Each unit's modules run first to last, as the engine's hooks expect."""
+    ones split (see `split_unit`); or the units its record's `denoiser_units` gives (a DiT). Each unit's
+    modules run first to last, as the engine's hooks expect."""
+    paths = units(model)
+    if paths.denoiser_units is not None:
+        denoiser = model.get_submodule(paths.denoiser)
+        return [tuple(f"{paths.denoiser}.{name}" for name in unit) for unit in paths.denoiser_units(denoiser)]
     limit = STREAM_UNIT_PARAMS if limit is None else limit
     return [unit for block in unet_blocks(model) for unit in split_unit(model, block, limit)]
 
 
 def unet_halves(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """optimizedSD's split: time embedding, input blocks and middle block; then output blocks and out."""
+    """optimizedSD's split: time embedding, input blocks and middle block; then output blocks and out. A
+    denoiser given as units (a DiT) splits after the unit that ends its first half of the weights."""
+    paths = units(model)
+    if paths.denoiser_units is not None:
+        listed = stream_units(model)
+        sizes = [sum(p.numel() for path in unit for p in model.get_submodule(path).parameters()) for unit in listed]
+        total, running, cut = sum(sizes), 0, len(listed) - 1
+        for index, size in enumerate(sizes):
+            running += size
+            if running * 2 >= total:
+                cut = index + 1
+                break
+        cut = min(max(cut, paths.hoisted + 1), len(listed) - 1)
+        return tuple(p for unit in listed[:cut] for p in unit), tuple(p for unit in listed[cut:] for p in unit)
     blocks = unet_blocks(model)
-    cut = blocks.index(f"{units(model).denoiser}.middle_block") + 1
+    cut = blocks.index(f"{paths.denoiser}.middle_block") + 1
     return tuple(blocks[:cut]), tuple(blocks[cut:])
 
 
@@ -129,15 +147,19 @@ def group_specs(row: MemoryMode, model: nn.Module, unit_params: int | None = Non
     stage_groups = [*text_groups(model, streamed), GroupSpec("vae_encoder", paths.vae_encoder), GroupSpec("vae_decoder", paths.vae_decoder)]
     release = row.denoiser_release
     if row.denoiser == "whole":
-        return stage_groups + [GroupSpec("unet", (paths.denoiser,), release)]
+        # a denoiser given as units is entered by its first unit's first module (a DiT's hoisted embedders are
+        # called before its forward), not by its own forward
+        whole = tuple(path for unit in stream_units(model) for path in unit) if paths.denoiser_units else (paths.denoiser,)
+        return stage_groups + [GroupSpec("unet", whole, release)]
     if row.denoiser == "halves":
         first, second = unet_halves(model)
         return stage_groups + [GroupSpec("unet_half_1", first, release), GroupSpec("unet_half_2", second, release)]
     streamed_units = stream_units(model, unit_params)
     names = [f"unet.{unit[0][len(paths.denoiser) + 1 :]}" for unit in streamed_units]
+    # after the last unit the next step starts again; units hoisted out of the steps are not fetched for it
+    following = [*names[1:], names[min(paths.hoisted, len(names) - 1)]]
     return stage_groups + [
-        GroupSpec(name, unit, release, prefetch_next=names[(i + 1) % len(names)])
-        for i, (name, unit) in enumerate(zip(names, streamed_units))
+        GroupSpec(name, unit, release, prefetch_next=after) for name, unit, after in zip(names, streamed_units, following)
     ]
 
 

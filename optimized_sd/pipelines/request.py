@@ -16,16 +16,7 @@ from torch import Tensor
 from optimized_sd.config import ModelConfig
 from optimized_sd.errors import FieldError, UserError
 from optimized_sd.pipelines.bounds import check_numbers
-from optimized_sd.pipelines.defaults import (
-    DEFAULT_DOWNSCALE,
-    DEFAULT_ETA,
-    DEFAULT_LATENT_CHANNELS,
-    DEFAULT_REFINER_SWITCH,
-    DEFAULT_SAMPLER,
-    DEFAULT_SCALE,
-    DEFAULT_STEPS,
-    DEFAULT_STRENGTH,
-)
+from optimized_sd.pipelines.defaults import DEFAULT_DOWNSCALE, DEFAULT_ETA, DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import ImageParameters
 from optimized_sd.prompts.syntax import check_prompts
@@ -41,15 +32,15 @@ class GenerationRequest:
 
     prompts: list[str]
     negative_prompt: str = ""
-    steps: int = DEFAULT_STEPS
-    scale: float = DEFAULT_SCALE
+    steps: int | None = None  # None: the family's (its record's `defaults`: SD 50, Flux.1 dev 28, schnell 4)
+    scale: float | None = None  # None: the family's (SD 7.5; Flux 1: no CFG pass)
     eta: float = DEFAULT_ETA
-    sampler: str = DEFAULT_SAMPLER
+    sampler: str | None = None  # None: the family's (SD plms, Flux euler)
     karras: bool = False
     seed: int | None = None
     height: int | None = None  # None: the family's size (512 SD 1.x / SD 2.x base, 768 SD 2.x v, 1024 SDXL)
     width: int | None = None
-    latent_channels: int = DEFAULT_LATENT_CHANNELS
+    latent_channels: int | None = None  # None: the model's (SD 4, Flux 16)
     downscale: int = DEFAULT_DOWNSCALE
     unet_batch: int | None = None
     init_image: Image.Image | None = None
@@ -60,6 +51,8 @@ class GenerationRequest:
     refiner: str | Path | None = None  # an SDXL refiner that takes over from an SDXL base at `refiner_switch`
     refiner_switch: float = DEFAULT_REFINER_SWITCH  # the share of the denoising the base runs (AUTOMATIC1111's "Refiner switch at")
     hires: HiresFix | None = None  # txt2img only: AUTOMATIC1111's hires fix, a second img2img pass at a larger size
+    guidance: float | None = None  # a guidance-distilled model's guidance value (Flux.1 dev; None: its default, 3.5)
+    max_sequence_length: int | None = None  # T5 tokens per prompt (Flux.1: 1..512; None: dev 512, schnell 256)
 
     @property
     def guided(self) -> bool:
@@ -108,7 +101,10 @@ def check_request(request: GenerationRequest, config: ModelConfig) -> None:
     if not request.prompts:
         raise UserError("no prompt given")
     check_prompts(request.prompts, request.negative_prompt)
-    check_numbers(steps=request.steps, scale=request.scale, eta=request.eta, strength=request.strength)
+    check_numbers(
+        steps=request.steps, scale=request.scale, eta=request.eta, strength=request.strength,
+        guidance=request.guidance, max_sequence_length=request.max_sequence_length,
+    )  # fmt: skip
     check_seeds(request.seed, len(request.prompts))
     check_size(request.height, request.width, request.downscale)
     if request.latent_channels != config.vae.embed_dim:

@@ -145,6 +145,7 @@ class FlowSampling(ModelSampling):
     mu: float | None = None
     timestep_scale: float = 1000.0
     num_timesteps: int = 1000
+    flux_grid: bool = False  # N steps walk linspace(1, 1/N, N) (shifted) as diffusers' FluxPipeline passes them
 
     def at_tokens(self, tokens: int) -> FlowSampling:
         """This sampling for an image of `tokens` latent patches (sets mu when the shift is dynamic)."""
@@ -178,7 +179,7 @@ class FlowSampling(ModelSampling):
     def sigmas(self, steps: int) -> tuple[float, ...]:
         """FlowMatchEulerDiscreteScheduler.set_timesteps' default grid: `steps` times evenly spaced from the
         table's highest to its lowest sigma, shifted (again, for a fixed shift, as diffusers does), then 0."""
-        high, low = self.sigma_range
+        high, low = (1.0, 1.0 / steps) if self.flux_grid else self.sigma_range
         return tuple(float(s) for s in self.shifted(np.linspace(high, low, steps))) + (0.0,)
 
     def noise_image(self, x0: Tensor, noise: Tensor, sigma: float) -> Tensor:

@@ -218,7 +218,9 @@ def _flow_plan(
         raise FieldError.about("sampler", f"{sampler} adds noise by the eps/v rule, not a flow model's; choose one of {choices}")
     if karras or schedule_type not in (None, DEFAULT_SCHEDULE_TYPE, "automatic"):
         raise FieldError.about("schedule", "must stay at its default: a flow model samples on its own shifted schedule")
-    sigmas = model_sampling.sigmas(steps)[steps - t_enc :]
+    # img2img skips the first steps as diffusers' flow img2img pipelines round them (`get_timesteps`), not CompVis'
+    start = min(int(max(steps - steps * strength, 0)), steps)
+    sigmas = model_sampling.sigmas(steps)[start:]
     common = dict(sampler=sampler, steps=steps, strength=strength, eta=0.0, karras=False, schedule=None)
     return SamplingPlan(**common, schedule_type=DEFAULT_SCHEDULE_TYPE, sigmas=sigmas, model_sampling=model_sampling)
 

@@ -54,6 +54,7 @@ API_FIELDS: dict[str, str | None] = {
     "hires": "enable_hr", "hr_scale": "hr_scale", "hr_resize": "hr_resize_x", "hr_upscaler": "hr_upscaler",
     "hr_steps": "hr_second_pass_steps", "hr_strength": "denoising_strength", "hr_sampler": "hr_sampler_name", "hr_prompt": "hr_prompt",
     "hr_negative_prompt": "hr_negative_prompt",
+    "guidance": None, "max_sequence_length": None,  # Flux.1 fields: the CLI and the library for now
 }  # fmt: skip
 
 

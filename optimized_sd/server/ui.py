@@ -57,6 +57,7 @@ UI_CONTROLS: dict[str, str | None] = {
     "outpaint": None, "masked_content": "Masked content",
     "hires": "Hires fix", "hr_scale": "Upscale by", "hr_upscaler": "Upscaler", "hr_steps": "Hires steps",
     "hr_strength": "Hires denoising strength", "hr_resize": None, "hr_sampler": None, "hr_prompt": None, "hr_negative_prompt": None,
+    "guidance": None, "max_sequence_length": None,  # Flux.1 fields: the CLI and the library for now
 }  # fmt: skip
 
 

@@ -85,6 +85,8 @@ class CheckpointInfo:
     sha256_short: str | None = None
     legacy_hash: str | None = None
     gguf: GgufFacts | None = None
+    expected_parts: tuple[str, ...] = ()  # the parts a runnable model has, when not SD's (PARTS)
+    missing_hint: str = ""  # how the missing parts are given (Flux: which flag)
 
     @property
     def ema_present(self) -> bool:
@@ -106,6 +108,14 @@ def describe_checkpoint(
     the file itself cannot be read safely.
     """
     path = Path(path)
+    from optimized_sd.families import claiming
+
+    if claiming(path) is not None:  # a family with its own files (Flux.1): its parts, present or missing
+        info = _describe_flux(path)
+        if hashes and path.is_file():
+            info.sha256_short = sha256_short(path, cache_path=hash_cache)
+            info.legacy_hash = legacy_model_hash(path)
+        return info
     if path.is_dir():
         return _describe_diffusers(path)
     if not path.exists():
@@ -253,6 +263,61 @@ def _fill_tensor_stats(
     info.other_keys = tuple(others)
 
 
+# --- Flux.1 --------------------------------------------------------------------------------------
+
+
+def _describe_flux(path: Path) -> CheckpointInfo:
+    """A Flux.1 file (BFL, ComfyUI all-in-one, a T5 alone) or diffusers folder: dev or schnell, each part present
+    with its tensors and storage dtypes, the parts it lacks (given by --vae / --text-encoder)."""
+    from optimized_sd.families.flux import FLUX_DEV, FLUX_SCHNELL, PART_FLAGS, folder_files
+    from optimized_sd.weights.flux_keys import identify_flux
+    from optimized_sd.weights.flux_loading import PART_WORDS
+
+    tables: list[tuple[dict[str, tuple[int, ...]], dict[str, str]]] = []
+    metadata = None
+    if path.is_dir():
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        info = CheckpointInfo(path=path, layout=f"{LAYOUT_DIFFUSERS} (Flux)", file_size=size)
+        for files in folder_files(path):
+            shapes: dict[str, tuple[int, ...]] = {}
+            dtypes: dict[str, str] = {}
+            for file in files:
+                more_shapes, more_dtypes, _ = _safetensors_header(file)
+                shapes.update(more_shapes)
+                dtypes.update(more_dtypes)
+            tables.append((shapes, dtypes))
+    else:
+        shapes, dtypes, metadata = _safetensors_header(path)
+        info = CheckpointInfo(path=path, layout=LAYOUT_SAFETENSORS, file_size=path.stat().st_size, metadata=metadata)
+        tables.append((shapes, dtypes))
+    all_dtypes: Counter[str] = Counter()
+    for shapes, dtypes in tables:
+        flux = identify_flux(shapes, str(path))
+        if flux.variant is not None:
+            info.family = FLUX_DEV if flux.variant == "dev" else FLUX_SCHNELL
+        all_dtypes.update(dtypes.values())
+        own = [part for part, prefix in flux.prefixes.items() if prefix]
+        for part in flux.parts:
+            prefix = flux.prefixes[part]
+            keys = [k for k in shapes if k.startswith(prefix) and (prefix or not any(k.startswith(flux.prefixes[o]) for o in own))]
+            info.parts[PART_WORDS[part]] = PartStats(
+                len(keys), sum(math.prod(shapes[k]) for k in keys), tuple(sorted({dtypes[k] for k in keys}))
+            )
+    info.dtypes = dict(sorted(all_dtypes.items()))
+    info.expected_parts = tuple(PART_WORDS.values())
+    if info.family is None:
+        info.family_error = "a Flux.1 text encoder alone: give it with --text-encoder beside a Flux transformer (--ckpt)"
+    else:
+        info.prediction = "flow matching (rectified flow, velocity)"
+        info.towers = ("CLIP-L (pooled)", "T5-XXL (context)")
+        info.default_size = 1024
+    words = {word: part for part, word in PART_WORDS.items()}
+    info.other_keys = ()
+    info.extras = {}
+    info.missing_hint = ", ".join(f"{word} ({PART_FLAGS[words[word]]})" for word in info.expected_parts if word not in info.parts)
+    return info
+
+
 # --- diffusers folders ---------------------------------------------------------------------------
 
 
@@ -367,13 +432,13 @@ def format_info(info: CheckpointInfo) -> str:
         lines.append(
             (name, f"{stats.params:,} params in {_count(stats.tensors, 'tensor')}, {'/'.join(stats.dtypes)}")
         )
-    missing = [name for name in PARTS if name not in info.parts]
+    missing = [name for name in info.expected_parts or PARTS if name not in info.parts]
     if missing and info.gguf is None:
-        lines.append(("missing", ", ".join(missing)))
+        lines.append(("missing", info.missing_hint or ", ".join(missing)))
 
     if info.extras:
         lines.append(("extras", ", ".join(f"{k} {n}" for k, n in info.extras.items())))
-    if not info.layout.startswith((LAYOUT_DIFFUSERS, LAYOUT_GGUF)):
+    if not info.layout.startswith((LAYOUT_DIFFUSERS, LAYOUT_GGUF)) and not info.expected_parts:
         if info.ema_present:
             ema = f"yes: EMA copy of the UNet ({_count(info.ema_weights, 'tensor')})"
         elif info.extras.get("EMA"):

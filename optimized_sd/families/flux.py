@@ -1,0 +1,313 @@
+"""Flux.1 dev and schnell (Black Forest Labs 2024) as family records: a rectified-flow transformer over 2x2-packed
+16-channel latents, conditioned on T5-XXL states and CLIP-L's pooled vector, dev also on a distilled guidance value.
+
+Its files are not one LDM checkpoint: the transformer (BFL `flux1-dev.safetensors`, ComfyUI's all-in-one, or a
+diffusers folder), `ae.safetensors` and the two text towers may each be a file of their own, so the record brings
+a `Loader` that opens them (`weights.flux_loading`) into one module tree with the memory engine's names:
+`model.diffusion_model` (the transformer), `first_stage_model` (the VAE), `text_encoders.clip_l` and
+`text_encoders.t5xxl` (ComfyUI's names). The pipeline class is `pipelines.flux.FluxDiffusion`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from torch import nn
+
+from optimized_sd.errors import CheckpointError, UserError
+from optimized_sd.families.registry import Defaults, FamilyRecord, LatentFormat, Loader, Shapes, TextTower, Units, register
+from optimized_sd.models.flux import VAE_SCALE, VAE_SHIFT
+from optimized_sd.sampling.model_sampling import FlowSampling
+
+FLUX_DEV, FLUX_SCHNELL = "flux-dev", "flux-schnell"
+TEXT_ROOT = "text_encoders"
+CLIP_TOWER, T5_TOWER = "clip_l", "t5xxl"
+T5_HUB_TOKENIZER = "google/t5-v1_1-xxl"
+GUIDANCE_DEFAULT = 3.5  # dev's distilled guidance (diffusers' FluxPipeline and Forge's default)
+MAX_SEQUENCE = {FLUX_DEV: 512, FLUX_SCHNELL: 256}  # T5 tokens a prompt is padded to (diffusers' defaults)
+
+# Latent channel -> RGB for the transformer's latents (ComfyUI's `latent_formats.Flux` factors), for live previews.
+FLUX_LATENT = LatentFormat(
+    channels=16,
+    scale_factor=VAE_SCALE,
+    shift=VAE_SHIFT,
+    rgb_factors=(
+        (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+        (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+        (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+        (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+    ),
+    rgb_bias=(-0.0329, -0.0718, -0.0851),
+)  # fmt: skip
+
+
+def flow_sampling(record: FamilyRecord) -> FlowSampling:
+    """dev: shifted per image by mu from its token count (`at_tokens`); schnell: no shift. Both on Flux's own grid
+    linspace(1, 1/N, N) (diffusers' FluxPipeline passes these sigmas) and called with t = sigma (the transformer
+    embeds t x 1000 itself)."""
+    return FlowSampling(shift=1.0, dynamic=record.name == FLUX_DEV, timestep_scale=1.0, flux_grid=True)
+
+
+def is_flux_transformer(guidance: bool):
+    """A `detect` for a Flux.1 transformer (BFL, ComfyUI or diffusers names), with or without dev's guidance input."""
+
+    def detect(shapes: Shapes) -> bool:
+        from optimized_sd.weights.flux_keys import identify_flux
+
+        try:
+            info = identify_flux(dict(shapes))
+        except CheckpointError:
+            return False
+        return info.transformer is not None and (info.variant == "dev") == guidance
+
+    return detect
+
+
+def flux_units(transformer: nn.Module) -> list[tuple[str, ...]]:
+    """The transformer's streamed units in call order. First, run once per sampling run (`precompute_modulation`):
+    the t/guidance/text embedders and every adaLN linear. Then per step: the input projections, each block
+    without its adaLN (first module to last as `forward_modulated` calls them), the final norm and projection."""
+    config = transformer.config
+    embedders = ("time_in", *(("guidance_in",) if config.guidance_embed else ()), "vector_in")
+    hoisted = embedders + tuple(transformer.modulation_modules())
+    double = ("img_norm1", "img_attn", "img_norm2", "img_mlp", "txt_norm1", "txt_attn", "txt_norm2", "txt_mlp")
+    single = ("pre_norm", "linear1", "norm", "linear2")
+    return [
+        hoisted,
+        ("img_in", "txt_in"),
+        *(tuple(f"double_blocks.{i}.{name}" for name in double) for i in range(config.depth)),
+        *(tuple(f"single_blocks.{i}.{name}" for name in single) for i in range(config.depth_single_blocks)),
+        ("final_layer.norm_final", "final_layer.linear"),
+    ]
+
+
+class FluxTextEncoders(nn.Module):
+    """`text_encoders`: CLIP-L (pooled vector) and T5-XXL (context), run in that order."""
+
+    def __init__(self, clip_l: nn.Module, t5xxl: nn.Module) -> None:
+        super().__init__()
+        self.clip_l = clip_l
+        self.t5xxl = t5xxl
+
+    def towers(self) -> list[str]:
+        return [CLIP_TOWER, T5_TOWER]
+
+
+class DiffusionWrapper(nn.Module):
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.diffusion_model = transformer
+
+
+class FluxModel(nn.Module):
+    """The whole Flux.1 model under the names the memory engine places (see the module docstring)."""
+
+    text_root = TEXT_ROOT
+
+    def __init__(self, config, transformer: nn.Module, vae: nn.Module, clip_l: nn.Module, t5xxl: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DiffusionWrapper(transformer)
+        self.first_stage_model = vae
+        self.text_encoders = FluxTextEncoders(clip_l, t5xxl)
+
+
+# --- which files ---------------------------------------------------------------------------------------
+
+PART_FLAGS = {"transformer": "--ckpt", "clip_l": "--text-encoder", "t5": "--text-encoder", "vae": "--vae"}
+PART_EXAMPLES = {"clip_l": "clip_l.safetensors", "t5": "t5xxl_fp16.safetensors", "vae": "ae.safetensors"}
+
+
+def claims(path: Path) -> bool:
+    """A Flux.1 diffusers folder, or a safetensors file holding a Flux.1 transformer or a T5 tower (a T5 file given
+    as the checkpoint is claimed so that its error says which flag takes it)."""
+    from optimized_sd.weights.flux_keys import identify_flux
+    from optimized_sd.weights.loading import is_safetensors_file, open_weight_file
+
+    path = Path(path)
+    if path.is_dir():
+        return diffusers_flux_transformer(path) is not None
+    try:
+        if not path.is_file() or not is_safetensors_file(path):
+            return False
+        source = open_weight_file(path)
+        try:
+            info = identify_flux(source.shapes(), str(path))
+        finally:
+            source.close()
+    except (CheckpointError, OSError):
+        return False
+    return info.transformer is not None or set(info.parts) == {"t5"}
+
+
+def diffusers_flux_transformer(folder: Path) -> Path | None:
+    """The transformer weight file of a diffusers Flux folder (model_index.json names a Flux pipeline), else None."""
+    import json
+
+    index = folder / "model_index.json"
+    try:
+        pipeline = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "") if index.is_file() else ""
+    except (OSError, ValueError):
+        return None
+    if not str(pipeline).startswith("Flux") or str(pipeline).startswith("Flux2"):
+        return None
+    return folder / "transformer"
+
+
+def folder_files(folder: Path) -> list[list[Path]]:
+    """A diffusers Flux folder's weight files, per part: every safetensors file of transformer/, vae/,
+    text_encoder/ and text_encoder_2/ (a sharded part is read as one source)."""
+    files = []
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        found = sorted((folder / part).glob("*.safetensors"))
+        if not found:
+            raise CheckpointError(f"diffusers folder part {folder / part} holds no .safetensors file")
+        files.append(found)
+    return files
+
+
+def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Path | str | None = None):
+    """Open the Flux.1 files (the checkpoint, `--text-encoder` files, `--vae`) into a model on `meta`, checked
+    strictly (`weights.loading.LoadedModel`). Each file's parts are told from its keys; a part in the wrong
+    flag or missing is a one-line error naming the flag that supplies it."""
+    from optimized_sd.config import ModelConfig, UNetConfig
+    from optimized_sd.weights.flux_loading import PART_WORDS, PREPARE, open_flux_files
+    from optimized_sd.weights.loading import Checkpoint, LoadedModel, LoadReport
+    from optimized_sd.weights.sources import ChainSource, RenamedSource
+
+    path = Path(path)
+    extra = [Path(p) for p in text_encoders]
+    for given in extra:  # before the files are put together, so a transformer here is named as such
+        refuse_transformer(given)
+    flagged = [*extra, *([Path(vae)] if vae is not None else [])]
+    if path.is_dir():
+        parts, found = open_sharded(folder_files(path))
+        if flagged:
+            more, more_found = open_flux_files(flagged)
+            parts.update(more)  # the flags replace the folder's own parts
+            found.update(more_found)
+    else:
+        parts, found = open_flux_files([path, *flagged])
+    for name, info in found.items():
+        given = Path(name)
+        if given == path and info.transformer is None:
+            held = ", ".join(PART_WORDS[part] for part in info.parts)
+            flag = "--vae" if info.parts == ("vae",) else "--text-encoder"
+            raise UserError(f"--ckpt {given} holds a {held}, not a Flux transformer; give it with {flag}")
+        if vae is not None and given == Path(vae) and "vae" not in info.parts:
+            raise UserError(f"--vae {given} holds no VAE ({', '.join(PART_WORDS[p] for p in info.parts)})")
+    for part in ("clip_l", "t5", "vae"):
+        if part not in parts:
+            raise UserError(
+                f"Flux.1 needs a {PART_WORDS[part]}, which {path.name} does not hold: give it with "
+                f"{PART_FLAGS[part]} {PART_EXAMPLES[part]}"
+            )
+    components = {name: PREPARE[name](source) for name, source in parts.items()}
+    transformer = components["transformer"].model
+    variant = FLUX_DEV if transformer.config.guidance_embed else FLUX_SCHNELL
+    vae_model = components["vae"].model
+    config = ModelConfig(
+        unet=UNetConfig(in_channels=transformer.config.in_channels, out_channels=transformer.config.out_channels,
+                        context_dim=transformer.config.context_in_dim),
+        vae=vae_model.config, text=None, scale_factor=VAE_SCALE, family=variant,
+    )  # fmt: skip
+    model = FluxModel(config, transformer, vae_model, components["clip_l"].model, components["t5"].model)
+    t5_encoder = components["t5"].model.transformer
+    t5_encoder.encoder.embed_tokens = t5_encoder.shared  # one module, so a hook on `shared` sees the lookup
+    prefixes = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.",
+                "clip_l": f"{TEXT_ROOT}.{CLIP_TOWER}.", "t5": f"{TEXT_ROOT}.{T5_TOWER}."}  # fmt: skip
+    source = ChainSource(
+        RenamedSource(component.source, {prefixes[name] + key: key for key in component.source.keys()})
+        for name, component in components.items()
+    )
+    report = LoadReport()
+    for component in components.values():
+        report.known_extras.update(component.report.known_extras)
+    return LoadedModel(model, config, Checkpoint(source, path), source, report)
+
+
+def refuse_transformer(path: Path) -> None:
+    """A `--text-encoder` file holding a Flux transformer is a one-line error naming --ckpt."""
+    from optimized_sd.weights.flux_keys import identify_flux
+    from optimized_sd.weights.loading import open_weight_file
+
+    if not path.is_file():
+        raise UserError(f"--text-encoder {path}: no such file")
+    source = open_weight_file(path)
+    try:
+        if identify_flux(source.shapes(), str(path)).transformer is not None:
+            raise UserError(f"--text-encoder {path} holds a Flux transformer; give it with --ckpt")
+    finally:
+        source.close()
+
+
+def open_sharded(groups: list[list[Path]]):
+    """`open_flux_files` for a diffusers folder: each part folder's shards read as one source."""
+    from optimized_sd.weights.flux_keys import flux_parts, identify_flux
+    from optimized_sd.weights.loading import open_weight_file
+    from optimized_sd.weights.sources import ChainSource
+
+    parts, found = {}, {}
+    for files in groups:
+        source = ChainSource(open_weight_file(file) for file in files)
+        info = identify_flux(source.shapes(), str(files[0].parent))
+        found[str(files[0].parent)] = info
+        parts.update(flux_parts(source, info))
+    return parts, found
+
+
+def pipeline(*args, **kwargs):
+    from optimized_sd.pipelines.flux import FluxDiffusion
+
+    return FluxDiffusion(*args, **kwargs)
+
+
+LOADER = Loader(claims=claims, prepare=prepare, pipeline=pipeline)
+UNITS = Units(
+    vae_encoder=("first_stage_model.encoder",),
+    vae_decoder=("first_stage_model.decoder",),
+    text_root=TEXT_ROOT,
+    denoiser_units=flux_units,
+    hoisted=1,
+)
+TOWERS = (
+    TextTower("clip", "text_encoders.clip_l.transformer.", "text_encoder", "tokenizer", lora_name=None),
+    TextTower("t5", "text_encoders.t5xxl.transformer.", "text_encoder_2", "tokenizer_2", lora_name=None),
+)
+
+
+def unsupported_config(shapes: Shapes, record: FamilyRecord):
+    raise UserError(f"{record.display_name} is opened by its own loader (families.flux.prepare), not from one LDM checkpoint")
+
+
+FLUX_DEV_RECORD = FamilyRecord(
+    name=FLUX_DEV,
+    display_name="Flux.1 dev",
+    detect=is_flux_transformer(guidance=True),
+    infer_config=unsupported_config,
+    latent=FLUX_LATENT,
+    towers=TOWERS,
+    prediction="flow",
+    defaults=Defaults(size=1024, steps=28, sampler="euler", scale=1.0),
+    units=UNITS,
+    unet_in_channels=64,
+    unet_heads=None,
+    loader=LOADER,
+)
+FLUX_SCHNELL_RECORD = FamilyRecord(
+    name=FLUX_SCHNELL,
+    display_name="Flux.1 schnell",
+    detect=is_flux_transformer(guidance=False),
+    infer_config=unsupported_config,
+    latent=FLUX_LATENT,
+    towers=TOWERS,
+    prediction="flow",
+    defaults=Defaults(size=1024, steps=4, sampler="euler", scale=1.0),
+    units=UNITS,
+    unet_in_channels=64,
+    unet_heads=None,
+    loader=LOADER,
+)
+
+for _record in (FLUX_DEV_RECORD, FLUX_SCHNELL_RECORD):
+    register(_record)
