@@ -36,8 +36,7 @@ CLI_FLAGS: dict[str, str | None] = {
     "hires": None,  # on with --hr-scale or --hr-resize (txt2img)
     "hr_scale": "--hr-scale", "hr_resize": "--hr-resize", "hr_upscaler": "--hr-upscaler", "hr_steps": "--hr-steps",
     "hr_strength": "--hr-strength", "hr_sampler": "--hr-sampler", "hr_prompt": "--hr-prompt", "hr_negative_prompt": "--hr-negative-prompt",
-    "outpaint": "--outpaint", "masked_content": "--masked-content", "guidance": "--guidance",
-    "max_sequence_length": "--max-sequence-length",
+    "guidance": "--guidance", "max_sequence_length": "--max-sequence-length",
 }  # fmt: skip
 HIRES_FIELDS = ("hr_scale", "hr_resize", "hr_upscaler", "hr_steps", "hr_strength", "hr_sampler", "hr_prompt", "hr_negative_prompt")
 OUTPUT_FIELDS = ("outdir", "fmt", "skip_save", "skip_grid", "n_rows", "report_json", "preview_every")

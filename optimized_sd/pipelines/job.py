@@ -186,9 +186,10 @@ class Job:
             raise FieldError.about("hires", "is a txt2img option: it cannot run with an init image")
         sizes = (self.width, self.height) if self.width is not None and self.height is not None else ()
         hires.check(*sizes)
-        plan_steps = self.hr_steps or self.steps
-        make_plan(self.hr_sampler or self.sampler, plan_steps, strength=self.hr_strength, eta=self.eta, karras=self.karras,
-                  schedule_type=self.schedule)  # fmt: skip
+        sampler = self.hr_sampler or self.sampler
+        if sampler is not None:  # the family's default sampler and steps are checked with the model
+            make_plan(sampler, self.hr_steps or self.steps or DEFAULT_STEPS, strength=self.hr_strength, eta=self.eta,
+                      karras=self.karras, schedule_type=self.schedule)  # fmt: skip
         check_prompts([p for p in (self.hr_prompt,) if p is not None], self.hr_negative_prompt or "")
 
     def check_batches(self, batches: list[list[str]]) -> None:
