@@ -15,6 +15,7 @@ from torch import Tensor
 from optimized_sd.config import ModelConfig
 from optimized_sd.errors import FieldError, UserError
 from optimized_sd.pipelines.bounds import check_numbers
+from optimized_sd.pipelines.controlnet import ControlNetSpec, check_controlnets
 from optimized_sd.pipelines.defaults import (
     DEFAULT_DOWNSCALE,
     DEFAULT_ETA,
@@ -55,6 +56,7 @@ class GenerationRequest:
     schedule: str | None = None  # the k-samplers' sigma grid (sampling.SCHEDULE_TYPES); None: the default
     refiner: str | Path | None = None  # an SDXL refiner that takes over from an SDXL base at `refiner_switch`
     refiner_switch: float = DEFAULT_REFINER_SWITCH  # the share of the denoising the base runs (AUTOMATIC1111's "Refiner switch at")
+    controlnets: Sequence[ControlNetSpec] = ()  # ControlNet units (`pipelines.controlnet.control_specs` builds them)
 
     @property
     def guided(self) -> bool:
@@ -120,6 +122,7 @@ def check_request(request: GenerationRequest, config: ModelConfig) -> None:
         raise FieldError.about("unet_batch", "must be at least 1")
     if request.refiner is not None:
         check_refiner_switch(request.refiner_switch)
+    check_controlnets(request.controlnets)
 
 
 def check_refiner_switch(switch: float) -> None:

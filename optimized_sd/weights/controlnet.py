@@ -21,6 +21,7 @@ import torch
 
 from optimized_sd.config import FAMILY_NAMES, UNetConfig
 from optimized_sd.errors import CheckpointError, UserError
+from optimized_sd.families import registry
 from optimized_sd.models.controlnet import ControlNetConfig, ControlNetModel, hint_conv_indices
 from optimized_sd.weights.diffusers_folder import DiffusersPart, find_weight_file, read_json, unet_config
 from optimized_sd.weights.family import SD1, SD2, SDXL
@@ -84,7 +85,8 @@ def infer_controlnet(shapes: Shapes) -> ControlNetConfig:
     family = family_of(shapes)
     in_channels = shapes["input_blocks.0.0.weight"][1]
     # A ControlNet has no output half: `infer_unet` is told the UNet's usual output width.
-    unet = infer_unet({**shapes, "out.2.weight": (in_channels,)}, prefix="", family=family)
+    heads = registry.by_name(family).unet_heads
+    unet = infer_unet({**shapes, "out.2.weight": (in_channels,)}, prefix="", heads=heads)
     hint_channels, widths = hint_layout(shapes)
     return ControlNetConfig(unet=unet, hint_channels=hint_channels, hint_widths=widths)
 
@@ -182,11 +184,9 @@ def open_controlnet(path: Path | str) -> OpenedControlNet:
     return OpenedControlNet(source, config, family, path)
 
 
-def load_controlnet(
-    path: Path | str, base_family: str | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> ControlNetModel:
-    """A ControlNet built, checked strictly against its tensors (missing, unexpected or mis-shaped keys are one
-    CheckpointError) and materialised on `device` in `dtype`; refused when `base_family` is not its family."""
+def build_controlnet(path: Path | str, base_family: str | None = None) -> tuple[ControlNetModel, OpenedControlNet]:
+    """A ControlNet built on meta (no weights read yet) and checked strictly against its tensors (missing,
+    unexpected or mis-shaped keys are one CheckpointError); refused when `base_family` is not its family."""
     opened = open_controlnet(path)
     if base_family is not None:
         check_controlnet_family(opened.family, base_family)
@@ -197,5 +197,13 @@ def load_controlnet(
     if not report.ok:
         name = FAMILY_NAMES.get(opened.family, opened.family)
         raise CheckpointError(f"{opened.path} does not match an {name} ControlNet: {report.summary()}")
+    return model.eval(), opened
+
+
+def load_controlnet(
+    path: Path | str, base_family: str | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> ControlNetModel:
+    """`build_controlnet`, materialised on `device` in `dtype`."""
+    model, opened = build_controlnet(path, base_family)
     materialize(model, "", opened.source, torch.device(device), dtype)
     return model.eval()
