@@ -208,3 +208,15 @@ def test_bad_inputs_are_one_line_errors(capsys, tiny_model, controlnet_file, sd2
     assert code == 1, err
     assert err.startswith("error: --controlnet ") and needle in err and len(err.strip().splitlines()) == 1, err
     assert written(out) == []
+
+
+def test_stream_moves_the_controlnet_one_unit_at_a_time(tiny_model, specs):
+    pipe = optimized_sd.load(tiny_model.safetensors, tokenizer=tiny_model.tokenizer, device="cpu", memory="stream")
+    whole = (replace(specs[0], end=1.0),)
+    pipe.use_controlnets(whole)
+    component = pipe.memory.components["controlnet.0"]
+    pipe.generate(controlled_request(whole))
+    runs = [(group, resident) for action, group, resident in component.engine.events if action == "run"]
+    assert {group for group, _ in runs} >= {"time_embed", "input_blocks.0", "input_blocks.1", "middle_block"}
+    assert all(resident == (group,) for group, resident in runs)  # on the CPU nothing is copied ahead
+    assert component.engine.resident_names() == ()
