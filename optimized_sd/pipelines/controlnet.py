@@ -108,13 +108,12 @@ def control_side_network(
 ) -> SideNetwork:
     """The side network of `units` for a sampling `plan` at width x height. `guided`: the calls carry the
     unconditional half then the conditional half (CFG), which guess mode needs to tell apart. `hints`: each
-    unit's encoded hint, computed before (else encoded at the first call). `window_ended(unit, step)` is told
-    once, at the first call after a unit's last step, that the unit will not run again in this sampling."""
+    unit's encoded hint, computed before (else encoded at the first call). `window_ended(unit, step)` is told at
+    every call after a unit's last step `step` that the unit will not run again in this sampling."""
     timesteps = step_timesteps(plan)
     steps = max(plan.num_steps, 1)
     hints = dict(enumerate(hints)) if hints is not None else {}
     last_steps = [unit.last_step(steps) for unit in units]
-    ended: set[int] = set()
 
     def encoded_hint(index: int, unit: ControlNetUnit, device: torch.device) -> Tensor:
         if index not in hints:
@@ -126,8 +125,7 @@ def control_side_network(
         total: ControlResiduals | None = None
         for index, unit in enumerate(units):
             last = last_steps[index]
-            if window_ended is not None and last is not None and step > last and index not in ended:
-                ended.add(index)
+            if window_ended is not None and last is not None and step > last:
                 window_ended(index, last)
             keep = window_keep(step, steps, unit.start, unit.end)
             if not keep:

@@ -225,7 +225,7 @@ class Handover:
 
     def take_over(self) -> tuple[StableDiffusion, ConditioningPair]:
         refiner, request = self.refiner, self.request
-        refiner.memory.prepare(replace(planner_request(refiner, self.task, request), encodes_image=False), beside=self.base.memory)
+        refiner.memory.prepare(replace(planner_request(refiner, self.task, request), encodes_image=False))
         cond, uncond, _ = encode_conditioning(refiner, request, self.prompts)
         self.taken = True
         return refiner, (cond, uncond)
@@ -422,8 +422,8 @@ def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, prog
     with use_attention(pipe.memory.attention):
         pipe.use_loras(networks.loras)  # before placement, so the weights are placed (and patched) once
         pipe.use_controlnets(request.controlnets)  # components of the plan: counted, then placed with the model
-        beside = pipe.refiner.memory if pipe.refiner is not None else None  # a refiner placed by a call before stays only if both fit
-        tiled = pipe.memory.prepare(planner_request(pipe, task, request), beside=beside).vae_tiling
+        # A refiner placed by a call before (a session of this one) stays only if both fit.
+        tiled = pipe.memory.prepare(planner_request(pipe, task, request)).vae_tiling
         cond, uncond, embeddings = encode_conditioning(pipe, request, networks)
         conditioning = (cond, uncond)
         latent_shape = (request.latent_channels, request.height // request.downscale, request.width // request.downscale)

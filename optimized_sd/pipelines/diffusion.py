@@ -59,7 +59,7 @@ __all__ = [  # the names callers have imported from here
     "load_init_image",
     "tensor_to_image",
 ]
-REFINER_STAGE_PREFIX = "refiner_"  # a refiner's stages in the base's memory report: refiner_text, refiner_unet, ...
+REFINER = "refiner"  # the refiner's session in the base's: its stages are reported as refiner_text, refiner_unet, ...
 
 
 def task_for(request: GenerationRequest) -> Task:
@@ -198,6 +198,7 @@ class StableDiffusion:
 
     def close_refiner(self) -> None:
         if self.refiner is not None:
+            self.memory.remove_session(REFINER)
             self.refiner.close()
             self.refiner = None
 
@@ -220,7 +221,7 @@ class StableDiffusion:
         if options["tokenizer"] is None and path.is_file() and base_tokenizer.is_dir():
             options["tokenizer"] = base_tokenizer  # a single-file refiner has no tokenizer; bigG's is the base folder's second
         self.refiner = load(path, vae=self.vae_file, **options, lora_dir=self.lora_dir, embeddings_dir=self.embeddings.folder)
-        self.refiner.memory.report_into(self.memory, REFINER_STAGE_PREFIX)
+        self.memory.add_session(REFINER, self.refiner.memory)
         return self.refiner
 
     # -- generation ----------------------------------------------------------------------------

@@ -308,8 +308,8 @@ def run_job(
         written.extend(save_encoded(grid, policy.outdir, "grid", policy.fmt, grid_text, 0))
     if policy.report_json is not None:
         placed = {"mode": pipe.mode, "plan": pipe.plan.__dict__ if pipe.plan else None}
-        if pipe.refiner is not None:  # its stages are in the same meter, prefixed `refiner_`
-            placed["refiner"] = {"mode": pipe.refiner.mode, "plan": pipe.refiner.plan.__dict__ if pipe.refiner.plan else None}
+        for name, session in pipe.memory.sessions.items():  # a refiner: its stages are in the same meter, prefixed `refiner_`
+            placed[name] = {"mode": session.mode, "plan": session.plan.__dict__ if session.plan else None}
         components = pipe.memory.components
         if components:  # side networks placed by the same plan (ControlNets), and what left early
             placed["components"] = {name: {"released": list(c.released)} for name, c in components.items()}

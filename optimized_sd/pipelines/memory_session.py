@@ -116,16 +116,38 @@ class MemorySession:
         self.tensor_hook: TensorHook | None = None
         self.last_reason = ""
         self.components: dict[str, Component] = {}  # side networks placed beside the model, by name
+        # Whole models sharing this session's device and report, by name (an SDXL refiner), each planned by its own
+        # session; `parent` is the session that holds this one.
+        self.sessions: dict[str, MemorySession] = {}
+        self.parent: MemorySession | None = None
 
     @property
     def mode(self) -> str | None:
         return self.placed[0] if self.placed is not None else None
 
-    def plan_for(self, request: Request, beside: MemorySession | None = None) -> Plan:
-        """The call's plan. `beside`: another pipeline's session on the same device (an SDXL base and its
-        refiner); its weights stay placed when this plan fits with them still there and is the plan it
-        would be without them, else they are released first (never both resident unless they fit)."""
-        held = beside.engine_resident_bytes() if beside is not None else 0
+    def add_session(self, name: str, session: MemorySession) -> None:
+        """Hold another model's session as the named component `name` (an SDXL refiner): its stages go into this
+        session's report as `name_stage`, inside this session's calls, and each plans beside the other."""
+        session.meter, session.stage_prefix, session.owns_meter, session.parent = self.meter, f"{name}_", False, self
+        self.sessions[name] = session
+
+    def remove_session(self, name: str) -> None:
+        session = self.sessions.pop(name, None)
+        if session is not None:
+            session.parent = None
+
+    def neighbours(self) -> list[MemorySession]:
+        """The other sessions on this device whose weights may still be placed (the parent and its other sessions)."""
+        if self.parent is None:
+            return list(self.sessions.values())
+        return [self.parent, *(s for s in self.parent.sessions.values() if s is not self)]
+
+    def plan_for(self, request: Request) -> Plan:
+        """The call's plan. The neighbours' weights (an SDXL base and its refiner) stay placed when this plan
+        fits with them still there and is the plan it would be without them, else they are released first
+        (never both resident unless they fit)."""
+        neighbours = self.neighbours()
+        held = sum(session.engine_resident_bytes() for session in neighbours)
         plan = self.planned(request, self.budget_for(freed=held))
         if held:
             try:
@@ -133,8 +155,8 @@ class MemorySession:
             except UserError:  # not even the leanest plan fits beside the other's weights
                 together = None
             if together is None or (together.mode, together.lookahead) != (plan.mode, plan.lookahead):
-                assert beside is not None
-                beside.release_engine()
+                for session in neighbours:
+                    session.release_engine()
             else:
                 plan = together
         if plan.mode != self.requested and self.requested != "auto" and plan.reason != self.last_reason:
@@ -195,8 +217,11 @@ class MemorySession:
 
     def release_component(self, name: str, note: str) -> None:
         """Drop a component's device copies for the rest of the call (a ControlNet whose window ended): its
-        engine is closed and built again by the next call's `place`; `note` goes into the report."""
+        engine is closed and built again by the next call's (or an out-of-memory retry's) `place`; `note` goes into
+        the report. A no-op when it is not placed."""
         component = self.components[name]
+        if component.engine is None:
+            return
         component.close()
         component.released.append(note)
 
@@ -246,10 +271,10 @@ class MemorySession:
         self.place(plan)
         return plan
 
-    def prepare(self, request: Request, beside: MemorySession | None = None) -> Plan:
+    def prepare(self, request: Request) -> Plan:
         """Plan the call and place the weights for it (a benchmark calls it alone to time loading
-        apart from generating); `beside` as `plan_for`."""
-        self.place(self.plan_for(request, beside))
+        apart from generating), beside the neighbours as `plan_for` says."""
+        self.place(self.plan_for(request))
         assert self.engine is not None and self.plan is not None
         self.engine.events.clear()  # the residency log of this call only: a long-lived pipeline keeps no history
         for component in self.components.values():
@@ -257,11 +282,6 @@ class MemorySession:
         if self.owns_meter:
             self.meter.new_call()
         return self.plan
-
-    def report_into(self, other: MemorySession, prefix: str) -> None:
-        """Record this session's stages in `other`'s meter as `prefix` + stage, inside `other`'s calls: an
-        SDXL refiner's sampling and decode then appear in the base's report of the same call."""
-        self.meter, self.stage_prefix, self.owns_meter = other.meter, prefix, False
 
     def set_tensor_hook(self, hook: TensorHook | None) -> None:
         """Patch every weight (see `OffloadEngine.tensor_hook`), from now on. None removes the patch.
