@@ -220,3 +220,24 @@ def test_stream_moves_the_controlnet_one_unit_at_a_time(tiny_model, specs):
     assert {group for group, _ in runs} >= {"time_embed", "input_blocks.0", "input_blocks.1", "middle_block"}
     assert all(resident == (group,) for group, resident in runs)  # on the CPU nothing is copied ahead
     assert component.engine.resident_names() == ()
+
+
+def test_the_planner_counts_the_controlnet(tiny_model, specs):
+    from optimized_sd.memory.planner import Request, estimate_peak
+
+    pipe = optimized_sd.load(tiny_model.safetensors, tokenizer=tiny_model.tokenizer, device="cpu", memory="turbo")
+    alone = pipe.memory.call_sizes()
+    pipe.use_controlnets(specs)
+    sizes = pipe.memory.call_sizes()
+    assert sizes.side > sizes.side_unit > 0 and sizes.side_activation_share == pytest.approx(0.45)
+    assert sizes.total == alone.total + sizes.side
+    # A UNet large enough that the sampling stage is the peak: the ControlNet adds to it in every mode, whole
+    # beside a whole or halved UNet, its largest unit in `stream`.
+    big = dict(unet=10**9, unet_halves=(5 * 10**8, 5 * 10**8), unet_blocks=(10**8,) * 10)
+    alone, sizes = replace(alone, **big), replace(sizes, **big)
+    request = Request(64, 64, dtype_bytes=4)
+    modes = ("full", "turbo", "split", "stream")
+    added = {mode: estimate_peak(mode, sizes, request, False) - estimate_peak(mode, alone, request, False) for mode in modes}
+    assert added["turbo"] == added["split"] > added["stream"] > 0 and added["full"] >= sizes.side
+    pipe.use_controlnets(())
+    assert pipe.memory.components == {} and pipe.memory.call_sizes().side == 0
