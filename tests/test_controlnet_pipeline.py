@@ -241,3 +241,21 @@ def test_the_planner_counts_the_controlnet(tiny_model, specs):
     assert added["turbo"] == added["split"] > added["stream"] > 0 and added["full"] >= sizes.side
     pipe.use_controlnets(())
     assert pipe.memory.components == {} and pipe.memory.call_sizes().side == 0
+
+
+def test_the_refiners_pass_gets_no_controlnet(tiny_sdxl, tiny_refiner, tmp_path):
+    """4 Euler steps switched at 0.5: the SDXL ControlNet runs on the base's 2 steps only (one call each), never
+    inside the refiner's, and the metadata names both."""
+    from test_refiner import load, refined
+
+    controlnet = write_controlnet(tiny_sdxl.unet, tmp_path, 9).original
+    pipe = load(tiny_sdxl)
+    request = replace(refined("euler", refiner=tiny_refiner.folder), controlnets=control_specs([controlnet], [control_image(2)]))
+    pipe.use_controlnets(request.controlnets)
+    calls = []
+    pipe.controlnets[0].model.middle_block_out.register_forward_hook(lambda *args: calls.append(1))
+    result = pipe.generate(request)
+    assert len(calls) == 2
+    text = result.parameters[0].text()
+    assert "ControlNet 0: " in text and "Refiner: " in text
+    assert [r.stage for r in pipe.meter.records] == ["text", "controlnet", "unet", "refiner_text", "refiner_unet", "refiner_vae_decode"]
