@@ -37,6 +37,12 @@ CLI_FLAGS: dict[str, str | None] = {
     "hr_scale": "--hr-scale", "hr_resize": "--hr-resize", "hr_upscaler": "--hr-upscaler", "hr_steps": "--hr-steps",
     "hr_strength": "--hr-strength", "hr_sampler": "--hr-sampler", "hr_prompt": "--hr-prompt", "hr_negative_prompt": "--hr-negative-prompt",
     "guidance": "--guidance", "max_sequence_length": "--max-sequence-length",
+    "controlnets": "--controlnet",  # with --control-image and the --control-* settings (`CONTROL_SETTINGS`)
+}  # fmt: skip
+# ControlNetSpec field -> its flag: given once it applies to every unit, or once per unit in --controlnet order.
+CONTROL_SETTINGS = {
+    "start": "--control-start", "end": "--control-end", "mode": "--control-mode", "resize": "--control-resize",
+    "preprocessor": "--control-preprocessor", "threshold_a": "--control-threshold-a", "threshold_b": "--control-threshold-b",
 }  # fmt: skip
 HIRES_FIELDS = ("hr_scale", "hr_resize", "hr_upscaler", "hr_steps", "hr_strength", "hr_sampler", "hr_prompt", "hr_negative_prompt")
 OUTPUT_FIELDS = ("outdir", "fmt", "skip_save", "skip_grid", "n_rows", "report_json", "preview_every")
@@ -131,6 +137,7 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--karras", is_flag=True, help="Karras sigma schedule (k-samplers only); same as --schedule karras."),
         click.option("--schedule", help="k-sampler sigma grid: linspace (default, diffusers'), automatic, uniform, karras, exponential, sgm_uniform."),
         click.option("--lora", "loras", multiple=True, help="LoRA file, FILE or FILE:WEIGHT (repeatable; default weight 1)."),
+        control_options(),
         click.option("--n_samples", type=int, default=5, show_default=True, help="Images per batch."),  # optimizedSD's default
         click.option("--n_iter", type=int, default=defaults.DEFAULT_N_ITER, show_default=True, help="Number of batches."),
         click.option("--seed", type=int, help="Seed of the first image (image i uses seed+i); random when omitted."),
@@ -190,17 +197,39 @@ def cli() -> None:
     """Low-VRAM Stable Diffusion (SD 1.x, SD 2.x, SDXL): txt2img and img2img on small GPUs or the CPU."""
 
 
+def control_options() -> Callable:
+    """The ControlNet flags: --controlnet FILE[:WEIGHT] and --control-image IMAGE, repeatable and paired in order,
+    and the per-unit settings (`CONTROL_SETTINGS`), each given once for every unit or once per unit."""
+    number, text = dict(type=float, multiple=True), dict(multiple=True)
+    return apply_options([
+        click.option("--controlnet", "controlnets", multiple=True, metavar="FILE[:WEIGHT]",
+                     help="ControlNet file or diffusers folder, with its weight (default 1; repeatable, paired with --control-image)."),
+        click.option("--control-image", "control_images", multiple=True, type=click.Path(path_type=Path),
+                     help="Control image of the --controlnet at the same position (repeatable)."),
+        click.option("--control-start", "control_start", **number, help="Fraction of the steps before the ControlNet starts (default 0)."),
+        click.option("--control-end", "control_end", **number, help="Fraction of the steps after which it stops (default 1)."),
+        click.option("--control-mode", "control_mode", **text, help="balanced (default), prompt or controlnet."),
+        click.option("--control-resize", "control_resize", **text, help="crop (default), resize or fill: how the image meets W x H."),
+        click.option("--control-preprocessor", "control_preprocessor", **text, help="none (default), invert or canny."),
+        click.option("--control-threshold-a", "control_threshold_a", **number, help="canny's low threshold (default 100)."),
+        click.option("--control-threshold-b", "control_threshold_b", **number, help="canny's high threshold (default 200)."),
+    ])  # fmt: skip
+
+
 def job_from_flags(
     flags: dict, init_img: Path | None = None, strength: float = defaults.DEFAULT_STRENGTH, inpaint=None, max_image_pixels: int | None = None
 ):
     """The generation flags as a Job (txt2img, img2img and batch's defaults): each flag's value goes to the
     request field CLI_FLAGS maps it from (the click option's name is the field's)."""
+    from optimized_sd.pipelines.controlnet import control_specs
     from optimized_sd.pipelines.job import Job, OutputPolicy
 
     given = {name: flags[name] for name in CLI_FLAGS if name in flags and name not in (*OUTPUT_FIELDS, *HIRES_FIELDS)}
     given.update(hires_from_flags(flags))
+    settings = {name: flags[f"control_{name}"] for name in CONTROL_SETTINGS}
+    controlnets = control_specs(flags["controlnets"], flags["control_images"], **settings)
     return Job(
-        **{**given, "loras": tuple(flags["loras"])},
+        **{**given, "loras": tuple(flags["loras"]), "controlnets": controlnets},
         prompts=(flags["prompt"],) if flags["prompt_file"] is None else (),
         init_image=init_img,
         strength=strength,

@@ -170,6 +170,7 @@ BATCH_KEYS: dict[str, str | None] = {
     **{name: name for name in FIELDS if name not in ("prompt", "size")},
     "prompts": "prompt", "prompt_file": None, "latent_channels": None, "downscale": None, "unet_batch": None,
     "inpaint": None, "max_image_pixels": None,
+    "controlnets": None,  # ControlNet units: the command line's --controlnet/--control-image for now
     "output": None, "outdir": None, "fmt": None, "skip_save": None, "skip_grid": None, "n_rows": None, "report_json": None,
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     **{target: name for name, (target, _) in INPAINT_FIELDS.items()},

@@ -103,6 +103,11 @@ class ModelFootprint:
     activations: UnetActivations | None = None  # its record's UNet constants (None: looked up by `family`)
     latent_downscale: int = 8  # pixels per latent along one axis
     tiny_decoder: int = 0  # a TAESD decoder's weights, on the device for the whole call (fast decode, previews)
+    # Side networks running beside the denoiser (ControlNets): their weights whole, their largest streamed unit,
+    # and their activations as a share of the denoiser's (a ControlNet is the UNet's encoder half: ~0.45).
+    side: int = 0
+    side_unit: int = 0
+    side_activation_share: float = 0.0
 
     @property
     def unet_constants(self) -> UnetActivations:
@@ -110,7 +115,7 @@ class ModelFootprint:
 
     @property
     def total(self) -> int:
-        return self.text_encoder + self.unet + self.vae_encoder + self.vae_decoder
+        return self.text_encoder + self.unet + self.vae_encoder + self.vae_decoder + self.side
 
     @property
     def largest_block_pair(self) -> int:
@@ -233,6 +238,7 @@ def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling
     that stage's activations."""
     chunked = chunks_feed_forward(mode)
     unet_act = unet_activation_bytes(request, chunked, model.unet_constants, model.latent_downscale)
+    unet_act = int(unet_act * (1 + model.side_activation_share))  # side networks' activations, beside the UNet's
     tiny_act = TAESD_DECODE_ELEMENTS_PER_PIXEL * request.height * request.width * request.dtype_bytes
     decode_act = tiny_act if request.tiny_decode else decode_activation_bytes(request, vae_tiling)
     decode_weights = 0 if request.tiny_decode else model.vae_decoder
@@ -243,6 +249,8 @@ def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling
     unet_weights = denoiser_stage_weights(
         row, total=model.total, whole=model.unet, largest_half=max(model.unet_halves), largest_block_pair=model.largest_block_pair
     )
+    if row.resident != "everything":  # side networks run beside the denoiser: whole, or one streamed unit at a time
+        unet_weights += model.side_unit if row.denoiser == "blocks" else model.side
     if row.resident == "everything":
         stages = [unet_weights + max(unet_act, decode_act, encode_act)]
     else:

@@ -12,18 +12,25 @@ Per model call it gives the UNet the sum of every active unit's residuals (diffu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
+from optimized_sd.memory.modes import MemoryMode, mode_row
+from optimized_sd.memory.offload import GroupSpec
 from optimized_sd.models.controlnet import CONTROL_MODES, ControlNetModel, control_scales, zero_residuals_like
-from optimized_sd.pipelines.control_hints import PREPROCESSORS, RESIZE_MODES, fit_image, hint_tensor, preprocess
+from optimized_sd.pipelines.control_hints import CANNY_HIGH, CANNY_LOW, PREPROCESSORS, RESIZE_MODES, fit_image, hint_tensor, preprocess
+from optimized_sd.pipelines.memory_session import Component
+from optimized_sd.pipelines.placement import parameter_bytes
 from optimized_sd.sampling import Conditioning, ControlResiduals, SamplingPlan, SideNetwork
 from optimized_sd.sampling.plan import step_timesteps
+from optimized_sd.weights.controlnet import OpenedControlNet, build_controlnet
 
 
 @dataclass
@@ -38,6 +45,8 @@ class ControlNetUnit:
     mode: str = "balanced"  # CONTROL_MODES
     preprocessor: str = "none"  # PREPROCESSORS
     resize_mode: str = "crop"  # RESIZE_MODES
+    threshold_a: float = CANNY_LOW  # the preprocessor's thresholds (canny: low, high)
+    threshold_b: float = CANNY_HIGH
 
     def __post_init__(self) -> None:
         if self.mode not in CONTROL_MODES:
@@ -61,7 +70,13 @@ class ControlNetUnit:
 
     def hint(self, width: int, height: int) -> Tensor:
         """The control image fitted to the output size and preprocessed: (1, 3, height, width) in [0, 1]."""
-        return hint_tensor(preprocess(fit_image(self.image, width, height, self.resize_mode), self.preprocessor))
+        fitted = fit_image(self.image, width, height, self.resize_mode)
+        return hint_tensor(preprocess(fitted, self.preprocessor, self.threshold_a, self.threshold_b))
+
+    def last_step(self, steps: int) -> int | None:
+        """The last step of `steps` the window runs (None: none, or the unit runs to the end)."""
+        active = [i for i in range(steps) if window_keep(i, steps, self.start, self.end)]
+        return active[-1] if active and active[-1] < steps - 1 else None
 
 
 def window_keep(step: int, steps: int, start: float, end: float) -> float:
@@ -81,13 +96,24 @@ def rows(cond: Conditioning, start: int) -> Conditioning:
 
 
 def control_side_network(
-    units: Sequence[ControlNetUnit], plan: SamplingPlan, width: int, height: int, guided: bool, dtype: torch.dtype = torch.float32
+    units: Sequence[ControlNetUnit],
+    plan: SamplingPlan,
+    width: int,
+    height: int,
+    guided: bool,
+    dtype: torch.dtype = torch.float32,
+    *,
+    hints: Sequence[Tensor] | None = None,
+    window_ended: Callable[[int, int], None] | None = None,
 ) -> SideNetwork:
     """The side network of `units` for a sampling `plan` at width x height. `guided`: the calls carry the
-    unconditional half then the conditional half (CFG), which guess mode needs to tell apart."""
+    unconditional half then the conditional half (CFG), which guess mode needs to tell apart. `hints`: each
+    unit's encoded hint, computed before (else encoded at the first call). `window_ended(unit, step)` is told at
+    every call after a unit's last step `step` that the unit will not run again in this sampling."""
     timesteps = step_timesteps(plan)
     steps = max(plan.num_steps, 1)
-    hints: dict[int, Tensor] = {}
+    hints = dict(enumerate(hints)) if hints is not None else {}
+    last_steps = [unit.last_step(steps) for unit in units]
 
     def encoded_hint(index: int, unit: ControlNetUnit, device: torch.device) -> Tensor:
         if index not in hints:
@@ -98,6 +124,9 @@ def control_side_network(
         step = step_index(float(t[0]), timesteps)
         total: ControlResiduals | None = None
         for index, unit in enumerate(units):
+            last = last_steps[index]
+            if window_ended is not None and last is not None and step > last:
+                window_ended(index, last)
             keep = window_keep(step, steps, unit.start, unit.end)
             if not keep:
                 continue  # a unit outside its window adds zeros: skip it
@@ -111,3 +140,196 @@ def control_side_network(
         return total
 
     return residuals
+
+
+# -- units from plain values: what every front end builds ----------------------------------------------
+
+CONTROL_FIELD = "controlnets"  # the request field every check below names
+MAX_CONTROL_WEIGHT = 10.0  # |weight| above this is a typo, not a setting (AUTOMATIC1111's slider stops at 2)
+MODE_NAMES = {"balanced": "Balanced", "prompt": "My prompt is more important", "controlnet": "ControlNet is more important"}
+RESIZE_NAMES = {"crop": "Crop and Resize", "resize": "Just Resize", "fill": "Resize and Fill"}
+
+
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """One ControlNet unit as plain values (a file, a control image as a path or a PIL image, and how it
+    steers): what the CLI, the API and the batch file build; `check` validates it without loading anything."""
+
+    file: Path
+    image: Path | Image.Image
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+    resize: str = "crop"
+    preprocessor: str = "none"
+    threshold_a: float = CANNY_LOW
+    threshold_b: float = CANNY_HIGH
+
+    def check(self, index: int) -> None:
+        """A FieldError naming `controlnets` and the unit's position for any value no ControlNet could run with."""
+
+        def bad(problem: str) -> FieldError:
+            return FieldError.about(CONTROL_FIELD, f"{index}: {problem}")
+
+        for name in ("weight", "start", "end", "threshold_a", "threshold_b"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(f"{name} {value!r} is not a finite number")
+        if abs(self.weight) > MAX_CONTROL_WEIGHT:
+            raise bad(f"weight {self.weight:g} is outside [-{MAX_CONTROL_WEIGHT:g}, {MAX_CONTROL_WEIGHT:g}]")
+        for name in ("start", "end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(f"{name} {getattr(self, name):g} is outside [0, 1] (a fraction of the steps)")
+        if self.start > self.end:
+            raise bad(f"start {self.start:g} is after end {self.end:g}")
+        for name, value, known in (("mode", self.mode, CONTROL_MODES), ("resize", self.resize, RESIZE_MODES),
+                                   ("preprocessor", self.preprocessor, PREPROCESSORS)):  # fmt: skip
+            if value not in known:
+                raise bad(f"{name} {value!r} is unknown; expected one of {', '.join(known)}")
+        if self.threshold_a > self.threshold_b:
+            raise bad(f"threshold_a {self.threshold_a:g} is above threshold_b {self.threshold_b:g}")
+        if not Path(self.file).exists():
+            raise bad(f"{self.file}: no such ControlNet file or folder")
+        if not isinstance(self.image, Image.Image) and not Path(self.image).is_file():
+            raise bad(f"{self.image}: no such control image")
+
+    def unit(self, model: ControlNetModel, image: Image.Image) -> ControlNetUnit:
+        return ControlNetUnit(
+            model, image, self.weight, self.start, self.end, self.mode, self.preprocessor, self.resize, self.threshold_a, self.threshold_b
+        )
+
+    def metadata(self, name: str, short_hash: str) -> str:
+        """sd-webui-controlnet's line for this unit (written as `ControlNet N: "..."`)."""
+        return (
+            f"Module: {self.preprocessor}, Model: {name} [{short_hash}], Weight: {self.weight:g}, "
+            f"Resize Mode: {RESIZE_NAMES[self.resize]}, Guidance Start: {self.start:g}, Guidance End: {self.end:g}, "
+            f"Control Mode: {MODE_NAMES[self.mode]}"
+        )
+
+
+def parse_controlnet(text: str) -> tuple[Path, float]:
+    """'FILE' or 'FILE:WEIGHT' (the weight after the last ':' when it reads as a number)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+def per_unit(name: str, values: Sequence, count: int) -> list:
+    """A setting given once for every unit, or once per unit in order (nothing given: the default, `values` empty)."""
+    if len(values) in (1, count):
+        return list(values) * (count if len(values) == 1 else 1)
+    problem = f"got {len(values)} values of {name} for {count} ControlNet(s); give one for all, or one per unit"
+    raise FieldError.about(CONTROL_FIELD, problem)
+
+
+def control_specs(
+    controlnets: Sequence[str | Path], images: Sequence[str | Path | Image.Image], **settings: Sequence
+) -> tuple[ControlNetSpec, ...]:
+    """Units from plain values, paired in order: `controlnets` as 'FILE[:WEIGHT]', `images` one per ControlNet,
+    and any ControlNetSpec field in `settings` as a sequence of one value (for all) or one per unit."""
+    if len(controlnets) != len(images):
+        problem = f"got {len(controlnets)} ControlNet(s) and {len(images)} control image(s); give one image per ControlNet, in order"
+        raise FieldError.about(CONTROL_FIELD, problem)
+    parsed = [parse_controlnet(str(text)) for text in controlnets]
+    specs = [ControlNetSpec(file, image, weight) for (file, weight), image in zip(parsed, images)]
+    for name, values in settings.items():
+        if values:
+            specs = [replace(spec, **{name: value}) for spec, value in zip(specs, per_unit(name, values, len(specs)))]
+    return tuple(specs)
+
+
+def check_controlnets(specs: Sequence[ControlNetSpec]) -> None:
+    for index, spec in enumerate(specs):
+        spec.check(index)
+
+
+# -- the ControlNet as a memory component ----------------------------------------------------------------
+
+def controlnet_name(index: int) -> str:
+    """The memory component of the request's unit `index`."""
+    return f"controlnet.{index}"
+
+
+CONTROLNET_ACTIVATIONS = 0.45  # a ControlNet's activations beside its UNet's: the encoder half, ~40-50% of the work
+
+
+def controlnet_groups(row: MemoryMode, model: ControlNetModel) -> list[GroupSpec]:
+    """A ControlNet's offload groups for a mode's row, as its UNet's: resident with everything (`full`), the
+    whole network with the UNet during sampling (`turbo`, `split`), or (`stream`) each input block with its zero
+    conv, then the middle block with its output, one at a time. The hint encoder runs alone, once per call."""
+    blocks = [name for name in model.block_names() if name not in ("input_hint_block", "zero_convs", "middle_block_out")]
+    if row.resident == "everything":
+        return [GroupSpec("controlnet", ("input_hint_block", *blocks, "zero_convs", "middle_block_out"), "never")]
+    hint = GroupSpec("hint", ("input_hint_block",), "stage_end")
+    if row.denoiser != "blocks":
+        return [hint, GroupSpec("controlnet", (*blocks, "zero_convs", "middle_block_out"), "stage_end")]
+    embed = [name for name in blocks if not name.startswith(("input_blocks.", "middle_block"))]
+    units = [tuple(embed)] + [(f"input_blocks.{i}", f"zero_convs.{i}") for i in range(len(model.zero_convs))]
+    units.append(("middle_block", "middle_block_out"))
+    names = [unit[0] for unit in units]
+    release = row.denoiser_release
+    return [hint] + [
+        GroupSpec(name, unit, release, prefetch_next=names[(i + 1) % len(names)]) for i, (name, unit) in enumerate(zip(names, units))
+    ]
+
+
+def controlnet_component(name: str, model: ControlNetModel, source, dtype_bytes: int) -> Component:
+    """A ControlNet (built on meta, its tensors in `source`) as a component of the memory session."""
+    streamed = controlnet_groups(mode_row("stream"), model)
+    unit_bytes = [parameter_bytes(model, list(group.modules), dtype_bytes) for group in streamed]
+    return Component(
+        name,
+        model,
+        source,
+        lambda row: controlnet_groups(row, model),
+        weights=parameter_bytes(model, model.block_names(), dtype_bytes),
+        largest_unit=max(unit_bytes),
+        activation_share=CONTROLNET_ACTIVATIONS,
+    )
+
+
+@dataclass
+class LoadedControlNet:
+    """A request unit's ControlNet as the pipeline keeps it between calls: built on meta, its weights placed by
+    the memory session as the component `controlnet_name(index)`."""
+
+    path: Path
+    model: ControlNetModel
+    opened: OpenedControlNet
+    _hash: str | None = None
+
+    @classmethod
+    def open(cls, path: Path, index: int, base_family: str) -> LoadedControlNet:
+        """Build the ControlNet at `path` for a base of `base_family`; a file of another family, or no ControlNet
+        at all, is a FieldError naming `controlnets`, the unit and the file."""
+        try:
+            model, opened = build_controlnet(path, base_family)
+        except UserError as error:
+            raise FieldError.about(CONTROL_FIELD, f"{index}: {path}: {error}") from None
+        return cls(path, model, opened)
+
+    def short_hash(self) -> str:
+        """AUTOMATIC1111's short hash of the file (of its weight file for a diffusers folder)."""
+        if self._hash is None:
+            from optimized_sd.weights.diffusers_folder import find_weight_file
+            from optimized_sd.weights.hashing import sha256_short
+
+            self._hash = sha256_short(find_weight_file(self.path) if self.path.is_dir() else self.path)
+        return self._hash
+
+
+def control_image(spec: ControlNetSpec, index: int, max_pixels: int | None = None) -> Image.Image:
+    """The unit's control image as RGB (a path is opened; any bad file is one FieldError naming the unit)."""
+    if isinstance(spec.image, Image.Image):
+        return spec.image.convert("RGB")
+    from optimized_sd.pipelines.images import open_image
+
+    try:
+        return open_image(spec.image, max_pixels)
+    except UserError as error:
+        raise FieldError.about(CONTROL_FIELD, f"{index}: control image: {error}") from None

@@ -28,6 +28,7 @@ from optimized_sd.memory.planner import VAE_TILE_OVERLAP, Request
 from optimized_sd.memory.report import StageRecord
 from optimized_sd.memory.tiling import tiled_apply
 from optimized_sd.models.vae import AutoencoderKL
+from optimized_sd.pipelines.controlnet import control_side_network, controlnet_name
 from optimized_sd.pipelines.images import image_to_tensor, tensor_to_image
 from optimized_sd.pipelines.memory_session import is_out_of_memory
 from optimized_sd.pipelines.networks import PromptNetworks, lora_weights, network_hashes, resolve_networks
@@ -83,8 +84,9 @@ class Task:
 
     def side_network(self, pipe: StableDiffusion, request: GenerationRequest, plan: SamplingPlan) -> SideNetwork | None:
         """A network computing side inputs for every UNet call (a ControlNet's residuals), or None. It is
-        given the call's request and plan (a ControlNet's window counts the plan's steps)."""
-        return None
+        given the call's request and plan (a ControlNet's window counts the plan's steps); the default runs
+        the request's ControlNets."""
+        return controlnet_side_network(pipe, request, plan) if request.controlnets else None
 
     def step_callback(self, progress: ProgressCallback | None) -> ProgressCallback | None:
         """The sampler's per-step callback: the caller's `progress`, or a wrapper that also edits the
@@ -180,12 +182,36 @@ def unet_model(pipe: StableDiffusion, record: StageRecord) -> Model:
     return call
 
 
+def controlnet_side_network(pipe: StableDiffusion, request: GenerationRequest, plan: SamplingPlan) -> SideNetwork:
+    """The request's ControlNets (placed by `pipe.use_controlnets` before the call was planned) as one side network:
+    their hints encoded once, as the `controlnet` stage; a unit whose window ends before the last step leaves
+    the device then (its component released for the rest of the call, noted in the report)."""
+    units = pipe.controlnet_units(request.controlnets)
+    width, height = request.width, request.height
+
+    def work(record: StageRecord) -> list[Tensor]:
+        return [unit.model.encode_hint(unit.hint(width, height).to(pipe.device, pipe.dtype)) for unit in units]
+
+    hints = pipe.memory.run_stage("controlnet", work)
+
+    def window_ended(index: int, step: int) -> None:
+        pipe.memory.release_component(controlnet_name(index), f"released after step {step}")
+
+    return control_side_network(units, plan, width, height, request.guided, pipe.dtype, hints=hints, window_ended=window_ended)
+
+
 def guided_eps(
-    pipe: StableDiffusion, task: Task, request: GenerationRequest, plan: SamplingPlan, record: StageRecord, conditioning: ConditioningPair
+    pipe: StableDiffusion,
+    task: Task,
+    request: GenerationRequest,
+    plan: SamplingPlan,
+    record: StageRecord,
+    conditioning: ConditioningPair,
+    side: SideNetwork | None,
 ) -> EpsFn:
     """CFG(side network(prediction(task wrapper(pipe's UNet)))) over the conditioning: what the sampler calls."""
     model = plan.model_sampling.prediction(task.wrap_model(pipe.denoiser_model(record, plan)))
-    return classifier_free_guidance(model, *conditioning, request.scale, side_network=task.side_network(pipe, request, plan))
+    return classifier_free_guidance(model, *conditioning, request.scale, side_network=side)
 
 
 class Handover:
@@ -202,7 +228,7 @@ class Handover:
 
     def take_over(self) -> tuple[StableDiffusion, ConditioningPair]:
         refiner, request = self.refiner, self.request
-        refiner.memory.prepare(replace(planner_request(refiner, self.task, request), encodes_image=False), beside=self.base.memory)
+        refiner.memory.prepare(replace(planner_request(refiner, self.task, request), encodes_image=False))
         cond, uncond, _ = encode_conditioning(refiner, request, self.prompts)
         self.taken = True
         return refiner, (cond, uncond)
@@ -218,26 +244,28 @@ def denoise(
     seeds: list[int],
     progress: ProgressCallback | None,
     handover: Handover | None = None,
+    side: SideNetwork | None = None,
 ) -> Tensor:
     """Run the sampler over `guided_eps` as the `unet` stage. With a `handover` the one sampler run (its
     state, history and noise generators) continues after `handover.step` steps with the refiner's model
-    inside the refiner's own `unet` stage: the base's stage ends first, so its streamed weights leave."""
+    inside the refiner's own `unet` stage: the base's stage ends first, so its streamed weights leave.
+    `side` (the base's side network: ControlNets) never reaches the refiner's pass."""
     if not plan.num_steps:
         return x
     callback = task.step_callback(progress)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     if handover is not None and handover.step == 0:  # the refiner alone (an img2img that starts below the switch)
         pipe, conditioning = handover.take_over()
-        handover = None
+        handover, side = None, None
     if handover is None or handover.step >= plan.num_steps:
 
         def work(record: StageRecord) -> Tensor:
-            return sample(plan, guided_eps(pipe, task, request, plan, record, conditioning), x, generators, callback)
+            return sample(plan, guided_eps(pipe, task, request, plan, record, conditioning, side), x, generators, callback)
 
         return pipe.memory.run_stage("unet", work)
     relay = handover
     with contextlib.ExitStack() as stage:
-        eps = [guided_eps(pipe, task, request, plan, stage.enter_context(pipe.memory.stage("unet")), conditioning)]
+        eps = [guided_eps(pipe, task, request, plan, stage.enter_context(pipe.memory.stage("unet")), conditioning, side)]
 
         def relayed_progress(info: StepInfo) -> None:
             if callback is not None:
@@ -245,7 +273,7 @@ def denoise(
             if info.step == relay.step:
                 stage.close()  # the base's sampling stage ends here
                 refiner, refined = relay.take_over()
-                eps[0] = guided_eps(refiner, task, request, plan, stage.enter_context(refiner.memory.stage("unet")), refined)
+                eps[0] = guided_eps(refiner, task, request, plan, stage.enter_context(refiner.memory.stage("unet")), refined, None)
 
         try:
             return sample(plan, lambda x_in, t: eps[0](x_in, t), x, generators, relayed_progress)
@@ -330,6 +358,7 @@ def image_parameters(
     lora_hashes = network_hashes({path.stem: path for path in loras}, lora=True)
     hashes = (("Lora hashes", lora_hashes), ("TI hashes", network_hashes(embeddings, lora=False)))
     extra += [(name, value) for name, value in hashes if value]
+    extra += [(f"ControlNet {index}", line) for index, line in enumerate(pipe.controlnet_metadata(request.controlnets))]
     if refiner is not None:
         extra.append(("Refiner", f"{refiner.loaded.checkpoint.name} [{refiner.model_hash()}]"))
         extra.append(("Refiner switch at", f"{request.refiner_switch:g}"))
@@ -393,17 +422,19 @@ def run_task(pipe: StableDiffusion, task: Task, request: GenerationRequest, prog
     # One attention scope per call: a backend fallback is reported once per call, not per layer or per process.
     with use_attention(pipe.memory.attention):
         pipe.use_loras(networks.loras)  # before placement, so the weights are placed (and patched) once
-        beside = pipe.refiner.memory if pipe.refiner is not None else None  # a refiner placed by a call before stays only if both fit
-        tiled = pipe.memory.prepare(planner_request(pipe, task, request), beside=beside).vae_tiling
+        pipe.use_controlnets(request.controlnets)  # components of the plan: counted, then placed with the model
+        # A refiner placed by a call before (a session of this one) stays only if both fit.
+        tiled = pipe.memory.prepare(planner_request(pipe, task, request)).vae_tiling
         cond, uncond, embeddings = encode_conditioning(pipe, request, networks)
         conditioning = (cond, uncond)
         latent_shape = (request.latent_channels, request.height // request.downscale, request.width // request.downscale)
         noise = seeded_noise(seeds, latent_shape, pipe.device)
         x = task.start_latents(pipe, request, plan, noise, tiled)
+        side = task.side_network(pipe, request, plan)
         handover = None
         if refiner is not None:
             handover = Handover(pipe, refiner, task, request, networks, handover_step(plan, request.refiner_switch))
-        latents = denoise(pipe, task, request, plan, x, conditioning, seeds, progress, handover)
+        latents = denoise(pipe, task, request, plan, x, conditioning, seeds, progress, handover, side)
         check_finite(latents, "sampling produced non-finite latents (NaN/inf)")
         # The model that sampled last decodes (its VAE is the same SDXL VAE, and it is the one placed).
         last = refiner if handover is not None and handover.taken else pipe

@@ -4,7 +4,7 @@ where it computes is `memory_session`'s business."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +21,14 @@ from optimized_sd.memory.planner import VAE_TILE, Plan, parse_bytes
 from optimized_sd.memory.report import MemoryMeter
 from optimized_sd.models.text_encoder import PromptTokenizer
 from optimized_sd.pipelines import core
+from optimized_sd.pipelines.controlnet import (
+    ControlNetSpec,
+    ControlNetUnit,
+    LoadedControlNet,
+    control_image,
+    controlnet_component,
+    controlnet_name,
+)
 from optimized_sd.pipelines.core import Task
 from optimized_sd.pipelines.hires import run_hires
 from optimized_sd.pipelines.images import image_to_tensor, load_init_image, open_image, tensor_to_image
@@ -53,7 +61,7 @@ __all__ = [  # the names callers have imported from here
     "load_init_image",
     "tensor_to_image",
 ]
-REFINER_STAGE_PREFIX = "refiner_"  # a refiner's stages in the base's memory report: refiner_text, refiner_unet, ...
+REFINER = "refiner"  # the refiner's session in the base's: its stages are reported as refiner_text, refiner_unet, ...
 
 
 def task_for(request: GenerationRequest) -> Task:
@@ -112,6 +120,7 @@ class StableDiffusion:
                                        vae_tiling=vae_tiling, tokenizer=tokenizer, weights=weights, int8_matmul=int8_matmul,
                                        channels_last=channels_last)
         self.refiner: StableDiffusion | None = None  # the last `--refiner` a call used, kept for the next
+        self.controlnets: list[LoadedControlNet] = []  # the last call's ControlNets by unit, kept for the next
         self.loras = self.lora_set()
 
     def lora_set(self) -> LoraSet:
@@ -197,14 +206,43 @@ class StableDiffusion:
         if self.loras.activate(weights):
             self.memory.set_tensor_hook(self.loras if self.loras.active else None)
 
+    def use_controlnets(self, specs: Sequence[ControlNetSpec]) -> None:
+        """Make the request's ControlNets components of the memory session (before the call is planned, so the
+        plan counts them); a unit whose file is unchanged keeps its ControlNet and placement."""
+        for index, spec in enumerate(specs):
+            path = Path(spec.file)
+            if index < len(self.controlnets) and self.controlnets[index].path == path:
+                continue
+            loaded = LoadedControlNet.open(path, index, self.config.family)
+            self.memory.attach(controlnet_component(controlnet_name(index), loaded.model, loaded.opened.source, self.dtype.itemsize))
+            if index < len(self.controlnets):
+                self.controlnets[index].opened.source.close()
+                self.controlnets[index] = loaded
+            else:
+                self.controlnets.append(loaded)
+        for index in range(len(specs), len(self.controlnets)):
+            self.memory.detach(controlnet_name(index))
+            self.controlnets[index].opened.source.close()
+        del self.controlnets[len(specs) :]
+
+    def controlnet_units(self, specs: Sequence[ControlNetSpec]) -> list[ControlNetUnit]:
+        """The units of `specs` on the ControlNets `use_controlnets` placed."""
+        return [spec.unit(loaded.model, control_image(spec, index)) for index, (spec, loaded) in enumerate(zip(specs, self.controlnets))]
+
+    def controlnet_metadata(self, specs: Sequence[ControlNetSpec]) -> list[str]:
+        """sd-webui-controlnet's `ControlNet N` values for the request's units."""
+        return [spec.metadata(loaded.opened.name, loaded.short_hash()) for spec, loaded in zip(specs, self.controlnets)]
+
     def close(self) -> None:
         """Release the weights' placement and the checkpoint's file maps (a long-lived server calls this)."""
         self.close_refiner()
+        self.use_controlnets(())
         self.memory.release_engine()
         self.loaded.source.close()
 
     def close_refiner(self) -> None:
         if self.refiner is not None:
+            self.memory.remove_session(REFINER)
             self.refiner.close()
             self.refiner = None
 
@@ -227,7 +265,7 @@ class StableDiffusion:
         if not options["tokenizer"] and path.is_file() and base_tokenizer.is_dir():
             options["tokenizer"] = base_tokenizer  # a single-file refiner has no tokenizer; bigG's is the base folder's second
         self.refiner = load(path, vae=self.vae_file, **options, lora_dir=self.lora_dir, embeddings_dir=self.embeddings.folder)
-        self.refiner.memory.report_into(self.memory, REFINER_STAGE_PREFIX)
+        self.memory.add_session(REFINER, self.refiner.memory)
         return self.refiner
 
     # -- generation ----------------------------------------------------------------------------

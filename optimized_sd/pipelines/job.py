@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -18,6 +18,7 @@ from PIL import Image
 from optimized_sd.errors import FieldError, UserError
 from optimized_sd.memory.planner import format_bytes
 from optimized_sd.pipelines.bounds import check_image_count, check_numbers
+from optimized_sd.pipelines.controlnet import ControlNetSpec, check_controlnets, control_image
 from optimized_sd.pipelines.defaults import (
     DEFAULT_DOWNSCALE,
     DEFAULT_ETA,
@@ -119,6 +120,8 @@ class Job:
     hr_negative_prompt: str | None = None
     guidance: float | None = None  # Flux.1 dev's distilled guidance (None: 3.5)
     max_sequence_length: int | None = None  # Flux.1's T5 tokens per prompt (None: dev 512, schnell 256)
+    # ControlNet units, in order (`pipelines.controlnet.control_specs` builds them from plain values).
+    controlnets: tuple[ControlNetSpec, ...] = ()
     output: OutputPolicy = field(default_factory=lambda: OutputPolicy(Path("outputs")))
 
     def validate(self) -> None:
@@ -169,6 +172,7 @@ class Job:
             check_refiner_switch(self.refiner_switch)
         if self.hires:
             self.check_hires()
+        check_controlnets(self.controlnets)
         if self.output.preview_every < 0:
             raise UserError(f"--preview-every {self.output.preview_every} must be 0 (no previews) or more")
         if self.output.report_json is not None:
@@ -221,6 +225,11 @@ class Job:
         prepare_region(image, (first.width, first.height), self.inpaint)
         return image
 
+    def open_control_images(self) -> Job:
+        """The job with its control images opened (a bad one costs no loading time)."""
+        opened = tuple(replace(spec, image=control_image(spec, i, self.max_image_pixels)) for i, spec in enumerate(self.controlnets))
+        return replace(self, controlnets=opened)
+
     def batches(self) -> list[list[str]]:
         """Prompt batches of n_samples: each prompt repeated and chunked (CompVis order;
         optimizedSD's sorting is dropped so batch i follows line i)."""
@@ -257,6 +266,7 @@ class Job:
             strength=self.strength,
             inpaint=self.inpaint,
             hires=self.hires_fix(),
+            controlnets=self.controlnets,
         )
 
 
@@ -301,6 +311,7 @@ def run_job(
     prompt_batches = job.batches()
     job.check_batches(prompt_batches)
     init_image = job.open_init_image()
+    job = job.open_control_images()
     policy = job.output
     if not isinstance(pipe, StableDiffusion):
         pipe = pipe()
@@ -339,8 +350,11 @@ def run_job(
         written.extend(save_encoded(grid, policy.outdir, "grid", policy.fmt, grid_text, 0))
     if policy.report_json is not None:
         placed = {"mode": pipe.mode, "plan": pipe.plan.__dict__ if pipe.plan else None}
-        if pipe.refiner is not None:  # its stages are in the same meter, prefixed `refiner_`
-            placed["refiner"] = {"mode": pipe.refiner.mode, "plan": pipe.refiner.plan.__dict__ if pipe.refiner.plan else None}
+        for name, session in pipe.memory.sessions.items():  # a refiner: its stages are in the same meter, prefixed `refiner_`
+            placed[name] = {"mode": session.mode, "plan": session.plan.__dict__ if session.plan else None}
+        components = pipe.memory.components
+        if components:  # side networks placed by the same plan (ControlNets), and what left early
+            placed["components"] = {name: {"released": list(c.released)} for name, c in components.items()}
         report = pipe.meter.as_dict(placed)
         write_report(policy.report_json, json.dumps(report, indent=2).encode())
     return JobResult(images, seeds, parameters, written, first_seed, pipe)

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
@@ -18,8 +19,9 @@ from torch import nn
 from optimized_sd.attention import use_attention
 from optimized_sd.errors import OutOfMemoryBudget, UserError
 from optimized_sd.memory.device import LeanHeap, device_memory
-from optimized_sd.memory.offload import OffloadEngine, TensorHook
-from optimized_sd.memory.planner import SAFETY_MARGIN, Plan, Request, fallback, plan_memory
+from optimized_sd.memory.modes import MemoryMode
+from optimized_sd.memory.offload import GroupSpec, OffloadEngine, TensorHook
+from optimized_sd.memory.planner import SAFETY_MARGIN, ModelFootprint, Plan, Request, fallback, plan_memory
 from optimized_sd.memory.report import MemoryMeter, StageRecord
 from optimized_sd.models.ops import WeightOp, cpu_int8_matmul_available
 from optimized_sd.models.runtime import RunOptions, use_run_options
@@ -39,6 +41,28 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+@dataclass
+class Component:
+    """A named network placed beside the main model by the same plan (a ControlNet): `specs` maps the plan's
+    mode row to its offload groups, so each component follows the mode table in its own module names."""
+
+    name: str
+    model: nn.Module
+    source: object  # optimized_sd.weights.sources.TensorSource
+    specs: Callable[[MemoryMode], list[GroupSpec]]
+    weights: int  # bytes as placed, whole
+    largest_unit: int  # bytes of its largest streamed unit
+    activation_share: float = 0.0  # its activations as a share of the denoiser's (the planner adds them)
+    engine: OffloadEngine | None = None
+    placed: tuple[str, str] | None = None
+    released: list[str] = field(default_factory=list)  # this call's early releases ("released after step N")
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.engine, self.placed = None, None
 
 
 class MemorySession:
@@ -91,16 +115,39 @@ class MemorySession:
         self.plan: Plan | None = None
         self.tensor_hook: TensorHook | None = None
         self.last_reason = ""
+        self.components: dict[str, Component] = {}  # side networks placed beside the model, by name
+        # Whole models sharing this session's device and report, by name (an SDXL refiner), each planned by its own
+        # session; `parent` is the session that holds this one.
+        self.sessions: dict[str, MemorySession] = {}
+        self.parent: MemorySession | None = None
 
     @property
     def mode(self) -> str | None:
         return self.placed[0] if self.placed is not None else None
 
-    def plan_for(self, request: Request, beside: MemorySession | None = None) -> Plan:
-        """The call's plan. `beside`: another pipeline's session on the same device (an SDXL base and its
-        refiner); its weights stay placed when this plan fits with them still there and is the plan it
-        would be without them, else they are released first (never both resident unless they fit)."""
-        held = beside.engine_resident_bytes() if beside is not None else 0
+    def add_session(self, name: str, session: MemorySession) -> None:
+        """Hold another model's session as the named component `name` (an SDXL refiner): its stages go into this
+        session's report as `name_stage`, inside this session's calls, and each plans beside the other."""
+        session.meter, session.stage_prefix, session.owns_meter, session.parent = self.meter, f"{name}_", False, self
+        self.sessions[name] = session
+
+    def remove_session(self, name: str) -> None:
+        session = self.sessions.pop(name, None)
+        if session is not None:
+            session.parent = None
+
+    def neighbours(self) -> list[MemorySession]:
+        """The other sessions on this device whose weights may still be placed (the parent and its other sessions)."""
+        if self.parent is None:
+            return list(self.sessions.values())
+        return [self.parent, *(s for s in self.parent.sessions.values() if s is not self)]
+
+    def plan_for(self, request: Request) -> Plan:
+        """The call's plan. The neighbours' weights (an SDXL base and its refiner) stay placed when this plan
+        fits with them still there and is the plan it would be without them, else they are released first
+        (never both resident unless they fit)."""
+        neighbours = self.neighbours()
+        held = sum(session.engine_resident_bytes() for session in neighbours)
         plan = self.planned(request, self.budget_for(freed=held))
         if held:
             try:
@@ -108,8 +155,8 @@ class MemorySession:
             except UserError:  # not even the leanest plan fits beside the other's weights
                 together = None
             if together is None or (together.mode, together.lookahead) != (plan.mode, plan.lookahead):
-                assert beside is not None
-                beside.release_engine()
+                for session in neighbours:
+                    session.release_engine()
             else:
                 plan = together
         if plan.mode != self.requested and self.requested != "auto" and plan.reason != self.last_reason:
@@ -136,11 +183,59 @@ class MemorySession:
     def planned(self, request: Request, budget: int | None) -> Plan:
         """The plan for `budget`, without a word logged (plan_for weighs several)."""
         return plan_memory(
-            self.sizes, request, budget=budget, mode=self.requested, vae_tiling=self.vae_tiling, device_type=self.device.type
+            self.call_sizes(), request, budget=budget, mode=self.requested, vae_tiling=self.vae_tiling, device_type=self.device.type
+        )
+
+    def call_sizes(self) -> ModelFootprint:
+        """The model's footprint with the attached components' weights and activations counted in."""
+        if not self.components:
+            return self.sizes
+        parts = self.components.values()
+        return replace(
+            self.sizes,
+            side=sum(c.weights for c in parts),
+            side_unit=max(c.largest_unit for c in parts),
+            side_activation_share=sum(c.activation_share for c in parts),
         )
 
     def engine_resident_bytes(self) -> int:
-        return self.engine.resident_bytes() if self.engine is not None else 0
+        own = self.engine.resident_bytes() if self.engine is not None else 0
+        return own + sum(c.engine.resident_bytes() for c in self.components.values() if c.engine is not None)
+
+    # -- components -------------------------------------------------------------------------------
+
+    def attach(self, component: Component) -> None:
+        """Place `component` from the next `prepare` on, by the same plan as the model (replacing one of its name)."""
+        self.detach(component.name)
+        self.components[component.name] = component
+
+    def detach(self, name: str) -> None:
+        """Let go of a component and its placement."""
+        component = self.components.pop(name, None)
+        if component is not None:
+            component.close()
+
+    def release_component(self, name: str, note: str) -> None:
+        """Drop a component's device copies for the rest of the call (a ControlNet whose window ended): its
+        engine is closed and built again by the next call's (or an out-of-memory retry's) `place`; `note` goes into
+        the report. A no-op when it is not placed."""
+        component = self.components[name]
+        if component.engine is None:
+            return
+        component.close()
+        component.released.append(note)
+
+    def place_components(self, plan: Plan, host: str) -> None:
+        for component in self.components.values():
+            if component.engine is None or component.placed != (plan.mode, host):
+                component.close()
+                component.engine = OffloadEngine(
+                    component.model, component.source, component.specs(plan.row), self.device, self.dtype,
+                    host=host,  # type: ignore[arg-type]
+                    prefetch=plan.prefetch,
+                )  # fmt: skip
+                component.placed = (plan.mode, host)
+            component.engine.lookahead_bytes = plan.lookahead
 
     def place(self, plan: Plan) -> None:
         """(Re)place the weights as the plan's mode and host storage say; a no-op when already so.
@@ -161,6 +256,7 @@ class MemorySession:
                 channels_last=(UNET,) if self.channels_last(plan) else (),
             )
             self.placed = (plan.mode, host)
+        self.place_components(plan, host)
         # The RAM-lean path: freed tensors must leave the resident set between stages.
         self.heap = LeanHeap() if plan.lean_heap else None
         self.engine.lookahead_bytes = plan.lookahead
@@ -170,25 +266,22 @@ class MemorySession:
         """Place the weights for `mode` as if it were asked for with no budget (tests and tools that
         want a placement without a call)."""
         plan = plan_memory(
-            self.sizes, request or Request(64, 64), budget=None, mode=mode, vae_tiling=self.vae_tiling, device_type=self.device.type
+            self.call_sizes(), request or Request(64, 64), budget=None, mode=mode, vae_tiling=self.vae_tiling, device_type=self.device.type
         )
         self.place(plan)
         return plan
 
-    def prepare(self, request: Request, beside: MemorySession | None = None) -> Plan:
+    def prepare(self, request: Request) -> Plan:
         """Plan the call and place the weights for it (a benchmark calls it alone to time loading
-        apart from generating); `beside` as `plan_for`."""
-        self.place(self.plan_for(request, beside))
+        apart from generating), beside the neighbours as `plan_for` says."""
+        self.place(self.plan_for(request))
         assert self.engine is not None and self.plan is not None
         self.engine.events.clear()  # the residency log of this call only: a long-lived pipeline keeps no history
+        for component in self.components.values():
+            component.released.clear()
         if self.owns_meter:
             self.meter.new_call()
         return self.plan
-
-    def report_into(self, other: MemorySession, prefix: str) -> None:
-        """Record this session's stages in `other`'s meter as `prefix` + stage, inside `other`'s calls: an
-        SDXL refiner's sampling and decode then appear in the base's report of the same call."""
-        self.meter, self.stage_prefix, self.owns_meter = other.meter, prefix, False
 
     def set_tensor_hook(self, hook: TensorHook | None) -> None:
         """Patch every weight (see `OffloadEngine.tensor_hook`), from now on. None removes the patch.
@@ -227,8 +320,17 @@ class MemorySession:
         assert self.engine is not None
         heap = self.heap.phase(repeated=name == SAMPLING_STAGE) if self.heap is not None else contextlib.nullcontext()
         with use_attention(self.attention), use_run_options(self.run_options()), torch.inference_mode():
-            with self.meter.stage(self.stage_prefix + name) as record, heap, self.engine.stage():
+            with self.meter.stage(self.stage_prefix + name) as record, heap, self.engine.stage(), self.component_stages():
                 yield record
+
+    @contextlib.contextmanager
+    def component_stages(self) -> Iterator[None]:
+        """Every placed component's stage beside the model's: its `stage_end` groups leave when the stage ends."""
+        with contextlib.ExitStack() as stack:
+            for component in self.components.values():
+                if component.engine is not None:
+                    stack.enter_context(component.engine.stage())
+            yield
 
     def run_stage(self, name: str, work: Callable[[StageRecord], Result]) -> Result:
         """Run a stage; on out-of-memory take the planner's next rung (`planner.fallback`: one block
@@ -262,6 +364,8 @@ class MemorySession:
 
     def release_engine(self) -> None:
         """Drop the current placement (hooks, device copies, pinned host copies, arena)."""
+        for component in self.components.values():
+            component.close()
         if self.engine is None:
             return
         self.engine.close()

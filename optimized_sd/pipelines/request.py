@@ -16,6 +16,7 @@ from torch import Tensor
 from optimized_sd.config import ModelConfig
 from optimized_sd.errors import FieldError, UserError
 from optimized_sd.pipelines.bounds import check_numbers
+from optimized_sd.pipelines.controlnet import ControlNetSpec, check_controlnets
 from optimized_sd.pipelines.defaults import DEFAULT_DOWNSCALE, DEFAULT_ETA, DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.output import ImageParameters
@@ -53,6 +54,7 @@ class GenerationRequest:
     hires: HiresFix | None = None  # txt2img only: AUTOMATIC1111's hires fix, a second img2img pass at a larger size
     guidance: float | None = None  # a guidance-distilled model's guidance value (Flux.1 dev; None: its default, 3.5)
     max_sequence_length: int | None = None  # T5 tokens per prompt (Flux.1: 1..512; None: dev 512, schnell 256)
+    controlnets: Sequence[ControlNetSpec] = ()  # ControlNet units (`pipelines.controlnet.control_specs` builds them)
 
     @property
     def guided(self) -> bool:
@@ -121,6 +123,7 @@ def check_request(request: GenerationRequest, config: ModelConfig) -> None:
         raise FieldError.about("unet_batch", "must be at least 1")
     if request.refiner is not None:
         check_refiner_switch(request.refiner_switch)
+    check_controlnets(request.controlnets)
 
 
 def check_refiner_switch(switch: float) -> None:

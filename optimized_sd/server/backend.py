@@ -47,6 +47,7 @@ API_FIELDS: dict[str, str | None] = {
     "refiner": "refiner_checkpoint", "refiner_switch": "refiner_switch_at", "height": "height", "width": "width",
     "latent_channels": None, "downscale": None, "unet_batch": None, "init_image": "init_images", "strength": "denoising_strength",
     "inpaint": None, "max_image_pixels": None,  # the server's limits decide (`service.limits`)
+    "controlnets": None,  # ControlNet units (alwayson_scripts): not exposed yet
     "output": None, "outdir": None, "fmt": None, "skip_save": None, "skip_grid": None, "n_rows": None, "report_json": None,
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     "mask": "mask", "invert_mask": "inpainting_mask_invert", "mask_blur": "mask_blur", "area": "inpaint_full_res",

@@ -51,6 +51,7 @@ UI_CONTROLS: dict[str, str | None] = {
     "karras": "Karras sigmas", "schedule": None, "loras": None, "refiner": "Refiner", "refiner_switch": "Refiner switch at",
     "height": "Height", "width": "Width", "latent_channels": None, "downscale": None, "unet_batch": None, "init_image": "Init image",
     "strength": "Denoising strength", "inpaint": None, "max_image_pixels": None,
+    "controlnets": None,  # ControlNet units: not in the UI yet
     "output": None, "outdir": None, "fmt": None, "skip_save": None, "skip_grid": None, "n_rows": None, "report_json": None,
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     "mask": "Mask", "invert_mask": "Invert the mask", "mask_blur": "Mask blur", "area": "Inpaint area", "padding": "Padding",

@@ -183,11 +183,9 @@ def open_controlnet(path: Path | str) -> OpenedControlNet:
     return OpenedControlNet(source, config, family, path)
 
 
-def load_controlnet(
-    path: Path | str, base_family: str | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> ControlNetModel:
-    """A ControlNet built, checked strictly against its tensors (missing, unexpected or mis-shaped keys are one
-    CheckpointError) and materialised on `device` in `dtype`; refused when `base_family` is not its family."""
+def build_controlnet(path: Path | str, base_family: str | None = None) -> tuple[ControlNetModel, OpenedControlNet]:
+    """A ControlNet built on meta (no weights read yet) and checked strictly against its tensors (missing,
+    unexpected or mis-shaped keys are one CheckpointError); refused when `base_family` is not its family."""
     opened = open_controlnet(path)
     if base_family is not None:
         check_controlnet_family(opened.family, base_family)
@@ -198,5 +196,13 @@ def load_controlnet(
     if not report.ok:
         name = FAMILY_NAMES.get(opened.family, opened.family)
         raise CheckpointError(f"{opened.path} does not match an {name} ControlNet: {report.summary()}")
+    return model.eval(), opened
+
+
+def load_controlnet(
+    path: Path | str, base_family: str | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> ControlNetModel:
+    """`build_controlnet`, materialised on `device` in `dtype`."""
+    model, opened = build_controlnet(path, base_family)
     materialize(model, "", opened.source, torch.device(device), dtype)
     return model.eval()
