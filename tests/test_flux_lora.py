@@ -191,6 +191,14 @@ def test_bad_loras_are_one_line_errors(dev, lora_files, tmp_path):
     # after a refused LoRA the model runs as before
     assert torch.equal(pipe.generate(request()).latents, dev.load().generate(request()).latents)
 
+    # schnell takes dev's LoRAs (the same tables), as long as they do not patch dev's guidance embedder
+    schnell_shapes = {key: shape for key, shape in shapes.items() if ".guidance_in." not in key}
+    no_guidance = {k: v for k, v in kohya_tensors(peft_tensors(dev)).items() if "guidance_in" not in k}
+    schnell = dataclasses.replace(pipe.config, family="flux-schnell")
+    assert read_lora(save(no_guidance, tmp_path / "d.safetensors"), schnell, schnell_shapes).patches
+    with pytest.raises(UserError, match=r"^flux_kohya\.safetensors: 2 of \d+ LoRA modules match no layer of this Flux\.1 schnell model"):
+        read_lora(lora_files["kohya"], schnell, schnell_shapes)
+
     with torch.device("meta"):
         sd_shapes = {key: tuple(value.shape) for key, value in LatentDiffusion(TINY).state_dict().items()}
     reasons = {"peft": r"it has transformer\.\* keys", "kohya": r"it has lora_te1_\* keys", "ai_toolkit": r"it has diffusion_model\..*"}
