@@ -6,7 +6,9 @@ module names the model really has (kohya's names are diffusers or LDM module pat
 `.`, so they are looked up, never split by guessing). The diffusers -> LDM step reuses the
 checkpoint key tables of `keymap.py`; LoRA files name every text tower by transformers' CLIP names,
 which `keymap.clip_module_name` gives for the OpenCLIP towers (SD 2.x, SDXL's bigG), whose q, k and v
-share one fused `attn.in_proj_weight`: each of them patches its third of the rows. A delta is
+share one fused `attn.in_proj_weight`: each of them patches its third of the rows. A denoiser that is no
+UNet names its modules through its family record (`LoraKeys.denoiser_names`: Flux's BFL and diffusers names,
+the latter's q, k, v row ranges of our fused layers). A delta is
 `scale * up @ down` in float32, with scale = weight * alpha / rank (weight alone when the file has no
 alpha); a convolution's down (rank, in, kh, kw) and 1x1 up (out, rank, 1, 1) give (out, in, kh, kw)
 through the same product over flattened kernels.
