@@ -217,3 +217,24 @@ def test_bad_loras_are_one_line_errors(dev, lora_files, tmp_path):
     t5 = save({f"{q}.lora_down.weight": torch.zeros(2, 32), f"{q}.lora_up.weight": torch.zeros(32, 2)}, tmp_path / "c.safetensors")
     with pytest.raises(UserError, match=r"^c\.safetensors: LoRA modules for the T5-XXL text encoder \(lora_te3_\*\) are not supported"):
         read_lora(t5, pipe.config, shapes)
+
+
+def test_cli_lora_flag_and_one_line_refusal(dev, lora_files, tmp_path, capsys):
+    from PIL import Image
+
+    from tests.cli_runs import run_cli
+
+    flags = ["txt2img", "--ckpt", dev.files["transformer"], "--vae", dev.files["vae"], "--text-encoder", dev.files["clip"],
+             "--text-encoder", dev.files["t5"], "--tokenizer", dev.clip_tokenizer, "--tokenizer", dev.t5_tokenizer,
+             "--H", 64, "--W", 48, "--steps", 2, "--seed", 1, "--device", "cpu", "--precision", "full",
+             "--max-sequence-length", T5_LENGTH, "--skip_grid"]  # fmt: skip
+    code, _, err = run_cli(capsys, *flags, "--lora", f"{lora_files['kohya']}:{WEIGHT}", "--outdir", tmp_path / "ok")
+    assert code == 0, err
+    assert 'Lora hashes: "flux_kohya: ' in Image.open(next((tmp_path / "ok").rglob("*.png"))).info["parameters"]
+    k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    sd15 = save({f"{k}.lora_down.weight": torch.zeros(4, 768), f"{k}.lora_up.weight": torch.zeros(320, 4)}, tmp_path / "sd15.safetensors")
+    code, _, err = run_cli(capsys, *flags, "--lora", sd15, "--outdir", tmp_path / "refused")
+    assert code == 1 and err.strip().splitlines() == [
+        "error: sd15.safetensors is an SD 1.x LoRA (cross-attention width 768); this model is Flux.1 dev"
+    ], err
+    assert not list((tmp_path / "refused").rglob("*.png"))
