@@ -15,7 +15,17 @@ from pathlib import Path
 from torch import nn
 
 from optimized_sd.errors import CheckpointError, UserError
-from optimized_sd.families.registry import Defaults, FamilyRecord, LatentFormat, Loader, Shapes, TextTower, Units, register
+from optimized_sd.families.registry import (
+    Defaults,
+    FamilyRecord,
+    LatentFormat,
+    Loader,
+    LoraKeys,
+    Shapes,
+    TextTower,
+    Units,
+    register,
+)
 from optimized_sd.models.flux import VAE_SCALE, VAE_SHIFT
 from optimized_sd.sampling.model_sampling import FlowSampling
 
@@ -271,8 +281,51 @@ UNITS = Units(
     hoisted=1,
 )
 TOWERS = (
-    TextTower("clip", "text_encoders.clip_l.transformer.", "text_encoder", "tokenizer", lora_name=None),
+    TextTower("clip", "text_encoders.clip_l.transformer.", "text_encoder", "tokenizer"),
     TextTower("t5", "text_encoders.t5xxl.transformer.", "text_encoder_2", "tokenizer_2", lora_name=None),
+)
+
+
+def lora_module_names(shapes: Shapes) -> dict[str, tuple]:
+    """LoRA module name -> `weights.lora.Target`s in the transformer: BFL's own names (kohya's `lora_unet_`,
+    ai-toolkit's `diffusion_model.`) and diffusers' (peft's `transformer.`), whose q, k and v (and the single
+    blocks' proj_mlp) are row ranges of our fused layers, hidden-size rows each, the MLP the rest, and whose final
+    adaLN holds its two halves in the other order (the tables of `weights.flux_keys`)."""
+    from optimized_sd.weights.flux_keys import DOUBLE_BLOCK_NAMES, FINAL_ADALN, SINGLE_BLOCK_NAMES, TOP_NAMES
+    from optimized_sd.weights.infer import indices
+    from optimized_sd.weights.lora import Target
+
+    names = {key[: -len(".weight")]: (Target(key),) for key in shapes if key.endswith(".weight")}
+    hidden = shapes["img_in.weight"][0]
+    tables = [("", "", TOP_NAMES)]
+    for bfl, diffusers_name, table in (("double_blocks", "transformer_blocks", DOUBLE_BLOCK_NAMES),
+                                       ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK_NAMES)):  # fmt: skip
+        tables += [(f"{bfl}.{i}.", f"{diffusers_name}.{i}.", table) for i in indices(shapes, rf"{bfl}\.(\d+)\.")]
+    for bfl_prefix, diffusers_prefix, table in tables:
+        for bfl, parts in table:
+            key = f"{bfl_prefix}{bfl}.weight"
+            if key not in shapes:  # a norm's `.scale`, or schnell's absent guidance embedder
+                continue
+            if len(parts) == 1:
+                names[diffusers_prefix + parts[0]] = (Target(key),)
+                continue
+            widths = [hidden] * (len(parts) - 1) + [shapes[key][0] - hidden * (len(parts) - 1)]
+            for index, (part, width) in enumerate(zip(parts, widths)):
+                names[diffusers_prefix + part] = (Target(key, hidden * index, width),)
+    key = f"{FINAL_ADALN[0]}.weight"
+    half = shapes[key][0] // 2
+    names[FINAL_ADALN[1]] = (Target(key, half, half, source_row=0), Target(key, 0, half, source_row=half))
+    return names
+
+
+# kohya (sd-scripts) names the transformer `lora_unet_` + BFL names, CLIP-L `lora_te1_` and T5 `lora_te3_`; ai-toolkit
+# and BFL-style files `diffusion_model.` + BFL names; diffusers/peft `transformer.` and `text_encoder.`.
+FLUX_LORA = LoraKeys(
+    kohya={"lora_unet_": "unet", "lora_transformer_": "unet", "lora_te1_": "text"},
+    diffusers={"transformer.": "unet", "diffusion_model.": "unet", "text_encoder.": "text"},
+    denoiser_names=lora_module_names,
+    telltale=r"(double_blocks|single_blocks|single_transformer_blocks)[._]\d+",
+    unsupported={"lora_te3_": "T5-XXL text encoder"},
 )
 
 
@@ -293,6 +346,7 @@ FLUX_DEV_RECORD = FamilyRecord(
     unet_in_channels=64,
     unet_heads=None,
     loader=LOADER,
+    lora=FLUX_LORA,
 )
 FLUX_SCHNELL_RECORD = FamilyRecord(
     name=FLUX_SCHNELL,
@@ -307,6 +361,7 @@ FLUX_SCHNELL_RECORD = FamilyRecord(
     unet_in_channels=64,
     unet_heads=None,
     loader=LOADER,
+    lora=FLUX_LORA,
 )
 
 for _record in (FLUX_DEV_RECORD, FLUX_SCHNELL_RECORD):

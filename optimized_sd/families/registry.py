@@ -60,6 +60,11 @@ class LoraKeys:
     diffusers: Mapping[str, str] = field(default_factory=dict)
     context_width: int | None = None  # the full-size UNet's cross-attention width
     text_width: int | None = None  # the width of a single text tower LoRAs name `lora_te_`/`text_encoder.`
+    # The denoiser's LoRA module names when they are not SD's UNet names: its own weight keys and shapes -> name ->
+    # `weights.lora.Target`s (several where one LoRA module covers row ranges of a fused weight).
+    denoiser_names: Callable[[Shapes], Mapping[str, tuple[Any, ...]]] | None = None
+    telltale: str | None = None  # a regex on module names only this family's LoRAs have (names it in errors)
+    unsupported: Mapping[str, str] = field(default_factory=dict)  # prefix -> the part it patches, which is refused
 
 
 @dataclass(frozen=True)

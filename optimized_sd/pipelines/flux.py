@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -90,13 +89,6 @@ class FluxDiffusion(StableDiffusion):
         length = MAX_SEQUENCE[self.config.family]
         self.t5_tokenizer = load_t5_tokenizer(by_kind["t5"], length) if "t5" in by_kind else default_t5_tokenizer(length)
         self.text = None  # the prompt step is `text_conditioning`
-
-    def lora_set(self):
-        return None
-
-    def use_loras(self, weights: Mapping[Path, float]) -> None:
-        if weights:
-            raise UserError(f"LoRAs on {self.config.family_name} are not supported yet")
 
     @property
     def model_sampling(self) -> ModelSampling:

@@ -6,7 +6,9 @@ module names the model really has (kohya's names are diffusers or LDM module pat
 `.`, so they are looked up, never split by guessing). The diffusers -> LDM step reuses the
 checkpoint key tables of `keymap.py`; LoRA files name every text tower by transformers' CLIP names,
 which `keymap.clip_module_name` gives for the OpenCLIP towers (SD 2.x, SDXL's bigG), whose q, k and v
-share one fused `attn.in_proj_weight`: each of them patches its third of the rows. A delta is
+share one fused `attn.in_proj_weight`: each of them patches its third of the rows. A denoiser that is no
+UNet names its modules through its family record (`LoraKeys.denoiser_names`: Flux's BFL and diffusers names,
+the latter's q, k, v row ranges of our fused layers). A delta is
 `scale * up @ down` in float32, with scale = weight * alpha / rank (weight alone when the file has no
 alpha); a convolution's down (rank, in, kh, kw) and 1x1 up (out, rank, 1, 1) give (out, in, kh, kw)
 through the same product over flattened kernels.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from optimized_sd.config import FAMILY_NAMES, MAX_LORA_WEIGHT, ModelConfig, check_lora_weight
 from optimized_sd.errors import UserError
-from optimized_sd.families.registry import FamilyView
+from optimized_sd.families.registry import FamilyView, LoraKeys
 
 from .ckpt import load_ckpt, state_dict_from_ckpt
 from .family import UNET_PREFIX
@@ -42,8 +44,14 @@ TEXT_TOWERS: Mapping[str, dict[str, tuple[str, str]]] = FamilyView(
 # Per family: file-name prefix -> the tower it patches (its record's `lora`). Prefixes of other families are refused by name.
 KOHYA_PREFIXES: Mapping[str, Mapping[str, str]] = FamilyView(lambda record: record.lora.kohya)
 DIFFUSERS_PREFIXES: Mapping[str, Mapping[str, str]] = FamilyView(lambda record: record.lora.diffusers)
+LORA_KEYS: Mapping[str, LoraKeys] = FamilyView(lambda record: record.lora)
 CONTEXT_PATTERN = re.compile(r"attn2[._]to_[kv]$")
 SINGLE_TOWER_PATTERN = re.compile(r"^(lora_te_|text_encoder\.).*[._](q_proj|k_proj|v_proj|fc1)$")
+
+
+def same_conventions(family: str, other: str) -> bool:
+    """Whether two families take the same LoRA files (Flux.1 dev's and schnell's share their tables)."""
+    return family == other or LORA_KEYS[family] == LORA_KEYS[other]
 
 
 def telltales() -> tuple[tuple[re.Pattern, dict[int, str], str], ...]:
@@ -91,11 +99,13 @@ _UNSUPPORTED_KINDS = {
 @dataclass(frozen=True)
 class Target:
     """Where one LoRA module's update goes: a weight, and the rows it covers (all of them, or the q, k or
-    v third of a fused `in_proj_weight`)."""
+    v third of a fused `in_proj_weight`), taken from the module's update from `source_row` on (a module
+    may be split over several targets: Flux's final adaLN holds diffusers' halves in the other order)."""
 
     key: str
     first_row: int = 0
     rows: int | None = None  # None: every row
+    source_row: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,23 +168,43 @@ def flat(name: str) -> str:
     return name.replace(".", "_")
 
 
-def module_names(config: ModelConfig, model_shapes: Mapping[str, Sequence[int]]) -> dict[str, dict[str, Target]]:
+def module_names(config: ModelConfig, model_shapes: Mapping[str, Sequence[int]]) -> dict[str, dict[str, tuple[Target, ...]]]:
     """tower -> {name a LoRA file may use (dotted, diffusers or LDM) -> where its update goes}.
 
-    The model's weight keys give the LDM module paths; the diffusers name of each UNet module comes
-    from inverting `keymap.unet_prefixes`. Text modules are named by transformers' CLIP names, with or
-    without its `text_model.` level, whatever the tower's own layout (`text_module_names`)."""
+    The denoiser's names come from `denoiser_module_names`. Text modules are named by transformers' CLIP
+    names, with or without its `text_model.` level, whatever the tower's own layout (`text_module_names`)."""
+    towers = TEXT_TOWERS.get(config.family, {})
+    names: dict[str, dict[str, tuple[Target, ...]]] = {"unet": denoiser_module_names(config, model_shapes)}
+    names.update({tower: {} for tower in towers})
+    for key, shape in model_shapes.items():
+        for tower, (prefix, kind) in towers.items():
+            if key.startswith(prefix):
+                for name, target in text_module_names(key, key[len(prefix) :], kind, shape):
+                    name = name.removeprefix("text_model.")
+                    names[tower][name] = names[tower]["text_model." + name] = (target,)
+    return names
+
+
+def denoiser_module_names(config: ModelConfig, model_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[Target, ...]]:
+    """The denoiser's LoRA names: its record's own table (`LoraKeys.denoiser_names`), or for a UNet its LDM
+    module paths and the diffusers name of each, from inverting `keymap.unet_prefixes`."""
+    denoiser = {key[len(UNET_PREFIX) :]: tuple(shape) for key, shape in model_shapes.items() if key.startswith(UNET_PREFIX)}
+    own_names = LORA_KEYS[config.family].denoiser_names
+    if own_names is not None:
+        return {
+            name: tuple(replace(target, key=UNET_PREFIX + target.key) for target in targets)
+            for name, targets in own_names(denoiser).items()
+        }
     inverse = sorted(
         ((ldm, diffusers, {new: old for old, new in inner.items()}) for diffusers, (ldm, inner) in unet_prefixes(config.unet).items()),
         key=lambda entry: len(entry[0]),
         reverse=True,
     )
-    towers = TEXT_TOWERS.get(config.family, {})
-    names: dict[str, dict[str, Target]] = {"unet": {}, **{tower: {} for tower in towers}}
-    for key, shape in model_shapes.items():
-        if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
-            ldm = key[len(UNET_PREFIX) : -len(".weight")]
-            names["unet"][ldm] = Target(key)
+    names: dict[str, tuple[Target, ...]] = {}
+    for local in denoiser:
+        if local.endswith(".weight"):
+            ldm = local[: -len(".weight")]
+            names[ldm] = (Target(UNET_PREFIX + local),)
             for ldm_prefix, diffusers_prefix, inner in inverse:
                 if (ldm + ".").startswith(ldm_prefix):
                     rest = ldm[len(ldm_prefix) :]
@@ -182,14 +212,8 @@ def module_names(config: ModelConfig, model_shapes: Mapping[str, Sequence[int]])
                         if rest == old or rest.startswith(old + "."):
                             rest = new + rest[len(old) :]
                             break
-                    names["unet"][diffusers_prefix + rest] = Target(key)
+                    names[diffusers_prefix + rest] = (Target(UNET_PREFIX + local),)
                     break
-            continue
-        for tower, (prefix, kind) in towers.items():
-            if key.startswith(prefix):
-                for name, target in text_module_names(key, key[len(prefix) :], kind, shape):
-                    name = name.removeprefix("text_model.")
-                    names[tower][name] = names[tower]["text_model." + name] = target
     return names
 
 
@@ -226,7 +250,7 @@ def _foreign_prefix(module: str, family: str) -> tuple[list[str], str] | None:
     def longest(prefixes: Iterable[str]) -> str:
         return max((p for p in prefixes if module.startswith(p)), key=len, default="")
 
-    own = longest((*KOHYA_PREFIXES[family], *DIFFUSERS_PREFIXES[family]))
+    own = longest((*KOHYA_PREFIXES[family], *DIFFUSERS_PREFIXES[family], *LORA_KEYS[family].unsupported))
     best, owners = own, []
     for other in KOHYA_PREFIXES:
         theirs = longest((*KOHYA_PREFIXES[other], *DIFFUSERS_PREFIXES[other]))
@@ -234,32 +258,47 @@ def _foreign_prefix(module: str, family: str) -> tuple[list[str], str] | None:
             continue
         if len(theirs) > len(best):
             best, owners = theirs, []
-        if best != own:
+        if best != own and not any(same_conventions(owner, other) for owner in owners):
             owners.append(other)
     return (owners, best) if owners else None
 
 
 def _telltale(groups: Mapping[str, Mapping[str, Tensor]]) -> tuple[str, str] | None:
-    """(family, the width that says so) of a LoRA file, read off its factors' input widths (`telltales`)."""
+    """(family, the width or name that says so) of a LoRA file, read off its factors' input widths
+    (`telltales`), else off module names only one family's LoRAs have (its record's `lora.telltale`)."""
     for pattern, families, what in telltales():
         for module, parts in groups.items():
             down = parts.get("down")
             if down is not None and down.dim() >= 2 and pattern.search(module) and int(down.shape[1]) in families:
                 return families[int(down.shape[1])], f"{what} {down.shape[1]}"
+    for family, keys in LORA_KEYS.items():
+        for module in groups if keys.telltale else ():
+            found = re.search(keys.telltale, module)
+            if found:
+                return family, f"it has {found.group(0)}* modules"
     return None
+
+
+def _a(name: str) -> str:
+    """The article before a family's name as it is read aloud ("an SD 1.x", "a Flux.1 dev")."""
+    return "an" if name[:1] in "AEIOUS" else "a"
 
 
 def _family_error(path: Path, config: ModelConfig, groups: Mapping[str, Mapping[str, Tensor]]) -> UserError | None:
     """The error naming both families when the file's widths say it is another family's LoRA, else None."""
     telltale = _telltale(groups)
-    if telltale is None or telltale[0] == config.family:
+    if telltale is None or same_conventions(telltale[0], config.family):
         return None
-    return UserError(f"{path.name} is an {FAMILY_NAMES[telltale[0]]} LoRA ({telltale[1]}); this model is {config.family_name}")
+    name = FAMILY_NAMES[telltale[0]]
+    return UserError(f"{path.name} is {_a(name)} {name} LoRA ({telltale[1]}); this model is {config.family_name}")
 
 
 def _resolve(
-    module: str, family: str, names: Mapping[str, Mapping[str, Target]], flat_names: Mapping[str, Mapping[str, Target]]
-) -> Target | None:
+    module: str,
+    family: str,
+    names: Mapping[str, Mapping[str, tuple[Target, ...]]],
+    flat_names: Mapping[str, Mapping[str, tuple[Target, ...]]],
+) -> tuple[Target, ...] | None:
     """Where a LoRA file's module name puts its update, or None."""
     for prefix, tower in KOHYA_PREFIXES[family].items():
         if module.startswith(prefix) and tower in flat_names:
@@ -295,32 +334,43 @@ def _lora_groups(path: Path, tensors: Mapping[str, Tensor]) -> dict[str, dict[st
 
 
 def _check_prefixes(path: Path, config: ModelConfig, groups: Mapping[str, Mapping[str, Tensor]]) -> None:
-    """UserError naming the family whose module prefixes the file uses, where they are another family's."""
+    """UserError naming the family whose module prefixes the file uses, where they are another family's, or
+    the part a prefix of this family's patches when none of ours takes it (Flux's T5)."""
+    foreign = [found for module in groups if (found := _foreign_prefix(module, config.family)) is not None]
+    if foreign:
+        owners, prefix = foreign[0]
+        # the families every foreign prefix fits (an SDXL file's lora_te2_ narrows lora_te1_'s "SDXL or Flux.1")
+        common = [owner for owner in owners if all(any(same_conventions(owner, o) for o in others) for others, _ in foreign)]
+        owners = common or owners
+        telltale = _telltale(groups)
+        if telltale is not None and any(same_conventions(telltale[0], owner) for owner in owners):
+            owners = [telltale[0]]
+        named = " or ".join(FAMILY_NAMES[o] for o in owners)
+        raise UserError(f"{path.name} is {_a(named)} {named} LoRA (it has {prefix}* keys); this model is {config.family_name}")
     for module in groups:
-        foreign = _foreign_prefix(module, config.family)
-        if foreign is not None:
-            owners, prefix = foreign
-            telltale = _telltale(groups)
-            if telltale is not None and telltale[0] in owners:
-                owners = [telltale[0]]
-            raise UserError(
-                f"{path.name} is an {' or '.join(FAMILY_NAMES[o] for o in owners)} LoRA (it has {prefix}* keys); "
-                f"this model is {config.family_name}"
-            )
+        for prefix, part in LORA_KEYS[config.family].unsupported.items():
+            if module.startswith(prefix):
+                raise UserError(f"{path.name}: LoRA modules for the {part} ({prefix}*) are not supported; e.g. {module}")
 
 
 def _lora_patch(
-    path: Path, config: ModelConfig, groups: Mapping[str, Mapping[str, Tensor]], module: str, target: Target, shape: tuple[int, ...]
+    path: Path,
+    config: ModelConfig,
+    groups: Mapping[str, Mapping[str, Tensor]],
+    module: str,
+    target: Target,
+    shape: tuple[int, ...],
+    covered: int,
 ) -> LoraPatch:
-    """`module`'s factors as a patch of the layer (of `shape`) at `target`, checked to fit it and to give
-    bounded updates."""
+    """`module`'s factors (an update of `covered` rows) as a patch of the layer (of `shape`) at `target`,
+    checked to fit it and to give bounded updates."""
     parts = groups[module]
     check_factor_shapes(path.name, module, parts)
     up, down = parts["up"].float(), parts["down"].float()
     rank = down.shape[0]
     up, down = up.reshape(up.shape[0], -1), down.reshape(rank, -1)  # (rows, rank), (rank, in * kh * kw)
     rows = shape[0] if target.rows is None else target.rows
-    if up.shape[1] != rank or up.shape[0] != rows or down.shape[1] * shape[0] != _numel(shape):
+    if up.shape[1] != rank or up.shape[0] != covered or down.shape[1] * shape[0] != _numel(shape):
         where = "" if target.rows is None else f" (rows {target.first_row}..{target.first_row + rows})"
         raise _family_error(path, config, groups) or UserError(
             f"{path.name}: {module} gives a ({up.shape[0]} x {down.shape[1]}) update for a layer of shape {shape}{where}; "
@@ -332,6 +382,7 @@ def _lora_patch(
     largest = abs(scale) * rank * float(up.abs().max()) * float(down.abs().max())
     if not largest * MAX_LORA_WEIGHT <= MAX_FLOAT32_UPDATE:
         raise UserError(f"{path.name}: {module}: its factors and alpha give updates up to {largest:.3g}; the file is damaged")
+    up = up[target.source_row : target.source_row + rows]
     return LoraPatch(up=up.contiguous(), down=down.contiguous(), scale=scale, first_row=target.first_row)
 
 
@@ -353,15 +404,17 @@ def read_lora(path: Path, config: ModelConfig, model_shapes: Mapping[str, Sequen
     for module, parts in groups.items():
         if "up" not in parts or "down" not in parts:
             raise UserError(f"{path.name}: {module} has {' and '.join(sorted(parts))} but not both lora up and down")
-        target = _resolve(module, family, names, flat_names)
-        if target is None:
+        targets = _resolve(module, family, names, flat_names)
+        if targets is None:
             unmatched.append(module)
             continue
-        if (target.key, target.first_row) in patched_by:
-            raise UserError(f"{path.name}: {module} and {patched_by[target.key, target.first_row]} patch the same layer")
-        patched_by[target.key, target.first_row] = module
-        patch = _lora_patch(path, config, groups, module, target, tuple(model_shapes[target.key]))
-        patches[target.key] = (*patches.get(target.key, ()), patch)
+        covered = sum(model_shapes[t.key][0] if t.rows is None else t.rows for t in targets)
+        for target in targets:
+            if (target.key, target.first_row) in patched_by:
+                raise UserError(f"{path.name}: {module} and {patched_by[target.key, target.first_row]} patch the same layer")
+            patched_by[target.key, target.first_row] = module
+            patch = _lora_patch(path, config, groups, module, target, tuple(model_shapes[target.key]), covered)
+            patches[target.key] = (*patches.get(target.key, ()), patch)
     if unmatched:
         raise _family_error(path, config, groups) or UserError(
             f"{path.name}: {len(unmatched)} of {len(groups)} LoRA modules match no layer of this "
