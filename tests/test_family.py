@@ -134,8 +134,7 @@ def test_sd2_sdxl_and_refiner_are_recognised() -> None:
         (sd1_shapes(in_channels=8), "InstructPix2Pix (SD 1.x)"),
         ({**sd2_shapes(), U + "label_emb.0.0.weight": (1280, 1024), "embedder.model.x": (1,)}, "unCLIP"),
         ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,)}, "Stable Diffusion 3"),
-        ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, "Flux"),
-        ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "Flux"),
+        ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "not a whole Flux.1 transformer"),
         ({"clip_txt_mapper.weight": (2048, 1280)}, "Stable Cascade stage C"),
         ({"down_blocks.1.0.channelwise.0.weight": (1, 1)}, "Stable Cascade stage B"),
         ({"t_block.1.weight": (6912, 1152), "y_embedder.y_proj.fc1.weight": (1152, 4096)}, "PixArt"),
@@ -147,7 +146,7 @@ def test_other_models_are_unsupported(shapes: dict, needle: str) -> None:
         detect_family(shapes)
     message = one_line_message(exc)
     assert needle in message
-    assert "optimized-sd runs SD 1.x, SD 2.x and SDXL" in message
+    assert "optimized-sd runs SD 1.x, SD 2.x, SDXL and Flux.1" in message
 
 
 def test_sd2_detected_by_linear_proj_in() -> None:

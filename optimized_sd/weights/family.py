@@ -100,7 +100,7 @@ _TEXT_PREFIXES = ("cond_stage_model.", "conditioner.")
 # Other diffusion architectures, by a key only they have (the telltales diffusers' single-file loader uses).
 _OTHER_ARCHITECTURES = (
     ("joint_blocks.0.context_block.", "a Stable Diffusion 3 (MMDiT) model"),
-    ("double_blocks.0.img_attn.", "a Flux model"),
+    ("double_blocks.0.img_attn.", "a Flux-style model, but not a whole Flux.1 transformer"),  # a whole one is claimed by its record
     ("clip_txt_mapper.", "a Stable Cascade stage C model"),
     ("down_blocks.1.0.channelwise.", "a Stable Cascade stage B model"),
     ("t_block.", "a PixArt (DiT) model"),
@@ -233,7 +233,7 @@ def sd_layout(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, int | None] |
     return (SD2 if is_v2 else SD1), in_channels
 
 
-RUNS = "optimized-sd runs SD 1.x, SD 2.x and SDXL text-to-image models, and SD 1.x inpainting models"
+RUNS = "optimized-sd runs SD 1.x, SD 2.x, SDXL and Flux.1 text-to-image models, and SD 1.x inpainting models"
 
 
 def _context_dim(shapes: Mapping[str, tuple[int, ...]], keys: list[str]) -> int | None:
