@@ -10,12 +10,17 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from optimized_sd.errors import FieldError, Interrupted, UserError
 from optimized_sd.pipelines import defaults
 from optimized_sd.pipelines.load_options import LoadOptions
+
+if TYPE_CHECKING:
+    from optimized_sd.batch import LoadSpec
+    from optimized_sd.batch.driver import WorkerPool
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
@@ -311,6 +316,21 @@ def img2img(init_img: Path, strength: float, max_image_pixels: int | None, **fla
 NOT_FOR_BATCH = ("prompt_file", "skip_save", "n_rows", "report_json", "preview_every", "preview", "preview_decoder")
 
 
+def worker_pool(spec: LoadSpec, ray_address: str | None, workers: int | None, gpus_per_worker: float | None,
+                cpu_threads: int | None) -> WorkerPool:
+    """Where a batch's images are made: this process, or Ray workers (a local runtime, or a cluster's)."""
+    from optimized_sd.batch import LocalPool
+
+    if ray_address is None:
+        return LocalPool(spec)
+    from optimized_sd.batch.ray_pool import RayPool, connect, default_workers
+
+    ray = connect(None if ray_address == "local" else ray_address, num_cpus=(workers or 1) * (cpu_threads or 1))
+    share = gpus_per_worker if gpus_per_worker is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+    spec = dataclasses.replace(spec, gpu_share=share or 1.0)
+    return RayPool(ray, spec, workers or default_workers(ray, share), share)
+
+
 @cli.command()
 @click.argument("jobs_file", metavar="JOBS", type=click.Path(path_type=Path))
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -329,8 +349,7 @@ def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_pe
     one prompt per line. Re-running with the same --outdir completes only what batch.jsonl lacks."""
     from tqdm import tqdm
 
-    from optimized_sd.batch import BatchProgress, LoadSpec, LocalPool, read_jobs, run_batch
-    from optimized_sd.batch.driver import WorkerPool
+    from optimized_sd.batch import BatchProgress, LoadSpec, read_jobs, run_batch
     from optimized_sd.pipelines.job import memory_mode
 
     for name in NOT_FOR_BATCH:
@@ -343,15 +362,7 @@ def batch(jobs_file: Path, ray_address: str | None, workers: int | None, gpus_pe
                     gpu_share=gpus_per_worker or 1.0, cpu_threads=cpu_threads)
     if cpu_threads is not None and cpu_threads < 1:
         raise UserError("--cpu-threads must be at least 1")
-    if ray_address is None:
-        pool: WorkerPool = LocalPool(spec)
-    else:
-        from optimized_sd.batch.ray_pool import RayPool, connect, default_workers
-
-        ray = connect(None if ray_address == "local" else ray_address, num_cpus=(workers or 1) * (cpu_threads or 1))
-        share = gpus_per_worker if gpus_per_worker is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
-        spec = dataclasses.replace(spec, gpu_share=share or 1.0)
-        pool = RayPool(ray, spec, workers or default_workers(ray, share), share)
+    pool = worker_pool(spec, ray_address, workers, gpus_per_worker, cpu_threads)
     bars: list[tqdm] = []  # made at the first image, so loading messages and early errors print alone
 
     def progress(step: BatchProgress) -> None:

@@ -115,7 +115,7 @@ def test_stream_copies_ahead_only_within_its_window(tiny_model, full_result, mon
     window = sum(sorted(weights[name] for name in blocks)[-lookahead_blocks:]) if lookahead_blocks else 0
     planned = pipe.memory.plan_for
     monkeypatch.setattr(
-        pipe.memory, "plan_for", lambda request, beside=None: dataclasses.replace(planned(request, beside), lookahead=window)
+        pipe.memory, "plan_for", lambda request: dataclasses.replace(planned(request), lookahead=window)
     )
     result = pipe.generate(request())
     assert engine.lookahead_bytes == window
@@ -244,7 +244,7 @@ def test_out_of_memory_copying_ahead_retries_one_block_ahead(tiny_model, full_re
     pipe = make_pipe(tiny_model, memory="stream")
     planned = pipe.memory.plan_for
     monkeypatch.setattr(
-        pipe.memory, "plan_for", lambda request, beside=None: dataclasses.replace(planned(request, beside), lookahead=10 * MIB)
+        pipe.memory, "plan_for", lambda request: dataclasses.replace(planned(request), lookahead=10 * MIB)
     )
     fail_first_unet_call(pipe, monkeypatch)
     with caplog.at_level(logging.WARNING, logger="optimized_sd"):
@@ -485,7 +485,7 @@ def test_vae_tiling_turns_on_only_when_the_untiled_decode_does_not_fit():
 def test_bad_mode_and_tiling_names():
     with pytest.raises(UserError, match="unknown memory mode 'fast'"):
         plan_memory(SD15_FP16, R512, budget=None, mode="fast")
-    with pytest.raises(UserError, match="--vae-tiling must be auto, on or off"):
+    with pytest.raises(UserError, match="vae_tiling must be auto, on or off"):
         plan_memory(SD15_FP16, R512, budget=None, vae_tiling="maybe")
 
 

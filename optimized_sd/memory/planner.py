@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
-from optimized_sd.errors import OutOfMemoryBudget, UserError
+from optimized_sd.errors import FieldError, OutOfMemoryBudget, UserError
 from optimized_sd.memory.modes import MODE_TABLE, MODES, MemoryMode, denoiser_stage_weights, leaner, mode_row
 
 # Activation elements per unit of work (times the compute dtype's size gives bytes), per family:
@@ -288,6 +288,14 @@ def micro_batched(
     return None
 
 
+def check_plan_options(mode: str, vae_tiling: str) -> None:
+    """The memory mode and VAE tiling asked for are ones the planner knows (FieldError naming the option)."""
+    if mode != "auto" and mode not in MODES:
+        raise UserError(f"unknown memory mode {mode!r}; choose one of auto, {', '.join(MODES)}")
+    if vae_tiling not in ("auto", "on", "off"):
+        raise FieldError.about("vae_tiling", f"must be auto, on or off, not {vae_tiling!r}")
+
+
 def plan_memory(
     model: ModelFootprint,
     request: Request,
@@ -304,10 +312,7 @@ def plan_memory(
     for); a prefetching mode picked by `auto` copies further ahead within what the budget leaves. VAE
     tiling `auto` turns on only when the untiled decode would not fit. The returned plan carries the
     chosen row's options for a `device_type` device."""
-    if mode != "auto" and mode not in MODES:
-        raise UserError(f"unknown memory mode {mode!r}; choose one of auto, {', '.join(MODES)}")
-    if vae_tiling not in ("auto", "on", "off"):
-        raise UserError(f"--vae-tiling must be auto, on or off, not {vae_tiling!r}")
+    check_plan_options(mode, vae_tiling)
 
     def tiled_for(candidate: str, asked: Request) -> bool:
         if vae_tiling != "auto":

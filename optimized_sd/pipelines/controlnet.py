@@ -168,31 +168,38 @@ class ControlNetSpec:
 
     def check(self, index: int) -> None:
         """A FieldError naming `controlnets` and the unit's position for any value no ControlNet could run with."""
+        problem = self.number_problem() or self.name_problem()
+        if problem is None and not Path(self.file).exists():
+            problem = f"{self.file}: no such ControlNet file or folder"
+        if problem is None and not isinstance(self.image, Image.Image) and not Path(self.image).is_file():
+            problem = f"{self.image}: no such control image"
+        if problem is not None:
+            raise FieldError.about(CONTROL_FIELD, f"{index}: {problem}")
 
-        def bad(problem: str) -> FieldError:
-            return FieldError.about(CONTROL_FIELD, f"{index}: {problem}")
-
+    def number_problem(self) -> str | None:
+        """What is wrong with the weight, the window or the thresholds (None: nothing)."""
         for name in ("weight", "start", "end", "threshold_a", "threshold_b"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad(f"{name} {value!r} is not a finite number")
+                return f"{name} {value!r} is not a finite number"
         if abs(self.weight) > MAX_CONTROL_WEIGHT:
-            raise bad(f"weight {self.weight:g} is outside [-{MAX_CONTROL_WEIGHT:g}, {MAX_CONTROL_WEIGHT:g}]")
+            return f"weight {self.weight:g} is outside [-{MAX_CONTROL_WEIGHT:g}, {MAX_CONTROL_WEIGHT:g}]"
         for name in ("start", "end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise bad(f"{name} {getattr(self, name):g} is outside [0, 1] (a fraction of the steps)")
+                return f"{name} {getattr(self, name):g} is outside [0, 1] (a fraction of the steps)"
         if self.start > self.end:
-            raise bad(f"start {self.start:g} is after end {self.end:g}")
+            return f"start {self.start:g} is after end {self.end:g}"
+        if self.threshold_a > self.threshold_b:
+            return f"threshold_a {self.threshold_a:g} is above threshold_b {self.threshold_b:g}"
+        return None
+
+    def name_problem(self) -> str | None:
+        """An unknown mode, resize mode or preprocessor (None: all known)."""
         for name, value, known in (("mode", self.mode, CONTROL_MODES), ("resize", self.resize, RESIZE_MODES),
                                    ("preprocessor", self.preprocessor, PREPROCESSORS)):  # fmt: skip
             if value not in known:
-                raise bad(f"{name} {value!r} is unknown; expected one of {', '.join(known)}")
-        if self.threshold_a > self.threshold_b:
-            raise bad(f"threshold_a {self.threshold_a:g} is above threshold_b {self.threshold_b:g}")
-        if not Path(self.file).exists():
-            raise bad(f"{self.file}: no such ControlNet file or folder")
-        if not isinstance(self.image, Image.Image) and not Path(self.image).is_file():
-            raise bad(f"{self.image}: no such control image")
+                return f"{name} {value!r} is unknown; expected one of {', '.join(known)}"
+        return None
 
     def unit(self, model: ControlNetModel, image: Image.Image) -> ControlNetUnit:
         return ControlNetUnit(

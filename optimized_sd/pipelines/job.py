@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -127,6 +128,17 @@ class Job:
     def validate(self) -> None:
         """Everything that can be checked without the model, so a mistake costs no loading time: the one
         check every front end calls (FieldError naming the field, UserError where no one field is at fault)."""
+        self.check_prompts_and_counts()
+        self.check_output()
+        self.check_sizes()
+        self.check_sampling()
+        self.check_files()
+        if self.hires:
+            self.check_hires()
+        check_controlnets(self.controlnets)
+
+    def check_prompts_and_counts(self) -> None:
+        """Prompts given one way, the numbers in their bounds, and the seeds every image uses."""
         if not self.prompts and self.prompt_file is None:
             raise UserError("no prompt given")
         if self.prompts and self.prompt_file is not None:
@@ -145,24 +157,41 @@ class Job:
         images = self.n_samples if self.fixed_code else self.n_samples * self.n_iter * max(len(self.prompts), 1)
         check_seeds(self.seed, images)  # a prompt file's count is checked again by `check_batches`
         check_prompts(self.prompts, self.negative_prompt)
-        if self.output.n_rows < 0:
+
+    def check_output(self) -> None:
+        """What the output policy asks for: grid rows, format, previews, the report's path."""
+        output = self.output
+        if output.n_rows < 0:
             raise FieldError.about("n_rows", "must be 0 (one row per batch) or more")
-        if self.output.fmt not in IMAGE_FORMATS:
-            raise FieldError.about("fmt", f"{self.output.fmt!r} is unknown; use png or jpg")
+        if output.fmt not in IMAGE_FORMATS:
+            raise FieldError.about("fmt", f"{output.fmt!r} is unknown; use png or jpg")
+        if output.preview_every < 0:
+            raise FieldError.about("preview_every", f"{output.preview_every} must be 0 (no previews) or more")
+        if output.report_json is not None:
+            check_report_path(output.report_json)
+
+    def check_sizes(self) -> None:
+        """The image size, when given (one side alone is checked as a square)."""
         if self.height is not None and self.width is not None:
             check_size(self.height, self.width)
         elif self.height is not None or self.width is not None:
             given = self.height if self.height is not None else self.width
             check_size(given, given)
+
+    def check_sampling(self) -> None:
+        """The inpainting options and the sampler's plan (the family's default sampler is checked with the model)."""
         if self.inpaint is not None:
             if self.init_image is None:
                 raise FieldError("init_image", "inpainting needs an init image", "is missing: inpainting needs one")
             self.inpaint.check()
         strength = self.strength if self.init_image is not None else 1.0
-        if self.sampler is not None:  # the family's default sampler and steps are checked with the model
+        if self.sampler is not None:
             make_plan(
                 self.sampler, self.steps or DEFAULT_STEPS, strength=strength, eta=self.eta, karras=self.karras, schedule_type=self.schedule
             )
+
+    def check_files(self) -> None:
+        """The LoRA files and the refiner exist (read at load, but a missing one costs no loading time here)."""
         for path in lora_weights(self.loras):
             if not path.is_file():
                 raise FieldError.about("loras", f"{path}: no such file")
@@ -170,13 +199,6 @@ class Job:
             if not Path(self.refiner).exists():
                 raise FieldError.about("refiner", f"{self.refiner}: no such file or folder")
             check_refiner_switch(self.refiner_switch)
-        if self.hires:
-            self.check_hires()
-        check_controlnets(self.controlnets)
-        if self.output.preview_every < 0:
-            raise UserError(f"--preview-every {self.output.preview_every} must be 0 (no previews) or more")
-        if self.output.report_json is not None:
-            check_report_path(self.output.report_json)
 
     def hires_fix(self) -> HiresFix | None:
         """The second pass each batch runs (None without `hires`)."""
@@ -326,16 +348,7 @@ def run_job(
     previews = PreviewWriter(policy.outdir / PREVIEW_FOLDER, policy.preview_every) if policy.preview_every else None
     for index in range(total):
         request = job.request(prompt_batches[index % len(prompt_batches)], seed, init_image)
-        callback = None
-        if progress is not None or previews is not None:
-
-            def callback(info: StepInfo, index: int = index, request: GenerationRequest = request, pipe: StableDiffusion = pipe) -> None:
-                if previews is not None:
-                    previews(pipe.preview, request, info)
-                if progress is not None:
-                    progress(JobStep(index, total, request, info))
-
-        result = pipe.generate(request, callback)
+        result = pipe.generate(request, step_callback(pipe, request, (index, total), progress, previews))
         for image, used_seed, image_parameters, prompt in zip(result.images, result.seeds, result.parameters, request.prompts):
             if not policy.skip_save:
                 written.extend(save_image(image, prompt_folder(policy.outdir, prompt), used_seed, policy.fmt, image_parameters))
@@ -349,15 +362,40 @@ def run_job(
         grid = make_grid(images, policy.n_rows or job.n_samples)
         written.extend(save_encoded(grid, policy.outdir, "grid", policy.fmt, grid_text, 0))
     if policy.report_json is not None:
-        placed = {"mode": pipe.mode, "plan": pipe.plan.__dict__ if pipe.plan else None}
-        for name, session in pipe.memory.sessions.items():  # a refiner: its stages are in the same meter, prefixed `refiner_`
-            placed[name] = {"mode": session.mode, "plan": session.plan.__dict__ if session.plan else None}
-        components = pipe.memory.components
-        if components:  # side networks placed by the same plan (ControlNets), and what left early
-            placed["components"] = {name: {"released": list(c.released)} for name, c in components.items()}
-        report = pipe.meter.as_dict(placed)
+        report = pipe.meter.as_dict(memory_placement(pipe))
         write_report(policy.report_json, json.dumps(report, indent=2).encode())
     return JobResult(images, seeds, parameters, written, first_seed, pipe)
+
+
+def step_callback(
+    pipe: StableDiffusion,
+    request: GenerationRequest,
+    batch: tuple[int, int],  # (this batch, how many)
+    progress: Callable[[JobStep], None] | None,
+    previews: PreviewWriter | None,
+) -> Callable[[StepInfo], None] | None:
+    """What one batch's sampler calls after each step: the preview writer and the job's progress (None: neither)."""
+    if progress is None and previews is None:
+        return None
+
+    def callback(info: StepInfo) -> None:
+        if previews is not None:
+            previews(pipe.preview, request, info)
+        if progress is not None:
+            progress(JobStep(*batch, request, info))
+
+    return callback
+
+
+def memory_placement(pipe: StableDiffusion) -> dict[str, Any]:
+    """Where the last call placed the model and its neighbours, for `--report-json`."""
+    placed: dict[str, Any] = {"mode": pipe.mode, "plan": pipe.plan.__dict__ if pipe.plan else None}
+    for name, session in pipe.memory.sessions.items():  # a refiner: its stages are in the same meter, prefixed `refiner_`
+        placed[name] = {"mode": session.mode, "plan": session.plan.__dict__ if session.plan else None}
+    components = pipe.memory.components
+    if components:  # side networks placed by the same plan (ControlNets), and what left early
+        placed["components"] = {name: {"released": list(c.released)} for name, c in components.items()}
+    return placed
 
 
 def describe_memory(pipe: StableDiffusion) -> str:

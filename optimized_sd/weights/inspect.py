@@ -399,28 +399,42 @@ def _gguf_lines(facts: GgufFacts, file_size: int) -> list[tuple[str, str]]:
     return lines
 
 
-def format_info(info: CheckpointInfo) -> str:
-    """Several `label  value` lines describing the checkpoint, for `optimized-sd inspect`."""
-    lines: list[tuple[str, str]] = [("file", f"{info.path}  ({_human_size(info.file_size)})")]
-
+def _layout(info: CheckpointInfo) -> str:
+    """The file's layout, with a Lightning checkpoint's training state."""
     layout = info.layout
     if info.lightning:
         layout += " (" + ", ".join(f"{k} {v}" for k, v in info.lightning.items() if k != "callbacks")
         if "callbacks" in info.lightning:
             layout += ("; " if len(info.lightning) > 1 else "") + f"callbacks: {info.lightning['callbacks']}"
         layout += ")"
-    lines.append(("layout", layout))
+    return layout
 
-    if info.family is not None:
-        lines.append(("family", f"{info.family} ({FAMILY_NAMES.get(info.family, info.family)})"))
-        if info.prediction is not None:
-            lines.append(("prediction", info.prediction))
-        if info.towers:
-            lines.append(("text towers", "; ".join(info.towers)))
-        if info.default_size is not None:
-            lines.append(("size", f"{info.default_size}x{info.default_size} by default"))
-    else:
-        lines.append(("family", info.family_error if info.gguf is not None else f"refused: {info.family_error}"))
+
+def _family_lines(info: CheckpointInfo) -> list[tuple[str, str]]:
+    """The family and what follows from it, or why none was detected."""
+    if info.family is None:
+        return [("family", info.family_error if info.gguf is not None else f"refused: {info.family_error}")]
+    lines = [("family", f"{info.family} ({FAMILY_NAMES.get(info.family, info.family)})")]
+    if info.prediction is not None:
+        lines.append(("prediction", info.prediction))
+    if info.towers:
+        lines.append(("text towers", "; ".join(info.towers)))
+    if info.default_size is not None:
+        lines.append(("size", f"{info.default_size}x{info.default_size} by default"))
+    return lines
+
+
+def _ema(info: CheckpointInfo) -> str:
+    """Whether an EMA copy of the UNet is there."""
+    if info.ema_present:
+        return f"yes: EMA copy of the UNet ({_count(info.ema_weights, 'tensor')})"
+    return "no (only model_ema.decay/num_updates; pruned)" if info.extras.get("EMA") else "no"
+
+
+def format_info(info: CheckpointInfo) -> str:
+    """Several `label  value` lines describing the checkpoint, for `optimized-sd inspect`."""
+    lines: list[tuple[str, str]] = [("file", f"{info.path}  ({_human_size(info.file_size)})"), ("layout", _layout(info))]
+    lines += _family_lines(info)
 
     if info.gguf is not None:
         lines += _gguf_lines(info.gguf, info.file_size)
@@ -439,13 +453,7 @@ def format_info(info: CheckpointInfo) -> str:
     if info.extras:
         lines.append(("extras", ", ".join(f"{k} {n}" for k, n in info.extras.items())))
     if not info.layout.startswith((LAYOUT_DIFFUSERS, LAYOUT_GGUF)) and not info.expected_parts:
-        if info.ema_present:
-            ema = f"yes: EMA copy of the UNet ({_count(info.ema_weights, 'tensor')})"
-        elif info.extras.get("EMA"):
-            ema = "no (only model_ema.decay/num_updates; pruned)"
-        else:
-            ema = "no"
-        lines.append(("EMA", ema))
+        lines.append(("EMA", _ema(info)))
     if info.other_keys:
         shown = ", ".join(info.other_keys[:5]) + (", ..." if len(info.other_keys) > 5 else "")
         lines.append(("other", f"{_count(len(info.other_keys), 'unrecognised key')}: {shown}"))
