@@ -130,3 +130,34 @@ def test_bad_unit_fields_get_422_naming_the_field(server, controlnet, unit, name
 def test_other_scripts_and_malformed_args_are_refused(server, scripts, named):
     response = post(server, "txt2img", json={**GOOD, "alwayson_scripts": scripts})
     assert response.status_code == 422 and [entry["loc"][-1] for entry in response.json()["detail"]] == [named], response.text
+
+
+def test_each_ui_tab_has_a_controlnet_section_that_makes_the_unit(server, controlnet):
+    pytest.importorskip("gradio")
+    from optimized_sd.errors import UserError
+    from optimized_sd.server.ui import WebUI
+
+    blocks = WebUI(server.service).build()
+    ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
+    parts = ("controlnet", "control-image", "control-model", "control-weight", "control-start", "control-end", "control-mode",
+             "control-preprocessor")  # fmt: skip
+    assert {f"{task}-{part}" for task in ("txt2img", "img2img", "inpaint") for part in parts} <= ids
+    [picker] = [block for block in blocks.blocks.values() if getattr(block, "elem_id", None) == "txt2img-control-model"]
+    assert [choice[1] for choice in picker.choices] == ["None", "tiny-control"]
+    hint, init = control_image(3), control_image(4)
+    values = {
+        "prompt": "p", "negative_prompt": "", "sampler": "euler", "karras": False, "steps": 4, "cfg_scale": 6, "seed": 5,
+        "width": 64, "height": 64, "batch_size": 1, "n_iter": 1, "memory": "server default", "vram_budget": "",
+        "control_image": hint, "control_model": "tiny-control", "control_weight": 0.7, "control_start": 0.1, "control_end": 0.9,
+        "control_mode": "prompt", "control_preprocessor": "canny",
+    }  # fmt: skip
+    catalog = server.service.backend.catalog
+    spec = WebUI.spec_from("txt2img", values, catalog)
+    assert spec.controlnets == (ControlNetSpec(controlnet, hint, 0.7, 0.1, 0.9, "prompt", preprocessor="canny"),)
+    assert WebUI.spec_from("txt2img", {**values, "control_model": "None"}, catalog).controlnets == ()
+    from_init = WebUI.spec_from("img2img", {**values, "control_image": None, "image": init}, catalog)
+    assert from_init.controlnets[0].image is init
+    with pytest.raises(UserError, match="ControlNet needs a control image"):
+        WebUI.spec_from("txt2img", {**values, "control_image": None}, catalog)
+    with pytest.raises(UserError, match="'gone' is not in the ControlNet folder"):
+        WebUI.spec_from("txt2img", {**values, "control_model": "gone"}, catalog)
