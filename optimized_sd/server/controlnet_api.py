@@ -91,9 +91,9 @@ def control_picture(unit: dict[str, Any], index: int, decode: ImageDecoder, init
     if mask:
         raise unit_error(index, "mask", "is not supported by this server (a unit's control image only)")
     image = image.get("image") if isinstance(image, dict) else image
-    if image is None and init_image is not None:
+    if not image and init_image is not None:  # webuiapi sends "" for no image
         return init_image
-    if image is None:
+    if not image:
         raise unit_error(index, "image", "is missing: txt2img needs a control image per unit")
     return decode(image, f"{ARGS}[{index}].image")
 

@@ -93,6 +93,19 @@ def test_img2img_takes_the_init_image_as_the_control_image(server, reference_pip
     assert_close(got, reference_pipe.generate(request).images[0])
 
 
+def test_webuiapi_units_work_and_no_image_on_img2img_is_the_init_image(server, reference_pipe, controlnet):
+    webuiapi = pytest.importorskip("webuiapi")
+    init = control_image(4)
+    client = webuiapi.WebUIApi(host=server.host, port=server.port, sampler="Euler", steps=2)
+    unit = webuiapi.ControlNetUnit(model="tiny-control [00000000]", module="invert (from white bg & black line)", weight=0.9)
+    result = client.img2img(images=[init], prompt="a red cube", seed=5, width=64, height=64, cfg_scale=7.0, denoising_strength=0.8,
+                            controlnet_units=[unit])  # fmt: skip
+    spec = ControlNetSpec(controlnet, init, 0.9, resize="fill", preprocessor="invert")
+    request = GenerationRequest(["a red cube"], steps=2, scale=7.0, sampler="euler", seed=5, height=64, width=64, init_image=init,
+                                strength=0.8, controlnets=(spec,))  # fmt: skip
+    assert_close(np.asarray(result.image.convert("RGB")), reference_pipe.generate(request).images[0])
+
+
 @pytest.mark.parametrize(
     "unit, named",
     [
@@ -108,6 +121,7 @@ def test_img2img_takes_the_init_image_as_the_control_image(server, reference_pip
         ({"model": "gone"}, "alwayson_scripts.controlnet.args[0].model"),
         ({"image": "not base64!"}, "alwayson_scripts.controlnet.args[0].image"),
         ({"image": None}, "alwayson_scripts.controlnet.args[0].image"),
+        ({"image": ""}, "alwayson_scripts.controlnet.args[0].image"),
         ({"mask": "abc"}, "alwayson_scripts.controlnet.args[0].mask"),
     ],
 )
