@@ -15,6 +15,7 @@ from optimized_sd.batch import BatchWorker, LoadSpec, LocalPool, read_jobs, run_
 from optimized_sd.batch.manifest import MANIFEST
 from optimized_sd.cli import main
 from optimized_sd.errors import Interrupted, UserError
+from optimized_sd.pipelines.controlnet import ControlNetSpec
 from optimized_sd.pipelines.job import Job, OutputPolicy
 from optimized_sd.pipelines.load_options import LoadOptions
 from optimized_sd.pipelines.output import read_parameters
@@ -84,6 +85,29 @@ def test_lora_and_inpaint_fields_become_the_jobs_options(tmp_path):
     inpaint = job.job.inpaint
     got = (inpaint.mask, inpaint.mask_blur, inpaint.area, inpaint.outpaint, inpaint.padding)
     assert got == (Path("m.png"), 2.0, "masked", (0, 64, 0, 0), 32)
+
+
+def test_controlnets_become_the_jobs_units_and_bad_values_name_line_and_field(tmp_path):
+    for name in ("cn.safetensors", "edges.png"):
+        (tmp_path / name).write_bytes(b"")
+    unit = {"model": str(tmp_path / "cn.safetensors"), "image": str(tmp_path / "edges.png"), "weight": 0.7, "start": 0.1,
+            "end": 0.8, "mode": "prompt", "resize": "fill", "preprocessor": "canny", "threshold_a": 50, "threshold_b": 150}  # fmt: skip
+    (job,) = read_jobs(write_lines(tmp_path / "j.jsonl", {"prompt": "a", "controlnets": [unit]}), DEFAULTS)
+    expected = ControlNetSpec(tmp_path / "cn.safetensors", tmp_path / "edges.png", 0.7, 0.1, 0.8, "prompt", "fill", "canny", 50, 150)
+    assert job.job.controlnets == (expected,)
+    short = {"controlnets": [{"file": f"{unit['model']}:0.4", "image": unit["image"]}]}
+    (plain,) = read_jobs(write_lines(tmp_path / "k.jsonl", short), DEFAULTS)
+    assert plain.job.controlnets == (ControlNetSpec(tmp_path / "cn.safetensors", tmp_path / "edges.png", 0.4),)
+    for bad, message in [
+        ({**unit, "weight": 11}, r"line 2: field 'controlnets' 0: weight 11 is outside"),
+        ({**unit, "mode": "loud"}, r"line 2: field 'controlnets' 0: mode 'loud' is unknown"),
+        ({**unit, "start": "early"}, r"line 2: field 'controlnets' must be a list of unit objects whose 'start' is a number"),
+        ({**unit, "colour": 1}, r"line 2: field 'controlnets' must be .* \(not 'colour'\)"),
+        ({"image": unit["image"]}, r"line 2: field 'controlnets' must be a list of objects"),
+        ({**unit, "model": str(tmp_path / "gone.safetensors")}, r"line 2: field 'controlnets' 0: .*gone.safetensors: no such ControlNet"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            read_jobs(write_lines(tmp_path / "bad.jsonl", {"prompt": "fine"}, {"prompt": "a", "controlnets": [bad]}), DEFAULTS)
 
 
 @pytest.fixture(scope="module")

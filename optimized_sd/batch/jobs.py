@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from optimized_sd.errors import FieldError, UserError
+from optimized_sd.pipelines.controlnet import ControlNetSpec, control_specs
 from optimized_sd.pipelines.job import Job
 from optimized_sd.pipelines.masks import InpaintOptions, parse_outpaint
 
@@ -112,6 +113,39 @@ def _loras(value: Any) -> dict[str, tuple[str, ...]]:
     raise TypeError('a list of "FILE[:WEIGHT]" or an object {"FILE": WEIGHT}')
 
 
+# a ControlNet unit's keys -> (ControlNetSpec field, converter); "model" and "file" both name the ControlNet
+CONTROLNET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "model": ("file", _str), "file": ("file", _str), "image": ("image", _path), "weight": ("weight", _float),
+    "start": ("start", _float), "end": ("end", _float), "mode": ("mode", _str), "resize": ("resize", _str),
+    "preprocessor": ("preprocessor", _str), "threshold_a": ("threshold_a", _float), "threshold_b": ("threshold_b", _float),
+}  # fmt: skip
+
+
+def _controlnet(value: Any) -> tuple[ControlNetSpec, ...]:
+    """One unit's object -> its ControlNetSpec (the file as --controlnet's 'FILE[:WEIGHT]')."""
+    if not isinstance(value, dict) or not ("model" in value or "file" in value) or "image" not in value:
+        raise TypeError('a list of objects {"model": FILE, "image": FILE, ...}')
+    unknown = [key for key in value if key not in CONTROLNET_KEYS]
+    if unknown:
+        raise TypeError(f"a list of objects with the keys {', '.join(CONTROLNET_KEYS)} (not {unknown[0]!r})")
+    settings: dict[str, Any] = {}
+    for key, item in value.items():
+        name, convert = CONTROLNET_KEYS[key]
+        try:
+            settings[name] = convert(item)
+        except TypeError as expected:
+            raise TypeError(f"a list of unit objects whose {key!r} is {expected}") from None
+    file, image = settings.pop("file"), settings.pop("image")
+    return control_specs([file], [image], **{name: [item] for name, item in settings.items()})
+
+
+def _controlnets(value: Any) -> tuple[ControlNetSpec, ...]:
+    """`[{"model": FILE, "image": FILE, "weight": W, "start": S, ...}, ...]` -> the Job's ControlNet units."""
+    if not isinstance(value, list):
+        raise TypeError('a list of objects {"model": FILE, "image": FILE, ...}')
+    return tuple(spec for unit in value for spec in _controlnet(unit))
+
+
 def _outpaint(value: Any) -> tuple[int, int, int, int]:
     if isinstance(value, str):
         return parse_outpaint(value)
@@ -148,6 +182,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "loras": _loras,
     "refiner": _path,
     "refiner_switch": _float,
+    "controlnets": _controlnets,
     # hires fix: on with "hires": true, or with hr_scale / hr_resize (as the CLI's --hr-scale / --hr-resize)
     "hires": _bool, "hr_scale": _float, "hr_resize": _resize, "hr_upscaler": _str, "hr_steps": _int, "hr_strength": _float,
     "hr_sampler": _optional_str, "hr_prompt": _optional_str, "hr_negative_prompt": _optional_str,
@@ -170,7 +205,6 @@ BATCH_KEYS: dict[str, str | None] = {
     **{name: name for name in FIELDS if name not in ("prompt", "size")},
     "prompts": "prompt", "prompt_file": None, "latent_channels": None, "downscale": None, "unet_batch": None,
     "inpaint": None, "max_image_pixels": None,
-    "controlnets": None,  # ControlNet units: the command line's --controlnet/--control-image for now
     "output": None, "outdir": None, "fmt": None, "skip_save": None, "skip_grid": None, "n_rows": None, "report_json": None,
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     **{target: name for name, (target, _) in INPAINT_FIELDS.items()},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import logging
@@ -37,6 +38,7 @@ from optimized_sd.pipelines.hires import UPSCALERS, HiresFix, upscaler_named
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import FieldError, Generated, GenerationSpec, api_error, resolve_sampler, sampler_aliases
 from optimized_sd.server.catalog import ModelEntry
+from optimized_sd.server.controlnet_api import add_controlnet_routes, controlnet_specs
 from optimized_sd.server.jobs import JobCancelled
 from optimized_sd.server.service import Service
 
@@ -114,7 +116,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "tiling": bool,
     "subseed_strength": lambda v: bool(v),
     "script_name": bool,
-    "alwayson_scripts": bool,
     "styles": bool,
     "resize_mode": lambda v: v not in (None, 0),
 }
@@ -217,6 +218,8 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
                 inpaint_full_res_padding=request.inpaint_full_res_padding or 0,
                 invert_mask=bool(request.inpainting_mask_invert),
             )
+    decode = functools.partial(decode_image, service=service)
+    options["controlnets"] = controlnet_specs(request.alwayson_scripts, service.backend.catalog, decode, options.get("init_image"))
     return GenerationSpec(**options)
 
 
@@ -301,51 +304,76 @@ def sd_model_item(entry: ModelEntry, service: Service) -> dict[str, Any]:
     }
 
 
-def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None = None) -> None:
-    """The /sdapi/v1 routes on `app` (the application gradio is mounted on)."""
-    dependencies = [Depends(basic_auth(auth))] if auth else []
+def route_adder(app: FastAPI, prefix: str, dependencies: list) -> Callable:
+    """A decorator factory: `@route(path, methods)` registers a function at prefix + path."""
 
     def route(path: str, methods: list[str]) -> Callable:
         def register(fn: Callable) -> Callable:
-            app.add_api_route(PREFIX + path, fn, methods=methods, dependencies=dependencies)
+            app.add_api_route(prefix + path, fn, methods=methods, dependencies=dependencies)
             return fn
 
         return register
 
-    def run(request: Txt2ImgRequest, img2img: bool) -> JSONResponse | dict[str, Any]:
-        try:
-            spec = spec_from(request, service, img2img)
-            model = None
-            override = (request.override_settings or {}).get("sd_model_checkpoint")
-            if override:
-                model = service.backend.catalog.find(str(override))
-                if model is None:
-                    return error_response(404, "HTTPException", f"model {override!r} not found; see {PREFIX}/sd-models")
-            job = service.submit_generation(spec, model, restore=request.override_settings_restore_afterwards is not False)
-            made: Generated = job.wait()
-        except FieldError as error:
-            said = api_error(error)  # the request field by AUTOMATIC1111's name
-            return field_error_response(said.field, str(said))
-        except TooLarge as error:
-            return error_response(413, error, str(error))
-        except UserError as error:
-            return error_response(422, error, str(error))
-        except JobCancelled as error:
-            return error_response(409, error, str(error))
-        except Exception as error:  # a failed job: report it, keep serving
-            log.exception("generation failed")
-            return error_response(500, error, f"generation failed: {type(error).__name__}: {error}")
-        parameters = request.model_dump(exclude={"init_images", "mask"} if not getattr(request, "include_init_images", False) else set())
-        images = [png_base64(data) for data in made.pngs] if request.send_images else []
-        return {"images": images, "parameters": parameters, "info": info_json(spec, made)}
+    return route
 
+
+def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None = None) -> None:
+    """The /sdapi/v1 routes on `app` (the application gradio is mounted on), and sd-webui-controlnet's /controlnet ones."""
+    dependencies = [Depends(basic_auth(auth))] if auth else []
+    route = route_adder(app, PREFIX, dependencies)
+    add_generation_routes(route, service)
+    add_listing_routes(route, service)
+    add_options_routes(route, service)
+    add_progress_routes(route, service)
+    add_controlnet_routes(route_adder(app, "/controlnet", dependencies), service.backend.catalog)
+
+
+def failure_response(error: Exception) -> JSONResponse:
+    """A generation's failure as its status: a bad field 422 (by AUTOMATIC1111's name), too large 413, cancelled 409, else 500."""
+    if isinstance(error, FieldError):
+        said = api_error(error)  # the request field by AUTOMATIC1111's name
+        return field_error_response(said.field, str(said))
+    if isinstance(error, TooLarge):
+        return error_response(413, error, str(error))
+    if isinstance(error, UserError):
+        return error_response(422, error, str(error))
+    if isinstance(error, JobCancelled):
+        return error_response(409, error, str(error))
+    log.exception("generation failed", exc_info=error)
+    return error_response(500, error, f"generation failed: {type(error).__name__}: {error}")
+
+
+def generation_response(request: Txt2ImgRequest, service: Service, img2img: bool) -> JSONResponse | dict[str, Any]:
+    """Run one txt2img/img2img request to its response (an error response for any failure; the server keeps serving)."""
+    try:
+        spec = spec_from(request, service, img2img)
+        model = None
+        override = (request.override_settings or {}).get("sd_model_checkpoint")
+        if override:
+            model = service.backend.catalog.find(str(override))
+            if model is None:
+                return error_response(404, "HTTPException", f"model {override!r} not found; see {PREFIX}/sd-models")
+        job = service.submit_generation(spec, model, restore=request.override_settings_restore_afterwards is not False)
+        made: Generated = job.wait()
+    except Exception as error:  # a failed job: report it, keep serving
+        return failure_response(error)
+    parameters = request.model_dump(exclude={"init_images", "mask"} if not getattr(request, "include_init_images", False) else set())
+    images = [png_base64(data) for data in made.pngs] if request.send_images else []
+    return {"images": images, "parameters": parameters, "info": info_json(spec, made)}
+
+
+def add_generation_routes(route: Callable, service: Service) -> None:
     @route("/txt2img", ["POST"])
     def txt2img(request: Txt2ImgRequest):
-        return run(request, img2img=False)
+        return generation_response(request, service, img2img=False)
 
     @route("/img2img", ["POST"])
     def img2img(request: Img2ImgRequest):
-        return run(request, img2img=True)
+        return generation_response(request, service, img2img=True)
+
+
+def add_listing_routes(route: Callable, service: Service) -> None:
+    """What a client lists before asking: samplers, schedulers, upscalers and models."""
 
     @route("/samplers", ["GET"])
     def samplers() -> list[dict[str, Any]]:
@@ -376,6 +404,8 @@ def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None 
     def refresh_checkpoints() -> None:
         return None  # the listing is read afresh on every call
 
+
+def add_options_routes(route: Callable, service: Service) -> None:
     @route("/options", ["GET"])
     def get_options() -> dict[str, Any]:
         current = service.backend.current
@@ -402,6 +432,8 @@ def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None 
             return error_response(500, error, f"loading {entry.title} failed: {type(error).__name__}: {error}")
         return None
 
+
+def add_progress_routes(route: Callable, service: Service) -> None:
     @route("/progress", ["GET"])
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
         job = service.queue.running

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from optimized_sd.errors import FieldError, Interrupted, UserError
 from optimized_sd.memory.planner import MODES, parse_bytes
+from optimized_sd.pipelines.controlnet import ControlNetSpec
 from optimized_sd.pipelines.defaults import DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH
 from optimized_sd.pipelines.diffusion import StableDiffusion
 from optimized_sd.pipelines.hires import HiresFix
@@ -47,7 +48,7 @@ API_FIELDS: dict[str, str | None] = {
     "refiner": "refiner_checkpoint", "refiner_switch": "refiner_switch_at", "height": "height", "width": "width",
     "latent_channels": None, "downscale": None, "unet_batch": None, "init_image": "init_images", "strength": "denoising_strength",
     "inpaint": None, "max_image_pixels": None,  # the server's limits decide (`service.limits`)
-    "controlnets": None,  # ControlNet units (alwayson_scripts): not exposed yet
+    "controlnets": "alwayson_scripts.controlnet.args",  # sd-webui-controlnet's units (the API names each unit's field)
     "output": None, "outdir": None, "fmt": None, "skip_save": None, "skip_grid": None, "n_rows": None, "report_json": None,
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     "mask": "mask", "invert_mask": "inpainting_mask_invert", "mask_blur": "mask_blur", "area": "inpaint_full_res",
@@ -95,6 +96,7 @@ class GenerationSpec:
     memory: str | None = None  # None: the server's --memory
     vram_budget: str | None = None  # None: the server's --vram-budget
     hires: HiresFix | None = None  # txt2img: AUTOMATIC1111's hires fix (enable_hr and its hr_* fields)
+    controlnets: tuple[ControlNetSpec, ...] = ()  # files from the catalog's ControlNet/ folder, never a request's path
 
     @property
     def task(self) -> str:
@@ -151,6 +153,23 @@ def check_spec(spec: GenerationSpec) -> None:
     """Everything that can be checked before queueing, so a mistake comes back at once: the server's own
     limits (tighter than the library's: one server answers many clients), then `Job.validate`. A mistake
     is a FieldError naming the request field; the API and the UI say it in their words."""
+    check_server_limits(spec)
+    check_settings(spec)
+    if spec.mask is not None:
+        if spec.init_image is None:
+            raise FieldError("init_image", "inpainting needs the image to repaint in init_images", "is missing: inpainting needs one")
+        if spec.inpainting_fill not in INPAINTING_FILL:
+            offered = ", ".join(f"{value} ({name})" for value, name in INPAINTING_FILL.items())
+            raise FieldError.about("masked_content", f"{spec.inpainting_fill} is unknown; use {offered}")
+    if spec.hires is not None:
+        spec.hires.check(spec.width, spec.height, max_side=MAX_SIDE)
+    spec_job(spec, spec.init_image, inpaint_options(spec, spec.mask)).validate()
+    if spec.mask is not None:
+        check_mask_paints(spec)
+
+
+def check_server_limits(spec: GenerationSpec) -> None:
+    """The prompt's type and the sizes, batch and seed within this server's limits."""
     if not isinstance(spec.prompt, str):
         raise FieldError.about("prompts", "must be text")
     for name in ("width", "height"):
@@ -162,6 +181,10 @@ def check_spec(spec: GenerationSpec) -> None:
             raise FieldError.about(name, f"must be from 1 to {limit}, got {value}")
     if not -1 <= spec.seed < SEED_LIMIT:
         raise FieldError.about("seed", f"must be -1 (random) or from 0 to {SEED_LIMIT - 1}, got {spec.seed}")
+
+
+def check_settings(spec: GenerationSpec) -> None:
+    """The server-side settings a request may name: the memory mode and the VRAM budget."""
     if spec.memory is not None and spec.memory not in MEMORY_CHOICES:
         raise FieldError("memory", f"unknown memory mode {spec.memory!r}; choose one of {', '.join(MEMORY_CHOICES)}")
     if spec.vram_budget:
@@ -169,22 +192,17 @@ def check_spec(spec: GenerationSpec) -> None:
             parse_bytes(spec.vram_budget)
         except UserError as error:
             raise FieldError("vram_budget", str(error)) from None
-    if spec.mask is not None:
-        if spec.init_image is None:
-            raise FieldError("init_image", "inpainting needs the image to repaint in init_images", "is missing: inpainting needs one")
-        if spec.inpainting_fill not in INPAINTING_FILL:
-            offered = ", ".join(f"{value} ({name})" for value, name in INPAINTING_FILL.items())
-            raise FieldError.about("masked_content", f"{spec.inpainting_fill} is unknown; use {offered}")
-    if spec.hires is not None:
-        spec.hires.check(spec.width, spec.height, max_side=MAX_SIDE)
-    spec_job(spec, spec.init_image, inpaint_options(spec, spec.mask)).validate()
-    if spec.mask is not None:
-        try:
-            check_mask(fit_mask(load_mask(spec.mask), spec.mask.size, spec.invert_mask))
-        except UserError:
-            inverted = " once inverted (inpainting_mask_invert)" if spec.invert_mask else ""
-            problem = f"is all black{inverted}: nothing to repaint (white marks what is repainted)"
-            raise FieldError("mask", f"the mask {problem}", problem) from None
+
+
+def check_mask_paints(spec: GenerationSpec) -> None:
+    """A mask with something to repaint (once inverted, if asked)."""
+    assert spec.mask is not None
+    try:
+        check_mask(fit_mask(load_mask(spec.mask), spec.mask.size, spec.invert_mask))
+    except UserError:
+        inverted = " once inverted (inpainting_mask_invert)" if spec.invert_mask else ""
+        problem = f"is all black{inverted}: nothing to repaint (white marks what is repainted)"
+        raise FieldError("mask", f"the mask {problem}", problem) from None
 
 
 def inpaint_options(spec: GenerationSpec, mask: Image.Image | None) -> InpaintOptions | None:
@@ -221,6 +239,7 @@ def spec_job(spec: GenerationSpec, init_image: Image.Image | None, inpaint: Inpa
         inpaint=inpaint,
         refiner=spec.refiner,
         refiner_switch=spec.refiner_switch,
+        controlnets=spec.controlnets,
         **(spec.hires.job_fields() if spec.hires is not None else {}),
         output=OutputPolicy(Path("."), skip_save=True, skip_grid=True),  # the front ends send the PNGs
     )

@@ -13,7 +13,9 @@ from pathlib import Path
 from optimized_sd.errors import UserError
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
-NOT_MODEL_FOLDERS = ("VAE-approx", "vae_approx")  # TAESD preview decoders (server.preview), not models
+CONTROLNET_FOLDER = "ControlNet"  # AUTOMATIC1111's models/ControlNet: the ControlNets a request may name
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt")
+NOT_MODEL_FOLDERS = ("VAE-approx", "vae_approx", CONTROLNET_FOLDER)  # preview decoders (server.preview), ControlNets
 HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")  # AUTOMATIC1111's titles end in " [shorthash]"
 
 
@@ -69,6 +71,31 @@ class ModelCatalog:
             if wanted in (entry.title, entry.model_name):
                 return entry
         return None
+
+    def controlnet_folders(self) -> list[Path]:
+        """`ControlNet/` in the models folder and beside it (AUTOMATIC1111's models/ControlNet), or beside a --ckpt."""
+        roots = [self.models_dir, self.models_dir.parent] if self.models_dir is not None else []
+        if self.ckpt is not None:
+            roots.append(self.ckpt.parent)
+        return [root / CONTROLNET_FOLDER for root in roots]
+
+    def controlnets(self) -> list[ModelEntry]:
+        """The ControlNets a request may name (files, and diffusers folders holding a config.json), one per name."""
+        found: dict[str, ModelEntry] = {}
+        for folder in self.controlnet_folders():
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir()):
+                is_file = path.is_file()
+                if path.suffix in CONTROLNET_SUFFIXES if is_file else (path / "config.json").is_file():
+                    name = path.stem if is_file else path.name
+                    found.setdefault(name, ModelEntry(path.name, name, path))
+        return list(found.values())
+
+    def find_controlnet(self, name: str) -> ModelEntry | None:
+        """The ControlNet called `name` (its file name, or its stem with or without sd-webui-controlnet's " [hash]")."""
+        wanted = HASH_SUFFIX.sub("", name.strip())
+        return next((entry for entry in self.controlnets() if wanted in (entry.title, entry.model_name)), None)
 
     def default(self) -> ModelEntry:
         """The model loaded at start: --ckpt when given, else the first under --models-dir."""

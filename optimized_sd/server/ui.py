@@ -19,6 +19,7 @@ import gradio as gr
 from PIL import Image, ImageChops
 
 from optimized_sd.errors import FieldError, UserError
+from optimized_sd.pipelines.controlnet import MODE_NAMES, ControlNetSpec
 from optimized_sd.pipelines.defaults import (
     DEFAULT_HR_SCALE,
     DEFAULT_HR_STRENGTH,
@@ -30,6 +31,7 @@ from optimized_sd.pipelines.hires import UPSCALERS, HiresFix
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import INPAINTING_FILL, MEMORY_CHOICES, Generated, GenerationSpec
 from optimized_sd.server.catalog import ModelCatalog
+from optimized_sd.server.controlnet_api import MODULES
 from optimized_sd.server.jobs import Job, JobCancelled
 from optimized_sd.server.service import Service
 
@@ -38,6 +40,7 @@ log = logging.getLogger("optimized_sd")
 POLL_SECONDS = 0.15
 SERVER_DEFAULT = "server default"
 NO_REFINER = "None"  # the refiner dropdown's "no refiner", as AUTOMATIC1111 shows it
+NO_CONTROLNET = "None"  # the ControlNet model dropdown's "no unit"
 TASKS = ("txt2img", "img2img", "inpaint")
 IMAGE_TASKS = ("img2img", "inpaint")  # the tabs that start from an uploaded image
 MASK_ALPHA_THRESHOLD = 128  # a painted pixel at least half opaque is repainted (AUTOMATIC1111 also cuts an RGBA mask at 128)
@@ -51,7 +54,7 @@ UI_CONTROLS: dict[str, str | None] = {
     "karras": "Karras sigmas", "schedule": None, "loras": None, "refiner": "Refiner", "refiner_switch": "Refiner switch at",
     "height": "Height", "width": "Width", "latent_channels": None, "downscale": None, "unet_batch": None, "init_image": "Init image",
     "strength": "Denoising strength", "inpaint": None, "max_image_pixels": None,
-    "controlnets": None,  # ControlNet units: not in the UI yet
+    "controlnets": "ControlNet",
     "output": None, "outdir": None, "fmt": None, "skip_save": None, "skip_grid": None, "n_rows": None, "report_json": None,
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     "mask": "Mask", "invert_mask": "Invert the mask", "mask_blur": "Mask blur", "area": "Inpaint area", "padding": "Padding",
@@ -153,6 +156,19 @@ class HiresControls:
 
 
 @dataclass
+class ControlNetControls:
+    """Each tab's one ControlNet unit (sd-webui-controlnet's fields, by our names)."""
+
+    control_image: gr.Image
+    control_model: gr.Dropdown
+    control_weight: gr.Slider
+    control_start: gr.Slider
+    control_end: gr.Slider
+    control_mode: gr.Radio
+    control_preprocessor: gr.Dropdown
+
+
+@dataclass
 class TaskForm:
     """The inputs of one tab by name; `inputs()` lists those the tab has, in field order, and the
     generate handler gets their values back by the same names (`names()`)."""
@@ -184,6 +200,13 @@ class TaskForm:
     hr_scale: gr.Slider | None = None
     hr_steps: gr.Slider | None = None
     hr_strength: gr.Slider | None = None
+    control_image: gr.Image | None = None  # the ControlNetControls, every tab
+    control_model: gr.Dropdown | None = None
+    control_weight: gr.Slider | None = None
+    control_start: gr.Slider | None = None
+    control_end: gr.Slider | None = None
+    control_mode: gr.Radio | None = None
+    control_preprocessor: gr.Dropdown | None = None
 
     def names(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -261,6 +284,7 @@ class WebUI:
                     batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size", elem_id=f"{task}-batch-size")
                     n_iter = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id=f"{task}-batch-count")
                 hires_controls = self.hires_inputs(task) if task == "txt2img" else None
+                control_controls = self.controlnet_inputs(task, self.service.backend.catalog)
                 with gr.Row():
                     memory = gr.Dropdown(
                         choices=[SERVER_DEFAULT, *MEMORY_CHOICES], value=SERVER_DEFAULT, label="Memory mode", elem_id=f"{task}-memory-mode"
@@ -299,6 +323,7 @@ class WebUI:
         infotexts = gr.State([])
         inpaint_fields = {f.name: getattr(inpaint_controls, f.name) for f in fields(InpaintControls)} if inpaint_controls else {}
         hires_fields = {f.name: getattr(hires_controls, f.name) for f in fields(HiresControls)} if hires_controls else {}
+        control_fields = {f.name: getattr(control_controls, f.name) for f in fields(ControlNetControls)}
         form = TaskForm(
             prompt=prompt,
             negative_prompt=negative,
@@ -319,6 +344,7 @@ class WebUI:
             strength=strength,
             **inpaint_fields,
             **hires_fields,
+            **control_fields,
         )
         outputs = [status, error, preview, gallery, parameters, report, last_seed, infotexts]
         names = form.names()
@@ -346,6 +372,25 @@ class WebUI:
                 strength = gr.Slider(0.0, 1.0, value=DEFAULT_HR_STRENGTH, step=0.01, label="Denoising strength",
                                      elem_id=f"{task}-hr-strength")  # fmt: skip
         return HiresControls(enable, upscaler, scale, steps, strength)
+
+    @staticmethod
+    def controlnet_inputs(task: str, catalog: ModelCatalog) -> ControlNetControls:
+        """One ControlNet unit from the models folder's ControlNet/, folded away until wanted."""
+        with gr.Accordion("ControlNet", open=False, elem_id=f"{task}-controlnet"):
+            image = gr.Image(label="Control image (empty on img2img: the init image)", type="pil", sources=["upload", "clipboard"],
+                             elem_id=f"{task}-control-image", height=192)  # fmt: skip
+            with gr.Row():
+                model = gr.Dropdown(choices=[NO_CONTROLNET, *(e.model_name for e in catalog.controlnets())], value=NO_CONTROLNET,
+                                    label="ControlNet model", elem_id=f"{task}-control-model")  # fmt: skip
+                preprocessor = gr.Dropdown(choices=[(label, ours) for label, ours in MODULES.items()], value="none",
+                                           label="Preprocessor", elem_id=f"{task}-control-preprocessor")  # fmt: skip
+            with gr.Row():
+                weight = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control weight", elem_id=f"{task}-control-weight")
+                start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Starting control step", elem_id=f"{task}-control-start")
+                end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Ending control step", elem_id=f"{task}-control-end")
+            mode = gr.Radio([(name, ours) for ours, name in MODE_NAMES.items()], value="balanced", label="Control mode",
+                            elem_id=f"{task}-control-mode")  # fmt: skip
+        return ControlNetControls(image, model, weight, start, end, mode, preprocessor)
 
     @staticmethod
     def inpaint_inputs(task: str) -> tuple[gr.ImageEditor, InpaintControls]:
@@ -421,6 +466,7 @@ class WebUI:
             refiner_switch=float(values.get("refiner_switch") or DEFAULT_REFINER_SWITCH),
             hires=HiresFix(float(values["hr_scale"]), None, values["hr_upscaler"], int(values["hr_steps"]), float(values["hr_strength"]))
             if values.get("enable_hr") else None,
+            controlnets=control_units(values, catalog, init_image),
         )
 
     def generate(self, task: str, values: dict[str, Any], request: gr.Request, outputs: list) -> Iterator[dict]:
@@ -504,6 +550,21 @@ class WebUI:
             log.exception("model switch failed")
             return error_html(f"loading {title} failed: {type(failure).__name__}: {failure}")
         return ""
+
+
+def control_units(values: dict[str, Any], catalog: ModelCatalog | None, init_image: Image.Image | None) -> tuple[ControlNetSpec, ...]:
+    """The tab's ControlNet unit (none while the model is "None"); no control image: the init image, as sd-webui-controlnet."""
+    name = values.get("control_model")
+    if name in (None, NO_CONTROLNET):
+        return ()
+    entry = catalog.find_controlnet(name) if catalog is not None else None
+    if entry is None:
+        raise UserError(f"ControlNet {name!r} is not in the ControlNet folder any more; refresh the page")
+    image = values.get("control_image") if values.get("control_image") is not None else init_image
+    if image is None:
+        raise UserError("ControlNet needs a control image: upload one, or set its model to None")
+    return (ControlNetSpec(entry.path, image, float(values["control_weight"]), float(values["control_start"]),
+                           float(values["control_end"]), values["control_mode"], preprocessor=values["control_preprocessor"]),)  # fmt: skip
 
 
 def select_parameters(texts: list[str], event: gr.SelectData) -> str:

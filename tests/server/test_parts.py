@@ -99,6 +99,23 @@ def test_catalog_lists_files_and_diffusers_folders_and_finds_names_only(tmp_path
         ModelCatalog()
 
 
+def test_catalog_lists_controlnets_apart_from_checkpoints(tmp_path):
+    models = tmp_path / "Stable-diffusion"
+    (models / "ControlNet" / "depth-folder").mkdir(parents=True)
+    (models / "a.safetensors").write_bytes(b"x")
+    (models / "ControlNet" / "canny.pth").write_bytes(b"x")
+    (models / "ControlNet" / "depth-folder" / "config.json").write_text("{}")
+    (models / "ControlNet" / "readme.txt").write_text("no")
+    (tmp_path / "ControlNet").mkdir()
+    (tmp_path / "ControlNet" / "tile.safetensors").write_bytes(b"x")  # AUTOMATIC1111's models/ControlNet beside the checkpoints
+    catalog = ModelCatalog(models)
+    assert [e.title for e in catalog.entries()] == ["a.safetensors"]
+    assert [e.model_name for e in catalog.controlnets()] == ["canny", "depth-folder", "tile"]
+    assert catalog.find_controlnet("canny [0123abcd]").path == models / "ControlNet" / "canny.pth"
+    assert catalog.find_controlnet("tile.safetensors").path == tmp_path / "ControlNet" / "tile.safetensors"
+    assert catalog.find_controlnet("a") is None and catalog.find_controlnet("readme") is None
+
+
 def test_sampler_names_as_automatic1111_clients_send_them():
     assert resolve_sampler("Euler a") == ("euler_a", False)
     assert resolve_sampler("k_dpmpp_2m") == ("dpmpp_2m", False)
