@@ -17,6 +17,8 @@
 #   lease1:    SDXL 1024 (issue 12): ours stream, turbo, auto uncapped and under 4GB against diffusers'
 #              model, sequential and group offload; SDXL stream with fp8 weights; SD 2.x 768-v stream;
 #              SD 1.5 stream with fp16, fp8 and int8 weights; the seed workload              ~8 min
+#   wave3:     GGUF dequantisation bandwidth per type on the card (the other third-wave GPU figures need
+#              ControlNet and Flux bench scenarios that are not built yet)                       ~1 min (estimate)
 #   lease2:    phase_conv.py at 1024 (seconds); the SD 1.5 frontier at none, 2GB, 1GB and 0.6GB (FRONTIER_BUDGETS) against diffusers, model, group and
 #              sequential offload (call at once after lease1: the warm machine keeps the models)  ~5 min
 #   run(command="LEASE_SECONDS=470 bash benchmarks/device_run.sh lease1", carry=[".whl"], timeout_s=500)
@@ -29,8 +31,8 @@
 # Check the plumbing on the CPU (tiny model): DEVICE_RUN_TINY=1 PYTHON=.venv/bin/python OUT=/tmp/dr bash benchmarks/device_run.sh frontier3
 set -u
 PART=${1:-all}
-case "$PART" in checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|all) ;;
-  *) echo "usage: bash benchmarks/device_run.sh [checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|all]" >&2; exit 2 ;;
+case "$PART" in checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|wave3|all) ;;
+  *) echo "usage: bash benchmarks/device_run.sh [checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|wave3|all]" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/device-run-out}
 mkdir -p "$OUT"
@@ -113,4 +115,7 @@ if [ "$PART" = lease2 ]; then
   lease_bench 400 "${SD15[@]}" --sizes $S512 --steps 10 --budget "${FRONTIER_BUDGETS:-none,2GB,1GB,0.6GB}" \
     --peers diffusers,diffusers-model-offload,diffusers-group-offload,diffusers-sequential-offload --label frontier
 fi
-
+if wants wave3; then
+  echo "== GGUF dequantisation on the GPU (GB/s of fp16 output per type; the goal is >= 80% of the card's bandwidth)"
+  timeout -k 5 90 $PY benchmarks/gguf_dequant.py --device cuda --dtype float16 2>&1 | tee "$OUT/gguf_dequant.txt"
+fi
