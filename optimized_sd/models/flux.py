@@ -35,6 +35,23 @@ TIME_FACTOR = 1000.0  # timesteps and guidance come in [0, 1]-ish units and are 
 NORM_EPS = 1e-6
 
 
+def three_rope_axes(head_dim: int, first_share: int) -> tuple[int, int, int]:
+    """RoPE widths of three axes: 1/`first_share` of a head for the first, the rest halved between the other two
+    (Flux: 16, 56, 56 of 128; Z-Image: 32, 48, 48); each must be even (a rotation acts on pairs)."""
+    first = head_dim // first_share
+    second = (head_dim - first) // 2
+    axes = (first, second, head_dim - first - second)
+    if any(width % 2 for width in axes):
+        raise ValueError(f"head width {head_dim} splits into RoPE axes {axes}, which are not all even")
+    return axes
+
+
+def block_count(shapes: Mapping[str, Sequence[int]], kind: str) -> int:
+    """How many `kind.N.` blocks a state dict holds (the highest N + 1)."""
+    found = {int(m.group(1)) for key in shapes if (m := re.match(rf"{re.escape(kind)}\.(\d+)\.", key))}
+    return max(found) + 1 if found else 0
+
+
 @dataclass(frozen=True)
 class FluxConfig:
     """Flux transformer hyper-parameters (BFL `FluxParams`); Flux.1 dev and schnell: 3072 wide, 24 heads of 128,
@@ -61,28 +78,19 @@ class FluxConfig:
     def axes_dim(self) -> tuple[int, int, int]:
         """RoPE widths for the (index, row, column) axes in Flux's proportions, 1/8, 7/16, 7/16 of a head
         (16, 56, 56 for 128); each must be even (a rotation acts on pairs)."""
-        first = self.head_dim // 8
-        second = (self.head_dim - first) // 2
-        axes = (first, second, self.head_dim - first - second)
-        if any(width % 2 for width in axes):
-            raise ValueError(f"head width {self.head_dim} splits into RoPE axes {axes}, which are not all even")
-        return axes
+        return three_rope_axes(self.head_dim, 8)
 
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> FluxConfig:
         """The config a BFL-named state dict states (keys without any `model.diffusion_model.` prefix)."""
-
-        def blocks(kind: str) -> int:
-            found = {int(m.group(1)) for key in shapes if (m := re.match(rf"{kind}\.(\d+)\.", key))}
-            return max(found) + 1 if found else 0
 
         hidden, in_channels = shapes["img_in.weight"]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
         return cls(
             hidden_size=hidden,
             num_heads=hidden // head_dim,
-            depth=blocks("double_blocks"),
-            depth_single_blocks=blocks("single_blocks"),
+            depth=block_count(shapes, "double_blocks"),
+            depth_single_blocks=block_count(shapes, "single_blocks"),
             mlp_hidden=shapes["double_blocks.0.img_mlp.0.weight"][0],
             in_channels=in_channels,
             out_channels=shapes["final_layer.linear.weight"][0],

@@ -18,7 +18,6 @@ LDM KL autoencoder (`models/vae.py`) with those statistics as its `bn` buffers."
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from optimized_sd.config import VAEConfig
 from optimized_sd.models import flux, ops
-from optimized_sd.models.flux import LastLayer, MLPEmbedder, Modulation, QKNorm, SelfAttention, rope_frequencies
+from optimized_sd.models.flux import LastLayer, MLPEmbedder, Modulation, QKNorm, SelfAttention, block_count, rope_frequencies
 from optimized_sd.models.layers import timestep_embedding
 from optimized_sd.models.vae import AutoencoderKL
 
@@ -75,17 +74,13 @@ class Flux2Config:
     def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> Flux2Config:
         """The config a BFL-named state dict states (keys without any `model.diffusion_model.` prefix)."""
 
-        def blocks(kind: str) -> int:
-            found = {int(m.group(1)) for key in shapes if (m := re.match(rf"{kind}\.(\d+)\.", key))}
-            return max(found) + 1 if found else 0
-
         hidden, in_channels = shapes["img_in.weight"]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
         return cls(
             hidden_size=hidden,
             num_heads=hidden // head_dim,
-            depth=blocks("double_blocks"),
-            depth_single_blocks=blocks("single_blocks"),
+            depth=block_count(shapes, "double_blocks"),
+            depth_single_blocks=block_count(shapes, "single_blocks"),
             mlp_hidden=shapes["double_blocks.0.img_mlp.2.weight"][1],
             in_channels=in_channels,
             out_channels=shapes["final_layer.linear.weight"][0],

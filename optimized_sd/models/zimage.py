@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from optimized_sd.attention import attention
 from optimized_sd.models import ops
-from optimized_sd.models.flux import apply_rope, rope_frequencies, split_qkv
+from optimized_sd.models.flux import apply_rope, rope_frequencies, split_qkv, three_rope_axes
 from optimized_sd.models.layers import timestep_embedding
 
 SEQ_MULTIPLE = 32  # image and caption tokens are each padded to a multiple of this
@@ -61,12 +61,7 @@ class ZImageConfig:
     def axes_dim(self) -> tuple[int, int, int]:
         """RoPE widths for the (caption/frame, row, column) axes in Z-Image's proportions 1/4, 3/8, 3/8 of a
         head ((32, 48, 48) for 128); each must be even."""
-        first = self.head_dim // 4
-        second = (self.head_dim - first) // 2
-        axes = (first, second, self.head_dim - first - second)
-        if any(width % 2 for width in axes):
-            raise ValueError(f"head width {self.head_dim} splits into RoPE axes {axes}, which are not all even")
-        return axes
+        return three_rope_axes(self.head_dim, 4)
 
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> ZImageConfig:
