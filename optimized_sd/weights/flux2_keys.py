@@ -20,7 +20,12 @@ import torch
 from optimized_sd.errors import CheckpointError
 from optimized_sd.weights.diffusers_folder import read_json
 from optimized_sd.weights.family import VAE_PREFIX
-from optimized_sd.weights.flux_keys import COMFY_TRANSFORMER_PREFIX, diffusers_transformer_recipes, strip_prefix
+from optimized_sd.weights.flux_keys import (
+    COMFY_TRANSFORMER_PREFIX,
+    DOUBLE_BLOCK_ATTENTION_NAMES,
+    diffusers_transformer_recipes,
+    strip_prefix,
+)
 from optimized_sd.weights.flux_loading import FluxComponent
 from optimized_sd.weights.infer import infer_vae
 from optimized_sd.weights.sources import ComputedSource, RenamedSource, TensorSource
@@ -39,14 +44,7 @@ VAE_UNUSED = {"bn.num_batches_tracked": "a batch-norm training counter"}
 # diffusers Flux2Transformer2DModel -> BFL names (flux_keys' table format: a module maps `.weight`; a name ending
 # in `.scale` is a whole key). q, k and v are concatenated back into `qkv`.
 DOUBLE_BLOCK_NAMES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
-    ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
-    ("img_attn.norm.query_norm.scale", ("attn.norm_q.weight",)),
-    ("img_attn.norm.key_norm.scale", ("attn.norm_k.weight",)),
-    ("txt_attn.norm.query_norm.scale", ("attn.norm_added_q.weight",)),
-    ("txt_attn.norm.key_norm.scale", ("attn.norm_added_k.weight",)),
-    ("img_attn.proj", ("attn.to_out.0",)),
-    ("txt_attn.proj", ("attn.to_add_out",)),
+    *DOUBLE_BLOCK_ATTENTION_NAMES,
     ("img_mlp.0", ("ff.linear_in",)),
     ("img_mlp.2", ("ff.linear_out",)),
     ("txt_mlp.0", ("ff_context.linear_in",)),

@@ -46,9 +46,8 @@ UNSUPPORTED_IN_CHANNELS = {384: "Flux.1 Fill (inpainting)", 128: "Flux.1 Depth/C
 # diffusers FluxTransformer2DModel -> BFL names, inside one double block. A module name maps its `.weight` and
 # `.bias`; a name ending in `.scale` is a whole key (diffusers' RMSNorm calls it `.weight`). Several diffusers
 # modules are concatenated along the output axis in the order given.
-DOUBLE_BLOCK_NAMES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("img_mod.lin", ("norm1.linear",)),
-    ("txt_mod.lin", ("norm1_context.linear",)),
+# A double block's joint attention, the same in Flux.1 and Flux.2 (`flux2_keys` builds on it).
+DOUBLE_BLOCK_ATTENTION_NAMES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
     ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
     ("img_attn.norm.query_norm.scale", ("attn.norm_q.weight",)),
@@ -57,6 +56,11 @@ DOUBLE_BLOCK_NAMES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("txt_attn.norm.key_norm.scale", ("attn.norm_added_k.weight",)),
     ("img_attn.proj", ("attn.to_out.0",)),
     ("txt_attn.proj", ("attn.to_add_out",)),
+)
+DOUBLE_BLOCK_NAMES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("img_mod.lin", ("norm1.linear",)),
+    ("txt_mod.lin", ("norm1_context.linear",)),
+    *DOUBLE_BLOCK_ATTENTION_NAMES,
     ("img_mlp.0", ("ff.net.0.proj",)),
     ("img_mlp.2", ("ff.net.2",)),
     ("txt_mlp.0", ("ff_context.net.0.proj",)),
