@@ -30,7 +30,8 @@ GB = 2**30
 PROMPT = "a photo of a red cube on the table"
 
 # The child for `diffusers`: FluxPipeline from the same four files as diffusers loads single files (each part read
-# whole into RAM in bf16, then `enable_sequential_cpu_offload`, its lowest-memory mode); it prints the stage it reached.
+# the transformer through `from_single_file`, T5 through `from_pretrained` in bf16; `--offload`: then
+# `enable_sequential_cpu_offload`, its lowest-memory mode); it prints the stage it reached and its RSS then.
 DIFFUSERS_CHILD = r"""
 import sys, time, torch
 from pathlib import Path
@@ -39,8 +40,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 from safetensors.torch import load_file
 transformer_file, t5_file, clip_file, vae_file, clip_tok, t5_tok, size, steps = sys.argv[1:9]
 dtype = torch.bfloat16
+import psutil
 def stage(name):
-    print(f"stage {name} at {time.perf_counter():.1f}s", flush=True)
+    print(f"stage {name}: RSS so far {psutil.Process().memory_info().rss / 2**30:.1f} GiB", flush=True)
 stage("transformer")
 import json, tempfile
 config = dict(_class_name="FluxTransformer2DModel", patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
@@ -52,11 +54,15 @@ folder.mkdir()
 transformer = FluxTransformer2DModel.from_single_file(transformer_file, config=str(folder.parent), subfolder="transformer",
                                                       torch_dtype=dtype)
 stage("t5")
-t5 = T5EncoderModel(T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                             feed_forward_proj="gated-gelu", vocab_size=32128)).to(dtype)
-t5.load_state_dict(load_file(t5_file), strict=False)
+t5_folder = folder.parent / "text_encoder_2"  # T5 as diffusers' folders hold it: from_pretrained, bf16, memory-mapped
+t5_folder.mkdir()
+T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu", vocab_size=32128,
+         architectures=["T5EncoderModel"]).save_pretrained(t5_folder)
+(t5_folder / "model.safetensors").symlink_to(t5_file)
+t5 = T5EncoderModel.from_pretrained(t5_folder, torch_dtype=dtype)
 stage("clip")
-clip = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu")).to(dtype)
+clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768,
+                                    hidden_act="quick_gelu")).to(dtype)
 clip.load_state_dict(load_file(clip_file), strict=False)
 stage("vae")
 vae = AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
@@ -64,7 +70,8 @@ vae = AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512),
                     use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159).to(dtype)
 pipe = FluxPipeline(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae, clip,
                     CLIPTokenizer.from_pretrained(clip_tok), t5, T5TokenizerFast.from_pretrained(t5_tok), transformer)
-pipe.enable_sequential_cpu_offload(device="cpu")
+if "--offload" in sys.argv:
+    pipe.enable_sequential_cpu_offload(device="cpu")
 stage("generate")
 pipe("a photo of a red cube on the table", height=int(size), width=int(size), num_inference_steps=int(steps),
      guidance_scale=3.5, generator=torch.Generator().manual_seed(0))
@@ -123,7 +130,7 @@ def watch(command: list[str], cap: int, min_free: int, timeout: float) -> dict:
         "killed": killed,
         "seconds": round(time.perf_counter() - start, 1),
         "peak_rss_gib": round(peak / GB, 2),
-        "output_tail": output[-2000:],
+        "output_tail": output[-4000:],
     }
 
 
@@ -138,6 +145,7 @@ def main() -> int:
     parser.add_argument("--min-free", type=float, default=4.0, help="kill it when available RAM falls under this (GB)")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--offload", action="store_true", help="diffusers: enable_sequential_cpu_offload")
     args = parser.parse_args()
     model = ensure_model(args.cache_dir, FLUX_MODEL)
     t5_file, clip_file, vae_file = model.parts
@@ -149,11 +157,13 @@ def main() -> int:
                 "--text-encoder", str(clip_file), "--text-encoder", str(t5_file), "--vae", str(vae_file),
                 "--tokenizer", str(model.tokenizer), "--tokenizer", str(model.t5_tokenizer), "--device", "cpu",
                 "--precision", args.precision, "--memory", args.memory, "--H", str(args.size), "--W", str(args.size),
-                "--steps", str(args.steps), "--seed", "0", "--prompt", PROMPT, "--outdir", scratch, "--report-json", str(report),
+                "--steps", str(args.steps), "--n_samples", "1", "--seed", "0", "--prompt", PROMPT,
+                "--outdir", scratch, "--report-json", str(report),
             ]  # fmt: skip
         else:
             command = [sys.executable, "-c", DIFFUSERS_CHILD, str(model.checkpoint), str(t5_file), str(clip_file), str(vae_file),
-                       str(model.tokenizer), str(model.t5_tokenizer), str(args.size), str(args.steps)]  # fmt: skip
+                       str(model.tokenizer), str(model.t5_tokenizer), str(args.size), str(args.steps),
+                       *(["--offload"] if args.offload else [])]  # fmt: skip
         result = watch(command, int(args.cap * GB), int(args.min_free * GB), args.timeout)
         result.update(runner=args.runner, size=args.size, steps=args.steps)
         if args.runner == "ours":
