@@ -186,6 +186,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     # hires fix: on with "hires": true, or with hr_scale / hr_resize (as the CLI's --hr-scale / --hr-resize)
     "hires": _bool, "hr_scale": _float, "hr_resize": _resize, "hr_upscaler": _str, "hr_steps": _int, "hr_strength": _float,
     "hr_sampler": _optional_str, "hr_prompt": _optional_str, "hr_negative_prompt": _optional_str,
+    "guidance": _float, "max_sequence_length": _int,  # Flux.1: dev's distilled guidance, T5 tokens per prompt
 }
 # fields of the job's InpaintOptions (a line with any of them is inpainting; `mask` needs `init_image`)
 INPAINT_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -208,7 +209,6 @@ BATCH_KEYS: dict[str, str | None] = {
     "output": None, "outdir": None, "fmt": None, "skip_save": None, "skip_grid": None, "n_rows": None, "report_json": None,
     "preview_every": None,  # live previews: the CLI writes files; the server shows them (VAE-approx/)
     **{target: name for name, (target, _) in INPAINT_FIELDS.items()},
-    "guidance": None, "max_sequence_length": None,  # Flux.1 fields: the CLI and the library for now
 }  # fmt: skip
 
 

@@ -36,6 +36,7 @@ DEFAULT_CACHE = Path("~/.cache/optimized-sd/bench")
 MODELS = ("sd15", "sd2", "sdxl", "tiny", "tiny-sd2", "tiny-sdxl")
 FAMILY_MODELS = {"sd15": ("sd15", "tiny"), "sd2": ("sd2", "tiny-sd2"), "sdxl": ("sdxl", "tiny-sdxl")}
 """`--family` -> (full-size model, tiny model of that family)."""
+FLUX_MODEL = "flux-dev"  # Flux.1 dev in BFL + separate files (`flux_model`), for the scripts that run it by name
 RANGE_CHECK_MAX_BYTES = 4 * 2**30  # the fp32 forward-pass range check builds the whole model: skipped above this
 
 
@@ -53,6 +54,8 @@ class CachedModel:
     diffusers_config: Path
     built: bool  # written by this call (False: reused)
     seconds: float = 0.0
+    parts: tuple[Path, ...] = ()  # Flux: the text encoders' and the VAE's files beside the transformer (`checkpoint`)
+    t5_tokenizer: Path | None = None
 
 
 def tiny_family_configs():  # -> dict[str, ModelConfig]
@@ -409,10 +412,14 @@ def write_diffusers_config(folder: Path, config) -> Path:
 
 
 def ensure_model(cache_dir: Path | str | None = None, name: str = "sd15", seed: int = 0) -> CachedModel:
-    """The cached benchmark model `name` (one of MODELS), built when missing or invalid. Raises UserError
-    when the cache folder lacks room for it."""
+    """The cached benchmark model `name` (one of MODELS, or `flux-dev`: `flux_model`), built when missing or
+    invalid. Raises UserError when the cache folder lacks room for it."""
     import time
 
+    if name == FLUX_MODEL:
+        from optimized_sd.benchmark.flux_model import ensure_flux_model
+
+        return ensure_flux_model((Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / f"{name}-seed{seed}", seed)
     config = model_config(name)
     folder = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / f"{name}-seed{seed}"
     checkpoint = folder / f"{name}-random-fp16.safetensors"

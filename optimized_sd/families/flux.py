@@ -73,17 +73,33 @@ def is_flux_transformer(guidance: bool):
     return detect
 
 
-def flux_units(transformer: nn.Module) -> list[tuple[str, ...]]:
-    """The transformer's streamed units in call order. First, run once per sampling run (`precompute_modulation`):
-    the t/guidance/text embedders and every adaLN linear. Then per step: the input projections, each block
-    without its adaLN (first module to last as `forward_modulated` calls them), the final norm and projection."""
+def hoisted_units(transformer: nn.Module) -> list[tuple[str, ...]]:
+    """The units run once per sampling run (`precompute_modulation`), in its call order: the t/guidance/text
+    embedders, then each block's adaLN linears, a block at a time: together they are 3.2B weights (6.5 GB in
+    bf16), which `stream` must not fetch at once."""
     config = transformer.config
     embedders = ("time_in", *(("guidance_in",) if config.guidance_embed else ()), "vector_in")
-    hoisted = embedders + tuple(transformer.modulation_modules())
+    return [
+        embedders,
+        *((f"double_blocks.{i}.img_mod", f"double_blocks.{i}.txt_mod") for i in range(config.depth)),
+        *((f"single_blocks.{i}.modulation",) for i in range(config.depth_single_blocks)),
+        ("final_layer.adaLN_modulation",),
+    ]
+
+
+def hoisted_count(transformer: nn.Module) -> int:
+    return len(hoisted_units(transformer))
+
+
+def flux_units(transformer: nn.Module) -> list[tuple[str, ...]]:
+    """The transformer's streamed units in call order: first the `hoisted_units`, then per step: the input
+    projections, each block without its adaLN (first module to last as `forward_modulated` calls them), the
+    final norm and projection."""
+    config = transformer.config
     double = ("img_norm1", "img_attn", "img_norm2", "img_mlp", "txt_norm1", "txt_attn", "txt_norm2", "txt_mlp")
     single = ("pre_norm", "linear1", "norm", "linear2")
     return [
-        hoisted,
+        *hoisted_units(transformer),
         ("img_in", "txt_in"),
         *(tuple(f"double_blocks.{i}.{name}" for name in double) for i in range(config.depth)),
         *(tuple(f"single_blocks.{i}.{name}" for name in single) for i in range(config.depth_single_blocks)),
@@ -278,7 +294,7 @@ UNITS = Units(
     vae_decoder=("first_stage_model.decoder",),
     text_root=TEXT_ROOT,
     denoiser_units=flux_units,
-    hoisted=1,
+    hoisted=hoisted_count,
 )
 TOWERS = (
     TextTower("clip", "text_encoders.clip_l.transformer.", "text_encoder", "tokenizer"),

@@ -77,9 +77,14 @@ class Units:
     vae_decoder: tuple[str, ...] = ("first_stage_model.post_quant_conv", "first_stage_model.decoder")
     text_root: str = "cond_stage_model"
     # A denoiser that is not a UNet of named blocks: its streamed units (tuples of paths under `denoiser`, each
-    # run first module to last) in call order; the first `hoisted` run once per sampling run, not per step.
+    # run first module to last) in call order; the first `hoisted` run once per sampling run, not per step
+    # (a count, or a function of the denoiser when the count follows its depth).
     denoiser_units: Callable[[Any], list[tuple[str, ...]]] | None = None
-    hoisted: int = 0
+    hoisted: int | Callable[[Any], int] = 0
+
+    def hoisted_units(self, denoiser: Any) -> int:
+        """How many of `denoiser_units(denoiser)` run once per sampling run."""
+        return self.hoisted(denoiser) if callable(self.hoisted) else self.hoisted
 
 
 @dataclass(frozen=True)

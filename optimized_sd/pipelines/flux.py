@@ -74,6 +74,15 @@ class FluxDiffusion(StableDiffusion):
 
     hoist_modulation = True  # precompute each run's adaLN outputs (False: per call, as the plain forward does)
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # On the RAM-lean CPU path every tensor over 128 KiB of the sampling gets its own mapping, given back when
+        # freed: reusing freed heap blocks instead (SD's choice) left full-size Flux.1 dev's first `stream` step
+        # holding 4.5 GB of freed-but-kept heap beside 1 GB in use (the blocks' first loads split the free
+        # blocks, so the next block's tensors did not fit them); the page faults this costs are a few ms of a
+        # block's seconds.
+        self.memory.reuse_heap_in_sampling = False
+
     def setup_text(self, tokenizers: tuple[Path, ...]) -> None:
         by_kind: dict[str, Path] = {}
         for folder in tokenizers:

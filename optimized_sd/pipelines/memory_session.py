@@ -112,6 +112,9 @@ class MemorySession:
         self.engine: OffloadEngine | None = None
         self.placed: tuple[str, str] | None = None  # (mode, host storage) the engine was built for
         self.heap: LeanHeap | None = None
+        # The sampling stage keeps freed heap blocks for the next step's same-sized tensors (`LeanHeap`); a pipeline
+        # whose first step must already stay lean sets False (Flux: its blocks' first loads pin the holes).
+        self.reuse_heap_in_sampling = True
         self.plan: Plan | None = None
         self.tensor_hook: TensorHook | None = None
         self.last_reason = ""
@@ -318,7 +321,8 @@ class MemorySession:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[StageRecord]:
         assert self.engine is not None
-        heap = self.heap.phase(repeated=name == SAMPLING_STAGE) if self.heap is not None else contextlib.nullcontext()
+        repeated = name == SAMPLING_STAGE and self.reuse_heap_in_sampling
+        heap = self.heap.phase(repeated=repeated) if self.heap is not None else contextlib.nullcontext()
         with use_attention(self.attention), use_run_options(self.run_options()), torch.inference_mode():
             with self.meter.stage(self.stage_prefix + name) as record, heap, self.engine.stage(), self.component_stages():
                 yield record

@@ -129,7 +129,7 @@ def unet_halves(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
             if running * 2 >= total:
                 cut = index + 1
                 break
-        cut = min(max(cut, paths.hoisted + 1), len(listed) - 1)
+        cut = min(max(cut, paths.hoisted_units(model.get_submodule(paths.denoiser)) + 1), len(listed) - 1)
         return tuple(p for unit in listed[:cut] for p in unit), tuple(p for unit in listed[cut:] for p in unit)
     blocks = unet_blocks(model)
     cut = blocks.index(f"{paths.denoiser}.middle_block") + 1
@@ -157,7 +157,8 @@ def group_specs(row: MemoryMode, model: nn.Module, unit_params: int | None = Non
     streamed_units = stream_units(model, unit_params)
     names = [f"unet.{unit[0][len(paths.denoiser) + 1 :]}" for unit in streamed_units]
     # after the last unit the next step starts again; units hoisted out of the steps are not fetched for it
-    following = [*names[1:], names[min(paths.hoisted, len(names) - 1)]]
+    hoisted = paths.hoisted_units(model.get_submodule(paths.denoiser)) if paths.denoiser_units else 0
+    following = [*names[1:], names[min(hoisted, len(names) - 1)]]
     return stage_groups + [
         GroupSpec(name, unit, release, prefetch_next=after) for name, unit, after in zip(names, streamed_units, following)
     ]

@@ -85,6 +85,7 @@ class Txt2ImgRequest(BaseModel):
     save_images: bool = False
     refiner_checkpoint: str | None = None  # an SDXL refiner from the server's model list
     refiner_switch_at: float | None = None  # the share of the denoising the base runs (DEFAULT_REFINER_SWITCH when None)
+    distilled_cfg_scale: float | None = None  # Forge's: Flux.1 dev's distilled guidance (None: the model's default, 3.5)
     # hires fix (with enable_hr; ignored without it, as AUTOMATIC1111)
     denoising_strength: float | None = None  # DEFAULT_HR_STRENGTH when None
     hr_scale: float = DEFAULT_HR_SCALE
@@ -194,6 +195,7 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
         batch_size=request.batch_size,
         n_iter=request.n_iter,
         eta=eta,
+        guidance=request.distilled_cfg_scale,
     )
     if request.refiner_checkpoint and request.refiner_checkpoint.strip().lower() != "none":
         refiner = service.backend.catalog.find(request.refiner_checkpoint)

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from optimized_sd.errors import FieldError, Interrupted, UserError
+from optimized_sd.families.flux import FLUX_DEV
 from optimized_sd.memory.planner import MODES, parse_bytes
 from optimized_sd.pipelines.controlnet import ControlNetSpec
 from optimized_sd.pipelines.defaults import DEFAULT_REFINER_SWITCH, DEFAULT_STRENGTH
@@ -56,7 +57,8 @@ API_FIELDS: dict[str, str | None] = {
     "hires": "enable_hr", "hr_scale": "hr_scale", "hr_resize": "hr_resize_x", "hr_upscaler": "hr_upscaler",
     "hr_steps": "hr_second_pass_steps", "hr_strength": "denoising_strength", "hr_sampler": "hr_sampler_name", "hr_prompt": "hr_prompt",
     "hr_negative_prompt": "hr_negative_prompt",
-    "guidance": None, "max_sequence_length": None,  # Flux.1 fields: the CLI and the library for now
+    "guidance": "distilled_cfg_scale",  # Forge's name for Flux.1 dev's distilled guidance
+    "max_sequence_length": None,  # Forge has no field for it: the CLI, batch lines and the library
 }  # fmt: skip
 
 
@@ -97,6 +99,7 @@ class GenerationSpec:
     vram_budget: str | None = None  # None: the server's --vram-budget
     hires: HiresFix | None = None  # txt2img: AUTOMATIC1111's hires fix (enable_hr and its hr_* fields)
     controlnets: tuple[ControlNetSpec, ...] = ()  # files from the catalog's ControlNet/ folder, never a request's path
+    guidance: float | None = None  # Forge's distilled_cfg_scale (Flux.1 dev; None: its default, 3.5)
 
     @property
     def task(self) -> str:
@@ -240,6 +243,7 @@ def spec_job(spec: GenerationSpec, init_image: Image.Image | None, inpaint: Inpa
         refiner=spec.refiner,
         refiner_switch=spec.refiner_switch,
         controlnets=spec.controlnets,
+        guidance=spec.guidance,
         **(spec.hires.job_fields() if spec.hires is not None else {}),
         output=OutputPolicy(Path("."), skip_save=True, skip_grid=True),  # the front ends send the PNGs
     )
@@ -269,6 +273,12 @@ class Backend:
         if old is not None:
             old.close()
         log.info("model %s loaded", entry.title)
+
+    @property
+    def distilled_guidance(self) -> bool:
+        """Whether the loaded model takes a distilled guidance value (Flux.1 dev: Forge's "Distilled CFG scale")."""
+        pipe = self.pipe
+        return pipe is not None and pipe.config.family == FLUX_DEV
 
     def preview(self, latents: Tensor) -> Image.Image:
         """A running job's latents as a picture: a TAESD from `VAE-approx/` for the loaded family, else the projection."""

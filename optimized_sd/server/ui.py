@@ -19,6 +19,7 @@ import gradio as gr
 from PIL import Image, ImageChops
 
 from optimized_sd.errors import FieldError, UserError
+from optimized_sd.families.flux import GUIDANCE_DEFAULT
 from optimized_sd.pipelines.controlnet import MODE_NAMES, ControlNetSpec
 from optimized_sd.pipelines.defaults import (
     DEFAULT_HR_SCALE,
@@ -61,7 +62,8 @@ UI_CONTROLS: dict[str, str | None] = {
     "outpaint": None, "masked_content": "Masked content",
     "hires": "Hires fix", "hr_scale": "Upscale by", "hr_upscaler": "Upscaler", "hr_steps": "Hires steps",
     "hr_strength": "Hires denoising strength", "hr_resize": None, "hr_sampler": None, "hr_prompt": None, "hr_negative_prompt": None,
-    "guidance": None, "max_sequence_length": None,  # Flux.1 fields: the CLI and the library for now
+    "guidance": "Distilled CFG scale",  # Forge's control, shown for Flux.1 dev
+    "max_sequence_length": None,  # Forge has no control for it: the CLI, batch lines and the library
 }  # fmt: skip
 
 
@@ -207,6 +209,7 @@ class TaskForm:
     control_end: gr.Slider | None = None
     control_mode: gr.Radio | None = None
     control_preprocessor: gr.Dropdown | None = None
+    distilled_cfg_scale: gr.Slider | None = None  # Flux.1 dev's distilled guidance (shown while dev is loaded)
 
     def names(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -221,6 +224,7 @@ class WebUI:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.session_jobs: dict[str, Job] = {}  # browser session -> its job while it runs (removed after)
+        self.distilled_sliders: list[gr.Slider] = []  # each tab's "Distilled CFG scale", shown for Flux.1 dev only
 
     def build(self) -> gr.Blocks:
         with gr.Blocks(title="optimized-sd", analytics_enabled=False, delete_cache=(1800, 3600)) as blocks:
@@ -231,6 +235,7 @@ class WebUI:
                 for task in TASKS:
                     with gr.Tab(task, id=task, elem_id=f"tab-{task}"):
                         self.task_tab(task)
+            self.switched.then(self.distilled_visibility, outputs=self.distilled_sliders, queue=False)
         return blocks
 
     # -- layout ------------------------------------------------------------------------------------
@@ -245,7 +250,7 @@ class WebUI:
             scale=2,
         )
         note = gr.HTML(elem_id="model-error")
-        picker.change(self.switch_model, inputs=[picker], outputs=[note], concurrency_limit=None)
+        self.switched = picker.change(self.switch_model, inputs=[picker], outputs=[note], concurrency_limit=None)
 
     def task_tab(self, task: str) -> None:
         with gr.Row():
@@ -273,6 +278,9 @@ class WebUI:
                 with gr.Row():
                     steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id=f"{task}-steps")
                     cfg_scale = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale", elem_id=f"{task}-cfg")
+                    distilled = gr.Slider(0.0, 30.0, value=GUIDANCE_DEFAULT, step=0.1, label=UI_CONTROLS["guidance"],
+                                          visible=self.service.backend.distilled_guidance, elem_id=f"{task}-distilled-cfg")  # fmt: skip
+                    self.distilled_sliders.append(distilled)
                 with gr.Row(equal_height=True):
                     seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{task}-seed", scale=3)
                     random_seed = gr.Button("random", elem_id=f"{task}-seed-random", scale=1, min_width=80)
@@ -342,6 +350,7 @@ class WebUI:
             refiner_switch=refiner_switch,
             image=image,
             strength=strength,
+            distilled_cfg_scale=distilled,
             **inpaint_fields,
             **hires_fields,
             **control_fields,
@@ -422,9 +431,10 @@ class WebUI:
 
     # -- handlers ----------------------------------------------------------------------------------
     @staticmethod
-    def spec_from(task: str, values: dict[str, Any], catalog: ModelCatalog | None = None) -> GenerationSpec:
+    def spec_from(task: str, values: dict[str, Any], catalog: ModelCatalog | None = None, distilled: bool = False) -> GenerationSpec:
         """A tab's values by TaskForm field name -> the spec (UserError for what is missing); a refiner is
-        named by its title in `catalog`, the server's model list."""
+        named by its title in `catalog`, the server's model list; the distilled CFG scale is sent when
+        `distilled` (the loaded model takes it: its slider is shown)."""
         init_image = mask = None
         invert = bool(values.get("invert_mask"))
         if task == "img2img":
@@ -467,12 +477,14 @@ class WebUI:
             hires=HiresFix(float(values["hr_scale"]), None, values["hr_upscaler"], int(values["hr_steps"]), float(values["hr_strength"]))
             if values.get("enable_hr") else None,
             controlnets=control_units(values, catalog, init_image),
+            guidance=float(values["distilled_cfg_scale"]) if distilled and values.get("distilled_cfg_scale") is not None else None,
         )
 
     def generate(self, task: str, values: dict[str, Any], request: gr.Request, outputs: list) -> Iterator[dict]:
         status, error, preview, gallery, parameters, report, last_seed, infotexts = outputs
         try:
-            job = self.service.submit_generation(self.spec_from(task, values, self.service.backend.catalog))
+            backend = self.service.backend
+            job = self.service.submit_generation(self.spec_from(task, values, backend.catalog, backend.distilled_guidance))
         except UserError as mistake:
             yield {status: progress_html(0.0, "not started", "error"), error: error_html(said(mistake))}
             return
@@ -535,6 +547,10 @@ class WebUI:
         job = self.session_jobs.get(request.session_hash) if request is not None else None
         if job is not None:
             self.service.queue.cancel(job)
+
+    def distilled_visibility(self) -> list[dict]:
+        """After a model switch: the distilled CFG sliders shown when the model now loaded takes the value."""
+        return [gr.update(visible=self.service.backend.distilled_guidance) for _ in self.distilled_sliders]
 
     def switch_model(self, title: str | None) -> str:
         if not title:

@@ -40,15 +40,15 @@ def models_dir(tiny_model, tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(models_dir: Path, tokenizer: Path) -> Iterator[ServerUnderTest]:
-    """A server over the models in `models_dir` (the first one loaded), stopped on exit."""
+def running_server(models_dir: Path, tokenizer, **load_options) -> Iterator[ServerUnderTest]:
+    """A server over the models in `models_dir` (the first one loaded; more LoadOptions in `load_options`), stopped on exit."""
     from optimized_sd.server.app import RunningServer, create_app
     from optimized_sd.server.backend import Backend, LoadOptions
     from optimized_sd.server.catalog import ModelCatalog
     from optimized_sd.server.service import Service
 
     catalog = ModelCatalog(models_dir)
-    backend = Backend(catalog, LoadOptions(device="cpu", tokenizer=tokenizer))
+    backend = Backend(catalog, LoadOptions(device="cpu", tokenizer=tokenizer, **load_options))
     backend.load(catalog.default())
     service = Service(backend, limits=LIMITS)
     running = RunningServer(create_app(service), "127.0.0.1", 0).start()
