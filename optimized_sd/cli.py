@@ -59,12 +59,14 @@ LOAD_FLAGS: dict[str, str | None] = {
     "weights": "--weights", "int8_matmul": None, "channels_last": None, "text_encoders": "--text-encoder",
     "preview_decoder": None,  # the generate commands' --preview/--preview-decoder/--vae choose it (`preview_decoder_path`)
 }  # fmt: skip
+# LoadOptions fields the generate commands derive from a flag of another name (not set by `load_options`).
+DERIVED_FLAGS = {"preview_decoder": "--preview-decoder"}
 LOADING = LoadOptions()  # the defaults the load flags show
 
 
 def flag_words(error: FieldError) -> str:
     """A FieldError said with the flag of its field (as the library said it when no flag sets the field)."""
-    flag = CLI_FLAGS.get(error.field) or LOAD_FLAGS.get(error.field)
+    flag = CLI_FLAGS.get(error.field) or LOAD_FLAGS.get(error.field) or DERIVED_FLAGS.get(error.field)
     return error.named(flag) if flag else str(error)
 
 

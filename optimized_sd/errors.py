@@ -33,6 +33,11 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be read, is unsafe, or is not a supported Stable Diffusion model."""
 
 
+class CheckpointFieldError(FieldError, CheckpointError):
+    """A load field whose file does not fit the checkpoint (a VAE, EMA weights that are not there): callers
+    that handle checkpoint errors still do, and the front ends name the field."""
+
+
 class UnsupportedModelError(CheckpointError):
     """A recognised model family that this version does not run yet (SD 2.x, SDXL, depth, upscalers)."""
 

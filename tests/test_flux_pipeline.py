@@ -251,7 +251,7 @@ def test_wrong_files_are_one_line_errors(dev):
     tokenizers = (dev.clip_tokenizer, dev.t5_tokenizer)
     with pytest.raises(UserError, match="holds a T5 text encoder, not a Flux transformer; give it with --text-encoder"):
         load(dev.files["t5"], tokenizer=tokenizers, device="cpu")
-    with pytest.raises(UserError, match="--text-encoder .* holds a Flux transformer; give it with --ckpt"):
+    with pytest.raises(UserError, match="text_encoders .* holds a Flux transformer; give it as the checkpoint"):
         load(dev.files["transformer"], vae=dev.files["vae"], text_encoders=(dev.files["transformer"],), device="cpu")
     with pytest.raises(UserError, match="needs a T5 text encoder, .* give it with --text-encoder"):
         load(dev.files["transformer"], vae=dev.files["vae"], text_encoders=(dev.files["clip"],), tokenizer=tokenizers, device="cpu")

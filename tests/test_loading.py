@@ -33,7 +33,7 @@ def test_ema_weights_are_used_only_when_asked(tensors, tmp_path):
 
 
 def test_ema_requested_without_ema_weights(tiny_model):
-    with pytest.raises(CheckpointError, match="--ema: this checkpoint has no EMA weights"):
+    with pytest.raises(CheckpointError, match="ema finds no EMA weights in this checkpoint"):
         prepare_model(tiny_model.safetensors, ema=True)
 
 

@@ -180,7 +180,7 @@ def test_lora_names_options_and_hashes(tmp_path: Path) -> None:
     assert find_lora("watercolor", folder).name == "WaterColor.safetensors"
     with pytest.raises(UserError, match=r"<lora:watercolour>: no watercolour.safetensors/.pt/.ckpt in .*; nearest: WaterColor"):
         find_lora("watercolour", folder)
-    with pytest.raises(UserError, match="no LoRA files"):
+    with pytest.raises(UserError, match="holds no LoRA files"):
         find_lora("x", tmp_path / "empty")
     assert parse_lora_option("a/b.safetensors:0.6") == (Path("a/b.safetensors"), 0.6)
     assert parse_lora_option("b.safetensors") == (Path("b.safetensors"), 1.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from optimized_sd.errors import CheckpointError, UserError
+from optimized_sd.errors import CheckpointError, FieldError, UserError
 from optimized_sd.families.registry import (
     Defaults,
     FamilyRecord,
@@ -221,7 +221,7 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
             flag = "--vae" if info.parts == ("vae",) else "--text-encoder"
             raise UserError(f"--ckpt {given} holds a {held}, not a Flux transformer; give it with {flag}")
         if vae is not None and given == Path(vae) and "vae" not in info.parts:
-            raise UserError(f"--vae {given} holds no VAE ({', '.join(PART_WORDS[p] for p in info.parts)})")
+            raise FieldError.about("vae", f"{given} holds no VAE ({', '.join(PART_WORDS[p] for p in info.parts)})")
     for part in ("clip_l", "t5", "vae"):
         if part not in parts:
             raise UserError(
@@ -253,16 +253,16 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
 
 
 def refuse_transformer(path: Path) -> None:
-    """A `--text-encoder` file holding a Flux transformer is a one-line error naming --ckpt."""
+    """A `--text-encoder` file holding a Flux transformer is a one-line error saying it is the checkpoint."""
     from optimized_sd.weights.flux_keys import identify_flux
     from optimized_sd.weights.loading import open_weight_file
 
     if not path.is_file():
-        raise UserError(f"--text-encoder {path}: no such file")
+        raise FieldError.about("text_encoders", f"{path}: no such file")
     source = open_weight_file(path)
     try:
         if identify_flux(source.shapes(), str(path)).transformer is not None:
-            raise UserError(f"--text-encoder {path} holds a Flux transformer; give it with --ckpt")
+            raise FieldError.about("text_encoders", f"{path} holds a Flux transformer; give it as the checkpoint")
     finally:
         source.close()
 

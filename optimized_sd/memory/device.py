@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 from optimized_sd.memory.precision import compute_dtype_name
 
 
@@ -30,12 +30,12 @@ def resolve_device(name: str | None) -> torch.device:
         raise UserError(f"unknown device {name!r}; use cuda, cuda:N, cpu or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+            raise FieldError.about("device", f"{name}: CUDA is not available on this machine (use the cpu device)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise FieldError.about("device", f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise UserError(f"--device {name}: MPS is not available on this machine")
+            raise FieldError.about("device", f"{name}: MPS is not available on this machine")
     elif device.type != "cpu":
         raise UserError(f"unknown device {name!r}; use cuda, cuda:N, cpu or mps")
     return device

@@ -3,7 +3,7 @@ torch) checks the same names the pipeline and the worker use."""
 
 from __future__ import annotations
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 
 PRECISIONS = ("autocast", "full", "fp16", "bf16")
 NAMED = {"full": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -18,5 +18,5 @@ def compute_dtype_name(device_type: str, precision: str) -> str:
     if precision not in NAMED:
         raise UserError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     if device_type == "cpu" and NAMED[precision] == "float16":
-        raise UserError("fp16 does not run on the CPU; use --precision full (fp32) or bf16")
+        raise FieldError.about("precision", "fp16 does not run on the CPU; use full (fp32) or bf16")
     return NAMED[precision]

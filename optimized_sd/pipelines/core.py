@@ -281,7 +281,8 @@ def denoise(
             if not is_out_of_memory(error):
                 raise
             which = "the refiner" if relay.taken else "the base"
-            raise UserError(f"out of memory sampling with {which} beside a refiner; lower --H/--W or use --memory stream") from None
+            advice = "lower the image size or use the stream memory mode"
+            raise UserError(f"out of memory sampling with {which} beside a refiner; {advice}") from None
 
 
 # -- latents -> images --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from optimized_sd.attention import check_backend
 from optimized_sd.config import FAMILY_NAMES, ModelConfig
-from optimized_sd.errors import CheckpointError, UserError
+from optimized_sd.errors import CheckpointError, FieldError, UserError
 from optimized_sd.families import claiming
 from optimized_sd.memory.device import compute_dtype, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
@@ -130,7 +130,7 @@ class StableDiffusion:
     def setup_text(self, tokenizers: tuple[Path, ...]) -> None:
         """The tokenizers (`--tokenizer`: one folder serves every SD tower) and the prompt encoder."""
         if len(tokenizers) > 1:
-            raise UserError(f"--tokenizer: {self.config.family_name} takes one tokenizer folder, not {len(tokenizers)}")
+            raise FieldError.about("tokenizer", f"gives {len(tokenizers)} folders; {self.config.family_name} takes one")
         folder = self.loaded.checkpoint.path if self.loaded.checkpoint.path.is_dir() else None
         towers = load_tower_tokenizers(self.config, folder, tokenizers[0] if tokenizers else None)
         self.tokenizer: PromptTokenizer = towers[0]
@@ -252,14 +252,16 @@ class StableDiffusion:
         path = Path(path)
         refiner_family = self.config.record.refiner  # the family that may take over this one's sampling
         if refiner_family is None:
-            raise UserError(f"--refiner runs after an SDXL base model; {self.loaded.checkpoint.name} is an {self.config.family_name} model")
+            raise FieldError.about(
+                "refiner", f"runs after an SDXL base model; {self.loaded.checkpoint.name} is an {self.config.family_name} model"
+            )
         if self.refiner is not None and self.refiner.loaded.checkpoint.path == path:
             return self.refiner
         self.close_refiner()
         family = checkpoint_family(path, "--refiner")
         if family != refiner_family:
             wanted = FAMILY_NAMES.get(refiner_family, refiner_family)
-            raise UserError(f"--refiner {path} is an {FAMILY_NAMES.get(family, family)} model, not an {wanted}")
+            raise FieldError.about("refiner", f"{path} is an {FAMILY_NAMES.get(family, family)} model, not an {wanted}")
         options = dict(self.load_options)
         base_tokenizer = self.loaded.checkpoint.path / "tokenizer_2"
         if not options["tokenizer"] and path.is_file() and base_tokenizer.is_dir():
@@ -425,12 +427,15 @@ def load(
     own = claiming(Path(checkpoint))  # a family with its own files and pipeline class (Flux)
     if own is not None:
         assert own.loader is not None
-        if config is not None or ema or preview_decoder is not None or prediction not in ("auto", None):
-            raise UserError(f"--config, --ema, --prediction and --preview-decoder do not apply to {own.display_name}")
+        given = {"config": config is not None, "ema": ema, "prediction": prediction not in ("auto", None),
+                 "preview_decoder": preview_decoder is not None}  # fmt: skip
+        refused = [name for name, is_given in given.items() if is_given]
+        if refused:
+            raise FieldError.about(refused[0], f"does not apply to {own.display_name}")
         loaded = own.loader.prepare(checkpoint, text_encoders, vae)
         return own.loader.pipeline(loaded, **options)
     if text_encoders:
-        raise UserError("--text-encoder gives the text towers of a Flux model; this checkpoint holds its own")
+        raise FieldError.about("text_encoders", "gives the text towers of a Flux model; this checkpoint holds its own")
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
     fast = open_taesd(vae, "--vae") if vae is not None and is_taesd(vae) else None

@@ -44,7 +44,7 @@ def tokenizer_kind(folder: Path) -> str:
         kind = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["type"]
     except (OSError, ValueError, KeyError, TypeError):
         words = f"holds neither a CLIP tokenizer (vocab.json, merges.txt) nor a T5 one ({TOKENIZER_FILES})"
-        raise UserError(f"--tokenizer {folder} {words}") from None
+        raise FieldError.about("tokenizer", f"{folder} {words}") from None
     return "t5" if kind == "Unigram" else "clip"
 
 
@@ -88,7 +88,7 @@ class FluxDiffusion(StableDiffusion):
         for folder in tokenizers:
             kind = tokenizer_kind(folder)
             if kind in by_kind:
-                raise UserError(f"--tokenizer {by_kind[kind]} and {folder} are both {kind.upper()} tokenizers; give one of each")
+                raise FieldError.about("tokenizer", f"{by_kind[kind]} and {folder} are both {kind.upper()} tokenizers; give one of each")
             by_kind[kind] = folder
         root = self.loaded.checkpoint.path if self.loaded.checkpoint.path.is_dir() else None
         for kind, sub in (("clip", "tokenizer"), ("t5", "tokenizer_2")):

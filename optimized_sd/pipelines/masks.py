@@ -63,7 +63,7 @@ def fit_mask(mask: Image.Image, size: tuple[int, int], invert: bool = False) -> 
 def check_mask(mask: Image.Image) -> None:
     """A mask with no white pixel repaints nothing: say so rather than return the image unchanged."""
     if mask.getextrema()[1] == 0:
-        raise UserError("the mask is all black: nothing to repaint (white marks what is repainted; --invert-mask swaps them)")
+        raise UserError("the mask is all black: nothing to repaint (white marks what is repainted; inverting the mask swaps them)")
 
 
 def blur_mask(mask: Image.Image, radius: float) -> Image.Image:

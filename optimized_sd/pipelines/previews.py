@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 from optimized_sd.families import registry
 from optimized_sd.families.names import SD1
 from optimized_sd.families.registry import LatentFormat
@@ -64,7 +64,7 @@ def preview_decoder_path(method: str | None, decoder: Path | None, vae: Path | N
     if method is not None and method not in PREVIEW_METHODS:
         raise UserError(f"unknown --preview {method!r}; use {' or '.join(PREVIEW_METHODS)}")
     if every < 0:
-        raise UserError(f"--preview-every {every} must be 0 (no previews) or more")
+        raise FieldError.about("preview_every", f"{every} must be 0 (no previews) or more")
     if method == "latent" and decoder is not None:
         raise UserError("--preview latent uses no decoder; drop --preview-decoder or use --preview taesd")
     if method == "latent" or every == 0:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError
 from optimized_sd.models.ops import SCALE, WeightOp, quantize
 from optimized_sd.pipelines.placement import UNET, text_root
 from optimized_sd.weights.sources import TensorSource
@@ -50,15 +50,15 @@ def keeps_compute_dtype(path: str) -> str | None:
 def check_weight_kind(kind: str | None) -> None:
     """A `--weights` value is a known kind (or None: the compute dtype), before anything is loaded."""
     if kind is not None and kind not in WEIGHT_KINDS:
-        raise UserError(f"unknown --weights {kind!r}; use {', '.join(WEIGHT_KINDS)}")
+        raise FieldError.about("weights", f"{kind!r} is unknown; use {', '.join(WEIGHT_KINDS)}")
 
 
 def storage_dtype(kind: str, device_type: str) -> torch.dtype:
-    """The torch dtype of a `--weights` kind, checked for this device (a UserError otherwise)."""
+    """The torch dtype of a `--weights` kind, checked for this device (a FieldError otherwise)."""
     check_weight_kind(kind)
     dtype = STORAGE_DTYPES[kind]
     if dtype is None or (kind == "fp8" and device_type == "mps"):
-        raise UserError("--weights fp8 needs torch.float8_e4m3fn, which this torch build or device lacks; use --weights int8")
+        raise FieldError.about("weights", "fp8 needs torch.float8_e4m3fn, which this torch build or device lacks; use int8")
     return dtype
 
 

@@ -16,7 +16,7 @@ from optimized_sd.config import (
     UNetConfig,
     VAEConfig,
 )
-from optimized_sd.errors import CheckpointError
+from optimized_sd.errors import CheckpointFieldError
 from optimized_sd.families import registry
 from optimized_sd.families.registry import FamilyRecord
 from optimized_sd.weights.family import (
@@ -178,7 +178,9 @@ def infer_from_towers(shapes: Shapes, record: FamilyRecord) -> ModelConfig:
             else:
                 open_clip = infer_open_clip(shapes, tower.prefix, tower.penultimate)
     except (KeyError, IndexError, ZeroDivisionError) as error:
-        raise CheckpointError(f"cannot read the model's layout from its tensors (missing {error}); pass --config") from None
+        raise CheckpointFieldError.about(
+            "config", f"is needed: cannot read the model's layout from its tensors (missing {error})"
+        ) from None
     check_label_width(record.name, unet.adm_in_channels, open_clip.projection_dim if open_clip is not None else None)
     return ModelConfig(
         unet=unet, vae=vae, text=text, open_clip=open_clip, scale_factor=record.latent.scale_factor, family=record.family_id

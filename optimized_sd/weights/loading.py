@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from optimized_sd.config import FAMILY_NAMES, ModelConfig
-from optimized_sd.errors import CheckpointError
+from optimized_sd.errors import CheckpointError, CheckpointFieldError
 from optimized_sd.tensor_swap import set_tensor
 from optimized_sd.weights.ckpt import load_ckpt, looks_like_safetensors, state_dict_from_ckpt
 from optimized_sd.weights.diffusers_folder import (
@@ -131,7 +131,7 @@ def ema_source(source: TensorSource) -> TensorSource:
             continue
         names[key] = ema_key(key)
         if names[key] not in present:
-            raise CheckpointError("--ema: this checkpoint has no EMA weights (no model_ema.* keys for the UNet)")
+            raise CheckpointFieldError.about("ema", "finds no EMA weights in this checkpoint (no model_ema.* keys for the UNet)")
     return RenamedSource(source, names)
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from optimized_sd.config import FAMILY_NAMES, MAX_LORA_WEIGHT, ModelConfig, check_lora_weight
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 from optimized_sd.families.registry import FamilyView, LoraKeys
 
 from .ckpt import load_ckpt, state_dict_from_ckpt
@@ -488,7 +488,7 @@ def find_lora(name: str, folder: Path) -> Path:
     if name.lower() in lowered:
         return found[lowered[name.lower()]]
     if not found:
-        raise UserError(f"<lora:{name}>: no LoRA files in {folder} (set --lora-dir)")
+        raise UserError(f"<lora:{name}>: the LoRA folder {folder} holds no LoRA files")
     nearest = difflib.get_close_matches(name, list(found), n=3, cutoff=0.0)
     raise UserError(f"<lora:{name}>: no {name}.safetensors/.pt/.ckpt in {folder}; nearest: {', '.join(nearest)}")
 
@@ -501,7 +501,7 @@ def parse_lora_option(text: str) -> tuple[Path, float]:
         try:
             float(tail)
         except ValueError:
-            raise UserError(f"--lora {text}: the weight {tail!r} is not a number (write FILE or FILE:WEIGHT)") from None
+            raise FieldError.about("loras", f"{text}: the weight {tail!r} is not a number (write FILE or FILE:WEIGHT)") from None
         path, weight = head, check_lora_weight(tail, f"--lora {text}")
     return Path(path), weight
 
@@ -526,7 +526,7 @@ class LoraSet:
         try:
             stat = resolved.stat()
         except OSError:
-            raise UserError(f"--lora: {path}: no such file") from None
+            raise FieldError.about("loras", f"{path}: no such file") from None
         key = (resolved, stat.st_size, stat.st_mtime_ns)
         if key not in self._read:
             self._read[key] = read_lora(Path(path), self.config, self.model_shapes)

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError
 from optimized_sd.families import registry
 
 log = logging.getLogger("optimized_sd")
@@ -59,7 +59,7 @@ def resolve_prediction(
 ) -> tuple[str, str]:
     """(prediction_type, why) for `--prediction requested` ("auto", "eps" or "v")."""
     if requested not in CHOICES:
-        raise UserError(f"--prediction {requested!r}: choose one of {', '.join(CHOICES)}")
+        raise FieldError.about("prediction", f"{requested!r}: choose one of {', '.join(CHOICES)}")
     if requested != "auto":
         record = registry.find(family)
         if requested == "v" and not (record is not None and record.v_capable):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimized_sd.config import VAEConfig
-from optimized_sd.errors import CheckpointError
+from optimized_sd.errors import CheckpointFieldError
 from optimized_sd.weights.family import VAE_PREFIX, known_extra_key
 from optimized_sd.weights.infer import indices
 from optimized_sd.weights.keymap import rename, vae_prefixes
@@ -49,7 +49,7 @@ def check_vae(names: dict[str, str], source: TensorSource, expected: dict[str, t
         if items:
             problems.append(f"{len(items)} {label}: " + ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else ""))
     if problems:
-        raise CheckpointError(f"--vae {path} does not fit this model's VAE: {'; '.join(problems)}")
+        raise CheckpointFieldError.about("vae", f"{path} does not fit this model's VAE: {'; '.join(problems)}")
 
 
 def with_vae_file(source: TensorSource, path: Path | str, expected: dict[str, tuple[int, ...]]) -> TensorSource:
@@ -58,7 +58,7 @@ def with_vae_file(source: TensorSource, path: Path | str, expected: dict[str, tu
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--vae {path}: no such file")
+        raise CheckpointFieldError.about("vae", f"{path}: no such file")
     vae = open_weight_file(path)
     names = vae_names(vae)
     check_vae(names, vae, expected, path)
