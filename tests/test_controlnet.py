@@ -236,6 +236,36 @@ def test_txt2img_with_controlnets_matches_diffusers(tiny_model, sd1_controlnets,
     assert max_diff(result.latents, reference) <= 1e-4
 
 
+@pytest.mark.parametrize("guess", [False, True])
+def test_sdxl_txt2img_with_a_controlnet_matches_diffusers(tiny_sdxl, sdxl_controlnet, guess):
+    """A whole SDXL run with a ControlNet (window 0.2-0.8, weight 0.8; guess mode too) against
+    StableDiffusionXLControlNetPipeline: the pooled text and size conditioning reach the ControlNet's label_emb."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+    from test_families_pipeline import SIZE, STEPS, close, load, request, scheduler
+    from transformers import CLIPTokenizer
+
+    pipe = load(tiny_sdxl)
+    image = control_image(5).resize((SIZE, SIZE))
+    mode = "controlnet" if guess else "balanced"
+    units = [ControlNetUnit(load_controlnet(sdxl_controlnet.original, "sdxl"), image, 0.8, 0.2, 0.8, mode)]
+    plain = pipe.generate(request("ddim")).latents
+    ours = core.run_task(pipe, ControlledTxt2Img(units), request("ddim")).latents
+    reference = StableDiffusionXLControlNetPipeline(
+        vae=tiny_sdxl.vae, text_encoder=tiny_sdxl.text_encoders[0], text_encoder_2=tiny_sdxl.text_encoders[1],
+        tokenizer=CLIPTokenizer.from_pretrained(str(tiny_sdxl.folder / "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(tiny_sdxl.folder / "tokenizer_2")),
+        unet=tiny_sdxl.unet, controlnet=sdxl_controlnet.reference, scheduler=scheduler("ddim", "epsilon"),
+        force_zeros_for_empty_prompt=True,
+    )  # fmt: skip
+    theirs = reference(
+        "a red cube", image=image, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=7.5,
+        controlnet_conditioning_scale=0.8, control_guidance_start=0.2, control_guidance_end=0.8, guess_mode=guess,
+        generator=torch.Generator("cpu").manual_seed(42), output_type="latent",
+    ).images  # fmt: skip
+    assert max_diff(ours, plain) > 1e-3  # the ControlNet is felt
+    assert close(ours, theirs), max_diff(ours, theirs)
+
+
 def test_window_rule_and_step_lookup():
     assert [window_keep(i, 5, 0.2, 0.8) for i in range(5)] == [0.0, 1.0, 1.0, 1.0, 0.0]
     assert [window_keep(i, 4, 0.0, 1.0) for i in range(4)] == [1.0] * 4
