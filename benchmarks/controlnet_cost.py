@@ -24,7 +24,8 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]  # the CLI subprocesses import this checkout's optimized_sd
+sys.path.insert(0, str(REPO))
 
 from optimized_sd.benchmark.model_cache import CachedModel, ensure_model  # noqa: E402
 
@@ -86,7 +87,7 @@ def tree_rss(process: psutil.Process) -> int:
 def run_once(command: list[str], report: Path) -> dict:
     """Run one CLI subprocess, sampling its tree's RSS; its peak RSS (MiB), wall time, and stage records."""
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     process, peak = psutil.Process(child.pid), [0]
     done = threading.Event()
 
