@@ -109,7 +109,8 @@ def test_bad_lora_files(tmp_path: Path, tiny_model, model_shapes) -> None:
     sdxl = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 768),
             "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(3072, 2)}  # fmt: skip
     # CLIP-L under `lora_te1_` alone: SDXL's or Flux's (both name their CLIP-L so)
-    with pytest.raises(UserError, match=r"sdxl\.safetensors is a Flux\.1 dev or SDXL LoRA .*this model is SD 1\.x"):
+    refused = r"sdxl\.safetensors is (a Flux\.1 dev or SDXL|an SDXL or Flux\.1 dev) LoRA .*this model is SD 1\.x"
+    with pytest.raises(UserError, match=refused):
         read_lora(save(sdxl, tmp_path / "sdxl.safetensors"), TINY, model_shapes)
     wide = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.randn(2, 2048),
             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.randn(32, 2)}  # fmt: skip

@@ -36,7 +36,16 @@ from optimized_sd.pipelines.defaults import (
 )
 from optimized_sd.pipelines.hires import UPSCALERS, HiresFix, upscaler_named
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
-from optimized_sd.server.backend import FieldError, Generated, GenerationSpec, api_error, resolve_sampler, sampler_aliases
+from optimized_sd.server.backend import (
+    API_FIELDS,
+    LOAD_OPTION_FIELDS,
+    FieldError,
+    Generated,
+    GenerationSpec,
+    api_error,
+    resolve_sampler,
+    sampler_aliases,
+)
 from optimized_sd.server.catalog import ModelEntry
 from optimized_sd.server.controlnet_api import add_controlnet_routes, controlnet_specs
 from optimized_sd.server.jobs import JobCancelled
@@ -333,7 +342,9 @@ def add_api_routes(app: FastAPI, service: Service, auth: tuple[str, str] | None 
 def failure_response(error: Exception) -> JSONResponse:
     """A generation's failure as its status: a bad field 422 (by AUTOMATIC1111's name), too large 413, cancelled 409, else 500."""
     if isinstance(error, FieldError):
-        said = api_error(error)  # the request field by AUTOMATIC1111's name
+        said = api_error(error)  # the request field by AUTOMATIC1111's name, a load option by its serve flag
+        if error.field in LOAD_OPTION_FIELDS and error.field not in API_FIELDS:  # not in the body: how the server was started
+            return error_response(422, error, str(said))
         return field_error_response(said.field, str(said))
     if isinstance(error, TooLarge):
         return error_response(413, error, str(error))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from PIL import Image
@@ -62,8 +62,15 @@ API_FIELDS: dict[str, str | None] = {
 }  # fmt: skip
 
 
+LOAD_OPTION_FIELDS = frozenset(option.name for option in fields(LoadOptions))
+
+
 def api_error(error: FieldError) -> FieldError:
-    """`error` said with AUTOMATIC1111's name of its field (as it is when the name is already the API's)."""
+    """`error` said with AUTOMATIC1111's name of its field (as it is when the name is already the API's); a load
+    option is not a request field but how the server was started: it is said as its `serve` flag."""
+    if error.field in LOAD_OPTION_FIELDS and error.field not in API_FIELDS:
+        flag = "--" + error.field.replace("_", "-")  # serve takes every load option as a flag (tests/test_request_fields.py)
+        return FieldError(error.field, error.named(flag), error.problem)
     name = API_FIELDS.get(error.field)
     return error if name is None or name == error.field else FieldError(name, error.named(name), error.problem)
 

@@ -488,7 +488,9 @@ def find_lora(name: str, folder: Path) -> Path:
     if name.lower() in lowered:
         return found[lowered[name.lower()]]
     if not found:
-        raise UserError(f"<lora:{name}>: the LoRA folder {folder} holds no LoRA files")
+        # the folder is a load option (lora_dir): each front end names how to set it (the CLI's and serve's --lora-dir)
+        message = f"<lora:{name}>: the LoRA folder {folder} holds no LoRA files"
+        raise FieldError("lora_dir", message, f"{folder} holds no LoRA files: <lora:{name}> cannot be found")
     nearest = difflib.get_close_matches(name, list(found), n=3, cutoff=0.0)
     raise UserError(f"<lora:{name}>: no {name}.safetensors/.pt/.ckpt in {folder}; nearest: {', '.join(nearest)}")
 
