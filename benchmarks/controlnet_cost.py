@@ -27,6 +27,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]  # the CLI subprocesses import this checkout's optimized_sd
 sys.path.insert(0, str(REPO))
 
+from optimized_sd.benchmark.caps import tree_rss  # noqa: E402
 from optimized_sd.benchmark.model_cache import CachedModel, ensure_model  # noqa: E402
 
 RSS_TARGET, STEP_TARGET = 1.15, 1.5
@@ -71,17 +72,6 @@ def write_hint(path: Path, size: int) -> None:
         draw.ellipse((size - offset - size // 6, offset, size - offset, offset + size // 6), outline="white", width=2)
         draw.line((0, offset, size, size - offset), fill="white", width=2)
     image.save(path)
-
-
-def tree_rss(process: psutil.Process) -> int:
-    """Resident bytes of a process and all its children (0 for any that is gone)."""
-    total = 0
-    for member in [process, *process.children(recursive=True)]:
-        try:
-            total += member.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 def run_once(command: list[str], report: Path) -> dict:

@@ -24,6 +24,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from optimized_sd.benchmark.caps import tree_rss  # noqa: E402
 from optimized_sd.benchmark.model_cache import FLUX_MODEL, ensure_model  # noqa: E402
 
 GB = 2**30
@@ -77,17 +78,6 @@ pipe("a photo of a red cube on the table", height=int(size), width=int(size), nu
      guidance_scale=3.5, generator=torch.Generator().manual_seed(0))
 stage("done")
 """
-
-
-def tree_rss(process: psutil.Process) -> int:
-    """Resident bytes of the process and its children (0 for any that ended meanwhile)."""
-    total = 0
-    for member in [process, *process.children(recursive=True)]:
-        try:
-            total += member.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 def watch(command: list[str], cap: int, min_free: int, timeout: float) -> dict:

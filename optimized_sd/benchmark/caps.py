@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import psutil
+
 from optimized_sd.errors import UserError
 
 MIB = 2**20
@@ -121,3 +123,14 @@ def over_budget_mib(cap: CapFacts, peak_reserved_mib: float) -> float:
         return 0.0
     context = cap.context_after_mib if cap.context_after_mib is not None else cap.context_mib
     return max(0.0, peak_reserved_mib + context - cap.budget_mib)
+
+
+def tree_rss(process: psutil.Process) -> int:
+    """Resident bytes of a process and all its children (0 for any that is gone): what a run under a RAM cap holds."""
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
