@@ -54,8 +54,8 @@ OUTPUT_FIELDS = ("outdir", "fmt", "skip_save", "skip_grid", "n_rows", "report_js
 # LoadOptions field -> its flag (the generate commands, batch and serve all take them: `load_options`); None: not exposed.
 LOAD_FLAGS: dict[str, str | None] = {
     "config": "--config", "ema": "--ema", "vae": "--vae", "prediction": "--prediction", "device": "--device",
-    "precision": "--precision", "memory": "--memory", "vram_budget": "--vram-budget", "attention": "--attention",
-    "vae_tiling": "--vae-tiling", "tokenizer": "--tokenizer", "lora_dir": "--lora-dir", "embeddings_dir": "--embeddings-dir",
+    "precision": "--precision", "memory": "--memory", "vram_budget": "--vram-budget", "ram_budget": "--ram-budget",
+    "attention": "--attention", "vae_tiling": "--vae-tiling", "tokenizer": "--tokenizer", "lora_dir": "--lora-dir", "embeddings_dir": "--embeddings-dir",
     "weights": "--weights", "int8_matmul": None, "channels_last": None, "text_encoders": "--text-encoder",
     "preview_decoder": None,  # the generate commands' --preview/--preview-decoder/--vae choose it (`preview_decoder_path`)
 }  # fmt: skip
@@ -99,6 +99,8 @@ def load_options(memory_help: str = "auto, full, turbo, split or stream.") -> Ca
         click.option("--memory", default=LOADING.memory, show_default=True, help=memory_help),
         click.option("--weights", help="Store the UNet/VAE Linear and Conv2d weights as fp16, bf16, fp8 or int8 (default: the compute dtype)."),
         click.option("--vram-budget", "vram_budget", help="Plan for this much device memory, e.g. 1.5GB."),
+        click.option("--ram-budget", "ram_budget",
+                     help="Host RAM for the weights off the device, e.g. 8GB, or auto (what is available): pinned copy, pinned ring, pageable or memory-mapped per part."),
         click.option("--attention", default=LOADING.attention, show_default=True, help="sdpa, xformers, sliced or naive."),
         click.option("--vae-tiling", "vae_tiling", default=LOADING.vae_tiling, show_default=True, help="auto, on or off."),
         click.option("--lora-dir", "lora_dir", type=path, default=LOADING.lora_dir, show_default=True, help="Where <lora:NAME:WEIGHT> in a prompt finds NAME.safetensors."),

@@ -17,9 +17,10 @@ Release = Literal["never", "after_forward", "stage_end"]
 """When an offload group leaves the device: `never` (resident for the whole run), `after_forward`
 (streamed: dropped once its last module has run) or `stage_end` (kept until the current stage ends)."""
 
-HostStorage = Literal["pinned", "cpu", "source"]
-"""Where weights live while off the device: `pinned` a page-locked CPU copy (async copies), `cpu` a plain
-CPU copy, `source` nothing kept, the (memory-mapped) file re-read when needed (the RAM-lean CPU path)."""
+HostStorage = Literal["pinned", "ring", "cpu", "source"]
+"""Where weights live while off the device: `pinned` a page-locked CPU copy (async copies), `ring` a bounded
+pinned ring a reader thread fills from the (memory-mapped) file ahead of use (`memory/ring.py`, CUDA), `cpu` a
+plain CPU copy, `source` nothing kept, the (memory-mapped) file re-read when needed (the RAM-lean CPU path)."""
 
 Resident = Literal["everything", "stage"]
 """`everything`: one group of the whole model, placed once and never released; `stage`: each part is

@@ -18,6 +18,7 @@ from optimized_sd.families import claiming
 from optimized_sd.memory.device import compute_dtype, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
 from optimized_sd.memory.planner import VAE_TILE, Plan, parse_bytes
+from optimized_sd.memory.ram import parse_ram_budget
 from optimized_sd.memory.report import MemoryMeter
 from optimized_sd.models.text_encoder import PromptTokenizer
 from optimized_sd.pipelines import core
@@ -83,6 +84,7 @@ class StableDiffusion:
         precision: str = "autocast",
         memory: str = "auto",
         vram_budget: str | int | None = None,
+        ram_budget: str | int | None = None,
         attention: str = "sdpa",
         vae_tiling: str = "auto",
         tokenizer: str | Path | None = None,
@@ -100,10 +102,11 @@ class StableDiffusion:
         check_backend(attention, self.device)
         self.vae_tile = VAE_TILE
         budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
+        host_budget = parse_ram_budget(ram_budget)
         self.storage = plan_storage(self.model, weights, self.dtype, self.device.type)
         self.memory = MemorySession(
             self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention,
-            storage=self.storage, int8_matmul=int8_matmul, channels_last=channels_last,
+            storage=self.storage, int8_matmul=int8_matmul, channels_last=channels_last, ram_budget=host_budget,
         )
         self.embeddings = EmbeddingLibrary(Path(embeddings_dir))
         self.setup_text(tokenizer_folders(tokenizer))
@@ -116,7 +119,8 @@ class StableDiffusion:
         self.preview_vae: TinyAutoencoder | None = None  # `--preview-decoder` (set by `load`)
         self.lora_dir = Path(lora_dir)
         # How `load` opened this model (device, precision, memory, --vae...), so a refiner opens the same way.
-        self.load_options: dict = dict(device=device, precision=precision, memory=memory, vram_budget=vram_budget, attention=attention,
+        self.load_options: dict = dict(device=device, precision=precision, memory=memory, vram_budget=vram_budget, ram_budget=ram_budget,
+                                       attention=attention,
                                        vae_tiling=vae_tiling, tokenizer=tokenizer, weights=weights, int8_matmul=int8_matmul,
                                        channels_last=channels_last)
         self.refiner: StableDiffusion | None = None  # the last `--refiner` a call used, kept for the next
@@ -415,7 +419,7 @@ def load(
     """Open a checkpoint (CompVis .ckpt, single-file .safetensors or diffusers folder) for generation.
     `vae`: a separate VAE file replacing the checkpoint's, or a TAESD decoder decoding the images in its place
     (the checkpoint's VAE still encodes); `preview_decoder`: a TAESD for `preview`; `prediction`: auto|eps|v (see
-    `weights.prediction`). Options: device, precision, memory, vram_budget, attention, vae_tiling, tokenizer,
+    `weights.prediction`). Options: device, precision, memory, vram_budget, ram_budget, attention, vae_tiling, tokenizer,
     weights (fp16, bf16, fp8 or int8 storage of the Linear/Conv2d weights; None: the compute dtype),
     int8_matmul (int8 weights on the CPU: Linear layers on fbgemm's dynamic activation quantisation instead
     of dequantising to fp32 first; off by default: measured 1.15-1.18x slower on the whole UNet here, see

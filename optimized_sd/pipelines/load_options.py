@@ -30,6 +30,7 @@ class LoadOptions:
     precision: str = "autocast"
     memory: str = "auto"
     vram_budget: str | int | None = None
+    ram_budget: str | int | None = None  # host RAM for weights off the device: a size, "auto" (available now) or None (no limit)
     attention: str = "sdpa"
     vae_tiling: str = "auto"
     tokenizer: str | Path | tuple[str | Path, ...] | None = None  # one folder, or several (Flux: CLIP's and T5's)

@@ -19,17 +19,19 @@ from torch import nn
 from optimized_sd.attention import use_attention
 from optimized_sd.errors import OutOfMemoryBudget, UserError
 from optimized_sd.memory.device import LeanHeap, device_memory
-from optimized_sd.memory.modes import MemoryMode
+from optimized_sd.memory.modes import MODES, MemoryMode
 from optimized_sd.memory.offload import GroupSpec, OffloadEngine, TensorHook
 from optimized_sd.memory.planner import SAFETY_MARGIN, ModelFootprint, Plan, Request, fallback, plan_memory
+from optimized_sd.memory.ram import CUDA_PROCESS_OVERHEAD, HOME_ORDER, HostPart, HostPlan, cpu_base, plan_host, ram_refusal
 from optimized_sd.memory.report import MemoryMeter, StageRecord
 from optimized_sd.models.ops import WeightOp, cpu_int8_matmul_available
 from optimized_sd.models.runtime import RunOptions, use_run_options
-from optimized_sd.pipelines.placement import UNET, footprint, group_specs
+from optimized_sd.pipelines.placement import UNET, footprint, group_specs, host_part
 from optimized_sd.pipelines.weight_storage import StoredSource, WeightStorage, apply_storage
 
 log = logging.getLogger("optimized_sd")
 
+RING_DEVICES = frozenset({"cuda"})  # where the RAM planner offers the pinned ring (a test adds the CPU to check its bytes)
 SAMPLING_STAGE = "unet"  # the stage whose allocations repeat step after step (the lean heap reuses them)
 
 Result = TypeVar("Result")
@@ -85,6 +87,7 @@ class MemorySession:
         storage: WeightStorage | None = None,
         int8_matmul: bool = False,
         channels_last: bool = False,
+        ram_budget: int | None = None,
     ) -> None:
         self.model = model
         self.storage = storage or WeightStorage()
@@ -102,6 +105,8 @@ class MemorySession:
         self.channels_last_on_cpu = channels_last and device.type == "cpu" and dtype == torch.float32
         self.requested = mode
         self.budget = budget
+        self.ram_budget = ram_budget  # host bytes (`--ram-budget`; None: every group where its mode puts it)
+        self.host_plan: HostPlan | None = None  # the current placement's (`plan_host`)
         self.vae_tiling = vae_tiling
         self.attention = attention
         self.sizes = footprint(model, dtype.itemsize, self.storage)  # weight bytes per group: fixed for this pipeline
@@ -151,7 +156,11 @@ class MemorySession:
         (never both resident unless they fit)."""
         neighbours = self.neighbours()
         held = sum(session.engine_resident_bytes() for session in neighbours)
-        plan = self.planned(request, self.budget_for(freed=held))
+        try:
+            plan = self.planned(request, self.budget_for(freed=held))
+        except OutOfMemoryBudget:
+            self.refuse_ram_on_cpu(request)
+            raise
         if held:
             try:
                 together = self.planned(request, self.budget_for(taken=held))
@@ -176,12 +185,51 @@ class MemorySession:
         the resident set, which also holds what no estimate models (heap fragmentation, the interpreter's
         own growth), so plans keep SAFETY_MARGIN of it, as of measured free memory: SD 1.5 `turbo`, estimated
         at 3.78 GB, took 3.75 GB above the interpreter and passed a 4 GB cap that its estimate met."""
-        if self.budget is not None:
-            return int((self.budget - taken) * SAFETY_MARGIN) if self.device.type == "cpu" else self.budget - taken
+        budget = self.device_budget()
+        if budget is not None:
+            return int((budget - taken) * SAFETY_MARGIN) if self.device.type == "cpu" else budget - taken
         if self.device.type not in ("cuda", "cpu"):
             return None
         held = self.engine_resident_bytes() + self.sizes.tiny_decoder  # a TAESD placed at load is in the plan too
         return int(device_memory(self.device).free * SAFETY_MARGIN) + held + freed
+
+    def device_budget(self) -> int | None:
+        """`--vram-budget`; on the CPU, where the device is the host, the lower of it and `--ram-budget`."""
+        if self.device.type != "cpu" or self.ram_budget is None:
+            return self.budget
+        return self.ram_budget if self.budget is None else min(self.budget, self.ram_budget)
+
+    def refuse_ram_on_cpu(self, request: Request) -> None:
+        """On the CPU, a device plan refused because of `--ram-budget` is said as a RAM budget: the smallest that fits."""
+        if self.device.type != "cpu" or self.ram_budget is None or self.device_budget() != self.ram_budget:
+            return
+        leanest = MODES[-1]
+        estimate = plan_memory(self.call_sizes(), request, budget=None, mode=leanest, vae_tiling=self.vae_tiling, device_type="cpu")
+        raise ram_refusal(self.ram_budget, cpu_base(estimate.estimates[leanest]), f" for {leanest}")
+
+    def host_parts(self, plan: Plan) -> list[HostPart]:
+        """The components as the RAM planner sees them under `plan`, the ones read once per call first and the
+        denoiser last (it steps down last): none when the mode keeps everything on the device."""
+        if plan.row.resident == "everything":
+            return []
+        default = self.storage.host_for(plan.host)
+        usual = {"pinned": ("pinned", "pageable", "mapped"), "cpu": ("pageable", "mapped")}.get(default, ("mapped",))
+        # The ring reads units on a thread from the plain file: not for weights quantised as they are read.
+        ring = plan.row.denoiser == "blocks" and self.device.type in RING_DEVICES and not self.storage.stored
+        sizes = self.call_sizes()
+        whole = [("text_encoder", sizes.text_encoder), ("vae_encoder", sizes.vae_encoder), ("vae_decoder", sizes.vae_decoder)]
+        parts = [HostPart(name, size, size, usual) for name, size in whole]
+        if sizes.side:
+            parts.append(HostPart("side", sizes.side, sizes.side_unit, usual))
+        streamed = tuple(home for home in HOME_ORDER if home in usual or (ring and home == "ring"))
+        return [*parts, HostPart("denoiser", sizes.unet, max(sizes.unet_blocks, default=sizes.unet), streamed)]
+
+    def plan_host(self, plan: Plan) -> HostPlan | None:
+        """Where the weights wait off the device under `--ram-budget` (None without one: as the mode says)."""
+        if self.ram_budget is None:
+            return None
+        base = {"cuda": CUDA_PROCESS_OVERHEAD, "cpu": cpu_base(plan.estimates.get(plan.mode, 0))}.get(self.device.type, 0)
+        return plan_host(self.host_parts(plan), self.ram_budget, base=base, what=f" for {plan.mode}")
 
     def planned(self, request: Request, budget: int | None) -> Plan:
         """The plan for `budget`, without a word logged (plan_for weighs several)."""
@@ -229,6 +277,8 @@ class MemorySession:
         component.released.append(note)
 
     def place_components(self, plan: Plan, host: str) -> None:
+        if self.host_plan is not None:
+            host = self.host_plan.host_for("side", host)  # type: ignore[arg-type]
         for component in self.components.values():
             if component.engine is None or component.placed != (plan.mode, host):
                 component.close()
@@ -244,12 +294,18 @@ class MemorySession:
         """(Re)place the weights as the plan's mode and host storage say; a no-op when already so.
         Always adopts the plan's per-call options (copy-ahead, chunking, micro-batch)."""
         host = self.storage.host_for(plan.host)
-        if self.engine is None or self.placed != (plan.mode, host):
+        host_plan = self.plan_host(plan)
+        placing = host if host_plan is None else f"{host} {sorted(host_plan.homes.items())} ring {host_plan.ring_bytes}"
+        if self.engine is None or self.placed != (plan.mode, placing):
             self.release_engine()
+            specs = group_specs(plan.row, self.model)
+            if host_plan is not None:
+                specs = [replace(spec, host=host_plan.host_for(host_part(spec.name), host)) for spec in specs]  # type: ignore[arg-type]
+            self.host_plan = host_plan
             self.engine = OffloadEngine(
                 self.model,
                 self.source,
-                group_specs(plan.row, self.model),
+                specs,
                 self.device,
                 self.dtype,
                 host=host,  # type: ignore[arg-type]
@@ -257,8 +313,9 @@ class MemorySession:
                 tensor_hook=self.tensor_hook,
                 keep_dtype=self.storage.stored_set,
                 channels_last=(UNET,) if self.channels_last(plan) else (),
+                **({} if host_plan is None or not host_plan.ring_bytes else {"ring_bytes": host_plan.ring_bytes}),
             )
-            self.placed = (plan.mode, host)
+            self.placed = (plan.mode, placing)
         self.place_components(plan, host)
         # The RAM-lean path: freed tensors must leave the resident set between stages.
         self.heap = LeanHeap() if plan.lean_heap else None

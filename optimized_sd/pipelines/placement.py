@@ -164,6 +164,15 @@ def group_specs(row: MemoryMode, model: nn.Module, unit_params: int | None = Non
     ]
 
 
+def host_part(group: str) -> str:
+    """The RAM planner's component (`MemorySession.host_parts`) that an offload group of `group_specs` belongs to."""
+    if group.startswith("text"):
+        return "text_encoder"
+    if group.startswith("unet"):
+        return "denoiser"
+    return group
+
+
 def parameter_bytes(model: nn.Module, paths: tuple[str, ...] | list[str], dtype_bytes: int, storage: WeightStorage | None = None) -> int:
     """Weight bytes under `paths` as placed: the compute dtype's `dtype_bytes`, or `storage`'s stored form."""
     if storage is None or not storage.stored:
