@@ -1,5 +1,5 @@
 """`--ram-budget`: the host-RAM planner's choice per component for pairs of RAM and VRAM budgets, its one-line
-refusal naming the smallest budget that fits, and the option's parsing."""
+refusal naming the smallest budget that fits, the option's parsing, and the memory report's RSS split and pinned bytes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 import optimized_sd
 from optimized_sd import cli
 from optimized_sd.errors import FieldError, OutOfMemoryBudget, UserError
-from optimized_sd.memory import ram
+from optimized_sd.memory import ram, report
 from optimized_sd.memory.planner import SAFETY_MARGIN, Request, parse_bytes
 from optimized_sd.memory.ram import CUDA_PROCESS_OVERHEAD, HostPart, parse_ram_budget, plan_host
+from optimized_sd.pipelines.diffusion import GenerationRequest
 from optimized_sd.pipelines.memory_session import MemorySession
 from optimized_sd.weights.loading import prepare_model
 
@@ -141,3 +142,41 @@ def test_load_takes_the_ram_budget(tiny_model):
     assert pipe.memory.ram_budget == 64 * 2**30 and pipe.load_options["ram_budget"] == "64GB"
     with pytest.raises(UserError):
         optimized_sd.load(tiny_model.safetensors, tokenizer=tiny_model.tokenizer, device="cpu", ram_budget="-2GB")
+
+
+# -- the memory report: anonymous and file-backed RSS, pinned bytes ------------------------------------------------
+
+
+@pytest.mark.skipif(not report.PROC_STATUS.exists(), reason="RssAnon/RssFile are Linux's")
+def test_file_backed_rss_grows_when_weights_are_memory_mapped(tmp_path):
+    from safetensors.torch import save_file
+
+    from optimized_sd.weights.sources import SafetensorsSource
+
+    path = tmp_path / "weights.safetensors"
+    save_file({f"w{i}": torch.full((4, 2**20), float(i)) for i in range(4)}, str(path))  # 64 MiB
+    anon_before, file_before = report.rss_split()
+    source = SafetensorsSource(path)
+    sums = [source.get(key).sum().item() for key in source.keys()]  # every page read through the mapping
+    anon_after, file_after = report.rss_split()
+    assert sums == [0.0, 4 * 2**20, 8 * 2**20, 12 * 2**20]
+    assert file_after - file_before > 48 * MIB  # the weights' pages are file-backed...
+    assert anon_after - anon_before < 16 * MIB  # ...not anonymous copies
+    source.release(source.keys())
+    assert report.rss_split()[1] < file_after - 32 * MIB  # and handed back
+    source.close()
+
+
+def test_the_report_has_the_new_columns_per_stage(tiny_model):
+    pipe = optimized_sd.load(tiny_model.safetensors, tokenizer=tiny_model.tokenizer, device="cpu", precision="full", memory="stream")
+    pipe.generate(GenerationRequest(prompts=["a red cube"], steps=2, sampler="euler", seed=1, height=64, width=64))
+    payload = pipe.memory.meter.as_dict()
+    for record in payload["runs"]:
+        assert {"peak_rss_anon_mib", "peak_rss_file_mib", "pinned_mib"} <= set(record)
+        assert record["pinned_mib"] == 0.0  # nothing is page-locked on the CPU
+        if report.PROC_STATUS.exists():
+            assert 0 < record["peak_rss_anon_mib"] <= record["peak_rss_mib"] + 1
+            assert 0 < record["peak_rss_file_mib"] <= record["peak_rss_mib"] + 1
+    assert {"peak_rss_anon_mib", "peak_rss_file_mib", "pinned_mib"} <= set(payload["stages"]["unet"])
+    header = pipe.memory.meter.format_table().splitlines()[0]
+    assert header.split()[-6:] == ["anon", "MiB", "file", "MiB", "pinned", "MiB"]

@@ -146,6 +146,9 @@ class StageFigures:
     peak_allocated_mib: float = 0.0
     peak_reserved_mib: float = 0.0
     peak_rss_mib: float = 0.0
+    peak_rss_anon_mib: float = 0.0  # of the RSS: anonymous, file-backed (`memory.report.rss_split`), and pinned bytes
+    peak_rss_file_mib: float = 0.0
+    pinned_mib: float = 0.0
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -162,6 +165,9 @@ class StageFigures:
             peak_allocated_mib=max(self.peak_allocated_mib, other.peak_allocated_mib),
             peak_reserved_mib=max(self.peak_reserved_mib, other.peak_reserved_mib),
             peak_rss_mib=max(self.peak_rss_mib, other.peak_rss_mib),
+            peak_rss_anon_mib=max(self.peak_rss_anon_mib, other.peak_rss_anon_mib),
+            peak_rss_file_mib=max(self.peak_rss_file_mib, other.peak_rss_file_mib),
+            pinned_mib=max(self.pinned_mib, other.pinned_mib),
         )
 
 

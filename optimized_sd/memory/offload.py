@@ -499,3 +499,9 @@ class OffloadEngine:
             held += [slot.host for slot in group.slots if slot.host is not None]
         return held
 
+
+    def pinned_bytes(self) -> int:
+        """Page-locked host bytes the engine holds: its packed pinned copies (the report's column)."""
+        if self.device.type != "cuda":
+            return 0
+        return sum(g.packed_host.numel() for g in self.groups.values() if g.packed_host is not None and self.host == "pinned")

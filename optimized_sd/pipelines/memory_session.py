@@ -112,6 +112,7 @@ class MemorySession:
         self.sizes = footprint(model, dtype.itemsize, self.storage)  # weight bytes per group: fixed for this pipeline
         plan_memory(self.sizes, Request(64, 64), budget=None, mode=mode, vae_tiling=vae_tiling)  # validates names
         self.meter = MemoryMeter(device)
+        self.meter.pinned = self.pinned_bytes
         self.stage_prefix = ""  # put before each stage's name in the meter (a refiner's: "refiner_")
         self.owns_meter = True  # whether `prepare` starts a new call in the meter (a refiner's joins the base's call)
         self.engine: OffloadEngine | None = None
@@ -248,6 +249,12 @@ class MemorySession:
             side_unit=max(c.largest_unit for c in parts),
             side_activation_share=sum(c.activation_share for c in parts),
         )
+
+    def pinned_bytes(self) -> int:
+        """Page-locked host bytes this session's engines hold (its own, its components', its sessions'): the report's."""
+        engines = [self.engine, *(c.engine for c in self.components.values())]
+        own = sum(engine.pinned_bytes() for engine in engines if engine is not None)
+        return own + sum(session.pinned_bytes() for session in self.sessions.values())
 
     def engine_resident_bytes(self) -> int:
         own = self.engine.resident_bytes() if self.engine is not None else 0
