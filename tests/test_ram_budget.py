@@ -1,7 +1,11 @@
 """`--ram-budget`: the host-RAM planner's choice per component for pairs of RAM and VRAM budgets, its one-line
-refusal naming the smallest budget that fits, the option's parsing, and the memory report's RSS split and pinned bytes."""
+refusal naming the smallest budget that fits, the option's parsing, the memory report's RSS split and pinned
+bytes, and the bounded pinned ring (on the CPU, through its seam: plain slots, events the tests complete)."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from optimized_sd.errors import FieldError, OutOfMemoryBudget, UserError
 from optimized_sd.memory import ram, report
 from optimized_sd.memory.planner import SAFETY_MARGIN, Request, parse_bytes
 from optimized_sd.memory.ram import CUDA_PROCESS_OVERHEAD, HostPart, parse_ram_budget, plan_host
+from optimized_sd.memory.ring import CpuTransfer, PinnedRing, RingClosed
+from optimized_sd.pipelines import memory_session
 from optimized_sd.pipelines.diffusion import GenerationRequest
 from optimized_sd.pipelines.memory_session import MemorySession
 from optimized_sd.weights.loading import prepare_model
@@ -180,3 +186,192 @@ def test_the_report_has_the_new_columns_per_stage(tiny_model):
     assert {"peak_rss_anon_mib", "peak_rss_file_mib", "pinned_mib"} <= set(payload["stages"]["unet"])
     header = pipe.memory.meter.format_table().splitlines()[0]
     assert header.split()[-6:] == ["anon", "MiB", "file", "MiB", "pinned", "MiB"]
+
+
+# -- the pinned ring, on the CPU through its seam ---------------------------------------------------------------------
+
+WAIT = 5.0  # seconds: any wait in these tests that takes longer is a hang
+
+
+class FakeEvent:
+    """A copy's event the test completes by hand."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def query(self) -> bool:
+        return self.done.is_set()
+
+
+class CountingTransfer(CpuTransfer):
+    """Plain slots, counted; copies complete when the test says (`events`)."""
+
+    def __init__(self, manual: bool = False) -> None:
+        self.allocations = 0
+        self.manual = manual
+        self.events: list[FakeEvent] = []
+
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        self.allocations += 1
+        return super().allocate(nbytes)
+
+    def to_device(self, host: torch.Tensor, device: torch.device):
+        copy, done = super().to_device(host, device)
+        if not self.manual:
+            return copy, done
+        self.events.append(FakeEvent())
+        return copy, self.events[-1]
+
+
+UNITS = [f"unit{i}" for i in range(5)]
+SLOT = 64
+
+
+def pattern(unit: str) -> torch.Tensor:
+    return torch.arange(SLOT, dtype=torch.uint8) ^ UNITS.index(unit)
+
+
+def make_ring(transfer, slots: int = 2, fill=None, **options) -> tuple[PinnedRing, list[str]]:
+    filled: list[str] = []
+
+    def write(unit: str, buffer: torch.Tensor) -> None:
+        buffer.copy_(pattern(unit))
+        filled.append(unit)
+
+    return PinnedRing(UNITS, fill or write, slot_bytes=SLOT, slots=slots, transfer=transfer, take_timeout=WAIT, **options), filled
+
+
+def take_copy(ring: PinnedRing, unit: str) -> torch.Tensor:
+    slot = ring.take(unit)
+    assert slot.buffer is not None
+    copy, event = ring.transfer.to_device(slot.buffer, torch.device("cpu"))
+    ring.give_back(slot, event)
+    return copy
+
+
+def test_every_unit_arrives_intact_and_in_order_within_the_bound():
+    transfer = CountingTransfer()
+    ring, filled = make_ring(transfer, slots=3)
+    try:
+        for _ in range(4):  # four steps over the five units
+            for unit in UNITS:
+                assert torch.equal(take_copy(ring, unit), pattern(unit))
+        assert transfer.allocations <= 3 and ring.allocated_bytes <= ring.capacity == 3 * SLOT
+        assert filled[: 4 * len(UNITS)] == UNITS * 4  # read once each, in the order they run
+    finally:
+        ring.close()
+    assert not ring.reader_alive
+
+
+def test_a_slot_is_reused_only_after_its_copy_completes():
+    transfer = CountingTransfer(manual=True)
+    ring, filled = make_ring(transfer, slots=2)
+    try:
+        first = ring.take("unit0")
+        ring.give_back(first, first_event := FakeEvent())
+        second = ring.take("unit1")
+        ring.give_back(second, FakeEvent())
+        time.sleep(0.05)
+        assert filled == ["unit0", "unit1"]  # both slots wait on copies: nothing more is read
+        ring.take_timeout = 0.1
+        with pytest.raises(RingClosed, match="not read within"):
+            ring.take("unit2")
+        ring.take_timeout = WAIT
+        first_event.done.set()
+        third = ring.take("unit2")
+        assert third is first and torch.equal(third.buffer, pattern("unit2"))  # the slot whose copy finished
+        assert transfer.allocations == 2
+    finally:
+        ring.close()
+
+
+def test_a_unit_asked_out_of_order_starts_the_reading_there():
+    ring, filled = make_ring(CountingTransfer(), slots=2)
+    try:
+        assert torch.equal(take_copy(ring, "unit0"), pattern("unit0"))
+        assert torch.equal(take_copy(ring, "unit3"), pattern("unit3"))  # a call cut short; the next starts elsewhere
+        assert torch.equal(take_copy(ring, "unit4"), pattern("unit4"))
+        assert torch.equal(take_copy(ring, "unit0"), pattern("unit0"))
+    finally:
+        ring.close()
+
+
+def test_the_reader_stops_on_close_and_a_waiting_take_is_told():
+    ring, _ = make_ring(CountingTransfer(manual=True), slots=2)
+    ring.take("unit0")
+    errors: list[BaseException] = []
+
+    def wait_for_unit1_and_2() -> None:
+        try:
+            ring.take("unit1")
+            ring.take("unit2")  # never read: both slots are held
+        except RingClosed as error:
+            errors.append(error)
+
+    waiter = threading.Thread(target=wait_for_unit1_and_2)
+    waiter.start()
+    time.sleep(0.05)
+    ring.close()
+    waiter.join(WAIT)
+    assert not waiter.is_alive() and not ring.reader_alive
+    assert len(errors) == 1 and "closed" in str(errors[0])
+
+
+def test_the_reader_stops_on_an_error_which_the_next_take_raises():
+    def failing(unit: str, buffer: torch.Tensor) -> None:
+        if unit == "unit2":
+            raise OSError("Input/output error")
+        buffer.copy_(pattern(unit))
+
+    ring, _ = make_ring(CountingTransfer(), slots=2, fill=failing)
+    try:
+        take_copy(ring, "unit0")
+        take_copy(ring, "unit1")
+        with pytest.raises(RingClosed, match="reading unit2 ahead failed: Input/output error"):
+            ring.take("unit2")
+        ring._thread.join(WAIT)
+        assert not ring.reader_alive
+    finally:
+        ring.close()
+
+
+@pytest.fixture
+def ring_on_the_cpu(monkeypatch):
+    """The planner offers the ring on the CPU too (its copies are plain ones there), at most 3 slots' worth."""
+    monkeypatch.setattr(memory_session, "RING_DEVICES", frozenset({"cuda", "cpu"}))
+
+
+def test_a_ring_streamed_run_gives_full_s_images(tiny_model, ring_on_the_cpu, monkeypatch):
+    options = dict(tokenizer=tiny_model.tokenizer, device="cpu", precision="full")
+    asked = GenerationRequest(prompts=["a red cube", "a blue ball"], steps=3, sampler="euler", seed=7, height=64, width=64)
+    full = optimized_sd.load(tiny_model.safetensors, memory="full", **options).generate(asked)
+    pipe = optimized_sd.load(tiny_model.safetensors, memory="stream", ram_budget="64GB", **options)
+    unit = max(pipe.memory.sizes.unet_blocks)
+    monkeypatch.setattr(ram, "RING_MAX_BYTES", 3 * unit)
+    result = pipe.generate(asked)
+    engine = pipe.engine
+    assert pipe.memory.host_plan is not None and pipe.memory.host_plan.homes["denoiser"] == "ring"
+    assert engine.ring is not None and len(engine.ring.slots) <= 3
+    assert engine.ring.allocated_bytes <= engine.ring.capacity
+    assert (result.latents - full.latents).abs().max().item() <= 1e-5
+    assert [image.tobytes() for image in result.images] == [image.tobytes() for image in full.images]
+    ring_before = engine.ring
+    pipe.close()
+    assert not ring_before.reader_alive
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the ring's pinned slots and CUDA events need a GPU")
+def test_on_cuda_the_ring_streams_the_denoiser_with_full_s_images(tiny_model):
+    """The real path: pinned slots, non-blocking copies on the copy stream, slots returned by their CUDA events."""
+    options = dict(tokenizer=tiny_model.tokenizer, device="cuda", precision="fp16")
+    asked = GenerationRequest(prompts=["a red cube", "a blue ball"], steps=3, sampler="euler", seed=7, height=64, width=64)
+    full = optimized_sd.load(tiny_model.safetensors, memory="full", **options).generate(asked)
+    unit = tiny_sizes(tiny_model)["unit"]
+    budget = CUDA_PROCESS_OVERHEAD + int(3 * unit / ram.PINNED_SHARE) + 1  # room for the ring only
+    pipe = optimized_sd.load(tiny_model.safetensors, memory="stream", ram_budget=budget, **options)
+    result = pipe.generate(asked)
+    assert pipe.memory.host_plan is not None and pipe.memory.host_plan.homes["denoiser"] == "ring"
+    assert pipe.engine.ring is not None and pipe.engine.ring.allocated_bytes <= 3 * unit + 3 * 128 * 64
+    assert pipe.memory.meter.records[-1].pinned_mib > 0
+    assert (result.latents.float() - full.latents.float()).abs().max().item() <= 1e-3
+    pipe.close()

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from optimized_sd.memory.modes import HostStorage, Release
+from optimized_sd.memory.ram import RING_MAX_BYTES
+from optimized_sd.memory.ring import PinnedRing, Transfer, transfer_for
 from optimized_sd.tensor_swap import swap_tensor
 
 TensorHook = Callable[[str, Tensor], None]
@@ -32,6 +34,7 @@ class GroupSpec:
     release: Release = "stage_end"
     prefetch_next: str | None = None
     rows: bool = False
+    host: HostStorage | None = None  # where this group waits off the device (None: the engine's `host`)
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Group:
         self.packed_host: Tensor | None = None
         self.packed_device: Tensor | None = None
         self.offsets: dict[str, int] = {}
+        self.packed_length = 0  # bytes of the packed buffer (`pack_layout`)
 
     def pack_layout(self) -> int:
         """Give each packed slot (floating tensors, and those kept in their stored dtype) an aligned
@@ -105,6 +109,7 @@ class Group:
             if slot.packed:
                 self.offsets[slot.key] = length
                 length += -(-slot.nbytes // ALIGN_BYTES) * ALIGN_BYTES
+        self.packed_length = length
         return length
 
     def view(self, packed: Tensor, slot: TensorSlot) -> Tensor:
@@ -153,6 +158,8 @@ class OffloadEngine:
         tensor_hook: TensorHook | None = None,
         keep_dtype: Collection[str] = (),
         channels_last: Collection[str] = (),
+        ring_bytes: int = RING_MAX_BYTES,
+        transfer: Transfer | None = None,
     ) -> None:
         self.root = root
         self.tensor_hook = tensor_hook
@@ -189,6 +196,8 @@ class OffloadEngine:
             self.groups[spec.name] = Group(spec, slots)
         arena_groups = [group for group in self.groups.values() if self._uses_arena(group)]
         self._arena_length = max((group.pack_layout() for group in arena_groups), default=0)
+        self.transfer = transfer if transfer is not None else transfer_for(device)
+        self.ring = self._make_ring(ring_bytes)
         for group in self.groups.values():
             self._prepare_host(group)
             self._install_hooks(group)
@@ -197,6 +206,31 @@ class OffloadEngine:
                 self.load(group.spec.name)
 
     # -- construction -------------------------------------------------------------------------
+    def host_of(self, group: Group) -> HostStorage:
+        """Where `group` waits off the device: its spec's own storage (the RAM plan's), else the engine's."""
+        return group.spec.host or self.host
+
+    def _make_ring(self, ring_bytes: int) -> PinnedRing | None:
+        """The pinned ring of the `ring` groups (in the order they run), slots sized to the largest of them, as many
+        as `ring_bytes` holds (at least two: one copying while the next is read); None when no group uses one."""
+        ringed = [group for group in self.groups.values() if self.host_of(group) == "ring" and not group.spec.rows]
+        if not ringed:
+            return None
+        slot_bytes = max(group.pack_layout() for group in ringed)
+        by_name = {group.spec.name: group for group in ringed}
+        return PinnedRing(
+            list(by_name), lambda name, buffer: self._fill_slot(by_name[name], buffer),
+            slot_bytes=slot_bytes, slots=max(2, ring_bytes // max(slot_bytes, 1)), transfer=self.transfer,
+        )  # fmt: skip
+
+    def _fill_slot(self, group: Group, buffer: Tensor) -> None:
+        """The reader thread's work: the group's packed tensors cast from the file into a ring slot, each one's file
+        pages handed back once copied."""
+        for slot in group.slots:
+            if slot.key in group.offsets:
+                group.view(buffer, slot).copy_(self.source.get(slot.key).reshape(slot.shape))
+                self.source.release([slot.key])
+
     @staticmethod
     def _claimed_deeper(path: str, local: str, paths: set[str]) -> bool:
         """Whether the tensor `path.local` sits under another group's module nested inside `path`."""
@@ -241,8 +275,9 @@ class OffloadEngine:
     def _prepare_host(self, group: Group) -> None:
         """Make the host copies (not for `never` groups, which go straight to the device, nor for the
         `source` strategy), and leave every slot holding a placeholder that costs no memory."""
-        keep_copy = self.host in ("pinned", "cpu") and group.spec.release != "never"
-        pin = self.host == "pinned" and self.device.type == "cuda"
+        host = self.host_of(group)
+        keep_copy = host in ("pinned", "cpu") and group.spec.release != "never"
+        pin = host == "pinned" and self.device.type == "cuda"
         if keep_copy:
             group.packed_host = torch.empty(group.pack_layout(), dtype=torch.uint8, pin_memory=pin)
         for slot in group.slots:
@@ -284,10 +319,15 @@ class OffloadEngine:
 
     def _copy_in(self, group: Group) -> None:
         """Device copies of the group's tensors, from the host copy or the file."""
-        non_blocking = self.host == "pinned"
+        non_blocking = self.host_of(group) == "pinned"
         in_arena = group.packed_host is None and self._uses_arena(group)
         if group.packed_host is not None:
             group.packed_device = group.packed_host.to(self.device, non_blocking=non_blocking, copy=True)
+        elif self.ring is not None and self.host_of(group) == "ring":
+            slot = self.ring.take(group.spec.name)
+            assert slot.buffer is not None
+            group.packed_device, done = self.transfer.to_device(slot.buffer[: group.packed_length], self.device)
+            self.ring.give_back(slot, done)
         elif in_arena:
             group.packed_device = self._shared_arena()
             self._fill_arena(group)
@@ -312,7 +352,8 @@ class OffloadEngine:
         """Streamed groups read from the file without prefetch (the CPU lean path) all land in one
         reused buffer: fresh memory for every block of every step costs a page fault per 4 KiB,
         which on a CPU was a third of the step time."""
-        return self.host == "source" and group.spec.release == "after_forward" and not self.prefetch_enabled and not group.spec.rows
+        streamed = group.spec.release == "after_forward" and not group.spec.rows
+        return self.host_of(group) == "source" and streamed and not self.prefetch_enabled
 
     def _gather_rows(self, group: Group, args: tuple) -> tuple:
         """Before an embedding table of a `rows` group runs: put the rows its ids look up on the device,
@@ -480,6 +521,11 @@ class OffloadEngine:
         self._hooks.clear()
         if self.copy_stream is not None:
             self.copy_stream.synchronize()  # no copy may still write into a buffer dropped below
+        if self.device.type == "cuda" and self.ring is not None:
+            torch.cuda.synchronize(self.device)  # nor read from a ring slot (a copy on the compute stream)
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
         for group in self.groups.values():
             for slot in group.slots:
                 slot.host = None
@@ -494,6 +540,8 @@ class OffloadEngine:
     def held_tensors(self) -> list[Tensor]:
         """Every tensor the engine itself keeps alive (host copies, packed buffers, device copies, arena)."""
         held = [self._arena] if self._arena is not None else []
+        if self.ring is not None:
+            held += [slot.buffer for slot in self.ring.slots if slot.buffer is not None]
         for group in self.groups.values():
             held += [t for t in (group.packed_host, group.packed_device) if t is not None]
             held += [slot.host for slot in group.slots if slot.host is not None]
@@ -501,7 +549,8 @@ class OffloadEngine:
 
 
     def pinned_bytes(self) -> int:
-        """Page-locked host bytes the engine holds: its packed pinned copies (the report's column)."""
+        """Page-locked host bytes the engine holds: packed pinned copies and the ring's slots (the report's column)."""
         if self.device.type != "cuda":
             return 0
-        return sum(g.packed_host.numel() for g in self.groups.values() if g.packed_host is not None and self.host == "pinned")
+        packed = sum(g.packed_host.numel() for g in self.groups.values() if g.packed_host is not None and self.host_of(g) == "pinned")
+        return packed + (self.ring.pinned_bytes() if self.ring is not None else 0)
