@@ -22,6 +22,10 @@
 #   lease2:    phase_conv.py at 1024 (seconds); the SD 1.5 frontier at none, 2GB, 1GB and 0.6GB (FRONTIER_BUDGETS) against diffusers, model, group and
 #              sequential offload (call at once after lease1: the warm machine keeps the models)  ~5 min
 #   run(command="LEASE_SECONDS=470 bash benchmarks/device_run.sh lease1", carry=[".whl"], timeout_s=500)
+#   ring:      the bounded pinned ring (issue 26): its CUDA test, then SDXL 1024 `stream` (4 steps) fully pinned
+#              against --ram-budget ${RING_RAM_BUDGET:-3GB} (the ring): host RSS per stage (anonymous, file-backed,
+#              pinned), s/step ratio, loading (benchmarks/ring_check.py says each goal met or missed)    ~5 min (estimate)
+#   run(command="bash benchmarks/device_run.sh ring", carry=[".whl"], timeout_s=420)
 # The lease parts write every results folder under /tmp/device-results and pack them as
 # $OUT/<part>-results.tgz (what comes back from a call is limited to 8 files).
 #   run(command="bash benchmarks/device_run.sh frontier1", carry=[".whl"], timeout_s=540)
@@ -31,8 +35,8 @@
 # Check the plumbing on the CPU (tiny model): DEVICE_RUN_TINY=1 PYTHON=.venv/bin/python OUT=/tmp/dr bash benchmarks/device_run.sh frontier3
 set -u
 PART=${1:-all}
-case "$PART" in checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|wave3|all) ;;
-  *) echo "usage: bash benchmarks/device_run.sh [checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|wave3|all]" >&2; exit 2 ;;
+case "$PART" in checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|wave3|ring|all) ;;
+  *) echo "usage: bash benchmarks/device_run.sh [checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|wave3|ring|all]" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/device-run-out}
 mkdir -p "$OUT"
@@ -118,4 +122,18 @@ fi
 if wants wave3; then
   echo "== GGUF dequantisation on the GPU (GB/s of fp16 output per type; the goal is >= 80% of the card's bandwidth)"
   timeout -k 5 90 $PY benchmarks/gguf_dequant.py --device cuda --dtype float16 2>&1 | tee "$OUT/gguf_dequant.txt"
+fi
+if wants ring; then
+  echo "== the pinned ring on CUDA: pinned slots, non-blocking copies, slots back by their events (tiny model)"
+  timeout -k 5 90 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_ram_budget.py -k "cuda or ring" 2>&1 | tee "$OUT/ring_tests.log" | tail -5
+  RING_BENCH=(-m optimized_sd.cli bench "${SDXL[@]}" --device "${RING_DEVICE:-cuda}" --kinds txt2img --sizes $BIG --steps 4 --modes stream
+              --peers none --warmup 1 --timeout 200 --cache-dir "$CACHE" --out "$OUT" --label ring)
+  [ "${DEVICE_RUN_TINY:-0}" = 1 ] && RING_BENCH=(-m optimized_sd.cli bench "${SDXL[@]}" --device cpu --kinds txt2img --sizes 64 --steps 1
+              --modes stream --peers none --timeout 200 --cache-dir /tmp/optimized-sd-tiny-cache --out "$OUT" --label ring)
+  echo "== SDXL $BIG stream, fully pinned"
+  timeout -k 10 220 $PY "${RING_BENCH[@]}" 2>&1 | tee "$OUT/ring.log" | tail -4
+  echo "== SDXL $BIG stream, --ram-budget ${RING_RAM_BUDGET:-3GB}"
+  timeout -k 10 220 $PY "${RING_BENCH[@]}" --ram-budget "${RING_RAM_BUDGET:-3GB}" 2>&1 | tee -a "$OUT/ring.log" | tail -4
+  pinned=$(ls -d "$OUT"/*-ring-* 2>/dev/null | grep -v -- "-ram" | head -1); ringed=$(ls -d "$OUT"/*-ring-*-ram* 2>/dev/null | head -1)
+  [ -n "$pinned" ] && [ -n "$ringed" ] && $PY benchmarks/ring_check.py "$pinned" "$ringed" 2>&1 | tee "$OUT/ring_check.txt"
 fi

@@ -37,6 +37,7 @@ def command_text() -> str:
 @click.option("--model", default="sd15", show_default=True, help="sd15, sd2 (768-v) or sdxl (full size, random weights), or tiny, tiny-sd2, tiny-sdxl (check the harness in seconds).")
 @click.option("--precision", default="autocast", show_default=True, help="autocast (fp16 on CUDA, fp32 on the CPU), full, fp16 or bf16; both engines.")
 @click.option("--weights", type=click.Choice(["fp16", "bf16", "fp8", "int8"]), help="How our engine stores its weights (8-bit: dequantised per layer at compute); peers keep theirs.  [default: as the file]")
+@click.option("--ram-budget", "ram_budget", help="Our engine's host-RAM budget (--ram-budget: e.g. 3GB, or auto); peers keep theirs.  [default: no limit]")
 @click.option("--attention", default="sdpa", show_default=True, help="Our attention backend.")
 @click.option("--warmup", type=int, help="Unmeasured runs before the measured one.  [default: 1 on CUDA, 0 on the CPU]")
 @click.option("--repeat", type=int, default=1, show_default=True, help="Measured runs per scenario (same process): the fastest run's times, the highest peaks.")

@@ -110,6 +110,7 @@ class ScenarioTask:
     precision: str = "autocast"
     attention: str = "sdpa"
     weights: str | None = None
+    ram_budget: str | None = None  # our engine's --ram-budget
     warmup: int = 0
     repeat: int = 1
 
@@ -135,6 +136,7 @@ class Settings:
     repeat: int
     timeout_s: float
     weights: str | None = None  # our engine's weight storage, when --weights was given
+    ram_budget: str | None = None  # our engine's host-RAM budget, when --ram-budget was given
 
 
 @dataclass

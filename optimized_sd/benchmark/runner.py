@@ -60,6 +60,7 @@ class BenchOptions:
     precision: str = "autocast"
     attention: str = "sdpa"
     weights: str | None = None  # our engine's weight storage (--weights); peers keep theirs
+    ram_budget: str | None = None  # our engine's host-RAM budget (--ram-budget); peers keep theirs
     warmup: int | None = None
     repeat: int = 1
     update: bool = False  # merge into the results folder's earlier results.json (re-measured rows replace theirs)
@@ -150,7 +151,8 @@ def probe_machine(device: str | None) -> Machine:
 
 
 def scenario_task(
-    model: BenchModel, device: str, *, precision: str, attention: str, warmup: int, repeat: int, weights: str | None = None
+    model: BenchModel, device: str, *, precision: str, attention: str, warmup: int, repeat: int, weights: str | None = None,
+    ram_budget: str | None = None,
 ) -> ScenarioTask:
     """What every scenario worker is sent besides its scenario."""
     return ScenarioTask(
@@ -161,6 +163,7 @@ def scenario_task(
         precision=precision,
         attention=attention,
         weights=weights,
+        ram_budget=ram_budget,
         warmup=warmup,
         repeat=repeat,
     )
@@ -280,6 +283,8 @@ def results_folder(options: BenchOptions, machine: Machine, date: str) -> Path:
         label += f"-{options.model}"
     if options.weights:
         label += f"-{options.weights}"
+    if options.ram_budget:
+        label += f"-ram{options.ram_budget}"
     return Path(options.out) / f"{report.device_label(machine)}-{date}-{label}"
 
 
@@ -315,6 +320,7 @@ def bench_settings(options: BenchOptions, device_type: str, steps: int, warmup: 
         dtype=dtype,
         attention=options.attention,
         weights=options.weights,
+        ram_budget=options.ram_budget,
         warmup=warmup,
         repeat=options.repeat,
         timeout_s=options.timeout,
@@ -341,6 +347,7 @@ def run_bench(options: BenchOptions, echo: Callable[..., None] = click.echo) -> 
         warmup=warmup,
         repeat=options.repeat,
         weights=options.weights,
+        ram_budget=options.ram_budget,
     )
     record = BenchRecord(
         command=options.command,

@@ -425,6 +425,7 @@ def run_ours(task: ScenarioTask, scenario: Scenario, device, budget: int | None 
             attention=task.attention,
             tokenizer=task.tokenizer,
             weights=task.weights,
+            ram_budget=task.ram_budget,
         )
         pipe = options.load(task.checkpoint)
         pipe.prepare(request)  # place the weights now, so that loading is timed here
