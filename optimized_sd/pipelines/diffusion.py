@@ -100,7 +100,7 @@ class StableDiffusion:
         check_backend(attention, self.device)
         self.vae_tile = VAE_TILE
         budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
-        self.storage = plan_storage(self.model, weights, self.dtype, self.device.type)
+        self.storage = plan_storage(self.model, weights, self.dtype, self.device.type, loaded.source)
         self.memory = MemorySession(
             self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention,
             storage=self.storage, int8_matmul=int8_matmul, channels_last=channels_last,
