@@ -101,3 +101,25 @@ def test_scaled_fp8_file_is_refused_in_one_line(fp8, tmp_path):
     with pytest.raises(CheckpointError, match=r"ComfyUI scaled fp8 file \('scaled_fp8'.*\.scale_weight.*does not read") as caught:
         load(path, vae=fp8.files["vae"], text_encoders=(fp8.files["clip"], fp8.files["t5"]), device="cpu", precision="full")
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", ["full", "stream"])
+def test_lora_on_fp8_weights_equals_lora_on_the_rounded_weights(fp8, tmp_path, mode):
+    """A LoRA patches the dequantised fp8 weight at each call (`weight_patch`): the same as on a 32-bit file of the
+    same rounded values, where the engine patches the placed weight."""
+    import dataclasses
+
+    pytest.importorskip("peft")
+    from tests.test_flux_lora import WEIGHT, kohya_tensors, peft_tensors, request
+
+    lora = save(kohya_tensors(peft_tensors(fp8)), tmp_path / "lora.safetensors")
+    files = dict(fp8.files)
+    files["transformer"] = save(bfl_tensors(fp8.transformer.state_dict()), tmp_path / "flux1-dev-rounded.safetensors")
+    files["t5"] = save(t5_file_state(fp8.t5), tmp_path / "t5xxl-rounded.safetensors")
+    expected = dataclasses.replace(fp8, files=files).load().generate(request(loras={lora: WEIGHT})).latents
+    pipe = fp8.load(memory=mode)
+    plain = pipe.generate(request()).latents
+    result = pipe.generate(request(loras={lora: WEIGHT})).latents
+    assert torch.allclose(result, expected, atol=1e-5), (result - expected).abs().max()
+    assert (result - plain).abs().max() > 1e-3
+    assert pipe.model.model.diffusion_model.img_in.weight.dtype == FP8 or mode == "stream"
