@@ -9,6 +9,11 @@ with psutil over the process and its children, and s/step is the UNet stage's se
 machine is shared, the least disturbed run is the fairest. Targets: RSS ratio <= 1.15, s/step ratio <= 1.5.
 
     python benchmarks/controlnet_cost.py [--rounds 2] [--steps 2] [--size 512]
+
+On a GPU (`--device cuda`, the owed checks of `optimized_sd.benchmark.scenarios.OWED_GPU_CHECKS`) each line adds the
+peak allocated of each stage; `--model sdxl` runs SDXL with an SDXL ControlNet, and `--configs` picks the
+configurations: `plain`, `controlnet`, and `hires` (AUTOMATIC1111's hires fix at `--hr-scale`, planned for
+`--vram-budget` under `--memory auto`).
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ ZERO_CONV_SCALE = 0.02
 
 
 def ensure_controlnet(model: CachedModel, seed: int = 0) -> Path:
-    """A full-size random-weight SD 1.5 ControlNet in diffusers' folder layout, built once beside the base
-    model; its zero convs are made non-zero so the residuals it adds are real work, not zeros."""
-    folder = model.checkpoint.parent.parent / f"controlnet-sd15-seed{seed}"
+    """A full-size random-weight ControlNet of the base model's family (built from its UNet's config) in diffusers'
+    folder layout, built once beside the base model; its zero convs are made non-zero so the residuals it adds are
+    real work, not zeros."""
+    folder = model.checkpoint.parent.parent / f"controlnet-{model.checkpoint.parent.name.split('-seed')[0]}-seed{seed}"
     if (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file():
         return folder
     import torch
@@ -95,53 +101,78 @@ def run_once(command: list[str], report: Path) -> dict:
         raise SystemExit(f"run failed ({child.returncode}): {' '.join(command)}\n{errors.decode()[-2000:]}")
     stages = {}
     for record in json.loads(report.read_text())["runs"]:
-        stage = stages.setdefault(record["stage"], {"seconds": 0.0, "steps": 0, "peak_rss_mib": 0.0})
+        stage = stages.setdefault(record["stage"], {"seconds": 0.0, "steps": 0, "peak_rss_mib": 0.0, "peak_allocated_mib": 0.0})
         stage["seconds"] += record["seconds"]
         stage["steps"] += record.get("steps") or 0
-        stage["peak_rss_mib"] = max(stage["peak_rss_mib"], record.get("peak_rss_mib") or 0.0)
+        for key in ("peak_rss_mib", "peak_allocated_mib"):
+            stage[key] = max(stage[key], record.get(key) or 0.0)
     unet = stages["unet"]
     wall = time.perf_counter() - started
     return {"rss_mib": peak[0] / 2**20, "wall_s": wall, "s_per_step": unet["seconds"] / unet["steps"], "stages": stages}
 
 
 def stage_line(stages: dict) -> str:
-    return ", ".join(f"{name} {stage['seconds']:.1f}s/{stage['peak_rss_mib']:.0f}MiB" for name, stage in stages.items())
+    return ", ".join(
+        f"{name} {stage['seconds']:.1f}s/{stage['peak_rss_mib']:.0f}MiB"
+        + (f" (allocated {stage['peak_allocated_mib']:.0f}MiB)" if stage.get("peak_allocated_mib") else "")
+        for name, stage in stages.items()
+    )
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--memory", default="stream")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--model", default="sd15", choices=("sd15", "sdxl"))
+    parser.add_argument("--configs", default="plain,controlnet", help="comma-separated: plain, controlnet, hires")
+    parser.add_argument("--hr-scale", default="2")
+    parser.add_argument("--vram-budget", help="the hires run's --vram-budget (with --memory auto)")
+    return parser
 
-    model = ensure_model(name="sd15")
-    controlnet = ensure_controlnet(model)
+
+def main() -> None:
+    args = build_parser().parse_args()
+    configs = [name.strip() for name in args.configs.split(",") if name.strip()]
+    unknown = set(configs) - {"plain", "controlnet", "hires"}
+    if unknown:
+        raise SystemExit(f"--configs: unknown {', '.join(sorted(unknown))}; use plain, controlnet, hires")
+
+    model = ensure_model(name=args.model)
+    controlnet = ensure_controlnet(model) if "controlnet" in configs else None
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         hint = folder / "hint.png"
         write_hint(hint, args.size)
         base = [sys.executable, "-m", "optimized_sd.cli", "txt2img", "--ckpt", str(model.checkpoint), "--tokenizer", str(model.tokenizer),
-                "--prompt", "a red house", "--seed", "1", "--memory", args.memory, "--device", "cpu",
+                "--prompt", "a red house", "--seed", "1", "--memory", args.memory, "--device", args.device,
                 "--H", str(args.size), "--W", str(args.size), "--ddim_steps", str(args.steps), "--sampler", "euler", "--n_samples", "1",
                 "--skip_grid", "--outdir", str(folder / "out")]
-        control = ["--controlnet", str(controlnet), "--control-image", str(hint)]
-        runs: dict[str, list[dict]] = {"plain": [], "controlnet": []}
+        extras = {
+            "plain": [],
+            "controlnet": ["--controlnet", str(controlnet), "--control-image", str(hint)],
+            "hires": ["--hr-scale", args.hr_scale, *(["--vram-budget", args.vram_budget] if args.vram_budget else [])],
+        }
+        runs: dict[str, list[dict]] = {name: [] for name in configs}
         for round_index in range(args.rounds):
-            for name, extra in (("plain", []), ("controlnet", control)):
+            for name in configs:
+                extra = extras[name]
                 report = folder / f"{name}-{round_index}.json"
                 result = run_once([*base, *extra, "--report-json", str(report)], report)
                 runs[name].append(result)
                 print(f"round {round_index} {name:<10} peak RSS {result['rss_mib']:>7.0f} MiB  {result['s_per_step']:>6.2f} s/step  "
                       f"wall {result['wall_s']:>5.1f}s  [{stage_line(result['stages'])}]", flush=True)
     best = {name: (min(r["rss_mib"] for r in results), min(r["s_per_step"] for r in results)) for name, results in runs.items()}
-    rss_ratio = best["controlnet"][0] / best["plain"][0]
-    step_ratio = best["controlnet"][1] / best["plain"][1]
-    print(f"\nSD 1.5 {args.size}x{args.size}, {args.steps} euler steps, --memory {args.memory}, cpu, best of {args.rounds}")
+    print(f"\n{args.model} {args.size}x{args.size}, {args.steps} euler steps, --memory {args.memory}, {args.device}, best of {args.rounds}")
     print(f"{'':<12} {'peak RSS MiB':>12} {'s/step':>8}")
     for name, (rss, step) in best.items():
         print(f"{name:<12} {rss:>12.0f} {step:>8.2f}")
+    if not {"plain", "controlnet"} <= set(best):
+        return
+    rss_ratio = best["controlnet"][0] / best["plain"][0]
+    step_ratio = best["controlnet"][1] / best["plain"][1]
     print(f"ratio        {rss_ratio:>12.3f} {step_ratio:>8.3f}   (targets <= {RSS_TARGET}, <= {STEP_TARGET})")
     print(f"RSS target {'met' if rss_ratio <= RSS_TARGET else 'MISSED'}, s/step target {'met' if step_ratio <= STEP_TARGET else 'MISSED'}")
 

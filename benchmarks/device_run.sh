@@ -19,6 +19,11 @@
 #              SD 1.5 stream with fp16, fp8 and int8 weights; the seed workload              ~8 min
 #   wave3:     GGUF dequantisation bandwidth per type on the card (the other third-wave GPU figures need
 #              ControlNet and Flux bench scenarios that are not built yet)                       ~1 min (estimate)
+#   wave4:     the owed Flux, ControlNet and hires-fix figures (issues 23 and 27), declared as data in
+#              optimized_sd/benchmark/scenarios.py (OWED_GPU_CHECKS: each command, its target, its time cap), most
+#              important first; WAVE4_TAG=flux runs only the Flux.1 dev ones (their first run writes the 33 GB bench
+#              model: give them a lease of their own), WAVE4_TAG=sd the SD ones               ~8 min per tag (estimate)
+#   run(command="WAVE4_TAG=sd LEASE_SECONDS=470 bash benchmarks/device_run.sh wave4", carry=[".whl"], timeout_s=500)
 #   lease2:    phase_conv.py at 1024 (seconds); the SD 1.5 frontier at none, 2GB, 1GB and 0.6GB (FRONTIER_BUDGETS) against diffusers, model, group and
 #              sequential offload (call at once after lease1: the warm machine keeps the models)  ~5 min
 #   run(command="LEASE_SECONDS=470 bash benchmarks/device_run.sh lease1", carry=[".whl"], timeout_s=500)
@@ -35,8 +40,8 @@
 # Check the plumbing on the CPU (tiny model): DEVICE_RUN_TINY=1 PYTHON=.venv/bin/python OUT=/tmp/dr bash benchmarks/device_run.sh frontier3
 set -u
 PART=${1:-all}
-case "$PART" in checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|wave3|ring|all) ;;
-  *) echo "usage: bash benchmarks/device_run.sh [checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|wave3|ring|all]" >&2; exit 2 ;;
+case "$PART" in checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|wave3|ring|wave4|all) ;;
+  *) echo "usage: bash benchmarks/device_run.sh [checks|frontier1|frontier2|frontier3|seed|bench|lease1|lease2|wave3|ring|wave4|all]" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/device-run-out}
 mkdir -p "$OUT"
@@ -136,4 +141,13 @@ if wants ring; then
   timeout -k 10 220 $PY "${RING_BENCH[@]}" --ram-budget "${RING_RAM_BUDGET:-3GB}" 2>&1 | tee -a "$OUT/ring.log" | tail -4
   pinned=$(ls -d "$OUT"/*-ring-* 2>/dev/null | grep -v -- "-ram" | head -1); ringed=$(ls -d "$OUT"/*-ring-*-ram* 2>/dev/null | head -1)
   [ -n "$pinned" ] && [ -n "$ringed" ] && $PY benchmarks/ring_check.py "$pinned" "$ringed" 2>&1 | tee "$OUT/ring_check.txt"
+fi
+if [ "$PART" = wave4 ]; then
+  trap pack EXIT
+  $PY -m optimized_sd.benchmark.scenarios owed "${WAVE4_TAG:-all}" > "$OUT/wave4-checks.txt" || exit 2
+  while read -r seconds name argv; do
+    echo "== $name ($(( LEASE_END - $(date +%s) )) s of the lease left)" | tee -a "$OUT/wave4.log"
+    eval "set -- $argv"  # the argv as scenarios.py quoted it
+    within "$seconds" $PY "$@" < /dev/null 2>&1 | tee -a "$OUT/wave4.log" | tail -20
+  done < "$OUT/wave4-checks.txt"
 fi

@@ -8,7 +8,13 @@ sampled with psutil, under a watchdog that kills it above `--cap` or when the ma
     .venv/bin/python benchmarks/flux_cpu.py diffusers --size 256 --steps 1
 
 Prints one JSON line: the command, how it ended (exit code or the watchdog's reason), wall seconds, peak RSS, and
-for ours the stage table of `--report-json` (s/step = the sampling stage's seconds per transformer call)."""
+for ours the stage table of `--report-json` (s/step = the sampling stage's seconds per transformer call).
+
+On a GPU (`--device cuda`, the owed checks of `optimized_sd.benchmark.scenarios.OWED_GPU_CHECKS`): ours with `--weights`
+or `--memory auto --vram-budget`, diffusers with `--offload group-leaf` (enable_group_offload at leaf level with
+streams, its lowest-VRAM configuration with prefetch); the line adds the peak allocated of each stage (ours) or of
+the run (diffusers), the measured pinned host-to-device rate and the link bound of a `stream` step: the bytes it
+moves (the transformer's weights less the adaLN weights hoisted out of the steps, at the stored width) over that rate."""
 
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 from safetensors.torch import load_file
-transformer_file, t5_file, clip_file, vae_file, clip_tok, t5_tok, size, steps = sys.argv[1:9]
+transformer_file, t5_file, clip_file, vae_file, clip_tok, t5_tok, size, steps, device, offload = sys.argv[1:11]
 dtype = torch.bfloat16
 import psutil
 def stage(name):
@@ -71,13 +77,59 @@ vae = AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512),
                     use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159).to(dtype)
 pipe = FluxPipeline(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae, clip,
                     CLIPTokenizer.from_pretrained(clip_tok), t5, T5TokenizerFast.from_pretrained(t5_tok), transformer)
-if "--offload" in sys.argv:
-    pipe.enable_sequential_cpu_offload(device="cpu")
+if offload == "sequential":
+    pipe.enable_sequential_cpu_offload(device=device)
+elif offload == "group-leaf":  # diffusers' leaf-level group offload with CUDA streams, on both large parts
+    from diffusers.hooks import apply_group_offloading
+    for part in (transformer, t5):
+        apply_group_offloading(part, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                               offload_type="leaf_level", use_stream=True)
+    clip.to(device); vae.to(device)
+elif device != "cpu":
+    pipe.to(device)
 stage("generate")
 pipe("a photo of a red cube on the table", height=int(size), width=int(size), num_inference_steps=int(steps),
      guidance_scale=3.5, generator=torch.Generator().manual_seed(0))
+if device == "cuda":
+    print(f"peak allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", flush=True)
 stage("done")
 """
+HOISTED = ("time_in.", "vector_in.", "guidance_in.", "_mod.", ".modulation.", "final_layer.adaLN_modulation.")
+
+
+def streamed_bytes_per_step(checkpoint: Path, fp8: bool) -> int:
+    """What `stream` moves per step: every transformer weight but the hoisted adaLN ones (moved once per run), at
+    the stored width (1 byte for `--weights fp8` matrices, else the file's 2)."""
+    from optimized_sd.weights.loading import open_weight_file
+
+    source = open_weight_file(checkpoint)
+    try:
+        total = 0
+        for key, shape in source.shapes().items():
+            if not any(part in key for part in HOISTED):
+                count = 1
+                for size in shape:
+                    count *= size
+                total += count * (1 if fp8 and len(shape) == 2 else 2)
+        return total
+    finally:
+        source.close()
+
+
+def pinned_h2d_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """The measured pinned host-to-device copy rate (GB/s), the best of `repeats`."""
+    import torch
+
+    host = torch.empty(megabytes * 2**20, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty_like(host, device="cuda")
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        device.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return host.numel() / best / 1e9
 
 
 def watch(command: list[str], cap: int, min_free: int, timeout: float) -> dict:
@@ -124,7 +176,7 @@ def watch(command: list[str], cap: int, min_free: int, timeout: float) -> dict:
     }
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runner", choices=("ours", "diffusers"))
     parser.add_argument("--memory", default="stream", help="our memory mode (default stream)")
@@ -135,8 +187,16 @@ def main() -> int:
     parser.add_argument("--min-free", type=float, default=4.0, help="kill it when available RAM falls under this (GB)")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--offload", action="store_true", help="diffusers: enable_sequential_cpu_offload")
-    args = parser.parse_args()
+    parser.add_argument("--offload", nargs="?", const="sequential", choices=("sequential", "group-leaf"),
+                        help="diffusers: enable_sequential_cpu_offload (no value), or leaf-level group offload with streams")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--weights", choices=("fp16", "bf16", "fp8", "int8"), help="ours: --weights")
+    parser.add_argument("--vram-budget", help="ours: --vram-budget (with --memory auto)")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     model = ensure_model(args.cache_dir, FLUX_MODEL)
     t5_file, clip_file, vae_file = model.parts
     with tempfile.TemporaryDirectory() as scratch:
@@ -145,15 +205,16 @@ def main() -> int:
             command = [
                 sys.executable, "-m", "optimized_sd.cli", "txt2img", "--ckpt", str(model.checkpoint),
                 "--text-encoder", str(clip_file), "--text-encoder", str(t5_file), "--vae", str(vae_file),
-                "--tokenizer", str(model.tokenizer), "--tokenizer", str(model.t5_tokenizer), "--device", "cpu",
+                "--tokenizer", str(model.tokenizer), "--tokenizer", str(model.t5_tokenizer), "--device", args.device,
                 "--precision", args.precision, "--memory", args.memory, "--H", str(args.size), "--W", str(args.size),
                 "--steps", str(args.steps), "--n_samples", "1", "--seed", "0", "--prompt", PROMPT,
                 "--outdir", scratch, "--report-json", str(report),
+                *(["--weights", args.weights] if args.weights else []), *(["--vram-budget", args.vram_budget] if args.vram_budget else []),
             ]  # fmt: skip
         else:
             command = [sys.executable, "-c", DIFFUSERS_CHILD, str(model.checkpoint), str(t5_file), str(clip_file), str(vae_file),
-                       str(model.tokenizer), str(model.t5_tokenizer), str(args.size), str(args.steps),
-                       *(["--offload"] if args.offload else [])]  # fmt: skip
+                       str(model.tokenizer), str(model.t5_tokenizer), str(args.size), str(args.steps), args.device,
+                       args.offload or "none"]  # fmt: skip
         result = watch(command, int(args.cap * GB), int(args.min_free * GB), args.timeout)
         result.update(runner=args.runner, size=args.size, steps=args.steps)
         if args.runner == "ours":
@@ -163,7 +224,11 @@ def main() -> int:
                 result["stages"] = stages
                 sampling = next((s for name, s in stages.items() if s.get("steps")), None)
                 if sampling:
-                    result["seconds_per_step"] = round(sampling["seconds"] / sampling["steps"], 1)
+                    result["seconds_per_step"] = round(sampling["seconds"] / sampling["steps"], 3)
+        if args.device == "cuda":
+            rate = pinned_h2d_gbs()
+            moved = streamed_bytes_per_step(model.checkpoint, args.weights == "fp8")
+            result.update(h2d_gbs=round(rate, 2), stream_bytes_per_step=moved, link_bound_s_per_step=round(moved / rate / 1e9, 3))
     print(json.dumps(result))
     return 0 if result["exit"] == 0 and not result["killed"] else 1
 

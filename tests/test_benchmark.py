@@ -62,7 +62,9 @@ def test_cuda_only_peers_are_skipped_on_cpu_with_a_note() -> None:
     assert all("needs a CPU device, skipped on cuda" in note for note in on_gpu.notes)
     on_cpu = selection(modes="none", device_type="cpu")
     assert {s.mode for s in on_cpu.scenarios} == {"diffusers", "diffusers-attention-slicing", "diffusers-vae-slicing", "sdcpp", "openvino"}
-    assert len(on_cpu.notes) == 3 and all("needs a CUDA device" in note for note in on_cpu.notes)
+    cuda_only = [name for name, peer in PEERS.items() if peer.cuda_only]
+    assert "diffusers-group-offload-leaf" in cuda_only and len(cuda_only) == 4
+    assert len(on_cpu.notes) == len(cuda_only) and all("needs a CUDA device" in note for note in on_cpu.notes)
 
 
 def test_without_diffusers_ours_run_alone_and_it_is_said() -> None:

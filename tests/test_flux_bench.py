@@ -89,3 +89,57 @@ def test_flux_sampling_gives_freed_tensors_back_on_the_lean_cpu_path(tmp_path, m
     finally:
         pipe.close()
     assert phases and not any(phases)  # text, sampling and decode all return freed tensors
+
+
+# --- the owed GPU checks (issues 23 and 27): declared, and every command parses (a dry run; nothing is timed) ---
+
+
+def owed_parser(script: str):
+    """The argparse parser of a benchmark script, loaded from its file."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / script
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def test_owed_gpu_checks_are_declared_and_their_commands_parse():
+    from optimized_sd.benchmark.command import bench as bench_command
+    from optimized_sd.benchmark.scenarios import OWED_GPU_CHECKS, PEERS, main, owed_checks, select_scenarios
+
+    names = {check.name for check in OWED_GPU_CHECKS}
+    assert {"flux-dev-1024-stream", "flux-dev-1024-full", "flux-dev-1024-stream-fp8", "flux-dev-1024-diffusers-group-leaf",
+            "flux-dev-1024-auto-4GB", "controlnet-sd15-512-stream", "controlnet-sdxl-1024-stream", "hires-sd15-512-to-1024-2GB",
+            "sd15-512-stream-group-leaf"} == names  # fmt: skip
+    assert {check.issue for check in OWED_GPU_CHECKS} == {23, 27} and all(check.figure for check in OWED_GPU_CHECKS)
+    assert [c.tag for c in owed_checks("flux")] == ["flux"] * 5 and len(owed_checks()) == len(OWED_GPU_CHECKS)
+    assert "diffusers-group-offload-leaf" in PEERS
+    for check in OWED_GPU_CHECKS:
+        if check.argv[0].startswith("benchmarks/"):
+            options = owed_parser(check.argv[0]).parse_args(list(check.argv[1:]))
+            assert options.device == "cuda"
+        else:
+            assert check.argv[:4] == ("-m", "optimized_sd.cli", "bench", "--device")
+            params = bench_command.make_context("bench", list(check.argv[3:])).params
+            selection = select_scenarios(kinds=params["kinds"], sizes=params["sizes"], batches="1", steps=params["steps"],
+                                         modes=params["modes"], peers=params["peers"], device_type="cuda")  # fmt: skip
+            assert {s.mode for s in selection.scenarios} == {"stream", "diffusers-group-offload-leaf"}
+    flux = owed_parser("benchmarks/flux_cpu.py").parse_args(list(OWED_GPU_CHECKS[3].argv[1:]))
+    assert (flux.runner, flux.offload) == ("diffusers", "group-leaf")
+    assert owed_parser("benchmarks/flux_cpu.py").parse_args(["diffusers", "--offload"]).offload == "sequential"  # as before
+    assert main(["owed", "sd"]) == 0
+
+
+def test_device_run_has_the_wave4_group_beside_the_others():
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_run.sh"
+    text = script.read_text()
+    for part in ("lease1", "lease2", "wave3", "wave4"):
+        assert f"{part})" in text or f"|{part}|" in text or f"|{part})" in text
+    assert "optimized_sd.benchmark.scenarios owed" in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    usage = subprocess.run(["bash", str(script), "nope"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "wave4" in usage.stderr

@@ -53,6 +53,11 @@ PEERS: dict[str, Peer] = {
             "enable_group_offload(block_level, 1 block per group, use_stream=True)",
             devices=("cuda",),
         ),
+        Peer(
+            "diffusers-group-offload-leaf",
+            "enable_group_offload(leaf_level, use_stream=True): every leaf module its own group, prefetched on a stream",
+            devices=("cuda",),
+        ),
         Peer("diffusers-vae-slicing", "everything on the device, vae.enable_slicing() and vae.enable_tiling()"),
         Peer(
             "sdcpp",
@@ -80,7 +85,7 @@ CLOSEST_PEERS: dict[str, tuple[str, ...]] = {
     "full": (),
     "turbo": ("diffusers-model-offload",),
     "split": ("diffusers-model-offload",),
-    "stream": ("diffusers-group-offload", "diffusers-sequential-offload"),
+    "stream": ("diffusers-group-offload", "diffusers-group-offload-leaf", "diffusers-sequential-offload"),
 }
 # The seed workload of optimizedSD's users: `--n_samples 10 --n_iter 2 --turbo` at 512x512, under a
 # 2.4 GB cap (the planner chooses the UNet micro-batch), against uncapped `full` at the same batch.
@@ -309,3 +314,75 @@ def select_scenarios(
     if not scenarios:
         raise UserError("no scenario to run: give at least one of --modes or --peers")
     return Selection(scenarios, notes)
+
+
+# --------------------------------------------------------------------------- owed GPU checks
+@dataclass(frozen=True)
+class DeviceCheck:
+    """A GPU figure an issue owes, as one command for `benchmarks/device_run.sh wave4` (run under the lease's clock,
+    at most `seconds`). `argv` follows the Python executable: a benchmark script or `-m optimized_sd.cli ...`.
+    `tag` groups the checks a lease may run alone (`flux`: needs the 33 GB Flux.1 dev bench model; `sd`)."""
+
+    name: str
+    issue: int
+    tag: str
+    figure: str  # what it measures, and the target it is held to
+    argv: tuple[str, ...]
+    seconds: int
+
+
+FLUX_GPU = ("benchmarks/flux_cpu.py", "ours", "--device", "cuda", "--size", "1024", "--steps", "4", "--cap", "100", "--timeout", "500")
+CN_GPU = ("benchmarks/controlnet_cost.py", "--device", "cuda", "--rounds", "1", "--steps", "10")
+OWED_GPU_CHECKS: tuple[DeviceCheck, ...] = (
+    DeviceCheck("flux-dev-1024-stream", 23, "flux",
+                "allocated while sampling <= 0.5 GiB; s/step <= 1.15x max(full's s/step, link_bound_s_per_step)",
+                (*FLUX_GPU, "--memory", "stream"), 240),
+    DeviceCheck("flux-dev-1024-full", 23, "flux", "the resident step's compute time (the other term of the link bound)",
+                (*FLUX_GPU, "--memory", "full"), 200),
+    DeviceCheck("flux-dev-1024-stream-fp8", 23, "flux", "fp8 stream s/step <= 0.6x bf16 stream's where the link is the bound",
+                (*FLUX_GPU, "--memory", "stream", "--weights", "fp8"), 200),
+    DeviceCheck("flux-dev-1024-diffusers-group-leaf", 23, "flux",
+                "diffusers' leaf-level group offload with streams: ours stream >= 2.5x faster at no more VRAM",
+                ("benchmarks/flux_cpu.py", "diffusers", "--device", "cuda", "--size", "1024", "--steps", "4", "--offload", "group-leaf",
+                 "--cap", "100", "--timeout", "500"), 300),
+    DeviceCheck("flux-dev-1024-auto-4GB", 23, "flux", "auto --vram-budget 4GB, the whole pipeline with T5, completes",
+                (*FLUX_GPU, "--memory", "auto", "--vram-budget", "4GB"), 240),
+    DeviceCheck("sd15-512-stream-group-leaf", 23, "sd", "the SD 1.5 stream row beside diffusers' leaf-level group offload",
+                ("-m", "optimized_sd.cli", "bench", "--device", "cuda", "--model", "sd15", "--sizes", "512", "--steps", "10",
+                 "--warmup", "1", "--kinds", "txt2img", "--modes", "stream", "--peers", "diffusers-group-offload-leaf",
+                 "--label", "gpu", "--update", "--out", "/tmp/device-results"), 120),
+    DeviceCheck("controlnet-sd15-512-stream", 27, "sd", "SD 1.5 + ControlNet 512 stream <= 0.7 GB allocated",
+                (*CN_GPU, "--model", "sd15", "--size", "512", "--memory", "stream"), 120),
+    DeviceCheck("controlnet-sdxl-1024-stream", 27, "sd", "SDXL + ControlNet 1024 stream <= 0.8 GB allocated, the decode tiled",
+                (*CN_GPU, "--model", "sdxl", "--size", "1024", "--memory", "stream"), 240),
+    DeviceCheck("hires-sd15-512-to-1024-2GB", 27, "sd", "hires fix 512 -> 1024 SD 1.5 planned for 2 GB completes (peak allocated <= 2 GB)",
+                (*CN_GPU, "--model", "sd15", "--size", "512", "--memory", "auto", "--configs", "hires", "--hr-scale", "2",
+                 "--vram-budget", "2GB"), 120),
+)  # fmt: skip
+
+
+def owed_checks(tag: str | None = None) -> list[DeviceCheck]:
+    """The owed GPU checks in run order (most important first), those of `tag` only when given."""
+    checks = [check for check in OWED_GPU_CHECKS if tag in (None, "", "all", check.tag)]
+    if not checks:
+        raise UserError(f"no owed GPU check is tagged {tag!r}; tags: {', '.join(sorted({c.tag for c in OWED_GPU_CHECKS}))}")
+    return checks
+
+
+def main(argv: list[str]) -> int:
+    """`python -m optimized_sd.benchmark.scenarios owed [TAG]`: one line per owed check for device_run.sh to run:
+    its time cap, its name and its argv, shell-quoted."""
+    import shlex
+
+    if argv[:1] != ["owed"]:
+        print("usage: python -m optimized_sd.benchmark.scenarios owed [flux|sd|all]")
+        return 2
+    for check in owed_checks(argv[1] if len(argv) > 1 else None):
+        print(check.seconds, check.name, shlex.join(check.argv))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

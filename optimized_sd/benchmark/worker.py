@@ -471,14 +471,9 @@ def place_peer(pipe, peer: str, device) -> None:
         pipe.enable_model_cpu_offload(device=device)
     elif peer == "diffusers-sequential-offload":
         pipe.enable_sequential_cpu_offload(device=device)
-    elif peer == "diffusers-group-offload":
-        options = dict(
-            onload_device=device,
-            offload_device=torch.device("cpu"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=True,
-        )
+    elif peer in ("diffusers-group-offload", "diffusers-group-offload-leaf"):
+        level = dict(offload_type="leaf_level") if peer.endswith("-leaf") else dict(offload_type="block_level", num_blocks_per_group=1)
+        options = dict(onload_device=device, offload_device=torch.device("cpu"), use_stream=True, **level)
         if hasattr(pipe, "enable_group_offload"):
             pipe.enable_group_offload(**options)
         else:  # older diffusers: per model

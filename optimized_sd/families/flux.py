@@ -26,6 +26,7 @@ from optimized_sd.families.registry import (
     Units,
     register,
 )
+from optimized_sd.memory.planner import TokenActivations
 from optimized_sd.models.flux import VAE_SCALE, VAE_SHIFT
 from optimized_sd.sampling.model_sampling import FlowSampling
 
@@ -35,6 +36,11 @@ CLIP_TOWER, T5_TOWER = "clip_l", "t5xxl"
 T5_HUB_TOKENIZER = "google/t5-v1_1-xxl"
 GUIDANCE_DEFAULT = 3.5  # dev's distilled guidance (diffusers' FluxPipeline and Forge's default)
 MAX_SEQUENCE = {FLUX_DEV: 512, FLUX_SCHNELL: 256}  # T5 tokens a prompt is padded to (diffusers' defaults)
+# The transformer's activations per image token (the planner's `TokenActivations`), from `benchmarks/calibrate.py
+# --flux` on the CPU (fp32, Flux.1's width 3072, one double and one single block, 64 and 256 image tokens beside 64
+# text tokens, 2026-12-06): 64,643 elements per joint token, 72,723 per image token at 1024x1024 with 512 T5 tokens;
+# plus 10%. The MLP is not run in token chunks (share 1). A CUDA bench run's figures replace it (`calibrate.py`).
+FLUX_ACTIVATIONS = TokenActivations(per_token=80_000, chunked_ff_share=1.0)
 
 # Latent channel -> RGB for the transformer's latents (ComfyUI's `latent_formats.Flux` factors), for live previews.
 FLUX_LATENT = LatentFormat(
@@ -361,6 +367,7 @@ FLUX_DEV_RECORD = FamilyRecord(
     units=UNITS,
     unet_in_channels=64,
     unet_heads=None,
+    unet_activations=FLUX_ACTIVATIONS,
     loader=LOADER,
     lora=FLUX_LORA,
 )
@@ -376,6 +383,7 @@ FLUX_SCHNELL_RECORD = FamilyRecord(
     units=UNITS,
     unet_in_channels=64,
     unet_heads=None,
+    unet_activations=FLUX_ACTIVATIONS,
     loader=LOADER,
     lora=FLUX_LORA,
 )

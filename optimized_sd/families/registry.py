@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from optimized_sd.errors import UserError
-from optimized_sd.memory.planner import UnetActivations
+from optimized_sd.memory.planner import Activations
 
 if TYPE_CHECKING:
     from optimized_sd.config import ModelConfig
@@ -144,7 +144,7 @@ class FamilyRecord:
     prediction_hint: Callable[[Path], bool] | None = None  # a file name that says v (SD 2.x "768")
     prediction_hint_reason: str = ""
     defaults: Defaults = field(default_factory=Defaults)
-    unet_activations: UnetActivations | None = None  # the planner's measured constants (None: the planner's default)
+    unet_activations: Activations | None = None  # the planner's measured constants, per latent pixel or per image token (None: its default)
     units: Units = field(default_factory=Units)
     lora: LoraKeys = field(default_factory=LoraKeys)
     diffusers: DiffusersLayout | None = None  # None: no diffusers folder layout

@@ -26,6 +26,24 @@ class UnetActivations:
     chunked_ff_share: float
 
 
+@dataclass(frozen=True)
+class TokenActivations:
+    """A transformer denoiser's activations (DiT families: Flux...), measured per image token: elements per token
+    per image in the micro-batch, a token being `patch` x `patch` latent pixels, and the share left in `stream`
+    (1.0 where its MLP does not run in token chunks). Read by the planner as per latent pixel, like a UNet's."""
+
+    per_token: int
+    chunked_ff_share: float = 1.0
+    patch: int = 2
+
+    @property
+    def per_latent_pixel(self) -> float:
+        return self.per_token / self.patch**2
+
+
+Activations = UnetActivations | TokenActivations  # a record's measured denoiser constants, in either form
+
+
 # Each family's measured constants live in its record (`optimized_sd.families`, `unet_activations`) and
 # reach the planner in the footprint; one not measured yet (the SDXL refiner) takes these, SD 1.x's, the largest.
 DEFAULT_UNET_ACTIVATIONS = UnetActivations(14_000, 0.65)
@@ -33,11 +51,11 @@ UNET_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = DEFAULT_UNET_ACTIVATIONS.per_latent_
 UNET_ACTIVATION_CHUNKED_FF = DEFAULT_UNET_ACTIVATIONS.chunked_ff_share
 
 
-def _measured(record) -> UnetActivations:
+def _measured(record) -> Activations:
     return record.unet_activations or DEFAULT_UNET_ACTIVATIONS
 
 
-def _registry_view() -> Mapping[str, UnetActivations]:
+def _registry_view() -> Mapping[str, Activations]:
     """Family id -> its record's constants (a live view of the family registry, imported late: the
     registry's records name this module's types)."""
     from optimized_sd.families.registry import FamilyView
@@ -45,10 +63,10 @@ def _registry_view() -> Mapping[str, UnetActivations]:
     return FamilyView(_measured, include=lambda record: record.unet_activations is not None)
 
 
-class _ActivationsTable(Mapping[str, UnetActivations]):
+class _ActivationsTable(Mapping[str, Activations]):
     """`UNET_ACTIVATIONS`: the measured families' constants, read from their records on each lookup."""
 
-    def __getitem__(self, family: str) -> UnetActivations:
+    def __getitem__(self, family: str) -> Activations:
         return _registry_view()[family]
 
     def __iter__(self) -> Iterator[str]:
@@ -58,12 +76,12 @@ class _ActivationsTable(Mapping[str, UnetActivations]):
         return len(_registry_view())
 
 
-UNET_ACTIVATIONS: Mapping[str, UnetActivations] = _ActivationsTable()
+UNET_ACTIVATIONS: Mapping[str, Activations] = _ActivationsTable()
 
 
-def unet_activations(family: str | UnetActivations | None) -> UnetActivations:
+def unet_activations(family: str | Activations | None) -> Activations:
     """Constants given as they are, or a family id's (from its record); one not measured takes the default."""
-    if isinstance(family, UnetActivations):
+    if isinstance(family, (UnetActivations, TokenActivations)):
         return family
     return UNET_ACTIVATIONS.get(family or "", DEFAULT_UNET_ACTIVATIONS)
 
@@ -100,7 +118,7 @@ class ModelFootprint:
     vae_encoder: int
     vae_decoder: int
     family: str = "sd1"  # the family's id, for reports
-    activations: UnetActivations | None = None  # its record's UNet constants (None: looked up by `family`)
+    activations: Activations | None = None  # its record's denoiser constants (None: looked up by `family`)
     latent_downscale: int = 8  # pixels per latent along one axis
     tiny_decoder: int = 0  # a TAESD decoder's weights, on the device for the whole call (fast decode, previews)
     # Side networks running beside the denoiser (ControlNets): their weights whole, their largest streamed unit,
@@ -110,7 +128,7 @@ class ModelFootprint:
     side_activation_share: float = 0.0
 
     @property
-    def unet_constants(self) -> UnetActivations:
+    def unet_constants(self) -> Activations:
         return self.activations if self.activations is not None else unet_activations(self.family)
 
     @property
@@ -198,14 +216,14 @@ def cfg_batch(request: Request) -> int:
     return request.batch * (2 if request.guidance else 1)
 
 
-def unet_elements_per_latent_pixel(family: str | UnetActivations | None, chunked: bool) -> float:
+def unet_elements_per_latent_pixel(family: str | Activations | None, chunked: bool) -> float:
     """A family's (or given constants') UNet activation elements per latent pixel per image, with or without the
     chunked feed-forward."""
     constants = unet_activations(family)
     return constants.per_latent_pixel * (constants.chunked_ff_share if chunked else 1.0)
 
 
-def unet_activation_bytes(request: Request, chunked: bool, family: str | UnetActivations | None = None, downscale: int = 8) -> int:
+def unet_activation_bytes(request: Request, chunked: bool, family: str | Activations | None = None, downscale: int = 8) -> int:
     """The running micro-batch's activations, plus what the rest of the batch holds meanwhile (`family`: an
     id or the record's constants; `downscale`: pixels per latent)."""
     latent_pixels = (request.height // downscale) * (request.width // downscale)

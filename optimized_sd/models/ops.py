@@ -177,6 +177,18 @@ def cpu_int8_matmul_available() -> bool:
         return False
 
 
+def adopt_linears(root: nn.Module) -> None:
+    """Replace every plain `nn.Linear` under `root` (a third-party model's, e.g. transformers' T5) by this op
+    layer's `Linear` of the same shape, device and dtype, so its weights reach compute through `compute_weight`
+    too (8-bit weights from the file stay 8-bit; LoRA patches apply). Same arithmetic: `F.linear`."""
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                weight = child.weight
+                setattr(module, name, Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                             device=weight.device, dtype=weight.dtype))  # fmt: skip
+
+
 def default_init(root: nn.Module) -> nn.Module:
     """PyTorch's own random initialisation of every op-layer module under `root`, in module order, for
     the rare model that is not filled from a checkpoint (the benchmark's seeded stand-in weights)."""

@@ -4,6 +4,7 @@ from a config read off the tensors, and its tokenizer (a `spiece.model` or `toke
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from optimized_sd.errors import UserError
+from optimized_sd.models.ops import adopt_linears
 from optimized_sd.models.text_encoder import tokenize
 
 ATTENTION = "encoder.block.0.layer.0.SelfAttention."
@@ -66,6 +68,17 @@ class T5Config:
         )
 
 
+def feed_forward_in_input_dtype(self, hidden: Tensor) -> Tensor:
+    """transformers' T5 feed-forward (`T5DenseGatedActDense` or `T5DenseActDense`) without its cast of the hidden
+    states to `wo`'s stored dtype: that dtype is the compute dtype unless the weight is stored 8-bit, where the
+    op layer dequantises the weight instead (cast to fp8, the states would lose their precision)."""
+    if hasattr(self, "wi_0"):
+        hidden = self.act(self.wi_0(hidden)) * self.wi_1(hidden)
+    else:
+        hidden = self.act(self.wi(hidden))
+    return self.wo(self.dropout(hidden))
+
+
 class T5Encoder(nn.Module):
     """Holds transformers' T5EncoderModel as `transformer` (ComfyUI's `text_encoders.t5xxl.transformer.*`)."""
 
@@ -75,6 +88,10 @@ class T5Encoder(nn.Module):
 
         self.config = config
         self.transformer = T5EncoderModel(config.transformers_config())
+        adopt_linears(self.transformer)  # its weights through the op layer: an fp8 file's stay fp8 (`weight_storage`)
+        for block in self.transformer.encoder.block:
+            feed_forward = block.layer[-1].DenseReluDense
+            feed_forward.forward = types.MethodType(feed_forward_in_input_dtype, feed_forward)
 
     def tie_embedding(self) -> None:
         """Point the encoder's token embedding at `shared` again after `shared` was replaced (one tensor, not two)."""

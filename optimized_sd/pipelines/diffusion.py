@@ -103,7 +103,7 @@ class StableDiffusion:
         self.vae_tile = VAE_TILE
         budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
         host_budget = parse_ram_budget(ram_budget)
-        self.storage = plan_storage(self.model, weights, self.dtype, self.device.type)
+        self.storage = plan_storage(self.model, weights, self.dtype, self.device.type, loaded.source)
         self.memory = MemorySession(
             self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention,
             storage=self.storage, int8_matmul=int8_matmul, channels_last=channels_last, ram_budget=host_budget,

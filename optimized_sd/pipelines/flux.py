@@ -1,10 +1,11 @@
 """Flux.1 dev and schnell through the shared task steps (`core.run_task`), as diffusers' FluxPipeline computes them.
 
 What differs from SD, each said once here: the text step (CLIP-L's pooled vector, T5 states padded to
-`max_sequence_length`, no prompt weighting), the sampling (`FlowSampling` shifted per image for dev), the denoiser
-call (latents packed 2x2 into tokens around the transformer, the adaLN modulation of every step computed once per
-run), dev's distilled guidance carried in the conditioning, and Forge's metadata. Latents stay (B, 16, h, w)
-between steps: Euler is elementwise, so sampling packed or unpacked is the same arithmetic."""
+`max_sequence_length`, AUTOMATIC1111 emphasis on the T5 states as Forge weights them), the sampling
+(`FlowSampling` shifted per image for dev), the denoiser call (latents packed 2x2 into tokens around the
+transformer, the adaLN modulation of every step computed once per run), dev's distilled guidance carried in the
+conditioning, and Forge's metadata. Latents stay (B, 16, h, w) between steps: Euler is elementwise, so sampling
+packed or unpacked is the same arithmetic."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from optimized_sd.families.flux import FLUX_DEV, GUIDANCE_DEFAULT, MAX_SEQUENCE,
 from optimized_sd.memory.report import StageRecord
 from optimized_sd.models.flux import FluxModulation, image_ids, pack_latents, text_ids, unpack_latents
 from optimized_sd.models.t5 import TOKENIZER_FILES, T5PromptTokenizer, load_t5_tokenizer
-from optimized_sd.models.text_encoder import PromptTokenizer, load_tokenizer
+from optimized_sd.models.text_encoder import PromptTokenizer, load_tokenizer, tokenize
 from optimized_sd.pipelines.diffusion import StableDiffusion
 from optimized_sd.pipelines.request import GenerationRequest
+from optimized_sd.prompts.encoding import Chunk, encode_chunks, is_plain, whole_sequence
+from optimized_sd.prompts.syntax import parse_attention
 from optimized_sd.sampling import Conditioning, Model, ModelSampling, SamplingPlan
 
 log = logging.getLogger("optimized_sd")
@@ -67,6 +70,12 @@ def pooled_output(hidden: Tensor, ids: Tensor, eos_token_id: int) -> Tensor:
     ids = ids.to(hidden.device)
     index = ids.argmax(-1) if eos_token_id == 2 else (ids == eos_token_id).int().argmax(-1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def unmarked(text: str) -> str:
+    """The prompt without AUTOMATIC1111's emphasis markup (itself when it has none)."""
+    segments = parse_attention(text)
+    return text if is_plain(text, segments) else "".join(segment.text for segment in segments)
 
 
 class FluxDiffusion(StableDiffusion):
@@ -124,21 +133,37 @@ class FluxDiffusion(StableDiffusion):
         downscale = self.config.vae.downscale * PATCH
         return self.model_sampling.at_tokens((request.height // downscale) * (request.width // downscale))
 
+    def t5_sequence(self, text: str) -> Chunk:
+        """A prompt's T5 ids and their emphasis weights: a plain prompt exactly as diffusers tokenizes it (weights
+        1), one with AUTOMATIC1111 emphasis as Forge's T5 engine (`prompts.encoding.whole_sequence`)."""
+        segments = parse_attention(text)
+        if is_plain(text, segments):
+            ids = self.t5_tokenizer([text])[0].tolist()
+            return Chunk(ids, [1.0] * len(ids))
+        t5 = self.t5_tokenizer.tokenizer
+        pieces = lambda piece: tokenize(t5, piece, add_special_tokens=False).input_ids  # noqa: E731
+        return whole_sequence(segments, pieces, t5.eos_token_id, t5.pad_token_id, self.t5_tokenizer.max_length)
+
     def text_conditioning(self, request: GenerationRequest, prompts: list[str], negative: str | None):
         """CLIP-L's pooled vector and T5's states for each prompt (and the negative one for true CFG), as diffusers'
-        `encode_prompt`: CLIP padded to 77, T5 to `max_sequence_length`, no prompt weighting."""
+        `encode_prompt`: CLIP padded to 77, T5 to `max_sequence_length`. AUTOMATIC1111 emphasis (`(word:1.5)`) weights
+        the T5 states as Forge does (each token's states times its weight, then the prompt's mean restored); CLIP-L
+        reads the text without the markup (its pooled vector is unweighted, as in AUTOMATIC1111 and Forge)."""
         texts = list(dict.fromkeys([*prompts, *([negative] if negative is not None else [])]))
         self.t5_tokenizer.max_length = request.max_sequence_length
-        for text in texts:
+        plain_texts = [unmarked(text) for text in texts]
+        for text in plain_texts:
             for tokenizer, name in ((self.tokenizer, "CLIP"), (self.t5_tokenizer, "T5")):
                 lost = tokenizer.truncated_text(text)
                 if lost:
                     log.warning("%s truncated the prompt; ignored: %r", name, lost)
         towers = self.model.text_encoders
-        clip_ids = self.tokenizer(texts).to(self.device)
+        clip_ids = self.tokenizer(plain_texts).to(self.device)
         eos = towers.clip_l.transformer.config.eos_token_id
         pooled = pooled_output(towers.clip_l(clip_ids), clip_ids, eos)
-        context = towers.t5xxl(self.t5_tokenizer(texts).to(self.device))
+        sequences = [self.t5_sequence(text) for text in texts]
+        states, _ = encode_chunks(sequences, lambda ids, fixes: (towers.t5xxl(ids.to(self.device)), None))
+        context = states.reshape(len(texts), request.max_sequence_length, -1)  # (prompts, tokens, C)
         index = {text: i for i, text in enumerate(texts)}
 
         def conditioning(chosen: list[str]) -> Conditioning:

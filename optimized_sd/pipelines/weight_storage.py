@@ -6,7 +6,11 @@ The stored form lives everywhere the engine keeps weights (the host copy, pinned
 buffers it streams, the device copies of resident groups), because the engine is given it as the
 checkpoint's own dtype (`OffloadEngine.keep_dtype`). 8-bit weights come with `<key>_scale` tensors
 (one per output channel, `models.ops.quantize`); the op layer dequantises per layer at compute, so the
-compute dtype and the memory modes are unchanged. Without `--weights` nothing here is used."""
+compute dtype and the memory modes are unchanged.
+
+A file whose op-layer weights are already 8-bit floats (BFL's and ComfyUI's fp8 Flux, `t5xxl_fp8_e4m3fn`) takes the
+same path with or without `--weights`: those weights keep the file's bytes (no 16-bit copy is ever made) and the op
+layer casts each to the compute dtype at its call (no scale: the file's values are the weights)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from optimized_sd.weights.sources import TensorSource
 
 WEIGHT_KINDS = ("fp16", "bf16", "fp8", "int8")
 FP8 = getattr(torch, "float8_e4m3fn", None)  # e4m3: more mantissa than e5m2, and the per-channel scale supplies the range
+FLOAT8 = frozenset(filter(None, (FP8, getattr(torch, "float8_e5m2", None))))  # 8-bit floats a file may store
 STORAGE_DTYPES: dict[str, torch.dtype | None] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": FP8, "int8": torch.int8}
 
 FIRST_AND_LAST_CONVS = (f"{UNET}.input_blocks.0.0", f"{UNET}.out.2")  # conv_in and conv_out of the UNet
@@ -65,12 +70,24 @@ def storage_dtype(kind: str, device_type: str) -> torch.dtype:
 @dataclass(frozen=True)
 class WeightStorage:
     """Which weights are stored how. `stored`: checkpoint keys of the op-layer weights kept in `dtype`;
-    `kept`: the other op-layer weights (kept in the compute dtype) with the rule's reason."""
+    `kept`: the other op-layer weights (kept in the compute dtype) with the rule's reason; `native`: op-layer
+    weights the file already holds as 8-bit floats, kept in that dtype (unscaled) whatever `kind` says."""
 
     kind: str | None = None
     dtype: torch.dtype | None = None
     stored: tuple[str, ...] = ()
     kept: dict[str, str] = field(default_factory=dict)
+    native: dict[str, torch.dtype] = field(default_factory=dict)
+
+    @property
+    def differs(self) -> bool:
+        """Some weight is placed in a dtype other than the compute dtype."""
+        return bool(self.stored or self.native)
+
+    @cached_property
+    def keep_dtype(self) -> frozenset[str]:
+        """The keys the memory engine places in their source's dtype (`OffloadEngine.keep_dtype`)."""
+        return self.stored_set | frozenset(self.native)
 
     @property
     def scaled(self) -> bool:
@@ -88,6 +105,8 @@ class WeightStorage:
 
     def placed_bytes(self, key: str, tensor: Tensor, compute_bytes: int) -> int:
         """Bytes a parameter occupies as placed: its stored dtype (plus its scales) or the compute dtype."""
+        if key in self.native:
+            return tensor.numel() * self.native[key].itemsize
         if key not in self.stored_set or self.dtype is None:
             return tensor.numel() * compute_bytes
         return tensor.numel() * self.dtype.itemsize + (tensor.shape[0] * compute_bytes if self.scaled else 0)
@@ -97,15 +116,33 @@ class WeightStorage:
         return frozenset(self.stored)
 
 
-def plan_storage(model: nn.Module, kind: str | None, compute_dtype: torch.dtype, device_type: str) -> WeightStorage:
-    """Apply the rule to every op layer of `model` (built on meta is enough). A 16-bit kind equal to the
-    compute dtype stores nothing differently (the default placement)."""
+def file_float8(model: nn.Module, source: TensorSource | None) -> dict[str, torch.dtype]:
+    """The op-layer weights `source` holds as 8-bit floats, with their dtype (`WeightStorage.native`)."""
+    if source is None:
+        return {}
+    keys = set(source.keys())
+    found = {}
+    for path, module in model.named_modules():
+        key = f"{path}.weight"
+        if isinstance(module, WeightOp) and key in keys and source.dtype(key) in FLOAT8:
+            found[key] = source.dtype(key)
+    return found
+
+
+def plan_storage(
+    model: nn.Module, kind: str | None, compute_dtype: torch.dtype, device_type: str, source: TensorSource | None = None
+) -> WeightStorage:
+    """Apply the rule to every op layer of `model` (built on meta is enough) but the text encoder's (stored as
+    the file has them) and those `source` holds as 8-bit floats (`native`). A 16-bit kind equal to the compute
+    dtype stores nothing differently (the default placement)."""
+    native = file_float8(model, source)
     if kind is None:
-        return WeightStorage()
+        return WeightStorage(native=native)
     dtype = storage_dtype(kind, device_type)
     stored, kept = [], {}
+    text = text_root(model) + "."
     for path, module in model.named_modules():
-        if isinstance(module, WeightOp):
+        if isinstance(module, WeightOp) and f"{path}.weight" not in native and not path.startswith(text):
             reason = keeps_compute_dtype(path)
             if reason is None:
                 stored.append(f"{path}.weight")
@@ -113,7 +150,7 @@ def plan_storage(model: nn.Module, kind: str | None, compute_dtype: torch.dtype,
                 kept[f"{path}.weight"] = reason
     if dtype == compute_dtype:
         stored, kept = [], {}
-    return WeightStorage(kind, dtype, tuple(stored), kept)
+    return WeightStorage(kind, dtype, tuple(stored), kept, native)
 
 
 def apply_storage(model: nn.Module, storage: WeightStorage) -> None:

@@ -170,6 +170,28 @@ def encode_chunks(chunks: Sequence[Chunk], encode: ChunkEncoder) -> Encoded:
     return z.reshape(1, -1, z.shape[-1]), None if pooled is None else pooled[:1].float()
 
 
+def is_plain(text: str, segments: Sequence[Segment]) -> bool:
+    """No emphasis markup: one segment of weight 1 whose text is the prompt itself (escapes would change it)."""
+    return len(segments) == 1 and segments[0].weight == 1 and not segments[0].is_break and segments[0].text == text
+
+
+def whole_sequence(segments: Sequence[Segment], tokenize: Callable[[str], list[int]], end: int, pad: int, length: int) -> Chunk:
+    """A prompt as one sequence of `length` ids for a tower that reads it whole (T5), as Forge's T5 engine builds
+    it: each segment's tokens with its weight (BREAK is ignored: there are no chunks to start), cut to `length` - 1,
+    then the end token and padding, weighted 1 (padded with `pad`, as the plain prompt is, where Forge repeats
+    the end token). `encode_chunks` then weights the states and restores their mean (Forge's "Original" emphasis)."""
+    chunk = Chunk()
+    for segment in segments:
+        ids = tokenize(segment.text) if segment.text else []
+        chunk.ids += ids
+        chunk.weights += [segment.weight] * len(ids)
+    del chunk.ids[length - 1 :], chunk.weights[length - 1 :]
+    padding = length - 1 - len(chunk.ids)
+    chunk.ids += [end] + [pad] * padding
+    chunk.weights += [1.0] * (1 + padding)
+    return chunk
+
+
 @contextmanager
 def spliced(token_embedding: nn.Module, fixes: Sequence[Sequence[Fix]]) -> Iterator[None]:
     """Within the block, the token embedding's output (n, 77, C) has each fix's vectors in place of

@@ -17,6 +17,7 @@ from optimized_sd.weights.infer import infer_text, infer_vae
 from optimized_sd.weights.loading import LoadReport, check_keys, materialize, open_weight_file
 from optimized_sd.weights.sources import RenamedSource, TensorSource
 
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's key (after the model's prefix) in its "fp8 scaled" files
 PART_WORDS = {"transformer": "Flux transformer", "clip_l": "CLIP-L text encoder", "t5": "T5 text encoder", "vae": "Flux VAE"}
 
 
@@ -40,6 +41,7 @@ def open_flux_files(paths: Iterable[Path | str]) -> tuple[dict[str, TensorSource
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")
         source = open_weight_file(path)
+        refuse_scaled_fp8(source, path)
         info = identify_flux(source.shapes(), str(path))
         found[str(path)] = info
         for part, view in flux_parts(source, info).items():
@@ -47,6 +49,17 @@ def open_flux_files(paths: Iterable[Path | str]) -> tuple[dict[str, TensorSource
                 raise CheckpointError(f"{path} and {origin[part]} both hold a {PART_WORDS[part]}; give one of them")
             parts[part], origin[part] = view, path
     return parts, found
+
+
+def refuse_scaled_fp8(source: TensorSource, path: Path) -> None:
+    """ComfyUI's "fp8 scaled" files (a `scaled_fp8` marker, each fp8 weight times its own `.scale_weight` factor)
+    are refused in one line: read as plain fp8 they would compute with wrongly scaled weights."""
+    marker = next((key for key in source.keys() if key.endswith(SCALED_FP8_MARKER)), None)
+    if marker is not None:
+        raise CheckpointError(
+            f"{path} is a ComfyUI scaled fp8 file ({marker!r}: fp8 weights with per-layer .scale_weight factors), "
+            "which this version does not read; use an unscaled fp8 file (e.g. t5xxl_fp8_e4m3fn.safetensors) or a 16-bit one"
+        )
 
 
 def module_view(source: TensorSource, model_keys: Iterable[str], name_in_source: Callable[[str], str]) -> TensorSource:
