@@ -156,10 +156,11 @@ class QwenPromptTokenizer:
         return batch.input_ids, batch.attention_mask
 
 
-def encode_zimage(tower: Qwen3TextEncoder, tokenizer: QwenPromptTokenizer, prompts: list[str]) -> list[Tensor]:
+def encode_zimage(tower: Qwen3TextEncoder, tokenizer: QwenPromptTokenizer, prompts: list[str], device=None) -> list[Tensor]:
     """Z-Image caption features: per prompt (its tokens, hidden) from the second-to-last layer. Padding to the
-    longest prompt instead of 512 changes nothing for the real tokens (causal attention, right padding)."""
-    device = tower.transformer.embed_tokens.weight.device
+    longest prompt instead of 512 changes nothing for the real tokens (causal attention, right padding).
+    `device`: where the ids go (None: the embedding's; a streamed tower's is not placed before it runs)."""
+    device = tower.transformer.embed_tokens.weight.device if device is None else device
     ids, mask = tokenizer(prompts, pad_to_max=False)
     states = tower(ids.to(device), mask.to(device))
     return [sample[keep.to(device).bool()] for sample, keep in zip(states, mask, strict=True)]
