@@ -58,3 +58,53 @@ def test_txt2img_latents_equal_diffusers(tiny):
     assert "Sampler: Euler" in fields and "CFG scale: 0," in fields and "Shift: 3" in fields
     request = pipe.with_defaults(GenerationRequest(prompts=["x"]))
     assert (request.steps, request.scale, request.height, request.sampler, request.guided) == (8, 0.0, 1024, "euler", False)
+
+
+@pytest.mark.parametrize(("normalization", "truncation"), [(0.0, 1.0), (1.0, 0.5)], ids=["plain", "normalized-truncated"])
+def test_cfg_latents_equal_diffusers(tiny, normalization, truncation):
+    """--scale s > 0 is diffusers' guidance_scale: pos + s (pos - neg) with the negative prompt (truncation 0.5 runs
+    the last steps on pos alone, normalization 1 caps the guided norm at pos's)."""
+    pipe = tiny.load()
+    pipe.cfg_normalization, pipe.cfg_truncation = normalization, truncation
+    result = ours(pipe, steps=4, scale=2.5, negative_prompt="blurry")
+    expected = reference_latents(
+        tiny, 4, 2.5, negative_prompt="blurry", cfg_normalization=normalization, cfg_truncation=truncation
+    )
+    close(result.latents, expected)
+
+
+def test_img2img_latents_equal_diffusers(tiny, monkeypatch):
+    """ZImageImg2ImgPipeline's step rounding and noising; its init latents pinned to the posterior mean (ours)."""
+    import diffusers.pipelines.z_image.pipeline_z_image_img2img as img2img_module
+
+    original = img2img_module.retrieve_latents
+
+    def mean_latents(output, generator=None, sample_mode="sample"):
+        return original(output, sample_mode="argmax")
+
+    monkeypatch.setattr(img2img_module, "retrieve_latents", mean_latents)
+    image = Image.fromarray((torch.rand(SIZE[0], SIZE[1], 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
+    result = ours(tiny.load(), steps=5, init_image=image, strength=0.6, scale=1.5)
+    expected = reference_latents(tiny, 5, 1.5, kind=diffusers.ZImageImg2ImgPipeline, image=image, strength=0.6)
+    close(result.latents, expected)
+
+
+def test_layouts_give_identical_images(tiny, tmp_path):
+    """Original names, ComfyUI's prefix and a diffusers folder (whose scheduler config is honoured) load the same."""
+    from optimized_sd.weights.flux_keys import COMFY_TRANSFORMER_PREFIX
+    from tests.family_models import save
+    from tests.test_zimage_net import original_tensors
+
+    base = ours(tiny.load(), steps=2).latents
+    comfy = save(original_tensors(tiny.transformer.state_dict(), COMFY_TRANSFORMER_PREFIX), tmp_path / "z_image_comfy.safetensors")
+    from_comfy = load(comfy, vae=tiny.files["vae"], text_encoders=(tiny.files["qwen"],), tokenizer=tiny.tokenizer, device="cpu",
+                      precision="full", memory="full")  # fmt: skip
+    assert torch.equal(ours(from_comfy, steps=2).latents, base)
+    folder = tmp_path / "Z-Image-Turbo"
+    tiny.diffusers_pipeline().save_pretrained(str(folder))
+    from_folder = load(folder, device="cpu", precision="full", memory="full")
+    assert torch.equal(ours(from_folder, steps=2).latents, base)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"shift": 3.0', '"shift": 6.0'))
+    shifted = load(folder, device="cpu", precision="full", memory="full")
+    assert shifted.model_sampling.shift == 6.0 and not torch.equal(ours(shifted, steps=2).latents, base)

@@ -48,8 +48,8 @@ class TinyZImage:
 
         kind = kind or diffusers.ZImagePipeline
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-        return kind(scheduler=scheduler, vae=self.vae, text_encoder=self.qwen, tokenizer=Qwen2Tokenizer.from_pretrained(str(self.tokenizer)),
-                    transformer=self.transformer)  # fmt: skip
+        tokenizer = Qwen2Tokenizer.from_pretrained(str(self.tokenizer))
+        return kind(scheduler=scheduler, vae=self.vae, text_encoder=self.qwen, tokenizer=tokenizer, transformer=self.transformer)
 
 
 def build(root: Path) -> TinyZImage:
