@@ -108,3 +108,37 @@ def test_layouts_give_identical_images(tiny, tmp_path):
     config.write_text(config.read_text().replace('"shift": 3.0', '"shift": 6.0'))
     shifted = load(folder, device="cpu", precision="full", memory="full")
     assert shifted.model_sampling.shift == 6.0 and not torch.equal(ours(shifted, steps=2).latents, base)
+
+
+@pytest.mark.parametrize("mode", ["stream", "turbo", "split"])
+def test_memory_modes_equal_full(tiny, mode):
+    full = ours(tiny.load(), steps=3, scale=2.0, negative_prompt="blurry")
+    other = ours(tiny.load(memory=mode), steps=3, scale=2.0, negative_prompt="blurry")
+    assert torch.allclose(other.latents, full.latents, atol=1e-5), (other.latents - full.latents).abs().max()
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm2"])  # dpm2 also calls between the grid's sigmas
+def test_hoisting_equals_per_call_and_streams_once_per_run(tiny, sampler):
+    pipe = tiny.load(memory="stream")
+    hoisted = ours(pipe, steps=3, sampler=sampler).latents
+    events = pipe.engine.events
+    loads = [group for action, group, _ in events if action == "load"]
+    if sampler == "heun":  # the caption branch and adaLN weights once per run, every block once per call (5 for Heun)
+        assert [loads.count(name) for name in ("unet.pads", "unet.context_refiner.0", "unet.layers.0.adaLN_modulation")] == [1, 1, 1]
+        assert (loads.count("unet.x_embedder"), loads.count("unet.layers.1.attention_norm1")) == (5, 5)
+    # the Qwen3 tower streams a layer at a time, its token embedding by the rows the prompt uses; no final norm
+    assert ("rows", "text.text_encoders.qwen3.transformer.embed_tokens") in [(action, group) for action, group, _ in events]
+    assert "text.text_encoders.qwen3.transformer.layers.2" in loads and "text.text_encoders.qwen3.transformer.layers.3" not in loads
+    pipe.hoist = False
+    plain = ours(pipe, steps=3, sampler=sampler).latents
+    assert torch.allclose(hoisted, plain, atol=1e-5), (hoisted - plain).abs().max()
+
+
+def test_stream_units_cover_every_weight_once(tiny):
+    from optimized_sd.pipelines.placement import stream_units
+
+    pipe = tiny.load()
+    units = [path for unit in stream_units(pipe.model) for path in unit]
+    owned = [name for path in units for name, _ in pipe.model.get_submodule(path).named_parameters(prefix=path)]
+    every = [name for name, _ in pipe.model.model.diffusion_model.named_parameters(prefix="model.diffusion_model")]
+    assert sorted(owned) == sorted(every)
