@@ -142,3 +142,65 @@ def test_stream_units_cover_every_weight_once(tiny):
     owned = [name for path in units for name, _ in pipe.model.get_submodule(path).named_parameters(prefix=path)]
     every = [name for name, _ in pipe.model.model.diffusion_model.named_parameters(prefix="model.diffusion_model")]
     assert sorted(owned) == sorted(every)
+
+
+def test_bad_files_are_one_line_errors(tiny, tmp_path):
+    from optimized_sd.errors import FieldError, UserError
+    from tests.family_models import save
+    from tests.test_zimage_net import tiny_qwen_tokenizer
+
+    files = tiny.files
+    with pytest.raises(UserError, match="holds a Qwen3 text encoder, not a Z-Image transformer; give it with --text-encoder"):
+        load(files["qwen"], tokenizer=tiny.tokenizer, device="cpu")
+    for keys, name in (({"txt_norm.weight", "img_in.weight"}, "Qwen-Image"), ({"double_stream_blocks.0.block.x.weight"}, "HiDream-I1")):
+        other = save({key: torch.zeros(2) for key in keys}, tmp_path / f"{name}.safetensors")
+        with pytest.raises(UserError, match=f"is a {name} model, which this version does not run"):
+            load(other, device="cpu")
+    with pytest.raises(UserError, match="needs a Qwen3 text encoder, .* give it with --text-encoder qwen_3_4b.safetensors"):
+        load(files["transformer"], vae=files["vae"], tokenizer=tiny.tokenizer, device="cpu")
+    with pytest.raises(UserError, match="needs a Flux VAE, .* give it with --vae ae.safetensors"):
+        load(files["transformer"], text_encoders=(files["qwen"],), tokenizer=tiny.tokenizer, device="cpu")
+    with pytest.raises(FieldError, match="is not a Qwen3 text encoder"):
+        load(files["transformer"], vae=files["vae"], text_encoders=(files["transformer"],), device="cpu")
+    with pytest.raises(FieldError, match="needs its Qwen tokenizer .* --tokenizer DIR"):
+        tiny.load(tokenizer=None)
+    with pytest.raises(FieldError, match="no chat template"):
+        tiny.load(tokenizer=tiny_qwen_tokenizer(tmp_path / "plain", chat_template=None) and tmp_path / "plain")
+
+
+def test_long_prompts_are_cut_with_a_warning_and_sizes_checked(tiny, caplog):
+    from optimized_sd.errors import FieldError
+
+    pipe = tiny.load()
+    ours(pipe, steps=1, max_sequence_length=24)
+    assert "over 24 tokens with its chat template" in caplog.text
+    with pytest.raises(FieldError, match="multiple of 16"):
+        pipe.generate(GenerationRequest(prompts=["x"], height=72, width=48, steps=1))
+
+
+def test_cli_txt2img_and_errors(tiny, tmp_path, capsys):
+    from tests.cli_runs import run_cli
+
+    common = ("--H", 64, "--W", 48, "--steps", 2, "--n_samples", 1, "--seed", 1, "--device", "cpu", "--precision", "full", "--skip_grid")
+    code, out, err = run_cli(
+        capsys, "txt2img", "--ckpt", tiny.files["transformer"], "--vae", tiny.files["vae"], "--text-encoder", tiny.files["qwen"],
+        "--tokenizer", tiny.tokenizer, "--prompt", PROMPT, "--outdir", tmp_path / "ok", *common,
+    )
+    assert code == 0, err
+    assert "Z-Image" in out
+    assert "Shift: 3" in Image.open(next((tmp_path / "ok").rglob("*.png"))).info["parameters"]
+    for args in (("--ckpt", tiny.files["qwen"], "--tokenizer", tiny.tokenizer), ("--ckpt", tiny.files["transformer"], "--vae", tiny.files["vae"],
+                 "--text-encoder", tiny.files["qwen"])):  # fmt: skip
+        code, out, err = run_cli(capsys, "txt2img", *args, "--outdir", tmp_path / "bad", *common)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+        assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*.png"))
+
+
+def test_inspect_names_the_family_and_its_parts(tiny):
+    from optimized_sd.weights.inspect import describe_checkpoint, format_info
+
+    text = format_info(describe_checkpoint(tiny.files["transformer"], hashes=False))
+    assert "Z-Image" in text and "Z-Image transformer" in text and "float32" in text
+    assert "Qwen3 text encoder (--text-encoder)" in text and "Flux VAE (--vae)" in text
+    qwen = format_info(describe_checkpoint(tiny.files["qwen"], hashes=False))
+    assert "holds a Qwen3 text encoder" in qwen and "--text-encoder" in qwen

@@ -195,11 +195,11 @@ class ZImageDiffusion(FluxDiffusion):
 
 
 def describe_files(path: Path):
-    """What `inspect` says of a Z-Image file or folder: each part present with its tensors and storage dtypes, and
-    the parts given by other flags."""
+    """What `inspect` says of a Z-Image file or folder (or of a file refused as its checkpoint): each part present
+    with its tensors and storage dtypes, and the parts other flags give."""
     from collections import Counter
 
-    from optimized_sd.families.zimage import TRANSFORMER_TELLTALES, ZIMAGE, check_file, has_key, unsupported_model
+    from optimized_sd.families.zimage import ZIMAGE, check_file, file_keys, unsupported_model
     from optimized_sd.weights.inspect import LAYOUT_DIFFUSERS, LAYOUT_SAFETENSORS, CheckpointInfo, PartStats, _safetensors_header
 
     words = {"transformer": "Z-Image transformer", "text_encoder": "Qwen3 text encoder", "vae": "Flux VAE"}
@@ -211,31 +211,28 @@ def describe_files(path: Path):
     else:
         files = {"transformer": [path]}
         info = CheckpointInfo(path=path, layout=LAYOUT_SAFETENSORS, file_size=path.stat().st_size)
+        try:
+            check_file(path)
+        except UserError as error:  # a Qwen3 file or a model refused by name: what it is, nothing missing
+            info.family_error = str(error)
+            words["transformer"] = unsupported_model(file_keys(path) or ()) or words["text_encoder"]
     dtypes: Counter[str] = Counter()
     for part, found in files.items():
-        shapes: dict[str, tuple[int, ...]] = {}
-        types: dict[str, str] = {}
+        shapes, types = {}, {}
         for file in found:
-            more_shapes, more_types, metadata = _safetensors_header(file)
+            more_shapes, more_types, info.metadata = _safetensors_header(file)
             shapes.update(more_shapes)
             types.update(more_types)
-            info.metadata = metadata if not path.is_dir() else None
-        if part == "transformer" and not any(has_key(shapes, telltale) for telltale in TRANSFORMER_TELLTALES):
-            name = unsupported_model(shapes)
-            try:
-                check_file(path)
-            except UserError as error:
-                info.family_error = str(error)
-            words[part] = name or words["text_encoder"]
         if shapes:
             info.parts[words[part]] = PartStats(len(shapes), sum(math.prod(s) for s in shapes.values()), tuple(sorted(set(types.values()))))
             dtypes.update(types.values())
     info.dtypes = dict(sorted(dtypes.items()))
-    info.expected_parts = ("Z-Image transformer", "Qwen3 text encoder", "Flux VAE")
+    info.expected_parts = tuple(info.parts)  # a refused file: nothing is missing, it is the wrong file
     if info.family_error is None:
         info.family = ZIMAGE
-        info.prediction = "flow matching (rectified flow, x0 - noise negated)"
-        info.towers = ("Qwen3 (second-to-last hidden state)",)
+        info.prediction = "flow matching (x0 - noise, negated into the velocity)"
+        info.towers = ("Qwen3 (second-to-last hidden state, chat template)",)
         info.default_size = 1024
-    info.missing_hint = ", ".join(f"{words[part]} ({flags[part]})" for part in flags if words[part] not in info.parts)
+        info.expected_parts = tuple(words.values())
+        info.missing_hint = ", ".join(f"{words[part]} ({flags[part]})" for part in flags if words[part] not in info.parts)
     return info
