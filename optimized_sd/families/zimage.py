@@ -236,21 +236,26 @@ def describe(path: Path):
 
 def lora_module_names(shapes: Shapes) -> dict[str, tuple]:
     """LoRA module name -> `weights.lora.Target`s in the transformer: the original names (ComfyUI's
-    `diffusion_model.`) and diffusers' (peft's `transformer.`), whose to_q, to_k and to_v are the thirds of our
-    fused `qkv` and whose to_out.0 is our `out`."""
+    `diffusion_model.`, kohya's `lora_unet_`) and diffusers' (peft's `transformer.`): its to_q, to_k and to_v are
+    the thirds of our fused `qkv`, the rest renamed by `zimage_keys.DIFFUSERS_RENAMES`."""
     from optimized_sd.weights.lora import Target
+    from optimized_sd.weights.zimage_keys import DIFFUSERS_RENAMES, FUSED_QKV
 
-    names = {key[: -len(".weight")]: (Target(key),) for key in shapes if key.endswith(".weight")}
+    names = {}
     for key, shape in shapes.items():
-        if key.endswith(".attention.qkv.weight"):
-            stem, width = key[: -len("qkv.weight")], shape[0] // 3
+        if not key.endswith(".weight") or len(shape) != 2:
+            continue
+        module = key[: -len(".weight")]
+        names[module] = (Target(key),)
+        if key.endswith(FUSED_QKV):
+            stem, width = key[: -len(FUSED_QKV)], shape[0] // 3
             for index, part in enumerate(("to_q", "to_k", "to_v")):
-                names[stem + part] = (Target(key, width * index, width),)
-        elif key.endswith(".attention.out.weight"):
-            names[key[: -len("out.weight")] + "to_out.0"] = (Target(key),)
-    for ours, theirs in (("x_embedder", "all_x_embedder.2-1"), ("final_layer.linear", "all_final_layer.2-1.linear")):
-        if f"{ours}.weight" in shapes:
-            names[theirs] = (Target(f"{ours}.weight"),)
+                names[f"{stem}.attention.{part}"] = (Target(key, width * index, width),)
+            continue
+        theirs = module + "."
+        for diffusers_part, original in DIFFUSERS_RENAMES:
+            theirs = theirs.replace(original, diffusers_part)
+        names[theirs[:-1]] = (Target(key),)
     return names
 
 

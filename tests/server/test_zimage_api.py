@@ -36,7 +36,8 @@ def test_served_images_equal_the_python_apis(tmp_path_factory):
     shutil.copy(tiny.files["transformer"], models / "z_image_turbo.safetensors")
     with running_server(models, tiny.tokenizer, **options) as server:
         for scale, image in expected.items():
-            body = {"prompt": PROMPT, "seed": 42, "steps": 2, "cfg_scale": scale, "sampler_name": "Euler", "height": SIZE[0], "width": SIZE[1]}
+            body = {"prompt": PROMPT, "seed": 42, "steps": 2, "cfg_scale": scale, "sampler_name": "Euler", "height": SIZE[0],
+                    "width": SIZE[1]}  # fmt: skip
             response = post(server, "txt2img", json=body)
             assert response.status_code == 200, response.text
             payload = response.json()
