@@ -4,6 +4,8 @@ img2img, the file layouts, memory modes, hoisting, LoRA, and the one-line errors
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -204,3 +206,21 @@ def test_inspect_names_the_family_and_its_parts(tiny):
     assert "Qwen3 text encoder (--text-encoder)" in text and "Flux VAE (--vae)" in text
     qwen = format_info(describe_checkpoint(tiny.files["qwen"], hashes=False))
     assert "holds a Qwen3 text encoder" in qwen and "--text-encoder" in qwen
+
+
+def test_a_lone_tokenizer_json_with_its_template_is_read(tiny, tmp_path):
+    """A folder of tokenizer.json (+ chat_template.jinja) is told Qwen's by its chat tokens; a CLIP one is refused."""
+    import shutil
+
+    from optimized_sd.errors import FieldError
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        shutil.copy(tiny.tokenizer / name, lone / name)
+    assert torch.equal(ours(tiny.load(tokenizer=lone), steps=1).latents, ours(tiny.load(), steps=1).latents)
+    clip = tmp_path / "clip"  # CLIP's tokenizer.json alone: BPE too, without Qwen's chat tokens
+    clip.mkdir()
+    (clip / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}, "added_tokens": [{"content": "<|startoftext|>"}]}))
+    with pytest.raises(FieldError, match="holds no tokenizer of a named class; this model needs a Qwen2 tokenizer"):
+        tiny.load(tokenizer=clip)
