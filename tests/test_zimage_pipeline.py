@@ -166,8 +166,10 @@ def test_bad_files_are_one_line_errors(tiny, tmp_path):
         load(files["transformer"], vae=files["vae"], tokenizer=tiny.tokenizer, device="cpu")
     with pytest.raises(UserError, match="needs a Flux VAE, .* give it with --vae ae.safetensors"):
         load(files["transformer"], text_encoders=(files["qwen"],), tokenizer=tiny.tokenizer, device="cpu")
-    with pytest.raises(FieldError, match="is not a Qwen3 text encoder"):
+    with pytest.raises(FieldError, match="holds no Qwen3 text encoder"):
         load(files["transformer"], vae=files["vae"], text_encoders=(files["transformer"],), device="cpu")
+    with pytest.raises(FieldError, match="no such file"):
+        load(files["transformer"], vae=files["vae"], text_encoders=(tmp_path / "absent.safetensors",), device="cpu")
     with pytest.raises(FieldError, match="needs its Qwen tokenizer .* --tokenizer DIR"):
         tiny.load(tokenizer=None)
     with pytest.raises(FieldError, match="no chat template"):

@@ -193,9 +193,6 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
         raise UserError(f"Z-Image needs a Qwen3 text encoder, which {path.name} does not hold: give it with {QWEN_FLAG}")
     if vae_path is None:
         raise UserError(f"Z-Image needs a Flux VAE, which {path.name} does not hold: give it with --vae ae.safetensors")
-    for part in given:
-        if has_key(file_keys(part) or (), TRANSFORMER_TELLTALES[0]) or not part.exists():
-            raise FieldError.about("text_encoders", f"{part} is not a Qwen3 text encoder" if part.exists() else f"{part}: no such file")
     transformer = prepare_zimage_transformer(folder / "transformer" if folder is not None else path)
     try:
         qwen3 = prepare_qwen3(qwen_path)
