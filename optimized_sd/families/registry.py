@@ -120,6 +120,7 @@ class Loader:
     claims: Callable[[Path], bool]
     prepare: Callable[..., Any]
     pipeline: Callable[..., Any]
+    describe: Callable[[Path], Any] | None = None  # what `inspect` says of its files (None: Flux.1's description)
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ def _ensure_builtin() -> None:
         _builtin_loaded = True
         import optimized_sd.families.flux  # noqa: F401  (registers on import)
         import optimized_sd.families.sd  # noqa: F401
+        import optimized_sd.families.zimage  # noqa: F401
 
 
 def register(record: FamilyRecord) -> FamilyRecord:
