@@ -110,8 +110,10 @@ def describe_checkpoint(
     path = Path(path)
     from optimized_sd.families import claiming
 
-    if claiming(path) is not None:  # a family with its own files (Flux.1): its parts, present or missing
-        info = _describe_flux(path)
+    own = claiming(path)
+    if own is not None:  # a family with its own files (Flux.1, Flux.2 klein): its parts, present or missing
+        assert own.loader is not None
+        info = own.loader.describe(path) if own.loader.describe is not None else _describe_flux(path)
         if hashes and path.is_file():
             info.sha256_short = sha256_short(path, cache_path=hash_cache)
             info.legacy_hash = legacy_model_hash(path)
