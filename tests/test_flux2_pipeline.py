@@ -46,8 +46,9 @@ class TinyKlein:
         from transformers import Qwen2Tokenizer
 
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+        tokenizer = Qwen2Tokenizer.from_pretrained(str(self.tokenizer))
         return diffusers.Flux2KleinPipeline(scheduler=scheduler, vae=self.vae, text_encoder=self.qwen, transformer=self.transformer,
-                                            tokenizer=Qwen2Tokenizer.from_pretrained(str(self.tokenizer)), is_distilled=distilled)  # fmt: skip
+                                            tokenizer=tokenizer, is_distilled=distilled)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,8 @@ def test_cli_txt2img_errors_and_inspect(klein, tmp_path, capsys):
 
     flags = ["--vae", klein.files["vae"], "--text-encoder", klein.files["qwen3"], "--tokenizer", klein.tokenizer, "--H", 32, "--W", 24,
              "--steps", 2, "--n_samples", 1, "--seed", 1, "--device", "cpu", "--precision", "full", "--skip_grid"]  # fmt: skip
-    code, out, err = run_cli(capsys, "txt2img", "--ckpt", klein.files["transformer"], "--base", "--scale", 2, *flags, "--outdir", tmp_path / "ok")
+    checkpoint = klein.files["transformer"]
+    code, out, err = run_cli(capsys, "txt2img", "--ckpt", checkpoint, "--base", "--scale", 2, *flags, "--outdir", tmp_path / "ok")
     assert code == 0, err
     assert "Flux.2 klein base" in out
     assert "CFG scale: 2," in Image.open(next((tmp_path / "ok").rglob("*.png"))).info["parameters"]
@@ -166,3 +168,31 @@ def test_cli_txt2img_errors_and_inspect(klein, tmp_path, capsys):
     text = format_info(describe_checkpoint(klein.files["transformer"], hashes=False))
     assert "Flux.2 klein" in text and "Flux.2 transformer" in text and "float32" in text
     assert "Qwen3 text encoder (--text-encoder)" in text and "Flux.2 VAE (--vae)" in text
+
+
+def test_lora_latents_equal_diffusers_fused(klein, tmp_path):
+    """A peft LoRA of every Linear of the transformer (q, k and v onto rows of our fused qkv, the final adaLN's
+    swapped halves) equals diffusers' load_lora_weights + fuse_lora; without it the run is back exactly."""
+    import copy
+    import dataclasses
+
+    pytest.importorskip("peft")
+    generator = torch.Generator().manual_seed(31)
+    tensors = {}
+    for name, linear in klein.transformer.named_modules():
+        if isinstance(linear, torch.nn.Linear):
+            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(2, linear.in_features, generator=generator) * 0.3
+            tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(linear.out_features, 2, generator=generator) * 0.3
+    path = save(tensors, tmp_path / "klein_peft.safetensors")
+    fused = dataclasses.replace(klein, transformer=copy.deepcopy(klein.transformer))
+    pipeline = fused.diffusers_pipeline(distilled=True)
+    pipeline.load_lora_weights(str(path), adapter_name="klein_peft")
+    pipeline.fuse_lora(lora_scale=0.8)
+    pipeline.unload_lora_weights()
+    expected = reference_latents(fused, True, 2, 1.0)
+    assert (expected - reference_latents(klein, True, 2, 1.0)).abs().max() > 1e-2  # the LoRA moves the result
+    pipe = klein.load()
+    plain = ours(pipe, steps=2).latents
+    result = vae_latents(klein, ours(pipe, steps=2, loras={path: 0.8}).latents)
+    assert torch.allclose(result, expected, atol=1e-4), (result - expected).abs().max()
+    assert torch.equal(ours(pipe, steps=2).latents, plain)

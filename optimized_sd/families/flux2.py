@@ -146,7 +146,8 @@ def part_paths(path: Path, text_encoders: list[Path], vae: Path | None) -> dict[
     parts.update({"vae": vae} if vae is not None else {})
     for part in ("qwen3", "vae"):
         if part not in parts:
-            raise UserError(f"Flux.2 klein needs a {PART_WORDS[part]}, which {path.name} does not hold: give it with {PART_FLAGS[part]} {PART_EXAMPLES[part]}")
+            flag = f"{PART_FLAGS[part]} {PART_EXAMPLES[part]}"
+            raise UserError(f"Flux.2 klein needs a {PART_WORDS[part]}, which {path.name} does not hold: give it with {flag}")
     return parts
 
 
@@ -165,8 +166,8 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
     for part, field, build in (("qwen3", "text_encoders", lambda p: prepare_qwen3(p, KLEIN_LAYERS)), ("vae", "vae", prepare_flux2_vae)):
         try:
             components[part] = build(parts[part])
-        except CheckpointError as error:
-            raise (CheckpointError(str(error)) if path.is_dir() and parts[part].parent == path else FieldError.about(field, str(error))) from None
+        except CheckpointError as error:  # a flag's file is that flag's error
+            raise (error if path.is_dir() and parts[part].parent == path else FieldError.about(field, str(error))) from None
     transformer, qwen3 = components["transformer"].model, components["qwen3"].model
     width = transformer.config.context_in_dim // len(KLEIN_LAYERS)
     if width != qwen3.config.hidden_size:
@@ -212,7 +213,8 @@ def describe(path: Path):
         if not shapes:
             continue
         dtypes.update(kinds.values())
-        info.parts[PART_WORDS[part]] = PartStats(len(shapes), sum(math.prod(s) for s in shapes.values()), tuple(sorted(set(kinds.values()))))
+        weights = sum(math.prod(shape) for shape in shapes.values())
+        info.parts[PART_WORDS[part]] = PartStats(len(shapes), weights, tuple(sorted(set(kinds.values()))))
         if part == "transformer":
             try:
                 size_name = identify_flux2(shapes, str(path)).size

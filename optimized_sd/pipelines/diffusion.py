@@ -430,7 +430,8 @@ def load(
     if own is not None:
         assert own.loader is not None
         given = {"config": config is not None, "ema": ema, "prediction": prediction not in ("auto", None),
-                 "preview_decoder": preview_decoder is not None, **dict.fromkeys(set(family_options) - set(own.loader.options), True)}  # fmt: skip
+                 "preview_decoder": preview_decoder is not None,
+                 **{name: name not in own.loader.options for name in family_options}}  # fmt: skip
         refused = [name for name, is_given in given.items() if is_given]
         if refused:
             raise FieldError.about(refused[0], f"does not apply to {own.display_name}")

@@ -33,7 +33,9 @@ from optimized_sd.sampling.model_sampling import FlowSampling, empirical_mu
 log = logging.getLogger("optimized_sd")
 
 # FlowMatchEulerDiscreteScheduler options (scheduler/scheduler_config.json) whose grid this sampler does not walk
-UNSUPPORTED_SCHEDULER = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", "shift_terminal", "stochastic_sampling")
+UNSUPPORTED_SCHEDULER = (
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", "shift_terminal", "stochastic_sampling",
+)  # fmt: skip
 
 
 def klein_flow(checkpoint: Path) -> FlowSampling:
