@@ -51,9 +51,8 @@ class TinyKlein:
                                             tokenizer=tokenizer, is_distilled=distilled)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def klein(tmp_path_factory) -> TinyKlein:
-    root = tmp_path_factory.mktemp("klein")
+def klein_model(root: Path) -> TinyKlein:
+    """Tiny random klein parts (Qwen3 with the 28 layers klein reads from) written as the files people download."""
     transformer = tiny_diffusers_flux2(seed=21, joint_attention_dim=3 * QWEN_WIDTH)
     vae, qwen = tiny_diffusers_vae(seed=22), tiny_qwen3(causal_lm=True, seed=23, layers=KLEIN_LAYERS)
     files = {
@@ -63,6 +62,11 @@ def klein(tmp_path_factory) -> TinyKlein:
     }
     tiny_qwen_tokenizer(root / "tokenizer")
     return TinyKlein(root, transformer, vae, qwen, files, root / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory) -> TinyKlein:
+    return klein_model(tmp_path_factory.mktemp("klein"))
 
 
 def ours(pipe, **fields):
@@ -96,6 +100,15 @@ def test_txt2img_latents_equal_diffusers(klein, distilled):
     assert torch.allclose(latents, expected, atol=1e-4), (latents - expected).abs().max()
     fields = result.parameters[0].text().splitlines()[-1]
     assert "Sampler: Euler" in fields and f"CFG scale: {1 if distilled else 3}," in fields
+    request = pipe.with_defaults(GenerationRequest(prompts=[PROMPT]))
+    with torch.no_grad():  # the text step (placed by `generate` above, resident in `full`)
+        context = pipe.text_conditioning(request, [PROMPT], None)[0].context
+        reference = klein.diffusers_pipeline(distilled).encode_prompt(PROMPT, device="cpu")[0]
+    assert context.shape == reference.shape == (1, 512, 3 * QWEN_WIDTH)
+    assert torch.allclose(context, reference, atol=1e-4), (context - reference).abs().max()
+    # Qwen3's layers past the last one read (27 of 0..27 here) and its final norm are known and never read
+    assert pipe.loaded.report.known_extras["Qwen3 layer past the last one read"] == 11
+    assert len(pipe.model.text_encoders.qwen3.transformer.layers) == 27
 
 
 def test_defaults_and_empirical_mu(klein):
@@ -129,6 +142,24 @@ def test_layouts_give_identical_images(klein, tmp_path):
     assert torch.equal(ours(from_folder, steps=2).latents, base)
 
 
+def test_scheduler_config_is_honoured(tmp_path):
+    """A diffusers folder's scheduler config: dynamic shifting off gives diffusers' fixed-shift grid; a grid this
+    sampler does not walk is a one-line error."""
+    import json
+
+    from optimized_sd.pipelines.flux2 import klein_flow
+
+    (tmp_path / "scheduler").mkdir()
+    config = {"shift": 2.0, "use_dynamic_shifting": False, "time_shift_type": "exponential"}
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**config)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6))
+    assert np.allclose(klein_flow(tmp_path).sigmas(6), scheduler.sigmas.numpy(), atol=1e-6)
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "use_karras_sigmas": True}))
+    with pytest.raises(UserError, match="use_karras_sigmas is not supported for Flux.2 klein"):
+        klein_flow(tmp_path)
+
+
 @pytest.mark.parametrize("mode", ["stream", "split"])
 def test_memory_modes_equal_full(klein, mode):
     full = ours(klein.load(distilled=False), steps=2, scale=2.0)
@@ -145,6 +176,11 @@ def test_wrong_files_and_requests_are_one_line_errors(klein, tmp_path):
     mismatched = save(bfl_tensors(wide.state_dict()), tmp_path / "flux-2-klein-wide.safetensors")
     with pytest.raises(UserError, match="reads Qwen3 states 48 wide .* qwen_3_tiny.safetensors is 32 wide"):
         klein.load(mismatched)
+    dev = tmp_path / "FLUX.2-dev"
+    dev.mkdir()
+    (dev / "model_index.json").write_text('{"_class_name": "Flux2Pipeline"}')
+    with pytest.raises(UserError, match=r"Flux2Pipeline folder \(Flux.2 \[dev\]\), which this version does not run"):
+        load(dev, device="cpu")
     image = Image.new("RGB", (SIZE[1], SIZE[0]))
     with pytest.raises(FieldError, match="txt2img only"):
         ours(klein.load(), steps=1, init_image=image)
