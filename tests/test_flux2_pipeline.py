@@ -98,6 +98,8 @@ def test_txt2img_latents_equal_diffusers(klein, distilled):
     latents = vae_latents(klein, result.latents)
     assert latents.shape == expected.shape == (1, 8, 16, 12)
     assert torch.allclose(latents, expected, atol=1e-4), (latents - expected).abs().max()
+    preview = pipe.preview(torch.randn(1, 128, 8, 6))  # the real model's 128 channels: one pixel per token, blown up 16x
+    assert preview.size == (6 * 16, 8 * 16) and len(set(preview.getdata())) > 1
     fields = result.parameters[0].text().splitlines()[-1]
     assert "Sampler: Euler" in fields and f"CFG scale: {1 if distilled else 3}," in fields
     request = pipe.with_defaults(GenerationRequest(prompts=[PROMPT]))

@@ -300,7 +300,8 @@ class StableDiffusion:
         by the latent projection."""
         tiny = self.preview_vae or self.fast_vae
         if tiny is None or tiny.decoder is None:
-            return latent_preview(latents, latent_format=self.config.record.latent)
+            latent = self.config.record.latent
+            return latent_preview(latents, upscale=latent.downscale, latent_format=latent)
         return taesd_preview(latents, tiny.decoder)
 
     def vae_decode(self, latent: Tensor, tiled: bool) -> Tensor:
