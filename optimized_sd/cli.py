@@ -57,7 +57,7 @@ LOAD_FLAGS: dict[str, str | None] = {
     "precision": "--precision", "memory": "--memory", "vram_budget": "--vram-budget", "attention": "--attention",
     "vae_tiling": "--vae-tiling", "tokenizer": "--tokenizer", "lora_dir": "--lora-dir", "embeddings_dir": "--embeddings-dir",
     "weights": "--weights", "int8_matmul": None, "channels_last": None, "text_encoders": "--text-encoder",
-    "distilled": "--distilled/--base",
+    "distilled": "--distilled",
     "preview_decoder": None,  # the generate commands' --preview/--preview-decoder/--vae choose it (`preview_decoder_path`)
 }  # fmt: skip
 # LoadOptions fields the generate commands derive from a flag of another name (not set by `load_options`).
