@@ -99,7 +99,7 @@ def test_txt2img_latents_equal_diffusers(klein, distilled):
     assert latents.shape == expected.shape == (1, 8, 16, 12)
     assert torch.allclose(latents, expected, atol=1e-4), (latents - expected).abs().max()
     preview = pipe.preview(torch.randn(1, 128, 8, 6))  # the real model's 128 channels: one pixel per token, blown up 16x
-    assert preview.size == (6 * 16, 8 * 16) and len(set(preview.getdata())) > 1
+    assert preview.size == (6 * 16, 8 * 16) and len(set(preview.tobytes())) > 1
     fields = result.parameters[0].text().splitlines()[-1]
     assert "Sampler: Euler" in fields and f"CFG scale: {1 if distilled else 3}," in fields
     request = pipe.with_defaults(GenerationRequest(prompts=[PROMPT]))
@@ -169,8 +169,21 @@ def test_memory_modes_equal_full(klein, mode):
     assert torch.allclose(other.latents, full.latents, atol=1e-5), (other.latents - full.latents).abs().max()
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpm2"])  # dpm2 also calls between the grid's sigmas
+def test_hoisted_modulation_equals_per_call(klein, sampler):
+    """`stream` moves the shared adaLN linears once per run and each block once per transformer call."""
+    pipe = klein.load(memory="stream")
+    hoisted = ours(pipe, steps=3, sampler=sampler).latents
+    loads = [group for action, group, _ in pipe.engine.events if action == "load"]
+    if sampler == "euler":
+        assert (loads.count("unet.double_stream_modulation_img"), loads.count("unet.double_blocks.0")) == (1, 3)
+    pipe.hoist_modulation = False
+    plain = ours(pipe, steps=3, sampler=sampler).latents
+    assert torch.allclose(hoisted, plain, atol=1e-5), (hoisted - plain).abs().max()
+
+
 def test_wrong_files_and_requests_are_one_line_errors(klein, tmp_path):
-    with pytest.raises(UserError, match="holds a Qwen3 text encoder, not a Flux.2 transformer; give it with --text-encoder"):
+    with pytest.raises(UserError, match="holds a Qwen3 text encoder, not a transformer; give it with --text-encoder"):
         load(klein.files["qwen3"], device="cpu")
     with pytest.raises(UserError, match="needs a Flux.2 VAE, .* give it with --vae"):
         klein.load(vae=None)

@@ -151,9 +151,11 @@ def part_paths(path: Path, text_encoders: list[Path], vae: Path | None) -> dict[
         parts = {part: path / folder for part, folder in FOLDERS.items() if (path / folder).is_dir()}
     else:
         held = file_holds(path)
+        if held == "qwen3":  # Z-Image's text encoder too: the words fit either family
+            raise UserError(f"--ckpt {path} holds a Qwen3 text encoder, not a transformer; give it with --text-encoder")
         if held != "transformer":
-            words = PART_WORDS.get(held or "", "no Flux.2 part")
-            raise UserError(f"--ckpt {path} holds a {words}, not a Flux.2 transformer; give it with {PART_FLAGS.get(held or '', '--ckpt')}")
+            words = "a Flux.2 VAE" if held else "no Flux.2 part"
+            raise UserError(f"--ckpt {path} holds {words}, not a Flux.2 transformer; give it with --vae")
         parts["transformer"] = path
     if len(text_encoders) > 1:
         raise FieldError.about("text_encoders", f"gives {len(text_encoders)} files; Flux.2 klein takes one Qwen3 text encoder")
