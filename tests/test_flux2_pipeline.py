@@ -183,7 +183,7 @@ def test_hoisted_modulation_equals_per_call(klein, sampler):
 
 
 def test_wrong_files_and_requests_are_one_line_errors(klein, tmp_path):
-    with pytest.raises(UserError, match="holds a Qwen3 text encoder, not a transformer; give it with --text-encoder"):
+    with pytest.raises(UserError, match="holds a Qwen3 text encoder, not a Z-Image or Flux.2 klein transformer; give it with"):
         load(klein.files["qwen3"], device="cpu")
     with pytest.raises(UserError, match="needs a Flux.2 VAE, .* give it with --vae"):
         klein.load(vae=None)

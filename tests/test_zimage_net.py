@@ -252,5 +252,5 @@ def test_tokenizer_folders_are_checked(tmp_path):
     CLIPTokenizer(str(clip / "vocab.json"), str(clip / "merges.txt")).save_pretrained(str(clip))
     with pytest.raises(UserError, match="CLIPTokenizer tokenizer; this model needs a Qwen2 tokenizer"):
         load_qwen_tokenizer(clip, enable_thinking=True)
-    with pytest.raises(UserError, match="must hold tokenizer_config.json"):
+    with pytest.raises(UserError, match="must hold tokenizer_config.json or tokenizer.json"):
         load_qwen_tokenizer(tmp_path, enable_thinking=True)

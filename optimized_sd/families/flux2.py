@@ -130,13 +130,13 @@ def file_holds(path: Path) -> str | None:
 
 
 def claims(path: Path) -> bool:
-    """A diffusers Flux.2 folder, or a safetensors file holding a Flux.2 transformer (dev too, refused by name) or
-    a Qwen3 text encoder (so that its error says which flag takes it)."""
+    """A diffusers Flux.2 folder, or a safetensors file holding a Flux.2 transformer (dev too, refused by name); a
+    Qwen3 file alone is Z-Image's to claim (`families.zimage`: its error names --text-encoder for both families)."""
     path = Path(path)
     if path.is_dir():
         return pipeline_class(path).startswith("Flux2")
     try:
-        return file_holds(path) in ("transformer", "qwen3")
+        return file_holds(path) == "transformer"
     except (CheckpointError, OSError):
         return False
 
@@ -151,11 +151,9 @@ def part_paths(path: Path, text_encoders: list[Path], vae: Path | None) -> dict[
         parts = {part: path / folder for part, folder in FOLDERS.items() if (path / folder).is_dir()}
     else:
         held = file_holds(path)
-        if held == "qwen3":  # Z-Image's text encoder too: the words fit either family
-            raise UserError(f"--ckpt {path} holds a Qwen3 text encoder, not a transformer; give it with --text-encoder")
         if held != "transformer":
-            words = "a Flux.2 VAE" if held else "no Flux.2 part"
-            raise UserError(f"--ckpt {path} holds {words}, not a Flux.2 transformer; give it with --vae")
+            words, flag = (f"a {PART_WORDS[held]}", PART_FLAGS[held]) if held else ("no Flux.2 part", "--ckpt")
+            raise UserError(f"--ckpt {path} holds {words}, not a Flux.2 transformer; give it with {flag}")
         parts["transformer"] = path
     if len(text_encoders) > 1:
         raise FieldError.about("text_encoders", f"gives {len(text_encoders)} files; Flux.2 klein takes one Qwen3 text encoder")

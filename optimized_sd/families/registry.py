@@ -123,7 +123,7 @@ class Loader:
     prepare: Callable[..., Any]
     pipeline: Callable[..., Any]
     options: tuple[str, ...] = ()
-    describe: Callable[[Path], Any] | None = None
+    describe: Callable[[Path], Any] | None = None  # what `inspect` says of its files (None: Flux.1's description)
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,7 @@ def _ensure_builtin() -> None:
         import optimized_sd.families.flux  # noqa: F401  (registers on import)
         import optimized_sd.families.flux2  # noqa: F401
         import optimized_sd.families.sd  # noqa: F401
+        import optimized_sd.families.zimage  # noqa: F401
 
 
 def register(record: FamilyRecord) -> FamilyRecord:

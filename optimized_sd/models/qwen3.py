@@ -35,6 +35,7 @@ ROPE_THETA = 1_000_000.0  # every Qwen3 model; not in the tensors
 RMS_EPS = 1e-6
 ATTENTION = "layers.0.self_attn."
 QWEN_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+QWEN_CHAT_TOKEN = "<|im_start|>"
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,11 @@ class QwenPromptTokenizer:
         return batch.input_ids, batch.attention_mask
 
 
-def encode_zimage(tower: Qwen3TextEncoder, tokenizer: QwenPromptTokenizer, prompts: list[str]) -> list[Tensor]:
+def encode_zimage(tower: Qwen3TextEncoder, tokenizer: QwenPromptTokenizer, prompts: list[str], device=None) -> list[Tensor]:
     """Z-Image caption features: per prompt (its tokens, hidden) from the second-to-last layer. Padding to the
-    longest prompt instead of 512 changes nothing for the real tokens (causal attention, right padding)."""
-    device = tower.transformer.embed_tokens.weight.device
+    longest prompt instead of 512 changes nothing for the real tokens (causal attention, right padding).
+    `device`: where the ids go (None: the embedding's; a streamed tower's is not placed before it runs)."""
+    device = tower.transformer.embed_tokens.weight.device if device is None else device
     ids, mask = tokenizer(prompts, pad_to_max=False)
     states = tower(ids.to(device), mask.to(device))
     return [sample[keep.to(device).bool()] for sample, keep in zip(states, mask, strict=True)]
@@ -180,14 +182,18 @@ def load_qwen_tokenizer(folder: Path | str, enable_thinking: bool, max_length: i
 
     folder = Path(folder)
     config_path = folder / "tokenizer_config.json"
-    if not config_path.is_file():
-        raise UserError(f"Qwen tokenizer folder {folder} must hold tokenizer_config.json")
-    try:
-        kind = json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError) as error:
-        raise UserError(f"cannot read {config_path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    if config_path.is_file():
+        try:
+            kind = json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer_class")
+        except (OSError, ValueError, AttributeError) as error:
+            raise UserError(f"cannot read {config_path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    elif (folder / "tokenizer.json").is_file():  # a lone tokenizer.json: Qwen's if it has Qwen's chat tokens
+        kind = QWEN_TOKENIZER_CLASSES[0] if QWEN_CHAT_TOKEN in (folder / "tokenizer.json").read_text(encoding="utf-8") else None
+    else:
+        raise UserError(f"Qwen tokenizer folder {folder} must hold tokenizer_config.json or tokenizer.json")
     if kind not in QWEN_TOKENIZER_CLASSES:
-        raise UserError(f"tokenizer folder {folder} holds a {kind or 'unnamed'} tokenizer; this model needs a Qwen2 tokenizer")
+        held = f"a {kind} tokenizer" if kind else "no tokenizer of a named class"
+        raise UserError(f"tokenizer folder {folder} holds {held}; this model needs a Qwen2 tokenizer")
     try:
         tokenizer = Qwen2Tokenizer.from_pretrained(str(folder))
     except Exception as error:  # noqa: BLE001 - the transformers boundary: any failure reading these files is a bad folder

@@ -165,13 +165,14 @@ class TransformerBlock(nn.Module):
         if modulated:
             self.adaLN_modulation = nn.Sequential(ops.Linear(config.adaln_dim, 4 * dim))
 
-    def forward(self, x: Tensor, freqs: Tensor, lengths: Sequence[int] | None, adaln: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, freqs: Tensor, lengths: Sequence[int] | None, modulation: Tensor | None = None) -> Tensor:
+        """`modulation`: this block's adaLN output (B, 4*dim) for a modulated block (`ZImageModulation`)."""
         if not self.modulated:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), freqs, lengths))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        if adaln is None:
-            raise ValueError("a modulated Z-Image block needs the timestep vector")
-        scale_attn, gate_attn, scale_ffn, gate_ffn = self.adaLN_modulation(adaln)[:, None].chunk(4, dim=-1)  # (B, 1, dim)
+        if modulation is None:
+            raise ValueError("a modulated Z-Image block needs its adaLN output")
+        scale_attn, gate_attn, scale_ffn, gate_ffn = modulation.to(x.dtype)[:, None].chunk(4, dim=-1)  # (B, 1, dim)
         attended = self.attention(self.attention_norm1(x) * (1 + scale_attn), freqs, lengths)
         x = x + gate_attn.tanh() * self.attention_norm2(attended)
         return x + gate_ffn.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_ffn)))
@@ -197,8 +198,9 @@ class FinalLayer(nn.Module):
         self.linear = ops.Linear(config.dim, config.patch_size**2 * config.in_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(config.adaln_dim, config.dim))
 
-    def forward(self, x: Tensor, adaln: Tensor) -> Tensor:
-        return self.linear(self.norm_final(x) * (1 + self.adaLN_modulation(adaln)[:, None]))
+    def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+        """`scale`: the adaLN output (B, dim) of this layer's `adaLN_modulation`."""
+        return self.linear(self.norm_final(x) * (1 + scale.to(x.dtype)[:, None]))
 
 
 def padded_length(tokens: int) -> int:
@@ -220,9 +222,51 @@ def unpatchify(tokens: Tensor, height: int, width: int, patch: int) -> Tensor:
     return patches.reshape(batch, channels, height, width)
 
 
+class PadTokens(nn.Module):
+    """The learned tokens that pad the image and the caption to a multiple of 32 (the checkpoint's top-level
+    `x_pad_token` and `cap_pad_token`, held by a module so that the memory engine can place them as a unit)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
+
+    def forward(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Copies (a streamed unit's tensors are reused once it leaves), each (1, dim)."""
+        return self.x_pad_token.to(dtype, copy=True), self.cap_pad_token.to(dtype, copy=True)
+
+
+@dataclass(frozen=True)
+class RefinedCaptions:
+    """The caption branch's output for a batch, and the image pad token: it depends on the prompts only, so a
+    sampling run computes it once (`ZImageTransformer.refine_captions`)."""
+
+    states: Tensor  # (B, longest padded caption, dim); a shorter caption's tail is padding
+    lengths: tuple[int, ...]  # real caption tokens per sample
+    x_pad: Tensor  # (1, dim)
+
+
+@dataclass(frozen=True)
+class ZImageModulation:
+    """Every modulated block's adaLN output for one batch of timesteps: what `forward_modulated` needs of t."""
+
+    noise: tuple[Tensor, ...]  # per noise_refiner block (B, 4*dim)
+    layers: tuple[Tensor, ...]  # per main layer (B, 4*dim)
+    final: Tensor  # (B, dim): the final layer's scale
+
+    def rows(self, start: int, end: int) -> ZImageModulation:
+        return ZImageModulation(
+            tuple(m[start:end] for m in self.noise), tuple(m[start:end] for m in self.layers), self.final[start:end]
+        )
+
+
 class ZImageTransformer(nn.Module):
     """Z-Image's denoiser. Output: x0 - noise for the input x_t (diffusers' pipeline negates it into the
-    flow velocity noise - x0), at t = 1 - sigma."""
+    flow velocity noise - x0), at t = 1 - sigma.
+
+    A call runs in three parts, in the order the memory engine streams them: `refine_captions` (the pad tokens,
+    the caption embedder and refiners: prompts only), `modulation` (the timestep embedder and every adaLN
+    linear: t only) and `forward_modulated` (the image path); a sampling run may compute the first two once."""
 
     def __init__(self, config: ZImageConfig) -> None:
         super().__init__()
@@ -231,20 +275,18 @@ class ZImageTransformer(nn.Module):
         self.x_embedder = ops.Linear(config.patch_size**2 * config.in_channels, dim)
         self.t_embedder = TimestepEmbedder(config)
         self.cap_embedder = nn.Sequential(RMSNorm(config.cap_feat_dim), ops.Linear(config.cap_feat_dim, dim))
-        self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
-        self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.pads = PadTokens(dim)
         self.noise_refiner = nn.ModuleList(TransformerBlock(config, modulated=True) for _ in range(config.num_refiner_layers))
         self.context_refiner = nn.ModuleList(TransformerBlock(config, modulated=False) for _ in range(config.num_refiner_layers))
         self.layers = nn.ModuleList(TransformerBlock(config, modulated=True) for _ in range(config.num_layers))
         self.final_layer = FinalLayer(config)
 
     def block_names(self) -> list[str]:
-        """The children in the order `forward` runs them (the units a memory engine streams); the pad tokens
-        are parameters of the root."""
-        refiners = [f"noise_refiner.{i}" for i in range(self.config.num_refiner_layers)]
-        refiners += [f"context_refiner.{i}" for i in range(self.config.num_refiner_layers)]
+        """The children in the order `forward` runs them."""
+        refiners = [f"context_refiner.{i}" for i in range(self.config.num_refiner_layers)]
+        refiners += [f"noise_refiner.{i}" for i in range(self.config.num_refiner_layers)]
         layers = [f"layers.{i}" for i in range(self.config.num_layers)]
-        return ["t_embedder", "x_embedder", "cap_embedder", *refiners, *layers, "final_layer"]
+        return ["pads", "cap_embedder", "t_embedder", "x_embedder", *refiners, *layers, "final_layer"]
 
     def positions(self, caption_lengths: Sequence[int], image_tokens: int, rows: int, cols: int, device) -> tuple[Tensor, Tensor]:
         """RoPE ids (B, image_tokens padded, 3) of the image and (B, longest caption padded, 3) of the captions."""
@@ -261,43 +303,65 @@ class ZImageTransformer(nn.Module):
             image_ids[i, :image_tokens, 0] = padded_length(n) + 1
         return image_ids, caption_ids
 
+    def refine_captions(self, captions: Sequence[Tensor], dtype: torch.dtype) -> RefinedCaptions:
+        """Captions, one (tokens_i, cap_feat_dim) tensor per sample (only the prompt's real tokens), embedded,
+        padded with the pad token to a multiple of 32 and refined (no timestep)."""
+        if any(c.shape[0] == 0 for c in captions):
+            raise ValueError("Z-Image takes one non-empty caption per latent")
+        x_pad, cap_pad = self.pads(dtype)
+        device = x_pad.device
+        lengths = tuple(c.shape[0] for c in captions)
+        longest = max(padded_length(n) for n in lengths)
+        features = torch.zeros(len(captions), longest, captions[0].shape[-1], dtype=dtype, device=device)
+        for i, caption in enumerate(captions):
+            features[i, : caption.shape[0]] = caption.to(device, dtype)
+        cap = self.cap_embedder(features)
+        beyond = torch.arange(longest, device=device)[None, :] >= torch.tensor(lengths, device=device)[:, None]
+        cap = torch.where(beyond[..., None], cap_pad, cap)
+        _, caption_ids = self.positions(lengths, 1, 1, 1, device)
+        freqs = rope_frequencies(caption_ids, self.config.axes_dim, ROPE_THETA)
+        padded = [padded_length(n) for n in lengths]
+        for layer in self.context_refiner:
+            cap = layer(cap, freqs, padded)
+        return RefinedCaptions(cap, lengths, x_pad)
+
+    def modulation(self, timesteps: Tensor, dtype: torch.dtype) -> ZImageModulation:
+        """The adaLN outputs of every modulated block for timesteps (B,) in [0, 1] (1 = clean)."""
+        adaln = self.t_embedder(timesteps, dtype)  # (B, adaln_dim)
+        return ZImageModulation(
+            tuple(layer.adaLN_modulation(adaln) for layer in self.noise_refiner),
+            tuple(layer.adaLN_modulation(adaln) for layer in self.layers),
+            self.final_layer.adaLN_modulation(adaln),
+        )
+
     def forward(self, latents: Tensor, timesteps: Tensor, captions: Sequence[Tensor]) -> Tensor:
         """latents (B, C, H, W) with H, W multiples of the patch, timesteps (B,) in [0, 1] (1 = clean), captions one
         (tokens_i, cap_feat_dim) tensor per sample (only the prompt's real tokens) -> (B, C, H, W)."""
-        if len(captions) != latents.shape[0] or any(c.shape[0] == 0 for c in captions):
+        if len(captions) != latents.shape[0]:
             raise ValueError("Z-Image takes one non-empty caption per latent")
+        refined = self.refine_captions(captions, latents.dtype)
+        return self.forward_modulated(latents, refined, self.modulation(timesteps, latents.dtype))
+
+    def forward_modulated(self, latents: Tensor, captions: RefinedCaptions, modulation: ZImageModulation) -> Tensor:
+        """`forward` with the caption branch and the adaLN outputs given: the image path alone."""
         dtype, device, patch = latents.dtype, latents.device, self.config.patch_size
         batch, _, height, width = latents.shape
-        adaln = self.t_embedder(timesteps, dtype)  # (B, adaln_dim)
-
         tokens = patchify(latents, patch)
         image_tokens = tokens.shape[1]
-        caption_lengths = [c.shape[0] for c in captions]
-        image_ids, caption_ids = self.positions(caption_lengths, image_tokens, height // patch, width // patch, device)
+        image_ids, caption_ids = self.positions(captions.lengths, image_tokens, height // patch, width // patch, device)
         image_freqs = rope_frequencies(image_ids, self.config.axes_dim, ROPE_THETA)
         caption_freqs = rope_frequencies(caption_ids, self.config.axes_dim, ROPE_THETA)
 
         x = self.x_embedder(tokens)
-        pad = self.x_pad_token.to(dtype).expand(batch, padded_length(image_tokens) - image_tokens, -1)
+        pad = captions.x_pad.to(dtype).expand(batch, padded_length(image_tokens) - image_tokens, -1)
         x = torch.cat([x, pad], dim=1)
-        for layer in self.noise_refiner:
-            x = layer(x, image_freqs, None, adaln)
+        for layer, scales in zip(self.noise_refiner, modulation.noise, strict=True):
+            x = layer(x, image_freqs, None, scales)
 
-        longest = caption_ids.shape[1]
-        features = torch.zeros(batch, longest, captions[0].shape[-1], dtype=dtype, device=device)
-        for i, caption in enumerate(captions):
-            features[i, : caption.shape[0]] = caption.to(dtype)
-        cap = self.cap_embedder(features)
-        beyond = torch.arange(longest, device=device)[None, :] >= torch.tensor(caption_lengths, device=device)[:, None]
-        cap = torch.where(beyond[..., None], self.cap_pad_token.to(dtype), cap)
-        caption_padded = [padded_length(n) for n in caption_lengths]
-        for layer in self.context_refiner:
-            cap = layer(cap, caption_freqs, caption_padded)
-
-        joined = torch.cat([x, cap], dim=1)  # [image | caption]; a shorter caption's tail is padding
+        joined = torch.cat([x, captions.states.to(dtype)], dim=1)  # [image | caption]; a shorter caption's tail is padding
         freqs = torch.cat([image_freqs, caption_freqs], dim=2)
-        lengths = [x.shape[1] + n for n in caption_padded]
-        for layer in self.layers:
-            joined = layer(joined, freqs, lengths, adaln)
-        out = self.final_layer(joined[:, :image_tokens], adaln)
+        lengths = [x.shape[1] + padded_length(n) for n in captions.lengths]
+        for layer, scales in zip(self.layers, modulation.layers, strict=True):
+            joined = layer(joined, freqs, lengths, scales)
+        out = self.final_layer(joined[:, :image_tokens], modulation.final)
         return unpatchify(out, height, width, patch)

@@ -42,7 +42,6 @@ from optimized_sd.sampling import (
     SamplingPlan,
     SideNetwork,
     StepInfo,
-    classifier_free_guidance,
     handover_step,
     make_plan,
     sample,
@@ -211,7 +210,7 @@ def guided_eps(
 ) -> EpsFn:
     """CFG(side network(prediction(task wrapper(pipe's UNet)))) over the conditioning: what the sampler calls."""
     model = plan.model_sampling.prediction(task.wrap_model(pipe.denoiser_model(record, plan)))
-    return classifier_free_guidance(model, *conditioning, request.scale, side_network=side)
+    return pipe.guidance(model, request, conditioning, side)
 
 
 class Handover:

@@ -42,7 +42,7 @@ from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, 
 from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
 from optimized_sd.pipelines.txt2img import TXT2IMG
 from optimized_sd.pipelines.weight_storage import check_weight_kind, plan_storage
-from optimized_sd.sampling import ModelSampling, ProgressCallback, discrete_sampling, scaled_linear_schedule
+from optimized_sd.sampling import ModelSampling, ProgressCallback, classifier_free_guidance, discrete_sampling, scaled_linear_schedule
 from optimized_sd.weights.embeddings import EmbeddingLibrary
 from optimized_sd.weights.family import detect_family
 from optimized_sd.weights.loading import LoadedModel, open_checkpoint, prepare_model, source_metadata
@@ -169,6 +169,10 @@ class StableDiffusion:
     def denoiser_model(self, record, plan) -> core.Model:
         """The denoiser as a sampling `Model` (x, t, cond) -> raw output, counting its calls into `record`."""
         return core.unet_model(self, record)
+
+    def guidance(self, model: core.Model, request: GenerationRequest, conditioning: core.ConditioningPair, side) -> core.EpsFn:
+        """Classifier-free guidance over the prediction `model` (a family with its own rule overrides this)."""
+        return classifier_free_guidance(model, *conditioning, request.scale, side_network=side)
 
     def metadata_extras(self, request: GenerationRequest) -> tuple[tuple[str, str], ...]:
         """Family-specific `name: value` pairs for the images' metadata."""

@@ -55,11 +55,12 @@ class GenerationRequest:
     guidance: float | None = None  # a guidance-distilled model's guidance value (Flux.1 dev; None: its default, 3.5)
     max_sequence_length: int | None = None  # T5 tokens per prompt (Flux.1: 1..512; None: dev 512, schnell 256)
     controlnets: Sequence[ControlNetSpec] = ()  # ControlNet units (`pipelines.controlnet.control_specs` builds them)
+    unguided_scale: float = 1.0  # the scale meaning no guidance: 1 for uncond + s (cond - uncond); 0 for cond + s (cond - uncond)
 
     @property
     def guided(self) -> bool:
-        """Classifier-free guidance runs unless the scale is exactly 1."""
-        return self.scale != 1.0
+        """Classifier-free guidance runs unless the scale is exactly the family's no-guidance value (1; Z-Image 0)."""
+        return self.scale != self.unguided_scale
 
 
 @dataclass

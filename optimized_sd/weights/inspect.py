@@ -111,9 +111,8 @@ def describe_checkpoint(
     from optimized_sd.families import claiming
 
     own = claiming(path)
-    if own is not None:  # a family with its own files (Flux.1, Flux.2 klein): its parts, present or missing
-        assert own.loader is not None
-        info = own.loader.describe(path) if own.loader.describe is not None else _describe_flux(path)
+    if own is not None and own.loader is not None:  # a family with its own files (Flux.1, Flux.2 klein, Z-Image)
+        info = (own.loader.describe or _describe_flux)(path)
         if hashes and path.is_file():
             info.sha256_short = sha256_short(path, cache_path=hash_cache)
             info.legacy_hash = legacy_model_hash(path)

@@ -25,6 +25,7 @@ ORIGINAL_TELLTALE = "layers.0.adaLN_modulation.0.weight"  # Lumina 2 has `.adaLN
 DIFFUSERS_TELLTALE = "all_x_embedder.2-1.weight"
 QWEN3_TELLTALE = "layers.0.self_attn.q_norm.weight"  # Qwen3 normalises q and k; Qwen2/2.5 do not
 ZIMAGE_UNUSED = {"norm_final.weight": "Z-Image's unused top-level norm"}
+PAD_TOKENS = ("x_pad_token", "cap_pad_token")  # top-level in the files; our `pads` module holds them
 
 # diffusers name part -> original, applied to every key (diffusers' converter, read backwards)
 DIFFUSERS_RENAMES = (
@@ -68,6 +69,11 @@ def zimage_transformer_view(source: TensorSource, name: str = "the checkpoint") 
     raise CheckpointError(f"{name} holds no Z-Image transformer (no {ORIGINAL_TELLTALE} or {DIFFUSERS_TELLTALE})")
 
 
+def model_names(source: TensorSource) -> TensorSource:
+    """Original names -> our module's: the pad tokens under `pads.`."""
+    return RenamedSource(source, {(f"pads.{key}" if key in PAD_TOKENS else key): key for key in source.keys()})
+
+
 def qwen3_view(source: TensorSource, name: str = "the checkpoint") -> TensorSource:
     """A Qwen3 file's tensors under `Qwen3Model` names (`model.` dropped; `lm_head.*` kept as is)."""
     keys = source.keys()
@@ -106,7 +112,7 @@ def prepare_zimage_transformer(path: Path | str) -> FluxComponent:
     """The Z-Image transformer in a file or a diffusers `transformer/` folder, on `meta`, checked."""
     from optimized_sd.models.zimage import ZImageConfig, ZImageTransformer
 
-    source = zimage_transformer_view(open_weights(path), str(path))
+    source = model_names(zimage_transformer_view(open_weights(path), str(path)))
     with torch.device("meta"):
         model = ZImageTransformer(ZImageConfig.from_shapes(source.shapes()))
     return checked("transformer", "Z-Image transformer", model, source, ZIMAGE_UNUSED)
