@@ -62,11 +62,17 @@ class VAEConfig:
     z_channels: int = 4
     embed_dim: int = 4
     use_quant_conv: bool = True  # the 1x1 quant_conv / post_quant_conv around the latent (Flux's VAE has none)
+    patch: int = 1  # latent pixels folded into channels, patch x patch, between the VAE and the denoiser (Flux.2: 2)
 
     @property
     def downscale(self) -> int:
-        """Pixels per latent along one axis (8 for SD)."""
-        return 2 ** (len(self.ch_mult) - 1)
+        """Pixels per denoiser latent along one axis (8 for SD, 16 for Flux.2's patchified latents)."""
+        return 2 ** (len(self.ch_mult) - 1) * self.patch
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents the denoiser sees (the VAE's `embed_dim`, times the patch's pixels)."""
+        return self.embed_dim * self.patch * self.patch
 
 
 @dataclass(frozen=True)

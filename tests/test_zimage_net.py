@@ -163,12 +163,12 @@ def tiny_qwen_tokenizer(folder, chat_template: str | None = CHAT_TEMPLATE):
     return tokenizer
 
 
-def tiny_qwen3(causal_lm: bool, seed: int = 5):
+def tiny_qwen3(causal_lm: bool, seed: int = 5, layers: int = QWEN_LAYERS):
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     torch.manual_seed(seed)
     config = Qwen3Config(
-        vocab_size=272, hidden_size=32, intermediate_size=48, num_hidden_layers=QWEN_LAYERS, num_attention_heads=2,
+        vocab_size=272, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
     )
     return perturbed((Qwen3ForCausalLM if causal_lm else Qwen3Model)(config), seed)

@@ -156,7 +156,7 @@ def test_bad_files_are_one_line_errors(tiny, tmp_path):
     from tests.test_zimage_net import tiny_qwen_tokenizer
 
     files = tiny.files
-    with pytest.raises(UserError, match="holds a Qwen3 text encoder, not a Z-Image transformer; give it with --text-encoder"):
+    with pytest.raises(UserError, match="holds a Qwen3 text encoder, not a Z-Image or Flux.2 klein transformer; give it with"):
         load(files["qwen"], tokenizer=tiny.tokenizer, device="cpu")
     for keys, name in (({"txt_norm.weight", "img_in.weight"}, "Qwen-Image"), ({"double_stream_blocks.0.block.x.weight"}, "HiDream-I1")):
         other = save({key: torch.zeros(2) for key in keys}, tmp_path / f"{name}.safetensors")

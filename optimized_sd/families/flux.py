@@ -9,7 +9,7 @@ a `Loader` that opens them (`weights.flux_loading`) into one module tree with th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from torch import nn
@@ -204,8 +204,6 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
     flag or missing is a one-line error naming the flag that supplies it."""
     from optimized_sd.config import ModelConfig, UNetConfig
     from optimized_sd.weights.flux_loading import PART_WORDS, PREPARE, open_flux_files
-    from optimized_sd.weights.loading import Checkpoint, LoadedModel, LoadReport
-    from optimized_sd.weights.sources import ChainSource, RenamedSource
 
     path = Path(path)
     extra = [Path(p) for p in text_encoders]
@@ -248,6 +246,15 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
     t5_encoder.encoder.embed_tokens = t5_encoder.shared  # one module, so a hook on `shared` sees the lookup
     prefixes = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.",
                 "clip_l": f"{TEXT_ROOT}.{CLIP_TOWER}.", "t5": f"{TEXT_ROOT}.{T5_TOWER}."}  # fmt: skip
+    return loaded_model(model, config, path, components, prefixes)
+
+
+def loaded_model(model: nn.Module, config, path: Path, components: Mapping, prefixes: Mapping[str, str]):
+    """The `LoadedModel` of a model put together from checked components: their tensors as one source under the
+    model's names (each component's keys under its module's prefix), their known extras in one report."""
+    from optimized_sd.weights.loading import Checkpoint, LoadedModel, LoadReport
+    from optimized_sd.weights.sources import ChainSource, RenamedSource
+
     source = ChainSource(
         RenamedSource(component.source, {prefixes[name] + key: key for key in component.source.keys()})
         for name, component in components.items()
@@ -308,20 +315,30 @@ TOWERS = (
 )
 
 
-def lora_module_names(shapes: Shapes) -> dict[str, tuple]:
+def fused_lora_names(tables: Callable[[], tuple]) -> Callable[[Shapes], dict[str, tuple]]:
+    """A `LoraKeys.denoiser_names` for a BFL-named transformer (Flux.1, Flux.2) from its diffusers tables
+    (`tables()` -> top, double-block, single-block names and the final adaLN pair; read when first used)."""
+
+    def names(shapes: Shapes) -> dict[str, tuple]:
+        top, double, single, final = tables()
+        return lora_module_names(shapes, top, double, single, final)
+
+    return names
+
+
+def lora_module_names(shapes: Shapes, top, double, single, final) -> dict[str, tuple]:
     """LoRA module name -> `weights.lora.Target`s in the transformer: BFL's own names (kohya's `lora_unet_`,
-    ai-toolkit's `diffusion_model.`) and diffusers' (peft's `transformer.`), whose q, k and v (and the single
+    ai-toolkit's `diffusion_model.`) and diffusers' (peft's `transformer.`), whose q, k and v (and Flux.1's single
     blocks' proj_mlp) are row ranges of our fused layers, hidden-size rows each, the MLP the rest, and whose final
-    adaLN holds its two halves in the other order (the tables of `weights.flux_keys`)."""
-    from optimized_sd.weights.flux_keys import DOUBLE_BLOCK_NAMES, FINAL_ADALN, SINGLE_BLOCK_NAMES, TOP_NAMES
+    adaLN holds its two halves in the other order (the tables of `weights.flux_keys` and `weights.flux2_keys`)."""
     from optimized_sd.weights.infer import indices
     from optimized_sd.weights.lora import Target
 
     names = {key[: -len(".weight")]: (Target(key),) for key in shapes if key.endswith(".weight")}
     hidden = shapes["img_in.weight"][0]
-    tables = [("", "", TOP_NAMES)]
-    for bfl, diffusers_name, table in (("double_blocks", "transformer_blocks", DOUBLE_BLOCK_NAMES),
-                                       ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK_NAMES)):  # fmt: skip
+    tables = [("", "", top)]
+    for bfl, diffusers_name, table in (("double_blocks", "transformer_blocks", double),
+                                       ("single_blocks", "single_transformer_blocks", single)):  # fmt: skip
         tables += [(f"{bfl}.{i}.", f"{diffusers_name}.{i}.", table) for i in indices(shapes, rf"{bfl}\.(\d+)\.")]
     for bfl_prefix, diffusers_prefix, table in tables:
         for bfl, parts in table:
@@ -334,10 +351,16 @@ def lora_module_names(shapes: Shapes) -> dict[str, tuple]:
             widths = [hidden] * (len(parts) - 1) + [shapes[key][0] - hidden * (len(parts) - 1)]
             for index, (part, width) in enumerate(zip(parts, widths)):
                 names[diffusers_prefix + part] = (Target(key, hidden * index, width),)
-    key = f"{FINAL_ADALN[0]}.weight"
+    key = f"{final[0]}.weight"
     half = shapes[key][0] // 2
-    names[FINAL_ADALN[1]] = (Target(key, half, half, source_row=0), Target(key, 0, half, source_row=half))
+    names[final[1]] = (Target(key, half, half, source_row=0), Target(key, 0, half, source_row=half))
     return names
+
+
+def flux1_tables() -> tuple:
+    from optimized_sd.weights.flux_keys import DOUBLE_BLOCK_NAMES, FINAL_ADALN, SINGLE_BLOCK_NAMES, TOP_NAMES
+
+    return TOP_NAMES, DOUBLE_BLOCK_NAMES, SINGLE_BLOCK_NAMES, FINAL_ADALN
 
 
 # kohya (sd-scripts) names the transformer `lora_unet_` + BFL names, CLIP-L `lora_te1_` and T5 `lora_te3_`; ai-toolkit
@@ -345,7 +368,7 @@ def lora_module_names(shapes: Shapes) -> dict[str, tuple]:
 FLUX_LORA = LoraKeys(
     kohya={"lora_unet_": "unet", "lora_transformer_": "unet", "lora_te1_": "text"},
     diffusers={"transformer.": "unet", "diffusion_model.": "unet", "text_encoder.": "text"},
-    denoiser_names=lora_module_names,
+    denoiser_names=fused_lora_names(flux1_tables),
     telltale=r"(double_blocks|single_blocks|single_transformer_blocks)[._]\d+",
     unsupported={"lora_te3_": "T5-XXL text encoder"},
 )

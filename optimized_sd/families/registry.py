@@ -115,11 +115,14 @@ class Loader:
     """How a family whose files are not one LDM checkpoint opens (Flux: a transformer, a VAE and text towers
     in several files): `claims(path)` says whether a checkpoint path is this family's, `prepare(path, parts,
     vae)` builds its model on `meta` as a `weights.loading.LoadedModel` (`parts`: the `--text-encoder` files),
-    and `pipeline` is the `StableDiffusion` subclass that runs it."""
+    and `pipeline` is the `StableDiffusion` subclass that runs it. `options`: the load options besides files that
+    `prepare` takes by keyword (Flux.2 klein's `distilled`); `describe(path)`: what `inspect` says of its files
+    (a `weights.inspect.CheckpointInfo`; None: Flux.1's parts table)."""
 
     claims: Callable[[Path], bool]
     prepare: Callable[..., Any]
     pipeline: Callable[..., Any]
+    options: tuple[str, ...] = ()
     describe: Callable[[Path], Any] | None = None  # what `inspect` says of its files (None: Flux.1's description)
 
 
@@ -180,6 +183,7 @@ def _ensure_builtin() -> None:
     if not _builtin_loaded:
         _builtin_loaded = True
         import optimized_sd.families.flux  # noqa: F401  (registers on import)
+        import optimized_sd.families.flux2  # noqa: F401
         import optimized_sd.families.sd  # noqa: F401
         import optimized_sd.families.zimage  # noqa: F401
 

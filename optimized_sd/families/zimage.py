@@ -155,7 +155,8 @@ def check_file(path: Path) -> None:
         if name is not None:
             raise UserError(f"--ckpt {path} is a {name} model, which this version does not run")
         if has_key(keys, QWEN3_TELLTALE):
-            raise UserError(f"--ckpt {path} holds a Qwen3 text encoder, not a Z-Image transformer; give it with --text-encoder")
+            words = "a Qwen3 text encoder, not a Z-Image or Flux.2 klein transformer"
+            raise UserError(f"--ckpt {path} holds {words}; give it with --text-encoder")
 
 
 def open_vae(path: Path):

@@ -326,27 +326,36 @@ def denormalize_latents(latents: Tensor, mean: Tensor, var: Tensor, eps: float =
 
 class LatentStatistics(nn.Module):
     """The VAE's `bn`: running mean and variance of the patchified latents (an affine-free BatchNorm2d used only in
-    eval mode). `num_batches_tracked` in files is a training counter, not read."""
+    eval mode). `num_batches_tracked` in files is a training counter, not read. Called (not read) by the VAE, so a
+    memory engine's hooks place its buffers before they are used."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
 
+    def forward(self, latents: Tensor, undo: bool = False) -> Tensor:
+        """`normalize_latents`, or (`undo`) `denormalize_latents`."""
+        return (denormalize_latents if undo else normalize_latents)(latents, self.running_mean, self.running_var)
+
 
 class Flux2Autoencoder(AutoencoderKL):
-    """Flux.2's VAE: the LDM KL autoencoder (32 latent channels, 1x1 quant convs) plus the latent statistics `bn`;
-    `encode`/`decode` stay raw (B, 32, H/8, W/8), `encode_latents`/`decode_latents` speak the transformer's
-    normalised, patchified (B, 128, H/16, W/16)."""
+    """Flux.2's VAE: the LDM KL autoencoder (32 latent channels, 1x1 quant convs) plus the latent statistics `bn`.
+    Its config's `patch` is 2, and `encode`/`decode` speak the transformer's normalised, patchified latents
+    (B, 128, H/16, W/16), so the shared VAE stages run it as any VAE; `raw_encode`/`raw_decode` are the
+    autoencoder's own (B, 32, H/8, W/8)."""
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__(config)
         self.bn = LatentStatistics(config.z_channels * PATCH * PATCH)
 
-    def encode_latents(self, image: Tensor) -> Tensor:
-        """Image (B, 3, H, W) in [-1, 1] -> the transformer's latents (the posterior mean, as the pipeline's argmax)."""
-        return normalize_latents(patchify(self.encode(image)), self.bn.running_mean, self.bn.running_var)
+    raw_encode = AutoencoderKL.encode
+    raw_decode = AutoencoderKL.decode
 
-    def decode_latents(self, latents: Tensor) -> Tensor:
+    def encode(self, image: Tensor) -> Tensor:
+        """Image (B, 3, H, W) in [-1, 1] -> the transformer's latents (the posterior mean, as the pipeline's argmax)."""
+        return self.bn(patchify(self.raw_encode(image)))
+
+    def decode(self, latent: Tensor) -> Tensor:
         """The transformer's latents (B, 128, h, w) -> image (B, 3, 16h, 16w) in about [-1, 1]."""
-        return self.decode(unpatchify(denormalize_latents(latents, self.bn.running_mean, self.bn.running_var)))
+        return self.raw_decode(unpatchify(self.bn(latent, True)))

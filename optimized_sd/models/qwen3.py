@@ -167,9 +167,10 @@ def encode_zimage(tower: Qwen3TextEncoder, tokenizer: QwenPromptTokenizer, promp
     return [sample[keep.to(device).bool()] for sample, keep in zip(states, mask, strict=True)]
 
 
-def encode_klein(tower: Qwen3TextEncoder, tokenizer: QwenPromptTokenizer, prompts: list[str]) -> Tensor:
-    """Flux.2 klein context: (B, 512, 3 * hidden) from layers 9, 18 and 27, every position kept."""
-    device = tower.transformer.embed_tokens.weight.device
+def encode_klein(tower: Qwen3TextEncoder, tokenizer: QwenPromptTokenizer, prompts: list[str], device: torch.device | None = None) -> Tensor:
+    """Flux.2 klein context: (B, 512, 3 * hidden) from layers 9, 18 and 27, every position kept (`device`: where the
+    ids go, when the tower's weights are placed by a memory engine; else the embedding's device)."""
+    device = device or tower.transformer.embed_tokens.weight.device
     ids, mask = tokenizer(prompts, pad_to_max=True)
     return tower(ids.to(device), mask.to(device))
 

@@ -62,6 +62,7 @@ __all__ = [  # the names callers have imported from here
     "load_init_image",
     "tensor_to_image",
 ]
+FAMILY_LOAD_OPTIONS = ("distilled",)  # load options only a family with its own loader takes (`Loader.options`)
 REFINER = "refiner"  # the refiner's session in the base's: its stages are reported as refiner_text, refiner_unet, ...
 
 
@@ -158,7 +159,7 @@ class StableDiffusion:
             steps=defaults.steps if request.steps is None else request.steps,
             scale=defaults.scale if request.scale is None else request.scale,
             sampler=request.sampler or defaults.sampler,
-            latent_channels=request.latent_channels or self.config.vae.embed_dim,
+            latent_channels=request.latent_channels or self.config.vae.latent_channels,
         )
 
     def sampling_for(self, request: GenerationRequest) -> ModelSampling:
@@ -307,7 +308,8 @@ class StableDiffusion:
         by the latent projection."""
         tiny = self.preview_vae or self.fast_vae
         if tiny is None or tiny.decoder is None:
-            return latent_preview(latents, latent_format=self.config.record.latent)
+            latent = self.config.record.latent
+            return latent_preview(latents, upscale=latent.downscale, latent_format=latent)
         return taesd_preview(latents, tiny.decoder)
 
     def vae_decode(self, latent: Tensor, tiled: bool) -> Tensor:
@@ -432,18 +434,22 @@ def load(
     see benchmarks/cpu_options.py)."""
     check_weight_kind(options.get("weights"))
     text_encoders = tuple(Path(path) for path in options.pop("text_encoders", None) or ())
+    family_options = {name: value for name in FAMILY_LOAD_OPTIONS if (value := options.pop(name, None)) is not None}
     own = claiming(Path(checkpoint))  # a family with its own files and pipeline class (Flux)
     if own is not None:
         assert own.loader is not None
         given = {"config": config is not None, "ema": ema, "prediction": prediction not in ("auto", None),
-                 "preview_decoder": preview_decoder is not None}  # fmt: skip
+                 "preview_decoder": preview_decoder is not None,
+                 **{name: name not in own.loader.options for name in family_options}}  # fmt: skip
         refused = [name for name, is_given in given.items() if is_given]
         if refused:
             raise FieldError.about(refused[0], f"does not apply to {own.display_name}")
-        loaded = own.loader.prepare(checkpoint, text_encoders, vae)
+        loaded = own.loader.prepare(checkpoint, text_encoders, vae, **family_options)
         return own.loader.pipeline(loaded, **options)
     if text_encoders:
         raise FieldError.about("text_encoders", "gives the text towers of a Flux model; this checkpoint holds its own")
+    if family_options:
+        raise FieldError.about(next(iter(family_options)), "does not apply to this checkpoint's family")
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
     fast = open_taesd(vae, "--vae") if vae is not None and is_taesd(vae) else None

@@ -38,6 +38,7 @@ class LoadOptions:
     lora_dir: str | Path = DEFAULT_LORA_DIR
     embeddings_dir: str | Path = DEFAULT_EMBEDDINGS_DIR
     weights: str | None = None  # fp16, bf16, fp8 or int8 storage (None: the compute dtype)
+    distilled: bool | None = None  # Flux.2 klein: True step-distilled, False base (None: from the file or folder name)
     preview_decoder: str | Path | None = None  # a TAESD decoder for live previews (the CLI's --preview-decoder)
     int8_matmul: bool = False
     channels_last: bool = False

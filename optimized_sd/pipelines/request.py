@@ -110,8 +110,9 @@ def check_request(request: GenerationRequest, config: ModelConfig) -> None:
     )  # fmt: skip
     check_seeds(request.seed, len(request.prompts))
     check_size(request.height, request.width, request.downscale)
-    if request.latent_channels != config.vae.embed_dim:
-        raise FieldError.about("latent_channels", f"{request.latent_channels}: this model's latents have {config.vae.embed_dim} channels")
+    if request.latent_channels != config.vae.latent_channels:
+        channels = config.vae.latent_channels
+        raise FieldError.about("latent_channels", f"{request.latent_channels}: this model's latents have {channels} channels")
     if request.inpaint is not None:
         if request.init_image is None:
             raise FieldError("init_image", "inpainting needs an init image", "is missing: inpainting needs one")

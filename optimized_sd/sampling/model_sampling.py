@@ -131,6 +131,16 @@ def flow_mu(tokens: int, base_tokens: int = 256, max_tokens: int = 4096, base_sh
     return base_shift + slope * (tokens - base_tokens)
 
 
+def empirical_mu(tokens: int, steps: int) -> float:
+    """Flux.2's dynamic shift mu, fitted by step count and image tokens (diffusers' `compute_empirical_mu`): linear
+    in the steps between the fits for 10 and 200 steps, each linear in the tokens; past 4300 tokens the 200-step fit."""
+    fit_10, fit_200 = 8.73809524e-05 * tokens + 1.89833333, 0.00016927 * tokens + 0.45666666
+    if tokens > 4300:
+        return fit_200
+    slope = (fit_200 - fit_10) / 190.0
+    return slope * steps + fit_200 - 200.0 * slope
+
+
 @dataclass(frozen=True)
 class FlowSampling(ModelSampling):
     """Rectified flow (Liu et al. 2022; Esser et al. 2024): sigma = t in [0, 1], velocity prediction.

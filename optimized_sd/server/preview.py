@@ -69,6 +69,7 @@ class PreviewDecoders:
                 return self._last[1]
             decoder = self.decoder(config) if config is not None else None
             latent_format = config.record.latent if config is not None else None
-            image = taesd_preview(latents, decoder) if decoder is not None else latent_preview(latents, latent_format=latent_format)
+            upscale = latent_format.downscale if latent_format is not None else 8
+            image = taesd_preview(latents, decoder) if decoder is not None else latent_preview(latents, upscale, latent_format)
             self._last = (latents, image)
             return image

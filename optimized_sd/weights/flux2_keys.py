@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -168,9 +168,9 @@ def prepare_flux2_transformer(path: Path | str) -> FluxComponent:
 def prepare_flux2_vae(path: Path | str) -> FluxComponent:
     """The Flux.2 VAE in a file (`ae.safetensors`, `flux2-vae.safetensors`) or a diffusers `vae/` folder, on `meta`,
     checked."""
-    from optimized_sd.models.flux2 import Flux2Autoencoder
+    from optimized_sd.models.flux2 import PATCH, Flux2Autoencoder
 
     source = flux2_vae_view(open_weights(path), str(path))
     with torch.device("meta"):
-        model = Flux2Autoencoder(infer_vae(source.shapes(), prefix=""))
+        model = Flux2Autoencoder(replace(infer_vae(source.shapes(), prefix=""), patch=PATCH))
     return checked("vae", "Flux.2 VAE", model, source, VAE_UNUSED)

@@ -111,7 +111,7 @@ def describe_checkpoint(
     from optimized_sd.families import claiming
 
     own = claiming(path)
-    if own is not None and own.loader is not None:  # a family with its own files (Flux.1): its parts, present or missing
+    if own is not None and own.loader is not None:  # a family with its own files (Flux.1, Flux.2 klein, Z-Image)
         info = (own.loader.describe or _describe_flux)(path)
         if hashes and path.is_file():
             info.sha256_short = sha256_short(path, cache_path=hash_cache)
