@@ -145,16 +145,17 @@ PART_EXAMPLES = {"clip_l": "clip_l.safetensors", "t5": "t5xxl_fp16.safetensors",
 
 
 def claims(path: Path) -> bool:
-    """A Flux.1 diffusers folder, or a safetensors file holding a Flux.1 transformer or a T5 tower (a T5 file given
-    as the checkpoint is claimed so that its error says which flag takes it)."""
+    """A Flux.1 diffusers folder, or a safetensors or GGUF file holding a Flux.1 transformer or a T5 tower (a T5 file
+    given as the checkpoint is claimed so that its error says which flag takes it)."""
     from optimized_sd.weights.flux_keys import identify_flux
+    from optimized_sd.weights.gguf import is_gguf_file
     from optimized_sd.weights.loading import is_safetensors_file, open_weight_file
 
     path = Path(path)
     if path.is_dir():
         return diffusers_flux_transformer(path) is not None
     try:
-        if not path.is_file() or not is_safetensors_file(path):
+        if not path.is_file() or not (is_gguf_file(path) or is_safetensors_file(path)):
             return False
         source = open_weight_file(path)
         try:

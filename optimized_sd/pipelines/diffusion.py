@@ -19,6 +19,7 @@ from optimized_sd.memory.device import compute_dtype, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
 from optimized_sd.memory.planner import VAE_TILE, Plan, parse_bytes
 from optimized_sd.memory.report import MemoryMeter
+from optimized_sd.models.ops import computed_shapes
 from optimized_sd.models.text_encoder import PromptTokenizer
 from optimized_sd.pipelines import core
 from optimized_sd.pipelines.controlnet import (
@@ -41,7 +42,7 @@ from optimized_sd.pipelines.previews import latent_preview, taesd_preview
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_size
 from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
 from optimized_sd.pipelines.txt2img import TXT2IMG
-from optimized_sd.pipelines.weight_storage import check_weight_kind, plan_storage
+from optimized_sd.pipelines.weight_storage import check_weight_kind, hold_gguf_weights, plan_storage
 from optimized_sd.sampling import ModelSampling, ProgressCallback, discrete_sampling, scaled_linear_schedule
 from optimized_sd.weights.embeddings import EmbeddingLibrary
 from optimized_sd.weights.family import detect_family
@@ -100,7 +101,8 @@ class StableDiffusion:
         check_backend(attention, self.device)
         self.vae_tile = VAE_TILE
         budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
-        self.storage = plan_storage(self.model, weights, self.dtype, self.device.type)
+        gguf = hold_gguf_weights(self.model, loaded.source)  # a GGUF file's quantized blocks stay so in every mode
+        self.storage = plan_storage(self.model, weights, self.dtype, self.device.type, gguf)
         self.memory = MemorySession(
             self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention,
             storage=self.storage, int8_matmul=int8_matmul, channels_last=channels_last,
@@ -125,7 +127,7 @@ class StableDiffusion:
 
     def lora_set(self) -> LoraSet:
         """The LoRAs this model can take (all of its family's tables)."""
-        return LoraSet(self.config, {key: tuple(value.shape) for key, value in self.model.state_dict().items()})
+        return LoraSet(self.config, computed_shapes(self.model))
 
     def setup_text(self, tokenizers: tuple[Path, ...]) -> None:
         """The tokenizers (`--tokenizer`: one folder serves every SD tower) and the prompt encoder."""

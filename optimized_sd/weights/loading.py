@@ -22,6 +22,7 @@ from optimized_sd.weights.diffusers_folder import (
     read_diffusers_folder,
 )
 from optimized_sd.weights.family import UNET_PREFIX, canonical_key, detect_family, ema_key, known_extra_key
+from optimized_sd.weights.gguf import gguf_model_source, is_gguf_file
 from optimized_sd.weights.infer import infer_config, unused_keys
 from optimized_sd.weights.sources import (
     ChainSource,
@@ -63,7 +64,10 @@ def is_safetensors_file(path: Path) -> bool:
 
 
 def open_weight_file(path: Path) -> TensorSource:
-    """A safetensors file memory-mapped, anything else through the restricted `.ckpt` unpickler."""
+    """A safetensors file memory-mapped, a GGUF file through its validated reader (`gguf.gguf_model_source`: the
+    quantized blocks stay in the mapping), anything else through the restricted `.ckpt` unpickler."""
+    if is_gguf_file(path):
+        return gguf_model_source(path)
     if is_safetensors_file(path):
         return SafetensorsSource(path)
     return DictSource(state_dict_from_ckpt(load_ckpt(path)))
