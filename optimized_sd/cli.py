@@ -57,6 +57,7 @@ LOAD_FLAGS: dict[str, str | None] = {
     "precision": "--precision", "memory": "--memory", "vram_budget": "--vram-budget", "attention": "--attention",
     "vae_tiling": "--vae-tiling", "tokenizer": "--tokenizer", "lora_dir": "--lora-dir", "embeddings_dir": "--embeddings-dir",
     "weights": "--weights", "int8_matmul": None, "channels_last": None, "text_encoders": "--text-encoder",
+    "parts_from": "--parts-from",
     "preview_decoder": None,  # the generate commands' --preview/--preview-decoder/--vae choose it (`preview_decoder_path`)
 }  # fmt: skip
 # LoadOptions fields the generate commands derive from a flag of another name (not set by `load_options`).
@@ -90,7 +91,9 @@ def load_options(memory_help: str = "auto, full, turbo, split or stream.") -> Ca
         click.option("--tokenizer", type=path, multiple=True,
                      help="Tokenizer folder: CLIP's (vocab.json and merges.txt, or tokenizer.json); for Flux also T5's (spiece.model); repeatable."),
         click.option("--text-encoder", "text_encoders", type=path, multiple=True, default=LOADING.text_encoders,
-                     help="A text tower file for a checkpoint without it (Flux: clip_l.safetensors, t5xxl_*.safetensors); repeatable."),
+                     help="A text tower file for a checkpoint without it (Flux: clip_l.safetensors, t5xxl_*.safetensors; an SD/SDXL GGUF UNet: clip_l, clip_g); repeatable."),
+        click.option("--parts-from", "parts_from", type=path,
+                     help="A whole checkpoint of the same family giving a denoiser-only file (a GGUF) its VAE and text encoders."),
         click.option("--ema", is_flag=True, help="Use the checkpoint's EMA UNet weights."),
         click.option("--vae", type=path, help="A separate VAE file (LDM or diffusers keys) replacing the checkpoint's, or a TAESD decoder (taesd_decoder.*) for fast decodes."),
         click.option("--prediction", default=LOADING.prediction, show_default=True, help="auto, eps or v: what the UNet predicts (auto: what the file says, else the family's default)."),

@@ -167,3 +167,172 @@ def test_flux_gguf_needs_its_other_parts(flux):
     model, written = flux
     with pytest.raises(UserError, match="--vae"):
         load(written.files["city96"], text_encoders=(model.files["clip"], model.files["t5"]), device="cpu")
+
+
+# --- SDXL and SD 1.5 ----------------------------------------------------------------------------------------
+SD_TYPES = ("Q8_0", "Q4_0", "Q5_1", "F16", "Q4_K")
+UNET = "model.diffusion_model."
+
+
+def sd_layout_tensors(ldm: dict[str, torch.Tensor], city96: bool) -> tuple[dict, dict[str, list[int]], dict[str, torch.Tensor]]:
+    """The UNet's tensors as GGUF (name -> (array, type)), the orig_shape arrays, and what each decodes to (LDM names).
+    city96: names without the UNet prefix, tensors of >= 512 values whose innermost size is no multiple of 256 stored
+    as (n/256, 256) (convs quantized so); sd.cpp: source names and shapes (a 3x3 conv cannot be quantized: F16)."""
+    tensors, shapes, decoded = {}, {}, {}
+    for index, (key, value) in enumerate(k for k in ldm.items() if k[0].startswith(UNET)):
+        name = key.removeprefix(UNET) if city96 else key
+        rows = value
+        if city96 and value.dim() > 1 and value.numel() >= 512 and value.numel() % 256 == 0 and value.shape[-1] % 256:
+            rows = value.reshape(-1, 256)
+            shapes[f"comfy.gguf.orig_shape.{name}"] = list(value.shape)
+        qtype = SD_TYPES[index % len(SD_TYPES)]
+        block = gguf.GGML_QUANT_SIZES[Q[qtype]][0]
+        if rows.dim() == 1 or value.numel() <= 1024 or rows.shape[-1] % block:
+            qtype = "F16" if rows.dim() == 4 else "F32"
+        raw = encode(rows.reshape(-1, rows.shape[-1]), qtype, index).reshape(*rows.shape[:-1], -1)
+        tensors[name] = (raw, qtype)
+        decoded[key] = decode(raw, qtype).reshape(value.shape)
+    return tensors, shapes, decoded
+
+
+def dequantised_unet(unet: torch.nn.Module, ldm: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of the diffusers UNet holding the decoded weights: each diffusers tensor is matched to its LDM
+    tensor by value (random weights are unique), so no key table of ours is involved."""
+    by_value = {}
+    for name, value in unet.state_dict().items():
+        matches = [key for key in decoded if ldm[key].shape.numel() == value.numel() and torch.equal(ldm[key].reshape(value.shape), value)]
+        assert len(matches) == 1, (name, matches)
+        by_value[name] = decoded[matches[0]].reshape(value.shape)
+    copied = copy.deepcopy(unet)
+    copied.load_state_dict(by_value)
+    return copied
+
+
+@dataclasses.dataclass
+class SdGguf:
+    files: dict[str, Path]
+    unet: torch.nn.Module  # diffusers' UNet with the decoded weights
+    ldm: dict[str, torch.Tensor]
+    types: set[str]
+
+
+def write_sd_gguf(checkpoint: Path, unet: torch.nn.Module, arch: str, folder: Path) -> tuple[SdGguf, dict[str, torch.Tensor]]:
+    """The whole checkpoint's UNet as city96's GGUF (`arch`) and as sd.cpp's whole-model GGUF, and what sd.cpp's
+    UNet decodes to (its convs are F16, not reshaped and quantized as city96's)."""
+    from safetensors.torch import load_file
+
+    ldm = load_file(str(checkpoint))
+    city96, shapes, decoded = sd_layout_tensors(ldm, True)
+    sdcpp, _, decoded_sdcpp = sd_layout_tensors(ldm, False)
+    whole = {key: (value.float().numpy(), "F32") for key, value in ldm.items() if not key.startswith(UNET)}
+    files = {"city96": write(folder / f"{arch}-unet.gguf", city96, arch, **shapes),
+             "sdcpp": write(folder / f"{arch}-sdcpp.gguf", {**sdcpp, **whole}, None)}  # fmt: skip
+    types = {qtype for _, qtype in city96.values()}
+    return SdGguf(files, dequantised_unet(unet, ldm, decoded), ldm, types), decoded_sdcpp
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory, tiny_sdxl):
+    folder = tmp_path_factory.mktemp("gguf-sdxl")
+    written, decoded_sdcpp = write_sd_gguf(tiny_sdxl.files["converted"], tiny_sdxl.unet, "sdxl", folder)
+    written.files["sdcpp_unet"] = dequantised_unet(tiny_sdxl.unet, written.ldm, decoded_sdcpp)
+    from tests.family_models import hub_names, save
+
+    clip_l, big_g = tiny_sdxl.text_encoders
+    written.files["clip_l"] = save(hub_names(clip_l.state_dict()), folder / "clip_l.safetensors")
+    written.files["clip_g"] = save(hub_names(big_g.state_dict()), folder / "clip_g.safetensors")
+    vae = {key: value for key, value in written.ldm.items() if key.startswith("first_stage_model.")}
+    written.files["vae"] = save(vae, folder / "sdxl_vae.safetensors")
+    return tiny_sdxl, written
+
+
+def sdxl_reference(model, unet) -> torch.Tensor:
+    from tests.test_families_pipeline import SIZE, STEPS, diffusers_sdxl
+
+    pipeline = diffusers_sdxl(dataclasses.replace(model, unet=unet), "euler", False)
+    return pipeline("a red cube", num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(42),
+                    output_type="latent", height=SIZE, width=SIZE).images  # fmt: skip
+
+
+def load_sd(path: Path, model, **options):
+    return load(path, device="cpu", precision="full", memory=options.pop("memory", "full"), tokenizer=model.tokenizer, **options)
+
+
+@pytest.mark.parametrize("parts", ["parts_from", "flags", "sdcpp"])
+def test_sdxl_gguf_latents_equal_diffusers_on_the_dequantised_weights(sdxl, parts):
+    """city96's UNet with --parts-from, or with --vae and --text-encoder clip_l/clip_g (in either order); sd.cpp's
+    whole model alone."""
+    from tests.test_families_pipeline import close, request
+
+    model, written = sdxl
+    assert {"Q8_0", "Q4_0", "Q5_1", "F16", "Q4_K"} <= written.types
+    if parts == "parts_from":
+        pipe = load_sd(written.files["city96"], model, parts_from=model.files["converted"])
+    elif parts == "flags":
+        pipe = load_sd(written.files["city96"], model, vae=written.files["vae"],
+                       text_encoders=(written.files["clip_g"], written.files["clip_l"]))  # fmt: skip
+    else:
+        pipe = load_sd(written.files["sdcpp"], model)
+    assert pipe.config.family == "sdxl" and len(pipe.storage.gguf) > 10
+    result = pipe.generate(request("euler"))
+    unet = written.files["sdcpp_unet"] if parts == "sdcpp" else written.unet
+    expected = sdxl_reference(model, unet)
+    assert result.latents.abs().max() > 0.1
+    assert close(result.latents, expected), (result.latents - expected).abs().max()
+    original = sdxl_reference(model, model.unet)
+    assert not close(original, expected)  # the quantization shows
+    text = result.parameters[0].text()
+    from optimized_sd.weights.hashing import sha256_short
+
+    assert f"Model hash: {sha256_short(written.files['city96' if parts != 'sdcpp' else 'sdcpp'])}" in text
+
+
+@pytest.mark.parametrize("mode", ["stream", "turbo", "split"])
+def test_sdxl_gguf_memory_modes_equal_full(sdxl, mode):
+    from tests.test_families_pipeline import request
+
+    model, written = sdxl
+    full = load_sd(written.files["city96"], model, parts_from=model.files["converted"]).generate(request("euler")).latents
+    other = load_sd(written.files["city96"], model, parts_from=model.files["converted"], memory=mode).generate(request("euler")).latents
+    assert torch.allclose(other, full, atol=1e-5), (other - full).abs().max()
+
+
+def test_sd15_gguf_latents_equal_diffusers(tmp_path, tiny_model):
+    """city96's sd1 file, its other parts from the whole checkpoint, against diffusers' SD pipeline (Euler)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from tests.test_families_pipeline import SIZE, STEPS, close, request, scheduler
+
+    written, _ = write_sd_gguf(tiny_model.safetensors, tiny_model.unet, "sd1", tmp_path)
+    assert {"Q8_0", "Q4_0", "Q5_1"} <= written.types
+    pipe = load(written.files["city96"], parts_from=tiny_model.safetensors, tokenizer=tiny_model.tokenizer, device="cpu",
+                precision="full", memory="full")  # fmt: skip
+    assert pipe.config.family == "sd1"
+    result = pipe.generate(request("euler")).latents
+    reference = StableDiffusionPipeline(
+        vae=tiny_model.vae, text_encoder=tiny_model.text_encoder, tokenizer=CLIPTokenizer.from_pretrained(str(tiny_model.tokenizer)),
+        unet=written.unet, scheduler=scheduler("euler", "epsilon"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    expected = reference("a red cube", num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(42),
+                         output_type="latent", height=SIZE, width=SIZE).images  # fmt: skip
+    assert close(result, expected), (result - expected).abs().max()
+
+
+def test_missing_parts_are_one_line_errors_naming_the_flag(sdxl, tiny_model):
+    from optimized_sd.errors import FieldError
+
+    model, written = sdxl
+    with pytest.raises(UserError, match=r"give its VAE with --vae FILE, or --parts-from CKPT"):
+        load_sd(written.files["city96"], model)
+    with pytest.raises(UserError, match=r"--text-encoder \(clip_l and clip_g files\), or --parts-from"):
+        load_sd(written.files["city96"], model, vae=written.files["vae"])
+    with pytest.raises(FieldError, match="takes clip_l and clip_g files") as caught:
+        load_sd(written.files["city96"], model, vae=written.files["vae"], text_encoders=(written.files["clip_l"],))
+    assert caught.value.field == "text_encoders"
+    with pytest.raises(FieldError, match="is an SD 1.x checkpoint; sdxl-unet.gguf is an SDXL denoiser") as caught:
+        load_sd(written.files["city96"], model, parts_from=tiny_model.safetensors)
+    assert caught.value.field == "parts_from"
+    with pytest.raises(FieldError, match="holds its own VAE and text encoders"):
+        load_sd(model.files["converted"], model, parts_from=model.files["converted"])

@@ -193,10 +193,13 @@ def folder_files(folder: Path) -> list[list[Path]]:
     return files
 
 
-def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Path | str | None = None):
-    """Open the Flux.1 files (the checkpoint, `--text-encoder` files, `--vae`) into a model on `meta`, checked
-    strictly (`weights.loading.LoadedModel`). Each file's parts are told from its keys; a part in the wrong
-    flag or missing is a one-line error naming the flag that supplies it."""
+def prepare(
+    path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Path | str | None = None, parts_from: Path | str | None = None
+):
+    """Open the Flux.1 files (the checkpoint, `--text-encoder` files, `--vae`, and `--parts-from`: a ComfyUI
+    all-in-one whose transformer is not read) into a model on `meta`, checked strictly
+    (`weights.loading.LoadedModel`). Each file's parts are told from its keys; a part in the wrong flag or missing
+    is a one-line error naming the flag that supplies it."""
     from optimized_sd.config import ModelConfig, UNetConfig
     from optimized_sd.weights.flux_loading import PART_WORDS, PREPARE, open_flux_files
     from optimized_sd.weights.loading import Checkpoint, LoadedModel, LoadReport
@@ -223,11 +226,13 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
             raise UserError(f"--ckpt {given} holds a {held}, not a Flux transformer; give it with {flag}")
         if vae is not None and given == Path(vae) and "vae" not in info.parts:
             raise FieldError.about("vae", f"{given} holds no VAE ({', '.join(PART_WORDS[p] for p in info.parts)})")
+    if parts_from is not None:
+        add_donor_parts(parts, Path(parts_from))
     for part in ("clip_l", "t5", "vae"):
         if part not in parts:
             raise UserError(
                 f"Flux.1 needs a {PART_WORDS[part]}, which {path.name} does not hold: give it with "
-                f"{PART_FLAGS[part]} {PART_EXAMPLES[part]}"
+                f"{PART_FLAGS[part]} {PART_EXAMPLES[part]} (or --parts-from CKPT)"
             )
     components = {name: PREPARE[name](source) for name, source in parts.items()}
     transformer = components["transformer"].model
@@ -251,6 +256,18 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
     for component in components.values():
         report.known_extras.update(component.report.known_extras)
     return LoadedModel(model, config, Checkpoint(source, path), source, report)
+
+
+def add_donor_parts(parts: dict, path: Path) -> None:
+    """`--parts-from`: the parts `parts` lacks from a whole Flux.1 checkpoint, its transformer never read."""
+    from optimized_sd.weights.flux_loading import open_flux_files
+
+    if not path.is_file():
+        raise FieldError.about("parts_from", f"{path}: no such file")
+    donor, _ = open_flux_files([path])
+    for part, view in donor.items():
+        if part != "transformer":
+            parts.setdefault(part, view)  # the flags' own files come first
 
 
 def refuse_transformer(path: Path) -> None:

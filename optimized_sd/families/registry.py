@@ -114,7 +114,8 @@ class DiffusersLayout:
 class Loader:
     """How a family whose files are not one LDM checkpoint opens (Flux: a transformer, a VAE and text towers
     in several files): `claims(path)` says whether a checkpoint path is this family's, `prepare(path, parts,
-    vae)` builds its model on `meta` as a `weights.loading.LoadedModel` (`parts`: the `--text-encoder` files),
+    vae, parts_from)` builds its model on `meta` as a `weights.loading.LoadedModel` (`parts`: the `--text-encoder`
+    files; `parts_from`: the `--parts-from` checkpoint),
     and `pipeline` is the `StableDiffusion` subclass that runs it."""
 
     claims: Callable[[Path], bool]

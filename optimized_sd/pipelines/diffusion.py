@@ -426,6 +426,7 @@ def load(
     see benchmarks/cpu_options.py)."""
     check_weight_kind(options.get("weights"))
     text_encoders = tuple(Path(path) for path in options.pop("text_encoders", None) or ())
+    parts_from = options.pop("parts_from", None)
     own = claiming(Path(checkpoint))  # a family with its own files and pipeline class (Flux)
     if own is not None:
         assert own.loader is not None
@@ -434,10 +435,8 @@ def load(
         refused = [name for name, is_given in given.items() if is_given]
         if refused:
             raise FieldError.about(refused[0], f"does not apply to {own.display_name}")
-        loaded = own.loader.prepare(checkpoint, text_encoders, vae)
+        loaded = own.loader.prepare(checkpoint, text_encoders, vae, parts_from)
         return own.loader.pipeline(loaded, **options)
-    if text_encoders:
-        raise FieldError.about("text_encoders", "gives the text towers of a Flux model; this checkpoint holds its own")
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
     fast = open_taesd(vae, "--vae") if vae is not None and is_taesd(vae) else None
@@ -445,7 +444,8 @@ def load(
     if preview_decoder is not None:
         same = fast is not None and Path(preview_decoder) == fast.path
         preview = fast if same else open_taesd(preview_decoder, "--preview-decoder")
-    loaded = prepare_model(checkpoint, config=config, ema=ema, vae=None if fast is not None else vae)
+    loaded = prepare_model(checkpoint, config=config, ema=ema, vae=None if fast is not None else vae, parts_from=parts_from,
+                           text_encoders=text_encoders)
     checkpoint_source = loaded.checkpoint.source
     prediction_type, why = resolve_prediction(
         prediction, loaded.config.family, loaded.checkpoint.path, set(checkpoint_source.keys()), source_metadata(checkpoint_source)

@@ -202,12 +202,12 @@ def denoiser_family(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     """The family of a file that may hold only the denoiser (a GGUF UNet or transformer): a registered record's
     telltales (a Flux transformer, a whole checkpoint), else an LDM UNet's own (`label_emb`: SDXL; SD 1.x or 2.x
     by the attention layout); None when neither. What `--parts-from`, `--vae` and `--text-encoder` complete."""
-    record = registry.detect(shapes)
-    if record is not None:
-        return record.family_id
     layout = sd_layout(shapes)
     if layout is None:
-        return None
+        record = registry.detect(shapes)
+        return None if record is None else record.family_id
+    if _any_prefix(shapes, *_TEXT_PREFIXES):
+        return detect_family(shapes)
     return SDXL if _any_prefix(shapes, UNET_PREFIX + "label_emb.") else layout[0]
 
 

@@ -223,15 +223,19 @@ class LoadedModel:
 
 
 def prepare_model(
-    path: Path | str, *, config: ModelConfig | None = None, ema: bool = False, vae: Path | str | None = None
+    path: Path | str, *, config: ModelConfig | None = None, ema: bool = False, vae: Path | str | None = None,
+    parts_from: Path | str | None = None, text_encoders: tuple[Path | str, ...] = (),
 ) -> LoadedModel:
     """Open, detect the family, build the module tree on `meta`, and check every key strictly; `vae`
-    (`--vae FILE`) replaces the checkpoint's VAE. Weights are copied in later by `materialize`, by
-    whoever decides where they live."""
+    (`--vae FILE`) replaces the checkpoint's VAE; a denoiser-only file gets its other parts from `parts_from`,
+    `vae` and `text_encoders` (`weights.parts`). Weights are copied in later by `materialize`, by whoever
+    decides where they live."""
     from optimized_sd.models.sd import LatentDiffusion
+    from optimized_sd.weights.parts import with_parts
 
     checkpoint = open_checkpoint(path)
-    source = checkpoint.source
+    source, vae = with_parts(checkpoint.source, checkpoint.path, parts_from=parts_from, vae=vae, text_encoders=text_encoders)
+    checkpoint.source = source
     shapes = source.shapes()
     family = detect_family(shapes)
     if ema:
