@@ -336,3 +336,36 @@ def test_missing_parts_are_one_line_errors_naming_the_flag(sdxl, tiny_model):
     assert caught.value.field == "parts_from"
     with pytest.raises(FieldError, match="holds its own VAE and text encoders"):
         load_sd(model.files["converted"], model, parts_from=model.files["converted"])
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+def bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """A malformed or unusable GGUF of each kind the issue names -> (file, words its error must hold)."""
+    from tests.test_gguf import MALFORMED
+
+    files = {}
+    for case in ("bad magic", "version 99", "huge tensor count", "offset past the end", "overlap", "IQ4_NL", "tensor past the end"):
+        path = folder / f"{case.replace(' ', '_')}.gguf"
+        path.write_bytes(MALFORMED[case][0])
+        files[case] = (path, MALFORMED[case][1])
+    rows = np.zeros((2, 32), np.float32)
+    files["sd3"] = (write(folder / "sd3.gguf", {"joint_blocks.0.x_block.attn.qkv.weight": (rows, "F32")}, "sd3"),
+                    "architecture 'sd3' (Stable Diffusion 3), which this version does not run")  # fmt: skip
+    files["sdxl without a UNet"] = (write(folder / "empty-sdxl.gguf", {"w": (rows, "F32")}, "sdxl"), "holds no SDXL UNet")
+    whole = (folder / "truncated.gguf")
+    whole.write_bytes(files["sd3"][0].read_bytes()[:-40])
+    files["truncated"] = (whole, "is truncated")
+    return files
+
+
+def test_bad_gguf_files_are_one_line_cli_errors_writing_nothing(tmp_path, capsys):
+    from tests.cli_runs import run_cli
+    from tests.test_gguf import MALFORMED
+
+    assert "bad magic" in MALFORMED
+    for case, (path, words) in bad_files(tmp_path).items():
+        out = tmp_path / f"out-{path.stem}"
+        code, _, err = run_cli(capsys, "txt2img", "--ckpt", path, "--outdir", out, "--H", "64", "--W", "64", "--ddim_steps", "1",
+                               "--n_samples", "1", "--device", "cpu")  # fmt: skip
+        assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and words in err, (case, err)
+        assert not out.exists(), case
