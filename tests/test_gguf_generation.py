@@ -163,6 +163,37 @@ def test_flux_gguf_lora_patches_the_dequantised_weights(flux, tmp_path):
         assert torch.allclose(result, expected, atol=1e-4), (mode, (result - expected).abs().max())
 
 
+def test_flux_gguf_parts_from_an_all_in_one_and_the_cli(flux, tmp_path, capsys):
+    """`--parts-from` a ComfyUI all-in-one (its transformer not read) gives the separate files' image; the CLI writes
+    it with the GGUF's hash; `inspect` names the family and the quant types."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from optimized_sd.weights.hashing import sha256_short
+    from tests.cli_runs import run_cli
+    from tests.family_models import save
+
+    model, written = flux
+    prefixes = {"transformer": "model.diffusion_model.", "clip": "text_encoders.clip_l.transformer.",
+                "t5": "text_encoders.t5xxl.transformer.", "vae": "vae."}  # fmt: skip
+    whole = {prefix + key: value for part, prefix in prefixes.items() for key, value in load_file(str(model.files[part])).items()}
+    all_in_one = save(whole, tmp_path / "flux1-dev-aio.safetensors")
+    expected = ours(load_flux(model, written.files["city96"]), steps=2, guidance=GUIDANCE).latents
+    pipe = load(written.files["city96"], parts_from=all_in_one, device="cpu", precision="full", memory="full",
+                tokenizer=(model.clip_tokenizer, model.t5_tokenizer))  # fmt: skip
+    assert torch.equal(ours(pipe, steps=2, guidance=GUIDANCE).latents, expected)
+    code, out, err = run_cli(
+        capsys, "txt2img", "--ckpt", written.files["city96"], "--parts-from", all_in_one, "--tokenizer", model.clip_tokenizer,
+        "--tokenizer", model.t5_tokenizer, "--H", 64, "--W", 48, "--steps", 1, "--n_samples", 1, "--device", "cpu",
+        "--precision", "full", "--max-sequence-length", 12, "--outdir", tmp_path / "out", "--skip_grid",
+    )  # fmt: skip
+    assert code == 0, err
+    image = next((tmp_path / "out").rglob("*.png"))
+    assert f"Model hash: {sha256_short(written.files['city96'])}" in Image.open(image).info["parameters"]
+    code, out, err = run_cli(capsys, "inspect", written.files["city96"])
+    assert code == 0 and "flux-dev (Flux.1 dev)" in out and "Q4_K" in out and "quant types" in out, (out, err)
+
+
 def test_flux_gguf_needs_its_other_parts(flux):
     model, written = flux
     with pytest.raises(UserError, match="--vae"):
@@ -211,9 +242,10 @@ def dequantised_unet(unet: torch.nn.Module, ldm: dict[str, torch.Tensor], decode
 @dataclasses.dataclass
 class SdGguf:
     files: dict[str, Path]
-    unet: torch.nn.Module  # diffusers' UNet with the decoded weights
+    unet: torch.nn.Module  # diffusers' UNet with the decoded weights of city96's file
     ldm: dict[str, torch.Tensor]
     types: set[str]
+    sdcpp_unet: torch.nn.Module | None = None  # the same for sd.cpp's file (its convs F16, not reshaped and quantized)
 
 
 def write_sd_gguf(checkpoint: Path, unet: torch.nn.Module, arch: str, folder: Path) -> tuple[SdGguf, dict[str, torch.Tensor]]:
@@ -235,7 +267,7 @@ def write_sd_gguf(checkpoint: Path, unet: torch.nn.Module, arch: str, folder: Pa
 def sdxl(tmp_path_factory, tiny_sdxl):
     folder = tmp_path_factory.mktemp("gguf-sdxl")
     written, decoded_sdcpp = write_sd_gguf(tiny_sdxl.files["converted"], tiny_sdxl.unet, "sdxl", folder)
-    written.files["sdcpp_unet"] = dequantised_unet(tiny_sdxl.unet, written.ldm, decoded_sdcpp)
+    written.sdcpp_unet = dequantised_unet(tiny_sdxl.unet, written.ldm, decoded_sdcpp)
     from tests.family_models import hub_names, save
 
     clip_l, big_g = tiny_sdxl.text_encoders
@@ -275,7 +307,7 @@ def test_sdxl_gguf_latents_equal_diffusers_on_the_dequantised_weights(sdxl, part
         pipe = load_sd(written.files["sdcpp"], model)
     assert pipe.config.family == "sdxl" and len(pipe.storage.gguf) > 10
     result = pipe.generate(request("euler"))
-    unet = written.files["sdcpp_unet"] if parts == "sdcpp" else written.unet
+    unet = written.sdcpp_unet if parts == "sdcpp" else written.unet
     expected = sdxl_reference(model, unet)
     assert result.latents.abs().max() > 0.1
     assert close(result.latents, expected), (result.latents - expected).abs().max()

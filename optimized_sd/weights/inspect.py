@@ -110,7 +110,8 @@ def describe_checkpoint(
     path = Path(path)
     from optimized_sd.families import claiming
 
-    if claiming(path) is not None:  # a family with its own files (Flux.1): its parts, present or missing
+    gguf = path.is_file() and is_gguf_file(path)  # described from its own header, whichever family it holds
+    if not gguf and claiming(path) is not None:  # a family with its own files (Flux.1): its parts, present or missing
         info = _describe_flux(path)
         if hashes and path.is_file():
             info.sha256_short = sha256_short(path, cache_path=hash_cache)
@@ -121,7 +122,7 @@ def describe_checkpoint(
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
 
-    if is_gguf_file(path):
+    if gguf:
         info = _describe_gguf(path)
     elif is_safetensors_file(path):
         shapes, dtypes, metadata = _safetensors_header(path)
