@@ -245,6 +245,7 @@ class SdGguf:
     unet: torch.nn.Module  # diffusers' UNet with the decoded weights of city96's file
     ldm: dict[str, torch.Tensor]
     types: set[str]
+    decoded: dict[str, torch.Tensor]  # what city96's file decodes to, under LDM names
     sdcpp_unet: torch.nn.Module | None = None  # the same for sd.cpp's file (its convs F16, not reshaped and quantized)
 
 
@@ -260,7 +261,7 @@ def write_sd_gguf(checkpoint: Path, unet: torch.nn.Module, arch: str, folder: Pa
     files = {"city96": write(folder / f"{arch}-unet.gguf", city96, arch, **shapes),
              "sdcpp": write(folder / f"{arch}-sdcpp.gguf", {**sdcpp, **whole}, None)}  # fmt: skip
     types = {qtype for _, qtype in city96.values()}
-    return SdGguf(files, dequantised_unet(unet, ldm, decoded), ldm, types), decoded_sdcpp
+    return SdGguf(files, dequantised_unet(unet, ldm, decoded), ldm, types, decoded), decoded_sdcpp
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +328,29 @@ def test_sdxl_gguf_memory_modes_equal_full(sdxl, mode):
     full = load_sd(written.files["city96"], model, parts_from=model.files["converted"]).generate(request("euler")).latents
     other = load_sd(written.files["city96"], model, parts_from=model.files["converted"], memory=mode).generate(request("euler")).latents
     assert torch.allclose(other, full, atol=1e-5), (other - full).abs().max()
+
+
+@pytest.mark.parametrize("weights", [None, "int8"])
+def test_sdxl_gguf_lora_equals_the_lora_on_the_dequantised_checkpoint(sdxl, tmp_path, weights):
+    """A LoRA patches the GGUF layers' dequantised weights per call (`weight_patch`) as it patches the placed
+    weights of a checkpoint holding the same values (the engine's hook); `--weights int8` stores the other layers."""
+    from tests.family_models import save
+    from tests.lora_files import peft_lora
+    from tests.test_families_pipeline import close, request
+
+    model, written = sdxl
+    lora = save(peft_lora(model.unet, model.text_encoders, seed=4), tmp_path / "sdxl_lora.safetensors")
+    checkpoint = save({**written.ldm, **written.decoded}, tmp_path / "sdxl-dequantised.safetensors")
+    plain = load_sd(checkpoint, model).generate(request("euler")).latents
+    expected = load_sd(checkpoint, model).generate(request("euler", loras={lora: 0.8})).latents
+    pipe = load_sd(written.files["city96"], model, parts_from=model.files["converted"], memory="stream", weights=weights)
+    assert pipe.storage.gguf and (weights is None or pipe.storage.stored)
+    result = pipe.generate(request("euler", loras={lora: 0.8})).latents
+    assert (expected - plain).abs().max() > 1e-2
+    if weights is None:
+        assert close(result, expected), (result - expected).abs().max()
+    else:  # int8 rounding of the layers GGUF left in float (the embedders, 1x1 convs)
+        assert (result - expected).norm() < 0.5 * (expected - plain).norm()
 
 
 def test_sd15_gguf_latents_equal_diffusers(tmp_path, tiny_model):
