@@ -302,11 +302,17 @@ def mutate_gguf(rng: random.Random, data: bytes) -> bytes:
 
 
 def run_gguf(path: Path, inspect: bool) -> None:
-    """Read the header, then dequantise every tensor (a bad view into the mapping would fault here)."""
+    """Read the header, dequantise every tensor (a bad view into the mapping would fault here), then open the file
+    through the generation entry point (`load`: family claims, `gguf_model_source`, parts, the strict loader)."""
+    from optimized_sd.pipelines.diffusion import load
+
     file = read_gguf(path)
     for tensor in file.state_dict().values():
         touch(tensor)
     file.close()
+    if inspect:
+        describe_checkpoint(path, hashes=False)
+    load(path, device="cpu", precision="full", memory="full")
 
 
 # --- running one input -------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ LOAD_FLAGS: dict[str, str | None] = {
     "attention": "--attention", "vae_tiling": "--vae-tiling", "tokenizer": "--tokenizer", "lora_dir": "--lora-dir", "embeddings_dir": "--embeddings-dir",
     "weights": "--weights", "int8_matmul": None, "channels_last": None, "text_encoders": "--text-encoder",
     "distilled": "--distilled",
+    "parts_from": "--parts-from",
     "preview_decoder": None,  # the generate commands' --preview/--preview-decoder/--vae choose it (`preview_decoder_path`)
 }  # fmt: skip
 # LoadOptions fields the generate commands derive from a flag of another name (not set by `load_options`).
@@ -91,7 +92,9 @@ def load_options(memory_help: str = "auto, full, turbo, split or stream.") -> Ca
         click.option("--tokenizer", type=path, multiple=True,
                      help="Tokenizer folder: CLIP's (vocab.json and merges.txt, or tokenizer.json); for Flux also T5's (spiece.model); repeatable."),
         click.option("--text-encoder", "text_encoders", type=path, multiple=True, default=LOADING.text_encoders,
-                     help="A text tower file for a checkpoint without it (Flux: clip_l.safetensors, t5xxl_*.safetensors); repeatable."),
+                     help="A text tower file for a checkpoint without it (Flux: clip_l.safetensors, t5xxl_*.safetensors; an SD/SDXL GGUF UNet: clip_l, clip_g); repeatable."),
+        click.option("--parts-from", "parts_from", type=path,
+                     help="A whole checkpoint of the same family giving a denoiser-only file (a GGUF) its VAE and text encoders."),
         click.option("--distilled/--base", "distilled", default=None,
                      help="Flux.2 klein: the step-distilled model (4 steps, no CFG) or the base (CFG); default: from the file or folder name."),
         click.option("--ema", is_flag=True, help="Use the checkpoint's EMA UNet weights."),

@@ -400,22 +400,23 @@ def test_inspect_lists_architecture_tensors_and_type_shares(tmp_path: Path, caps
     text = format_info(info)
     size = path.stat().st_size
     assert f"Q8_0 {96 * 8 * 34 / size:.1%} (1 tensor, " in text and f"F32 {528 * 4 / size:.1%} (2 tensors, " in text
-    assert "architecture  flux" in text and "tensors       3" in text and "generation from GGUF is still to come" in text
+    assert "architecture  flux" in text and "tensors       3" in text and "holds no Flux.1 part" not in text
     code, out, err = cli(capsys, "inspect", path)
     assert code == 0 and "quant types" in out and "Q8_0" in out, err
 
 
-def test_cli_refuses_a_malformed_gguf_and_loading_one_for_generation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_a_malformed_gguf_and_one_holding_no_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = malformed_file(tmp_path, "IQ4_NL")
     code, _, err = cli(capsys, "inspect", bad)
     assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "IQ4_NL" in err, err
     good = tmp_path / "model.gguf"
     good.write_bytes(gguf_bytes())
-    with pytest.raises(CheckpointError, match="is a GGUF file, which optimized-sd reads only with `optimized-sd inspect`"):
+    with pytest.raises(CheckpointError, match="is a GGUF file, not a pickled checkpoint"):
         load_ckpt(good)
     code, _, err = cli(capsys, "txt2img", "--ckpt", good, "--outdir", tmp_path / "out", "--H", "64", "--W", "64",
                        "--ddim_steps", "1", "--n_samples", "1", "--device", "cpu")
-    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "GGUF" in err, err
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "no Stable Diffusion keys" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_supported_type_has_a_test() -> None:

@@ -151,16 +151,17 @@ PART_EXAMPLES = {"clip_l": "clip_l.safetensors", "t5": "t5xxl_fp16.safetensors",
 
 
 def claims(path: Path) -> bool:
-    """A Flux.1 diffusers folder, or a safetensors file holding a Flux.1 transformer or a T5 tower (a T5 file given
-    as the checkpoint is claimed so that its error says which flag takes it)."""
+    """A Flux.1 diffusers folder, or a safetensors or GGUF file holding a Flux.1 transformer or a T5 tower (a T5 file
+    given as the checkpoint is claimed so that its error says which flag takes it)."""
     from optimized_sd.weights.flux_keys import identify_flux
+    from optimized_sd.weights.gguf import is_gguf_file
     from optimized_sd.weights.loading import is_safetensors_file, open_weight_file
 
     path = Path(path)
     if path.is_dir():
         return diffusers_flux_transformer(path) is not None
     try:
-        if not path.is_file() or not is_safetensors_file(path):
+        if not path.is_file() or not (is_gguf_file(path) or is_safetensors_file(path)):
             return False
         source = open_weight_file(path)
         try:
@@ -198,10 +199,13 @@ def folder_files(folder: Path) -> list[list[Path]]:
     return files
 
 
-def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Path | str | None = None):
-    """Open the Flux.1 files (the checkpoint, `--text-encoder` files, `--vae`) into a model on `meta`, checked
-    strictly (`weights.loading.LoadedModel`). Each file's parts are told from its keys; a part in the wrong
-    flag or missing is a one-line error naming the flag that supplies it."""
+def prepare(
+    path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Path | str | None = None, parts_from: Path | str | None = None
+):
+    """Open the Flux.1 files (the checkpoint, `--text-encoder` files, `--vae`, and `--parts-from`: a ComfyUI
+    all-in-one whose transformer is not read) into a model on `meta`, checked strictly
+    (`weights.loading.LoadedModel`). Each file's parts are told from its keys; a part in the wrong flag or missing
+    is a one-line error naming the flag that supplies it."""
     from optimized_sd.config import ModelConfig, UNetConfig
     from optimized_sd.weights.flux_loading import PART_WORDS, PREPARE, open_flux_files
 
@@ -226,11 +230,13 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
             raise UserError(f"--ckpt {given} holds a {held}, not a Flux transformer; give it with {flag}")
         if vae is not None and given == Path(vae) and "vae" not in info.parts:
             raise FieldError.about("vae", f"{given} holds no VAE ({', '.join(PART_WORDS[p] for p in info.parts)})")
+    if parts_from is not None:
+        add_donor_parts(parts, Path(parts_from))
     for part in ("clip_l", "t5", "vae"):
         if part not in parts:
             raise UserError(
                 f"Flux.1 needs a {PART_WORDS[part]}, which {path.name} does not hold: give it with "
-                f"{PART_FLAGS[part]} {PART_EXAMPLES[part]}"
+                f"{PART_FLAGS[part]} {PART_EXAMPLES[part]} (or --parts-from CKPT)"
             )
     components = {name: PREPARE[name](source) for name, source in parts.items()}
     transformer = components["transformer"].model
@@ -263,6 +269,18 @@ def loaded_model(model: nn.Module, config, path: Path, components: Mapping, pref
     for component in components.values():
         report.known_extras.update(component.report.known_extras)
     return LoadedModel(model, config, Checkpoint(source, path), source, report)
+
+
+def add_donor_parts(parts: dict, path: Path) -> None:
+    """`--parts-from`: the parts `parts` lacks from a whole Flux.1 checkpoint, its transformer never read."""
+    from optimized_sd.weights.flux_loading import open_flux_files
+
+    if not path.is_file():
+        raise FieldError.about("parts_from", f"{path}: no such file")
+    donor, _ = open_flux_files([path])
+    for part, view in donor.items():
+        if part != "transformer":
+            parts.setdefault(part, view)  # the flags' own files come first
 
 
 def refuse_transformer(path: Path) -> None:
@@ -301,7 +319,7 @@ def pipeline(*args, **kwargs):
     return FluxDiffusion(*args, **kwargs)
 
 
-LOADER = Loader(claims=claims, prepare=prepare, pipeline=pipeline)
+LOADER = Loader(claims=claims, prepare=prepare, pipeline=pipeline, options=("parts_from",))
 UNITS = Units(
     vae_encoder=("first_stage_model.encoder",),
     vae_decoder=("first_stage_model.decoder",),

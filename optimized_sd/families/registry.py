@@ -114,10 +114,11 @@ class DiffusersLayout:
 class Loader:
     """How a family whose files are not one LDM checkpoint opens (Flux: a transformer, a VAE and text towers
     in several files): `claims(path)` says whether a checkpoint path is this family's, `prepare(path, parts,
-    vae)` builds its model on `meta` as a `weights.loading.LoadedModel` (`parts`: the `--text-encoder` files),
-    and `pipeline` is the `StableDiffusion` subclass that runs it. `options`: the load options besides files that
-    `prepare` takes by keyword (Flux.2 klein's `distilled`); `describe(path)`: what `inspect` says of its files
-    (a `weights.inspect.CheckpointInfo`; None: Flux.1's parts table)."""
+    vae, **options)` builds its model on `meta` as a `weights.loading.LoadedModel` (`parts`: the `--text-encoder`
+    files), and `pipeline` is the `StableDiffusion` subclass that runs
+    it. `options`: the load options besides files that `prepare` takes by keyword (Flux.1's `parts_from`, Flux.2 klein's `distilled`);
+    `describe(path)`: what `inspect` says of its files (a `weights.inspect.CheckpointInfo`; None: Flux.1's parts
+    table)."""
 
     claims: Callable[[Path], bool]
     prepare: Callable[..., Any]

@@ -189,6 +189,16 @@ def adopt_linears(root: nn.Module) -> None:
                                              device=weight.device, dtype=weight.dtype))  # fmt: skip
 
 
+def computed_shapes(root: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape as the model computes with it (a GGUF-held weight's logical shape, not its bytes'):
+    what LoRA tables are checked against."""
+    shapes = {key: tuple(value.shape) for key, value in root.state_dict().items()}
+    for path, module in root.named_modules():
+        if isinstance(module, WeightOp) and module.gguf_quant is not None:
+            shapes[f"{path}.weight" if path else "weight"] = module.gguf_quant.shape
+    return shapes
+
+
 def default_init(root: nn.Module) -> nn.Module:
     """PyTorch's own random initialisation of every op-layer module under `root`, in module order, for
     the rare model that is not filled from a checkpoint (the benchmark's seeded stand-in weights)."""

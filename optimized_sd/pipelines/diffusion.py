@@ -20,6 +20,7 @@ from optimized_sd.memory.offload import OffloadEngine
 from optimized_sd.memory.planner import VAE_TILE, Plan, parse_bytes
 from optimized_sd.memory.ram import parse_ram_budget
 from optimized_sd.memory.report import MemoryMeter
+from optimized_sd.models.ops import computed_shapes
 from optimized_sd.models.text_encoder import PromptTokenizer
 from optimized_sd.pipelines import core
 from optimized_sd.pipelines.controlnet import (
@@ -42,7 +43,7 @@ from optimized_sd.pipelines.previews import latent_preview, taesd_preview
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_size
 from optimized_sd.pipelines.text import PromptEncoder, load_tower_tokenizers
 from optimized_sd.pipelines.txt2img import TXT2IMG
-from optimized_sd.pipelines.weight_storage import check_weight_kind, plan_storage
+from optimized_sd.pipelines.weight_storage import check_weight_kind, hold_gguf_weights, plan_storage
 from optimized_sd.sampling import ModelSampling, ProgressCallback, classifier_free_guidance, discrete_sampling, scaled_linear_schedule
 from optimized_sd.weights.embeddings import EmbeddingLibrary
 from optimized_sd.weights.family import detect_family
@@ -62,7 +63,7 @@ __all__ = [  # the names callers have imported from here
     "load_init_image",
     "tensor_to_image",
 ]
-FAMILY_LOAD_OPTIONS = ("distilled",)  # load options only a family with its own loader takes (`Loader.options`)
+FAMILY_LOAD_OPTIONS = ("distilled", "parts_from")  # load options a family with its own loader takes if its `Loader.options` say
 REFINER = "refiner"  # the refiner's session in the base's: its stages are reported as refiner_text, refiner_unet, ...
 
 
@@ -104,7 +105,8 @@ class StableDiffusion:
         self.vae_tile = VAE_TILE
         budget = parse_bytes(vram_budget) if isinstance(vram_budget, str) else vram_budget
         host_budget = parse_ram_budget(ram_budget)
-        self.storage = plan_storage(self.model, weights, self.dtype, self.device.type, loaded.source)
+        gguf = hold_gguf_weights(self.model, loaded.source)  # a GGUF file's quantized blocks stay so in every mode
+        self.storage = plan_storage(self.model, weights, self.dtype, self.device.type, loaded.source, gguf)
         self.memory = MemorySession(
             self.model, loaded.source, self.device, self.dtype, mode=memory, budget=budget, vae_tiling=vae_tiling, attention=attention,
             storage=self.storage, int8_matmul=int8_matmul, channels_last=channels_last, ram_budget=host_budget,
@@ -130,7 +132,7 @@ class StableDiffusion:
 
     def lora_set(self) -> LoraSet:
         """The LoRAs this model can take (all of its family's tables)."""
-        return LoraSet(self.config, {key: tuple(value.shape) for key, value in self.model.state_dict().items()})
+        return LoraSet(self.config, computed_shapes(self.model))
 
     def setup_text(self, tokenizers: tuple[Path, ...]) -> None:
         """The tokenizers (`--tokenizer`: one folder serves every SD tower) and the prompt encoder."""
@@ -446,8 +448,7 @@ def load(
             raise FieldError.about(refused[0], f"does not apply to {own.display_name}")
         loaded = own.loader.prepare(checkpoint, text_encoders, vae, **family_options)
         return own.loader.pipeline(loaded, **options)
-    if text_encoders:
-        raise FieldError.about("text_encoders", "gives the text towers of a Flux model; this checkpoint holds its own")
+    parts_from = family_options.pop("parts_from", None)  # the SD families' loader takes it too
     if family_options:
         raise FieldError.about(next(iter(family_options)), "does not apply to this checkpoint's family")
     if config is not None and not isinstance(config, ModelConfig):
@@ -457,7 +458,8 @@ def load(
     if preview_decoder is not None:
         same = fast is not None and Path(preview_decoder) == fast.path
         preview = fast if same else open_taesd(preview_decoder, "--preview-decoder")
-    loaded = prepare_model(checkpoint, config=config, ema=ema, vae=None if fast is not None else vae)
+    loaded = prepare_model(checkpoint, config=config, ema=ema, vae=None if fast is not None else vae, parts_from=parts_from,
+                           text_encoders=text_encoders)
     checkpoint_source = loaded.checkpoint.source
     prediction_type, why = resolve_prediction(
         prediction, loaded.config.family, loaded.checkpoint.path, set(checkpoint_source.keys()), source_metadata(checkpoint_source)

@@ -34,7 +34,8 @@ class LoadOptions:
     attention: str = "sdpa"
     vae_tiling: str = "auto"
     tokenizer: str | Path | tuple[str | Path, ...] | None = None  # one folder, or several (Flux: CLIP's and T5's)
-    text_encoders: tuple[str | Path, ...] = ()  # text tower files of a model whose checkpoint lacks them (Flux)
+    text_encoders: tuple[str | Path, ...] = ()  # text tower files of a model whose checkpoint lacks them (Flux, GGUF UNets)
+    parts_from: str | Path | None = None  # a whole checkpoint of the family giving a denoiser-only file's other parts
     lora_dir: str | Path = DEFAULT_LORA_DIR
     embeddings_dir: str | Path = DEFAULT_EMBEDDINGS_DIR
     weights: str | None = None  # fp16, bf16, fp8 or int8 storage (None: the compute dtype)

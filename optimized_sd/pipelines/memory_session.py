@@ -92,7 +92,7 @@ class MemorySession:
         self.model = model
         self.storage = storage or WeightStorage()
         apply_storage(model, self.storage)
-        self.source = StoredSource(source, self.storage) if self.storage.stored else source
+        self.source = StoredSource(source, self.storage) if self.storage.held else source
         self.device = device
         self.dtype = dtype
         # int8 weights on the CPU in fp32, when asked: Linear layers compute with dynamic activation quantisation.
@@ -318,7 +318,7 @@ class MemorySession:
                 host=host,  # type: ignore[arg-type]
                 prefetch=plan.prefetch,
                 tensor_hook=self.tensor_hook,
-                keep_dtype=self.storage.keep_dtype,
+                keep_dtype=self.storage.held_set,
                 channels_last=(UNET,) if self.channels_last(plan) else (),
                 **({} if host_plan is None or not host_plan.ring_bytes else {"ring_bytes": host_plan.ring_bytes}),
             )
@@ -357,7 +357,7 @@ class MemorySession:
         that form, so their op layers patch the dequantised weight at each call instead (`weight_patch`:
         a LoRA on 8-bit weights costs its low-rank products per call, and no 16-bit copy of the layer)."""
         self.tensor_hook = hook
-        for key in (*self.storage.stored, *self.storage.native):  # "<op layer>.weight"
+        for key in self.storage.held:  # "<op layer>.weight"
             layer: WeightOp = self.model.get_submodule(key.removesuffix(".weight"))
             layer.weight_patch = None if hook is None else functools.partial(hook, key)
         if self.engine is not None:

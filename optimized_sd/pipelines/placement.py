@@ -175,7 +175,7 @@ def host_part(group: str) -> str:
 
 def parameter_bytes(model: nn.Module, paths: tuple[str, ...] | list[str], dtype_bytes: int, storage: WeightStorage | None = None) -> int:
     """Weight bytes under `paths` as placed: the compute dtype's `dtype_bytes`, or `storage`'s stored form."""
-    if storage is None or not storage.differs:
+    if storage is None or not storage.held:
         return sum(p.numel() for path in paths for p in model.get_submodule(path).parameters()) * dtype_bytes
     return sum(
         storage.placed_bytes(f"{path}.{name}", p, dtype_bytes)

@@ -10,7 +10,9 @@ compute dtype and the memory modes are unchanged.
 
 A file whose op-layer weights are already 8-bit floats (BFL's and ComfyUI's fp8 Flux, `t5xxl_fp8_e4m3fn`) takes the
 same path with or without `--weights`: those weights keep the file's bytes (no 16-bit copy is ever made) and the op
-layer casts each to the compute dtype at its call (no scale: the file's values are the weights)."""
+layer casts each to the compute dtype at its call (no scale: the file's values are the weights). GGUF files: the op
+layers whose weight a GGUF file holds as quantized blocks keep those blocks the same way (`hold_gguf_weights`,
+`WeightStorage.gguf`): the engine moves their bytes and the op layer dequantises them."""
 
 from __future__ import annotations
 
@@ -78,16 +80,12 @@ class WeightStorage:
     stored: tuple[str, ...] = ()
     kept: dict[str, str] = field(default_factory=dict)
     native: dict[str, torch.dtype] = field(default_factory=dict)
+    gguf: tuple[str, ...] = ()  # op-layer weights kept as a GGUF file's quantized blocks (`hold_gguf_weights`)
 
     @property
-    def differs(self) -> bool:
-        """Some weight is placed in a dtype other than the compute dtype."""
-        return bool(self.stored or self.native)
-
-    @cached_property
-    def keep_dtype(self) -> frozenset[str]:
-        """The keys the memory engine places in their source's dtype (`OffloadEngine.keep_dtype`)."""
-        return self.stored_set | frozenset(self.native)
+    def held(self) -> tuple[str, ...]:
+        """Every op-layer weight placed in a form other than the compute dtype (`--weights`, fp8 files, GGUF blocks)."""
+        return self.stored + tuple(self.native) + self.gguf
 
     @property
     def scaled(self) -> bool:
@@ -107,6 +105,8 @@ class WeightStorage:
         """Bytes a parameter occupies as placed: its stored dtype (plus its scales) or the compute dtype."""
         if key in self.native:
             return tensor.numel() * self.native[key].itemsize
+        if key in self.gguf_set:
+            return tensor.numel()  # the blocks' bytes (a uint8 tensor)
         if key not in self.stored_set or self.dtype is None:
             return tensor.numel() * compute_bytes
         return tensor.numel() * self.dtype.itemsize + (tensor.shape[0] * compute_bytes if self.scaled else 0)
@@ -114,6 +114,31 @@ class WeightStorage:
     @cached_property
     def stored_set(self) -> frozenset[str]:
         return frozenset(self.stored)
+
+    @cached_property
+    def gguf_set(self) -> frozenset[str]:
+        return frozenset(self.gguf)
+
+    @cached_property
+    def held_set(self) -> frozenset[str]:
+        return frozenset(self.held)
+
+
+def hold_gguf_weights(model: nn.Module, source: TensorSource) -> tuple[str, ...]:
+    """Make each op layer (built on meta) whose weight `source` reads as a GGUF file's quantized blocks keep those
+    blocks (`WeightOp.hold_gguf`); returns their keys. A weight the file holds in another shape (a 1x1 conv stored
+    as a Linear) or in a float type is read as any tensor is (dequantised or cast)."""
+    held = []
+    available = set(source.keys())
+    for path, module in model.named_modules():
+        key = f"{path}.weight"
+        if not isinstance(module, WeightOp) or key not in available:
+            continue
+        record = source.gguf(key)
+        if record is not None and tuple(record.shape) == tuple(module.weight.shape):
+            module.hold_gguf(torch.empty(record.nbytes, dtype=torch.uint8, device="meta"), record.qtype, record.shape)
+            held.append(key)
+    return tuple(held)
 
 
 def file_float8(model: nn.Module, source: TensorSource | None) -> dict[str, torch.dtype]:
@@ -130,19 +155,26 @@ def file_float8(model: nn.Module, source: TensorSource | None) -> dict[str, torc
 
 
 def plan_storage(
-    model: nn.Module, kind: str | None, compute_dtype: torch.dtype, device_type: str, source: TensorSource | None = None
+    model: nn.Module,
+    kind: str | None,
+    compute_dtype: torch.dtype,
+    device_type: str,
+    source: TensorSource | None = None,
+    gguf: tuple[str, ...] = (),
 ) -> WeightStorage:
     """Apply the rule to every op layer of `model` (built on meta is enough) but the text encoder's (stored as
-    the file has them) and those `source` holds as 8-bit floats (`native`). A 16-bit kind equal to the compute
-    dtype stores nothing differently (the default placement)."""
+    the file has them), those `source` holds as 8-bit floats (`native`) and those kept as GGUF blocks (`gguf`, from
+    `hold_gguf_weights`). A 16-bit kind equal to the compute dtype stores nothing differently (the default
+    placement)."""
     native = file_float8(model, source)
     if kind is None:
-        return WeightStorage(native=native)
+        return WeightStorage(native=native, gguf=gguf)
     dtype = storage_dtype(kind, device_type)
     stored, kept = [], {}
     text = text_root(model) + "."
     for path, module in model.named_modules():
-        if isinstance(module, WeightOp) and f"{path}.weight" not in native and not path.startswith(text):
+        key = f"{path}.weight"
+        if isinstance(module, WeightOp) and key not in native and key not in gguf and not path.startswith(text):
             reason = keeps_compute_dtype(path)
             if reason is None:
                 stored.append(f"{path}.weight")
@@ -150,7 +182,7 @@ def plan_storage(
                 kept[f"{path}.weight"] = reason
     if dtype == compute_dtype:
         stored, kept = [], {}
-    return WeightStorage(kind, dtype, tuple(stored), kept, native)
+    return WeightStorage(kind, dtype, tuple(stored), kept, native, gguf)
 
 
 def apply_storage(model: nn.Module, storage: WeightStorage) -> None:
@@ -167,13 +199,14 @@ def apply_storage(model: nn.Module, storage: WeightStorage) -> None:
 class StoredSource(TensorSource):
     """The checkpoint as the memory engine places it under `storage`: stored weights report their storage
     dtype (the engine casts into it: 16-bit kinds), 8-bit ones are quantised when read, with their scale
-    under `<key>_scale`; everything else is the inner source's. A scale read right after its weight (the
-    engine's order) comes from that same quantisation."""
+    under `<key>_scale`; GGUF-held weights are their blocks' bytes (uint8, 1-D); everything else is the inner
+    source's. A scale read right after its weight (the engine's order) comes from that same quantisation."""
 
     def __init__(self, inner: TensorSource, storage: WeightStorage) -> None:
         self.inner = inner
         self.storage = storage
         self.stored = storage.stored_set
+        self.gguf = storage.gguf_set
         self.scales = {storage.scale_key(key): key for key in storage.stored} if storage.scaled else {}
         self._pending: dict[str, Tensor] = {}  # scale key -> scale of the weight just quantised
 
@@ -183,9 +216,13 @@ class StoredSource(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         if key in self.scales:
             return (self.inner.shape(self.scales[key])[0],)
+        if key in self.gguf:
+            return (self.inner.gguf(key).nbytes,)
         return self.inner.shape(key)
 
     def dtype(self, key: str) -> torch.dtype:
+        if key in self.gguf:
+            return torch.uint8
         if key in self.scales:
             return torch.float32
         if key in self.stored and self.storage.dtype is not None:
@@ -194,6 +231,8 @@ class StoredSource(TensorSource):
 
     def get(self, key: str) -> Tensor:
         assert self.storage.dtype is not None or not (self.stored or self.scales)
+        if key in self.gguf:
+            return self.inner.gguf(key).raw
         if key in self.scales:
             pending = self._pending.pop(key, None)
             return pending if pending is not None else quantize(self.inner.get(self.scales[key]), self.storage.dtype)[1]
@@ -231,7 +270,7 @@ def storage_report(model: nn.Module, storage: WeightStorage, compute_bytes: int 
     """Which layers are stored how, and the weight bytes of each part before and after (the compute
     dtype's size `compute_bytes` for everything not stored otherwise)."""
     if storage.kind is None:
-        return "weights: stored in the compute dtype (no --weights)"
+        return "weights: stored in the compute dtype (no --weights)" + (f"; {len(storage.gguf)} as GGUF blocks" if storage.gguf else "")
     lines = [f"weights {storage.kind}: {len(storage.stored)} Linear/Conv2d weights stored as {str(storage.dtype).split('.')[-1]}"
              + (" with per-output-channel scales" if storage.scaled else "") + f"; {len(storage.kept)} kept in the compute dtype"]
     if not storage.stored:

@@ -952,8 +952,8 @@ def load_ckpt(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: is a .safetensors file, not a pickled checkpoint; read it with safetensors")
         if head.startswith(GGUF_MAGIC):
             raise CheckpointError(
-                f"{path}: is a GGUF file, which optimized-sd reads only with `optimized-sd inspect` so far (generating from "
-                "GGUF is still to come); use a .safetensors or .ckpt checkpoint"
+                f"{path}: is a GGUF file, not a pickled checkpoint; GGUF files are read as a model's checkpoint (a "
+                "denoiser, or a whole sd.cpp model), not here"
             )
         if head[257:262] == b"ustar":
             raise CheckpointError(

@@ -430,11 +430,17 @@ def part_source(folder: DiffusersFolder, part: DiffusersPart, source: TensorSour
     CLIP (SD 2.x's `text_encoder`, SDXL's `text_encoder_2`) get open_clip names with q, k, v fused
     (`keymap.openclip_recipes`)."""
     tower = folder_tower(registry.by_name(folder_family(folder)), part.name)
-    if tower is not None and tower.kind == "open_clip":
-        return ComputedSource(source, openclip_recipes(source.keys(), tower.prefix))
     if tower is not None:
-        return RenamedSource(source, _clip_names(tower.prefix, source.keys()))
+        return tower_source(tower, source)
     return RenamedSource(source, ldm_names(part, source.keys()))
+
+
+def tower_source(tower: TextTower, source: TensorSource) -> TensorSource:
+    """A transformers CLIP text model's tensors (a diffusers text_encoder/, or ComfyUI's clip_l / clip_g file) under
+    the tower's single-file names: open_clip's with q, k, v fused for an OpenCLIP tower, CLIP's prefixed else."""
+    if tower.kind == "open_clip":
+        return ComputedSource(source, openclip_recipes(source.keys(), tower.prefix))
+    return RenamedSource(source, _clip_names(tower.prefix, source.keys()))
 
 
 def ldm_names(part: DiffusersPart, keys: list[str]) -> dict[str, str]:

@@ -29,6 +29,7 @@ __all__ = [
     "PARTS",
     "SCHEDULE_BUFFERS",
     "canonical_key",
+    "denoiser_family",
     "detect_family",
     "ema_key",
     "known_extra_key",
@@ -195,6 +196,19 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
     if record is not None:
         return record.family_id
     return classify_sd(shapes)  # no family claims it: raises what it is (or names an SD layout no record took)
+
+
+def denoiser_family(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The family of a file that may hold only the denoiser (a GGUF UNet or transformer): a registered record's
+    telltales (a Flux transformer, a whole checkpoint), else an LDM UNet's own (`label_emb`: SDXL; SD 1.x or 2.x
+    by the attention layout); None when neither. What `--parts-from`, `--vae` and `--text-encoder` complete."""
+    layout = sd_layout(shapes)
+    if layout is None:
+        record = registry.detect(shapes)
+        return None if record is None else record.family_id
+    if _any_prefix(shapes, *_TEXT_PREFIXES):
+        return detect_family(shapes)
+    return SDXL if _any_prefix(shapes, UNET_PREFIX + "label_emb.") else layout[0]
 
 
 def classify_sd(shapes: Mapping[str, tuple[int, ...]]) -> str:

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from optimized_sd.errors import CheckpointError
 from optimized_sd.ggml_quants import FLOAT_TYPES, GGML_TYPES, SUPPORTED_NAMES, GgmlType, dequantize, tensor_nbytes, type_name
+from optimized_sd.weights.family import UNET_PREFIX
 from optimized_sd.weights.sources import TensorSource, open_regular_file
 
 MAGIC = b"GGUF"
@@ -364,8 +365,8 @@ def read_gguf(path: Path | str) -> GgufFile:
 
 class GgufSource(TensorSource):
     """A GGUF file as a tensor source under its own names and logical shapes: tensors are dequantised to
-    float32 when read (float types keep their dtype as views of the mapping). Loading a GGUF for generation
-    still needs each family's key table (ComfyUI-GGUF drops `model.diffusion_model.`); this is the reading half."""
+    float32 when read (float types keep their dtype as views of the mapping); `gguf(key)` hands the quantized
+    ones' records to whoever keeps them as blocks (`pipelines.weight_storage.hold_gguf_weights`)."""
 
     def __init__(self, path: Path | str) -> None:
         self.file = read_gguf(path)
@@ -384,6 +385,10 @@ class GgufSource(TensorSource):
         info = self.file.tensors[key]
         return info.dequantize(self.dtype(key))
 
+    def gguf(self, key: str) -> GgufTensor | None:
+        info = self.file.tensors[key]
+        return info if info.quantized else None
+
     def release(self, keys: Iterable[str]) -> None:
         mapping = self.file._mapping
         if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
@@ -395,3 +400,42 @@ class GgufSource(TensorSource):
 
     def close(self) -> None:
         self.file.close()
+
+
+# `general.architecture` of ComfyUI-GGUF's files (tools/convert.py) -> what the model is. The first three run here.
+RUN_ARCHITECTURES = {"flux": "Flux.1", "sdxl": "SDXL", "sd1": "SD 1.x"}
+OTHER_ARCHITECTURES = {
+    "sd3": "Stable Diffusion 3", "aura": "AuraFlow", "hidream": "HiDream", "cosmos": "Cosmos Predict2", "ltxv": "LTX-Video",
+    "hyvid": "HunyuanVideo", "wan": "Wan", "lumina2": "Lumina 2", "chroma": "Chroma", "qwen_image": "Qwen-Image",
+}  # fmt: skip
+SD_ARCHITECTURES = ("sdxl", "sd1")
+
+
+def gguf_model_source(path: Path | str) -> GgufSource:
+    """A GGUF file opened as (part of) a model: ComfyUI-GGUF's denoiser files, whose `general.architecture` must be
+    one this version runs, under the names a checkpoint gives them (an SD UNet's under `model.diffusion_model.`,
+    which ComfyUI-GGUF drops; Flux keeps BFL's names), or stable-diffusion.cpp's, which say no architecture and
+    keep the source checkpoint's names. Anything else is a one-line CheckpointError."""
+    source = GgufSource(path)
+    path = Path(path)
+    architecture = source.file.metadata.get("general.architecture")
+    if architecture is None or architecture in ("flux",):
+        return source
+    if not isinstance(architecture, str) or architecture not in RUN_ARCHITECTURES:
+        what = OTHER_ARCHITECTURES.get(str(architecture), "not a diffusion model this version knows")
+        runs = ", ".join(f"{name} ({arch})" for arch, name in RUN_ARCHITECTURES.items())
+        source.close()
+        raise CheckpointError(
+            f"{path}: a GGUF of architecture {str(architecture)[:40]!r} ({what}), which this version does not run; it runs {runs}"
+        )
+    keys = source.keys()
+    if any(key.startswith(("down_blocks.", "up_blocks.")) for key in keys):
+        source.close()
+        raise CheckpointError(f"{path}: a GGUF of a diffusers-named UNet, which is not read; convert the original (LDM) checkpoint")
+    if not any(key.removeprefix(UNET_PREFIX) == "input_blocks.0.0.weight" for key in keys):
+        source.close()
+        raise CheckpointError(f"{path}: a GGUF of architecture {architecture!r} that holds no {RUN_ARCHITECTURES[architecture]} UNet "
+                              "(no input_blocks.0.0.weight)")
+    if not all(key.startswith(UNET_PREFIX) for key in keys):
+        source.file.tensors = {UNET_PREFIX + name: info for name, info in source.file.tensors.items()}
+    return source

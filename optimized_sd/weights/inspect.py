@@ -22,11 +22,12 @@ from optimized_sd.weights.ckpt import InertLightningObject, load_ckpt, state_dic
 from optimized_sd.weights.family import (
     EMA_COUNTERS,
     PARTS,
+    denoiser_family,
     detect_family,
     known_extra_key,
     part_of_key,
 )
-from optimized_sd.weights.gguf import ORIG_SHAPE_PREFIX, is_gguf_file, read_gguf
+from optimized_sd.weights.gguf import ORIG_SHAPE_PREFIX, gguf_model_source, is_gguf_file, read_gguf
 from optimized_sd.weights.hashing import legacy_model_hash, sha256_short
 from optimized_sd.weights.infer import infer_config
 from optimized_sd.weights.loading import is_safetensors_file, model_config, normalize_keys, open_diffusers_folder
@@ -40,7 +41,6 @@ LAYOUT_BARE = "bare state dict .ckpt"
 LAYOUT_SAFETENSORS = "single-file .safetensors"
 LAYOUT_DIFFUSERS = "diffusers folder"
 LAYOUT_GGUF = "GGUF"
-GGUF_NOT_YET = "not detected for GGUF files yet (generation from GGUF is still to come)"
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,8 @@ def describe_checkpoint(
     path = Path(path)
     from optimized_sd.families import claiming
 
-    own = claiming(path)
+    gguf = path.is_file() and is_gguf_file(path)  # described from its own header, whichever family it holds
+    own = None if gguf else claiming(path)
     if own is not None and own.loader is not None:  # a family with its own files (Flux.1, Flux.2 klein, Z-Image)
         info = (own.loader.describe or _describe_flux)(path)
         if hashes and path.is_file():
@@ -122,7 +123,7 @@ def describe_checkpoint(
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
 
-    if is_gguf_file(path):
+    if gguf:
         info = _describe_gguf(path)
     elif is_safetensors_file(path):
         shapes, dtypes, metadata = _safetensors_header(path)
@@ -161,9 +162,18 @@ def _describe_gguf(path: Path) -> CheckpointInfo:
         info.gguf = GgufFacts(gguf.version, gguf.architecture, len(gguf.tensors), types, reshaped)
         info.dtypes = {name: count for name, (count, _) in types.items()}
         info.metadata = {key: str(value) for key, value in gguf.metadata.items() if not isinstance(value, list)}
-        info.family_error = GGUF_NOT_YET
     finally:
         gguf.close()
+    try:
+        source = normalize_keys(gguf_model_source(path), path)
+        try:
+            info.family = denoiser_family(source.shapes())
+        finally:
+            source.close()
+        if info.family is None:
+            info.family_error = "no family this version runs has these tensors"
+    except CheckpointError as exc:
+        info.family_error = str(exc)
     return info
 
 

@@ -22,6 +22,7 @@ from optimized_sd.weights.diffusers_folder import (
     read_diffusers_folder,
 )
 from optimized_sd.weights.family import UNET_PREFIX, canonical_key, detect_family, ema_key, known_extra_key
+from optimized_sd.weights.gguf import gguf_model_source, is_gguf_file
 from optimized_sd.weights.infer import infer_config, unused_keys
 from optimized_sd.weights.sources import (
     ChainSource,
@@ -63,7 +64,10 @@ def is_safetensors_file(path: Path) -> bool:
 
 
 def open_weight_file(path: Path) -> TensorSource:
-    """A safetensors file memory-mapped, anything else through the restricted `.ckpt` unpickler."""
+    """A safetensors file memory-mapped, a GGUF file through its validated reader (`gguf.gguf_model_source`: the
+    quantized blocks stay in the mapping), anything else through the restricted `.ckpt` unpickler."""
+    if is_gguf_file(path):
+        return gguf_model_source(path)
     if is_safetensors_file(path):
         return SafetensorsSource(path)
     return DictSource(state_dict_from_ckpt(load_ckpt(path)))
@@ -219,15 +223,19 @@ class LoadedModel:
 
 
 def prepare_model(
-    path: Path | str, *, config: ModelConfig | None = None, ema: bool = False, vae: Path | str | None = None
+    path: Path | str, *, config: ModelConfig | None = None, ema: bool = False, vae: Path | str | None = None,
+    parts_from: Path | str | None = None, text_encoders: tuple[Path | str, ...] = (),
 ) -> LoadedModel:
     """Open, detect the family, build the module tree on `meta`, and check every key strictly; `vae`
-    (`--vae FILE`) replaces the checkpoint's VAE. Weights are copied in later by `materialize`, by
-    whoever decides where they live."""
+    (`--vae FILE`) replaces the checkpoint's VAE; a denoiser-only file gets its other parts from `parts_from`,
+    `vae` and `text_encoders` (`weights.parts`). Weights are copied in later by `materialize`, by whoever
+    decides where they live."""
     from optimized_sd.models.sd import LatentDiffusion
+    from optimized_sd.weights.parts import with_parts
 
     checkpoint = open_checkpoint(path)
-    source = checkpoint.source
+    source, vae = with_parts(checkpoint.source, checkpoint.path, parts_from=parts_from, vae=vae, text_encoders=text_encoders)
+    checkpoint.source = source
     shapes = source.shapes()
     family = detect_family(shapes)
     if ema:

@@ -201,6 +201,11 @@ class TensorSource:
     def release(self, keys: Iterable[str]) -> None:
         """Say that these tensors' file pages are no longer needed (no-op where nothing is mapped)."""
 
+    def gguf(self, key: str) -> Any:  # -> optimized_sd.weights.gguf.GgufTensor | None
+        """The GGUF record of a tensor stored there as quantized blocks that this view reads unchanged (so an op
+        layer may keep the blocks: `models.ops.WeightOp.hold_gguf`); None for everything else."""
+        return None
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {key: self.shape(key) for key in self.keys()}
 
@@ -323,6 +328,9 @@ class RenamedSource(TensorSource):
     def get(self, key: str) -> Tensor:
         return self.inner.get(self.names[key])
 
+    def gguf(self, key: str) -> Any:
+        return self.inner.gguf(self.names[key])
+
     def release(self, keys: Iterable[str]) -> None:
         self.inner.release(self.names[key] for key in keys)
 
@@ -348,6 +356,9 @@ class ChainSource(TensorSource):
 
     def get(self, key: str) -> Tensor:
         return self._owner[key].get(key)
+
+    def gguf(self, key: str) -> Any:
+        return self._owner[key].gguf(key)
 
     def release(self, keys: Iterable[str]) -> None:
         for key in keys:
@@ -395,6 +406,10 @@ class ComputedSource(TensorSource):
             first, second = self.inner.get(names[0]).chunk(2)
             return torch.cat([second, first])
         return self.inner.get(names[0])
+
+    def gguf(self, key: str) -> Any:
+        op, names = self.recipes[key]
+        return self.inner.gguf(names[0]) if op == "same" else None  # a computed tensor is dequantised to compute it
 
     def release(self, keys: Iterable[str]) -> None:
         self.inner.release(name for key in keys for name in self.recipes[key][1])
