@@ -80,16 +80,29 @@ def write_hint(path: Path, size: int) -> None:
     image.save(path)
 
 
+def anon_and_file(pid: int) -> tuple[int, int]:
+    """(RssAnon, RssFile) of a process in bytes from /proc (0, 0 where there is none): heap and arena memory
+    apart from the mapped file pages, to tell which of the two a peak is made of."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        return tuple(int(fields[name].split()[0]) * 1024 for name in ("RssAnon", "RssFile"))  # type: ignore[return-value]
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
 def run_once(command: list[str], report: Path) -> dict:
-    """Run one CLI subprocess, sampling its tree's RSS; its peak RSS (MiB), wall time, and stage records."""
+    """Run one CLI subprocess, sampling its tree's RSS; its peak RSS (MiB) with the main process' anonymous
+    and file-backed shares at that moment, wall time, and stage records."""
     started = time.perf_counter()
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    process, peak = psutil.Process(child.pid), [0]
+    process, peak, shares = psutil.Process(child.pid), [0], [(0, 0)]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], tree_rss(process))
+            rss = tree_rss(process)
+            if rss > peak[0]:
+                peak[0], shares[0] = rss, anon_and_file(child.pid)
             done.wait(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -108,7 +121,9 @@ def run_once(command: list[str], report: Path) -> dict:
             stage[key] = max(stage[key], record.get(key) or 0.0)
     unet = stages["unet"]
     wall = time.perf_counter() - started
-    return {"rss_mib": peak[0] / 2**20, "wall_s": wall, "s_per_step": unet["seconds"] / unet["steps"], "stages": stages}
+    anon, file = (share / 2**20 for share in shares[0])
+    return {"rss_mib": peak[0] / 2**20, "anon_mib": anon, "file_mib": file, "wall_s": wall,
+            "s_per_step": unet["seconds"] / unet["steps"], "stages": stages}  # fmt: skip
 
 
 def stage_line(stages: dict) -> str:
@@ -162,7 +177,8 @@ def main() -> None:
                 report = folder / f"{name}-{round_index}.json"
                 result = run_once([*base, *extra, "--report-json", str(report)], report)
                 runs[name].append(result)
-                print(f"round {round_index} {name:<10} peak RSS {result['rss_mib']:>7.0f} MiB  {result['s_per_step']:>6.2f} s/step  "
+                print(f"round {round_index} {name:<10} peak RSS {result['rss_mib']:>7.0f} MiB "
+                      f"(anon {result['anon_mib']:.0f}, file {result['file_mib']:.0f})  {result['s_per_step']:>6.2f} s/step  "
                       f"wall {result['wall_s']:>5.1f}s  [{stage_line(result['stages'])}]", flush=True)
     best = {name: (min(r["rss_mib"] for r in results), min(r["s_per_step"] for r in results)) for name, results in runs.items()}
     print(f"\n{args.model} {args.size}x{args.size}, {args.steps} euler steps, --memory {args.memory}, {args.device}, best of {args.rounds}")

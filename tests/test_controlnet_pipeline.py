@@ -17,8 +17,10 @@ from test_controlnet import control_image, write_controlnet
 
 import optimized_sd
 from optimized_sd.errors import FieldError
-from optimized_sd.pipelines import core
-from optimized_sd.pipelines.controlnet import ControlNetSpec, control_side_network, control_specs
+from optimized_sd.memory.modes import mode_row
+from optimized_sd.memory.offload import OffloadEngine
+from optimized_sd.pipelines import core, placement
+from optimized_sd.pipelines.controlnet import ControlNetSpec, control_side_network, control_specs, controlnet_groups
 from optimized_sd.pipelines.diffusion import GenerationRequest, task_for
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.weights.controlnet import load_controlnet
@@ -220,6 +222,39 @@ def test_stream_moves_the_controlnet_one_unit_at_a_time(tiny_model, specs):
     assert {group for group, _ in runs} >= {"time_embed", "input_blocks.0", "input_blocks.1", "middle_block"}
     assert all(resident == (group,) for group, resident in runs)  # on the CPU nothing is copied ahead
     assert component.engine.resident_names() == ()
+
+
+def test_stream_lands_the_controlnet_in_the_unets_arena(tiny_model, specs, monkeypatch):
+    """On the CPU the ControlNet's streamed units go into the buffer the UNet's reuse (they never run at once):
+    with one buffer each the ControlNet's largest unit stayed beside the UNet's all through sampling (issue 27)."""
+    pipe = optimized_sd.load(tiny_model.safetensors, tokenizer=tiny_model.tokenizer, device="cpu", memory="stream")
+    whole = (replace(specs[0], end=1.0),)
+    pipe.use_controlnets(whole)
+    filled: list[tuple[OffloadEngine, int, int]] = []  # (engine, its arena, that arena's buffer)
+    fill = OffloadEngine._fill_arena
+
+    def recording(engine: OffloadEngine, group) -> None:
+        fill(engine, group)
+        filled.append((engine, id(engine.arena), engine.arena.generation))
+
+    monkeypatch.setattr(OffloadEngine, "_fill_arena", recording)
+    pipe.generate(controlled_request(whole))
+    component = pipe.memory.components["controlnet.0"].engine
+    buffers = {engine: {(arena, generation) for other, arena, generation in filled if other is engine} for engine, _, _ in filled}
+    assert set(buffers) == {pipe.memory.engine, component}
+    assert buffers[component] <= buffers[pipe.memory.engine]
+
+
+def test_stream_splits_a_large_controlnet_block_as_the_unets(tiny_model, specs, full_latents, monkeypatch):
+    """A ControlNet block above the unit limit streams in its parts, its zero conv with the last part, so its largest
+    unit is no larger than the UNet's (SD 1.5's middle block: 376 MiB in fp32 whole, 133 MiB in parts)."""
+    monkeypatch.setattr(placement, "STREAM_UNIT_PARAMS", 1000)
+    pipe = optimized_sd.load(tiny_model.safetensors, tokenizer=tiny_model.tokenizer, device="cpu", memory="stream")
+    pipe.use_controlnets(specs)
+    model = pipe.memory.components["controlnet.0"].model
+    units = {group.name: group.modules for group in controlnet_groups(mode_row("stream"), model)}
+    assert units["middle_block.0"] == ("middle_block.0",) and units["middle_block.2"] == ("middle_block.2", "middle_block_out")
+    assert (pipe.generate(controlled_request(specs)).latents - full_latents).abs().max() <= 1e-5
 
 
 def test_the_planner_counts_the_controlnet(tiny_model, specs):

@@ -505,3 +505,34 @@ def test_parse_bytes_refuses(text):
 
 def test_lower_mode_chain():
     assert [lower_mode(m) for m in MODES] == ["turbo", "split", "stream", None]
+
+
+def test_engines_sharing_an_arena_reuse_one_buffer_and_never_overwrite_a_group_in_use():
+    """Two engines on one `SharedArena` (a ControlNet's and its UNet's): one buffer of the larger reservation serves
+    both, each model computes as with its own, and a group cannot be filled over another one still resident."""
+    from torch import nn
+
+    from optimized_sd.memory.offload import GroupSpec, OffloadEngine, SharedArena
+    from optimized_sd.weights.sources import DictSource
+
+    def engine(width: int, arena: SharedArena) -> tuple[OffloadEngine, nn.Sequential, nn.Sequential]:
+        reference = nn.Sequential(nn.Linear(width, width), nn.Linear(width, width))
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(width, width), nn.Linear(width, width))
+        specs = [GroupSpec(str(i), (str(i),), "after_forward") for i in range(2)]
+        source = DictSource(reference.state_dict())
+        return OffloadEngine(model, source, specs, torch.device("cpu"), torch.float32, host="source", arena=arena), model, reference
+
+    arena = SharedArena()
+    small, small_model, small_reference = engine(4, arena)
+    large, large_model, large_reference = engine(8, arena)
+    assert large.arena is small.arena and arena.length == max(g.pack_layout() for g in large.groups.values())
+    with torch.inference_mode(), small.stage(), large.stage():
+        for model, reference, width in ((small_model, small_reference, 4), (large_model, large_reference, 8)):
+            x = torch.randn(2, width)
+            torch.testing.assert_close(model(x), reference(x))
+        assert arena.generation == 1  # one buffer for both engines
+        small.load("0")
+        with pytest.raises(RuntimeError, match="would overwrite 0"):
+            large.load("1")
+    assert arena.current is None  # dropped at the stage's end

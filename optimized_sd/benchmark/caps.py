@@ -128,7 +128,11 @@ def over_budget_mib(cap: CapFacts, peak_reserved_mib: float) -> float:
 def tree_rss(process: psutil.Process) -> int:
     """Resident bytes of a process and all its children (0 for any that is gone): what a run under a RAM cap holds."""
     total = 0
-    for member in [process, *process.children(recursive=True)]:
+    try:
+        children = process.children(recursive=True)
+    except psutil.Error:  # the process ended between two samples
+        return 0
+    for member in [process, *children]:
         try:
             total += member.memory_info().rss
         except psutil.Error:

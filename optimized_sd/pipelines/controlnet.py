@@ -25,9 +25,10 @@ from optimized_sd.errors import FieldError, UserError
 from optimized_sd.memory.modes import MemoryMode, mode_row
 from optimized_sd.memory.offload import GroupSpec
 from optimized_sd.models.controlnet import CONTROL_MODES, ControlNetModel, control_scales, zero_residuals_like
+from optimized_sd.pipelines import placement
 from optimized_sd.pipelines.control_hints import CANNY_HIGH, CANNY_LOW, PREPROCESSORS, RESIZE_MODES, fit_image, hint_tensor, preprocess
 from optimized_sd.pipelines.memory_session import Component
-from optimized_sd.pipelines.placement import parameter_bytes
+from optimized_sd.pipelines.placement import parameter_bytes, split_unit
 from optimized_sd.sampling import Conditioning, ControlResiduals, SamplingPlan, SideNetwork
 from optimized_sd.sampling.plan import step_timesteps
 from optimized_sd.weights.controlnet import OpenedControlNet, build_controlnet
@@ -265,19 +266,25 @@ def controlnet_name(index: int) -> str:
 CONTROLNET_ACTIVATIONS = 0.45  # a ControlNet's activations beside its UNet's: the encoder half, ~40-50% of the work
 
 
-def controlnet_groups(row: MemoryMode, model: ControlNetModel) -> list[GroupSpec]:
+def controlnet_groups(row: MemoryMode, model: ControlNetModel, unit_params: int | None = None) -> list[GroupSpec]:
     """A ControlNet's offload groups for a mode's row, as its UNet's: resident with everything (`full`), the
     whole network with the UNet during sampling (`turbo`, `split`), or (`stream`) each input block with its zero
-    conv, then the middle block with its output, one at a time. The hint encoder runs alone, once per call."""
+    conv, then the middle block with its output, one at a time, a block above `unit_params` parameters split into
+    its parts as the UNet's are (`placement.split_unit`), its zero conv with the last part. The hint encoder runs
+    alone, once per call."""
     blocks = [name for name in model.block_names() if name not in ("input_hint_block", "zero_convs", "middle_block_out")]
     if row.resident == "everything":
         return [GroupSpec("controlnet", ("input_hint_block", *blocks, "zero_convs", "middle_block_out"), "never")]
     hint = GroupSpec("hint", ("input_hint_block",), "stage_end")
     if row.denoiser != "blocks":
         return [hint, GroupSpec("controlnet", (*blocks, "zero_convs", "middle_block_out"), "stage_end")]
+    limit = placement.STREAM_UNIT_PARAMS if unit_params is None else unit_params
     embed = [name for name in blocks if not name.startswith(("input_blocks.", "middle_block"))]
-    units = [tuple(embed)] + [(f"input_blocks.{i}", f"zero_convs.{i}") for i in range(len(model.zero_convs))]
-    units.append(("middle_block", "middle_block_out"))
+    units = [tuple(embed)]
+    outputs = [(f"input_blocks.{i}", f"zero_convs.{i}") for i in range(len(model.zero_convs))] + [("middle_block", "middle_block_out")]
+    for block, output in outputs:
+        *parts, last = split_unit(model, block, limit)
+        units += [*parts, (*last, output)]
     names = [unit[0] for unit in units]
     release = row.denoiser_release
     return [hint] + [

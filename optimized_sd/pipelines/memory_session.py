@@ -284,6 +284,8 @@ class MemorySession:
         component.released.append(note)
 
     def place_components(self, plan: Plan, host: str) -> None:
+        """Place each component by `plan`; its streamed units share the model's arena (they never run at once)."""
+        assert self.engine is not None
         if self.host_plan is not None:
             host = self.host_plan.host_for("side", host)  # type: ignore[arg-type]
         for component in self.components.values():
@@ -292,7 +294,7 @@ class MemorySession:
                 component.engine = OffloadEngine(
                     component.model, component.source, component.specs(plan.row), self.device, self.dtype,
                     host=host,  # type: ignore[arg-type]
-                    prefetch=plan.prefetch,
+                    prefetch=plan.prefetch, arena=self.engine.arena,
                 )  # fmt: skip
                 component.placed = (plan.mode, host)
             component.engine.lookahead_bytes = plan.lookahead

@@ -235,6 +235,9 @@ class DictSource(TensorSource):
         self.tensors.clear()
 
 
+CAN_DROP_PAGES = hasattr(mmap, "MADV_DONTNEED")  # file pages can be handed back (not on Windows)
+
+
 class SafetensorsSource(TensorSource):
     """A memory-mapped `.safetensors` file: the header is validated here (`parse_safetensors_header`), the data
     is reached through one read-only mapping."""
@@ -292,7 +295,7 @@ class SafetensorsSource(TensorSource):
         return flat.view(entry.shape)
 
     def release(self, keys: Iterable[str]) -> None:
-        if self._mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if self._mapping is None or not CAN_DROP_PAGES:
             return
         page = mmap.PAGESIZE
         for key in keys:
@@ -332,7 +335,7 @@ class RenamedSource(TensorSource):
         return self.inner.gguf(self.names[key])
 
     def release(self, keys: Iterable[str]) -> None:
-        self.inner.release(self.names[key] for key in keys)
+        self.inner.release([self.names[key] for key in keys])  # a list: `stream` releases tensor by tensor, every step
 
     def close(self) -> None:
         self.inner.close()
