@@ -38,6 +38,7 @@ from optimized_sd.pipelines.hires import UPSCALERS, HiresFix, upscaler_named
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import (
     API_FIELDS,
+    FAMILY_DEFAULTED,
     LOAD_OPTION_FIELDS,
     FieldError,
     Generated,
@@ -205,6 +206,7 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
         n_iter=request.n_iter,
         eta=eta,
         guidance=request.distilled_cfg_scale,
+        defaulted=frozenset(FAMILY_DEFAULTED) - request.model_fields_set,  # AUTOMATIC1111's 50/7/512 unless the family has its own
     )
     if request.refiner_checkpoint and request.refiner_checkpoint.strip().lower() != "none":
         refiner = service.backend.catalog.find(request.refiner_checkpoint)
@@ -370,9 +372,11 @@ def generation_response(request: Txt2ImgRequest, service: Service, img2img: bool
         made: Generated = job.wait()
     except Exception as error:  # a failed job: report it, keep serving
         return failure_response(error)
+    ran = made.spec or spec  # with the loaded family's defaults for the fields the request left out
     parameters = request.model_dump(exclude={"init_images", "mask"} if not getattr(request, "include_init_images", False) else set())
+    parameters.update({name: getattr(ran, name) for name in spec.defaulted})
     images = [png_base64(data) for data in made.pngs] if request.send_images else []
-    return {"images": images, "parameters": parameters, "info": info_json(spec, made)}
+    return {"images": images, "parameters": parameters, "info": info_json(ran, made)}
 
 
 def add_generation_routes(route: Callable, service: Service) -> None:
