@@ -87,3 +87,16 @@ def test_a_left_out_size_is_the_familys_and_sd_keeps_automatic1111s(zimage_serve
     some = zimage_server.service.backend.with_family_defaults(GenerationSpec(prompt="a", width=320, defaulted=frozenset({"height"})))
     assert (some.width, some.height, some.steps, some.cfg_scale) == (320, 1024, 20, 7.0)
     assert server.service.backend.with_family_defaults(every) == every  # SD: AUTOMATIC1111's, as its clients expect
+
+
+def test_the_ui_starts_at_the_loaded_familys_defaults_and_cfg_reaches_0(zimage_server, server):
+    pytest.importorskip("gradio")
+    from optimized_sd.server.ui import A1111_UI_DEFAULTS, WebUI
+
+    for service, wanted in ((zimage_server.service, {"steps": 8, "cfg_scale": 0.0, "width": 1024, "height": 1024}),
+                            (server.service, A1111_UI_DEFAULTS)):  # fmt: skip
+        ui = WebUI(service)
+        ui.build()
+        assert [(name, slider.value) for name, slider in ui.defaulted_sliders] == list(wanted.items()) * 3
+        assert all(slider.minimum == 0 for name, slider in ui.defaulted_sliders if name == "cfg_scale")  # Turbo's "off" is offered
+        assert [update["value"] for update in ui.family_values()] == list(wanted.values()) * 3  # what a model switch sets
