@@ -77,6 +77,8 @@ class StableDiffusion:
     """A loaded model: call `txt2img` / `img2img` as often as needed; the weights stay where the
     memory plan put them between calls."""
 
+    takes_init_image = True  # whether it can start from an image (img2img, inpainting, the hires fix's second pass)
+
     def __init__(
         self,
         loaded: LoadedModel,
