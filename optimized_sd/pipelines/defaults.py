@@ -26,3 +26,6 @@ DEFAULT_IMAGE_FORMAT = "png"
 DEFAULT_HR_SCALE = 2.0
 DEFAULT_HR_STRENGTH = 0.7  # AUTOMATIC1111's denoising_strength default for the hires pass
 DEFAULT_HR_UPSCALER = "latent"
+# Z-Image's CFG options (diffusers' ZImagePipeline arguments and defaults)
+DEFAULT_CFG_NORMALIZATION = 0.0  # > 0: the guided output's norm capped at this times the positive's
+DEFAULT_CFG_TRUNCATION = 1.0  # the share of the run (1 - sigma) after which the negative pass stops; 1: never

@@ -96,6 +96,8 @@ class Txt2ImgRequest(BaseModel):
     refiner_checkpoint: str | None = None  # an SDXL refiner from the server's model list
     refiner_switch_at: float | None = None  # the share of the denoising the base runs (DEFAULT_REFINER_SWITCH when None)
     distilled_cfg_scale: float | None = None  # Forge's: Flux.1 dev's distilled guidance (None: the model's default, 3.5)
+    cfg_normalization: float | None = None  # Z-Image's (diffusers' names; None: off)
+    cfg_truncation: float | None = None  # Z-Image's (None: never)
     # hires fix (with enable_hr; ignored without it, as AUTOMATIC1111)
     denoising_strength: float | None = None  # DEFAULT_HR_STRENGTH when None
     hr_scale: float = DEFAULT_HR_SCALE
@@ -206,6 +208,8 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
         n_iter=request.n_iter,
         eta=eta,
         guidance=request.distilled_cfg_scale,
+        cfg_normalization=request.cfg_normalization,
+        cfg_truncation=request.cfg_truncation,
         defaulted=frozenset(FAMILY_DEFAULTED) - request.model_fields_set,  # AUTOMATIC1111's 50/7/512 unless the family has its own
     )
     if request.refiner_checkpoint and request.refiner_checkpoint.strip().lower() != "none":

@@ -61,6 +61,7 @@ API_FIELDS: dict[str, str | None] = {
     "hr_negative_prompt": "hr_negative_prompt",
     "guidance": "distilled_cfg_scale",  # Forge's name for Flux.1 dev's distilled guidance
     "max_sequence_length": None,  # Forge has no field for it: the CLI, batch lines and the library
+    "cfg_normalization": "cfg_normalization", "cfg_truncation": "cfg_truncation",  # Z-Image's, by diffusers' names
 }  # fmt: skip
 
 
@@ -109,6 +110,8 @@ class GenerationSpec:
     hires: HiresFix | None = None  # txt2img: AUTOMATIC1111's hires fix (enable_hr and its hr_* fields)
     controlnets: tuple[ControlNetSpec, ...] = ()  # files from the catalog's ControlNet/ folder, never a request's path
     guidance: float | None = None  # Forge's distilled_cfg_scale (Flux.1 dev; None: its default, 3.5)
+    cfg_normalization: float | None = None  # Z-Image's (None: off)
+    cfg_truncation: float | None = None  # Z-Image's (None: never)
     # The FAMILY_DEFAULTED fields the request left out: the loaded family's values replace them when its record
     # does not take AUTOMATIC1111's (`Backend.with_family_defaults`).
     defaulted: frozenset[str] = frozenset()
@@ -257,6 +260,8 @@ def spec_job(spec: GenerationSpec, init_image: Image.Image | None, inpaint: Inpa
         refiner_switch=spec.refiner_switch,
         controlnets=spec.controlnets,
         guidance=spec.guidance,
+        cfg_normalization=spec.cfg_normalization,
+        cfg_truncation=spec.cfg_truncation,
         **(spec.hires.job_fields() if spec.hires is not None else {}),
         output=OutputPolicy(Path("."), skip_save=True, skip_grid=True),  # the front ends send the PNGs
     )

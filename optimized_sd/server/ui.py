@@ -67,6 +67,7 @@ UI_CONTROLS: dict[str, str | None] = {
     "hr_strength": "Hires denoising strength", "hr_resize": None, "hr_sampler": None, "hr_prompt": None, "hr_negative_prompt": None,
     "guidance": "Distilled CFG scale",  # Forge's control, shown for Flux.1 dev
     "max_sequence_length": None,  # Forge has no control for it: the CLI, batch lines and the library
+    "cfg_normalization": None, "cfg_truncation": None,  # Z-Image's: the CLI, batch lines and the API
 }  # fmt: skip
 
 

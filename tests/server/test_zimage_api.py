@@ -100,3 +100,13 @@ def test_the_ui_starts_at_the_loaded_familys_defaults_and_cfg_reaches_0(zimage_s
         assert [(name, slider.value) for name, slider in ui.defaulted_sliders] == list(wanted.items()) * 3
         assert all(slider.minimum == 0 for name, slider in ui.defaulted_sliders if name == "cfg_scale")  # Turbo's "off" is offered
         assert [update["value"] for update in ui.family_values()] == list(wanted.values()) * 3  # what a model switch sets
+
+
+def test_cfg_options_are_api_fields(zimage_server):
+    from tests.server.test_api import detail_fields
+    from tests.zimage_models import SIZE
+
+    _, info, _ = served(zimage_server, steps=2, cfg_scale=1.5, cfg_truncation=0.5, cfg_normalization=1.0, height=SIZE[0], width=SIZE[1])
+    assert "CFG normalization: 1, CFG truncation: 0.5" in info["infotexts"][0]
+    refused = post(zimage_server, "txt2img", json={"prompt": "x", "steps": 1, "height": SIZE[0], "width": SIZE[1], "cfg_truncation": 2})
+    assert refused.status_code == 422 and detail_fields(refused) == ["cfg_truncation"], refused.text
