@@ -1,6 +1,7 @@
 """Every default of a generation request, written once: `Job`, `GenerationRequest`, the CLI flags, the
-batch file, the web UI and the API take them from here (the API keeps AUTOMATIC1111's own sampler, steps
-and guidance defaults, which its clients expect; see `server.backend.GenerationSpec`). Nothing heavy
+batch file, the web UI and the API take them from here (the API keeps AUTOMATIC1111's own sampler, steps,
+guidance and size defaults, which its clients expect, for the families whose record says so: `Defaults.a1111`;
+see `server.backend.GenerationSpec`). Nothing heavy
 is imported, so the CLI can show them in --help."""
 
 from __future__ import annotations
