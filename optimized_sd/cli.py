@@ -42,6 +42,7 @@ CLI_FLAGS: dict[str, str | None] = {
     "hr_scale": "--hr-scale", "hr_resize": "--hr-resize", "hr_upscaler": "--hr-upscaler", "hr_steps": "--hr-steps",
     "hr_strength": "--hr-strength", "hr_sampler": "--hr-sampler", "hr_prompt": "--hr-prompt", "hr_negative_prompt": "--hr-negative-prompt",
     "guidance": "--guidance", "max_sequence_length": "--max-sequence-length",
+    "cfg_normalization": "--cfg-normalization", "cfg_truncation": "--cfg-truncation",
     "controlnets": "--controlnet",  # with --control-image and the --control-* settings (`CONTROL_SETTINGS`)
 }  # fmt: skip
 # ControlNetSpec field -> its flag: given once it applies to every unit, or once per unit in --controlnet order.
@@ -147,6 +148,10 @@ def generation_options(default_outdir: str, default_size: int | None) -> Callabl
         click.option("--guidance", type=float, help="Flux.1 dev's distilled guidance (default 3.5; no effect on schnell)."),
         click.option("--max-sequence-length", "max_sequence_length", type=int,
                      help="Flux.1: T5 tokens per prompt, 1 to 512 (default: dev 512, schnell 256)."),
+        click.option("--cfg-normalization", "cfg_normalization", type=float,
+                     help="Z-Image: cap the guided output's norm at this times the prompt's (default 0: off)."),
+        click.option("--cfg-truncation", "cfg_truncation", type=float,
+                     help="Z-Image: the share of the run (0 to 1) after which CFG stops, the prompt alone (default 1: never)."),
         click.option("--ddim_eta", "eta", type=float, default=defaults.DEFAULT_ETA, show_default=True, help="DDIM eta (0: deterministic)."),
         click.option("--sampler", help=f"ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde (default: the family's, {defaults.DEFAULT_SAMPLER} SD, euler Flux)."),
         click.option("--karras", is_flag=True, help="Karras sigma schedule (k-samplers only); same as --schedule karras."),

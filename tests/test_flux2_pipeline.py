@@ -15,6 +15,7 @@ from PIL import Image
 from optimized_sd.errors import FieldError, UserError
 from optimized_sd.models.flux2 import denormalize_latents, unpatchify
 from optimized_sd.pipelines.diffusion import GenerationRequest, load
+from optimized_sd.pipelines.hires import HiresFix
 from optimized_sd.weights.flux_keys import COMFY_TRANSFORMER_PREFIX
 from tests.cli_runs import run_cli
 from tests.family_models import save
@@ -201,6 +202,12 @@ def test_wrong_files_and_requests_are_one_line_errors(klein, tmp_path):
         ours(klein.load(), steps=1, init_image=image)
     with pytest.raises(FieldError, match="multiple of 4"):
         ours(klein.load(), steps=1, height=30)
+    steps = []
+    with pytest.raises(FieldError) as refused:  # up front, not as an init image error at the second pass
+        klein.load().generate(GenerationRequest(prompts=[PROMPT], seed=42, height=SIZE[0], width=SIZE[1], steps=1, hires=HiresFix()),
+                              progress=steps.append)  # fmt: skip
+    assert refused.value.field == "hires" and not steps
+    assert str(refused.value) == "hires cannot run on Flux.2 klein, which has no img2img (the hires fix's second pass)"
 
 
 def test_cli_txt2img_errors_and_inspect(klein, tmp_path, capsys):

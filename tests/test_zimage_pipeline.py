@@ -75,6 +75,27 @@ def test_cfg_latents_equal_diffusers(tiny, normalization, truncation):
     close(result.latents, expected)
 
 
+def test_cfg_options_as_request_fields_equal_diffusers_and_are_recorded(tiny):
+    """cfg_normalization and cfg_truncation given per request (not as pipeline attributes) are diffusers' arguments."""
+    result = ours(tiny.load(), steps=4, scale=2.5, negative_prompt="blurry", cfg_normalization=1.0, cfg_truncation=0.5)
+    close(result.latents, reference_latents(tiny, 4, 2.5, negative_prompt="blurry", cfg_normalization=1.0, cfg_truncation=0.5))
+    assert "CFG normalization: 1, CFG truncation: 0.5" in result.parameters[0].text()
+    assert "CFG normalization" not in ours(tiny.load(), steps=1, cfg_truncation=0.5).parameters[0].text()  # no CFG: no effect
+
+
+def test_cfg_options_warn_on_other_families(tiny_model, caplog):
+    import optimized_sd
+
+    pipe = optimized_sd.load(tiny_model.safetensors, device="cpu", tokenizer=tiny_model.tokenizer)
+    try:
+        request = pipe.with_defaults(GenerationRequest(prompts=["x"], cfg_normalization=1.0, cfg_truncation=0.5))
+    finally:
+        pipe.close()
+    assert (request.cfg_normalization, request.cfg_truncation) == (None, None)
+    said = [record.getMessage() for record in caplog.records]
+    assert "--cfg-normalization has no effect on SD 1.x (Z-Image's CFG option)" in said and len(said) == 2
+
+
 def test_img2img_latents_equal_diffusers(tiny, monkeypatch):
     """ZImageImg2ImgPipeline's step rounding and noising; its init latents pinned to the posterior mean (ours)."""
     import diffusers.pipelines.z_image.pipeline_z_image_img2img as img2img_module
@@ -197,6 +218,16 @@ def test_cli_txt2img_and_errors(tiny, tmp_path, capsys):
     assert code == 0, err
     assert "Z-Image" in out
     assert "Shift: 3" in Image.open(next((tmp_path / "ok").rglob("*.png"))).info["parameters"]
+    code, out, err = run_cli(
+        capsys, "txt2img", "--ckpt", tiny.files["transformer"], "--vae", tiny.files["vae"], "--text-encoder", tiny.files["qwen"],
+        "--tokenizer", tiny.tokenizer, "--prompt", PROMPT, "--outdir", tmp_path / "cfg", *common, "--scale", 2, "--cfg-normalization", 1.5,
+        "--cfg-truncation", 0.25,
+    )
+    assert code == 0, err
+    assert "CFG normalization: 1.5, CFG truncation: 0.25" in Image.open(next((tmp_path / "cfg").rglob("*.png"))).info["parameters"]
+    code, _, err = run_cli(capsys, "txt2img", "--ckpt", tiny.files["transformer"], "--cfg-truncation", 2, "--outdir", tmp_path / "no",
+                           *common)  # fmt: skip
+    assert (code, err) == (1, "error: --cfg-truncation must be from 0 to 1, got 2.0\n")
     no_tokenizer = ("--ckpt", tiny.files["transformer"], "--vae", tiny.files["vae"], "--text-encoder", tiny.files["qwen"])
     for args in (("--ckpt", tiny.files["qwen"], "--tokenizer", tiny.tokenizer), no_tokenizer):
         code, out, err = run_cli(capsys, "txt2img", *args, "--outdir", tmp_path / "bad", *common)

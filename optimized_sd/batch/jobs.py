@@ -187,6 +187,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "hires": _bool, "hr_scale": _float, "hr_resize": _resize, "hr_upscaler": _str, "hr_steps": _int, "hr_strength": _float,
     "hr_sampler": _optional_str, "hr_prompt": _optional_str, "hr_negative_prompt": _optional_str,
     "guidance": _float, "max_sequence_length": _int,  # Flux.1: dev's distilled guidance, T5 tokens per prompt
+    "cfg_normalization": _float, "cfg_truncation": _float,  # Z-Image's CFG options
 }
 # fields of the job's InpaintOptions (a line with any of them is inpainting; `mask` needs `init_image`)
 INPAINT_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {

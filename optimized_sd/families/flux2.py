@@ -296,6 +296,6 @@ COMMON = dict(infer_config=unsupported_config, latent=KLEIN_LATENT, towers=TOWER
 # Defaults: the distilled model's 4 steps without CFG (BFL's model card); the base's are Flux2KleinPipeline's own
 # (50 steps, guidance 4); both 1024x1024.
 register(FamilyRecord(name=KLEIN, display_name="Flux.2 klein", detect=is_klein,
-                      defaults=Defaults(size=1024, steps=4, sampler="euler", scale=1.0), **COMMON))  # type: ignore[arg-type]
+                      defaults=Defaults(size=1024, steps=4, sampler="euler", scale=1.0, a1111=False), **COMMON))  # type: ignore[arg-type]
 register(FamilyRecord(name=KLEIN_BASE, display_name="Flux.2 klein base", detect=lambda shapes: False,
-                      defaults=Defaults(size=1024, steps=50, sampler="euler", scale=4.0), **COMMON))  # type: ignore[arg-type]
+                      defaults=Defaults(size=1024, steps=50, sampler="euler", scale=4.0, a1111=False), **COMMON))  # type: ignore[arg-type]

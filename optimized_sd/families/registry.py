@@ -96,6 +96,10 @@ class Defaults:
     steps: int = 50
     sampler: str = "plms"
     scale: float = 7.5  # classifier-free guidance (1: off, one denoiser pass per step)
+    # What an AUTOMATIC1111 request (the API, the web UI) that leaves steps, CFG scale or size out gets: True,
+    # AUTOMATIC1111's own (the API's 50 steps, the UI's 20, CFG 7, 512 px: what SD clients expect); False, this
+    # record's (a distilled model run at CFG 7 is slow and wrong).
+    a1111: bool = True
 
     def size_for(self, prediction_type: str) -> int:
         return self.v_size if self.v_size is not None and prediction_type == V_PREDICTION else self.size

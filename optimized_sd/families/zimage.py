@@ -266,7 +266,7 @@ ZIMAGE_RECORD = FamilyRecord(
     latent=FLUX_LATENT,
     towers=(TextTower("qwen3", f"{TEXT_ROOT}.{QWEN_TOWER}.transformer.", "text_encoder", "tokenizer", lora_name=None),),
     prediction="flow",
-    defaults=Defaults(size=1024, steps=8, sampler="euler", scale=0.0),  # Turbo's: 8 steps, no CFG pass
+    defaults=Defaults(size=1024, steps=8, sampler="euler", scale=0.0, a1111=False),  # Turbo's: 8 steps, no CFG pass
     units=Units(
         vae_encoder=("first_stage_model.encoder",),
         vae_decoder=("first_stage_model.decoder",),

@@ -23,6 +23,7 @@ MAX_ITERATIONS = 10_000  # batches
 MAX_GUIDANCE = 100.0  # Flux.1 dev's distilled guidance; Forge's slider stops at 30
 MAX_SEQUENCE_LENGTH = 512  # T5 positions Flux.1 was trained with
 MAX_IMAGES_PER_JOB = 10_000  # n_samples x n_iter: one job, or one line of a batch file
+MAX_CFG_NORMALIZATION = 100.0  # Z-Image: times the positive's norm (0: off)
 MAX_HR_SCALE = 8.0  # hires fix; the second pass' size is also checked against the side limit (`hires.HiresFix.target`)
 
 
@@ -59,6 +60,8 @@ NUMBER_BOUNDS: dict[str, Bound] = {
     "hr_strength": Bound(0.0, 1.0, capped=False),
     "guidance": Bound(0.0, MAX_GUIDANCE),  # a guidance-distilled model's value (Flux.1 dev)
     "max_sequence_length": Bound(1, MAX_SEQUENCE_LENGTH, whole=True, capped=False),  # T5 tokens (Flux.1)
+    "cfg_normalization": Bound(0.0, MAX_CFG_NORMALIZATION),  # Z-Image's cap on the guided norm (0: off)
+    "cfg_truncation": Bound(0.0, 1.0, capped=False),  # Z-Image: the share of the run with a negative pass
 }
 
 

@@ -1,6 +1,7 @@
 """Every default of a generation request, written once: `Job`, `GenerationRequest`, the CLI flags, the
-batch file, the web UI and the API take them from here (the API keeps AUTOMATIC1111's own sampler, steps
-and guidance defaults, which its clients expect; see `server.backend.GenerationSpec`). Nothing heavy
+batch file, the web UI and the API take them from here (the API keeps AUTOMATIC1111's own sampler, steps,
+guidance and size defaults, which its clients expect, for the families whose record says so: `Defaults.a1111`;
+see `server.backend.GenerationSpec`). Nothing heavy
 is imported, so the CLI can show them in --help."""
 
 from __future__ import annotations
@@ -26,3 +27,6 @@ DEFAULT_IMAGE_FORMAT = "png"
 DEFAULT_HR_SCALE = 2.0
 DEFAULT_HR_STRENGTH = 0.7  # AUTOMATIC1111's denoising_strength default for the hires pass
 DEFAULT_HR_UPSCALER = "latent"
+# Z-Image's CFG options (diffusers' ZImagePipeline arguments and defaults)
+DEFAULT_CFG_NORMALIZATION = 0.0  # > 0: the guided output's norm capped at this times the positive's
+DEFAULT_CFG_TRUNCATION = 1.0  # the share of the run (1 - sigma) after which the negative pass stops; 1: never

@@ -4,6 +4,7 @@ where it computes is `memory_session`'s business."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -63,6 +64,8 @@ __all__ = [  # the names callers have imported from here
     "load_init_image",
     "tensor_to_image",
 ]
+log = logging.getLogger("optimized_sd")
+
 FAMILY_LOAD_OPTIONS = ("distilled", "parts_from")  # load options a family with its own loader takes if its `Loader.options` say
 REFINER = "refiner"  # the refiner's session in the base's: its stages are reported as refiner_text, refiner_unet, ...
 
@@ -77,6 +80,10 @@ def task_for(request: GenerationRequest) -> Task:
 class StableDiffusion:
     """A loaded model: call `txt2img` / `img2img` as often as needed; the weights stay where the
     memory plan put them between calls."""
+
+    takes_init_image = True  # whether it can start from an image (img2img, inpainting, the hires fix's second pass)
+    cfg_options = ("cfg_normalization", "cfg_truncation")  # request fields of a family's own CFG rule; warned of unless read
+    reads_cfg_options = False  # whether its `guidance` reads them (Z-Image)
 
     def __init__(
         self,
@@ -154,6 +161,12 @@ class StableDiffusion:
         family record's defaults, the latent channels from the VAE."""
         defaults = self.config.record.defaults
         size = self.config.default_size
+        if not self.reads_cfg_options:
+            for name in self.cfg_options:
+                if getattr(request, name) is not None:
+                    flag = "--" + name.replace("_", "-")
+                    log.warning("%s has no effect on %s (Z-Image's CFG option)", flag, self.config.family_name)
+            request = replace(request, **dict.fromkeys(self.cfg_options))
         return replace(
             request,
             height=request.height or size,

@@ -59,6 +59,7 @@ class KleinDiffusion(StableDiffusion):
     """A loaded Flux.2 klein model (see the module docstring); everything else is `StableDiffusion`'s."""
 
     hoist_modulation = True  # precompute each run's adaLN outputs (False: per call, as the plain forward does)
+    takes_init_image = False  # its image input is reference editing, not img2img
     metadata_extras = FluxDiffusion.metadata_extras
     model_hash = FluxDiffusion.model_hash
 

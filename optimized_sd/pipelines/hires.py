@@ -188,6 +188,8 @@ def run_hires(pipe: StableDiffusion, request: GenerationRequest, progress: Progr
     assert hires is not None
     if request.init_image is not None:
         raise FieldError.about("hires", "is a txt2img option: it cannot run with an init image")
+    if not pipe.takes_init_image:  # said before the first pass, not as an init image error at the second
+        raise FieldError.about("hires", f"cannot run on {pipe.config.family_name}, which has no img2img (the hires fix's second pass)")
     size = pipe.config.default_size
     hires.check(request.width or size, request.height or size)
     upscaler = UPSCALERS[upscaler_named(hires.upscaler)]

@@ -121,6 +121,8 @@ class Job:
     hr_negative_prompt: str | None = None
     guidance: float | None = None  # Flux.1 dev's distilled guidance (None: 3.5)
     max_sequence_length: int | None = None  # Flux.1's T5 tokens per prompt (None: dev 512, schnell 256)
+    cfg_normalization: float | None = None  # Z-Image's CFG norm cap (None: 0, off); a warning on other families
+    cfg_truncation: float | None = None  # Z-Image's CFG truncation (None: 1, never); a warning on other families
     # ControlNet units, in order (`pipelines.controlnet.control_specs` builds them from plain values).
     controlnets: tuple[ControlNetSpec, ...] = ()
     output: OutputPolicy = field(default_factory=lambda: OutputPolicy(Path("outputs")))
@@ -153,6 +155,7 @@ class Job:
         check_numbers(
             steps=self.steps, scale=self.scale, eta=self.eta, strength=self.strength,
             guidance=self.guidance, max_sequence_length=self.max_sequence_length,
+            cfg_normalization=self.cfg_normalization, cfg_truncation=self.cfg_truncation,
         )  # fmt: skip
         images = self.n_samples if self.fixed_code else self.n_samples * self.n_iter * max(len(self.prompts), 1)
         check_seeds(self.seed, images)  # a prompt file's count is checked again by `check_batches`
@@ -282,6 +285,8 @@ class Job:
             latent_channels=self.latent_channels,
             guidance=self.guidance,
             max_sequence_length=self.max_sequence_length,
+            cfg_normalization=self.cfg_normalization,
+            cfg_truncation=self.cfg_truncation,
             downscale=self.downscale,
             unet_batch=self.unet_batch,
             init_image=init_image,

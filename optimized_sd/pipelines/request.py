@@ -54,6 +54,8 @@ class GenerationRequest:
     hires: HiresFix | None = None  # txt2img only: AUTOMATIC1111's hires fix, a second img2img pass at a larger size
     guidance: float | None = None  # a guidance-distilled model's guidance value (Flux.1 dev; None: its default, 3.5)
     max_sequence_length: int | None = None  # T5 tokens per prompt (Flux.1: 1..512; None: dev 512, schnell 256)
+    cfg_normalization: float | None = None  # Z-Image only (None: its pipeline's, 0 = off; see pipelines.defaults)
+    cfg_truncation: float | None = None  # Z-Image only (None: its pipeline's, 1 = never)
     controlnets: Sequence[ControlNetSpec] = ()  # ControlNet units (`pipelines.controlnet.control_specs` builds them)
     unguided_scale: float = 1.0  # the scale meaning no guidance: 1 for uncond + s (cond - uncond); 0 for cond + s (cond - uncond)
 
@@ -107,6 +109,7 @@ def check_request(request: GenerationRequest, config: ModelConfig) -> None:
     check_numbers(
         steps=request.steps, scale=request.scale, eta=request.eta, strength=request.strength,
         guidance=request.guidance, max_sequence_length=request.max_sequence_length,
+        cfg_normalization=request.cfg_normalization, cfg_truncation=request.cfg_truncation,
     )  # fmt: skip
     check_seeds(request.seed, len(request.prompts))
     check_size(request.height, request.width, request.downscale)

@@ -24,6 +24,7 @@ from optimized_sd.families.zimage import SHIFT
 from optimized_sd.memory.report import StageRecord
 from optimized_sd.models.qwen3 import MAX_TOKENS, QwenPromptTokenizer, encode_zimage, load_qwen_tokenizer
 from optimized_sd.models.zimage import RefinedCaptions, ZImageModulation
+from optimized_sd.pipelines.defaults import DEFAULT_CFG_NORMALIZATION, DEFAULT_CFG_TRUNCATION
 from optimized_sd.pipelines.flux import PATCH, FluxDiffusion
 from optimized_sd.pipelines.request import GenerationRequest
 from optimized_sd.sampling import Conditioning, EpsFn, Model, ModelSampling, SamplingPlan
@@ -77,8 +78,9 @@ class ZImageDiffusion(FluxDiffusion):
     """A loaded Z-Image model (see the module docstring); the rest is `FluxDiffusion`'s and `StableDiffusion`'s."""
 
     hoist = True  # the caption branch and the adaLN outputs once per run (False: every call, as the plain forward)
-    cfg_normalization = 0.0  # diffusers' cfg_normalization: > 0 caps the guided output's norm at this times pos's
-    cfg_truncation = 1.0  # diffusers' cfg_truncation: no negative pass once 1 - sigma is past it
+    reads_cfg_options = True
+    cfg_normalization = DEFAULT_CFG_NORMALIZATION  # a request's None: diffusers' cfg_normalization (> 0 caps the guided norm)
+    cfg_truncation = DEFAULT_CFG_TRUNCATION  # a request's None: diffusers' cfg_truncation (no negative pass past it)
 
     def setup_text(self, tokenizers: tuple[Path, ...]) -> None:
         if len(tokenizers) > 1:
@@ -110,7 +112,10 @@ class ZImageDiffusion(FluxDiffusion):
                 problem = f"{value} is not a multiple of 16 (Z-Image patches 2x2 latents); the nearest valid size is {nearest}"
                 raise FieldError.about(name, problem)
         length = MAX_TOKENS if request.max_sequence_length is None else request.max_sequence_length
-        return replace(request, guidance=None, unguided_scale=0.0, max_sequence_length=length)
+        normalization = self.cfg_normalization if request.cfg_normalization is None else request.cfg_normalization
+        truncation = self.cfg_truncation if request.cfg_truncation is None else request.cfg_truncation
+        return replace(request, guidance=None, unguided_scale=0.0, max_sequence_length=length, cfg_normalization=normalization,
+                       cfg_truncation=truncation)  # fmt: skip
 
     def text_conditioning(self, request: GenerationRequest, prompts: list[str], negative: str | None):
         """Each prompt's (and the negative's, for CFG) caption states, as diffusers' `encode_prompt` (no weighting)."""
@@ -175,15 +180,17 @@ class ZImageDiffusion(FluxDiffusion):
         if uncond is None:
             return lambda x, t: model(x, t, cond)
         both, scale = uncond.cat(cond), request.scale
+        normalization, truncation = request.cfg_normalization, request.cfg_truncation
+        assert normalization is not None and truncation is not None, "with_defaults fills them"
 
         def guided(x: Tensor, t: Tensor) -> Tensor:
-            if self.cfg_truncation <= 1 and 1.0 - float(t[0]) > self.cfg_truncation:
+            if truncation <= 1 and 1.0 - float(t[0]) > truncation:
                 return model(x, t, cond)
             out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
             guided_out = out_cond + scale * (out_cond - out_uncond)
-            if self.cfg_normalization > 0:
+            if normalization > 0:
                 dims = tuple(range(1, out_cond.dim()))
-                limit = torch.linalg.vector_norm(out_cond, dim=dims, keepdim=True) * self.cfg_normalization
+                limit = torch.linalg.vector_norm(out_cond, dim=dims, keepdim=True) * normalization
                 norm = torch.linalg.vector_norm(guided_out, dim=dims, keepdim=True)
                 guided_out = torch.where(norm > limit, guided_out * (limit / norm), guided_out)
             return guided_out
@@ -191,7 +198,11 @@ class ZImageDiffusion(FluxDiffusion):
         return guided
 
     def metadata_extras(self, request: GenerationRequest) -> tuple[tuple[str, str], ...]:
-        return (("Schedule type", "Simple"), ("Shift", f"{self.model_sampling.shift:g}"))
+        """The schedule, and the CFG options that are not their defaults (they change the image only with CFG)."""
+        cfg = (("CFG normalization", request.cfg_normalization, DEFAULT_CFG_NORMALIZATION),
+               ("CFG truncation", request.cfg_truncation, DEFAULT_CFG_TRUNCATION)) if request.guided else ()  # fmt: skip
+        own = tuple((name, f"{value:g}") for name, value, default in cfg if value is not None and value != default)
+        return (("Schedule type", "Simple"), ("Shift", f"{self.model_sampling.shift:g}"), *own)
 
 
 def describe_files(path: Path):

@@ -38,6 +38,7 @@ from optimized_sd.pipelines.hires import UPSCALERS, HiresFix, upscaler_named
 from optimized_sd.sampling import SAMPLERS, sampler_display_name
 from optimized_sd.server.backend import (
     API_FIELDS,
+    FAMILY_DEFAULTED,
     LOAD_OPTION_FIELDS,
     FieldError,
     Generated,
@@ -95,6 +96,8 @@ class Txt2ImgRequest(BaseModel):
     refiner_checkpoint: str | None = None  # an SDXL refiner from the server's model list
     refiner_switch_at: float | None = None  # the share of the denoising the base runs (DEFAULT_REFINER_SWITCH when None)
     distilled_cfg_scale: float | None = None  # Forge's: Flux.1 dev's distilled guidance (None: the model's default, 3.5)
+    cfg_normalization: float | None = None  # Z-Image's (diffusers' names; None: off)
+    cfg_truncation: float | None = None  # Z-Image's (None: never)
     # hires fix (with enable_hr; ignored without it, as AUTOMATIC1111)
     denoising_strength: float | None = None  # DEFAULT_HR_STRENGTH when None
     hr_scale: float = DEFAULT_HR_SCALE
@@ -205,6 +208,9 @@ def spec_from(request: Txt2ImgRequest, service: Service, img2img: bool) -> Gener
         n_iter=request.n_iter,
         eta=eta,
         guidance=request.distilled_cfg_scale,
+        cfg_normalization=request.cfg_normalization,
+        cfg_truncation=request.cfg_truncation,
+        defaulted=frozenset(FAMILY_DEFAULTED) - request.model_fields_set,  # AUTOMATIC1111's 50/7/512 unless the family has its own
     )
     if request.refiner_checkpoint and request.refiner_checkpoint.strip().lower() != "none":
         refiner = service.backend.catalog.find(request.refiner_checkpoint)
@@ -370,9 +376,11 @@ def generation_response(request: Txt2ImgRequest, service: Service, img2img: bool
         made: Generated = job.wait()
     except Exception as error:  # a failed job: report it, keep serving
         return failure_response(error)
+    ran = made.spec or spec  # with the loaded family's defaults for the fields the request left out
     parameters = request.model_dump(exclude={"init_images", "mask"} if not getattr(request, "include_init_images", False) else set())
+    parameters.update({name: getattr(ran, name) for name in spec.defaulted})
     images = [png_base64(data) for data in made.pngs] if request.send_images else []
-    return {"images": images, "parameters": parameters, "info": info_json(spec, made)}
+    return {"images": images, "parameters": parameters, "info": info_json(ran, made)}
 
 
 def add_generation_routes(route: Callable, service: Service) -> None:

@@ -40,6 +40,8 @@ MAX_SIDE = 4096
 SEED_LIMIT = 2**32  # seeds are drawn below this, as the CLI does
 # AUTOMATIC1111's `inpainting_fill` ("Masked content") values -> our `InpaintOptions.masked_content`.
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}
+# The GenerationSpec fields whose default a family may set in place of AUTOMATIC1111's (`Defaults.a1111`).
+FAMILY_DEFAULTED = ("steps", "cfg_scale", "width", "height")
 # Request field (a `Job`, `InpaintOptions` or `OutputPolicy` field) -> AUTOMATIC1111's name for it in the API
 # (and in GenerationSpec); None: the API does not expose it. A FieldError is said with these names (`api_error`).
 API_FIELDS: dict[str, str | None] = {
@@ -59,6 +61,7 @@ API_FIELDS: dict[str, str | None] = {
     "hr_negative_prompt": "hr_negative_prompt",
     "guidance": "distilled_cfg_scale",  # Forge's name for Flux.1 dev's distilled guidance
     "max_sequence_length": None,  # Forge has no field for it: the CLI, batch lines and the library
+    "cfg_normalization": "cfg_normalization", "cfg_truncation": "cfg_truncation",  # Z-Image's, by diffusers' names
 }  # fmt: skip
 
 
@@ -107,6 +110,11 @@ class GenerationSpec:
     hires: HiresFix | None = None  # txt2img: AUTOMATIC1111's hires fix (enable_hr and its hr_* fields)
     controlnets: tuple[ControlNetSpec, ...] = ()  # files from the catalog's ControlNet/ folder, never a request's path
     guidance: float | None = None  # Forge's distilled_cfg_scale (Flux.1 dev; None: its default, 3.5)
+    cfg_normalization: float | None = None  # Z-Image's (None: off)
+    cfg_truncation: float | None = None  # Z-Image's (None: never)
+    # The FAMILY_DEFAULTED fields the request left out: the loaded family's values replace them when its record
+    # does not take AUTOMATIC1111's (`Backend.with_family_defaults`).
+    defaulted: frozenset[str] = frozenset()
 
     @property
     def task(self) -> str:
@@ -130,6 +138,7 @@ class Generated:
     model_name: str = ""
     model_hash: str = ""
     inpainting_conditioning: bool = False  # a 9-channel inpainting UNet saw the mask
+    spec: GenerationSpec | None = None  # what ran: the request with the family's defaults filled in
 
 
 def sampler_aliases(ours: str) -> list[str]:
@@ -251,6 +260,8 @@ def spec_job(spec: GenerationSpec, init_image: Image.Image | None, inpaint: Inpa
         refiner_switch=spec.refiner_switch,
         controlnets=spec.controlnets,
         guidance=spec.guidance,
+        cfg_normalization=spec.cfg_normalization,
+        cfg_truncation=spec.cfg_truncation,
         **(spec.hires.job_fields() if spec.hires is not None else {}),
         output=OutputPolicy(Path("."), skip_save=True, skip_grid=True),  # the front ends send the PNGs
     )
@@ -286,6 +297,22 @@ class Backend:
         """Whether the loaded model takes a distilled guidance value (Flux.1 dev: Forge's "Distilled CFG scale")."""
         pipe = self.pipe
         return pipe is not None and pipe.config.family == FLUX_DEV
+
+    def family_defaults(self) -> dict[str, float] | None:
+        """The loaded model's own steps, cfg_scale, width and height, when its family's record wants them for a
+        request that leaves them out; None when it takes AUTOMATIC1111's (SD) or no model is loaded."""
+        pipe = self.pipe
+        if pipe is None or pipe.config.record.defaults.a1111:
+            return None
+        defaults, size = pipe.config.record.defaults, pipe.config.default_size
+        return {"steps": defaults.steps, "cfg_scale": defaults.scale, "width": size, "height": size}
+
+    def with_family_defaults(self, spec: GenerationSpec) -> GenerationSpec:
+        """`spec` with the fields it left out set to the loaded family's defaults (unchanged for SD)."""
+        own = self.family_defaults()
+        if own is None or not spec.defaulted:
+            return spec
+        return replace(spec, **{name: own[name] for name in spec.defaulted})
 
     def preview(self, latents: Tensor) -> Image.Image:
         """A running job's latents as a picture: a TAESD from `VAE-approx/` for the loaded family, else the projection."""
@@ -331,9 +358,10 @@ class Backend:
     def generate(self, spec: GenerationSpec, job: Job) -> Generated:
         """Run `spec` as a pipeline `Job` of `n_iter` batches of `batch_size`, writing no files; the
         pipeline's progress feeds `job` (which raises `Interrupted` once a cancel is asked for)."""
-        check_spec(spec)
         pipe = self.pipe
         assert pipe is not None, "no model loaded"
+        spec = self.with_family_defaults(spec)
+        check_spec(spec)
         self.apply_memory(spec)
         init_image, inpaint = self.prepare_init_image(spec)
         pipeline_job = spec_job(spec, init_image, inpaint)
@@ -345,7 +373,7 @@ class Backend:
                 job.begin_batch(step.batch, step.batches)
             job.report(step.info.step, step.info.total, step.info.denoised)  # previews show the x0 estimate
 
-        out = Generated(seed=pipeline_job.seed, model_name=self.current.model_name if self.current else "")
+        out = Generated(seed=pipeline_job.seed, model_name=self.current.model_name if self.current else "", spec=spec)
         try:
             result = run_job(pipe, pipeline_job, progress)
         except Interrupted:

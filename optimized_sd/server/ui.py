@@ -46,6 +46,9 @@ TASKS = ("txt2img", "img2img", "inpaint")
 IMAGE_TASKS = ("img2img", "inpaint")  # the tabs that start from an uploaded image
 MASK_ALPHA_THRESHOLD = 128  # a painted pixel at least half opaque is repainted (AUTOMATIC1111 also cuts an RGBA mask at 128)
 INPAINT_AREAS = [("whole picture", "whole"), ("only masked", "masked")]
+# AUTOMATIC1111's UI defaults, kept for the families that take them (`Defaults.a1111`: SD); the others' controls
+# start at their record's (`Backend.family_defaults`) and are reset to them when such a model is loaded.
+A1111_UI_DEFAULTS: dict[str, float] = {"steps": 20, "cfg_scale": 7.0, "width": 512, "height": 512}
 MASKED_CONTENT_CHOICES = [(name.replace("-", " "), value) for value, name in INPAINTING_FILL.items()]  # labels -> inpainting_fill
 # Request field (a `Job`, `InpaintOptions` or `OutputPolicy` field) -> the label of the control that sets it;
 # None: no control does. A FieldError is shown with these words (`said`).
@@ -64,6 +67,7 @@ UI_CONTROLS: dict[str, str | None] = {
     "hr_strength": "Hires denoising strength", "hr_resize": None, "hr_sampler": None, "hr_prompt": None, "hr_negative_prompt": None,
     "guidance": "Distilled CFG scale",  # Forge's control, shown for Flux.1 dev
     "max_sequence_length": None,  # Forge has no control for it: the CLI, batch lines and the library
+    "cfg_normalization": None, "cfg_truncation": None,  # Z-Image's: the CLI, batch lines and the API
 }  # fmt: skip
 
 
@@ -225,6 +229,7 @@ class WebUI:
         self.service = service
         self.session_jobs: dict[str, Job] = {}  # browser session -> its job while it runs (removed after)
         self.distilled_sliders: list[gr.Slider] = []  # each tab's "Distilled CFG scale", shown for Flux.1 dev only
+        self.defaulted_sliders: list[tuple[str, gr.Slider]] = []  # (GenerationSpec field, slider): set to the family's defaults
 
     def build(self) -> gr.Blocks:
         with gr.Blocks(title="optimized-sd", analytics_enabled=False, delete_cache=(1800, 3600)) as blocks:
@@ -236,6 +241,7 @@ class WebUI:
                     with gr.Tab(task, id=task, elem_id=f"tab-{task}"):
                         self.task_tab(task)
             self.switched.then(self.distilled_visibility, outputs=self.distilled_sliders, queue=False)
+            self.switched.then(self.family_values, outputs=[slider for _, slider in self.defaulted_sliders], queue=False)
         return blocks
 
     # -- layout ------------------------------------------------------------------------------------
@@ -275,9 +281,11 @@ class WebUI:
                         elem_id=f"{task}-sampler",
                     )
                     karras = gr.Checkbox(label="Karras sigmas", value=False, elem_id=f"{task}-karras")
+                start = self.control_defaults()
                 with gr.Row():
-                    steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id=f"{task}-steps")
-                    cfg_scale = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale", elem_id=f"{task}-cfg")
+                    steps = gr.Slider(1, 150, value=start["steps"], step=1, label="Steps", elem_id=f"{task}-steps")
+                    cfg_scale = gr.Slider(0.0, 30.0, value=start["cfg_scale"], step=0.5, label=UI_CONTROLS["scale"],
+                                          info="1: no CFG pass (Z-Image: 0)", elem_id=f"{task}-cfg")  # fmt: skip
                     distilled = gr.Slider(0.0, 30.0, value=GUIDANCE_DEFAULT, step=0.1, label=UI_CONTROLS["guidance"],
                                           visible=self.service.backend.distilled_guidance, elem_id=f"{task}-distilled-cfg")  # fmt: skip
                     self.distilled_sliders.append(distilled)
@@ -286,8 +294,9 @@ class WebUI:
                     random_seed = gr.Button("random", elem_id=f"{task}-seed-random", scale=1, min_width=80)
                     reuse_seed = gr.Button("reuse last", elem_id=f"{task}-seed-reuse", scale=1, min_width=80)
                 with gr.Row():
-                    width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id=f"{task}-width")
-                    height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id=f"{task}-height")
+                    width = gr.Slider(64, 2048, value=start["width"], step=8, label="Width", elem_id=f"{task}-width")
+                    height = gr.Slider(64, 2048, value=start["height"], step=8, label="Height", elem_id=f"{task}-height")
+                self.defaulted_sliders += [("steps", steps), ("cfg_scale", cfg_scale), ("width", width), ("height", height)]
                 with gr.Row():
                     batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size", elem_id=f"{task}-batch-size")
                     n_iter = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id=f"{task}-batch-count")
@@ -551,6 +560,15 @@ class WebUI:
     def distilled_visibility(self) -> list[dict]:
         """After a model switch: the distilled CFG sliders shown when the model now loaded takes the value."""
         return [gr.update(visible=self.service.backend.distilled_guidance) for _ in self.distilled_sliders]
+
+    def control_defaults(self) -> dict[str, float]:
+        """Steps, CFG scale and size for the loaded model: its family's own, or AUTOMATIC1111's (SD)."""
+        return self.service.backend.family_defaults() or A1111_UI_DEFAULTS
+
+    def family_values(self) -> list[dict]:
+        """After a model switch: the steps, CFG and size sliders set to the defaults of the model now loaded."""
+        start = self.control_defaults()
+        return [gr.update(value=start[name]) for name, _ in self.defaulted_sliders]
 
     def switch_model(self, title: str | None) -> str:
         if not title:

@@ -1,5 +1,6 @@
 """Flux.2 klein served: the API's txt2img gives the Python API's image (the base model with CFG, told from the file's
-name in the models folder) and its infotext says the model's CFG scale; the UI's page loads for it."""
+name in the models folder) and its infotext says the model's CFG scale; a hires fix is a 422 naming enable_hr; the UI's page loads
+for it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from optimized_sd.pipelines.diffusion import GenerationRequest
 from tests.server.conftest import post, running_server
+from tests.server.test_api import detail_fields
 
 pytest.importorskip("fastapi")
 pytest.importorskip("diffusers")
@@ -41,5 +43,8 @@ def test_txt2img_gives_the_python_apis_image(tmp_path_factory):
         served = Image.open(io.BytesIO(base64.b64decode(payload["images"][0]))).convert("RGB")
         assert served.tobytes() == expected.tobytes()
         assert "CFG scale: 2," in json.loads(payload["info"])["infotexts"][0]
+        refused = post(server, "txt2img", json={**body, "enable_hr": True})  # klein has no img2img: said up front, by its field
+        assert refused.status_code == 422 and detail_fields(refused) == ["enable_hr"], refused.text
+        assert "no img2img" in refused.json()["detail"][0]["msg"]
         page = requests.get(server.url + "/", timeout=60)
         assert page.status_code == 200 and "<html" in page.text.lower()
