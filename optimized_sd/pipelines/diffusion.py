@@ -61,7 +61,7 @@ __all__ = [  # the names callers have imported from here
     "load_init_image",
     "tensor_to_image",
 ]
-REFINER = "refiner"  # the refiner's session in the base's: its stages are reported as refiner_text, refiner_unet, ...
+REFINER = "refiner"  # the refiner's component in the base's session: its stages are reported as refiner_text, refiner_unet, ...
 
 
 def task_for(request: GenerationRequest) -> Task:
@@ -242,7 +242,7 @@ class StableDiffusion:
 
     def close_refiner(self) -> None:
         if self.refiner is not None:
-            self.memory.remove_session(REFINER)
+            self.memory.detach(REFINER)
             self.refiner.close()
             self.refiner = None
 
@@ -267,7 +267,7 @@ class StableDiffusion:
         if not options["tokenizer"] and path.is_file() and base_tokenizer.is_dir():
             options["tokenizer"] = base_tokenizer  # a single-file refiner has no tokenizer; bigG's is the base folder's second
         self.refiner = load(path, vae=self.vae_file, **options, lora_dir=self.lora_dir, embeddings_dir=self.embeddings.folder)
-        self.memory.add_session(REFINER, self.refiner.memory)
+        self.memory.attach(self.refiner.memory.as_component(REFINER))
         return self.refiner
 
     # -- generation ----------------------------------------------------------------------------
