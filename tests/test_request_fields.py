@@ -3,6 +3,7 @@ bad value is named in each front end's own words, and serve and batch take every
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import fields
 
@@ -78,6 +79,23 @@ def test_load_flags_default_to_the_load_options_defaults():
         for name, flag in cli.LOAD_FLAGS.items():
             if flag is not None:
                 assert given[name] == getattr(defaults, name) or (given[name], getattr(defaults, name)) == (None, False), (command, name)
+
+
+def test_load_and_the_pipeline_class_take_the_load_options_defaults():
+    """`load` has no defaults of its own (it takes a LoadOptions, or its fields as keywords), and the pipeline
+    class's keyword defaults are LoadOptions' for every option it takes: the defaults cannot drift apart."""
+    from optimized_sd.pipelines.diffusion import StableDiffusion, load
+
+    Parameter = inspect.Parameter
+    loading = [(name, p.kind, p.default) for name, p in inspect.signature(load).parameters.items()]
+    assert loading == [
+        ("checkpoint", Parameter.POSITIONAL_ONLY, Parameter.empty),
+        ("options", Parameter.POSITIONAL_ONLY, None),
+        ("fields", Parameter.VAR_KEYWORD, Parameter.empty),
+    ]
+    init = inspect.signature(StableDiffusion.__init__).parameters
+    taken = {name: p.default for name, p in init.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert taken == LoadOptions().pipeline_kwargs()
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
