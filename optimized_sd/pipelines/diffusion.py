@@ -13,7 +13,7 @@ from torch import Tensor
 
 from optimized_sd.attention import check_backend
 from optimized_sd.config import FAMILY_NAMES, ModelConfig
-from optimized_sd.errors import CheckpointError, FieldError, UserError
+from optimized_sd.errors import CheckpointError, CheckpointFieldError, FieldError, UserError
 from optimized_sd.families import claiming
 from optimized_sd.memory.device import compute_dtype, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
@@ -259,7 +259,7 @@ class StableDiffusion:
         if self.refiner is not None and self.refiner.loaded.checkpoint.path == path:
             return self.refiner
         self.close_refiner()
-        family = checkpoint_family(path, "--refiner")
+        family = checkpoint_family(path, "refiner")
         if family != refiner_family:
             wanted = FAMILY_NAMES.get(refiner_family, refiner_family)
             raise FieldError.about("refiner", f"{path} is an {FAMILY_NAMES.get(family, family)} model, not an {wanted}")
@@ -287,9 +287,9 @@ class StableDiffusion:
         them on the device for good: a few MB, counted by the memory plan as resident beside every stage.
         Images are still encoded (img2img, inpainting) by the checkpoint's own VAE; a TAESD encoder is dropped."""
         placed: dict[int, TinyAutoencoder] = {}
-        for tiny, flag in ((fast, "--vae"), (preview, "--preview-decoder")):
+        for tiny, field in ((fast, "vae"), (preview, "preview_decoder")):
             if tiny is not None:
-                check_taesd_fits(tiny, self.config, flag)
+                check_taesd_fits(tiny, self.config, field)
                 tiny.encoder = None
                 placed[id(tiny)] = tiny.place(self.device, self.dtype)
         weights = sum(tiny.weight_bytes(self.dtype.itemsize) for tiny in placed.values())
@@ -385,8 +385,9 @@ def tokenizer_folders(tokenizer: str | Path | tuple | list | None) -> tuple[Path
     return (Path(tokenizer),)
 
 
-def checkpoint_family(path: Path, flag: str) -> str:
-    """The family of the checkpoint at `path` (its shapes only, nothing loaded); what is wrong with it, after `flag`."""
+def checkpoint_family(path: Path, field: str) -> str:
+    """The family of the checkpoint at `path` (its shapes only, nothing loaded); what is wrong with it, as the
+    request field `field` that gave it."""
     try:
         checkpoint = open_checkpoint(path)
         try:
@@ -394,7 +395,7 @@ def checkpoint_family(path: Path, flag: str) -> str:
         finally:
             checkpoint.source.close()
     except CheckpointError as error:
-        raise CheckpointError(f"{flag} {path}: {error}") from None
+        raise CheckpointFieldError.about(field, f"{path}: {error}") from None
 
 
 def repeat_prompt(prompt: str, n_samples: int) -> list[str]:
@@ -435,11 +436,11 @@ def load(checkpoint: str | Path, options: LoadOptions | None = None, /, **fields
     config, vae = options.config, options.vae
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
-    fast = open_taesd(vae, "--vae") if vae is not None and is_taesd(vae) else None
+    fast = open_taesd(vae, "vae") if vae is not None and is_taesd(vae) else None
     preview = None
     if options.preview_decoder is not None:
         same = fast is not None and Path(options.preview_decoder) == fast.path
-        preview = fast if same else open_taesd(options.preview_decoder, "--preview-decoder")
+        preview = fast if same else open_taesd(options.preview_decoder, "preview_decoder")
     loaded = prepare_model(checkpoint, config=config, ema=options.ema, vae=None if fast is not None else vae)
     checkpoint_source = loaded.checkpoint.source
     prediction_type, why = resolve_prediction(

@@ -315,7 +315,7 @@ class JobResult:
 def memory_mode(memory: str, turbo: bool) -> str:
     """optimizedSD's `--turbo` is `--memory turbo`; both given must agree."""
     if turbo and memory not in ("auto", "turbo"):
-        raise UserError(f"--turbo and --memory {memory} disagree; give one of them")
+        raise FieldError.about("turbo", f"is the turbo memory mode, which the memory mode {memory!r} contradicts; give one of them")
     return "turbo" if turbo else memory
 
 

@@ -338,7 +338,7 @@ class MemorySession:
             lower = fallback(self.plan)
             if lower is None:
                 raise OutOfMemoryBudget(
-                    f"out of memory during {name} even in {self.plan.mode} mode; lower --H/--W or --n_samples"
+                    f"out of memory during {name} even in {self.plan.mode} mode; lower the image size or the batch size"
                 ) from None
             if lower.mode == self.plan.mode:
                 log.warning("out of memory during %s copying blocks ahead; retrying the stage one block ahead", name)
@@ -353,7 +353,9 @@ class MemorySession:
             except (torch.OutOfMemoryError, RuntimeError, MemoryError) as again:
                 if not is_out_of_memory(again):
                     raise
-                raise OutOfMemoryBudget(f"out of memory during {name} again in {lower.mode} mode; lower --H/--W or --n_samples") from None
+                raise OutOfMemoryBudget(
+                    f"out of memory during {name} again in {lower.mode} mode; lower the image size or the batch size"
+                ) from None
 
     def release_engine(self) -> None:
         """Drop the current placement (hooks, device copies, pinned host copies, arena)."""
