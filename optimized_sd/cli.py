@@ -64,12 +64,17 @@ LOAD_FLAGS: dict[str, str | None] = {
 }  # fmt: skip
 # LoadOptions fields the generate commands derive from a flag of another name (not set by `load_options`).
 DERIVED_FLAGS = {"preview_decoder": "--preview-decoder"}
+# What the commands take besides request fields and load options, as the library's FieldErrors name it -> its flag.
+COMMAND_FLAGS = {
+    "checkpoint": "--ckpt", "preview": "--preview", "turbo": "--turbo", "max_image_pixels": "--max-image-pixels",
+    "ray": "--ray", "workers": "--workers", "gpus_per_worker": "--gpus-per-worker",
+}  # fmt: skip
 LOADING = LoadOptions()  # the defaults the load flags show
 
 
 def flag_words(error: FieldError) -> str:
     """A FieldError said with the flag of its field (as the library said it when no flag sets the field)."""
-    flag = CLI_FLAGS.get(error.field) or LOAD_FLAGS.get(error.field) or DERIVED_FLAGS.get(error.field)
+    flag = CLI_FLAGS.get(error.field) or LOAD_FLAGS.get(error.field) or DERIVED_FLAGS.get(error.field) or COMMAND_FLAGS.get(error.field)
     return error.named(flag) if flag else str(error)
 
 

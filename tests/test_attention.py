@@ -306,7 +306,7 @@ def test_check_backend_xformers_missing(no_xformers, device: str) -> None:
     with pytest.raises(UserError) as err:
         check_backend("xformers", torch.device(device))
     assert str(err.value) == (
-        "--attention xformers needs the xformers package: pip install optimized-sd[xformers]"
+        "attention xformers needs the xformers package: pip install optimized-sd[xformers]"
     )
 
 

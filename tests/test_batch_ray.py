@@ -93,5 +93,5 @@ def test_a_killed_worker_loses_nothing(runtime, jobs, spec, serial, tmp_path):
 
 
 def test_an_unreachable_address_is_one_line():
-    with pytest.raises(UserError, match=r"--ray 127.0.0.1:1: cannot reach the Ray cluster"):
+    with pytest.raises(UserError, match=r"^ray 127.0.0.1:1: cannot reach the Ray cluster"):
         check_reachable("127.0.0.1:1")

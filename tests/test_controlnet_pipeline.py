@@ -275,7 +275,7 @@ def test_the_planner_counts_the_controlnet(tiny_model, specs):
     added = {mode: estimate_peak(mode, sizes, request, False) - estimate_peak(mode, alone, request, False) for mode in modes}
     assert added["turbo"] == added["split"] > added["stream"] > 0 and added["full"] >= sizes.side
     pipe.use_controlnets(())
-    assert pipe.memory.components == {} and pipe.memory.call_sizes().side == 0
+    assert pipe.memory.sides() == [] and pipe.memory.call_sizes().side == 0
 
 
 def test_the_refiners_pass_gets_no_controlnet(tiny_sdxl, tiny_refiner, tmp_path):

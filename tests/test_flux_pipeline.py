@@ -249,13 +249,13 @@ def test_bad_requests_are_one_line_errors(dev, schnell, caplog):
 
 def test_wrong_files_are_one_line_errors(dev):
     tokenizers = (dev.clip_tokenizer, dev.t5_tokenizer)
-    with pytest.raises(UserError, match="holds a T5 text encoder, not a Flux transformer; give it with --text-encoder"):
+    with pytest.raises(FieldError, match="^text_encoders takes .*: it holds a T5 text encoder, not a Flux transformer"):
         load(dev.files["t5"], tokenizer=tokenizers, device="cpu")
     with pytest.raises(UserError, match="text_encoders .* holds a Flux transformer; give it as the checkpoint"):
         load(dev.files["transformer"], vae=dev.files["vae"], text_encoders=(dev.files["transformer"],), device="cpu")
-    with pytest.raises(UserError, match="needs a T5 text encoder, .* give it with --text-encoder"):
+    with pytest.raises(FieldError, match="^text_encoders must give Flux.1's T5 text encoder, which .* does not hold"):
         load(dev.files["transformer"], vae=dev.files["vae"], text_encoders=(dev.files["clip"],), tokenizer=tokenizers, device="cpu")
-    with pytest.raises(UserError, match="needs a Flux VAE, .* give it with --vae"):
+    with pytest.raises(FieldError, match="^vae must give Flux.1's Flux VAE, which .* does not hold"):
         load(dev.files["transformer"], text_encoders=(dev.files["clip"], dev.files["t5"]), tokenizer=tokenizers, device="cpu")
 
 

@@ -40,7 +40,7 @@ def one_module(path: Path, **parts: torch.Tensor) -> Path:
 
 @pytest.mark.parametrize("weight", ["nan", "1e309", "-inf", "101", "-1e6"])
 def test_lora_weight_out_of_range_is_refused_where_it_is_written(tmp_path: Path, weight: str) -> None:
-    refused = rf"--lora style.safetensors:{weight}: the weight '{weight}' must be a finite number from -100 to 100"
+    refused = rf"^loras style.safetensors:{weight}: the weight '{weight}' must be a finite number from -100 to 100"
     with pytest.raises(UserError, match=refused):
         parse_lora_option(f"style.safetensors:{weight}")
     with pytest.raises(UserError, match=r"LoRA style.safetensors: the weight .* must be a finite number"):

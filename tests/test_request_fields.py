@@ -3,12 +3,17 @@ bad value is named in each front end's own words, and serve and batch take every
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import re
 from dataclasses import fields
+from pathlib import Path
 
 import click
 import pytest
 
+import optimized_sd
 from optimized_sd import cli
 from optimized_sd.batch.jobs import BATCH_KEYS, read_jobs
 from optimized_sd.errors import FieldError, UserError
@@ -80,6 +85,23 @@ def test_load_flags_default_to_the_load_options_defaults():
                 assert given[name] == getattr(defaults, name) or (given[name], getattr(defaults, name)) == (None, False), (command, name)
 
 
+def test_load_and_the_pipeline_class_take_the_load_options_defaults():
+    """`load` has no defaults of its own (it takes a LoadOptions, or its fields as keywords), and the pipeline
+    class's keyword defaults are LoadOptions' for every option it takes: the defaults cannot drift apart."""
+    from optimized_sd.pipelines.diffusion import StableDiffusion, load
+
+    Parameter = inspect.Parameter
+    loading = [(name, p.kind, p.default) for name, p in inspect.signature(load).parameters.items()]
+    assert loading == [
+        ("checkpoint", Parameter.POSITIONAL_ONLY, Parameter.empty),
+        ("options", Parameter.POSITIONAL_ONLY, None),
+        ("fields", Parameter.VAR_KEYWORD, Parameter.empty),
+    ]
+    init = inspect.signature(StableDiffusion.__init__).parameters
+    taken = {name: p.default for name, p in init.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert taken == LoadOptions().pipeline_kwargs()
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exited:
         cli.main([str(a) for a in argv])
@@ -115,3 +137,71 @@ def test_a_library_error_names_the_request_field_not_a_flag():
         Job(prompts=("a",), unet_batch=0).validate()
     assert (refused.value.field, str(refused.value)) == ("unet_batch", "unet_batch must be at least 1")
     assert cli.flag_words(refused.value) == "--unet_bs must be at least 1"
+
+
+# Modules that are front ends themselves: their errors are about their own flags (the CLI, the demo script, serve's
+# start-up options, the bench command's options, the inspect command's report).
+FRONT_ENDS = ("cli.py", "demo.py", "server/app.py", "server/catalog.py", "benchmark/", "weights/inspect.py")
+FLAG_WORD = re.compile(r"(?<![\w-])--[a-zA-Z]")
+FLAG = re.compile(r"--[a-zA-Z][\w-]*(\s|$)")
+
+
+def flagged(node: ast.AST | None, whole: bool = False) -> list[tuple[int, str]]:
+    """(line, text) of `node` when it is a string holding a flag word (`whole`: one that is a flag and nothing else),
+    or an f-string that starts with a flag (`f"--lora {text}"`)."""
+    if isinstance(node, ast.JoinedStr) and node.values:
+        node = node.values[0]
+    if not isinstance(node, ast.Constant) or not isinstance(node.value, str):
+        return []
+    found = FLAG.match(node.value) if whole else FLAG_WORD.search(node.value)
+    return [(node.lineno, node.value)] if found else []
+
+
+def flag_words_raised(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, text) of each string in a `raise` statement or a message constant (`NAME = "..."`) that holds a
+    flag word, and of each flag handed on to a callee or a table (`open_taesd(path, "--vae")`, `{"vae": "--vae"}`):
+    words the callee would put in its errors."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise):
+            found += [hit for part in ast.walk(node.exc) for hit in flagged(part)] if node.exc is not None else []
+        elif isinstance(node, ast.Assign):
+            found += flagged(node.value)
+        elif isinstance(node, ast.Call):
+            found += [hit for value in [*node.args, *(k.value for k in node.keywords)] for hit in flagged(value, whole=True)]
+        elif isinstance(node, ast.Dict):
+            found += [hit for value in node.values for hit in flagged(value, whole=True)]
+    return found
+
+
+def test_no_library_error_speaks_in_flag_words():
+    """A library check raises a FieldError naming the field, so each front end words it (the CLI its flag, the API
+    its field, the batch driver its line and key); only the front ends' own modules say flags."""
+    package = Path(optimized_sd.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).as_posix()
+        if relative.startswith(FRONT_ENDS):
+            continue
+        offenders += [f"{relative}:{line}: {text!r}" for line, text in flag_words_raised(ast.parse(path.read_text(encoding="utf-8")))]
+    assert offenders == []
+
+
+def test_the_cli_says_the_library_s_field_errors_with_its_flags():
+    """Errors that once spoke in flags (the preview options, --turbo, --ray) now name fields, and the CLI says them
+    with the same flags as before."""
+    from optimized_sd.batch.ray_pool import check_reachable
+    from optimized_sd.pipelines.job import memory_mode
+    from optimized_sd.pipelines.previews import preview_decoder_path
+
+    cases = [
+        (lambda: preview_decoder_path("taesd", None, None, 1), "--preview-decoder is needed for taesd previews"),
+        (lambda: preview_decoder_path("latent", Path("taesd_decoder.pth"), None, 1), "--preview latent uses no decoder"),
+        (lambda: preview_decoder_path("blur", None, None, 1), "--preview 'blur' is unknown"),
+        (lambda: memory_mode("stream", True), "--turbo is the turbo memory mode, which the memory mode 'stream' contradicts"),
+        (lambda: check_reachable("nowhere"), "--ray nowhere: give HOST:PORT"),
+    ]
+    for make, words in cases:
+        with pytest.raises(FieldError) as refused:
+            make()
+        assert "--" not in str(refused.value) and cli.flag_words(refused.value).startswith(words), str(refused.value)

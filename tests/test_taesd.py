@@ -168,7 +168,7 @@ def test_cli_writes_previews_every_n_steps(capsys, taesd_files, tiny_model, tmp_
     [
         (("--vae", "sdxl_named"), "error: --vae taesdxl_decoder.safetensors is a TAESD for SDXL (taesdxl_*); this is an SD 1.x model"),
         (("--preview-every", "1", "--preview-decoder", "flux"), "error: --preview-decoder taef1_decoder.safetensors decodes 16-channel"),
-        (("--preview-every", "1", "--preview", "taesd"), "error: --preview taesd needs --preview-decoder FILE"),
+        (("--preview-every", "1", "--preview", "taesd"), "error: --preview-decoder is needed for taesd previews: a TAESD decoder FILE"),
         (("--preview-every", "-1"), "error: --preview-every -1 must be 0"),
     ],
 )

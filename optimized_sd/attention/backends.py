@@ -23,7 +23,7 @@ AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 Condition = Callable[[torch.device, "torch.dtype | None"], "str | None"]
 
 XFORMERS_MISSING = (
-    "--attention xformers needs the xformers package: pip install optimized-sd[xformers]"
+    "xformers needs the xformers package: pip install optimized-sd[xformers]"
 )
 
 # The CPU cap on one slice's score memory: small slices stay in L2/L3 and are no slower
@@ -80,7 +80,7 @@ def _xformers_unavailable(device: torch.device, dtype: torch.dtype | None) -> st
     if _import_xformers_ops() is None:
         return XFORMERS_MISSING
     if device.type != "cuda":
-        return f"--attention xformers needs a CUDA device; this run uses {device.type}"
+        return f"xformers needs a CUDA device; this run uses {device.type}"
     return None
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from optimized_sd.attention.backends import REGISTRY
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,14 @@ def _require_known(name: str) -> None:
 
 
 def check_backend(name: str, device: torch.device | str) -> None:
-    """Fail early, as a one-line UserError, if backend `name` cannot run on `device`.
+    """Fail early, as a one-line FieldError naming the `attention` option, if backend `name` cannot run on `device`.
 
     The CLI calls this before loading anything, so a bad `--attention` costs no model load.
     """
     _require_known(name)
     reason = REGISTRY[name].unavailable(torch.device(device), None)
     if reason is not None:
-        raise UserError(reason)
+        raise FieldError.about("attention", reason)
 
 
 @contextmanager

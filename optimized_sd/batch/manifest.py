@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError
 
 log = logging.getLogger("optimized_sd")
 MANIFEST = "batch.jsonl"
@@ -54,7 +54,8 @@ class Manifest:
                     with open(self.path, "r+b") as handle:
                         handle.truncate(len("".join(lines[:-1]).encode("utf-8")))
                     return
-                raise UserError(f"{self.path} line {number} is not a batch manifest record ({error}); use another --outdir") from None
+                problem = f"holds {self.path}, whose line {number} is not a batch manifest record ({error}); choose another folder"
+                raise FieldError.about("outdir", problem) from None
 
     def done(self) -> dict[tuple[str, int], ManifestRecord]:
         """(job key, image index) -> record, for images whose file is still there, inside the output folder."""

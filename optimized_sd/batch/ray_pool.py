@@ -11,7 +11,7 @@ from typing import Any
 
 from optimized_sd.batch.driver import Outcome, WorkerLost, WorkItem
 from optimized_sd.batch.worker import BatchWorker, LoadSpec, RenderFailure
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 
 ITEMS_PER_WORKER = 2  # one rendering, one queued behind it, so a worker never waits for the driver
 
@@ -20,7 +20,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise UserError('--ray needs Ray: pip install "optimized-sd[ray]"') from None
+        raise FieldError.about("ray", 'needs Ray: pip install "optimized-sd[ray]"') from None
     return ray
 
 
@@ -30,11 +30,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        raise UserError(f"--ray {address}: give HOST:PORT (or no address for a local runtime)")
+        raise FieldError.about("ray", f"{address}: give HOST:PORT (or no address for a local runtime)")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as error:
-        raise UserError(f"--ray {address}: cannot reach the Ray cluster ({error.strerror or error})") from None
+        raise FieldError.about("ray", f"{address}: cannot reach the Ray cluster ({error.strerror or error})") from None
 
 
 def connect(address: str | None, num_cpus: int) -> Any:
@@ -56,7 +56,7 @@ def connect(address: str | None, num_cpus: int) -> Any:
     try:
         ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, TimeoutError) as error:
-        raise UserError(f"--ray {address}: cannot join the Ray cluster ({str(error).splitlines()[0]})") from None
+        raise FieldError.about("ray", f"{address}: cannot join the Ray cluster ({str(error).splitlines()[0]})") from None
     return ray
 
 
@@ -72,9 +72,9 @@ class RayPool:
 
     def __init__(self, ray: Any, spec: LoadSpec, workers: int, gpus_per_worker: float, replacements: int | None = None) -> None:
         if workers < 1:
-            raise UserError("--workers must be at least 1")
+            raise FieldError.about("workers", "must be at least 1")
         if gpus_per_worker < 0:
-            raise UserError("--gpus-per-worker must be 0 (CPU workers) or more")
+            raise FieldError.about("gpus_per_worker", "must be 0 (CPU workers) or more")
         self.ray = ray
         cpus = 0 if gpus_per_worker else (spec.cpu_threads or 1)  # a CPU worker computes on as many threads as it reserves cores
         self.spec = spec if gpus_per_worker or spec.cpu_threads else dataclasses.replace(spec, cpu_threads=cpus)

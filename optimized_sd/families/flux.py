@@ -146,7 +146,8 @@ class FluxModel(nn.Module):
 
 # --- which files ---------------------------------------------------------------------------------------
 
-PART_FLAGS = {"transformer": "--ckpt", "clip_l": "--text-encoder", "t5": "--text-encoder", "vae": "--vae"}
+# The load field that gives each part (its errors name it; each front end says it in its own words).
+PART_FIELDS = {"transformer": "checkpoint", "clip_l": "text_encoders", "t5": "text_encoders", "vae": "vae"}
 PART_EXAMPLES = {"clip_l": "clip_l.safetensors", "t5": "t5xxl_fp16.safetensors", "vae": "ae.safetensors"}
 
 
@@ -226,18 +227,16 @@ def prepare(
         given = Path(name)
         if given == path and info.transformer is None:
             held = ", ".join(PART_WORDS[part] for part in info.parts)
-            flag = "--vae" if info.parts == ("vae",) else "--text-encoder"
-            raise UserError(f"--ckpt {given} holds a {held}, not a Flux transformer; give it with {flag}")
+            field = PART_FIELDS["vae"] if info.parts == ("vae",) else PART_FIELDS["t5"]
+            raise FieldError.about(field, f"takes {given}: it holds a {held}, not a Flux transformer (what the checkpoint must be)")
         if vae is not None and given == Path(vae) and "vae" not in info.parts:
             raise FieldError.about("vae", f"{given} holds no VAE ({', '.join(PART_WORDS[p] for p in info.parts)})")
     if parts_from is not None:
         add_donor_parts(parts, Path(parts_from))
     for part in ("clip_l", "t5", "vae"):
         if part not in parts:
-            raise UserError(
-                f"Flux.1 needs a {PART_WORDS[part]}, which {path.name} does not hold: give it with "
-                f"{PART_FLAGS[part]} {PART_EXAMPLES[part]} (or --parts-from CKPT)"
-            )
+            problem = f"must give Flux.1's {PART_WORDS[part]}, which {path.name} does not hold (e.g. {PART_EXAMPLES[part]})"
+            raise FieldError.about(PART_FIELDS[part], problem)
     components = {name: PREPARE[name](source) for name, source in parts.items()}
     transformer = components["transformer"].model
     variant = FLUX_DEV if transformer.config.guidance_embed else FLUX_SCHNELL

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from optimized_sd.config import TextEncoderConfig
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError, UserError
 
 MAX_TOKENS = 77
 HUB_TOKENIZER = "openai/clip-vit-large-patch14"
@@ -140,9 +140,10 @@ def load_tokenizer(folder: Path | None) -> PromptTokenizer:
     try:
         return PromptTokenizer(CLIPTokenizer.from_pretrained(HUB_TOKENIZER))
     except OSError:
-        raise UserError(
-            f"no CLIP tokenizer: the hub ({HUB_TOKENIZER}) cannot be reached and none is cached; "
-            f"pass --tokenizer DIR (a folder with {TOKENIZER_FILES}, e.g. a diffusers model's tokenizer/)"
+        raise FieldError.about(
+            "tokenizer",
+            f"is needed: no CLIP tokenizer is cached and the hub ({HUB_TOKENIZER}) cannot be reached; give a folder with "
+            f"{TOKENIZER_FILES} (e.g. a diffusers model's tokenizer/)",
         ) from None
 
 

@@ -27,8 +27,7 @@ from optimized_sd.memory.offload import GroupSpec
 from optimized_sd.models.controlnet import CONTROL_MODES, ControlNetModel, control_scales, zero_residuals_like
 from optimized_sd.pipelines import placement
 from optimized_sd.pipelines.control_hints import CANNY_HIGH, CANNY_LOW, PREPROCESSORS, RESIZE_MODES, fit_image, hint_tensor, preprocess
-from optimized_sd.pipelines.memory_session import Component
-from optimized_sd.pipelines.placement import parameter_bytes, split_unit
+from optimized_sd.pipelines.placement import Component, parameter_bytes, split_unit
 from optimized_sd.sampling import Conditioning, ControlResiduals, SamplingPlan, SideNetwork
 from optimized_sd.sampling.plan import step_timesteps
 from optimized_sd.weights.controlnet import OpenedControlNet, build_controlnet
@@ -301,9 +300,11 @@ def controlnet_component(name: str, model: ControlNetModel, source, dtype_bytes:
         model,
         source,
         lambda row: controlnet_groups(row, model),
-        weights=parameter_bytes(model, model.block_names(), dtype_bytes),
-        largest_unit=max(unit_bytes),
-        activation_share=CONTROLNET_ACTIVATIONS,
+        {  # the planner's side fields: its weights whole, its largest streamed unit, its activations beside the UNet's
+            "side": parameter_bytes(model, model.block_names(), dtype_bytes),
+            "side_unit": max(unit_bytes),
+            "side_activation_share": CONTROLNET_ACTIVATIONS,
+        },
     )
 
 

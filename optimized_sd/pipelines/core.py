@@ -291,7 +291,7 @@ def check_finite(tensor: Tensor, what: str) -> None:
     """A NaN or inf would become a black image saved as a success: refuse it, naming the stage."""
     if not torch.isfinite(tensor).all():
         raise UserError(
-            f"{what}: the model overflowed or its weights hold NaN; try --precision full, a lower --scale or another "
+            f"{what}: the model overflowed or its weights hold NaN; try full precision, a lower guidance scale or another "
             "checkpoint (no image was written)"
         )
 

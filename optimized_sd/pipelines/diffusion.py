@@ -14,7 +14,7 @@ from torch import Tensor
 
 from optimized_sd.attention import check_backend
 from optimized_sd.config import FAMILY_NAMES, ModelConfig
-from optimized_sd.errors import CheckpointError, FieldError, UserError
+from optimized_sd.errors import CheckpointError, CheckpointFieldError, FieldError, UserError
 from optimized_sd.families import claiming
 from optimized_sd.memory.device import compute_dtype, resolve_device
 from optimized_sd.memory.offload import OffloadEngine
@@ -37,6 +37,7 @@ from optimized_sd.pipelines.hires import run_hires
 from optimized_sd.pipelines.images import image_to_tensor, load_init_image, open_image, tensor_to_image
 from optimized_sd.pipelines.img2img import IMG2IMG
 from optimized_sd.pipelines.inpaint import Inpaint
+from optimized_sd.pipelines.load_options import LoadOptions
 from optimized_sd.pipelines.masks import InpaintOptions
 from optimized_sd.pipelines.memory_session import MemorySession
 from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR
@@ -67,7 +68,7 @@ __all__ = [  # the names callers have imported from here
 log = logging.getLogger("optimized_sd")
 
 FAMILY_LOAD_OPTIONS = ("distilled", "parts_from")  # load options a family with its own loader takes if its `Loader.options` say
-REFINER = "refiner"  # the refiner's session in the base's: its stages are reported as refiner_text, refiner_unet, ...
+REFINER = "refiner"  # the refiner's component in the base's session: its stages are reported as refiner_text, refiner_unet, ...
 
 
 def task_for(request: GenerationRequest) -> Task:
@@ -128,11 +129,11 @@ class StableDiffusion:
         self.fast_vae: TinyAutoencoder | None = None  # `--vae` with a TAESD: decodes the images (set by `load`)
         self.preview_vae: TinyAutoencoder | None = None  # `--preview-decoder` (set by `load`)
         self.lora_dir = Path(lora_dir)
-        # How `load` opened this model (device, precision, memory, --vae...), so a refiner opens the same way.
-        self.load_options: dict = dict(device=device, precision=precision, memory=memory, vram_budget=vram_budget, ram_budget=ram_budget,
-                                       attention=attention,
-                                       vae_tiling=vae_tiling, tokenizer=tokenizer, weights=weights, int8_matmul=int8_matmul,
-                                       channels_last=channels_last)
+        # How `load` opened this model (device, precision, memory...), so a refiner opens the same way.
+        self.load_options = LoadOptions(device=device, precision=precision, memory=memory, vram_budget=vram_budget, ram_budget=ram_budget,
+                                        attention=attention,
+                                        vae_tiling=vae_tiling, tokenizer=tokenizer, weights=weights, int8_matmul=int8_matmul,
+                                        channels_last=channels_last)  # fmt: skip
         self.refiner: StableDiffusion | None = None  # the last `--refiner` a call used, kept for the next
         self.controlnets: list[LoadedControlNet] = []  # the last call's ControlNets by unit, kept for the next
         self.loras = self.lora_set()
@@ -266,7 +267,7 @@ class StableDiffusion:
 
     def close_refiner(self) -> None:
         if self.refiner is not None:
-            self.memory.remove_session(REFINER)
+            self.memory.detach(REFINER)
             self.refiner.close()
             self.refiner = None
 
@@ -282,16 +283,17 @@ class StableDiffusion:
         if self.refiner is not None and self.refiner.loaded.checkpoint.path == path:
             return self.refiner
         self.close_refiner()
-        family = checkpoint_family(path, "--refiner")
+        family = checkpoint_family(path, "refiner")
         if family != refiner_family:
             wanted = FAMILY_NAMES.get(refiner_family, refiner_family)
             raise FieldError.about("refiner", f"{path} is an {FAMILY_NAMES.get(family, family)} model, not an {wanted}")
-        options = dict(self.load_options)
+        options = replace(self.load_options, vae=self.vae_file, lora_dir=self.lora_dir, embeddings_dir=self.embeddings.folder)
         base_tokenizer = self.loaded.checkpoint.path / "tokenizer_2"
-        if not options["tokenizer"] and path.is_file() and base_tokenizer.is_dir():
-            options["tokenizer"] = base_tokenizer  # a single-file refiner has no tokenizer; bigG's is the base folder's second
-        self.refiner = load(path, vae=self.vae_file, **options, lora_dir=self.lora_dir, embeddings_dir=self.embeddings.folder)
-        self.memory.add_session(REFINER, self.refiner.memory)
+        if not options.tokenizer and path.is_file() and base_tokenizer.is_dir():
+            # a single-file refiner has no tokenizer; bigG's is the base folder's second
+            options = replace(options, tokenizer=base_tokenizer)
+        self.refiner = load(path, options)
+        self.memory.attach(self.refiner.memory.as_component(REFINER))
         return self.refiner
 
     # -- generation ----------------------------------------------------------------------------
@@ -309,9 +311,9 @@ class StableDiffusion:
         them on the device for good: a few MB, counted by the memory plan as resident beside every stage.
         Images are still encoded (img2img, inpainting) by the checkpoint's own VAE; a TAESD encoder is dropped."""
         placed: dict[int, TinyAutoencoder] = {}
-        for tiny, flag in ((fast, "--vae"), (preview, "--preview-decoder")):
+        for tiny, field in ((fast, "vae"), (preview, "preview_decoder")):
             if tiny is not None:
-                check_taesd_fits(tiny, self.config, flag)
+                check_taesd_fits(tiny, self.config, field)
                 tiny.encoder = None
                 placed[id(tiny)] = tiny.place(self.device, self.dtype)
         weights = sum(tiny.weight_bytes(self.dtype.itemsize) for tiny in placed.values())
@@ -408,8 +410,9 @@ def tokenizer_folders(tokenizer: str | Path | tuple | list | None) -> tuple[Path
     return (Path(tokenizer),)
 
 
-def checkpoint_family(path: Path, flag: str) -> str:
-    """The family of the checkpoint at `path` (its shapes only, nothing loaded); what is wrong with it, after `flag`."""
+def checkpoint_family(path: Path, field: str) -> str:
+    """The family of the checkpoint at `path` (its shapes only, nothing loaded); what is wrong with it, as the
+    request field `field` that gave it."""
     try:
         checkpoint = open_checkpoint(path)
         try:
@@ -417,7 +420,7 @@ def checkpoint_family(path: Path, flag: str) -> str:
         finally:
             checkpoint.source.close()
     except CheckpointError as error:
-        raise CheckpointError(f"{flag} {path}: {error}") from None
+        raise CheckpointFieldError.about(field, f"{path}: {error}") from None
 
 
 def repeat_prompt(prompt: str, n_samples: int) -> list[str]:
@@ -427,59 +430,54 @@ def repeat_prompt(prompt: str, n_samples: int) -> list[str]:
     return [prompt] * n_samples
 
 
-def load(
-    checkpoint: str | Path,
-    *,
-    config: str | Path | ModelConfig | None = None,
-    ema: bool = False,
-    vae: str | Path | None = None,
-    prediction: str = "auto",
-    preview_decoder: str | Path | None = None,
-    **options,
-) -> StableDiffusion:
-    """Open a checkpoint (CompVis .ckpt, single-file .safetensors or diffusers folder) for generation.
+def load(checkpoint: str | Path, options: LoadOptions | None = None, /, **fields) -> StableDiffusion:
+    """Open a checkpoint (CompVis .ckpt, single-file .safetensors or diffusers folder) for generation, as
+    `options` say, with any `LoadOptions` field given as a keyword over them (every default is LoadOptions'):
     `vae`: a separate VAE file replacing the checkpoint's, or a TAESD decoder decoding the images in its place
     (the checkpoint's VAE still encodes); `preview_decoder`: a TAESD for `preview`; `prediction`: auto|eps|v (see
-    `weights.prediction`). Options: device, precision, memory, vram_budget, ram_budget, attention, vae_tiling, tokenizer,
+    `weights.prediction`); device, precision, memory, vram_budget, ram_budget, attention, vae_tiling, tokenizer;
     weights (fp16, bf16, fp8 or int8 storage of the Linear/Conv2d weights; None: the compute dtype),
     int8_matmul (int8 weights on the CPU: Linear layers on fbgemm's dynamic activation quantisation instead
     of dequantising to fp32 first; off by default: measured 1.15-1.18x slower on the whole UNet here, see
     benchmarks/weights_accuracy.py --speed), channels_last (the UNet channels-last on the CPU in fp32 where
     its weights stay placed, `full` and `turbo`; off by default: 0.82x alone, no faster in whole runs here,
     see benchmarks/cpu_options.py)."""
-    check_weight_kind(options.get("weights"))
-    text_encoders = tuple(Path(path) for path in options.pop("text_encoders", None) or ())
-    family_options = {name: value for name in FAMILY_LOAD_OPTIONS if (value := options.pop(name, None)) is not None}
+    options = replace(options or LoadOptions(), **fields)
+    check_weight_kind(options.weights)
+    text_encoders = tuple(Path(path) for path in options.text_encoders or ())
+    opening = options.pipeline_kwargs()  # what the pipeline class takes
+    family_options = {name: value for name in FAMILY_LOAD_OPTIONS if (value := getattr(options, name)) is not None}
     own = claiming(Path(checkpoint))  # a family with its own files and pipeline class (Flux)
     if own is not None:
         assert own.loader is not None
-        given = {"config": config is not None, "ema": ema, "prediction": prediction not in ("auto", None),
-                 "preview_decoder": preview_decoder is not None,
+        given = {"config": options.config is not None, "ema": options.ema, "prediction": options.prediction not in ("auto", None),
+                 "preview_decoder": options.preview_decoder is not None,
                  **{name: name not in own.loader.options for name in family_options}}  # fmt: skip
         refused = [name for name, is_given in given.items() if is_given]
         if refused:
             raise FieldError.about(refused[0], f"does not apply to {own.display_name}")
-        loaded = own.loader.prepare(checkpoint, text_encoders, vae, **family_options)
-        return own.loader.pipeline(loaded, **options)
+        loaded = own.loader.prepare(checkpoint, text_encoders, options.vae, **family_options)
+        return own.loader.pipeline(loaded, **opening)
     parts_from = family_options.pop("parts_from", None)  # the SD families' loader takes it too
     if family_options:
         raise FieldError.about(next(iter(family_options)), "does not apply to this checkpoint's family")
+    config, vae = options.config, options.vae
     if config is not None and not isinstance(config, ModelConfig):
         config = ModelConfig.from_file(Path(config))
-    fast = open_taesd(vae, "--vae") if vae is not None and is_taesd(vae) else None
+    fast = open_taesd(vae, "vae") if vae is not None and is_taesd(vae) else None
     preview = None
-    if preview_decoder is not None:
-        same = fast is not None and Path(preview_decoder) == fast.path
-        preview = fast if same else open_taesd(preview_decoder, "--preview-decoder")
-    loaded = prepare_model(checkpoint, config=config, ema=ema, vae=None if fast is not None else vae, parts_from=parts_from,
+    if options.preview_decoder is not None:
+        same = fast is not None and Path(options.preview_decoder) == fast.path
+        preview = fast if same else open_taesd(options.preview_decoder, "preview_decoder")
+    loaded = prepare_model(checkpoint, config=config, ema=options.ema, vae=None if fast is not None else vae, parts_from=parts_from,
                            text_encoders=text_encoders)
     checkpoint_source = loaded.checkpoint.source
     prediction_type, why = resolve_prediction(
-        prediction, loaded.config.family, loaded.checkpoint.path, set(checkpoint_source.keys()), source_metadata(checkpoint_source)
+        options.prediction, loaded.config.family, loaded.checkpoint.path, set(checkpoint_source.keys()), source_metadata(checkpoint_source)
     )
     loaded.config = replace(loaded.config, prediction_type=prediction_type)
     loaded.model.config = loaded.config
-    pipe = StableDiffusion(loaded, **options)
+    pipe = StableDiffusion(loaded, **opening)
     pipe.prediction_reason = why
     pipe.vae_file = Path(vae) if vae is not None else None
     pipe.use_tiny_decoders(fast, preview)

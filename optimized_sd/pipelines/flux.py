@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from optimized_sd.errors import FieldError, UserError
+from optimized_sd.errors import FieldError
 from optimized_sd.families.flux import FLUX_DEV, GUIDANCE_DEFAULT, MAX_SEQUENCE, T5_HUB_TOKENIZER, flow_sampling
 from optimized_sd.memory.report import StageRecord
 from optimized_sd.models.flux import FluxModulation, image_ids, pack_latents, text_ids, unpack_latents
@@ -58,9 +58,10 @@ def default_t5_tokenizer(max_length: int) -> T5PromptTokenizer:
     try:
         return T5PromptTokenizer(T5Tokenizer.from_pretrained(T5_HUB_TOKENIZER), max_length)
     except (OSError, ValueError):
-        raise UserError(
-            f"no T5 tokenizer: the hub ({T5_HUB_TOKENIZER}) cannot be reached and none is cached; pass --tokenizer DIR "
-            f"(a folder with {TOKENIZER_FILES}, e.g. a diffusers Flux model's tokenizer_2/)"
+        raise FieldError.about(
+            "tokenizer",
+            f"is needed: no T5 tokenizer is cached and the hub ({T5_HUB_TOKENIZER}) cannot be reached; give a folder with "
+            f"{TOKENIZER_FILES} (e.g. a diffusers Flux model's tokenizer_2/)",
         ) from None
 
 
@@ -116,7 +117,7 @@ class FluxDiffusion(StableDiffusion):
         request = super().with_defaults(request)
         dev = self.config.family == FLUX_DEV
         if not dev and request.guidance is not None:
-            log.warning("--guidance has no effect on %s (it has no distilled guidance input)", self.config.family_name)
+            log.warning("guidance has no effect on %s (it has no distilled guidance input)", self.config.family_name)
         for name, value in (("height", request.height), ("width", request.width)):
             if value % (self.config.vae.downscale * PATCH):
                 nearest = max(16, round(value / 16) * 16)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from optimized_sd.errors import CheckpointError, UserError
+from optimized_sd.errors import CheckpointError, FieldError, UserError
 from optimized_sd.weights.sources import _file_kind, open_regular_file
 
 MAX_IMAGE_PIXELS_ENV = "OPTIMIZED_SD_MAX_IMAGE_PIXELS"
@@ -51,7 +51,7 @@ def read_image(
     path: Path | str, what: str, convert: Callable[[Image.Image], Image.Image], max_pixels: int | None = None, raise_with: str = ""
 ) -> Image.Image:
     """`convert(image)` of the image file at `path`, decoded only when it declares at most `max_pixels`
-    (see `max_image_pixels`; `raise_with` names a flag that raises the limit).
+    (see `max_image_pixels`; `raise_with` names the field that raises the limit: a FieldError then names it).
 
     Every failure inside PIL is this file's problem, whatever PIL raises for it (a corrupt PNG chunk
     raises SyntaxError, an unknown DDS pixel format NotImplementedError, a truncated file OSError),
@@ -69,11 +69,10 @@ def read_image(
             with Image.open(handle) as opened:
                 pixels = opened.width * opened.height
                 if pixels > limit:
-                    flags = " or ".join(part for part in (raise_with, f"${MAX_IMAGE_PIXELS_ENV}") if part)
-                    raise UserError(
-                        f"{what} {path} is {opened.width}x{opened.height} ({pixels:,} pixels), over the limit of {limit:,}; "
-                        f"raise it with {flags} if the file is trusted"
-                    )
+                    how = f"raise it (or ${MAX_IMAGE_PIXELS_ENV})" if raise_with else f"raise it with ${MAX_IMAGE_PIXELS_ENV}"
+                    size = f"{opened.width}x{opened.height} ({pixels:,} pixels)"
+                    problem = f"{what} {path} is {size}, over the limit of {limit:,}; {how} if the file is trusted"
+                    raise FieldError.about(raise_with, f"limit passed: {problem}") if raise_with else UserError(problem)
                 opened.load()
                 return convert(opened)
     except UserError:

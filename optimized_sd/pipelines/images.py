@@ -16,7 +16,7 @@ from optimized_sd.pipelines.request import check_size
 
 def open_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
     """Open any image PIL reads as RGB, at its own size (one UserError for any bad file: `image_files.read_image`)."""
-    return read_image(path, "init image", lambda opened: opened.convert("RGB"), max_pixels, raise_with="--max-image-pixels")
+    return read_image(path, "init image", lambda opened: opened.convert("RGB"), max_pixels, raise_with="max_image_pixels")
 
 
 def load_init_image(path: Path | str, height: int | None, width: int | None, max_pixels: int | None = None) -> Image.Image:

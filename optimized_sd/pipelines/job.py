@@ -320,7 +320,7 @@ class JobResult:
 def memory_mode(memory: str, turbo: bool) -> str:
     """optimizedSD's `--turbo` is `--memory turbo`; both given must agree."""
     if turbo and memory not in ("auto", "turbo"):
-        raise UserError(f"--turbo and --memory {memory} disagree; give one of them")
+        raise FieldError.about("turbo", f"is the turbo memory mode, which the memory mode {memory!r} contradicts; give one of them")
     return "turbo" if turbo else memory
 
 
@@ -397,9 +397,9 @@ def memory_placement(pipe: StableDiffusion) -> dict[str, Any]:
     placed: dict[str, Any] = {"mode": pipe.mode, "plan": pipe.plan.__dict__ if pipe.plan else None}
     for name, session in pipe.memory.sessions.items():  # a refiner: its stages are in the same meter, prefixed `refiner_`
         placed[name] = {"mode": session.mode, "plan": session.plan.__dict__ if session.plan else None}
-    components = pipe.memory.components
-    if components:  # side networks placed by the same plan (ControlNets), and what left early
-        placed["components"] = {name: {"released": list(c.released)} for name, c in components.items()}
+    sides = pipe.memory.sides()
+    if sides:  # side networks placed by the same plan (ControlNets), and what left early
+        placed["components"] = {c.name: {"released": list(c.released)} for c in sides}
     return placed
 
 

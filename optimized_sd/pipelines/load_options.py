@@ -48,8 +48,16 @@ class LoadOptions:
         """The options as `load`'s keywords."""
         return {option.name: getattr(self, option.name) for option in fields(self)}
 
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """The options a pipeline class takes (`StableDiffusion.__init__`); the rest say how `load` opens the files."""
+        return {name: value for name, value in self.kwargs().items() if name not in OPENING}
+
     def load(self, checkpoint: str | Path) -> StableDiffusion:
         """Open `checkpoint` with these options."""
         from optimized_sd.pipelines.diffusion import load
 
-        return load(checkpoint, **self.kwargs())
+        return load(checkpoint, self)
+
+
+# The options `load` reads itself to open the files; every other one goes on to the pipeline class.
+OPENING = frozenset({"config", "ema", "vae", "prediction", "preview_decoder", "text_encoders", "parts_from", "distilled"})

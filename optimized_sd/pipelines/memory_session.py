@@ -1,8 +1,11 @@
 """Where one loaded model's weights live, call by call: plan each call, (re)place the weights for
 the plan's mode, and run each stage under the engine with the out-of-memory ladder.
 
-The pipeline decides what a call computes; this module decides where it computes it. Neither the
-model nor the task modules touch the engine directly."""
+The session places named components (`placement.Component`): the model's own text towers, VAE and denoiser
+on its tree, side networks (ControlNets) on trees of their own, and whole models planned by sessions of their
+own (an SDXL refiner); every stage of every component lands in one report. The pipeline decides what a call
+computes; this module decides where it computes it. Neither the model nor the task modules touch the engine
+directly."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TypeVar
 
 import torch
@@ -19,14 +22,14 @@ from torch import nn
 from optimized_sd.attention import use_attention
 from optimized_sd.errors import OutOfMemoryBudget, UserError
 from optimized_sd.memory.device import LeanHeap, device_memory
-from optimized_sd.memory.modes import MODES, MemoryMode
-from optimized_sd.memory.offload import GroupSpec, OffloadEngine, TensorHook
+from optimized_sd.memory.modes import MODES
+from optimized_sd.memory.offload import OffloadEngine, TensorHook
 from optimized_sd.memory.planner import SAFETY_MARGIN, ModelFootprint, Plan, Request, fallback, plan_memory
 from optimized_sd.memory.ram import CUDA_PROCESS_OVERHEAD, HOME_ORDER, HostPart, HostPlan, cpu_base, plan_host, ram_refusal
 from optimized_sd.memory.report import MemoryMeter, StageRecord
 from optimized_sd.models.ops import WeightOp, cpu_int8_matmul_available
 from optimized_sd.models.runtime import RunOptions, use_run_options
-from optimized_sd.pipelines.placement import UNET, footprint, group_specs, host_part
+from optimized_sd.pipelines.placement import Component, combined_sizes, host_part, model_components, model_footprint, tree_groups, units
 from optimized_sd.pipelines.weight_storage import StoredSource, WeightStorage, apply_storage
 
 log = logging.getLogger("optimized_sd")
@@ -43,28 +46,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
-
-
-@dataclass
-class Component:
-    """A named network placed beside the main model by the same plan (a ControlNet): `specs` maps the plan's
-    mode row to its offload groups, so each component follows the mode table in its own module names."""
-
-    name: str
-    model: nn.Module
-    source: object  # optimized_sd.weights.sources.TensorSource
-    specs: Callable[[MemoryMode], list[GroupSpec]]
-    weights: int  # bytes as placed, whole
-    largest_unit: int  # bytes of its largest streamed unit
-    activation_share: float = 0.0  # its activations as a share of the denoiser's (the planner adds them)
-    engine: OffloadEngine | None = None
-    placed: tuple[str, str] | None = None
-    released: list[str] = field(default_factory=list)  # this call's early releases ("released after step N")
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-        self.engine, self.placed = None, None
 
 
 class MemorySession:
@@ -109,7 +90,10 @@ class MemorySession:
         self.host_plan: HostPlan | None = None  # the current placement's (`plan_host`)
         self.vae_tiling = vae_tiling
         self.attention = attention
-        self.sizes = footprint(model, dtype.itemsize, self.storage)  # weight bytes per group: fixed for this pipeline
+        # The model's own components (denoiser, VAE, text towers) first, on its tree; side networks and neighbouring
+        # models join them by `attach`.
+        self.components: dict[str, Component] = {c.name: c for c in model_components(model, self.source, dtype.itemsize, self.storage)}
+        self.sizes = model_footprint(model, combined_sizes(self.parts()))  # weight bytes per component: fixed for this pipeline
         plan_memory(self.sizes, Request(64, 64), budget=None, mode=mode, vae_tiling=vae_tiling)  # validates names
         self.meter = MemoryMeter(device)
         self.meter.pinned = self.pinned_bytes
@@ -124,26 +108,30 @@ class MemorySession:
         self.plan: Plan | None = None
         self.tensor_hook: TensorHook | None = None
         self.last_reason = ""
-        self.components: dict[str, Component] = {}  # side networks placed beside the model, by name
-        # Whole models sharing this session's device and report, by name (an SDXL refiner), each planned by its own
-        # session; `parent` is the session that holds this one.
-        self.sessions: dict[str, MemorySession] = {}
-        self.parent: MemorySession | None = None
+        self.parent: MemorySession | None = None  # the session holding this one as a component (a refiner's: its base's)
 
     @property
     def mode(self) -> str | None:
         return self.placed[0] if self.placed is not None else None
 
-    def add_session(self, name: str, session: MemorySession) -> None:
-        """Hold another model's session as the named component `name` (an SDXL refiner): its stages go into this
-        session's report as `name_stage`, inside this session's calls, and each plans beside the other."""
-        session.meter, session.stage_prefix, session.owns_meter, session.parent = self.meter, f"{name}_", False, self
-        self.sessions[name] = session
+    def as_component(self, name: str) -> Component:
+        """This session's model as the component `name` of another session (an SDXL refiner's of its base's)."""
+        return Component(name, self.model, self.source, lambda row: [], session=self)
 
-    def remove_session(self, name: str) -> None:
-        session = self.sessions.pop(name, None)
-        if session is not None:
-            session.parent = None
+    # -- components, by where they are placed ------------------------------------------------------
+
+    def parts(self) -> list[Component]:
+        """The components on the model's own tree, placed by one engine."""
+        return [c for c in self.components.values() if c.model is self.model and c.session is None]
+
+    def sides(self) -> list[Component]:
+        """The components on trees of their own (ControlNets), each placed by its own engine by this session's plan."""
+        return [c for c in self.components.values() if c.model is not self.model and c.session is None]
+
+    @property
+    def sessions(self) -> dict[str, MemorySession]:
+        """The components planned by sessions of their own (a refiner), by name."""
+        return {name: c.session for name, c in self.components.items() if c.session is not None}
 
     def neighbours(self) -> list[MemorySession]:
         """The other sessions on this device whose weights may still be placed (the parent and its other sessions)."""
@@ -239,16 +227,8 @@ class MemorySession:
         )
 
     def call_sizes(self) -> ModelFootprint:
-        """The model's footprint with the attached components' weights and activations counted in."""
-        if not self.components:
-            return self.sizes
-        parts = self.components.values()
-        return replace(
-            self.sizes,
-            side=sum(c.weights for c in parts),
-            side_unit=max(c.largest_unit for c in parts),
-            side_activation_share=sum(c.activation_share for c in parts),
-        )
+        """The model's footprint with the side components' weights and activations counted in."""
+        return replace(self.sizes, **combined_sizes(self.sides()))
 
     def pinned_bytes(self) -> int:
         """Page-locked host bytes this session's engines hold (its own, its components', its sessions'): the report's."""
@@ -258,19 +238,26 @@ class MemorySession:
 
     def engine_resident_bytes(self) -> int:
         own = self.engine.resident_bytes() if self.engine is not None else 0
-        return own + sum(c.engine.resident_bytes() for c in self.components.values() if c.engine is not None)
-
-    # -- components -------------------------------------------------------------------------------
+        return own + sum(c.engine.resident_bytes() for c in self.sides() if c.engine is not None)
 
     def attach(self, component: Component) -> None:
-        """Place `component` from the next `prepare` on, by the same plan as the model (replacing one of its name)."""
+        """Place `component` from the next `prepare` on (replacing one of its name): by this session's plan, or,
+        when it has a session of its own, by that session's, beside this one; its stages go into this session's
+        report as `name_stage`, inside this session's calls."""
         self.detach(component.name)
         self.components[component.name] = component
+        session = component.session
+        if session is not None:
+            session.meter, session.stage_prefix, session.owns_meter, session.parent = self.meter, f"{component.name}_", False, self
 
     def detach(self, name: str) -> None:
-        """Let go of a component and its placement."""
+        """Let go of a component and its placement (a component with a session of its own closes it itself)."""
         component = self.components.pop(name, None)
-        if component is not None:
+        if component is None:
+            return
+        if component.session is not None:
+            component.session.parent = None
+        else:
             component.close()
 
     def release_component(self, name: str, note: str) -> None:
@@ -288,11 +275,11 @@ class MemorySession:
         assert self.engine is not None
         if self.host_plan is not None:
             host = self.host_plan.host_for("side", host)  # type: ignore[arg-type]
-        for component in self.components.values():
+        for component in self.sides():
             if component.engine is None or component.placed != (plan.mode, host):
                 component.close()
                 component.engine = OffloadEngine(
-                    component.model, component.source, component.specs(plan.row), self.device, self.dtype,
+                    component.model, component.source, tree_groups(plan.row, [component.specs(plan.row)]), self.device, self.dtype,
                     host=host,  # type: ignore[arg-type]
                     prefetch=plan.prefetch, arena=self.engine.arena,
                 )  # fmt: skip
@@ -307,7 +294,8 @@ class MemorySession:
         placing = host if host_plan is None else f"{host} {sorted(host_plan.homes.items())} ring {host_plan.ring_bytes}"
         if self.engine is None or self.placed != (plan.mode, placing):
             self.release_engine()
-            specs = group_specs(plan.row, self.model)
+            parts = self.parts()
+            specs = tree_groups(plan.row, [part.specs(plan.row) for part in parts])
             if host_plan is not None:
                 specs = [replace(spec, host=host_plan.host_for(host_part(spec.name), host)) for spec in specs]  # type: ignore[arg-type]
             self.host_plan = host_plan
@@ -321,10 +309,12 @@ class MemorySession:
                 prefetch=plan.prefetch,
                 tensor_hook=self.tensor_hook,
                 keep_dtype=self.storage.held_set,
-                channels_last=(UNET,) if self.channels_last(plan) else (),
+                channels_last=(units(self.model).denoiser,) if self.channels_last(plan) else (),
                 **({} if host_plan is None or not host_plan.ring_bytes else {"ring_bytes": host_plan.ring_bytes}),
             )
             self.placed = (plan.mode, placing)
+            for part in parts:
+                part.engine = self.engine
         self.place_components(plan, host)
         # The RAM-lean path: freed tensors must leave the resident set between stages.
         self.heap = LeanHeap() if plan.lean_heap else None
@@ -346,7 +336,7 @@ class MemorySession:
         self.place(self.plan_for(request))
         assert self.engine is not None and self.plan is not None
         self.engine.events.clear()  # the residency log of this call only: a long-lived pipeline keeps no history
-        for component in self.components.values():
+        for component in self.sides():
             component.released.clear()
         if self.owns_meter:
             self.meter.new_call()
@@ -397,7 +387,7 @@ class MemorySession:
     def component_stages(self) -> Iterator[None]:
         """Every placed component's stage beside the model's: its `stage_end` groups leave when the stage ends."""
         with contextlib.ExitStack() as stack:
-            for component in self.components.values():
+            for component in self.sides():
                 if component.engine is not None:
                     stack.enter_context(component.engine.stage())
             yield
@@ -415,7 +405,7 @@ class MemorySession:
             lower = fallback(self.plan)
             if lower is None:
                 raise OutOfMemoryBudget(
-                    f"out of memory during {name} even in {self.plan.mode} mode; lower --H/--W or --n_samples"
+                    f"out of memory during {name} even in {self.plan.mode} mode; lower the image size or the batch size"
                 ) from None
             if lower.mode == self.plan.mode:
                 log.warning("out of memory during %s copying blocks ahead; retrying the stage one block ahead", name)
@@ -430,16 +420,20 @@ class MemorySession:
             except (torch.OutOfMemoryError, RuntimeError, MemoryError) as again:
                 if not is_out_of_memory(again):
                     raise
-                raise OutOfMemoryBudget(f"out of memory during {name} again in {lower.mode} mode; lower --H/--W or --n_samples") from None
+                raise OutOfMemoryBudget(
+                    f"out of memory during {name} again in {lower.mode} mode; lower the image size or the batch size"
+                ) from None
 
     def release_engine(self) -> None:
         """Drop the current placement (hooks, device copies, pinned host copies, arena)."""
-        for component in self.components.values():
+        for component in self.sides():
             component.close()
         if self.engine is None:
             return
         self.engine.close()
         self.engine = None
         self.placed = None
+        for part in self.parts():
+            part.engine = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

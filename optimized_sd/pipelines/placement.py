@@ -1,20 +1,25 @@
-"""How a model splits into offload groups for each memory mode, and what each group weighs.
-The only place that knows both the memory engine's vocabulary and the model's module names; the names
-(denoiser, VAE halves, text root) are its family record's `units`."""
+"""How a model splits into named components (its text towers, VAE and denoiser; a ControlNet; a refiner), how
+each component splits into offload groups for each memory mode, and what each weighs. The only place that knows
+both the memory engine's vocabulary and the model's module names; the names (denoiser, VAE halves, text root)
+are its family record's `units`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from optimized_sd.families import registry
 from optimized_sd.families.registry import Units
 from optimized_sd.memory.modes import MemoryMode
-from optimized_sd.memory.offload import GroupSpec
+from optimized_sd.memory.offload import GroupSpec, OffloadEngine
 from optimized_sd.memory.planner import ModelFootprint
 
 if TYPE_CHECKING:
+    from optimized_sd.pipelines.memory_session import MemorySession
     from optimized_sd.pipelines.weight_storage import WeightStorage
 
 # Every SD family's units (the defaults of `families.registry.Units`); a model's own come from its record.
@@ -24,6 +29,56 @@ VAE_DECODER = Units().vae_decoder
 # `stream` splits a UNet block above this many parameters (100 MB in fp16) into the parts it runs one
 # after another: SDXL's 10-layer transformer blocks (~750 MB) stream layer by layer.
 STREAM_UNIT_PARAMS = 50_000_000
+# A loaded model's components, by the names `pipe.memory.components` gives them.
+TEXT, VAE, DENOISER = "text", "vae", "denoiser"
+# Footprint fields that several components fill by the largest one's value, not the sum (the planner streams one
+# side unit at a time).
+LARGEST_OF = frozenset({"side_unit"})
+
+
+@dataclass
+class Component:
+    """A named network the memory session places: `specs` maps a plan's mode row to its offload groups (module
+    paths under `model`), `sizes` holds the planner footprint's fields it fills (its weights as placed). The
+    components of one tree (a checkpoint's text towers, VAE and denoiser) share that tree's engine, so one
+    residency log covers them; a component with a tree of its own (a ControlNet) gets an engine of its own, by the
+    same plan; one with a `session` of its own (an SDXL refiner: a whole second model) is planned by that session,
+    beside this one. A new family's extra tower is one more entry: its name, its groups per row, its sizes."""
+
+    name: str
+    model: nn.Module
+    source: object  # optimized_sd.weights.sources.TensorSource
+    specs: Callable[[MemoryMode], list[GroupSpec]]
+    sizes: Mapping[str, Any] = field(default_factory=dict)
+    session: MemorySession | None = None
+    engine: OffloadEngine | None = None  # its tree's engine while placed
+    placed: tuple[str, str] | None = None  # (mode, host storage) its own engine was built for
+    released: list[str] = field(default_factory=list)  # this call's early releases ("released after step N")
+
+    def close(self) -> None:
+        """Let go of an engine of its own (a shared tree's engine is its session's to close)."""
+        if self.engine is not None and self.placed is not None:
+            self.engine.close()
+        self.engine, self.placed = None, None
+
+
+def combined_sizes(components: Iterable[Component]) -> dict[str, Any]:
+    """The footprint fields of `components` together: summed, or the largest where `LARGEST_OF` says."""
+    total: dict[str, Any] = {}
+    for component in components:
+        for key, value in component.sizes.items():
+            join = max if key in LARGEST_OF else operator.add
+            total[key] = value if key not in total else join(total[key], value)
+    return total
+
+
+def tree_groups(row: MemoryMode, groups: list[list[GroupSpec]]) -> list[GroupSpec]:
+    """One tree's offload groups from its components' (`groups`, in component order): where the row keeps
+    everything resident, the tree is one group placed in one load (`all`), else their groups side by side."""
+    flat = [spec for specs in groups for spec in specs]
+    if row.resident == "everything" and len(flat) > 1:
+        return [GroupSpec("all", tuple(path for spec in flat for path in spec.modules), "never")]
+    return flat
 
 
 def model_record(model: nn.Module) -> registry.FamilyRecord | None:
@@ -136,32 +191,54 @@ def unet_halves(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(blocks[:cut]), tuple(blocks[cut:])
 
 
-def group_specs(row: MemoryMode, model: nn.Module, unit_params: int | None = None) -> list[GroupSpec]:
-    """Offload groups for a mode's row (`memory.modes.MODE_TABLE`): its resident rule and denoiser
-    grouping mapped to this model's module paths. A denoiser streamed in blocks streams the text towers
-    by layer too, and splits blocks above `unit_params` parameters into their parts (`stream_units`)."""
+def top_module(path: str) -> str:
+    """The top-level module holding `path` (what `everything` places whole)."""
+    return path.split(".")[0]
+
+
+def text_specs(row: MemoryMode, model: nn.Module) -> list[GroupSpec]:
+    """The text component's groups: its root whole when everything stays resident; the towers for their stage,
+    by layer where the denoiser streams by blocks (`text_groups`)."""
+    if row.resident == "everything":
+        return [GroupSpec(TEXT, (text_root(model),), "never")]
+    return text_groups(model, row.denoiser == "blocks")
+
+
+def vae_specs(row: MemoryMode, model: nn.Module) -> list[GroupSpec]:
+    """The VAE's groups: whole when everything stays resident, else each half for its stage."""
     paths = units(model)
     if row.resident == "everything":
-        return [GroupSpec("all", ("model", "first_stage_model", text_root(model)), "never")]
-    streamed = row.denoiser == "blocks"
-    stage_groups = [*text_groups(model, streamed), GroupSpec("vae_encoder", paths.vae_encoder), GroupSpec("vae_decoder", paths.vae_decoder)]
+        return [GroupSpec(VAE, (top_module(paths.vae_encoder[0]),), "never")]
+    return [GroupSpec("vae_encoder", paths.vae_encoder), GroupSpec("vae_decoder", paths.vae_decoder)]
+
+
+def denoiser_specs(row: MemoryMode, model: nn.Module, unit_params: int | None = None) -> list[GroupSpec]:
+    """The denoiser's groups for the row's grouping: whole, halves or streamed units (blocks split above
+    `unit_params` parameters, see `stream_units`), each released as the row says."""
+    paths = units(model)
+    if row.resident == "everything":
+        return [GroupSpec(DENOISER, (top_module(paths.denoiser),), "never")]
     release = row.denoiser_release
     if row.denoiser == "whole":
         # a denoiser given as units is entered by its first unit's first module (a DiT's hoisted embedders are
         # called before its forward), not by its own forward
         whole = tuple(path for unit in stream_units(model) for path in unit) if paths.denoiser_units else (paths.denoiser,)
-        return stage_groups + [GroupSpec("unet", whole, release)]
+        return [GroupSpec("unet", whole, release)]
     if row.denoiser == "halves":
         first, second = unet_halves(model)
-        return stage_groups + [GroupSpec("unet_half_1", first, release), GroupSpec("unet_half_2", second, release)]
+        return [GroupSpec("unet_half_1", first, release), GroupSpec("unet_half_2", second, release)]
     streamed_units = stream_units(model, unit_params)
     names = [f"unet.{unit[0][len(paths.denoiser) + 1 :]}" for unit in streamed_units]
     # after the last unit the next step starts again; units hoisted out of the steps are not fetched for it
     hoisted = paths.hoisted_units(model.get_submodule(paths.denoiser)) if paths.denoiser_units else 0
     following = [*names[1:], names[min(hoisted, len(names) - 1)]]
-    return stage_groups + [
-        GroupSpec(name, unit, release, prefetch_next=after) for name, unit, after in zip(names, streamed_units, following)
-    ]
+    return [GroupSpec(name, unit, release, prefetch_next=after) for name, unit, after in zip(names, streamed_units, following)]
+
+
+def group_specs(row: MemoryMode, model: nn.Module, unit_params: int | None = None) -> list[GroupSpec]:
+    """The model tree's offload groups for a mode's row (`memory.modes.MODE_TABLE`): its components' groups
+    (`tree_groups`), the denoiser's blocks split above `unit_params` parameters."""
+    return tree_groups(row, [denoiser_specs(row, model, unit_params), vae_specs(row, model), text_specs(row, model)])
 
 
 def host_part(group: str) -> str:
@@ -184,23 +261,44 @@ def parameter_bytes(model: nn.Module, paths: tuple[str, ...] | list[str], dtype_
     )
 
 
-def footprint(model: nn.Module, dtype_bytes: int, storage: WeightStorage | None = None) -> ModelFootprint:
-    """Weight bytes of each group as placed (works on a model built on the meta device)."""
+def component_sizes(model: nn.Module, dtype_bytes: int, storage: WeightStorage | None = None) -> dict[str, dict[str, Any]]:
+    """The footprint fields each of the model's components fills, by component name (bytes as placed)."""
     first, second = unet_halves(model)
     paths = units(model)
 
     def size(paths: tuple[str, ...] | list[str]) -> int:
         return parameter_bytes(model, paths, dtype_bytes, storage)
 
+    return {
+        DENOISER: {
+            "unet": size([paths.denoiser]),
+            "unet_halves": (size(first), size(second)),
+            "unet_blocks": tuple(size(unit) for unit in stream_units(model)),
+        },
+        VAE: {"vae_encoder": size(paths.vae_encoder), "vae_decoder": size(paths.vae_decoder)},
+        TEXT: {"text_encoder": size(text_group(model).modules)},
+    }
+
+
+def model_components(model: nn.Module, source, dtype_bytes: int, storage: WeightStorage | None = None) -> list[Component]:
+    """A loaded model as the memory session's components, on its one tree: the denoiser, the VAE, the text
+    towers (in the order `group_specs` lists their groups)."""
+    sizes = component_sizes(model, dtype_bytes, storage)
+    specs: dict[str, Callable[[MemoryMode, nn.Module], list[GroupSpec]]] = {DENOISER: denoiser_specs, VAE: vae_specs, TEXT: text_specs}
+    return [
+        Component(name, model, source, lambda row, groups=groups: groups(row, model), sizes[name]) for name, groups in specs.items()
+    ]
+
+
+def model_footprint(model: nn.Module, sizes: Mapping[str, Any]) -> ModelFootprint:
+    """The planner's footprint from the components' combined `sizes` and the family record's constants."""
     record = model_record(model)
-    return ModelFootprint(
-        text_encoder=size(text_group(model).modules),
-        unet=size([paths.denoiser]),
-        unet_halves=(size(first), size(second)),
-        unet_blocks=tuple(size(unit) for unit in stream_units(model)),
-        vae_encoder=size(paths.vae_encoder),
-        vae_decoder=size(paths.vae_decoder),
-        **({} if record is None else dict(
-            family=record.family_id, activations=record.unet_activations, latent_downscale=record.latent.downscale
-        )),
-    )
+    family = {} if record is None else dict(
+        family=record.family_id, activations=record.unet_activations, latent_downscale=record.latent.downscale
+    )  # fmt: skip
+    return ModelFootprint(**sizes, **family)
+
+
+def footprint(model: nn.Module, dtype_bytes: int, storage: WeightStorage | None = None) -> ModelFootprint:
+    """Weight bytes of each component as placed (works on a model built on the meta device)."""
+    return model_footprint(model, combined_sizes(model_components(model, None, dtype_bytes, storage)))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from optimized_sd.errors import FieldError, UserError
+from optimized_sd.errors import FieldError
 from optimized_sd.families import registry
 from optimized_sd.families.names import SD1
 from optimized_sd.families.registry import LatentFormat
@@ -62,11 +62,11 @@ def preview_decoder_path(method: str | None, decoder: Path | None, vae: Path | N
     from optimized_sd.weights.taesd import is_taesd
 
     if method is not None and method not in PREVIEW_METHODS:
-        raise UserError(f"unknown --preview {method!r}; use {' or '.join(PREVIEW_METHODS)}")
+        raise FieldError.about("preview", f"{method!r} is unknown; use {' or '.join(PREVIEW_METHODS)}")
     if every < 0:
         raise FieldError.about("preview_every", f"{every} must be 0 (no previews) or more")
     if method == "latent" and decoder is not None:
-        raise UserError("--preview latent uses no decoder; drop --preview-decoder or use --preview taesd")
+        raise FieldError.about("preview", "latent uses no decoder; drop the preview decoder or preview with taesd")
     if method == "latent" or every == 0:
         return None
     if decoder is not None:
@@ -74,7 +74,8 @@ def preview_decoder_path(method: str | None, decoder: Path | None, vae: Path | N
     if vae is not None and is_taesd(vae):
         return vae
     if method == "taesd":
-        raise UserError("--preview taesd needs --preview-decoder FILE (e.g. taesd_decoder.safetensors), or a TAESD as --vae")
+        needed = "is needed for taesd previews: a TAESD decoder FILE (e.g. taesd_decoder.safetensors), or a TAESD as the VAE"
+        raise FieldError.about("preview_decoder", needed)
     return None
 
 

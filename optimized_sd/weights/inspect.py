@@ -41,6 +41,8 @@ LAYOUT_BARE = "bare state dict .ckpt"
 LAYOUT_SAFETENSORS = "single-file .safetensors"
 LAYOUT_DIFFUSERS = "diffusers folder"
 LAYOUT_GGUF = "GGUF"
+# How the `inspect` command tells where a missing Flux.1 part goes: its flag (this report is the command's output).
+PART_FLAGS = {"transformer": "--ckpt", "clip_l": "--text-encoder", "t5": "--text-encoder", "vae": "--vae"}
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,7 @@ def _fill_tensor_stats(
 def _describe_flux(path: Path) -> CheckpointInfo:
     """A Flux.1 file (BFL, ComfyUI all-in-one, a T5 alone) or diffusers folder: dev or schnell, each part present
     with its tensors and storage dtypes, the parts it lacks (given by --vae / --text-encoder)."""
-    from optimized_sd.families.flux import FLUX_DEV, FLUX_SCHNELL, PART_FLAGS, folder_files
+    from optimized_sd.families.flux import FLUX_DEV, FLUX_SCHNELL, folder_files
     from optimized_sd.weights.flux_keys import identify_flux
     from optimized_sd.weights.flux_loading import PART_WORDS
 

@@ -504,7 +504,10 @@ def parse_lora_option(text: str) -> tuple[Path, float]:
             float(tail)
         except ValueError:
             raise FieldError.about("loras", f"{text}: the weight {tail!r} is not a number (write FILE or FILE:WEIGHT)") from None
-        path, weight = head, check_lora_weight(tail, f"--lora {text}")
+        try:
+            path, weight = head, check_lora_weight(tail, text)
+        except UserError as error:
+            raise FieldError.about("loras", str(error)) from None
     return Path(path), weight
 
 

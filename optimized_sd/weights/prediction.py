@@ -63,6 +63,6 @@ def resolve_prediction(
     if requested != "auto":
         record = registry.find(family)
         if requested == "v" and not (record is not None and record.v_capable):
-            log.warning("--prediction v: %s models predict eps; the images will likely be noise", family)
+            log.warning("prediction v: %s models predict eps; the images will likely be noise", family)
         return _FLAG_VALUES[requested], "--prediction"
     return stated_prediction(path, keys, metadata) or family_default(family, path)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from optimized_sd.config import ModelConfig
-from optimized_sd.errors import CheckpointError, UserError
+from optimized_sd.errors import CheckpointError, CheckpointFieldError, FieldError
 from optimized_sd.models.taesd import TinyDecoder, TinyEncoder
 from optimized_sd.weights.sources import TensorSource
 
@@ -140,7 +140,7 @@ def halves(source: TensorSource, layout: str) -> dict[str, dict[str, str]]:
     return found
 
 
-def build_half(half: str, names: dict[str, str], source: TensorSource, flag: str, path: Path) -> nn.Module:
+def build_half(half: str, names: dict[str, str], source: TensorSource, field: str, path: Path) -> nn.Module:
     """The half with the file's tensors, its latent channels and width read off the first and last convs."""
     shapes = {local: tuple(source.shape(key)) for local, key in names.items()}
     try:
@@ -152,7 +152,7 @@ def build_half(half: str, names: dict[str, str], source: TensorSource, flag: str
             channels = shapes[f"{len(TinyEncoder()) - 1}.weight"][0]
             module = TinyEncoder(channels, width)
     except (KeyError, ValueError) as error:
-        raise CheckpointError(f"{flag} {path}: not a TAESD {half} (no {error})") from None
+        raise CheckpointFieldError.about(field, f"{path}: not a TAESD {half} (no {error})") from None
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
@@ -160,46 +160,48 @@ def build_half(half: str, names: dict[str, str], source: TensorSource, flag: str
     problems = [f"{len(items)} {label}: {', '.join(items[:3])}" for label, items in
                 (("mis-shaped", mismatched), ("missing", missing), ("unexpected", unexpected)) if items]
     if problems:
-        raise CheckpointError(f"{flag} {path} is not a TAESD {half}: {'; '.join(problems)}")
+        raise CheckpointFieldError.about(field, f"{path} is not a TAESD {half}: {'; '.join(problems)}")
     module.load_state_dict({local: source.get(key).float() for local, key in names.items()})
     return module
 
 
-def open_taesd(path: Path | str, flag: str) -> TinyAutoencoder:
-    """The TAESD at `path` (an original half, or a diffusers AutoencoderTiny file or folder), on the CPU in float32."""
+def open_taesd(path: Path | str, field: str) -> TinyAutoencoder:
+    """The TAESD at `path` (an original half, or a diffusers AutoencoderTiny file or folder), on the CPU in float32;
+    `field` is the option that gave it (vae, preview_decoder), which its errors name."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{flag} {path}: no such file")
+        raise CheckpointFieldError.about(field, f"{path}: no such file")
     source = open_source(path)
     try:
         layout = taesd_layout(source.keys())
         if layout is None:
-            raise CheckpointError(f"{flag} {path}: not a TAESD file (no `1.weight`/`0.weight` Sequential keys or `decoder.layers.*`)")
+            keys = "no `1.weight`/`0.weight` Sequential keys or `decoder.layers.*`"
+            raise CheckpointFieldError.about(field, f"{path}: not a TAESD file ({keys})")
         found = halves(source, layout)
         if "unexpected" in found:
-            raise CheckpointError(f"{flag} {path}: not a TAESD: unexpected keys {', '.join(sorted(found['unexpected'])[:3])}")
-        built = {half: build_half(half, names, source, flag, path) for half, names in found.items()}
+            raise CheckpointFieldError.about(field, f"{path}: not a TAESD: unexpected keys {', '.join(sorted(found['unexpected'])[:3])}")
+        built = {half: build_half(half, names, source, field, path) for half, names in found.items()}
     finally:
         source.close()
     tiny = TinyAutoencoder(path, built.get("decoder"), built.get("encoder"))  # type: ignore[arg-type]
     if tiny.decoder is not None and tiny.encoder is not None and tiny.decoder.latent_channels != tiny.encoder.latent_channels:
-        raise CheckpointError(f"{flag} {path}: its decoder and encoder disagree on the latent channels")
+        raise CheckpointFieldError.about(field, f"{path}: its decoder and encoder disagree on the latent channels")
     return tiny
 
 
-def check_taesd_fits(tiny: TinyAutoencoder, config: ModelConfig, flag: str, *, needs_decoder: bool = True) -> None:
+def check_taesd_fits(tiny: TinyAutoencoder, config: ModelConfig, field: str, *, needs_decoder: bool = True) -> None:
     """Refuse a TAESD of another latent width than the model's, or named for another family."""
     if needs_decoder and tiny.decoder is None:
-        raise UserError(f"{flag} {tiny.path.name}: a TAESD encoder, not a decoder (use {taesd_prefix(config.family)}_decoder)")
+        raise FieldError.about(field, f"{tiny.path.name}: a TAESD encoder, not a decoder (use {taesd_prefix(config.family)}_decoder)")
     channels = config.vae.embed_dim
     if tiny.latent_channels != channels:
-        raise UserError(
-            f"{flag} {tiny.path.name} decodes {tiny.latent_channels}-channel latents; this {config.family_name} model's have {channels}"
+        raise FieldError.about(
+            field, f"{tiny.path.name} decodes {tiny.latent_channels}-channel latents; this {config.family_name} model's have {channels}"
         )
     named = taesd_name(tiny.path)
     if named is not None and config.family not in named.families:
-        raise UserError(
-            f"{flag} {tiny.path.name} is a TAESD for {named.label} ({named.prefix}_*); this is an {config.family_name} model: "
+        raise FieldError.about(
+            field, f"{tiny.path.name} is a TAESD for {named.label} ({named.prefix}_*); this is an {config.family_name} model: "
             f"use {taesd_prefix(config.family)}_decoder"
         )
 
