@@ -19,6 +19,20 @@ from optimized_sd.config import TINY, ModelConfig
 from optimized_sd.models.text_encoder import clip_config, write_byte_tokenizer
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _model_hashes_cached_apart(tmp_path_factory: pytest.TempPathFactory):
+    """Model hashes the tests write go to a cache of their own, not the user's ~/.cache/optimized-sd/hashes.json."""
+    import os
+
+    previous = os.environ.get("OPTIMIZED_SD_HASH_CACHE")
+    os.environ["OPTIMIZED_SD_HASH_CACHE"] = str(tmp_path_factory.mktemp("hashes") / "hashes.json")
+    yield
+    if previous is None:
+        os.environ.pop("OPTIMIZED_SD_HASH_CACHE", None)
+    else:
+        os.environ["OPTIMIZED_SD_HASH_CACHE"] = previous
+
+
 @dataclass
 class TinyModel:
     folder: Path  # diffusers folder

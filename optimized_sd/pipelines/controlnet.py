@@ -332,9 +332,9 @@ class LoadedControlNet:
         """AUTOMATIC1111's short hash of the file (of its weight file for a diffusers folder)."""
         if self._hash is None:
             from optimized_sd.weights.diffusers_folder import find_weight_file
-            from optimized_sd.weights.hashing import sha256_short
+            from optimized_sd.weights.hashing import cached_model_hash
 
-            self._hash = sha256_short(find_weight_file(self.path) if self.path.is_dir() else self.path)
+            self._hash = cached_model_hash(find_weight_file(self.path) if self.path.is_dir() else self.path)
         return self._hash
 
 

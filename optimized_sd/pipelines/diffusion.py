@@ -338,9 +338,9 @@ class StableDiffusion:
         if self.vae_file is None or self.fast_vae is not None:
             return None
         if self._vae_hash is None:
-            from optimized_sd.weights.hashing import sha256_short
+            from optimized_sd.weights.hashing import cached_model_hash
 
-            self._vae_hash = sha256_short(self.vae_file)
+            self._vae_hash = cached_model_hash(self.vae_file)
         return self._vae_hash
 
     def vae_name(self) -> str | None:
@@ -352,11 +352,11 @@ class StableDiffusion:
     def model_hash(self) -> str:
         """AUTOMATIC1111's short hash of the file (of the UNet weights for a diffusers folder)."""
         if self._model_hash is None:
-            from optimized_sd.weights.hashing import sha256_short
+            from optimized_sd.weights.hashing import cached_model_hash
             from optimized_sd.weights.loading import find_weight_file
 
             path = self.loaded.checkpoint.path
-            self._model_hash = sha256_short(find_weight_file(path / "unet") if path.is_dir() else path)
+            self._model_hash = cached_model_hash(find_weight_file(path / "unet") if path.is_dir() else path)
         return self._model_hash
 
     def txt2img(self, prompt: str, *, n_samples: int = 1, **options) -> list[Image.Image]:

@@ -225,8 +225,8 @@ class FluxDiffusion(StableDiffusion):
     def model_hash(self) -> str:
         """AUTOMATIC1111's short hash of the transformer file (of a diffusers folder's transformer weights)."""
         if self._model_hash is None:
-            from optimized_sd.weights.hashing import sha256_short
+            from optimized_sd.weights.hashing import cached_model_hash
 
             path = self.loaded.checkpoint.path
-            self._model_hash = sha256_short(sorted((path / "transformer").glob("*.safetensors"))[0] if path.is_dir() else path)
+            self._model_hash = cached_model_hash(sorted((path / "transformer").glob("*.safetensors"))[0] if path.is_dir() else path)
         return self._model_hash

@@ -169,9 +169,9 @@ def test_serve_loads_with_its_flags_and_finds_loras_and_embeddings(capsys, monke
     embeddings.mkdir()
     save(kohya_lora(tiny_model.unet, tiny_model.text_encoder, seed=5), loras / "styles" / "kohya_style.safetensors")
     torch.save({"string_to_param": {"*": torch.randn(2, 64)}}, embeddings / "shiny.pt")
-    loaded: list[dict] = []
+    loaded: list = []  # the LoadOptions each load was given
     real_load = diffusion.load
-    monkeypatch.setattr(diffusion, "load", lambda path, **options: loaded.append(options) or real_load(path, **options))
+    monkeypatch.setattr(diffusion, "load", lambda path, options=None, **fields: loaded.append(options) or real_load(path, options, **fields))
     answers: dict[str, requests.Response] = {}
 
     def probe(running: RunningServer) -> None:
@@ -194,7 +194,7 @@ def test_serve_loads_with_its_flags_and_finds_loras_and_embeddings(capsys, monke
     )  # fmt: skip
     assert code == 0, err
     assert f"LoRAs from {loras.resolve()}" in out and f"embeddings from {embeddings.resolve()}" in out
-    assert loaded[0]["lora_dir"] == loras and loaded[0]["embeddings_dir"] == embeddings and loaded[0]["vae_tiling"] == "off"
+    assert loaded[0].lora_dir == loras and loaded[0].embeddings_dir == embeddings and loaded[0].vae_tiling == "off"
     response = answers["txt2img"]
     assert response.status_code == 200, response.text
     (infotext,) = json.loads(response.json()["info"])["infotexts"]
