@@ -171,7 +171,9 @@ def test_serve_loads_with_its_flags_and_finds_loras_and_embeddings(capsys, monke
     torch.save({"string_to_param": {"*": torch.randn(2, 64)}}, embeddings / "shiny.pt")
     loaded: list = []  # the LoadOptions each load was given
     real_load = diffusion.load
-    monkeypatch.setattr(diffusion, "load", lambda path, options=None, **fields: loaded.append(options) or real_load(path, options, **fields))
+    monkeypatch.setattr(
+        diffusion, "load", lambda path, options=None, **fields: loaded.append(options) or real_load(path, options, **fields)
+    )
     answers: dict[str, requests.Response] = {}
 
     def probe(running: RunningServer) -> None:
