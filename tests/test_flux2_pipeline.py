@@ -184,9 +184,9 @@ def test_hoisted_modulation_equals_per_call(klein, sampler):
 
 
 def test_wrong_files_and_requests_are_one_line_errors(klein, tmp_path):
-    with pytest.raises(UserError, match="holds a Qwen3 text encoder, not a Z-Image or Flux.2 klein transformer; give it with"):
+    with pytest.raises(UserError, match="text_encoders takes .*: it holds a Qwen3 text encoder, not a Z-Image or Flux.2 klein transformer"):
         load(klein.files["qwen3"], device="cpu")
-    with pytest.raises(UserError, match="needs a Flux.2 VAE, .* give it with --vae"):
+    with pytest.raises(UserError, match="vae must give Flux.2 klein's Flux.2 VAE, "):
         klein.load(vae=None)
     wide = tiny_diffusers_flux2(seed=24, joint_attention_dim=3 * 48)  # 9B's transformer beside 4B's Qwen3, in small
     mismatched = save(bfl_tensors(wide.state_dict()), tmp_path / "flux-2-klein-wide.safetensors")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from optimized_sd.errors import UserError
+from optimized_sd.errors import FieldError
 from optimized_sd.pipelines.diffusion import load
 from tests.test_flux_net import bfl_tensors
 from tests.test_flux_pipeline import TinyFlux, build, ours, reference_latents
@@ -196,8 +196,9 @@ def test_flux_gguf_parts_from_an_all_in_one_and_the_cli(flux, tmp_path, capsys):
 
 def test_flux_gguf_needs_its_other_parts(flux):
     model, written = flux
-    with pytest.raises(UserError, match="--vae"):
+    with pytest.raises(FieldError, match="Flux VAE") as caught:
         load(written.files["city96"], text_encoders=(model.files["clip"], model.files["t5"]), device="cpu")
+    assert caught.value.field == "vae"  # the CLI says --vae
 
 
 # --- SDXL and SD 1.5 ----------------------------------------------------------------------------------------
@@ -380,10 +381,14 @@ def test_missing_parts_are_one_line_errors_naming_the_flag(sdxl, tiny_model):
     from optimized_sd.errors import FieldError
 
     model, written = sdxl
-    with pytest.raises(UserError, match=r"give its VAE with --vae FILE, or --parts-from CKPT"):
+    from optimized_sd.cli import flag_words
+
+    with pytest.raises(FieldError, match=r"must give the VAE of sdxl-unet.gguf, .*\(or parts_from") as caught:
         load_sd(written.files["city96"], model)
-    with pytest.raises(UserError, match=r"--text-encoder \(clip_l and clip_g files\), or --parts-from"):
+    assert flag_words(caught.value).startswith("--vae must give the VAE")  # what the CLI prints
+    with pytest.raises(FieldError, match=r"must give clip_l and clip_g files for .*\(or parts_from") as caught:
         load_sd(written.files["city96"], model, vae=written.files["vae"])
+    assert flag_words(caught.value).startswith("--text-encoder must give clip_l and clip_g files")
     with pytest.raises(FieldError, match="takes clip_l and clip_g files") as caught:
         load_sd(written.files["city96"], model, vae=written.files["vae"], text_encoders=(written.files["clip_l"],))
     assert caught.value.field == "text_encoders"

@@ -145,7 +145,7 @@ def test_the_cli_refuses_a_bad_ram_budget_in_one_line(capsys, tmp_path):
 
 def test_load_takes_the_ram_budget(tiny_model):
     pipe = optimized_sd.load(tiny_model.safetensors, tokenizer=tiny_model.tokenizer, device="cpu", precision="full", ram_budget="64GB")
-    assert pipe.memory.ram_budget == 64 * 2**30 and pipe.load_options["ram_budget"] == "64GB"
+    assert pipe.memory.ram_budget == 64 * 2**30 and pipe.load_options.ram_budget == "64GB"
     with pytest.raises(UserError):
         optimized_sd.load(tiny_model.safetensors, tokenizer=tiny_model.tokenizer, device="cpu", ram_budget="-2GB")
 

@@ -177,21 +177,21 @@ def test_bad_files_are_one_line_errors(tiny, tmp_path):
     from tests.test_zimage_net import tiny_qwen_tokenizer
 
     files = tiny.files
-    with pytest.raises(UserError, match="holds a Qwen3 text encoder, not a Z-Image or Flux.2 klein transformer; give it with"):
+    with pytest.raises(UserError, match="text_encoders takes .*: it holds a Qwen3 text encoder, not a Z-Image or Flux.2 klein transformer"):
         load(files["qwen"], tokenizer=tiny.tokenizer, device="cpu")
     for keys, name in (({"txt_norm.weight", "img_in.weight"}, "Qwen-Image"), ({"double_stream_blocks.0.block.x.weight"}, "HiDream-I1")):
         other = save({key: torch.zeros(2) for key in keys}, tmp_path / f"{name}.safetensors")
         with pytest.raises(UserError, match=f"is a {name} model, which this version does not run"):
             load(other, device="cpu")
-    with pytest.raises(UserError, match="needs a Qwen3 text encoder, .* give it with --text-encoder qwen_3_4b.safetensors"):
+    with pytest.raises(UserError, match="text_encoders must give Z-Image's Qwen3 text encoder, .*e.g. qwen_3_4b.safetensors"):
         load(files["transformer"], vae=files["vae"], tokenizer=tiny.tokenizer, device="cpu")
-    with pytest.raises(UserError, match="needs a Flux VAE, .* give it with --vae ae.safetensors"):
+    with pytest.raises(UserError, match="vae must give Z-Image's Flux VAE, .*e.g. ae.safetensors"):
         load(files["transformer"], text_encoders=(files["qwen"],), tokenizer=tiny.tokenizer, device="cpu")
     with pytest.raises(FieldError, match="holds no Qwen3 text encoder"):
         load(files["transformer"], vae=files["vae"], text_encoders=(files["transformer"],), device="cpu")
     with pytest.raises(FieldError, match="no such file"):
         load(files["transformer"], vae=files["vae"], text_encoders=(tmp_path / "absent.safetensors",), device="cpu")
-    with pytest.raises(FieldError, match="needs its Qwen tokenizer .* --tokenizer DIR"):
+    with pytest.raises(FieldError, match="must name Z-Image's Qwen tokenizer"):
         tiny.load(tokenizer=None)
     with pytest.raises(FieldError, match="no chat template"):
         tiny.load(tokenizer=tiny_qwen_tokenizer(tmp_path / "plain", chat_template=None) and tmp_path / "plain")

@@ -24,7 +24,7 @@ KLEIN, KLEIN_BASE = "flux2-klein", "flux2-klein-base"
 TEXT_ROOT, QWEN_TOWER = "text_encoders", "qwen3"
 KLEIN_PIPELINE = "Flux2KleinPipeline"
 PART_WORDS = {"transformer": "Flux.2 transformer", "qwen3": "Qwen3 text encoder", "vae": "Flux.2 VAE"}
-PART_FLAGS = {"transformer": "--ckpt", "qwen3": "--text-encoder", "vae": "--vae"}
+PART_FIELDS = {"transformer": "checkpoint", "qwen3": "text_encoders", "vae": "vae"}  # the load field giving each part
 PART_EXAMPLES = {"qwen3": "qwen_3_4b.safetensors", "vae": "flux2-vae.safetensors"}
 FOLDERS = {"transformer": "transformer", "qwen3": "text_encoder", "vae": "vae"}  # a diffusers folder's parts
 # Latent -> RGB of the 32 VAE channels (ComfyUI's `latent_formats.Flux2` factors, over the normalised latents
@@ -152,8 +152,10 @@ def part_paths(path: Path, text_encoders: list[Path], vae: Path | None) -> dict[
     else:
         held = file_holds(path)
         if held != "transformer":
-            words, flag = (f"a {PART_WORDS[held]}", PART_FLAGS[held]) if held else ("no Flux.2 part", "--ckpt")
-            raise UserError(f"--ckpt {path} holds {words}, not a Flux.2 transformer; give it with {flag}")
+            if not held:
+                raise FieldError.about("checkpoint", f"{path} holds no Flux.2 part")
+            words = f"a {PART_WORDS[held]}, not a Flux.2 transformer (what the checkpoint must be)"
+            raise FieldError.about(PART_FIELDS[held], f"takes {path}: it holds {words}")
         parts["transformer"] = path
     if len(text_encoders) > 1:
         raise FieldError.about("text_encoders", f"gives {len(text_encoders)} files; Flux.2 klein takes one Qwen3 text encoder")
@@ -161,8 +163,8 @@ def part_paths(path: Path, text_encoders: list[Path], vae: Path | None) -> dict[
     parts.update({"vae": vae} if vae is not None else {})
     for part in ("qwen3", "vae"):
         if part not in parts:
-            flag = f"{PART_FLAGS[part]} {PART_EXAMPLES[part]}"
-            raise UserError(f"Flux.2 klein needs a {PART_WORDS[part]}, which {path.name} does not hold: give it with {flag}")
+            problem = f"must give Flux.2 klein's {PART_WORDS[part]}, which {path.name} does not hold (e.g. {PART_EXAMPLES[part]})"
+            raise FieldError.about(PART_FIELDS[part], problem)
     return parts
 
 
@@ -207,7 +209,14 @@ def describe(path: Path):
     from collections import Counter
 
     from optimized_sd.weights.flux2_keys import identify_flux2, klein_is_distilled
-    from optimized_sd.weights.inspect import LAYOUT_DIFFUSERS, LAYOUT_SAFETENSORS, CheckpointInfo, PartStats, _safetensors_header
+    from optimized_sd.weights.inspect import (
+        LAYOUT_DIFFUSERS,
+        LAYOUT_SAFETENSORS,
+        CheckpointInfo,
+        PartStats,
+        _safetensors_header,
+        missing_hint,
+    )
 
     path = Path(path)
     if path.is_dir():
@@ -240,12 +249,11 @@ def describe(path: Path):
     info.dtypes = dict(sorted(dtypes.items()))
     info.expected_parts = tuple(PART_WORDS.values())
     if info.family is None and not info.family_error:
-        info.family_error = "a Qwen3 text encoder alone: give it with --text-encoder beside a Flux.2 klein transformer (--ckpt)"
+        info.family_error = "a Qwen3 text encoder alone: a text encoder file, loaded beside a Flux.2 klein transformer"
     if info.family is not None:
         info.prediction = "flow matching (rectified flow, velocity)"
         info.default_size = 1024
-    words = {word: part for part, word in PART_WORDS.items()}
-    info.missing_hint = ", ".join(f"{word} ({PART_FLAGS[words[word]]})" for word in info.expected_parts if word not in info.parts)
+    info.missing_hint = missing_hint({PART_WORDS[part]: PART_FIELDS[part] for part in PART_WORDS}, info.parts)
     return info
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from optimized_sd.errors import CheckpointError, FieldError, UserError
+from optimized_sd.errors import CheckpointError, FieldError
 from optimized_sd.families.flux import FLUX_LATENT, DiffusionWrapper, unsupported_config
 from optimized_sd.families.registry import Defaults, FamilyRecord, Loader, LoraKeys, Shapes, TextTower, Units, register
 from optimized_sd.weights.flux_keys import COMFY_TRANSFORMER_PREFIX
@@ -28,7 +28,6 @@ PIPELINE_PREFIX = "ZImage"  # model_index.json's _class_name: ZImagePipeline, ZI
 SHIFT = 3.0  # the scheduler's static shift (Z-Image-Turbo's scheduler_config.json)
 TRANSFORMER_TELLTALES = ("layers.0.adaLN_modulation.0.weight", "all_x_embedder.2-1.weight")  # original, diffusers
 QWEN3_TELLTALE = "layers.0.self_attn.q_norm.weight"
-QWEN_FLAG = "--text-encoder qwen_3_4b.safetensors"
 # Key parts of LLM-conditioned models this version does not run, named in their refusal.
 UNSUPPORTED = (
     ("txt_norm.weight", "Qwen-Image"),
@@ -153,10 +152,10 @@ def check_file(path: Path) -> None:
     if not any(has_key(keys, telltale) for telltale in TRANSFORMER_TELLTALES):
         name = unsupported_model(keys)
         if name is not None:
-            raise UserError(f"--ckpt {path} is a {name} model, which this version does not run")
+            raise FieldError.about("checkpoint", f"{path} is a {name} model, which this version does not run")
         if has_key(keys, QWEN3_TELLTALE):
-            words = "a Qwen3 text encoder, not a Z-Image or Flux.2 klein transformer"
-            raise UserError(f"--ckpt {path} holds {words}; give it with --text-encoder")
+            words = "a Qwen3 text encoder, not a Z-Image or Flux.2 klein transformer (what the checkpoint must be)"
+            raise FieldError.about("text_encoders", f"takes {path}: it holds {words}")
 
 
 def open_vae(path: Path):
@@ -191,9 +190,10 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
     qwen_path = given[0] if given else (folder / "text_encoder" if folder is not None else None)
     vae_path = Path(vae) if vae is not None else (folder / "vae" if folder is not None else None)
     if qwen_path is None:
-        raise UserError(f"Z-Image needs a Qwen3 text encoder, which {path.name} does not hold: give it with {QWEN_FLAG}")
+        problem = f"must give Z-Image's Qwen3 text encoder, which {path.name} does not hold (e.g. qwen_3_4b.safetensors)"
+        raise FieldError.about("text_encoders", problem)
     if vae_path is None:
-        raise UserError(f"Z-Image needs a Flux VAE, which {path.name} does not hold: give it with --vae ae.safetensors")
+        raise FieldError.about("vae", f"must give Z-Image's Flux VAE, which {path.name} does not hold (e.g. ae.safetensors)")
     transformer = prepare_zimage_transformer(folder / "transformer" if folder is not None else path)
     try:
         qwen3 = prepare_qwen3(qwen_path)

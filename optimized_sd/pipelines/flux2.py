@@ -79,7 +79,7 @@ class KleinDiffusion(StableDiffusion):
         root = self.loaded.checkpoint.path
         folder = tokenizers[0] if tokenizers else root / "tokenizer" if root.is_dir() else None
         if folder is None:
-            raise UserError("Flux.2 klein needs its Qwen tokenizer: pass --tokenizer DIR (a klein diffusers folder's tokenizer/)")
+            raise FieldError.about("tokenizer", "must name Flux.2 klein's Qwen tokenizer folder (a klein diffusers folder's tokenizer/)")
         self.qwen_tokenizer = load_qwen_tokenizer(folder, enable_thinking=False)
         self.text = None  # the prompt step is `text_conditioning`
 
@@ -94,10 +94,11 @@ class KleinDiffusion(StableDiffusion):
         request = super().with_defaults(request)
         check_size(request.height, request.width, self.config.vae.downscale)
         if request.guidance is not None:
-            log.warning("--guidance has no effect on %s (it has no distilled guidance input; --scale is its CFG)", self.config.family_name)
+            family = self.config.family_name
+            log.warning("guidance has no effect on %s (it has no distilled guidance input; the CFG scale is its guidance)", family)
         scale = request.scale
         if self.distilled and scale > 1:
-            log.warning("--scale %g is ignored: the step-distilled klein runs without CFG (--base for the base model)", scale)
+            log.warning("a CFG scale of %g is ignored: the step-distilled klein runs without CFG (the base model takes one)", scale)
         if self.distilled or scale <= 1:  # Flux2KleinPipeline: CFG only for the base model and a scale above 1
             scale = 1.0
         downscale = self.config.vae.downscale if request.downscale == DEFAULT_DOWNSCALE else request.downscale

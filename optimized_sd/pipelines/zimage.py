@@ -33,8 +33,8 @@ from optimized_sd.sampling.model_sampling import FlowSampling
 log = logging.getLogger("optimized_sd")
 
 NEEDS_TOKENIZER = (
-    "Z-Image needs its Qwen tokenizer and the hub is not reached: give --tokenizer DIR (a Qwen2 tokenizer folder with "
-    "its chat template, e.g. the tokenizer/ of a diffusers Z-Image-Turbo folder)"
+    "must name Z-Image's Qwen tokenizer, as the hub is not reached: a Qwen2 tokenizer folder with its chat template "
+    "(e.g. the tokenizer/ of a diffusers Z-Image-Turbo folder)"
 )
 
 
@@ -105,7 +105,7 @@ class ZImageDiffusion(FluxDiffusion):
     def with_defaults(self, request: GenerationRequest) -> GenerationRequest:
         request = super(FluxDiffusion, self).with_defaults(request)
         if request.guidance is not None:
-            log.warning("--guidance has no effect on Z-Image (it has no distilled guidance input); --scale is its CFG")
+            log.warning("guidance has no effect on Z-Image (it has no distilled guidance input); the CFG scale is its guidance")
         for name, value in (("height", request.height), ("width", request.width)):
             if value % (self.config.vae.downscale * PATCH):
                 nearest = max(16, round(value / 16) * 16)
@@ -211,10 +211,18 @@ def describe_files(path: Path):
     from collections import Counter
 
     from optimized_sd.families.zimage import ZIMAGE, check_file, file_keys, unsupported_model
-    from optimized_sd.weights.inspect import LAYOUT_DIFFUSERS, LAYOUT_SAFETENSORS, CheckpointInfo, PartStats, _safetensors_header
+    from optimized_sd.weights.inspect import (
+        LAYOUT_DIFFUSERS,
+        LAYOUT_SAFETENSORS,
+        CheckpointInfo,
+        PartStats,
+        _safetensors_header,
+        missing_hint,
+        said,
+    )
 
     words = {"transformer": "Z-Image transformer", "text_encoder": "Qwen3 text encoder", "vae": "Flux VAE"}
-    flags = {"transformer": "--ckpt", "text_encoder": "--text-encoder", "vae": "--vae"}
+    fields = {"transformer": "checkpoint", "text_encoder": "text_encoders", "vae": "vae"}
     if path.is_dir():
         files = {part: sorted((path / part).glob("*.safetensors")) for part in words}
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -225,7 +233,7 @@ def describe_files(path: Path):
         try:
             check_file(path)
         except UserError as error:  # a Qwen3 file or a model refused by name: what it is, nothing missing
-            info.family_error = str(error)
+            info.family_error = said(error)
             words["transformer"] = unsupported_model(file_keys(path) or ()) or words["text_encoder"]
     dtypes: Counter[str] = Counter()
     for part, found in files.items():
@@ -245,5 +253,5 @@ def describe_files(path: Path):
         info.towers = ("Qwen3 (second-to-last hidden state, chat template)",)
         info.default_size = 1024
         info.expected_parts = tuple(words.values())
-        info.missing_hint = ", ".join(f"{words[part]} ({flags[part]})" for part in flags if words[part] not in info.parts)
+        info.missing_hint = missing_hint({words[part]: fields[part] for part in fields}, info.parts)
     return info

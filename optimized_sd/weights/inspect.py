@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from optimized_sd.config import FAMILY_NAMES, ModelConfig
-from optimized_sd.errors import CheckpointError
+from optimized_sd.errors import CheckpointError, FieldError
 from optimized_sd.weights.ckpt import InertLightningObject, load_ckpt, state_dict_from_ckpt
 from optimized_sd.weights.family import (
     EMA_COUNTERS,
@@ -41,8 +41,22 @@ LAYOUT_BARE = "bare state dict .ckpt"
 LAYOUT_SAFETENSORS = "single-file .safetensors"
 LAYOUT_DIFFUSERS = "diffusers folder"
 LAYOUT_GGUF = "GGUF"
-# How the `inspect` command tells where a missing Flux.1 part goes: its flag (this report is the command's output).
-PART_FLAGS = {"transformer": "--ckpt", "clip_l": "--text-encoder", "t5": "--text-encoder", "vae": "--vae"}
+# How the `inspect` command tells where a missing part goes: the flag of the load field giving it (this report is the
+# command's output, so it may say flags).
+FIELD_FLAGS = {"checkpoint": "--ckpt", "text_encoders": "--text-encoder", "vae": "--vae"}
+
+
+def said(error: Exception) -> str:
+    """An error as this command's report says it: a load field's error by its flag."""
+    if isinstance(error, FieldError) and error.field in FIELD_FLAGS:
+        return error.named(FIELD_FLAGS[error.field])
+    return str(error)
+
+
+def missing_hint(fields: dict[str, str], present: Iterable[str]) -> str:
+    """"word (--flag), ..." for each expected part (its words -> the load field giving it) not `present`."""
+    present = set(present)
+    return ", ".join(f"{word} ({FIELD_FLAGS[field]})" for word, field in fields.items() if word not in present)
 
 
 @dataclass(frozen=True)
@@ -282,7 +296,7 @@ def _fill_tensor_stats(
 def _describe_flux(path: Path) -> CheckpointInfo:
     """A Flux.1 file (BFL, ComfyUI all-in-one, a T5 alone) or diffusers folder: dev or schnell, each part present
     with its tensors and storage dtypes, the parts it lacks (given by --vae / --text-encoder)."""
-    from optimized_sd.families.flux import FLUX_DEV, FLUX_SCHNELL, folder_files
+    from optimized_sd.families.flux import FLUX_DEV, FLUX_SCHNELL, PART_FIELDS, folder_files
     from optimized_sd.weights.flux_keys import identify_flux
     from optimized_sd.weights.flux_loading import PART_WORDS
 
@@ -319,15 +333,14 @@ def _describe_flux(path: Path) -> CheckpointInfo:
     info.dtypes = dict(sorted(all_dtypes.items()))
     info.expected_parts = tuple(PART_WORDS.values())
     if info.family is None:
-        info.family_error = "a Flux.1 text encoder alone: give it with --text-encoder beside a Flux transformer (--ckpt)"
+        info.family_error = "a Flux.1 text encoder alone: a text encoder file, loaded beside a Flux transformer"
     else:
         info.prediction = "flow matching (rectified flow, velocity)"
         info.towers = ("CLIP-L (pooled)", "T5-XXL (context)")
         info.default_size = 1024
-    words = {word: part for part, word in PART_WORDS.items()}
     info.other_keys = ()
     info.extras = {}
-    info.missing_hint = ", ".join(f"{word} ({PART_FLAGS[words[word]]})" for word in info.expected_parts if word not in info.parts)
+    info.missing_hint = missing_hint({PART_WORDS[part]: PART_FIELDS[part] for part in PART_WORDS}, info.parts)
     return info
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from optimized_sd.errors import CheckpointError, FieldError, UserError
+from optimized_sd.errors import CheckpointError, FieldError
 from optimized_sd.families import registry
 from optimized_sd.weights.diffusers_folder import tower_source
 from optimized_sd.weights.family import EMA_PREFIX, UNET_PREFIX, VAE_PREFIX, denoiser_family, detect_family
@@ -99,15 +99,15 @@ def with_parts(
         vae = None  # supplied here; the model's VAE shapes check it with the rest
     if text_encoders:
         if has_text or parts_from is not None:
-            raise FieldError.about("text_encoders", f"gives text towers {path.name} already has (from it or --parts-from)")
+            raise FieldError.about("text_encoders", f"gives text towers {path.name} already has (in it or in parts_from)")
         parts.extend(_towers([Path(p) for p in text_encoders], family))
     combined = ChainSource(parts)
     name = registry.by_name(family).display_name
     if not _holds(combined.keys(), VAE_PREFIX):
-        raise UserError(f"{path.name} holds only an {name} denoiser: give its VAE with --vae FILE, or --parts-from CKPT")
+        problem = f"must give the VAE of {path.name}, which holds only an {name} denoiser (or parts_from: a whole checkpoint)"
+        raise FieldError.about("vae", problem)
     if not _holds(combined.keys(), TEXT_PREFIXES):
         words = "a CLIP-L file" if len(registry.by_name(family).towers) == 1 else "clip_l and clip_g files"
-        raise UserError(
-            f"{path.name} holds only an {name} denoiser: give its text encoders with --text-encoder ({words}), or --parts-from CKPT"
-        )
+        problem = f"must give {words} for {path.name}, which holds only an {name} denoiser (or parts_from: a whole checkpoint)"
+        raise FieldError.about("text_encoders", problem)
     return combined, vae
