@@ -168,3 +168,13 @@ def test_klein_gguf_latents_equal_diffusers_on_the_dequantised_weights(klein_ggu
     check_gguf_placement(pipe)
     stream = klein_gguf.load(memory="stream")
     assert torch.allclose(ours(stream, steps=3).latents, ours(pipe, steps=3).latents, atol=1e-5)
+
+
+def test_inspect_names_the_family_of_each_gguf(zimage_gguf, klein_gguf):
+    from optimized_sd.weights.inspect import describe_checkpoint, format_info
+
+    zimage = format_info(describe_checkpoint(zimage_gguf.files["transformer"], hashes=False))
+    assert "zimage (Z-Image)" in zimage and "lumina2" in zimage and "Q4_0" in zimage
+    assert "flux2-klein (Flux.2 klein)" in format_info(describe_checkpoint(klein_gguf.files["transformer"], hashes=False))
+    qwen = format_info(describe_checkpoint(zimage_gguf.files["qwen"], hashes=False))
+    assert "holds a Qwen3 text encoder (Z-Image, Flux.2 klein): give it with --text-encoder" in qwen
