@@ -107,12 +107,13 @@ def pipeline_class(folder: Path) -> str:
 
 
 def file_holds(path: Path) -> str | None:
-    """Which klein part one safetensors file holds ("transformer", "qwen3", "vae"), else None (headers only)."""
+    """Which klein part one safetensors or GGUF file holds ("transformer", "qwen3", "vae"), else None (headers only)."""
     from optimized_sd.weights.flux2_keys import VAE_TELLTALE, identify_flux2
+    from optimized_sd.weights.gguf import is_gguf_file
     from optimized_sd.weights.loading import is_safetensors_file, open_weight_file
     from optimized_sd.weights.zimage_keys import QWEN3_TELLTALE
 
-    if not path.is_file() or not is_safetensors_file(path):
+    if not path.is_file() or not (is_safetensors_file(path) or is_gguf_file(path)):
         return None
     source = open_weight_file(path)
     try:
@@ -130,7 +131,7 @@ def file_holds(path: Path) -> str | None:
 
 
 def claims(path: Path) -> bool:
-    """A diffusers Flux.2 folder, or a safetensors file holding a Flux.2 transformer (dev too, refused by name); a
+    """A diffusers Flux.2 folder, or a safetensors or GGUF file holding a Flux.2 transformer (dev too, refused by name); a
     Qwen3 file alone is Z-Image's to claim (`families.zimage`: its error names --text-encoder for both families)."""
     path = Path(path)
     if path.is_dir():

@@ -105,11 +105,13 @@ def pipeline_class(folder: Path) -> str:
 
 
 def file_keys(path: Path) -> set[str] | None:
-    """The tensor names of a safetensors file (header only), None for anything else."""
+    """The tensor names of a safetensors or GGUF file (header only), None for anything else (or a GGUF this version
+    refuses: its loading names why)."""
+    from optimized_sd.weights.gguf import is_gguf_file
     from optimized_sd.weights.loading import is_safetensors_file, open_weight_file
 
     try:
-        if not path.is_file() or not is_safetensors_file(path):
+        if not path.is_file() or not (is_safetensors_file(path) or is_gguf_file(path)):
             return None
         source = open_weight_file(path)
         try:
@@ -125,7 +127,7 @@ def has_key(keys: Iterable[str], telltale: str) -> bool:
 
 
 def claims(path: Path) -> bool:
-    """A diffusers Z-Image folder; a safetensors file holding a Z-Image transformer, a Qwen3 text encoder alone (so
+    """A diffusers Z-Image folder; a safetensors or GGUF file holding a Z-Image transformer, a Qwen3 text encoder alone (so
     that its error names --text-encoder) or an LLM-conditioned model this version refuses by name."""
     path = Path(path)
     if path.is_dir():

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from optimized_sd.errors import CheckpointError, UserError
+from optimized_sd.models.ops import adopt_linears
 from optimized_sd.models.text_encoder import tokenize
 
 log = logging.getLogger("optimized_sd")
@@ -107,6 +108,9 @@ class Qwen3TextEncoder(nn.Module):
         self.layers_read = tuple(layers_read)
         hf_config = config.transformers_config(max(layers_read))
         self.transformer = Qwen3Model(hf_config)
+        # its Linears through the op layer: an fp8 file's weights stay fp8 (`weight_storage.file_float8`); transformers'
+        # Qwen3 never casts activations to a weight's dtype (its norms cast back to the input's), so nothing else changes
+        adopt_linears(self.transformer)
         with torch.device("cpu"):  # RoPE's frequencies are computed, never loaded: real even when built on `meta`
             self.transformer.rotary_emb = type(self.transformer.rotary_emb)(hf_config)
         self.transformer.norm = nn.Identity()  # hidden_states[-1] is then the last layer's raw output, as read

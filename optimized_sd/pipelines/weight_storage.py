@@ -10,7 +10,9 @@ compute dtype and the memory modes are unchanged.
 
 A file whose op-layer weights are already 8-bit floats (BFL's and ComfyUI's fp8 Flux, `t5xxl_fp8_e4m3fn`) takes the
 same path with or without `--weights`: those weights keep the file's bytes (no 16-bit copy is ever made) and the op
-layer casts each to the compute dtype at its call (no scale: the file's values are the weights). GGUF files: the op
+layer casts each to the compute dtype at its call (no scale: the file's values are the weights), or, for ComfyUI's
+mixed-precision files (`weights.loading.check_comfy_fp8`), times the file's `<layer>.weight_scale` (one per tensor,
+placed as one per output channel: the same scale buffer `--weights fp8` gives a layer). GGUF files: the op
 layers whose weight a GGUF file holds as quantized blocks keep those blocks the same way (`hold_gguf_weights`,
 `WeightStorage.gguf`): the engine moves their bytes and the op layer dequantises them."""
 
@@ -81,6 +83,7 @@ class WeightStorage:
     kept: dict[str, str] = field(default_factory=dict)
     native: dict[str, torch.dtype] = field(default_factory=dict)
     gguf: tuple[str, ...] = ()  # op-layer weights kept as a GGUF file's quantized blocks (`hold_gguf_weights`)
+    native_scaled: tuple[str, ...] = ()  # `native` weights the file scales (`<key>_scale`: ComfyUI's mixed precision)
 
     @property
     def held(self) -> tuple[str, ...]:
@@ -99,7 +102,7 @@ class WeightStorage:
         return "cpu" if host == "source" and self.scaled else host
 
     def scale_key(self, key: str) -> str:
-        return key + SCALE.removeprefix("weight")  # "<layer>.weight" -> "<layer>.weight_scale"
+        return scale_key(key)
 
     def placed_bytes(self, key: str, tensor: Tensor, compute_bytes: int) -> int:
         """Bytes a parameter occupies as placed: its stored dtype (plus its scales) or the compute dtype."""
@@ -122,6 +125,10 @@ class WeightStorage:
     @cached_property
     def held_set(self) -> frozenset[str]:
         return frozenset(self.held)
+
+
+def scale_key(key: str) -> str:
+    return key + SCALE.removeprefix("weight")  # "<layer>.weight" -> "<layer>.weight_scale"
 
 
 def hold_gguf_weights(model: nn.Module, source: TensorSource) -> tuple[str, ...]:
@@ -167,8 +174,10 @@ def plan_storage(
     `hold_gguf_weights`). A 16-bit kind equal to the compute dtype stores nothing differently (the default
     placement)."""
     native = file_float8(model, source)
+    keys = set(source.keys()) if native and source is not None else set()
+    scaled = tuple(key for key in native if scale_key(key) in keys)
     if kind is None:
-        return WeightStorage(native=native, gguf=gguf)
+        return WeightStorage(native=native, gguf=gguf, native_scaled=scaled)
     dtype = storage_dtype(kind, device_type)
     stored, kept = [], {}
     text = text_root(model) + "."
@@ -182,12 +191,13 @@ def plan_storage(
                 kept[f"{path}.weight"] = reason
     if dtype == compute_dtype:
         stored, kept = [], {}
-    return WeightStorage(kind, dtype, tuple(stored), kept, native, gguf)
+    return WeightStorage(kind, dtype, tuple(stored), kept, native, gguf, scaled)
 
 
 def apply_storage(model: nn.Module, storage: WeightStorage) -> None:
-    """Give exactly the 8-bit layers their scale buffer (on meta; the engine fills it), removing stale ones."""
-    scaled = storage.stored_set if storage.scaled else frozenset()
+    """Give exactly the 8-bit layers their scale buffer (on meta; the engine fills it), removing stale ones: those
+    `--weights` quantises and the fp8 ones a file scales."""
+    scaled = (storage.stored_set if storage.scaled else frozenset()) | set(storage.native_scaled)
     for path, module in model.named_modules():
         if isinstance(module, WeightOp):
             if f"{path}.weight" in scaled:
@@ -199,8 +209,9 @@ def apply_storage(model: nn.Module, storage: WeightStorage) -> None:
 class StoredSource(TensorSource):
     """The checkpoint as the memory engine places it under `storage`: stored weights report their storage
     dtype (the engine casts into it: 16-bit kinds), 8-bit ones are quantised when read, with their scale
-    under `<key>_scale`; GGUF-held weights are their blocks' bytes (uint8, 1-D); everything else is the inner
-    source's. A scale read right after its weight (the engine's order) comes from that same quantisation."""
+    under `<key>_scale`; a file's own fp8 scales (`native_scaled`) are one per output channel (float32); GGUF-held
+    weights are their blocks' bytes (uint8, 1-D); everything else is the inner source's. A scale read right after its
+    weight (the engine's order) comes from that same quantisation."""
 
     def __init__(self, inner: TensorSource, storage: WeightStorage) -> None:
         self.inner = inner
@@ -208,14 +219,15 @@ class StoredSource(TensorSource):
         self.stored = storage.stored_set
         self.gguf = storage.gguf_set
         self.scales = {storage.scale_key(key): key for key in storage.stored} if storage.scaled else {}
+        self.file_scales = {scale_key(key): key for key in storage.native_scaled}  # scale key -> its fp8 weight
         self._pending: dict[str, Tensor] = {}  # scale key -> scale of the weight just quantised
 
     def keys(self) -> list[str]:
         return [*self.inner.keys(), *self.scales]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        if key in self.scales:
-            return (self.inner.shape(self.scales[key])[0],)
+        if key in self.scales or key in self.file_scales:
+            return (self.inner.shape(self.scales.get(key) or self.file_scales[key])[0],)
         if key in self.gguf:
             return (self.inner.gguf(key).nbytes,)
         return self.inner.shape(key)
@@ -223,7 +235,7 @@ class StoredSource(TensorSource):
     def dtype(self, key: str) -> torch.dtype:
         if key in self.gguf:
             return torch.uint8
-        if key in self.scales:
+        if key in self.scales or key in self.file_scales:
             return torch.float32
         if key in self.stored and self.storage.dtype is not None:
             return self.storage.dtype
@@ -233,6 +245,9 @@ class StoredSource(TensorSource):
         assert self.storage.dtype is not None or not (self.stored or self.scales)
         if key in self.gguf:
             return self.inner.gguf(key).raw
+        if key in self.file_scales:  # one per tensor or per row (`check_comfy_fp8`): one per output channel
+            scale = self.inner.get(key).float().reshape(-1)
+            return scale.expand(self.shape(key)[0]).contiguous()
         if key in self.scales:
             pending = self._pending.pop(key, None)
             return pending if pending is not None else quantize(self.inner.get(self.scales[key]), self.storage.dtype)[1]

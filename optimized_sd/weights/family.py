@@ -137,7 +137,9 @@ def known_extra_key(key: str) -> str | None:
       "logit_scale"      OpenCLIP's contrastive-loss temperature, unused for text conditioning;
       "v_pred marker"    the empty `v_pred` key some SD 2.x v files carry to say their prediction type;
       "training loss"    `first_stage_model.loss.*` (the VAE's discriminator/LPIPS, unused at inference);
-      "lightning"        Lightning's top-level entries (`epoch`, `global_step`, ...).
+      "lightning"        Lightning's top-level entries (`epoch`, `global_step`, ...);
+      "ComfyUI fp8 scale or marker"  a mixed-precision file's per-layer `weight_scale` (read with its fp8 weight:
+                         `pipelines.weight_storage`), `input_scale` and `comfy_quant` (unused: weights compute dequantised).
     The strict loader treats these as expected leftovers; any other unexpected key is reported.
     """
     if key in SCHEDULE_BUFFERS:
@@ -150,6 +152,8 @@ def known_extra_key(key: str) -> str | None:
         return "logit_scale"
     if key == "v_pred":
         return "v_pred marker"
+    if key.endswith((".weight_scale", ".input_scale", ".comfy_quant")):  # read by `weight_storage` with their weight
+        return "ComfyUI fp8 scale or marker"
     if key.startswith(VAE_PREFIX + "loss."):
         return "training loss"
     if key in _LIGHTNING_KEYS:

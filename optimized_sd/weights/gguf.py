@@ -402,32 +402,67 @@ class GgufSource(TensorSource):
         self.file.close()
 
 
-# `general.architecture` of ComfyUI-GGUF's files (tools/convert.py) -> what the model is. The first three run here.
-RUN_ARCHITECTURES = {"flux": "Flux.1", "sdxl": "SDXL", "sd1": "SD 1.x"}
+# `general.architecture` of ComfyUI-GGUF's files (tools/convert.py, loader.py) -> what the model is. ComfyUI-GGUF
+# names no Flux.2 or Z-Image architecture: a Flux.2 transformer converts as "flux" (it has `double_blocks.`) and
+# Z-Image's as "lumina2" (its `cap_embedder.1` and `context_refiner.`), told from Lumina 2 by its keys here.
+RUN_ARCHITECTURES = {"flux": "Flux.1 or Flux.2 klein", "sdxl": "SDXL", "sd1": "SD 1.x", "lumina2": "Z-Image",
+                     "qwen3": "a Qwen3 text encoder"}  # fmt: skip
 OTHER_ARCHITECTURES = {
     "sd3": "Stable Diffusion 3", "aura": "AuraFlow", "hidream": "HiDream", "cosmos": "Cosmos Predict2", "ltxv": "LTX-Video",
-    "hyvid": "HunyuanVideo", "wan": "Wan", "lumina2": "Lumina 2", "chroma": "Chroma", "qwen_image": "Qwen-Image",
+    "hyvid": "HunyuanVideo", "wan": "Wan", "chroma": "Chroma", "qwen_image": "Qwen-Image",
+    "t5": "a T5 text encoder", "t5encoder": "a T5 text encoder", "llama": "a Llama text encoder",
+    "qwen2vl": "a Qwen2.5-VL text encoder", "qwen3vl": "a Qwen3-VL text encoder",
 }  # fmt: skip
 SD_ARCHITECTURES = ("sdxl", "sd1")
+# llama.cpp's tensor names in a Qwen3 GGUF -> transformers' (`Qwen3ForCausalLM`): per block `blk.N.<part>.<leaf>`,
+# and the top-level ones. Qwen3 uses NeoX RoPE in llama.cpp, so q and k are stored unpermuted (only "llama" permutes).
+LLAMA_CPP_BLOCK_PARTS = {
+    "attn_norm": "input_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}  # fmt: skip
+LLAMA_CPP_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def transformers_name(name: str) -> str:
+    """A llama.cpp tensor name under transformers' names (unknown ones unchanged: reported as unexpected later)."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LLAMA_CPP_BLOCK_PARTS:
+        return f"model.layers.{parts[1]}.{LLAMA_CPP_BLOCK_PARTS[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in LLAMA_CPP_TOP:
+        return f"{LLAMA_CPP_TOP[parts[0]]}.{parts[1]}"
+    return name
 
 
 def gguf_model_source(path: Path | str) -> GgufSource:
     """A GGUF file opened as (part of) a model: ComfyUI-GGUF's denoiser files, whose `general.architecture` must be
     one this version runs, under the names a checkpoint gives them (an SD UNet's under `model.diffusion_model.`,
-    which ComfyUI-GGUF drops; Flux keeps BFL's names), or stable-diffusion.cpp's, which say no architecture and
+    which ComfyUI-GGUF drops; Flux.1, Flux.2 and Z-Image keep their original names); a Qwen3 text encoder in
+    llama.cpp's names (renamed to transformers'); or stable-diffusion.cpp's files, which say no architecture and
     keep the source checkpoint's names. Anything else is a one-line CheckpointError."""
+    from optimized_sd.weights.zimage_keys import ORIGINAL_TELLTALE as ZIMAGE_TELLTALE  # Lumina 2 lacks it
+
     source = GgufSource(path)
     path = Path(path)
     architecture = source.file.metadata.get("general.architecture")
     if architecture is None or architecture in ("flux",):
         return source
+    if architecture == "lumina2" and not any(key.endswith(ZIMAGE_TELLTALE) for key in source.keys()):
+        source.close()
+        raise CheckpointError(f"{path}: a GGUF of architecture 'lumina2' holding Lumina 2 (no Z-Image {ZIMAGE_TELLTALE}), "
+                              "which this version does not run")  # fmt: skip
     if not isinstance(architecture, str) or architecture not in RUN_ARCHITECTURES:
-        what = OTHER_ARCHITECTURES.get(str(architecture), "not a diffusion model this version knows")
+        what = OTHER_ARCHITECTURES.get(str(architecture), "not a model this version knows")
         runs = ", ".join(f"{name} ({arch})" for arch, name in RUN_ARCHITECTURES.items())
         source.close()
         raise CheckpointError(
             f"{path}: a GGUF of architecture {str(architecture)[:40]!r} ({what}), which this version does not run; it runs {runs}"
         )
+    if architecture == "qwen3":
+        source.file.tensors = {transformers_name(name): info for name, info in source.file.tensors.items()}
+        return source
+    if architecture == "lumina2":
+        return source
     keys = source.keys()
     if any(key.startswith(("down_blocks.", "up_blocks.")) for key in keys):
         source.close()

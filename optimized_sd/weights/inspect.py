@@ -186,7 +186,9 @@ def _describe_gguf(path: Path) -> CheckpointInfo:
             info.family = denoiser_family(source.shapes())
         finally:
             source.close()
-        if info.family is None:
+        if info.family is None and info.gguf.architecture == "qwen3":
+            info.family_error = "holds a Qwen3 text encoder (Z-Image, Flux.2 klein): give it with --text-encoder"
+        elif info.family is None:
             info.family_error = "no family this version runs has these tensors"
     except CheckpointError as exc:
         info.family_error = str(exc)

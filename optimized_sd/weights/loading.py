@@ -3,6 +3,8 @@ model, and copy its tensors into modules (all at once, or group by group for the
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +71,47 @@ def open_weight_file(path: Path) -> TensorSource:
     if is_gguf_file(path):
         return gguf_model_source(path)
     if is_safetensors_file(path):
-        return SafetensorsSource(path)
+        source = SafetensorsSource(path)
+        try:
+            check_comfy_fp8(source, path)
+        except CheckpointError:
+            source.close()
+            raise
+        return source
     return DictSource(state_dict_from_ckpt(load_ckpt(path)))
+
+
+COMFY_QUANT, WEIGHT_SCALE = ".comfy_quant", ".weight_scale"  # ComfyUI's mixed-precision layer marker and weight scale
+COMFY_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+FILE_FLOAT8 = frozenset(getattr(torch, name) for name in COMFY_FP8_FORMATS if hasattr(torch, name))
+
+
+def check_comfy_fp8(source: TensorSource, path: Path) -> None:
+    """ComfyUI's mixed-precision files (`qwen_3_4b_fp8_mixed`, `*_fp8mixed`: per layer an fp8 `weight`, its
+    `weight_scale`, an `input_scale` and a `comfy_quant` JSON marker) are read when every quantized layer is plain fp8
+    with one scale per tensor or per output row (the op layer computes weight * scale: `pipelines.weight_storage`);
+    any other layer format (nvfp4, mxfp8, int8, rotated) or a scale beside a weight that is not fp8 is one line."""
+    keys = set(source.keys())
+    for key in sorted(keys):
+        if key.endswith(COMFY_QUANT):
+            raw = source.get(key)
+            try:
+                described = json.loads(bytes(raw.flatten().tolist()).decode("utf-8")) if raw.numel() <= 4096 else None
+            except (ValueError, UnicodeDecodeError):
+                described = None
+            kind = described.get("format") if isinstance(described, dict) else None
+            if kind not in COMFY_FP8_FORMATS or described.get("convrot"):  # type: ignore[union-attr]
+                shown = f"format {str(kind)[:40]!r}" if kind else "an unreadable marker"
+                raise CheckpointError(f"{path}: layer {key.removesuffix(COMFY_QUANT)[:120]} is ComfyUI quantized with {shown}, which "
+                                      "this version does not read (it reads fp8 layers: float8_e4m3fn with a weight_scale)")  # fmt: skip
+        elif key.endswith(WEIGHT_SCALE):
+            weight = key.removesuffix(WEIGHT_SCALE) + ".weight"
+            if weight not in keys or source.dtype(weight) not in FILE_FLOAT8:
+                raise CheckpointError(f"{path}: {key[:120]} scales a weight that is not fp8, which this version does not read")
+            rows = source.shape(weight)[0] if source.shape(weight) else 0
+            if math.prod(source.shape(key)) not in (1, rows):
+                raise CheckpointError(f"{path}: {key[:120]} has shape {source.shape(key)}; one scale per tensor or per row "
+                                      f"of its {source.shape(weight)} weight is read")  # fmt: skip
 
 
 def normalize_keys(source: TensorSource, path: Path) -> TensorSource:

@@ -127,5 +127,7 @@ def prepare_qwen3(path: Path | str, layers_read: Sequence[int] | None = None) ->
     config = Qwen3Config.from_shapes(source.shapes())
     with torch.device("meta"):
         model = Qwen3TextEncoder(config, zimage_layers(config) if layers_read is None else layers_read)
-    view = module_view(source, model.state_dict(), lambda key: key.removeprefix("transformer."))
+    keys = list(model.state_dict())
+    scales = [key + "_scale" for key in keys if key.endswith(".weight")]  # a ComfyUI fp8 file's (`<layer>.weight_scale`)
+    view = module_view(source, [*keys, *scales], lambda key: key.removeprefix("transformer."))
     return checked("qwen3", "Qwen3 text encoder", model, view, model.unused_keys())
