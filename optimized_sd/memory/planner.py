@@ -6,8 +6,9 @@ without a GPU (fake budgets) and each constant can be re-measured with `benchmar
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from optimized_sd.errors import FieldError, OutOfMemoryBudget, UserError
 from optimized_sd.memory.modes import MODE_TABLE, MODES, MemoryMode, denoiser_stage_weights, leaner, mode_row
@@ -107,9 +108,152 @@ FIXED_OVERHEAD = 64 * 2**20  # cuBLAS workspace, small buffers, allocator roundi
 SAFETY_MARGIN = 0.9  # use at most 90% of the free memory in auto mode
 
 
+# The stages of one call that the planner weighs, in the order the RAM planner steps components down (read once
+# per call first); a component resident in every stage (a TAESD placed for good) names `EVERY_STAGE`.
+STAGES = ("text", "encode", "decode", "denoise")
+EVERY_STAGE = ("*",)
+
+
+class StageActivations(NamedTuple):
+    """What a component adds to one stage's activations: bytes `running` beside the stage's other running work, a
+    `share` of that work's bytes (a side network beside the denoiser), or bytes held `between` the work's calls
+    (a preview decode between sampling steps, when the denoiser's activations are freed)."""
+
+    running: int = 0
+    share: float = 0.0
+    between: int = 0
+
+
+@dataclass(frozen=True)
+class DenoiserActivations:
+    """The denoiser's activations: its record's constants (None: looked up by `family`) per latent pixel, with the
+    micro-batch and the chunked feed-forward (`unet_activation_bytes`)."""
+
+    family: str = "sd1"
+    constants: Activations | None = None
+    latent_downscale: int = 8
+
+    @property
+    def resolved(self) -> Activations:
+        return self.constants if self.constants is not None else unet_activations(self.family)
+
+    def runs(self, request: Request) -> bool:
+        return True
+
+    def in_stage(self, stage: str, request: Request, chunked: bool, tiled: bool) -> StageActivations:
+        return StageActivations(running=unet_activation_bytes(request, chunked, self.resolved, self.latent_downscale))
+
+
+@dataclass(frozen=True)
+class SideActivations:
+    """A side network beside the denoiser (a ControlNet: the UNet's encoder half, ~0.45 of its activations)."""
+
+    share: float
+
+    def runs(self, request: Request) -> bool:
+        return True
+
+    def in_stage(self, stage: str, request: Request, chunked: bool, tiled: bool) -> StageActivations:
+        return StageActivations(share=self.share)
+
+
+@dataclass(frozen=True)
+class DecodeActivations:
+    """The VAE decoder's: not run (weights not placed) when a TAESD decodes instead."""
+
+    def runs(self, request: Request) -> bool:
+        return not request.tiny_decode
+
+    def in_stage(self, stage: str, request: Request, chunked: bool, tiled: bool) -> StageActivations:
+        return StageActivations(running=decode_activation_bytes(request, tiled) if self.runs(request) else 0)
+
+
+@dataclass(frozen=True)
+class EncodeActivations:
+    """The VAE encoder's, when the call encodes an image (img2img, inpainting)."""
+
+    def runs(self, request: Request) -> bool:
+        return True
+
+    def in_stage(self, stage: str, request: Request, chunked: bool, tiled: bool) -> StageActivations:
+        running = vae_activation_bytes(request, VAE_ENCODE_ELEMENTS_PER_PIXEL, tiled) if request.encodes_image else 0
+        return StageActivations(running=running)
+
+
+@dataclass(frozen=True)
+class TinyDecodeActivations:
+    """A TAESD decoder's: the decode stage's when it decodes the images, the sampling's between steps for previews."""
+
+    def runs(self, request: Request) -> bool:
+        return True
+
+    def in_stage(self, stage: str, request: Request, chunked: bool, tiled: bool) -> StageActivations:
+        tiny = TAESD_DECODE_ELEMENTS_PER_PIXEL * request.height * request.width * request.dtype_bytes
+        if stage == "decode" and request.tiny_decode:
+            return StageActivations(running=tiny)
+        return StageActivations(between=tiny) if stage == "denoise" and request.previews else StageActivations()
+
+
+ActivationModel = DenoiserActivations | SideActivations | DecodeActivations | EncodeActivations | TinyDecodeActivations
+
+
+@dataclass(frozen=True)
+class ComponentSize:
+    """One component as the planner sees it: its weight bytes as placed, the stages it is resident in, its streamed
+    units in execution order (and its halves) where a mode streams the denoiser's stage, and its activation model.
+    A new family's tower or side network is one more of these, no planner field. Where the denoiser's stage
+    streams, a `prefetched` component holds its running unit and the next; the others with units (side networks)
+    run one after another, one unit at a time between them."""
+
+    name: str
+    weights: int
+    stages: tuple[str, ...]
+    units: tuple[int, ...] = ()
+    halves: tuple[int, int] | None = None
+    prefetched: bool = False
+    activations: ActivationModel | None = None
+
+    @property
+    def largest_unit(self) -> int:
+        return max(self.units, default=self.weights)
+
+    @property
+    def largest_unit_pair(self) -> int:
+        """Two consecutive streamed units: the one running and the one being prefetched."""
+        units = self.units
+        return max((a + b for a, b in zip(units, units[1:] + units[:1])), default=0)
+
+    def resident_in(self, stage: str) -> bool:
+        return self.stages == EVERY_STAGE or stage in self.stages
+
+    def runs(self, request: Request) -> bool:
+        return self.activations is None or self.activations.runs(request)
+
+    def stage_weights(self, row: MemoryMode) -> int:
+        """Bytes on the device while its stage runs in `row` (a mode keeping everything resident: all of them)."""
+        if row.resident == "everything":
+            return self.weights
+        if self.prefetched:
+            return denoiser_stage_weights(
+                row, total=self.weights, whole=self.weights, largest_half=max(self.halves or (self.weights,)),
+                largest_block_pair=self.largest_unit_pair,
+            )  # fmt: skip
+        return self.largest_unit if row.denoiser == "blocks" and self.units else self.weights
+
+    def in_stage(self, stage: str, request: Request, chunked: bool, tiled: bool) -> StageActivations:
+        return StageActivations() if self.activations is None else self.activations.in_stage(stage, request, chunked, tiled)
+
+
+def resident_component(name: str, weights: int) -> ComponentSize:
+    """A TAESD decoder placed on the device for the whole call: in every stage, decoding when asked."""
+    return ComponentSize(name, weights, EVERY_STAGE, activations=TinyDecodeActivations())
+
+
 @dataclass(frozen=True)
 class ModelFootprint:
-    """Weight bytes at the compute dtype of each movable part."""
+    """An SD-shaped view of a model's components (weight bytes at the compute dtype of each movable part), for
+    reports and for tests and benchmarks that describe a model by these figures: `of` derives it from components,
+    `components` gives them back. The planner itself reads components only."""
 
     text_encoder: int
     unet: int
@@ -132,14 +276,59 @@ class ModelFootprint:
         return self.activations if self.activations is not None else unet_activations(self.family)
 
     @property
+    def denoiser(self) -> int:
+        """The denoiser's weights (as the components name it)."""
+        return self.unet
+
+    @property
     def total(self) -> int:
         return self.text_encoder + self.unet + self.vae_encoder + self.vae_decoder + self.side
 
     @property
     def largest_block_pair(self) -> int:
         """Two consecutive streamed blocks: the one running and the one being prefetched."""
-        blocks = self.unet_blocks
-        return max((a + b for a, b in zip(blocks, blocks[1:] + blocks[:1])), default=0)
+        return self.components()[0].largest_unit_pair
+
+    def components(self) -> list[ComponentSize]:
+        """These figures as the planner's components: denoiser, VAE halves, text, side networks, TAESD."""
+        denoiser = DenoiserActivations(self.family, self.activations, self.latent_downscale)
+        parts = [
+            ComponentSize("denoiser", self.unet, ("denoise",), self.unet_blocks, self.unet_halves, True, denoiser),
+            ComponentSize("vae_encoder", self.vae_encoder, ("encode",), activations=EncodeActivations()),
+            ComponentSize("vae_decoder", self.vae_decoder, ("decode",), activations=DecodeActivations()),
+            ComponentSize("text_encoder", self.text_encoder, ("text",)),
+        ]
+        if self.side or self.side_activation_share:
+            side = SideActivations(self.side_activation_share)
+            parts.append(ComponentSize("side", self.side, ("denoise",), (self.side_unit,), activations=side))
+        return [*parts, resident_component("tiny_decoder", self.tiny_decoder)]
+
+    @classmethod
+    def of(cls, components: Sequence[ComponentSize]) -> ModelFootprint:
+        """The view of `components`, by where each is resident: the prefetched denoiser, the text, encode and decode
+        stages' own, side networks beside the denoiser, and what stays for every stage."""
+        [denoiser] = [c for c in components if c.prefetched][:1] or [ComponentSize("denoiser", 0, ("denoise",))]
+        model = denoiser.activations if isinstance(denoiser.activations, DenoiserActivations) else DenoiserActivations()
+        sides = [c for c in components if c.stages == ("denoise",) and not c.prefetched]
+
+        def only(stage: str) -> int:
+            return sum(c.weights for c in components if c.stages == (stage,) and c is not denoiser and c not in sides)
+
+        return cls(
+            text_encoder=only("text"), unet=denoiser.weights, unet_halves=denoiser.halves or (denoiser.weights, 0),
+            unet_blocks=denoiser.units, vae_encoder=only("encode"), vae_decoder=only("decode"), family=model.family,
+            activations=model.constants, latent_downscale=model.latent_downscale,
+            tiny_decoder=sum(c.weights for c in components if c.stages == EVERY_STAGE),
+            side=sum(c.weights for c in sides), side_unit=max((c.largest_unit for c in sides), default=0),
+            side_activation_share=sum(getattr(c.activations, "share", 0.0) for c in sides),
+        )  # fmt: skip
+
+
+Model = ModelFootprint | Sequence[ComponentSize]  # the planner's input: components (or the SD-shaped view of them)
+
+
+def components_of(model: Model) -> Sequence[ComponentSize]:
+    return model.components() if isinstance(model, ModelFootprint) else model
 
 
 @dataclass(frozen=True)
@@ -251,49 +440,58 @@ def decode_elements_per_pixel(pixels: int) -> int:
     return VAE_DECODE_LARGE_ELEMENTS_PER_PIXEL if pixels > VAE_DECODE_LARGE_ABOVE else VAE_DECODE_ELEMENTS_PER_PIXEL
 
 
-def estimate_peak(mode: str, model: ModelFootprint, request: Request, vae_tiling: bool) -> int:
+def stage_activation_bytes(components: Sequence[ComponentSize], stage: str, request: Request, chunked: bool, tiled: bool) -> int:
+    """One stage's activations: its running work's bytes with the shares beside them (side networks), or what is
+    held between the work's calls (previews), whichever is larger."""
+    parts = [c.in_stage(stage, request, chunked, tiled) for c in components if c.resident_in(stage)]
+    running = int(sum(p.running for p in parts) * (1 + sum(p.share for p in parts)))
+    return max([running, *(p.between for p in parts)])
+
+
+def stage_weight_bytes(components: Sequence[ComponentSize], stage: str, row: MemoryMode, request: Request) -> int:
+    """Weight bytes on the device while `stage` runs in `row`: each running component's share; the streamed ones
+    without prefetch (side networks) run one after another, so the largest of their units."""
+    placed = [c for c in components if c.resident_in(stage) and c.runs(request)]
+    in_turn = [c for c in placed if c.units and not c.prefetched and row.denoiser == "blocks"]
+    return sum(c.stage_weights(row) for c in placed if c not in in_turn) + max((c.largest_unit for c in in_turn), default=0)
+
+
+def stages_of(components: Sequence[ComponentSize]) -> list[str]:
+    """The stages the components are resident in (`STAGES` first, in its order, then any other)."""
+    named = {stage for c in components if c.stages != EVERY_STAGE for stage in c.stages}
+    return [*(s for s in STAGES if s in named), *sorted(named - set(STAGES))]
+
+
+def estimate_peak(mode: str, model: Model, request: Request, vae_tiling: bool) -> int:
     """Peak allocated bytes of one run in `mode`: the largest of its stages' resident weights plus
-    that stage's activations."""
+    that stage's activations (everything resident: all the weights plus the largest stage's activations)."""
+    components = components_of(model)
     chunked = chunks_feed_forward(mode)
-    unet_act = unet_activation_bytes(request, chunked, model.unet_constants, model.latent_downscale)
-    unet_act = int(unet_act * (1 + model.side_activation_share))  # side networks' activations, beside the UNet's
-    tiny_act = TAESD_DECODE_ELEMENTS_PER_PIXEL * request.height * request.width * request.dtype_bytes
-    decode_act = tiny_act if request.tiny_decode else decode_activation_bytes(request, vae_tiling)
-    decode_weights = 0 if request.tiny_decode else model.vae_decoder
-    if request.previews:  # between steps, when the UNet's activations are freed
-        unet_act = max(unet_act, tiny_act)
-    encode_act = vae_activation_bytes(request, VAE_ENCODE_ELEMENTS_PER_PIXEL, vae_tiling) if request.encodes_image else 0
     row = mode_row(mode)
-    unet_weights = denoiser_stage_weights(
-        row, total=model.total, whole=model.unet, largest_half=max(model.unet_halves), largest_block_pair=model.largest_block_pair
-    )
-    if row.resident != "everything":  # side networks run beside the denoiser: whole, or one streamed unit at a time
-        unet_weights += model.side_unit if row.denoiser == "blocks" else model.side
+    stages = stages_of(components)
+    activations = {stage: stage_activation_bytes(components, stage, request, chunked, vae_tiling) for stage in stages}
     if row.resident == "everything":
-        stages = [unet_weights + max(unet_act, decode_act, encode_act)]
-    else:
-        stages = [
-            model.text_encoder,
-            unet_weights + unet_act,
-            decode_weights + decode_act,
-            model.vae_encoder + encode_act,
-        ]
-    return max(stages) + model.tiny_decoder + FIXED_OVERHEAD
+        return sum(c.weights for c in components) + max(activations.values(), default=0) + FIXED_OVERHEAD
+    return max((stage_weight_bytes(components, s, row, request) + activations[s] for s in stages), default=0) + FIXED_OVERHEAD
 
 
-def stream_lookahead(model: ModelFootprint, request: Request, budget: int) -> int:
-    """Weight bytes `stream` may keep on the device while copying UNet blocks ahead: what the budget
-    leaves beside the sampling stage's activations, or 0 when that is no more than the running block
-    and the next. Copying further ahead hides the copies of the wide low-resolution blocks (most of
+def stream_lookahead(model: Model, request: Request, budget: int) -> int:
+    """Weight bytes `stream` may keep on the device while copying the prefetched component's (the denoiser's)
+    units ahead: what the budget leaves beside its stage's activations, or 0 when that is no more than the running
+    unit and the next. Copying further ahead hides the copies of the wide low-resolution blocks (most of
     the bytes, little compute) behind the compute of the high-resolution ones (see
     benchmarks/stream_floor.py)."""
-    stream_act = unet_activation_bytes(request, chunks_feed_forward("stream"), model.unet_constants, model.latent_downscale)
-    room = min(budget - stream_act - FIXED_OVERHEAD, model.unet)
-    return room if room > model.largest_block_pair else 0
+    streamed = [c for c in components_of(model) if c.prefetched]
+    if not streamed:
+        return 0
+    denoiser = streamed[0]
+    stream_act = denoiser.in_stage(denoiser.stages[0], request, chunks_feed_forward("stream"), False).running
+    room = min(budget - stream_act - FIXED_OVERHEAD, denoiser.weights)
+    return room if room > denoiser.largest_unit_pair else 0
 
 
 def micro_batched(
-    mode: str, model: ModelFootprint, request: Request, budget: int, tiled_for: Callable[[str, Request], bool]
+    mode: str, model: Model, request: Request, budget: int, tiled_for: Callable[[str, Request], bool]
 ) -> Request | None:
     """`request` with the largest UNet micro-batch (at least `MIN_UNET_MICRO_BATCH`) under which `mode`
     fits `budget`, or None. A micro-batch the user set is theirs: never changed."""
@@ -315,7 +513,7 @@ def check_plan_options(mode: str, vae_tiling: str) -> None:
 
 
 def plan_memory(
-    model: ModelFootprint,
+    model: Model,
     request: Request,
     *,
     budget: int | None,
@@ -329,8 +527,10 @@ def plan_memory(
     is kept (micro-batched if need be), and a forced `stream` keeps to one block ahead (the lowest memory, what it is asked
     for); a prefetching mode picked by `auto` copies further ahead within what the budget leaves. VAE
     tiling `auto` turns on only when the untiled decode would not fit. The returned plan carries the
-    chosen row's options for a `device_type` device."""
+    chosen row's options for a `device_type` device. `model`: its components (`ComponentSize`), each weighed in
+    the stages it is resident in."""
     check_plan_options(mode, vae_tiling)
+    model = components_of(model)
 
     def tiled_for(candidate: str, asked: Request) -> bool:
         if vae_tiling != "auto":
@@ -385,7 +585,7 @@ def plan_memory(
     )
 
 
-def largest_fitting_side(model: ModelFootprint, request: Request, budget: int, mode: str, vae_tiling: bool) -> int:
+def largest_fitting_side(model: Model, request: Request, budget: int, mode: str, vae_tiling: bool) -> int:
     """The largest square size (a multiple of 64 pixels, 0 for none) whose estimate in `mode` fits
     `budget`, for an error that says what would fit. Estimates grow with the size, so bisect."""
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from optimized_sd.errors import FieldError, UserError
 from optimized_sd.memory.modes import MemoryMode, mode_row
 from optimized_sd.memory.offload import GroupSpec
+from optimized_sd.memory.planner import ComponentSize, SideActivations
 from optimized_sd.models.controlnet import CONTROL_MODES, ControlNetModel, control_scales, zero_residuals_like
 from optimized_sd.pipelines import placement
 from optimized_sd.pipelines.control_hints import CANNY_HIGH, CANNY_LOW, PREPROCESSORS, RESIZE_MODES, fit_image, hint_tensor, preprocess
@@ -300,10 +301,11 @@ def controlnet_component(name: str, model: ControlNetModel, source, dtype_bytes:
         model,
         source,
         lambda row: controlnet_groups(row, model),
-        {  # the planner's side fields: its weights whole, its largest streamed unit, its activations beside the UNet's
-            "side": parameter_bytes(model, model.block_names(), dtype_bytes),
-            "side_unit": max(unit_bytes),
-            "side_activation_share": CONTROLNET_ACTIVATIONS,
+        {  # a side network beside the denoiser: its weights whole, its streamed units, its share of the UNet's activations
+            "side": ComponentSize(
+                "side", parameter_bytes(model, model.block_names(), dtype_bytes), ("denoise",), tuple(unit_bytes),
+                activations=SideActivations(CONTROLNET_ACTIVATIONS),
+            )
         },
     )
 

@@ -39,7 +39,7 @@ from optimized_sd.pipelines.img2img import IMG2IMG
 from optimized_sd.pipelines.inpaint import Inpaint
 from optimized_sd.pipelines.load_options import LoadOptions
 from optimized_sd.pipelines.masks import InpaintOptions
-from optimized_sd.pipelines.memory_session import MemorySession
+from optimized_sd.pipelines.memory_session import TINY_DECODER, MemorySession
 from optimized_sd.pipelines.networks import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR
 from optimized_sd.pipelines.previews import latent_preview, taesd_preview
 from optimized_sd.pipelines.request import GenerationRequest, GenerationResult, check_size
@@ -317,7 +317,7 @@ class StableDiffusion:
                 tiny.encoder = None
                 placed[id(tiny)] = tiny.place(self.device, self.dtype)
         weights = sum(tiny.weight_bytes(self.dtype.itemsize) for tiny in placed.values())
-        self.memory.sizes = replace(self.memory.sizes, tiny_decoder=weights)
+        self.memory.place_for_good(TINY_DECODER, weights)
         self.fast_vae, self.preview_vae = fast, preview
 
     def preview(self, latents: Tensor) -> Image.Image:

@@ -24,17 +24,29 @@ from optimized_sd.errors import OutOfMemoryBudget, UserError
 from optimized_sd.memory.device import LeanHeap, device_memory
 from optimized_sd.memory.modes import MODES
 from optimized_sd.memory.offload import OffloadEngine, TensorHook
-from optimized_sd.memory.planner import SAFETY_MARGIN, ModelFootprint, Plan, Request, fallback, plan_memory
+from optimized_sd.memory.planner import (
+    EVERY_STAGE,
+    SAFETY_MARGIN,
+    STAGES,
+    ComponentSize,
+    ModelFootprint,
+    Plan,
+    Request,
+    fallback,
+    plan_memory,
+    resident_component,
+)
 from optimized_sd.memory.ram import CUDA_PROCESS_OVERHEAD, HOME_ORDER, HostPart, HostPlan, cpu_base, plan_host, ram_refusal
 from optimized_sd.memory.report import MemoryMeter, StageRecord
 from optimized_sd.models.ops import WeightOp, cpu_int8_matmul_available
 from optimized_sd.models.runtime import RunOptions, use_run_options
-from optimized_sd.pipelines.placement import Component, combined_sizes, host_part, model_components, model_footprint, tree_groups, units
+from optimized_sd.pipelines.placement import Component, host_part, model_components, planned_sizes, tree_groups, units
 from optimized_sd.pipelines.weight_storage import StoredSource, WeightStorage, apply_storage
 
 log = logging.getLogger("optimized_sd")
 
 RING_DEVICES = frozenset({"cuda"})  # where the RAM planner offers the pinned ring (a test adds the CPU to check its bytes)
+TINY_DECODER = "tiny_decoder"  # the TAESD decoders' weights, placed by the pipeline (`use_tiny_decoders`)
 SAMPLING_STAGE = "unet"  # the stage whose allocations repeat step after step (the lean heap reuses them)
 
 Result = TypeVar("Result")
@@ -46,6 +58,22 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def host_sizes(components: list[ComponentSize]) -> list[tuple[str, int, int, bool]]:
+    """(name, weight bytes, largest unit, copied ahead) of each host part that `components` form: those of one
+    name together (several ControlNets are one `side`), the ones read once per call first by their first stage
+    (`STAGES`'s order), the component copied ahead (the denoiser, read every step) last; none for what stays on
+    the device for good."""
+    parts: dict[str, tuple[str, int, int, bool]] = {}
+    first_stage: dict[str, int] = {}
+    for c in components:
+        if c.stages == EVERY_STAGE:
+            continue
+        _, size, unit, ahead = parts.get(c.name, (c.name, 0, 0, False))
+        parts[c.name] = (c.name, size + c.weights, max(unit, c.largest_unit), ahead or c.prefetched)
+        first_stage.setdefault(c.name, STAGES.index(c.stages[0]) if c.stages[0] in STAGES else len(STAGES))
+    return sorted(parts.values(), key=lambda part: (part[3], first_stage[part[0]]))
 
 
 class MemorySession:
@@ -93,8 +121,10 @@ class MemorySession:
         # The model's own components (denoiser, VAE, text towers) first, on its tree; side networks and neighbouring
         # models join them by `attach`.
         self.components: dict[str, Component] = {c.name: c for c in model_components(model, self.source, dtype.itemsize, self.storage)}
-        self.sizes = model_footprint(model, combined_sizes(self.parts()))  # weight bytes per component: fixed for this pipeline
-        plan_memory(self.sizes, Request(64, 64), budget=None, mode=mode, vae_tiling=vae_tiling)  # validates names
+        # What stays on the device for good outside the engines, weighed in every stage (TAESD decoders, `place_for_good`).
+        self.resident: dict[str, ComponentSize] = {}
+        self.place_for_good(TINY_DECODER, 0)
+        plan_memory(self.call_components(), Request(64, 64), budget=None, mode=mode, vae_tiling=vae_tiling)  # validates names
         self.meter = MemoryMeter(device)
         self.meter.pinned = self.pinned_bytes
         self.stage_prefix = ""  # put before each stage's name in the meter (a refiner's: "refiner_")
@@ -179,7 +209,7 @@ class MemorySession:
             return int((budget - taken) * SAFETY_MARGIN) if self.device.type == "cpu" else budget - taken
         if self.device.type not in ("cuda", "cpu"):
             return None
-        held = self.engine_resident_bytes() + self.sizes.tiny_decoder  # a TAESD placed at load is in the plan too
+        held = self.engine_resident_bytes() + sum(c.weights for c in self.resident.values())  # a TAESD placed at load too
         return int(device_memory(self.device).free * SAFETY_MARGIN) + held + freed
 
     def device_budget(self) -> int | None:
@@ -193,7 +223,7 @@ class MemorySession:
         if self.device.type != "cpu" or self.ram_budget is None or self.device_budget() != self.ram_budget:
             return
         leanest = MODES[-1]
-        estimate = plan_memory(self.call_sizes(), request, budget=None, mode=leanest, vae_tiling=self.vae_tiling, device_type="cpu")
+        estimate = plan_memory(self.call_components(), request, budget=None, mode=leanest, vae_tiling=self.vae_tiling, device_type="cpu")
         raise ram_refusal(self.ram_budget, cpu_base(estimate.estimates[leanest]), f" for {leanest}")
 
     def host_parts(self, plan: Plan) -> list[HostPart]:
@@ -205,13 +235,9 @@ class MemorySession:
         usual = {"pinned": ("pinned", "pageable", "mapped"), "cpu": ("pageable", "mapped")}.get(default, ("mapped",))
         # The ring reads units on a thread from the plain file: not for weights quantised as they are read.
         ring = plan.row.denoiser == "blocks" and self.device.type in RING_DEVICES and not self.storage.stored
-        sizes = self.call_sizes()
-        whole = [("text_encoder", sizes.text_encoder), ("vae_encoder", sizes.vae_encoder), ("vae_decoder", sizes.vae_decoder)]
-        parts = [HostPart(name, size, size, usual) for name, size in whole]
-        if sizes.side:
-            parts.append(HostPart("side", sizes.side, sizes.side_unit, usual))
         streamed = tuple(home for home in HOME_ORDER if home in usual or (ring and home == "ring"))
-        return [*parts, HostPart("denoiser", sizes.unet, max(sizes.unet_blocks, default=sizes.unet), streamed)]
+        parts = host_sizes(self.call_components())
+        return [HostPart(name, size, unit, streamed if ahead else usual) for name, size, unit, ahead in parts]
 
     def plan_host(self, plan: Plan) -> HostPlan | None:
         """Where the weights wait off the device under `--ram-budget` (None without one: as the mode says)."""
@@ -223,12 +249,25 @@ class MemorySession:
     def planned(self, request: Request, budget: int | None) -> Plan:
         """The plan for `budget`, without a word logged (plan_for weighs several)."""
         return plan_memory(
-            self.call_sizes(), request, budget=budget, mode=self.requested, vae_tiling=self.vae_tiling, device_type=self.device.type
+            self.call_components(), request, budget=budget, mode=self.requested, vae_tiling=self.vae_tiling, device_type=self.device.type
         )
 
+    def call_components(self) -> list[ComponentSize]:
+        """What the planner weighs for a call: the model's components, the side components, what stays for good."""
+        return [*planned_sizes(self.parts()), *planned_sizes(self.sides()), *self.resident.values()]
+
+    def place_for_good(self, name: str, weights: int) -> None:
+        """Count `weights` bytes that the pipeline keeps on the device for good (a TAESD) in every stage's plan."""
+        self.resident[name] = resident_component(name, weights)
+
+    @property
+    def sizes(self) -> ModelFootprint:
+        """The model's own weights as the SD-shaped view (reports, the bench): fixed for this pipeline."""
+        return ModelFootprint.of([*planned_sizes(self.parts()), *self.resident.values()])
+
     def call_sizes(self) -> ModelFootprint:
-        """The model's footprint with the side components' weights and activations counted in."""
-        return replace(self.sizes, **combined_sizes(self.sides()))
+        """The view of a call's components, the side components' weights and activations counted in."""
+        return ModelFootprint.of(self.call_components())
 
     def pinned_bytes(self) -> int:
         """Page-locked host bytes this session's engines hold (its own, its components', its sessions'): the report's."""
@@ -325,8 +364,9 @@ class MemorySession:
         """Place the weights for `mode` as if it were asked for with no budget (tests and tools that
         want a placement without a call)."""
         plan = plan_memory(
-            self.call_sizes(), request or Request(64, 64), budget=None, mode=mode, vae_tiling=self.vae_tiling, device_type=self.device.type
-        )
+            self.call_components(), request or Request(64, 64), budget=None, mode=mode, vae_tiling=self.vae_tiling,
+            device_type=self.device.type,
+        )  # fmt: skip
         self.place(plan)
         return plan
 

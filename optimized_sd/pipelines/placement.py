@@ -5,10 +5,9 @@ are its family record's `units`."""
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -16,7 +15,13 @@ from optimized_sd.families import registry
 from optimized_sd.families.registry import Units
 from optimized_sd.memory.modes import MemoryMode
 from optimized_sd.memory.offload import GroupSpec, OffloadEngine
-from optimized_sd.memory.planner import ModelFootprint
+from optimized_sd.memory.planner import (
+    ComponentSize,
+    DecodeActivations,
+    DenoiserActivations,
+    EncodeActivations,
+    ModelFootprint,
+)
 
 if TYPE_CHECKING:
     from optimized_sd.pipelines.memory_session import MemorySession
@@ -31,25 +36,24 @@ VAE_DECODER = Units().vae_decoder
 STREAM_UNIT_PARAMS = 50_000_000
 # A loaded model's components, by the names `pipe.memory.components` gives them.
 TEXT, VAE, DENOISER = "text", "vae", "denoiser"
-# Footprint fields that several components fill by the largest one's value, not the sum (the planner streams one
-# side unit at a time).
-LARGEST_OF = frozenset({"side_unit"})
 
 
 @dataclass
 class Component:
     """A named network the memory session places: `specs` maps a plan's mode row to its offload groups (module
-    paths under `model`), `sizes` holds the planner footprint's fields it fills (its weights as placed). The
+    paths under `model`), `sizes` holds what the planner weighs of it, by name (`planner.ComponentSize`: its weights
+    as placed, per part resident in its own stages, a VAE's halves apart). The
     components of one tree (a checkpoint's text towers, VAE and denoiser) share that tree's engine, so one
     residency log covers them; a component with a tree of its own (a ControlNet) gets an engine of its own, by the
     same plan; one with a `session` of its own (an SDXL refiner: a whole second model) is planned by that session,
-    beside this one. A new family's extra tower is one more entry: its name, its groups per row, its sizes."""
+    beside this one. A new family's extra tower is one more entry: its name, its groups per row, its sizes; the
+    planner needs no field for it."""
 
     name: str
     model: nn.Module
     source: object  # optimized_sd.weights.sources.TensorSource
     specs: Callable[[MemoryMode], list[GroupSpec]]
-    sizes: Mapping[str, Any] = field(default_factory=dict)
+    sizes: Mapping[str, ComponentSize] = field(default_factory=dict)
     session: MemorySession | None = None
     engine: OffloadEngine | None = None  # its tree's engine while placed
     placed: tuple[str, str] | None = None  # (mode, host storage) its own engine was built for
@@ -62,14 +66,18 @@ class Component:
         self.engine, self.placed = None, None
 
 
-def combined_sizes(components: Iterable[Component]) -> dict[str, Any]:
-    """The footprint fields of `components` together: summed, or the largest where `LARGEST_OF` says."""
-    total: dict[str, Any] = {}
+def combined_sizes(components: Iterable[Component]) -> dict[str, int]:
+    """The weight bytes of `components` together, by the planner's names for them (a report's figures)."""
+    total: dict[str, int] = {}
     for component in components:
-        for key, value in component.sizes.items():
-            join = max if key in LARGEST_OF else operator.add
-            total[key] = value if key not in total else join(total[key], value)
+        for key, size in component.sizes.items():
+            total[key] = total.get(key, 0) + size.weights
     return total
+
+
+def planned_sizes(components: Iterable[Component]) -> list[ComponentSize]:
+    """What the planner weighs of `components`, in their order."""
+    return [size for component in components for size in component.sizes.values()]
 
 
 def tree_groups(row: MemoryMode, groups: list[list[GroupSpec]]) -> list[GroupSpec]:
@@ -261,22 +269,35 @@ def parameter_bytes(model: nn.Module, paths: tuple[str, ...] | list[str], dtype_
     )
 
 
-def component_sizes(model: nn.Module, dtype_bytes: int, storage: WeightStorage | None = None) -> dict[str, dict[str, Any]]:
-    """The footprint fields each of the model's components fills, by component name (bytes as placed)."""
+def denoiser_activations(model: nn.Module) -> DenoiserActivations:
+    """The denoiser's activation model from the family record's constants (a bare module: SD 1.x's)."""
+    record = model_record(model)
+    if record is None:
+        return DenoiserActivations()
+    return DenoiserActivations(record.family_id, record.unet_activations, record.latent.downscale)
+
+
+def component_sizes(model: nn.Module, dtype_bytes: int, storage: WeightStorage | None = None) -> dict[str, dict[str, ComponentSize]]:
+    """What the planner weighs of each of the model's components, by component name (bytes as placed): the
+    denoiser in the sampling stage, streamed by units (copied ahead); the VAE's halves in the encode and decode
+    stages; the text towers in the text stage."""
     first, second = unet_halves(model)
     paths = units(model)
 
     def size(paths: tuple[str, ...] | list[str]) -> int:
         return parameter_bytes(model, paths, dtype_bytes, storage)
 
+    denoiser = ComponentSize(
+        "denoiser", size([paths.denoiser]), ("denoise",), tuple(size(unit) for unit in stream_units(model)),
+        (size(first), size(second)), prefetched=True, activations=denoiser_activations(model),
+    )  # fmt: skip
     return {
-        DENOISER: {
-            "unet": size([paths.denoiser]),
-            "unet_halves": (size(first), size(second)),
-            "unet_blocks": tuple(size(unit) for unit in stream_units(model)),
+        DENOISER: {"denoiser": denoiser},
+        VAE: {
+            "vae_encoder": ComponentSize("vae_encoder", size(paths.vae_encoder), ("encode",), activations=EncodeActivations()),
+            "vae_decoder": ComponentSize("vae_decoder", size(paths.vae_decoder), ("decode",), activations=DecodeActivations()),
         },
-        VAE: {"vae_encoder": size(paths.vae_encoder), "vae_decoder": size(paths.vae_decoder)},
-        TEXT: {"text_encoder": size(text_group(model).modules)},
+        TEXT: {"text_encoder": ComponentSize("text_encoder", size(text_group(model).modules), ("text",))},
     }
 
 
@@ -290,15 +311,6 @@ def model_components(model: nn.Module, source, dtype_bytes: int, storage: Weight
     ]
 
 
-def model_footprint(model: nn.Module, sizes: Mapping[str, Any]) -> ModelFootprint:
-    """The planner's footprint from the components' combined `sizes` and the family record's constants."""
-    record = model_record(model)
-    family = {} if record is None else dict(
-        family=record.family_id, activations=record.unet_activations, latent_downscale=record.latent.downscale
-    )  # fmt: skip
-    return ModelFootprint(**sizes, **family)
-
-
 def footprint(model: nn.Module, dtype_bytes: int, storage: WeightStorage | None = None) -> ModelFootprint:
-    """Weight bytes of each component as placed (works on a model built on the meta device)."""
-    return model_footprint(model, combined_sizes(model_components(model, None, dtype_bytes, storage)))
+    """Weight bytes of each component as placed, as the SD-shaped view (works on a model built on the meta device)."""
+    return ModelFootprint.of(planned_sizes(model_components(model, None, dtype_bytes, storage)))
