@@ -22,7 +22,7 @@
 #   wave4:     the owed Flux, ControlNet and hires-fix figures (issues 23 and 27), declared as data in
 #              optimized_sd/benchmark/scenarios.py (OWED_GPU_CHECKS: each command, its target, its time cap), most
 #              important first; WAVE4_TAG=flux runs only the Flux.1 dev ones (their first run writes the 33 GB bench
-#              model: give them a lease of their own), WAVE4_TAG=sd the SD ones               ~8 min per tag (estimate)
+#              model: give them a lease of their own), WAVE4_TAG=sd the SD ones, WAVE4_TAG=zimage Z-Image (writes its 20 GB model first)              ~8 min per tag (estimate)
 #   run(command="WAVE4_TAG=sd LEASE_SECONDS=470 bash benchmarks/device_run.sh wave4", carry=[".whl"], timeout_s=500)
 #   lease2:    phase_conv.py at 1024 (seconds); the SD 1.5 frontier at none, 2GB, 1GB and 0.6GB (FRONTIER_BUDGETS) against diffusers, model, group and
 #              sequential offload (call at once after lease1: the warm machine keeps the models)  ~5 min

@@ -166,7 +166,7 @@ stage("done")
 """
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runner", choices=("ours", "diffusers"))
     parser.add_argument("--memory", default="stream", help="our memory mode (default stream)")
@@ -178,16 +178,23 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--offload", action="store_true", help="diffusers: enable_sequential_cpu_offload")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="ours: the device (a GPU check: cuda)")
+    parser.add_argument("--vram-budget", help="ours: --vram-budget (with --memory auto), e.g. 2GB for issue 24's GPU cap")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     model = ensure_files((args.cache_dir or default_cache_dir()) / FOLDER)
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "report.json"
         if args.runner == "ours":
             command = [
                 sys.executable, "-m", "optimized_sd.cli", "txt2img", "--ckpt", str(model.transformer), "--text-encoder", str(model.qwen),
-                "--vae", str(model.vae), "--tokenizer", str(model.tokenizer), "--device", "cpu", "--precision", args.precision,
+                "--vae", str(model.vae), "--tokenizer", str(model.tokenizer), "--device", args.device, "--precision", args.precision,
                 "--memory", args.memory, "--H", str(args.size), "--W", str(args.size), "--steps", str(args.steps), "--n_samples", "1",
                 "--seed", "0", "--prompt", PROMPT, "--outdir", scratch, "--report-json", str(report),
+                *(["--vram-budget", args.vram_budget] if args.vram_budget else []),
             ]  # fmt: skip
         else:
             command = [sys.executable, "-c", DIFFUSERS_CHILD, str(model.transformer), str(model.qwen), str(model.tokenizer),

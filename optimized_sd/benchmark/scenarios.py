@@ -358,6 +358,10 @@ OWED_GPU_CHECKS: tuple[DeviceCheck, ...] = (
     DeviceCheck("hires-sd15-512-to-1024-2GB", 27, "sd", "hires fix 512 -> 1024 SD 1.5 planned for 2 GB completes (peak allocated <= 2 GB)",
                 (*CN_GPU, "--model", "sd15", "--size", "512", "--memory", "auto", "--configs", "hires", "--hr-scale", "2",
                  "--vram-budget", "2GB"), 120),
+    DeviceCheck("zimage-turbo-1024-auto-2GB", 24, "zimage",
+                "Z-Image-Turbo 1024 whole pipeline planned for 2 GB completes (peak allocated <= 2 GiB)",
+                ("benchmarks/zimage_cpu.py", "ours", "--device", "cuda", "--precision", "bf16", "--size", "1024", "--steps", "8",
+                 "--memory", "auto", "--vram-budget", "2GB", "--cap", "100", "--timeout", "500"), 540),
 )  # fmt: skip
 
 
