@@ -298,12 +298,24 @@ class SafetensorsSource(TensorSource):
         if self._mapping is None or not CAN_DROP_PAGES:
             return
         page = mmap.PAGESIZE
-        for key in keys:
-            entry = self._entries[key]
-            offset, length = self.data_start + entry.begin, entry.end - entry.begin
-            start = offset - offset % page
-            if length:
-                self._mapping.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+        spans = sorted((self._entries[key].begin, self._entries[key].end) for key in keys)
+        start = end = None  # tensors next to each other in the file are handed back in one call
+        for begin, stop in spans:
+            if begin == stop:
+                continue
+            if end is not None and begin <= end + page:
+                end = max(end, stop)
+                continue
+            if end is not None:
+                self._drop_pages(start, end, page)
+            start, end = begin, stop
+        if end is not None:
+            self._drop_pages(start, end, page)
+
+    def _drop_pages(self, begin: int, end: int, page: int) -> None:
+        offset = self.data_start + begin
+        first = offset - offset % page
+        self._mapping.madvise(mmap.MADV_DONTNEED, first, self.data_start + end - first)
 
     def close(self) -> None:
         # Tensors viewing the mapping keep it alive through their buffer export, so the mapping is
@@ -364,8 +376,12 @@ class ChainSource(TensorSource):
         return self._owner[key].gguf(key)
 
     def release(self, keys: Iterable[str]) -> None:
+        by_part: dict[int, tuple[TensorSource, list[str]]] = {}
         for key in keys:
-            self._owner[key].release([key])
+            part = self._owner[key]
+            by_part.setdefault(id(part), (part, []))[1].append(key)
+        for part, part_keys in by_part.values():
+            part.release(part_keys)
 
     def close(self) -> None:
         for part in self.parts:
