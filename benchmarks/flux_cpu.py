@@ -176,17 +176,40 @@ def watch(command: list[str], cap: int, min_free: int, timeout: float) -> dict:
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def watched_run(command: list[str], args: argparse.Namespace, report: Path) -> dict:
+    """Run `command` under `watch` with the parser's limits; for ours, add the mode, the stage table its
+    `--report-json` wrote and the sampling stage's s/step."""
+    result = watch(command, int(args.cap * GB), int(args.min_free * GB), args.timeout)
+    result.update(runner=args.runner, size=args.size, steps=args.steps)
+    if args.runner == "ours":
+        result.update(memory=args.memory, precision=args.precision)
+        if report.is_file():
+            stages = json.loads(report.read_text())["stages"]
+            result["stages"] = stages
+            sampling = next((stage for stage in stages.values() if stage.get("steps")), None)
+            if sampling:
+                result["seconds_per_step"] = round(sampling["seconds"] / sampling["steps"], 3)
+    return result
+
+
+def run_parser(description: str, size: int) -> argparse.ArgumentParser:
+    """The options every full-size CPU benchmark script takes (this one's and `zimage_cpu.py`'s): which runner, the
+    run's size and mode, and the watchdog's limits."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("runner", choices=("ours", "diffusers"))
     parser.add_argument("--memory", default="stream", help="our memory mode (default stream)")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=size)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--precision", default="autocast", help="our --precision (default autocast: fp32 on the CPU)")
     parser.add_argument("--cap", type=float, default=20.0, help="kill the run above this many GB of RSS (default 20)")
     parser.add_argument("--min-free", type=float, default=4.0, help="kill it when available RAM falls under this (GB)")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = run_parser(__doc__.splitlines()[0], size=256)
     parser.add_argument("--offload", nargs="?", const="sequential", choices=("sequential", "group-leaf"),
                         help="diffusers: enable_sequential_cpu_offload (no value), or leaf-level group offload with streams")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -215,16 +238,7 @@ def main() -> int:
             command = [sys.executable, "-c", DIFFUSERS_CHILD, str(model.checkpoint), str(t5_file), str(clip_file), str(vae_file),
                        str(model.tokenizer), str(model.t5_tokenizer), str(args.size), str(args.steps), args.device,
                        args.offload or "none"]  # fmt: skip
-        result = watch(command, int(args.cap * GB), int(args.min_free * GB), args.timeout)
-        result.update(runner=args.runner, size=args.size, steps=args.steps)
-        if args.runner == "ours":
-            result.update(memory=args.memory, precision=args.precision)
-            if report.is_file():
-                stages = json.loads(report.read_text())["stages"]
-                result["stages"] = stages
-                sampling = next((s for name, s in stages.items() if s.get("steps")), None)
-                if sampling:
-                    result["seconds_per_step"] = round(sampling["seconds"] / sampling["steps"], 3)
+        result = watched_run(command, args, report)
         if args.device == "cuda":
             rate = pinned_h2d_gbs()
             moved = streamed_bytes_per_step(model.checkpoint, args.weights == "fp8")

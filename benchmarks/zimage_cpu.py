@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flux_cpu import GB, watch  # noqa: E402
+from flux_cpu import run_parser, watched_run  # noqa: E402
 
 from optimized_sd.benchmark import flux_model  # noqa: E402
 from optimized_sd.benchmark.model_cache import check_disk_space, default_cache_dir  # noqa: E402
@@ -167,16 +167,7 @@ stage("done")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runner", choices=("ours", "diffusers"))
-    parser.add_argument("--memory", default="stream", help="our memory mode (default stream)")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--precision", default="autocast", help="our --precision (default autocast: fp32 on the CPU)")
-    parser.add_argument("--cap", type=float, default=20.0, help="kill the run above this many GB of RSS (default 20)")
-    parser.add_argument("--min-free", type=float, default=4.0, help="kill it when available RAM falls under this (GB)")
-    parser.add_argument("--timeout", type=float, default=3600.0)
-    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser = run_parser(__doc__.splitlines()[0], size=512)
     parser.add_argument("--offload", action="store_true", help="diffusers: enable_sequential_cpu_offload")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="ours: the device (a GPU check: cuda)")
     parser.add_argument("--vram-budget", help="ours: --vram-budget (with --memory auto), e.g. 2GB for issue 24's GPU cap")
@@ -199,16 +190,7 @@ def main() -> int:
         else:
             command = [sys.executable, "-c", DIFFUSERS_CHILD, str(model.transformer), str(model.qwen), str(model.tokenizer),
                        str(args.size), str(args.steps), *(["--offload"] if args.offload else [])]  # fmt: skip
-        result = watch(command, int(args.cap * GB), int(args.min_free * GB), args.timeout)
-        result.update(runner=args.runner, size=args.size, steps=args.steps)
-        if args.runner == "ours":
-            result.update(memory=args.memory, precision=args.precision)
-            if report.is_file():
-                stages = json.loads(report.read_text())["stages"]
-                result["stages"] = stages
-                sampling = next((s for s in stages.values() if s.get("steps")), None)
-                if sampling:
-                    result["seconds_per_step"] = round(sampling["seconds"] / sampling["steps"], 1)
+        result = watched_run(command, args, report)
     print(json.dumps(result))
     return 0 if result["exit"] == 0 and not result["killed"] else 1
 

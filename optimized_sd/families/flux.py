@@ -28,10 +28,11 @@ from optimized_sd.families.registry import (
 )
 from optimized_sd.memory.planner import TokenActivations
 from optimized_sd.models.flux import VAE_SCALE, VAE_SHIFT
+from optimized_sd.models.sd import PartsModel
 from optimized_sd.sampling.model_sampling import FlowSampling
 
 FLUX_DEV, FLUX_SCHNELL = "flux-dev", "flux-schnell"
-TEXT_ROOT = "text_encoders"
+TEXT_ROOT = PartsModel.text_root
 CLIP_TOWER, T5_TOWER = "clip_l", "t5xxl"
 T5_HUB_TOKENIZER = "google/t5-v1_1-xxl"
 GUIDANCE_DEFAULT = 3.5  # dev's distilled guidance (diffusers' FluxPipeline and Forge's default)
@@ -113,37 +114,6 @@ def flux_units(transformer: nn.Module) -> list[tuple[str, ...]]:
     ]
 
 
-class FluxTextEncoders(nn.Module):
-    """`text_encoders`: CLIP-L (pooled vector) and T5-XXL (context), run in that order."""
-
-    def __init__(self, clip_l: nn.Module, t5xxl: nn.Module) -> None:
-        super().__init__()
-        self.clip_l = clip_l
-        self.t5xxl = t5xxl
-
-    def towers(self) -> list[str]:
-        return [CLIP_TOWER, T5_TOWER]
-
-
-class DiffusionWrapper(nn.Module):
-    def __init__(self, transformer: nn.Module) -> None:
-        super().__init__()
-        self.diffusion_model = transformer
-
-
-class FluxModel(nn.Module):
-    """The whole Flux.1 model under the names the memory engine places (see the module docstring)."""
-
-    text_root = TEXT_ROOT
-
-    def __init__(self, config, transformer: nn.Module, vae: nn.Module, clip_l: nn.Module, t5xxl: nn.Module) -> None:
-        super().__init__()
-        self.config = config
-        self.model = DiffusionWrapper(transformer)
-        self.first_stage_model = vae
-        self.text_encoders = FluxTextEncoders(clip_l, t5xxl)
-
-
 # --- which files ---------------------------------------------------------------------------------------
 
 # The load field that gives each part (its errors name it; each front end says it in its own words).
@@ -176,14 +146,10 @@ def claims(path: Path) -> bool:
 
 def diffusers_flux_transformer(folder: Path) -> Path | None:
     """The transformer weight file of a diffusers Flux folder (model_index.json names a Flux pipeline), else None."""
-    import json
+    from optimized_sd.weights.diffusers_folder import pipeline_class
 
-    index = folder / "model_index.json"
-    try:
-        pipeline = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "") if index.is_file() else ""
-    except (OSError, ValueError):
-        return None
-    if not str(pipeline).startswith("Flux") or str(pipeline).startswith("Flux2"):
+    pipeline = pipeline_class(folder)
+    if not pipeline.startswith("Flux") or pipeline.startswith("Flux2"):
         return None
     return folder / "transformer"
 
@@ -246,7 +212,8 @@ def prepare(
                         context_dim=transformer.config.context_in_dim),
         vae=vae_model.config, text=None, scale_factor=VAE_SCALE, family=variant,
     )  # fmt: skip
-    model = FluxModel(config, transformer, vae_model, components["clip_l"].model, components["t5"].model)
+    towers = {CLIP_TOWER: components["clip_l"].model, T5_TOWER: components["t5"].model}  # CLIP-L's pooled vector, then T5
+    model = PartsModel(config, transformer, vae_model, **towers)
     t5_encoder = components["t5"].model.transformer
     t5_encoder.encoder.embed_tokens = t5_encoder.shared  # one module, so a hook on `shared` sees the lookup
     prefixes = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.",
@@ -395,38 +362,28 @@ def unsupported_config(shapes: Shapes, record: FamilyRecord):
     raise UserError(f"{record.display_name} is opened by its own loader (families.flux.prepare), not from one LDM checkpoint")
 
 
-FLUX_DEV_RECORD = FamilyRecord(
-    name=FLUX_DEV,
-    display_name="Flux.1 dev",
-    detect=is_flux_transformer(guidance=True),
-    infer_config=unsupported_config,
-    latent=FLUX_LATENT,
-    towers=TOWERS,
-    prediction="flow",
-    defaults=Defaults(size=1024, steps=28, sampler="euler", scale=1.0, a1111=False),
-    units=UNITS,
-    unet_in_channels=64,
-    unet_heads=None,
-    unet_activations=FLUX_ACTIVATIONS,
-    loader=LOADER,
-    lora=FLUX_LORA,
-)
-FLUX_SCHNELL_RECORD = FamilyRecord(
-    name=FLUX_SCHNELL,
-    display_name="Flux.1 schnell",
-    detect=is_flux_transformer(guidance=False),
-    infer_config=unsupported_config,
-    latent=FLUX_LATENT,
-    towers=TOWERS,
-    prediction="flow",
-    defaults=Defaults(size=1024, steps=4, sampler="euler", scale=1.0, a1111=False),
-    units=UNITS,
-    unet_in_channels=64,
-    unet_heads=None,
-    unet_activations=FLUX_ACTIVATIONS,
-    loader=LOADER,
-    lora=FLUX_LORA,
-)
+def flux_record(name: str, display_name: str, guidance: bool, steps: int) -> FamilyRecord:
+    """A Flux.1 variant's record: dev and schnell differ only in the guidance input and their step count."""
+    return FamilyRecord(
+        name=name,
+        display_name=display_name,
+        detect=is_flux_transformer(guidance=guidance),
+        infer_config=unsupported_config,
+        latent=FLUX_LATENT,
+        towers=TOWERS,
+        prediction="flow",
+        defaults=Defaults(size=1024, steps=steps, sampler="euler", scale=1.0, a1111=False),
+        units=UNITS,
+        unet_in_channels=64,
+        unet_heads=None,
+        unet_activations=FLUX_ACTIVATIONS,
+        loader=LOADER,
+        lora=FLUX_LORA,
+    )
+
+
+FLUX_DEV_RECORD = flux_record(FLUX_DEV, "Flux.1 dev", guidance=True, steps=28)
+FLUX_SCHNELL_RECORD = flux_record(FLUX_SCHNELL, "Flux.1 schnell", guidance=False, steps=4)
 
 for _record in (FLUX_DEV_RECORD, FLUX_SCHNELL_RECORD):
     register(_record)

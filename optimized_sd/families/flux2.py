@@ -17,11 +17,12 @@ from pathlib import Path
 from torch import nn
 
 from optimized_sd.errors import CheckpointError, FieldError, UserError
-from optimized_sd.families.flux import DiffusionWrapper, fused_lora_names, loaded_model, unsupported_config
+from optimized_sd.families.flux import fused_lora_names, loaded_model, unsupported_config
 from optimized_sd.families.registry import Defaults, FamilyRecord, LatentFormat, Loader, LoraKeys, Shapes, TextTower, Units, register
+from optimized_sd.models.sd import PartsModel
 
 KLEIN, KLEIN_BASE = "flux2-klein", "flux2-klein-base"
-TEXT_ROOT, QWEN_TOWER = "text_encoders", "qwen3"
+TEXT_ROOT, QWEN_TOWER = PartsModel.text_root, "qwen3"
 KLEIN_PIPELINE = "Flux2KleinPipeline"
 PART_WORDS = {"transformer": "Flux.2 transformer", "qwen3": "Qwen3 text encoder", "vae": "Flux.2 VAE"}
 PART_FIELDS = {"transformer": "checkpoint", "qwen3": "text_encoders", "vae": "vae"}  # the load field giving each part
@@ -69,41 +70,7 @@ def klein_units(transformer: nn.Module) -> list[tuple[str, ...]]:
     ]
 
 
-class KleinTextEncoder(nn.Module):
-    """`text_encoders`: the one Qwen3 tower."""
-
-    def __init__(self, qwen3: nn.Module) -> None:
-        super().__init__()
-        self.qwen3 = qwen3
-
-    def towers(self) -> list[str]:
-        return [QWEN_TOWER]
-
-
-class KleinModel(nn.Module):
-    """The whole Flux.2 klein model under the names the memory engine places (see the module docstring)."""
-
-    text_root = TEXT_ROOT
-
-    def __init__(self, config, transformer: nn.Module, vae: nn.Module, qwen3: nn.Module) -> None:
-        super().__init__()
-        self.config = config
-        self.model = DiffusionWrapper(transformer)
-        self.first_stage_model = vae
-        self.text_encoders = KleinTextEncoder(qwen3)
-
-
 # --- which files ---------------------------------------------------------------------------------------
-
-
-def pipeline_class(folder: Path) -> str:
-    """The `_class_name` a diffusers folder's model_index.json names ("" when none can be read)."""
-    from optimized_sd.weights.diffusers_folder import read_json
-
-    try:
-        return str(read_json(folder / "model_index.json").get("_class_name", "")) if (folder / "model_index.json").is_file() else ""
-    except (CheckpointError, OSError, ValueError):
-        return ""
 
 
 def file_holds(path: Path) -> str | None:
@@ -133,6 +100,8 @@ def file_holds(path: Path) -> str | None:
 def claims(path: Path) -> bool:
     """A diffusers Flux.2 folder, or a safetensors or GGUF file holding a Flux.2 transformer (dev too, refused by name); a
     Qwen3 file alone is Z-Image's to claim (`families.zimage`: its error names --text-encoder for both families)."""
+    from optimized_sd.weights.diffusers_folder import pipeline_class
+
     path = Path(path)
     if path.is_dir():
         return pipeline_class(path).startswith("Flux2")
@@ -144,6 +113,8 @@ def claims(path: Path) -> bool:
 
 def part_paths(path: Path, text_encoders: list[Path], vae: Path | None) -> dict[str, Path]:
     """Each part's file or folder: a diffusers folder's own, then the flags (which replace them)."""
+    from optimized_sd.weights.diffusers_folder import pipeline_class
+
     parts: dict[str, Path] = {}
     if path.is_dir():
         kind = pipeline_class(path)
@@ -201,7 +172,7 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
         vae=vae_model.config, text=None, scale_factor=1.0, family=family,
     )  # fmt: skip
     prefixes = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.", "qwen3": f"{TEXT_ROOT}.{QWEN_TOWER}."}
-    return loaded_model(KleinModel(config, transformer, vae_model, qwen3), config, path, components, prefixes)
+    return loaded_model(PartsModel(config, transformer, vae_model, **{QWEN_TOWER: qwen3}), config, path, components, prefixes)
 
 
 def describe(path: Path):
@@ -209,6 +180,7 @@ def describe(path: Path):
     import math
     from collections import Counter
 
+    from optimized_sd.weights.diffusers_folder import pipeline_class
     from optimized_sd.weights.flux2_keys import identify_flux2, klein_is_distilled
     from optimized_sd.weights.inspect import (
         LAYOUT_DIFFUSERS,

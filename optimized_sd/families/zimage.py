@@ -11,19 +11,19 @@ is `pipelines.zimage.ZImageDiffusion`."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from torch import nn
 
 from optimized_sd.errors import CheckpointError, FieldError
-from optimized_sd.families.flux import FLUX_LATENT, DiffusionWrapper, unsupported_config
+from optimized_sd.families.flux import FLUX_LATENT, unsupported_config
 from optimized_sd.families.registry import Defaults, FamilyRecord, Loader, LoraKeys, Shapes, TextTower, Units, register
+from optimized_sd.models.sd import PartsModel
 from optimized_sd.weights.flux_keys import COMFY_TRANSFORMER_PREFIX
 
 ZIMAGE = "zimage"
-TEXT_ROOT, QWEN_TOWER = "text_encoders", "qwen3"
+TEXT_ROOT, QWEN_TOWER = PartsModel.text_root, "qwen3"
 PIPELINE_PREFIX = "ZImage"  # model_index.json's _class_name: ZImagePipeline, ZImageImg2ImgPipeline, ...
 SHIFT = 3.0  # the scheduler's static shift (Z-Image-Turbo's scheduler_config.json)
 TRANSFORMER_TELLTALES = ("layers.0.adaLN_modulation.0.weight", "all_x_embedder.2-1.weight")  # original, diffusers
@@ -69,39 +69,7 @@ def zimage_units(transformer: nn.Module) -> list[tuple[str, ...]]:
     ]
 
 
-class ZImageTextEncoders(nn.Module):
-    """`text_encoders`: the one Qwen3 tower."""
-
-    def __init__(self, qwen3: nn.Module) -> None:
-        super().__init__()
-        self.qwen3 = qwen3
-
-    def towers(self) -> list[str]:
-        return [QWEN_TOWER]
-
-
-class ZImageModel(nn.Module):
-    """The whole Z-Image model under the names the memory engine places (see the module docstring)."""
-
-    text_root = TEXT_ROOT
-
-    def __init__(self, config, transformer: nn.Module, vae: nn.Module, qwen3: nn.Module) -> None:
-        super().__init__()
-        self.config = config
-        self.model = DiffusionWrapper(transformer)
-        self.first_stage_model = vae
-        self.text_encoders = ZImageTextEncoders(qwen3)
-
-
 # --- which files ---------------------------------------------------------------------------------------
-
-
-def pipeline_class(folder: Path) -> str:
-    """model_index.json's `_class_name` of a diffusers folder ("" when none can be read)."""
-    try:
-        return str(json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
 
 
 def file_keys(path: Path) -> set[str] | None:
@@ -129,6 +97,8 @@ def has_key(keys: Iterable[str], telltale: str) -> bool:
 def claims(path: Path) -> bool:
     """A diffusers Z-Image folder; a safetensors or GGUF file holding a Z-Image transformer, a Qwen3 text encoder alone (so
     that its error names --text-encoder) or an LLM-conditioned model this version refuses by name."""
+    from optimized_sd.weights.diffusers_folder import pipeline_class
+
     path = Path(path)
     if path.is_dir():
         return pipeline_class(path).startswith(PIPELINE_PREFIX)
@@ -211,7 +181,7 @@ def prepare(path: Path | str, text_encoders: Iterable[Path | str] = (), vae: Pat
                         context_dim=width),
         vae=vae_component.model.config, text=None, scale_factor=VAE_SCALE, family=ZIMAGE,
     )  # fmt: skip
-    model = ZImageModel(config, transformer.model, vae_component.model, qwen3.model)
+    model = PartsModel(config, transformer.model, vae_component.model, **{QWEN_TOWER: qwen3.model})
     components = {"model.diffusion_model.": transformer, "first_stage_model.": vae_component, f"{TEXT_ROOT}.{QWEN_TOWER}.": qwen3}
     source = ChainSource(
         RenamedSource(component.source, {prefix + key: key for key in component.source.keys()}) for prefix, component in components.items()

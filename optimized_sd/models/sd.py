@@ -13,11 +13,38 @@ from optimized_sd.models.vae import AutoencoderKL
 
 
 class DiffusionWrapper(nn.Module):
-    """LDM's `model` attribute, which holds the UNet as `diffusion_model`."""
+    """LDM's `model` attribute, which holds the denoiser (a UNet, or a family's transformer) as `diffusion_model`."""
 
-    def __init__(self, unet: UNetModel) -> None:
+    def __init__(self, denoiser: nn.Module) -> None:
         super().__init__()
-        self.diffusion_model = unet
+        self.diffusion_model = denoiser
+
+
+class TextTowers(nn.Module):
+    """`text_encoders` of a family whose towers come as files of their own: each tower a child under its name
+    (ComfyUI's: `clip_l`, `t5xxl`, `qwen3`), run in the order given."""
+
+    def __init__(self, **towers: nn.Module) -> None:
+        super().__init__()
+        for name, tower in towers.items():
+            self.add_module(name, tower)
+
+    def towers(self) -> list[str]:
+        return list(self._modules)
+
+
+class PartsModel(nn.Module):
+    """A model put together from separate files (Flux.1, Z-Image, Flux.2 klein) under the names the memory engine
+    places: `model.diffusion_model` (the transformer), `first_stage_model` (the VAE), `text_encoders.<tower>`."""
+
+    text_root = "text_encoders"
+
+    def __init__(self, config: ModelConfig, transformer: nn.Module, vae: nn.Module, **towers: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DiffusionWrapper(transformer)
+        self.first_stage_model = vae
+        self.text_encoders = TextTowers(**towers)
 
 
 class LatentDiffusion(nn.Module):

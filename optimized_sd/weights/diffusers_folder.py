@@ -90,6 +90,15 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def pipeline_class(folder: Path) -> str:
+    """The `_class_name` a diffusers folder's model_index.json names ("" when there is none or it cannot be read):
+    what the multi-file families claim a folder by."""
+    try:
+        return str(read_json(folder / "model_index.json").get("_class_name", ""))
+    except (CheckpointError, OSError):
+        return ""
+
+
 def find_weight_file(folder: Path) -> Path:
     """The one weight file the loader reads for a component folder (first of DIFFUSERS_WEIGHT_FILES
     present). Whatever is there is chosen, not only regular files: the reader then refuses a FIFO or
