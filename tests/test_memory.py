@@ -89,6 +89,11 @@ def test_stream_keeps_at_most_current_and_next_block(tiny_model):
     pipe.generate(request())
     runs = [(group, resident) for action, group, resident in pipe.engine.events if action == "run" and group.startswith("unet")]
     assert len(runs) == 3 * len(unet_blocks(pipe.model))  # euler: one UNet call per step
+    # On the CPU each cross-attention's key and value projections are read when computed: at the first step
+    # only (the sampling stage keeps their outputs), three steps or not; on CUDA they stay in their blocks.
+    demanded = [group for action, group, _ in pipe.engine.events if action == "demand"]
+    cross_attentions = [m for m in pipe.model.modules() if getattr(m, "projects_context", False)]
+    assert len(demanded) == (len(cross_attentions) if DEVICE == "cpu" else 0) and len(set(demanded)) == len(demanded)
     for group, resident in runs:
         assert group in resident
         assert len(unet_groups(resident)) <= 2

@@ -28,13 +28,17 @@ class GroupSpec:
     the whole run), `after_forward` (streamed: dropped once its last module has run) or `stage_end`
     (kept until the current stage ends). `rows`: the group is one embedding table (`nn.Embedding`)
     and each call brings only the rows it looks up to the device, never the whole table (a text tower's
-    77 tokens out of 49,408: SDXL's bigG table is 126 MB in fp16)."""
+    77 tokens out of 49,408: SDXL's bigG table is 126 MB in fp16). `on_demand`: modules inside a
+    streamed group that may not run at every call (a cross-attention's key and value projections, whose
+    outputs the sampling stage keeps): read only when called, into memory of their own, never into the
+    arena their enclosing group holds."""
 
     name: str
     modules: tuple[str, ...]
     release: Release = "stage_end"
     prefetch_next: str | None = None
     rows: bool = False
+    on_demand: bool = False
     host: HostStorage | None = None  # where this group waits off the device (None: the engine's `host`)
 
 
@@ -220,6 +224,7 @@ class OffloadEngine:
         self.copy_stream = torch.cuda.Stream(device) if self.prefetch_enabled else None
         self.events: list[tuple[str, str, tuple[str, ...]]] = []  # (action, group, resident after)
         self.groups: dict[str, Group] = {}
+        self.demanded: dict[str, Group] = {}  # `on_demand` groups: placed while their modules run, not in `groups`
         self._stage_loaded: list[Group] = []
         # The home of streamed groups on the CPU lean path: this engine's own, or one it shares (`SharedArena`).
         self.arena = SharedArena() if arena is None else arena
@@ -239,12 +244,12 @@ class OffloadEngine:
                 for local, tensor in root.get_submodule(path).state_dict(keep_vars=True).items()
                 if f"{path}.{local}" in available and not self._claimed_deeper(path, local, paths)
             ]
-            self.groups[spec.name] = Group(spec, slots)
+            (self.demanded if spec.on_demand else self.groups)[spec.name] = Group(spec, slots)
         arena_groups = [group for group in self.groups.values() if self._uses_arena(group)]
         self.arena.reserve(max((group.pack_layout() for group in arena_groups), default=0))
         self.transfer = transfer if transfer is not None else transfer_for(device)
         self.ring = self._make_ring(ring_bytes)
-        for group in self.groups.values():
+        for group in [*self.groups.values(), *self.demanded.values()]:
             self._prepare_host(group)
             self._install_hooks(group)
         for group in self.groups.values():
@@ -349,6 +354,10 @@ class OffloadEngine:
         first = self.root.get_submodule(group.spec.modules[0])
         last = self.root.get_submodule(group.spec.modules[-1])
         name = group.spec.name
+        if group.spec.on_demand:
+            self._hooks.append(first.register_forward_pre_hook(lambda module, args: self._demand(group)))
+            self._hooks.append(last.register_forward_hook(lambda module, args, output: self._drop(group)))
+            return
         self._hooks.append(first.register_forward_pre_hook(lambda module, args: self._before(name)))
         self._hooks.append(last.register_forward_hook(lambda module, args, output: self._after(name)))
 
@@ -398,7 +407,7 @@ class OffloadEngine:
         """Streamed groups read from the file without prefetch (the CPU lean path) all land in one
         reused buffer: fresh memory for every block of every step costs a page fault per 4 KiB,
         which on a CPU was a third of the step time."""
-        streamed = group.spec.release == "after_forward" and not group.spec.rows
+        streamed = group.spec.release == "after_forward" and not group.spec.rows and not group.spec.on_demand
         return self.host_of(group) == "source" and streamed and not self.prefetch_enabled
 
     def _gather_rows(self, group: Group, args: tuple) -> tuple:
@@ -516,6 +525,12 @@ class OffloadEngine:
         if self.prefetch_enabled:
             self._prefetch_after(name)
 
+    def _demand(self, group: Group) -> None:
+        """Place an `on_demand` group for the call of its modules about to run (dropped when they end)."""
+        self._copy_in(group)
+        group.resident = True
+        self.events.append(("demand", group.spec.name, self.resident_names()))
+
     def _prefetch_after(self, name: str) -> None:
         """Start the copies of the groups that follow `name`: the next one always, further ones while
         the streamed groups on the device, these included, stay within `lookahead_bytes`."""
@@ -591,7 +606,7 @@ class OffloadEngine:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
-        for group in self.groups.values():
+        for group in [*self.groups.values(), *self.demanded.values()]:
             for slot in group.slots:
                 slot.host = None
             self._drop(group)
@@ -608,7 +623,7 @@ class OffloadEngine:
         held = [self.arena.current] if self.arena.current is not None else []
         if self.ring is not None:
             held += [slot.buffer for slot in self.ring.slots if slot.buffer is not None]
-        for group in self.groups.values():
+        for group in [*self.groups.values(), *self.demanded.values()]:
             held += [t for t in (group.packed_host, group.packed_device) if t is not None]
             held += [slot.host for slot in group.slots if slot.host is not None]
         return held

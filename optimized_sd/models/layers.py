@@ -44,12 +44,17 @@ class CrossAttention(nn.Module):
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int) -> None:
         super().__init__()
         inner = heads * dim_head
+        self.projects_context = context_dim is not None  # keys and values from a text context (see `ContextProjections`)
         context_dim = context_dim or query_dim
         self.heads = heads
         self.to_q = ops.Linear(query_dim, inner, bias=False)
         self.to_k = ops.Linear(context_dim, inner, bias=False)
         self.to_v = ops.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(ops.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the context, (B, tokens, heads*dim) each."""
+        return self.to_k(context), self.to_v(context)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -58,7 +63,9 @@ class CrossAttention(nn.Module):
         def split_heads(t: Tensor) -> Tensor:
             return t.view(batch, t.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, tokens, dim)
 
-        q, k, v = split_heads(self.to_q(x)), split_heads(self.to_k(context)), split_heads(self.to_v(context))
+        cache = run_options().context_projections if context is not x else None
+        k, v = self.project_context(context) if cache is None else cache.get(self, context, self.project_context)
+        q, k, v = split_heads(self.to_q(x)), split_heads(k), split_heads(v)
         out = attention(q, k, v)  # (B, heads, tokens, dim)
         out = out.transpose(1, 2).reshape(batch, x.shape[1], -1)  # (B, tokens, heads*dim)
         return self.to_out(out)

@@ -23,7 +23,7 @@ from optimized_sd.attention import use_attention
 from optimized_sd.errors import OutOfMemoryBudget, UserError
 from optimized_sd.memory.device import LeanHeap, device_memory
 from optimized_sd.memory.modes import MODES
-from optimized_sd.memory.offload import OffloadEngine, TensorHook
+from optimized_sd.memory.offload import GroupSpec, OffloadEngine, TensorHook
 from optimized_sd.memory.planner import (
     EVERY_STAGE,
     SAFETY_MARGIN,
@@ -39,8 +39,16 @@ from optimized_sd.memory.planner import (
 from optimized_sd.memory.ram import CUDA_PROCESS_OVERHEAD, HOME_ORDER, HostPart, HostPlan, cpu_base, plan_host, ram_refusal
 from optimized_sd.memory.report import MemoryMeter, StageRecord
 from optimized_sd.models.ops import WeightOp, cpu_int8_matmul_available
-from optimized_sd.models.runtime import RunOptions, use_run_options
-from optimized_sd.pipelines.placement import Component, host_part, model_components, planned_sizes, tree_groups, units
+from optimized_sd.models.runtime import ContextProjections, RunOptions, use_run_options
+from optimized_sd.pipelines.placement import (
+    Component,
+    context_projections_apart,
+    host_part,
+    model_components,
+    planned_sizes,
+    tree_groups,
+    units,
+)
 from optimized_sd.pipelines.weight_storage import StoredSource, WeightStorage, apply_storage
 
 log = logging.getLogger("optimized_sd")
@@ -309,6 +317,11 @@ class MemorySession:
         component.close()
         component.released.append(note)
 
+    def with_projections_apart(self, model: nn.Module, specs: list[GroupSpec]) -> list[GroupSpec]:
+        """Where the sampling stage keeps the context projections (the CPU, see `run_options`), their weights
+        are read only when computed (`placement.context_projections_apart`)."""
+        return context_projections_apart(model, specs) if self.device.type == "cpu" else specs
+
     def place_components(self, plan: Plan, host: str) -> None:
         """Place each component by `plan`; its streamed units share the model's arena (they never run at once)."""
         assert self.engine is not None
@@ -317,8 +330,9 @@ class MemorySession:
         for component in self.sides():
             if component.engine is None or component.placed != (plan.mode, host):
                 component.close()
+                specs = self.with_projections_apart(component.model, tree_groups(plan.row, [component.specs(plan.row)]))
                 component.engine = OffloadEngine(
-                    component.model, component.source, tree_groups(plan.row, [component.specs(plan.row)]), self.device, self.dtype,
+                    component.model, component.source, specs, self.device, self.dtype,
                     host=host,  # type: ignore[arg-type]
                     prefetch=plan.prefetch, arena=self.engine.arena,
                 )  # fmt: skip
@@ -334,7 +348,7 @@ class MemorySession:
         if self.engine is None or self.placed != (plan.mode, placing):
             self.release_engine()
             parts = self.parts()
-            specs = tree_groups(plan.row, [part.specs(plan.row) for part in parts])
+            specs = self.with_projections_apart(self.model, tree_groups(plan.row, [part.specs(plan.row) for part in parts]))
             if host_plan is not None:
                 specs = [replace(spec, host=host_plan.host_for(host_part(spec.name), host)) for spec in specs]  # type: ignore[arg-type]
             self.host_plan = host_plan
@@ -396,16 +410,20 @@ class MemorySession:
             self.engine.tensor_hook = hook
             self.engine.reload()
 
-    def run_options(self) -> RunOptions:
-        """What the model reads at call time, from the current plan."""
+    def run_options(self, stage: str | None = None) -> RunOptions:
+        """What the model reads at call time, from the current plan. The sampling stage on the CPU keeps
+        each cross-attention's context projections for its steps (`ContextProjections`: exact, and what
+        the CPU's step is bound by); on CUDA they would hold VRAM a tight plan did not count, so not there."""
         plan = self.plan
+        projections = ContextProjections() if stage == SAMPLING_STAGE and self.device.type == "cpu" else None
         if plan is None:
-            return RunOptions(int8_matmul=self.int8_matmul)
+            return RunOptions(int8_matmul=self.int8_matmul, context_projections=projections)
         return RunOptions(
             feed_forward_chunk_tokens=plan.feed_forward_chunk_tokens,
             unet_micro_batch=plan.unet_batch,
             int8_matmul=self.int8_matmul,
             channels_last=self.channels_last(plan),
+            context_projections=projections,
         )
 
     def channels_last(self, plan: Plan) -> bool:
@@ -419,7 +437,7 @@ class MemorySession:
         assert self.engine is not None
         repeated = name == SAMPLING_STAGE and self.reuse_heap_in_sampling
         heap = self.heap.phase(repeated=repeated) if self.heap is not None else contextlib.nullcontext()
-        with use_attention(self.attention), use_run_options(self.run_options()), torch.inference_mode():
+        with use_attention(self.attention), use_run_options(self.run_options(name)), torch.inference_mode():
             with self.meter.stage(self.stage_prefix + name) as record, heap, self.engine.stage(), self.component_stages():
                 yield record
 
