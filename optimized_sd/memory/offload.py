@@ -229,8 +229,10 @@ class OffloadEngine:
         # The home of streamed groups on the CPU lean path: this engine's own, or one it shares (`SharedArena`).
         self.arena = SharedArena() if arena is None else arena
         self._owns_arena = arena is None
-        self._arena_places: dict[str, list[ArenaPlace]] = {}  # by group, for the current arena
-        self._places_generation = 0  # the arena buffer `_arena_places` view
+        # The `on_demand` groups' own reused buffer: they run inside a group that holds the arena, and memory
+        # made for each of them beside the projections the stage keeps left holes in the heap (SDXL: +500 MiB).
+        self.demand_arena = SharedArena()
+        self._arena_places: dict[str, tuple[SharedArena, int, list[ArenaPlace]]] = {}  # by group: its arena, buffer, places
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         available = set(source.keys())
         # A module nested in another group's module belongs to the innermost group that names it, so a
@@ -247,6 +249,8 @@ class OffloadEngine:
             (self.demanded if spec.on_demand else self.groups)[spec.name] = Group(spec, slots)
         arena_groups = [group for group in self.groups.values() if self._uses_arena(group)]
         self.arena.reserve(max((group.pack_layout() for group in arena_groups), default=0))
+        demanded = [group for group in self.demanded.values() if self._uses_arena(group)]
+        self.demand_arena.reserve(max((group.pack_layout() for group in demanded), default=0))
         self.transfer = transfer if transfer is not None else transfer_for(device)
         self.ring = self._make_ring(ring_bytes)
         for group in [*self.groups.values(), *self.demanded.values()]:
@@ -384,7 +388,7 @@ class OffloadEngine:
             group.packed_device, done = self.transfer.to_device(slot.buffer[: group.packed_length], self.device)
             self.ring.give_back(slot, done)
         elif in_arena:
-            group.packed_device = self._shared_arena()
+            group.packed_device = self._arena_of(group).buffer(self.device)
             self._fill_arena(group)
         # Every tensor placed below is a copy, so the file pages it was read from are handed back as soon as
         # it is made: a group read whole (`turbo`'s denoiser, `split`'s halves) never holds its file pages
@@ -407,7 +411,7 @@ class OffloadEngine:
         """Streamed groups read from the file without prefetch (the CPU lean path) all land in one
         reused buffer: fresh memory for every block of every step costs a page fault per 4 KiB,
         which on a CPU was a third of the step time."""
-        streamed = group.spec.release == "after_forward" and not group.spec.rows and not group.spec.on_demand
+        streamed = group.spec.release == "after_forward" and not group.spec.rows
         return self.host_of(group) == "source" and streamed and not self.prefetch_enabled
 
     def _gather_rows(self, group: Group, args: tuple) -> tuple:
@@ -434,7 +438,7 @@ class OffloadEngine:
         tiny SDXL). Runs for every block of every step, so nothing is made per tensor here that can be made once
         per arena."""
         places = self._places_in_arena(group)
-        self.arena.enter(group)
+        self._arena_of(group).enter(group)
         copied: list[str] = []
         copied_bytes = 0
         for place in places:
@@ -460,23 +464,27 @@ class OffloadEngine:
     def _places_in_arena(self, group: Group) -> list[ArenaPlace]:
         """The group's packed slots' places in the current arena, made at the group's first load into it:
         re-making each view and Parameter at every load was most of `stream`'s own cost per step on the CPU."""
-        arena = self._shared_arena()
-        if self._places_generation != self.arena.generation:  # views of a buffer since dropped or outgrown
-            self._arena_places.clear()
-            self._places_generation = self.arena.generation
-        places = self._arena_places.get(group.spec.name)
-        if places is None:
-            places = []
-            for slot in group.slots:
-                if slot.key in group.offsets:
-                    view = group.view(arena, slot)
-                    places.append(ArenaPlace(slot, view, None if slot.kept else self._held(slot, view)))
-            self._arena_places[group.spec.name] = places
+        arena = self._arena_of(group)
+        buffer = arena.buffer(self.device)
+        made = self._arena_places.get(group.spec.name)
+        if made is not None and made[0] is arena and made[1] == arena.generation:
+            return made[2]
+        # none yet, or views of a buffer since dropped or outgrown: every view of that one goes, not to hold it
+        stale = [name for name, (owner, generation, _) in self._arena_places.items() if owner is arena and generation != arena.generation]
+        for name in stale:
+            del self._arena_places[name]
+        places = []
+        for slot in group.slots:
+            if slot.key in group.offsets:
+                view = group.view(buffer, slot)
+                places.append(ArenaPlace(slot, view, None if slot.kept else self._held(slot, view)))
+        self._arena_places[group.spec.name] = (arena, arena.generation, places)
         return places
 
-    def _shared_arena(self) -> Tensor:
-        """The buffer streamed groups share on the CPU lean path, made at first use, dropped at stage end."""
-        return self.arena.buffer(self.device)
+    def _arena_of(self, group: Group) -> SharedArena:
+        """The buffer a group lands in on the CPU lean path (made at first use, dropped at stage end): the one
+        streamed groups share, or the one of the `on_demand` groups, which run inside them."""
+        return self.demand_arena if group.spec.on_demand else self.arena
 
     def load(self, name: str, *, asynchronous: bool = False) -> None:
         """Make a group resident; with `asynchronous`, on the copy stream (waited for before use)."""
@@ -564,6 +572,7 @@ class OffloadEngine:
                 if group.spec.release == "after_forward" and group.resident:
                     self.release(group.spec.name)
             self.arena.drop()
+            self.demand_arena.drop()
             self._arena_places.clear()
 
     def resident_names(self) -> tuple[str, ...]:
@@ -614,13 +623,14 @@ class OffloadEngine:
         self._stage_loaded = []
         if self._owns_arena:  # a shared one is still in use by the others (a ControlNet released mid-stage)
             self.arena.drop()
+        self.demand_arena.drop()
         self._arena_places.clear()
         self.copy_stream = None
         self.events.clear()
 
     def held_tensors(self) -> list[Tensor]:
         """Every tensor the engine itself keeps alive (host copies, packed buffers, device copies, arena)."""
-        held = [self.arena.current] if self.arena.current is not None else []
+        held = [arena.current for arena in (self.arena, self.demand_arena) if arena.current is not None]
         if self.ring is not None:
             held += [slot.buffer for slot in self.ring.slots if slot.buffer is not None]
         for group in [*self.groups.values(), *self.demanded.values()]:
