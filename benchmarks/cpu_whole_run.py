@@ -33,6 +33,7 @@ from optimized_sd.benchmark.model_cache import FAMILY_MODELS, ensure_model  # no
 PROMPT = "a photograph of an astronaut riding a horse"
 WALL_TARGET, RSS_TARGET = 1.0, 0.25
 FIRST_STEP = "FIRST_STEP"  # a child's line: seconds from its process start to its first sampling step
+LAST_STEP = "LAST_STEP"  # and to the end of its last one (the rest is decoding, saving and exiting)
 
 
 def since_start() -> float:
@@ -56,6 +57,8 @@ def ours_child(argv: list[str]) -> int:
             if not said:
                 said.append(True)
                 print(f"{FIRST_STEP} {since_start():.3f}", flush=True)
+            if info.step == info.total:
+                print(f"{LAST_STEP} {since_start():.3f}", flush=True)
             if progress is not None:
                 progress(info)
 
@@ -83,11 +86,16 @@ def diffusers_child(payload: dict) -> int:
             said.append(True)
             print(f"{FIRST_STEP} {since_start():.3f}", flush=True)
 
+    def last_step(pipe, step, timestep, state):  # type: ignore[no-untyped-def]
+        if step == steps - 1:
+            print(f"{LAST_STEP} {since_start():.3f}", flush=True)
+        return state
+
     pipe.unet.register_forward_pre_hook(first_step)
     size, steps = payload["size"], payload["steps"]
     image = pipe(
         PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(0), callback_on_step_end=last_step,
     ).images[0]  # fmt: skip
     image.save(payload["out"])
     return 0
@@ -143,9 +151,10 @@ def one_run(engine: str, args: argparse.Namespace, model, outdir: Path) -> dict:
     if done.returncode:
         raise SystemExit(f"{engine} failed:\n{done.stderr.strip()[-1500:]}")
     lines = done.stdout.splitlines()
-    first = [float(line.split()[1]) for line in lines if line.startswith(FIRST_STEP)]
-    peak = [int(line.split()[1]) for line in lines if line.startswith("PEAK_RSS_KIB")]
-    return {"wall_s": wall, "first_step_s": first[0] if first else None, "peak_rss_mib": peak[-1] / 1024}
+    said = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith((FIRST_STEP, LAST_STEP, "PEAK_RSS_KIB"))}
+    first, last = said.get(FIRST_STEP), said.get(LAST_STEP)
+    sampling = last - first if first is not None and last is not None else None
+    return {"wall_s": wall, "first_step_s": first, "sampling_s": sampling, "peak_rss_mib": said["PEAK_RSS_KIB"] / 1024}
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -162,7 +171,8 @@ def compare(args: argparse.Namespace) -> int:
                 runs[engine].append(figures)
                 print(
                     f"  round {round_ + 1} {engine:<10} wall {figures['wall_s']:6.1f} s  first step at "
-                    f"{figures['first_step_s'] or 0:5.1f} s  peak RSS {figures['peak_rss_mib']:8,.0f} MiB  "
+                    f"{figures['first_step_s'] or 0:5.1f} s  sampling {figures['sampling_s'] or 0:5.1f} s  "
+                    f"peak RSS {figures['peak_rss_mib']:8,.0f} MiB  "
                     f"(load average {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )

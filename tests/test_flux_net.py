@@ -20,6 +20,7 @@ from optimized_sd.models.flux import (
     unpack_latents,
 )
 from optimized_sd.models.ops import default_init
+from optimized_sd.pipelines.flux import pooled_output
 from optimized_sd.weights.flux_keys import COMFY_TRANSFORMER_PREFIX, flux_parts, identify_flux
 from optimized_sd.weights.flux_loading import load_component, prepare_flux
 from optimized_sd.weights.sources import DictSource
@@ -292,9 +293,8 @@ def test_comfy_all_in_one_holds_every_part(tmp_path):
     assert set(components) == {"transformer", "clip_l", "t5", "vae"}
     encoder = load_component(components["clip_l"])
     ids = torch.tensor([[62, 5, 9, 63] + [63] * 73])
-    positions = torch.arange(77)[None]
     with torch.no_grad():
-        ours = encoder.transformer(input_ids=ids, position_ids=positions).pooler_output
+        ours = pooled_output(encoder(ids), ids, encoder.eos_token_id)
         assert torch.allclose(ours, clip(input_ids=ids).pooler_output, atol=1e-5)
     with pytest.raises(CheckpointError, match="both hold a T5"):
         prepare_flux([path, _saved(tmp_path / "t5.safetensors", {k: v for k, v in t5_state.items() if k != "shared.weight"})])

@@ -91,7 +91,8 @@ def fused_ldm_weights(pipe, config) -> dict[str, torch.Tensor]:
         state = {name.replace(".base_layer", ""): value for name, value in tower.state_dict().items()}
         if kind == "open_clip":
             state = openclip_state_dict(state)
-        weights.update({prefix + name.removeprefix("text_model."): value for name, value in state.items()})
+        level = "" if kind == "open_clip" else "text_model."  # our CLIP tower has transformers 4's level; 5 saves without
+        weights.update({prefix + level + name.removeprefix("text_model."): value for name, value in state.items()})
     return weights
 
 

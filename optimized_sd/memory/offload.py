@@ -262,8 +262,10 @@ class OffloadEngine:
 
     # -- construction -------------------------------------------------------------------------
     def host_of(self, group: Group) -> HostStorage:
-        """Where `group` waits off the device: its spec's own storage (the RAM plan's), else the engine's."""
-        return group.spec.host or self.host
+        """Where `group` waits off the device: its spec's own storage (the RAM plan's), else the engine's. An
+        `on_demand` group is never read ahead, so never through the ring: from the file."""
+        host = group.spec.host or self.host
+        return "source" if host == "ring" and group.spec.on_demand else host
 
     def _make_ring(self, ring_bytes: int) -> PinnedRing | None:
         """The pinned ring of the `ring` groups (in the order they run), slots sized to the largest of them, as many

@@ -1,4 +1,4 @@
-"""The CLIP ViT-L/14 text encoder (through transformers) and the prompt tokenizer every tower uses."""
+"""The CLIP ViT-L/14 text encoder (transformers' names, our modules) and the prompt tokenizer every tower uses."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimized_sd.config import TextEncoderConfig
 from optimized_sd.errors import FieldError, UserError
 
 MAX_TOKENS = 77
+CLIP_NORM_EPS = 1e-5  # CLIPTextConfig's layer_norm_eps, the same in every SD text tower
 HUB_TOKENIZER = "openai/clip-vit-large-patch14"
 # The two ways a CLIP tokenizer folder is saved: the BPE files (transformers 4.x, the hub's repos) or the one
 # `tokenizer.json` of the fast tokenizer (what transformers 5.x and so today's diffusers write).
@@ -40,32 +42,125 @@ def clip_config(config: TextEncoderConfig):  # -> transformers.CLIPTextConfig
     )
 
 
+class ClipAttention(nn.Module):
+    """Causal multi-head self-attention, named as transformers' CLIPAttention (q/k/v/out projections)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, width = x.shape
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(batch, tokens, self.heads, -1).transpose(1, 2)  # (B, heads, tokens, dim)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=(width // self.heads) ** -0.5)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU (SD 1.x's tower)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # CLIPTextConfig.hidden_act: SD 1.x, SD 2.x as transformers
+
+
+class ClipMlp(nn.Module):
+    def __init__(self, width: int, inner: int, activation: str) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise UserError(f"a CLIP text encoder with the activation {activation!r} is not supported (only {', '.join(ACTIVATIONS)})")
+        self.fc1, self.fc2 = nn.Linear(width, inner), nn.Linear(inner, width)
+        self.activation = ACTIVATIONS[activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class ClipLayer(nn.Module):
+    """Pre-norm residual block: attention, then the MLP."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        width = config.hidden_size
+        self.self_attn = ClipAttention(width, config.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(width, eps=CLIP_NORM_EPS)
+        self.mlp = ClipMlp(width, config.intermediate_size, config.hidden_act)
+        self.layer_norm2 = nn.LayerNorm(width, eps=CLIP_NORM_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+
+class ClipEncoder(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ClipLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class ClipTextTransformer(nn.Module):
+    """CLIP's text transformer with transformers' module names (`embeddings`, `encoder.layers.N`,
+    `final_layer_norm`), so every file's keys load as they are. Ours rather than transformers' CLIPTextModel:
+    the same numbers (tested against it), and importing transformers' modelling stack cost 2 s of every
+    command's start on the CPU, a fifteenth of a whole SD 1.5 run at 512x512 (the tokenizer is still theirs)."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.embeddings = ClipEmbeddings(config)
+        self.encoder = ClipEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=CLIP_NORM_EPS)
+
+    def forward(self, input_ids: Tensor, penultimate: bool) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding(positions)[None]
+        layers = self.encoder.layers
+        for index, layer in enumerate(layers):
+            if penultimate and index == len(layers) - 1:
+                return x
+            x = layer(x)
+        return self.final_layer_norm(x)
+
+
+class ClipTextModel(nn.Module):
+    """The `text_model` level real SD 1.x files carry under `cond_stage_model.transformer.`."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.text_model = ClipTextTransformer(config)
+
+
 class FrozenCLIPEmbedder(nn.Module):
     """`cond_stage_model`: holds the CLIP text model as `transformer`, like LDM, so keys match."""
 
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
-        from transformers import CLIPTextModel
-
-        self.transformer = CLIPTextModel(clip_config(config))
-
+        self.transformer = ClipTextModel(config)
         self.penultimate = config.penultimate
+        self.eos_token_id = special_token_ids(config.vocab_size)["eos_token_id"]
 
     def stream_parts(self) -> list[str]:
         """Children in call order: the token embedding (its position embedding stays with the tower), each
-        encoder layer, the final norm (transformers versions differ on whether they sit under `text_model`)."""
-        inner = "transformer.text_model" if hasattr(self.transformer, "text_model") else "transformer"
+        encoder layer, the final norm."""
+        inner = "transformer.text_model"
         layers = len(self.get_submodule(f"{inner}.encoder.layers"))
         return [f"{inner}.embeddings.token_embedding", *(f"{inner}.encoder.layers.{i}" for i in range(layers)), f"{inner}.final_layer_norm"]
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """(B, 77) token ids -> (B, 77, hidden): the last hidden state after the final layer norm (SD 1.x),
         or the hidden state entering the last layer, without the norm (`penultimate`, SDXL)."""
-        # Positions are passed explicitly: the module's own position_ids buffer is not part of
-        # checkpoints and stays unmaterialised when the model is built on the meta device.
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        output = self.transformer(input_ids=input_ids, position_ids=positions, output_hidden_states=self.penultimate)
-        return output.hidden_states[-2] if self.penultimate else output.last_hidden_state
+        return self.transformer.text_model(input_ids, self.penultimate)
 
 
 OPEN_CLIP_PAD_ID = 0  # open_clip pads with zeros (the token "!"); CLIP's own tokenizer pads with the end token

@@ -160,7 +160,7 @@ class FluxDiffusion(StableDiffusion):
                     log.warning("%s truncated the prompt; ignored: %r", name, lost)
         towers = self.model.text_encoders
         clip_ids = self.tokenizer(plain_texts).to(self.device)
-        eos = towers.clip_l.transformer.config.eos_token_id
+        eos = towers.clip_l.eos_token_id
         pooled = pooled_output(towers.clip_l(clip_ids), clip_ids, eos)
         sequences = [self.t5_sequence(text) for text in texts]
         states, _ = encode_chunks(sequences, lambda ids, fixes: (towers.t5xxl(ids.to(self.device)), None))
