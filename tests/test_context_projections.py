@@ -33,6 +33,8 @@ def test_a_context_of_the_same_values_reuses_its_projections():
     cache.get(object(), context, counting_projection(calls))  # another layer computes its own
     assert len(calls) == 3
     assert torch.equal(cache.get(owner, context + 1, counting_projection(calls))[1], (context + 1) * 3) and len(calls) == 3
+    context.add_(5)  # a caller's tensor changed in place is a new context, not the one it was
+    assert torch.equal(cache.get(owner, context, counting_projection(calls))[0], context * 2) and len(calls) == 4
 
 
 def test_only_the_latest_contexts_are_kept():

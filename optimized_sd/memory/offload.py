@@ -229,8 +229,8 @@ class OffloadEngine:
         # The home of streamed groups on the CPU lean path: this engine's own, or one it shares (`SharedArena`).
         self.arena = SharedArena() if arena is None else arena
         self._owns_arena = arena is None
-        # The `on_demand` groups' own reused buffer: they run inside a group that holds the arena, and memory
-        # made for each of them beside the projections the stage keeps left holes in the heap (SDXL: +500 MiB).
+        # The `on_demand` groups' own reused buffer: they run inside a group that holds the arena, and like the
+        # streamed groups they should make no fresh memory at each read.
         self.demand_arena = SharedArena()
         self._arena_places: dict[str, tuple[SharedArena, int, list[ArenaPlace]]] = {}  # by group: its arena, buffer, places
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []

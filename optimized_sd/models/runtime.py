@@ -36,12 +36,12 @@ class RunOptions:
 
 class ContextProjections:
     """The keys and values each cross-attention computed from a text context, kept for one sampling stage.
-    The context is the same tensor values at every step (it changes only where a prompt schedule says so),
-    so its projections are too: computing them once is exact, and it saves SDXL's 140 small-batch GEMMs
-    per step (2 x 2048 x 1280 weights on 154 tokens in each of its 70 transformer blocks) and, in `stream`,
-    reading and casting those weights (14% of the UNet's) at every step. At most `MAX_CONTEXTS` distinct
-    contexts are kept (CFG's pair, a micro-batch's slices, a scheduled prompt's next one); an older one
-    is dropped with its projections when a new one comes."""
+    The context holds the same values at every step, so its projections do too: computing them once is
+    exact, and it saves SDXL's 140 small-batch GEMMs per step (2 x 2048 x 1280 weights on 154 tokens in each
+    of its 70 transformer blocks) and, in `stream`, reading and casting those weights (14% of the UNet's) at
+    every step. Contexts are told apart by value (a copy of each is kept: a caller may reuse its tensor); at
+    most `MAX_CONTEXTS` are kept (CFG's pair whole, or a micro-batch's slices), an older one dropped with its
+    projections when a new one comes."""
 
     MAX_CONTEXTS = 4
     SLAB_BYTES = 64 << 20  # the kept projections are copied into slabs this large (see `_keep`); pages never written are never resident
@@ -55,8 +55,8 @@ class ContextProjections:
         self._slab_used = 0
 
     def _keep(self, tensor: Tensor) -> Tensor:
-        """A copy of `tensor` in a slab of its own mapping: kept as they were made, SDXL's 140 projections of
-        0.8 MB each sat between the step's freed activations and left the heap 400-550 MiB larger."""
+        """A copy of `tensor` in a slab of its own mapping (over glibc's mmap threshold): kept as they were made,
+        SDXL's 140 projections of 0.8 MB each would sit in the heap between a step's freed activations."""
         nbytes = -(-tensor.nbytes // 64) * 64
         if nbytes > self.SLAB_BYTES:
             return tensor.clone()
@@ -68,13 +68,13 @@ class ContextProjections:
 
     def _context_id(self, context: Tensor) -> int:
         for index, seen in enumerate(self._contexts):
-            if seen is context or (seen.shape == context.shape and seen.dtype == context.dtype and torch.equal(seen, context)):
+            if seen.shape == context.shape and seen.dtype == context.dtype and seen.device == context.device and torch.equal(seen, context):
                 return self._ids[index]
         if len(self._contexts) == self.MAX_CONTEXTS:
             dropped = self._ids.pop(0)
             self._contexts.pop(0)
             self._projections = {key: value for key, value in self._projections.items() if key[1] != dropped}
-        self._contexts.append(context)
+        self._contexts.append(context.clone())
         self._ids.append(self._next_id)
         self._next_id += 1
         return self._ids[-1]
