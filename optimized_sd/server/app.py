@@ -17,7 +17,10 @@ from optimized_sd.pipelines.load_options import LoadOptions
 log = logging.getLogger("optimized_sd")
 
 LOOPBACK = "127.0.0.1"
-UI_CSS = "[id$='-memory'] textarea, [id$='-parameters'] textarea { font-family: ui-monospace, monospace; font-size: 12px; }"
+UI_CSS = (
+    "[id$='-memory'] textarea, [id$='-parameters'] textarea { font-family: ui-monospace, monospace; font-size: 12px; }"
+    " [id$='-memory'] textarea { white-space: pre; overflow-x: auto; }"  # the report is a table: its rows must not wrap
+)
 
 
 def create_app(service, auth: tuple[str, str] | None = None, ui: bool = True, any_host: bool = False):
