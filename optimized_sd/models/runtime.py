@@ -38,7 +38,7 @@ class ContextProjections:
     """The keys and values each cross-attention computed from a text context, kept for one sampling stage.
     The context holds the same values at every step, so its projections do too: computing them once is
     exact, and it saves SDXL's 140 small-batch GEMMs per step (2 x 2048 x 1280 weights on 154 tokens in each
-    of its 70 transformer blocks) and, in `stream`, reading and casting those weights (14% of the UNet's) at
+    of its 70 transformer blocks) and, in `stream`, reading and casting those weights (13% of the UNet's) at
     every step. Contexts are told apart by value (a copy of each is kept: a caller may reuse its tensor); at
     most `MAX_CONTEXTS` are kept (CFG's pair whole, or a micro-batch's slices), an older one dropped with its
     projections when a new one comes."""
