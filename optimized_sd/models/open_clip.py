@@ -9,13 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimized_sd.config import OpenCLIPConfig
+from optimized_sd.models.text_encoder import causal_attention
 
 
 class FusedSelfAttention(nn.Module):
-    """Causal self-attention with q, k, v in one fused projection, as `nn.MultiheadAttention` stores them.
-
-    The text tower attends over 77 tokens with a causal mask, so it calls torch's SDPA directly: the
-    attention backends of `optimized_sd.attention` exist for the UNet's large unmasked attention."""
+    """Causal self-attention with q, k, v in one fused projection, as `nn.MultiheadAttention` stores them."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -25,11 +23,8 @@ class FusedSelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C), q then k then v
-        qkv = qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, d)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)  # (B, heads, T, d)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # (B, T, 3C): q then k then v
+        return self.out_proj(causal_attention(q, k, v, self.heads))
 
 
 class ResidualAttentionBlock(nn.Module):

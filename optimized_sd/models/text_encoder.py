@@ -42,6 +42,19 @@ def clip_config(config: TextEncoderConfig):  # -> transformers.CLIPTextConfig
     )
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """A text tower's causal self-attention over (B, tokens, width) queries, keys and values, `heads` heads, back
+    as (B, tokens, width). Over 77 tokens with a mask, so torch's SDPA directly: the backends of
+    `optimized_sd.attention` exist for the UNet's large unmasked attention."""
+    batch, tokens, width = q.shape
+
+    def split(t: Tensor) -> Tensor:
+        return t.view(batch, tokens, heads, width // heads).transpose(1, 2)  # (B, heads, tokens, dim)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+    return out.transpose(1, 2).reshape(batch, tokens, width)
+
+
 class ClipAttention(nn.Module):
     """Causal multi-head self-attention, named as transformers' CLIPAttention (q/k/v/out projections)."""
 
@@ -51,14 +64,7 @@ class ClipAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, width = x.shape
-
-        def split(t: Tensor) -> Tensor:
-            return t.view(batch, tokens, self.heads, -1).transpose(1, 2)  # (B, heads, tokens, dim)
-
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=(width // self.heads) ** -0.5)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
+        return self.out_proj(causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
 
 
 def quick_gelu(x: Tensor) -> Tensor:
