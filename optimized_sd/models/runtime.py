@@ -47,9 +47,8 @@ class ContextProjections:
     SLAB_BYTES = 64 << 20  # the kept projections are copied into slabs this large (see `_keep`); pages never written are never resident
 
     def __init__(self) -> None:
-        self._contexts: list[Tensor] = []
+        self._contexts: list[tuple[int, Tensor]] = []  # (its id, a copy), oldest first
         self._projections: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (owner's id, context's id)
-        self._ids: list[int] = []
         self._next_id = 0
         self._slab: Tensor | None = None
         self._slab_used = 0
@@ -67,17 +66,15 @@ class ContextProjections:
         return kept.copy_(tensor)
 
     def _context_id(self, context: Tensor) -> int:
-        for index, seen in enumerate(self._contexts):
+        for known, seen in self._contexts:
             if seen.shape == context.shape and seen.dtype == context.dtype and seen.device == context.device and torch.equal(seen, context):
-                return self._ids[index]
+                return known
         if len(self._contexts) == self.MAX_CONTEXTS:
-            dropped = self._ids.pop(0)
-            self._contexts.pop(0)
+            dropped, _ = self._contexts.pop(0)
             self._projections = {key: value for key, value in self._projections.items() if key[1] != dropped}
-        self._contexts.append(context.clone())
-        self._ids.append(self._next_id)
         self._next_id += 1
-        return self._ids[-1]
+        self._contexts.append((self._next_id, context.clone()))
+        return self._next_id
 
     def get(self, owner: object, context: Tensor, project: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """`project(context)` for this owner and context values, computed at their first meeting."""

@@ -318,9 +318,9 @@ class MemorySession:
         component.released.append(note)
 
     def with_projections_apart(self, model: nn.Module, specs: list[GroupSpec]) -> list[GroupSpec]:
-        """Where the sampling stage keeps the context projections (the CPU, see `run_options`), their weights
-        are read only when computed (`placement.context_projections_apart`)."""
-        return context_projections_apart(model, specs) if self.device.type == "cpu" else specs
+        """Where the sampling stage keeps the context projections, their weights are read only when computed
+        (`placement.context_projections_apart`)."""
+        return context_projections_apart(model, specs) if self.keeps_context_projections else specs
 
     def place_components(self, plan: Plan, host: str) -> None:
         """Place each component by `plan`; its streamed units share the model's arena (they never run at once)."""
@@ -410,12 +410,18 @@ class MemorySession:
             self.engine.tensor_hook = hook
             self.engine.reload()
 
+    @property
+    def keeps_context_projections(self) -> bool:
+        """Whether the sampling stage keeps each cross-attention's context projections for its steps
+        (`ContextProjections`: exact, and what the CPU's step is bound by), and so whether their weights are read
+        only when computed: on the CPU; on CUDA they would hold VRAM a tight plan did not count."""
+        return self.device.type == "cpu"
+
     def run_options(self, stage: str | None = None) -> RunOptions:
-        """What the model reads at call time, from the current plan. The sampling stage on the CPU keeps
-        each cross-attention's context projections for its steps (`ContextProjections`: exact, and what
-        the CPU's step is bound by); on CUDA they would hold VRAM a tight plan did not count, so not there."""
+        """What the model reads at call time, from the current plan (and, for the sampling stage, where it keeps
+        them, a fresh store of context projections)."""
         plan = self.plan
-        projections = ContextProjections() if stage == SAMPLING_STAGE and self.device.type == "cpu" else None
+        projections = ContextProjections() if stage == SAMPLING_STAGE and self.keeps_context_projections else None
         if plan is None:
             return RunOptions(int8_matmul=self.int8_matmul, context_projections=projections)
         return RunOptions(
